@@ -19,8 +19,10 @@ use crate::metrics::Metrics;
 use crate::server::{serve, Gateway};
 use crate::snapshot::Snapshot;
 
-/// How long start-up waits for every replica to answer before serving anyway.
+/// How long start-up waits for the replicas it started to answer before serving anyway.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Static replicas are not ours to wait for: start-up waits for one round of checks at most.
+const STATIC_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -49,15 +51,21 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let config = Arc::new(config);
     let (events_tx, events_rx) = mpsc::channel(256);
     let provider = crate::provider::from_config(&config, events_tx).await?;
+    let manages = provider.manages_replicas();
     tracing::info!(provider = provider.kind(), replicas = config.replicas.count, "starting replicas");
     let shared = Arc::new(ArcSwap::from_pointee(Snapshot::initial(config.clone())));
     let metrics = Arc::new(Metrics::default());
     let (controller, handle) = Controller::new(config.clone(), provider, events_rx, shared.clone(), metrics.clone())?;
     let controller_task = tokio::spawn(controller.run());
 
-    match tokio::time::timeout(READY_TIMEOUT, handle.wait_ready()).await {
+    let ready_timeout = if manages {
+        READY_TIMEOUT
+    } else {
+        STATIC_READY_TIMEOUT.min(config.health.timeout + Duration::from_millis(100))
+    };
+    match tokio::time::timeout(ready_timeout, handle.wait_ready()).await {
         Ok(_) => tracing::info!("all replicas answer"),
-        Err(_) => tracing::warn!(timeout = ?READY_TIMEOUT, "some replicas are not up yet; serving with the ones that are (see /lb/status)"),
+        Err(_) => tracing::warn!(timeout = ?ready_timeout, "some replicas are not up yet; serving with the ones that are (see /lb/status)"),
     }
 
     // The one line on stdout: scripts and tests wait for it.

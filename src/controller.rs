@@ -854,6 +854,7 @@ impl Controller {
                     "id": m.id.get(),
                     "name": m.name,
                     "address": m.instance.as_ref().map(|i| i.addr.to_string()),
+                    "instance": m.instance.as_ref().map(|i| i.instance_id.clone()),
                     "state": if m.pending_add.is_some() { json!("starting") } else { json!(m.tracker.state) },
                     "in_ring": snap.upstream(m.id).is_some(),
                     "requests": s.requests.load(Ordering::Relaxed),

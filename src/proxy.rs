@@ -72,13 +72,36 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub enum ProxyBody {
     Empty,
     Streaming {
-        /// Holds the client's body until an attempt first polls it. A failed attempt that never
-        /// polled it leaves it here, and the next attempt takes it: that is what makes a request
-        /// with a body retryable.
-        slot: Arc<Mutex<Option<Limited<Incoming>>>>,
+        slot: Arc<BodySlot>,
         taken: Option<Limited<Incoming>>,
         hint: SizeHint,
     },
+}
+
+/// Holds the client's body until an attempt first polls it. A failed attempt that never polled
+/// it leaves it here, and the next attempt takes it: that is what makes a request with a body
+/// retryable. `over_limit` records that the body ran past `proxy.max_body`, because hyper boxes
+/// body errors in a way that hides their type from the error chain.
+pub struct BodySlot {
+    body: Mutex<Option<Limited<Incoming>>>,
+    over_limit: std::sync::atomic::AtomicBool,
+}
+
+impl BodySlot {
+    fn new(body: Limited<Incoming>) -> BodySlot {
+        BodySlot {
+            body: Mutex::new(Some(body)),
+            over_limit: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn take(&self) -> Option<Limited<Incoming>> {
+        self.body.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn is_untouched(&self) -> bool {
+        self.body.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
 }
 
 impl HttpBody for ProxyBody {
@@ -90,12 +113,16 @@ impl HttpBody for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Streaming { slot, taken, .. } => {
                 if taken.is_none() {
-                    *taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    *taken = slot.take();
                 }
-                match taken {
-                    Some(body) => Pin::new(body).poll_frame(cx),
-                    None => Poll::Ready(None),
+                let Some(body) = taken else { return Poll::Ready(None) };
+                let polled = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(Some(Err(e))) = &polled {
+                    if e.is::<LengthLimitError>() {
+                        slot.over_limit.store(true, Ordering::Relaxed);
+                    }
                 }
+                polled
             }
         }
     }
@@ -161,17 +188,6 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
-fn has_source<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err.is::<E>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
 /// Forwards one request and returns the replica's response, or the gateway's failure response.
 pub async fn forward(
     snap: Arc<Snapshot>,
@@ -229,7 +245,7 @@ async fn try_forward(
     } else {
         ProxyBody::Streaming {
             hint: body.size_hint(),
-            slot: Arc::new(Mutex::new(Some(Limited::new(body, limit as usize)))),
+            slot: Arc::new(BodySlot::new(Limited::new(body, limit as usize))),
             taken: None,
         }
     };
@@ -272,7 +288,7 @@ async fn try_forward(
             Ok(Err(e)) => {
                 drop(guard);
                 upstream.stats.failures.fetch_add(1, Ordering::Relaxed);
-                if has_source::<LengthLimitError>(&e) {
+                if slot_handle.as_ref().is_some_and(|(slot, _)| slot.over_limit.load(Ordering::Relaxed)) {
                     return Err(GatewayError::PayloadTooLarge { limit });
                 }
                 let connect_failed = e.is_connect();
@@ -281,7 +297,7 @@ async fn try_forward(
                 }
                 // The body is available again only if no attempt has read from it.
                 let reclaimed = slot_handle.map(|(slot, hint)| {
-                    let again = slot.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                    let again = slot.is_untouched();
                     (again, ProxyBody::Streaming { slot, taken: None, hint })
                 });
                 let (body_unsent, next_body) = match reclaimed {
