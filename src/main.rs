@@ -89,8 +89,9 @@ fn main() -> ExitCode {
             }
             let runtime = tokio::runtime::Runtime::new()
                 .map_err(|e| format!("cannot start the runtime: {e}"))?;
+            let watched = config.exists().then_some(config);
             runtime
-                .block_on(ringgate::app::run(c))
+                .block_on(ringgate::app::run(c, watched))
                 .map_err(|e| e.to_string())
         }),
         Command::Check { config } => load(&config, false).map(|c| {

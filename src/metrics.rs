@@ -49,6 +49,8 @@ pub struct Metrics {
     pub replicas_desired: AtomicU64,
     pub config_reloads: AtomicU64,
     pub config_reload_errors: AtomicU64,
+    pub policy_reloads: AtomicU64,
+    pub policy_reload_errors: AtomicU64,
     pub upstream_latency: Histogram,
 }
 
