@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::controller::Controller;
 use crate::metrics::Metrics;
-use crate::policy::{read_policy_files, PolicySet};
+use crate::policy::{read_policy_files, PolicyFiles, PolicySet};
 use crate::server::{serve, Gateway};
 use crate::snapshot::Snapshot;
 
@@ -124,7 +124,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
 
 /// The policy set the gateway starts with. A set that fails to load is logged and shown in
 /// `/lb/status`, and the gateway starts with the built-in defaults.
-fn load_policy(config: &Config) -> (Result<PolicySet, String>, Option<Vec<(String, String)>>) {
+fn load_policy(config: &Config) -> (Result<PolicySet, String>, Option<PolicyFiles>) {
     let files = match read_policy_files(&config.policy.dir) {
         Ok(f) => f,
         Err(e) => return (Err(e.to_string()), None),

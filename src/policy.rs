@@ -942,8 +942,11 @@ fn load_error(file: &str, e: &mlua::Error, budget: &Budget, limits: PolicyLimits
     }
 }
 
+/// Policy files as `(file name, source)` pairs, in load order.
+pub type PolicyFiles = Vec<(String, String)>;
+
 /// The `*.lua` files directly in `dir`, sorted by name. A missing `dir` has none.
-pub fn read_policy_files(dir: &Path) -> Result<Vec<(String, String)>, PolicyError> {
+pub fn read_policy_files(dir: &Path) -> Result<PolicyFiles, PolicyError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

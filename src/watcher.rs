@@ -16,14 +16,12 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::controller::{Command, ControllerHandle, ReloadKind};
-use crate::policy::{read_policy_files, PolicyLimits, PolicySet};
+use crate::policy::{read_policy_files, PolicyFiles, PolicyLimits, PolicySet};
 
 /// Quiet time after an event before reading, so a multi-step save is read once, whole.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// The safety-net content check.
 const POLL: Duration = Duration::from_secs(1);
-
-type PolicyFiles = Vec<(String, String)>;
 
 struct State {
     config_path: Option<PathBuf>,
