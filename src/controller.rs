@@ -890,15 +890,20 @@ impl Controller {
         let recovery = self.config.health.recovery_delay;
         let cap = self.config.health.max_backoff;
         let manages = self.provider.manages_replicas();
-        let incarnation = self.bump_incarnation();
         let Some(m) = self.replicas.get_mut(&id) else {
             return;
         };
-        m.probe = None;
         m.tracker.state = HealthState::Down;
         if !manages {
+            // Not ours to restart (static): keep checking it; `rise` good checks bring it back.
             return;
         }
+        m.probe = None;
+        let incarnation = self.next_incarnation;
+        self.next_incarnation += 1;
+        let Some(m) = self.replicas.get_mut(&id) else {
+            return;
+        };
         let stable = m.up_since.is_some_and(|t| t.elapsed() >= STABLE_AFTER);
         m.crash_streak = if stable {
             1

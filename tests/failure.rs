@@ -285,3 +285,73 @@ async fn rm_drains_in_flight_requests() {
     assert_eq!(code, 200);
     assert_ne!(server_of(&body).as_deref(), Some("server-3"));
 }
+
+/// A ringgate-server the test owns; killed when dropped, also when the test fails.
+struct OwnBackend(std::process::Child);
+
+impl Drop for OwnBackend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a ringgate-server owned by the test on `port` (0: any) and returns it with its address.
+fn own_backend(name: &str, port: u16) -> (OwnBackend, std::net::SocketAddr) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(SERVER_BIN)
+        .env("SERVER_ID", name)
+        .env("PORT", port.to_string())
+        .env("BIND", "127.0.0.1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ringgate-server");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("listening line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .and_then(|a| a.parse().ok())
+        .expect("address");
+    (OwnBackend(child), addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_replica_that_comes_back_rejoins_after_rise_checks() {
+    let (a, a_addr) = own_backend("web-a", 0);
+    let (_b, b_addr) = own_backend("web-b", 0);
+    let gw = Gateway::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"web-a\", address = \"{a_addr}\" }}, {{ name = \"web-b\", address = \"{b_addr}\" }}]\n"
+        ),
+        health: "interval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\n".into(),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(10), "both up", |s| s["up"] == 2)
+        .await;
+    drop(a);
+    gw.wait_status(Duration::from_secs(10), "web-a down", |s| {
+        replica(s, "web-a")["in_ring"] == false
+    })
+    .await;
+    // Every request is served by web-b meanwhile.
+    let c = client();
+    for id in 0..50u64 {
+        let (code, body) = call_with(&c, "GET", &gw.url(&format!("/home?id={id}")), "", &[]).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(server_of(&body).as_deref(), Some("web-b"));
+    }
+    // The static provider never restarts it; when it comes back, rise good checks bring it in.
+    let (_a2, _) = own_backend("web-a", a_addr.port());
+    let s = gw
+        .wait_status(Duration::from_secs(10), "web-a back", |s| {
+            replica(s, "web-a")["state"] == "up"
+        })
+        .await;
+    assert_eq!(s["up"], 2);
+    assert_eq!(replica(&s, "web-a")["restarts"], 0);
+}
