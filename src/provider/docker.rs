@@ -158,12 +158,23 @@ impl DockerProvider {
         events: mpsc::Sender<ProviderEvent>,
         timeout: Duration,
     ) -> Result<DockerProvider, ProviderError> {
+        DockerProvider::connect_as(config, events, timeout, instance_label()).await
+    }
+
+    /// [`connect_within`](Self::connect_within) managing the containers labelled `instance`
+    /// rather than `$RINGGATE_INSTANCE_LABEL` (tests run several providers in one process).
+    pub async fn connect_as(
+        config: &ProviderConfig,
+        events: mpsc::Sender<ProviderEvent>,
+        timeout: Duration,
+        instance: String,
+    ) -> Result<DockerProvider, ProviderError> {
         let (docker, engine_version) = connect_engine(timeout).await?;
         let settings = Settings {
             image: config.image.clone(),
             network: config.network.clone(),
             container_port: config.container_port,
-            instance: instance_label(),
+            instance,
         };
         let reported = SharedReported::default();
         let events_task = tokio::spawn(watch_events(
