@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -117,7 +117,13 @@ async fn serve(addr: SocketAddr, server_id: Arc<str>) -> std::io::Result<()> {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp = respond(&id, &req);
-                async move { Ok::<_, Infallible>(resp) }
+                async move {
+                    // Read (and discard) the request body before answering, so a client still
+                    // uploading is not cut off mid-body.
+                    let mut body = req.into_body();
+                    while let Some(Ok(_)) = body.frame().await {}
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
