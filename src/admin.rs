@@ -27,7 +27,12 @@ pub fn is_admin_path(path: &str) -> bool {
     matches!(path, "/rep" | "/add" | "/rm") || path == "/lb" || path.starts_with("/lb/")
 }
 
-pub async fn handle(gw: &Gateway, snap: Arc<Snapshot>, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+pub async fn handle(
+    gw: &Gateway,
+    snap: Arc<Snapshot>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Response<Body> {
     match route(gw, &snap, req, client).await {
         Ok(resp) => resp,
         Err(e) => {
@@ -39,7 +44,12 @@ pub async fn handle(gw: &Gateway, snap: Arc<Snapshot>, req: Request<Incoming>, c
     }
 }
 
-async fn route(gw: &Gateway, snap: &Snapshot, req: Request<Incoming>, client: SocketAddr) -> Result<Response<Body>, GatewayError> {
+async fn route(
+    gw: &Gateway,
+    snap: &Snapshot,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Result<Response<Body>, GatewayError> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let wrong_method = |allowed: &'static str| GatewayError::MethodNotAllowed {
@@ -55,7 +65,11 @@ async fn route(gw: &Gateway, snap: &Snapshot, req: Request<Incoming>, client: So
             Ok(replica_list(&snap.members))
         }
         "/add" | "/rm" => {
-            let expected = if path == "/add" { Method::POST } else { Method::DELETE };
+            let expected = if path == "/add" {
+                Method::POST
+            } else {
+                Method::DELETE
+            };
             if method != expected {
                 return Err(wrong_method(if path == "/add" { "POST" } else { "DELETE" }));
             }
@@ -99,7 +113,11 @@ fn replica_list(members: &[String]) -> Response<Body> {
     success(json!({"N": members.len(), "replicas": members}))
 }
 
-fn authorize(snap: &Snapshot, req: &Request<Incoming>, client: SocketAddr) -> Result<(), GatewayError> {
+fn authorize(
+    snap: &Snapshot,
+    req: &Request<Incoming>,
+    client: SocketAddr,
+) -> Result<(), GatewayError> {
     let admin = &snap.config.admin;
     if !admin.allows(client.ip()) {
         return Err(GatewayError::Forbidden {
@@ -130,10 +148,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn read_body(body: Incoming) -> Result<Bytes, GatewayError> {
     match Limited::new(body, MAX_ADMIN_BODY).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::PayloadTooLarge {
-            limit: MAX_ADMIN_BODY as u64,
-        }),
-        Err(e) => Err(GatewayError::BadRequest(format!("Cannot read the request body: {e}"))),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::PayloadTooLarge {
+                limit: MAX_ADMIN_BODY as u64,
+            })
+        }
+        Err(e) => Err(GatewayError::BadRequest(format!(
+            "Cannot read the request body: {e}"
+        ))),
     }
 }
 
@@ -150,11 +172,20 @@ pub fn parse_scale_request(body: &[u8]) -> Result<(u32, Vec<String>), GatewayErr
             "Request body must be a JSON object like {\"n\": 1, \"hostnames\": [\"S5\"]}".into(),
         ));
     };
-    if let Some(k) = obj.keys().find(|k| k.as_str() != "n" && k.as_str() != "hostnames") {
-        return Err(bad(format!("Unknown field '{k}': expected 'n' and optionally 'hostnames'")));
+    if let Some(k) = obj
+        .keys()
+        .find(|k| k.as_str() != "n" && k.as_str() != "hostnames")
+    {
+        return Err(bad(format!(
+            "Unknown field '{k}': expected 'n' and optionally 'hostnames'"
+        )));
     }
     let n = match obj.get("n") {
-        None => return Err(bad("Field 'n' is missing: give the number of replicas".into())),
+        None => {
+            return Err(bad(
+                "Field 'n' is missing: give the number of replicas".into()
+            ))
+        }
         Some(v) => v
             .as_u64()
             .filter(|&n| n > 0)
@@ -178,14 +209,25 @@ mod tests {
     use super::*;
 
     fn err(body: &str) -> String {
-        parse_scale_request(body.as_bytes()).expect_err("rejected").to_string()
+        parse_scale_request(body.as_bytes())
+            .expect_err("rejected")
+            .to_string()
     }
 
     #[test]
     fn parses_valid_bodies() {
-        assert_eq!(parse_scale_request(br#"{"n": 2, "hostnames": ["S5", "S6"]}"#).expect("ok"), (2, vec!["S5".into(), "S6".into()]));
-        assert_eq!(parse_scale_request(br#"{"n": 1}"#).expect("ok"), (1, vec![]));
-        assert_eq!(parse_scale_request(br#"{"n": 1, "hostnames": null}"#).expect("ok"), (1, vec![]));
+        assert_eq!(
+            parse_scale_request(br#"{"n": 2, "hostnames": ["S5", "S6"]}"#).expect("ok"),
+            (2, vec!["S5".into(), "S6".into()])
+        );
+        assert_eq!(
+            parse_scale_request(br#"{"n": 1}"#).expect("ok"),
+            (1, vec![])
+        );
+        assert_eq!(
+            parse_scale_request(br#"{"n": 1, "hostnames": null}"#).expect("ok"),
+            (1, vec![])
+        );
     }
 
     #[test]

@@ -44,18 +44,34 @@ pub enum AppError {
 pub async fn run(config: Config) -> Result<(), AppError> {
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|source| AppError::Bind { addr: config.listen, source })?;
-    let local = listener.local_addr().map_err(|source| AppError::Bind { addr: config.listen, source })?;
+        .map_err(|source| AppError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| AppError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let shutdown = shutdown_signal()?;
 
     let config = Arc::new(config);
     let (events_tx, events_rx) = mpsc::channel(256);
     let provider = crate::provider::from_config(&config, events_tx).await?;
     let manages = provider.manages_replicas();
-    tracing::info!(provider = provider.kind(), replicas = config.replicas.count, "starting replicas");
+    tracing::info!(
+        provider = provider.kind(),
+        replicas = config.replicas.count,
+        "starting replicas"
+    );
     let shared = Arc::new(ArcSwap::from_pointee(Snapshot::initial(config.clone())));
     let metrics = Arc::new(Metrics::default());
-    let (controller, handle) = Controller::new(config.clone(), provider, events_rx, shared.clone(), metrics.clone())?;
+    let (controller, handle) = Controller::new(
+        config.clone(),
+        provider,
+        events_rx,
+        shared.clone(),
+        metrics.clone(),
+    )?;
     let controller_task = tokio::spawn(controller.run());
 
     let ready_timeout = if manages {
@@ -65,7 +81,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     };
     match tokio::time::timeout(ready_timeout, handle.wait_ready()).await {
         Ok(_) => tracing::info!("all replicas answer"),
-        Err(_) => tracing::warn!(timeout = ?ready_timeout, "some replicas are not up yet; serving with the ones that are (see /lb/status)"),
+        Err(_) => {
+            tracing::warn!(timeout = ?ready_timeout, "some replicas are not up yet; serving with the ones that are (see /lb/status)")
+        }
     }
 
     // The one line on stdout: scripts and tests wait for it.

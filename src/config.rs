@@ -337,7 +337,10 @@ pub enum ConfigError {
         message: String,
     },
     #[error("{}: invalid configuration:\n{}", path.display(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { path: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 impl Config {
@@ -391,15 +394,21 @@ impl Config {
         };
         let r = &self.ring;
         if r.slots == 0 || r.slots > MAX_SLOTS {
-            bad("ring.slots", format!("must be between 1 and {MAX_SLOTS}, got {}", r.slots));
+            bad(
+                "ring.slots",
+                format!("must be between 1 and {MAX_SLOTS}, got {}", r.slots),
+            );
         }
         if r.vnodes == 0 || r.vnodes > r.slots {
             bad(
                 "ring.vnodes",
-                format!("must be between 1 and ring.slots ({}), got {}", r.slots, r.vnodes),
+                format!(
+                    "must be between 1 and ring.slots ({}), got {}",
+                    r.slots, r.vnodes
+                ),
             );
         }
-        let capacity = if r.vnodes > 0 { r.slots / r.vnodes } else { 0 };
+        let capacity = r.slots.checked_div(r.vnodes).unwrap_or(0);
         let rep = &self.replicas;
         if rep.max_replicas == 0 {
             bad("replicas.max_replicas", "must be at least 1".into());
@@ -415,7 +424,10 @@ impl Config {
         if rep.count > rep.max_replicas {
             bad(
                 "replicas.count",
-                format!("{} is more than replicas.max_replicas ({})", rep.count, rep.max_replicas),
+                format!(
+                    "{} is more than replicas.max_replicas ({})",
+                    rep.count, rep.max_replicas
+                ),
             );
         }
         if !is_valid_hostname(&format!("{}1", rep.name_prefix)) {
@@ -429,36 +441,58 @@ impl Config {
         }
         let p = &self.provider;
         if p.container_port == 0 {
-            bad("provider.container_port", "must be between 1 and 65535".into());
+            bad(
+                "provider.container_port",
+                "must be between 1 and 65535".into(),
+            );
         }
         if p.image.is_empty() {
-            bad("provider.image", "must name an image, e.g. \"ringgate-server:latest\"".into());
+            bad(
+                "provider.image",
+                "must name an image, e.g. \"ringgate-server:latest\"".into(),
+            );
         }
         if p.network.is_empty() {
-            bad("provider.network", "must name a Docker network, e.g. \"net1\"".into());
+            bad(
+                "provider.network",
+                "must name a Docker network, e.g. \"net1\"".into(),
+            );
         }
         let mut seen = std::collections::HashSet::new();
         for s in &p.servers {
             if !is_valid_hostname(&s.name) {
                 bad(
                     "provider.servers",
-                    format!("name {:?} must match [a-zA-Z0-9][a-zA-Z0-9_.-]{{0,62}}", s.name),
+                    format!(
+                        "name {:?} must match [a-zA-Z0-9][a-zA-Z0-9_.-]{{0,62}}",
+                        s.name
+                    ),
                 );
             }
             if !seen.insert(s.name.as_str()) {
-                bad("provider.servers", format!("name {:?} appears more than once", s.name));
+                bad(
+                    "provider.servers",
+                    format!("name {:?} appears more than once", s.name),
+                );
             }
         }
         if p.servers.len() > rep.max_replicas as usize {
             bad(
                 "provider.servers",
-                format!("{} servers is more than replicas.max_replicas ({})", p.servers.len(), rep.max_replicas),
+                format!(
+                    "{} servers is more than replicas.max_replicas ({})",
+                    p.servers.len(),
+                    rep.max_replicas
+                ),
             );
         }
         if !p.servers.is_empty() && p.kind != ProviderKind::Static {
             bad(
                 "provider.servers",
-                format!("only used with provider.kind = \"static\" (kind is \"{}\")", p.kind),
+                format!(
+                    "only used with provider.kind = \"static\" (kind is \"{}\")",
+                    p.kind
+                ),
             );
         }
         let h = &self.health;
@@ -486,7 +520,10 @@ impl Config {
             );
         }
         if self.proxy.retries > 10 {
-            bad("proxy.retries", format!("must be at most 10, got {}", self.proxy.retries));
+            bad(
+                "proxy.retries",
+                format!("must be at most 10, got {}", self.proxy.retries),
+            );
         }
         if self.proxy.max_body == 0 {
             bad("proxy.max_body", "must be more than 0".into());
@@ -516,16 +553,16 @@ impl Config {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map(|n| before.len() - n).unwrap_or(before.len() + 1);
+    let column = before
+        .rfind('\n')
+        .map(|n| before.len() - n)
+        .unwrap_or(before.len() + 1);
     (line, column)
 }
 
 /// The `[table]` header in force at `line` (1-based), if any.
 fn table_at(text: &str, line: usize) -> Option<String> {
-    text.lines()
-        .take(line)
-        .filter_map(header_name)
-        .last()
+    text.lines().take(line).filter_map(header_name).last()
 }
 
 fn header_name(l: &str) -> Option<String> {
@@ -544,7 +581,9 @@ fn locate_key(text: &str, dotted: &str) -> Option<usize> {
             continue;
         }
         let t = l.trim_start();
-        let Some((k, _)) = t.split_once('=') else { continue };
+        let Some((k, _)) = t.split_once('=') else {
+            continue;
+        };
         if current == section && k.trim() == key {
             return Some(n + 1);
         }
@@ -564,7 +603,9 @@ where
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d).map_err(|_| {
-        serde::de::Error::custom("expected a duration as a string, like \"10s\", \"500ms\" or \"1m\"")
+        serde::de::Error::custom(
+            "expected a duration as a string, like \"10s\", \"500ms\" or \"1m\"",
+        )
     })?;
     humantime::parse_duration(&s).map_err(|e| {
         serde::de::Error::custom(format!(
@@ -647,14 +688,45 @@ mod tests {
         assert_eq!(c.hashing.key, KeySource::Query("id".into()));
         // The shipped file documents every key: each default-valued field appears in it.
         for key in [
-            "listen", "slots", "vnodes", "request_hash", "vnode_hash", "key", "count", "max_replicas",
-            "name_prefix", "kind", "image", "network", "container_port", "server_binary", "servers",
-            "interval", "timeout", "rise", "fall", "recovery_delay", "max_backoff", "retries",
-            "connect_timeout", "request_timeout", "header_read_timeout", "drain_timeout", "max_body",
-            "dir", "memory_limit", "instruction_budget", "allow", "token",
+            "listen",
+            "slots",
+            "vnodes",
+            "request_hash",
+            "vnode_hash",
+            "key",
+            "count",
+            "max_replicas",
+            "name_prefix",
+            "kind",
+            "image",
+            "network",
+            "container_port",
+            "server_binary",
+            "servers",
+            "interval",
+            "timeout",
+            "rise",
+            "fall",
+            "recovery_delay",
+            "max_backoff",
+            "retries",
+            "connect_timeout",
+            "request_timeout",
+            "header_read_timeout",
+            "drain_timeout",
+            "max_body",
+            "dir",
+            "memory_limit",
+            "instruction_budget",
+            "allow",
+            "token",
         ] {
             assert!(
-                text.lines().any(|l| l.trim_start().trim_start_matches('#').trim_start().starts_with(&format!("{key} ="))),
+                text.lines().any(|l| l
+                    .trim_start()
+                    .trim_start_matches('#')
+                    .trim_start()
+                    .starts_with(&format!("{key} ="))),
                 "conf/lb.toml does not document `{key}`"
             );
         }
@@ -763,17 +835,29 @@ token = "s3cret"
         assert!(e.contains("line 2: ring.slots"), "{e}");
         assert!(e.contains("ring.vnodes"), "{e}");
         let e = err("[ring]\nslots = 8\nvnodes = 9\n");
-        assert!(e.contains("line 3: ring.vnodes: must be between 1 and ring.slots (8)"), "{e}");
+        assert!(
+            e.contains("line 3: ring.vnodes: must be between 1 and ring.slots (8)"),
+            "{e}"
+        );
         let e = err("[replicas]\nmax_replicas = 60\n");
-        assert!(e.contains("replicas.max_replicas") && e.contains("56"), "{e}");
+        assert!(
+            e.contains("replicas.max_replicas") && e.contains("56"),
+            "{e}"
+        );
         let e = err("[replicas]\ncount = 5\nmax_replicas = 4\n");
         assert!(e.contains("line 2: replicas.count"), "{e}");
         let e = err("[replicas]\nname_prefix = \"-bad\"\n");
         assert!(e.contains("replicas.name_prefix"), "{e}");
         let e = err("[health]\nrise = 0\nfall = 0\ninterval = \"0s\"\n");
-        assert!(e.contains("health.rise") && e.contains("health.fall") && e.contains("health.interval"), "{e}");
+        assert!(
+            e.contains("health.rise") && e.contains("health.fall") && e.contains("health.interval"),
+            "{e}"
+        );
         let e = err("[proxy]\nmax_body = 0\nretries = 11\n");
-        assert!(e.contains("proxy.max_body") && e.contains("proxy.retries"), "{e}");
+        assert!(
+            e.contains("proxy.max_body") && e.contains("proxy.retries"),
+            "{e}"
+        );
         let e = err("[provider]\nkind = \"static\"\nservers = [{name = \"a\", address = \"127.0.0.1:1\"}, {name = \"a\", address = \"127.0.0.1:2\"}]\n");
         assert!(e.contains("appears more than once"), "{e}");
         let e = err("[provider]\nkind = \"process\"\nservers = [{name = \"a\", address = \"127.0.0.1:1\"}]\n");

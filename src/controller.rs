@@ -97,7 +97,10 @@ pub struct ControllerHandle {
 }
 
 impl ControllerHandle {
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, GatewayError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, GatewayError> {
         let (reply, rx) = oneshot::channel();
         let gone = || GatewayError::Unavailable("the gateway is shutting down".into());
         self.tx.send(make(reply)).await.map_err(|_| gone())?;
@@ -105,11 +108,25 @@ impl ControllerHandle {
     }
 
     pub async fn add(&self, n: u32, hostnames: Vec<String>) -> Result<Vec<String>, GatewayError> {
-        self.ask(|reply| Command::Add { n, hostnames, reply }).await?
+        self.ask(|reply| Command::Add {
+            n,
+            hostnames,
+            reply,
+        })
+        .await?
     }
 
-    pub async fn remove(&self, n: u32, hostnames: Vec<String>) -> Result<Vec<String>, GatewayError> {
-        self.ask(|reply| Command::Remove { n, hostnames, reply }).await?
+    pub async fn remove(
+        &self,
+        n: u32,
+        hostnames: Vec<String>,
+    ) -> Result<Vec<String>, GatewayError> {
+        self.ask(|reply| Command::Remove {
+            n,
+            hostnames,
+            reply,
+        })
+        .await?
     }
 
     pub async fn status(&self) -> Result<serde_json::Value, GatewayError> {
@@ -289,7 +306,8 @@ impl Controller {
             Err(e) => tracing::error!(error = %e, "cannot list existing replicas"),
         }
         if self.provider.manages_replicas() {
-            let missing = (self.config.replicas.count as usize).saturating_sub(self.members().count());
+            let missing =
+                (self.config.replicas.count as usize).saturating_sub(self.members().count());
             for _ in 0..missing {
                 let id = self.free_id();
                 let name = self.generated_name(id, &HashSet::new());
@@ -307,14 +325,24 @@ impl Controller {
         }
         self.provider.shutdown().await;
         for op in self.add_ops.drain().map(|(_, op)| op) {
-            let _ = op.reply.send(Err(GatewayError::Unavailable("the gateway is shutting down".into())));
+            let _ = op.reply.send(Err(GatewayError::Unavailable(
+                "the gateway is shutting down".into(),
+            )));
         }
     }
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Add { n, hostnames, reply } => self.add(n, hostnames, reply),
-            Command::Remove { n, hostnames, reply } => self.remove(n, hostnames, reply),
+            Command::Add {
+                n,
+                hostnames,
+                reply,
+            } => self.add(n, hostnames, reply),
+            Command::Remove {
+                n,
+                hostnames,
+                reply,
+            } => self.remove(n, hostnames, reply),
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -326,7 +354,11 @@ impl Controller {
                     .collect();
                 let _ = reply.send(self.metrics.render(&self.shared.load(), &stats));
             }
-            Command::PassiveFailure { id, incarnation, detail } => self.on_passive_failure(id, incarnation, detail),
+            Command::PassiveFailure {
+                id,
+                incarnation,
+                detail,
+            } => self.on_passive_failure(id, incarnation, detail),
             Command::WaitReady { reply } => {
                 self.ready_waiters.push(reply);
                 self.notify_ready();
@@ -373,7 +405,10 @@ impl Controller {
 
     fn place(&mut self, id: ServerId) {
         let (f, slots) = (self.config.ring.vnode_hash, self.config.ring.slots);
-        if let Err(e) = self.placement.add(id, |j| f.vnode_slot(u64::from(id.get()), j, slots)) {
+        if let Err(e) = self
+            .placement
+            .add(id, |j| f.vnode_slot(u64::from(id.get()), j, slots))
+        {
             tracing::error!(id = %id, error = %e, "cannot place replica on the ring");
         }
     }
@@ -391,7 +426,9 @@ impl Controller {
                 let mut names = hostnames.into_iter();
                 for _ in 0..n {
                     let id = self.free_id();
-                    let name = names.next().unwrap_or_else(|| self.generated_name(id, &taken));
+                    let name = names
+                        .next()
+                        .unwrap_or_else(|| self.generated_name(id, &taken));
                     taken.insert(name.clone());
                     let mut m = Managed::new(id, name);
                     m.pending_add = Some(op);
@@ -419,7 +456,9 @@ impl Controller {
         }
         check_names(hostnames)?;
         if let Some(h) = hostnames.iter().find(|h| self.name_in_use(h)) {
-            return Err(GatewayError::BadRequest(format!("Hostname '{h}' is already in use")));
+            return Err(GatewayError::BadRequest(format!(
+                "Hostname '{h}' is already in use"
+            )));
         }
         let kept = self.replicas.len();
         let max = self.config.replicas.max_replicas as usize;
@@ -489,7 +528,11 @@ impl Controller {
         for h in hostnames {
             match members.iter().find(|m| &m.name == h) {
                 Some(m) => chosen.push(m.id),
-                None => return Err(GatewayError::BadRequest(format!("Hostname '{h}' does not exist"))),
+                None => {
+                    return Err(GatewayError::BadRequest(format!(
+                        "Hostname '{h}' does not exist"
+                    )))
+                }
             }
         }
         // The rest: the most recently added (highest ids) first.
@@ -515,7 +558,9 @@ impl Controller {
     /// Starts a new incarnation of replica `id` (first start or replacement).
     fn start_instance(&mut self, id: ServerId) {
         let incarnation = self.bump_incarnation();
-        let Some(m) = self.replicas.get_mut(&id) else { return };
+        let Some(m) = self.replicas.get_mut(&id) else {
+            return;
+        };
         m.incarnation = incarnation;
         m.tracker = Tracker::starting();
         m.instance = None;
@@ -529,7 +574,11 @@ impl Controller {
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
             let result = provider.spawn(spec).await;
-            let _ = tx.send(Internal::Spawned { id, incarnation, result });
+            let _ = tx.send(Internal::Spawned {
+                id,
+                incarnation,
+                result,
+            });
         });
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
@@ -541,7 +590,9 @@ impl Controller {
     /// Records a running instance and starts checking it.
     fn attach(&mut self, id: ServerId, inst: Instance) {
         let timeout = self.config.health.timeout;
-        let Some(m) = self.replicas.get_mut(&id) else { return };
+        let Some(m) = self.replicas.get_mut(&id) else {
+            return;
+        };
         m.probe = Some(ProbeTask::start(
             id,
             m.incarnation,
@@ -556,7 +607,11 @@ impl Controller {
 
     fn on_internal(&mut self, msg: Internal) {
         match msg {
-            Internal::Spawned { id, incarnation, result } => {
+            Internal::Spawned {
+                id,
+                incarnation,
+                result,
+            } => {
                 let current = self.replicas.get(&id).is_some_and(|m| {
                     m.incarnation == incarnation && m.tracker.state != HealthState::Draining
                 });
@@ -578,7 +633,10 @@ impl Controller {
                     m.incarnation == incarnation && m.tracker.state == HealthState::Starting
                 });
                 if stuck {
-                    self.on_start_failed(id, format!("it did not answer /heartbeat within {START_TIMEOUT:?}"));
+                    self.on_start_failed(
+                        id,
+                        format!("it did not answer /heartbeat within {START_TIMEOUT:?}"),
+                    );
                 }
             }
             Internal::RespawnDue { id, incarnation } => {
@@ -608,14 +666,20 @@ impl Controller {
 
     /// A start failed (provider error, exit before answering, start timeout).
     fn on_start_failed(&mut self, id: ServerId, reason: String) {
-        let Some(m) = self.replicas.get_mut(&id) else { return };
+        let Some(m) = self.replicas.get_mut(&id) else {
+            return;
+        };
         tracing::warn!(replica = %m.name, id = %id, reason = %reason, "replica failed to start");
         m.last_exit = Some(reason.clone());
         if let Some(op) = m.pending_add {
-            let message = format!("Replica '{}' failed to start: {reason}; nothing was added", m.name);
+            let message = format!(
+                "Replica '{}' failed to start: {reason}; nothing was added",
+                m.name
+            );
             self.fail_add(op, message);
         } else {
             self.replace(id);
+            self.notify_ready();
         }
     }
 
@@ -625,14 +689,20 @@ impl Controller {
         let cap = self.config.health.max_backoff;
         let manages = self.provider.manages_replicas();
         let incarnation = self.bump_incarnation();
-        let Some(m) = self.replicas.get_mut(&id) else { return };
+        let Some(m) = self.replicas.get_mut(&id) else {
+            return;
+        };
         m.probe = None;
         m.tracker.state = HealthState::Down;
         if !manages {
             return;
         }
         let stable = m.up_since.is_some_and(|t| t.elapsed() >= STABLE_AFTER);
-        m.crash_streak = if stable { 1 } else { m.crash_streak.saturating_add(1) };
+        m.crash_streak = if stable {
+            1
+        } else {
+            m.crash_streak.saturating_add(1)
+        };
         let delay = backoff(recovery, cap, m.crash_streak);
         m.up_since = None;
         m.incarnation = incarnation;
@@ -654,9 +724,15 @@ impl Controller {
     }
 
     fn on_probe(&mut self, report: ProbeReport) {
-        let (rise, fall, interval) = (self.config.health.rise, self.config.health.fall, self.config.health.interval);
+        let (rise, fall, interval) = (
+            self.config.health.rise,
+            self.config.health.fall,
+            self.config.health.interval,
+        );
         let timeout = self.config.health.timeout;
-        let Some(m) = self.replicas.get_mut(&report.id) else { return };
+        let Some(m) = self.replicas.get_mut(&report.id) else {
+            return;
+        };
         if m.incarnation != report.incarnation || m.tracker.state == HealthState::Draining {
             return;
         }
@@ -698,7 +774,9 @@ impl Controller {
             Transition::Down => {}
             Transition::Dead => {
                 tracing::warn!(replica = %name, id = %id, failures = fall, "replica down: checks failed");
-                self.metrics.ejections.fetch_add(u64::from(was.routable()), Ordering::Relaxed);
+                self.metrics
+                    .ejections
+                    .fetch_add(u64::from(was.routable()), Ordering::Relaxed);
                 self.replace(id);
                 self.publish();
             }
@@ -707,7 +785,9 @@ impl Controller {
 
     fn on_passive_failure(&mut self, id: ServerId, incarnation: u64, detail: String) {
         let fall = self.config.health.fall;
-        let Some(m) = self.replicas.get_mut(&id) else { return };
+        let Some(m) = self.replicas.get_mut(&id) else {
+            return;
+        };
         if m.incarnation != incarnation {
             return;
         }
@@ -728,9 +808,16 @@ impl Controller {
     }
 
     fn on_provider_event(&mut self, event: ProviderEvent) {
-        let ProviderEvent::Exited { hostname, instance_id, detail } = event;
+        let ProviderEvent::Exited {
+            hostname,
+            instance_id,
+            detail,
+        } = event;
         let Some(m) = self.replicas.values_mut().find(|m| {
-            m.name == hostname && m.instance.as_ref().is_some_and(|i| i.instance_id == instance_id)
+            m.name == hostname
+                && m.instance
+                    .as_ref()
+                    .is_some_and(|i| i.instance_id == instance_id)
         }) else {
             return;
         };
@@ -742,7 +829,10 @@ impl Controller {
         m.last_exit = Some(detail.clone());
         m.instance = None;
         if let Some(op) = m.pending_add {
-            self.fail_add(op, format!("Replica '{hostname}' exited while starting ({detail}); nothing was added"));
+            self.fail_add(
+                op,
+                format!("Replica '{hostname}' exited while starting ({detail}); nothing was added"),
+            );
             return;
         }
         if was.routable() {
@@ -755,15 +845,20 @@ impl Controller {
     // ---- /add commit and rollback -----------------------------------------------------------
 
     fn maybe_commit_add(&mut self, op: u64) {
-        let Some(add) = self.add_ops.get(&op) else { return };
-        let all_up = add
-            .ids
-            .iter()
-            .all(|id| self.replicas.get(id).is_some_and(|m| m.tracker.state.routable()));
+        let Some(add) = self.add_ops.get(&op) else {
+            return;
+        };
+        let all_up = add.ids.iter().all(|id| {
+            self.replicas
+                .get(id)
+                .is_some_and(|m| m.tracker.state.routable())
+        });
         if !all_up {
             return;
         }
-        let Some(add) = self.add_ops.remove(&op) else { return };
+        let Some(add) = self.add_ops.remove(&op) else {
+            return;
+        };
         for &id in &add.ids {
             self.place(id);
             if let Some(m) = self.replicas.get_mut(&id) {
@@ -776,7 +871,9 @@ impl Controller {
     }
 
     fn fail_add(&mut self, op: u64, message: String) {
-        let Some(add) = self.add_ops.remove(&op) else { return };
+        let Some(add) = self.add_ops.remove(&op) else {
+            return;
+        };
         let mut names = Vec::new();
         for id in &add.ids {
             if let Some(m) = self.replicas.remove(id) {
@@ -795,16 +892,23 @@ impl Controller {
 
     fn publish(&mut self) {
         let routable = |id: ServerId| {
-            self.replicas
-                .get(&id)
-                .is_some_and(|m| m.is_member() && m.tracker.state.routable() && m.instance.is_some())
+            self.replicas.get(&id).is_some_and(|m| {
+                m.is_member() && m.tracker.state.routable() && m.instance.is_some()
+            })
         };
         let ring = Ring::build(&self.placement, routable);
-        let max_id = self.replicas.keys().next_back().map(|id| id.get() as usize).unwrap_or(0);
+        let max_id = self
+            .replicas
+            .keys()
+            .next_back()
+            .map(|id| id.get() as usize)
+            .unwrap_or(0);
         let mut upstreams: Vec<Option<Arc<Upstream>>> = vec![None; max_id + 1];
         for m in self.replicas.values().filter(|m| routable(m.id)) {
             let Some(inst) = &m.instance else { continue };
-            let Ok(authority) = http::uri::Authority::try_from(inst.addr.to_string()) else { continue };
+            let Ok(authority) = http::uri::Authority::try_from(inst.addr.to_string()) else {
+                continue;
+            };
             upstreams[m.id.get() as usize] = Some(Arc::new(Upstream {
                 id: m.id,
                 name: m.name.clone(),
@@ -815,8 +919,12 @@ impl Controller {
             }));
         }
         self.generation += 1;
-        self.metrics.replicas_up.store(ring.servers() as u64, Ordering::Relaxed);
-        self.metrics.replicas_desired.store(self.members().count() as u64, Ordering::Relaxed);
+        self.metrics
+            .replicas_up
+            .store(ring.servers() as u64, Ordering::Relaxed);
+        self.metrics
+            .replicas_desired
+            .store(self.members().count() as u64, Ordering::Relaxed);
         self.metrics.ring_rebuilds.fetch_add(1, Ordering::Relaxed);
         let snapshot = Snapshot {
             generation: self.generation,
@@ -834,8 +942,12 @@ impl Controller {
         if self.ready_waiters.is_empty() {
             return;
         }
-        let all_up = self.members().all(|m| m.tracker.state.routable());
-        if all_up {
+        // Ready when every member answers or has already failed to start (it is being retried
+        // with back-off; waiting for it would only delay the others).
+        let settled = self
+            .members()
+            .all(|m| m.tracker.state.routable() || m.crash_streak > 0);
+        if settled {
             for w in self.ready_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -905,7 +1017,9 @@ impl Controller {
 
 /// `recovery_delay · 2^(streak-1)`, capped.
 pub fn backoff(base: Duration, cap: Duration, streak: u32) -> Duration {
-    let factor = 1u32.checked_shl(streak.saturating_sub(1).min(20)).unwrap_or(u32::MAX);
+    let factor = 1u32
+        .checked_shl(streak.saturating_sub(1).min(20))
+        .unwrap_or(u32::MAX);
     base.saturating_mul(factor).min(cap)
 }
 
@@ -918,7 +1032,9 @@ fn check_names(hostnames: &[String]) -> Result<(), GatewayError> {
     }
     let mut seen = HashSet::new();
     if let Some(h) = hostnames.iter().find(|h| !seen.insert(h.as_str())) {
-        return Err(GatewayError::BadRequest(format!("Hostname '{h}' appears more than once")));
+        return Err(GatewayError::BadRequest(format!(
+            "Hostname '{h}' appears more than once"
+        )));
     }
     Ok(())
 }

@@ -24,7 +24,10 @@ pub enum GatewayError {
     #[error("{0}")]
     Conflict(String),
     #[error("{client} may not call {path}: admin.allow does not include it")]
-    Forbidden { client: std::net::IpAddr, path: String },
+    Forbidden {
+        client: std::net::IpAddr,
+        path: String,
+    },
     #[error("{path} needs a bearer token: send \"Authorization: Bearer <admin.token>\"")]
     Unauthorized { path: String },
     #[error("{method} is not allowed on {path}: use {allowed}")]
@@ -35,7 +38,9 @@ pub enum GatewayError {
     },
     #[error("request body is larger than proxy.max_body ({limit} bytes)")]
     PayloadTooLarge { limit: u64 },
-    #[error("no replica is available to serve this request: all are down or starting (see /lb/status)")]
+    #[error(
+        "no replica is available to serve this request: all are down or starting (see /lb/status)"
+    )]
     NoReplica,
     #[error("replica {replica} could not be reached: {detail}")]
     BadGateway { replica: String, detail: String },
@@ -61,7 +66,9 @@ impl GatewayError {
             GatewayError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::NoReplica | GatewayError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::NoReplica | GatewayError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -77,15 +84,19 @@ impl GatewayError {
                 .insert(http::header::ALLOW, HeaderValue::from_static(allowed));
         }
         if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
         }
         resp
     }
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {

@@ -140,7 +140,9 @@ impl FromStr for KeySource {
     type Err = KeySourceError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || KeySourceError { given: s.to_owned() };
+        let err = || KeySourceError {
+            given: s.to_owned(),
+        };
         let named = |rest: &str| -> Result<String, KeySourceError> {
             if rest.is_empty() {
                 Err(err())
@@ -178,7 +180,11 @@ impl fmt::Display for KeySource {
 impl KeySource {
     /// The key text this source finds in a request, or `None` when it is absent (the caller
     /// then uses [`random_key`]).
-    pub fn extract<'a>(&self, parts: &'a http::request::Parts, client_ip: IpAddr) -> Option<Cow<'a, str>> {
+    pub fn extract<'a>(
+        &self,
+        parts: &'a http::request::Parts,
+        client_ip: IpAddr,
+    ) -> Option<Cow<'a, str>> {
         match self {
             KeySource::Query(name) => query_param(parts.uri.query()?, name),
             KeySource::Header(name) => parts
@@ -218,15 +224,13 @@ fn percent_decode(v: &str) -> Cow<'_, str> {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -257,7 +261,10 @@ mod tests {
         assert_eq!(quadratic_request(1, 512), 20);
         assert_eq!(quadratic_request(10, 512), 137);
         assert_eq!(quadratic_request(100, 512), (10_000 + 200 + 17) % 512);
-        assert_eq!(quadratic_request(123_456, 512), ((123_456u128 * 123_458 + 17) % 512) as u32);
+        assert_eq!(
+            quadratic_request(123_456, 512),
+            ((123_456u128 * 123_458 + 17) % 512) as u32
+        );
     }
 
     #[test]
@@ -265,7 +272,7 @@ mod tests {
         // Φ(i, j) = i² + j² + 2j + 25 mod 512.
         assert_eq!(quadratic_vnode(1, 0, 512), 26);
         assert_eq!(quadratic_vnode(1, 1, 512), 29);
-        assert_eq!(quadratic_vnode(3, 8, 512), (9 + 64 + 16 + 25) % 512);
+        assert_eq!(quadratic_vnode(3, 8, 512), 9 + 64 + 16 + 25);
         assert_eq!(quadratic_vnode(30, 8, 512), (900 + 64 + 16 + 25) % 512);
     }
 
@@ -307,7 +314,10 @@ mod tests {
         assert_eq!(key_to_int("123456"), 123_456);
         assert_eq!(key_to_int("18446744073709551615"), u64::MAX);
         // Overflowing or non-decimal text is hashed, deterministically.
-        assert_eq!(key_to_int("18446744073709551616"), fnv1a64(b"18446744073709551616"));
+        assert_eq!(
+            key_to_int("18446744073709551616"),
+            fnv1a64(b"18446744073709551616")
+        );
         assert_eq!(key_to_int("alice"), fnv1a64(b"alice"));
         assert_eq!(key_to_int(""), fnv1a64(b""));
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
@@ -331,12 +341,22 @@ mod tests {
 
     #[test]
     fn key_sources_parse_and_print() {
-        for s in ["query:id", "header:x-user", "cookie:session", "client_ip", "path", "random"] {
+        for s in [
+            "query:id",
+            "header:x-user",
+            "cookie:session",
+            "client_ip",
+            "path",
+            "random",
+        ] {
             let k: KeySource = s.parse().expect("valid source");
             assert_eq!(k.to_string(), s);
         }
         for bad in ["", "query", "query:", "header:bad header", "ip", "cookie:"] {
-            assert!(bad.parse::<KeySource>().is_err(), "{bad:?} should be rejected");
+            assert!(
+                bad.parse::<KeySource>().is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 
@@ -347,7 +367,12 @@ mod tests {
             "/home?x=1&id=42&id=43",
             &[("x-user", "bob"), ("cookie", "a=1; session=\"s-9\"; b=2")],
         );
-        let get = |s: &str| s.parse::<KeySource>().expect("source").extract(&p, ip).map(|c| c.into_owned());
+        let get = |s: &str| {
+            s.parse::<KeySource>()
+                .expect("source")
+                .extract(&p, ip)
+                .map(|c| c.into_owned())
+        };
         assert_eq!(get("query:id").as_deref(), Some("42"));
         assert_eq!(get("query:nope"), None);
         assert_eq!(get("header:x-user").as_deref(), Some("bob"));

@@ -94,7 +94,9 @@ impl Tracker {
         match (self.state, ok) {
             (HealthState::Starting, true) => self.set(HealthState::Up, Transition::Up),
             (HealthState::Starting, false) => Transition::None,
-            (HealthState::Up | HealthState::Suspect, true) => self.set(HealthState::Up, Transition::None),
+            (HealthState::Up | HealthState::Suspect, true) => {
+                self.set(HealthState::Up, Transition::None)
+            }
             (HealthState::Up | HealthState::Suspect, false) if failed_enough => {
                 self.state = HealthState::Down;
                 Transition::Dead
@@ -175,12 +177,19 @@ pub async fn probe(client: &ProbeClient, addr: SocketAddr, timeout: Duration) ->
     let at = SystemTime::now();
     let uri = format!("http://{addr}/heartbeat");
     let result = tokio::time::timeout(timeout, async {
-        let resp = client.get(uri.parse().map_err(|e: http::uri::InvalidUri| e.to_string())?)
+        let resp = client
+            .get(
+                uri.parse()
+                    .map_err(|e: http::uri::InvalidUri| e.to_string())?,
+            )
             .await
             .map_err(|e| error_chain(&e))?;
         let status = resp.status().as_u16();
         // Read the (empty) body so the check covers a whole response.
-        resp.into_body().collect().await.map_err(|e| e.to_string())?;
+        resp.into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
         Ok::<u16, String>(status)
     })
     .await;
@@ -273,8 +282,10 @@ impl ProbeTask {
 
     /// Changes the check period; takes effect after the current wait.
     pub fn set_period(&self, period: Duration, timeout: Duration) {
-        self.period_ms.store(period.as_millis() as u64, Ordering::Relaxed);
-        self.timeout_ms.store(timeout.as_millis() as u64, Ordering::Relaxed);
+        self.period_ms
+            .store(period.as_millis() as u64, Ordering::Relaxed);
+        self.timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Checks now instead of waiting for the period.
@@ -331,7 +342,11 @@ mod tests {
         assert_eq!(t.state, HealthState::Down);
         assert_eq!(t.on_probe(true, 3, 1), Transition::None);
         assert_eq!(t.on_probe(true, 3, 1), Transition::None);
-        assert_eq!(t.on_probe(false, 3, 1), Transition::None, "the streak broke");
+        assert_eq!(
+            t.on_probe(false, 3, 1),
+            Transition::None,
+            "the streak broke"
+        );
         assert_eq!(t.on_probe(true, 3, 1), Transition::None);
         assert_eq!(t.on_probe(true, 3, 1), Transition::None);
         assert_eq!(t.on_probe(true, 3, 1), Transition::Up);
@@ -347,7 +362,11 @@ mod tests {
         let mut t = Tracker::up();
         t.on_passive_failure(2);
         t.on_probe(true, 2, 2);
-        assert_eq!(t.on_probe(true, 2, 2), Transition::Up, "a false alarm recovers after rise");
+        assert_eq!(
+            t.on_probe(true, 2, 2),
+            Transition::Up,
+            "a false alarm recovers after rise"
+        );
         let mut t = Tracker::up();
         assert_eq!(t.on_passive_failure(1), Transition::Dead);
     }
@@ -359,13 +378,19 @@ mod tests {
         drop(listener);
         let out = probe(&probe_client(), addr, Duration::from_secs(2)).await;
         assert!(!out.ok);
-        assert!(out.error.as_deref().unwrap_or("").contains("onnect"), "{:?}", out.error);
+        assert!(
+            out.error.as_deref().unwrap_or("").contains("onnect"),
+            "{:?}",
+            out.error
+        );
     }
 
     #[tokio::test]
     async fn probing_a_silent_server_times_out() {
         // Accepts connections but never answers: the check must not hang.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let hold = tokio::spawn(async move {
             let mut held = Vec::new();
@@ -375,7 +400,11 @@ mod tests {
         });
         let out = probe(&probe_client(), addr, Duration::from_millis(200)).await;
         assert!(!out.ok);
-        assert!(out.error.as_deref().unwrap_or("").contains("timed out"), "{:?}", out.error);
+        assert!(
+            out.error.as_deref().unwrap_or("").contains("timed out"),
+            "{:?}",
+            out.error
+        );
         hold.abort();
     }
 }

@@ -24,17 +24,17 @@
 //! - [`error`]: the one place internal errors become HTTP responses.
 //! - [`tools`]: `ringgate check`, `ring` and `simulate`.
 
-pub mod config;
-pub mod hashing;
-pub mod provider;
-pub mod ring;
 pub mod admin;
 pub mod app;
-pub mod tools;
+pub mod config;
 pub mod controller;
 pub mod error;
+pub mod hashing;
 pub mod health;
 pub mod metrics;
+pub mod provider;
 pub mod proxy;
+pub mod ring;
 pub mod server;
 pub mod snapshot;
+pub mod tools;

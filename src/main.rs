@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use ringgate::config::{Config, ProviderKind};
 
 #[derive(Parser)]
-#[command(name = "ringgate", version, about = "A load-balancing HTTP gateway on a consistent-hash ring")]
+#[command(
+    name = "ringgate",
+    version,
+    about = "A load-balancing HTTP gateway on a consistent-hash ring"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,15 +76,22 @@ fn main() -> ExitCode {
     init_tracing();
     let default_path = Path::new("conf/lb.toml");
     let result = match cli.command {
-        Command::Serve { config, listen, provider } => load(&config, config == default_path).and_then(|mut c| {
+        Command::Serve {
+            config,
+            listen,
+            provider,
+        } => load(&config, config == default_path).and_then(|mut c| {
             if let Some(l) = listen {
                 c.listen = l;
             }
             if let Some(p) = provider {
                 c.provider.kind = p;
             }
-            let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
-            runtime.block_on(ringgate::app::run(c)).map_err(|e| e.to_string())
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| format!("cannot start the runtime: {e}"))?;
+            runtime
+                .block_on(ringgate::app::run(c))
+                .map_err(|e| e.to_string())
         }),
         Command::Check { config } => load(&config, false).map(|c| {
             println!("{}: OK: {}", config.display(), ringgate::tools::summary(&c));
@@ -89,7 +100,9 @@ fn main() -> ExitCode {
             .and_then(|c| ringgate::tools::ring_report(&c).map_err(|e| e.to_string()))
             .map(|r| print!("{r}")),
         Command::Simulate { config, keys, seed } => load(&config, config == default_path)
-            .and_then(|c| ringgate::tools::simulate_report(&c, keys, seed).map_err(|e| e.to_string()))
+            .and_then(|c| {
+                ringgate::tools::simulate_report(&c, keys, seed).map_err(|e| e.to_string())
+            })
             .map(|r| print!("{r}")),
     };
     match result {

@@ -100,7 +100,10 @@ impl BodySlot {
     }
 
     fn is_untouched(&self) -> bool {
-        self.body.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.body
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 }
 
@@ -108,14 +111,19 @@ impl HttpBody for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Streaming { slot, taken, .. } => {
                 if taken.is_none() {
                     *taken = slot.take();
                 }
-                let Some(body) = taken else { return Poll::Ready(None) };
+                let Some(body) = taken else {
+                    return Poll::Ready(None);
+                };
                 let polled = Pin::new(body).poll_frame(cx);
                 if let Poll::Ready(Some(Err(e))) = &polled {
                     if e.is::<LengthLimitError>() {
@@ -134,7 +142,7 @@ impl HttpBody for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Empty => SizeHint::with_exact(0),
-            ProxyBody::Streaming { hint, .. } => hint.clone(),
+            ProxyBody::Streaming { hint, .. } => *hint,
         }
     }
 }
@@ -164,7 +172,10 @@ impl HttpBody for Tracked {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
     }
 
@@ -185,7 +196,13 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Forwards one request and returns the replica's response, or the gateway's failure response.
@@ -233,10 +250,12 @@ async fn try_forward(
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let mut headers = parts.headers;
-    let original_host = headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let original_host = headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     strip_hop_by_hop(&mut headers);
     set_forwarded(&mut headers, client_addr, original_host);
 
@@ -266,13 +285,14 @@ async fn try_forward(
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers.clone();
         let slot_handle = match req.body() {
-            ProxyBody::Streaming { slot, hint, .. } => Some((slot.clone(), hint.clone())),
+            ProxyBody::Streaming { slot, hint, .. } => Some((slot.clone(), *hint)),
             ProxyBody::Empty => None,
         };
 
         let guard = InFlight::start(&upstream.stats);
         let started = Instant::now();
-        let result = tokio::time::timeout(cfg.proxy.request_timeout, snap.client.request(req)).await;
+        let result =
+            tokio::time::timeout(cfg.proxy.request_timeout, snap.client.request(req)).await;
         match result {
             Ok(Ok(resp)) => {
                 metrics.upstream_latency.observe(started.elapsed());
@@ -288,7 +308,10 @@ async fn try_forward(
             Ok(Err(e)) => {
                 drop(guard);
                 upstream.stats.failures.fetch_add(1, Ordering::Relaxed);
-                if slot_handle.as_ref().is_some_and(|(slot, _)| slot.over_limit.load(Ordering::Relaxed)) {
+                if slot_handle
+                    .as_ref()
+                    .is_some_and(|(slot, _)| slot.over_limit.load(Ordering::Relaxed))
+                {
                     return Err(GatewayError::PayloadTooLarge { limit });
                 }
                 let connect_failed = e.is_connect();
@@ -298,13 +321,23 @@ async fn try_forward(
                 // The body is available again only if no attempt has read from it.
                 let reclaimed = slot_handle.map(|(slot, hint)| {
                     let again = slot.is_untouched();
-                    (again, ProxyBody::Streaming { slot, taken: None, hint })
+                    (
+                        again,
+                        ProxyBody::Streaming {
+                            slot,
+                            taken: None,
+                            hint,
+                        },
+                    )
                 });
                 let (body_unsent, next_body) = match reclaimed {
                     None => (true, ProxyBody::Empty),
                     Some((again, b)) => (again, b),
                 };
-                let retryable = body_unsent && (connect_failed || idempotent || matches!(next_body, ProxyBody::Streaming { .. }));
+                let retryable = body_unsent
+                    && (connect_failed
+                        || idempotent
+                        || matches!(next_body, ProxyBody::Streaming { .. }));
                 let next = retryable
                     .then(|| snap.ring.successors(slot).nth(attempt + 1))
                     .flatten()
@@ -363,10 +396,16 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_dropped_including_connection_named_ones() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("yes"));
         strip_hop_by_hop(&mut h);
@@ -378,7 +417,11 @@ mod tests {
     fn forwarded_headers_append_to_an_existing_chain() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
-        set_forwarded(&mut h, "[::ffff:10.0.0.7]:999".parse().expect("addr"), Some(HeaderValue::from_static("example.com")));
+        set_forwarded(
+            &mut h,
+            "[::ffff:10.0.0.7]:999".parse().expect("addr"),
+            Some(HeaderValue::from_static("example.com")),
+        );
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.com");

@@ -48,7 +48,11 @@ pub enum RingError {
         "the ring is full: {slots} slots hold at most {capacity} servers of {vnodes} virtual nodes; \
          raise ring.slots or lower ring.vnodes"
     )]
-    Full { slots: u32, vnodes: u32, capacity: usize },
+    Full {
+        slots: u32,
+        vnodes: u32,
+        capacity: usize,
+    },
     #[error("server {0} is already on the ring")]
     AlreadyMember(ServerId),
 }
@@ -116,7 +120,11 @@ impl Placement {
 
     /// Places server `id`'s virtual nodes: node `j` at `preferred(j) mod slots`, or, when that slot
     /// is taken, the next free slot clockwise. Nothing already placed moves.
-    pub fn add(&mut self, id: ServerId, mut preferred: impl FnMut(u32) -> u32) -> Result<(), RingError> {
+    pub fn add(
+        &mut self,
+        id: ServerId,
+        mut preferred: impl FnMut(u32) -> u32,
+    ) -> Result<(), RingError> {
         if self.contains(id) {
             return Err(RingError::AlreadyMember(id));
         }
@@ -272,7 +280,11 @@ mod tests {
     }
 
     /// The definition, slot by slot: walk clockwise until a routable virtual node.
-    fn naive_owner(p: &Placement, routable: &dyn Fn(ServerId) -> bool, slot: u32) -> Option<ServerId> {
+    fn naive_owner(
+        p: &Placement,
+        routable: &dyn Fn(ServerId) -> bool,
+        slot: u32,
+    ) -> Option<ServerId> {
         (0..p.slots())
             .map(|k| (slot + k) % p.slots())
             .find_map(|s| p.occupant(s).map(|(o, _)| o).filter(|&o| routable(o)))
@@ -281,8 +293,12 @@ mod tests {
     #[test]
     fn specified_placement_for_three_servers() {
         // Φ(i,j) = i² + j² + 2j + 25: server 1's vnodes prefer 26, 29, 34, 41, 50, 61, 74, 89, 106.
-        let p = Placement::build(512, 9, &[id(1), id(2), id(3)], quadratic(512)).expect("placement");
-        assert_eq!(p.positions(id(1)), vec![26, 29, 34, 41, 50, 61, 74, 89, 106]);
+        let p =
+            Placement::build(512, 9, &[id(1), id(2), id(3)], quadratic(512)).expect("placement");
+        assert_eq!(
+            p.positions(id(1)),
+            vec![26, 29, 34, 41, 50, 61, 74, 89, 106]
+        );
         // Server 2 prefers 29, 32, 37, ...: 29 is taken by server 1, so it probes to 30.
         assert_eq!(p.positions(id(2))[..3], [30, 32, 37]);
         let ring = Ring::build(&p, |_| true);
@@ -298,7 +314,11 @@ mod tests {
         p.add(id(1), |_| 3).expect("add");
         p.add(id(2), |_| 10).expect("add");
         let ring = Ring::build(&p, |_| true);
-        assert_eq!(ring.owner(11), Some(id(1)), "slots after the last vnode wrap to the first");
+        assert_eq!(
+            ring.owner(11),
+            Some(id(1)),
+            "slots after the last vnode wrap to the first"
+        );
         assert_eq!(ring.owner(15), Some(id(1)));
         assert_eq!(ring.owner(0), Some(id(1)));
         assert_eq!(ring.owner(4), Some(id(2)));
@@ -318,8 +338,17 @@ mod tests {
         p.add(id(1), |j| j).expect("add");
         p.add(id(2), |j| j).expect("add");
         let err = p.add(id(3), |j| j).expect_err("full");
-        assert_eq!(err, RingError::Full { slots: 8, vnodes: 3, capacity: 2 });
-        assert!(err.to_string().contains("raise ring.slots or lower ring.vnodes"));
+        assert_eq!(
+            err,
+            RingError::Full {
+                slots: 8,
+                vnodes: 3,
+                capacity: 2
+            }
+        );
+        assert!(err
+            .to_string()
+            .contains("raise ring.slots or lower ring.vnodes"));
         assert_eq!(p.members(), &[id(1), id(2)], "a failed add changes nothing");
         assert_eq!(p.add(id(1), |j| j), Err(RingError::AlreadyMember(id(1))));
     }
@@ -327,8 +356,20 @@ mod tests {
     #[test]
     fn bad_parameters() {
         assert_eq!(Placement::new(0, 1), Err(RingError::NoSlots(0)));
-        assert_eq!(Placement::new(4, 5), Err(RingError::BadVnodes { vnodes: 5, slots: 4 }));
-        assert_eq!(Placement::new(4, 0), Err(RingError::BadVnodes { vnodes: 0, slots: 4 }));
+        assert_eq!(
+            Placement::new(4, 5),
+            Err(RingError::BadVnodes {
+                vnodes: 5,
+                slots: 4
+            })
+        );
+        assert_eq!(
+            Placement::new(4, 0),
+            Err(RingError::BadVnodes {
+                vnodes: 0,
+                slots: 4
+            })
+        );
     }
 
     #[test]
@@ -347,7 +388,8 @@ mod tests {
             (
                 Just(slots),
                 Just(vnodes),
-                proptest::sample::subsequence((1u32..=60).collect::<Vec<_>>(), 0..=cap.min(60)).prop_shuffle(),
+                proptest::sample::subsequence((1u32..=60).collect::<Vec<_>>(), 0..=cap.min(60))
+                    .prop_shuffle(),
                 proptest::collection::vec(any::<bool>(), 60),
             )
         })

@@ -31,7 +31,11 @@ pub struct Gateway {
 
 impl Gateway {
     /// Handles one request: loads the snapshot once and uses it to the end.
-    pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> hyper::Response<crate::error::Body> {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> hyper::Response<crate::error::Body> {
         let snap = self.shared.load_full();
         if crate::admin::is_admin_path(req.uri().path()) {
             crate::admin::handle(self, snap, req, client).await
@@ -43,7 +47,12 @@ impl Gateway {
 
 /// Serves connections from `listener` until `shutdown` completes, then stops accepting and gives
 /// open connections up to `drain_timeout` to finish their requests.
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: impl Future<Output = ()>, drain_timeout: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) {
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -73,7 +82,9 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: impl Futur
             let gw = gw.clone();
             async move { Ok::<_, Infallible>(gw.handle(req, client).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -83,7 +94,10 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: impl Futur
     }
     drop(listener);
     tracing::info!("stopped accepting; draining open connections");
-    if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(timeout = ?drain_timeout, "drain timed out; closing the remaining connections");
     }
 }

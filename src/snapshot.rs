@@ -81,7 +81,9 @@ impl Snapshot {
 
     #[inline]
     pub fn upstream(&self, id: ServerId) -> Option<&Arc<Upstream>> {
-        self.upstreams.get(id.get() as usize).and_then(Option::as_ref)
+        self.upstreams
+            .get(id.get() as usize)
+            .and_then(Option::as_ref)
     }
 }
 

@@ -20,16 +20,26 @@ pub fn initial_members(config: &Config) -> Vec<(ServerId, String)> {
             .collect()
     } else {
         (1..=config.replicas.count)
-            .filter_map(|n| Some((ServerId::new(n)?, format!("{}{n}", config.replicas.name_prefix))))
+            .filter_map(|n| {
+                Some((
+                    ServerId::new(n)?,
+                    format!("{}{n}", config.replicas.name_prefix),
+                ))
+            })
             .collect()
     }
 }
 
 /// The placement and owner table a config builds with all its members up.
-pub fn build_ring(config: &Config, members: &[(ServerId, String)]) -> Result<(Placement, Ring), RingError> {
+pub fn build_ring(
+    config: &Config,
+    members: &[(ServerId, String)],
+) -> Result<(Placement, Ring), RingError> {
     let (f, slots) = (config.ring.vnode_hash, config.ring.slots);
     let ids: Vec<ServerId> = members.iter().map(|(id, _)| *id).collect();
-    let placement = Placement::build(slots, config.ring.vnodes, &ids, |i, j| f.vnode_slot(u64::from(i.get()), j, slots))?;
+    let placement = Placement::build(slots, config.ring.vnodes, &ids, |i, j| {
+        f.vnode_slot(u64::from(i.get()), j, slots)
+    })?;
     let ring = Ring::build(&placement, |_| true);
     Ok((placement, ring))
 }
@@ -51,7 +61,11 @@ pub fn summary(config: &Config) -> String {
 }
 
 fn name_of(members: &[(ServerId, String)], id: ServerId) -> &str {
-    members.iter().find(|(i, _)| *i == id).map(|(_, n)| n.as_str()).unwrap_or("?")
+    members
+        .iter()
+        .find(|(i, _)| *i == id)
+        .map(|(_, n)| n.as_str())
+        .unwrap_or("?")
 }
 
 /// `ringgate ring`: each server's virtual-node slots and the share of the ring it owns.
@@ -69,9 +83,17 @@ pub fn ring_report(config: &Config) -> Result<String, RingError> {
     }
     let mut out = String::new();
     let _ = writeln!(out, "{}", summary(config));
-    let _ = writeln!(out, "{:<4} {:<16} {:>7} {:>8}  virtual-node slots", "id", "server", "slots", "share");
+    let _ = writeln!(
+        out,
+        "{:<4} {:<16} {:>7} {:>8}  virtual-node slots",
+        "id", "server", "slots", "share"
+    );
     for (i, (id, name)) in members.iter().enumerate() {
-        let pos: Vec<String> = placement.positions(*id).iter().map(u32::to_string).collect();
+        let pos: Vec<String> = placement
+            .positions(*id)
+            .iter()
+            .map(u32::to_string)
+            .collect();
         let _ = writeln!(
             out,
             "{:<4} {:<16} {:>7} {:>7.2}%  {}",
@@ -93,7 +115,10 @@ pub fn simulate(config: &Config, keys: u64, seed: u64) -> Result<Vec<(String, u6
     let mut rng = fastrand::Rng::with_seed(seed);
     for _ in 0..keys {
         let key = rng.u64(100_000..=999_999);
-        let slot = config.ring.request_hash.request_slot(key, config.ring.slots);
+        let slot = config
+            .ring
+            .request_hash
+            .request_slot(key, config.ring.slots);
         if let Some(owner) = ring.owner(slot) {
             if let Some(i) = members.iter().position(|(id, _)| *id == owner) {
                 counts[i] += 1;
@@ -111,7 +136,11 @@ pub fn simulate_report(config: &Config, keys: u64, seed: u64) -> Result<String, 
     let _ = writeln!(out, "{keys} random 6-digit keys (seed {seed})");
     let _ = writeln!(out, "{:<16} {:>9} {:>8}", "server", "requests", "share");
     for (name, c) in &counts {
-        let share = if keys > 0 { 100.0 * *c as f64 / keys as f64 } else { 0.0 };
+        let share = if keys > 0 {
+            100.0 * *c as f64 / keys as f64
+        } else {
+            0.0
+        };
         let bar = "#".repeat((share / 2.0).round() as usize);
         let _ = writeln!(out, "{name:<16} {c:>9} {share:>7.2}%  {bar}");
     }
@@ -119,12 +148,20 @@ pub fn simulate_report(config: &Config, keys: u64, seed: u64) -> Result<String, 
         let n = counts.len() as f64;
         let mean = keys as f64 / n;
         let max = counts.iter().map(|(_, c)| *c).max().unwrap_or(0) as f64;
-        let var = counts.iter().map(|(_, c)| (*c as f64 - mean).powi(2)).sum::<f64>() / n;
+        let var = counts
+            .iter()
+            .map(|(_, c)| (*c as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
         let _ = writeln!(
             out,
             "mean {mean:.1}, std dev {:.1} ({:.1}% of mean), max/mean {:.2}",
             var.sqrt(),
-            if mean > 0.0 { 100.0 * var.sqrt() / mean } else { 0.0 },
+            if mean > 0.0 {
+                100.0 * var.sqrt() / mean
+            } else {
+                0.0
+            },
             if mean > 0.0 { max / mean } else { 0.0 }
         );
     }
@@ -148,7 +185,11 @@ mod tests {
         let counts = simulate(&c, 10_000, 1).expect("ring");
         assert_eq!(counts.len(), 3);
         assert_eq!(counts.iter().map(|(_, n)| n).sum::<u64>(), 10_000);
-        assert_eq!(counts, simulate(&c, 10_000, 1).expect("ring"), "deterministic for a seed");
+        assert_eq!(
+            counts,
+            simulate(&c, 10_000, 1).expect("ring"),
+            "deterministic for a seed"
+        );
     }
 
     #[test]
@@ -157,6 +198,9 @@ mod tests {
         for name in ["server-1", "server-2", "server-3"] {
             assert!(r.contains(name), "{r}");
         }
-        assert!(r.contains("26 29 34 41 50 61 74 89 106"), "server 1's specified Φ positions: {r}");
+        assert!(
+            r.contains("26 29 34 41 50 61 74 89 106"),
+            "server 1's specified Φ positions: {r}"
+        );
     }
 }

@@ -27,9 +27,17 @@ async fn rep_add_rm_happy_path_and_home() {
     let (code, body) = get(&gw.url("/home")).await;
     assert_eq!(code, 200, "{body}");
     let who = server_of(&body).expect("a /home answer");
-    assert!(["server-1", "server-2", "server-3"].contains(&who.as_str()), "{who}");
+    assert!(
+        ["server-1", "server-2", "server-3"].contains(&who.as_str()),
+        "{who}"
+    );
 
-    let (code, body) = call("POST", &gw.url("/add"), r#"{"n": 2, "hostnames": ["S5", "S6"]}"#).await;
+    let (code, body) = call(
+        "POST",
+        &gw.url("/add"),
+        r#"{"n": 2, "hostnames": ["S5", "S6"]}"#,
+    )
+    .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(json(&body)["message"]["N"], 5);
     assert_eq!(
@@ -43,14 +51,22 @@ async fn rep_add_rm_happy_path_and_home() {
         assert_eq!(code, 200, "{body}");
         seen.insert(server_of(&body).expect("answer"));
     }
-    assert!(seen.contains("S5") && seen.contains("S6"), "new replicas never answered: {seen:?}");
+    assert!(
+        seen.contains("S5") && seen.contains("S6"),
+        "new replicas never answered: {seen:?}"
+    );
 
     // Generated names fill in when hostnames is shorter than n.
     let (code, body) = call("POST", &gw.url("/add"), r#"{"n": 2, "hostnames": ["S7"]}"#).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(json(&body)["message"]["N"], 7);
     let names = gw.replica_names().await;
-    assert!(names.contains(&"S7".to_string()) && names.iter().any(|n| n.starts_with("server-") && !["server-1", "server-2", "server-3"].contains(&n.as_str())), "{names:?}");
+    assert!(
+        names.contains(&"S7".to_string())
+            && names.iter().any(|n| n.starts_with("server-")
+                && !["server-1", "server-2", "server-3"].contains(&n.as_str())),
+        "{names:?}"
+    );
 
     let (code, body) = call("DELETE", &gw.url("/rm"), r#"{"n": 1, "hostnames": ["S5"]}"#).await;
     assert_eq!(code, 200, "{body}");
@@ -60,8 +76,15 @@ async fn rep_add_rm_happy_path_and_home() {
     // The gateway picks the rest: the most recently added go first.
     let (code, body) = call("DELETE", &gw.url("/rm"), r#"{"n": 3, "hostnames": ["S6"]}"#).await;
     assert_eq!(code, 200, "{body}");
-    assert_eq!(gw.replica_names().await, vec!["server-1", "server-2", "server-3"]);
-    assert_eq!(gw.replica_pids().await.len(), 3, "removed replicas' processes are gone from status");
+    assert_eq!(
+        gw.replica_names().await,
+        vec!["server-1", "server-2", "server-3"]
+    );
+    assert_eq!(
+        gw.replica_pids().await.len(),
+        3,
+        "removed replicas' processes are gone from status"
+    );
 }
 
 /// Every error rule of the contract: status, message, and nothing changed afterwards.
@@ -80,19 +103,85 @@ async fn every_error_rule_answers_and_changes_nothing() {
         ("POST", "/add", r#"{"n": 0}"#, 400, "positive integer"),
         ("POST", "/add", r#"{"n": -3}"#, 400, "positive integer"),
         ("POST", "/add", r#"{"n": 1.5}"#, 400, "positive integer"),
-        ("POST", "/add", r#"{"n": 1, "hostnames": "S5"}"#, 400, "list of strings"),
-        ("POST", "/add", r#"{"n": 1, "hostnames": ["S5", 7]}"#, 400, "list of strings"),
-        ("POST", "/add", r#"{"n": 1, "hostnames": ["S5", "S6"]}"#, 400, "Length of hostname list is more than newly added instances"),
-        ("POST", "/add", r#"{"n": 1, "hostnames": ["bad name"]}"#, 400, "not a valid container name"),
-        ("POST", "/add", r#"{"n": 1, "hostnames": ["-x"]}"#, 400, "not a valid container name"),
-        ("POST", "/add", r#"{"n": 2, "hostnames": ["S7", "S7"]}"#, 400, "appears more than once"),
-        ("POST", "/add", r#"{"n": 1, "hostnames": ["server-2"]}"#, 400, "already in use"),
+        (
+            "POST",
+            "/add",
+            r#"{"n": 1, "hostnames": "S5"}"#,
+            400,
+            "list of strings",
+        ),
+        (
+            "POST",
+            "/add",
+            r#"{"n": 1, "hostnames": ["S5", 7]}"#,
+            400,
+            "list of strings",
+        ),
+        (
+            "POST",
+            "/add",
+            r#"{"n": 1, "hostnames": ["S5", "S6"]}"#,
+            400,
+            "Length of hostname list is more than newly added instances",
+        ),
+        (
+            "POST",
+            "/add",
+            r#"{"n": 1, "hostnames": ["bad name"]}"#,
+            400,
+            "not a valid container name",
+        ),
+        (
+            "POST",
+            "/add",
+            r#"{"n": 1, "hostnames": ["-x"]}"#,
+            400,
+            "not a valid container name",
+        ),
+        (
+            "POST",
+            "/add",
+            r#"{"n": 2, "hostnames": ["S7", "S7"]}"#,
+            400,
+            "appears more than once",
+        ),
+        (
+            "POST",
+            "/add",
+            r#"{"n": 1, "hostnames": ["server-2"]}"#,
+            400,
+            "already in use",
+        ),
         ("POST", "/add", r#"{"n": 6}"#, 400, "max_replicas"),
-        ("POST", "/add", r#"{"n": 1, "hostname": ["S5"]}"#, 400, "Unknown field 'hostname'"),
+        (
+            "POST",
+            "/add",
+            r#"{"n": 1, "hostname": ["S5"]}"#,
+            400,
+            "Unknown field 'hostname'",
+        ),
         ("DELETE", "/rm", "{", 400, "not valid JSON"),
-        ("DELETE", "/rm", r#"{"n": 1, "hostnames": ["server-1", "server-2"]}"#, 400, "Length of hostname list is more than removable instances"),
-        ("DELETE", "/rm", r#"{"n": 1, "hostnames": ["S9"]}"#, 400, "Hostname 'S9' does not exist"),
-        ("DELETE", "/rm", r#"{"n": 2, "hostnames": ["server-1", "server-1"]}"#, 400, "appears more than once"),
+        (
+            "DELETE",
+            "/rm",
+            r#"{"n": 1, "hostnames": ["server-1", "server-2"]}"#,
+            400,
+            "Length of hostname list is more than removable instances",
+        ),
+        (
+            "DELETE",
+            "/rm",
+            r#"{"n": 1, "hostnames": ["S9"]}"#,
+            400,
+            "Hostname 'S9' does not exist",
+        ),
+        (
+            "DELETE",
+            "/rm",
+            r#"{"n": 2, "hostnames": ["server-1", "server-1"]}"#,
+            400,
+            "appears more than once",
+        ),
         ("DELETE", "/rm", r#"{"n": 4}"#, 400, "only 3 exist"),
         ("DELETE", "/rm", r#"{"n": 0}"#, 400, "positive integer"),
         ("GET", "/add", "", 405, "not allowed"),
@@ -108,10 +197,21 @@ async fn every_error_rule_answers_and_changes_nothing() {
         assert_eq!(v["status"], "failure", "{method} {path} {body}: {text}");
         let msg = v["message"].as_str().unwrap_or_default();
         assert!(msg.starts_with("<Error> "), "{method} {path} {body}: {msg}");
-        assert!(msg.contains(needle), "{method} {path} {body}: expected {needle:?} in {msg:?}");
-        assert_eq!(gw.replica_names().await, before, "{method} {path} {body} changed the replicas");
+        assert!(
+            msg.contains(needle),
+            "{method} {path} {body}: expected {needle:?} in {msg:?}"
+        );
+        assert_eq!(
+            gw.replica_names().await,
+            before,
+            "{method} {path} {body} changed the replicas"
+        );
     }
-    assert_eq!(gw.replica_pids().await, pids_before, "no replica was started or stopped");
+    assert_eq!(
+        gw.replica_pids().await,
+        pids_before,
+        "no replica was started or stopped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,7 +222,11 @@ async fn same_id_goes_to_the_same_server_and_backend_errors_pass_through() {
         let first = server_of(&first).expect("answer");
         for _ in 0..3 {
             let (_, again) = get(&gw.url(&format!("/home?id={id}"))).await;
-            assert_eq!(server_of(&again).as_deref(), Some(first.as_str()), "id {id}");
+            assert_eq!(
+                server_of(&again).as_deref(),
+                Some(first.as_str()),
+                "id {id}"
+            );
         }
     }
     // A backend 404 comes back as it is.
@@ -137,7 +241,9 @@ async fn same_id_goes_to_the_same_server_and_backend_errors_pass_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_headers_and_hop_by_hop() {
     // A replica that echoes what it received, behind the static provider.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let echo_addr = listener.local_addr().expect("addr");
     let echo = tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -151,7 +257,11 @@ async fn forwarded_headers_and_hop_by_hop() {
                     }
                 }
                 let head = String::from_utf8_lossy(&got).to_lowercase();
-                let status = if head.starts_with("get /heartbeat") { "" } else { &head };
+                let status = if head.starts_with("get /heartbeat") {
+                    ""
+                } else {
+                    &head
+                };
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\nx-hop: 1\r\n\r\n{}",
                     status.len(),
@@ -171,27 +281,48 @@ async fn forwarded_headers_and_hop_by_hop() {
         "GET",
         &gw.url("/x?id=1"),
         "",
-        &[("x-forwarded-for", "203.0.113.9"), ("connection", "x-hop"), ("x-hop", "secret"), ("host", "example.test")],
+        &[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("connection", "x-hop"),
+            ("x-hop", "secret"),
+            ("host", "example.test"),
+        ],
     )
     .await;
     assert_eq!(code, 200, "{body}");
-    assert!(body.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1"), "{body}");
+    assert!(
+        body.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1"),
+        "{body}"
+    );
     assert!(body.contains("x-forwarded-proto: http"), "{body}");
     assert!(body.contains("x-forwarded-host: example.test"), "{body}");
-    assert!(!body.contains("x-hop"), "hop-by-hop header forwarded: {body}");
+    assert!(
+        !body.contains("x-hop"),
+        "hop-by-hop header forwarded: {body}"
+    );
     echo.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_socket_does_not_hurt() {
     let gw = Gateway::start(&three());
-    for garbage in [&b"\x00\x01\x02garbage\r\n\r\n"[..], b"GET / HTTP/9.9\r\n\r\n", b"GET /home?id=1 HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n", &[0xffu8; 70_000][..]] {
-        let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+    for garbage in [
+        &b"\x00\x01\x02garbage\r\n\r\n"[..],
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET /home?id=1 HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        &[0xffu8; 70_000][..],
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
         let _ = s.write_all(garbage).await;
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
         let text = String::from_utf8_lossy(&out);
-        assert!(text.is_empty() || text.starts_with("HTTP/1.1 4"), "unexpected answer to garbage: {text}");
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 4"),
+            "unexpected answer to garbage: {text}"
+        );
     }
     // A client that connects and says nothing is cut off by header_read_timeout, and the
     // gateway still serves.
@@ -210,7 +341,9 @@ async fn bodies_stream_through_and_max_body_is_enforced() {
     drop(gw);
 
     // A replica that reads whole bodies before answering, so the limit is what stops the upload.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let backend = tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -218,13 +351,17 @@ async fn bodies_stream_through_and_max_body_is_enforced() {
                 let mut buf = vec![0u8; 65536];
                 let n = s.read(&mut buf).await.unwrap_or(0);
                 if !buf[..n].starts_with(b"GET /heartbeat") {
-                    while let Ok(Ok(k)) = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+                    while let Ok(Ok(k)) =
+                        tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await
+                    {
                         if k == 0 {
                             break;
                         }
                     }
                 }
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
             });
         }
     });
@@ -236,18 +373,30 @@ async fn bodies_stream_through_and_max_body_is_enforced() {
     });
     let (code, body) = call("POST", &gw.url("/home?id=3"), &big).await;
     assert_eq!(code, 413, "{body}");
-    assert!(json(&body)["message"].as_str().unwrap_or("").contains("proxy.max_body"), "{body}");
+    assert!(
+        json(&body)["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("proxy.max_body"),
+        "{body}"
+    );
     // Chunked (no Content-Length) bodies are cut off at the limit too.
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
     let chunk = "y".repeat(64 * 1024);
-    let mut req = String::from("POST /home?id=3 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let mut req =
+        String::from("POST /home?id=3 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
     for _ in 0..40 {
         req.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
     }
     req.push_str("0\r\n\r\n");
     let _ = s.write_all(req.as_bytes()).await;
     let mut out = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut out)).await.expect("answer").unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut out))
+        .await
+        .expect("answer")
+        .unwrap_or(0);
     let text = String::from_utf8_lossy(&out[..n]);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     // A body under the limit gets through.
@@ -276,10 +425,24 @@ async fn admin_calls_are_guarded() {
     let c = client();
     let (code, body) = call_with(&c, "POST", &gw.url("/add"), r#"{"n": 1}"#, &[]).await;
     assert_eq!(code, 401, "{body}");
-    let (code, _) = call_with(&c, "POST", &gw.url("/add"), r#"{"n": 1}"#, &[("authorization", "Bearer wrong")]).await;
+    let (code, _) = call_with(
+        &c,
+        "POST",
+        &gw.url("/add"),
+        r#"{"n": 1}"#,
+        &[("authorization", "Bearer wrong")],
+    )
+    .await;
     assert_eq!(code, 401);
     assert_eq!(gw.replica_names().await.len(), 3);
-    let (code, body) = call_with(&c, "POST", &gw.url("/add"), r#"{"n": 1}"#, &[("authorization", "Bearer s3cret")]).await;
+    let (code, body) = call_with(
+        &c,
+        "POST",
+        &gw.url("/add"),
+        r#"{"n": 1}"#,
+        &[("authorization", "Bearer s3cret")],
+    )
+    .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(json(&body)["message"]["N"], 4);
 }
@@ -288,7 +451,10 @@ async fn admin_calls_are_guarded() {
 async fn no_replica_is_503_and_lb_endpoints_answer() {
     let gw = Gateway::start(&three());
     let (code, body) = get(&gw.url("/lb/health")).await;
-    assert_eq!((code, json(&body)["status"].as_str()), (200, Some("successful")));
+    assert_eq!(
+        (code, json(&body)["status"].as_str()),
+        (200, Some("successful"))
+    );
     let status = gw.status().await;
     assert_eq!(status["ring"]["slots"], 512);
     assert_eq!(status["ring"]["vnodes"], 9);
@@ -297,12 +463,19 @@ async fn no_replica_is_503_and_lb_endpoints_answer() {
     assert_eq!(replicas.len(), 3);
     for r in replicas {
         assert_eq!(r["state"], "up");
-        assert!(r["address"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")));
+        assert!(r["address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")));
         assert_eq!(r["slots"].as_array().map(Vec::len), Some(9));
     }
     get(&gw.url("/home?id=1")).await;
     let status = gw.status().await;
-    let served: u64 = status["replicas"].as_array().expect("replicas").iter().filter_map(|r| r["requests"].as_u64()).sum();
+    let served: u64 = status["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .filter_map(|r| r["requests"].as_u64())
+        .sum();
     assert_eq!(served, 1);
     let (code, metrics) = get(&gw.url("/lb/metrics")).await;
     assert_eq!(code, 200);
@@ -311,7 +484,10 @@ async fn no_replica_is_503_and_lb_endpoints_answer() {
 
     let (code, body) = call("DELETE", &gw.url("/rm"), r#"{"n": 3}"#).await;
     assert_eq!(code, 200, "{body}");
-    assert_eq!(json(&body)["message"], serde_json::json!({"N": 0, "replicas": []}));
+    assert_eq!(
+        json(&body)["message"],
+        serde_json::json!({"N": 0, "replicas": []})
+    );
     let (code, body) = get(&gw.url("/home?id=1")).await;
     assert_eq!(code, 503, "{body}");
     assert_eq!(json(&body)["status"], "failure");
@@ -320,7 +496,9 @@ async fn no_replica_is_503_and_lb_endpoints_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_timeouts_and_unreachable_replicas() {
     // A replica that accepts and never answers: 504 after proxy.request_timeout.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let silent_addr = silent.local_addr().expect("addr");
     let hold = tokio::spawn(async move {
         let mut held = Vec::new();
@@ -342,7 +520,9 @@ async fn upstream_timeouts_and_unreachable_replicas() {
     drop(gw);
 
     // A replica that answers its checks but hangs on /home: 504.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -350,7 +530,11 @@ async fn upstream_timeouts_and_unreachable_replicas() {
                 let mut buf = vec![0u8; 4096];
                 let n = s.read(&mut buf).await.unwrap_or(0);
                 if buf[..n].starts_with(b"GET /heartbeat") {
-                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
                 } else {
                     tokio::time::sleep(Duration::from_secs(30)).await;
                 }
@@ -383,7 +567,8 @@ async fn add_and_rm_race_with_live_traffic_without_a_failed_request() {
             let mut i = w;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok < 20_000 {
                 i += 8;
-                let (code, body) = call_with(&c, "GET", &format!("{url}/home?id={}", i % 1000), "", &[]).await;
+                let (code, body) =
+                    call_with(&c, "GET", &format!("{url}/home?id={}", i % 1000), "", &[]).await;
                 if code == 200 {
                     ok += 1;
                 } else {
@@ -399,8 +584,17 @@ async fn add_and_rm_race_with_live_traffic_without_a_failed_request() {
         assert_eq!(code, 200, "{body}");
         tokio::time::sleep(Duration::from_millis(150)).await;
         // Remove one new replica and one that has been serving (from before this round).
-        let old = if round == 0 { "server-3".to_string() } else { format!("R{}b", round - 1) };
-        let (code, body) = call("DELETE", &gw.url("/rm"), &format!(r#"{{"n": 2, "hostnames": ["R{round}a", "{old}"]}}"#)).await;
+        let old = if round == 0 {
+            "server-3".to_string()
+        } else {
+            format!("R{}b", round - 1)
+        };
+        let (code, body) = call(
+            "DELETE",
+            &gw.url("/rm"),
+            &format!(r#"{{"n": 2, "hostnames": ["R{round}a", "{old}"]}}"#),
+        )
+        .await;
         assert_eq!(code, 200, "{body}");
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
@@ -408,7 +602,11 @@ async fn add_and_rm_race_with_live_traffic_without_a_failed_request() {
     let mut total = 0;
     for w in workers {
         let (ok, failed) = w.await.expect("worker");
-        assert!(failed.is_empty(), "failed requests during /add and /rm: {failed:?}\nlog:\n{}", gw.log());
+        assert!(
+            failed.is_empty(),
+            "failed requests during /add and /rm: {failed:?}\nlog:\n{}",
+            gw.log()
+        );
         total += ok;
     }
     assert!(total > 100, "too little traffic to mean anything: {total}");
@@ -422,8 +620,14 @@ async fn shutdown_leaves_no_replica_process_even_after_sigkill() {
         assert_eq!(pids.len(), 3);
         assert!(pids.iter().all(|&p| process_alive(p)));
         gw.signal(sig);
-        assert!(gw.wait_exit(Duration::from_secs(20)), "gateway did not exit on SIG{sig}");
+        assert!(
+            gw.wait_exit(Duration::from_secs(20)),
+            "gateway did not exit on SIG{sig}"
+        );
         let left = wait_dead(&pids, Duration::from_secs(10));
-        assert!(left.is_empty(), "replica processes left after SIG{sig}: {left:?}");
+        assert!(
+            left.is_empty(),
+            "replica processes left after SIG{sig}: {left:?}"
+        );
     }
 }

@@ -57,11 +57,17 @@ pub enum ProviderError {
     #[error("replica {hostname} failed to start: {reason}")]
     Spawn { hostname: String, reason: String },
     #[error("the {provider} provider cannot start replicas: {hint}")]
-    CannotSpawn { provider: &'static str, hint: &'static str },
+    CannotSpawn {
+        provider: &'static str,
+        hint: &'static str,
+    },
     #[error("replica {hostname} could not be removed: {reason}")]
     Remove { hostname: String, reason: String },
     #[error("the {provider} provider cannot list replicas: {reason}")]
-    List { provider: &'static str, reason: String },
+    List {
+        provider: &'static str,
+        reason: String,
+    },
     #[error("{0}")]
     Setup(String),
 }

@@ -94,15 +94,25 @@ impl ProcessProvider {
             .spawn()
             .map_err(|e| fail(format!("cannot run {}: {e}", self.binary.display())))?;
         let pid = child.id().map(|p| p.to_string()).unwrap_or_default();
-        let stdout = child.stdout.take().ok_or_else(|| fail("no stdout pipe".into()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| fail("no stdout pipe".into()))?;
         let stdin = child.stdin.take();
         let mut lines = BufReader::new(stdout).lines();
         let first = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
         let addr = match first {
-            Ok(Ok(Some(line))) => parse_listening(&line)
-                .ok_or_else(|| fail(format!("unexpected first line from ringgate-server: {line:?}")))?,
+            Ok(Ok(Some(line))) => parse_listening(&line).ok_or_else(|| {
+                fail(format!(
+                    "unexpected first line from ringgate-server: {line:?}"
+                ))
+            })?,
             Ok(Ok(None)) => {
-                let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+                let status = child
+                    .wait()
+                    .await
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
                 return Err(fail(format!("it exited before listening ({status})")));
             }
             Ok(Err(e)) => return Err(fail(format!("cannot read its output: {e}"))),
@@ -141,13 +151,18 @@ impl ProcessProvider {
     async fn stop(&self, hostname: &str) {
         let (stdin, exited, kill) = {
             let mut children = self.children();
-            let Some(r) = children.get_mut(hostname) else { return };
+            let Some(r) = children.get_mut(hostname) else {
+                return;
+            };
             (r.stdin.take(), r.exited.take(), r.kill.take())
         };
         drop(stdin);
         if let Some(exited) = exited {
             if tokio::time::timeout(STOP_TIMEOUT, exited).await.is_err() {
-                tracing::warn!(replica = hostname, "replica did not exit after its stdin closed; killing it");
+                tracing::warn!(
+                    replica = hostname,
+                    "replica did not exit after its stdin closed; killing it"
+                );
                 if let Some(kill) = kill {
                     let _ = kill.send(());
                 }
@@ -186,7 +201,10 @@ async fn watch_child(
         let mut map = children.lock().unwrap_or_else(|p| p.into_inner());
         // Died on its own (`stop` has not taken its exit signal): forget it so a replacement
         // can take the name.
-        if map.get(&hostname).is_some_and(|r| r.pid == pid && r.exited.is_some()) {
+        if map
+            .get(&hostname)
+            .is_some_and(|r| r.pid == pid && r.exited.is_some())
+        {
             map.remove(&hostname);
         }
     }
@@ -201,7 +219,10 @@ async fn watch_child(
 }
 
 fn parse_listening(line: &str) -> Option<SocketAddr> {
-    line.trim().strip_prefix("listening on http://")?.parse().ok()
+    line.trim()
+        .strip_prefix("listening on http://")?
+        .parse()
+        .ok()
 }
 
 impl Provider for ProcessProvider {
@@ -253,7 +274,8 @@ mod tests {
 
     #[test]
     fn missing_binary_is_a_clear_error() {
-        let e = server_binary(Some(Path::new("/nonexistent/ringgate-server"))).expect_err("missing");
+        let e =
+            server_binary(Some(Path::new("/nonexistent/ringgate-server"))).expect_err("missing");
         assert!(e.to_string().contains("provider.server_binary"), "{e}");
     }
 }

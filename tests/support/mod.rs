@@ -79,9 +79,18 @@ impl Gateway {
         let config_path = dir.path().join("lb.toml");
         let mut toml = toml.to_owned();
         if !toml.contains("[policy]") {
-            toml.push_str(&format!("[policy]\ndir = \"{}\"\n", dir.path().join("policies").display()));
+            toml.push_str(&format!(
+                "[policy]\ndir = \"{}\"\n",
+                dir.path().join("policies").display()
+            ));
         } else {
-            toml = toml.replace("[policy]\n", &format!("[policy]\ndir = \"{}\"\n", dir.path().join("policies").display()));
+            toml = toml.replace(
+                "[policy]\n",
+                &format!(
+                    "[policy]\ndir = \"{}\"\n",
+                    dir.path().join("policies").display()
+                ),
+            );
         }
         std::fs::create_dir_all(dir.path().join("policies")).expect("policy dir");
         std::fs::write(&config_path, &toml).expect("write config");
@@ -127,7 +136,11 @@ impl Gateway {
             log,
         };
         let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
-        match line.trim().strip_prefix("listening on http://").and_then(|a| a.parse().ok()) {
+        match line
+            .trim()
+            .strip_prefix("listening on http://")
+            .and_then(|a| a.parse().ok())
+        {
             Some(addr) => gw.addr = addr,
             None => panic!("gateway did not start: stdout {line:?}\nlog:\n{}", gw.log()),
         }
@@ -174,7 +187,11 @@ impl Gateway {
         let (_, body) = get(&self.url("/rep")).await;
         json(&body)["message"]["replicas"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -182,12 +199,21 @@ impl Gateway {
     pub async fn replica_pids(&self) -> Vec<u32> {
         self.status().await["replicas"]
             .as_array()
-            .map(|a| a.iter().filter_map(|r| r["instance"].as_str()?.parse().ok()).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r["instance"].as_str()?.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// Polls `/lb/status` until `pred` holds, or panics after `timeout` with the last status.
-    pub async fn wait_status(&self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_status(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             let s = self.status().await;
@@ -195,7 +221,10 @@ impl Gateway {
                 return s;
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; last status: {s:#}\nlog:\n{}", self.log());
+                panic!(
+                    "timed out waiting for {what}; last status: {s:#}\nlog:\n{}",
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -251,18 +280,31 @@ pub fn client() -> TestClient {
 
 /// One request; returns status and body text. Panics only if the request cannot be made at all
 /// within 30 s (a hung gateway).
-pub async fn call_with(client: &TestClient, method: &str, url: &str, body: &str, headers: &[(&str, &str)]) -> (u16, String) {
+pub async fn call_with(
+    client: &TestClient,
+    method: &str,
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let mut req = http::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(Bytes::from(body.to_owned()))).expect("request");
+    let req = req
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request");
     let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
         .await
         .unwrap_or_else(|_| panic!("{method} {url} hung"))
         .unwrap_or_else(|e| panic!("{method} {url} failed: {e:?}"));
     let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
