@@ -7,7 +7,7 @@
 #
 # Nothing here pulls from a registry: both images are FROM scratch around static binaries.
 # Everything ringgate creates carries the label ringgate.managed=true; `clean` removes exactly
-# that (containers, networks) plus the two images, and nothing else.
+# that (containers, networks) plus our images (labelled ringgate.image), and nothing else.
 
 RG_TRIPLE        ?= x86_64-unknown-linux-gnu
 RG_STATIC_TARGET ?= target/static
@@ -41,6 +41,8 @@ images: static docker-check
 	@mkdir -p policies
 	docker build -f docker/ringgate-server.Dockerfile -t $(RG_SERVER_IMAGE) .
 	docker build -f docker/ringgate.Dockerfile -t $(RG_IMAGE) .
+	@# Earlier builds of ours that these replaced, now untagged.
+	@docker image prune -f --filter label=ringgate.image >/dev/null
 	@docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E '^ringgate(-server)?:' || true
 
 # The replica network is created here (labelled as ours) because docker-compose.yml declares it
@@ -95,7 +97,9 @@ docker-clean:
 	if [ -n "$$nets" ]; then echo "removing networks: $$(docker network ls --format '{{.Name}}' --filter label=ringgate.managed=true | tr '\n' ' ')"; docker network rm $$nets >/dev/null; fi; \
 	for img in $(RG_IMAGE) $(RG_SERVER_IMAGE); do \
 	  if docker image inspect $$img >/dev/null 2>&1; then echo "removing image $$img"; docker image rm $$img >/dev/null; fi; \
-	done
+	done; \
+	old=$$(docker images -q --filter label=ringgate.image); \
+	if [ -n "$$old" ]; then echo "removing older builds of our images"; docker image rm -f $$old >/dev/null; fi
 
 stop: docker-stop
 clean: docker-clean

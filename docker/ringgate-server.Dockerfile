@@ -10,6 +10,8 @@ ENV SERVER_ID=unknown PORT=5000
 EXPOSE 5000
 # ringgate-server exits cleanly on SIGTERM, which matters as PID 1.
 STOPSIGNAL SIGTERM
-LABEL org.opencontainers.image.title="ringgate-server" \
+# ringgate.image marks images built here, so `make clean` finds old untagged builds too.
+LABEL ringgate.image="ringgate-server" \
+      org.opencontainers.image.title="ringgate-server" \
       org.opencontainers.image.description="ringgate demo backend replica: GET /home, GET /heartbeat"
 ENTRYPOINT ["/ringgate-server"]

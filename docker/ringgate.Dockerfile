@@ -15,6 +15,8 @@ COPY conf/lb.toml /app/conf/lb.toml
 COPY policies/ /app/policies/
 EXPOSE 5000
 STOPSIGNAL SIGTERM
-LABEL org.opencontainers.image.title="ringgate" \
+# ringgate.image marks images built here, so `make clean` finds old untagged builds too.
+LABEL ringgate.image="ringgate" \
+      org.opencontainers.image.title="ringgate" \
       org.opencontainers.image.description="ringgate load-balancing gateway"
 ENTRYPOINT ["/ringgate", "serve", "--config", "/app/conf/lb.toml"]

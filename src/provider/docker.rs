@@ -558,7 +558,7 @@ impl DockerProvider {
             };
             match self.adopt_one(&cid).await {
                 Ok(ip) => {
-                    tracing::info!(replica = %name, %id, container = %short(&cid), %ip, "adopted a running replica container");
+                    tracing::debug!(replica = %name, %id, container = %short(&cid), %ip, "adopted a running replica container");
                     out.push(Instance {
                         id,
                         hostname: name,
