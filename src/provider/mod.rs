@@ -106,7 +106,9 @@ pub async fn from_config(
     events: mpsc::Sender<ProviderEvent>,
 ) -> Result<Arc<dyn Provider>, ProviderError> {
     match config.provider.kind {
-        ProviderKind::Static => Ok(Arc::new(static_list::StaticProvider::new(&config.provider.servers))),
+        ProviderKind::Static => Ok(Arc::new(static_list::StaticProvider::new(
+            &config.provider.servers,
+        ))),
         ProviderKind::Process => Ok(Arc::new(process::ProcessProvider::new(
             process::server_binary(config.provider.server_binary.as_deref())?,
             events,
