@@ -6,6 +6,7 @@
 //! Must not touch: any decision; it only connects the parts.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::controller::Controller;
 use crate::metrics::Metrics;
+use crate::policy::{read_policy_files, PolicyFiles, PolicySet};
 use crate::server::{serve, Gateway};
 use crate::snapshot::Snapshot;
 
@@ -40,8 +42,8 @@ pub enum AppError {
     Signal(std::io::Error),
 }
 
-/// Runs the gateway until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), AppError> {
+/// Runs the gateway until SIGTERM or SIGINT. `config_path` is watched for live edits.
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), AppError> {
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| AppError::Bind {
@@ -55,6 +57,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let shutdown = shutdown_signal()?;
 
     let config = Arc::new(config);
+    let (policy, policy_files) = load_policy(&config);
     let (events_tx, events_rx) = mpsc::channel(256);
     let provider = crate::provider::from_config(&config, events_tx).await?;
     let manages = provider.manages_replicas();
@@ -67,12 +70,23 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let metrics = Arc::new(Metrics::default());
     let (controller, handle) = Controller::new(
         config.clone(),
+        policy,
         provider,
         events_rx,
         shared.clone(),
         metrics.clone(),
     )?;
     let controller_task = tokio::spawn(controller.run());
+    let config_text = config_path
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    let watcher = crate::watcher::spawn(
+        config_path,
+        config_text,
+        &config,
+        policy_files,
+        handle.clone(),
+    );
 
     let ready_timeout = if manages {
         READY_TIMEOUT
@@ -100,11 +114,30 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         metrics,
     });
     serve(listener, gateway, shutdown, config.proxy.drain_timeout).await;
+    watcher.abort();
     tracing::info!("stopping replicas");
     handle.shutdown().await;
     let _ = controller_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The policy set the gateway starts with. A set that fails to load is logged and shown in
+/// `/lb/status`, and the gateway starts with the built-in defaults.
+fn load_policy(config: &Config) -> (Result<PolicySet, String>, Option<PolicyFiles>) {
+    let files = match read_policy_files(&config.policy.dir) {
+        Ok(f) => f,
+        Err(e) => return (Err(e.to_string()), None),
+    };
+    let set = PolicySet::from_sources(files.clone(), config.policy.limits(), 1)
+        .map_err(|e| e.to_string());
+    match &set {
+        Ok(p) => {
+            tracing::info!(dir = %config.policy.dir.display(), files = ?p.files(), hooks = ?p.hooks(), "policy loaded")
+        }
+        Err(e) => tracing::error!(error = %e, "policy rejected; using the built-in defaults"),
+    }
+    (set, Some(files))
 }
 
 /// Completes on the first SIGTERM or SIGINT.

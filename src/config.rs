@@ -239,6 +239,15 @@ pub struct PolicyConfig {
     pub instruction_budget: u32,
 }
 
+impl PolicyConfig {
+    pub fn limits(&self) -> crate::policy::PolicyLimits {
+        crate::policy::PolicyLimits {
+            memory_limit: usize::try_from(self.memory_limit).unwrap_or(usize::MAX),
+            instruction_budget: self.instruction_budget,
+        }
+    }
+}
+
 impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {

@@ -24,7 +24,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::error::{Body, BoxError, GatewayError};
-use crate::hashing::{key_to_int, random_key};
 use crate::health::error_chain;
 use crate::metrics::Metrics;
 use crate::snapshot::{ReplicaStats, Snapshot, Upstream};
@@ -233,14 +232,12 @@ async fn try_forward(
     let (parts, body) = req.into_parts();
     let limit = cfg.proxy.max_body;
     if content_length(&parts.headers).is_some_and(|n| n > limit) {
+        linger(body);
         return Err(GatewayError::PayloadTooLarge { limit });
     }
 
-    let key = match cfg.hashing.key.extract(&parts, client_addr.ip()) {
-        Some(k) => key_to_int(&k),
-        None => random_key(),
-    };
-    let slot = cfg.ring.request_hash.request_slot(key, snap.ring.slots());
+    let key = snap.request_key(&parts, client_addr.ip());
+    let slot = snap.slot_of(key);
     let first = snap.ring.owner(slot).ok_or(GatewayError::NoReplica)?;
 
     let method = parts.method.clone();
@@ -365,6 +362,20 @@ async fn try_forward(
             }
         }
     }
+}
+
+/// Reads and discards a rejected upload for a while (bounded in bytes and time), like NGINX's
+/// lingering close, so a client still sending its body reads our 413 instead of a broken pipe.
+fn linger(body: Incoming) {
+    const MAX_BYTES: u64 = 64 * 1024 * 1024;
+    const MAX_TIME: Duration = Duration::from_secs(5);
+    tokio::spawn(async move {
+        let mut limited = Limited::new(body, MAX_BYTES as usize);
+        let _ = tokio::time::timeout(MAX_TIME, async {
+            while let Some(Ok(_)) = limited.frame().await {}
+        })
+        .await;
+    });
 }
 
 fn timeout_error(upstream: &Upstream, timeout: Duration) -> GatewayError {
