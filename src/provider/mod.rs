@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, ProviderKind};
 use crate::ring::ServerId;
 
+pub mod docker;
 pub mod process;
 pub mod static_list;
 
@@ -95,6 +96,9 @@ pub trait Provider: Send + Sync + 'static {
     fn shutdown(&self) -> BoxFuture<'_, ()>;
 }
 
+/// How long `auto` waits for a Docker engine before choosing the process provider.
+const AUTO_DOCKER_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// Builds the provider the config asks for. `auto` picks docker when the engine answers and
 /// process otherwise, and logs which it picked and why.
 pub async fn from_config(
@@ -102,23 +106,64 @@ pub async fn from_config(
     events: mpsc::Sender<ProviderEvent>,
 ) -> Result<Arc<dyn Provider>, ProviderError> {
     match config.provider.kind {
-        ProviderKind::Static => Ok(Arc::new(static_list::StaticProvider::new(&config.provider.servers))),
+        ProviderKind::Static => Ok(Arc::new(static_list::StaticProvider::new(
+            &config.provider.servers,
+        ))),
         ProviderKind::Process => Ok(Arc::new(process::ProcessProvider::new(
             process::server_binary(config.provider.server_binary.as_deref())?,
             events,
         ))),
         ProviderKind::Auto => {
+            let why = match docker::DockerProvider::connect_within(
+                &config.provider,
+                events.clone(),
+                AUTO_DOCKER_TIMEOUT,
+            )
+            .await
+            {
+                Ok(d) => match d.image_present().await {
+                    Ok(true) => {
+                        tracing::info!(
+                            provider = "docker",
+                            engine = d.engine_version(),
+                            image = %config.provider.image,
+                            "provider auto: a Docker engine answers and the replica image exists; replicas run as containers"
+                        );
+                        return Ok(Arc::new(d));
+                    }
+                    Ok(false) => format!(
+                        "a Docker engine answers but the image {} is missing (`make images` builds it)",
+                        config.provider.image
+                    ),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
             tracing::info!(
                 provider = "process",
-                "provider auto: using local ringgate-server processes (the docker provider is not built in)"
+                reason = %why,
+                "provider auto: using local ringgate-server processes"
             );
             Ok(Arc::new(process::ProcessProvider::new(
                 process::server_binary(config.provider.server_binary.as_deref())?,
                 events,
             )))
         }
-        ProviderKind::Docker => Err(ProviderError::Setup(
-            "provider.kind = \"docker\" is not available in this build; use \"process\" or \"auto\"".into(),
-        )),
+        ProviderKind::Docker => {
+            let d = docker::DockerProvider::connect(&config.provider, events).await?;
+            if !d.image_present().await? {
+                tracing::warn!(
+                    image = %config.provider.image,
+                    "the replica image does not exist: spawning replicas fails until `make images` builds it"
+                );
+            }
+            tracing::info!(
+                provider = "docker",
+                engine = d.engine_version(),
+                instance = d.instance(),
+                "replicas run as Docker containers"
+            );
+            Ok(Arc::new(d))
+        }
     }
 }
