@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// Run the load generator against a loopback URL and print the summary
     Load(ringgate::loadgen::LoadArgs),
+    /// Run the performance experiments against live gateways; charts and docs/performance.md
+    Analysis(ringgate::analysis::AnalysisArgs),
 }
 
 #[tokio::main]
@@ -25,6 +27,7 @@ async fn main() -> ExitCode {
             .await
             .map(|_| ())
             .map_err(Into::into),
+        Command::Analysis(args) => ringgate::analysis::run_cli(args).await.map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
