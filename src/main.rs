@@ -1,38 +1,131 @@
-//! `ringgate`: the gateway and its tools as clap subcommands.
+//! `ringgate`: the gateway and its tools. This file only parses arguments and wires.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use ringgate::config::{Config, ProviderKind};
 
-#[derive(Debug, Parser)]
-#[command(name = "ringgate", version, about)]
+#[derive(Parser)]
+#[command(
+    name = "ringgate",
+    version,
+    about = "A load-balancing HTTP gateway on a consistent-hash ring"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum Command {
-    /// Run the load generator against a loopback URL and print the summary
+    /// Run the gateway.
+    Serve {
+        /// Config file (defaults apply when the default path does not exist).
+        #[arg(long, default_value = "conf/lb.toml")]
+        config: PathBuf,
+        /// Listen address, overriding `listen` in the config.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Provider, overriding `provider.kind`: auto, process, docker or static.
+        #[arg(long)]
+        provider: Option<ProviderKind>,
+    },
+    /// Validate a config; exits non-zero with every problem named.
+    Check {
+        #[arg(long, default_value = "conf/lb.toml")]
+        config: PathBuf,
+    },
+    /// Print the ring a config builds: each server's virtual-node slots and share.
+    Ring {
+        #[arg(long, default_value = "conf/lb.toml")]
+        config: PathBuf,
+    },
+    /// Replay random 6-digit keys through the ring offline and print the load per server.
+    Simulate {
+        #[arg(long, default_value = "conf/lb.toml")]
+        config: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        keys: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Run the load generator against a loopback URL and print the summary.
     Load(ringgate::loadgen::LoadArgs),
-    /// Run the performance experiments against live gateways; charts and docs/performance.md
+    /// Run the performance experiments against live gateways; charts and docs/performance.md.
     Analysis(ringgate::analysis::AnalysisArgs),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn load(path: &Path, explicit_default: bool) -> Result<Config, String> {
+    if !path.exists() && explicit_default {
+        tracing::warn!(path = %path.display(), "config file not found; using defaults");
+        return Ok(Config::default());
+    }
+    Config::load(path).map_err(|e| e.to_string())
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
-        Command::Load(args) => ringgate::loadgen::run_cli(args)
-            .await
-            .map(|_| ())
-            .map_err(Into::into),
-        Command::Analysis(args) => ringgate::analysis::run_cli(args).await.map_err(Into::into),
+    init_tracing();
+    let default_path = Path::new("conf/lb.toml");
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            provider,
+        } => load(&config, config == default_path).and_then(|mut c| {
+            if let Some(l) = listen {
+                c.listen = l;
+            }
+            if let Some(p) = provider {
+                c.provider.kind = p;
+            }
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| format!("cannot start the runtime: {e}"))?;
+            runtime
+                .block_on(ringgate::app::run(c))
+                .map_err(|e| e.to_string())
+        }),
+        Command::Check { config } => load(&config, false).map(|c| {
+            println!("{}: OK: {}", config.display(), ringgate::tools::summary(&c));
+        }),
+        Command::Ring { config } => load(&config, config == default_path)
+            .and_then(|c| ringgate::tools::ring_report(&c).map_err(|e| e.to_string()))
+            .map(|r| print!("{r}")),
+        Command::Simulate { config, keys, seed } => load(&config, config == default_path)
+            .and_then(|c| {
+                ringgate::tools::simulate_report(&c, keys, seed).map_err(|e| e.to_string())
+            })
+            .map(|r| print!("{r}")),
+        Command::Load(args) => tokio::runtime::Runtime::new()
+            .map_err(|e| format!("cannot start the runtime: {e}"))
+            .and_then(|rt| {
+                rt.block_on(ringgate::loadgen::run_cli(args))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }),
+        Command::Analysis(args) => tokio::runtime::Runtime::new()
+            .map_err(|e| format!("cannot start the runtime: {e}"))
+            .and_then(|rt| {
+                rt.block_on(ringgate::analysis::run_cli(args))
+                    .map_err(|e| e.to_string())
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("ringgate: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,4 +1,5 @@
-//! Why the specified functions skew the load, computed rather than asserted: which slots the
+//! Why the specified functions skew the load, computed with the gateway's own [`crate::hashing`]
+//! and [`crate::ring`] rather than asserted: which slots the
 //! default request hash `H(i) = i² + 2i + 17` can reach modulo the slot count, where the default
 //! vnode hash `Φ(i,j) = i² + j² + 2j + 25` places the virtual nodes, and the share of uniformly
 //! random keys each server is therefore expected to own.
@@ -9,18 +10,12 @@
 
 use std::collections::BTreeMap;
 
+use crate::hashing::HashFunction;
+use crate::ring::{Placement, Ring, ServerId};
+
 /// The specified default request hash, reduced to a slot.
 pub fn h_slot(i: u64, slots: u32) -> u32 {
-    let s = u128::from(slots.max(1));
-    let i = u128::from(i);
-    ((i * i + 2 * i + 17) % s) as u32
-}
-
-/// The specified default vnode hash, reduced to a slot.
-pub fn phi_slot(i: u64, j: u32, slots: u32) -> u32 {
-    let s = u128::from(slots.max(1));
-    let (i, j) = (u128::from(i), u128::from(j));
-    ((i * i + j * j + 2 * j + 25) % s) as u32
+    HashFunction::Quadratic.request_slot(i, slots)
 }
 
 /// How the default `H` spreads uniformly random keys over `slots` (a power of two).
@@ -51,43 +46,37 @@ impl Reach {
     }
 }
 
-/// Vnode slots of servers `1..=n` (`vnodes` each), collisions probed forward, as the ring places
-/// them. Returns `(slot, server)` sorted by slot.
-pub fn vnode_layout(n: u32, vnodes: u32, slots: u32) -> Vec<(u32, u32)> {
-    let mut taken: BTreeMap<u32, u32> = BTreeMap::new();
-    for i in 1..=n {
-        for j in 0..vnodes {
-            let mut s = phi_slot(u64::from(i), j, slots);
-            let mut probes = 0;
-            while taken.contains_key(&s) && probes < slots {
-                s = (s + 1) % slots;
-                probes += 1;
-            }
-            if probes < slots {
-                taken.insert(s, i);
-            }
-        }
-    }
-    taken.into_iter().collect()
+/// The default placement of servers `1..=n` (`vnodes` each), as the gateway builds it.
+fn placement(n: u32, vnodes: u32, slots: u32) -> Option<Placement> {
+    let ids: Vec<ServerId> = (1..=n).filter_map(ServerId::new).collect();
+    Placement::build(slots, vnodes, &ids, |i, j| {
+        HashFunction::Quadratic.vnode_slot(u64::from(i.get()), j, slots)
+    })
+    .ok()
 }
 
-/// The server owning `slot`: the first vnode at or after it, clockwise.
-pub fn owner(layout: &[(u32, u32)], slot: u32) -> Option<u32> {
-    layout
-        .iter()
-        .find(|(s, _)| *s >= slot)
-        .or_else(|| layout.first())
-        .map(|(_, server)| *server)
+/// Vnode slots of servers `1..=n` under the default `Φ` (collisions probed forward, as the ring
+/// does): `(slot, server)` sorted by slot.
+pub fn vnode_layout(n: u32, vnodes: u32, slots: u32) -> Vec<(u32, u32)> {
+    let Some(p) = placement(n, vnodes, slots) else {
+        return Vec::new();
+    };
+    (0..slots)
+        .filter_map(|s| p.occupant(s).map(|(id, _)| (s, id.get())))
+        .collect()
 }
 
 /// Expected share of uniformly random keys per server `1..=n` under the default functions.
 pub fn predicted_shares(n: u32, vnodes: u32, slots: u32) -> Vec<f64> {
-    let layout = vnode_layout(n, vnodes, slots);
-    let reach = Reach::of_default(slots);
     let mut shares = vec![0.0; n as usize];
+    let Some(p) = placement(n, vnodes, slots) else {
+        return shares;
+    };
+    let ring = Ring::build(&p, |_| true);
+    let reach = Reach::of_default(slots);
     for (slot, hits) in &reach.hits {
-        if let Some(server) = owner(&layout, *slot) {
-            if let Some(x) = shares.get_mut(server as usize - 1) {
+        if let Some(id) = ring.owner(*slot) {
+            if let Some(x) = shares.get_mut(id.get() as usize - 1) {
                 *x += f64::from(*hits) / f64::from(slots);
             }
         }

@@ -1,1 +1,127 @@
-fn main() {}
+//! `ringgate-server`: the demo backend replica.
+//!
+//! `GET /home` → 200 `{"message": "Hello from Server: <SERVER_ID>", "status": "successful"}`,
+//! `GET /heartbeat` → 200 with an empty body, anything else → 404 failure JSON.
+//! Environment: `SERVER_ID` (its name), `PORT` (default 5000; 0 picks a free one), `BIND`
+//! (default 0.0.0.0). Once bound it prints `listening on http://ADDR` on stdout, once.
+//! With `RINGGATE_EXIT_ON_STDIN_EOF=1` it exits when its stdin closes: the process provider
+//! uses that so a replica never outlives the gateway that started it, even a SIGKILLed one.
+
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn respond(server_id: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/home") => json(
+            StatusCode::OK,
+            serde_json::json!({"message": format!("Hello from Server: {server_id}"), "status": "successful"})
+                .to_string(),
+        ),
+        (&Method::GET | &Method::HEAD, "/heartbeat") => Response::new(Full::new(Bytes::new())),
+        (m, p) => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"message": format!("<Error> {m} {p} is not served here: try GET /home or GET /heartbeat"), "status": "failure"})
+                .to_string(),
+        ),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let server_id = std::env::var("SERVER_ID").unwrap_or_else(|_| "unknown".into());
+    let port: u16 = match std::env::var("PORT").map(|p| p.parse()) {
+        Err(_) => 5000,
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => {
+            eprintln!("ringgate-server: PORT must be a number from 0 to 65535");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let bind = std::env::var("BIND").unwrap_or_else(|_| "0.0.0.0".into());
+    let addr: SocketAddr = match format!("{bind}:{port}").parse() {
+        Ok(a) => a,
+        Err(_) => {
+            eprintln!("ringgate-server: BIND must be an IP address, got {bind:?}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if std::env::var("RINGGATE_EXIT_ON_STDIN_EOF").as_deref() == Ok("1") {
+        std::thread::spawn(|| {
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+            std::process::exit(0);
+        });
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ringgate-server: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(addr, Arc::from(server_id))) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringgate-server: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(addr: SocketAddr, server_id: Arc<str>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on http://{local}")?;
+        out.flush()?;
+    }
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = sigterm.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let _ = stream.set_nodelay(true);
+        let id = server_id.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let resp = respond(&id, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

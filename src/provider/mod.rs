@@ -1,0 +1,124 @@
+//! Providers: where replicas run.
+//!
+//! Owns: the [`Provider`] trait (start a replica with a hostname and id, remove one, list the
+//! managed ones, report events such as "died") and its implementations: `process` (local
+//! `ringgate-server` children), `static` (fixed addresses, never started), `docker` (containers).
+//! Must not touch: the ring, health verdicts or snapshots. A provider reports facts to the
+//! controller through [`ProviderEvent`]s; the controller decides what they mean.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::config::{Config, ProviderKind};
+use crate::ring::ServerId;
+
+pub mod process;
+pub mod static_list;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the controller asks a provider to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaSpec {
+    pub id: ServerId,
+    pub hostname: String,
+}
+
+/// A running replica as a provider knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub id: ServerId,
+    pub hostname: String,
+    /// Where the gateway reaches it.
+    pub addr: SocketAddr,
+    /// Identifies this run of the replica (a pid, a container id): events name it, so an event
+    /// about an instance that was already replaced is recognised as stale.
+    pub instance_id: String,
+}
+
+/// Facts a provider reports as they happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderEvent {
+    /// The instance is gone (process exit, container die/kill/oom/stop).
+    Exited {
+        hostname: String,
+        instance_id: String,
+        detail: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("replica {hostname} failed to start: {reason}")]
+    Spawn { hostname: String, reason: String },
+    #[error("the {provider} provider cannot start replicas: {hint}")]
+    CannotSpawn {
+        provider: &'static str,
+        hint: &'static str,
+    },
+    #[error("replica {hostname} could not be removed: {reason}")]
+    Remove { hostname: String, reason: String },
+    #[error("the {provider} provider cannot list replicas: {reason}")]
+    List {
+        provider: &'static str,
+        reason: String,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// One small trait per concern: a provider starts, stops and lists replicas and reports events.
+pub trait Provider: Send + Sync + 'static {
+    /// "process", "docker" or "static".
+    fn kind(&self) -> &'static str;
+
+    /// Whether this provider starts and replaces replicas (false for `static`).
+    fn manages_replicas(&self) -> bool;
+
+    /// Starts a replica and returns once it has an address (not necessarily serving yet: the
+    /// controller waits for its heartbeat).
+    fn spawn(&self, spec: ReplicaSpec) -> BoxFuture<'_, Result<Instance, ProviderError>>;
+
+    /// Stops and removes a replica. Removing one that is already gone is not an error.
+    fn remove(&self, hostname: &str) -> BoxFuture<'_, Result<(), ProviderError>>;
+
+    /// Replicas that already exist and should be adopted at start (running containers from a
+    /// previous run; the configured static servers).
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>>;
+
+    /// Called once when the gateway stops: the process provider stops its children; the docker
+    /// provider leaves containers for the next start to adopt.
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
+}
+
+/// Builds the provider the config asks for. `auto` picks docker when the engine answers and
+/// process otherwise, and logs which it picked and why.
+pub async fn from_config(
+    config: &Config,
+    events: mpsc::Sender<ProviderEvent>,
+) -> Result<Arc<dyn Provider>, ProviderError> {
+    match config.provider.kind {
+        ProviderKind::Static => Ok(Arc::new(static_list::StaticProvider::new(&config.provider.servers))),
+        ProviderKind::Process => Ok(Arc::new(process::ProcessProvider::new(
+            process::server_binary(config.provider.server_binary.as_deref())?,
+            events,
+        ))),
+        ProviderKind::Auto => {
+            tracing::info!(
+                provider = "process",
+                "provider auto: using local ringgate-server processes (the docker provider is not built in)"
+            );
+            Ok(Arc::new(process::ProcessProvider::new(
+                process::server_binary(config.provider.server_binary.as_deref())?,
+                events,
+            )))
+        }
+        ProviderKind::Docker => Err(ProviderError::Setup(
+            "provider.kind = \"docker\" is not available in this build; use \"process\" or \"auto\"".into(),
+        )),
+    }
+}

@@ -1,0 +1,63 @@
+//! The `static` provider: fixed replica addresses from `provider.servers`.
+//!
+//! Owns: turning the configured list into instances. It never starts or stops anything; the
+//! controller health-checks these replicas like any other and routes around the down ones.
+
+use super::{BoxFuture, Instance, Provider, ProviderError, ReplicaSpec};
+use crate::config::StaticServer;
+use crate::ring::ServerId;
+
+pub struct StaticProvider {
+    servers: Vec<Instance>,
+}
+
+impl StaticProvider {
+    pub fn new(servers: &[StaticServer]) -> StaticProvider {
+        let servers = servers
+            .iter()
+            .zip(1u32..)
+            .filter_map(|(s, n)| {
+                Some(Instance {
+                    id: ServerId::new(n)?,
+                    hostname: s.name.clone(),
+                    addr: s.address,
+                    instance_id: format!("static:{}", s.address),
+                })
+            })
+            .collect();
+        StaticProvider { servers }
+    }
+}
+
+impl Provider for StaticProvider {
+    fn kind(&self) -> &'static str {
+        "static"
+    }
+
+    fn manages_replicas(&self) -> bool {
+        false
+    }
+
+    fn spawn(&self, _spec: ReplicaSpec) -> BoxFuture<'_, Result<Instance, ProviderError>> {
+        Box::pin(async {
+            Err(ProviderError::CannotSpawn {
+                provider: "static",
+                hint: "list the replica in provider.servers in the config instead",
+            })
+        })
+    }
+
+    fn remove(&self, _hostname: &str) -> BoxFuture<'_, Result<(), ProviderError>> {
+        // Static replicas are not ours to stop: /rm only takes them out of the ring.
+        Box::pin(async { Ok(()) })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>> {
+        let servers = self.servers.clone();
+        Box::pin(async move { Ok(servers) })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}

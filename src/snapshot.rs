@@ -1,0 +1,91 @@
+//! What one request sees.
+//!
+//! Owns: [`Snapshot`], the immutable bundle of config, ring and replicas that the controller
+//! publishes and every request loads once, and [`Shared`], the `ArcSwap` it is published through.
+//! Must not touch: anything mutable besides the per-replica counters, which are atomics shared
+//! across snapshots so a count survives a ring rebuild.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::proxy::{upstream_client, UpstreamClient};
+use crate::ring::{Ring, ServerId};
+
+/// Counters for one replica, kept by the controller across snapshots and replacements.
+#[derive(Debug, Default)]
+pub struct ReplicaStats {
+    /// Requests sent to it that got a response.
+    pub requests: AtomicU64,
+    /// Responses by status class: 1xx..5xx at index 0..4.
+    pub by_class: [AtomicU64; 5],
+    /// Requests to it that failed (connect errors, resets, timeouts).
+    pub failures: AtomicU64,
+    /// Requests in progress (response body not finished): `/rm` drains until this is 0.
+    pub in_flight: AtomicI64,
+}
+
+impl ReplicaStats {
+    pub fn record_response(&self, status: u16) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A replica the data plane may send requests to.
+#[derive(Debug)]
+pub struct Upstream {
+    pub id: ServerId,
+    pub name: String,
+    pub addr: SocketAddr,
+    /// `ip:port`, ready to put in a URI.
+    pub authority: http::uri::Authority,
+    /// Which run of the replica this is: passive-failure reports name it so a report about a
+    /// replica that was already replaced is ignored.
+    pub incarnation: u64,
+    pub stats: Arc<ReplicaStats>,
+}
+
+/// Everything a request needs, immutable. In-flight requests finish on the snapshot they loaded.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub config: Arc<Config>,
+    pub ring: Ring,
+    /// Routable replicas, indexed by server id.
+    pub upstreams: Vec<Option<Arc<Upstream>>>,
+    /// The membership `/rep` reports: every replica the gateway keeps (up or being recovered),
+    /// in id order; not the ones being removed.
+    pub members: Vec<String>,
+    /// The pooled client to replicas (cheap to clone; rebuilt only when
+    /// `proxy.connect_timeout` changes, so connections survive other changes).
+    pub client: UpstreamClient,
+}
+
+impl Snapshot {
+    /// The snapshot before the controller has published anything: no replica, so 503s.
+    pub fn initial(config: Arc<Config>) -> Snapshot {
+        Snapshot {
+            client: upstream_client(config.proxy.connect_timeout),
+            generation: 0,
+            ring: Ring::empty(config.ring.slots),
+            config,
+            upstreams: Vec::new(),
+            members: Vec::new(),
+        }
+    }
+
+    #[inline]
+    pub fn upstream(&self, id: ServerId) -> Option<&Arc<Upstream>> {
+        self.upstreams
+            .get(id.get() as usize)
+            .and_then(Option::as_ref)
+    }
+}
+
+/// The published snapshot: written by the controller only, read lock-free by everyone.
+pub type Shared = Arc<ArcSwap<Snapshot>>;
