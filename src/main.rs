@@ -54,7 +54,7 @@ enum Command {
     /// Run the load generator against a loopback URL and print the summary.
     Load(ringgate::loadgen::LoadArgs),
     /// Run the performance experiments against live gateways; charts and docs/performance.md.
-    Analysis(ringgate::analysis::AnalysisArgs),
+    Analysis(Box<ringgate::analysis::AnalysisArgs>),
 }
 
 fn load(path: &Path, explicit_default: bool) -> Result<Config, String> {
@@ -118,7 +118,7 @@ fn main() -> ExitCode {
         Command::Analysis(args) => tokio::runtime::Runtime::new()
             .map_err(|e| format!("cannot start the runtime: {e}"))
             .and_then(|rt| {
-                rt.block_on(ringgate::analysis::run_cli(args))
+                rt.block_on(ringgate::analysis::run_cli(*args))
                     .map_err(|e| e.to_string())
             }),
     };

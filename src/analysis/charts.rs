@@ -1,8 +1,8 @@
 //! Charts of the experiments, drawn with plotters into both SVG and PNG.
 //!
-//! SVG text needs no font. PNG text is rasterised with ab_glyph from a TrueType file found on the
-//! machine (`RINGGATE_FONT`, or DejaVu Sans from Debian's `fonts-dejavu-core`); without one only
-//! the SVG is written and a warning says why.
+//! Text is laid out (SVG) and rasterised (PNG) with ab_glyph from a TrueType file found on the
+//! machine at run time (`RINGGATE_FONT`, or DejaVu Sans from Debian's `fonts-dejavu-core`, which
+//! `make analysis` installs when missing); no system font library is needed.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -48,10 +48,6 @@ pub fn font_available() -> bool {
                 return true;
             }
         }
-        eprintln!(
-            "warning: no TrueType font found (install fonts-dejavu-core or set RINGGATE_FONT); \
-             writing SVG charts only"
-        );
         false
     })
 }
@@ -65,13 +61,19 @@ trait Drawable {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String>;
 }
 
-/// Renders `draw` into `<out>/<stem>.svg` and (with a font) `<out>/<stem>.png`.
+/// Renders `draw` into `<out>/<stem>.svg` and `<out>/<stem>.png`.
 fn render(
     out: &Path,
     stem: &str,
     size: (u32, u32),
     draw: &impl Drawable,
 ) -> Result<Vec<PathBuf>, AnalysisError> {
+    if !font_available() {
+        return Err(AnalysisError::Chart(
+            "no TrueType font found: install fonts-dejavu-core or set RINGGATE_FONT to a .ttf"
+                .to_string(),
+        ));
+    }
     std::fs::create_dir_all(out).map_err(|e| AnalysisError::io("creating the chart dir", e))?;
     let mut written = Vec::new();
     let svg = out.join(format!("{stem}.svg"));
@@ -161,6 +163,7 @@ impl Drawable for BarsDraw<'_> {
                 .configure_mesh()
                 .disable_x_mesh()
                 .y_desc(self.y_desc)
+                .y_label_formatter(&|y| format!("{y:.0}"))
                 .x_labels(n as usize)
                 .x_label_formatter(&|v| match v {
                     SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
@@ -315,8 +318,10 @@ impl Drawable for LinesDraw<'_> {
 /// The A-3 timeline: replicas listed by `/rep` over time, and failed requests per bucket.
 #[derive(Debug, Clone)]
 pub struct Timeline {
-    /// `(seconds, N)` samples.
+    /// `(seconds, servers in the ring)` samples (`up` of `/lb/status`).
     pub replicas: Vec<(f64, f64)>,
+    /// `(seconds, desired N)` samples (`desired` of `/lb/status`).
+    pub desired: Vec<(f64, f64)>,
     /// `(bucket start seconds, failed, total)` per bucket.
     pub buckets: Vec<(f64, u64, u64)>,
     pub bucket_secs: f64,
@@ -350,10 +355,19 @@ impl Drawable for TimelineDraw<'_> {
             .map(|p| p.0)
             .chain(t.buckets.iter().map(|b| b.0 + t.bucket_secs))
             .fold(1.0_f64, f64::max);
-        let nmax = t.replicas.iter().map(|p| p.1).fold(1.0_f64, f64::max) + 1.0;
+        let nmax = t
+            .replicas
+            .iter()
+            .chain(&t.desired)
+            .map(|p| p.1)
+            .fold(1.0_f64, f64::max)
+            + 1.0;
 
         let mut top = ChartBuilder::on(&upper)
-            .caption("replicas in GET /rep", ("sans-serif", 18))
+            .caption(
+                "replicas: desired and in the ring (/lb/status)",
+                ("sans-serif", 18),
+            )
             .margin(12)
             .x_label_area_size(35)
             .y_label_area_size(60)
@@ -365,17 +379,20 @@ impl Drawable for TimelineDraw<'_> {
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(err)?;
-        // A step line: hold each sample until the next one.
-        let mut steps = Vec::with_capacity(t.replicas.len() * 2);
-        for w in t.replicas.windows(2) {
-            steps.push(w[0]);
-            steps.push((w[1].0, w[0].1));
-        }
-        if let Some(last) = t.replicas.last() {
-            steps.push(*last);
-        }
-        top.draw_series(LineSeries::new(steps, PALETTE[0].stroke_width(3)))
-            .map_err(err)?;
+        top.draw_series(LineSeries::new(
+            steps(&t.desired),
+            PALETTE[2].stroke_width(6),
+        ))
+        .map_err(err)?
+        .label("desired")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], PALETTE[2].stroke_width(6)));
+        top.draw_series(LineSeries::new(
+            steps(&t.replicas),
+            PALETTE[0].stroke_width(2),
+        ))
+        .map_err(err)?
+        .label("in the ring")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], PALETTE[0].stroke_width(2)));
         top.draw_series(std::iter::once(PathElement::new(
             [(t.kill_at, 0.0), (t.kill_at, nmax)],
             PALETTE[3].stroke_width(2),
@@ -443,4 +460,17 @@ impl Drawable for TimelineDraw<'_> {
             .map_err(err)?;
         Ok(())
     }
+}
+
+/// A step line: each sample held until the next one.
+fn steps(samples: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(samples.len() * 2);
+    for w in samples.windows(2) {
+        out.push(w[0]);
+        out.push((w[1].0, w[0].1));
+    }
+    if let Some(last) = samples.last() {
+        out.push(*last);
+    }
+    out
 }

@@ -272,7 +272,7 @@ pub struct Resilience {
     pub endpoints: Vec<EndpointCheck>,
     pub killed: Option<String>,
     pub kill_at: f64,
-    /// First `/rep` sample after the kill that lists fewer replicas.
+    /// First `/lb/status` sample after the kill with fewer servers in the ring.
     pub detected_after: Option<f64>,
     /// First later sample that lists N again.
     pub restored_after: Option<f64>,
@@ -365,6 +365,7 @@ async fn resilience_on(gw: &Gateway, load_secs: u64) -> Result<Resilience, Analy
     let kill_at = load_secs as f64 / 4.0;
     let mut killed = None;
     let mut samples = Vec::new();
+    let mut desired = Vec::new();
     let end = start + Duration::from_secs(load_secs);
     while Instant::now() < end {
         let t = start.elapsed().as_secs_f64();
@@ -381,8 +382,10 @@ async fn resilience_on(gw: &Gateway, load_secs: u64) -> Result<Resilience, Analy
                 killed = Some("(no replica process found)".to_string());
             }
         }
-        if let Ok(r) = gw.replicas().await {
-            samples.push((start.elapsed().as_secs_f64(), r.len() as f64));
+        if let Ok((d, u)) = gw.up_counts().await {
+            let t = start.elapsed().as_secs_f64();
+            samples.push((t, u as f64));
+            desired.push((t, d as f64));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -422,6 +425,7 @@ async fn resilience_on(gw: &Gateway, load_secs: u64) -> Result<Resilience, Analy
         errors: summary.errors.into_iter().collect(),
         timeline: super::charts::Timeline {
             replicas: samples,
+            desired,
             buckets,
             bucket_secs: bucket,
             kill_at,

@@ -230,6 +230,20 @@ impl Gateway {
         })
     }
 
+    /// `(desired, up)` from `/lb/status`: replicas wanted, and servers currently in the ring.
+    pub async fn up_counts(&self) -> Result<(u64, u64), AnalysisError> {
+        let (status, body) = self.call(Method::GET, "/lb/status", None).await?;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let m = v.get("message");
+        let get = |k: &str| m.and_then(|m| m.get(k)).and_then(serde_json::Value::as_u64);
+        match (status, get("desired"), get("up")) {
+            (200, Some(d), Some(u)) => Ok((d, u)),
+            _ => Err(AnalysisError::Gateway(format!(
+                "GET /lb/status answered {status} without desired/up"
+            ))),
+        }
+    }
+
     /// Waits until `/rep` lists `n` replicas and `/home` answers 200.
     pub async fn wait_ready(&self, n: u32, within: Duration) -> Result<(), AnalysisError> {
         let deadline = Instant::now() + within;

@@ -283,8 +283,9 @@ random 6-digit `?id=` keys (the same keys for every run), counting the server na
             let errors: Vec<String> = x.errors.iter().map(|(k, n)| format!("{k}: {n}")).collect();
             let _ = writeln!(
                 out,
-                "\nUnder a steady load, replica `{}` was killed (SIGKILL) at {:.1} s. `/rep` listed one \
-replica fewer after {}, and N was back to 3 after {} (health interval 250 ms, recovery delay 1 s). \
+                "\nUnder a steady load, replica `{}` was killed (SIGKILL) at {:.1} s. The ring (`up` in \
+`/lb/status`, sampled every 100 ms) had one server fewer after {}, and all 3 were back in the ring \
+after {} (health interval 250 ms, recovery delay 1 s). \
 Of {} requests, **{} failed**{}.\n",
                 x.killed.as_deref().unwrap_or("?"),
                 x.kill_at,
