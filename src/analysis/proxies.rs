@@ -528,7 +528,7 @@ error_log {t}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp
                 .map(|(i, a)| format!("  server s{} {a}\n", i + 1))
                 .collect();
             let conf = format!(
-                "global\n  maxconn 20000\n  nbthread {w}\n\ndefaults\n  mode http\n  timeout connect 5s\n\
+                "global\n  maxconn 4096\n  nbthread {w}\n\ndefaults\n  mode http\n  timeout connect 5s\n\
   timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n\n\
 frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\n\
 backend be\n  balance url_param id\n  hash-type consistent\n{servers}",
@@ -632,6 +632,10 @@ backend be\n  balance url_param id\n  hash-type consistent\n{servers}",
     }
     for b in backends {
         b.stop().await;
+    }
+    // Everything is stopped: nothing left for the script's trap.
+    if let Some(p) = &args.pidfile {
+        let _ = std::fs::remove_file(p);
     }
 
     let tbl = table(&rows);
