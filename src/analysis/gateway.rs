@@ -21,8 +21,8 @@ pub enum HashChoice {
     Default,
     /// The built-in 64-bit mixer for both.
     Mix64,
-    /// A Lua policy file providing `request_hash` / `vnode_hash`.
-    Lua(PathBuf),
+    /// Lua policy files providing `request_hash` / `vnode_hash`.
+    Lua(Vec<PathBuf>),
 }
 
 impl HashChoice {
@@ -128,10 +128,15 @@ impl Gateway {
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir_all(&policy_dir)
             .map_err(|e| AnalysisError::io("creating the policy dir", e))?;
-        if let HashChoice::Lua(file) = &spec.hash {
-            let name = file.file_name().unwrap_or_else(|| "policy.lua".as_ref());
-            std::fs::copy(file, policy_dir.join(name))
-                .map_err(|e| AnalysisError::io(format!("copying {}", file.display()), e))?;
+        if let HashChoice::Lua(files) = &spec.hash {
+            for (k, file) in files.iter().enumerate() {
+                let name = file
+                    .file_name()
+                    .map(|n| n.to_os_string())
+                    .unwrap_or_else(|| format!("policy{k}.lua").into());
+                std::fs::copy(file, policy_dir.join(name))
+                    .map_err(|e| AnalysisError::io(format!("copying {}", file.display()), e))?;
+            }
         }
         let config = dir.path().join("lb.toml");
         std::fs::write(&config, spec.config_toml(&policy_dir))

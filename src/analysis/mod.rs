@@ -86,9 +86,13 @@ pub struct AnalysisArgs {
     /// Run only these experiments (comma-separated; default: all)
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Experiment>,
-    /// The Lua policy used by A-4 (skipped when the file does not exist)
-    #[arg(long, default_value = "policies/examples/spread_hash.lua")]
-    pub lua_policy: PathBuf,
+    /// The Lua policy files of A-4's Lua variant (comma-separated; missing files are skipped)
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "policies/examples/spread_hash.lua,policies/examples/spread_vnodes.lua"
+    )]
+    pub lua_policy: Vec<PathBuf>,
     /// Distinct keys routed for the ring-movement experiment
     #[arg(long, default_value_t = 3000)]
     pub movement_keys: usize,
@@ -147,13 +151,19 @@ async fn run_experiments(args: &AnalysisArgs, bin: &Path) -> Results {
     let mut choices = vec![HashChoice::Default];
     if wants(args, Experiment::A4) || wants(args, Experiment::Movement) {
         choices.push(HashChoice::Mix64);
-        if args.lua_policy.is_file() {
-            choices.push(HashChoice::Lua(args.lua_policy.clone()));
+        let (found, missing): (Vec<PathBuf>, Vec<PathBuf>) =
+            args.lua_policy.iter().cloned().partition(|p| p.is_file());
+        for m in &missing {
+            r.notes
+                .push(format!("Lua policy `{}` not found.", m.display()));
+        }
+        if found.is_empty() {
+            r.notes.push(
+                "No Lua policy found: the Lua variant of A-4 and ring movement was skipped."
+                    .to_string(),
+            );
         } else {
-            r.notes.push(format!(
-                "Lua policy `{}` not found: the Lua variant of A-4 and ring movement was skipped.",
-                args.lua_policy.display()
-            ));
+            choices.push(HashChoice::Lua(found));
         }
     }
     let ns: Vec<u32> = if wants(args, Experiment::A2) || wants(args, Experiment::A4) {

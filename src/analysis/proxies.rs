@@ -389,6 +389,48 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
+/// Starts a ringgate with the static provider over `addrs` and `hash` for both hash functions.
+async fn start_ringgate(
+    launcher: &Launcher,
+    bin: &Path,
+    tmp: &Path,
+    policy_dir: &Path,
+    addrs: &[String],
+    hash: &str,
+) -> Result<(Proc, String), AnalysisError> {
+    let servers: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!(r#"{{ name = "server-{}", address = "{a}" }}"#, i + 1))
+        .collect();
+    let conf = tmp.join(format!("lb-{hash}.toml"));
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"127.0.0.1:0\"\n\n[ring]\nrequest_hash = \"{hash}\"\nvnode_hash = \"{hash}\"\n\n\
+[hashing]\nkey = \"query:id\"\n\n[replicas]\ncount = 3\n\n\
+[provider]\nkind = \"static\"\nservers = [{}]\n\n[policy]\ndir = \"{}\"\n",
+            servers.join(", "),
+            policy_dir.display()
+        ),
+    )
+    .map_err(|e| AnalysisError::io("writing lb.toml", e))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&conf)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--provider")
+        .arg("static")
+        .env("RUST_LOG", "warn");
+    let mut rg = launcher.spawn("ringgate", cmd, &tmp.join(format!("ringgate-{hash}.log")))?;
+    let url = listening_line(&mut rg).await?;
+    loadgen::check_loopback(&url)?;
+    wait_200(&format!("{url}/home?id=1"), Duration::from_secs(20)).await?;
+    Ok((rg, url))
+}
+
 /// Runs the comparison, prints the table and writes it into the report.
 pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
     let exe = std::env::current_exe().map_err(|e| AnalysisError::io("locating ringgate", e))?;
@@ -433,45 +475,19 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
         rss: None,
     }];
 
-    // ringgate over the same three, static provider.
+    // ringgate over the same three, static provider: as configured by default, and with mix64.
     let policy_dir = tmp.join("policies");
     std::fs::create_dir_all(&policy_dir).map_err(|e| AnalysisError::io("policy dir", e))?;
-    let servers: Vec<String> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!(r#"{{ name = "server-{}", address = "{a}" }}"#, i + 1))
-        .collect();
-    let rg_conf = tmp.join("lb.toml");
-    std::fs::write(
-        &rg_conf,
-        format!(
-            "listen = \"127.0.0.1:0\"\n\n[hashing]\nkey = \"query:id\"\n\n[replicas]\ncount = 3\n\n\
-[provider]\nkind = \"static\"\nservers = [{}]\n\n[policy]\ndir = \"{}\"\n",
-            servers.join(", "),
-            policy_dir.display()
-        ),
-    )
-    .map_err(|e| AnalysisError::io("writing lb.toml", e))?;
-    let mut cmd = Command::new(&ringgate);
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&rg_conf)
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--provider")
-        .arg("static")
-        .env("RUST_LOG", "warn");
-    let mut rg = launcher.spawn("ringgate", cmd, &tmp.join("ringgate.log"))?;
-    let rg_url = listening_line(&mut rg).await?;
-    loadgen::check_loopback(&rg_url)?;
-    wait_200(&format!("{rg_url}/home?id=1"), Duration::from_secs(20)).await?;
-    targets.push(Target {
-        name: "ringgate",
-        base: rg_url,
-        proc_: Some(rg),
-        runs: Vec::new(),
-        rss: None,
-    });
+    for (name, hash) in [("ringgate", "quadratic"), ("ringgate (mix64)", "mix64")] {
+        let rg = start_ringgate(&launcher, &ringgate, tmp, &policy_dir, &addrs, hash).await?;
+        targets.push(Target {
+            name,
+            base: rg.1,
+            proc_: Some(rg.0),
+            runs: Vec::new(),
+            rss: None,
+        });
+    }
 
     // NGINX.
     match find_program(&args.nginx) {
@@ -655,7 +671,8 @@ backend be\n  balance url_param id\n  hash-type consistent\n{servers}",
     };
     let mut section = format!(
         "_Measured by `make bench` at {now} on {cpus} CPUs, all on 127.0.0.1: three `ringgate-server` \
-backends; ringgate with the static provider over them (default ring and hash settings); NGINX with \
+backends; ringgate with the static provider over them (default ring settings, so the quadratic \
+hash sends most keys to one backend; \"ringgate (mix64)\" spreads them like the peers do); NGINX with \
 `hash $arg_id consistent` and upstream keepalive; HAProxy with `balance url_param id` + \
 `hash-type consistent`; each proxy with {w} workers/threads. Load: {tool_desc}. {runs} runs of {d:?} \
 per target, rounds interleaved, medians reported (measuring took {el:.0?}). Load generator, proxy \

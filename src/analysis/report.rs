@@ -305,7 +305,9 @@ Of {} requests, **{} failed**{}.\n",
         let _ = writeln!(
             out,
             "`mix64` sets `request_hash = \"mix64\"` and `vnode_hash = \"mix64\"`; the Lua variant \
-copies `policies/examples/spread_hash.lua` into the gateway's policy directory.\n"
+copies `policies/examples/spread_hash.lua` (`request_hash`: MurmurHash3's fmix64) and \
+`spread_vnodes.lua` (`vnode_hash`) into the gateway's policy directory, on top of the default \
+config.\n"
         );
         let _ = writeln!(
             out,
@@ -324,7 +326,13 @@ copies `policies/examples/spread_hash.lua` into the gateway's policy directory.\
                 );
             }
         }
-        out.push('\n');
+        let _ = writeln!(
+            out,
+            "\nA well-mixed hash removes the structural skew (the busiest server no longer takes \
+most of the traffic), but with 9 vnodes per server some spread remains: a server owns the sum \
+of 9 random arcs, whose total varies by about 1/√9 ≈ 33% (the CV column). More vnodes per \
+server (`[ring] vnodes`, within `slots / N`) narrow it further.\n"
+        );
         out.push_str(&chart_md(doc, charts, "a4_a1", "A-4: A-1 per hash choice"));
         out.push_str(&chart_md(doc, charts, "a4_a2", "A-4: A-2 per hash choice"));
     } else {
@@ -355,7 +363,12 @@ keys that moved between other servers.\n\n\
                 pct(m.rm_excess)
             );
         }
-        out.push('\n');
+        let _ = writeln!(
+            out,
+            "\nExcess 0 means the ring is consistent whatever the hash: only the added (removed) \
+server's keys move. How many move is that server's share of the keys, so it tracks 1/(N+1) only \
+when the load is even: with the defaults the added server's vnodes land where `H` sends few keys.\n"
+        );
         out.push_str(&chart_md(doc, charts, "movement", "Ring movement"));
     }
 
