@@ -239,6 +239,15 @@ pub struct PolicyConfig {
     pub instruction_budget: u32,
 }
 
+impl PolicyConfig {
+    pub fn limits(&self) -> crate::policy::PolicyLimits {
+        crate::policy::PolicyLimits {
+            memory_limit: usize::try_from(self.memory_limit).unwrap_or(usize::MAX),
+            instruction_budget: self.instruction_budget,
+        }
+    }
+}
+
 impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
@@ -408,7 +417,7 @@ impl Config {
                 ),
             );
         }
-        let capacity = if r.vnodes > 0 { r.slots / r.vnodes } else { 0 };
+        let capacity = r.slots.checked_div(r.vnodes).unwrap_or(0);
         let rep = &self.replicas;
         if rep.max_replicas == 0 {
             bad("replicas.max_replicas", "must be at least 1".into());

@@ -20,6 +20,7 @@ use crate::config::{is_valid_hostname, Config};
 use crate::error::GatewayError;
 use crate::health::{self, HealthState, ProbeOutcome, ProbeReport, ProbeTask, Tracker, Transition};
 use crate::metrics::Metrics;
+use crate::policy::{Hook, HookOutcome, PolicySet, ProbeView};
 use crate::provider::{Instance, Provider, ProviderEvent, ReplicaSpec};
 use crate::ring::{Placement, Ring, ServerId};
 use crate::snapshot::{ReplicaStats, Shared, Snapshot, Upstream};
@@ -67,6 +68,25 @@ pub enum Command {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    /// A new, valid config from the watcher.
+    Reload {
+        config: Box<Config>,
+    },
+    /// A new, loaded policy set from the watcher.
+    PolicyLoaded {
+        policy: Box<PolicySet>,
+    },
+    /// An edit that was rejected (invalid config, a policy that fails to load): nothing changes.
+    ReloadFailed {
+        what: ReloadKind,
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadKind {
+    Config,
+    Policy,
 }
 
 /// Reports from the controller's own spawned tasks.
@@ -145,6 +165,11 @@ impl ControllerHandle {
         let _ = self.ask(|reply| Command::Shutdown { reply }).await;
     }
 
+    /// Sends a reload message (from the watcher); returns false once the controller is gone.
+    pub async fn send(&self, cmd: Command) -> bool {
+        self.tx.send(cmd).await.is_ok()
+    }
+
     /// Never waits: a full queue drops the hint (the next failure or check repeats it).
     pub fn passive_failure(&self, id: ServerId, incarnation: u64, detail: String) {
         let _ = self.tx.try_send(Command::PassiveFailure {
@@ -208,6 +233,10 @@ struct AddOp {
 
 pub struct Controller {
     config: Arc<Config>,
+    policy: Arc<PolicySet>,
+    policy_error: Option<String>,
+    config_error: Option<String>,
+    restart_needed: Vec<&'static str>,
     provider: Arc<dyn Provider>,
     shared: Shared,
     metrics: Arc<Metrics>,
@@ -219,6 +248,7 @@ pub struct Controller {
     add_ops: HashMap<u64, AddOp>,
     ready_waiters: Vec<oneshot::Sender<()>>,
     probe_client: health::ProbeClient,
+    client: crate::proxy::UpstreamClient,
     cmd_rx: mpsc::Receiver<Command>,
     probe_tx: mpsc::Sender<ProbeReport>,
     probe_rx: mpsc::Receiver<ProbeReport>,
@@ -231,6 +261,7 @@ impl Controller {
     /// A controller over `provider`, publishing into `shared`. Run it with [`Controller::run`].
     pub fn new(
         config: Arc<Config>,
+        policy: Result<PolicySet, String>,
         provider: Arc<dyn Provider>,
         provider_rx: mpsc::Receiver<ProviderEvent>,
         shared: Shared,
@@ -240,8 +271,17 @@ impl Controller {
         let (tx, cmd_rx) = mpsc::channel(1024);
         let (probe_tx, probe_rx) = mpsc::channel(1024);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        let config_timeout = config.proxy.connect_timeout;
+        let (policy, policy_error) = match policy {
+            Ok(p) => (p, None),
+            Err(e) => (PolicySet::empty(), Some(e)),
+        };
         let c = Controller {
             config,
+            policy: Arc::new(policy),
+            policy_error,
+            config_error: None,
+            restart_needed: Vec::new(),
             provider,
             shared,
             metrics,
@@ -253,6 +293,7 @@ impl Controller {
             add_ops: HashMap::new(),
             ready_waiters: Vec::new(),
             probe_client: health::probe_client(),
+            client: crate::proxy::upstream_client(config_timeout),
             cmd_rx,
             probe_tx,
             probe_rx,
@@ -366,6 +407,25 @@ impl Controller {
             Command::Shutdown { reply } => {
                 let _ = reply.send(());
             }
+            Command::Reload { config } => self.apply_config(*config),
+            Command::PolicyLoaded { policy } => self.apply_policy(*policy),
+            Command::ReloadFailed { what, error } => {
+                tracing::error!(what = ?what, error = %error, "edit rejected; keeping the last good one");
+                match what {
+                    ReloadKind::Config => {
+                        self.metrics
+                            .config_reload_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.config_error = Some(error);
+                    }
+                    ReloadKind::Policy => {
+                        self.metrics
+                            .policy_reload_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.policy_error = Some(error);
+                    }
+                }
+            }
         }
     }
 
@@ -404,12 +464,154 @@ impl Controller {
     }
 
     fn place(&mut self, id: ServerId) {
-        let (f, slots) = (self.config.ring.vnode_hash, self.config.ring.slots);
-        if let Err(e) = self
-            .placement
-            .add(id, |j| f.vnode_slot(u64::from(id.get()), j, slots))
-        {
+        let vnode_slot = vnode_hash(&self.config, &self.policy);
+        if let Err(e) = self.placement.add(id, |j| vnode_slot(id, j)) {
             tracing::error!(id = %id, error = %e, "cannot place replica on the ring");
+        }
+    }
+
+    /// Places every member again from scratch (in id order): after the ring's parameters or
+    /// the virtual-node hash changed, old positions mean nothing.
+    fn rebuild_placement(&self, config: &Config) -> Result<Placement, crate::ring::RingError> {
+        let ids: Vec<ServerId> = self.members().map(|m| m.id).collect();
+        let vnode_slot = vnode_hash(config, &self.policy);
+        Placement::build(config.ring.slots, config.ring.vnodes, &ids, vnode_slot)
+    }
+
+    fn apply_policy(&mut self, policy: PolicySet) {
+        let vnodes_involved =
+            policy.has_hook(Hook::VnodeHash) || self.policy.has_hook(Hook::VnodeHash);
+        let policy = policy.with_stats(self.policy.stats().clone());
+        tracing::info!(generation = policy.generation(), files = ?policy.files(), hooks = ?policy.hooks(), "policy loaded");
+        self.policy = Arc::new(policy);
+        self.policy_error = None;
+        self.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
+        if vnodes_involved {
+            match self.rebuild_placement(&self.config) {
+                Ok(p) => self.placement = p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot rebuild the ring with the new vnode_hash")
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn apply_config(&mut self, mut new: Config) {
+        let old = self.config.clone();
+        let mut restart = Vec::new();
+        if new.listen != old.listen {
+            restart.push("listen");
+            new.listen = old.listen;
+        }
+        if new.provider != old.provider {
+            restart.push("provider");
+            new.provider = old.provider.clone();
+        }
+        if new.policy.dir != old.policy.dir {
+            restart.push("policy.dir");
+            new.policy.dir = old.policy.dir.clone();
+        }
+        let ring_changed = new.ring.slots != old.ring.slots
+            || new.ring.vnodes != old.ring.vnodes
+            || new.ring.vnode_hash != old.ring.vnode_hash;
+        let placement = if ring_changed {
+            match self.rebuild_placement(&new) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    let error = format!(
+                        "the new [ring] cannot hold the {} replicas that run: {e}",
+                        self.members().count()
+                    );
+                    tracing::error!(error = %error, "config edit rejected; nothing changed");
+                    self.metrics
+                        .config_reload_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.config_error = Some(error);
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let changed: Vec<&str> = [
+            ("ring", new.ring != old.ring),
+            ("hashing", new.hashing != old.hashing),
+            ("replicas", new.replicas != old.replicas),
+            ("health", new.health != old.health),
+            ("proxy", new.proxy != old.proxy),
+            ("policy", new.policy != old.policy),
+            ("admin", new.admin != old.admin),
+        ]
+        .iter()
+        .filter(|(_, c)| *c)
+        .map(|(n, _)| *n)
+        .collect();
+        if !restart.is_empty() {
+            tracing::warn!(keys = ?restart, "these changes need a restart; everything else is applied");
+        }
+        tracing::info!(changed = ?changed, "config reloaded");
+        self.restart_needed = restart;
+        self.config_error = None;
+        self.metrics.config_reloads.fetch_add(1, Ordering::Relaxed);
+        let scale_to = (new.replicas.count != old.replicas.count).then_some(new.replicas.count);
+        if new.proxy.connect_timeout != old.proxy.connect_timeout {
+            self.client = crate::proxy::upstream_client(new.proxy.connect_timeout);
+        }
+        self.config = Arc::new(new);
+        if let Some(p) = placement {
+            self.placement = p;
+        }
+        for m in self.replicas.values() {
+            if let Some(p) = &m.probe {
+                p.set_period(
+                    self.probe_period(m.tracker.state),
+                    self.config.health.timeout,
+                );
+            }
+        }
+        self.publish();
+        if let Some(n) = scale_to {
+            self.scale_to(n);
+        }
+    }
+
+    /// Adds or removes replicas until N = `n` (a `replicas.count` edit).
+    fn scale_to(&mut self, n: u32) {
+        if !self.provider.manages_replicas() {
+            return;
+        }
+        let have = self.members().count() as u32;
+        if n > have {
+            let room =
+                (self.config.replicas.max_replicas as usize).saturating_sub(self.replicas.len());
+            let add = ((n - have) as usize).min(room);
+            tracing::info!(
+                from = have,
+                to = have as usize + add,
+                "scaling up to replicas.count"
+            );
+            for _ in 0..add {
+                let id = self.free_id();
+                let name = self.generated_name(id, &HashSet::new());
+                self.replicas.insert(id, Managed::new(id, name));
+                self.place(id);
+                self.start_instance(id);
+            }
+            self.publish();
+        } else if n < have {
+            tracing::info!(from = have, to = n, "scaling down to replicas.count");
+            let (reply, _) = oneshot::channel();
+            self.remove(have - n, Vec::new(), reply);
+        }
+    }
+
+    fn probe_period(&self, state: HealthState) -> Duration {
+        let interval = self.config.health.interval;
+        match state {
+            HealthState::Starting => START_PROBE_PERIOD,
+            HealthState::Up => interval,
+            _ => interval.min(FAST_PROBE_PERIOD),
         }
     }
 
@@ -679,6 +881,7 @@ impl Controller {
             self.fail_add(op, message);
         } else {
             self.replace(id);
+            self.notify_ready();
         }
     }
 
@@ -723,34 +926,42 @@ impl Controller {
     }
 
     fn on_probe(&mut self, report: ProbeReport) {
-        let (rise, fall, interval) = (
-            self.config.health.rise,
-            self.config.health.fall,
-            self.config.health.interval,
-        );
+        let (rise, fall) = (self.config.health.rise, self.config.health.fall);
         let timeout = self.config.health.timeout;
+        let policy = self.policy.clone();
         let Some(m) = self.replicas.get_mut(&report.id) else {
             return;
         };
         if m.incarnation != report.incarnation || m.tracker.state == HealthState::Draining {
             return;
         }
-        let ok = report.outcome.ok;
+        let mut ok = report.outcome.ok;
+        if policy.has_hook(Hook::Health) {
+            let o = &report.outcome;
+            let view = ProbeView {
+                status: o.status,
+                latency_ms: o.latency_ms,
+                error: o.error.as_deref(),
+            };
+            if let HookOutcome::Value(verdict) = policy.health(&m.name, &view) {
+                ok = verdict;
+            }
+        }
         if !ok && m.tracker.state != HealthState::Starting {
             tracing::debug!(replica = %m.name, error = ?report.outcome.error, "check failed");
         }
         m.last_probe = Some(report.outcome);
         let was = m.tracker.state;
         let transition = m.tracker.on_probe(ok, rise, fall);
-        let period = match m.tracker.state {
-            HealthState::Starting => START_PROBE_PERIOD,
-            HealthState::Up => interval,
-            _ => interval.min(FAST_PROBE_PERIOD),
+        let state = m.tracker.state;
+        let (id, name) = (m.id, m.name.clone());
+        let period = self.probe_period(state);
+        let Some(m) = self.replicas.get_mut(&id) else {
+            return;
         };
         if let Some(p) = &m.probe {
             p.set_period(period, timeout);
         }
-        let (id, name) = (m.id, m.name.clone());
         match transition {
             Transition::None => {}
             Transition::Up => {
@@ -931,7 +1142,8 @@ impl Controller {
             ring,
             upstreams,
             members: self.member_names(),
-            client: self.shared.load().client.clone(),
+            client: self.client.clone(),
+            policy: self.policy.clone(),
         };
         self.shared.store(Arc::new(snapshot));
         self.notify_ready();
@@ -941,8 +1153,12 @@ impl Controller {
         if self.ready_waiters.is_empty() {
             return;
         }
-        let all_up = self.members().all(|m| m.tracker.state.routable());
-        if all_up {
+        // Ready when every member answers or has already failed to start (it is being retried
+        // with back-off; waiting for it would only delay the others).
+        let settled = self
+            .members()
+            .all(|m| m.tracker.state.routable() || m.crash_streak > 0);
+        if settled {
             for w in self.ready_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -961,6 +1177,7 @@ impl Controller {
                     "id": m.id.get(),
                     "name": m.name,
                     "address": m.instance.as_ref().map(|i| i.addr.to_string()),
+                    "instance": m.instance.as_ref().map(|i| i.instance_id.clone()),
                     "state": if m.pending_add.is_some() { json!("starting") } else { json!(m.tracker.state) },
                     "in_ring": snap.upstream(m.id).is_some(),
                     "requests": s.requests.load(Ordering::Relaxed),
@@ -1005,7 +1222,54 @@ impl Controller {
                 "recovery_delay_ms": c.health.recovery_delay.as_millis() as u64,
             },
             "replicas": replicas,
+            "config": {
+                "last_error": self.config_error,
+                "restart_needed": self.restart_needed,
+            },
+            "policy": self.policy_status(),
         })
+    }
+}
+
+impl Controller {
+    fn policy_status(&self) -> serde_json::Value {
+        let p = &self.policy;
+        let stats = p.stats();
+        let hooks: serde_json::Map<String, serde_json::Value> = Hook::ALL
+            .iter()
+            .map(|&h| {
+                (
+                    h.name().to_owned(),
+                    json!({"defined": p.has_hook(h), "calls": stats.calls(h), "errors": stats.errors(h)}),
+                )
+            })
+            .collect();
+        json!({
+            "generation": p.generation(),
+            "files": p.files(),
+            "hooks": hooks,
+            "last_load_error": self.policy_error,
+            "last_hook_error": stats.last_error().map(|e| json!({
+                "hook": e.hook.name(),
+                "message": e.message,
+                "at": e.at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            })),
+        })
+    }
+}
+
+/// The virtual-node hash in force: the Lua `vnode_hash` hook where it answers, else
+/// `ring.vnode_hash`.
+fn vnode_hash<'a>(config: &'a Config, policy: &'a PolicySet) -> impl Fn(ServerId, u32) -> u32 + 'a {
+    let (f, slots) = (config.ring.vnode_hash, config.ring.slots);
+    move |id, j| {
+        let i = u64::from(id.get());
+        if policy.has_hook(Hook::VnodeHash) {
+            if let HookOutcome::Value(s) = policy.vnode_hash(i, j, slots) {
+                return s;
+            }
+        }
+        f.vnode_slot(i, j, slots)
     }
 }
 

@@ -14,6 +14,8 @@
 //!   events, reloads.
 //! - [`health`]: active `/heartbeat` probes and the rise/fall state machine's inputs.
 //! - [`provider`]: where replicas run: `process`, `static`, `docker`.
+//! - [`watcher`]: live reload of `conf/lb.toml` and `policies/`, validated before it is sent.
+//! - [`policy`]: the sandboxed Lua hooks (`request_key`, `request_hash`, `vnode_hash`, `health`).
 //! - [`admin`]: the replica API (`/rep`, `/add`, `/rm`) and `/lb/*`: parse, validate, ask the
 //!   controller.
 //!
@@ -38,9 +40,11 @@ pub mod hashing;
 pub mod health;
 pub mod loadgen;
 pub mod metrics;
+pub mod policy;
 pub mod provider;
 pub mod proxy;
 pub mod ring;
 pub mod server;
 pub mod snapshot;
 pub mod tools;
+pub mod watcher;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ringgate::config::{Config, ProviderKind};
+use ringgate::policy::PolicySet;
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +51,9 @@ enum Command {
         keys: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// A Lua policy file to simulate instead of the policy directory.
+        #[arg(long)]
+        policy: Option<PathBuf>,
     },
     /// Run the load generator against a loopback URL and print the summary.
     Load(ringgate::loadgen::LoadArgs),
@@ -63,6 +67,15 @@ fn load(path: &Path, explicit_default: bool) -> Result<Config, String> {
         return Ok(Config::default());
     }
     Config::load(path).map_err(|e| e.to_string())
+}
+
+/// The policy the offline tools use: `--policy FILE`, else the config's policy directory.
+fn active_policy(config: &Config, file: Option<&Path>) -> Result<PolicySet, String> {
+    match file {
+        Some(f) => ringgate::tools::load_policy_file(f, config),
+        None => PolicySet::load_dir(&config.policy.dir, config.policy.limits(), 1)
+            .map_err(|e| e.to_string()),
+    }
 }
 
 fn init_tracing() {
@@ -93,21 +106,35 @@ fn main() -> ExitCode {
             }
             let runtime = tokio::runtime::Runtime::new()
                 .map_err(|e| format!("cannot start the runtime: {e}"))?;
+            let watched = config.exists().then_some(config);
             runtime
-                .block_on(ringgate::app::run(c))
+                .block_on(ringgate::app::run(c, watched))
                 .map_err(|e| e.to_string())
         }),
-        Command::Check { config } => load(&config, false).map(|c| {
+        Command::Check { config } => load(&config, false).and_then(|c| {
+            let policy = ringgate::tools::check_policy(&c)?;
             println!("{}: OK: {}", config.display(), ringgate::tools::summary(&c));
+            print!("{policy}");
+            Ok(())
         }),
-        Command::Ring { config } => load(&config, config == default_path)
-            .and_then(|c| ringgate::tools::ring_report(&c).map_err(|e| e.to_string()))
-            .map(|r| print!("{r}")),
-        Command::Simulate { config, keys, seed } => load(&config, config == default_path)
-            .and_then(|c| {
-                ringgate::tools::simulate_report(&c, keys, seed).map_err(|e| e.to_string())
-            })
-            .map(|r| print!("{r}")),
+        Command::Ring { config } => load(&config, config == default_path).and_then(|c| {
+            let policy = active_policy(&c, None)?;
+            let report = ringgate::tools::ring_report(&c, &policy).map_err(|e| e.to_string())?;
+            print!("{report}");
+            Ok(())
+        }),
+        Command::Simulate {
+            config,
+            keys,
+            seed,
+            policy,
+        } => load(&config, config == default_path).and_then(|c| {
+            let policy = active_policy(&c, policy.as_deref())?;
+            let report = ringgate::tools::simulate_report(&c, &policy, keys, seed)
+                .map_err(|e| e.to_string())?;
+            print!("{report}");
+            Ok(())
+        }),
         Command::Load(args) => tokio::runtime::Runtime::new()
             .map_err(|e| format!("cannot start the runtime: {e}"))
             .and_then(|rt| {

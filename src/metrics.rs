@@ -49,6 +49,8 @@ pub struct Metrics {
     pub replicas_desired: AtomicU64,
     pub config_reloads: AtomicU64,
     pub config_reload_errors: AtomicU64,
+    pub policy_reloads: AtomicU64,
+    pub policy_reload_errors: AtomicU64,
     pub upstream_latency: Histogram,
 }
 
@@ -101,6 +103,35 @@ impl Metrics {
             "Config edits rejected.",
             get(&self.config_reload_errors),
         );
+        counter(
+            "ringgate_policy_reloads_total",
+            "Policy sets loaded after an edit.",
+            get(&self.policy_reloads),
+        );
+        counter(
+            "ringgate_policy_reload_errors_total",
+            "Policy edits rejected (the last good set stays).",
+            get(&self.policy_reload_errors),
+        );
+        let stats = snap.policy.stats();
+        let _ = writeln!(out, "# HELP ringgate_policy_hook_calls_total Lua hook calls.\n# TYPE ringgate_policy_hook_calls_total counter");
+        for h in crate::policy::Hook::ALL {
+            let _ = writeln!(
+                out,
+                "ringgate_policy_hook_calls_total{{hook=\"{}\"}} {}",
+                h.name(),
+                stats.calls(h)
+            );
+        }
+        let _ = writeln!(out, "# HELP ringgate_policy_hook_errors_total Lua hook calls that failed and fell back to the default.\n# TYPE ringgate_policy_hook_errors_total counter");
+        for h in crate::policy::Hook::ALL {
+            let _ = writeln!(
+                out,
+                "ringgate_policy_hook_errors_total{{hook=\"{}\"}} {}",
+                h.name(),
+                stats.errors(h)
+            );
+        }
         let _ = writeln!(out, "# HELP ringgate_replicas_up Replicas in the ring.\n# TYPE ringgate_replicas_up gauge\nringgate_replicas_up {}", get(&self.replicas_up));
         let _ = writeln!(out, "# HELP ringgate_replicas_desired Replicas the gateway keeps (N).\n# TYPE ringgate_replicas_desired gauge\nringgate_replicas_desired {}", get(&self.replicas_desired));
         let _ = writeln!(out, "# HELP ringgate_ring_generation Generation of the published snapshot.\n# TYPE ringgate_ring_generation gauge\nringgate_ring_generation {}", snap.generation);

@@ -24,7 +24,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::error::{Body, BoxError, GatewayError};
-use crate::hashing::{key_to_int, random_key};
 use crate::health::error_chain;
 use crate::metrics::Metrics;
 use crate::snapshot::{ReplicaStats, Snapshot, Upstream};
@@ -72,13 +71,39 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub enum ProxyBody {
     Empty,
     Streaming {
-        /// Holds the client's body until an attempt first polls it. A failed attempt that never
-        /// polled it leaves it here, and the next attempt takes it: that is what makes a request
-        /// with a body retryable.
-        slot: Arc<Mutex<Option<Limited<Incoming>>>>,
+        slot: Arc<BodySlot>,
         taken: Option<Limited<Incoming>>,
         hint: SizeHint,
     },
+}
+
+/// Holds the client's body until an attempt first polls it. A failed attempt that never polled
+/// it leaves it here, and the next attempt takes it: that is what makes a request with a body
+/// retryable. `over_limit` records that the body ran past `proxy.max_body`, because hyper boxes
+/// body errors in a way that hides their type from the error chain.
+pub struct BodySlot {
+    body: Mutex<Option<Limited<Incoming>>>,
+    over_limit: std::sync::atomic::AtomicBool,
+}
+
+impl BodySlot {
+    fn new(body: Limited<Incoming>) -> BodySlot {
+        BodySlot {
+            body: Mutex::new(Some(body)),
+            over_limit: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn take(&self) -> Option<Limited<Incoming>> {
+        self.body.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn is_untouched(&self) -> bool {
+        self.body
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
 }
 
 impl HttpBody for ProxyBody {
@@ -93,12 +118,18 @@ impl HttpBody for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Streaming { slot, taken, .. } => {
                 if taken.is_none() {
-                    *taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    *taken = slot.take();
                 }
-                match taken {
-                    Some(body) => Pin::new(body).poll_frame(cx),
-                    None => Poll::Ready(None),
+                let Some(body) = taken else {
+                    return Poll::Ready(None);
+                };
+                let polled = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(Some(Err(e))) = &polled {
+                    if e.is::<LengthLimitError>() {
+                        slot.over_limit.store(true, Ordering::Relaxed);
+                    }
                 }
+                polled
             }
         }
     }
@@ -110,7 +141,7 @@ impl HttpBody for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Empty => SizeHint::with_exact(0),
-            ProxyBody::Streaming { hint, .. } => hint.clone(),
+            ProxyBody::Streaming { hint, .. } => *hint,
         }
     }
 }
@@ -173,17 +204,6 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-fn has_source<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err.is::<E>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
 /// Forwards one request and returns the replica's response, or the gateway's failure response.
 pub async fn forward(
     snap: Arc<Snapshot>,
@@ -212,14 +232,12 @@ async fn try_forward(
     let (parts, body) = req.into_parts();
     let limit = cfg.proxy.max_body;
     if content_length(&parts.headers).is_some_and(|n| n > limit) {
+        linger(body);
         return Err(GatewayError::PayloadTooLarge { limit });
     }
 
-    let key = match cfg.hashing.key.extract(&parts, client_addr.ip()) {
-        Some(k) => key_to_int(&k),
-        None => random_key(),
-    };
-    let slot = cfg.ring.request_hash.request_slot(key, snap.ring.slots());
+    let key = snap.request_key(&parts, client_addr.ip());
+    let slot = snap.slot_of(key);
     let first = snap.ring.owner(slot).ok_or(GatewayError::NoReplica)?;
 
     let method = parts.method.clone();
@@ -243,7 +261,7 @@ async fn try_forward(
     } else {
         ProxyBody::Streaming {
             hint: body.size_hint(),
-            slot: Arc::new(Mutex::new(Some(Limited::new(body, limit as usize)))),
+            slot: Arc::new(BodySlot::new(Limited::new(body, limit as usize))),
             taken: None,
         }
     };
@@ -264,7 +282,7 @@ async fn try_forward(
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers.clone();
         let slot_handle = match req.body() {
-            ProxyBody::Streaming { slot, hint, .. } => Some((slot.clone(), hint.clone())),
+            ProxyBody::Streaming { slot, hint, .. } => Some((slot.clone(), *hint)),
             ProxyBody::Empty => None,
         };
 
@@ -287,7 +305,10 @@ async fn try_forward(
             Ok(Err(e)) => {
                 drop(guard);
                 upstream.stats.failures.fetch_add(1, Ordering::Relaxed);
-                if has_source::<LengthLimitError>(&e) {
+                if slot_handle
+                    .as_ref()
+                    .is_some_and(|(slot, _)| slot.over_limit.load(Ordering::Relaxed))
+                {
                     return Err(GatewayError::PayloadTooLarge { limit });
                 }
                 let connect_failed = e.is_connect();
@@ -296,7 +317,7 @@ async fn try_forward(
                 }
                 // The body is available again only if no attempt has read from it.
                 let reclaimed = slot_handle.map(|(slot, hint)| {
-                    let again = slot.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                    let again = slot.is_untouched();
                     (
                         again,
                         ProxyBody::Streaming {
@@ -341,6 +362,20 @@ async fn try_forward(
             }
         }
     }
+}
+
+/// Reads and discards a rejected upload for a while (bounded in bytes and time), like NGINX's
+/// lingering close, so a client still sending its body reads our 413 instead of a broken pipe.
+fn linger(body: Incoming) {
+    const MAX_BYTES: u64 = 64 * 1024 * 1024;
+    const MAX_TIME: Duration = Duration::from_secs(5);
+    tokio::spawn(async move {
+        let mut limited = Limited::new(body, MAX_BYTES as usize);
+        let _ = tokio::time::timeout(MAX_TIME, async {
+            while let Some(Ok(_)) = limited.frame().await {}
+        })
+        .await;
+    });
 }
 
 fn timeout_error(upstream: &Upstream, timeout: Duration) -> GatewayError {

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
+use crate::hashing::{key_to_int, random_key};
+use crate::policy::{Hook, HookOutcome, KeyRequest, LuaKey, PolicySet};
 use crate::proxy::{upstream_client, UpstreamClient};
 use crate::ring::{Ring, ServerId};
 
@@ -64,12 +66,15 @@ pub struct Snapshot {
     /// The pooled client to replicas (cheap to clone; rebuilt only when
     /// `proxy.connect_timeout` changes, so connections survive other changes).
     pub client: UpstreamClient,
+    /// The active Lua policy (empty when there is none): hooks override the built-ins.
+    pub policy: Arc<PolicySet>,
 }
 
 impl Snapshot {
     /// The snapshot before the controller has published anything: no replica, so 503s.
     pub fn initial(config: Arc<Config>) -> Snapshot {
         Snapshot {
+            policy: Arc::new(PolicySet::empty()),
             client: upstream_client(config.proxy.connect_timeout),
             generation: 0,
             ring: Ring::empty(config.ring.slots),
@@ -77,6 +82,47 @@ impl Snapshot {
             upstreams: Vec::new(),
             members: Vec::new(),
         }
+    }
+
+    /// The request key as an integer: the Lua `request_key` hook if it answers, else
+    /// `hashing.key`, else a random 6-digit id.
+    pub fn request_key(&self, parts: &http::request::Parts, client_ip: std::net::IpAddr) -> u64 {
+        if self.policy.has_hook(Hook::RequestKey) {
+            let headers: Vec<(&str, &[u8])> = parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_bytes()))
+                .collect();
+            let ip = client_ip.to_canonical().to_string();
+            let req = KeyRequest {
+                method: parts.method.as_str(),
+                path: parts.uri.path(),
+                query: parts.uri.query().unwrap_or(""),
+                headers: &headers,
+                client_ip: &ip,
+            };
+            match self.policy.request_key(&req) {
+                HookOutcome::Value(LuaKey::Int(i)) => return i as u64,
+                HookOutcome::Value(LuaKey::Str(s)) => return key_to_int(&s),
+                HookOutcome::Absent | HookOutcome::Failed(_) => {}
+            }
+        }
+        match self.config.hashing.key.extract(parts, client_ip) {
+            Some(k) => key_to_int(&k),
+            None => random_key(),
+        }
+    }
+
+    /// The slot of key `i`: the Lua `request_hash` hook if it answers, else `ring.request_hash`.
+    #[inline]
+    pub fn slot_of(&self, i: u64) -> u32 {
+        let slots = self.ring.slots();
+        if self.policy.has_hook(Hook::RequestHash) {
+            if let HookOutcome::Value(s) = self.policy.request_hash(i, slots) {
+                return s;
+            }
+        }
+        self.config.ring.request_hash.request_slot(i, slots)
     }
 
     #[inline]

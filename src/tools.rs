@@ -6,6 +6,7 @@
 use std::fmt::Write;
 
 use crate::config::{Config, ProviderKind};
+use crate::policy::{Hook, HookOutcome, KeyRequest, PolicySet, ProbeView};
 use crate::ring::{Placement, Ring, RingError, ServerId};
 
 /// The members a config starts with: the static servers, or `<prefix>1..=count`.
@@ -33,12 +34,17 @@ pub fn initial_members(config: &Config) -> Vec<(ServerId, String)> {
 /// The placement and owner table a config builds with all its members up.
 pub fn build_ring(
     config: &Config,
+    policy: &PolicySet,
     members: &[(ServerId, String)],
 ) -> Result<(Placement, Ring), RingError> {
     let (f, slots) = (config.ring.vnode_hash, config.ring.slots);
     let ids: Vec<ServerId> = members.iter().map(|(id, _)| *id).collect();
-    let placement = Placement::build(slots, config.ring.vnodes, &ids, |i, j| {
-        f.vnode_slot(u64::from(i.get()), j, slots)
+    let placement = Placement::build(slots, config.ring.vnodes, &ids, |id, j| {
+        let i = u64::from(id.get());
+        match policy.vnode_hash(i, j, slots) {
+            HookOutcome::Value(s) => s,
+            _ => f.vnode_slot(i, j, slots),
+        }
     })?;
     let ring = Ring::build(&placement, |_| true);
     Ok((placement, ring))
@@ -60,25 +66,27 @@ pub fn summary(config: &Config) -> String {
     )
 }
 
-fn name_of(members: &[(ServerId, String)], id: ServerId) -> &str {
-    members
-        .iter()
-        .find(|(i, _)| *i == id)
-        .map(|(_, n)| n.as_str())
-        .unwrap_or("?")
+/// The slot of key `i`: the policy's `request_hash` where it answers, else `ring.request_hash`.
+fn slot_for(config: &Config, policy: &PolicySet, i: u64) -> u32 {
+    let slots = config.ring.slots;
+    match policy.request_hash(i, slots) {
+        HookOutcome::Value(s) => s,
+        _ => config.ring.request_hash.request_slot(i, slots),
+    }
 }
 
 /// `ringgate ring`: each server's virtual-node slots and the share of the ring it owns.
-pub fn ring_report(config: &Config) -> Result<String, RingError> {
+pub fn ring_report(config: &Config, policy: &PolicySet) -> Result<String, RingError> {
     let members = initial_members(config);
-    let (placement, ring) = build_ring(config, &members)?;
+    let (placement, ring) = build_ring(config, policy, &members)?;
     let slots = config.ring.slots;
     let mut owned = vec![0u32; members.len()];
     for s in 0..slots {
-        if let Some(o) = ring.owner(s) {
-            if let Some(i) = members.iter().position(|(id, _)| *id == o) {
-                owned[i] += 1;
-            }
+        if let Some(i) = ring
+            .owner(s)
+            .and_then(|o| members.iter().position(|(id, _)| *id == o))
+        {
+            owned[i] += 1;
         }
     }
     let mut out = String::new();
@@ -107,35 +115,97 @@ pub fn ring_report(config: &Config) -> Result<String, RingError> {
     Ok(out)
 }
 
-/// Per-server request counts for `keys` random 6-digit keys (deterministic for a seed).
-pub fn simulate(config: &Config, keys: u64, seed: u64) -> Result<Vec<(String, u64)>, RingError> {
-    let members = initial_members(config);
-    let (_, ring) = build_ring(config, &members)?;
-    let mut counts = vec![0u64; members.len()];
-    let mut rng = fastrand::Rng::with_seed(seed);
-    for _ in 0..keys {
-        let key = rng.u64(100_000..=999_999);
-        let slot = config
-            .ring
-            .request_hash
-            .request_slot(key, config.ring.slots);
-        if let Some(owner) = ring.owner(slot) {
-            if let Some(i) = members.iter().position(|(id, _)| *id == owner) {
-                counts[i] += 1;
-            }
-        }
-    }
-    Ok(members.iter().map(|(_, n)| n.clone()).zip(counts).collect())
+/// What `ringgate simulate` measures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Simulation {
+    /// Requests per server, in member order.
+    pub counts: Vec<(String, u64)>,
+    /// Fraction of keys that change server when one server is added (ideal: 1/(N+1)).
+    pub moved_on_add: f64,
+    /// Fraction of keys that change server when the last server is removed (ideal: 1/N).
+    pub moved_on_remove: Option<f64>,
 }
 
-/// `ringgate simulate` as a table, with the spread (max/mean) and standard deviation.
-pub fn simulate_report(config: &Config, keys: u64, seed: u64) -> Result<String, RingError> {
-    let counts = simulate(config, keys, seed)?;
+fn owners_of(
+    config: &Config,
+    policy: &PolicySet,
+    members: &[(ServerId, String)],
+    keys: &[u64],
+) -> Result<Vec<Option<ServerId>>, RingError> {
+    let (_, ring) = build_ring(config, policy, members)?;
+    Ok(keys
+        .iter()
+        .map(|&k| ring.owner(slot_for(config, policy, k)))
+        .collect())
+}
+
+fn moved(a: &[Option<ServerId>], b: &[Option<ServerId>]) -> f64 {
+    let n = a.iter().zip(b).filter(|(x, y)| x != y).count();
+    if a.is_empty() {
+        0.0
+    } else {
+        n as f64 / a.len() as f64
+    }
+}
+
+/// Replays `keys` random 6-digit keys (deterministic for a seed) through the ring a config and a
+/// policy build, and through the same ring with one server more and one less.
+pub fn simulate(
+    config: &Config,
+    policy: &PolicySet,
+    keys: u64,
+    seed: u64,
+) -> Result<Simulation, RingError> {
+    let members = initial_members(config);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let keys: Vec<u64> = (0..keys).map(|_| rng.u64(100_000..=999_999)).collect();
+    let base = owners_of(config, policy, &members, &keys)?;
+    let counts = members
+        .iter()
+        .map(|(id, name)| {
+            (
+                name.clone(),
+                base.iter().filter(|o| **o == Some(*id)).count() as u64,
+            )
+        })
+        .collect();
+    let next = members.iter().map(|(id, _)| id.get()).max().unwrap_or(0) + 1;
+    let mut more = members.clone();
+    if let Some(id) = ServerId::new(next) {
+        more.push((id, format!("{}{next}", config.replicas.name_prefix)));
+    }
+    let moved_on_add = match owners_of(config, policy, &more, &keys) {
+        Ok(o) => moved(&base, &o),
+        Err(_) => f64::NAN,
+    };
+    let moved_on_remove = (members.len() >= 2)
+        .then(|| owners_of(config, policy, &members[..members.len() - 1], &keys))
+        .transpose()?
+        .map(|o| moved(&base, &o));
+    Ok(Simulation {
+        counts,
+        moved_on_add,
+        moved_on_remove,
+    })
+}
+
+/// `ringgate simulate` as a table, with the spread and the key movement.
+pub fn simulate_report(
+    config: &Config,
+    policy: &PolicySet,
+    keys: u64,
+    seed: u64,
+) -> Result<String, RingError> {
+    let sim = simulate(config, policy, keys, seed)?;
+    let counts = &sim.counts;
     let mut out = String::new();
     let _ = writeln!(out, "{}", summary(config));
+    if !policy.hooks().is_empty() {
+        let _ = writeln!(out, "policy hooks: {}", policy.hooks().join(", "));
+    }
     let _ = writeln!(out, "{keys} random 6-digit keys (seed {seed})");
     let _ = writeln!(out, "{:<16} {:>9} {:>8}", "server", "requests", "share");
-    for (name, c) in &counts {
+    for (name, c) in counts {
         let share = if keys > 0 {
             100.0 * *c as f64 / keys as f64
         } else {
@@ -153,26 +223,100 @@ pub fn simulate_report(config: &Config, keys: u64, seed: u64) -> Result<String, 
             .map(|(_, c)| (*c as f64 - mean).powi(2))
             .sum::<f64>()
             / n;
+        let pct = |x: f64| if mean > 0.0 { 100.0 * x / mean } else { 0.0 };
         let _ = writeln!(
             out,
             "mean {mean:.1}, std dev {:.1} ({:.1}% of mean), max/mean {:.2}",
             var.sqrt(),
-            if mean > 0.0 {
-                100.0 * var.sqrt() / mean
-            } else {
-                0.0
-            },
+            pct(var.sqrt()),
             if mean > 0.0 { max / mean } else { 0.0 }
         );
+        let _ = writeln!(
+            out,
+            "keys moved adding a server: {:.1}% (ideal {:.1}%)",
+            100.0 * sim.moved_on_add,
+            100.0 / (n + 1.0)
+        );
+        if let Some(r) = sim.moved_on_remove {
+            let _ = writeln!(
+                out,
+                "keys moved removing a server: {:.1}% (ideal {:.1}%)",
+                100.0 * r,
+                100.0 / n
+            );
+        }
     }
     Ok(out)
 }
 
-/// `name_of` for reports that print owners by name.
-pub fn owner_name(config: &Config, slot: u32) -> Result<Option<String>, RingError> {
-    let members = initial_members(config);
-    let (_, ring) = build_ring(config, &members)?;
-    Ok(ring.owner(slot).map(|id| name_of(&members, id).to_owned()))
+/// A policy set from one file, for `simulate --policy FILE`.
+pub fn load_policy_file(path: &std::path::Path, config: &Config) -> Result<PolicySet, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    PolicySet::from_sources(vec![(name, text)], config.policy.limits(), 1)
+        .map_err(|e| e.to_string())
+}
+
+/// `ringgate check`'s policy part: loads `policy.dir` and dry-runs every defined hook on sample
+/// input. Returns a report, or every problem found.
+pub fn check_policy(config: &Config) -> Result<String, String> {
+    let policy = PolicySet::load_dir(&config.policy.dir, config.policy.limits(), 1)
+        .map_err(|e| e.to_string())?;
+    let mut out = format!(
+        "policy {}: {} file(s) {:?}, hooks {:?}\n",
+        config.policy.dir.display(),
+        policy.files().len(),
+        policy.files(),
+        policy.hooks()
+    );
+    let slots = config.ring.slots;
+    let headers: [(&str, &[u8]); 2] = [("host", b"localhost:5000"), ("cookie", b"session=abc123")];
+    let req = KeyRequest {
+        method: "GET",
+        path: "/home",
+        query: "id=123456",
+        headers: &headers,
+        client_ip: "127.0.0.1",
+    };
+    let probe = ProbeView {
+        status: Some(200),
+        latency_ms: 1.5,
+        error: None,
+    };
+    let mut problems = Vec::new();
+    let mut report = |hook: Hook, outcome: Result<String, String>| match outcome {
+        Ok(v) => out.push_str(&format!("  {} on sample input -> {v}\n", hook.name())),
+        Err(e) => problems.push(format!("{} fails on sample input: {e}", hook.name())),
+    };
+    fn show<T: std::fmt::Debug>(o: HookOutcome<T>) -> Option<Result<String, String>> {
+        match o {
+            HookOutcome::Absent => None,
+            HookOutcome::Value(v) => Some(Ok(format!("{v:?}"))),
+            HookOutcome::Failed(e) => Some(Err(e.to_string())),
+        }
+    }
+    for (hook, outcome) in [
+        (Hook::RequestKey, show(policy.request_key(&req))),
+        (Hook::RequestHash, show(policy.request_hash(123_456, slots))),
+        (Hook::VnodeHash, show(policy.vnode_hash(1, 0, slots))),
+        (Hook::Health, show(policy.health("server-1", &probe))),
+    ] {
+        if policy.has_hook(hook) {
+            report(
+                hook,
+                outcome.unwrap_or_else(|| Ok("nil (the built-in default)".into())),
+            );
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems.join("\n"))
+    }
 }
 
 #[cfg(test)]
@@ -182,19 +326,26 @@ mod tests {
     #[test]
     fn simulate_counts_every_key_once() {
         let c = Config::default();
-        let counts = simulate(&c, 10_000, 1).expect("ring");
-        assert_eq!(counts.len(), 3);
-        assert_eq!(counts.iter().map(|(_, n)| n).sum::<u64>(), 10_000);
+        let p = PolicySet::empty();
+        let sim = simulate(&c, &p, 10_000, 1).expect("ring");
+        assert_eq!(sim.counts.len(), 3);
+        assert_eq!(sim.counts.iter().map(|(_, n)| n).sum::<u64>(), 10_000);
         assert_eq!(
-            counts,
-            simulate(&c, 10_000, 1).expect("ring"),
+            sim,
+            simulate(&c, &p, 10_000, 1).expect("ring"),
             "deterministic for a seed"
+        );
+        // Consistent hashing: adding a server moves only the keys it takes, far fewer than all.
+        assert!(sim.moved_on_add > 0.0 && sim.moved_on_add < 0.6, "{sim:?}");
+        assert!(
+            sim.moved_on_remove.is_some_and(|r| r > 0.0 && r < 1.0),
+            "{sim:?}"
         );
     }
 
     #[test]
     fn ring_report_lists_every_server() {
-        let r = ring_report(&Config::default()).expect("ring");
+        let r = ring_report(&Config::default(), &PolicySet::empty()).expect("ring");
         for name in ["server-1", "server-2", "server-3"] {
             assert!(r.contains(name), "{r}");
         }
@@ -202,5 +353,49 @@ mod tests {
             r.contains("26 29 34 41 50 61 74 89 106"),
             "server 1's specified Φ positions: {r}"
         );
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    #[test]
+    fn a_spreading_policy_changes_the_simulation() {
+        let c = Config::default();
+        let spread = load_policy_file(
+            std::path::Path::new("policies/examples/spread_hash.lua"),
+            &c,
+        )
+        .expect("example loads");
+        let plain = simulate(&c, &PolicySet::empty(), 20_000, 3).expect("ring");
+        let with = simulate(&c, &spread, 20_000, 3).expect("ring");
+        assert_ne!(plain.counts, with.counts);
+        let report = simulate_report(&c, &spread, 1000, 3).expect("report");
+        assert!(report.contains("policy hooks: request_hash"), "{report}");
+    }
+
+    #[test]
+    fn check_dry_runs_hooks_and_reports_failures() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut c = Config::default();
+        c.policy.dir = dir.path().to_owned();
+        std::fs::write(
+            dir.path().join("a.lua"),
+            "function request_hash(i, s) return 5 end",
+        )
+        .expect("write");
+        let r = check_policy(&c).expect("good policy");
+        assert!(r.contains("request_hash on sample input -> 5"), "{r}");
+        std::fs::write(
+            dir.path().join("b.lua"),
+            "function health(s, p) error('nope') end",
+        )
+        .expect("write");
+        let e = check_policy(&c).expect_err("failing hook");
+        assert!(e.contains("health fails on sample input"), "{e}");
+        std::fs::write(dir.path().join("c.lua"), "function (").expect("write");
+        let e = check_policy(&c).expect_err("syntax error");
+        assert!(e.contains("c.lua"), "{e}");
     }
 }

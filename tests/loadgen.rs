@@ -1,5 +1,6 @@
-//! The load generator against a live backend on 127.0.0.1:0: every request is recorded, the
-//! answering server is parsed from the `/home` message, and the backend is stopped afterwards.
+//! The load generator against live backends on 127.0.0.1:0 (a real `ringgate-server` process
+//! and a small in-test server): every request is recorded, the answering server is parsed from
+//! the `/home` message, and the backends are stopped afterwards.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -69,6 +70,49 @@ async fn records_every_request_and_the_answering_server() -> Result<(), Box<dyn 
     assert_eq!(s.errors.get("http 404"), Some(&10));
 
     let _ = stop.send(());
+    Ok(())
+}
+
+/// A `ringgate-server` child on 127.0.0.1:0, killed on drop.
+struct Backend(tokio::process::Child);
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn against_a_ringgate_server_process() -> Result<(), Box<dyn std::error::Error>> {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringgate-server"))
+        .env("SERVER_ID", "server-42")
+        .env("PORT", "0")
+        .env("BIND", "127.0.0.1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let backend = Backend(child);
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let base = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(url) = line.trim().strip_prefix("listening on ") {
+                return Some(url.to_string());
+            }
+        }
+        None
+    })
+    .await?
+    .ok_or("ringgate-server printed no listening line")?;
+
+    let mut cfg = LoadConfig::new(format!("{base}/home"), 300, 4);
+    cfg.timeout = Duration::from_secs(5);
+    let summary = loadgen::run(&cfg).await?.summary();
+    assert_eq!(summary.ok, 300);
+    assert_eq!(summary.per_server.get("server-42"), Some(&300));
+    drop(backend);
     Ok(())
 }
 

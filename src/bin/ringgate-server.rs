@@ -4,6 +4,7 @@
 //! `GET /heartbeat` → 200 with an empty body, anything else → 404 failure JSON.
 //! Environment: `SERVER_ID` (its name), `PORT` (default 5000; 0 picks a free one), `BIND`
 //! (default 0.0.0.0). Once bound it prints `listening on http://ADDR` on stdout, once.
+//! `RESPONSE_DELAY_MS` delays every `/home` answer (simulated work, for drain and timeout tests).
 //! With `RINGGATE_EXIT_ON_STDIN_EOF=1` it exits when its stdin closes: the process provider
 //! uses that so a replica never outlives the gateway that started it, even a SIGKILLed one.
 
@@ -13,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -115,9 +116,23 @@ async fn serve(addr: SocketAddr, server_id: Arc<str>) -> std::io::Result<()> {
         let _ = stream.set_nodelay(true);
         let id = server_id.clone();
         tokio::spawn(async move {
+            let delay = std::env::var("RESPONSE_DELAY_MS")
+                .ok()
+                .and_then(|d| d.parse().ok())
+                .map(std::time::Duration::from_millis);
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp = respond(&id, &req);
-                async move { Ok::<_, Infallible>(resp) }
+                let slow = delay.filter(|_| req.uri().path() == "/home");
+                async move {
+                    if let Some(d) = slow {
+                        tokio::time::sleep(d).await;
+                    }
+                    // Read (and discard) the request body before answering, so a client still
+                    // uploading is not cut off mid-body.
+                    let mut body = req.into_body();
+                    while let Some(Ok(_)) = body.frame().await {}
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)

@@ -1,0 +1,329 @@
+//! Shared test helpers: start a real gateway binary on an ephemeral loopback port with a temp
+//! config, talk HTTP to it, and clean everything up (also when a test fails).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_ringgate-server");
+pub const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_ringgate");
+
+/// Sections of a test config; each is the body of its `[section]`.
+#[derive(Default, Clone)]
+pub struct Conf {
+    pub ring: String,
+    pub hashing: String,
+    pub replicas: String,
+    pub provider: String,
+    pub health: String,
+    pub proxy: String,
+    pub policy: String,
+    pub admin: String,
+    /// Provider kind; "process" (with this build's ringgate-server) unless set.
+    pub kind: Option<String>,
+}
+
+impl Conf {
+    pub fn render(&self) -> String {
+        let kind = self.kind.clone().unwrap_or_else(|| "process".into());
+        let mut provider = format!("kind = \"{kind}\"\n");
+        if kind == "process" && !self.provider.contains("server_binary") {
+            provider.push_str(&format!("server_binary = \"{SERVER_BIN}\"\n"));
+        }
+        provider.push_str(&self.provider);
+        let mut out = String::from("listen = \"127.0.0.1:0\"\n");
+        for (name, body) in [
+            ("ring", &self.ring),
+            ("hashing", &self.hashing),
+            ("replicas", &self.replicas),
+            ("provider", &provider),
+            ("health", &self.health),
+            ("proxy", &self.proxy),
+            ("policy", &self.policy),
+            ("admin", &self.admin),
+        ] {
+            out.push_str(&format!("[{name}]\n{body}\n"));
+        }
+        out
+    }
+}
+
+/// A running `ringgate serve`. Dropping it kills the gateway (its replicas exit with it).
+pub struct Gateway {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Gateway {
+    pub fn start(conf: &Conf) -> Gateway {
+        Gateway::start_toml(&conf.render())
+    }
+
+    pub fn start_toml(toml: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("lb.toml");
+        let mut toml = toml.to_owned();
+        if !toml.contains("[policy]") {
+            toml.push_str(&format!(
+                "[policy]\ndir = \"{}\"\n",
+                dir.path().join("policies").display()
+            ));
+        } else {
+            toml = toml.replace(
+                "[policy]\n",
+                &format!(
+                    "[policy]\ndir = \"{}\"\n",
+                    dir.path().join("policies").display()
+                ),
+            );
+        }
+        std::fs::create_dir_all(dir.path().join("policies")).expect("policy dir");
+        std::fs::write(&config_path, &toml).expect("write config");
+        let mut child = Command::new(GATEWAY_BIN)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info,ringgate=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ringgate");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stderr);
+            let mut line = String::new();
+            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                if std::env::var_os("RINGGATE_TEST_LOG").is_some() {
+                    eprint!("{line}");
+                }
+                sink.lock().map(|mut s| s.push_str(&line)).ok();
+                line.clear();
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            let _ = tx.send(line);
+            let mut rest = Vec::new();
+            let _ = r.read_to_end(&mut rest);
+        });
+        let mut gw = Gateway {
+            child: Some(child),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            dir,
+            config_path,
+            log,
+        };
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        match line
+            .trim()
+            .strip_prefix("listening on http://")
+            .and_then(|a| a.parse().ok())
+        {
+            Some(addr) => gw.addr = addr,
+            None => panic!("gateway did not start: stdout {line:?}\nlog:\n{}", gw.log()),
+        }
+        gw
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        signal(self.pid(), sig);
+    }
+
+    /// Waits for the gateway to exit (after a signal) and returns whether it exited in time.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub async fn status(&self) -> Value {
+        let (code, body) = get(&self.url("/lb/status")).await;
+        assert_eq!(code, 200, "{body}");
+        json(&body)["message"].clone()
+    }
+
+    pub async fn replica_names(&self) -> Vec<String> {
+        let (_, body) = get(&self.url("/rep")).await;
+        json(&body)["message"]["replicas"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Pids of the replica processes, from /lb/status.
+    pub async fn replica_pids(&self) -> Vec<u32> {
+        self.status().await["replicas"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r["instance"].as_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Polls `/lb/status` until `pred` holds, or panics after `timeout` with the last status.
+    pub async fn wait_status(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status().await;
+            if pred(&s) {
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; last status: {s:#}\nlog:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+pub fn wait_dead(pids: &[u32], timeout: Duration) -> Vec<u32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let alive: Vec<u32> = pids.iter().copied().filter(|&p| process_alive(p)).collect();
+        if alive.is_empty() || Instant::now() > deadline {
+            return alive;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// One request; returns status and body text. Panics only if the request cannot be made at all
+/// within 30 s (a hung gateway).
+pub async fn call_with(
+    client: &TestClient,
+    method: &str,
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut req = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .unwrap_or_else(|_| panic!("{method} {url} hung"))
+        .unwrap_or_else(|e| panic!("{method} {url} failed: {e:?}"));
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+pub async fn call(method: &str, url: &str, body: &str) -> (u16, String) {
+    call_with(&client(), method, url, body, &[]).await
+}
+
+pub async fn get(url: &str) -> (u16, String) {
+    call("GET", url, "").await
+}
+
+pub fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// The server name in a `/home` answer.
+pub fn server_of(body: &str) -> Option<String> {
+    json(body)["message"]
+        .as_str()?
+        .strip_prefix("Hello from Server: ")
+        .map(str::to_owned)
+}
