@@ -25,14 +25,20 @@
 //! - [`metrics`]: lock-free counters and their Prometheus rendering.
 //! - [`error`]: the one place internal errors become HTTP responses.
 //! - [`tools`]: `ringgate check`, `ring` and `simulate`.
+//!
+//! Tooling:
+//! - [`loadgen`]: the load generator (`ringgate load`).
+//! - [`analysis`]: the experiments, charts and proxy benchmark (`ringgate analysis`).
 
 pub mod admin;
+pub mod analysis;
 pub mod app;
 pub mod config;
 pub mod controller;
 pub mod error;
 pub mod hashing;
 pub mod health;
+pub mod loadgen;
 pub mod metrics;
 pub mod policy;
 pub mod provider;

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what `make analysis` / `make bench` need from Debian's packages, only when missing.
+#   bench/deps.sh fonts     a TrueType font for the charts (fonts-dejavu-core)
+#   bench/deps.sh proxies   nginx, haproxy and wrk
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else SUDO=""; fi
+fi
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+
+missing=()
+for what in "$@"; do
+    case "$what" in
+        fonts)
+            if [ -z "${RINGGATE_FONT:-}" ] && [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+                missing+=(fonts-dejavu-core)
+            fi ;;
+        proxies)
+            have nginx || missing+=(nginx)
+            have haproxy || missing+=(haproxy)
+            have wrk || missing+=(wrk) ;;
+        *) echo "deps.sh: unknown group $what" >&2; exit 2 ;;
+    esac
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    exit 0
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "deps.sh: missing ${missing[*]} and no apt-get to install them" >&2
+    exit 1
+fi
+echo "installing ${missing[*]} from Debian's packages" >&2
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

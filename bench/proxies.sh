@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# `make bench`: ringgate against NGINX and HAProxy over the same three ringgate-server backends,
+# all on 127.0.0.1. Installs nginx, haproxy and wrk when missing, builds the release binaries,
+# runs the Rust driver (`ringgate analysis proxies`), which prints the table and writes it into
+# docs/performance.md. Every process the driver starts is listed in a pid file; the trap stops
+# them if the driver dies or the run is interrupted.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CARGO="${CARGO:-cargo}"
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+
+bench/deps.sh proxies
+"$CARGO" build --release --bins
+
+tmp="$(mktemp -d -t ringgate-bench.XXXXXX)"
+pidfile="$tmp/pids"
+cleanup() {
+    status=$?
+    if [ -s "$pidfile" ]; then
+        while read -r pid; do
+            kill -TERM "$pid" 2>/dev/null || true
+        done < "$pidfile"
+    fi
+    rm -rf "$tmp"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+"$TARGET_DIR/release/ringgate" analysis proxies \
+    --ringgate-bin "$TARGET_DIR/release/ringgate" \
+    --server-bin "$TARGET_DIR/release/ringgate-server" \
+    --pidfile "$pidfile" "$@"

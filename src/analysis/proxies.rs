@@ -1,0 +1,759 @@
+//! `make bench`: the same three `ringgate-server` backends measured directly (the limit), behind
+//! ringgate (static provider), behind NGINX (`hash $arg_id consistent`) and behind HAProxy
+//! (`balance url_param id` + `hash-type consistent`), all on 127.0.0.1, with one load generator
+//! (wrk when installed, else ours), rounds interleaved, medians of several runs; peak RSS of
+//! each proxy from `/proc/PID/status` (`VmHWM`). The table goes into `docs/performance.md`.
+//!
+//! Every process started here is written to `--pidfile` (so `bench/proxies.sh` can clean up
+//! after a crash) and stopped with SIGTERM on the way out.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::gateway::{children_of, peak_rss_kib, signal};
+use super::{report, AnalysisError};
+use crate::loadgen::{self, KeySource, LoadConfig};
+
+/// `ringgate analysis proxies`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxiesArgs {
+    /// The ringgate binary (default: this executable)
+    #[arg(long)]
+    pub ringgate_bin: Option<PathBuf>,
+    /// The backend binary (default: `ringgate-server` next to this executable)
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+    /// Measured runs per target (the median is reported)
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Length of one run
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Warm-up per target before the first round
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Open connections of the load generator
+    #[arg(short = 'c', long, default_value_t = 64)]
+    pub connections: usize,
+    /// Load generator threads (wrk)
+    #[arg(short = 't', long, default_value_t = 2)]
+    pub threads: usize,
+    /// Load generator: wrk or ours (default: wrk when installed)
+    #[arg(long)]
+    pub tool: Option<Tool>,
+    /// NGINX binary
+    #[arg(long, default_value = "nginx")]
+    pub nginx: String,
+    /// HAProxy binary
+    #[arg(long, default_value = "haproxy")]
+    pub haproxy: String,
+    /// Worker processes / threads given to each proxy
+    #[arg(long, default_value_t = 2)]
+    pub proxy_workers: usize,
+    /// The report whose bench section is rewritten
+    #[arg(long, default_value = "docs/performance.md")]
+    pub doc: PathBuf,
+    /// Append the pid of every started process here
+    #[arg(long)]
+    pub pidfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Tool {
+    Wrk,
+    Ours,
+}
+
+/// A process started by the benchmark; SIGTERM on drop.
+struct Proc {
+    name: String,
+    child: Child,
+    stopped: bool,
+}
+
+impl Proc {
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Peak RSS (KiB) of the process and its children, and how many processes that was.
+    fn peak_rss(&self) -> Option<(u64, usize)> {
+        let pid = self.pid()?;
+        let mut pids = vec![pid];
+        pids.extend(children_of(pid));
+        let total = pids.iter().filter_map(|p| peak_rss_kib(*p)).sum();
+        Some((total, pids.len()))
+    }
+
+    async fn stop(mut self) {
+        self.stopped = true;
+        if let Some(pid) = self.child.id() {
+            signal(pid, "TERM");
+            if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            eprintln!("{} did not stop on SIGTERM; killing it", self.name);
+        }
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if !self.stopped {
+            if let Some(pid) = self.child.id() {
+                signal(pid, "TERM");
+            }
+        }
+    }
+}
+
+/// Starts processes and records their pids.
+struct Launcher {
+    pidfile: Option<PathBuf>,
+}
+
+impl Launcher {
+    fn spawn(&self, name: &str, mut cmd: Command, log: &Path) -> Result<Proc, AnalysisError> {
+        let log = std::fs::File::create(log).map_err(|e| AnalysisError::io("creating a log", e))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(false);
+        let child = cmd
+            .spawn()
+            .map_err(|e| AnalysisError::io(format!("starting {name}"), e))?;
+        if let (Some(file), Some(pid)) = (&self.pidfile, child.id()) {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(file)
+            {
+                let _ = writeln!(f, "{pid}");
+            }
+        }
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            stopped: false,
+        })
+    }
+}
+
+/// Reads the child's stdout until `listening on http://ADDR`.
+async fn listening_line(p: &mut Proc) -> Result<String, AnalysisError> {
+    let stdout = p
+        .child
+        .stdout
+        .take()
+        .ok_or_else(|| AnalysisError::Bench(format!("{}: no stdout", p.name)))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(a) = line.trim().strip_prefix("listening on ") {
+                return Some(a.trim_end_matches('/').to_string());
+            }
+        }
+        None
+    })
+    .await;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    match found {
+        Ok(Some(url)) => Ok(url),
+        _ => Err(AnalysisError::Bench(format!(
+            "{} printed no `listening on` line",
+            p.name
+        ))),
+    }
+}
+
+/// Waits until `GET url` answers 200.
+async fn wait_200(url: &str, within: Duration) -> Result<(), AnalysisError> {
+    let client = loadgen::client(1);
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let (Some(200), Ok(_)) = loadgen::send_one(
+            &client,
+            hyper::Method::GET,
+            url,
+            None,
+            Duration::from_secs(2),
+        )
+        .await
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(AnalysisError::Bench(format!(
+        "{url} did not answer 200 within {within:?}"
+    )))
+}
+
+fn free_port() -> Result<u16, AnalysisError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| AnalysisError::io("finding a free port", e))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| AnalysisError::io("finding a free port", e))
+}
+
+/// A program on PATH or in the sbin directories.
+fn find_program(name: &str) -> Option<PathBuf> {
+    let p = Path::new(name);
+    if p.components().count() > 1 {
+        return p.is_file().then(|| p.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|f| f.is_file())
+}
+
+/// Figures of one measured run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunFigures {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+}
+
+/// Parses `1.23ms`, `850.00us`, `1.02s`, `1.5m` into milliseconds.
+pub fn parse_wrk_duration(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic())?;
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.trim().parse().ok()?;
+    Some(match unit {
+        "us" => v / 1e3,
+        "ms" => v,
+        "s" => v * 1e3,
+        "m" => v * 60e3,
+        "h" => v * 3600e3,
+        _ => return None,
+    })
+}
+
+/// Requests/s, p50, p99 and errors from `wrk --latency` output.
+pub fn parse_wrk(out: &str) -> Option<RunFigures> {
+    let mut f = RunFigures::default();
+    let mut have_rps = false;
+    for line in out.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            f.rps = v.trim().parse().ok()?;
+            have_rps = true;
+        } else if let Some(v) = t.strip_prefix("50%") {
+            f.p50_ms = parse_wrk_duration(v)?;
+        } else if let Some(v) = t.strip_prefix("99%") {
+            f.p99_ms = parse_wrk_duration(v)?;
+        } else if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            f.errors += v.trim().parse::<u64>().unwrap_or(0);
+        } else if let Some(v) = t.strip_prefix("Socket errors:") {
+            f.errors += v
+                .split(',')
+                .filter_map(|kv| kv.split_whitespace().last())
+                .filter_map(|n| n.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    have_rps.then_some(f)
+}
+
+const WRK_SCRIPT: &str = r#"-- random 6-digit ?id= per request, like `ringgate load`
+math.randomseed(os.time())
+request = function()
+  return wrk.format("GET", "/home?id=" .. math.random(100000, 999999))
+end
+"#;
+
+struct Measure {
+    tool: Tool,
+    wrk: Option<PathBuf>,
+    script: PathBuf,
+    connections: usize,
+    threads: usize,
+}
+
+impl Measure {
+    async fn run(&self, base: &str, d: Duration) -> Result<RunFigures, AnalysisError> {
+        match (self.tool, &self.wrk) {
+            (Tool::Wrk, Some(wrk)) => {
+                let out = Command::new(wrk)
+                    .arg(format!("-t{}", self.threads))
+                    .arg(format!("-c{}", self.connections))
+                    .arg(format!("-d{}s", d.as_secs().max(1)))
+                    .arg("--latency")
+                    .arg("-s")
+                    .arg(&self.script)
+                    .arg(format!("{base}/home"))
+                    .stdin(Stdio::null())
+                    .output()
+                    .await
+                    .map_err(|e| AnalysisError::io("running wrk", e))?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                parse_wrk(&text).ok_or_else(|| {
+                    AnalysisError::Bench(format!(
+                        "could not read wrk's output: {text}{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ))
+                })
+            }
+            _ => {
+                let mut cfg = LoadConfig::new(format!("{base}/home"), 0, self.connections);
+                cfg.requests = None;
+                cfg.duration = Some(d);
+                cfg.keys = KeySource::Random6 {
+                    seed: fastrand::u64(..),
+                };
+                cfg.timeout = Duration::from_secs(5);
+                let s = loadgen::run(&cfg).await?.summary();
+                Ok(RunFigures {
+                    rps: s.requests_per_sec,
+                    p50_ms: s.p50.as_secs_f64() * 1e3,
+                    p99_ms: s.p99.as_secs_f64() * 1e3,
+                    errors: s.failed,
+                })
+            }
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// One target of the comparison.
+struct Target {
+    name: &'static str,
+    base: String,
+    proc_: Option<Proc>,
+    runs: Vec<RunFigures>,
+    rss: Option<(u64, usize)>,
+}
+
+/// The aggregated row of a target.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub name: String,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+    pub rss_kib: Option<(u64, usize)>,
+}
+
+/// The markdown table (ringgate's throughput ratio against each target in the last column).
+pub fn table(rows: &[Row]) -> String {
+    let rg = rows.iter().find(|r| r.name == "ringgate").map(|r| r.rps);
+    let mut s = String::from(
+        "| target | requests/s (median) | p50 | p99 | errors | ringgate ÷ target (req/s) | peak RSS |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let ratio = match rg {
+            Some(g) if r.rps > 0.0 => format!("{:.2}", g / r.rps),
+            _ => "–".to_string(),
+        };
+        let rss = match r.rss_kib {
+            Some((k, n)) if n > 1 => format!("{:.1} MiB ({n} processes)", k as f64 / 1024.0),
+            Some((k, _)) => format!("{:.1} MiB", k as f64 / 1024.0),
+            None => "–".to_string(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.2} ms | {:.2} ms | {} | {ratio} | {rss} |",
+            r.name, r.rps, r.p50_ms, r.p99_ms, r.errors
+        );
+    }
+    s
+}
+
+/// Starts a ringgate with the static provider over `addrs` and `hash` for both hash functions.
+async fn start_ringgate(
+    launcher: &Launcher,
+    bin: &Path,
+    tmp: &Path,
+    policy_dir: &Path,
+    addrs: &[String],
+    hash: &str,
+) -> Result<(Proc, String), AnalysisError> {
+    let servers: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!(r#"{{ name = "server-{}", address = "{a}" }}"#, i + 1))
+        .collect();
+    let conf = tmp.join(format!("lb-{hash}.toml"));
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"127.0.0.1:0\"\n\n[ring]\nrequest_hash = \"{hash}\"\nvnode_hash = \"{hash}\"\n\n\
+[hashing]\nkey = \"query:id\"\n\n[replicas]\ncount = 3\n\n\
+[provider]\nkind = \"static\"\nservers = [{}]\n\n[policy]\ndir = \"{}\"\n",
+            servers.join(", "),
+            policy_dir.display()
+        ),
+    )
+    .map_err(|e| AnalysisError::io("writing lb.toml", e))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&conf)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--provider")
+        .arg("static")
+        .env("RUST_LOG", "warn");
+    let mut rg = launcher.spawn("ringgate", cmd, &tmp.join(format!("ringgate-{hash}.log")))?;
+    let url = listening_line(&mut rg).await?;
+    loadgen::check_loopback(&url)?;
+    wait_200(&format!("{url}/home?id=1"), Duration::from_secs(20)).await?;
+    Ok((rg, url))
+}
+
+/// Runs the comparison, prints the table and writes it into the report.
+pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
+    let exe = std::env::current_exe().map_err(|e| AnalysisError::io("locating ringgate", e))?;
+    let ringgate = args.ringgate_bin.clone().unwrap_or_else(|| exe.clone());
+    let server = match &args.server_bin {
+        Some(s) => s.clone(),
+        None => exe.with_file_name("ringgate-server"),
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("ringgate-bench-")
+        .tempdir()
+        .map_err(|e| AnalysisError::io("creating a temp dir", e))?;
+    let tmp = dir.path();
+    let launcher = Launcher {
+        pidfile: args.pidfile.clone(),
+    };
+    let mut notes = Vec::new();
+
+    // The three backends.
+    let mut backends = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 1..=3 {
+        let mut cmd = Command::new(&server);
+        cmd.env("SERVER_ID", format!("server-{i}"))
+            .env("PORT", "0")
+            .env("BIND", "127.0.0.1");
+        let mut p = launcher.spawn(
+            &format!("backend {i}"),
+            cmd,
+            &tmp.join(format!("backend{i}.log")),
+        )?;
+        let url = listening_line(&mut p).await?;
+        loadgen::check_loopback(&url)?;
+        addrs.push(url.trim_start_matches("http://").to_string());
+        backends.push(p);
+    }
+    let mut targets = vec![Target {
+        name: "direct (one backend)",
+        base: format!("http://{}", addrs[0]),
+        proc_: None,
+        runs: Vec::new(),
+        rss: None,
+    }];
+
+    // ringgate over the same three, static provider: as configured by default, and with mix64.
+    let policy_dir = tmp.join("policies");
+    std::fs::create_dir_all(&policy_dir).map_err(|e| AnalysisError::io("policy dir", e))?;
+    for (name, hash) in [("ringgate", "quadratic"), ("ringgate (mix64)", "mix64")] {
+        let rg = start_ringgate(&launcher, &ringgate, tmp, &policy_dir, &addrs, hash).await?;
+        targets.push(Target {
+            name,
+            base: rg.1,
+            proc_: Some(rg.0),
+            runs: Vec::new(),
+            rss: None,
+        });
+    }
+
+    // NGINX.
+    match find_program(&args.nginx) {
+        Some(nginx) => {
+            let port = free_port()?;
+            let upstreams: String = addrs.iter().map(|a| format!("    server {a};\n")).collect();
+            let t = tmp.display();
+            let conf = format!(
+                "worker_processes {w};\ndaemon off;\nmaster_process on;\npid {t}/nginx.pid;\n\
+error_log {t}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n\
+  client_body_temp_path {t}/nginx-body;\n  proxy_temp_path {t}/nginx-proxy;\n  fastcgi_temp_path {t}/nginx-fcgi;\n\
+  uwsgi_temp_path {t}/nginx-uwsgi;\n  scgi_temp_path {t}/nginx-scgi;\n\
+  upstream ring {{\n    hash $arg_id consistent;\n{upstreams}    keepalive 64;\n  }}\n\
+  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://ring;\n\
+      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+                w = args.proxy_workers
+            );
+            let path = tmp.join("nginx.conf");
+            std::fs::write(&path, conf).map_err(|e| AnalysisError::io("writing nginx.conf", e))?;
+            let mut cmd = Command::new(nginx);
+            cmd.arg("-e")
+                .arg(tmp.join("nginx-early.log"))
+                .arg("-p")
+                .arg(tmp)
+                .arg("-c")
+                .arg(&path);
+            let p = launcher.spawn("nginx", cmd, &tmp.join("nginx.log"))?;
+            let base = format!("http://127.0.0.1:{port}");
+            match wait_200(&format!("{base}/home?id=1"), Duration::from_secs(20)).await {
+                Ok(()) => targets.push(Target {
+                    name: "nginx",
+                    base,
+                    proc_: Some(p),
+                    runs: Vec::new(),
+                    rss: None,
+                }),
+                Err(e) => {
+                    let log = std::fs::read_to_string(tmp.join("nginx.log")).unwrap_or_default();
+                    notes.push(format!("NGINX did not come up: {e} {log}"));
+                    p.stop().await;
+                }
+            }
+        }
+        None => notes.push(format!("{} not installed: NGINX skipped", args.nginx)),
+    }
+
+    // HAProxy.
+    match find_program(&args.haproxy) {
+        Some(haproxy) => {
+            let port = free_port()?;
+            let servers: String = addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| format!("  server s{} {a}\n", i + 1))
+                .collect();
+            let conf = format!(
+                "global\n  maxconn 4096\n  nbthread {w}\n\ndefaults\n  mode http\n  timeout connect 5s\n\
+  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n\n\
+frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\n\
+backend be\n  balance url_param id\n  hash-type consistent\n{servers}",
+                w = args.proxy_workers
+            );
+            let path = tmp.join("haproxy.cfg");
+            std::fs::write(&path, conf).map_err(|e| AnalysisError::io("writing haproxy.cfg", e))?;
+            let mut cmd = Command::new(haproxy);
+            cmd.arg("-db").arg("-f").arg(&path);
+            let p = launcher.spawn("haproxy", cmd, &tmp.join("haproxy.log"))?;
+            let base = format!("http://127.0.0.1:{port}");
+            match wait_200(&format!("{base}/home?id=1"), Duration::from_secs(20)).await {
+                Ok(()) => targets.push(Target {
+                    name: "haproxy",
+                    base,
+                    proc_: Some(p),
+                    runs: Vec::new(),
+                    rss: None,
+                }),
+                Err(e) => {
+                    let log = std::fs::read_to_string(tmp.join("haproxy.log")).unwrap_or_default();
+                    notes.push(format!("HAProxy did not come up: {e} {log}"));
+                    p.stop().await;
+                }
+            }
+        }
+        None => notes.push(format!("{} not installed: HAProxy skipped", args.haproxy)),
+    }
+
+    // The load generator.
+    let wrk = find_program("wrk");
+    let tool = match (args.tool, &wrk) {
+        (Some(Tool::Wrk), None) => {
+            return Err(AnalysisError::Bench(
+                "wrk requested but not installed".into(),
+            ));
+        }
+        (Some(t), _) => t,
+        (None, Some(_)) => Tool::Wrk,
+        (None, None) => Tool::Ours,
+    };
+    let script = tmp.join("random_id.lua");
+    std::fs::write(&script, WRK_SCRIPT)
+        .map_err(|e| AnalysisError::io("writing the wrk script", e))?;
+    let measure = Measure {
+        tool,
+        wrk,
+        script,
+        connections: args.connections,
+        threads: args.threads,
+    };
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
+
+    let started = Instant::now();
+    for t in &targets {
+        eprintln!("warm-up {}", t.name);
+        measure.run(&t.base, args.warmup).await?;
+    }
+    for round in 0..args.runs {
+        // Interleave, and rotate who goes first.
+        let k = targets.len();
+        for step in 0..k {
+            let idx = (round + step) % k;
+            let t = &mut targets[idx];
+            let f = measure.run(&t.base, args.duration).await?;
+            eprintln!(
+                "round {}/{} {:<22} {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
+                round + 1,
+                args.runs,
+                t.name,
+                f.rps,
+                f.p50_ms,
+                f.p99_ms,
+                f.errors
+            );
+            t.runs.push(f);
+        }
+    }
+    for t in &mut targets {
+        t.rss = t.proc_.as_ref().and_then(Proc::peak_rss);
+    }
+    let rows: Vec<Row> = targets
+        .iter()
+        .map(|t| Row {
+            name: t.name.to_string(),
+            rps: median(t.runs.iter().map(|r| r.rps).collect()),
+            p50_ms: median(t.runs.iter().map(|r| r.p50_ms).collect()),
+            p99_ms: median(t.runs.iter().map(|r| r.p99_ms).collect()),
+            errors: t.runs.iter().map(|r| r.errors).sum(),
+            rss_kib: t.rss,
+        })
+        .collect();
+    let elapsed = started.elapsed();
+
+    for t in targets {
+        if let Some(p) = t.proc_ {
+            p.stop().await;
+        }
+    }
+    for b in backends {
+        b.stop().await;
+    }
+    // Everything is stopped: nothing left for the script's trap.
+    if let Some(p) = &args.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+
+    let tbl = table(&rows);
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let tool_desc = match tool {
+        Tool::Wrk => format!(
+            "wrk -t{} -c{} --latency with a Lua script sending random 6-digit `?id=`",
+            args.threads, args.connections
+        ),
+        Tool::Ours => format!(
+            "`ringgate load` at concurrency {} with random 6-digit `?id=`",
+            args.connections
+        ),
+    };
+    let mut section = format!(
+        "_Measured by `make bench` at {now} on {cpus} CPUs, all on 127.0.0.1: three `ringgate-server` \
+backends; ringgate with the static provider over them (default ring settings, so the quadratic \
+hash sends most keys to one backend; \"ringgate (mix64)\" spreads them like the peers do); NGINX with \
+`hash $arg_id consistent` and upstream keepalive; HAProxy with `balance url_param id` + \
+`hash-type consistent`; each proxy with {w} workers/threads. Load: {tool_desc}. {runs} runs of {d:?} \
+per target, rounds interleaved, medians reported (measuring took {el:.0?}). Load generator, proxy \
+and backends share the same CPUs, so these are relative figures. Peak RSS is `VmHWM` summed over \
+the proxy's processes (shared pages counted once per process)._\n\n{tbl}",
+        w = args.proxy_workers,
+        runs = args.runs,
+        d = args.duration,
+        el = elapsed,
+    );
+    for n in &notes {
+        let _ = writeln!(section, "\n> {n}");
+    }
+    let old = std::fs::read_to_string(&args.doc)
+        .unwrap_or_else(|_| "# ringgate performance\n".to_string());
+    let new = report::replace_bench_section(&old, &section);
+    if let Some(d) = args.doc.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).map_err(|e| AnalysisError::io("creating the docs dir", e))?;
+    }
+    std::fs::write(&args.doc, new)
+        .map_err(|e| AnalysisError::io(format!("writing {}", args.doc.display()), e))?;
+    println!("{tbl}");
+    for n in &notes {
+        println!("note: {n}");
+    }
+    eprintln!("table written to {}", args.doc.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRK_OUT: &str = "Running 6s test @ http://127.0.0.1:8080/home
+  2 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.52ms    1.10ms  30.12ms   90.00%
+    Req/Sec    21.50k     1.20k   24.00k    70.00%
+  Latency Distribution
+     50%    1.25ms
+     75%    1.80ms
+     90%    2.60ms
+     99%  850.00us
+  256000 requests in 6.00s, 40.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  42666.67
+Transfer/sec:      6.67MB
+";
+
+    #[test]
+    fn reads_wrk_output() {
+        let f = parse_wrk(WRK_OUT);
+        assert!(f.is_some());
+        let f = f.unwrap_or_default();
+        assert!((f.rps - 42666.67).abs() < 1e-6);
+        assert!((f.p50_ms - 1.25).abs() < 1e-9);
+        assert!((f.p99_ms - 0.85).abs() < 1e-9);
+        assert_eq!(f.errors, 7);
+        assert!(parse_wrk("garbage").is_none());
+        assert_eq!(parse_wrk_duration("1.02s"), Some(1020.0));
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+    }
+
+    #[test]
+    fn ratio_column_is_ringgate_over_target() {
+        let row = |name: &str, rps: f64| Row {
+            name: name.into(),
+            rps,
+            p50_ms: 1.0,
+            p99_ms: 2.0,
+            errors: 0,
+            rss_kib: Some((2048, 1)),
+        };
+        let t = table(&[row("ringgate", 100.0), row("nginx", 50.0)]);
+        assert!(t.contains("| nginx | 50 | 1.00 ms | 2.00 ms | 0 | 2.00 | 2.0 MiB |"));
+    }
+}
