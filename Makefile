@@ -3,15 +3,25 @@
 CARGO ?= cargo
 CONFIG ?= conf/lb.toml
 
-.PHONY: run build test fmt lint check
+.PHONY: run run-local build test fmt lint check
 
 ## build: release binaries (ringgate, ringgate-server)
 build:
 	$(CARGO) build --release --bins
 
-## run: the gateway in the foreground on port 5000 with 3 local replicas
-run: build
-	./target/release/ringgate serve --config $(CONFIG)
+## run: the gateway on port 5000 with 3 replicas: the docker-compose stack (replicas as containers)
+## when a Docker engine answers, else in the foreground here with local ringgate-server processes
+run:
+	@if docker info >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory compose-up; \
+	else \
+	  echo "no Docker engine answers (docker info failed): running the gateway here with local ringgate-server processes"; \
+	  $(MAKE) --no-print-directory build && ./target/release/ringgate serve --config $(CONFIG) --provider process; \
+	fi
+
+## run-local: the gateway in the foreground with local ringgate-server processes, Docker or not
+run-local: build
+	./target/release/ringgate serve --config $(CONFIG) --provider process
 
 ## test: the whole suite (unit, property, integration)
 test:
@@ -31,5 +41,5 @@ lint:
 check:
 	$(CARGO) run --quiet --bin ringgate -- check --config $(CONFIG)
 
--include docker/docker.mk
--include bench/bench.mk
+include docker/docker.mk
+include bench/bench.mk

@@ -826,7 +826,7 @@ impl Controller {
                             let _ = provider.remove(&inst.hostname).await;
                         });
                     }
-                    Err(e) if current => self.on_start_failed(id, e.to_string()),
+                    Err(e) if current => self.on_start_failed(id, e.detail()),
                     Err(_) => {}
                 }
             }

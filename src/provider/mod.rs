@@ -72,6 +72,19 @@ pub enum ProviderError {
     Setup(String),
 }
 
+impl ProviderError {
+    /// What went wrong without the "replica X failed to start" frame, for messages that name
+    /// the replica themselves.
+    pub fn detail(&self) -> String {
+        match self {
+            ProviderError::Spawn { reason, .. } | ProviderError::Remove { reason, .. } => {
+                reason.clone()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
 /// One small trait per concern: a provider starts, stops and lists replicas and reports events.
 pub trait Provider: Send + Sync + 'static {
     /// "process", "docker" or "static".
