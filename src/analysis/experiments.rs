@@ -479,3 +479,97 @@ mod tests {
         assert_eq!(v, ["server-1", "server-9", "server-10"]);
     }
 }
+
+/// One kill of the failover run.
+#[derive(Debug, Clone)]
+pub struct Kill {
+    pub victim: String,
+    /// Seconds into the run.
+    pub at: f64,
+    /// Milliseconds from the kill to the first `/lb/status` sample with the victim out of the ring.
+    pub detected_ms: Option<f64>,
+    /// Milliseconds from the kill to the first sample with N servers in the ring again.
+    pub restored_ms: Option<f64>,
+}
+
+/// The failover run: one replica SIGKILLed every few seconds under steady load.
+#[derive(Debug, Clone)]
+pub struct Failover {
+    pub secs: u64,
+    pub every: u64,
+    pub concurrency: usize,
+    pub requests: u64,
+    pub failed: u64,
+    pub rps: f64,
+    pub kills: Vec<Kill>,
+}
+
+/// Kills server-1, server-2, server-3, … in turn, every `every` seconds, for `secs` seconds,
+/// under a steady load at concurrency 16. Checks run at the default 10 s interval, so detection
+/// comes from the fast signals (the provider's exit report, failed connects).
+pub async fn failover(bin: &Path, secs: u64, every: u64) -> Result<Failover, AnalysisError> {
+    eprintln!("  failover: a replica killed every {every} s for {secs} s under load");
+    let mut spec = GatewaySpec::new(3, HashChoice::Default);
+    spec.health_interval = "10s";
+    spec.recovery_delay = "1s";
+    let gw = Gateway::start(bin, &spec).await?;
+    let result = failover_on(&gw, secs, every.max(1)).await;
+    gw.stop().await;
+    result
+}
+
+async fn failover_on(gw: &Gateway, secs: u64, every: u64) -> Result<Failover, AnalysisError> {
+    gw.wait_ready(3, Duration::from_secs(30)).await?;
+    let concurrency = 16;
+    let mut cfg = LoadConfig::new(gw.url("/home"), u64::MAX, concurrency);
+    cfg.requests = None;
+    cfg.duration = Some(Duration::from_secs(secs));
+    cfg.keys = KeySource::Random6 { seed: KEY_SEED };
+    cfg.timeout = Duration::from_secs(5);
+    let start = Instant::now();
+    let load_task = tokio::spawn(async move { loadgen::run(&cfg).await });
+
+    let mut kills: Vec<Kill> = Vec::new();
+    let mut next_kill = every as f64 / 2.0;
+    let end = start + Duration::from_secs(secs);
+    while Instant::now() < end {
+        let t = start.elapsed().as_secs_f64();
+        let settled = kills.last().is_none_or(|k| k.restored_ms.is_some());
+        if t >= next_kill && settled && t < secs as f64 - 1.0 {
+            let name = format!("server-{}", kills.len() % 3 + 1);
+            if let Some((pid, _)) = gw.replica_processes().into_iter().find(|(_, id)| *id == name) {
+                signal(pid, "KILL");
+                kills.push(Kill {
+                    victim: name,
+                    at: start.elapsed().as_secs_f64(),
+                    detected_ms: None,
+                    restored_ms: None,
+                });
+            }
+            next_kill += every as f64;
+        }
+        if let Ok((_, up)) = gw.up_counts().await {
+            let now = start.elapsed().as_secs_f64();
+            if let Some(k) = kills.last_mut() {
+                let ms = (now - k.at) * 1000.0;
+                if k.detected_ms.is_none() && up < 3 {
+                    k.detected_ms = Some(ms);
+                } else if k.detected_ms.is_some() && k.restored_ms.is_none() && up >= 3 {
+                    k.restored_ms = Some(ms);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = load_task.await.map_err(loadgen::LoadError::from)??;
+    let summary = report.summary();
+    Ok(Failover {
+        secs,
+        every,
+        concurrency,
+        requests: summary.total,
+        failed: summary.failed,
+        rps: summary.requests_per_sec,
+        kills,
+    })
+}

@@ -61,6 +61,8 @@ pub enum Experiment {
     A3,
     A4,
     Movement,
+    /// A replica SIGKILLed every few seconds under load: detection, restore, failed requests.
+    Failover,
 }
 
 /// `ringgate analysis`: run the experiments, draw the charts, regenerate the report.
@@ -99,6 +101,12 @@ pub struct AnalysisArgs {
     /// Length of the A-3 load, seconds
     #[arg(long, default_value_t = 8)]
     pub a3_secs: u64,
+    /// Length of the failover run, seconds
+    #[arg(long, default_value_t = 20)]
+    pub failover_secs: u64,
+    /// Seconds between two kills in the failover run
+    #[arg(long, default_value_t = 4)]
+    pub failover_every: u64,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -116,6 +124,7 @@ pub struct Results {
     pub per_hash: Vec<(String, Vec<experiments::Distribution>)>,
     pub movement: Vec<experiments::Movement>,
     pub resilience: Option<experiments::Resilience>,
+    pub failover: Option<experiments::Failover>,
     /// Notes on experiments that were skipped or failed.
     pub notes: Vec<String>,
 }
@@ -198,6 +207,12 @@ async fn run_experiments(args: &AnalysisArgs, bin: &Path) -> Results {
         match experiments::resilience(bin, args.a3_secs).await {
             Ok(x) => r.resilience = Some(x),
             Err(e) => r.notes.push(format!("A-3: {e}")),
+        }
+    }
+    if wants(args, Experiment::Failover) {
+        match experiments::failover(bin, args.failover_secs, args.failover_every).await {
+            Ok(x) => r.failover = Some(x),
+            Err(e) => r.notes.push(format!("failover: {e}")),
         }
     }
     for n in &r.notes {

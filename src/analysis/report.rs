@@ -248,6 +248,10 @@ random 6-digit `?id=` keys (the same keys for every run), counting the server na
         _ => out.push_str("Not run.\n\n"),
     }
 
+    if let Some(f) = &r.failover {
+        out.push_str(&failover_section(f));
+    }
+
     let _ = writeln!(
         out,
         "## A-3: every endpoint, and a replica killed under load\n"
@@ -455,7 +459,53 @@ pub fn console_summary(r: &Results) -> String {
             x.requests
         );
     }
+    if let Some(f) = &r.failover {
+        let _ = writeln!(s, "{}", failover_line(f));
+    }
     s
+}
+
+fn failover_line(f: &super::experiments::Failover) -> String {
+    let det: Vec<f64> = f.kills.iter().filter_map(|k| k.detected_ms).collect();
+    let res: Vec<f64> = f.kills.iter().filter_map(|k| k.restored_ms).collect();
+    let max = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
+    format!(
+        "failover: {} kills in {} s at concurrency {}: {:.0} req/s, {} failed of {} requests; detection ≤ {:.0} ms (max), N restored ≤ {:.0} ms (max)",
+        f.kills.len(),
+        f.secs,
+        f.concurrency,
+        f.rps,
+        f.failed,
+        f.requests,
+        max(&det),
+        max(&res)
+    )
+}
+
+/// The failover section of the report.
+fn failover_section(f: &super::experiments::Failover) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "## Failover: a replica SIGKILLed every {} s under load\n\n\
+         Three replicas, process provider, checks at the default 10 s interval (so detection comes \
+         from the provider's exit report and failed connects, not from heartbeats), \
+         `recovery_delay = 1s`, load at concurrency {} with random 6-digit ids for {} s. \
+         Times are from the kill to the first `/lb/status` sample (every ~10 ms) showing the \
+         change.\n",
+        f.every, f.concurrency, f.secs
+    );
+    let _ = writeln!(out, "| kill | victim | at | detected after | N restored after |\n|---|---|---|---|---|");
+    let ms = |v: Option<f64>| v.map(|x| format!("{x:.0} ms")).unwrap_or_else(|| "not seen".into());
+    for (i, k) in f.kills.iter().enumerate() {
+        let _ = writeln!(out, "| {} | {} | {:.1} s | {} | {} |", i + 1, k.victim, k.at, ms(k.detected_ms), ms(k.restored_ms));
+    }
+    let _ = writeln!(
+        out,
+        "\n**{:.0} requests/s; {} failed of {} requests** (target: zero).\n",
+        f.rps, f.failed, f.requests
+    );
+    out
 }
 
 #[cfg(test)]
