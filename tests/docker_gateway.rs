@@ -15,37 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use docker_support::{docker, inspect, DockerGateway, Scope, SERVER_IMAGE};
+use docker_support::{docker, inspect, start_gateway, Scope, SERVER_IMAGE};
 use serde_json::Value;
-use support::{call, get, json, server_of};
-
-async fn status(gw: &DockerGateway) -> Value {
-    let (code, body) = get(&gw.url("/lb/status")).await;
-    assert_eq!(code, 200, "{body}");
-    json(&body)["message"].clone()
-}
-
-async fn wait_status(
-    gw: &DockerGateway,
-    timeout: Duration,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = status(gw).await;
-        if pred(&s) {
-            return s;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "timed out waiting for {what}; last status: {s:#}\nlog:\n{}",
-                gw.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use support::{call, get, json, server_of, Gateway};
 
 /// One replica as `/lb/status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -83,7 +55,7 @@ fn all_in_ring(n: usize) -> impl Fn(&Value) -> bool {
     }
 }
 
-async fn replica_names(gw: &DockerGateway) -> BTreeSet<String> {
+async fn replica_names(gw: &Gateway) -> BTreeSet<String> {
     let (code, body) = get(&gw.url("/rep")).await;
     assert_eq!(code, 200, "{body}");
     json(&body)["message"]["replicas"]
@@ -147,14 +119,14 @@ fn check_against_docker(scope: &Scope, status: &Value) {
 async fn add_rm_and_proxying_match_docker_ps() {
     require_docker!();
     let mut scope = Scope::new("gwapi");
-    let gw = DockerGateway::start(&scope, SERVER_IMAGE, "[replicas]\ncount = 2\n");
-    let s = wait_status(
-        &gw,
-        Duration::from_secs(30),
-        "2 replicas in the ring",
-        all_in_ring(2),
-    )
-    .await;
+    let gw = start_gateway(&scope, SERVER_IMAGE, "[replicas]\ncount = 2\n");
+    let s = gw
+        .wait_status(
+            Duration::from_secs(30),
+            "2 replicas in the ring",
+            all_in_ring(2),
+        )
+        .await;
     let names = replica_names(&gw).await;
     assert_eq!(
         running(&scope),
@@ -192,13 +164,13 @@ async fn add_rm_and_proxying_match_docker_ps() {
     let names = replica_names(&gw).await;
     assert!(names.contains(&x));
     assert_eq!(running(&scope), names, "after /add");
-    let s = wait_status(
-        &gw,
-        Duration::from_secs(10),
-        "4 replicas in the ring",
-        all_in_ring(4),
-    )
-    .await;
+    let s = gw
+        .wait_status(
+            Duration::from_secs(10),
+            "4 replicas in the ring",
+            all_in_ring(4),
+        )
+        .await;
     check_against_docker(&scope, &s);
 
     // /add of a name an unmanaged container holds: a clear error, nothing changed, theirs intact.
@@ -252,7 +224,7 @@ async fn add_with_a_missing_image_fails_clearly_and_leaves_nothing() {
     require_docker!();
     let scope = Scope::new("gwnoimg");
     let image = format!("{}-missing:latest", scope.instance);
-    let gw = DockerGateway::start(&scope, &image, "[replicas]\ncount = 0\n");
+    let gw = start_gateway(&scope, &image, "[replicas]\ncount = 0\n");
     let (code, body) = call("POST", &gw.url("/add"), r#"{"n": 1}"#).await;
     println!("/add with a missing image: {code} {body}");
     assert!(code >= 500, "{code} {body}");
@@ -270,14 +242,13 @@ async fn docker_kill_under_traffic_ejects_at_once_and_replaces_with_the_same_nam
     let scope = Scope::new("gwkill");
     // Heartbeats every 30 s: ejection within a second can only come from the event stream
     // (or a failed proxy attempt).
-    let gw = DockerGateway::start(
+    let gw = start_gateway(
         &scope,
         SERVER_IMAGE,
         "[replicas]\ncount = 3\n[health]\ninterval = \"30s\"\nrecovery_delay = \"500ms\"\n",
     );
     let before = reps(
-        &wait_status(
-            &gw,
+        &gw.wait_status(
             Duration::from_secs(30),
             "3 replicas in the ring",
             all_in_ring(3),
@@ -313,28 +284,27 @@ async fn docker_kill_under_traffic_ejects_at_once_and_replaces_with_the_same_nam
 
     let t0 = Instant::now();
     docker(&["kill", &victim.name]).expect("docker kill");
-    wait_status(
-        &gw,
+    gw.wait_status(
         Duration::from_secs(1),
         "the killed replica out of the ring within 1 s",
         |s| reps(s).iter().any(|r| r.id == victim.id && !r.in_ring),
     )
     .await;
     let ejected = t0.elapsed();
-    let after = wait_status(
-        &gw,
-        Duration::from_secs(20),
-        "the replacement in the ring",
-        |s| {
-            reps(s).iter().any(|r| {
-                r.id == victim.id
-                    && r.in_ring
-                    && r.instance.is_some()
-                    && r.instance != victim.instance
-            })
-        },
-    )
-    .await;
+    let after = gw
+        .wait_status(
+            Duration::from_secs(20),
+            "the replacement in the ring",
+            |s| {
+                reps(s).iter().any(|r| {
+                    r.id == victim.id
+                        && r.in_ring
+                        && r.instance.is_some()
+                        && r.instance != victim.instance
+                })
+            },
+        )
+        .await;
     let replaced = t0.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
@@ -368,10 +338,9 @@ async fn docker_kill_under_traffic_ejects_at_once_and_replaces_with_the_same_nam
 async fn a_restarted_gateway_adopts_running_replicas_without_restarting_them() {
     require_docker!();
     let scope = Scope::new("gwadopt");
-    let mut gw = DockerGateway::start(&scope, SERVER_IMAGE, "[replicas]\ncount = 3\n");
+    let mut gw = start_gateway(&scope, SERVER_IMAGE, "[replicas]\ncount = 3\n");
     let before = reps(
-        &wait_status(
-            &gw,
+        &gw.wait_status(
             Duration::from_secs(30),
             "3 replicas in the ring",
             all_in_ring(3),
@@ -402,8 +371,7 @@ async fn a_restarted_gateway_adopts_running_replicas_without_restarting_them() {
 
     gw.launch();
     let after = reps(
-        &wait_status(
-            &gw,
+        &gw.wait_status(
             Duration::from_secs(30),
             "3 adopted replicas in the ring",
             all_in_ring(3),

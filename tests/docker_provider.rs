@@ -7,6 +7,7 @@
 #[macro_use]
 #[path = "support/docker.rs"]
 mod docker_support;
+mod support;
 
 use std::time::{Duration, Instant};
 

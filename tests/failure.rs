@@ -3,25 +3,12 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-
-/// Which server answers each id in `ids`.
-async fn owners(gw: &Gateway, ids: std::ops::Range<u64>) -> HashMap<u64, String> {
-    let c = client();
-    let mut out = HashMap::new();
-    for id in ids {
-        let (code, body) = call_with(&c, "GET", &gw.url(&format!("/home?id={id}")), "", &[]).await;
-        assert_eq!(code, 200, "{body}");
-        out.insert(id, server_of(&body).expect("answer"));
-    }
-    out
-}
 
 fn replica<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     status["replicas"]
@@ -54,7 +41,7 @@ async fn sigkill_under_load_costs_no_request_and_moves_no_other_key() {
         health: "recovery_delay = \"300ms\"\n".into(),
         ..Conf::default()
     });
-    let before = owners(&gw, 0..300).await;
+    let before = gw.owners(0..300).await;
     let status = gw.status().await;
     let victim = replica(&status, "server-2");
     let victim_pid: u32 = victim["instance"]
@@ -134,7 +121,7 @@ async fn sigkill_under_load_costs_no_request_and_moves_no_other_key() {
     assert!(r["restarts"].as_u64() >= Some(1));
     assert_eq!(status["up"], 3);
     assert_eq!(
-        owners(&gw, 0..300).await,
+        gw.owners(0..300).await,
         before,
         "after recovery every id is back on its owner"
     );
@@ -158,7 +145,7 @@ async fn a_hung_replica_is_detected_by_heartbeat_and_replaced() {
         proxy: "request_timeout = \"1s\"\n".into(),
         ..Conf::default()
     });
-    let before = owners(&gw, 0..100).await;
+    let before = gw.owners(0..100).await;
     let status = gw.status().await;
     let pid: u32 = replica(&status, "server-1")["instance"]
         .as_str()
@@ -189,7 +176,7 @@ async fn a_hung_replica_is_detected_by_heartbeat_and_replaced() {
         wait_dead(&[pid], Duration::from_secs(10)).is_empty(),
         "the hung process was not stopped"
     );
-    assert_eq!(owners(&gw, 0..100).await, before);
+    assert_eq!(gw.owners(0..100).await, before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,7 +236,7 @@ async fn rm_drains_in_flight_requests() {
         provider: format!("server_binary = \"{script}\"\n"),
         ..Conf::default()
     });
-    let map = owners(&gw, 0..30).await;
+    let map = gw.owners(0..30).await;
     let id = map
         .iter()
         .find(|(_, s)| *s == "server-3")

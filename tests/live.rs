@@ -15,17 +15,6 @@ fn policy_dir(gw: &Gateway) -> PathBuf {
     gw.dir.path().join("policies")
 }
 
-async fn owners(gw: &Gateway, ids: std::ops::Range<u64>) -> HashMap<u64, String> {
-    let c = client();
-    let mut out = HashMap::new();
-    for id in ids {
-        let (code, body) = call_with(&c, "GET", &gw.url(&format!("/home?id={id}")), "", &[]).await;
-        assert_eq!(code, 200, "{body}");
-        out.insert(id, server_of(&body).expect("answer"));
-    }
-    out
-}
-
 /// Polls until `pred` holds for the owners of `ids`; returns how long it took.
 async fn wait_routing(
     gw: &Gateway,
@@ -35,7 +24,7 @@ async fn wait_routing(
 ) -> Duration {
     let start = Instant::now();
     loop {
-        let o = owners(gw, ids.clone()).await;
+        let o = gw.owners(ids.clone()).await;
         if pred(&o) {
             return start.elapsed();
         }
@@ -61,7 +50,7 @@ const ALL_TO_SERVER_1: &str = "function request_hash(i, slots) return 0 end\n";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_policy_takes_over_under_traffic_and_removing_it_restores_defaults() {
     let gw = Gateway::start(&conf());
-    let before = owners(&gw, 0..60).await;
+    let before = gw.owners(0..60).await;
     assert!(
         before.values().any(|s| s != "server-1"),
         "defaults spread the ids"
@@ -125,7 +114,7 @@ async fn a_dropped_policy_takes_over_under_traffic_and_removing_it_restores_defa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_policies_never_break_serving() {
     let gw = Gateway::start(&conf());
-    let defaults = owners(&gw, 0..30).await;
+    let defaults = gw.owners(0..30).await;
     let dir = policy_dir(&gw);
 
     // Hooks that fail when called: each call falls back to the default and is counted.
@@ -148,7 +137,7 @@ async fn broken_policies_never_break_serving() {
         })
         .await;
         // Served, on the default routing.
-        let now = owners(&gw, 0..30).await;
+        let now = gw.owners(0..30).await;
         assert_eq!(
             now, defaults,
             "{name}: a failing hook must fall back to the default"
@@ -206,7 +195,7 @@ async fn broken_policies_never_break_serving() {
             serde_json::json!(["10-good.lua"]),
             "{name}: the last good set stays"
         );
-        let now = owners(&gw, 0..30).await;
+        let now = gw.owners(0..30).await;
         assert!(
             now.values().all(|s| s == "server-1"),
             "{name}: routing changed"

@@ -537,7 +537,11 @@ async fn failover_on(gw: &Gateway, secs: u64, every: u64) -> Result<Failover, An
         let settled = kills.last().is_none_or(|k| k.restored_ms.is_some());
         if t >= next_kill && settled && t < secs as f64 - 1.0 {
             let name = format!("server-{}", kills.len() % 3 + 1);
-            if let Some((pid, _)) = gw.replica_processes().into_iter().find(|(_, id)| *id == name) {
+            if let Some((pid, _)) = gw
+                .replica_processes()
+                .into_iter()
+                .find(|(_, id)| *id == name)
+            {
                 signal(pid, "KILL");
                 kills.push(Kill {
                     victim: name,

@@ -495,10 +495,24 @@ fn failover_section(f: &super::experiments::Failover) -> String {
          change.\n",
         f.every, f.concurrency, f.secs
     );
-    let _ = writeln!(out, "| kill | victim | at | detected after | N restored after |\n|---|---|---|---|---|");
-    let ms = |v: Option<f64>| v.map(|x| format!("{x:.0} ms")).unwrap_or_else(|| "not seen".into());
+    let _ = writeln!(
+        out,
+        "| kill | victim | at | detected after | N restored after |\n|---|---|---|---|---|"
+    );
+    let ms = |v: Option<f64>| {
+        v.map(|x| format!("{x:.0} ms"))
+            .unwrap_or_else(|| "not seen".into())
+    };
     for (i, k) in f.kills.iter().enumerate() {
-        let _ = writeln!(out, "| {} | {} | {:.1} s | {} | {} |", i + 1, k.victim, k.at, ms(k.detected_ms), ms(k.restored_ms));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} s | {} | {} |",
+            i + 1,
+            k.victim,
+            k.at,
+            ms(k.detected_ms),
+            ms(k.restored_ms)
+        );
     }
     let _ = writeln!(
         out,

@@ -241,144 +241,23 @@ pub async fn wait_ok(
     }
 }
 
-/// A `ringgate serve` with the docker provider, its replicas labelled with the scope's instance
-/// label and attached to the scope's network. Dropping it kills the gateway; the scope then
-/// removes the containers.
-pub struct DockerGateway {
-    child: Option<std::process::Child>,
-    pub addr: std::net::SocketAddr,
-    pub dir: tempfile::TempDir,
-    instance: String,
-    log: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl DockerGateway {
-    /// Starts a gateway with `[provider] kind = "docker"` on the scope's network, generated
-    /// replica names prefixed with the scope's unique name, and `sections` (TOML, e.g.
-    /// `"[replicas]\ncount = 2\n"`) appended.
-    pub fn start(scope: &Scope, image: &str, sections: &str) -> DockerGateway {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let policies = dir.path().join("policies");
-        std::fs::create_dir_all(&policies).expect("policy dir");
-        let mut toml = format!(
-            "listen = \"127.0.0.1:0\"\n[provider]\nkind = \"docker\"\nimage = \"{image}\"\nnetwork = \"{}\"\n\
-             [policy]\ndir = \"{}\"\n",
-            scope.network,
-            policies.display()
-        );
-        toml.push_str(sections);
-        if !sections.contains("name_prefix") {
-            toml = toml.replace(
-                "[replicas]\n",
-                &format!("[replicas]\nname_prefix = \"{}-s\"\n", scope.instance),
-            );
-            if !sections.contains("[replicas]") {
-                toml.push_str(&format!(
-                    "[replicas]\nname_prefix = \"{}-s\"\n",
-                    scope.instance
-                ));
-            }
-        }
-        std::fs::write(dir.path().join("lb.toml"), toml).expect("write config");
-        let mut gw = DockerGateway {
-            child: None,
-            addr: "127.0.0.1:1".parse().expect("addr"),
-            dir,
-            instance: scope.instance.clone(),
-            log: Default::default(),
-        };
-        gw.launch();
-        gw
-    }
-
-    /// Starts the gateway process (again, after [`stop`](Self::stop)) with the same config.
-    pub fn launch(&mut self) {
-        use std::io::{BufRead, BufReader, Read};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringgate"))
-            .args(["serve", "--config"])
-            .arg(self.dir.path().join("lb.toml"))
-            .current_dir(self.dir.path())
-            .env("RINGGATE_INSTANCE_LABEL", &self.instance)
-            .env("RUST_LOG", "info,ringgate=debug")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start ringgate");
-        let stderr = child.stderr.take().expect("stderr");
-        let sink = self.log.clone();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stderr);
-            let mut line = String::new();
-            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-                if std::env::var_os("RINGGATE_TEST_LOG").is_some() {
-                    eprint!("{line}");
-                }
-                if let Ok(mut s) = sink.lock() {
-                    s.push_str(&line);
-                }
-                line.clear();
-            }
-        });
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = r.read_line(&mut line);
-            let _ = tx.send(line);
-            let mut rest = Vec::new();
-            let _ = r.read_to_end(&mut rest);
-        });
-        self.child = Some(child);
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
-        match line
-            .trim()
-            .strip_prefix("listening on http://")
-            .and_then(|a| a.parse().ok())
-        {
-            Some(addr) => self.addr = addr,
-            None => panic!(
-                "gateway did not start: stdout {line:?}\nlog:\n{}",
-                self.log()
-            ),
+/// Starts a `ringgate serve` with the docker provider, its replicas labelled with the scope's
+/// instance label and attached to the scope's network, generated replica names prefixed with the
+/// scope's unique name, and `sections` (TOML, e.g. `"[replicas]\ncount = 2\n"`) appended.
+/// Dropping it kills the gateway; the scope then removes the containers.
+pub fn start_gateway(scope: &Scope, image: &str, sections: &str) -> crate::support::Gateway {
+    let mut toml = format!(
+        "listen = \"127.0.0.1:0\"\n[provider]\nkind = \"docker\"\nimage = \"{image}\"\nnetwork = \"{}\"\n",
+        scope.network
+    );
+    toml.push_str(sections);
+    if !sections.contains("name_prefix") {
+        let prefix = format!("[replicas]\nname_prefix = \"{}-s\"\n", scope.instance);
+        if sections.contains("[replicas]") {
+            toml = toml.replace("[replicas]\n", &prefix);
+        } else {
+            toml.push_str(&prefix);
         }
     }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    pub fn log(&self) -> String {
-        self.log.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    /// SIGTERM, then waits for the gateway to exit; true when it did within `timeout`.
-    pub fn stop(&mut self, timeout: Duration) -> bool {
-        let Some(mut child) = self.child.take() else {
-            return true;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        false
-    }
-}
-
-impl Drop for DockerGateway {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    crate::support::Gateway::start_with(&toml, &[("RINGGATE_INSTANCE_LABEL", &scope.instance)])
 }

@@ -60,12 +60,13 @@ impl Conf {
     }
 }
 
-/// A running `ringgate serve`. Dropping it kills the gateway (its replicas exit with it).
+/// A running `ringgate serve`. Dropping it kills the gateway (its process replicas exit with it).
 pub struct Gateway {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
+    env: Vec<(String, String)>,
     log: Arc<Mutex<String>>,
 }
 
@@ -75,38 +76,53 @@ impl Gateway {
     }
 
     pub fn start_toml(toml: &str) -> Gateway {
+        Gateway::start_with(toml, &[])
+    }
+
+    /// Starts a gateway with `toml` (a `[policy] dir` in a temp dir is added unless the text sets
+    /// `[policy]`) and extra environment variables.
+    pub fn start_with(toml: &str, env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("lb.toml");
-        let mut toml = toml.to_owned();
-        if !toml.contains("[policy]") {
-            toml.push_str(&format!(
-                "[policy]\ndir = \"{}\"\n",
-                dir.path().join("policies").display()
-            ));
+        let policies = dir.path().join("policies");
+        std::fs::create_dir_all(&policies).expect("policy dir");
+        let policy_dir = format!("dir = \"{}\"\n", policies.display());
+        let toml = if toml.contains("[policy]\n") {
+            toml.replace("[policy]\n", &format!("[policy]\n{policy_dir}"))
         } else {
-            toml = toml.replace(
-                "[policy]\n",
-                &format!(
-                    "[policy]\ndir = \"{}\"\n",
-                    dir.path().join("policies").display()
-                ),
-            );
-        }
-        std::fs::create_dir_all(dir.path().join("policies")).expect("policy dir");
+            format!("{toml}\n[policy]\n{policy_dir}")
+        };
         std::fs::write(&config_path, &toml).expect("write config");
+        let mut gw = Gateway {
+            child: None,
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            dir,
+            config_path,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        gw.launch();
+        gw
+    }
+
+    /// Starts the gateway process (again, after [`stop`](Self::stop)) with the same config.
+    pub fn launch(&mut self) {
         let mut child = Command::new(GATEWAY_BIN)
             .args(["serve", "--config"])
-            .arg(&config_path)
-            .current_dir(dir.path())
+            .arg(&self.config_path)
+            .current_dir(self.dir.path())
             .env("RUST_LOG", "info,ringgate=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start ringgate");
-        let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("stderr");
-        let sink = log.clone();
+        let sink = self.log.clone();
         std::thread::spawn(move || {
             let mut r = BufReader::new(stderr);
             let mut line = String::new();
@@ -128,23 +144,38 @@ impl Gateway {
             let mut rest = Vec::new();
             let _ = r.read_to_end(&mut rest);
         });
-        let mut gw = Gateway {
-            child: Some(child),
-            addr: "127.0.0.1:1".parse().expect("addr"),
-            dir,
-            config_path,
-            log,
-        };
+        self.child = Some(child);
         let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
         match line
             .trim()
             .strip_prefix("listening on http://")
             .and_then(|a| a.parse().ok())
         {
-            Some(addr) => gw.addr = addr,
-            None => panic!("gateway did not start: stdout {line:?}\nlog:\n{}", gw.log()),
+            Some(addr) => self.addr = addr,
+            None => panic!(
+                "gateway did not start: stdout {line:?}\nlog:\n{}",
+                self.log()
+            ),
         }
-        gw
+    }
+
+    /// SIGTERM, then waits for the gateway to exit; true when it did within `timeout` (else it
+    /// is killed).
+    pub fn stop(&mut self, timeout: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -207,6 +238,22 @@ impl Gateway {
             .unwrap_or_default()
     }
 
+    /// Which server answers `/home?id=<id>` for each id in `ids` (every answer must be a 200).
+    pub async fn owners(
+        &self,
+        ids: std::ops::Range<u64>,
+    ) -> std::collections::HashMap<u64, String> {
+        let c = client();
+        let mut out = std::collections::HashMap::new();
+        for id in ids {
+            let (code, body) =
+                call_with(&c, "GET", &self.url(&format!("/home?id={id}")), "", &[]).await;
+            assert_eq!(code, 200, "{body}");
+            out.insert(id, server_of(&body).expect("a /home answer"));
+        }
+        out
+    }
+
     /// Polls `/lb/status` until `pred` holds, or panics after `timeout` with the last status.
     pub async fn wait_status(
         &self,
@@ -226,7 +273,7 @@ impl Gateway {
                     self.log()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
