@@ -397,13 +397,14 @@ async fn start_ringgate(
     policy_dir: &Path,
     addrs: &[String],
     hash: &str,
+    tag: &str,
 ) -> Result<(Proc, String), AnalysisError> {
     let servers: Vec<String> = addrs
         .iter()
         .enumerate()
         .map(|(i, a)| format!(r#"{{ name = "server-{}", address = "{a}" }}"#, i + 1))
         .collect();
-    let conf = tmp.join(format!("lb-{hash}.toml"));
+    let conf = tmp.join(format!("lb-{tag}.toml"));
     std::fs::write(
         &conf,
         format!(
@@ -424,7 +425,7 @@ async fn start_ringgate(
         .arg("--provider")
         .arg("static")
         .env("RUST_LOG", "warn");
-    let mut rg = launcher.spawn("ringgate", cmd, &tmp.join(format!("ringgate-{hash}.log")))?;
+    let mut rg = launcher.spawn("ringgate", cmd, &tmp.join(format!("ringgate-{tag}.log")))?;
     let url = listening_line(&mut rg).await?;
     loadgen::check_loopback(&url)?;
     wait_200(&format!("{url}/home?id=1"), Duration::from_secs(20)).await?;
@@ -479,7 +480,7 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
     let policy_dir = tmp.join("policies");
     std::fs::create_dir_all(&policy_dir).map_err(|e| AnalysisError::io("policy dir", e))?;
     for (name, hash) in [("ringgate", "quadratic"), ("ringgate (mix64)", "mix64")] {
-        let rg = start_ringgate(&launcher, &ringgate, tmp, &policy_dir, &addrs, hash).await?;
+        let rg = start_ringgate(&launcher, &ringgate, tmp, &policy_dir, &addrs, hash, hash).await?;
         targets.push(Target {
             name,
             base: rg.1,
@@ -487,6 +488,37 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
             runs: Vec::new(),
             rss: None,
         });
+    }
+    // And with Lua hooks active (spread_hash + spread_vnodes: the same spread as mix64, so the
+    // difference to "ringgate (mix64)" is the cost of calling Lua on every request).
+    let lua_dir = tmp.join("policies-lua");
+    std::fs::create_dir_all(&lua_dir).map_err(|e| AnalysisError::io("policy dir", e))?;
+    let examples = ["spread_hash.lua", "spread_vnodes.lua"];
+    let copied = examples
+        .iter()
+        .all(|f| std::fs::copy(Path::new("policies/examples").join(f), lua_dir.join(f)).is_ok());
+    if copied {
+        let rg = start_ringgate(
+            &launcher,
+            &ringgate,
+            tmp,
+            &lua_dir,
+            &addrs,
+            "quadratic",
+            "lua",
+        )
+        .await?;
+        targets.push(Target {
+            name: "ringgate (Lua hash)",
+            base: rg.1,
+            proc_: Some(rg.0),
+            runs: Vec::new(),
+            rss: None,
+        });
+    } else {
+        notes.push(
+            "policies/examples/spread_*.lua not found: the Lua target was skipped".to_string(),
+        );
     }
 
     // NGINX.
