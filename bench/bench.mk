@@ -1,6 +1,6 @@
 # Performance analysis and benchmarks (included by the top-level Makefile).
 
-.PHONY: analysis bench bench-micro
+.PHONY: analysis bench bench-micro bench-rss
 
 ## analysis: experiments A-1..A-4 and ring movement on live gateways; charts in bench/out/, report in docs/performance.md
 analysis:
@@ -13,3 +13,7 @@ bench:
 ## bench-micro: criterion microbenches of the ring and the hash functions
 bench-micro:
 	$(CARGO) bench --bench ring
+
+## bench-rss: gateway memory with 1,000 open client connections (DESIGN target: RSS < 30 MB)
+bench-rss: build
+	python3 bench/rss.py 1000

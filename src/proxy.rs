@@ -30,6 +30,9 @@ use crate::snapshot::{ReplicaStats, Snapshot, Upstream};
 
 pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
 
+/// Idle keep-alive connections kept per replica.
+pub const MAX_IDLE_PER_REPLICA: usize = 64;
+
 /// The pooled keep-alive client to replicas.
 pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
     let mut connector = HttpConnector::new();
@@ -37,6 +40,9 @@ pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
     connector.set_connect_timeout(Some(connect_timeout));
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
+        // Enough idle keep-alive connections per replica for steady load; a burst beyond it
+        // opens more, which are closed when idle instead of held (each costs buffers).
+        .pool_max_idle_per_host(MAX_IDLE_PER_REPLICA)
         .build(connector)
 }
 
