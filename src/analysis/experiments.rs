@@ -535,7 +535,7 @@ async fn failover_on(gw: &Gateway, secs: u64, every: u64) -> Result<Failover, An
     while Instant::now() < end {
         let t = start.elapsed().as_secs_f64();
         let settled = kills.last().is_none_or(|k| k.restored_ms.is_some());
-        if t >= next_kill && settled && t < secs as f64 - 1.0 {
+        if t >= next_kill && settled && t < secs as f64 - 3.0 {
             let name = format!("server-{}", kills.len() % 3 + 1);
             if let Some((pid, _)) = gw
                 .replica_processes()

@@ -516,7 +516,12 @@ fn failover_section(f: &super::experiments::Failover) -> String {
     }
     let _ = writeln!(
         out,
-        "\n**{:.0} requests/s; {} failed of {} requests** (target: zero).\n",
+        "\n**{:.0} requests/s; {} failed of {} requests** (target: zero).\n\n\
+         Detection is the process provider's exit report (the child watcher fires on exit) or a \
+         failed connect, whichever comes first. Restoring takes `recovery_delay` plus the start. \
+         A replica killed again less than 30 s after its replacement started counts as crash-looping, \
+         so its next restart waits twice as long (exponential back-off, `docs/health.md`): that is \
+         why a second kill of the same server takes about 2 s to restore.\n",
         f.rps, f.failed, f.requests
     );
     out
