@@ -125,21 +125,6 @@ impl fmt::Display for ProviderKind {
     }
 }
 
-impl FromStr for ProviderKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(ProviderKind::Auto),
-            "process" => Ok(ProviderKind::Process),
-            "docker" => Ok(ProviderKind::Docker),
-            "static" => Ok(ProviderKind::Static),
-            other => Err(format!(
-                "unknown provider {other:?}: expected auto, process, docker or static"
-            )),
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StaticServer {
@@ -542,18 +527,6 @@ impl Config {
         }
         if self.policy.instruction_budget < 1000 {
             bad("policy.instruction_budget", "must be at least 1000".into());
-        }
-        out
-    }
-
-    /// What differs between two configs, as key names, for reload logs.
-    pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        if self.listen != new.listen {
-            out.push("listen");
-        }
-        if self.provider.kind != new.provider.kind {
-            out.push("provider.kind");
         }
         out
     }

@@ -350,11 +350,7 @@ impl Controller {
             let missing =
                 (self.config.replicas.count as usize).saturating_sub(self.members().count());
             for _ in 0..missing {
-                let id = self.free_id();
-                let name = self.generated_name(id, &HashSet::new());
-                self.replicas.insert(id, Managed::new(id, name));
-                self.place(id);
-                self.start_instance(id);
+                self.start_member();
             }
         }
         self.publish();
@@ -576,6 +572,16 @@ impl Controller {
         }
     }
 
+    /// A new member with a generated name, placed on the ring at once and started (start-up and
+    /// `replicas.count` edits; `/add` instead commits its replicas only once they all answer).
+    fn start_member(&mut self) {
+        let id = self.free_id();
+        let name = self.generated_name(id, &HashSet::new());
+        self.replicas.insert(id, Managed::new(id, name));
+        self.place(id);
+        self.start_instance(id);
+    }
+
     /// Adds or removes replicas until N = `n` (a `replicas.count` edit).
     fn scale_to(&mut self, n: u32) {
         if !self.provider.manages_replicas() {
@@ -592,11 +598,7 @@ impl Controller {
                 "scaling up to replicas.count"
             );
             for _ in 0..add {
-                let id = self.free_id();
-                let name = self.generated_name(id, &HashSet::new());
-                self.replicas.insert(id, Managed::new(id, name));
-                self.place(id);
-                self.start_instance(id);
+                self.start_member();
             }
             self.publish();
         } else if n < have {

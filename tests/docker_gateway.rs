@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use docker_support::{docker, inspect, start_gateway, Scope, SERVER_IMAGE};
 use serde_json::Value;
-use support::{call, get, json, server_of, Gateway};
+use support::{call, get, json, server_of};
 
 /// One replica as `/lb/status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -53,19 +53,6 @@ fn all_in_ring(n: usize) -> impl Fn(&Value) -> bool {
         let r = reps(s);
         r.len() == n && r.iter().all(|r| r.in_ring)
     }
-}
-
-async fn replica_names(gw: &Gateway) -> BTreeSet<String> {
-    let (code, body) = get(&gw.url("/rep")).await;
-    assert_eq!(code, 200, "{body}");
-    json(&body)["message"]["replicas"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn running(scope: &Scope) -> BTreeSet<String> {
@@ -127,7 +114,11 @@ async fn add_rm_and_proxying_match_docker_ps() {
             all_in_ring(2),
         )
         .await;
-    let names = replica_names(&gw).await;
+    let names = gw
+        .replica_names()
+        .await
+        .into_iter()
+        .collect::<BTreeSet<_>>();
     assert_eq!(
         running(&scope),
         names,
@@ -161,7 +152,11 @@ async fn add_rm_and_proxying_match_docker_ps() {
     .await;
     assert_eq!(code, 200, "{body}\n{}", gw.log());
     assert_eq!(json(&body)["message"]["N"], 4);
-    let names = replica_names(&gw).await;
+    let names = gw
+        .replica_names()
+        .await
+        .into_iter()
+        .collect::<BTreeSet<_>>();
     assert!(names.contains(&x));
     assert_eq!(running(&scope), names, "after /add");
     let s = gw
@@ -190,7 +185,14 @@ async fn add_rm_and_proxying_match_docker_ps() {
         inspect(&theirs).expect("theirs is still there")["Id"].as_str(),
         Some(their_id.as_str())
     );
-    assert_eq!(replica_names(&gw).await, names, "nothing added");
+    assert_eq!(
+        gw.replica_names()
+            .await
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
+        names,
+        "nothing added"
+    );
     assert_eq!(running(&scope), names, "no container of ours left behind");
 
     // /rm: one named, then one chosen by the gateway.
@@ -205,7 +207,11 @@ async fn add_rm_and_proxying_match_docker_ps() {
     assert!(inspect(&x).is_none(), "{x} is gone from docker ps -a");
     let (code, body) = call("DELETE", &gw.url("/rm"), r#"{"n": 1}"#).await;
     assert_eq!(code, 200, "{body}");
-    let names = replica_names(&gw).await;
+    let names = gw
+        .replica_names()
+        .await
+        .into_iter()
+        .collect::<BTreeSet<_>>();
     assert_eq!(names.len(), 2);
     let deadline = Instant::now() + Duration::from_secs(10);
     while scope.containers().len() != 2 && Instant::now() < deadline {
@@ -232,7 +238,12 @@ async fn add_with_a_missing_image_fails_clearly_and_leaves_nothing() {
         body.contains("make images") && body.contains(&image),
         "{body}"
     );
-    assert!(replica_names(&gw).await.is_empty());
+    assert!(gw
+        .replica_names()
+        .await
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+        .is_empty());
     assert!(scope.containers().is_empty(), "{:?}", scope.containers());
 }
 
