@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
@@ -40,20 +40,13 @@ pub enum AppError {
     Ring(#[from] crate::ring::RingError),
     #[error("cannot install the signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("cannot start a serving thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Runs the gateway until SIGTERM or SIGINT. `config_path` is watched for live edits.
 pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), AppError> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| AppError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| AppError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    let (listeners, local) = bind_listeners(config.listen, serving_threads())?;
     let shutdown = shutdown_signal()?;
 
     let config = Arc::new(config);
@@ -113,13 +106,85 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         controller: handle.clone(),
         metrics,
     });
-    serve(listener, gateway, shutdown, config.proxy.drain_timeout).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::new();
+    for (n, listener) in listeners.into_iter().enumerate() {
+        let (gateway, mut stop_rx, drain) =
+            (gateway.clone(), stop_rx.clone(), config.proxy.drain_timeout);
+        let thread = std::thread::Builder::new()
+            .name(format!("ringgate-serve-{n}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => return tracing::error!(error = %e, "cannot start a serving thread"),
+                };
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => return tracing::error!(error = %e, "cannot register a listener"),
+                    };
+                    let stop = async move {
+                        let _ = stop_rx.wait_for(|stop| *stop).await;
+                    };
+                    serve(listener, gateway, stop, drain).await;
+                });
+            })
+            .map_err(AppError::Thread)?;
+        threads.push(thread);
+    }
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
     watcher.abort();
     tracing::info!("stopping replicas");
     handle.shutdown().await;
     let _ = controller_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// One serving thread per CPU: each runs its own current-thread runtime with its own listener on
+/// the same address (`SO_REUSEPORT`: the kernel spreads connections over them), so a request,
+/// its upstream connection and their wake-ups stay on one thread.
+fn serving_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Binds `n` listeners on `addr` with `SO_REUSEPORT` (the first one picks the port when `addr`
+/// has port 0) and returns them as std listeners, for each serving thread to register with its
+/// own runtime.
+fn bind_listeners(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> Result<(Vec<std::net::TcpListener>, std::net::SocketAddr), AppError> {
+    let bind_error = |source| AppError::Bind { addr, source };
+    let mut local = addr;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let socket = if local.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(bind_error)?;
+        socket.set_reuseaddr(true).map_err(bind_error)?;
+        socket.set_reuseport(true).map_err(bind_error)?;
+        socket.bind(local).map_err(bind_error)?;
+        let listener = socket.listen(1024).map_err(bind_error)?;
+        local = listener.local_addr().map_err(bind_error)?;
+        out.push(listener.into_std().map_err(bind_error)?);
+    }
+    Ok((out, local))
 }
 
 /// The policy set the gateway starts with. A set that fails to load is logged and shown in

@@ -248,7 +248,6 @@ pub struct Controller {
     add_ops: HashMap<u64, AddOp>,
     ready_waiters: Vec<oneshot::Sender<()>>,
     probe_client: health::ProbeClient,
-    client: crate::proxy::UpstreamClient,
     cmd_rx: mpsc::Receiver<Command>,
     probe_tx: mpsc::Sender<ProbeReport>,
     probe_rx: mpsc::Receiver<ProbeReport>,
@@ -271,7 +270,6 @@ impl Controller {
         let (tx, cmd_rx) = mpsc::channel(1024);
         let (probe_tx, probe_rx) = mpsc::channel(1024);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
-        let config_timeout = config.proxy.connect_timeout;
         let (policy, policy_error) = match policy {
             Ok(p) => (p, None),
             Err(e) => (PolicySet::empty(), Some(e)),
@@ -293,7 +291,6 @@ impl Controller {
             add_ops: HashMap::new(),
             ready_waiters: Vec::new(),
             probe_client: health::probe_client(),
-            client: crate::proxy::upstream_client(config_timeout),
             cmd_rx,
             probe_tx,
             probe_rx,
@@ -551,9 +548,6 @@ impl Controller {
         self.config_error = None;
         self.metrics.config_reloads.fetch_add(1, Ordering::Relaxed);
         let scale_to = (new.replicas.count != old.replicas.count).then_some(new.replicas.count);
-        if new.proxy.connect_timeout != old.proxy.connect_timeout {
-            self.client = crate::proxy::upstream_client(new.proxy.connect_timeout);
-        }
         self.config = Arc::new(new);
         if let Some(p) = placement {
             self.placement = p;
@@ -1149,7 +1143,6 @@ impl Controller {
             ring,
             upstreams,
             members: self.member_names(),
-            client: self.client.clone(),
             policy: self.policy.clone(),
         };
         self.shared.store(Arc::new(snapshot));

@@ -30,6 +30,28 @@ use crate::snapshot::{ReplicaStats, Snapshot, Upstream};
 
 pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
 
+thread_local! {
+    /// This serving thread's pool of upstream connections, with the connect timeout it was built
+    /// for. Per thread, so a request and its upstream connection stay on one thread (no
+    /// cross-thread wake-ups); rebuilt when `proxy.connect_timeout` changes.
+    static CLIENT: std::cell::RefCell<Option<(Duration, UpstreamClient)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The calling thread's upstream client for `connect_timeout` (a cheap handle clone).
+fn thread_client(connect_timeout: Duration) -> UpstreamClient {
+    CLIENT.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        match &*slot {
+            Some((t, client)) if *t == connect_timeout => client.clone(),
+            _ => {
+                let client = upstream_client(connect_timeout);
+                *slot = Some((connect_timeout, client.clone()));
+                client
+            }
+        }
+    })
+}
+
 /// Idle keep-alive connections kept per replica.
 pub const MAX_IDLE_PER_REPLICA: usize = 64;
 
@@ -272,6 +294,7 @@ async fn try_forward(
         }
     };
     let idempotent = is_idempotent(&method);
+    let client = thread_client(cfg.proxy.connect_timeout);
     let attempts = 1 + cfg.proxy.retries as usize;
     let mut target = first;
     let mut attempt = 0;
@@ -294,8 +317,7 @@ async fn try_forward(
 
         let guard = InFlight::start(&upstream.stats);
         let started = Instant::now();
-        let result =
-            tokio::time::timeout(cfg.proxy.request_timeout, snap.client.request(req)).await;
+        let result = tokio::time::timeout(cfg.proxy.request_timeout, client.request(req)).await;
         match result {
             Ok(Ok(resp)) => {
                 metrics.upstream_latency.observe(started.elapsed());

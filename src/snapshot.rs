@@ -14,7 +14,6 @@ use arc_swap::ArcSwap;
 use crate::config::Config;
 use crate::hashing::{key_to_int, random_key};
 use crate::policy::{Hook, HookOutcome, KeyRequest, LuaKey, PolicySet};
-use crate::proxy::{upstream_client, UpstreamClient};
 use crate::ring::{Ring, ServerId};
 
 /// Counters for one replica, kept by the controller across snapshots and replacements.
@@ -63,9 +62,6 @@ pub struct Snapshot {
     /// The membership `/rep` reports: every replica the gateway keeps (up or being recovered),
     /// in id order; not the ones being removed.
     pub members: Vec<String>,
-    /// The pooled client to replicas (cheap to clone; rebuilt only when
-    /// `proxy.connect_timeout` changes, so connections survive other changes).
-    pub client: UpstreamClient,
     /// The active Lua policy (empty when there is none): hooks override the built-ins.
     pub policy: Arc<PolicySet>,
 }
@@ -75,7 +71,6 @@ impl Snapshot {
     pub fn initial(config: Arc<Config>) -> Snapshot {
         Snapshot {
             policy: Arc::new(PolicySet::empty()),
-            client: upstream_client(config.proxy.connect_timeout),
             generation: 0,
             ring: Ring::empty(config.ring.slots),
             config,
