@@ -1,8 +1,8 @@
 //! Wiring: turns a config into a running gateway.
 //!
 //! Owns: the start-up order (bind the port first so a busy port fails fast, start the provider
-//! and the controller, wait for the replicas, then serve on one thread per CPU) and the shutdown order (stop
-//! accepting, drain in-flight requests, then stop the replicas the gateway started).
+//! and the controller, wait for the replicas, then serve on one thread per CPU) and the shutdown
+//! order (stop accepting, drain in-flight requests, then stop the replicas the gateway started).
 //! Must not touch: any decision; it only connects the parts.
 
 use std::io::Write;
