@@ -306,7 +306,9 @@ impl Drop for Gateway {
     }
 }
 
-async fn wait_listening(child: &mut Child) -> Result<String, AnalysisError> {
+/// Reads the child's stdout until `listening on http://ADDR`, checks the address is loopback,
+/// and keeps draining stdout so the child never blocks on a full pipe.
+pub async fn wait_listening(child: &mut Child) -> Result<String, AnalysisError> {
     let stdout = child
         .stdout
         .take()

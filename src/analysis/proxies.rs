@@ -13,10 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::gateway::{children_of, peak_rss_kib, signal};
+use super::gateway::{children_of, peak_rss_kib, signal, wait_listening};
 use super::{report, AnalysisError};
 use crate::loadgen::{self, KeySource, LoadConfig};
 
@@ -150,31 +149,11 @@ impl Launcher {
     }
 }
 
-/// Reads the child's stdout until `listening on http://ADDR`.
+/// Reads the child's stdout until `listening on http://ADDR` (loopback only).
 async fn listening_line(p: &mut Proc) -> Result<String, AnalysisError> {
-    let stdout = p
-        .child
-        .stdout
-        .take()
-        .ok_or_else(|| AnalysisError::Bench(format!("{}: no stdout", p.name)))?;
-    let mut lines = BufReader::new(stdout).lines();
-    let found = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(a) = line.trim().strip_prefix("listening on ") {
-                return Some(a.trim_end_matches('/').to_string());
-            }
-        }
-        None
-    })
-    .await;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    match found {
-        Ok(Some(url)) => Ok(url),
-        _ => Err(AnalysisError::Bench(format!(
-            "{} printed no `listening on` line",
-            p.name
-        ))),
-    }
+    wait_listening(&mut p.child)
+        .await
+        .map_err(|e| AnalysisError::Bench(format!("{}: {e}", p.name)))
 }
 
 /// Waits until `GET url` answers 200.
@@ -427,7 +406,6 @@ async fn start_ringgate(
         .env("RUST_LOG", "warn");
     let mut rg = launcher.spawn("ringgate", cmd, &tmp.join(format!("ringgate-{tag}.log")))?;
     let url = listening_line(&mut rg).await?;
-    loadgen::check_loopback(&url)?;
     wait_200(&format!("{url}/home?id=1"), Duration::from_secs(20)).await?;
     Ok((rg, url))
 }
@@ -464,7 +442,6 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
             &tmp.join(format!("backend{i}.log")),
         )?;
         let url = listening_line(&mut p).await?;
-        loadgen::check_loopback(&url)?;
         addrs.push(url.trim_start_matches("http://").to_string());
         backends.push(p);
     }
