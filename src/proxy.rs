@@ -26,7 +26,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::error::{Body, BoxError, GatewayError};
 use crate::health::error_chain;
 use crate::metrics::Metrics;
-use crate::snapshot::{ReplicaStats, Snapshot, Upstream};
+use crate::snapshot::{ReplicaStats, Snapshot};
 
 pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
 
@@ -343,26 +343,20 @@ async fn try_forward(
                 if connect_failed {
                     controller.passive_failure(upstream.id, upstream.incarnation, error_chain(&e));
                 }
-                // The body is available again only if no attempt has read from it.
-                let reclaimed = slot_handle.map(|(slot, hint)| {
-                    let again = slot.is_untouched();
-                    (
-                        again,
+                // A streamed body is available again only if no attempt has read from it.
+                let streamed = slot_handle.is_some();
+                let (body_unsent, next_body) = match slot_handle {
+                    None => (true, ProxyBody::Empty),
+                    Some((slot, hint)) => (
+                        slot.is_untouched(),
                         ProxyBody::Streaming {
                             slot,
                             taken: None,
                             hint,
                         },
-                    )
-                });
-                let (body_unsent, next_body) = match reclaimed {
-                    None => (true, ProxyBody::Empty),
-                    Some((again, b)) => (again, b),
+                    ),
                 };
-                let retryable = body_unsent
-                    && (connect_failed
-                        || idempotent
-                        || matches!(next_body, ProxyBody::Streaming { .. }));
+                let retryable = body_unsent && (connect_failed || idempotent || streamed);
                 let next = retryable
                     .then(|| snap.ring.successors(slot).nth(attempt + 1))
                     .flatten()
@@ -386,7 +380,10 @@ async fn try_forward(
             Err(_) => {
                 drop(guard);
                 upstream.stats.failures.fetch_add(1, Ordering::Relaxed);
-                return Err(timeout_error(upstream, cfg.proxy.request_timeout));
+                return Err(GatewayError::GatewayTimeout {
+                    replica: upstream.name.clone(),
+                    timeout: cfg.proxy.request_timeout,
+                });
             }
         }
     }
@@ -404,13 +401,6 @@ fn linger(body: Incoming) {
         })
         .await;
     });
-}
-
-fn timeout_error(upstream: &Upstream, timeout: Duration) -> GatewayError {
-    GatewayError::GatewayTimeout {
-        replica: upstream.name.clone(),
-        timeout,
-    }
 }
 
 fn set_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: Option<HeaderValue>) {
