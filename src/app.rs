@@ -5,7 +5,6 @@
 //! order (stop accepting, drain in-flight requests, then stop the replicas the gateway started).
 //! Must not touch: any decision; it only connects the parts.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,11 +93,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     }
 
     // The one line on stdout: scripts and tests wait for it.
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on http://{local}");
-        let _ = out.flush();
-    }
+    let _ = crate::listening::announce(local);
     tracing::info!(addr = %local, "serving");
 
     let gateway = Arc::new(Gateway {

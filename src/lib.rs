@@ -25,6 +25,7 @@
 //! - [`metrics`]: lock-free counters and their Prometheus rendering.
 //! - [`error`]: the one place internal errors become HTTP responses.
 //! - [`tools`]: `ringgate check`, `ring` and `simulate`.
+//! - [`listening`]: the `listening on http://ADDR` line processes print once they serve.
 //!
 //! Tooling:
 //! - [`loadgen`]: the load generator (`ringgate load`).
@@ -38,6 +39,7 @@ pub mod controller;
 pub mod error;
 pub mod hashing;
 pub mod health;
+pub mod listening;
 pub mod loadgen;
 pub mod metrics;
 pub mod policy;

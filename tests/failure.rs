@@ -298,11 +298,7 @@ fn own_backend(name: &str, port: u16) -> (OwnBackend, std::net::SocketAddr) {
     std::io::BufReader::new(stdout)
         .read_line(&mut line)
         .expect("listening line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .and_then(|a| a.parse().ok())
-        .expect("address");
+    let addr = ringgate::listening::parse(&line).expect("address");
     (OwnBackend(child), addr)
 }
 

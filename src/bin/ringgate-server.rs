@@ -9,7 +9,7 @@
 //! uses that so a replica never outlives the gateway that started it, even a SIGKILLed one.
 
 use std::convert::Infallible;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -95,11 +95,7 @@ fn main() -> std::process::ExitCode {
 async fn serve(addr: SocketAddr, server_id: Arc<str>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "listening on http://{local}")?;
-        out.flush()?;
-    }
+    ringgate::listening::announce(local)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let (stream, _) = tokio::select! {

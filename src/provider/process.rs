@@ -10,7 +10,6 @@
 //! the address), so there is no race for a "free" port.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -102,7 +101,7 @@ impl ProcessProvider {
         let mut lines = BufReader::new(stdout).lines();
         let first = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
         let addr = match first {
-            Ok(Ok(Some(line))) => parse_listening(&line).ok_or_else(|| {
+            Ok(Ok(Some(line))) => crate::listening::parse(&line).ok_or_else(|| {
                 fail(format!(
                     "unexpected first line from ringgate-server: {line:?}"
                 ))
@@ -218,13 +217,6 @@ async fn watch_child(
         .await;
 }
 
-fn parse_listening(line: &str) -> Option<SocketAddr> {
-    line.trim()
-        .strip_prefix("listening on http://")?
-        .parse()
-        .ok()
-}
-
 impl Provider for ProcessProvider {
     fn kind(&self) -> &'static str {
         "process"
@@ -262,15 +254,6 @@ impl Provider for ProcessProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_the_listening_line() {
-        assert_eq!(
-            parse_listening("listening on http://127.0.0.1:4321\n"),
-            Some("127.0.0.1:4321".parse().expect("addr"))
-        );
-        assert_eq!(parse_listening("hello"), None);
-    }
 
     #[test]
     fn missing_binary_is_a_clear_error() {

@@ -146,11 +146,7 @@ impl Gateway {
         });
         self.child = Some(child);
         let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
-        match line
-            .trim()
-            .strip_prefix("listening on http://")
-            .and_then(|a| a.parse().ok())
-        {
+        match ringgate::listening::parse(&line) {
             Some(addr) => self.addr = addr,
             None => panic!(
                 "gateway did not start: stdout {line:?}\nlog:\n{}",
