@@ -7,16 +7,16 @@
 //! Must not touch: replicas or the ring directly; it asks the controller.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
-use crate::error::{full, success, Body, GatewayError};
-use crate::server::Gateway;
+use crate::control::membership::ScaleRequest;
+use crate::control::ControllerHandle;
+use crate::error::{full, success, Body, BodyError, GatewayError};
 use crate::snapshot::Snapshot;
 
 /// Largest `/add` or `/rm` body.
@@ -28,12 +28,12 @@ pub fn is_admin_path(path: &str) -> bool {
 }
 
 pub async fn handle(
-    gw: &Gateway,
-    snap: Arc<Snapshot>,
+    controller: &ControllerHandle,
+    snap: &Snapshot,
     req: Request<Incoming>,
     client: SocketAddr,
 ) -> Response<Body> {
-    match route(gw, &snap, req, client).await {
+    match route(controller, snap, req, client).await {
         Ok(resp) => resp,
         Err(e) => {
             if e.status().is_server_error() {
@@ -45,7 +45,7 @@ pub async fn handle(
 }
 
 async fn route(
-    gw: &Gateway,
+    controller: &ControllerHandle,
     snap: &Snapshot,
     req: Request<Incoming>,
     client: SocketAddr,
@@ -75,11 +75,11 @@ async fn route(
             }
             authorize(snap, &req, client)?;
             let body = read_body(req.into_body()).await?;
-            let (n, hostnames) = parse_scale_request(&body)?;
+            let request = parse_scale_request(&body)?;
             let members = if path == "/add" {
-                gw.controller.add(n, hostnames).await?
+                controller.add(request).await?
             } else {
-                gw.controller.remove(n, hostnames).await?
+                controller.remove(request).await?
             };
             Ok(replica_list(&members))
         }
@@ -88,13 +88,13 @@ async fn route(
             if method != Method::GET {
                 return Err(wrong_method("GET"));
             }
-            Ok(success(gw.controller.status().await?))
+            Ok(success(controller.status().await?))
         }
         "/lb/metrics" => {
             if method != Method::GET {
                 return Err(wrong_method("GET"));
             }
-            let text = gw.controller.metrics().await?;
+            let text = controller.metrics().await?;
             let mut resp = Response::new(full(text));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -102,10 +102,7 @@ async fn route(
             );
             Ok(resp)
         }
-        _ => Ok(crate::error::json_response(
-            StatusCode::NOT_FOUND,
-            &json!({"message": format!("<Error> {path} is not a gateway endpoint: try /lb/health, /lb/status or /lb/metrics"), "status": "failure"}),
-        )),
+        _ => Err(GatewayError::NoSuchEndpoint { path }),
     }
 }
 
@@ -153,44 +150,30 @@ async fn read_body(body: Incoming) -> Result<Bytes, GatewayError> {
                 limit: MAX_ADMIN_BODY as u64,
             })
         }
-        Err(e) => Err(GatewayError::BadRequest(format!(
-            "Cannot read the request body: {e}"
-        ))),
+        Err(e) => Err(BodyError::Unreadable(e.to_string()).into()),
     }
 }
 
 /// `{"n": <positive integer>, "hostnames": [<string>, …]}` (hostnames optional).
-pub fn parse_scale_request(body: &[u8]) -> Result<(u32, Vec<String>), GatewayError> {
-    let bad = |m: String| GatewayError::BadRequest(m);
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        bad(format!(
-            "Request body is not valid JSON ({e}): send {{\"n\": 1, \"hostnames\": [\"S5\"]}}"
-        ))
-    })?;
+pub fn parse_scale_request(body: &[u8]) -> Result<ScaleRequest, BodyError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
     let Value::Object(obj) = value else {
-        return Err(bad(
-            "Request body must be a JSON object like {\"n\": 1, \"hostnames\": [\"S5\"]}".into(),
-        ));
+        return Err(BodyError::NotAnObject);
     };
     if let Some(k) = obj
         .keys()
         .find(|k| k.as_str() != "n" && k.as_str() != "hostnames")
     {
-        return Err(bad(format!(
-            "Unknown field '{k}': expected 'n' and optionally 'hostnames'"
-        )));
+        return Err(BodyError::UnknownField(k.clone()));
     }
     let n = match obj.get("n") {
-        None => {
-            return Err(bad(
-                "Field 'n' is missing: give the number of replicas".into()
-            ))
-        }
+        None => return Err(BodyError::MissingN),
         Some(v) => v
             .as_u64()
             .filter(|&n| n > 0)
             .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| bad(format!("Field 'n' must be a positive integer, got {v}")))?,
+            .ok_or_else(|| BodyError::BadN(v.to_string()))?,
     };
     let hostnames = match obj.get("hostnames") {
         None | Some(Value::Null) => Vec::new(),
@@ -198,10 +181,10 @@ pub fn parse_scale_request(body: &[u8]) -> Result<(u32, Vec<String>), GatewayErr
             .iter()
             .map(|h| h.as_str().map(str::to_owned))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| bad("Field 'hostnames' must be a list of strings".into()))?,
-        Some(_) => return Err(bad("Field 'hostnames' must be a list of strings".into())),
+            .ok_or(BodyError::BadHostnames)?,
+        Some(_) => return Err(BodyError::BadHostnames),
     };
-    Ok((n, hostnames))
+    Ok(ScaleRequest { n, hostnames })
 }
 
 #[cfg(test)]
@@ -218,15 +201,24 @@ mod tests {
     fn parses_valid_bodies() {
         assert_eq!(
             parse_scale_request(br#"{"n": 2, "hostnames": ["S5", "S6"]}"#).expect("ok"),
-            (2, vec!["S5".into(), "S6".into()])
+            ScaleRequest {
+                n: 2,
+                hostnames: vec!["S5".into(), "S6".into()]
+            }
         );
         assert_eq!(
             parse_scale_request(br#"{"n": 1}"#).expect("ok"),
-            (1, vec![])
+            ScaleRequest {
+                n: 1,
+                hostnames: vec![]
+            }
         );
         assert_eq!(
             parse_scale_request(br#"{"n": 1, "hostnames": null}"#).expect("ok"),
-            (1, vec![])
+            ScaleRequest {
+                n: 1,
+                hostnames: vec![]
+            }
         );
     }
 

@@ -3,26 +3,50 @@
 //! Owns: [`GatewayError`], every condition a client can be answered with, and
 //! [`GatewayError::into_response`], which maps each to its status and the contract's failure
 //! JSON (`{"message": "<Error> …", "status": "failure"}`). Errors are matched by type, never
-//! by message text.
+//! by message text. The control plane's typed errors ([`MembershipError`], [`StartFailure`])
+//! are mapped here and nowhere else.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
+use crate::control::lifecycle::StartFailure;
+use crate::control::membership::MembershipError;
+
 /// The response body type of every handler.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What is wrong with an `/add` or `/rm` body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("Request body is not valid JSON ({0}): send {{\"n\": 1, \"hostnames\": [\"S5\"]}}")]
+    NotJson(String),
+    #[error("Request body must be a JSON object like {{\"n\": 1, \"hostnames\": [\"S5\"]}}")]
+    NotAnObject,
+    #[error("Unknown field '{0}': expected 'n' and optionally 'hostnames'")]
+    UnknownField(String),
+    #[error("Field 'n' is missing: give the number of replicas")]
+    MissingN,
+    #[error("Field 'n' must be a positive integer, got {0}")]
+    BadN(String),
+    #[error("Field 'hostnames' must be a list of strings")]
+    BadHostnames,
+    #[error("Cannot read the request body: {0}")]
+    Unreadable(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("Length of hostname list is more than newly added instances")]
-    TooManyHostnamesToAdd,
-    #[error("Length of hostname list is more than removable instances")]
-    TooManyHostnamesToRemove,
-    #[error("{0}")]
-    Conflict(String),
+    #[error(transparent)]
+    Body(#[from] BodyError),
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error("Replica '{replica}' {cause}; nothing was added")]
+    AddFailed {
+        replica: String,
+        cause: StartFailure,
+    },
     #[error("{client} may not call {path}: admin.allow does not include it")]
     Forbidden {
         client: std::net::IpAddr,
@@ -36,6 +60,8 @@ pub enum GatewayError {
         path: String,
         allowed: &'static str,
     },
+    #[error("{path} is not a gateway endpoint: try /lb/health, /lb/status or /lb/metrics")]
+    NoSuchEndpoint { path: String },
     #[error("request body is larger than proxy.max_body ({limit} bytes)")]
     PayloadTooLarge { limit: u64 },
     #[error(
@@ -49,8 +75,8 @@ pub enum GatewayError {
         replica: String,
         timeout: std::time::Duration,
     },
-    #[error("{0}")]
-    Unavailable(String),
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
     #[error("{0}")]
     Internal(String),
 }
@@ -58,20 +84,18 @@ pub enum GatewayError {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::BadRequest(_)
-            | GatewayError::TooManyHostnamesToAdd
-            | GatewayError::TooManyHostnamesToRemove => StatusCode::BAD_REQUEST,
-            GatewayError::Conflict(_) => StatusCode::CONFLICT,
+            GatewayError::Body(_) | GatewayError::Membership(_) => StatusCode::BAD_REQUEST,
+            GatewayError::AddFailed { .. } | GatewayError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             GatewayError::Forbidden { .. } => StatusCode::FORBIDDEN,
             GatewayError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::NoSuchEndpoint { .. } => StatusCode::NOT_FOUND,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::NoReplica | GatewayError::Unavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::NoReplica | GatewayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -91,6 +115,19 @@ impl GatewayError {
         }
         resp
     }
+}
+
+/// An error and its causes on one line ("client error (Connect): tcp connect error: Connection
+/// refused"), for logs and failure details.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -115,4 +152,45 @@ pub fn success(message: serde_json::Value) -> Response<Body> {
         StatusCode::OK,
         &serde_json::json!({"message": message, "status": "successful"}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_errors_are_client_errors_and_start_failures_server_errors() {
+        let e: GatewayError = MembershipError::HostnameInUse("S5".into()).into();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        let e: GatewayError = BodyError::MissingN.into();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        let e = GatewayError::AddFailed {
+            replica: "S5".into(),
+            cause: StartFailure::Exited("exit status 1".into()),
+        };
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            e.to_string(),
+            "Replica 'S5' exited while starting (exit status 1); nothing was added"
+        );
+    }
+
+    #[tokio::test]
+    async fn responses_carry_the_contract_json_and_headers() {
+        let resp = GatewayError::Unauthorized {
+            path: "/add".into(),
+        }
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            resp.headers().get(http::header::WWW_AUTHENTICATE),
+            Some(&HeaderValue::from_static("Bearer"))
+        );
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["status"], "failure");
+        assert!(v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("<Error> /add needs a bearer token")));
+    }
 }

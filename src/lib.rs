@@ -3,29 +3,37 @@
 //!
 //! # Layout
 //!
+//! Entry point:
+//! - [`gateway`]: run a gateway on listeners and a shutdown future you give it
+//!   ([`gateway::Gateway::start`], [`gateway::Gateway::serve`], [`gateway::run`]).
+//!
 //! Data plane (the request path: reads one immutable [`snapshot::Snapshot`], takes no lock):
-//! - [`server`]: the listener and connections (HTTP/1.1 keep-alive and HTTP/2), graceful drain.
-//! - [`proxy`]: one request: key → slot → replica, streamed through a pooled client, retries.
-//! - [`hashing`]: request keys and the hash functions `H` and `Φ`.
+//! - [`listener`]: accepting connections, HTTP/1.1 keep-alive and HTTP/2, graceful drain.
+//! - [`service`]: one request, to the admin API or to the proxy.
+//! - [`admin`]: the replica API (`/rep`, `/add`, `/rm`) and `/lb/*`: parse, guard, ask the
+//!   controller.
+//! - [`proxy`]: one request to one replica: streamed through a pooled client, retries.
+//! - [`routing`]: key → slot and virtual node → slot ("Lua hook, else the built-in"), shared by
+//!   the request path, the controller and the offline tools.
+//! - [`hashing`]: request keys and the built-in hash functions `H`, `Φ` and `mix64`.
 //! - [`ring`]: virtual-node placement and the owner table (pure, no I/O).
 //!
 //! Control plane (one owner task publishes new snapshots):
-//! - [`controller`]: the only code that changes state: admin calls, health results, provider
-//!   events, reloads.
-//! - [`health`]: active `/heartbeat` probes and the rise/fall state machine's inputs.
+//! - [`control`]: the controller and its parts (membership model, lifecycle, probes, reload,
+//!   publishing, status).
+//! - [`health`]: the rise/fall state machine and the active checks.
 //! - [`provider`]: where replicas run: `process`, `static`, `docker`.
 //! - [`watcher`]: live reload of `conf/lb.toml` and `policies/`, validated before it is sent.
 //! - [`policy`]: the sandboxed Lua hooks (`request_key`, `request_hash`, `vnode_hash`, `health`).
-//! - [`admin`]: the replica API (`/rep`, `/add`, `/rm`) and `/lb/*`: parse, validate, ask the
-//!   controller.
 //!
 //! Shared:
 //! - [`config`]: `conf/lb.toml`: shape, defaults, validation.
-//! - [`snapshot`]: what one request sees: config, ring, replicas.
+//! - [`snapshot`]: what one request sees: config, ring, replicas, policy.
 //! - [`metrics`]: lock-free counters and their Prometheus rendering.
 //! - [`error`]: the one place internal errors become HTTP responses.
-//! - [`tools`]: `ringgate check`, `ring` and `simulate`.
 //! - [`listening`]: the `listening on http://ADDR` line processes print once they serve.
+//! - [`sync`]: the one way this crate takes a mutex.
+//! - [`tools`]: `ringgate check`, `ring` and `simulate`.
 //!
 //! Tooling:
 //! - [`loadgen`]: the load generator (`ringgate load`).
@@ -33,12 +41,13 @@
 
 pub mod admin;
 pub mod analysis;
-pub mod app;
 pub mod config;
-pub mod controller;
+pub mod control;
 pub mod error;
+pub mod gateway;
 pub mod hashing;
 pub mod health;
+pub mod listener;
 pub mod listening;
 pub mod loadgen;
 pub mod metrics;
@@ -46,7 +55,9 @@ pub mod policy;
 pub mod provider;
 pub mod proxy;
 pub mod ring;
-pub mod server;
+pub mod routing;
+pub mod service;
 pub mod snapshot;
+pub mod sync;
 pub mod tools;
 pub mod watcher;

@@ -1,4 +1,9 @@
-//! `ringgate`: the gateway and its tools. This file only parses arguments and wires.
+//! `ringgate`: the gateway and its tools.
+//!
+//! This file parses arguments, sets up tracing, loads and validates the config (with the
+//! command-line overrides, which are validated too), binds the listeners, installs the signal
+//! handlers, prints the `listening on` line and chooses the exit code. The gateway itself runs
+//! in the library ([`ringgate::gateway`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -6,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ringgate::config::{Config, ProviderKind};
+use ringgate::gateway::{serving_threads, Gateway, Listeners};
 use ringgate::policy::PolicySet;
 
 #[derive(Parser)]
@@ -61,21 +67,97 @@ enum Command {
     Analysis(Box<ringgate::analysis::AnalysisArgs>),
 }
 
-fn load(path: &Path, explicit_default: bool) -> Result<Config, String> {
+/// Why `ringgate` exits non-zero: a config or argument problem (exit 2), or a failure while
+/// running (exit 1).
+enum Failure {
+    Config(String),
+    Run(String),
+}
+
+impl Failure {
+    fn code(&self) -> u8 {
+        match self {
+            Failure::Config(_) => 2,
+            Failure::Run(_) => 1,
+        }
+    }
+}
+
+fn load(path: &Path, explicit_default: bool) -> Result<Config, Failure> {
     if !path.exists() && explicit_default {
         tracing::warn!(path = %path.display(), "config file not found; using defaults");
         return Ok(Config::default());
     }
-    Config::load(path).map_err(|e| e.to_string())
+    Config::load(path).map_err(|e| Failure::Config(e.to_string()))
+}
+
+/// The config with the command-line overrides applied, validated as a whole again.
+fn with_overrides(
+    mut config: Config,
+    listen: Option<SocketAddr>,
+    provider: Option<ProviderKind>,
+) -> Result<Config, Failure> {
+    if let Some(l) = listen {
+        config.listen = l;
+    }
+    if let Some(p) = provider {
+        config.provider.kind = p;
+    }
+    let problems = config.problems();
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(Failure::Config(format!(
+            "the config with the command-line overrides is invalid:\n{}",
+            problems
+                .iter()
+                .map(|p| format!("  - {p}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )))
+    }
 }
 
 /// The policy the offline tools use: `--policy FILE`, else the config's policy directory.
-fn active_policy(config: &Config, file: Option<&Path>) -> Result<PolicySet, String> {
+fn active_policy(config: &Config, file: Option<&Path>) -> Result<PolicySet, Failure> {
     match file {
         Some(f) => ringgate::tools::load_policy_file(f, config),
         None => PolicySet::load_dir(&config.policy.dir, config.policy.limits(), 1)
             .map_err(|e| e.to_string()),
     }
+    .map_err(Failure::Config)
+}
+
+/// Binds, starts, announces and serves until SIGTERM or SIGINT.
+fn serve(config: Config, watched: Option<PathBuf>) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| Failure::Run(format!("cannot start the runtime: {e}")))?;
+    let run = |e: ringgate::gateway::StartError| Failure::Run(e.to_string());
+    runtime.block_on(async move {
+        let listeners = Listeners::bind(config.listen, serving_threads()).map_err(run)?;
+        let shutdown = shutdown_signal()
+            .map_err(|e| Failure::Run(format!("cannot install the signal handlers: {e}")))?;
+        let gateway = Gateway::start(config, listeners, watched)
+            .await
+            .map_err(run)?;
+        if let Err(e) = ringgate::listening::announce(gateway.local_addr()) {
+            tracing::warn!(error = %e, "cannot print the listening line on stdout");
+        }
+        gateway.serve(shutdown).await.map_err(run)
+    })
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
 
 fn init_tracing() {
@@ -97,29 +179,19 @@ fn main() -> ExitCode {
             config,
             listen,
             provider,
-        } => load(&config, config == default_path).and_then(|mut c| {
-            if let Some(l) = listen {
-                c.listen = l;
-            }
-            if let Some(p) = provider {
-                c.provider.kind = p;
-            }
-            let runtime = tokio::runtime::Runtime::new()
-                .map_err(|e| format!("cannot start the runtime: {e}"))?;
-            let watched = config.exists().then_some(config);
-            runtime
-                .block_on(ringgate::app::run(c, watched))
-                .map_err(|e| e.to_string())
-        }),
+        } => load(&config, config == default_path)
+            .and_then(|c| with_overrides(c, listen, provider))
+            .and_then(|c| serve(c, config.exists().then_some(config))),
         Command::Check { config } => load(&config, false).and_then(|c| {
-            let policy = ringgate::tools::check_policy(&c)?;
+            let policy = ringgate::tools::check_policy(&c).map_err(Failure::Config)?;
             println!("{}: OK: {}", config.display(), ringgate::tools::summary(&c));
             print!("{policy}");
             Ok(())
         }),
         Command::Ring { config } => load(&config, config == default_path).and_then(|c| {
             let policy = active_policy(&c, None)?;
-            let report = ringgate::tools::ring_report(&c, &policy).map_err(|e| e.to_string())?;
+            let report = ringgate::tools::ring_report(&c, &policy)
+                .map_err(|e| Failure::Config(e.to_string()))?;
             print!("{report}");
             Ok(())
         }),
@@ -131,7 +203,7 @@ fn main() -> ExitCode {
         } => load(&config, config == default_path).and_then(|c| {
             let policy = active_policy(&c, policy.as_deref())?;
             let report = ringgate::tools::simulate_report(&c, &policy, keys, seed)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Failure::Config(e.to_string()))?;
             print!("{report}");
             Ok(())
         }),
@@ -141,19 +213,23 @@ fn main() -> ExitCode {
                 rt.block_on(ringgate::loadgen::run_cli(args))
                     .map(|_| ())
                     .map_err(|e| e.to_string())
-            }),
+            })
+            .map_err(Failure::Run),
         Command::Analysis(args) => tokio::runtime::Runtime::new()
             .map_err(|e| format!("cannot start the runtime: {e}"))
             .and_then(|rt| {
                 rt.block_on(ringgate::analysis::run_cli(*args))
                     .map_err(|e| e.to_string())
-            }),
+            })
+            .map_err(Failure::Run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(failure) => {
+            let code = failure.code();
+            let (Failure::Config(e) | Failure::Run(e)) = failure;
             eprintln!("ringgate: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(code)
         }
     }
 }

@@ -23,10 +23,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::error::{Body, BoxError, GatewayError};
-use crate::health::error_chain;
+use crate::control::ControllerHandle;
+use crate::error::{error_chain, Body, BoxError, GatewayError};
 use crate::metrics::Metrics;
 use crate::snapshot::{ReplicaStats, Snapshot};
+use crate::sync::lock;
 
 pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
 
@@ -123,14 +124,11 @@ impl BodySlot {
     }
 
     fn take(&self) -> Option<Limited<Incoming>> {
-        self.body.lock().unwrap_or_else(|p| p.into_inner()).take()
+        lock(&self.body).take()
     }
 
     fn is_untouched(&self) -> bool {
-        self.body
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        lock(&self.body).is_some()
     }
 }
 
@@ -236,7 +234,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 pub async fn forward(
     snap: Arc<Snapshot>,
     metrics: &Metrics,
-    controller: &crate::controller::ControllerHandle,
+    controller: &ControllerHandle,
     req: Request<Incoming>,
     client_addr: SocketAddr,
 ) -> Response<Body> {
@@ -252,7 +250,7 @@ pub async fn forward(
 async fn try_forward(
     snap: &Snapshot,
     metrics: &Metrics,
-    controller: &crate::controller::ControllerHandle,
+    controller: &ControllerHandle,
     req: Request<Incoming>,
     client_addr: SocketAddr,
 ) -> Result<Response<Body>, GatewayError> {
@@ -264,8 +262,9 @@ async fn try_forward(
         return Err(GatewayError::PayloadTooLarge { limit });
     }
 
-    let key = snap.request_key(&parts, client_addr.ip());
-    let slot = snap.slot_of(key);
+    let router = snap.router();
+    let key = router.key(&parts, client_addr.ip());
+    let slot = router.request_slot(key);
     let first = snap.ring.owner(slot).ok_or(GatewayError::NoReplica)?;
 
     let method = parts.method.clone();

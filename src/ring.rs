@@ -23,6 +23,8 @@ use std::num::NonZeroU32;
 pub struct ServerId(NonZeroU32);
 
 impl ServerId {
+    pub const MAX: ServerId = ServerId(NonZeroU32::MAX);
+
     pub fn new(id: u32) -> Option<ServerId> {
         NonZeroU32::new(id).map(ServerId)
     }

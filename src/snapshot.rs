@@ -1,7 +1,7 @@
 //! What one request sees.
 //!
-//! Owns: [`Snapshot`], the immutable bundle of config, ring and replicas that the controller
-//! publishes and every request loads once, and [`Shared`], the `ArcSwap` it is published through.
+//! Owns: [`Snapshot`], the immutable bundle of config, ring, replicas and policy that the
+//! controller publishes and every request loads once, and [`Shared`], the `ArcSwap` it is published through.
 //! Must not touch: anything mutable besides the per-replica counters, which are atomics shared
 //! across snapshots so a count survives a ring rebuild.
 
@@ -12,9 +12,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
-use crate::hashing::{key_to_int, random_key};
-use crate::policy::{Hook, HookOutcome, KeyRequest, LuaKey, PolicySet};
+use crate::policy::PolicySet;
 use crate::ring::{Ring, ServerId};
+use crate::routing::Router;
 
 /// Counters for one replica, kept by the controller across snapshots and replacements.
 #[derive(Debug, Default)]
@@ -79,45 +79,10 @@ impl Snapshot {
         }
     }
 
-    /// The request key as an integer: the Lua `request_key` hook if it answers, else
-    /// `hashing.key`, else a random 6-digit id.
-    pub fn request_key(&self, parts: &http::request::Parts, client_ip: std::net::IpAddr) -> u64 {
-        if self.policy.has_hook(Hook::RequestKey) {
-            let headers: Vec<(&str, &[u8])> = parts
-                .headers
-                .iter()
-                .map(|(n, v)| (n.as_str(), v.as_bytes()))
-                .collect();
-            let ip = client_ip.to_canonical().to_string();
-            let req = KeyRequest {
-                method: parts.method.as_str(),
-                path: parts.uri.path(),
-                query: parts.uri.query().unwrap_or(""),
-                headers: &headers,
-                client_ip: &ip,
-            };
-            match self.policy.request_key(&req) {
-                HookOutcome::Value(LuaKey::Int(i)) => return i as u64,
-                HookOutcome::Value(LuaKey::Str(s)) => return key_to_int(&s),
-                HookOutcome::Absent | HookOutcome::Failed(_) => {}
-            }
-        }
-        match self.config.hashing.key.extract(parts, client_ip) {
-            Some(k) => key_to_int(&k),
-            None => random_key(),
-        }
-    }
-
-    /// The slot of key `i`: the Lua `request_hash` hook if it answers, else `ring.request_hash`.
+    /// The routing functions this snapshot serves with.
     #[inline]
-    pub fn slot_of(&self, i: u64) -> u32 {
-        let slots = self.ring.slots();
-        if self.policy.has_hook(Hook::RequestHash) {
-            if let HookOutcome::Value(s) = self.policy.request_hash(i, slots) {
-                return s;
-            }
-        }
-        self.config.ring.request_hash.request_slot(i, slots)
+    pub fn router(&self) -> Router<'_> {
+        Router::new(&self.config, &self.policy)
     }
 
     #[inline]

@@ -1,33 +1,29 @@
 //! Offline tools: `ringgate check`, `ringgate ring` and `ringgate simulate`.
 //!
 //! Owns: building the ring a config would build, without starting anything, and reporting on it.
+//! Every key is routed through [`Router`] and members are named by the membership model, so
+//! the reports show exactly what the gateway would do.
 //! Must not touch: the network or any running gateway.
 
 use std::fmt::Write;
 
 use crate::config::{Config, ProviderKind};
+use crate::control::membership::Membership;
 use crate::policy::{Hook, HookOutcome, KeyRequest, PolicySet, ProbeView};
 use crate::ring::{Placement, Ring, RingError, ServerId};
+use crate::routing::Router;
 
-/// The members a config starts with: the static servers, or `<prefix>1..=count`.
+/// The members a config starts with: the static servers, or `<prefix>1..=count` as the
+/// controller names them.
 pub fn initial_members(config: &Config) -> Vec<(ServerId, String)> {
     if config.provider.kind == ProviderKind::Static {
-        config
-            .provider
-            .servers
-            .iter()
-            .zip(1u32..)
-            .filter_map(|(s, n)| Some((ServerId::new(n)?, s.name.clone())))
+        crate::provider::static_list::members(&config.provider.servers)
+            .map(|(id, s)| (id, s.name.clone()))
             .collect()
     } else {
-        (1..=config.replicas.count)
-            .filter_map(|n| {
-                Some((
-                    ServerId::new(n)?,
-                    format!("{}{n}", config.replicas.name_prefix),
-                ))
-            })
-            .collect()
+        Membership::default()
+            .plan_grow(config.replicas.count as usize, &config.replicas.name_prefix)
+            .replicas
     }
 }
 
@@ -37,17 +33,8 @@ pub fn build_ring(
     policy: &PolicySet,
     members: &[(ServerId, String)],
 ) -> Result<(Placement, Ring), RingError> {
-    let (f, slots) = (config.ring.vnode_hash, config.ring.slots);
     let ids: Vec<ServerId> = members.iter().map(|(id, _)| *id).collect();
-    let placement = Placement::build(slots, config.ring.vnodes, &ids, |id, j| {
-        let i = u64::from(id.get());
-        match policy.vnode_hash(i, j, slots) {
-            HookOutcome::Value(s) => s,
-            _ => f.vnode_slot(i, j, slots),
-        }
-    })?;
-    let ring = Ring::build(&placement, |_| true);
-    Ok((placement, ring))
+    Router::new(config, policy).ring_of(&ids)
 }
 
 /// A one-paragraph summary for `ringgate check`.
@@ -64,15 +51,6 @@ pub fn summary(config: &Config) -> String {
         config.replicas.max_replicas,
         config.listen
     )
-}
-
-/// The slot of key `i`: the policy's `request_hash` where it answers, else `ring.request_hash`.
-fn slot_for(config: &Config, policy: &PolicySet, i: u64) -> u32 {
-    let slots = config.ring.slots;
-    match policy.request_hash(i, slots) {
-        HookOutcome::Value(s) => s,
-        _ => config.ring.request_hash.request_slot(i, slots),
-    }
 }
 
 /// `ringgate ring`: each server's virtual-node slots and the share of the ring it owns.
@@ -133,10 +111,8 @@ fn owners_of(
     keys: &[u64],
 ) -> Result<Vec<Option<ServerId>>, RingError> {
     let (_, ring) = build_ring(config, policy, members)?;
-    Ok(keys
-        .iter()
-        .map(|&k| ring.owner(slot_for(config, policy, k)))
-        .collect())
+    let router = Router::new(config, policy);
+    Ok(keys.iter().map(|&k| router.owner(&ring, k)).collect())
 }
 
 fn moved(a: &[Option<ServerId>], b: &[Option<ServerId>]) -> f64 {

@@ -15,7 +15,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::controller::{Command, ControllerHandle, ReloadKind};
+use crate::control::{Command, ControllerHandle, ReloadKind};
 use crate::policy::{read_policy_files, PolicyFiles, PolicyLimits, PolicySet};
 
 /// Quiet time after an event before reading, so a multi-step save is read once, whole.

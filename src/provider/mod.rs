@@ -6,9 +6,7 @@
 //! Must not touch: the ring, health verdicts or snapshots. A provider reports facts to the
 //! controller through [`ProviderEvent`]s; the controller decides what they mean.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -20,7 +18,7 @@ pub mod docker;
 pub mod process;
 pub mod static_list;
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use futures_util::future::BoxFuture;
 
 /// What the controller asks a provider to start.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,18 +11,23 @@ pub struct StaticProvider {
     servers: Vec<Instance>,
 }
 
+/// The static servers with their ids: the k-th server in `provider.servers` has id k, so the
+/// list's order is the ring's identity (reordering it moves keys).
+pub fn members(servers: &[StaticServer]) -> impl Iterator<Item = (ServerId, &StaticServer)> {
+    servers
+        .iter()
+        .zip(1u32..)
+        .filter_map(|(s, n)| Some((ServerId::new(n)?, s)))
+}
+
 impl StaticProvider {
     pub fn new(servers: &[StaticServer]) -> StaticProvider {
-        let servers = servers
-            .iter()
-            .zip(1u32..)
-            .filter_map(|(s, n)| {
-                Some(Instance {
-                    id: ServerId::new(n)?,
-                    hostname: s.name.clone(),
-                    addr: s.address,
-                    instance_id: format!("static:{}", s.address),
-                })
+        let servers = members(servers)
+            .map(|(id, s)| Instance {
+                id,
+                hostname: s.name.clone(),
+                addr: s.address,
+                instance_id: format!("static:{}", s.address),
             })
             .collect();
         StaticProvider { servers }

@@ -1,30 +1,21 @@
-//! Health: active `/heartbeat` probes and the rise/fall state machine.
+//! Health: the rise/fall state machine and what one check found.
 //!
-//! Owns: probing one replica ([`probe`]), the per-replica probe task ([`ProbeTask`]) that reports
-//! to the controller, and [`Tracker`], the pure state machine that turns probe results and
-//! passive failures into state changes.
+//! Owns: [`HealthState`], [`Tracker`] (the pure state machine that turns check results and
+//! passive failures into [`Transition`]s) and [`ProbeOutcome`]; the checks themselves live in
+//! [`probe`].
 //! Must not touch: the ring, the snapshot or the provider. It reports; the controller decides.
 //!
 //! States: `starting` (spawned, not yet answering) → `up` on its first good heartbeat;
 //! `up` → `suspect` on a failed check (still routed) → `down` after `fall` consecutive failures
 //! (out of the ring, replaced when the provider manages replicas); `down` → `up` after `rise`
 //! consecutive good checks. A failed connect on the request path takes an up replica `down` at
-//! once and probes it immediately. `draining` replicas are being removed and no longer probed.
+//! once and probes it immediately. Replicas being removed are no longer checked.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+pub mod probe;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use std::time::SystemTime;
+
 use serde::Serialize;
-use tokio::sync::{mpsc, Notify};
-
-use crate::ring::ServerId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -33,10 +24,18 @@ pub enum HealthState {
     Up,
     Suspect,
     Down,
-    Draining,
 }
 
 impl HealthState {
+    pub fn name(self) -> &'static str {
+        match self {
+            HealthState::Starting => "starting",
+            HealthState::Up => "up",
+            HealthState::Suspect => "suspect",
+            HealthState::Down => "down",
+        }
+    }
+
     /// Whether the ring routes to a replica in this state.
     pub fn routable(self) -> bool {
         matches!(self, HealthState::Up | HealthState::Suspect)
@@ -110,7 +109,6 @@ impl Tracker {
             // Only the failure that reaches `fall` confirms death; later ones change nothing.
             (HealthState::Down, false) if self.consecutive_failures == fall => Transition::Dead,
             (HealthState::Down, false) => Transition::None,
-            (HealthState::Draining, _) => Transition::None,
         }
     }
 
@@ -157,146 +155,6 @@ mod unix_ms {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         s.serialize_u64(ms)
-    }
-}
-
-pub type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
-
-/// A client for checks: no pooling, so every check proves the replica still accepts connections.
-pub fn probe_client() -> ProbeClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .build(connector)
-}
-
-/// `GET /heartbeat` with a deadline covering connect and response headers; 200 is healthy.
-pub async fn probe(client: &ProbeClient, addr: SocketAddr, timeout: Duration) -> ProbeOutcome {
-    let started = Instant::now();
-    let at = SystemTime::now();
-    let uri = format!("http://{addr}/heartbeat");
-    let result = tokio::time::timeout(timeout, async {
-        let resp = client
-            .get(
-                uri.parse()
-                    .map_err(|e: http::uri::InvalidUri| e.to_string())?,
-            )
-            .await
-            .map_err(|e| error_chain(&e))?;
-        let status = resp.status().as_u16();
-        // Read the (empty) body so the check covers a whole response.
-        resp.into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<u16, String>(status)
-    })
-    .await;
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let (ok, status, error) = match result {
-        Ok(Ok(200)) => (true, Some(200), None),
-        Ok(Ok(s)) => (false, Some(s), Some(format!("status {s}"))),
-        Ok(Err(e)) => (false, None, Some(e)),
-        Err(_) => (false, None, Some(format!("timed out after {timeout:?}"))),
-    };
-    ProbeOutcome {
-        ok,
-        status,
-        latency_ms,
-        error,
-        at,
-    }
-}
-
-/// An error and its causes on one line ("client error (Connect): tcp connect error: Connection refused").
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-/// A check result for the controller.
-#[derive(Debug)]
-pub struct ProbeReport {
-    pub id: ServerId,
-    pub incarnation: u64,
-    pub outcome: ProbeOutcome,
-}
-
-/// The check loop of one replica incarnation. Dropping it stops the loop.
-pub struct ProbeTask {
-    period_ms: Arc<AtomicU64>,
-    timeout_ms: Arc<AtomicU64>,
-    now: Arc<Notify>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ProbeTask {
-    pub fn start(
-        id: ServerId,
-        incarnation: u64,
-        addr: SocketAddr,
-        period: Duration,
-        timeout: Duration,
-        client: ProbeClient,
-        reports: mpsc::Sender<ProbeReport>,
-    ) -> ProbeTask {
-        let period_ms = Arc::new(AtomicU64::new(period.as_millis() as u64));
-        let timeout_ms = Arc::new(AtomicU64::new(timeout.as_millis() as u64));
-        let now = Arc::new(Notify::new());
-        let task = tokio::spawn({
-            let (period_ms, timeout_ms, now) = (period_ms.clone(), timeout_ms.clone(), now.clone());
-            async move {
-                loop {
-                    let timeout = Duration::from_millis(timeout_ms.load(Ordering::Relaxed).max(1));
-                    let outcome = probe(&client, addr, timeout).await;
-                    let report = ProbeReport {
-                        id,
-                        incarnation,
-                        outcome,
-                    };
-                    if reports.send(report).await.is_err() {
-                        return;
-                    }
-                    let period = Duration::from_millis(period_ms.load(Ordering::Relaxed).max(1));
-                    tokio::select! {
-                        _ = tokio::time::sleep(period) => {}
-                        _ = now.notified() => {}
-                    }
-                }
-            }
-        });
-        ProbeTask {
-            period_ms,
-            timeout_ms,
-            now,
-            task,
-        }
-    }
-
-    /// Changes the check period; takes effect after the current wait.
-    pub fn set_period(&self, period: Duration, timeout: Duration) {
-        self.period_ms
-            .store(period.as_millis() as u64, Ordering::Relaxed);
-        self.timeout_ms
-            .store(timeout.as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Checks now instead of waiting for the period.
-    pub fn probe_now(&self) {
-        self.now.notify_one();
-    }
-}
-
-impl Drop for ProbeTask {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -366,42 +224,5 @@ mod tests {
         );
         let mut t = Tracker::up();
         assert_eq!(t.on_passive_failure(1), Transition::Dead);
-    }
-
-    #[tokio::test]
-    async fn probing_a_closed_port_fails_with_the_cause() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        drop(listener);
-        let out = probe(&probe_client(), addr, Duration::from_secs(2)).await;
-        assert!(!out.ok);
-        assert!(
-            out.error.as_deref().unwrap_or("").contains("onnect"),
-            "{:?}",
-            out.error
-        );
-    }
-
-    #[tokio::test]
-    async fn probing_a_silent_server_times_out() {
-        // Accepts connections but never answers: the check must not hang.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let hold = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((s, _)) = listener.accept().await {
-                held.push(s);
-            }
-        });
-        let out = probe(&probe_client(), addr, Duration::from_millis(200)).await;
-        assert!(!out.ok);
-        assert!(
-            out.error.as_deref().unwrap_or("").contains("timed out"),
-            "{:?}",
-            out.error
-        );
-        hold.abort();
     }
 }

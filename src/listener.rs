@@ -1,13 +1,12 @@
-//! The listener: accepts connections, serves HTTP/1.1 (keep-alive) and HTTP/2, sends each request
-//! to the admin API or the proxy, and drains connections on shutdown.
+//! The listener: accepts connections, serves HTTP/1.1 (keep-alive) and HTTP/2 on them, hands
+//! each request to the [`Service`], and drains connections on shutdown.
 //!
-//! Owns: [`Gateway`], the handles a request needs, and [`serve`], which takes an already bound
-//! listener (so tests bind `127.0.0.1:0`) and a shutdown future.
-//! Must not touch: routing decisions (proxy) or state (controller).
+//! Owns: [`serve`], which takes an already bound listener (so tests bind `127.0.0.1:0`) and a
+//! shutdown future, and everything about connections: protocol, timeouts, graceful drain.
+//! Must not touch: requests' meaning (the service) or state (the controller).
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,38 +17,13 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::controller::ControllerHandle;
-use crate::metrics::Metrics;
-use crate::snapshot::Shared;
-
-/// What every request handler shares: the published snapshot, the controller and the counters.
-pub struct Gateway {
-    pub shared: Shared,
-    pub controller: ControllerHandle,
-    pub metrics: Arc<Metrics>,
-}
-
-impl Gateway {
-    /// Handles one request: loads the snapshot once and uses it to the end.
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-        client: SocketAddr,
-    ) -> hyper::Response<crate::error::Body> {
-        let snap = self.shared.load_full();
-        if crate::admin::is_admin_path(req.uri().path()) {
-            crate::admin::handle(self, snap, req, client).await
-        } else {
-            crate::proxy::forward(snap, &self.metrics, &self.controller, req, client).await
-        }
-    }
-}
+use crate::service::Service;
 
 /// Serves connections from `listener` until `shutdown` completes, then stops accepting and gives
 /// open connections up to `drain_timeout` to finish their requests.
 pub async fn serve(
     listener: TcpListener,
-    gw: Arc<Gateway>,
+    service: Arc<Service>,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
@@ -69,7 +43,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let header_timeout = gw.shared.load().config.proxy.header_read_timeout;
+        let header_timeout = service.shared.load().config.proxy.header_read_timeout;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -77,13 +51,13 @@ pub async fn serve(
             .header_read_timeout(header_timeout)
             .keep_alive(true);
         builder.http2().timer(TokioTimer::new());
-        let gw = gw.clone();
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let gw = gw.clone();
-            async move { Ok::<_, Infallible>(gw.handle(req, client).await) }
+        let service = service.clone();
+        let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let service = service.clone();
+            async move { Ok::<_, Infallible>(service.handle(req, client).await) }
         });
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(stream), handler)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

@@ -1,0 +1,393 @@
+//! Replica lifecycle: one replica's runs, from start to exit, and its replacement.
+//!
+//! Owns: [`Replica`] (what the controller knows about one replica's current run: its tracker,
+//! instance, incarnation, check task, counters, back-off), starting an incarnation, attaching
+//! its checks, replacing a dead one with exponential back-off (same hostname and id, so the
+//! same ring positions), and the provider's exit events. The back-off rules are pure functions
+//! ([`backoff`], [`next_crash_streak`]) tested below.
+//! Must not touch: membership decisions (`scaling`) or health verdicts (`probes`).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::handle::Reply;
+use super::membership::Phase;
+use super::Controller;
+use crate::health::probe::{ProbeTarget, ProbeTask};
+use crate::health::{HealthState, ProbeOutcome, Tracker};
+use crate::provider::{Instance, ProviderError, ProviderEvent, ReplicaSpec};
+use crate::ring::ServerId;
+use crate::snapshot::ReplicaStats;
+
+/// How long a new replica has to answer its first heartbeat.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a starting replica is checked.
+pub const START_PROBE_PERIOD: Duration = Duration::from_millis(100);
+/// Upper bound on the check period of a replica that is not up.
+pub const FAST_PROBE_PERIOD: Duration = Duration::from_secs(1);
+/// A replica that ran this long before dying starts a fresh back-off.
+pub const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// Why a replica's start failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartFailure {
+    #[error("failed to start: {0}")]
+    Provider(String),
+    #[error("exited while starting ({0})")]
+    Exited(String),
+    #[error("failed to start: it did not answer /heartbeat within {0:?}")]
+    NoHeartbeat(Duration),
+}
+
+/// The controller's record of one replica's current run.
+pub(super) struct Replica {
+    pub tracker: Tracker,
+    pub instance: Option<Instance>,
+    /// Bumped on every start; reports about an older incarnation are stale.
+    pub incarnation: u64,
+    pub stats: Arc<ReplicaStats>,
+    pub probe: Option<ProbeTask>,
+    pub last_probe: Option<ProbeOutcome>,
+    pub restarts: u32,
+    /// Deaths in a row without a stable run: the back-off exponent.
+    pub crash_streak: u32,
+    pub up_since: Option<Instant>,
+    pub next_restart: Option<Instant>,
+    pub last_exit: Option<String>,
+}
+
+impl Replica {
+    fn new() -> Replica {
+        Replica {
+            tracker: Tracker::starting(),
+            instance: None,
+            incarnation: 0,
+            stats: Arc::new(ReplicaStats::default()),
+            probe: None,
+            last_probe: None,
+            restarts: 0,
+            crash_streak: 0,
+            up_since: None,
+            next_restart: None,
+            last_exit: None,
+        }
+    }
+}
+
+/// Reports from the controller's own spawned tasks.
+pub(super) enum Internal {
+    Spawned {
+        id: ServerId,
+        incarnation: u64,
+        result: Result<Instance, ProviderError>,
+    },
+    StartTimeout {
+        id: ServerId,
+        incarnation: u64,
+    },
+    RespawnDue {
+        id: ServerId,
+        incarnation: u64,
+    },
+    /// `/rm` finished draining and stopping these replicas.
+    Removed {
+        ids: Vec<ServerId>,
+        reply: Reply<Vec<String>>,
+    },
+}
+
+/// `recovery_delay · 2^(streak-1)`, capped.
+pub fn backoff(base: Duration, cap: Duration, streak: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(streak.saturating_sub(1).min(20))
+        .unwrap_or(u32::MAX);
+    base.saturating_mul(factor).min(cap)
+}
+
+/// The back-off exponent after a death: a replica that ran for [`STABLE_AFTER`] starts afresh.
+pub fn next_crash_streak(streak: u32, ran_for: Option<Duration>) -> u32 {
+    if ran_for.is_some_and(|d| d >= STABLE_AFTER) {
+        1
+    } else {
+        streak.saturating_add(1)
+    }
+}
+
+/// How often a replica in `state` is checked.
+pub fn probe_period(state: HealthState, interval: Duration) -> Duration {
+    match state {
+        HealthState::Starting => START_PROBE_PERIOD,
+        HealthState::Up => interval,
+        HealthState::Suspect | HealthState::Down => interval.min(FAST_PROBE_PERIOD),
+    }
+}
+
+impl Controller {
+    pub(super) fn bump_incarnation(&mut self) -> u64 {
+        let i = self.next_incarnation;
+        self.next_incarnation += 1;
+        i
+    }
+
+    /// A new replica record in `phase` (membership and runtime together).
+    pub(super) fn insert_replica(&mut self, id: ServerId, name: String, phase: Phase) {
+        self.membership.insert(id, name, phase);
+        self.replicas.insert(id, Replica::new());
+    }
+
+    /// Forgets replica `id` entirely; returns its name.
+    pub(super) fn forget(&mut self, id: ServerId) -> Option<String> {
+        self.replicas.remove(&id);
+        self.membership.remove(id).map(|e| e.name)
+    }
+
+    /// Starts a new incarnation of replica `id` (first start or replacement).
+    pub(super) fn start_instance(&mut self, id: ServerId) {
+        let incarnation = self.bump_incarnation();
+        let Some(name) = self.membership.name(id).map(str::to_owned) else {
+            return;
+        };
+        let Some(r) = self.replicas.get_mut(&id) else {
+            return;
+        };
+        r.incarnation = incarnation;
+        r.tracker = Tracker::starting();
+        r.instance = None;
+        r.probe = None;
+        r.next_restart = None;
+        let spec = ReplicaSpec { id, hostname: name };
+        let provider = self.provider.clone();
+        let tx = self.channels.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = provider.spawn(spec).await;
+            let _ = tx.send(Internal::Spawned {
+                id,
+                incarnation,
+                result,
+            });
+        });
+        let tx = self.channels.internal_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(START_TIMEOUT).await;
+            let _ = tx.send(Internal::StartTimeout { id, incarnation });
+        });
+    }
+
+    /// Records a running instance and starts checking it.
+    pub(super) fn attach(&mut self, id: ServerId, inst: Instance) {
+        let timeout = self.config.health.timeout;
+        let Some(r) = self.replicas.get_mut(&id) else {
+            return;
+        };
+        let target = ProbeTarget {
+            id,
+            incarnation: r.incarnation,
+            addr: inst.addr,
+            period: START_PROBE_PERIOD,
+            timeout,
+        };
+        r.probe = Some(ProbeTask::start(
+            target,
+            self.prober.clone(),
+            self.channels.probe_tx.clone(),
+        ));
+        r.instance = Some(inst);
+    }
+
+    /// Whether a report about `incarnation` of `id` is about its current run (and it is kept).
+    fn is_current(&self, id: ServerId, incarnation: u64) -> bool {
+        self.membership
+            .phase(id)
+            .is_some_and(|p| p != Phase::Leaving)
+            && self
+                .replicas
+                .get(&id)
+                .is_some_and(|r| r.incarnation == incarnation)
+    }
+
+    pub(super) fn on_internal(&mut self, msg: Internal) {
+        match msg {
+            Internal::Spawned {
+                id,
+                incarnation,
+                result,
+            } => {
+                let current = self.is_current(id, incarnation);
+                match result {
+                    Ok(inst) if current => self.attach(id, inst),
+                    Ok(inst) => {
+                        // Removed or replaced while it was starting: stop what was started.
+                        let provider = self.provider.clone();
+                        tokio::spawn(async move {
+                            let _ = provider.remove(&inst.hostname).await;
+                        });
+                    }
+                    Err(e) if current => {
+                        self.on_start_failed(id, StartFailure::Provider(e.detail()))
+                    }
+                    Err(_) => {}
+                }
+            }
+            Internal::StartTimeout { id, incarnation } => {
+                let stuck = self.is_current(id, incarnation)
+                    && self
+                        .replicas
+                        .get(&id)
+                        .is_some_and(|r| r.tracker.state == HealthState::Starting);
+                if stuck {
+                    self.on_start_failed(id, StartFailure::NoHeartbeat(START_TIMEOUT));
+                }
+            }
+            Internal::RespawnDue { id, incarnation } => {
+                let due = self.is_current(id, incarnation)
+                    && self
+                        .replicas
+                        .get(&id)
+                        .is_some_and(|r| r.tracker.state == HealthState::Down);
+                if due {
+                    if let Some(r) = self.replicas.get_mut(&id) {
+                        r.restarts += 1;
+                        tracing::info!(replica = ?self.membership.name(id), id = %id, restarts = r.restarts, "starting replacement");
+                    }
+                    self.metrics.respawns.fetch_add(1, Ordering::Relaxed);
+                    self.start_instance(id);
+                }
+            }
+            Internal::Removed { ids, reply } => self.on_removed(ids, reply),
+        }
+    }
+
+    /// A start failed (provider error, exit before answering, start timeout).
+    fn on_start_failed(&mut self, id: ServerId, cause: StartFailure) {
+        let name = self.membership.name(id).unwrap_or_default().to_owned();
+        tracing::warn!(replica = %name, id = %id, reason = %cause, "replica failed to start");
+        if let Some(r) = self.replicas.get_mut(&id) {
+            r.last_exit = Some(cause.to_string());
+        }
+        match self.membership.phase(id) {
+            Some(Phase::Joining(op)) => self.fail_add(op, name, cause),
+            _ => {
+                self.replace(id);
+                self.notify_ready();
+            }
+        }
+    }
+
+    /// Takes replica `id` out and schedules its replacement with back-off.
+    pub(super) fn replace(&mut self, id: ServerId) {
+        let (recovery, cap) = (
+            self.config.health.recovery_delay,
+            self.config.health.max_backoff,
+        );
+        let manages = self.provider.manages_replicas();
+        let incarnation = self.bump_incarnation();
+        let Some(name) = self.membership.name(id).map(str::to_owned) else {
+            return;
+        };
+        let Some(r) = self.replicas.get_mut(&id) else {
+            return;
+        };
+        r.tracker.state = HealthState::Down;
+        if !manages {
+            // Not ours to restart (static): keep checking it; `rise` good checks bring it back.
+            return;
+        }
+        r.probe = None;
+        let now = Instant::now();
+        r.crash_streak = next_crash_streak(r.crash_streak, r.up_since.map(|t| now - t));
+        let delay = backoff(recovery, cap, r.crash_streak);
+        r.up_since = None;
+        r.incarnation = incarnation;
+        r.next_restart = Some(now + delay);
+        let old = r.instance.take();
+        tracing::info!(replica = %name, id = %id, delay_ms = delay.as_millis() as u64, crash_streak = r.crash_streak, "replacement scheduled");
+        let provider = self.provider.clone();
+        let tx = self.channels.internal_tx.clone();
+        tokio::spawn(async move {
+            if old.is_some() {
+                if let Err(e) = provider.remove(&name).await {
+                    tracing::warn!(replica = %name, error = %e, "cannot stop the failed instance");
+                }
+            }
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(Internal::RespawnDue { id, incarnation });
+        });
+    }
+
+    /// The provider saw an instance exit: out of the ring at once, replaced after back-off.
+    pub(super) fn on_provider_event(&mut self, event: ProviderEvent) {
+        let ProviderEvent::Exited {
+            hostname,
+            instance_id,
+            detail,
+        } = event;
+        let Some(id) = self.membership.id_of(&hostname) else {
+            return;
+        };
+        let phase = self.membership.phase(id);
+        let Some(r) = self.replicas.get_mut(&id) else {
+            return;
+        };
+        let ours = r
+            .instance
+            .as_ref()
+            .is_some_and(|i| i.instance_id == instance_id);
+        if !ours || phase == Some(Phase::Leaving) {
+            return;
+        }
+        let was = r.tracker.state;
+        tracing::warn!(replica = %hostname, id = %id, detail = %detail, "replica exited");
+        r.last_exit = Some(detail.clone());
+        r.instance = None;
+        if let Some(Phase::Joining(op)) = phase {
+            self.fail_add(op, hostname, StartFailure::Exited(detail));
+            return;
+        }
+        if was.routable() {
+            self.metrics.ejections.fetch_add(1, Ordering::Relaxed);
+        }
+        self.replace(id);
+        self.publish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let (b, cap) = (Duration::from_secs(2), Duration::from_secs(60));
+        assert_eq!(backoff(b, cap, 1), Duration::from_secs(2));
+        assert_eq!(backoff(b, cap, 2), Duration::from_secs(4));
+        assert_eq!(backoff(b, cap, 3), Duration::from_secs(8));
+        assert_eq!(backoff(b, cap, 6), Duration::from_secs(60));
+        assert_eq!(backoff(b, cap, 1000), Duration::from_secs(60));
+        assert_eq!(backoff(b, cap, 0), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_stable_run_resets_the_streak() {
+        assert_eq!(next_crash_streak(0, None), 1);
+        assert_eq!(next_crash_streak(3, None), 4, "died before it was ever up");
+        assert_eq!(next_crash_streak(3, Some(Duration::from_secs(5))), 4);
+        assert_eq!(next_crash_streak(3, Some(STABLE_AFTER)), 1);
+        assert_eq!(next_crash_streak(u32::MAX, None), u32::MAX);
+    }
+
+    #[test]
+    fn replicas_that_are_not_up_are_checked_faster() {
+        let interval = Duration::from_secs(10);
+        assert_eq!(
+            probe_period(HealthState::Starting, interval),
+            START_PROBE_PERIOD
+        );
+        assert_eq!(probe_period(HealthState::Up, interval), interval);
+        assert_eq!(probe_period(HealthState::Down, interval), FAST_PROBE_PERIOD);
+        let short = Duration::from_millis(200);
+        assert_eq!(probe_period(HealthState::Suspect, short), short);
+    }
+}

@@ -1,0 +1,173 @@
+//! Health evidence: check results (with the Lua `health` verdict) and passive failures from the
+//! request path, turned into rise/fall transitions and what they mean for the ring.
+//!
+//! Owns: [`verdict`] (pure: the probe result, unless a `health` hook answers) and the
+//! controller's reaction to each [`Transition`]: an `/add` may commit, a dead replica is
+//! replaced, the ring is republished.
+//! Must not touch: how replicas are started or stopped (`lifecycle`) or checked (`health`).
+
+use std::sync::atomic::Ordering;
+
+use tokio::time::Instant;
+
+use super::lifecycle::probe_period;
+use super::membership::Phase;
+use super::Controller;
+use crate::health::probe::ProbeReport;
+use crate::health::{HealthState, ProbeOutcome, Transition};
+use crate::policy::{Hook, HookOutcome, PolicySet, ProbeView};
+use crate::ring::ServerId;
+
+/// Whether a check passed: the Lua `health(server, probe)` hook where it answers, else the
+/// check's own result (200 within the timeout).
+pub fn verdict(policy: &PolicySet, server: &str, outcome: &ProbeOutcome) -> bool {
+    if policy.has_hook(Hook::Health) {
+        let view = ProbeView {
+            status: outcome.status,
+            latency_ms: outcome.latency_ms,
+            error: outcome.error.as_deref(),
+        };
+        if let HookOutcome::Value(ok) = policy.health(server, &view) {
+            return ok;
+        }
+    }
+    outcome.ok
+}
+
+impl Controller {
+    pub(super) fn on_probe(&mut self, report: ProbeReport) {
+        let (rise, fall) = (self.config.health.rise, self.config.health.fall);
+        let (interval, timeout) = (self.config.health.interval, self.config.health.timeout);
+        let id = report.id;
+        let Some(phase) = self.membership.phase(id) else {
+            return;
+        };
+        let name = self.membership.name(id).unwrap_or_default().to_owned();
+        let Some(r) = self.replicas.get_mut(&id) else {
+            return;
+        };
+        if r.incarnation != report.incarnation || phase == Phase::Leaving {
+            return;
+        }
+        let ok = verdict(&self.policy, &name, &report.outcome);
+        if !ok && r.tracker.state != HealthState::Starting {
+            tracing::debug!(replica = %name, error = ?report.outcome.error, "check failed");
+        }
+        r.last_probe = Some(report.outcome);
+        let was = r.tracker.state;
+        let transition = r.tracker.on_probe(ok, rise, fall);
+        if let Some(p) = &r.probe {
+            p.set_period(probe_period(r.tracker.state, interval), timeout);
+        }
+        match transition {
+            Transition::None | Transition::Down => {}
+            Transition::Up => {
+                r.up_since = Some(Instant::now());
+                r.next_restart = None;
+                if was == HealthState::Down {
+                    tracing::info!(replica = %name, id = %id, "replica recovered");
+                } else {
+                    tracing::info!(replica = %name, id = %id, "replica up");
+                }
+                match phase {
+                    Phase::Joining(op) => self.maybe_commit_add(op),
+                    _ => self.publish(),
+                }
+            }
+            Transition::Suspect => {
+                tracing::info!(replica = %name, id = %id, "replica suspect: a check failed");
+            }
+            Transition::Dead => {
+                tracing::warn!(replica = %name, id = %id, failures = fall, "replica down: checks failed");
+                self.metrics
+                    .ejections
+                    .fetch_add(u64::from(was.routable()), Ordering::Relaxed);
+                self.replace(id);
+                self.publish();
+            }
+        }
+    }
+
+    /// A connect to the replica failed on the request path: out of the ring at once, checked
+    /// at once.
+    pub(super) fn on_passive_failure(&mut self, id: ServerId, incarnation: u64, detail: String) {
+        let fall = self.config.health.fall;
+        let name = self.membership.name(id).unwrap_or_default().to_owned();
+        let Some(r) = self.replicas.get_mut(&id) else {
+            return;
+        };
+        if r.incarnation != incarnation {
+            return;
+        }
+        let transition = r.tracker.on_passive_failure(fall);
+        if transition == Transition::None {
+            return;
+        }
+        tracing::warn!(replica = %name, id = %id, error = %detail, "replica ejected: a request could not connect");
+        self.metrics.ejections.fetch_add(1, Ordering::Relaxed);
+        if let Some(p) = &r.probe {
+            p.probe_now();
+        }
+        if transition == Transition::Dead {
+            self.replace(id);
+        }
+        self.publish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PolicyLimits;
+
+    fn outcome(ok: bool, latency_ms: f64) -> ProbeOutcome {
+        ProbeOutcome {
+            ok,
+            status: ok.then_some(200),
+            latency_ms,
+            error: (!ok).then(|| "connection refused".into()),
+            at: std::time::SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn the_check_decides_without_a_hook() {
+        let p = PolicySet::empty();
+        assert!(verdict(&p, "s1", &outcome(true, 1.0)));
+        assert!(!verdict(&p, "s1", &outcome(false, 1.0)));
+    }
+
+    #[test]
+    fn a_health_hook_overrides_and_a_failing_one_falls_back() {
+        let p = PolicySet::from_sources(
+            vec![(
+                "h.lua".into(),
+                "function health(s, probe)\n\
+                   if s == 'broken' then error('boom') end\n\
+                   if s == 'defer' then return nil end\n\
+                   return probe.latency_ms < 100\n\
+                 end"
+                .into(),
+            )],
+            PolicyLimits::default(),
+            1,
+        )
+        .expect("policy loads");
+        assert!(
+            !verdict(&p, "s1", &outcome(true, 500.0)),
+            "slow is unhealthy"
+        );
+        assert!(
+            verdict(&p, "s1", &outcome(false, 5.0)),
+            "the hook may overrule"
+        );
+        assert!(
+            verdict(&p, "broken", &outcome(true, 500.0)),
+            "error: the check decides"
+        );
+        assert!(
+            !verdict(&p, "defer", &outcome(false, 5.0)),
+            "nil: the check decides"
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! Publishing: assembling the immutable snapshot the data plane reads, and readiness.
+//!
+//! Owns: which replicas are routable (members that are up or suspect and have an instance), the
+//! owner table built over them, the upstream list, and swapping the result in with one atomic
+//! store; answering `wait_ready` once the members have settled.
+//! Must not touch: decisions. It renders the controller's state as it is.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::Controller;
+use crate::ring::{Ring, ServerId};
+use crate::snapshot::{Snapshot, Upstream};
+
+impl Controller {
+    /// Whether the ring should route to replica `id` now.
+    fn routable(&self, id: ServerId) -> bool {
+        self.membership.is_member(id)
+            && self
+                .replicas
+                .get(&id)
+                .is_some_and(|r| r.tracker.state.routable() && r.instance.is_some())
+    }
+
+    pub(super) fn publish(&mut self) {
+        let ring = Ring::build(&self.placement, |id| self.routable(id));
+        let max_id = self
+            .replicas
+            .keys()
+            .next_back()
+            .map(|id| id.get() as usize)
+            .unwrap_or(0);
+        let mut upstreams: Vec<Option<Arc<Upstream>>> = vec![None; max_id + 1];
+        for (&id, r) in &self.replicas {
+            if !self.routable(id) {
+                continue;
+            }
+            let (Some(inst), Some(name)) = (&r.instance, self.membership.name(id)) else {
+                continue;
+            };
+            let Ok(authority) = http::uri::Authority::try_from(inst.addr.to_string()) else {
+                continue;
+            };
+            upstreams[id.get() as usize] = Some(Arc::new(Upstream {
+                id,
+                name: name.to_owned(),
+                addr: inst.addr,
+                authority,
+                incarnation: r.incarnation,
+                stats: r.stats.clone(),
+            }));
+        }
+        self.generation += 1;
+        let m = &self.metrics;
+        m.replicas_up
+            .store(ring.servers() as u64, Ordering::Relaxed);
+        m.replicas_desired
+            .store(self.membership.desired() as u64, Ordering::Relaxed);
+        m.ring_rebuilds.fetch_add(1, Ordering::Relaxed);
+        self.shared.store(Arc::new(Snapshot {
+            generation: self.generation,
+            config: self.config.clone(),
+            ring,
+            upstreams,
+            members: self.membership.member_names(),
+            policy: self.policy.clone(),
+        }));
+        self.notify_ready();
+    }
+
+    /// Ready when every member answers or has already failed to start (it is being retried with
+    /// back-off; waiting for it would only delay the others).
+    pub(super) fn notify_ready(&mut self) {
+        if self.ready_waiters.is_empty() {
+            return;
+        }
+        let settled = self.membership.members().all(|(id, _)| {
+            self.replicas
+                .get(&id)
+                .is_some_and(|r| r.tracker.state.routable() || r.crash_streak > 0)
+        });
+        if settled {
+            for w in self.ready_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+}

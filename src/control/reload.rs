@@ -1,0 +1,275 @@
+//! Live reload: a config edit as a validated list of changes, and policy swaps.
+//!
+//! Owns: [`plan`] (pure: the old and the new config in, the config to run with and the list of
+//! [`ConfigChange`]s out, with keys that need a restart kept at their running value), checking
+//! the plan against what runs (a new `[ring]` must hold the members), logging each change once
+//! and applying them with one `match`; and swapping in a new policy set.
+//! Must not touch: files. The watcher reads and validates; this only applies.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::lifecycle::probe_period;
+use super::Controller;
+use crate::config::Config;
+use crate::policy::{Hook, PolicySet};
+
+/// One thing a config edit changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigChange {
+    /// A key that needs a restart: the running value stays.
+    NeedsRestart(&'static str),
+    /// `ring.slots`, `ring.vnodes` or `ring.vnode_hash`: every member is placed again.
+    Placement,
+    /// `ring.request_hash` or `[hashing]`: new requests route with it.
+    Routing,
+    /// `replicas.count`: scale to it.
+    ReplicaCount { from: u32, to: u32 },
+    /// `replicas.max_replicas` or `replicas.name_prefix`: new limits for `/add`.
+    ReplicaRules,
+    /// `[health]`: checks use the new interval and timeout.
+    Health,
+    /// `[proxy]`: new requests use it.
+    Proxy,
+    /// `policy.*` limits: the watcher reloads the policy set with them.
+    PolicyLimits,
+    /// `[admin]`: the guard uses it from the next call.
+    Admin,
+}
+
+impl fmt::Display for ConfigChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigChange::NeedsRestart(key) => write!(f, "{key} changed: needs a restart"),
+            ConfigChange::Placement => f.write_str("ring placement (slots, vnodes or vnode_hash)"),
+            ConfigChange::Routing => f.write_str("request routing (ring.request_hash or hashing)"),
+            ConfigChange::ReplicaCount { from, to } => write!(f, "replicas.count {from} -> {to}"),
+            ConfigChange::ReplicaRules => f.write_str("replica limits (max_replicas, name_prefix)"),
+            ConfigChange::Health => f.write_str("[health]"),
+            ConfigChange::Proxy => f.write_str("[proxy]"),
+            ConfigChange::PolicyLimits => f.write_str("policy limits"),
+            ConfigChange::Admin => f.write_str("[admin]"),
+        }
+    }
+}
+
+/// What a config edit does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReloadPlan {
+    /// The config to run with: the new one, with the restart-only keys at their old value.
+    pub config: Config,
+    pub changes: Vec<ConfigChange>,
+}
+
+/// The changes from `old` to `new`, in the order they are applied.
+pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
+    let mut changes = Vec::new();
+    if new.listen != old.listen {
+        changes.push(ConfigChange::NeedsRestart("listen"));
+        new.listen = old.listen;
+    }
+    if new.provider != old.provider {
+        changes.push(ConfigChange::NeedsRestart("provider"));
+        new.provider = old.provider.clone();
+    }
+    if new.policy.dir != old.policy.dir {
+        changes.push(ConfigChange::NeedsRestart("policy.dir"));
+        new.policy.dir = old.policy.dir.clone();
+    }
+    let (o, n) = (&old.ring, &new.ring);
+    if n.slots != o.slots || n.vnodes != o.vnodes || n.vnode_hash != o.vnode_hash {
+        changes.push(ConfigChange::Placement);
+    }
+    if n.request_hash != o.request_hash || new.hashing != old.hashing {
+        changes.push(ConfigChange::Routing);
+    }
+    let (o, n) = (&old.replicas, &new.replicas);
+    if n.max_replicas != o.max_replicas || n.name_prefix != o.name_prefix {
+        changes.push(ConfigChange::ReplicaRules);
+    }
+    if new.health != old.health {
+        changes.push(ConfigChange::Health);
+    }
+    if new.proxy != old.proxy {
+        changes.push(ConfigChange::Proxy);
+    }
+    if new.policy != old.policy {
+        changes.push(ConfigChange::PolicyLimits);
+    }
+    if new.admin != old.admin {
+        changes.push(ConfigChange::Admin);
+    }
+    // Last: scaling runs after the rest is in place.
+    if n.count != o.count {
+        changes.push(ConfigChange::ReplicaCount {
+            from: o.count,
+            to: n.count,
+        });
+    }
+    ReloadPlan {
+        config: new,
+        changes,
+    }
+}
+
+impl Controller {
+    pub(super) fn apply_config(&mut self, new: Config) {
+        let plan = plan(&self.config, new);
+        // Checked against what runs before anything changes: all or nothing.
+        let mut placement = None;
+        if plan.changes.contains(&ConfigChange::Placement) {
+            match self.rebuild_placement(&plan.config) {
+                Ok(p) => placement = Some(p),
+                Err(e) => {
+                    let error = format!(
+                        "the new [ring] cannot hold the {} replicas that run: {e}",
+                        self.membership.desired()
+                    );
+                    tracing::error!(error = %error, "config edit rejected; nothing changed");
+                    self.metrics
+                        .config_reload_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.errors.config = Some(error);
+                    return;
+                }
+            }
+        }
+        self.config = Arc::new(plan.config);
+        self.errors.config = None;
+        self.errors.restart_needed.clear();
+        self.metrics.config_reloads.fetch_add(1, Ordering::Relaxed);
+        if plan.changes.is_empty() {
+            tracing::info!("config reloaded: no change");
+        }
+        let mut scale_to = None;
+        for change in plan.changes {
+            match &change {
+                ConfigChange::NeedsRestart(_) => tracing::warn!(change = %change, "config change"),
+                _ => tracing::info!(change = %change, "config change"),
+            }
+            match change {
+                ConfigChange::NeedsRestart(key) => self.errors.restart_needed.push(key),
+                ConfigChange::Placement => {
+                    if let Some(p) = placement.take() {
+                        self.placement = p;
+                    }
+                }
+                ConfigChange::Health => self.reset_probe_periods(),
+                ConfigChange::ReplicaCount { to, .. } => scale_to = Some(to),
+                // Read from the snapshot's config by the data plane, the watcher and `/add`.
+                ConfigChange::Routing
+                | ConfigChange::ReplicaRules
+                | ConfigChange::Proxy
+                | ConfigChange::PolicyLimits
+                | ConfigChange::Admin => {}
+            }
+        }
+        self.publish();
+        if let Some(n) = scale_to {
+            self.scale_to(n);
+        }
+    }
+
+    fn reset_probe_periods(&self) {
+        let (interval, timeout) = (self.config.health.interval, self.config.health.timeout);
+        for r in self.replicas.values() {
+            if let Some(p) = &r.probe {
+                p.set_period(probe_period(r.tracker.state, interval), timeout);
+            }
+        }
+    }
+
+    pub(super) fn apply_policy(&mut self, policy: PolicySet) {
+        let vnodes_involved =
+            policy.has_hook(Hook::VnodeHash) || self.policy.has_hook(Hook::VnodeHash);
+        let policy = policy.with_stats(self.policy.stats().clone());
+        tracing::info!(generation = policy.generation(), files = ?policy.files(), hooks = ?policy.hooks(), "policy loaded");
+        self.policy = Arc::new(policy);
+        self.errors.policy = None;
+        self.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
+        if vnodes_involved {
+            match self.rebuild_placement(&self.config) {
+                Ok(p) => self.placement = p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot rebuild the ring with the new vnode_hash")
+                }
+            }
+        }
+        self.publish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hashing::HashFunction;
+
+    #[test]
+    fn no_edit_no_change() {
+        let c = Config::default();
+        assert!(plan(&c, c.clone()).changes.is_empty());
+    }
+
+    #[test]
+    fn restart_keys_keep_their_running_value() {
+        let old = Config::default();
+        let mut new = old.clone();
+        new.listen = "127.0.0.1:9".parse().expect("addr");
+        new.provider.image = "other:1".into();
+        new.policy.dir = "elsewhere".into();
+        new.proxy.retries = 5;
+        let p = plan(&old, new);
+        assert_eq!(
+            p.changes,
+            vec![
+                ConfigChange::NeedsRestart("listen"),
+                ConfigChange::NeedsRestart("provider"),
+                ConfigChange::NeedsRestart("policy.dir"),
+                ConfigChange::Proxy,
+            ]
+        );
+        assert_eq!(p.config.listen, old.listen);
+        assert_eq!(p.config.provider, old.provider);
+        assert_eq!(p.config.policy.dir, old.policy.dir);
+        assert_eq!(p.config.proxy.retries, 5, "the rest applies");
+    }
+
+    #[test]
+    fn each_section_maps_to_its_change_and_scaling_comes_last() {
+        let old = Config::default();
+        let mut new = old.clone();
+        new.replicas.count = 5;
+        new.ring.vnode_hash = HashFunction::Mix64;
+        new.ring.request_hash = HashFunction::Mix64;
+        new.health.rise = 4;
+        new.admin.token = Some("t".into());
+        new.replicas.max_replicas = 20;
+        new.policy.instruction_budget = 10;
+        let p = plan(&old, new);
+        assert_eq!(
+            p.changes,
+            vec![
+                ConfigChange::Placement,
+                ConfigChange::Routing,
+                ConfigChange::ReplicaRules,
+                ConfigChange::Health,
+                ConfigChange::PolicyLimits,
+                ConfigChange::Admin,
+                ConfigChange::ReplicaCount { from: 3, to: 5 },
+            ]
+        );
+        assert_eq!(
+            ConfigChange::ReplicaCount { from: 3, to: 5 }.to_string(),
+            "replicas.count 3 -> 5"
+        );
+    }
+
+    #[test]
+    fn a_key_source_edit_is_a_routing_change() {
+        let old = Config::default();
+        let mut new = old.clone();
+        new.hashing.key = "header:x-user".parse().expect("source");
+        assert_eq!(plan(&old, new).changes, vec![ConfigChange::Routing]);
+    }
+}

@@ -1,0 +1,190 @@
+//! Scaling: the membership plans of `/add`, `/rm` and `replicas.count` carried out.
+//!
+//! Owns: `/add` as one unit (its replicas start in the `Joining` phase, off the ring; the call
+//! commits, placing them all, only once every one answers, and rolls back whole, stopping them
+//! all, if any fails), `/rm` (off the ring at once, drained, then stopped) and growing or
+//! shrinking to a count. Every plan is validated by the pure membership model first, so a
+//! refused call changes nothing.
+//! Must not touch: how one replica starts or dies (`lifecycle`).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::handle::Reply;
+use super::lifecycle::{Internal, StartFailure};
+use super::membership::{Limits, OpId, Phase, ScaleRequest};
+use super::Controller;
+use crate::error::GatewayError;
+use crate::ring::ServerId;
+
+impl Controller {
+    fn limits(&self) -> Limits<'_> {
+        Limits {
+            max_replicas: self.config.replicas.max_replicas,
+            name_prefix: &self.config.replicas.name_prefix,
+            cannot_start: (!self.provider.manages_replicas()).then(|| self.provider.kind()),
+        }
+    }
+
+    pub(super) fn add(&mut self, request: ScaleRequest, reply: Reply<Vec<String>>) {
+        let plan = match self.membership.plan_add(&request, &self.limits()) {
+            Ok(plan) => plan,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        let op = self.next_op;
+        self.next_op += 1;
+        let names: Vec<&str> = plan.replicas.iter().map(|(_, n)| n.as_str()).collect();
+        tracing::info!(op, replicas = ?names, "adding replicas");
+        for (id, name) in plan.replicas {
+            self.insert_replica(id, name, Phase::Joining(op));
+            self.start_instance(id);
+        }
+        self.add_ops.insert(op, reply);
+    }
+
+    /// `count` new members with generated names, placed at once and started (start-up and
+    /// `replicas.count` edits; `/add` instead commits its replicas only once they all answer).
+    pub(super) fn grow(&mut self, count: usize) {
+        let plan = self
+            .membership
+            .plan_grow(count, &self.config.replicas.name_prefix);
+        for (id, name) in plan.replicas {
+            self.insert_replica(id, name, Phase::Member);
+            self.place(id);
+            self.start_instance(id);
+        }
+    }
+
+    /// Commits `/add` `op` once all its replicas are up.
+    pub(super) fn maybe_commit_add(&mut self, op: OpId) {
+        let ids = self.membership.joining(op);
+        let all_up = ids.iter().all(|id| {
+            self.replicas
+                .get(id)
+                .is_some_and(|r| r.tracker.state.routable())
+        });
+        if !all_up {
+            return;
+        }
+        let Some(reply) = self.add_ops.remove(&op) else {
+            return;
+        };
+        for &id in &ids {
+            self.membership.set_phase(id, Phase::Member);
+            self.place(id);
+        }
+        self.publish();
+        tracing::info!(op, n = ids.len(), "replicas added");
+        let _ = reply.send(Ok(self.membership.member_names()));
+    }
+
+    /// Rolls `/add` `op` back whole because `replica` failed: every replica it started is
+    /// forgotten and stopped, then the caller gets the failure.
+    pub(super) fn fail_add(&mut self, op: OpId, replica: String, cause: StartFailure) {
+        let Some(reply) = self.add_ops.remove(&op) else {
+            return;
+        };
+        let names: Vec<String> = self
+            .membership
+            .joining(op)
+            .into_iter()
+            .filter_map(|id| self.forget(id))
+            .collect();
+        let error = GatewayError::AddFailed { replica, cause };
+        tracing::warn!(op, error = %error, "rolling back /add");
+        let provider = self.provider.clone();
+        tokio::spawn(async move {
+            futures_util::future::join_all(names.iter().map(|n| provider.remove(n))).await;
+            let _ = reply.send(Err(error));
+        });
+    }
+
+    pub(super) fn remove(&mut self, request: ScaleRequest, reply: Reply<Vec<String>>) {
+        match self.membership.plan_remove(&request) {
+            Ok(plan) => self.drain_and_stop(plan.ids, reply),
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+            }
+        }
+    }
+
+    /// Takes `ids` off the ring now, lets their in-flight requests finish (up to
+    /// `proxy.drain_timeout`), stops them, then answers `reply` with the new membership.
+    fn drain_and_stop(&mut self, ids: Vec<ServerId>, reply: Reply<Vec<String>>) {
+        let drain_timeout = self.config.proxy.drain_timeout;
+        let mut draining = Vec::new();
+        for &id in &ids {
+            self.placement.remove(id);
+            self.membership.set_phase(id, Phase::Leaving);
+            let name = self.membership.name(id).unwrap_or_default().to_owned();
+            if let Some(r) = self.replicas.get_mut(&id) {
+                r.probe = None;
+                r.next_restart = None;
+                tracing::info!(replica = %name, id = %id, "draining replica");
+                draining.push((name, r.stats.clone()));
+            }
+        }
+        self.publish();
+        let provider = self.provider.clone();
+        let tx = self.channels.internal_tx.clone();
+        tokio::spawn(async move {
+            futures_util::future::join_all(draining.into_iter().map(|(name, stats)| {
+                let provider = provider.clone();
+                async move {
+                    let deadline = Instant::now() + drain_timeout;
+                    while stats.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    if let Err(e) = provider.remove(&name).await {
+                        tracing::error!(replica = %name, error = %e, "cannot stop removed replica");
+                    }
+                }
+            }))
+            .await;
+            let _ = tx.send(Internal::Removed { ids, reply });
+        });
+    }
+
+    pub(super) fn on_removed(&mut self, ids: Vec<ServerId>, reply: Reply<Vec<String>>) {
+        for id in ids {
+            if let Some(name) = self.forget(id) {
+                tracing::info!(replica = %name, id = %id, "replica removed");
+            }
+        }
+        self.publish();
+        let _ = reply.send(Ok(self.membership.member_names()));
+    }
+
+    /// Adds or removes members until N = `n` (a `replicas.count` edit).
+    pub(super) fn scale_to(&mut self, n: u32) {
+        if !self.provider.manages_replicas() {
+            return;
+        }
+        let have = self.membership.desired();
+        let n = n as usize;
+        if n > have {
+            let room =
+                (self.config.replicas.max_replicas as usize).saturating_sub(self.membership.len());
+            let add = (n - have).min(room);
+            tracing::info!(from = have, to = have + add, "scaling up to replicas.count");
+            self.grow(add);
+            self.publish();
+        } else if n < have {
+            tracing::info!(from = have, to = n, "scaling down to replicas.count");
+            let request = ScaleRequest {
+                n: u32::try_from(have - n).unwrap_or(u32::MAX),
+                hostnames: Vec::new(),
+            };
+            if let Ok(plan) = self.membership.plan_remove(&request) {
+                let (reply, _) = oneshot::channel();
+                self.drain_and_stop(plan.ids, reply);
+            }
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! A scripted world for the control plane's unit tests: a provider whose replicas start, fail
+//! and exit, and a prober whose checks pass or fail, as a test says — on paused tokio time, so
+//! back-off, rise/fall and `/add` rollback are tested without sleeping.
+//!
+//! Only the controller's surroundings are scripted; the controller, membership, ring, health
+//! tracker and policy are the real ones. The integration tests in `tests/` run the same flows
+//! against real processes and containers.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{Controller, ControllerHandle, Parts};
+use crate::config::Config;
+use crate::health::probe::Prober;
+use crate::health::ProbeOutcome;
+use crate::metrics::Metrics;
+use crate::policy::PolicySet;
+use crate::provider::{Instance, Provider, ProviderError, ProviderEvent, ReplicaSpec};
+use crate::ring::ServerId;
+use crate::snapshot::{Shared, Snapshot};
+use crate::sync::lock;
+
+#[derive(Default)]
+struct State {
+    next_port: u16,
+    next_instance: u64,
+    running: BTreeMap<String, Instance>,
+    spawns: Vec<(String, Instant)>,
+    removes: Vec<String>,
+    /// Hostname → how many more starts fail.
+    fail_starts: HashMap<String, u32>,
+    unhealthy: HashSet<String>,
+    existing: Vec<Instance>,
+}
+
+pub struct World {
+    state: Mutex<State>,
+    events: mpsc::Sender<ProviderEvent>,
+    manages: bool,
+}
+
+impl World {
+    /// A world whose provider starts replicas (`manages`) or only lists fixed ones.
+    pub fn new(manages: bool) -> (Arc<World>, mpsc::Receiver<ProviderEvent>) {
+        let (events, rx) = mpsc::channel(64);
+        let world = World {
+            state: Mutex::new(State {
+                next_port: 20_000,
+                ..State::default()
+            }),
+            events,
+            manages,
+        };
+        (Arc::new(world), rx)
+    }
+
+    /// Replicas `list()` reports at start (adopted, or the static servers).
+    pub fn existing(&self, replicas: &[(u32, &str)]) {
+        let mut s = lock(&self.state);
+        for &(id, name) in replicas {
+            let inst = s.instance(ServerId::new(id).expect("non-zero id"), name);
+            s.running.insert(name.to_owned(), inst.clone());
+            s.existing.push(inst);
+        }
+    }
+
+    pub fn fail_starts(&self, hostname: &str, times: u32) {
+        lock(&self.state)
+            .fail_starts
+            .insert(hostname.to_owned(), times);
+    }
+
+    pub fn set_healthy(&self, hostname: &str, healthy: bool) {
+        let mut s = lock(&self.state);
+        if healthy {
+            s.unhealthy.remove(hostname);
+        } else {
+            s.unhealthy.insert(hostname.to_owned());
+        }
+    }
+
+    /// The replica's process dies: the provider reports it at once.
+    pub async fn kill(&self, hostname: &str) {
+        let inst = lock(&self.state).running.remove(hostname);
+        if let Some(inst) = inst {
+            let _ = self
+                .events
+                .send(ProviderEvent::Exited {
+                    hostname: hostname.to_owned(),
+                    instance_id: inst.instance_id,
+                    detail: "killed by the test".into(),
+                })
+                .await;
+        }
+    }
+
+    /// When each start of `hostname` was asked for.
+    pub fn spawns_of(&self, hostname: &str) -> Vec<Instant> {
+        lock(&self.state)
+            .spawns
+            .iter()
+            .filter(|(h, _)| h == hostname)
+            .map(|(_, t)| *t)
+            .collect()
+    }
+
+    pub fn removes(&self) -> Vec<String> {
+        lock(&self.state).removes.clone()
+    }
+
+    pub fn running(&self) -> Vec<String> {
+        lock(&self.state).running.keys().cloned().collect()
+    }
+}
+
+impl State {
+    fn instance(&mut self, id: ServerId, hostname: &str) -> Instance {
+        self.next_port += 1;
+        self.next_instance += 1;
+        Instance {
+            id,
+            hostname: hostname.to_owned(),
+            addr: SocketAddr::from(([127, 0, 0, 1], self.next_port)),
+            instance_id: format!("fake-{}", self.next_instance),
+        }
+    }
+}
+
+impl Provider for World {
+    fn kind(&self) -> &'static str {
+        if self.manages {
+            "scripted"
+        } else {
+            "static"
+        }
+    }
+
+    fn manages_replicas(&self) -> bool {
+        self.manages
+    }
+
+    fn spawn(&self, spec: ReplicaSpec) -> BoxFuture<'_, Result<Instance, ProviderError>> {
+        Box::pin(async move {
+            let mut s = lock(&self.state);
+            s.spawns.push((spec.hostname.clone(), Instant::now()));
+            if let Some(left) = s.fail_starts.get_mut(&spec.hostname) {
+                if *left > 0 {
+                    *left = left.saturating_sub(1);
+                    return Err(ProviderError::Spawn {
+                        hostname: spec.hostname,
+                        reason: "scripted start failure".into(),
+                    });
+                }
+            }
+            let inst = s.instance(spec.id, &spec.hostname);
+            s.running.insert(spec.hostname, inst.clone());
+            Ok(inst)
+        })
+    }
+
+    fn remove(&self, hostname: &str) -> BoxFuture<'_, Result<(), ProviderError>> {
+        let hostname = hostname.to_owned();
+        Box::pin(async move {
+            let mut s = lock(&self.state);
+            s.running.remove(&hostname);
+            s.removes.push(hostname);
+            Ok(())
+        })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>> {
+        Box::pin(async move { Ok(lock(&self.state).existing.clone()) })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+impl Prober for World {
+    fn probe(&self, addr: SocketAddr, _timeout: Duration) -> BoxFuture<'_, ProbeOutcome> {
+        Box::pin(async move {
+            let s = lock(&self.state);
+            let answering = s
+                .running
+                .values()
+                .find(|i| i.addr == addr)
+                .filter(|i| !s.unhealthy.contains(&i.hostname));
+            let ok = answering.is_some();
+            ProbeOutcome {
+                ok,
+                status: ok.then_some(200),
+                latency_ms: 1.0,
+                error: (!ok).then(|| "scripted: not answering".into()),
+                at: SystemTime::now(),
+            }
+        })
+    }
+}
+
+/// A controller running over a [`World`].
+pub struct Harness {
+    pub world: Arc<World>,
+    pub handle: ControllerHandle,
+    shared: Shared,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+/// The test config: quick checks, a short recovery delay and back-off cap.
+pub fn config(count: u32) -> Config {
+    let mut c = Config::default();
+    c.replicas.count = count;
+    c.health.interval = Duration::from_secs(1);
+    c.health.timeout = Duration::from_millis(500);
+    c.health.rise = 2;
+    c.health.fall = 2;
+    c.health.recovery_delay = Duration::from_secs(1);
+    c.health.max_backoff = Duration::from_secs(8);
+    c.proxy.drain_timeout = Duration::from_secs(10);
+    c
+}
+
+impl Harness {
+    pub fn start(
+        config: Config,
+        world: Arc<World>,
+        events: mpsc::Receiver<ProviderEvent>,
+    ) -> Harness {
+        let config = Arc::new(config);
+        let shared: Shared = Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot::initial(
+            config.clone(),
+        )));
+        let (controller, handle) = Controller::new(Parts {
+            config,
+            policy: Ok(PolicySet::empty()),
+            provider: world.clone(),
+            provider_events: events,
+            prober: world.clone(),
+            shared: shared.clone(),
+            metrics: Arc::new(Metrics::default()),
+        })
+        .expect("valid ring");
+        let task = tokio::spawn(controller.run());
+        Harness {
+            world,
+            handle,
+            shared,
+            _task: task,
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.load_full()
+    }
+
+    /// The names the ring routes to.
+    pub fn in_ring(&self) -> Vec<String> {
+        let snap = self.snapshot();
+        snap.upstreams
+            .iter()
+            .flatten()
+            .map(|u| u.name.clone())
+            .collect()
+    }
+
+    pub async fn replica(&self, name: &str) -> serde_json::Value {
+        let status = self.handle.status().await.expect("status");
+        status["replicas"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["name"] == name).cloned())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Waits (in virtual time) until `pred` holds; panics after `within`.
+    pub async fn until(&self, within: Duration, what: &str, pred: impl Fn(&Harness) -> bool) {
+        let deadline = Instant::now() + within;
+        while !pred(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The control plane's state machine, end to end inside the process: the real controller over a
+//! scripted provider and prober, on paused tokio time (a minute of back-off takes no real time).
+
+use std::time::Duration;
+
+use super::membership::ScaleRequest;
+use super::testkit::{config, Harness, World};
+use crate::error::GatewayError;
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+fn scale(n: u32, hostnames: &[&str]) -> ScaleRequest {
+    ScaleRequest {
+        n,
+        hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
+    }
+}
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_up_starts_the_configured_replicas_and_routes_to_them() {
+    let (world, events) = World::new(true);
+    let h = Harness::start(config(3), world, events);
+    h.handle.wait_ready().await.expect("ready");
+    h.until(SETTLE, "three in the ring", |h| h.in_ring().len() == 3)
+        .await;
+    let snap = h.snapshot();
+    assert_eq!(snap.members, names(&["server-1", "server-2", "server-3"]));
+    assert_eq!(snap.ring.servers(), 3);
+    let status = h.handle.status().await.expect("status");
+    assert_eq!(status["desired"], 3);
+    assert_eq!(status["replicas"][0]["slots"][0], 26, "Φ(1,0) = 26");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_keeps_failing_to_start_backs_off_exponentially() {
+    let (world, events) = World::new(true);
+    world.fail_starts("server-2", u32::MAX);
+    let h = Harness::start(config(2), world.clone(), events);
+    h.handle
+        .wait_ready()
+        .await
+        .expect("ready: a failing start does not hold it up");
+    h.until(SETTLE, "seven starts", |h| {
+        h.world.spawns_of("server-2").len() >= 7
+    })
+    .await;
+    let starts = world.spawns_of("server-2");
+    let gaps: Vec<u64> = starts
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis() as u64)
+        .collect();
+    // recovery_delay 1 s doubling, capped at max_backoff 8 s.
+    assert_eq!(gaps[..6], [1000, 2000, 4000, 8000, 8000, 8000]);
+    assert_eq!(h.in_ring(), names(&["server-1"]), "the others keep serving");
+    let r = h.replica("server-2").await;
+    assert_eq!(r["state"], "down");
+    assert!(r["crash_streak"].as_u64().is_some_and(|s| s >= 6), "{r}");
+    assert!(r["last_exit"]
+        .as_str()
+        .is_some_and(|e| e.contains("scripted start failure")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn fall_failed_checks_replace_a_replica_with_the_same_id_and_slots() {
+    let (world, events) = World::new(true);
+    let h = Harness::start(config(3), world.clone(), events);
+    h.until(SETTLE, "three up", |h| h.in_ring().len() == 3)
+        .await;
+    let before = h.replica("server-2").await;
+    world.set_healthy("server-2", false);
+    // One failed check: suspect, still routed.
+    let mut suspect_seen = false;
+    for _ in 0..300 {
+        let r = h.replica("server-2").await;
+        if r["state"] == "suspect" {
+            suspect_seen = true;
+            assert!(h.in_ring().contains(&"server-2".to_string()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(suspect_seen, "a first failed check makes it suspect");
+    h.until(SETTLE, "server-2 out of the ring", |h| {
+        !h.in_ring().contains(&"server-2".to_string())
+    })
+    .await;
+    assert_eq!(
+        world.spawns_of("server-2").len(),
+        1,
+        "replaced after recovery_delay, not at once"
+    );
+    world.set_healthy("server-2", true);
+    h.until(SETTLE, "server-2 back", |h| h.in_ring().len() == 3)
+        .await;
+    let after = h.replica("server-2").await;
+    assert_eq!(world.spawns_of("server-2").len(), 2);
+    assert_eq!(after["id"], before["id"]);
+    assert_eq!(
+        after["slots"], before["slots"],
+        "a replacement takes the same slots"
+    );
+    assert_ne!(after["instance"], before["instance"]);
+    assert_eq!(after["restarts"], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_passive_failure_ejects_at_once_and_rise_good_checks_bring_it_back() {
+    let (world, events) = World::new(false);
+    world.existing(&[(1, "web-1"), (2, "web-2")]);
+    let h = Harness::start(config(2), world.clone(), events);
+    h.until(SETTLE, "both up", |h| h.in_ring().len() == 2).await;
+    let incarnation = h
+        .snapshot()
+        .upstreams
+        .iter()
+        .flatten()
+        .find(|u| u.name == "web-1")
+        .map(|u| (u.id, u.incarnation))
+        .expect("web-1 routed");
+    h.handle
+        .passive_failure(incarnation.0, incarnation.1, "connection refused".into());
+    h.until(Duration::from_millis(50), "web-1 ejected", |h| {
+        h.in_ring() == names(&["web-2"])
+    })
+    .await;
+    // The static provider does not replace it; `rise` good checks bring it back.
+    h.until(SETTLE, "web-1 back", |h| h.in_ring().len() == 2)
+        .await;
+    assert!(world.spawns_of("web-1").is_empty(), "never started: static");
+    let r = h.replica("web-1").await;
+    assert_eq!(r["state"], "up");
+}
+
+#[tokio::test(start_paused = true)]
+async fn add_commits_only_once_every_new_replica_answers() {
+    let (world, events) = World::new(true);
+    world.set_healthy("S5", false);
+    let h = Harness::start(config(1), world.clone(), events);
+    h.until(SETTLE, "one up", |h| h.in_ring().len() == 1).await;
+    let handle = h.handle.clone();
+    let add = tokio::spawn(async move { handle.add(scale(2, &["S5"])).await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!add.is_finished(), "waits for S5");
+    assert_eq!(
+        h.snapshot().members,
+        names(&["server-1"]),
+        "not a member yet"
+    );
+    assert_eq!(h.replica("S5").await["state"], "starting");
+    assert_eq!(h.replica("server-3").await["state"], "starting");
+    world.set_healthy("S5", true);
+    let members = add.await.expect("joined").expect("added");
+    assert_eq!(members, names(&["server-1", "S5", "server-3"]));
+    assert_eq!(h.in_ring().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_start_rolls_the_whole_add_back() {
+    let (world, events) = World::new(true);
+    world.fail_starts("S6", u32::MAX);
+    let h = Harness::start(config(1), world.clone(), events);
+    h.until(SETTLE, "one up", |h| h.in_ring().len() == 1).await;
+    let err = h
+        .handle
+        .add(scale(2, &["S5", "S6"]))
+        .await
+        .expect_err("S6 cannot start");
+    match &err {
+        GatewayError::AddFailed { replica, .. } => assert_eq!(replica, "S6"),
+        other => panic!("expected AddFailed, got {other:?}"),
+    }
+    assert!(err.to_string().contains("nothing was added"), "{err}");
+    assert_eq!(h.snapshot().members, names(&["server-1"]));
+    assert_eq!(
+        world.running(),
+        names(&["server-1"]),
+        "S5 was stopped again"
+    );
+    assert!(world.removes().contains(&"S5".to_string()));
+    let status = h.handle.status().await.expect("status");
+    assert_eq!(status["replicas"].as_array().map(Vec::len), Some(1));
+    // The names are free again.
+    let members = h.handle.add(scale(1, &["S5"])).await.expect("added");
+    assert_eq!(members, names(&["server-1", "S5"]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn rm_takes_a_replica_off_the_ring_at_once_and_stops_it_after_its_requests() {
+    let (world, events) = World::new(true);
+    let h = Harness::start(config(2), world.clone(), events);
+    h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
+    let stats = h
+        .snapshot()
+        .upstreams
+        .iter()
+        .flatten()
+        .find(|u| u.name == "server-2")
+        .map(|u| u.stats.clone())
+        .expect("server-2 routed");
+    stats
+        .in_flight
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let handle = h.handle.clone();
+    let rm = tokio::spawn(async move { handle.remove(scale(1, &["server-2"])).await });
+    h.until(Duration::from_millis(50), "off the ring", |h| {
+        h.in_ring() == names(&["server-1"])
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!rm.is_finished(), "still draining");
+    assert!(world.running().contains(&"server-2".to_string()));
+    assert_eq!(h.replica("server-2").await["state"], "draining");
+    stats
+        .in_flight
+        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    let members = rm.await.expect("joined").expect("removed");
+    assert_eq!(members, names(&["server-1"]));
+    assert_eq!(world.running(), names(&["server-1"]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_exit_ejects_at_once_and_replaces_with_the_same_name_and_id() {
+    let (world, events) = World::new(true);
+    let h = Harness::start(config(3), world.clone(), events);
+    h.until(SETTLE, "three up", |h| h.in_ring().len() == 3)
+        .await;
+    let before = h.replica("server-3").await;
+    world.kill("server-3").await;
+    h.until(Duration::from_millis(50), "ejected", |h| {
+        h.in_ring().len() == 2
+    })
+    .await;
+    h.until(SETTLE, "replaced", |h| h.in_ring().len() == 3)
+        .await;
+    let after = h.replica("server-3").await;
+    assert_eq!(after["id"], before["id"]);
+    assert_eq!(after["slots"], before["slots"]);
+    assert_eq!(world.spawns_of("server-3").len(), 2);
+    let gap = world.spawns_of("server-3")[1] - world.spawns_of("server-3")[0];
+    assert!(
+        gap >= Duration::from_secs(1),
+        "after recovery_delay: {gap:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn config_edits_scale_and_an_impossible_ring_changes_nothing() {
+    let (world, events) = World::new(true);
+    let h = Harness::start(config(3), world.clone(), events);
+    h.until(SETTLE, "three up", |h| h.in_ring().len() == 3)
+        .await;
+    let before = h.handle.status().await.expect("status");
+
+    // 3 servers × 200 vnodes do not fit in 512 slots: rejected whole.
+    let mut bad = config(5);
+    bad.ring.vnodes = 200;
+    h.handle
+        .send(super::Command::Reload {
+            config: Box::new(bad),
+        })
+        .await;
+    let status = h.handle.status().await.expect("status");
+    assert!(
+        status["config"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot hold")),
+        "{status}"
+    );
+    assert_eq!(status["ring"], before["ring"]);
+    assert_eq!(
+        status["desired"], 3,
+        "the count in the rejected edit did not apply"
+    );
+
+    // A valid edit scales to its count.
+    h.handle
+        .send(super::Command::Reload {
+            config: Box::new(config(5)),
+        })
+        .await;
+    h.until(SETTLE, "five up", |h| h.in_ring().len() == 5).await;
+    assert_eq!(
+        h.handle.status().await.expect("status")["config"]["last_error"],
+        serde_json::Value::Null
+    );
+    h.handle
+        .send(super::Command::Reload {
+            config: Box::new(config(2)),
+        })
+        .await;
+    h.until(SETTLE, "two left", |h| {
+        h.snapshot().members == names(&["server-1", "server-2"])
+    })
+    .await;
+    h.until(SETTLE, "stopped", |h| h.world.running().len() == 2)
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_calls_change_nothing() {
+    let (world, events) = World::new(true);
+    let h = Harness::start(config(2), world.clone(), events);
+    h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
+    for (req, add) in [
+        (scale(1, &["server-1"]), true),
+        (scale(60, &[]), true),
+        (scale(1, &["nope"]), false),
+        (scale(3, &[]), false),
+    ] {
+        let result = if add {
+            h.handle.add(req).await
+        } else {
+            h.handle.remove(req).await
+        };
+        assert!(
+            matches!(result, Err(GatewayError::Membership(_))),
+            "{result:?}"
+        );
+    }
+    assert_eq!(h.snapshot().members, names(&["server-1", "server-2"]));
+    assert_eq!(world.spawns_of("server-3").len(), 0);
+    assert!(world.removes().is_empty());
+}

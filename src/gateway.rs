@@ -1,0 +1,270 @@
+//! The gateway as a library: run it on listeners and a shutdown future you give it.
+//!
+//! Owns: the start-up order (start the provider and the controller, wait for the replicas,
+//! then serve on one thread per listener) and the shutdown order (stop accepting, drain
+//! in-flight requests, then stop the replicas the gateway started), in the shape of
+//! mini-redis's `server::run(listener, shutdown)`: `main.rs` binds, installs signal handlers
+//! and prints; tests start a gateway in-process on `127.0.0.1:0`.
+//! Must not touch: any decision, process-wide state (signals, tracing, rlimits) or stdout; it
+//! only connects the parts.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::control::{Controller, ControllerHandle, Parts};
+use crate::health::probe::HttpProber;
+use crate::metrics::Metrics;
+use crate::policy::{read_policy_files, PolicyFiles, PolicySet};
+use crate::service::Service;
+use crate::snapshot::Snapshot;
+
+/// How long start-up waits for the replicas it started to answer before serving anyway.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Static replicas are not ours to wait for: start-up waits for one round of checks at most.
+const STATIC_READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source} (change `listen` in the config or pass --listen, or stop whatever uses that port)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Provider(#[from] crate::provider::ProviderError),
+    #[error(transparent)]
+    Ring(#[from] crate::ring::RingError),
+    #[error("cannot start a serving thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// One serving thread per CPU: each runs its own current-thread runtime with its own listener
+/// on the same address (`SO_REUSEPORT`: the kernel spreads connections over them), so a
+/// request, its upstream connection and their wake-ups stay on one thread.
+pub fn serving_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Bound listening sockets, one per serving thread, all on one address.
+pub struct Listeners {
+    sockets: Vec<std::net::TcpListener>,
+    local: SocketAddr,
+}
+
+impl Listeners {
+    /// Binds `n` listeners on `addr` with `SO_REUSEPORT` (the first one picks the port when
+    /// `addr` has port 0).
+    pub fn bind(addr: SocketAddr, n: usize) -> Result<Listeners, StartError> {
+        let bind_error = |source| StartError::Bind { addr, source };
+        let mut local = addr;
+        let mut sockets = Vec::with_capacity(n.max(1));
+        for _ in 0..n.max(1) {
+            let socket = if local.is_ipv4() {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            }
+            .map_err(bind_error)?;
+            socket.set_reuseaddr(true).map_err(bind_error)?;
+            socket.set_reuseport(true).map_err(bind_error)?;
+            socket.bind(local).map_err(bind_error)?;
+            let listener = socket.listen(1024).map_err(bind_error)?;
+            local = listener.local_addr().map_err(bind_error)?;
+            sockets.push(listener.into_std().map_err(bind_error)?);
+        }
+        Ok(Listeners { sockets, local })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+/// A started gateway: replicas are up (or given up on), the controller and the watcher run.
+/// [`Gateway::serve`] serves until shutdown.
+pub struct Gateway {
+    listeners: Listeners,
+    drain_timeout: Duration,
+    service: Arc<Service>,
+    controller_task: tokio::task::JoinHandle<()>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Starts the provider, the controller and the watcher (`config_path` is watched for live
+    /// edits when given), and waits, bounded, for the replicas to answer.
+    pub async fn start(
+        config: Config,
+        listeners: Listeners,
+        config_path: Option<PathBuf>,
+    ) -> Result<Gateway, StartError> {
+        let config = Arc::new(config);
+        let (policy, policy_files) = load_policy(&config);
+        let (events_tx, events_rx) = mpsc::channel(256);
+        let provider = crate::provider::from_config(&config, events_tx).await?;
+        let manages = provider.manages_replicas();
+        tracing::info!(
+            provider = provider.kind(),
+            replicas = config.replicas.count,
+            "starting replicas"
+        );
+        let shared = Arc::new(ArcSwap::from_pointee(Snapshot::initial(config.clone())));
+        let metrics = Arc::new(Metrics::default());
+        let (controller, handle) = Controller::new(Parts {
+            config: config.clone(),
+            policy,
+            provider,
+            provider_events: events_rx,
+            prober: Arc::new(HttpProber::default()),
+            shared: shared.clone(),
+            metrics: metrics.clone(),
+        })?;
+        let controller_task = tokio::spawn(controller.run());
+        let config_text = config_path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok());
+        let watcher = crate::watcher::spawn(
+            config_path,
+            config_text,
+            &config,
+            policy_files,
+            handle.clone(),
+        );
+
+        let ready_timeout = if manages {
+            READY_TIMEOUT
+        } else {
+            STATIC_READY_TIMEOUT.min(config.health.timeout + Duration::from_millis(100))
+        };
+        match tokio::time::timeout(ready_timeout, handle.wait_ready()).await {
+            Ok(_) => tracing::info!("all replicas answer"),
+            Err(_) => {
+                tracing::warn!(timeout = ?ready_timeout, "some replicas are not up yet; serving with the ones that are (see /lb/status)")
+            }
+        }
+        Ok(Gateway {
+            listeners,
+            drain_timeout: config.proxy.drain_timeout,
+            service: Arc::new(Service {
+                shared,
+                controller: handle,
+                metrics,
+            }),
+            controller_task,
+            watcher,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listeners.local
+    }
+
+    pub fn controller(&self) -> &ControllerHandle {
+        &self.service.controller
+    }
+
+    /// Serves on every listener until `shutdown` completes, then stops accepting, drains
+    /// in-flight requests (up to `proxy.drain_timeout`) and stops the replicas.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+        tracing::info!(addr = %self.listeners.local, "serving");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut threads = Vec::new();
+        for (n, listener) in self.listeners.sockets.into_iter().enumerate() {
+            let (service, stop_rx, drain) =
+                (self.service.clone(), stop_rx.clone(), self.drain_timeout);
+            let thread = std::thread::Builder::new()
+                .name(format!("ringgate-serve-{n}"))
+                .spawn(move || serve_thread(listener, service, stop_rx, drain))
+                .map_err(StartError::Thread);
+            match thread {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    let _ = stop_tx.send(true);
+                    return Err(e);
+                }
+            }
+        }
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        self.watcher.abort();
+        tracing::info!("stopping replicas");
+        self.service.controller.shutdown().await;
+        let _ = self.controller_task.await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// One serving thread: its own current-thread runtime serving one listener until stopped.
+fn serve_thread(
+    listener: std::net::TcpListener,
+    service: Arc<Service>,
+    mut stop_rx: tokio::sync::watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return tracing::error!(error = %e, "cannot start a serving thread"),
+    };
+    runtime.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => return tracing::error!(error = %e, "cannot register a listener"),
+        };
+        let stop = async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        };
+        crate::listener::serve(listener, service, stop, drain).await;
+    });
+}
+
+/// Starts a gateway on `listeners` and serves until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    Gateway::start(config, listeners, config_path)
+        .await?
+        .serve(shutdown)
+        .await
+}
+
+/// The policy set the gateway starts with. A set that fails to load is logged and shown in
+/// `/lb/status`, and the gateway starts with the built-in defaults.
+fn load_policy(config: &Config) -> (Result<PolicySet, String>, Option<PolicyFiles>) {
+    let files = match read_policy_files(&config.policy.dir) {
+        Ok(f) => f,
+        Err(e) => return (Err(e.to_string()), None),
+    };
+    let set = PolicySet::from_sources(files.clone(), config.policy.limits(), 1)
+        .map_err(|e| e.to_string());
+    match &set {
+        Ok(p) => {
+            tracing::info!(dir = %config.policy.dir.display(), files = ?p.files(), hooks = ?p.hooks(), "policy loaded")
+        }
+        Err(e) => tracing::error!(error = %e, "policy rejected; using the built-in defaults"),
+    }
+    (set, Some(files))
+}

@@ -1,0 +1,223 @@
+//! Active checks: one `GET /heartbeat` ([`HttpProber`]) and the per-replica check loop
+//! ([`ProbeTask`]) that reports every result to the controller.
+//!
+//! Owns: how a replica is checked and how often. [`Prober`] is the seam: the gateway checks over
+//! HTTP; the control plane's unit tests script the answers.
+//! Must not touch: verdicts. A report is a fact; the controller applies the Lua `health` hook and
+//! the rise/fall rules.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::{mpsc, Notify};
+
+use super::ProbeOutcome;
+use crate::error::error_chain;
+use crate::ring::ServerId;
+
+/// Checks one replica address.
+pub trait Prober: Send + Sync + 'static {
+    fn probe(&self, addr: SocketAddr, timeout: Duration) -> BoxFuture<'_, ProbeOutcome>;
+}
+
+/// `GET /heartbeat` over a fresh connection each time (no pooling, so every check proves the
+/// replica still accepts connections), with a deadline covering connect and the whole response;
+/// 200 is healthy.
+pub struct HttpProber {
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl Default for HttpProber {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        HttpProber {
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build(connector),
+        }
+    }
+}
+
+impl Prober for HttpProber {
+    fn probe(&self, addr: SocketAddr, timeout: Duration) -> BoxFuture<'_, ProbeOutcome> {
+        Box::pin(self.heartbeat(addr, timeout))
+    }
+}
+
+impl HttpProber {
+    async fn heartbeat(&self, addr: SocketAddr, timeout: Duration) -> ProbeOutcome {
+        let started = Instant::now();
+        let at = SystemTime::now();
+        let uri = format!("http://{addr}/heartbeat");
+        let result = tokio::time::timeout(timeout, async {
+            let uri = uri
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+            let resp = self.client.get(uri).await.map_err(|e| error_chain(&e))?;
+            let status = resp.status().as_u16();
+            // Read the (empty) body so the check covers a whole response.
+            resp.into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<u16, String>(status)
+        })
+        .await;
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let (ok, status, error) = match result {
+            Ok(Ok(200)) => (true, Some(200), None),
+            Ok(Ok(s)) => (false, Some(s), Some(format!("status {s}"))),
+            Ok(Err(e)) => (false, None, Some(e)),
+            Err(_) => (false, None, Some(format!("timed out after {timeout:?}"))),
+        };
+        ProbeOutcome {
+            ok,
+            status,
+            latency_ms,
+            error,
+            at,
+        }
+    }
+}
+
+/// A check result for the controller.
+#[derive(Debug)]
+pub struct ProbeReport {
+    pub id: ServerId,
+    pub incarnation: u64,
+    pub outcome: ProbeOutcome,
+}
+
+/// The check loop of one replica incarnation. Dropping it stops the loop.
+pub struct ProbeTask {
+    period_ms: Arc<AtomicU64>,
+    timeout_ms: Arc<AtomicU64>,
+    now: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Where and how often one replica incarnation is checked.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeTarget {
+    pub id: ServerId,
+    pub incarnation: u64,
+    pub addr: SocketAddr,
+    pub period: Duration,
+    pub timeout: Duration,
+}
+
+impl ProbeTask {
+    pub fn start(
+        target: ProbeTarget,
+        prober: Arc<dyn Prober>,
+        reports: mpsc::Sender<ProbeReport>,
+    ) -> ProbeTask {
+        let period_ms = Arc::new(AtomicU64::new(millis(target.period)));
+        let timeout_ms = Arc::new(AtomicU64::new(millis(target.timeout)));
+        let now = Arc::new(Notify::new());
+        let task = tokio::spawn({
+            let (period_ms, timeout_ms, now) = (period_ms.clone(), timeout_ms.clone(), now.clone());
+            async move {
+                loop {
+                    let timeout = Duration::from_millis(timeout_ms.load(Ordering::Relaxed).max(1));
+                    let outcome = prober.probe(target.addr, timeout).await;
+                    let report = ProbeReport {
+                        id: target.id,
+                        incarnation: target.incarnation,
+                        outcome,
+                    };
+                    if reports.send(report).await.is_err() {
+                        return;
+                    }
+                    let period = Duration::from_millis(period_ms.load(Ordering::Relaxed).max(1));
+                    tokio::select! {
+                        _ = tokio::time::sleep(period) => {}
+                        _ = now.notified() => {}
+                    }
+                }
+            }
+        });
+        ProbeTask {
+            period_ms,
+            timeout_ms,
+            now,
+            task,
+        }
+    }
+
+    /// Changes the check period and timeout; takes effect after the current wait.
+    pub fn set_period(&self, period: Duration, timeout: Duration) {
+        self.period_ms.store(millis(period), Ordering::Relaxed);
+        self.timeout_ms.store(millis(timeout), Ordering::Relaxed);
+    }
+
+    /// Checks now instead of waiting for the period.
+    pub fn probe_now(&self) {
+        self.now.notify_one();
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Drop for ProbeTask {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn probing_a_closed_port_fails_with_the_cause() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let out = HttpProber::default()
+            .probe(addr, Duration::from_secs(2))
+            .await;
+        assert!(!out.ok);
+        assert!(
+            out.error.as_deref().unwrap_or("").contains("onnect"),
+            "{:?}",
+            out.error
+        );
+    }
+
+    #[tokio::test]
+    async fn probing_a_silent_server_times_out() {
+        // Accepts connections but never answers: the check must not hang.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let out = HttpProber::default()
+            .probe(addr, Duration::from_millis(200))
+            .await;
+        assert!(!out.ok);
+        assert!(
+            out.error.as_deref().unwrap_or("").contains("timed out"),
+            "{:?}",
+            out.error
+        );
+        hold.abort();
+    }
+}
