@@ -16,7 +16,7 @@ fn three() -> Conf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rep_add_rm_happy_path_and_home() {
-    let gw = Gateway::start(&three());
+    let gw = GatewayProcess::start(&three());
     let (code, body) = get(&gw.url("/rep")).await;
     assert_eq!(code, 200);
     assert_eq!(
@@ -90,7 +90,7 @@ async fn rep_add_rm_happy_path_and_home() {
 /// Every error rule of the contract: status, message, and nothing changed afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_rule_answers_and_changes_nothing() {
-    let gw = Gateway::start(&three());
+    let gw = GatewayProcess::start(&three());
     let before = gw.replica_names().await;
     let pids_before = gw.replica_pids().await;
     let cases: &[(&str, &str, &str, u16, &str)] = &[
@@ -216,7 +216,7 @@ async fn every_error_rule_answers_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_id_goes_to_the_same_server_and_backend_errors_pass_through() {
-    let gw = Gateway::start(&three());
+    let gw = GatewayProcess::start(&three());
     for id in [0u64, 1, 42, 123_456, 999_999, u64::MAX] {
         let (_, first) = get(&gw.url(&format!("/home?id={id}"))).await;
         let first = server_of(&first).expect("answer");
@@ -271,7 +271,7 @@ async fn forwarded_headers_and_hop_by_hop() {
             });
         }
     });
-    let gw = Gateway::start(&Conf {
+    let gw = GatewayProcess::start(&Conf {
         kind: Some("static".into()),
         provider: format!("servers = [{{ name = \"echo\", address = \"{echo_addr}\" }}]\n"),
         ..Conf::default()
@@ -305,7 +305,7 @@ async fn forwarded_headers_and_hop_by_hop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_socket_does_not_hurt() {
-    let gw = Gateway::start(&three());
+    let gw = GatewayProcess::start(&three());
     for garbage in [
         &b"\x00\x01\x02garbage\r\n\r\n"[..],
         b"GET / HTTP/9.9\r\n\r\n",
@@ -332,7 +332,7 @@ async fn garbage_on_the_socket_does_not_hurt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_stream_through_and_max_body_is_enforced() {
-    let gw = Gateway::start(&three());
+    let gw = GatewayProcess::start(&three());
     // 10 MB (under the default 10 MiB limit) streams to the replica; it answers 404 to POST /home.
     let big = "x".repeat(10_000_000);
     let (code, body) = call("POST", &gw.url("/home?id=3"), &big).await;
@@ -365,7 +365,7 @@ async fn bodies_stream_through_and_max_body_is_enforced() {
             });
         }
     });
-    let gw = Gateway::start(&Conf {
+    let gw = GatewayProcess::start(&Conf {
         kind: Some("static".into()),
         provider: format!("servers = [{{ name = \"reader\", address = \"{addr}\" }}]\n"),
         proxy: "max_body = \"1MiB\"\n".into(),
@@ -407,7 +407,7 @@ async fn bodies_stream_through_and_max_body_is_enforced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_calls_are_guarded() {
-    let gw = Gateway::start(&Conf {
+    let gw = GatewayProcess::start(&Conf {
         admin: "allow = [\"10.0.0.0/8\"]\n".into(),
         ..three()
     });
@@ -418,7 +418,7 @@ async fn admin_calls_are_guarded() {
     assert_eq!(code, 200, "reading the list stays open");
     drop(gw);
 
-    let gw = Gateway::start(&Conf {
+    let gw = GatewayProcess::start(&Conf {
         admin: "token = \"s3cret\"\n".into(),
         ..three()
     });
@@ -449,7 +449,7 @@ async fn admin_calls_are_guarded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_replica_is_503_and_lb_endpoints_answer() {
-    let gw = Gateway::start(&three());
+    let gw = GatewayProcess::start(&three());
     let (code, body) = get(&gw.url("/lb/health")).await;
     assert_eq!(
         (code, json(&body)["status"].as_str()),
@@ -506,7 +506,7 @@ async fn upstream_timeouts_and_unreachable_replicas() {
             held.push(s);
         }
     });
-    let gw = Gateway::start(&Conf {
+    let gw = GatewayProcess::start(&Conf {
         kind: Some("static".into()),
         provider: format!("servers = [{{ name = \"silent\", address = \"{silent_addr}\" }}]\n"),
         proxy: "request_timeout = \"300ms\"\n".into(),
@@ -541,7 +541,7 @@ async fn upstream_timeouts_and_unreachable_replicas() {
             });
         }
     });
-    let gw = Gateway::start(&Conf {
+    let gw = GatewayProcess::start(&Conf {
         kind: Some("static".into()),
         provider: format!("servers = [{{ name = \"slow\", address = \"{addr}\" }}]\n"),
         proxy: "request_timeout = \"300ms\"\n".into(),
@@ -555,7 +555,7 @@ async fn upstream_timeouts_and_unreachable_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_and_rm_race_with_live_traffic_without_a_failed_request() {
-    let gw = Gateway::start(&three());
+    let gw = GatewayProcess::start(&three());
     let url = gw.url("");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
@@ -615,7 +615,7 @@ async fn add_and_rm_race_with_live_traffic_without_a_failed_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_leaves_no_replica_process_even_after_sigkill() {
     for sig in ["TERM", "INT", "KILL"] {
-        let mut gw = Gateway::start(&three());
+        let mut gw = GatewayProcess::start(&three());
         let pids = gw.replica_pids().await;
         assert_eq!(pids.len(), 3);
         assert!(pids.iter().all(|&p| process_alive(p)));

@@ -37,7 +37,7 @@ fn wrapper(dir: &std::path::Path, body: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_costs_no_request_and_moves_no_other_key() {
-    let gw = Gateway::start(&Conf {
+    let gw = GatewayProcess::start(&Conf {
         health: "recovery_delay = \"300ms\"\n".into(),
         ..Conf::default()
     });
@@ -139,7 +139,7 @@ async fn sigkill_under_load_costs_no_request_and_moves_no_other_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_replica_is_detected_by_heartbeat_and_replaced() {
-    let gw = Gateway::start(&Conf {
+    let gw = GatewayProcess::start(&Conf {
         health: "interval = \"300ms\"\ntimeout = \"200ms\"\nfall = 2\nrecovery_delay = \"200ms\"\n"
             .into(),
         proxy: "request_timeout = \"1s\"\n".into(),
@@ -183,7 +183,7 @@ async fn a_hung_replica_is_detected_by_heartbeat_and_replaced() {
 async fn a_replica_that_crashes_on_start_backs_off_and_the_rest_serve() {
     let dir = tempfile::tempdir().expect("dir");
     let script = wrapper(dir.path(), "[ \"$SERVER_ID\" = \"server-2\" ] && exit 3");
-    let gw = Gateway::start(&Conf {
+    let gw = GatewayProcess::start(&Conf {
         provider: format!("server_binary = \"{script}\"\n"),
         health: "recovery_delay = \"100ms\"\nmax_backoff = \"1s\"\n".into(),
         ..Conf::default()
@@ -232,7 +232,7 @@ async fn a_replica_that_crashes_on_start_backs_off_and_the_rest_serve() {
 async fn rm_drains_in_flight_requests() {
     let dir = tempfile::tempdir().expect("dir");
     let script = wrapper(dir.path(), "export RESPONSE_DELAY_MS=800");
-    let gw = Gateway::start(&Conf {
+    let gw = GatewayProcess::start(&Conf {
         provider: format!("server_binary = \"{script}\"\n"),
         ..Conf::default()
     });
@@ -306,7 +306,7 @@ fn own_backend(name: &str, port: u16) -> (OwnBackend, std::net::SocketAddr) {
 async fn a_static_replica_that_comes_back_rejoins_after_rise_checks() {
     let (a, a_addr) = own_backend("web-a", 0);
     let (_b, b_addr) = own_backend("web-b", 0);
-    let gw = Gateway::start(&Conf {
+    let gw = GatewayProcess::start(&Conf {
         kind: Some("static".into()),
         provider: format!(
             "servers = [{{ name = \"web-a\", address = \"{a_addr}\" }}, {{ name = \"web-b\", address = \"{b_addr}\" }}]\n"

@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn policy_dir(gw: &Gateway) -> PathBuf {
+fn policy_dir(gw: &GatewayProcess) -> PathBuf {
     gw.dir.path().join("policies")
 }
 
 /// Polls until `pred` holds for the owners of `ids`; returns how long it took.
 async fn wait_routing(
-    gw: &Gateway,
+    gw: &GatewayProcess,
     ids: std::ops::Range<u64>,
     what: &str,
     pred: impl Fn(&HashMap<u64, String>) -> bool,
@@ -49,7 +49,7 @@ const ALL_TO_SERVER_1: &str = "function request_hash(i, slots) return 0 end\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_policy_takes_over_under_traffic_and_removing_it_restores_defaults() {
-    let gw = Gateway::start(&conf());
+    let gw = GatewayProcess::start(&conf());
     let before = gw.owners(0..60).await;
     assert!(
         before.values().any(|s| s != "server-1"),
@@ -113,7 +113,7 @@ async fn a_dropped_policy_takes_over_under_traffic_and_removing_it_restores_defa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_policies_never_break_serving() {
-    let gw = Gateway::start(&conf());
+    let gw = GatewayProcess::start(&conf());
     let defaults = gw.owners(0..30).await;
     let dir = policy_dir(&gw);
 
@@ -220,7 +220,7 @@ async fn broken_policies_never_break_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_edits_apply_live_and_invalid_ones_change_nothing() {
     let base = conf();
-    let gw = Gateway::start(&base);
+    let gw = GatewayProcess::start(&base);
     let path = gw.config_path.clone();
     let original = std::fs::read_to_string(&path).expect("config");
 

@@ -245,7 +245,7 @@ pub async fn wait_ok(
 /// instance label and attached to the scope's network, generated replica names prefixed with the
 /// scope's unique name, and `sections` (TOML, e.g. `"[replicas]\ncount = 2\n"`) appended.
 /// Dropping it kills the gateway; the scope then removes the containers.
-pub fn start_gateway(scope: &Scope, image: &str, sections: &str) -> crate::support::Gateway {
+pub fn start_gateway(scope: &Scope, image: &str, sections: &str) -> crate::support::GatewayProcess {
     let mut toml = format!(
         "listen = \"127.0.0.1:0\"\n[provider]\nkind = \"docker\"\nimage = \"{image}\"\nnetwork = \"{}\"\n",
         scope.network
@@ -259,5 +259,8 @@ pub fn start_gateway(scope: &Scope, image: &str, sections: &str) -> crate::suppo
             toml.push_str(&prefix);
         }
     }
-    crate::support::Gateway::start_with(&toml, &[("RINGGATE_INSTANCE_LABEL", &scope.instance)])
+    crate::support::GatewayProcess::start_with(
+        &toml,
+        &[("RINGGATE_INSTANCE_LABEL", &scope.instance)],
+    )
 }

@@ -60,8 +60,9 @@ impl Conf {
     }
 }
 
-/// A running `ringgate serve`. Dropping it kills the gateway (its process replicas exit with it).
-pub struct Gateway {
+/// A running `ringgate serve` process (the binary users run). Dropping it kills the gateway (its
+/// process replicas exit with it).
+pub struct GatewayProcess {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
@@ -70,18 +71,18 @@ pub struct Gateway {
     log: Arc<Mutex<String>>,
 }
 
-impl Gateway {
-    pub fn start(conf: &Conf) -> Gateway {
-        Gateway::start_toml(&conf.render())
+impl GatewayProcess {
+    pub fn start(conf: &Conf) -> GatewayProcess {
+        GatewayProcess::start_toml(&conf.render())
     }
 
-    pub fn start_toml(toml: &str) -> Gateway {
-        Gateway::start_with(toml, &[])
+    pub fn start_toml(toml: &str) -> GatewayProcess {
+        GatewayProcess::start_with(toml, &[])
     }
 
     /// Starts a gateway with `toml` (a `[policy] dir` in a temp dir is added unless the text sets
     /// `[policy]`) and extra environment variables.
-    pub fn start_with(toml: &str, env: &[(&str, &str)]) -> Gateway {
+    pub fn start_with(toml: &str, env: &[(&str, &str)]) -> GatewayProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("lb.toml");
         let policies = dir.path().join("policies");
@@ -93,7 +94,7 @@ impl Gateway {
             format!("{toml}\n[policy]\n{policy_dir}")
         };
         std::fs::write(&config_path, &toml).expect("write config");
-        let mut gw = Gateway {
+        let mut gw = GatewayProcess {
             child: None,
             addr: "127.0.0.1:1".parse().expect("addr"),
             dir,
@@ -274,7 +275,7 @@ impl Gateway {
     }
 }
 
-impl Drop for Gateway {
+impl Drop for GatewayProcess {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
