@@ -11,8 +11,10 @@ use ringgate::gateway::{Gateway, Listeners};
 use support::{call, get, json, process_alive, server_of, wait_dead, SERVER_BIN};
 
 fn config(count: u32, policy_dir: &std::path::Path) -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().expect("addr");
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Config::default()
+    };
     c.provider.kind = ProviderKind::Process;
     c.provider.server_binary = Some(SERVER_BIN.into());
     c.replicas.count = count;
