@@ -23,6 +23,14 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{}: the config file is empty (nothing but whitespace or comments). A file cut off while it \
+         is written looks the same, so it is never read as \"all defaults\": put at least one \
+         setting in it (conf/lb.toml documents every key with its default), or start without a \
+         config file to run on defaults",
+        path.display()
+    )]
+    Empty { path: PathBuf },
     #[error("{path}: line {line}, column {column}: {table}{message}")]
     Parse {
         path: PathBuf,
@@ -48,7 +56,8 @@ impl Config {
         Config::parse(&text, path)
     }
 
-    /// Parses and validates config text; `path` only names the source in errors.
+    /// Parses and validates config text; `path` only names the source in errors. Text without a
+    /// single setting is [`ConfigError::Empty`]: that is what a truncated file looks like.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let parse_error =
             |doc: Option<&ImDocument<&str>>, span: Option<Range<usize>>, message: &str| {
@@ -67,6 +76,11 @@ impl Config {
                 }
             };
         let doc = ImDocument::parse(text).map_err(|e| parse_error(None, e.span(), e.message()))?;
+        if doc.as_table().is_empty() {
+            return Err(ConfigError::Empty {
+                path: path.to_owned(),
+            });
+        }
         let config = Config::deserialize(toml_edit::de::Deserializer::from(doc.clone()))
             .map_err(|e| parse_error(Some(&doc), e.span(), e.message()))?;
         let mut problems = config.problems();
@@ -204,8 +218,30 @@ mod tests {
     }
 
     #[test]
-    fn empty_file_is_all_defaults() {
-        assert_eq!(parse("").expect("defaults"), Config::default());
+    fn an_empty_file_is_an_error_not_all_defaults() {
+        for text in [
+            "",
+            "\n\n",
+            "  \t\r\n",
+            "# all commented out\n# listen = \"0.0.0.0:5000\"\n",
+        ] {
+            let e = err(text);
+            assert!(
+                e.starts_with("lb.toml: the config file is empty"),
+                "{text:?}: {e}"
+            );
+            assert!(e.contains("all defaults"), "{e}");
+        }
+        // One setting is enough; everything else has its default.
+        let c = parse("[ring]\n").expect("an empty table is a setting");
+        assert_eq!(c, Config::default());
+        let c = parse("listen = \"0.0.0.0:5000\"\n").expect("one key");
+        assert_eq!(c, Config::default());
+        // A file cut inside a line or a table header is already a syntax error.
+        for cut in ["[admin]\ntoken = \"s3c", "[replicas]\ncount =", "[prox"] {
+            let e = err(cut);
+            assert!(e.contains("line"), "{cut:?}: {e}");
+        }
     }
 
     #[test]
