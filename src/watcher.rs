@@ -1,37 +1,180 @@
 //! Live reload: watches the config file and the policy directory and hands validated changes to
 //! the controller.
 //!
-//! Owns: noticing edits (notify events, debounced; plus a once-a-second content check so editors
-//! that save by rename, bind mounts and file systems without inotify are covered too), reading
-//! and validating the new config, and loading the new policy set. Only this module imports
-//! notify.
+//! Owns: noticing edits (notify events, debounced; plus a once-a-second content check so bind
+//! mounts and file systems without inotify are covered too), waiting until an edited file is
+//! complete, reading and validating the new config, and loading the new policy set. Only this
+//! module imports notify.
 //! Must not touch: running state. It sends `Reload`, `PolicyLoaded` or `ReloadFailed` to the
 //! controller, which applies or records them; an invalid edit therefore changes nothing.
+//!
+//! # Half-written files are never applied
+//!
+//! An edit applies only once it is *settled*: two reads [`SETTLE`] apart agree, and no writer
+//! holds one of the files open (inotify reports a write without its close). A slow writer's
+//! intermediate states are therefore never applied: not while it pauses with the file open, and
+//! not while its content still changes between reads. After [`MAX_SETTLE`] of either, a file
+//! whose content holds still is trusted (a writer that keeps a config open that long, or a close
+//! event the kernel dropped), and one that keeps changing is reported and retried later.
+//! An empty config is an error (see `config::load`), and a policy file that had content and is
+//! now empty is taken as cut off and rejected. What no reader can prove is a file cut exactly at
+//! a line end while its writer has closed it: `docs/policies.md` ("Editing safely") recommends
+//! writing a new file and renaming it over the old one, which this watcher sees as one complete
+//! change (it watches directories, so the replaced inode does not matter).
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+use notify::{Event, EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::control::{Command, ControllerHandle, ReloadKind};
 use crate::policy::{read_policy_files, PolicyFiles, PolicyLimits, PolicySet};
 
-/// Quiet time after an event before reading, so a multi-step save is read once, whole.
+/// Quiet time after an event before the first read, so a burst of events is read once.
 const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Two reads this far apart must agree before an edit applies.
+const SETTLE: Duration = Duration::from_millis(200);
+/// How long an edit may stay unsettled (changing, or open for writing) before the watcher stops
+/// waiting for it: it then trusts content that holds still, or reports one that keeps changing.
+const MAX_SETTLE: Duration = Duration::from_secs(10);
 /// The safety-net content check.
 const POLL: Duration = Duration::from_secs(1);
+
+/// What one more read says about an edit in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Same content as the read before and nobody writing: apply it.
+    Settled,
+    /// Read again after [`SETTLE`].
+    Wait,
+    /// Still changing after [`MAX_SETTLE`]: report it and retry on a later check.
+    Unsettled,
+}
+
+/// Decides an edit in progress from two consecutive reads, whether a writer still holds the file
+/// open, and how long the edit has been waited for.
+fn verdict<T: PartialEq>(previous: &T, next: &T, writer_open: bool, waited: Duration) -> Verdict {
+    let same = previous == next;
+    if same && !writer_open {
+        Verdict::Settled
+    } else if waited < MAX_SETTLE {
+        Verdict::Wait
+    } else if same {
+        // Open for writing all this time but unchanged: a writer that keeps it open, or a close
+        // event that was lost. Content that held still for MAX_SETTLE is what the writer meant.
+        Verdict::Settled
+    } else {
+        Verdict::Unsettled
+    }
+}
+
+/// Files a writer has opened for writing and not closed yet, as inotify reports them: a data
+/// change or a creation opens the entry, a close-after-write, a removal or a rename closes it.
+#[derive(Debug, Default)]
+struct OpenWrites {
+    since: HashMap<PathBuf, Instant>,
+}
+
+impl OpenWrites {
+    fn note(&mut self, event: &Event, now: Instant) {
+        match event.kind {
+            EventKind::Create(CreateKind::File | CreateKind::Any)
+            | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
+                for p in &event.paths {
+                    self.since.entry(p.clone()).or_insert(now);
+                }
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Name(_)) => {
+                for p in &event.paths {
+                    self.since.remove(p);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether any open file matches `which`.
+    fn any(&self, which: impl Fn(&Path) -> bool) -> bool {
+        self.since.keys().any(|p| which(p))
+    }
+
+    /// Forgets the open files matching `which` (after trusting their settled content).
+    fn forget(&mut self, which: impl Fn(&Path) -> bool) {
+        self.since.retain(|p, _| !which(p));
+    }
+
+    fn clear(&mut self) {
+        self.since.clear();
+    }
+}
+
+/// Events that say something about content. Our own reads (open, close-without-write) are not:
+/// without this filter every check would trigger the next.
+fn is_relevant(kind: &EventKind) -> bool {
+    !matches!(
+        kind,
+        EventKind::Access(
+            AccessKind::Open(_)
+                | AccessKind::Read
+                | AccessKind::Any
+                | AccessKind::Other
+                | AccessKind::Close(AccessMode::Read | AccessMode::Execute | AccessMode::Any)
+        )
+    )
+}
+
+/// A policy file's content that is gone: a file of the last seen set that had content and is now
+/// empty (or only whitespace). Such a file is cut off, not finished; deleting it is how its hooks
+/// are removed.
+fn emptied_policy_file<'a>(last: Option<&PolicyFiles>, now: &'a PolicyFiles) -> Option<&'a str> {
+    now.iter()
+        .filter(|(_, source)| source.trim().is_empty())
+        .find(|(name, _)| {
+            last.into_iter()
+                .flatten()
+                .any(|(n, s)| n == name && !s.trim().is_empty())
+        })
+        .map(|(name, _)| name.as_str())
+}
+
+/// One of the two watched sources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Config,
+    Policy,
+}
+
+impl Source {
+    fn kind(self) -> ReloadKind {
+        match self {
+            Source::Config => ReloadKind::Config,
+            Source::Policy => ReloadKind::Policy,
+        }
+    }
+}
 
 struct State {
     config_path: Option<PathBuf>,
     policy_dir: PathBuf,
     limits: PolicyLimits,
     loaded_limits: PolicyLimits,
-    last_config_text: Option<String>,
+    /// The last settled read of the config file (its text, or why it cannot be read).
+    last_config: Option<Result<String, String>>,
     last_files: Option<PolicyFiles>,
-    last_read_error: Option<String>,
+    /// The last settled read error of the policy directory, so it is reported once.
+    last_policy_error: Option<String>,
     generation: u64,
+    events: mpsc::UnboundedReceiver<Event>,
+    open_writes: OpenWrites,
+    /// Sources whose "still changing" was already reported (reported once per episode).
+    reported_unsettled: Vec<Source>,
 }
 
 /// Starts watching. `initial_files` are the policy files the gateway started with (so they are
@@ -43,24 +186,41 @@ pub fn spawn(
     initial_files: Option<PolicyFiles>,
     controller: ControllerHandle,
 ) -> tokio::task::JoinHandle<()> {
+    let (tx, events) = mpsc::unbounded_channel();
     let state = State {
         config_path,
         policy_dir: config.policy.dir.clone(),
         limits: config.policy.limits(),
         loaded_limits: config.policy.limits(),
-        last_config_text: config_text,
+        last_config: config_text.map(Ok),
         last_files: initial_files,
-        last_read_error: None,
+        last_policy_error: None,
         generation: 1,
+        events,
+        open_writes: OpenWrites::default(),
+        reported_unsettled: Vec::new(),
     };
-    tokio::spawn(run(state, controller))
+    tokio::spawn(run(state, tx, controller))
 }
 
-async fn run(mut state: State, controller: ControllerHandle) {
-    let (tx, mut events) = mpsc::unbounded_channel();
-    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            let _ = tx.send(());
+/// The directory to watch for `path`, in the form notify reports event paths in.
+fn watch_dir(path: &Path) -> PathBuf {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    dir.canonicalize().unwrap_or_else(|_| dir.to_owned())
+}
+
+async fn run(mut state: State, tx: mpsc::UnboundedSender<Event>, controller: ControllerHandle) {
+    let watcher = notify::recommended_watcher(move |res: notify::Result<Event>| match res {
+        Ok(event) if is_relevant(&event.kind) => {
+            let _ = tx.send(event);
+        }
+        Ok(_) => {}
+        // Events were lost (e.g. the inotify queue overflowed): what is open is unknown now.
+        Err(_) => {
+            let _ = tx.send(Event::new(EventKind::Other));
         }
     });
     let mut watcher = match watcher {
@@ -70,37 +230,41 @@ async fn run(mut state: State, controller: ControllerHandle) {
             None
         }
     };
-    let mut watching_policy_dir = false;
     if let (Some(w), Some(path)) = (watcher.as_mut(), state.config_path.as_ref()) {
         // The directory, not the file: editors that save by writing a new file and renaming it
         // over the old one replace the inode a file watch would be attached to.
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if let Err(e) = w.watch(dir, RecursiveMode::NonRecursive) {
+        let dir = watch_dir(path);
+        if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory");
         }
+        if let Some(name) = path.file_name() {
+            state.config_path = Some(dir.join(name));
+        }
     }
+    let mut watching_policy_dir = false;
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if !watching_policy_dir {
             if let Some(w) = watcher.as_mut() {
-                watching_policy_dir = w
-                    .watch(&state.policy_dir, RecursiveMode::NonRecursive)
-                    .is_ok();
+                let dir = state.policy_dir.canonicalize().unwrap_or_default();
+                if !dir.as_os_str().is_empty() && w.watch(&dir, RecursiveMode::NonRecursive).is_ok()
+                {
+                    state.policy_dir = dir;
+                    watching_policy_dir = true;
+                }
             }
         }
         tokio::select! {
-            ev = events.recv() => {
-                if ev.is_none() {
+            ev = state.events.recv() => {
+                let Some(ev) = ev else {
                     watcher = None;
                     watching_policy_dir = true;
                     continue;
-                }
+                };
+                state.note(&ev);
                 tokio::time::sleep(DEBOUNCE).await;
-                while events.try_recv().is_ok() {}
+                state.drain_events();
             }
             _ = poll.tick() => {}
         }
@@ -110,64 +274,210 @@ async fn run(mut state: State, controller: ControllerHandle) {
     }
 }
 
+/// Whether `p` is the config file (for [`Source::Config`]) or a policy file (`*.lua` directly in
+/// the policy directory, not hidden) for [`Source::Policy`].
+fn is_source_file(config_path: Option<&Path>, policy_dir: &Path, source: Source, p: &Path) -> bool {
+    match source {
+        Source::Config => config_path == Some(p),
+        Source::Policy => {
+            p.parent() == Some(policy_dir)
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(".lua") && !n.starts_with('.'))
+        }
+    }
+}
+
+async fn read_config(path: PathBuf) -> Result<String, String> {
+    tokio::fs::read_to_string(&path)
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+async fn read_policies(dir: PathBuf) -> Result<PolicyFiles, String> {
+    match tokio::task::spawn_blocking(move || read_policy_files(&dir)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("reading the policy directory failed: {e}")),
+    }
+}
+
 impl State {
-    /// Reads both sources and reports what changed. Returns false once the controller is gone.
-    async fn check(&mut self, controller: &ControllerHandle) -> bool {
-        if let Some(path) = self.config_path.clone() {
-            match tokio::fs::read_to_string(&path).await {
-                Ok(text) => {
-                    self.last_read_error = None;
-                    if self.last_config_text.as_ref() != Some(&text) {
-                        let cmd = match Config::parse(&text, &path) {
-                            Ok(config) => {
-                                self.limits = config.policy.limits();
-                                Command::Reload {
-                                    config: Box::new(config),
-                                }
-                            }
-                            Err(e) => Command::ReloadFailed {
-                                what: ReloadKind::Config,
-                                error: e.to_string(),
-                            },
-                        };
-                        self.last_config_text = Some(text);
-                        if !controller.send(cmd).await {
-                            return false;
-                        }
+    fn note(&mut self, event: &Event) {
+        if event.kind == EventKind::Other && event.paths.is_empty() {
+            self.open_writes.clear();
+        } else {
+            self.open_writes.note(event, Instant::now());
+        }
+    }
+
+    fn drain_events(&mut self) {
+        while let Ok(ev) = self.events.try_recv() {
+            self.note(&ev);
+        }
+    }
+
+    fn writer_open(&self, source: Source) -> bool {
+        self.open_writes
+            .any(|p| is_source_file(self.config_path.as_deref(), &self.policy_dir, source, p))
+    }
+
+    /// Reads a source until it settles (see [`verdict`]), starting from `first`. None when it
+    /// kept changing for [`MAX_SETTLE`].
+    async fn settle<T: PartialEq, F: Future<Output = T>>(
+        &mut self,
+        source: Source,
+        first: T,
+        mut read: impl FnMut() -> F,
+    ) -> Option<T> {
+        let started = Instant::now();
+        let mut previous = first;
+        loop {
+            tokio::time::sleep(SETTLE).await;
+            self.drain_events();
+            let next = read().await;
+            let writer_open = self.writer_open(source);
+            match verdict(&previous, &next, writer_open, started.elapsed()) {
+                Verdict::Settled => {
+                    if writer_open {
+                        tracing::warn!(source = ?source, waited = ?started.elapsed(), "a file stayed open for writing but unchanged; applying its content");
+                        let (config_path, policy_dir) =
+                            (self.config_path.clone(), self.policy_dir.clone());
+                        self.open_writes.forget(|p| {
+                            is_source_file(config_path.as_deref(), &policy_dir, source, p)
+                        });
                     }
+                    self.reported_unsettled.retain(|s| *s != source);
+                    return Some(next);
                 }
-                Err(e) => {
-                    let error = format!("cannot read {}: {e}", path.display());
-                    if self.last_read_error.as_ref() != Some(&error) {
-                        self.last_read_error = Some(error.clone());
-                        let cmd = Command::ReloadFailed {
-                            what: ReloadKind::Config,
-                            error,
-                        };
-                        if !controller.send(cmd).await {
-                            return false;
-                        }
-                    }
-                }
+                Verdict::Wait => previous = next,
+                Verdict::Unsettled => return None,
             }
         }
+    }
 
-        let dir = self.policy_dir.clone();
-        let files = match tokio::task::spawn_blocking(move || read_policy_files(&dir)).await {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) => {
-                let cmd = Command::ReloadFailed {
-                    what: ReloadKind::Policy,
+    /// Reports once that `source` keeps changing. Returns false once the controller is gone.
+    async fn report_unsettled(&mut self, source: Source, controller: &ControllerHandle) -> bool {
+        if self.reported_unsettled.contains(&source) {
+            return true;
+        }
+        self.reported_unsettled.push(source);
+        let what = match source {
+            Source::Config => self
+                .config_path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            Source::Policy => format!("the policy files in {}", self.policy_dir.display()),
+        };
+        let error = format!(
+            "{what} kept changing for {MAX_SETTLE:?}: not applied until it holds still for {SETTLE:?} \
+             (write the new version to a temporary file and rename it over the old one)"
+        );
+        controller
+            .send(Command::ReloadFailed {
+                what: source.kind(),
+                error,
+            })
+            .await
+    }
+
+    /// Reads both sources and reports what changed. Returns false once the controller is gone.
+    async fn check(&mut self, controller: &ControllerHandle) -> bool {
+        self.check_config(controller).await && self.check_policy(controller).await
+    }
+
+    async fn check_config(&mut self, controller: &ControllerHandle) -> bool {
+        let Some(path) = self.config_path.clone() else {
+            return true;
+        };
+        let first = read_config(path.clone()).await;
+        if self.last_config.as_ref() == Some(&first) && !self.writer_open(Source::Config) {
+            return true;
+        }
+        let Some(read) = self
+            .settle(Source::Config, first, || read_config(path.clone()))
+            .await
+        else {
+            return self.report_unsettled(Source::Config, controller).await;
+        };
+        if self.last_config.as_ref() == Some(&read) {
+            return true;
+        }
+        let cmd = match &read {
+            Ok(text) => match Config::parse(text, &path) {
+                Ok(config) => {
+                    self.limits = config.policy.limits();
+                    Command::Reload {
+                        config: Box::new(config),
+                    }
+                }
+                Err(e) => Command::ReloadFailed {
+                    what: ReloadKind::Config,
                     error: e.to_string(),
-                };
-                return controller.send(cmd).await;
-            }
-            Err(_) => return true,
+                },
+            },
+            Err(error) => Command::ReloadFailed {
+                what: ReloadKind::Config,
+                error: error.clone(),
+            },
+        };
+        self.last_config = Some(read);
+        controller.send(cmd).await
+    }
+
+    async fn check_policy(&mut self, controller: &ControllerHandle) -> bool {
+        let dir = self.policy_dir.clone();
+        let first = read_policies(dir.clone()).await;
+        let unchanged = match &first {
+            Ok(files) => self.last_files.as_ref() == Some(files),
+            Err(e) => self.last_policy_error.as_ref() == Some(e),
         };
         let limits_changed = self.limits.memory_limit != self.loaded_limits.memory_limit
             || self.limits.instruction_budget != self.loaded_limits.instruction_budget;
+        if unchanged && !limits_changed && !self.writer_open(Source::Policy) {
+            return true;
+        }
+        let read = if unchanged {
+            first
+        } else {
+            match self
+                .settle(Source::Policy, first, || read_policies(dir.clone()))
+                .await
+            {
+                Some(read) => read,
+                None => return self.report_unsettled(Source::Policy, controller).await,
+            }
+        };
+        let files = match read {
+            Ok(files) => files,
+            Err(error) => {
+                if self.last_policy_error.as_ref() == Some(&error) {
+                    return true;
+                }
+                self.last_policy_error = Some(error.clone());
+                let cmd = Command::ReloadFailed {
+                    what: ReloadKind::Policy,
+                    error,
+                };
+                return controller.send(cmd).await;
+            }
+        };
+        self.last_policy_error = None;
         if self.last_files.as_ref() == Some(&files) && !limits_changed {
             return true;
+        }
+        if let Some(name) = emptied_policy_file(self.last_files.as_ref(), &files) {
+            let error = format!(
+                "{name} is empty now: taken as cut off while being written, so the last good policy set stays; \
+                 to remove its hooks delete the file, to change them write it whole \
+                 (to a temporary file renamed over it)"
+            );
+            self.last_files = Some(files);
+            let cmd = Command::ReloadFailed {
+                what: ReloadKind::Policy,
+                error,
+            };
+            return controller.send(cmd).await;
         }
         self.last_files = Some(files.clone());
         self.loaded_limits = self.limits;
@@ -190,5 +500,123 @@ impl State {
             },
         };
         controller.send(cmd).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOON: Duration = Duration::from_millis(300);
+
+    #[test]
+    fn an_edit_applies_only_when_two_reads_agree_and_nobody_writes() {
+        assert_eq!(verdict(&"a", &"a", false, SOON), Verdict::Settled);
+        assert_eq!(verdict(&"half", &"whole", false, SOON), Verdict::Wait);
+        assert_eq!(verdict(&"half", &"half", true, SOON), Verdict::Wait);
+    }
+
+    #[test]
+    fn waiting_is_bounded() {
+        assert_eq!(verdict(&"a", &"a", true, MAX_SETTLE), Verdict::Settled);
+        assert_eq!(verdict(&"a", &"b", false, MAX_SETTLE), Verdict::Unsettled);
+        assert_eq!(verdict(&"a", &"b", true, MAX_SETTLE), Verdict::Unsettled);
+    }
+
+    fn event(kind: EventKind, paths: &[&str]) -> Event {
+        let mut e = Event::new(kind);
+        for p in paths {
+            e = e.add_path(PathBuf::from(p));
+        }
+        e
+    }
+
+    #[test]
+    fn a_write_is_open_until_its_close_removal_or_rename() {
+        let now = Instant::now();
+        let mut open = OpenWrites::default();
+        let modify = EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any));
+        let is = |p: &'static str| move |q: &Path| q == Path::new(p);
+        open.note(&event(modify, &["/c/lb.toml"]), now);
+        assert!(open.any(is("/c/lb.toml")));
+        open.note(
+            &event(
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                &["/c/lb.toml"],
+            ),
+            now,
+        );
+        assert!(!open.any(is("/c/lb.toml")));
+
+        open.note(
+            &event(EventKind::Create(CreateKind::File), &["/c/lb.toml.tmp"]),
+            now,
+        );
+        assert!(open.any(is("/c/lb.toml.tmp")));
+        open.note(
+            &event(
+                EventKind::Modify(ModifyKind::Name(notify::event::RenameMode::Both)),
+                &["/c/lb.toml.tmp", "/c/lb.toml"],
+            ),
+            now,
+        );
+        assert!(!open.any(|_| true), "a rename delivers a complete file");
+
+        open.note(&event(modify, &["/p/a.lua"]), now);
+        open.note(
+            &event(
+                EventKind::Remove(notify::event::RemoveKind::File),
+                &["/p/a.lua"],
+            ),
+            now,
+        );
+        assert!(!open.any(|_| true));
+
+        open.note(&event(modify, &["/p/a.lua"]), now);
+        open.forget(is("/p/a.lua"));
+        assert!(!open.any(|_| true));
+    }
+
+    #[test]
+    fn our_own_reads_are_not_events() {
+        assert!(!is_relevant(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!is_relevant(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(is_relevant(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(is_relevant(&EventKind::Modify(ModifyKind::Any)));
+        assert!(is_relevant(&EventKind::Remove(
+            notify::event::RemoveKind::Any
+        )));
+    }
+
+    #[test]
+    fn a_policy_file_that_lost_its_content_is_cut_off() {
+        let files = |v: &[(&str, &str)]| -> PolicyFiles {
+            v.iter()
+                .map(|(n, s)| (n.to_string(), s.to_string()))
+                .collect()
+        };
+        let before = files(&[("10-a.lua", "function request_hash(i, s) return 0 end")]);
+        assert_eq!(
+            emptied_policy_file(Some(&before), &files(&[("10-a.lua", "  \n")])),
+            Some("10-a.lua")
+        );
+        // A new empty file (touched, about to be written) defines nothing and harms nothing.
+        assert_eq!(
+            emptied_policy_file(
+                Some(&before),
+                &files(&[("10-a.lua", "x = 1"), ("20-b.lua", "")])
+            ),
+            None
+        );
+        // One that was empty before stays acceptable.
+        let empty = files(&[("10-a.lua", "")]);
+        assert_eq!(emptied_policy_file(Some(&empty), &empty), None);
+        assert_eq!(emptied_policy_file(None, &empty), None);
     }
 }

@@ -1,0 +1,331 @@
+//! Configuration: `conf/lb.toml`.
+//!
+//! Owns: the shape of the config (one struct per `[section]`) and its defaults; the submodules
+//! own the rest: [`load`] (file and text to a valid `Config`, errors naming file, line and key),
+//! [`validate`] (every problem at once, each naming its key) and [`values`] (durations, sizes,
+//! address ranges). A `Config` that exists is valid.
+//! Must not touch: anything running. Applying a config is the controller's job; watching the
+//! file is the watcher's.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::hashing::{HashFunction, KeySource};
+
+mod load;
+mod validate;
+mod values;
+
+pub use load::ConfigError;
+pub use validate::Problem;
+pub use values::parse_size;
+use values::{byte_size, duration, from_str, ip_nets};
+
+/// Largest ring we accept: the owner table is one entry per slot, kept small enough to stay in
+/// cache.
+pub const MAX_SLOTS: u32 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the gateway listens on. Changing it needs a restart.
+    pub listen: SocketAddr,
+    pub ring: RingConfig,
+    pub hashing: HashingConfig,
+    pub replicas: ReplicasConfig,
+    pub provider: ProviderConfig,
+    pub health: HealthConfig,
+    pub proxy: ProxyConfig,
+    pub policy: PolicyConfig,
+    pub admin: AdminConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            ring: RingConfig::default(),
+            hashing: HashingConfig::default(),
+            replicas: ReplicasConfig::default(),
+            provider: ProviderConfig::default(),
+            health: HealthConfig::default(),
+            proxy: ProxyConfig::default(),
+            policy: PolicyConfig::default(),
+            admin: AdminConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RingConfig {
+    pub slots: u32,
+    pub vnodes: u32,
+    pub request_hash: HashFunction,
+    pub vnode_hash: HashFunction,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        RingConfig {
+            slots: 512,
+            vnodes: 9,
+            request_hash: HashFunction::Quadratic,
+            vnode_hash: HashFunction::Quadratic,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HashingConfig {
+    #[serde(deserialize_with = "from_str")]
+    pub key: KeySource,
+}
+
+impl Default for HashingConfig {
+    fn default() -> Self {
+        HashingConfig {
+            key: KeySource::Query("id".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicasConfig {
+    pub count: u32,
+    pub max_replicas: u32,
+    pub name_prefix: String,
+}
+
+impl Default for ReplicasConfig {
+    fn default() -> Self {
+        ReplicasConfig {
+            count: 3,
+            max_replicas: 50,
+            name_prefix: "server-".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Auto,
+    Process,
+    Docker,
+    Static,
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProviderKind::Auto => "auto",
+            ProviderKind::Process => "process",
+            ProviderKind::Docker => "docker",
+            ProviderKind::Static => "static",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticServer {
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    pub image: String,
+    pub network: String,
+    pub container_port: u16,
+    /// Process provider: the `ringgate-server` binary. Empty: the one beside `ringgate`.
+    pub server_binary: Option<PathBuf>,
+    /// Static provider: the fixed replicas.
+    pub servers: Vec<StaticServer>,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        ProviderConfig {
+            kind: ProviderKind::Auto,
+            image: "ringgate-server:latest".into(),
+            network: "net1".into(),
+            container_port: 5000,
+            server_binary: None,
+            servers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    #[serde(deserialize_with = "duration")]
+    pub recovery_delay: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+            rise: 2,
+            fall: 2,
+            recovery_delay: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub retries: u32,
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    #[serde(deserialize_with = "byte_size")]
+    pub max_body: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            retries: 2,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+            max_body: 10 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub dir: PathBuf,
+    #[serde(deserialize_with = "byte_size")]
+    pub memory_limit: u64,
+    pub instruction_budget: u32,
+}
+
+impl PolicyConfig {
+    pub fn limits(&self) -> crate::policy::PolicyLimits {
+        crate::policy::PolicyLimits {
+            memory_limit: usize::try_from(self.memory_limit).unwrap_or(usize::MAX),
+            instruction_budget: self.instruction_budget,
+        }
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            dir: PathBuf::from("policies"),
+            memory_limit: 16 * 1024 * 1024,
+            instruction_budget: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    #[serde(deserialize_with = "ip_nets")]
+    pub allow: Vec<IpNet>,
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        let allow = [
+            "127.0.0.0/8",
+            "::1/128",
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "fc00::/7",
+        ]
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+        AdminConfig { allow, token: None }
+    }
+}
+
+impl AdminConfig {
+    /// Whether `ip` may call `/add` and `/rm`. IPv4 clients seen through an IPv6 socket
+    /// (`::ffff:a.b.c.d`) are matched as IPv4.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.allow.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The configured token, if any (an empty string means none).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref().filter(|t| !t.is_empty())
+    }
+}
+
+/// The hostname rule of the replica API, which is Docker's container-name rule:
+/// `[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}`.
+pub fn is_valid_hostname(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[1..]
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostnames() {
+        for ok in ["S5", "server-1", "a", "a.b_c-d", &"x".repeat(63)] {
+            assert!(is_valid_hostname(ok), "{ok}");
+        }
+        for bad in ["", "-a", "_a", ".a", "a b", "a/b", "ä", &"x".repeat(64)] {
+            assert!(!is_valid_hostname(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mapped_ipv4_clients_match_ipv4_ranges() {
+        let a = AdminConfig::default();
+        assert!(a.allows("::ffff:127.0.0.1".parse().expect("ip")));
+        assert!(a.allows("192.168.1.9".parse().expect("ip")));
+        assert!(!a.allows("8.8.8.8".parse().expect("ip")));
+        assert!(!a.allows("::ffff:8.8.8.8".parse().expect("ip")));
+    }
+}

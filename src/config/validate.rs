@@ -1,0 +1,231 @@
+//! Validation: everything wrong with a parsed [`Config`], all at once, each problem naming its
+//! key (`ring.vnodes`), so `ringgate check` and a rejected live edit list every mistake in one go.
+//!
+//! Owns: the rules that relate keys to each other and the ranges TOML types cannot express.
+//! Must not touch: text or files (the loader adds line numbers to the problems found here).
+
+use std::fmt;
+
+use super::{is_valid_hostname, Config, ProviderKind, MAX_SLOTS};
+
+/// One thing wrong with a config, naming its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "line {l}: {}: {}", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
+    }
+}
+
+impl Config {
+    /// Everything wrong with this config, all at once.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            out.push(Problem {
+                key: key.to_owned(),
+                line: None,
+                message,
+            })
+        };
+        let r = &self.ring;
+        if r.slots == 0 || r.slots > MAX_SLOTS {
+            bad(
+                "ring.slots",
+                format!("must be between 1 and {MAX_SLOTS}, got {}", r.slots),
+            );
+        }
+        if r.vnodes == 0 || r.vnodes > r.slots {
+            bad(
+                "ring.vnodes",
+                format!(
+                    "must be between 1 and ring.slots ({}), got {}",
+                    r.slots, r.vnodes
+                ),
+            );
+        }
+        let capacity = r.slots.checked_div(r.vnodes).unwrap_or(0);
+        let rep = &self.replicas;
+        if rep.max_replicas == 0 {
+            bad("replicas.max_replicas", "must be at least 1".into());
+        } else if r.vnodes > 0 && rep.max_replicas > capacity {
+            bad(
+                "replicas.max_replicas",
+                format!(
+                    "{} exceeds what the ring holds: {capacity} servers (ring.slots / ring.vnodes = {} / {})",
+                    rep.max_replicas, r.slots, r.vnodes
+                ),
+            );
+        }
+        if rep.count > rep.max_replicas {
+            bad(
+                "replicas.count",
+                format!(
+                    "{} is more than replicas.max_replicas ({})",
+                    rep.count, rep.max_replicas
+                ),
+            );
+        }
+        if !is_valid_hostname(&format!("{}1", rep.name_prefix)) {
+            bad(
+                "replicas.name_prefix",
+                format!(
+                    "{:?} does not make valid replica names: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]{{0,62}}",
+                    rep.name_prefix
+                ),
+            );
+        }
+        let p = &self.provider;
+        if p.container_port == 0 {
+            bad(
+                "provider.container_port",
+                "must be between 1 and 65535".into(),
+            );
+        }
+        if p.image.is_empty() {
+            bad(
+                "provider.image",
+                "must name an image, e.g. \"ringgate-server:latest\"".into(),
+            );
+        }
+        if p.network.is_empty() {
+            bad(
+                "provider.network",
+                "must name a Docker network, e.g. \"net1\"".into(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in &p.servers {
+            if !is_valid_hostname(&s.name) {
+                bad(
+                    "provider.servers",
+                    format!(
+                        "name {:?} must match [a-zA-Z0-9][a-zA-Z0-9_.-]{{0,62}}",
+                        s.name
+                    ),
+                );
+            }
+            if !seen.insert(s.name.as_str()) {
+                bad(
+                    "provider.servers",
+                    format!("name {:?} appears more than once", s.name),
+                );
+            }
+        }
+        if p.servers.len() > rep.max_replicas as usize {
+            bad(
+                "provider.servers",
+                format!(
+                    "{} servers is more than replicas.max_replicas ({})",
+                    p.servers.len(),
+                    rep.max_replicas
+                ),
+            );
+        }
+        if !p.servers.is_empty() && p.kind != ProviderKind::Static {
+            bad(
+                "provider.servers",
+                format!(
+                    "only used with provider.kind = \"static\" (kind is \"{}\")",
+                    p.kind
+                ),
+            );
+        }
+        let h = &self.health;
+        for (key, d) in [
+            ("health.interval", h.interval),
+            ("health.timeout", h.timeout),
+            ("proxy.connect_timeout", self.proxy.connect_timeout),
+            ("proxy.request_timeout", self.proxy.request_timeout),
+            ("proxy.header_read_timeout", self.proxy.header_read_timeout),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be more than 0".into());
+            }
+        }
+        if h.rise == 0 {
+            bad("health.rise", "must be at least 1".into());
+        }
+        if h.fall == 0 {
+            bad("health.fall", "must be at least 1".into());
+        }
+        if h.max_backoff < h.recovery_delay {
+            bad(
+                "health.max_backoff",
+                "must be at least health.recovery_delay".into(),
+            );
+        }
+        if self.proxy.retries > 10 {
+            bad(
+                "proxy.retries",
+                format!("must be at most 10, got {}", self.proxy.retries),
+            );
+        }
+        if self.proxy.max_body == 0 {
+            bad("proxy.max_body", "must be more than 0".into());
+        }
+        if self.policy.memory_limit < 256 * 1024 {
+            bad("policy.memory_limit", "must be at least 256KiB".into());
+        }
+        if self.policy.instruction_budget < 1000 {
+            bad("policy.instruction_budget", "must be at least 1000".into());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("lb.toml"))
+            .expect_err("should be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn semantic_errors_name_key_and_line_and_come_together() {
+        let e = err("[ring]\nslots = 0\nvnodes = 9\n");
+        assert!(e.contains("line 2: ring.slots"), "{e}");
+        assert!(e.contains("ring.vnodes"), "{e}");
+        let e = err("[ring]\nslots = 8\nvnodes = 9\n");
+        assert!(
+            e.contains("line 3: ring.vnodes: must be between 1 and ring.slots (8)"),
+            "{e}"
+        );
+        let e = err("[replicas]\nmax_replicas = 60\n");
+        assert!(
+            e.contains("replicas.max_replicas") && e.contains("56"),
+            "{e}"
+        );
+        let e = err("[replicas]\ncount = 5\nmax_replicas = 4\n");
+        assert!(e.contains("line 2: replicas.count"), "{e}");
+        let e = err("[replicas]\nname_prefix = \"-bad\"\n");
+        assert!(e.contains("replicas.name_prefix"), "{e}");
+        let e = err("[health]\nrise = 0\nfall = 0\ninterval = \"0s\"\n");
+        assert!(
+            e.contains("health.rise") && e.contains("health.fall") && e.contains("health.interval"),
+            "{e}"
+        );
+        let e = err("[proxy]\nmax_body = 0\nretries = 11\n");
+        assert!(
+            e.contains("proxy.max_body") && e.contains("proxy.retries"),
+            "{e}"
+        );
+        let e = err("[provider]\nkind = \"static\"\nservers = [{name = \"a\", address = \"127.0.0.1:1\"}, {name = \"a\", address = \"127.0.0.1:2\"}]\n");
+        assert!(e.contains("appears more than once"), "{e}");
+        let e = err("[provider]\nkind = \"process\"\nservers = [{name = \"a\", address = \"127.0.0.1:1\"}]\n");
+        assert!(e.contains("only used with provider.kind"), "{e}");
+    }
+}
