@@ -30,7 +30,7 @@ fn conf() -> Conf {
 
 /// Whether `/rm` asks for the token: 401 without it; 400 (the body asks for 0 replicas) when the
 /// guard is gone. Either way nothing changes.
-async fn token_required(gw: &Gateway) -> bool {
+async fn token_required(gw: &GatewayProcess) -> bool {
     let (code, body) = call("DELETE", &gw.url("/rm"), r#"{"n": 0}"#).await;
     match code {
         401 => true,
@@ -39,7 +39,7 @@ async fn token_required(gw: &Gateway) -> bool {
     }
 }
 
-fn policy_dir(gw: &Gateway) -> PathBuf {
+fn policy_dir(gw: &GatewayProcess) -> PathBuf {
     gw.dir.path().join("policies")
 }
 
@@ -51,7 +51,7 @@ fn slots(status: &Value) -> Vec<Value> {
 }
 
 /// What a half-applied config would change: the ring, N, the token guard.
-async fn assert_unchanged(gw: &Gateway, before: &Value, when: &str) {
+async fn assert_unchanged(gw: &GatewayProcess, before: &Value, when: &str) {
     assert!(
         token_required(gw).await,
         "{when}: the admin token stopped being required\nlog:\n{}",
@@ -96,7 +96,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emptied_config_changes_nothing_and_says_why() {
-    let gw = Gateway::start(&conf());
+    let gw = GatewayProcess::start(&conf());
     let path = gw.config_path.clone();
     let original = std::fs::read_to_string(&path).expect("config");
     let before = gw.status().await;
@@ -140,7 +140,7 @@ async fn an_emptied_config_changes_nothing_and_says_why() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_written_slowly_in_place_applies_only_once_complete() {
-    let gw = Gateway::start(&conf());
+    let gw = GatewayProcess::start(&conf());
     let path = gw.config_path.clone();
     let original = std::fs::read_to_string(&path).expect("config");
     let before = gw.status().await;
@@ -175,7 +175,7 @@ async fn a_config_written_slowly_in_place_applies_only_once_complete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_written_slowly_in_two_halves_is_loaded_once() {
-    let gw = Gateway::start(&conf());
+    let gw = GatewayProcess::start(&conf());
     let before = gw.status().await;
     let generation = before["policy"]["generation"].clone();
     let placement = slots(&before);
@@ -219,7 +219,7 @@ async fn a_policy_written_slowly_in_two_halves_is_loaded_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_file_cut_to_nothing_keeps_the_last_good_set() {
-    let gw = Gateway::start(&conf());
+    let gw = GatewayProcess::start(&conf());
     let dir = policy_dir(&gw);
     let file = dir.join("10-ring.lua");
     std::fs::write(
@@ -265,7 +265,7 @@ fn replace_atomically(path: &Path, tmp_name: &str, text: &str) -> Instant {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_then_rename_applies_at_once() {
-    let gw = Gateway::start(&conf());
+    let gw = GatewayProcess::start(&conf());
     let path = gw.config_path.clone();
     let original = std::fs::read_to_string(&path).expect("config");
     let generation = gw.status().await["policy"]["generation"]
