@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 
+use crate::admission::{nofile_limit, Admission};
 use crate::config::Config;
 use crate::control::{Controller, ControllerHandle, Parts};
 use crate::health::probe::HttpProber;
@@ -153,11 +154,20 @@ impl Gateway {
                 tracing::warn!(timeout = ?ready_timeout, "some replicas are not up yet; serving with the ones that are (see /lb/status)")
             }
         }
+        let admission = Arc::new(Admission::new(nofile_limit(), metrics.clone()));
+        tracing::info!(
+            nofile = admission.nofile(),
+            max_connections =
+                admission.max_connections(&config.proxy, config.replicas.max_replicas),
+            max_connections_per_ip = config.proxy.max_connections_per_ip,
+            "client connection limits"
+        );
         Ok(Gateway {
             listeners,
             drain_timeout: config.proxy.drain_timeout,
             service: Arc::new(Service {
                 shared,
+                admission,
                 controller: handle,
                 metrics,
             }),

@@ -1,23 +1,61 @@
-//! The listener: accepts connections, serves HTTP/1.1 (keep-alive) and HTTP/2 on them, hands
-//! each request to the [`Service`], and drains connections on shutdown.
+//! The listener: accepts connections, admits them, tells HTTP/1.1 from HTTP/2, serves them, and
+//! drains them on shutdown.
 //!
 //! Owns: [`serve`], which takes an already bound listener (so tests bind `127.0.0.1:0`) and a
-//! shutdown future, and everything about connections: protocol, timeouts, graceful drain.
+//! shutdown future, and everything about client connections: the admission caps, the
+//! first-bytes deadline (a connection that has not sent enough to tell its protocol within
+//! `proxy.header_read_timeout` is closed: the protocol sniff is ours, with a deadline, instead of
+//! hyper's open-ended one), HTTP/1 header and keep-alive timeouts, HTTP/2 keep-alive pings, an
+//! idle timeout for HTTP/2 connections without a stream, and graceful drain.
 //! Must not touch: requests' meaning (the service) or state (the controller).
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
 
+use crate::admission::Admitted;
+use crate::config::Config;
+use crate::error::{Body, BoxError};
 use crate::service::Service;
+
+/// The client connection preface of HTTP/2 (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the first bytes of a connection say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniffed {
+    Http1,
+    Http2,
+    /// Not enough bytes yet to tell.
+    Undecided,
+}
+
+/// HTTP/2 with prior knowledge starts with the preface; anything that stops matching it is
+/// HTTP/1 (hyper then answers what is not HTTP/1 with a 400 or a close).
+pub fn sniff(first: &[u8]) -> Sniffed {
+    let n = first.len().min(H2_PREFACE.len());
+    if first[..n] != H2_PREFACE[..n] {
+        Sniffed::Http1
+    } else if n == H2_PREFACE.len() {
+        Sniffed::Http2
+    } else {
+        Sniffed::Undecided
+    }
+}
 
 /// Serves connections from `listener` until `shutdown` completes, then stops accepting and gives
 /// open connections up to `drain_timeout` to finish their requests.
@@ -27,7 +65,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let live = Arc::new(AtomicUsize::new(0));
+    let all_closed = Arc::new(Notify::new());
     tokio::pin!(shutdown);
     loop {
         let (stream, client) = tokio::select! {
@@ -35,43 +75,347 @@ pub async fn serve(
                 Ok(a) => a,
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    service.metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = &mut shutdown => break,
         };
+        let config = service.shared.load().config.clone();
+        let admitted =
+            match service
+                .admission
+                .admit(client.ip(), &config.proxy, config.replicas.max_replicas)
+            {
+                Ok(a) => a,
+                Err(refusal) => {
+                    tracing::debug!(client = %client, ?refusal, "connection refused: over a cap");
+                    drop(stream);
+                    continue;
+                }
+            };
         let _ = stream.set_nodelay(true);
-        let header_timeout = service.shared.load().config.proxy.header_read_timeout;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .keep_alive(true);
-        builder.http2().timer(TokioTimer::new());
-        let service = service.clone();
-        let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let service = service.clone();
-            async move { Ok::<_, Infallible>(service.handle(req, client).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), handler)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let conn = Connection {
+            stream,
+            client,
+            config,
+            service: service.clone(),
+            drain: drain_rx.clone(),
+            _admitted: admitted,
+        };
+        live.fetch_add(1, Ordering::AcqRel);
+        let (live, all_closed) = (live.clone(), all_closed.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(client = %client, error = %e, "connection ended with an error");
+            conn.run().await;
+            if live.fetch_sub(1, Ordering::AcqRel) == 1 {
+                all_closed.notify_waiters();
             }
         });
     }
     drop(listener);
     tracing::info!("stopped accepting; draining open connections");
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(timeout = ?drain_timeout, "drain timed out; closing the remaining connections");
+    let _ = drain_tx.send(true);
+    let drained = async {
+        loop {
+            let notified = all_closed.notified();
+            if live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    };
+    if tokio::time::timeout(drain_timeout, drained).await.is_err() {
+        tracing::warn!(timeout = ?drain_timeout, open = live.load(Ordering::Acquire), "drain timed out; closing the remaining connections");
+    }
+}
+
+/// Runs a connection to its end; on drain or idle it is asked to finish gracefully (the
+/// response in progress completes, then it closes). A macro rather than a generic function:
+/// proving the spawned future `Send` through hyper's higher-ranked connection bounds defeats
+/// rustc's inference in a generic context.
+macro_rules! drive {
+    ($conn:expr, $drain:expr, $idle:expr, $client:expr) => {{
+        let conn = $conn;
+        let mut drain = $drain;
+        let idle = $idle;
+        tokio::pin!(conn);
+        tokio::pin!(idle);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                ended = conn.as_mut() => {
+                    if let Err(e) = ended {
+                        tracing::debug!(client = %$client, error = %e, "connection ended with an error");
+                    }
+                    break;
+                }
+                _ = drain.wait_for(|d| *d), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = &mut idle, if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }};
+}
+
+/// One accepted client connection.
+struct Connection {
+    stream: TcpStream,
+    client: SocketAddr,
+    config: Arc<Config>,
+    service: Arc<Service>,
+    drain: watch::Receiver<bool>,
+    _admitted: Admitted,
+}
+
+impl Connection {
+    async fn run(mut self) {
+        let deadline = self.config.proxy.header_read_timeout;
+        let mut first = Prefix::default();
+        let protocol = tokio::time::timeout(deadline, async {
+            loop {
+                let n = self.stream.read(first.unfilled()).await?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                first.len += n;
+                match sniff(first.filled()) {
+                    Sniffed::Undecided => continue,
+                    decided => return Ok::<_, io::Error>(Some(decided)),
+                }
+            }
+        })
+        .await;
+        let protocol = match protocol {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) | Ok(Err(_)) => return,
+            Err(_) => {
+                self.service
+                    .metrics
+                    .first_bytes_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(client = %self.client, "closed: no request within proxy.header_read_timeout");
+                return;
+            }
+        };
+        let io = TokioIo::new(Prefixed {
+            prefix: first,
+            stream: self.stream,
+        });
+        let (service, client) = (self.service.clone(), self.client);
+        let proxy = &self.config.proxy;
+        match protocol {
+            Sniffed::Http2 => {
+                let activity = Arc::new(Activity::default());
+                let handler = {
+                    let activity = activity.clone();
+                    hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (service, stream) = (service.clone(), activity.open_stream());
+                        async move {
+                            let resp = service.handle(req, client).await;
+                            Ok::<_, Infallible>(resp.map(|inner| {
+                                StreamBody {
+                                    inner,
+                                    _stream: stream,
+                                }
+                                .boxed_unsync()
+                            }))
+                        }
+                    })
+                };
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                builder
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Some(proxy.http2_keepalive))
+                    .keep_alive_timeout(proxy.http2_keepalive)
+                    .max_concurrent_streams(proxy.http2_max_streams);
+                let conn = builder.serve_connection(io, handler);
+                let idle = idle_for(activity, proxy.idle_timeout, self.service.clone());
+                drive!(conn, self.drain, idle, client);
+            }
+            Sniffed::Http1 | Sniffed::Undecided => {
+                let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let service = service.clone();
+                    async move { Ok::<_, Infallible>(service.handle(req, client).await) }
+                });
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                // The header timeout also bounds the wait for the next request on a kept-alive
+                // connection: an idle HTTP/1 connection lives at most this long.
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(proxy.header_read_timeout)
+                    .keep_alive(true);
+                let conn = builder.serve_connection(io, handler);
+                drive!(conn, self.drain, std::future::pending::<()>(), client);
+            }
+        }
+    }
+}
+
+/// Streams open on one HTTP/2 connection (a request whose response body is not finished).
+#[derive(Default)]
+struct Activity {
+    open: AtomicUsize,
+    changed: Notify,
+}
+
+struct StreamGuard(Arc<Activity>);
+
+impl Activity {
+    fn open_stream(self: &Arc<Self>) -> StreamGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
+        StreamGuard(self.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// Completes once the connection has had no open stream for `timeout`.
+async fn idle_for(activity: Arc<Activity>, timeout: Duration, service: Arc<Service>) {
+    loop {
+        let changed = activity.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if activity.open.load(Ordering::Acquire) == 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {
+                    service.metrics.idle_closes.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                _ = changed => {}
+            }
+        } else {
+            changed.await;
+        }
+    }
+}
+
+/// A response body that keeps its HTTP/2 stream counted as open until it is finished.
+struct StreamBody {
+    inner: Body,
+    _stream: StreamGuard,
+}
+
+impl HttpBody for StreamBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The bytes read to tell the protocol, handed to hyper before the rest of the stream.
+#[derive(Default)]
+struct Prefix {
+    buf: [u8; 24],
+    len: usize,
+    pos: usize,
+}
+
+impl Prefix {
+    fn unfilled(&mut self) -> &mut [u8] {
+        &mut self.buf[self.len..]
+    }
+
+    fn filled(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// The client stream with its sniffed first bytes put back in front.
+struct Prefixed {
+    prefix: Prefix,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let p = &mut this.prefix;
+        if p.pos < p.len {
+            let n = (p.len - p.pos).min(buf.remaining());
+            buf.put_slice(&p.buf[p.pos..p.pos + n]);
+            p.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffing_tells_the_protocols_apart_as_early_as_it_can() {
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Sniffed::Http1);
+        assert_eq!(sniff(b"POST"), Sniffed::Http1, "P then O: not the preface");
+        assert_eq!(sniff(b"P"), Sniffed::Undecided);
+        assert_eq!(sniff(&H2_PREFACE[..23]), Sniffed::Undecided);
+        assert_eq!(sniff(H2_PREFACE), Sniffed::Http2);
+        assert_eq!(sniff(b""), Sniffed::Undecided);
+        assert_eq!(
+            sniff(b"\x16\x03\x01"),
+            Sniffed::Http1,
+            "TLS: hyper answers or closes"
+        );
     }
 }

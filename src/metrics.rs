@@ -52,10 +52,50 @@ pub struct Metrics {
     pub policy_reloads: AtomicU64,
     pub policy_reload_errors: AtomicU64,
     pub upstream_latency: Histogram,
+    /// Client connections open now.
+    pub connections_open: AtomicU64,
+    /// New connections closed at once because `proxy.max_connections` were open.
+    pub connections_refused_max: AtomicU64,
+    /// New connections closed at once because their address had `max_connections_per_ip`.
+    pub connections_refused_per_ip: AtomicU64,
+    /// Connections closed because they sent no complete first request in time.
+    pub first_bytes_timeouts: AtomicU64,
+    /// HTTP/2 connections closed for having no stream for `proxy.idle_timeout`.
+    pub idle_closes: AtomicU64,
+    /// Accepts that failed (out of file descriptors and the like).
+    pub accept_errors: AtomicU64,
+    /// Requests answered 503 because the gateway itself ran out of a resource (EMFILE…).
+    pub local_resource_errors: AtomicU64,
+    /// Request bodies that broke on the client's side (answered 400, never blamed on a replica).
+    pub client_body_errors: AtomicU64,
+    /// Retries not made because the retry budget was spent.
+    pub retries_over_budget: AtomicU64,
+    /// Passive ejections not made because `health.max_ejection_percent` were out.
+    pub ejections_capped: AtomicU64,
 }
 
 fn get(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
+}
+
+/// One metric family: its `# HELP` and `# TYPE` lines, then its samples.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+fn one(value: impl ToString) -> Vec<(String, String)> {
+    vec![(String::new(), value.to_string())]
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: &AtomicU64) {
+    family(out, name, "counter", help, &one(get(value)));
 }
 
 impl Metrics {
@@ -65,126 +105,208 @@ impl Metrics {
         snap: &Snapshot,
         replicas: &[(String, std::sync::Arc<crate::snapshot::ReplicaStats>)],
     ) -> String {
-        let mut out = String::with_capacity(4096);
-        let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        };
+        let mut out = String::with_capacity(8192);
+        let o = &mut out;
         counter(
+            o,
             "ringgate_retries_total",
             "Requests retried on the next server clockwise.",
-            get(&self.retries),
+            &self.retries,
         );
         counter(
+            o,
+            "ringgate_retries_over_budget_total",
+            "Retries not made because the retry budget was spent.",
+            &self.retries_over_budget,
+        );
+        counter(
+            o,
             "ringgate_ejections_total",
             "Replicas taken out of the ring (failed checks, failed connects, exits).",
-            get(&self.ejections),
+            &self.ejections,
         );
+        counter(o, "ringgate_ejections_capped_total", "Passive ejections not made because health.max_ejection_percent of the members were out.", &self.ejections_capped);
         counter(
+            o,
             "ringgate_respawns_total",
             "Replacement replicas started.",
-            get(&self.respawns),
+            &self.respawns,
         );
         counter(
+            o,
             "ringgate_ring_rebuilds_total",
             "Owner tables built and published.",
-            get(&self.ring_rebuilds),
+            &self.ring_rebuilds,
         );
-        counter("ringgate_local_errors_total", "Responses the gateway produced itself because no replica could answer (502, 503, 504, 413).", get(&self.local_errors));
+        counter(o, "ringgate_local_errors_total", "Responses the gateway produced itself because no replica could answer (502, 503, 504, 413).", &self.local_errors);
+        counter(o, "ringgate_local_resource_errors_total", "Requests answered 503 because the gateway ran out of a local resource (EMFILE, ENFILE, ENOMEM, EADDRNOTAVAIL); never counted against a replica.", &self.local_resource_errors);
+        counter(o, "ringgate_client_body_errors_total", "Request bodies that broke on the client's side (answered 400; never counted against a replica).", &self.client_body_errors);
         counter(
+            o,
             "ringgate_config_reloads_total",
             "Config edits applied.",
-            get(&self.config_reloads),
+            &self.config_reloads,
         );
         counter(
+            o,
             "ringgate_config_reload_errors_total",
             "Config edits rejected.",
-            get(&self.config_reload_errors),
+            &self.config_reload_errors,
         );
         counter(
+            o,
             "ringgate_policy_reloads_total",
             "Policy sets loaded after an edit.",
-            get(&self.policy_reloads),
+            &self.policy_reloads,
         );
         counter(
+            o,
             "ringgate_policy_reload_errors_total",
             "Policy edits rejected (the last good set stays).",
-            get(&self.policy_reload_errors),
+            &self.policy_reload_errors,
         );
-        let stats = snap.policy.stats();
-        let _ = writeln!(out, "# HELP ringgate_policy_hook_calls_total Lua hook calls.\n# TYPE ringgate_policy_hook_calls_total counter");
-        for h in crate::policy::Hook::ALL {
-            let _ = writeln!(
-                out,
-                "ringgate_policy_hook_calls_total{{hook=\"{}\"}} {}",
-                h.name(),
-                stats.calls(h)
-            );
-        }
-        let _ = writeln!(out, "# HELP ringgate_policy_hook_errors_total Lua hook calls that failed and fell back to the default.\n# TYPE ringgate_policy_hook_errors_total counter");
-        for h in crate::policy::Hook::ALL {
-            let _ = writeln!(
-                out,
-                "ringgate_policy_hook_errors_total{{hook=\"{}\"}} {}",
-                h.name(),
-                stats.errors(h)
-            );
-        }
-        let _ = writeln!(out, "# HELP ringgate_replicas_up Replicas in the ring.\n# TYPE ringgate_replicas_up gauge\nringgate_replicas_up {}", get(&self.replicas_up));
-        let _ = writeln!(out, "# HELP ringgate_replicas_desired Replicas the gateway keeps (N).\n# TYPE ringgate_replicas_desired gauge\nringgate_replicas_desired {}", get(&self.replicas_desired));
-        let _ = writeln!(out, "# HELP ringgate_ring_generation Generation of the published snapshot.\n# TYPE ringgate_ring_generation gauge\nringgate_ring_generation {}", snap.generation);
+        family(
+            o,
+            "ringgate_connections_open",
+            "gauge",
+            "Client connections open now.",
+            &one(get(&self.connections_open)),
+        );
+        family(
+            o,
+            "ringgate_connections_refused_total",
+            "counter",
+            "New client connections closed at once because a cap was reached.",
+            &[
+                (
+                    "reason=\"max_connections\"".into(),
+                    get(&self.connections_refused_max).to_string(),
+                ),
+                (
+                    "reason=\"per_ip\"".into(),
+                    get(&self.connections_refused_per_ip).to_string(),
+                ),
+            ],
+        );
+        family(o, "ringgate_connections_timed_out_total", "counter", "Client connections closed for sending no complete first request in time (first_bytes) or for an HTTP/2 connection without a stream for proxy.idle_timeout (idle).", &[
+            ("phase=\"first_bytes\"".into(), get(&self.first_bytes_timeouts).to_string()),
+            ("phase=\"idle\"".into(), get(&self.idle_closes).to_string()),
+        ]);
+        counter(
+            o,
+            "ringgate_accept_errors_total",
+            "Accepts that failed (out of file descriptors and the like).",
+            &self.accept_errors,
+        );
 
-        let _ = writeln!(out, "# HELP ringgate_requests_total Responses from replicas, by replica and status class.\n# TYPE ringgate_requests_total counter");
-        for (name, s) in replicas {
-            for (i, c) in s.by_class.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "ringgate_requests_total{{replica=\"{name}\",class=\"{}xx\"}} {}",
-                    i + 1,
-                    get(c)
-                );
-            }
-        }
-        let _ = writeln!(out, "# HELP ringgate_upstream_failures_total Failed attempts to a replica (connect errors, resets, timeouts).\n# TYPE ringgate_upstream_failures_total counter");
-        for (name, s) in replicas {
-            let _ = writeln!(
-                out,
-                "ringgate_upstream_failures_total{{replica=\"{name}\"}} {}",
-                get(&s.failures)
-            );
-        }
-        let _ = writeln!(out, "# HELP ringgate_in_flight Requests in progress per replica.\n# TYPE ringgate_in_flight gauge");
-        for (name, s) in replicas {
-            let _ = writeln!(
-                out,
-                "ringgate_in_flight{{replica=\"{name}\"}} {}",
-                s.in_flight.load(Ordering::Relaxed)
-            );
-        }
+        let stats = snap.policy.stats();
+        let per_hook = |f: &dyn Fn(crate::policy::Hook) -> u64| -> Vec<(String, String)> {
+            crate::policy::Hook::ALL
+                .iter()
+                .map(|&h| (format!("hook=\"{}\"", h.name()), f(h).to_string()))
+                .collect()
+        };
+        family(
+            o,
+            "ringgate_policy_hook_calls_total",
+            "counter",
+            "Lua hook calls.",
+            &per_hook(&|h| stats.calls(h)),
+        );
+        family(
+            o,
+            "ringgate_policy_hook_errors_total",
+            "counter",
+            "Lua hook calls that failed and fell back to the default.",
+            &per_hook(&|h| stats.errors(h)),
+        );
+        family(
+            o,
+            "ringgate_replicas_up",
+            "gauge",
+            "Replicas in the ring.",
+            &one(get(&self.replicas_up)),
+        );
+        family(
+            o,
+            "ringgate_replicas_desired",
+            "gauge",
+            "Replicas the gateway keeps (N).",
+            &one(get(&self.replicas_desired)),
+        );
+        family(
+            o,
+            "ringgate_ring_generation",
+            "gauge",
+            "Generation of the published snapshot.",
+            &one(snap.generation),
+        );
+
+        let by_replica =
+            |f: &dyn Fn(&crate::snapshot::ReplicaStats) -> String| -> Vec<(String, String)> {
+                replicas
+                    .iter()
+                    .map(|(name, s)| (format!("replica=\"{name}\""), f(s)))
+                    .collect()
+            };
+        let requests: Vec<(String, String)> = replicas
+            .iter()
+            .flat_map(|(name, s)| {
+                s.by_class.iter().enumerate().map(move |(i, c)| {
+                    (
+                        format!("replica=\"{name}\",class=\"{}xx\"", i + 1),
+                        get(c).to_string(),
+                    )
+                })
+            })
+            .collect();
+        family(
+            o,
+            "ringgate_requests_total",
+            "counter",
+            "Responses from replicas, by replica and status class.",
+            &requests,
+        );
+        family(
+            o,
+            "ringgate_upstream_failures_total",
+            "counter",
+            "Failed attempts to a replica (connect errors, resets, timeouts).",
+            &by_replica(&|s| get(&s.failures).to_string()),
+        );
+        family(
+            o,
+            "ringgate_in_flight",
+            "gauge",
+            "Requests in progress per replica.",
+            &by_replica(&|s| s.in_flight.load(Ordering::Relaxed).to_string()),
+        );
 
         let h = &self.upstream_latency;
-        let _ = writeln!(out, "# HELP ringgate_upstream_latency_seconds Time from sending a request to a replica to its response headers.\n# TYPE ringgate_upstream_latency_seconds histogram");
         let mut cumulative = 0;
-        for (b, c) in LATENCY_BUCKETS.iter().zip(&h.buckets) {
-            cumulative += get(c);
+        let mut buckets: Vec<(String, String)> = LATENCY_BUCKETS
+            .iter()
+            .zip(&h.buckets)
+            .map(|(b, c)| {
+                cumulative += get(c);
+                (format!("le=\"{b}\""), cumulative.to_string())
+            })
+            .collect();
+        let count = get(&h.count);
+        buckets.push(("le=\"+Inf\"".into(), count.to_string()));
+        let _ = writeln!(o, "# HELP ringgate_upstream_latency_seconds Time from sending a request to a replica to its response headers.\n# TYPE ringgate_upstream_latency_seconds histogram");
+        for (labels, value) in &buckets {
             let _ = writeln!(
-                out,
-                "ringgate_upstream_latency_seconds_bucket{{le=\"{b}\"}} {cumulative}"
+                o,
+                "ringgate_upstream_latency_seconds_bucket{{{labels}}} {value}"
             );
         }
-        let count = get(&h.count);
         let _ = writeln!(
-            out,
-            "ringgate_upstream_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
+            o,
             "ringgate_upstream_latency_seconds_sum {}",
             get(&h.sum_micros) as f64 / 1e6
         );
-        let _ = writeln!(out, "ringgate_upstream_latency_seconds_count {count}");
+        let _ = writeln!(o, "ringgate_upstream_latency_seconds_count {count}");
         out
     }
 }

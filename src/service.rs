@@ -1,7 +1,7 @@
 //! One request, as the listener hands it over: to the gateway's own endpoints or to a replica.
 //!
 //! Owns: [`Service`], the handles every request needs (the published snapshot, the controller,
-//! the counters), and the split between the admin API and the proxy. A request loads the
+//! the counters, the connection caps), and the split between the admin API and the proxy. A request loads the
 //! snapshot once here and uses it to the end.
 //! Must not touch: connections (the listener) or decisions (admin, proxy, controller).
 
@@ -11,6 +11,7 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::Request;
 
+use crate::admission::Admission;
 use crate::control::ControllerHandle;
 use crate::error::Body;
 use crate::metrics::Metrics;
@@ -18,6 +19,7 @@ use crate::snapshot::Shared;
 
 pub struct Service {
     pub shared: Shared,
+    pub admission: Arc<Admission>,
     pub controller: ControllerHandle,
     pub metrics: Arc<Metrics>,
 }
