@@ -47,10 +47,11 @@ pub enum GatewayError {
         replica: String,
         cause: StartFailure,
     },
-    #[error("{client} may not call {path}: admin.allow does not include it")]
+    #[error("{client} may not call {path}: {reason}")]
     Forbidden {
         client: std::net::IpAddr,
         path: String,
+        reason: crate::guard::Denied,
     },
     #[error("{path} needs a bearer token: send \"Authorization: Bearer <admin.token>\"")]
     Unauthorized { path: String },
@@ -64,6 +65,12 @@ pub enum GatewayError {
     NoSuchEndpoint { path: String },
     #[error("request body is larger than proxy.max_body ({limit} bytes)")]
     PayloadTooLarge { limit: u64 },
+    #[error("a request must carry exactly one Host header (RFC 9112 section 3.2)")]
+    BadHost,
+    #[error("the request body could not be read from the client: {detail}")]
+    ClientBody { detail: String },
+    #[error("the gateway ran out of a local resource ({detail}); this is the gateway's limit, not a replica's fault: raise its file-descriptor limit or lower proxy.max_connections")]
+    LocalResource { detail: String },
     #[error(
         "no replica is available to serve this request: all are down or starting (see /lb/status)"
     )]
@@ -84,7 +91,10 @@ pub enum GatewayError {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::Body(_) | GatewayError::Membership(_) => StatusCode::BAD_REQUEST,
+            GatewayError::Body(_)
+            | GatewayError::Membership(_)
+            | GatewayError::BadHost
+            | GatewayError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             GatewayError::AddFailed { .. } | GatewayError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -93,7 +103,9 @@ impl GatewayError {
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::NoSuchEndpoint { .. } => StatusCode::NOT_FOUND,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::NoReplica | GatewayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::NoReplica
+            | GatewayError::ShuttingDown
+            | GatewayError::LocalResource { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -128,6 +140,31 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// The local-resource cause in an error's chain, if any: out of file descriptors (EMFILE,
+/// ENFILE), memory or buffers (ENOMEM, ENOBUFS), or local ports (EADDRNOTAVAIL). These are the
+/// gateway's own limits, never evidence against a replica.
+pub fn local_resource_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(code) = io.raw_os_error() {
+                if matches!(
+                    code,
+                    libc::EMFILE
+                        | libc::ENFILE
+                        | libc::ENOMEM
+                        | libc::ENOBUFS
+                        | libc::EADDRNOTAVAIL
+                ) {
+                    return Some(io.to_string());
+                }
+            }
+        }
+        cur = err.source();
+    }
+    None
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -172,6 +209,21 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "Replica 'S5' exited while starting (exit status 1); nothing was added"
+        );
+    }
+
+    #[test]
+    fn local_resource_errors_are_found_in_the_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connect failed")]
+        struct Wrapper(#[source] std::io::Error);
+        let emfile = Wrapper(std::io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(local_resource_cause(&emfile).is_some_and(|c| c.contains("Too many open files")));
+        let refused = Wrapper(std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert_eq!(local_resource_cause(&refused), None);
+        assert_eq!(
+            GatewayError::LocalResource { detail: "x".into() }.status(),
+            StatusCode::SERVICE_UNAVAILABLE
         );
     }
 

@@ -195,6 +195,7 @@ impl Prober for World {
             let ok = answering.is_some();
             ProbeOutcome {
                 ok,
+                inconclusive: false,
                 status: ok.then_some(200),
                 latency_ms: 1.0,
                 error: (!ok).then(|| "scripted: not answering".into()),

@@ -140,6 +140,10 @@ impl Tracker {
 #[derive(Debug, Clone, Serialize)]
 pub struct ProbeOutcome {
     pub ok: bool,
+    /// The check could not be made for the gateway's own reasons (out of file descriptors…):
+    /// it says nothing about the replica and is not counted.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub inconclusive: bool,
     pub status: Option<u16>,
     pub latency_ms: f64,
     pub error: Option<String>,

@@ -20,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::{mpsc, Notify};
 
 use super::ProbeOutcome;
-use crate::error::error_chain;
+use crate::error::{error_chain, local_resource_cause};
 use crate::ring::ServerId;
 
 /// Checks one replica address.
@@ -58,11 +58,15 @@ impl HttpProber {
         let started = Instant::now();
         let at = SystemTime::now();
         let uri = format!("http://{addr}/heartbeat");
+        let mut inconclusive = false;
         let result = tokio::time::timeout(timeout, async {
             let uri = uri
                 .parse()
                 .map_err(|e: http::uri::InvalidUri| e.to_string())?;
-            let resp = self.client.get(uri).await.map_err(|e| error_chain(&e))?;
+            let resp = self.client.get(uri).await.map_err(|e| {
+                inconclusive = local_resource_cause(&e).is_some();
+                error_chain(&e)
+            })?;
             let status = resp.status().as_u16();
             // Read the (empty) body so the check covers a whole response.
             resp.into_body()
@@ -81,6 +85,7 @@ impl HttpProber {
         };
         ProbeOutcome {
             ok,
+            inconclusive,
             status,
             latency_ms,
             error,

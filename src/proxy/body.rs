@@ -1,0 +1,187 @@
+//! Bodies on the request path: the client's request body, held so a failed attempt can hand it
+//! to the next one, and the replica's response body, counted in flight until it is finished.
+//!
+//! Owns: [`ProxyBody`] and [`BodySlot`] (which also record why a body broke: past
+//! `proxy.max_body`, or broken by the client), and [`Tracked`].
+//! Must not touch: routing, retries or the upstream connection.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::{LengthLimitError, Limited};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+
+use crate::error::BoxError;
+use crate::snapshot::ReplicaStats;
+use crate::sync::lock;
+
+/// A request body that can be handed back if the attempt failed before reading any of it.
+pub enum ProxyBody {
+    Empty,
+    Streaming {
+        slot: Arc<BodySlot>,
+        taken: Option<Limited<Incoming>>,
+        hint: SizeHint,
+    },
+}
+
+impl ProxyBody {
+    pub fn new(body: Incoming, limit: u64) -> ProxyBody {
+        if body.is_end_stream() {
+            return ProxyBody::Empty;
+        }
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        ProxyBody::Streaming {
+            hint: body.size_hint(),
+            slot: Arc::new(BodySlot::new(Limited::new(body, limit))),
+            taken: None,
+        }
+    }
+
+    /// The slot behind a streamed body, for the next attempt and for failure causes.
+    pub fn slot(&self) -> Option<(Arc<BodySlot>, SizeHint)> {
+        match self {
+            ProxyBody::Streaming { slot, hint, .. } => Some((slot.clone(), *hint)),
+            ProxyBody::Empty => None,
+        }
+    }
+
+    /// A body for the next attempt over the same slot (empty stays empty).
+    pub fn again(slot: Option<(Arc<BodySlot>, SizeHint)>) -> ProxyBody {
+        match slot {
+            None => ProxyBody::Empty,
+            Some((slot, hint)) => ProxyBody::Streaming {
+                slot,
+                taken: None,
+                hint,
+            },
+        }
+    }
+}
+
+/// Holds the client's body until an attempt first polls it. A failed attempt that never polled
+/// it leaves it here, and the next attempt takes it: that is what makes a request with a body
+/// retryable. The flags record why a body broke, because hyper boxes body errors in a way that
+/// hides their type from the error chain of the failed attempt.
+pub struct BodySlot {
+    body: Mutex<Option<Limited<Incoming>>>,
+    over_limit: AtomicBool,
+    client_error: AtomicBool,
+}
+
+impl BodySlot {
+    fn new(body: Limited<Incoming>) -> BodySlot {
+        BodySlot {
+            body: Mutex::new(Some(body)),
+            over_limit: AtomicBool::new(false),
+            client_error: AtomicBool::new(false),
+        }
+    }
+
+    fn take(&self) -> Option<Limited<Incoming>> {
+        lock(&self.body).take()
+    }
+
+    /// No attempt has read from the body yet.
+    pub fn is_untouched(&self) -> bool {
+        lock(&self.body).is_some()
+    }
+
+    /// The body ran past `proxy.max_body`.
+    pub fn over_limit(&self) -> bool {
+        self.over_limit.load(Ordering::Relaxed)
+    }
+
+    /// Reading the body from the client failed (malformed chunks, the client went away).
+    pub fn client_error(&self) -> bool {
+        self.client_error.load(Ordering::Relaxed)
+    }
+}
+
+impl HttpBody for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Streaming { slot, taken, .. } => {
+                if taken.is_none() {
+                    *taken = slot.take();
+                }
+                let Some(body) = taken else {
+                    return Poll::Ready(None);
+                };
+                let polled = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(Some(Err(e))) = &polled {
+                    let flag = if e.is::<LengthLimitError>() {
+                        &slot.over_limit
+                    } else {
+                        &slot.client_error
+                    };
+                    flag.store(true, Ordering::Relaxed);
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, ProxyBody::Empty)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Empty => SizeHint::with_exact(0),
+            ProxyBody::Streaming { hint, .. } => *hint,
+        }
+    }
+}
+
+/// The response body of a replica, counted in flight until it is finished or dropped.
+pub struct Tracked {
+    pub inner: Incoming,
+    pub _guard: InFlight,
+}
+
+/// One request in progress at a replica (`/rm` drains until its count is 0).
+pub struct InFlight(Arc<ReplicaStats>);
+
+impl InFlight {
+    pub fn start(stats: &Arc<ReplicaStats>) -> InFlight {
+        stats.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(stats.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
