@@ -1,6 +1,7 @@
 //! The replica API (`/rep`, `/add`, `/rm`) and the gateway's own `/lb/*` endpoints.
 //!
-//! Owns: routing of these paths, the admin guard (`admin.allow`, `admin.token`), and parsing and
+//! Owns: routing of these paths, applying the admin guard ([`crate::guard`]) to `/add`, `/rm`,
+//! `/lb/status` and `/lb/metrics` (`/rep` and `/lb/health` stay open), and parsing and
 //! validating request bodies into controller calls, with a 400 naming the problem for every bad
 //! input. Validation that needs state (names in use, counts) is the controller's, so a call is
 //! checked and applied in one step.
@@ -17,6 +18,7 @@ use serde_json::{json, Value};
 use crate::control::membership::ScaleRequest;
 use crate::control::ControllerHandle;
 use crate::error::{full, success, Body, BodyError, GatewayError};
+use crate::guard::{self, Denied};
 use crate::snapshot::Snapshot;
 
 /// Largest `/add` or `/rm` body.
@@ -88,12 +90,14 @@ async fn route(
             if method != Method::GET {
                 return Err(wrong_method("GET"));
             }
+            authorize(snap, &req, client)?;
             Ok(success(controller.status().await?))
         }
         "/lb/metrics" => {
             if method != Method::GET {
                 return Err(wrong_method("GET"));
             }
+            authorize(snap, &req, client)?;
             let text = controller.metrics().await?;
             let mut resp = Response::new(full(text));
             resp.headers_mut().insert(
@@ -110,36 +114,30 @@ fn replica_list(members: &[String]) -> Response<Body> {
     success(json!({"N": members.len(), "replicas": members}))
 }
 
+/// The admin guard (`crate::guard`) for this request.
 fn authorize(
     snap: &Snapshot,
     req: &Request<Incoming>,
     client: SocketAddr,
 ) -> Result<(), GatewayError> {
-    let admin = &snap.config.admin;
-    if !admin.allows(client.ip()) {
-        return Err(GatewayError::Forbidden {
+    let authority = req.uri().authority().map(|a| a.as_str());
+    match guard::check(
+        &snap.config.admin,
+        &snap.replica_ips,
+        client.ip(),
+        req.headers(),
+        authority,
+    ) {
+        Ok(()) => Ok(()),
+        Err(Denied::Token) => Err(GatewayError::Unauthorized {
+            path: req.uri().path().to_owned(),
+        }),
+        Err(reason) => Err(GatewayError::Forbidden {
             client: client.ip().to_canonical(),
             path: req.uri().path().to_owned(),
-        });
+            reason,
+        }),
     }
-    if let Some(token) = admin.token() {
-        let given = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-            return Err(GatewayError::Unauthorized {
-                path: req.uri().path().to_owned(),
-            });
-        }
-    }
-    Ok(())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn read_body(body: Incoming) -> Result<Bytes, GatewayError> {
@@ -247,12 +245,5 @@ mod tests {
         for p in ["/home", "/reps", "/lbx", "/", "/rep/1"] {
             assert!(!is_admin_path(p), "{p}");
         }
-    }
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
     }
 }

@@ -8,10 +8,14 @@
 //!   ([`gateway::Gateway::start`], [`gateway::Gateway::serve`], [`gateway::run`]).
 //!
 //! Data plane (the request path: reads one immutable [`snapshot::Snapshot`], takes no lock):
-//! - [`listener`]: accepting connections, HTTP/1.1 keep-alive and HTTP/2, graceful drain.
+//! - [`listener`]: accepting connections, first-bytes deadline, HTTP/1.1 keep-alive and HTTP/2,
+//!   idle timeouts, graceful drain.
+//! - [`admission`]: the connection caps (global, derived from the fd limit; per client IP).
 //! - [`service`]: one request, to the admin API or to the proxy.
 //! - [`admin`]: the replica API (`/rep`, `/add`, `/rm`) and `/lb/*`: parse, guard, ask the
 //!   controller.
+//! - [`guard`]: who may call the admin endpoints (loopback by default; no replica, no
+//!   cross-site request, no foreign `Host`; the bearer token).
 //! - [`proxy`]: one request to one replica: streamed through a pooled client, retries.
 //! - [`routing`]: key → slot and virtual node → slot ("Lua hook, else the built-in"), shared by
 //!   the request path, the controller and the offline tools.
@@ -40,11 +44,13 @@
 //! - [`analysis`]: the experiments, charts and proxy benchmark (`ringgate analysis`).
 
 pub mod admin;
+pub mod admission;
 pub mod analysis;
 pub mod config;
 pub mod control;
 pub mod error;
 pub mod gateway;
+pub mod guard;
 pub mod hashing;
 pub mod health;
 pub mod listener;

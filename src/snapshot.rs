@@ -64,6 +64,8 @@ pub struct Snapshot {
     pub members: Vec<String>,
     /// The active Lua policy (empty when there is none): hooks override the built-ins.
     pub policy: Arc<PolicySet>,
+    /// Every replica's address other than loopback: never admin (see `crate::guard`).
+    pub replica_ips: Vec<std::net::IpAddr>,
 }
 
 impl Snapshot {
@@ -76,6 +78,7 @@ impl Snapshot {
             config,
             upstreams: Vec::new(),
             members: Vec::new(),
+            replica_ips: Vec::new(),
         }
     }
 

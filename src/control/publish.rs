@@ -50,6 +50,15 @@ impl Controller {
                 stats: r.stats.clone(),
             }));
         }
+        let mut replica_ips: Vec<std::net::IpAddr> = self
+            .replicas
+            .values()
+            .filter_map(|r| r.instance.as_ref())
+            .map(|i| i.addr.ip().to_canonical())
+            .filter(|ip| !ip.is_loopback())
+            .collect();
+        replica_ips.sort_unstable();
+        replica_ips.dedup();
         self.generation += 1;
         let m = &self.metrics;
         m.replicas_up
@@ -64,6 +73,7 @@ impl Controller {
             upstreams,
             members: self.membership.member_names(),
             policy: self.policy.clone(),
+            replica_ips,
         }));
         self.notify_ready();
     }
