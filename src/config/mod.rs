@@ -180,6 +180,9 @@ pub struct HealthConfig {
     pub recovery_delay: Duration,
     #[serde(deserialize_with = "duration")]
     pub max_backoff: Duration,
+    /// Largest share (percent) of the members that failed connects on the request path may take
+    /// out of the ring at once; one may always be taken out. Active checks are not capped.
+    pub max_ejection_percent: u32,
 }
 
 impl Default for HealthConfig {
@@ -191,8 +194,21 @@ impl Default for HealthConfig {
             fall: 2,
             recovery_delay: Duration::from_secs(2),
             max_backoff: Duration::from_secs(60),
+            max_ejection_percent: 50,
         }
     }
+}
+
+/// What a failed attempt may be retried on (`proxy.retry_on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    /// The connection to the replica could not be made: nothing was sent, any request may be
+    /// retried.
+    ConnectFailure,
+    /// The connection broke before any response byte: idempotent requests whose body was not
+    /// sent may be retried (a request that kills its replica is then tried on the next too).
+    Reset,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -209,6 +225,23 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     #[serde(deserialize_with = "byte_size")]
     pub max_body: u64,
+    pub retry_on: Vec<RetryOn>,
+    /// Retries in progress may be at most this percent of the requests in progress …
+    pub retry_budget_percent: u32,
+    /// … or this many, whichever is more.
+    pub retry_budget_min: u32,
+    /// Client connections open at once; 0 derives it from the file-descriptor limit.
+    pub max_connections: u32,
+    /// Client connections open at once from one IP address; 0 is no per-address limit.
+    pub max_connections_per_ip: u32,
+    /// An HTTP/2 connection with no open stream for this long is closed.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 keep-alive: a ping this often; no answer within the same time closes it.
+    #[serde(deserialize_with = "duration")]
+    pub http2_keepalive: Duration,
+    /// Concurrent streams per HTTP/2 connection.
+    pub http2_max_streams: u32,
 }
 
 impl Default for ProxyConfig {
@@ -220,7 +253,21 @@ impl Default for ProxyConfig {
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
             max_body: 10 * 1024 * 1024,
+            retry_on: vec![RetryOn::ConnectFailure],
+            retry_budget_percent: 20,
+            retry_budget_min: 3,
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            idle_timeout: Duration::from_secs(60),
+            http2_keepalive: Duration::from_secs(20),
+            http2_max_streams: 100,
         }
+    }
+}
+
+impl ProxyConfig {
+    pub fn retries_on(&self, what: RetryOn) -> bool {
+        self.retry_on.contains(&what)
     }
 }
 
@@ -258,22 +305,21 @@ pub struct AdminConfig {
     #[serde(deserialize_with = "ip_nets")]
     pub allow: Vec<IpNet>,
     pub token: Option<String>,
+    /// Host names admin calls may name in `Host`, besides IP addresses and `localhost`.
+    pub hosts: Vec<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        let allow = [
-            "127.0.0.0/8",
-            "::1/128",
-            "10.0.0.0/8",
-            "172.16.0.0/12",
-            "192.168.0.0/16",
-            "fc00::/7",
-        ]
-        .iter()
-        .filter_map(|s| s.parse().ok())
-        .collect();
-        AdminConfig { allow, token: None }
+        let allow = ["127.0.0.0/8", "::1/128"]
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        AdminConfig {
+            allow,
+            token: None,
+            hosts: Vec::new(),
+        }
     }
 }
 
@@ -324,7 +370,11 @@ mod tests {
     fn mapped_ipv4_clients_match_ipv4_ranges() {
         let a = AdminConfig::default();
         assert!(a.allows("::ffff:127.0.0.1".parse().expect("ip")));
-        assert!(a.allows("192.168.1.9".parse().expect("ip")));
+        assert!(a.allows("127.0.0.2".parse().expect("ip")));
+        assert!(
+            !a.allows("192.168.1.9".parse().expect("ip")),
+            "loopback only by default"
+        );
         assert!(!a.allows("8.8.8.8".parse().expect("ip")));
         assert!(!a.allows("::ffff:8.8.8.8".parse().expect("ip")));
     }

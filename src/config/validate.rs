@@ -169,6 +169,38 @@ impl Config {
                 format!("must be at most 10, got {}", self.proxy.retries),
             );
         }
+        let px = &self.proxy;
+        if px.retry_budget_percent > 100 {
+            bad(
+                "proxy.retry_budget_percent",
+                format!("must be between 0 and 100, got {}", px.retry_budget_percent),
+            );
+        }
+        if px.http2_max_streams == 0 {
+            bad("proxy.http2_max_streams", "must be at least 1".into());
+        }
+        for (key, d) in [
+            ("proxy.idle_timeout", px.idle_timeout),
+            ("proxy.http2_keepalive", px.http2_keepalive),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be more than 0".into());
+            }
+        }
+        if h.max_ejection_percent > 100 {
+            bad(
+                "health.max_ejection_percent",
+                format!("must be between 0 and 100, got {}", h.max_ejection_percent),
+            );
+        }
+        if let Some(host) = self.admin.hosts.iter().find(|h| {
+            h.is_empty() || h.contains(|c: char| c == ':' || c == '/' || c.is_whitespace())
+        }) {
+            bad(
+                "admin.hosts",
+                format!("{host:?} is not a host name: list names like \"lb.example.com\", without port or scheme"),
+            );
+        }
         if self.proxy.max_body == 0 {
             bad("proxy.max_body", "must be more than 0".into());
         }
@@ -225,6 +257,20 @@ mod tests {
         );
         let e = err("[provider]\nkind = \"static\"\nservers = [{name = \"a\", address = \"127.0.0.1:1\"}, {name = \"a\", address = \"127.0.0.1:2\"}]\n");
         assert!(e.contains("appears more than once"), "{e}");
+        let e = err(
+            "[proxy]\nretry_budget_percent = 101\nhttp2_max_streams = 0\nretry_on = [\"always\"]\n",
+        );
+        assert!(e.contains("retry_on") || e.contains("always"), "{e}");
+        let e = err("[proxy]\nretry_budget_percent = 101\nhttp2_max_streams = 0\n");
+        assert!(
+            e.contains("proxy.retry_budget_percent") && e.contains("proxy.http2_max_streams"),
+            "{e}"
+        );
+        let e = err("[health]\nmax_ejection_percent = 150\n[admin]\nhosts = [\"lb:5000\"]\n");
+        assert!(
+            e.contains("health.max_ejection_percent") && e.contains("admin.hosts"),
+            "{e}"
+        );
         let e = err("[provider]\nkind = \"process\"\nservers = [{name = \"a\", address = \"127.0.0.1:1\"}]\n");
         assert!(e.contains("only used with provider.kind"), "{e}");
     }

@@ -34,7 +34,28 @@ pub fn verdict(policy: &PolicySet, server: &str, outcome: &ProbeOutcome) -> bool
     outcome.ok
 }
 
+/// Whether a passive ejection may take one more of `members` out when `out` already are:
+/// at most `percent` of them at once (Envoy's `max_ejection_percent`), but always at least one.
+/// Past the cap the replica stays in the ring; its active checks still decide.
+pub fn may_eject(members: usize, out: usize, percent: u32) -> bool {
+    let cap = (members * percent as usize / 100).max(1);
+    out < cap
+}
+
 impl Controller {
+    /// Members out of the ring now (down, or not running).
+    fn members_out(&self) -> usize {
+        self.membership
+            .members()
+            .filter(|(id, _)| {
+                !self
+                    .replicas
+                    .get(id)
+                    .is_some_and(|r| r.tracker.state.routable() && r.instance.is_some())
+            })
+            .count()
+    }
+
     pub(super) fn on_probe(&mut self, report: ProbeReport) {
         let (rise, fall) = (self.config.health.rise, self.config.health.fall);
         let (interval, timeout) = (self.config.health.interval, self.config.health.timeout);
@@ -47,6 +68,12 @@ impl Controller {
             return;
         };
         if r.incarnation != report.incarnation || phase == Phase::Leaving {
+            return;
+        }
+        if report.outcome.inconclusive {
+            // The gateway could not check (out of descriptors…): no evidence either way.
+            tracing::debug!(replica = %name, error = ?report.outcome.error, "check inconclusive");
+            r.last_probe = Some(report.outcome);
             return;
         }
         let ok = verdict(&self.policy, &name, &report.outcome);
@@ -64,6 +91,8 @@ impl Controller {
             Transition::Up => {
                 r.up_since = Some(Instant::now());
                 r.next_restart = None;
+                // Whatever made it fail before is gone now.
+                r.last_exit = None;
                 if was == HealthState::Down {
                     tracing::info!(replica = %name, id = %id, "replica recovered");
                 } else {
@@ -93,10 +122,22 @@ impl Controller {
     pub(super) fn on_passive_failure(&mut self, id: ServerId, incarnation: u64, detail: String) {
         let fall = self.config.health.fall;
         let name = self.membership.name(id).unwrap_or_default().to_owned();
+        let (members, out) = (self.membership.desired(), self.members_out());
+        let percent = self.config.health.max_ejection_percent;
         let Some(r) = self.replicas.get_mut(&id) else {
             return;
         };
-        if r.incarnation != incarnation {
+        if r.incarnation != incarnation || !r.tracker.state.routable() {
+            return;
+        }
+        if !may_eject(members, out, percent) {
+            self.metrics
+                .ejections_capped
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(replica = %name, out, members, "not ejected: health.max_ejection_percent of the members are out already");
+            if let Some(p) = &r.probe {
+                p.probe_now();
+            }
             return;
         }
         let transition = r.tracker.on_passive_failure(fall);
@@ -123,11 +164,24 @@ mod tests {
     fn outcome(ok: bool, latency_ms: f64) -> ProbeOutcome {
         ProbeOutcome {
             ok,
+            inconclusive: false,
             status: ok.then_some(200),
             latency_ms,
             error: (!ok).then(|| "connection refused".into()),
             at: std::time::SystemTime::UNIX_EPOCH,
         }
+    }
+
+    #[test]
+    fn passive_ejection_is_capped_but_one_may_always_go() {
+        assert!(may_eject(3, 0, 50));
+        assert!(!may_eject(3, 1, 50), "a second of three would be 67%");
+        assert!(may_eject(4, 1, 50));
+        assert!(!may_eject(4, 2, 50));
+        assert!(may_eject(1, 0, 50), "at least one");
+        assert!(may_eject(2, 0, 0), "at least one, even at 0%");
+        assert!(!may_eject(2, 1, 0));
+        assert!(may_eject(10, 9, 100));
     }
 
     #[test]
