@@ -22,7 +22,7 @@
 //! writing a new file and renaming it over the old one, which this watcher sees as one complete
 //! change (it watches directories, so the replaced inode does not matter).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -77,23 +77,21 @@ fn verdict<T: PartialEq>(previous: &T, next: &T, writer_open: bool, waited: Dura
 /// change or a creation opens the entry, a close-after-write, a removal or a rename closes it.
 #[derive(Debug, Default)]
 struct OpenWrites {
-    since: HashMap<PathBuf, Instant>,
+    paths: HashSet<PathBuf>,
 }
 
 impl OpenWrites {
-    fn note(&mut self, event: &Event, now: Instant) {
+    fn note(&mut self, event: &Event) {
         match event.kind {
             EventKind::Create(CreateKind::File | CreateKind::Any)
             | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
-                for p in &event.paths {
-                    self.since.entry(p.clone()).or_insert(now);
-                }
+                self.paths.extend(event.paths.iter().cloned());
             }
             EventKind::Access(AccessKind::Close(AccessMode::Write))
             | EventKind::Remove(_)
             | EventKind::Modify(ModifyKind::Name(_)) => {
                 for p in &event.paths {
-                    self.since.remove(p);
+                    self.paths.remove(p);
                 }
             }
             _ => {}
@@ -102,16 +100,16 @@ impl OpenWrites {
 
     /// Whether any open file matches `which`.
     fn any(&self, which: impl Fn(&Path) -> bool) -> bool {
-        self.since.keys().any(|p| which(p))
+        self.paths.iter().any(|p| which(p))
     }
 
     /// Forgets the open files matching `which` (after trusting their settled content).
     fn forget(&mut self, which: impl Fn(&Path) -> bool) {
-        self.since.retain(|p, _| !which(p));
+        self.paths.retain(|p| !which(p));
     }
 
     fn clear(&mut self) {
-        self.since.clear();
+        self.paths.clear();
     }
 }
 
@@ -161,8 +159,12 @@ impl Source {
 }
 
 struct State {
+    /// The config file as the gateway was given it (read through it, named in errors).
     config_path: Option<PathBuf>,
     policy_dir: PathBuf,
+    /// The same two in the form notify names them in events (canonical directories).
+    config_event_path: Option<PathBuf>,
+    policy_event_dir: PathBuf,
     limits: PolicyLimits,
     loaded_limits: PolicyLimits,
     /// The last settled read of the config file (its text, or why it cannot be read).
@@ -188,7 +190,9 @@ pub fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     let (tx, events) = mpsc::unbounded_channel();
     let state = State {
+        config_event_path: config_path.clone(),
         config_path,
+        policy_event_dir: config.policy.dir.clone(),
         policy_dir: config.policy.dir.clone(),
         limits: config.policy.limits(),
         loaded_limits: config.policy.limits(),
@@ -238,7 +242,7 @@ async fn run(mut state: State, tx: mpsc::UnboundedSender<Event>, controller: Con
             tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory");
         }
         if let Some(name) = path.file_name() {
-            state.config_path = Some(dir.join(name));
+            state.config_event_path = Some(dir.join(name));
         }
     }
     let mut watching_policy_dir = false;
@@ -250,7 +254,7 @@ async fn run(mut state: State, tx: mpsc::UnboundedSender<Event>, controller: Con
                 let dir = state.policy_dir.canonicalize().unwrap_or_default();
                 if !dir.as_os_str().is_empty() && w.watch(&dir, RecursiveMode::NonRecursive).is_ok()
                 {
-                    state.policy_dir = dir;
+                    state.policy_event_dir = dir;
                     watching_policy_dir = true;
                 }
             }
@@ -305,9 +309,15 @@ impl State {
     fn note(&mut self, event: &Event) {
         if event.kind == EventKind::Other && event.paths.is_empty() {
             self.open_writes.clear();
-        } else {
-            self.open_writes.note(event, Instant::now());
+            return;
         }
+        self.open_writes.note(event);
+        // Only the watched files matter (a log kept open beside the config does not).
+        let (config, dir) = (&self.config_event_path, &self.policy_event_dir);
+        self.open_writes.forget(|p| {
+            !is_source_file(config.as_deref(), dir, Source::Config, p)
+                && !is_source_file(config.as_deref(), dir, Source::Policy, p)
+        });
     }
 
     fn drain_events(&mut self) {
@@ -316,9 +326,17 @@ impl State {
         }
     }
 
+    fn is_source_file(&self, source: Source, p: &Path) -> bool {
+        is_source_file(
+            self.config_event_path.as_deref(),
+            &self.policy_event_dir,
+            source,
+            p,
+        )
+    }
+
     fn writer_open(&self, source: Source) -> bool {
-        self.open_writes
-            .any(|p| is_source_file(self.config_path.as_deref(), &self.policy_dir, source, p))
+        self.open_writes.any(|p| self.is_source_file(source, p))
     }
 
     /// Reads a source until it settles (see [`verdict`]), starting from `first`. None when it
@@ -340,11 +358,9 @@ impl State {
                 Verdict::Settled => {
                     if writer_open {
                         tracing::warn!(source = ?source, waited = ?started.elapsed(), "a file stayed open for writing but unchanged; applying its content");
-                        let (config_path, policy_dir) =
-                            (self.config_path.clone(), self.policy_dir.clone());
-                        self.open_writes.forget(|p| {
-                            is_source_file(config_path.as_deref(), &policy_dir, source, p)
-                        });
+                        let (config, dir) = (&self.config_event_path, &self.policy_event_dir);
+                        self.open_writes
+                            .forget(|p| is_source_file(config.as_deref(), dir, source, p));
                     }
                     self.reported_unsettled.retain(|s| *s != source);
                     return Some(next);
@@ -533,48 +549,55 @@ mod tests {
 
     #[test]
     fn a_write_is_open_until_its_close_removal_or_rename() {
-        let now = Instant::now();
         let mut open = OpenWrites::default();
         let modify = EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any));
         let is = |p: &'static str| move |q: &Path| q == Path::new(p);
-        open.note(&event(modify, &["/c/lb.toml"]), now);
+        open.note(&event(modify, &["/c/lb.toml"]));
         assert!(open.any(is("/c/lb.toml")));
-        open.note(
-            &event(
-                EventKind::Access(AccessKind::Close(AccessMode::Write)),
-                &["/c/lb.toml"],
-            ),
-            now,
-        );
+        open.note(&event(
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            &["/c/lb.toml"],
+        ));
         assert!(!open.any(is("/c/lb.toml")));
 
-        open.note(
-            &event(EventKind::Create(CreateKind::File), &["/c/lb.toml.tmp"]),
-            now,
-        );
+        open.note(&event(
+            EventKind::Create(CreateKind::File),
+            &["/c/lb.toml.tmp"],
+        ));
         assert!(open.any(is("/c/lb.toml.tmp")));
-        open.note(
-            &event(
-                EventKind::Modify(ModifyKind::Name(notify::event::RenameMode::Both)),
-                &["/c/lb.toml.tmp", "/c/lb.toml"],
-            ),
-            now,
-        );
+        open.note(&event(
+            EventKind::Modify(ModifyKind::Name(notify::event::RenameMode::Both)),
+            &["/c/lb.toml.tmp", "/c/lb.toml"],
+        ));
         assert!(!open.any(|_| true), "a rename delivers a complete file");
 
-        open.note(&event(modify, &["/p/a.lua"]), now);
-        open.note(
-            &event(
-                EventKind::Remove(notify::event::RemoveKind::File),
-                &["/p/a.lua"],
-            ),
-            now,
-        );
+        open.note(&event(modify, &["/p/a.lua"]));
+        open.note(&event(
+            EventKind::Remove(notify::event::RemoveKind::File),
+            &["/p/a.lua"],
+        ));
         assert!(!open.any(|_| true));
 
-        open.note(&event(modify, &["/p/a.lua"]), now);
+        open.note(&event(modify, &["/p/a.lua"]));
         open.forget(is("/p/a.lua"));
         assert!(!open.any(|_| true));
+    }
+
+    #[test]
+    fn only_the_config_and_loadable_policy_files_are_waited_for() {
+        let (config, dir) = (Some(Path::new("/c/lb.toml")), Path::new("/p"));
+        let is = |source, p: &str| is_source_file(config, dir, source, Path::new(p));
+        assert!(is(Source::Config, "/c/lb.toml"));
+        assert!(!is(Source::Config, "/c/lb.toml.tmp"));
+        assert!(is(Source::Policy, "/p/10-a.lua"));
+        for not_loaded in [
+            "/p/.10-a.lua.swp",
+            "/p/.10-a.lua",
+            "/p/10-a.lua.new",
+            "/p/x/a.lua",
+        ] {
+            assert!(!is(Source::Policy, not_loaded), "{not_loaded}");
+        }
     }
 
     #[test]

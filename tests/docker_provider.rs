@@ -19,11 +19,25 @@ use ringgate::ring::ServerId;
 use tokio::sync::mpsc;
 
 async fn provider(scope: &Scope, image: &str) -> (DockerProvider, mpsc::Receiver<ProviderEvent>) {
+    provider_with(
+        scope,
+        ProviderConfig {
+            image: image.to_owned(),
+            ..ProviderConfig::default()
+        },
+    )
+    .await
+}
+
+/// A provider for `scope` with `config` (its kind and network set to the scope's).
+async fn provider_with(
+    scope: &Scope,
+    config: ProviderConfig,
+) -> (DockerProvider, mpsc::Receiver<ProviderEvent>) {
     let config = ProviderConfig {
         kind: ProviderKind::Docker,
-        image: image.to_owned(),
         network: scope.network.clone(),
-        ..ProviderConfig::default()
+        ..config
     };
     let (tx, rx) = mpsc::channel(64);
     let p = DockerProvider::connect_as(&config, tx, Duration::from_secs(5), scope.instance.clone())
@@ -304,4 +318,208 @@ async fn another_instances_container_is_neither_adopted_nor_replaced() {
         inspect(&name).expect("a's container")["Id"].as_str(),
         Some(ia.instance_id.as_str())
     );
+}
+
+/// What the kernel says about a container's main process, when the engine shares our pid
+/// namespace (it does for a local engine): its effective capabilities, no_new_privs, whether
+/// `/` is mounted read-only, and its cgroup limits.
+struct KernelView {
+    cap_eff: String,
+    no_new_privs: String,
+    root_read_only: bool,
+    memory_max: Option<u64>,
+    pids_max: Option<u64>,
+    cpu_quota: Option<(i64, i64)>,
+}
+
+fn kernel_view(pid: u64) -> Option<KernelView> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+    };
+    if field("Name:").as_deref() != Some("ringgate-server") {
+        return None;
+    }
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+    // Fields: id parent major:minor root mount-point options …
+    let root_read_only = mountinfo.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(4) == Some(&"/") && f.get(5).is_some_and(|o| o.split(',').any(|x| x == "ro"))
+    });
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    // cgroup v1: "4:memory:/docker/<id>"; v2: "0::/docker/<id>" (or "/system.slice/…").
+    let cgroup_dir = |controller: &str| -> Option<String> {
+        cgroups.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+            if ctrls.split(',').any(|c| c == controller) {
+                Some(format!("/sys/fs/cgroup/{controller}{path}"))
+            } else if ctrls.is_empty() && controller.is_empty() {
+                Some(format!("/sys/fs/cgroup{path}"))
+            } else {
+                None
+            }
+        })
+    };
+    let read = |path: String| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_owned())
+    };
+    let v1 = cgroup_dir("memory").is_some();
+    let (memory_max, pids_max, cpu_quota) = if v1 {
+        (
+            cgroup_dir("memory")
+                .and_then(|d| read(format!("{d}/memory.limit_in_bytes")))
+                .and_then(|s| s.parse().ok()),
+            cgroup_dir("pids")
+                .and_then(|d| read(format!("{d}/pids.max")))
+                .and_then(|s| s.parse().ok()),
+            cgroup_dir("cpu").and_then(|d| {
+                let quota = read(format!("{d}/cpu.cfs_quota_us"))?.parse().ok()?;
+                let period = read(format!("{d}/cpu.cfs_period_us"))?.parse().ok()?;
+                Some((quota, period))
+            }),
+        )
+    } else {
+        let d = cgroup_dir("")?;
+        (
+            read(format!("{d}/memory.max")).and_then(|s| s.parse().ok()),
+            read(format!("{d}/pids.max")).and_then(|s| s.parse().ok()),
+            read(format!("{d}/cpu.max")).and_then(|s| {
+                let (q, p) = s.split_once(' ')?;
+                Some((q.parse().ok()?, p.parse().ok()?))
+            }),
+        )
+    };
+    Some(KernelView {
+        cap_eff: field("CapEff:")?,
+        no_new_privs: field("NoNewPrivs:")?,
+        root_read_only,
+        memory_max,
+        pids_max,
+        cpu_quota,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_runs_with_limits_no_capabilities_and_a_read_only_root_and_still_serves() {
+    require_docker!();
+    let scope = Scope::new("limits");
+    // Not the defaults, so that the values seen below come from this config.
+    let (p, _events) = provider_with(
+        &scope,
+        ProviderConfig {
+            memory_limit: 48 << 20,
+            pids_limit: 24,
+            cpus: 0.5,
+            log_max_size: 1 << 20,
+            log_max_files: 2,
+            ..ProviderConfig::default()
+        },
+    )
+    .await;
+    let name = scope.name("l");
+    let inst = p.spawn(spec(1, &name)).await.expect("spawn");
+    wait_ok(inst.addr, "/heartbeat", Duration::from_secs(10))
+        .await
+        .expect("a hardened replica answers /heartbeat");
+    let home = wait_ok(inst.addr, "/home", Duration::from_secs(2))
+        .await
+        .expect("/home");
+    assert!(home.contains(&name), "{home}");
+
+    let c = inspect(&name).expect("the container");
+    let h = &c["HostConfig"];
+    assert_eq!(h["Memory"].as_u64(), Some(48 << 20), "{h:#}");
+    assert_eq!(h["MemorySwap"].as_u64(), Some(48 << 20), "no swap on top");
+    assert_eq!(h["PidsLimit"].as_u64(), Some(24));
+    assert_eq!(h["NanoCpus"].as_u64(), Some(500_000_000));
+    assert_eq!(h["CapDrop"], serde_json::json!(["ALL"]));
+    assert!(
+        h["SecurityOpt"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|v| v == "no-new-privileges")),
+        "{:#}",
+        h["SecurityOpt"]
+    );
+    assert_eq!(h["ReadonlyRootfs"].as_bool(), Some(true));
+    assert_eq!(h["LogConfig"]["Type"].as_str(), Some("json-file"));
+    assert_eq!(
+        h["LogConfig"]["Config"]["max-size"].as_str(),
+        Some("1048576")
+    );
+    assert_eq!(h["LogConfig"]["Config"]["max-file"].as_str(), Some("2"));
+
+    // What the kernel enforces on the running process.
+    let pid = c["State"]["Pid"].as_u64().expect("a running pid");
+    match kernel_view(pid) {
+        Some(k) => {
+            assert_eq!(k.cap_eff, "0000000000000000", "no capabilities");
+            assert_eq!(k.no_new_privs, "1");
+            assert!(k.root_read_only, "/ is mounted read-only");
+            assert_eq!(k.memory_max, Some(48 << 20));
+            assert_eq!(k.pids_max, Some(24));
+            let (quota, period) = k.cpu_quota.expect("a CPU quota");
+            assert_eq!(quota * 2, period, "half a CPU: {quota}/{period}");
+        }
+        None => println!(
+            "the engine runs in another pid namespace: checked through `docker inspect` only"
+        ),
+    }
+    // The log driver works for the operator: `docker logs` shows the replica's line.
+    let logs = docker(&["logs", &name]).expect("docker logs");
+    assert!(logs.contains("listening on"), "{logs}");
+    p.remove(&name).await.expect("remove");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_acts_on_the_container_it_started_never_on_a_name_or_an_id_prefix() {
+    require_docker!();
+    let scope = Scope::new("byid");
+    let (p, _events) = provider(&scope, SERVER_IMAGE).await;
+    let (a, b) = (scope.name("a"), scope.name("b"));
+    let ia = p.spawn(spec(1, &a)).await.expect("spawn a");
+    let ib = p.spawn(spec(2, &b)).await.expect("spawn b");
+
+    // A hostname that no container has, but that the engine would resolve to a's container as
+    // an id prefix (hex digits are valid hostnames).
+    let prefix = &ia.instance_id[..12];
+    p.remove(prefix)
+        .await
+        .expect("nothing of that name to remove");
+    let still = inspect(&a).expect("a is still there");
+    assert_eq!(still["Id"].as_str(), Some(ia.instance_id.as_str()));
+    assert_eq!(still["State"]["Running"].as_bool(), Some(true));
+
+    // b's container is replaced behind the provider's back by another one of the same name,
+    // even with our labels: not the container this provider started, so remove leaves it.
+    docker(&["rm", "-f", &b]).expect("docker rm b");
+    let instance_label = format!("ringgate.instance={}", scope.instance);
+    let theirs = docker(&[
+        "create",
+        "--name",
+        &b,
+        "--label",
+        "ringgate.managed=true",
+        "--label",
+        &instance_label,
+        "--label",
+        "ringgate.server-id=2",
+        SERVER_IMAGE,
+    ])
+    .expect("docker create a same-named container");
+    assert_ne!(theirs, ib.instance_id);
+    p.remove(&b).await.expect("remove b");
+    assert_eq!(
+        inspect(&b).expect("the other container is left alone")["Id"].as_str(),
+        Some(theirs.as_str())
+    );
+
+    // What it did start, it removes.
+    p.remove(&a).await.expect("remove a");
+    assert!(inspect(&a).is_none(), "a is gone");
 }

@@ -186,6 +186,11 @@ mod tests {
             "image",
             "network",
             "container_port",
+            "memory_limit",
+            "pids_limit",
+            "cpus",
+            "log_max_size",
+            "log_max_files",
             "server_binary",
             "servers",
             "interval",
@@ -265,6 +270,11 @@ kind = "static"
 image = "x:1"
 network = "n2"
 container_port = 8080
+memory_limit = "64MiB"
+pids_limit = 32
+cpus = 0.5
+log_max_size = "1MiB"
+log_max_files = 2
 server_binary = "/bin/true"
 servers = [{ name = "a", address = "127.0.0.1:9000" }]
 [health]
@@ -296,6 +306,16 @@ token = "s3cret"
         assert_eq!(c.proxy.max_body, 1 << 20);
         assert_eq!(c.health.timeout, Duration::from_millis(500));
         assert_eq!(c.provider.servers[0].name, "a");
+        assert_eq!(
+            (
+                c.provider.memory_limit,
+                c.provider.pids_limit,
+                c.provider.cpus,
+                c.provider.log_max_size,
+                c.provider.log_max_files
+            ),
+            (64 << 20, 32, 0.5, 1 << 20, 2)
+        );
         assert_eq!(c.admin.token(), Some("s3cret"));
         assert!(c.admin.allows("127.0.0.1".parse().expect("ip")));
         assert!(!c.admin.allows("127.0.0.2".parse().expect("ip")));

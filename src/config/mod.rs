@@ -141,13 +141,26 @@ pub struct StaticServer {
     pub address: SocketAddr,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderConfig {
     pub kind: ProviderKind,
     pub image: String,
     pub network: String,
     pub container_port: u16,
+    /// Docker: memory a replica container may use, in bytes (swap included); 0 is no limit.
+    #[serde(deserialize_with = "byte_size")]
+    pub memory_limit: u64,
+    /// Docker: processes and threads a replica container may have at once; 0 is no limit.
+    pub pids_limit: u32,
+    /// Docker: CPU time a replica container may use, in CPUs (a CFS quota); 0 is no limit.
+    pub cpus: f64,
+    /// Docker: a replica's json-file log is rotated at this size; 0 leaves logging to the
+    /// engine's defaults.
+    #[serde(deserialize_with = "byte_size")]
+    pub log_max_size: u64,
+    /// Docker: rotated log files kept per replica (with `log_max_size`).
+    pub log_max_files: u32,
     /// Process provider: the `ringgate-server` binary. Empty: the one beside `ringgate`.
     pub server_binary: Option<PathBuf>,
     /// Static provider: the fixed replicas.
@@ -161,6 +174,11 @@ impl Default for ProviderConfig {
             image: "ringgate-server:latest".into(),
             network: "net1".into(),
             container_port: 5000,
+            memory_limit: 128 * 1024 * 1024,
+            pids_limit: 64,
+            cpus: 1.0,
+            log_max_size: 10 * 1024 * 1024,
+            log_max_files: 3,
             server_binary: None,
             servers: Vec::new(),
         }

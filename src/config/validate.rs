@@ -25,6 +25,16 @@ impl fmt::Display for Problem {
     }
 }
 
+/// Docker refuses memory limits under 6 MiB.
+const MIN_MEMORY_LIMIT: u64 = 6 * 1024 * 1024;
+/// Docker's CPU quota granularity is a hundredth of a CPU.
+const MIN_CPUS: f64 = 0.01;
+/// Far above any host; the engine refuses more than the host has, naming its count.
+const MAX_CPUS: f64 = 1024.0;
+/// A log file smaller than this would rotate on every few lines.
+const MIN_LOG_SIZE: u64 = 64 * 1024;
+const MAX_LOG_FILES: u32 = 100;
+
 impl Config {
     /// Everything wrong with this config, all at once.
     pub fn problems(&self) -> Vec<Problem> {
@@ -100,6 +110,42 @@ impl Config {
             bad(
                 "provider.network",
                 "must name a Docker network, e.g. \"net1\"".into(),
+            );
+        }
+        if p.memory_limit != 0 && p.memory_limit < MIN_MEMORY_LIMIT {
+            bad(
+                "provider.memory_limit",
+                format!(
+                    "must be 0 (no limit) or at least 6MiB, Docker's smallest limit; got {} bytes",
+                    p.memory_limit
+                ),
+            );
+        }
+        if !(p.cpus == 0.0 || (MIN_CPUS..=MAX_CPUS).contains(&p.cpus)) {
+            bad(
+                "provider.cpus",
+                format!(
+                    "must be 0 (no limit) or between {MIN_CPUS} and {MAX_CPUS} CPUs (1.5 is one and a half), got {}",
+                    p.cpus
+                ),
+            );
+        }
+        if p.log_max_size != 0 && p.log_max_size < MIN_LOG_SIZE {
+            bad(
+                "provider.log_max_size",
+                format!(
+                    "must be 0 (the engine's logging defaults) or at least 64KiB, got {} bytes",
+                    p.log_max_size
+                ),
+            );
+        }
+        if p.log_max_size != 0 && !(1..=MAX_LOG_FILES).contains(&p.log_max_files) {
+            bad(
+                "provider.log_max_files",
+                format!(
+                    "must be between 1 and {MAX_LOG_FILES}, got {}",
+                    p.log_max_files
+                ),
             );
         }
         let mut seen = std::collections::HashSet::new();
@@ -273,5 +319,35 @@ mod tests {
         );
         let e = err("[provider]\nkind = \"process\"\nservers = [{name = \"a\", address = \"127.0.0.1:1\"}]\n");
         assert!(e.contains("only used with provider.kind"), "{e}");
+    }
+
+    #[test]
+    fn container_limits_are_checked_and_zero_means_none() {
+        let e = err("[provider]\nmemory_limit = \"1MiB\"\ncpus = 0.001\nlog_max_size = 100\n");
+        assert!(
+            e.contains("line 2: provider.memory_limit: must be 0 (no limit) or at least 6MiB"),
+            "{e}"
+        );
+        assert!(e.contains("line 3: provider.cpus"), "{e}");
+        assert!(e.contains("line 4: provider.log_max_size"), "{e}");
+        let e = err("[provider]\ncpus = -1\n");
+        assert!(e.contains("provider.cpus") && e.contains("got -1"), "{e}");
+        let e = err("[provider]\ncpus = nan\n");
+        assert!(e.contains("provider.cpus"), "{e}");
+        let e = err("[provider]\nlog_max_files = 0\n");
+        assert!(e.contains("line 2: provider.log_max_files"), "{e}");
+        let e = err("[provider]\npids_limit = -1\n");
+        assert!(e.contains("line 2") && e.contains("[provider]"), "{e}");
+
+        let c = Config::parse(
+            "[provider]\nmemory_limit = 0\npids_limit = 0\ncpus = 0\nlog_max_size = 0\nlog_max_files = 0\n",
+            Path::new("lb.toml"),
+        )
+        .expect("0 turns each limit off");
+        assert_eq!((c.provider.memory_limit, c.provider.cpus), (0, 0.0));
+        let c = Config::parse("[provider]\ncpus = 2\n", Path::new("lb.toml"))
+            .expect("a whole number of CPUs");
+        assert_eq!(c.provider.cpus, 2.0);
+        assert!(Config::default().problems().is_empty());
     }
 }

@@ -8,6 +8,12 @@
 //! writer is the gateway, and the child exits when it reads EOF. The kernel closes the pipe when
 //! the gateway dies, however it dies. The child picks its own port (it binds port 0 and prints
 //! the address), so there is no race for a "free" port.
+//!
+//! A child starts with a clean environment: exactly `SERVER_ID`, `PORT`, `BIND`,
+//! `RINGGATE_EXIT_ON_STDIN_EOF` (what ringgate-server reads) and the gateway's `PATH` (so a
+//! `provider.server_binary` that is a wrapper script finds its tools; it is not a secret).
+//! Nothing else of the gateway's environment (tokens, cloud credentials, `DOCKER_HOST`,
+//! `RUST_LOG`: ringgate-server logs nothing but errors) reaches a replica.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,7 +41,8 @@ pub fn server_binary(configured: Option<&Path>) -> Result<PathBuf, ProviderError
             .with_file_name("ringgate-server"),
     };
     if path.is_file() {
-        Ok(path)
+        // Absolute, so that running it never depends on a search path.
+        Ok(std::path::absolute(&path).unwrap_or(path))
     } else {
         Err(ProviderError::Setup(format!(
             "ringgate-server not found at {}: build it (`cargo build --release`) or set provider.server_binary",
@@ -81,7 +88,12 @@ impl ProcessProvider {
         if self.children().contains_key(&spec.hostname) {
             return Err(fail("a process with this name is already running".into()));
         }
-        let mut child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command.env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            command.env("PATH", path);
+        }
+        let mut child = command
             .env("SERVER_ID", &spec.hostname)
             .env("PORT", "0")
             .env("BIND", "127.0.0.1")

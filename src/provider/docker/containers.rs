@@ -1,7 +1,8 @@
 //! Replica containers: create, start, stop, remove and adopt, and the replica network.
 //!
-//! Owns: the engine calls that change containers and networks, and the guard that removes a
-//! half-created container when a spawn fails or is abandoned.
+//! Owns: the engine calls that change containers and networks, the hostname → container id
+//! map that `remove` acts on (a replica is stopped by the id it was created or adopted with),
+//! and the guard that removes a half-created container when a spawn fails or is abandoned.
 //! Must not touch: the event stream (only its "already reported" set, so our own stops are not
 //! reported as deaths), health or routing.
 
@@ -9,17 +10,19 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use bollard::container::{
-    Config as ContainerConfig, CreateContainerOptions, ListContainersOptions, NetworkingConfig,
-    RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions,
+    StopContainerOptions,
 };
 use bollard::errors::Error as DockerError;
-use bollard::models::{ContainerInspectResponse, EndpointSettings, HostConfig};
+use bollard::models::{ContainerInspectResponse, ContainerSummary, EndpointSettings};
 use bollard::network::{ConnectNetworkOptions, CreateNetworkOptions, InspectNetworkOptions};
 use bollard::Docker;
 
 use super::engine::{message_of, status_of};
 use super::events::{lock, SharedReported};
-use super::{short, DockerProvider, LABEL_INSTANCE, LABEL_MANAGED, LABEL_SERVER_ID};
+use super::{
+    short, spec, DockerProvider, INSTANCE_ENV, LABEL_INSTANCE, LABEL_MANAGED, LABEL_SERVER_ID,
+};
 use crate::provider::{Instance, ProviderError, ReplicaSpec};
 use crate::ring::ServerId;
 
@@ -121,27 +124,16 @@ impl DockerProvider {
         self.ensure_network().await.map_err(fail)?;
 
         let port = self.settings.container_port;
-        let config = ContainerConfig {
-            image: Some(self.settings.image.clone()),
-            env: Some(vec![
-                format!("SERVER_ID={}", spec.hostname),
-                format!("PORT={port}"),
-            ]),
-            labels: Some(self.labels(spec.id)),
-            exposed_ports: Some(HashMap::from([(format!("{port}/tcp"), HashMap::new())])),
-            host_config: Some(HostConfig {
-                network_mode: Some(self.settings.network.clone()),
-                // No restart policy: the controller replaces dead replicas itself.
-                ..Default::default()
-            }),
-            networking_config: Some(NetworkingConfig {
-                endpoints_config: HashMap::from([(
-                    self.settings.network.clone(),
-                    EndpointSettings::default(),
-                )]),
-            }),
-            ..Default::default()
-        };
+        let config = spec::container_config(
+            spec::Replica {
+                image: &self.settings.image,
+                network: &self.settings.network,
+                port,
+                hostname: &spec.hostname,
+                labels: self.labels(spec.id),
+            },
+            &self.settings.limits,
+        );
         let options = Some(CreateContainerOptions {
             name: spec.hostname.clone(),
             platform: None,
@@ -164,11 +156,12 @@ impl DockerProvider {
                     )));
                 }
                 Err(e) if status_of(&e) == Some(409) && !replaced_stale => {
-                    // The name is taken. A leftover of ours (a dead replica, or one the
-                    // controller no longer tracks) is replaced; anything else is left alone.
-                    let existing = self.inspect(&spec.hostname).await.map_err(|e| {
+                    // The name is taken. A leftover of ours (the dead container of the replica
+                    // this replaces, or a stopped one of our instance) is replaced; anything
+                    // else is left alone.
+                    let existing = self.find_named(&spec.hostname).await.map_err(|e| {
                         fail(format!(
-                            "cannot inspect the container named {}: {e}",
+                            "cannot look up the container named {}: {e}",
                             spec.hostname
                         ))
                     })?;
@@ -177,25 +170,20 @@ impl DockerProvider {
                         replaced_stale = true;
                         continue;
                     };
-                    let labels = existing.config.as_ref().and_then(|c| c.labels.as_ref());
-                    if !self.is_ours(labels) {
-                        let owner = labels
-                            .filter(|l| l.get(LABEL_MANAGED).map(String::as_str) == Some("true"))
-                            .and_then(|l| l.get(LABEL_INSTANCE));
-                        return Err(fail(match owner {
-                            Some(other) => format!(
-                                "a container named {} exists and belongs to another ringgate instance \
-                                 ({LABEL_INSTANCE}={other}): choose another hostname",
-                                spec.hostname
-                            ),
-                            None => format!(
-                                "a container named {} exists and is not managed by ringgate: remove it \
-                                 (`docker rm -f {}`) or choose another hostname",
-                                spec.hostname, spec.hostname
-                            ),
-                        }));
+                    let Some(old) = existing.id.clone().filter(|id| !id.is_empty()) else {
+                        return Err(fail(format!(
+                            "the engine lists the container named {} without an id",
+                            spec.hostname
+                        )));
+                    };
+                    let labels = existing.labels.as_ref();
+                    let known = self.ids().get(&spec.hostname) == Some(&old);
+                    let running = existing.state.as_deref() == Some("running");
+                    let dead_leftover = self.is_ours(labels) && !running;
+                    if !known && !dead_leftover {
+                        let ours = &self.settings.instance;
+                        return Err(fail(name_taken(&spec.hostname, labels, ours)));
                     }
-                    let old = existing.id.unwrap_or_else(|| spec.hostname.clone());
                     tracing::info!(replica = %spec.hostname, container = %short(&old), "replacing a leftover container of ours");
                     self.force_remove(&old).await.map_err(|e| {
                         fail(format!(
@@ -203,6 +191,7 @@ impl DockerProvider {
                             short(&old)
                         ))
                     })?;
+                    self.forget(&spec.hostname, &old);
                     replaced_stale = true;
                 }
                 Err(e) => {
@@ -257,6 +246,7 @@ impl DockerProvider {
             ))
         })?;
         guard.disarm();
+        self.ids().insert(spec.hostname.clone(), id.clone());
         tracing::info!(replica = %spec.hostname, id = %spec.id, container = %short(&id), %ip, "replica container started");
         Ok(Instance {
             id: spec.id,
@@ -266,26 +256,37 @@ impl DockerProvider {
         })
     }
 
+    /// Stops and removes the container this provider knows as `hostname`, by its id.
     pub(super) async fn stop(&self, hostname: &str) -> Result<(), ProviderError> {
         let fail = |reason: String| ProviderError::Remove {
             hostname: hostname.to_owned(),
             reason,
         };
+        let Some(id) = self.ids().get(hostname).cloned() else {
+            tracing::debug!(
+                replica = hostname,
+                "no container of ours goes by this name; nothing to remove"
+            );
+            return Ok(());
+        };
+        // A full id names exactly one container: no name or prefix resolution.
         let Some(c) = self
-            .inspect(hostname)
+            .inspect(&id)
             .await
-            .map_err(|e| fail(format!("cannot inspect it: {e}")))?
+            .map_err(|e| fail(format!("cannot inspect container {}: {e}", short(&id))))?
         else {
+            self.forget(hostname, &id);
             return Ok(());
         };
         if !self.is_ours(c.config.as_ref().and_then(|c| c.labels.as_ref())) {
             tracing::warn!(
                 replica = hostname,
-                "a container with this name exists but is not ours; leaving it alone"
+                container = %short(&id),
+                "the container no longer carries our labels; leaving it alone"
             );
+            self.forget(hostname, &id);
             return Ok(());
         }
-        let id = c.id.unwrap_or_else(|| hostname.to_owned());
         // Our own stop is not a death to report.
         lock(&self.reported).insert(&id);
         match self
@@ -305,8 +306,36 @@ impl DockerProvider {
                 message_of(&e)
             ))
         })?;
+        self.forget(hostname, &id);
         tracing::info!(replica = hostname, container = %short(&id), "replica container removed");
         Ok(())
+    }
+
+    /// Drops `hostname` from the known containers if it still maps to `id`.
+    fn forget(&self, hostname: &str, id: &str) {
+        let mut ids = self.ids();
+        if ids.get(hostname).is_some_and(|known| known == id) {
+            ids.remove(hostname);
+        }
+    }
+
+    /// The container named exactly `name`, if any. The engine's name filter is a regular
+    /// expression and inspecting by name falls back to id prefixes, so the match is checked here.
+    async fn find_named(&self, name: &str) -> Result<Option<ContainerSummary>, DockerError> {
+        let pattern = format!("^/{}$", name.replace('.', "\\."));
+        let filters = HashMap::from([("name".to_owned(), vec![pattern])]);
+        let found = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters,
+                ..Default::default()
+            }))
+            .await?;
+        let exact = format!("/{name}");
+        Ok(found
+            .into_iter()
+            .find(|c| c.names.as_ref().is_some_and(|n| n.contains(&exact))))
     }
 
     pub(super) async fn adopt(&self) -> Result<Vec<Instance>, ProviderError> {
@@ -356,6 +385,7 @@ impl DockerProvider {
             match self.adopt_one(&cid).await {
                 Ok(ip) => {
                     tracing::debug!(replica = %name, %id, container = %short(&cid), %ip, "adopted a running replica container");
+                    self.ids().insert(name.clone(), cid.clone());
                     out.push(Instance {
                         id,
                         hostname: name,
@@ -410,6 +440,28 @@ impl DockerProvider {
             .ok_or("it vanished")?;
         self.ip_on_network(&c)
             .ok_or_else(|| format!("no IP address on network {}", self.settings.network))
+    }
+}
+
+/// Why a spawn cannot take `hostname`: the container of that name is not one this provider may
+/// replace (`labels` are its labels, `ours` our instance label).
+fn name_taken(hostname: &str, labels: Option<&HashMap<String, String>>, ours: &str) -> String {
+    let managed = labels.filter(|l| l.get(LABEL_MANAGED).map(String::as_str) == Some("true"));
+    match managed.and_then(|l| l.get(LABEL_INSTANCE)) {
+        Some(instance) if instance == ours => format!(
+            "a running container named {hostname} carries this gateway's label \
+             ({LABEL_INSTANCE}={ours}) but was not started or adopted by it (another gateway \
+             with the same {INSTANCE_ENV}?): stop that gateway or remove the container, or \
+             choose another hostname"
+        ),
+        Some(other) => format!(
+            "a container named {hostname} exists and belongs to another ringgate instance \
+             ({LABEL_INSTANCE}={other}): choose another hostname"
+        ),
+        None => format!(
+            "a container named {hostname} exists and is not managed by ringgate: remove it \
+             (`docker rm -f {hostname}`) or choose another hostname"
+        ),
     }
 }
 

@@ -7,15 +7,19 @@
 //! [`ProviderEvent::Exited`] the moment a replica dies).
 //! Must not touch: health or routing. This is the only module that imports bollard.
 //!
-//! A replica is a container named exactly its hostname, from `provider.image`, on
-//! `provider.network`, with `SERVER_ID` and `PORT` set and three labels:
+//! [`spec`] says what a replica container is: named exactly its hostname, from `provider.image`,
+//! on `provider.network`, with `SERVER_ID` and `PORT` set, the `[provider]` limits, all
+//! capabilities dropped, `no-new-privileges`, a read-only root, and three labels:
 //! `ringgate.managed=true`, `ringgate.server-id=<id>` and `ringgate.instance=<instance>`, where
 //! the instance is `$RINGGATE_INSTANCE_LABEL` or `default`. Only containers carrying our instance
 //! label are ever adopted, replaced or removed: anything else with a clashing name is left alone
-//! and reported. There is no Docker restart policy: the controller decides about replacements.
+//! and reported. A replica is stopped and removed by the container id this provider created or
+//! adopted it with, never by resolving its name (the engine would fall back to matching id
+//! prefixes). There is no Docker restart policy: the controller decides about replacements.
 //! On shutdown containers keep running, for the next start to adopt with their ids.
 
 use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use bollard::Docker;
@@ -29,6 +33,7 @@ use crate::ring::ServerId;
 mod containers;
 mod engine;
 mod events;
+mod spec;
 
 use engine::{connect_engine, status_of};
 use events::{watch_events, SharedReported};
@@ -52,6 +57,7 @@ struct Settings {
     network: String,
     container_port: u16,
     instance: String,
+    limits: spec::Limits,
 }
 
 pub struct DockerProvider {
@@ -62,6 +68,9 @@ pub struct DockerProvider {
     network_lock: tokio::sync::Mutex<()>,
     events_task: JoinHandle<()>,
     engine_version: String,
+    /// hostname → id of the container this provider started or adopted under that name: what
+    /// `remove` stops, so it never acts on whatever else the name resolves to.
+    ids: Mutex<HashMap<String, String>>,
 }
 
 /// The instance label this process uses: `$RINGGATE_INSTANCE_LABEL` or `default`.
@@ -111,6 +120,7 @@ impl DockerProvider {
             network: config.network.clone(),
             container_port: config.container_port,
             instance,
+            limits: spec::Limits::from_config(config),
         };
         let reported = SharedReported::default();
         let events_task = tokio::spawn(watch_events(
@@ -126,7 +136,13 @@ impl DockerProvider {
             network_lock: tokio::sync::Mutex::new(()),
             events_task,
             engine_version,
+            ids: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn ids(&self) -> MutexGuard<'_, HashMap<String, String>> {
+        // Only touched briefly; a poisoned map is still a usable map.
+        self.ids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The engine's version, as it reported it (for logs).
