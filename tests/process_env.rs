@@ -31,7 +31,7 @@ fn environment_of(pid: u32) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_do_not_inherit_the_gateways_environment() {
     let secret = "RINGGATE_TEST_SECRET";
-    let gw = Gateway::start_with(
+    let gw = GatewayProcess::start_with(
         &Conf {
             replicas: "count = 2\n".into(),
             ..Conf::default()
