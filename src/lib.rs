@@ -27,12 +27,10 @@
 //! - [`tools`]: `ringgate check`, `ring` and `simulate`.
 //! - [`listening`]: the `listening on http://ADDR` line processes print once they serve.
 //!
-//! Tooling:
-//! - [`loadgen`]: the load generator (`ringgate load`).
-//! - [`analysis`]: the experiments, charts and proxy benchmark (`ringgate analysis`).
+//! The load generator, the analysis experiments and the benchmarks live in the lab package
+//! (`bench/lab`, binary `ringgate-lab`), outside this library and the gateway binary.
 
 pub mod admin;
-pub mod analysis;
 pub mod app;
 pub mod config;
 pub mod controller;
@@ -40,7 +38,6 @@ pub mod error;
 pub mod hashing;
 pub mod health;
 pub mod listening;
-pub mod loadgen;
 pub mod metrics;
 pub mod policy;
 pub mod provider;
