@@ -378,7 +378,7 @@ when the load is even: with the defaults the added server's vnodes land where `H
 
     let _ = writeln!(
         out,
-        "## Microbenchmarks\n\n`make bench-micro` (criterion, `bench/ring.rs`) times the routing hot \
+        "## Microbenchmarks\n\n`make bench-micro` (criterion, `bench/lab/benches/ring.rs`) times the routing hot \
 path: ring lookup (`owner`, one array index) for N = 3 and 50, key to owner, `H` and `Φ` (quadratic \
 and mix64), key extraction (query, header, cookie, path) and ring rebuilds for N = 3 and 50. \
 Criterion keeps its reports under `target/criterion/`.\n"
