@@ -23,19 +23,30 @@ run:
 run-local: build
 	./target/release/ringgate serve --config $(CONFIG) --provider process
 
-## test: the whole suite (unit, property, integration)
+## test: the whole suite of the workspace, product and lab (unit, property, integration)
 test:
-	$(CARGO) build --bins
-	$(CARGO) test --all-targets --no-fail-fast
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace --all-targets --no-fail-fast
 
 ## fmt: format the code
 fmt:
-	$(CARGO) fmt
+	$(CARGO) fmt --all
 
-## lint: formatting and clippy, warnings as errors
+# Crates that belong to the lab (bench/lab) and must never reach the gateway binary or its image.
+LAB_ONLY_CRATES := plotters indicatif ab_glyph image tempfile criterion
+
+## lint: formatting and clippy over the workspace, warnings as errors; the gateway free of the lab's crates
 lint:
-	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@tree=$$($(CARGO) tree -e normal -p ringgate --prefix none --format '{p}') || exit 1; \
+	found=$$(printf '%s\n' "$$tree" | awk '{print $$1}' | sort -u | \
+	  grep -Fx $(addprefix -e ,$(LAB_ONLY_CRATES)) || true); \
+	if [ -n "$$found" ]; then \
+	  echo "lint: the ringgate package depends on lab-only crates: $$(echo $$found)"; \
+	  echo "      they belong in bench/lab/Cargo.toml (or [dev-dependencies]), not in the gateway's [dependencies]"; \
+	  exit 1; \
+	fi
 
 ## check: validate the config
 check:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# `make analysis`: the experiments A-1 … A-4 and ring movement against live gateways; charts in
-# bench/out/, report in docs/performance.md. Installs a TrueType font for the charts when missing.
+# `make analysis`: the experiments A-1 … A-4, ring movement and failover against live gateways;
+# charts in bench/out/, report in docs/performance.md. Installs a TrueType font for the charts
+# when missing. The lab (`ringgate-lab`) drives the release gateway (`ringgate`, whose process
+# provider starts `ringgate-server` from the same directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,5 +10,5 @@ CARGO="${CARGO:-cargo}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 
 bench/deps.sh fonts
-"$CARGO" build --release --bins
-exec "$TARGET_DIR/release/ringgate" analysis --gateway-bin "$TARGET_DIR/release/ringgate" "$@"
+"$CARGO" build --release -p ringgate -p ringgate-lab --bins
+exec "$TARGET_DIR/release/ringgate-lab" analysis --gateway-bin "$TARGET_DIR/release/ringgate" "$@"

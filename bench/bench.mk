@@ -1,18 +1,20 @@
-# Performance analysis and benchmarks (included by the top-level Makefile).
+# Performance analysis and benchmarks (included by the top-level Makefile). They run the lab
+# (bench/lab, binary `ringgate-lab`), which starts the release gateway binaries
+# target/release/ringgate and target/release/ringgate-server.
 
 .PHONY: analysis bench bench-micro bench-rss
 
-## analysis: experiments A-1..A-4 and ring movement on live gateways; charts in bench/out/, report in docs/performance.md
+## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in bench/out/, report in docs/performance.md
 analysis:
 	bench/analysis.sh $(ANALYSIS_ARGS)
 
-## bench: throughput of ringgate against NGINX and HAProxy (installs them and wrk when missing); table in docs/performance.md
+## bench: throughput of ringgate against NGINX and HAProxy (ringgate-lab analysis proxies; installs them and wrk when missing); table in docs/performance.md
 bench:
 	bench/proxies.sh $(BENCH_ARGS)
 
-## bench-micro: criterion microbenches of the ring and the hash functions
+## bench-micro: criterion microbenches of the ring and the hash functions (the lab's benches; BENCH_MICRO_ARGS go to criterion)
 bench-micro:
-	$(CARGO) bench --bench ring
+	$(CARGO) bench -p ringgate-lab --bench ring -- $(BENCH_MICRO_ARGS)
 
 ## bench-rss: gateway memory with 1,000 open client connections (DESIGN target: RSS < 30 MB)
 bench-rss: build

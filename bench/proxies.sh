@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # `make bench`: ringgate against NGINX and HAProxy over the same three ringgate-server backends,
-# all on 127.0.0.1. Installs nginx, haproxy and wrk when missing, builds the release binaries,
-# runs the Rust driver (`ringgate analysis proxies`), which prints the table and writes it into
-# docs/performance.md. Every process the driver starts is listed in a pid file; the trap stops
-# them if the driver dies or the run is interrupted.
+# all on 127.0.0.1. Installs nginx, haproxy and wrk when missing, builds the release binaries of
+# the gateway and the lab, runs the lab's driver (`ringgate-lab analysis proxies`), which prints
+# the table and writes it into docs/performance.md. Every process the driver starts is listed in
+# a pid file; the trap stops them if the driver dies or the run is interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +11,7 @@ CARGO="${CARGO:-cargo}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 
 bench/deps.sh proxies
-"$CARGO" build --release --bins
+"$CARGO" build --release -p ringgate -p ringgate-lab --bins
 
 tmp="$(mktemp -d -t ringgate-bench.XXXXXX)"
 pidfile="$tmp/pids"
@@ -29,7 +29,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-"$TARGET_DIR/release/ringgate" analysis proxies \
+"$TARGET_DIR/release/ringgate-lab" analysis proxies \
     --ringgate-bin "$TARGET_DIR/release/ringgate" \
     --server-bin "$TARGET_DIR/release/ringgate-server" \
     --pidfile "$pidfile" "$@"

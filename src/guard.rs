@@ -11,6 +11,7 @@
 //!   (a DNS-rebinding page names the attacker's domain);
 //! - with `admin.token` set, `Authorization: Bearer <token>`, compared exactly and in constant
 //!   time.
+//!
 //! Must not touch: anything else; `admin` calls it and `error.rs` turns a refusal into 403/401.
 
 use std::fmt;

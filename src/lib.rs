@@ -39,13 +39,11 @@
 //! - [`sync`]: the one way this crate takes a mutex.
 //! - [`tools`]: `ringgate check`, `ring` and `simulate`.
 //!
-//! Tooling:
-//! - [`loadgen`]: the load generator (`ringgate load`).
-//! - [`analysis`]: the experiments, charts and proxy benchmark (`ringgate analysis`).
+//! The load generator, the analysis experiments and the benchmarks live in the lab package
+//! (`bench/lab`, binary `ringgate-lab`), outside this library and the gateway binary.
 
 pub mod admin;
 pub mod admission;
-pub mod analysis;
 pub mod config;
 pub mod control;
 pub mod error;
@@ -55,7 +53,6 @@ pub mod hashing;
 pub mod health;
 pub mod listener;
 pub mod listening;
-pub mod loadgen;
 pub mod metrics;
 pub mod policy;
 pub mod provider;

@@ -61,10 +61,6 @@ enum Command {
         #[arg(long)]
         policy: Option<PathBuf>,
     },
-    /// Run the load generator against a loopback URL and print the summary.
-    Load(ringgate::loadgen::LoadArgs),
-    /// Run the performance experiments against live gateways; charts and docs/performance.md.
-    Analysis(Box<ringgate::analysis::AnalysisArgs>),
 }
 
 /// Why `ringgate` exits non-zero: a config or argument problem (exit 2), or a failure while
@@ -207,21 +203,6 @@ fn main() -> ExitCode {
             print!("{report}");
             Ok(())
         }),
-        Command::Load(args) => tokio::runtime::Runtime::new()
-            .map_err(|e| format!("cannot start the runtime: {e}"))
-            .and_then(|rt| {
-                rt.block_on(ringgate::loadgen::run_cli(args))
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            })
-            .map_err(Failure::Run),
-        Command::Analysis(args) => tokio::runtime::Runtime::new()
-            .map_err(|e| format!("cannot start the runtime: {e}"))
-            .and_then(|rt| {
-                rt.block_on(ringgate::analysis::run_cli(*args))
-                    .map_err(|e| e.to_string())
-            })
-            .map_err(Failure::Run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

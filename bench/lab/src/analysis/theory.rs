@@ -1,5 +1,5 @@
-//! Why the specified functions skew the load, computed with the gateway's own [`crate::hashing`]
-//! and [`crate::ring`] rather than asserted: which slots the
+//! Why the specified functions skew the load, computed with the gateway's own
+//! [`ringgate::hashing`] and [`ringgate::ring`] rather than asserted: which slots the
 //! default request hash `H(i) = i² + 2i + 17` can reach modulo the slot count, where the default
 //! vnode hash `Φ(i,j) = i² + j² + 2j + 25` places the virtual nodes, and the share of uniformly
 //! random keys each server is therefore expected to own.
@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::hashing::HashFunction;
-use crate::ring::{Placement, Ring, ServerId};
+use ringgate::hashing::HashFunction;
+use ringgate::ring::{Placement, Ring, ServerId};
 
 /// The specified default request hash, reduced to a slot.
 pub fn h_slot(i: u64, slots: u32) -> u32 {

@@ -1,6 +1,11 @@
-//! Performance analysis: the experiments of the specification (A-1 … A-4, ring movement) run
-//! against live gateways this module starts itself, drawn as charts (`bench/out/`) and written up
-//! in `docs/performance.md`; plus the driver of the proxy comparison behind `make bench`.
+//! Performance analysis: the experiments of the specification (A-1 … A-4, ring movement,
+//! failover) run against live gateways this module starts itself, drawn as charts (`bench/out/`)
+//! and written up in `docs/performance.md`; plus the driver of the proxy comparison behind
+//! `make bench`.
+//!
+//! Owns: what is measured and how it is reported. Must not touch: the product's logic (it drives
+//! the `ringgate` binary like an operator does; only [`theory`] calls the library's ring and hash
+//! functions, to compute what they can reach).
 //!
 //! # Layout
 //! - [`gateway`]: start/stop a gateway with a temporary config, call its API.
@@ -34,6 +39,8 @@ pub enum AnalysisError {
     },
     #[error("gateway: {0}")]
     Gateway(String),
+    #[error("{0}")]
+    Process(String),
     #[error("request to {url} failed: {kind}")]
     Request { url: String, kind: ErrorKind },
     #[error(transparent)]
@@ -53,7 +60,7 @@ impl AnalysisError {
     }
 }
 
-/// The experiments `ringgate analysis` can run.
+/// The experiments `ringgate-lab analysis` can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Experiment {
     A1,
@@ -65,12 +72,12 @@ pub enum Experiment {
     Failover,
 }
 
-/// `ringgate analysis`: run the experiments, draw the charts, regenerate the report.
+/// `ringgate-lab analysis`: run the experiments, draw the charts, regenerate the report.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AnalysisArgs {
     #[command(subcommand)]
     pub command: Option<AnalysisCommand>,
-    /// The `ringgate` binary to start gateways with (default: this executable)
+    /// The `ringgate` binary to start gateways with (default: `ringgate` next to this executable)
     #[arg(long)]
     pub gateway_bin: Option<PathBuf>,
     /// Where charts are written
@@ -115,7 +122,7 @@ pub enum AnalysisCommand {
     Proxies(proxies::ProxiesArgs),
 }
 
-/// Everything one `ringgate analysis` run measured.
+/// Everything one `ringgate-lab analysis` run measured.
 #[derive(Debug, Clone, Default)]
 pub struct Results {
     pub requests: u64,
@@ -129,14 +136,14 @@ pub struct Results {
     pub notes: Vec<String>,
 }
 
-/// Runs `ringgate analysis`.
+/// Runs `ringgate-lab analysis`.
 pub async fn run_cli(args: AnalysisArgs) -> Result<(), AnalysisError> {
     if let Some(AnalysisCommand::Proxies(p)) = args.command {
         return proxies::run(p).await;
     }
     let bin = match &args.gateway_bin {
         Some(b) => b.clone(),
-        None => std::env::current_exe().map_err(|e| AnalysisError::io("locating ringgate", e))?,
+        None => crate::procs::product_binary("ringgate")?,
     };
     let results = run_experiments(&args, &bin).await;
     let charts = draw_charts(&args.out, &results)?;

@@ -5,7 +5,7 @@
 //! built-in `query:id` key source vs. the `sticky_cookie.lua` example on a request with
 //! browser-like headers (this includes building the `req` table).
 //!
-//! Run: `cargo bench --bench policy -- --warm-up-time 1 --measurement-time 3`
+//! Run: `cargo bench -p ringgate-lab --bench policy -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
 use std::path::Path;
@@ -16,7 +16,8 @@ use ringgate::policy::{HookOutcome, KeyRequest, LuaKey, PolicyLimits, PolicySet}
 const SLOTS: u32 = 512;
 
 fn example(names: &[&str]) -> PolicySet {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples");
+    // The repository's examples: this package sits at `bench/lab`.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/examples");
     let files = names
         .iter()
         .map(|n| {

@@ -1,6 +1,9 @@
 //! The load generator against live backends on 127.0.0.1:0 (a real `ringgate-server` process
 //! and a small in-test server): every request is recorded, the answering server is parsed from
 //! the `/home` message, and the backends are stopped afterwards.
+//!
+//! `ringgate-server` is the product's binary from the same build (`make test` builds the
+//! workspace's binaries first); the lab finds it with [`procs::product_binary`].
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -9,7 +12,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use ringgate::loadgen::{self, KeySource, LoadConfig};
+use ringgate_lab::loadgen::{self, KeyPlan, LoadConfig};
+use ringgate_lab::procs;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -53,7 +57,7 @@ async fn records_every_request_and_the_answering_server() -> Result<(), Box<dyn 
 {
     let (base, stop) = backend("server-7").await?;
     let mut cfg = LoadConfig::new(format!("{base}/home"), 500, 8);
-    cfg.keys = KeySource::Random6 { seed: 42 };
+    cfg.keys = KeyPlan::Random6 { seed: 42 };
     cfg.timeout = Duration::from_secs(5);
     let report = loadgen::run(&cfg).await?;
     let summary = report.summary();
@@ -84,8 +88,7 @@ impl Drop for Backend {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn against_a_ringgate_server_process() -> Result<(), Box<dyn std::error::Error>> {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringgate-server"))
+    let child = tokio::process::Command::new(procs::product_binary("ringgate-server")?)
         .env("SERVER_ID", "server-42")
         .env("PORT", "0")
         .env("BIND", "127.0.0.1")
@@ -93,21 +96,11 @@ async fn against_a_ringgate_server_process() -> Result<(), Box<dyn std::error::E
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let backend = Backend(child);
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let base = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(url) = line.trim().strip_prefix("listening on ") {
-                return Some(url.to_string());
-            }
-        }
-        None
-    })
-    .await?
-    .ok_or("ringgate-server printed no listening line")?;
+    let mut backend = Backend(child);
+    let addr =
+        procs::wait_listening(&mut backend.0, "ringgate-server", Duration::from_secs(10)).await?;
 
-    let mut cfg = LoadConfig::new(format!("{base}/home"), 300, 4);
+    let mut cfg = LoadConfig::new(format!("http://{addr}/home"), 300, 4);
     cfg.timeout = Duration::from_secs(5);
     let summary = loadgen::run(&cfg).await?.summary();
     assert_eq!(summary.ok, 300);

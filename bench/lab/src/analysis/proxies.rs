@@ -9,20 +9,21 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-use super::gateway::{children_of, peak_rss_kib, signal, wait_listening};
 use super::{report, AnalysisError};
-use crate::loadgen::{self, KeySource, LoadConfig};
+use crate::loadgen::{self, KeyPlan, LoadConfig};
+use crate::procs::{children_of, peak_rss_kib, product_binary, signal, wait_listening};
 
-/// `ringgate analysis proxies`.
+/// `ringgate-lab analysis proxies`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProxiesArgs {
-    /// The ringgate binary (default: this executable)
+    /// The ringgate binary (default: `ringgate` next to this executable)
     #[arg(long)]
     pub ringgate_bin: Option<PathBuf>,
     /// The backend binary (default: `ringgate-server` next to this executable)
@@ -149,11 +150,9 @@ impl Launcher {
     }
 }
 
-/// Reads the child's stdout until `listening on http://ADDR` (loopback only).
-async fn listening_line(p: &mut Proc) -> Result<String, AnalysisError> {
-    wait_listening(&mut p.child)
-        .await
-        .map_err(|e| AnalysisError::Bench(format!("{}: {e}", p.name)))
+/// The loopback address in the child's `listening on http://ADDR` line.
+async fn listening_addr(p: &mut Proc) -> Result<SocketAddr, AnalysisError> {
+    wait_listening(&mut p.child, &p.name, Duration::from_secs(30)).await
 }
 
 /// Waits until `GET url` answers 200.
@@ -251,7 +250,7 @@ pub fn parse_wrk(out: &str) -> Option<RunFigures> {
     have_rps.then_some(f)
 }
 
-const WRK_SCRIPT: &str = r#"-- random 6-digit ?id= per request, like `ringgate load`
+const WRK_SCRIPT: &str = r#"-- random 6-digit ?id= per request, like `ringgate-lab load`
 math.randomseed(os.time())
 request = function()
   return wrk.format("GET", "/home?id=" .. math.random(100000, 999999))
@@ -294,7 +293,7 @@ impl Measure {
                 let mut cfg = LoadConfig::new(format!("{base}/home"), 0, self.connections);
                 cfg.requests = None;
                 cfg.duration = Some(d);
-                cfg.keys = KeySource::Random6 {
+                cfg.keys = KeyPlan::Random6 {
                     seed: fastrand::u64(..),
                 };
                 cfg.timeout = Duration::from_secs(5);
@@ -405,18 +404,20 @@ async fn start_ringgate(
         .arg("static")
         .env("RUST_LOG", "warn");
     let mut rg = launcher.spawn("ringgate", cmd, &tmp.join(format!("ringgate-{tag}.log")))?;
-    let url = listening_line(&mut rg).await?;
+    let url = format!("http://{}", listening_addr(&mut rg).await?);
     wait_200(&format!("{url}/home?id=1"), Duration::from_secs(20)).await?;
     Ok((rg, url))
 }
 
 /// Runs the comparison, prints the table and writes it into the report.
 pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
-    let exe = std::env::current_exe().map_err(|e| AnalysisError::io("locating ringgate", e))?;
-    let ringgate = args.ringgate_bin.clone().unwrap_or_else(|| exe.clone());
+    let ringgate = match &args.ringgate_bin {
+        Some(b) => b.clone(),
+        None => product_binary("ringgate")?,
+    };
     let server = match &args.server_bin {
         Some(s) => s.clone(),
-        None => exe.with_file_name("ringgate-server"),
+        None => product_binary("ringgate-server")?,
     };
     let dir = tempfile::Builder::new()
         .prefix("ringgate-bench-")
@@ -441,8 +442,7 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
             cmd,
             &tmp.join(format!("backend{i}.log")),
         )?;
-        let url = listening_line(&mut p).await?;
-        addrs.push(url.trim_start_matches("http://").to_string());
+        addrs.push(listening_addr(&mut p).await?.to_string());
         backends.push(p);
     }
     let mut targets = vec![Target {
@@ -674,7 +674,7 @@ backend be\n  balance url_param id\n  hash-type consistent\n{servers}",
             args.threads, args.connections
         ),
         Tool::Ours => format!(
-            "`ringgate load` at concurrency {} with random 6-digit `?id=`",
+            "`ringgate-lab load` at concurrency {} with random 6-digit `?id=`",
             args.connections
         ),
     };

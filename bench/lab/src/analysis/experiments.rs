@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use hyper::Method;
 
-use super::gateway::{signal, Gateway, GatewaySpec, HashChoice};
+use super::gateway::{GatewaySpec, HashChoice, LabGateway};
 use super::AnalysisError;
-use crate::loadgen::{self, KeySource, LoadConfig, Report};
+use crate::loadgen::{self, KeyPlan, LoadConfig, Report};
+use crate::procs::signal;
 
 /// Seed of the request keys: every run sends the same keys, so hash choices are compared fairly.
 pub const KEY_SEED: u64 = 0x5eed_0001;
@@ -107,10 +108,10 @@ fn natural_key(s: &str) -> (String, u64) {
 
 /// `requests` random-key requests at concurrency `c` to `/home` of a gateway.
 async fn load(
-    gw: &Gateway,
+    gw: &LabGateway,
     requests: u64,
     c: usize,
-    keys: KeySource,
+    keys: KeyPlan,
 ) -> Result<Report, AnalysisError> {
     let mut cfg = LoadConfig::new(gw.url("/home"), requests, c);
     cfg.keys = keys;
@@ -129,14 +130,14 @@ pub async fn load_per_server(
     let mut out = Vec::new();
     for &n in ns {
         eprintln!("  {} N={n}: {requests} requests", hash.label());
-        let gw = Gateway::start(bin, &GatewaySpec::new(n, hash.clone())).await?;
+        let gw = LabGateway::start(bin, &GatewaySpec::new(n, hash.clone())).await?;
         let result = async {
             let replicas = gw.replicas().await?;
             let report = load(
                 &gw,
                 requests,
                 concurrency,
-                KeySource::Random6 { seed: KEY_SEED },
+                KeyPlan::Random6 { seed: KEY_SEED },
             )
             .await?;
             Ok::<_, AnalysisError>(distribution(hash.label(), n, &replicas, &report))
@@ -164,8 +165,11 @@ pub struct Movement {
 }
 
 /// Which server answers each key, in key order.
-async fn route(gw: &Gateway, keys: &Arc<[String]>) -> Result<Vec<Option<String>>, AnalysisError> {
-    let report = load(gw, keys.len() as u64, 16, KeySource::List(keys.clone())).await?;
+async fn route(
+    gw: &LabGateway,
+    keys: &Arc<[String]>,
+) -> Result<Vec<Option<String>>, AnalysisError> {
+    let report = load(gw, keys.len() as u64, 16, KeyPlan::List(keys.clone())).await?;
     Ok(report
         .records
         .into_iter()
@@ -208,7 +212,7 @@ pub async fn movement(
     let keys: Arc<[String]> = (0..keys as u64)
         .map(|s| loadgen::random6(KEY_SEED ^ 0xabcd, s).to_string())
         .collect();
-    let gw = Gateway::start(bin, &GatewaySpec::new(3, hash.clone())).await?;
+    let gw = LabGateway::start(bin, &GatewaySpec::new(3, hash.clone())).await?;
     let result = async {
         let m0 = route(&gw, &keys).await?;
         admin(
@@ -246,7 +250,12 @@ pub async fn movement(
     result
 }
 
-async fn admin(gw: &Gateway, method: Method, path: &str, body: &str) -> Result<(), AnalysisError> {
+async fn admin(
+    gw: &LabGateway,
+    method: Method,
+    path: &str,
+    body: &str,
+) -> Result<(), AnalysisError> {
     let (status, resp) = gw.call(method.clone(), path, Some(body)).await?;
     if status != 200 {
         return Err(AnalysisError::Gateway(format!(
@@ -288,13 +297,13 @@ pub async fn resilience(bin: &Path, load_secs: u64) -> Result<Resilience, Analys
     let mut spec = GatewaySpec::new(3, HashChoice::Default);
     spec.health_interval = "250ms";
     spec.recovery_delay = "1s";
-    let gw = Gateway::start(bin, &spec).await?;
+    let gw = LabGateway::start(bin, &spec).await?;
     let result = resilience_on(&gw, load_secs).await;
     gw.stop().await;
     result
 }
 
-async fn resilience_on(gw: &Gateway, load_secs: u64) -> Result<Resilience, AnalysisError> {
+async fn resilience_on(gw: &LabGateway, load_secs: u64) -> Result<Resilience, AnalysisError> {
     let calls: [(Method, &str, Option<&str>, u16); 13] = [
         (Method::GET, "/home?id=123456", None, 200),
         (Method::GET, "/rep", None, 200),
@@ -356,7 +365,7 @@ async fn resilience_on(gw: &Gateway, load_secs: u64) -> Result<Resilience, Analy
     let mut cfg = LoadConfig::new(gw.url("/home"), u64::MAX, 8);
     cfg.requests = None;
     cfg.duration = Some(Duration::from_secs(load_secs));
-    cfg.keys = KeySource::Random6 { seed: KEY_SEED };
+    cfg.keys = KeyPlan::Random6 { seed: KEY_SEED };
     cfg.pace = Some(Duration::from_millis(4));
     cfg.timeout = Duration::from_secs(5);
     let start = Instant::now();
@@ -512,19 +521,19 @@ pub async fn failover(bin: &Path, secs: u64, every: u64) -> Result<Failover, Ana
     let mut spec = GatewaySpec::new(3, HashChoice::Default);
     spec.health_interval = "10s";
     spec.recovery_delay = "1s";
-    let gw = Gateway::start(bin, &spec).await?;
+    let gw = LabGateway::start(bin, &spec).await?;
     let result = failover_on(&gw, secs, every.max(1)).await;
     gw.stop().await;
     result
 }
 
-async fn failover_on(gw: &Gateway, secs: u64, every: u64) -> Result<Failover, AnalysisError> {
+async fn failover_on(gw: &LabGateway, secs: u64, every: u64) -> Result<Failover, AnalysisError> {
     gw.wait_ready(3, Duration::from_secs(30)).await?;
     let concurrency = 16;
     let mut cfg = LoadConfig::new(gw.url("/home"), u64::MAX, concurrency);
     cfg.requests = None;
     cfg.duration = Some(Duration::from_secs(secs));
-    cfg.keys = KeySource::Random6 { seed: KEY_SEED };
+    cfg.keys = KeyPlan::Random6 { seed: KEY_SEED };
     cfg.timeout = Duration::from_secs(5);
     let start = Instant::now();
     let load_task = tokio::spawn(async move { loadgen::run(&cfg).await });

@@ -2,8 +2,12 @@
 //! through a pooled hyper-util client, records every request (status, latency, answering server,
 //! error kind, start offset) and summarises them (requests/s, percentiles, load per server).
 //!
-//! Used by `ringgate load`, by the experiments in [`crate::analysis`] and by `make bench`.
+//! Used by `ringgate-lab load`, by the experiments in [`crate::analysis`] and by `make bench`.
 //! It only ever talks to loopback addresses.
+//!
+//! Owns: the client side of a load run and its figures. Must not touch: the gateway's routing
+//! (the random ids come from the product's own [`ringgate::hashing::mix64`], nothing here
+//! decides where a key goes).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,6 +23,7 @@ use hyper::{Method, Request, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ringgate::hashing::mix64;
 
 /// Prefix of the `message` field a `ringgate-server` answers `/home` with.
 pub const SERVER_MESSAGE_PREFIX: &str = "Hello from Server: ";
@@ -40,9 +45,10 @@ pub enum LoadError {
     Worker(#[from] tokio::task::JoinError),
 }
 
-/// Where the `?id=` of each request comes from.
+/// Which `?id=` each request of a run sends (the gateway's own `hashing::KeySource` is where it
+/// reads the key from; this is what the load puts there).
 #[derive(Debug, Clone)]
-pub enum KeySource {
+pub enum KeyPlan {
     /// No `id` parameter is added.
     None,
     /// A 6-digit id, a deterministic function of `seed` and the request's sequence number.
@@ -53,14 +59,14 @@ pub enum KeySource {
     List(Arc<[String]>),
 }
 
-impl KeySource {
+impl KeyPlan {
     /// The key request number `seq` uses, if any.
     pub fn key(&self, seq: u64) -> Option<String> {
         match self {
-            KeySource::None => None,
-            KeySource::Random6 { seed } => Some(random6(*seed, seq).to_string()),
-            KeySource::Fixed(k) => Some(k.clone()),
-            KeySource::List(keys) => {
+            KeyPlan::None => None,
+            KeyPlan::Random6 { seed } => Some(random6(*seed, seq).to_string()),
+            KeyPlan::Fixed(k) => Some(k.clone()),
+            KeyPlan::List(keys) => {
                 let len = keys.len() as u64;
                 if len == 0 {
                     None
@@ -74,14 +80,7 @@ impl KeySource {
 
 /// A deterministic pseudo-random 6-digit number (100000..=999999) for request `seq`.
 pub fn random6(seed: u64, seq: u64) -> u64 {
-    100_000 + splitmix64(seed ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15)) % 900_000
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    100_000 + mix64(seed ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15)) % 900_000
 }
 
 /// One load run.
@@ -94,7 +93,7 @@ pub struct LoadConfig {
     /// Time window; the run stops issuing requests when it has passed.
     pub duration: Option<Duration>,
     pub concurrency: usize,
-    pub keys: KeySource,
+    pub keys: KeyPlan,
     /// Per-request timeout (connect + response + body).
     pub timeout: Duration,
     /// Show a progress bar (only drawn when stdout is a terminal).
@@ -110,7 +109,7 @@ impl LoadConfig {
             requests: Some(requests),
             duration: None,
             concurrency,
-            keys: KeySource::Random6 { seed: 0x7269_6e67 },
+            keys: KeyPlan::Random6 { seed: 0x7269_6e67 },
             timeout: Duration::from_secs(10),
             progress: false,
             pace: None,
@@ -388,7 +387,7 @@ pub async fn run(cfg: &LoadConfig) -> Result<Report, LoadError> {
     if cfg.concurrency == 0 {
         return Err(LoadError::ZeroConcurrency);
     }
-    if let KeySource::List(k) = &cfg.keys {
+    if let KeyPlan::List(k) = &cfg.keys {
         if k.is_empty() {
             return Err(LoadError::EmptyKeyList);
         }
@@ -469,7 +468,7 @@ fn progress_bar(cfg: &LoadConfig) -> ProgressBar {
     bar
 }
 
-/// `ringgate load`: run the load generator against a URL and print the summary.
+/// `ringgate-lab load`: run the load generator against a URL and print the summary.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
     /// Target URL (loopback only), e.g. http://127.0.0.1:5000/home
@@ -498,12 +497,12 @@ pub struct LoadArgs {
     pub timeout: Duration,
 }
 
-/// Runs `ringgate load`.
+/// Runs `ringgate-lab load`.
 pub async fn run_cli(args: LoadArgs) -> Result<Summary, LoadError> {
     let keys = match (&args.key, args.no_key) {
-        (_, true) => KeySource::None,
-        (Some(k), false) => KeySource::Fixed(k.clone()),
-        (None, false) => KeySource::Random6 { seed: args.seed },
+        (_, true) => KeyPlan::None,
+        (Some(k), false) => KeyPlan::Fixed(k.clone()),
+        (None, false) => KeyPlan::Random6 { seed: args.seed },
     };
     let cfg = LoadConfig {
         url: args.url,
@@ -614,13 +613,13 @@ mod tests {
 
     #[test]
     fn keys_are_deterministic_six_digits() {
-        let k = KeySource::Random6 { seed: 1 };
+        let k = KeyPlan::Random6 { seed: 1 };
         for seq in 0..1000 {
             let v: u64 = k.key(seq).and_then(|s| s.parse().ok()).unwrap_or(0);
             assert!((100_000..1_000_000).contains(&v));
             assert_eq!(k.key(seq), k.key(seq));
         }
-        let list = KeySource::List(vec!["x".to_string(), "y".to_string()].into());
+        let list = KeyPlan::List(vec!["x".to_string(), "y".to_string()].into());
         assert_eq!(list.key(3).as_deref(), Some("y"));
         assert_eq!(with_key("http://h/home", Some("5")), "http://h/home?id=5");
         assert_eq!(
