@@ -4,7 +4,8 @@
 //! config and the replicas' addresses, with a typed [`Denied`] reason. The rules, in order:
 //! - the client address must be in `admin.allow` (loopback only by default);
 //! - a replica's own address is never admin, whatever `admin.allow` says (with the `process`
-//!   provider replicas share loopback with the operator: use `admin.token` there);
+//!   provider replicas share `127.0.0.1` with the operator, so the rule cannot tell them apart:
+//!   use `admin.token` there);
 //! - what only a browser tricked into a cross-site request sends is refused: an `Origin` that
 //!   is not this gateway, `Sec-Fetch-Site: cross-site` (`curl -d` sends neither);
 //! - `Host` must name this gateway: an IP address, `localhost`, or a name in `admin.hosts`

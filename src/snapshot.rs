@@ -64,7 +64,8 @@ pub struct Snapshot {
     pub members: Vec<String>,
     /// The active Lua policy (empty when there is none): hooks override the built-ins.
     pub policy: Arc<PolicySet>,
-    /// Every replica's address other than loopback: never admin (see `crate::guard`).
+    /// Every replica's address except `127.0.0.1`/`::1` (shared with the operator when replicas
+    /// are local processes): never admin (see `crate::guard`).
     pub replica_ips: Vec<std::net::IpAddr>,
 }
 

@@ -10,19 +10,6 @@ use std::time::Duration;
 
 use support::*;
 
-fn replica<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    status["replicas"]
-        .as_array()
-        .and_then(|a| a.iter().find(|r| r["name"] == name))
-        .unwrap_or(&serde_json::Value::Null)
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing:\n{text}"))
-}
-
 /// A wrapper around ringgate-server, as `provider.server_binary`.
 fn wrapper(dir: &std::path::Path, body: &str) -> String {
     let path = dir.join("replica.sh");

@@ -96,7 +96,8 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emptied_config_changes_nothing_and_says_why() {
-    let gw = GatewayProcess::start(&conf());
+    let mut gw = GatewayProcess::start(&conf());
+    gw.admin_token = Some(TOKEN.into());
     let path = gw.config_path.clone();
     let original = std::fs::read_to_string(&path).expect("config");
     let before = gw.status().await;
@@ -140,7 +141,8 @@ async fn an_emptied_config_changes_nothing_and_says_why() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_written_slowly_in_place_applies_only_once_complete() {
-    let gw = GatewayProcess::start(&conf());
+    let mut gw = GatewayProcess::start(&conf());
+    gw.admin_token = Some(TOKEN.into());
     let path = gw.config_path.clone();
     let original = std::fs::read_to_string(&path).expect("config");
     let before = gw.status().await;
@@ -175,7 +177,8 @@ async fn a_config_written_slowly_in_place_applies_only_once_complete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_written_slowly_in_two_halves_is_loaded_once() {
-    let gw = GatewayProcess::start(&conf());
+    let mut gw = GatewayProcess::start(&conf());
+    gw.admin_token = Some(TOKEN.into());
     let before = gw.status().await;
     let generation = before["policy"]["generation"].clone();
     let placement = slots(&before);
@@ -219,7 +222,8 @@ async fn a_policy_written_slowly_in_two_halves_is_loaded_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_file_cut_to_nothing_keeps_the_last_good_set() {
-    let gw = GatewayProcess::start(&conf());
+    let mut gw = GatewayProcess::start(&conf());
+    gw.admin_token = Some(TOKEN.into());
     let dir = policy_dir(&gw);
     let file = dir.join("10-ring.lua");
     std::fs::write(
@@ -265,7 +269,8 @@ fn replace_atomically(path: &Path, tmp_name: &str, text: &str) -> Instant {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_then_rename_applies_at_once() {
-    let gw = GatewayProcess::start(&conf());
+    let mut gw = GatewayProcess::start(&conf());
+    gw.admin_token = Some(TOKEN.into());
     let path = gw.config_path.clone();
     let original = std::fs::read_to_string(&path).expect("config");
     let generation = gw.status().await["policy"]["generation"]

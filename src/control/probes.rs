@@ -135,8 +135,12 @@ impl Controller {
                 .ejections_capped
                 .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(replica = %name, out, members, "not ejected: health.max_ejection_percent of the members are out already");
-            if let Some(p) = &r.probe {
-                p.probe_now();
+            // Let the checks decide, at their pace: once the first one has failed it is
+            // suspect and checked every second; more failed requests do not hurry it.
+            if r.tracker.state == HealthState::Up {
+                if let Some(p) = &r.probe {
+                    p.probe_now();
+                }
             }
             return;
         }

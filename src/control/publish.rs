@@ -12,6 +12,13 @@ use super::Controller;
 use crate::ring::{Ring, ServerId};
 use crate::snapshot::{Snapshot, Upstream};
 
+/// `127.0.0.1` and `::1`: the address the `process` provider's replicas share with the operator
+/// on this host, so they cannot be told apart by address (other loopback addresses, such as
+/// `127.0.0.3`, are distinct hosts as far as the admin guard is concerned).
+fn is_operator_loopback(ip: std::net::IpAddr) -> bool {
+    ip == std::net::Ipv4Addr::LOCALHOST || ip == std::net::Ipv6Addr::LOCALHOST
+}
+
 impl Controller {
     /// Whether the ring should route to replica `id` now.
     fn routable(&self, id: ServerId) -> bool {
@@ -55,7 +62,7 @@ impl Controller {
             .values()
             .filter_map(|r| r.instance.as_ref())
             .map(|i| i.addr.ip().to_canonical())
-            .filter(|ip| !ip.is_loopback())
+            .filter(|ip| !is_operator_loopback(*ip))
             .collect();
         replica_ips.sort_unstable();
         replica_ips.dedup();

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod backends;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,6 +70,11 @@ pub struct GatewayProcess {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     env: Vec<(String, String)>,
+    /// A command the gateway runs under (e.g. `prlimit --nofile=128:128 --`), empty for none.
+    wrapper: Vec<String>,
+    /// Sent as `Authorization: Bearer …` by [`status`](Self::status) and
+    /// [`metrics`](Self::metrics) (harmless when the gateway has no token).
+    pub admin_token: Option<String>,
     log: Arc<Mutex<String>>,
 }
 
@@ -83,6 +90,13 @@ impl GatewayProcess {
     /// Starts a gateway with `toml` (a `[policy] dir` in a temp dir is added unless the text sets
     /// `[policy]`) and extra environment variables.
     pub fn start_with(toml: &str, env: &[(&str, &str)]) -> GatewayProcess {
+        let mut gw = GatewayProcess::start_with_deferred(toml, env);
+        gw.launch();
+        gw
+    }
+
+    /// Writes the config and prepares the gateway without starting it.
+    fn start_with_deferred(toml: &str, env: &[(&str, &str)]) -> GatewayProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("lb.toml");
         let policies = dir.path().join("policies");
@@ -94,7 +108,7 @@ impl GatewayProcess {
             format!("{toml}\n[policy]\n{policy_dir}")
         };
         std::fs::write(&config_path, &toml).expect("write config");
-        let mut gw = GatewayProcess {
+        GatewayProcess {
             child: None,
             addr: "127.0.0.1:1".parse().expect("addr"),
             dir,
@@ -103,15 +117,33 @@ impl GatewayProcess {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrapper: Vec::new(),
+            admin_token: None,
             log: Arc::new(Mutex::new(String::new())),
-        };
+        }
+    }
+
+    /// Starts a gateway with `conf` under `wrapper` (a command that runs the gateway binary given
+    /// after its own arguments, such as `prlimit --nofile=128:128 --`).
+    pub fn start_under(conf: &Conf, wrapper: &[&str]) -> GatewayProcess {
+        let toml = conf.render();
+        let mut gw = GatewayProcess::start_with_deferred(&toml, &[]);
+        gw.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
         gw.launch();
         gw
     }
 
     /// Starts the gateway process (again, after [`stop`](Self::stop)) with the same config.
     pub fn launch(&mut self) {
-        let mut child = Command::new(GATEWAY_BIN)
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(GATEWAY_BIN);
+                c
+            }
+            None => Command::new(GATEWAY_BIN),
+        };
+        let mut child = command
             .args(["serve", "--config"])
             .arg(&self.config_path)
             .current_dir(self.dir.path())
@@ -206,9 +238,23 @@ impl GatewayProcess {
     }
 
     pub async fn status(&self) -> Value {
-        let (code, body) = get(&self.url("/lb/status")).await;
+        let (code, body) = self.admin_get("/lb/status").await;
         assert_eq!(code, 200, "{body}");
         json(&body)["message"].clone()
+    }
+
+    /// A GET of a guarded endpoint, with the admin token when one is set.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let auth = self.admin_token.as_ref().map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        call_with(&client(), "GET", &self.url(path), "", &headers).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        let (code, body) = self.admin_get("/lb/metrics").await;
+        assert_eq!(code, 200, "{body}");
+        body
     }
 
     pub async fn replica_names(&self) -> Vec<String> {
@@ -370,4 +416,97 @@ pub fn server_of(body: &str) -> Option<String> {
         .as_str()?
         .strip_prefix("Hello from Server: ")
         .map(str::to_owned)
+}
+
+/// Sends `request` (raw bytes, ideally with `Connection: close`) to `addr` from the loopback
+/// address `from`, and returns the status and everything after the head (bounded by 10 s).
+pub async fn raw_from(from: &str, addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    let from: std::net::IpAddr = from.parse().expect("source ip");
+    socket
+        .bind((from, 0).into())
+        .expect("bind the source address");
+    let mut s = socket.connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("send");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// [`raw_from`] 127.0.0.1.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    raw_from("127.0.0.1", addr, request).await
+}
+
+/// The value of an unlabelled metric, or of one labelled sample (`name{labels}`); panics with
+/// the whole text when it is missing.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing:\n{text}"))
+}
+
+/// The replica named `name` in a `/lb/status` message.
+pub fn replica<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["replicas"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+/// One HTTP/1.1 keep-alive connection, used for every request, never replaced (a pooled client
+/// may open a second connection at any time, which a connection cap then refuses).
+pub struct OneConnection {
+    send: hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>,
+    authority: String,
+}
+
+impl OneConnection {
+    pub async fn open(addr: SocketAddr) -> OneConnection {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        OneConnection {
+            send,
+            authority: addr.to_string(),
+        }
+    }
+
+    /// GET `path` on this connection; panics if the connection fails.
+    pub async fn get(&mut self, path: &str) -> (u16, String) {
+        let req = http::Request::builder()
+            .uri(path)
+            .header(http::header::HOST, &self.authority)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("request");
+        let send = async {
+            self.send.ready().await?;
+            self.send.send_request(req).await
+        };
+        let resp = tokio::time::timeout(Duration::from_secs(30), send)
+            .await
+            .unwrap_or_else(|_| panic!("GET {path} hung"))
+            .unwrap_or_else(|e| panic!("GET {path} on the established connection failed: {e:?}"));
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
 }

@@ -1,0 +1,84 @@
+//! Replicas the tests own, for behaviour `ringgate-server` does not have: one that echoes the
+//! request head it received, one that resets every connection it gets a request on (a "query of
+//! death"). Both answer `GET /heartbeat` with 200, so checks pass. Dropping one closes its
+//! listener and every connection it has, as a dead process would.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    /// 200 with the received request head, lower-cased, as the body.
+    Echo,
+    /// Reads the request head, then closes the connection without a response.
+    Reset,
+}
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// Requests other than `/heartbeat` received.
+    pub hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    /// A backend on `ip` (any loopback address) and a free port.
+    pub async fn start(ip: &str, behaviour: Behaviour) -> Backend {
+        let ip: IpAddr = ip.parse().expect("ip");
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let task = tokio::spawn(async move {
+            // Connection tasks live in the set, so stopping the backend closes them too.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut s, _)) = listener.accept().await {
+                let counter = counter.clone();
+                connections.spawn(async move {
+                    loop {
+                        let mut got = Vec::new();
+                        let mut buf = vec![0u8; 8192];
+                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let head = String::from_utf8_lossy(&got).to_lowercase();
+                        let body = if head.starts_with("get /heartbeat") {
+                            String::new()
+                        } else {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            if behaviour == Behaviour::Reset {
+                                return;
+                            }
+                            head
+                        };
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-hop: 1\r\n\r\n{}",
+                            body.len(),
+                            body
+                        );
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Backend { addr, hits, task }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
