@@ -45,8 +45,8 @@ images: static docker-check
 	@docker image prune -f --filter label=ringgate.image >/dev/null
 	@docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E '^ringgate(-server)?:' || true
 
-# The replica network is created here (labelled as ours) because docker-compose.yml declares it
-# external: compose then never tries to delete it while replicas are still attached to it.
+# The replica network is created here (labelled as ours) so that `make clean` can find it; the
+# gateway itself runs in the host's network (docker-compose.yml says why).
 compose-up: images
 	@docker network inspect $(RG_NETWORK) >/dev/null 2>&1 || \
 	  docker network create --label ringgate.managed=true --label ringgate.instance=default $(RG_NETWORK) >/dev/null

@@ -124,8 +124,18 @@ fn active_policy(config: &Config, file: Option<&Path>) -> Result<PolicySet, Fail
     .map_err(Failure::Config)
 }
 
+/// Raises the open-files limit to its hard limit: every client connection, upstream connection
+/// and replica pipe is a descriptor, and the connection cap is derived from this limit.
+fn raise_nofile() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!(nofile = n, "open-files limit raised to its hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
+}
+
 /// Binds, starts, announces and serves until SIGTERM or SIGINT.
 fn serve(config: Config, watched: Option<PathBuf>) -> Result<(), Failure> {
+    raise_nofile();
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| Failure::Run(format!("cannot start the runtime: {e}")))?;
     let run = |e: ringgate::gateway::StartError| Failure::Run(e.to_string());
