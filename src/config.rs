@@ -222,6 +222,8 @@ pub struct PolicyConfig {
     #[serde(deserialize_with = "byte_size")]
     pub memory_limit: u64,
     pub instruction_budget: u32,
+    #[serde(deserialize_with = "duration")]
+    pub hook_timeout: Duration,
 }
 
 impl PolicyConfig {
@@ -229,6 +231,7 @@ impl PolicyConfig {
         crate::policy::PolicyLimits {
             memory_limit: usize::try_from(self.memory_limit).unwrap_or(usize::MAX),
             instruction_budget: self.instruction_budget,
+            hook_timeout: self.hook_timeout,
         }
     }
 }
@@ -239,6 +242,7 @@ impl Default for PolicyConfig {
             dir: PathBuf::from("policies"),
             memory_limit: 16 * 1024 * 1024,
             instruction_budget: 1_000_000,
+            hook_timeout: Duration::from_millis(5),
         }
     }
 }
@@ -527,6 +531,12 @@ impl Config {
         }
         if self.policy.instruction_budget < 1000 {
             bad("policy.instruction_budget", "must be at least 1000".into());
+        }
+        if self.policy.hook_timeout.is_zero() || self.policy.hook_timeout > Duration::from_secs(1) {
+            bad(
+                "policy.hook_timeout",
+                "must be more than 0 and at most 1s".into(),
+            );
         }
         out
     }

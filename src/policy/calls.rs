@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use mlua::{Function, Lua, Value};
 
 use super::sandbox::ThreadState;
-use super::{Hook, HookError, HookOutcome, PolicyError, PolicySet};
+use super::{bounded, Hook, HookError, HookOutcome, PolicyError, PolicySet};
 
 /// States kept per thread: the current set and the previous one (in-flight requests during a
 /// reload).
@@ -22,7 +22,8 @@ thread_local! {
 }
 
 impl PolicySet {
-    /// The common call path: thread-local state, budget reset, call, conversion, accounting.
+    /// The common call path: thread-local state, meter started, call, conversion, globals
+    /// cleared, accounting.
     pub(super) fn call<T>(
         &self,
         hook: Hook,
@@ -39,16 +40,20 @@ impl PolicySet {
             let state = match self.thread_state(&mut states) {
                 Ok(state) => state,
                 Err(e) => {
-                    return Err(HookError::Runtime(format!(
+                    return Err(HookError::Runtime(bounded(format!(
                         "cannot build the Lua state: {e}"
-                    )))
+                    ))))
                 }
             };
             let Some(f) = &state.hooks[hook.index()] else {
                 return Ok(None);
             };
-            state.budget.reset();
-            let outcome = match invoke(&state.lua, f) {
+            state.meter.start(self.limits.allowance(hook));
+            let ran = invoke(&state.lua, f);
+            let outcome = match ran {
+                // A call that ran out of budget or time fails even when it returned: a policy
+                // can swallow the error (e.g. in `load`'s reader) and go on for a few steps.
+                _ if state.meter.stopped().is_some() => Err(state.classify_stopped()),
                 Ok(Value::Nil) => Ok(None),
                 Ok(v) => match convert(v) {
                     Ok(t) => Ok(Some(t)),
@@ -60,8 +65,9 @@ impl PolicySet {
                 },
                 Err(e) => Err(state.classify(&e)),
             };
-            if let Err(HookError::MemoryExceeded { .. }) = outcome {
-                // The state's heap is near its cap and may be held by globals: start afresh.
+            let keep = state.end_call();
+            if !keep || matches!(outcome, Err(HookError::MemoryExceeded { .. })) {
+                // Its heap is near the cap, or its global table grew large: start afresh.
                 states.remove(0);
             }
             outcome

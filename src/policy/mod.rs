@@ -14,8 +14,12 @@
 //! - this file: the public API ([`PolicySet`], [`Hook`], [`HookOutcome`], [`LuaKey`],
 //!   [`KeyRequest`], [`ProbeView`], [`PolicyLimits`], the errors);
 //! - `files`: reading the policy directory;
-//! - `sandbox`: building a sandboxed state (libraries, prelude, limits, budget) and loading
-//!   the files into it;
+//! - `sandbox`: building a sandboxed state (libraries, prelude, limits) and loading the files
+//!   into it, then sealing it; `prelude.lua` is its trusted Lua side;
+//! - `meter`: the instruction budget and the wall-clock deadline of one call;
+//! - `strlib` and `pattern`: `string.rep` and the pattern functions in Rust, counted on the
+//!   meter (Lua's C versions can run unbounded inside one call);
+//! - `bytecode`: finding functions that assign to upvalues, from `string.dump` output;
 //! - `calls`: the call path (thread-local states, one call, accounting);
 //! - `convert`: Lua values to and from Rust (`req`, `probe`, slots and keys);
 //! - `stats`: [`PolicyStats`], the last error and the rate-limited log.
@@ -35,22 +39,37 @@
 //! `loadfile`, `print` (redirected to the debug log), `warn`, `collectgarbage` (reduced to
 //! `"count"`) and `string.dump` are removed or replaced; `load` only accepts text chunks. Each
 //! call (and each file's top level at load) gets [`PolicyLimits::instruction_budget`] VM
-//! instructions, counted by a Lua count hook; once spent, the call fails with
-//! [`HookError::BudgetExceeded`] and `pcall`/`xpcall` inside the policy cannot catch it. The
-//! state's memory is capped at [`PolicyLimits::memory_limit`].
+//! instructions and a wall-clock deadline ([`PolicyLimits::allowance`]); both are checked
+//! every 256 instructions by a Lua count hook, and by the Rust string functions as they work.
+//! Once either runs out, the call fails with [`HookError::BudgetExceeded`] or
+//! [`HookError::Timeout`], and `pcall`/`xpcall` inside the policy cannot catch it. The
+//! state's memory is capped at [`PolicyLimits::memory_limit`], and `string.rep` and `gsub`
+//! refuse results above it before building them.
+//!
+//! # State
+//!
+//! What a call writes is gone for the next call: the globals it writes are cleared after
+//! it, every table defined at load time is read-only (writing one is a hook error), and a
+//! set whose functions assign to locals of a file's top level is rejected at load. What
+//! persists is what the files defined when they loaded, read-only.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use mlua::Value;
 
+mod bytecode;
 mod calls;
 mod convert;
 mod files;
+mod meter;
+mod pattern;
 mod sandbox;
 mod stats;
+mod strlib;
 
 pub use files::{read_policy_files, PolicyFiles};
 pub use stats::{LastHookError, PolicyStats};
@@ -64,8 +83,11 @@ pub struct PolicyLimits {
     /// Memory cap of one Lua state, in bytes (default 16 MiB).
     pub memory_limit: usize,
     /// VM instructions allowed per hook call, and per file's top level at load
-    /// (default 1,000,000). Counted in steps of at most 1,000 instructions.
+    /// (default 1,000,000). Counted in steps of at most 256 instructions.
     pub instruction_budget: u32,
+    /// Wall-clock deadline of one `request_key` or `request_hash` call (default 5 ms); the
+    /// hooks off the request path get more, see [`PolicyLimits::allowance`].
+    pub hook_timeout: Duration,
 }
 
 impl Default for PolicyLimits {
@@ -73,8 +95,43 @@ impl Default for PolicyLimits {
         PolicyLimits {
             memory_limit: 16 * 1024 * 1024,
             instruction_budget: 1_000_000,
+            hook_timeout: Duration::from_millis(5),
         }
     }
+}
+
+impl PolicyLimits {
+    /// How much longer than [`PolicyLimits::hook_timeout`] `vnode_hash` and `health` may run:
+    /// they run off the request path (once per virtual node at a ring rebuild, once per probe),
+    /// so a slow call delays a rebuild or a verdict, not a client.
+    pub const OFF_PATH_FACTOR: u32 = 10;
+
+    /// The wall-clock deadline of one call of `hook`: `hook_timeout` for the per-request hooks,
+    /// [`OFF_PATH_FACTOR`](Self::OFF_PATH_FACTOR) times it for `vnode_hash` and `health`.
+    pub fn allowance(&self, hook: Hook) -> Duration {
+        match hook {
+            Hook::RequestKey | Hook::RequestHash => self.hook_timeout,
+            Hook::VnodeHash | Hook::Health => self.hook_timeout * Self::OFF_PATH_FACTOR,
+        }
+    }
+}
+
+/// Longest error text kept from a policy (in [`HookError`], [`PolicyError`] and
+/// [`LastHookError`]): a message built from request data shows at most this much of it.
+pub const MAX_ERROR_TEXT: usize = 200;
+
+/// `text` cut to at most [`MAX_ERROR_TEXT`] bytes, on a character boundary, marked with `…`.
+pub(crate) fn bounded(mut text: String) -> String {
+    if text.len() <= MAX_ERROR_TEXT {
+        return text;
+    }
+    let mut cut = MAX_ERROR_TEXT - '…'.len_utf8();
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text.push('…');
+    text
 }
 
 /// One of the four policy hooks.
@@ -225,6 +282,16 @@ pub enum PolicyError {
     /// The top level of a file ran past the instruction budget.
     #[error("policy file {file}: its top level ran past the instruction budget of {budget} instructions (an endless loop?); move the work into a hook or raise policy.instruction_budget")]
     BudgetExceeded { file: String, budget: u32 },
+    /// The top level of a file ran past its deadline.
+    #[error("policy file {file}: its top level ran past its deadline of {after:?} (a slow pattern or a huge string?); move the work into a hook or simplify it")]
+    Timeout { file: String, after: Duration },
+    /// A function that stays reachable after load assigns to a local of the enclosing code.
+    #[error("policy file {file} line {line}: assigns to `{name}`, a local of the code around the function, so one request would leave its value for the next; module-level values are read-only once the policy has loaded: compute it at the top level, or keep per-request data in locals of the hook")]
+    ModuleStateWrite {
+        file: String,
+        line: u32,
+        name: String,
+    },
     /// Loading a file ran past the memory limit.
     #[error("policy file {file}: loading it ran past the memory limit of {limit} bytes; shrink its tables or raise policy.memory_limit")]
     MemoryExceeded { file: String, limit: usize },
@@ -256,6 +323,9 @@ pub enum HookError {
     /// The hook ran past its instruction budget.
     #[error("ran past the instruction budget of {budget} instructions (an endless loop?); simplify the hook or raise policy.instruction_budget")]
     BudgetExceeded { budget: u32 },
+    /// The hook ran past its wall-clock deadline.
+    #[error("ran past its deadline of {after:?} (a slow pattern or a huge string?); simplify the hook or raise policy.hook_timeout")]
+    Timeout { after: Duration },
     /// The hook ran past the state's memory limit.
     #[error("ran past the memory limit of {limit} bytes; the thread's Lua state is rebuilt; stop accumulating data or raise policy.memory_limit")]
     MemoryExceeded { limit: usize },

@@ -1,111 +1,54 @@
 //! The sandboxed Lua state: which libraries are open, the trusted prelude that tightens them,
-//! the memory cap and the instruction budget, loading the policy files into a fresh state,
-//! and turning Lua errors into [`PolicyError`] / [`HookError`].
+//! the memory cap, the per-call [`Meter`] (instruction budget and deadline), loading the
+//! policy files into a fresh state, sealing it, and turning Lua errors into [`PolicyError`] /
+//! [`HookError`].
 //!
-//! Owns: [`ThreadState`] (one Lua state with the set's files loaded and its hook functions
-//! looked up) and [`Budget`]. Must not touch: the thread-local cache, statistics or the
-//! conversion of hook arguments and results.
+//! Owns: [`ThreadState`] (one Lua state with the set's files loaded, sealed, and its hook
+//! functions looked up) and what happens around one call in it: the meter started, the
+//! per-call globals cleared afterwards. Must not touch: the thread-local cache, statistics or
+//! the conversion of hook arguments and results.
+//!
+//! # State rules
+//!
+//! Once the files have run, the prelude's `seal` moves the globals into a hidden base table
+//! that the (now empty) global table reads through, freezes every table reachable from it
+//! (the standard libraries too), and `bytecode` checks that no reachable function assigns to
+//! an upvalue. A call may still write globals: they land in the global table itself, and
+//! [`ThreadState::end_call`] clears it. So nothing one call writes is visible to the next.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use mlua::{ChunkMode, Function, HookTriggers, Lua, LuaOptions, StdLib, Value, VmState};
 
-use super::{Hook, HookError, PolicyError, PolicyFile, PolicyLimits};
+use super::bytecode::persistent_upvalue_write;
+use super::meter::{Meter, Stop};
+use super::{bounded, strlib, Hook, HookError, PolicyError, PolicyFile, PolicyLimits};
 
-/// Instruction budget accounting for one Lua state. The count hook fires every `step`
-/// instructions and adds a tick; past `max_ticks` it raises an error, and keeps raising one at
-/// every later tick until the next reset, so `pcall` loops cannot outlive the budget.
-#[derive(Debug)]
-pub(super) struct Budget {
-    ticks: AtomicU32,
-    max_ticks: u32,
-    spent: AtomicBool,
-}
+/// Deadline of each file's top level at load (it runs again on every thread that builds a
+/// state, so it should take far less).
+pub(super) const TOP_LEVEL_TIMEOUT: Duration = Duration::from_secs(1);
 
-impl Budget {
-    /// Largest count-hook period: a finer step costs more per instruction.
-    const MAX_STEP: u32 = 1_000;
+/// A call that wrote more globals than this drops its state (rebuilt on the next call): the
+/// cleared global table would otherwise keep the capacity they took.
+const MAX_CALL_GLOBALS: u32 = 256;
 
-    fn new(budget: u32) -> (Budget, u32) {
-        let step = budget.clamp(1, Self::MAX_STEP);
-        let max_ticks = budget.div_ceil(step).max(1);
-        let b = Budget {
-            ticks: AtomicU32::new(0),
-            max_ticks,
-            spent: AtomicBool::new(false),
-        };
-        (b, step)
-    }
-
-    pub(super) fn reset(&self) {
-        self.ticks.store(0, Ordering::Relaxed);
-        self.spent.store(false, Ordering::Relaxed);
-    }
-
-    fn tick(&self) -> mlua::Result<VmState> {
-        let t = self.ticks.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-        if t > self.max_ticks {
-            self.spent.store(true, Ordering::Relaxed);
-            return Err(mlua::Error::runtime(BUDGET_MESSAGE));
-        }
-        Ok(VmState::Continue)
-    }
-
-    fn is_spent(&self) -> bool {
-        self.spent.load(Ordering::Relaxed)
-    }
-}
-
-const BUDGET_MESSAGE: &str = "instruction budget exceeded";
-
-/// Trusted setup code run in every fresh state before the policy files. `...` is the Rust
-/// "budget spent?" function and the Rust debug logger.
-const SANDBOX_PRELUDE: &str = r#"
-local spent, log = ...
-local raw_pcall, raw_xpcall, raw_load, raw_collect = pcall, xpcall, load, collectgarbage
-local error, select, tostring, concat, pack = error, select, tostring, table.concat, table.pack
-
--- A spent budget is not catchable: re-raise it past pcall/xpcall.
-local function pass(ok, ...)
-  if not ok and spent() then error((...), 0) end
-  return ok, ...
-end
-pcall = function(f, ...) return pass(raw_pcall(f, ...)) end
-xpcall = function(f, handler, ...) return pass(raw_xpcall(f, handler, ...)) end
-
--- Text chunks only, never bytecode.
-load = function(chunk, name, _mode, ...)
-  if select('#', ...) > 0 then return raw_load(chunk, name, 't', ...) end
-  return raw_load(chunk, name, 't')
-end
-
-collectgarbage = function(opt)
-  if opt == 'count' then return raw_collect('count') end
-  error("collectgarbage: only collectgarbage('count') is available to policies", 2)
-end
-
-print = function(...)
-  local t = pack(...)
-  for k = 1, t.n do t[k] = tostring(t[k]) end
-  log(concat(t, '\t', 1, t.n))
-end
-
-dofile, loadfile, warn = nil, nil, nil
-string.dump = nil
-"#;
+const PRELUDE: &str = include_str!("prelude.lua");
 
 /// One thread's Lua state for one policy set.
 pub(super) struct ThreadState {
     pub(super) set_id: u64,
     pub(super) lua: Lua,
-    pub(super) budget: Arc<Budget>,
+    pub(super) meter: Arc<Meter>,
     limits: PolicyLimits,
     pub(super) hooks: [Option<Function>; 4],
+    /// Globals written by the current call (counted by the global table's `__newindex`).
+    globals_written: Arc<AtomicU32>,
 }
 
 impl ThreadState {
-    /// A fresh sandboxed state with `files` loaded in order.
+    /// A fresh sandboxed state with `files` loaded in order, then sealed.
     pub(super) fn build(
         files: &[PolicyFile],
         limits: PolicyLimits,
@@ -114,19 +57,30 @@ impl ThreadState {
     ) -> Result<ThreadState, PolicyError> {
         let sandbox = |e: mlua::Error| PolicyError::Sandbox(e.to_string());
         let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8;
-        let lua = Lua::new_with(libs, LuaOptions::default()).map_err(sandbox)?;
+        #[allow(unsafe_code)]
+        // SAFETY: the `debug` library can break mlua's invariants only when Lua code calls it
+        // on mlua's own values (its callbacks' upvalues, the registry). Here only the trusted
+        // prelude sees it: the prelude keeps `getupvalue`, `getinfo`, `getmetatable` and
+        // `setmetatable` in locals of `seal`, which Rust calls once and then drops, and which
+        // applies them to Lua functions (C functions are skipped) and tables only; it removes
+        // `debug` from the globals before any policy code runs, and no policy code can reach
+        // the prelude's locals. `Lua::new_with` differs only by refusing `debug`.
+        let lua = unsafe { Lua::unsafe_new_with(libs | StdLib::DEBUG, LuaOptions::default()) };
 
-        let (budget, step) = Budget::new(limits.instruction_budget);
-        let budget = Arc::new(budget);
-        let hook_budget = Arc::clone(&budget);
+        let meter = Arc::new(Meter::new(limits.instruction_budget));
+        let hook_meter = Arc::clone(&meter);
         lua.set_hook(
-            HookTriggers::new().every_nth_instruction(step),
-            move |_, _| hook_budget.tick(),
+            HookTriggers::new().every_nth_instruction(meter.step()),
+            move |_, _| match hook_meter.tick() {
+                Ok(()) => Ok(VmState::Continue),
+                Err(stop) => Err(mlua::Error::runtime(stop.message())),
+            },
         );
+        strlib::install(&lua, &meter, limits.memory_limit).map_err(sandbox)?;
 
-        let spent_budget = Arc::clone(&budget);
-        let spent = lua
-            .create_function(move |_, ()| Ok(spent_budget.is_spent()))
+        let stopped = Arc::clone(&meter);
+        let interrupted = lua
+            .create_function(move |_, ()| Ok(stopped.stopped().is_some()))
             .map_err(sandbox)?;
         let log = lua
             .create_function(move |_, line: mlua::String| {
@@ -134,28 +88,41 @@ impl ThreadState {
                 Ok(())
             })
             .map_err(sandbox)?;
-        budget.reset();
-        lua.load(SANDBOX_PRELUDE)
+        let globals_written = Arc::new(AtomicU32::new(0));
+        let written = Arc::clone(&globals_written);
+        let note_global_write = lua
+            .create_function(move |_, ()| {
+                written.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            })
+            .map_err(sandbox)?;
+        meter.unlimited();
+        let seal: Function = lua
+            .load(PRELUDE)
             .set_name("=sandbox")
             .set_mode(ChunkMode::Text)
-            .call::<()>((spent, log))
+            .call((interrupted, log, note_global_write))
             .map_err(sandbox)?;
         lua.set_memory_limit(limits.memory_limit).map_err(sandbox)?;
 
         let globals = lua.globals();
         for file in files {
-            budget.reset();
+            meter.start(TOP_LEVEL_TIMEOUT);
             let chunk = lua
                 .load(file.source.as_str())
                 .set_name(format!("={}", file.name))
                 .set_mode(ChunkMode::Text);
-            if let Err(e) = chunk.exec() {
-                return Err(load_error(&file.name, &e, &budget, limits));
+            let ran = chunk.exec();
+            if let Some(stop) = meter.stopped() {
+                return Err(stopped_at_load(&file.name, stop, limits));
+            }
+            if let Err(e) = ran {
+                return Err(load_error(&file.name, &e, limits));
             }
             for hook in Hook::ALL {
                 let v: Value = globals
                     .raw_get(hook.name())
-                    .map_err(|e| load_error(&file.name, &e, &budget, limits))?;
+                    .map_err(|e| load_error(&file.name, &e, limits))?;
                 if !matches!(v, Value::Nil | Value::Function(_)) {
                     return Err(PolicyError::HookNotFunction {
                         file: file.name.clone(),
@@ -171,27 +138,122 @@ impl ThreadState {
                 .raw_get::<Option<Function>>(hook.name())
                 .map_err(sandbox)?;
         }
+        seal_state(&lua, &meter, &seal, files, limits)?;
         Ok(ThreadState {
             set_id,
             lua,
-            budget,
+            meter,
             limits,
             hooks,
+            globals_written,
         })
     }
 
+    /// The failure of a call that raised `e`.
     pub(super) fn classify(&self, e: &mlua::Error) -> HookError {
-        if self.budget.is_spent() {
-            HookError::BudgetExceeded {
-                budget: self.limits.instruction_budget,
-            }
+        if let Some(stop) = self.meter.stopped() {
+            self.stop_error(stop)
         } else if is_memory_error(e) {
             HookError::MemoryExceeded {
                 limit: self.limits.memory_limit,
             }
         } else {
-            HookError::Runtime(error_message(e))
+            HookError::Runtime(bounded(error_message(e)))
         }
+    }
+
+    /// The failure of a call its meter stopped (call only when it did).
+    pub(super) fn classify_stopped(&self) -> HookError {
+        self.stop_error(self.meter.stopped().unwrap_or(Stop::Budget))
+    }
+
+    fn stop_error(&self, stop: Stop) -> HookError {
+        match stop {
+            Stop::Budget => HookError::BudgetExceeded {
+                budget: self.limits.instruction_budget,
+            },
+            Stop::Deadline => HookError::Timeout {
+                after: self.meter.allowance(),
+            },
+        }
+    }
+
+    /// Ends a call: clears the globals it wrote. False when the state should be dropped
+    /// (rebuilt on the next call) instead of kept.
+    pub(super) fn end_call(&self) -> bool {
+        let written = self.globals_written.swap(0, Ordering::Relaxed);
+        if written == 0 {
+            return true;
+        }
+        self.lua.globals().clear().is_ok() && written <= MAX_CALL_GLOBALS
+    }
+}
+
+/// Runs the prelude's `seal` (without limits: it is trusted, and its work is bounded by the
+/// size of the state) and reports a function that assigns to an upvalue.
+fn seal_state(
+    lua: &Lua,
+    meter: &Meter,
+    seal: &Function,
+    files: &[PolicyFile],
+    limits: PolicyLimits,
+) -> Result<(), PolicyError> {
+    let scan = lua
+        .create_function(|_, chunk: mlua::String| {
+            match persistent_upvalue_write(&chunk.as_bytes()) {
+                Ok(Some(w)) => Ok((Some(w.source), Some(w.line), Some(w.name))),
+                Ok(None) => Ok((None, None, None)),
+                Err(e) => Err(mlua::Error::runtime(e.to_string())),
+            }
+        })
+        .map_err(|e| PolicyError::Sandbox(e.to_string()))?;
+    meter.unlimited();
+    let sealed = seal.call::<(Option<String>, Option<u32>, Option<String>)>(scan);
+    match sealed {
+        Ok((Some(source), line, name)) => Err(PolicyError::ModuleStateWrite {
+            file: chunk_file(&source),
+            line: line.unwrap_or(0),
+            name: name.unwrap_or_default(),
+        }),
+        Ok(_) => Ok(()),
+        Err(e) if is_memory_error(&e) => Err(PolicyError::MemoryExceeded {
+            file: files.last().map(|f| f.name.clone()).unwrap_or_default(),
+            limit: limits.memory_limit,
+        }),
+        Err(e) => Err(PolicyError::Sandbox(format!(
+            "sealing the loaded state: {}",
+            bounded(error_message(&e))
+        ))),
+    }
+}
+
+/// The file a chunk name stands for: `=a.lua` is a policy file; a chunk built by `load`
+/// is shown as Lua shows it, shortened.
+fn chunk_file(source: &str) -> String {
+    match source
+        .strip_prefix('=')
+        .or_else(|| source.strip_prefix('@'))
+    {
+        Some(name) => name.to_string(),
+        None => {
+            let first = source.lines().next().unwrap_or_default();
+            let short: String = first.chars().take(40).collect();
+            format!("[string \"{short}\"]")
+        }
+    }
+}
+
+fn stopped_at_load(file: &str, stop: Stop, limits: PolicyLimits) -> PolicyError {
+    let file = file.to_string();
+    match stop {
+        Stop::Budget => PolicyError::BudgetExceeded {
+            file,
+            budget: limits.instruction_budget,
+        },
+        Stop::Deadline => PolicyError::Timeout {
+            file,
+            after: TOP_LEVEL_TIMEOUT,
+        },
     }
 }
 
@@ -206,7 +268,7 @@ fn is_memory_error(e: &mlua::Error) -> bool {
 }
 
 /// The message of a Lua error without mlua's prefix and traceback.
-fn error_message(e: &mlua::Error) -> String {
+pub(super) fn error_message(e: &mlua::Error) -> String {
     let text = match e {
         mlua::Error::RuntimeError(m) | mlua::Error::SyntaxError { message: m, .. } => m.clone(),
         mlua::Error::CallbackError { cause, .. } | mlua::Error::WithContext { cause, .. } => {
@@ -227,14 +289,8 @@ fn line_in(message: &str, file: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-fn load_error(file: &str, e: &mlua::Error, budget: &Budget, limits: PolicyLimits) -> PolicyError {
+fn load_error(file: &str, e: &mlua::Error, limits: PolicyLimits) -> PolicyError {
     let file = file.to_string();
-    if budget.is_spent() {
-        return PolicyError::BudgetExceeded {
-            file,
-            budget: limits.instruction_budget,
-        };
-    }
     if is_memory_error(e) {
         return PolicyError::MemoryExceeded {
             file,
@@ -243,6 +299,7 @@ fn load_error(file: &str, e: &mlua::Error, budget: &Budget, limits: PolicyLimits
     }
     let message = error_message(e);
     let line = line_in(&message, &file);
+    let message = bounded(message);
     match e {
         mlua::Error::SyntaxError { .. } => PolicyError::Syntax {
             line: line.unwrap_or(0),

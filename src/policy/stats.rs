@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Hook, HookError};
+use super::{bounded, Hook, HookError};
 
 /// The last hook failure, for `/lb/status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +85,7 @@ impl PolicyStats {
         self.errors[hook.index()].fetch_add(1, Ordering::Relaxed);
         *lock(&self.last_error) = Some(LastHookError {
             hook,
-            message: err.to_string(),
+            message: bounded(err.to_string()),
             at: SystemTime::now(),
         });
         let now = Instant::now();

@@ -57,8 +57,8 @@ fn generation_switch_rebuilds_the_thread_state() {
 fn concurrent_calls_from_several_threads() {
     let s = Arc::new(set(&[(
         "c.lua",
-        r#"local n = 0
-           function request_hash(i, slots) n = n + 1 return i + 1 end
+        r#"local ONE = 1
+           function request_hash(i, slots) local n = i + ONE return n end
            function request_key(req) return req.client_ip end"#,
     )]));
     let threads: Vec<_> = (0..4)

@@ -1,11 +1,17 @@
 //! Unit tests of the policy module, one file per responsibility; the helpers they share.
 
+mod bytecode;
 mod calls;
 mod convert;
 mod examples;
 mod files;
+mod limits;
+mod meter;
+mod pattern;
 mod sandbox;
+mod state;
 mod stats;
+mod strlib;
 
 pub(super) use super::*;
 pub(super) use std::fs;
@@ -26,10 +32,12 @@ pub(super) fn try_set(
     PolicySet::load_dir(dir.path(), limits, 1)
 }
 
+/// A small budget, and a deadline far enough away that only the budget can stop a call.
 pub(super) fn small_limits() -> PolicyLimits {
     PolicyLimits {
         memory_limit: 4 * 1024 * 1024,
         instruction_budget: 100_000,
+        hook_timeout: Duration::from_secs(10),
     }
 }
 
