@@ -179,8 +179,8 @@ end)
 local shadow = {}
 local views = {}
 
-local READ_ONLY = "module-level tables are read-only in hooks: this one was defined when the "
-  .. "policy loaded and every request shares it; keep per-request data in locals"
+local READ_ONLY = "module-level tables are read-only in hooks (defined at load, shared by "
+  .. "every request); keep per-request data in locals"
 local function read_only() error(READ_ONLY, 2) end
 local function frozen_next(t, k) return raw_next(shadow[t], k) end
 local function frozen_pairs(t) return frozen_next, t, nil end
