@@ -448,8 +448,7 @@ impl State {
             Ok(files) => self.last_files.as_ref() == Some(files),
             Err(e) => self.last_policy_error.as_ref() == Some(e),
         };
-        let limits_changed = self.limits.memory_limit != self.loaded_limits.memory_limit
-            || self.limits.instruction_budget != self.loaded_limits.instruction_budget;
+        let limits_changed = self.limits != self.loaded_limits;
         if unchanged && !limits_changed && !self.writer_open(Source::Policy) {
             return true;
         }

@@ -296,6 +296,10 @@ pub struct PolicyConfig {
     #[serde(deserialize_with = "byte_size")]
     pub memory_limit: u64,
     pub instruction_budget: u32,
+    /// Wall-clock deadline of one per-request hook call (`vnode_hash` and `health` get
+    /// [`crate::policy::OFF_PATH_FACTOR`] times this).
+    #[serde(deserialize_with = "duration")]
+    pub hook_timeout: Duration,
 }
 
 impl PolicyConfig {
@@ -303,6 +307,7 @@ impl PolicyConfig {
         crate::policy::PolicyLimits {
             memory_limit: usize::try_from(self.memory_limit).unwrap_or(usize::MAX),
             instruction_budget: self.instruction_budget,
+            hook_timeout: self.hook_timeout,
         }
     }
 }
@@ -313,6 +318,7 @@ impl Default for PolicyConfig {
             dir: PathBuf::from("policies"),
             memory_limit: 16 * 1024 * 1024,
             instruction_budget: 1_000_000,
+            hook_timeout: Duration::from_millis(5),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! Must not touch: text or files (the loader adds line numbers to the problems found here).
 
 use std::fmt;
+use std::time::Duration;
 
 use super::{is_valid_hostname, Config, ProviderKind, MAX_SLOTS};
 
@@ -255,6 +256,13 @@ impl Config {
         }
         if self.policy.instruction_budget < 1000 {
             bad("policy.instruction_budget", "must be at least 1000".into());
+        }
+        let t = self.policy.hook_timeout;
+        if t.is_zero() || t > Duration::from_secs(1) {
+            bad(
+                "policy.hook_timeout",
+                format!("must be more than 0 and at most 1s, got {t:?}"),
+            );
         }
         out
     }

@@ -1,0 +1,62 @@
+//! Reading the policy directory: which files are policies, in which order, as text.
+//!
+//! Owns: the rule "every `*.lua` directly in the directory, by file name, hidden files
+//! skipped, symlinks followed, subdirectories ignored, UTF-8 text only".
+//! Must not touch: Lua. This is the only I/O of the policy module.
+
+use std::path::Path;
+
+use super::PolicyError;
+
+/// Policy files as `(file name, source)` pairs, in load order.
+pub type PolicyFiles = Vec<(String, String)>;
+
+/// The `*.lua` files directly in `dir`, sorted by name. A missing `dir` has none.
+pub fn read_policy_files(dir: &Path) -> Result<PolicyFiles, PolicyError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(PolicyError::ReadDir {
+                dir: dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut paths = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| PolicyError::ReadDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        let path = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            if path.extension().is_some_and(|ext| ext == "lua") {
+                return Err(PolicyError::FileName { path });
+            }
+            continue;
+        };
+        // Hidden files are editor artefacts (e.g. Emacs `.#x.lua` locks), not policies.
+        if !name.ends_with(".lua") || name.starts_with('.') {
+            continue;
+        }
+        // Follows symlinks (ConfigMap-style mounts); subdirectories are skipped.
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => paths.push((name, path)),
+            Ok(_) => {}
+            Err(source) => return Err(PolicyError::ReadFile { path, source }),
+        }
+    }
+    paths.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut files = Vec::with_capacity(paths.len());
+    for (name, path) in paths {
+        let bytes = std::fs::read(&path).map_err(|source| PolicyError::ReadFile {
+            path: path.clone(),
+            source,
+        })?;
+        let source =
+            String::from_utf8(bytes).map_err(|_| PolicyError::NotText { file: name.clone() })?;
+        files.push((name, source));
+    }
+    Ok(files)
+}
