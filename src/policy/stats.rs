@@ -117,7 +117,4 @@ impl PolicyStats {
     }
 }
 
-/// Locks a mutex that only guards plain data: a poisoned lock still holds usable data.
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+pub(super) use crate::sync::lock;

@@ -75,9 +75,7 @@ impl ProcessProvider {
     }
 
     fn children(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
-        // The map is only touched briefly by the control plane; a poisoned lock still holds a
-        // usable map.
-        self.children.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.children)
     }
 
     async fn start(&self, spec: ReplicaSpec) -> Result<Instance, ProviderError> {
@@ -209,7 +207,7 @@ async fn watch_child(
         Err(e) => format!("wait failed: {e}"),
     };
     {
-        let mut map = children.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::sync::lock(&children);
         // Died on its own (`stop` has not taken its exit signal): forget it so a replacement
         // can take the name.
         if map

@@ -51,10 +51,7 @@ impl Reported {
 
 pub(super) type SharedReported = Arc<Mutex<Reported>>;
 
-pub(super) fn lock(r: &SharedReported) -> std::sync::MutexGuard<'_, Reported> {
-    // Only touched briefly; a poisoned set is still a usable set.
-    r.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(super) use crate::sync::lock;
 
 fn unix_now_secs() -> f64 {
     SystemTime::now()

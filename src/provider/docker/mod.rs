@@ -141,8 +141,7 @@ impl DockerProvider {
     }
 
     fn ids(&self) -> MutexGuard<'_, HashMap<String, String>> {
-        // Only touched briefly; a poisoned map is still a usable map.
-        self.ids.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.ids)
     }
 
     /// The engine's version, as it reported it (for logs).
