@@ -2,7 +2,8 @@
 //! to the next one, and the replica's response body, counted in flight until it is finished.
 //!
 //! Owns: [`ProxyBody`] and [`BodySlot`] (which also record why a body broke: past
-//! `proxy.max_body`, or broken by the client), and [`Tracked`].
+//! `proxy.max_body`, or broken by the client), and [`InFlight`], which counts a request at its
+//! replica until its response body ends.
 //! Must not touch: routing, retries or the upstream connection.
 
 use std::pin::Pin;
@@ -46,6 +47,14 @@ impl ProxyBody {
         match self {
             ProxyBody::Streaming { slot, hint, .. } => Some((slot.clone(), *hint)),
             ProxyBody::Empty => None,
+        }
+    }
+
+    /// Nothing of the body has been read yet (by this attempt or an earlier one).
+    pub fn untouched(&self) -> bool {
+        match self {
+            ProxyBody::Empty => true,
+            ProxyBody::Streaming { slot, taken, .. } => taken.is_none() && slot.is_untouched(),
         }
     }
 
@@ -144,12 +153,6 @@ impl HttpBody for ProxyBody {
     }
 }
 
-/// The response body of a replica, counted in flight until it is finished or dropped.
-pub struct Tracked {
-    pub inner: Incoming,
-    pub _guard: InFlight,
-}
-
 /// One request in progress at a replica (`/rm` drains until its count is 0).
 pub struct InFlight(Arc<ReplicaStats>);
 
@@ -163,25 +166,5 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl HttpBody for Tracked {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -1,0 +1,417 @@
+//! HTTP/1.1 message heads on the upstream side: the request head written from the client's
+//! request in one pass, and the replica's response head parsed (httparse) into `http` parts.
+//!
+//! Owns: serialising the forwarded request (the client's method, target and headers minus
+//! hop-by-hop and client-only ones, plus `X-Forwarded-*` and our own framing) into one buffer
+//! that a retry reuses as it is; parsing a response head and deciding how its body is framed
+//! and whether the connection can be reused (RFC 9112 §6, §9.3).
+//! Must not touch: sockets. It turns bytes into heads and back.
+
+use std::net::SocketAddr;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+
+use crate::proxy::headers::{is_client_only, is_hop_by_hop, is_protected};
+
+/// How the request body is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Upper bound of a response head; a replica sending more is broken.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most headers a response head may have.
+pub const MAX_HEADERS: usize = 128;
+
+/// Writes the request head to send upstream. `client` is the peer address for
+/// `X-Forwarded-For`; `authority` is used for `Host` when the client sent none (HTTP/2's
+/// `:authority`, or an HTTP/1.0 request).
+pub fn request_head(
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    client: SocketAddr,
+    authority: Option<&str>,
+    framing: RequestFraming,
+) -> Bytes {
+    let mut out = BytesMut::with_capacity(256 + headers.len() * 32);
+    out.put_slice(method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(target.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
+
+    let named_in_connection = connection_tokens(headers);
+    let mut host: Option<&[u8]> = None;
+    let mut xff: Option<BytesMut> = None;
+    for (name, value) in headers {
+        if *name == header::HOST {
+            if host.is_none() {
+                host = Some(value.as_bytes());
+            }
+            continue;
+        }
+        if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
+            continue; // our own framing below
+        }
+        if name.as_str() == "x-forwarded-for" {
+            let chain = xff.get_or_insert_with(|| BytesMut::with_capacity(64));
+            let v = value.as_bytes().trim_ascii();
+            if !v.is_empty() {
+                if !chain.is_empty() {
+                    chain.put_slice(b", ");
+                }
+                chain.put_slice(v);
+            }
+            continue;
+        }
+        if matches!(name.as_str(), "x-forwarded-proto" | "x-forwarded-host")
+            || is_hop_by_hop(name)
+            || is_client_only(name)
+            || (!is_protected(name) && named_in_connection.iter().any(|n| n == name.as_str()))
+        {
+            continue;
+        }
+        put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let host = host.or(authority.map(str::as_bytes));
+    if let Some(h) = host {
+        put_header(&mut out, b"host", h);
+        put_header(&mut out, b"x-forwarded-host", h);
+    }
+    let mut chain = xff.unwrap_or_default();
+    if !chain.is_empty() {
+        chain.put_slice(b", ");
+    }
+    write_ip(&mut chain, client);
+    put_header(&mut out, b"x-forwarded-for", &chain);
+    put_header(&mut out, b"x-forwarded-proto", b"http");
+    match framing {
+        RequestFraming::None => {}
+        RequestFraming::Length(n) => {
+            out.put_slice(b"content-length: ");
+            out.put_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.put_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => put_header(&mut out, b"transfer-encoding", b"chunked"),
+    }
+    out.put_slice(b"\r\n");
+    out.freeze()
+}
+
+fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+fn write_ip(out: &mut BytesMut, client: SocketAddr) {
+    use std::fmt::Write;
+    struct W<'a>(&'a mut BytesMut);
+    impl Write for W<'_> {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0.put_slice(s.as_bytes());
+            Ok(())
+        }
+    }
+    let _ = write!(W(out), "{}", client.ip().to_canonical());
+}
+
+/// The lower-cased header names a `Connection` header lists.
+fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+    if !headers.contains_key(header::CONNECTION) {
+        return Vec::new();
+    }
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// No body (HEAD, 1xx, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the replica closes the connection (which then cannot be reused).
+    UntilClose,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub parts: http::response::Parts,
+    pub framing: BodyFraming,
+    /// The connection may carry another request once this body is read.
+    pub keep_alive: bool,
+    /// Bytes of the buffer the head took.
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("the replica sent a malformed response head: {0}")]
+    Malformed(String),
+    #[error("the replica's response head is larger than {MAX_HEAD} bytes")]
+    TooLarge,
+}
+
+/// Parses a response head at the start of `buf`: `Ok(None)` when more bytes are needed.
+pub fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ResponseHead>, HeadError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(HeadError::Malformed(e.to_string())),
+    };
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| HeadError::Malformed("no valid status code".into()))?;
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let named: Vec<String> = resp
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    let mut keep_alive = match version {
+        Version::HTTP_10 => named.iter().any(|t| t == "keep-alive"),
+        _ => !named.iter().any(|t| t == "close"),
+    };
+    let mut chunked = false;
+    let mut length: Option<u64> = None;
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| HeadError::Malformed(format!("bad header name {:?}", h.name)))?;
+        if name == header::TRANSFER_ENCODING {
+            // Chunked must be the last coding (RFC 9112 §6.3); anything else is read to close.
+            chunked = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.rsplit(',').next())
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+            if !chunked {
+                keep_alive = false;
+            }
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| HeadError::Malformed("bad content-length".into()))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(HeadError::Malformed("conflicting content-length".into()));
+            }
+            length = Some(n);
+        }
+        if is_hop_by_hop(&name) || named.iter().any(|n| n == name.as_str()) {
+            continue;
+        }
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| HeadError::Malformed(format!("bad value of {name}")))?;
+        headers.append(name, value);
+    }
+    let code = status.as_u16();
+    let framing =
+        if *method == Method::HEAD || (100..200).contains(&code) || code == 204 || code == 304 {
+            BodyFraming::Empty
+        } else if chunked {
+            // A length next to chunked is ignored (and must not reach the client).
+            headers.remove(header::CONTENT_LENGTH);
+            BodyFraming::Chunked
+        } else if let Some(n) = length {
+            BodyFraming::Length(n)
+        } else {
+            keep_alive = false;
+            BodyFraming::UntilClose
+        };
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = Version::HTTP_11;
+    parts.headers = headers;
+    Ok(Some(ResponseHead {
+        parts,
+        framing,
+        keep_alive,
+        len,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    fn head(pairs: &[(&str, &str)], framing: RequestFraming) -> String {
+        let b = request_head(
+            &Method::GET,
+            "/x?id=1",
+            &map(pairs),
+            "[::ffff:10.0.0.7]:999".parse().expect("addr"),
+            Some("fallback.test"),
+            framing,
+        );
+        String::from_utf8(b.to_vec()).expect("utf8")
+    }
+
+    #[test]
+    fn the_forwarded_head_keeps_the_message_and_drops_the_hop() {
+        let h = head(
+            &[
+                ("host", "example.test"),
+                ("connection", "keep-alive, x-secret, host"),
+                ("keep-alive", "timeout=5"),
+                ("x-secret", "1"),
+                ("x-keep", "yes"),
+                ("proxy", "http://evil"),
+                ("forwarded", "for=1.2.3.4"),
+                ("x-real-ip", "1.2.3.4"),
+                ("x-forwarded-for", "203.0.113.9"),
+                ("x-forwarded-proto", "https"),
+                ("transfer-encoding", "chunked"),
+                ("content-length", "99"),
+                ("te", "trailers"),
+            ],
+            RequestFraming::Length(3),
+        );
+        assert!(h.starts_with("GET /x?id=1 HTTP/1.1\r\n"), "{h}");
+        assert!(h.ends_with("\r\n\r\n"));
+        let lines: Vec<&str> = h.lines().collect();
+        for want in [
+            "x-keep: yes",
+            "host: example.test",
+            "x-forwarded-host: example.test",
+            "x-forwarded-for: 203.0.113.9, 10.0.0.7",
+            "x-forwarded-proto: http",
+            "content-length: 3",
+        ] {
+            assert!(lines.contains(&want), "{want} missing in {h}");
+        }
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "proxy:",
+            "forwarded:",
+            "x-real-ip",
+            "te:",
+            "transfer-encoding",
+            "content-length: 99",
+            "https",
+        ] {
+            assert!(!h.contains(gone), "{gone} forwarded in {h}");
+        }
+    }
+
+    #[test]
+    fn host_falls_back_to_the_authority_and_chains_join() {
+        let h = head(
+            &[
+                ("x-forwarded-for", "1.1.1.1"),
+                ("x-forwarded-for", "2.2.2.2"),
+            ],
+            RequestFraming::Chunked,
+        );
+        assert!(h.contains("host: fallback.test\r\n"), "{h}");
+        assert!(
+            h.contains("x-forwarded-for: 1.1.1.1, 2.2.2.2, 10.0.0.7\r\n"),
+            "{h}"
+        );
+        assert!(h.contains("transfer-encoding: chunked\r\n"), "{h}");
+        let h = head(&[], RequestFraming::None);
+        assert!(h.contains("x-forwarded-for: 10.0.0.7\r\n"), "{h}");
+        assert!(!h.contains("content-length"), "{h}");
+    }
+
+    #[test]
+    fn response_framing_and_reuse() {
+        let get = Method::GET;
+        let p = |raw: &str| {
+            parse_response(raw.as_bytes(), &get)
+                .expect("parses")
+                .expect("complete")
+        };
+        let r = p("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\nhello");
+        assert_eq!(r.framing, BodyFraming::Length(5));
+        assert!(r.keep_alive);
+        assert_eq!(
+            r.len,
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\n".len()
+        );
+        assert_eq!(r.parts.headers["x-a"], "1");
+        let r = p("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\nconnection: close, x-hop\r\nx-hop: 1\r\nkeep-alive: 5\r\n\r\n");
+        assert_eq!(r.framing, BodyFraming::Chunked);
+        assert!(!r.keep_alive);
+        assert!(r.parts.headers.is_empty(), "{:?}", r.parts.headers);
+        let r = p("HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(r.framing, BodyFraming::UntilClose);
+        assert!(!r.keep_alive);
+        let r = p("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n");
+        assert!(!r.keep_alive, "HTTP/1.0 closes by default");
+        let r = p("HTTP/1.1 204 No Content\r\n\r\n");
+        assert_eq!(r.framing, BodyFraming::Empty);
+        assert!(r.keep_alive);
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+            &Method::HEAD,
+        )
+        .expect("parses")
+        .expect("complete");
+        assert_eq!(r.framing, BodyFraming::Empty);
+    }
+
+    #[test]
+    fn partial_malformed_and_oversized_heads() {
+        let get = Method::GET;
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-le", &get)
+            .expect("partial is fine")
+            .is_none());
+        assert!(matches!(
+            parse_response(b"NOT HTTP\r\n\r\n", &get),
+            Err(HeadError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+                &get
+            ),
+            Err(HeadError::Malformed(_))
+        ));
+        let big = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD));
+        assert_eq!(
+            parse_response(big.as_bytes(), &get).err(),
+            Some(HeadError::TooLarge)
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! The upstream side of the request path: our own HTTP/1.1 client to the replicas.
+//!
+//! Owns: sending one request on a pooled (or new) connection and reading the response head;
+//! the response body is then read from the same connection by the task that writes it to the
+//! client ([`body::UpstreamBody`]). No client dispatcher task, no channel between request and
+//! connection, no header map built for the forwarded request (its head is serialised once, by
+//! [`head::request_head`], and reused by a retry). A stale pooled connection (the replica
+//! closed it while idle) is replaced by a fresh one transparently, once, when nothing of the
+//! request body was sent; every other failure is told apart for the caller ([`SendError`]).
+//! Must not touch: routing, retries across replicas, or what a failure means for a replica
+//! (the proxy decides that).
+
+pub mod body;
+pub mod head;
+pub mod pool;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::{Method, Response};
+use http_body_util::BodyExt;
+use hyper::body::Body as HttpBody;
+use tokio::io::AsyncWriteExt;
+
+use crate::proxy::body::{InFlight, ProxyBody};
+use body::UpstreamBody;
+use head::{HeadError, RequestFraming};
+use pool::{Conn, ConnectError};
+
+/// Largest read of a response head at a time.
+const HEAD_READ: usize = 8 * 1024;
+
+/// Why a request got no response head.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made: nothing reached the replica.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The connection broke before a response byte (reset, closed).
+    #[error("the connection broke before a response: {0}")]
+    Broken(#[source] std::io::Error),
+    /// The replica answered something that is not an HTTP/1 response head.
+    #[error(transparent)]
+    BadHead(#[from] HeadError),
+    /// Reading the request body from the client failed (its slot says why).
+    #[error("the request body could not be sent: {0}")]
+    RequestBody(String),
+}
+
+impl SendError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
+/// One request to send.
+pub struct Request<'a> {
+    pub addr: SocketAddr,
+    pub connect_timeout: Duration,
+    pub method: &'a Method,
+    pub head: &'a Bytes,
+    pub framing: RequestFraming,
+}
+
+/// Sends `req` with `body` and returns the response with its streaming body; `in_flight`
+/// counts the request at its replica until the body ends.
+pub async fn send(
+    req: &Request<'_>,
+    body: &mut ProxyBody,
+    in_flight: InFlight,
+) -> Result<Response<UpstreamBody>, SendError> {
+    let mut pooled = pool::take(req.addr);
+    loop {
+        let reused = pooled.is_some();
+        let mut conn = match pooled.take() {
+            Some(c) => c,
+            None => Conn::connect(req.addr, req.connect_timeout).await?,
+        };
+        match exchange(&mut conn, req, body).await {
+            Ok(head) => {
+                let body = UpstreamBody::new(conn, head.framing, head.keep_alive, in_flight);
+                return Ok(Response::from_parts(head.parts, body));
+            }
+            // A pooled connection the replica had closed: once more on a fresh one, if the
+            // body can still be sent.
+            Err(SendError::Broken(_)) if reused && body.untouched() => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes the request, then reads the response head.
+async fn exchange(
+    conn: &mut Conn,
+    req: &Request<'_>,
+    body: &mut ProxyBody,
+) -> Result<head::ResponseHead, SendError> {
+    conn.stream()
+        .write_all(req.head)
+        .await
+        .map_err(SendError::Broken)?;
+    if !body.is_end_stream() {
+        write_body(conn, body, req.framing).await?;
+    }
+    loop {
+        if !conn.buf.is_empty() {
+            if let Some(h) = head::parse_response(&conn.buf, req.method)? {
+                conn.buf.advance(h.len);
+                // 100 Continue and other interim responses: the final one follows.
+                if h.parts.status.is_informational() && h.parts.status.as_u16() != 101 {
+                    continue;
+                }
+                return Ok(h);
+            }
+        }
+        let n = std::future::poll_fn(|cx| conn.poll_fill(cx, HEAD_READ))
+            .await
+            .map_err(SendError::Broken)?;
+        if n == 0 {
+            return Err(SendError::Broken(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                if conn.buf.is_empty() {
+                    "closed before a response"
+                } else {
+                    "closed in the middle of the response head"
+                },
+            )));
+        }
+    }
+}
+
+/// Streams the client's body to the replica in `framing`.
+async fn write_body(
+    conn: &mut Conn,
+    body: &mut ProxyBody,
+    framing: RequestFraming,
+) -> Result<(), SendError> {
+    let chunked = framing == RequestFraming::Chunked;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| SendError::RequestBody(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers are not forwarded
+        };
+        if data.is_empty() {
+            continue;
+        }
+        let s = conn.stream();
+        if chunked {
+            let size = format!("{:x}\r\n", data.len());
+            s.write_all(size.as_bytes())
+                .await
+                .map_err(SendError::Broken)?;
+            s.write_all(&data).await.map_err(SendError::Broken)?;
+            s.write_all(b"\r\n").await.map_err(SendError::Broken)?;
+        } else {
+            s.write_all(&data).await.map_err(SendError::Broken)?;
+        }
+    }
+    if chunked {
+        conn.stream()
+            .write_all(b"0\r\n\r\n")
+            .await
+            .map_err(SendError::Broken)?;
+    }
+    Ok(())
+}
+
+/// How a request body of this kind is sent upstream.
+pub fn framing_of(method: &Method, body: &ProxyBody) -> RequestFraming {
+    if body.is_end_stream() {
+        // POST, PUT and PATCH say "no body" explicitly; servers may refuse them otherwise (411).
+        return if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+            RequestFraming::Length(0)
+        } else {
+            RequestFraming::None
+        };
+    }
+    match body.size_hint().exact() {
+        Some(n) => RequestFraming::Length(n),
+        None => RequestFraming::Chunked,
+    }
+}
+
+#[cfg(test)]
+mod tests;

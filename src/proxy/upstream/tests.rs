@@ -1,0 +1,197 @@
+//! The upstream client against real sockets: replicas scripted on 127.0.0.1 that answer with a
+//! length, chunked, until close, close idle connections, reset, or are not there at all.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::*;
+use crate::snapshot::ReplicaStats;
+
+/// A replica that answers each request head with `reply(n)` (n counts requests on the
+/// connection) and then closes when `close_after` requests were served on it.
+async fn replica(
+    reply: fn(usize) -> Vec<u8>,
+    close_after: usize,
+) -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let counter = accepts.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut served = 0;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        if s.write_all(&reply(served)).await.is_err() {
+                            return;
+                        }
+                        served += 1;
+                        if served >= close_after {
+                            return;
+                        }
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepts, task)
+}
+
+fn stats() -> Arc<ReplicaStats> {
+    Arc::new(ReplicaStats::default())
+}
+
+async fn get(addr: SocketAddr) -> Result<(u16, String), SendError> {
+    let head = Bytes::from_static(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n");
+    let req = Request {
+        addr,
+        connect_timeout: Duration::from_secs(1),
+        method: &Method::GET,
+        head: &head,
+        framing: RequestFraming::None,
+    };
+    let s = stats();
+    let resp = send(&req, &mut ProxyBody::Empty, InFlight::start(&s)).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(
+        s.in_flight.load(Ordering::SeqCst),
+        0,
+        "in flight until the body ended"
+    );
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn length(_: usize) -> Vec<u8> {
+    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello".to_vec()
+}
+
+#[tokio::test]
+async fn a_length_body_is_read_and_the_connection_reused() {
+    let (addr, accepts, _t) = replica(length, usize::MAX).await;
+    for _ in 0..5 {
+        assert_eq!(get(addr).await.expect("answer"), (200, "hello".into()));
+    }
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        1,
+        "one connection for all five"
+    );
+}
+
+#[tokio::test]
+async fn chunked_and_until_close_bodies_are_decoded() {
+    fn chunked(_: usize) -> Vec<u8> {
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n"
+            .to_vec()
+    }
+    let (addr, accepts, _t) = replica(chunked, usize::MAX).await;
+    assert_eq!(
+        get(addr).await.expect("answer"),
+        (200, "hello world".into())
+    );
+    assert_eq!(
+        get(addr).await.expect("answer"),
+        (200, "hello world".into())
+    );
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        1,
+        "chunked keeps the connection"
+    );
+
+    fn until_close(_: usize) -> Vec<u8> {
+        b"HTTP/1.1 200 OK\r\n\r\nall of it".to_vec()
+    }
+    let (addr, accepts, _t) = replica(until_close, 1).await;
+    assert_eq!(get(addr).await.expect("answer"), (200, "all of it".into()));
+    assert_eq!(get(addr).await.expect("answer"), (200, "all of it".into()));
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        2,
+        "a close-delimited body ends its connection"
+    );
+}
+
+#[tokio::test]
+async fn interim_responses_are_skipped() {
+    fn continued(_: usize) -> Vec<u8> {
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok".to_vec()
+    }
+    let (addr, _, _t) = replica(continued, usize::MAX).await;
+    assert_eq!(get(addr).await.expect("answer"), (201, "ok".into()));
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_replica_closed_is_replaced_transparently() {
+    // Closes every connection after one response, without saying so.
+    let (addr, accepts, _t) = replica(length, 1).await;
+    assert_eq!(get(addr).await.expect("first"), (200, "hello".into()));
+    // Give the close time to arrive, then the pooled connection is known dead …
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(get(addr).await.expect("second"), (200, "hello".into()));
+    // … and without waiting the send sees it broken and retries on a fresh one.
+    assert_eq!(get(addr).await.expect("third"), (200, "hello".into()));
+    assert_eq!(accepts.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn failures_are_told_apart() {
+    let free = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    assert!(
+        matches!(get(free).await, Err(SendError::Connect(_))),
+        "nothing listens"
+    );
+
+    fn nothing(_: usize) -> Vec<u8> {
+        Vec::new()
+    }
+    let (addr, _, _t) = replica(nothing, 1).await;
+    assert!(
+        matches!(get(addr).await, Err(SendError::Broken(_))),
+        "closed before a response"
+    );
+
+    fn garbage(_: usize) -> Vec<u8> {
+        b"SSH-2.0-OpenSSH\r\n\r\n".to_vec()
+    }
+    let (addr, _, _t) = replica(garbage, 1).await;
+    assert!(matches!(get(addr).await, Err(SendError::BadHead(_))));
+
+    fn short(_: usize) -> Vec<u8> {
+        b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\nhalf".to_vec()
+    }
+    let (addr, _, _t) = replica(short, 1).await;
+    let head = Bytes::from_static(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n");
+    let req = Request {
+        addr,
+        connect_timeout: Duration::from_secs(1),
+        method: &Method::GET,
+        head: &head,
+        framing: RequestFraming::None,
+    };
+    let resp = send(&req, &mut ProxyBody::Empty, InFlight::start(&stats()))
+        .await
+        .expect("a head");
+    assert!(
+        resp.into_body().collect().await.is_err(),
+        "a truncated body is an error"
+    );
+}
