@@ -6,11 +6,14 @@
 //! # Layout
 //! - [`loadgen`]: the load generator (`ringgate-lab load`).
 //! - [`analysis`]: the experiments, charts, report and proxy benchmark (`ringgate-lab analysis`).
+//! - [`backend`]: the lightest HTTP/1.1 backend we can make (`ringgate-lab backend`), for
+//!   `make bench`.
 //! - [`procs`]: the processes the lab starts: finding the binaries, their listening line,
 //!   signals, `/proc`.
 //!
 //! The criterion microbenches of the library are this package's `benches/` (`make bench-micro`).
 
 pub mod analysis;
+pub mod backend;
 pub mod loadgen;
 pub mod procs;

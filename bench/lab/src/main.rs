@@ -23,23 +23,31 @@ enum Command {
     Load(loadgen::LoadArgs),
     /// Run the performance experiments against live gateways; charts and docs/performance.md.
     Analysis(Box<analysis::AnalysisArgs>),
+    /// The lightest HTTP/1.1 backend we can make (for `make bench`): SERVER_ID, PORT, BIND.
+    Backend,
 }
 
-async fn run(command: Command) -> Result<(), String> {
-    match command {
-        Command::Load(args) => loadgen::run_cli(args)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-        Command::Analysis(args) => analysis::run_cli(*args).await.map_err(|e| e.to_string()),
-    }
+/// Runs `f` on a multi-threaded runtime of its own.
+fn on_runtime<F: std::future::Future<Output = Result<(), String>>>(f: F) -> Result<(), String> {
+    tokio::runtime::Runtime::new()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+        .and_then(|rt| rt.block_on(f))
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = tokio::runtime::Runtime::new()
-        .map_err(|e| format!("cannot start the runtime: {e}"))
-        .and_then(|rt| rt.block_on(run(cli.command)));
+    let result = match Cli::parse().command {
+        Command::Load(args) => on_runtime(async {
+            loadgen::run_cli(args)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }),
+        Command::Analysis(args) => {
+            on_runtime(async { analysis::run_cli(*args).await.map_err(|e| e.to_string()) })
+        }
+        // Single-threaded on a runtime of its own: the lightest backend we can make.
+        Command::Backend => ringgate_lab::backend::run(),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -140,6 +140,22 @@ pub fn children_of(parent: u32) -> Vec<u32> {
         .collect()
 }
 
+/// CPU time (user + system, in clock ticks of `CPU_TICKS_PER_SEC`) a process has used, all its
+/// threads together.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after the ')'.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The kernel's clock tick for `/proc/PID/stat` times (USER_HZ, 100 on Linux).
+pub const CPU_TICKS_PER_SEC: f64 = 100.0;
+
 /// Peak resident set (`VmHWM`, KiB) of a process.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -152,6 +168,22 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_cpu_time_is_read_and_grows() {
+        let me = std::process::id();
+        let before = cpu_ticks(me).expect("our own stat");
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(200) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        assert!(x > 0);
+        assert!(
+            cpu_ticks(me).expect("stat") > before,
+            "200 ms of spinning shows"
+        );
+    }
 
     #[test]
     fn own_process_is_visible_in_proc() {

@@ -62,8 +62,19 @@ impl Conn {
         }
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
+            let room = self.buf.capacity() - self.buf.len();
             match self.stream.try_read_buf(&mut self.buf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
+                Ok(n) => {
+                    if n > 0 && n < room {
+                        // A short read drained the socket: forget the readiness now (as tokio's
+                        // own poll_read does), so neither the next read nor the pool's check
+                        // spends a syscall on EAGAIN.
+                        let _ = self.stream.try_io(tokio::io::Interest::READABLE, || {
+                            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                        });
+                    }
+                    return Poll::Ready(Ok(n));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }

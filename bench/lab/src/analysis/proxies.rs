@@ -18,7 +18,9 @@ use tokio::process::{Child, Command};
 
 use super::{report, AnalysisError};
 use crate::loadgen::{self, KeyPlan, LoadConfig};
-use crate::procs::{children_of, peak_rss_kib, product_binary, signal, wait_listening};
+use crate::procs::{
+    children_of, cpu_ticks, peak_rss_kib, product_binary, signal, wait_listening, CPU_TICKS_PER_SEC,
+};
 
 /// `ringgate-lab analysis proxies`.
 #[derive(Debug, Clone, clap::Args)]
@@ -30,10 +32,10 @@ pub struct ProxiesArgs {
     #[arg(long)]
     pub server_bin: Option<PathBuf>,
     /// Measured runs per target (the median is reported)
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// Length of one run
-    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
     /// Warm-up per target before the first round
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
@@ -41,8 +43,8 @@ pub struct ProxiesArgs {
     /// Open connections of the load generator
     #[arg(short = 'c', long, default_value_t = 64)]
     pub connections: usize,
-    /// Load generator threads (wrk)
-    #[arg(short = 't', long, default_value_t = 2)]
+    /// Load generator threads (wrk): one, so the load generator is not the bottleneck's rival
+    #[arg(short = 't', long, default_value_t = 1)]
     pub threads: usize,
     /// Load generator: wrk or ours (default: wrk when installed)
     #[arg(long)]
@@ -53,15 +55,30 @@ pub struct ProxiesArgs {
     /// HAProxy binary
     #[arg(long, default_value = "haproxy")]
     pub haproxy: String,
-    /// Worker processes / threads given to each proxy
-    #[arg(long, default_value_t = 2)]
-    pub proxy_workers: usize,
+    /// Worker processes / threads given to NGINX and HAProxy (default: ringgate's serving
+    /// threads, one per CPU)
+    #[arg(long)]
+    pub proxy_workers: Option<usize>,
+    /// The backends: `light` (`ringgate-lab backend`, the lightest we can make, so the proxies
+    /// are the bottleneck) or `ringgate-server`
+    #[arg(long, default_value = "light")]
+    pub backend: BackendKind,
+    /// More ringgate binaries to measure in the same run, as NAME=PATH (e.g. the previous build:
+    /// `--extra-ringgate before=/tmp/ringgate-old`)
+    #[arg(long = "extra-ringgate")]
+    pub extra_ringgate: Vec<String>,
     /// The report whose bench section is rewritten
     #[arg(long, default_value = "docs/performance.md")]
     pub doc: PathBuf,
     /// Append the pid of every started process here
     #[arg(long)]
     pub pidfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    Light,
+    RinggateServer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -80,6 +97,14 @@ struct Proc {
 impl Proc {
     fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// CPU ticks used so far by the process and its children (NGINX's workers).
+    fn cpu_ticks(&self) -> u64 {
+        let Some(pid) = self.pid() else { return 0 };
+        let mut pids = vec![pid];
+        pids.extend(children_of(pid));
+        pids.iter().filter_map(|p| cpu_ticks(*p)).sum()
     }
 
     /// Peak RSS (KiB) of the process and its children, and how many processes that was.
@@ -203,6 +228,10 @@ fn find_program(name: &str) -> Option<PathBuf> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunFigures {
     pub rps: f64,
+    /// Requests completed in the run.
+    pub requests: u64,
+    /// CPU time the proxy used in the run, in µs (0 for the direct target).
+    pub cpu_us: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub errors: u64,
@@ -230,6 +259,9 @@ pub fn parse_wrk(out: &str) -> Option<RunFigures> {
     let mut have_rps = false;
     for line in out.lines() {
         let t = line.trim();
+        if t.contains(" requests in ") {
+            f.requests = t.split_whitespace().next()?.parse().ok()?;
+        }
         if let Some(v) = t.strip_prefix("Requests/sec:") {
             f.rps = v.trim().parse().ok()?;
             have_rps = true;
@@ -300,6 +332,8 @@ impl Measure {
                 let s = loadgen::run(&cfg).await?.summary();
                 Ok(RunFigures {
                     rps: s.requests_per_sec,
+                    requests: s.total,
+                    cpu_us: 0.0,
                     p50_ms: s.p50.as_secs_f64() * 1e3,
                     p99_ms: s.p99.as_secs_f64() * 1e3,
                     errors: s.failed,
@@ -324,7 +358,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// One target of the comparison.
 struct Target {
-    name: &'static str,
+    name: String,
     base: String,
     proc_: Option<Proc>,
     runs: Vec<RunFigures>,
@@ -339,14 +373,17 @@ pub struct Row {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub errors: u64,
+    /// CPU µs per request of the proxy's processes (`None` for the direct target).
+    pub cpu_us_per_req: Option<f64>,
     pub rss_kib: Option<(u64, usize)>,
 }
 
-/// The markdown table (ringgate's throughput ratio against each target in the last column).
+/// The markdown table (ringgate's throughput ratio against each target in the last but one
+/// column).
 pub fn table(rows: &[Row]) -> String {
     let rg = rows.iter().find(|r| r.name == "ringgate").map(|r| r.rps);
     let mut s = String::from(
-        "| target | requests/s (median) | p50 | p99 | errors | ringgate ÷ target (req/s) | peak RSS |\n|---|---|---|---|---|---|---|\n",
+        "| target | requests/s (median) | p50 | p99 | errors | CPU µs/request | ringgate ÷ target (req/s) | peak RSS |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let ratio = match rg {
@@ -358,13 +395,62 @@ pub fn table(rows: &[Row]) -> String {
             Some((k, _)) => format!("{:.1} MiB", k as f64 / 1024.0),
             None => "–".to_string(),
         };
+        let cpu = r
+            .cpu_us_per_req
+            .map_or("–".to_string(), |c| format!("{c:.1}"));
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {:.2} ms | {:.2} ms | {} | {ratio} | {rss} |",
+            "| {} | {:.0} | {:.2} ms | {:.2} ms | {} | {cpu} | {ratio} | {rss} |",
             r.name, r.rps, r.p50_ms, r.p99_ms, r.errors
         );
     }
     s
+}
+
+/// ringgate against the better of NGINX and HAProxy: throughput over the faster one, CPU per
+/// request over the leaner one, p99 against both.
+pub fn verdict(rows: &[Row]) -> Option<String> {
+    let rg = rows.iter().find(|r| r.name == "ringgate")?;
+    let peers: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.name == "nginx" || r.name == "haproxy")
+        .collect();
+    let fastest = peers.iter().max_by(|a, b| a.rps.total_cmp(&b.rps))?;
+    let leanest = peers
+        .iter()
+        .filter(|r| r.cpu_us_per_req.is_some())
+        .min_by(|a, b| {
+            a.cpu_us_per_req
+                .unwrap_or(f64::MAX)
+                .total_cmp(&b.cpu_us_per_req.unwrap_or(f64::MAX))
+        })?;
+    let worst_p99 = peers.iter().map(|r| r.p99_ms).fold(f64::MAX, f64::min);
+    let mut out = format!(
+        "ringgate ÷ the faster peer ({}) in requests/s: **{:.2}×**; ",
+        fastest.name,
+        rg.rps / fastest.rps
+    );
+    if let (Some(a), Some(b)) = (rg.cpu_us_per_req, leanest.cpu_us_per_req) {
+        let _ = write!(
+            out,
+            "CPU per request ÷ the leaner peer ({}): **{:.2}×**; ",
+            leanest.name,
+            a / b
+        );
+    }
+    let _ = write!(
+        out,
+        "p99 {:.2} ms against the peers' best {:.2} ms.",
+        rg.p99_ms, worst_p99
+    );
+    if let Some(lua) = rows.iter().find(|r| r.name == "ringgate (Lua hash)") {
+        let _ = write!(
+            out,
+            " With a Lua `request_hash` hook: **{:.2}×** ringgate without.",
+            lua.rps / rg.rps
+        );
+    }
+    Some(out)
 }
 
 /// Starts a ringgate with the static provider over `addrs` and `hash` for both hash functions.
@@ -415,10 +501,11 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
         Some(b) => b.clone(),
         None => product_binary("ringgate")?,
     };
-    let server = match &args.server_bin {
-        Some(s) => s.clone(),
-        None => product_binary("ringgate-server")?,
-    };
+    let workers = args.proxy_workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     let dir = tempfile::Builder::new()
         .prefix("ringgate-bench-")
         .tempdir()
@@ -433,7 +520,19 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
     let mut backends = Vec::new();
     let mut addrs = Vec::new();
     for i in 1..=3 {
-        let mut cmd = Command::new(&server);
+        let mut cmd = match args.backend {
+            BackendKind::Light => {
+                let me = std::env::current_exe()
+                    .map_err(|e| AnalysisError::io("locating ringgate-lab", e))?;
+                let mut c = Command::new(me);
+                c.arg("backend");
+                c
+            }
+            BackendKind::RinggateServer => Command::new(match &args.server_bin {
+                Some(s) => s.clone(),
+                None => product_binary("ringgate-server")?,
+            }),
+        };
         cmd.env("SERVER_ID", format!("server-{i}"))
             .env("PORT", "0")
             .env("BIND", "127.0.0.1");
@@ -445,29 +544,49 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
         addrs.push(listening_addr(&mut p).await?.to_string());
         backends.push(p);
     }
-    let mut targets = vec![Target {
-        name: "direct (one backend)",
-        base: format!("http://{}", addrs[0]),
-        proc_: None,
+    let target = |name: &str, base: String, proc_: Option<Proc>| Target {
+        name: name.to_string(),
+        base,
+        proc_,
         runs: Vec::new(),
         rss: None,
-    }];
+    };
+    let mut targets = vec![target(
+        "direct (one backend)",
+        format!("http://{}", addrs[0]),
+        None,
+    )];
 
-    // ringgate over the same three, static provider: as configured by default, and with mix64.
+    // ringgate over the same three, static provider: with mix64, which spreads keys like the
+    // peers do (the name "ringgate" is this one), and with the specified quadratic hash.
     let policy_dir = tmp.join("policies");
     std::fs::create_dir_all(&policy_dir).map_err(|e| AnalysisError::io("policy dir", e))?;
-    for (name, hash) in [("ringgate", "quadratic"), ("ringgate (mix64)", "mix64")] {
-        let rg = start_ringgate(&launcher, &ringgate, tmp, &policy_dir, &addrs, hash, hash).await?;
-        targets.push(Target {
-            name,
-            base: rg.1,
-            proc_: Some(rg.0),
-            runs: Vec::new(),
-            rss: None,
-        });
+    for (name, hash) in [("ringgate", "mix64"), ("ringgate (quadratic)", "quadratic")] {
+        let (p, base) =
+            start_ringgate(&launcher, &ringgate, tmp, &policy_dir, &addrs, hash, hash).await?;
+        targets.push(target(name, base, Some(p)));
     }
-    // And with Lua hooks active (spread_hash + spread_vnodes: the same spread as mix64, so the
-    // difference to "ringgate (mix64)" is the cost of calling Lua on every request).
+    for extra in &args.extra_ringgate {
+        let Some((name, path)) = extra.split_once('=') else {
+            return Err(AnalysisError::Bench(format!(
+                "--extra-ringgate wants NAME=PATH, got {extra:?}"
+            )));
+        };
+        let tag = format!("extra-{}", targets.len());
+        let (p, base) = start_ringgate(
+            &launcher,
+            Path::new(path),
+            tmp,
+            &policy_dir,
+            &addrs,
+            "mix64",
+            &tag,
+        )
+        .await?;
+        targets.push(target(&format!("ringgate ({name})"), base, Some(p)));
+    }
+    // And with a Lua `request_hash` hook (spread_hash + spread_vnodes: the same spread as
+    // mix64, so the difference to "ringgate" is the cost of calling Lua on every request).
     let lua_dir = tmp.join("policies-lua");
     std::fs::create_dir_all(&lua_dir).map_err(|e| AnalysisError::io("policy dir", e))?;
     let examples = ["spread_hash.lua", "spread_vnodes.lua"];
@@ -475,7 +594,7 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
         .iter()
         .all(|f| std::fs::copy(Path::new("policies/examples").join(f), lua_dir.join(f)).is_ok());
     if copied {
-        let rg = start_ringgate(
+        let (p, base) = start_ringgate(
             &launcher,
             &ringgate,
             tmp,
@@ -485,34 +604,29 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
             "lua",
         )
         .await?;
-        targets.push(Target {
-            name: "ringgate (Lua hash)",
-            base: rg.1,
-            proc_: Some(rg.0),
-            runs: Vec::new(),
-            rss: None,
-        });
+        targets.push(target("ringgate (Lua hash)", base, Some(p)));
     } else {
         notes.push(
             "policies/examples/spread_*.lua not found: the Lua target was skipped".to_string(),
         );
     }
 
-    // NGINX.
+    // NGINX, tuned as its docs recommend for a reverse proxy: upstream keep-alive (HTTP/1.1,
+    // no Connection header), no access log, enough keep-alive requests per connection.
     match find_program(&args.nginx) {
         Some(nginx) => {
             let port = free_port()?;
             let upstreams: String = addrs.iter().map(|a| format!("    server {a};\n")).collect();
             let t = tmp.display();
             let conf = format!(
-                "worker_processes {w};\ndaemon off;\nmaster_process on;\npid {t}/nginx.pid;\n\
+                "worker_processes {workers};\ndaemon off;\nmaster_process on;\npid {t}/nginx.pid;\n\
 error_log {t}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n\
+  keepalive_requests 1000000;\n\
   client_body_temp_path {t}/nginx-body;\n  proxy_temp_path {t}/nginx-proxy;\n  fastcgi_temp_path {t}/nginx-fcgi;\n\
   uwsgi_temp_path {t}/nginx-uwsgi;\n  scgi_temp_path {t}/nginx-scgi;\n\
-  upstream ring {{\n    hash $arg_id consistent;\n{upstreams}    keepalive 64;\n  }}\n\
+  upstream ring {{\n    hash $arg_id consistent;\n{upstreams}    keepalive 128;\n    keepalive_requests 1000000;\n  }}\n\
   server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://ring;\n\
-      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
-                w = args.proxy_workers
+      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
             );
             let path = tmp.join("nginx.conf");
             std::fs::write(&path, conf).map_err(|e| AnalysisError::io("writing nginx.conf", e))?;
@@ -526,13 +640,7 @@ error_log {t}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp
             let p = launcher.spawn("nginx", cmd, &tmp.join("nginx.log"))?;
             let base = format!("http://127.0.0.1:{port}");
             match wait_200(&format!("{base}/home?id=1"), Duration::from_secs(20)).await {
-                Ok(()) => targets.push(Target {
-                    name: "nginx",
-                    base,
-                    proc_: Some(p),
-                    runs: Vec::new(),
-                    rss: None,
-                }),
+                Ok(()) => targets.push(target("nginx", base, Some(p))),
                 Err(e) => {
                     let log = std::fs::read_to_string(tmp.join("nginx.log")).unwrap_or_default();
                     notes.push(format!("NGINX did not come up: {e} {log}"));
@@ -543,7 +651,7 @@ error_log {t}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp
         None => notes.push(format!("{} not installed: NGINX skipped", args.nginx)),
     }
 
-    // HAProxy.
+    // HAProxy, tuned as its docs recommend: keep-alive on both sides and `http-reuse always`.
     match find_program(&args.haproxy) {
         Some(haproxy) => {
             let port = free_port()?;
@@ -553,11 +661,10 @@ error_log {t}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp
                 .map(|(i, a)| format!("  server s{} {a}\n", i + 1))
                 .collect();
             let conf = format!(
-                "global\n  maxconn 4096\n  nbthread {w}\n\ndefaults\n  mode http\n  timeout connect 5s\n\
-  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n\n\
+                "global\n  maxconn 4096\n  nbthread {workers}\n\ndefaults\n  mode http\n  timeout connect 5s\n\
+  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\n\n\
 frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\n\
-backend be\n  balance url_param id\n  hash-type consistent\n{servers}",
-                w = args.proxy_workers
+backend be\n  balance url_param id\n  hash-type consistent\n{servers}"
             );
             let path = tmp.join("haproxy.cfg");
             std::fs::write(&path, conf).map_err(|e| AnalysisError::io("writing haproxy.cfg", e))?;
@@ -566,13 +673,7 @@ backend be\n  balance url_param id\n  hash-type consistent\n{servers}",
             let p = launcher.spawn("haproxy", cmd, &tmp.join("haproxy.log"))?;
             let base = format!("http://127.0.0.1:{port}");
             match wait_200(&format!("{base}/home?id=1"), Duration::from_secs(20)).await {
-                Ok(()) => targets.push(Target {
-                    name: "haproxy",
-                    base,
-                    proc_: Some(p),
-                    runs: Vec::new(),
-                    rss: None,
-                }),
+                Ok(()) => targets.push(target("haproxy", base, Some(p))),
                 Err(e) => {
                     let log = std::fs::read_to_string(tmp.join("haproxy.log")).unwrap_or_default();
                     notes.push(format!("HAProxy did not come up: {e} {log}"));
@@ -620,15 +721,20 @@ backend be\n  balance url_param id\n  hash-type consistent\n{servers}",
         for step in 0..k {
             let idx = (round + step) % k;
             let t = &mut targets[idx];
-            let f = measure.run(&t.base, args.duration).await?;
+            let before = t.proc_.as_ref().map(Proc::cpu_ticks);
+            let mut f = measure.run(&t.base, args.duration).await?;
+            if let (Some(b), Some(p)) = (before, t.proc_.as_ref()) {
+                f.cpu_us = p.cpu_ticks().saturating_sub(b) as f64 * 1e6 / CPU_TICKS_PER_SEC;
+            }
             eprintln!(
-                "round {}/{} {:<22} {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
+                "round {}/{} {:<22} {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  CPU {:.1} µs/req  errors {}",
                 round + 1,
                 args.runs,
                 t.name,
                 f.rps,
                 f.p50_ms,
                 f.p99_ms,
+                if f.requests > 0 { f.cpu_us / f.requests as f64 } else { 0.0 },
                 f.errors
             );
             t.runs.push(f);
@@ -639,13 +745,18 @@ backend be\n  balance url_param id\n  hash-type consistent\n{servers}",
     }
     let rows: Vec<Row> = targets
         .iter()
-        .map(|t| Row {
-            name: t.name.to_string(),
-            rps: median(t.runs.iter().map(|r| r.rps).collect()),
-            p50_ms: median(t.runs.iter().map(|r| r.p50_ms).collect()),
-            p99_ms: median(t.runs.iter().map(|r| r.p99_ms).collect()),
-            errors: t.runs.iter().map(|r| r.errors).sum(),
-            rss_kib: t.rss,
+        .map(|t| {
+            let requests: u64 = t.runs.iter().map(|r| r.requests).sum();
+            let cpu: f64 = t.runs.iter().map(|r| r.cpu_us).sum();
+            Row {
+                name: t.name.clone(),
+                rps: median(t.runs.iter().map(|r| r.rps).collect()),
+                p50_ms: median(t.runs.iter().map(|r| r.p50_ms).collect()),
+                p99_ms: median(t.runs.iter().map(|r| r.p99_ms).collect()),
+                errors: t.runs.iter().map(|r| r.errors).sum(),
+                cpu_us_per_req: (t.proc_.is_some() && requests > 0).then(|| cpu / requests as f64),
+                rss_kib: t.rss,
+            }
         })
         .collect();
     let elapsed = started.elapsed();
@@ -664,6 +775,7 @@ backend be\n  balance url_param id\n  hash-type consistent\n{servers}",
     }
 
     let tbl = table(&rows);
+    let verdict = verdict(&rows).unwrap_or_default();
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -678,16 +790,21 @@ backend be\n  balance url_param id\n  hash-type consistent\n{servers}",
             args.connections
         ),
     };
+    let backend_desc = match args.backend {
+        BackendKind::Light => "three `ringgate-lab backend`s (one thread each, a fixed answer: the lightest backends we can make, so the proxies are the bottleneck)",
+        BackendKind::RinggateServer => "three `ringgate-server` backends",
+    };
     let mut section = format!(
-        "_Measured by `make bench` at {now} on {cpus} CPUs, all on 127.0.0.1: three `ringgate-server` \
-backends; ringgate with the static provider over them (default ring settings, so the quadratic \
-hash sends most keys to one backend; \"ringgate (mix64)\" spreads them like the peers do); NGINX with \
-`hash $arg_id consistent` and upstream keepalive; HAProxy with `balance url_param id` + \
-`hash-type consistent`; each proxy with {w} workers/threads. Load: {tool_desc}. {runs} runs of {d:?} \
-per target, rounds interleaved, medians reported (measuring took {el:.0?}). Load generator, proxy \
-and backends share the same CPUs, so these are relative figures. Peak RSS is `VmHWM` summed over \
-the proxy's processes (shared pages counted once per process)._\n\n{tbl}",
-        w = args.proxy_workers,
+        "_Measured by `make bench` at {now} on {cpus} CPUs, all on 127.0.0.1: {backend_desc}; \
+ringgate with the static provider over them (\"ringgate\" with `mix64`, which spreads keys like the \
+peers do; \"ringgate (quadratic)\" with the specified hash, which sends most keys to one backend); \
+NGINX with `hash $arg_id consistent`, upstream keep-alive and no access log; HAProxy with \
+`balance url_param id` + `hash-type consistent`, keep-alive and `http-reuse always`; NGINX and HAProxy \
+with {workers} workers/threads, ringgate with one serving thread per CPU. Load: {tool_desc}. {runs} runs \
+of {d:?} per target, rounds interleaved, medians reported (measuring took {el:.0?}). CPU µs/request \
+is user + system time of the proxy's processes (`/proc/PID/stat`) over the requests served. Load \
+generator, proxy and backends share the same CPUs, so these are relative figures. Peak RSS is \
+`VmHWM` summed over the proxy's processes._\n\n{tbl}\n{verdict}\n",
         runs = args.runs,
         d = args.duration,
         el = elapsed,
@@ -703,7 +820,7 @@ the proxy's processes (shared pages counted once per process)._\n\n{tbl}",
     }
     std::fs::write(&args.doc, new)
         .map_err(|e| AnalysisError::io(format!("writing {}", args.doc.display()), e))?;
-    println!("{tbl}");
+    println!("{tbl}\n{verdict}");
     for n in &notes {
         println!("note: {n}");
     }
@@ -760,9 +877,23 @@ Transfer/sec:      6.67MB
             p50_ms: 1.0,
             p99_ms: 2.0,
             errors: 0,
+            cpu_us_per_req: Some(10.0),
             rss_kib: Some((2048, 1)),
         };
         let t = table(&[row("ringgate", 100.0), row("nginx", 50.0)]);
-        assert!(t.contains("| nginx | 50 | 1.00 ms | 2.00 ms | 0 | 2.00 | 2.0 MiB |"));
+        assert!(
+            t.contains("| nginx | 50 | 1.00 ms | 2.00 ms | 0 | 10.0 | 2.00 | 2.0 MiB |"),
+            "{t}"
+        );
+        let v = verdict(&[
+            row("ringgate", 100.0),
+            row("nginx", 50.0),
+            row("haproxy", 80.0),
+        ])
+        .expect("a verdict");
+        assert!(
+            v.contains("faster peer (haproxy) in requests/s: **1.25×**"),
+            "{v}"
+        );
     }
 }
