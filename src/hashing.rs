@@ -206,6 +206,39 @@ impl KeySource {
     }
 }
 
+/// `[hashing] key`: one source, or a list whose first present source gives the key
+/// (`["header:x-user", "cookie:session", "client_ip"]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySources(pub Vec<KeySource>);
+
+impl KeySources {
+    pub fn one(source: KeySource) -> KeySources {
+        KeySources(vec![source])
+    }
+
+    /// The key text of the first source present in the request, or `None` when none is (the
+    /// caller then uses [`random_key`]).
+    pub fn extract<'a>(
+        &self,
+        parts: &'a http::request::Parts,
+        client_ip: IpAddr,
+    ) -> Option<Cow<'a, str>> {
+        self.0.iter().find_map(|s| s.extract(parts, client_ip))
+    }
+}
+
+impl fmt::Display for KeySources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [one] => one.fmt(f),
+            many => {
+                let names: Vec<String> = many.iter().map(ToString::to_string).collect();
+                write!(f, "[{}]", names.join(", "))
+            }
+        }
+    }
+}
+
 /// The first value of `name` in a query string, percent-decoded when it needs to be.
 fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
     query.split('&').find_map(|pair| {
@@ -358,6 +391,26 @@ mod tests {
                 "{bad:?} should be rejected"
             );
         }
+    }
+
+    #[test]
+    fn the_first_present_source_of_a_list_is_the_key() {
+        let ip: IpAddr = "10.1.2.3".parse().expect("ip");
+        let list = KeySources(
+            ["header:x-user", "cookie:session", "client_ip"]
+                .iter()
+                .map(|s| s.parse().expect("source"))
+                .collect(),
+        );
+        let p = parts("/", &[("cookie", "session=s-1"), ("x-user", "bob")]);
+        assert_eq!(list.extract(&p, ip).as_deref(), Some("bob"));
+        let p = parts("/", &[("cookie", "session=s-1")]);
+        assert_eq!(list.extract(&p, ip).as_deref(), Some("s-1"));
+        assert_eq!(list.extract(&parts("/", &[]), ip).as_deref(), Some("10.1.2.3"));
+        let none = KeySources(vec!["query:id".parse().expect("source"), KeySource::Random]);
+        assert_eq!(none.extract(&parts("/", &[]), ip), None, "then a random id");
+        assert_eq!(list.to_string(), "[header:x-user, cookie:session, client_ip]");
+        assert_eq!(KeySources::one(KeySource::Path).to_string(), "path");
     }
 
     #[test]

@@ -153,7 +153,7 @@ fn table_at(root: &Table, offset: usize) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hashing::{HashFunction, KeySource};
+    use crate::hashing::{HashFunction, KeySource, KeySources};
     use std::time::Duration;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -170,7 +170,7 @@ mod tests {
         let c = parse(text).expect("conf/lb.toml is valid");
         assert_eq!(c.ring.slots, 512);
         assert_eq!(c.ring.vnodes, 9);
-        assert_eq!(c.hashing.key, KeySource::Query("id".into()));
+        assert_eq!(c.hashing.key, KeySources::one(KeySource::Query("id".into())));
         // The shipped file documents every key of every section, each in its own section
         // (commented out where the default is "unset"). The keys are read off the structs
         // themselves, so a new key without documentation fails here.

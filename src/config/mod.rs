@@ -15,7 +15,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::hashing::{HashFunction, KeySource};
+use crate::hashing::{HashFunction, KeySource, KeySources};
 
 mod load;
 mod validate;
@@ -24,7 +24,7 @@ mod values;
 pub use load::ConfigError;
 pub use validate::Problem;
 pub use values::parse_size;
-use values::{byte_size, duration, from_str, ip_nets};
+use values::{byte_size, duration, expect_status, ip_nets, key_sources};
 
 /// Largest ring we accept: the owner table is one entry per slot, kept small enough to stay in
 /// cache.
@@ -84,14 +84,14 @@ impl Default for RingConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HashingConfig {
-    #[serde(deserialize_with = "from_str")]
-    pub key: KeySource,
+    #[serde(deserialize_with = "key_sources")]
+    pub key: KeySources,
 }
 
 impl Default for HashingConfig {
     fn default() -> Self {
         HashingConfig {
-            key: KeySource::Query("id".into()),
+            key: KeySources::one(KeySource::Query("id".into())),
         }
     }
 }
@@ -201,6 +201,39 @@ pub struct HealthConfig {
     /// Largest share (percent) of the members that failed connects on the request path may take
     /// out of the ring at once; one may always be taken out. Active checks are not capped.
     pub max_ejection_percent: u32,
+    /// The path active checks GET.
+    pub path: String,
+    /// The statuses that pass a check.
+    #[serde(deserialize_with = "expect_status")]
+    pub expect_status: ExpectStatus,
+}
+
+/// `[health] expect_status`: status codes and inclusive ranges a check may answer with
+/// (HAProxy's `http-check expect status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectStatus(pub Vec<(u16, u16)>);
+
+impl ExpectStatus {
+    pub fn matches(&self, status: u16) -> bool {
+        self.0.iter().any(|&(lo, hi)| (lo..=hi).contains(&status))
+    }
+}
+
+impl Default for ExpectStatus {
+    fn default() -> Self {
+        ExpectStatus(vec![(200, 200)])
+    }
+}
+
+impl fmt::Display for ExpectStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|&(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") })
+            .collect();
+        f.write_str(&parts.join(", "))
+    }
 }
 
 impl Default for HealthConfig {
@@ -213,6 +246,8 @@ impl Default for HealthConfig {
             recovery_delay: Duration::from_secs(2),
             max_backoff: Duration::from_secs(60),
             max_ejection_percent: 50,
+            path: "/heartbeat".into(),
+            expect_status: ExpectStatus::default(),
         }
     }
 }

@@ -216,6 +216,12 @@ impl Config {
                 format!("must be at most 10, got {}", self.proxy.retries),
             );
         }
+        if self.hashing.key.0.is_empty() {
+            bad(
+                "hashing.key",
+                "an empty list names no source: give at least one, e.g. \"query:id\"".into(),
+            );
+        }
         let px = &self.proxy;
         if px.retry_budget_percent > 100 {
             bad(
@@ -233,6 +239,18 @@ impl Config {
             if d.is_zero() {
                 bad(key, "must be more than 0".into());
             }
+        }
+        if !h.path.starts_with('/') || h.path.contains(char::is_whitespace) {
+            bad(
+                "health.path",
+                format!("{:?} is not a request path: write it like \"/heartbeat\"", h.path),
+            );
+        }
+        if h.expect_status.0.is_empty() {
+            bad(
+                "health.expect_status",
+                "an empty list passes no check: give at least one status, e.g. 200".into(),
+            );
         }
         if h.max_ejection_percent > 100 {
             bad(
@@ -320,6 +338,32 @@ mod tests {
             e.contains("proxy.retry_budget_percent") && e.contains("proxy.http2_max_streams"),
             "{e}"
         );
+        let e = err("[health]\nexpect_status = \"399-200\"\n");
+        assert!(e.contains("health.expect_status") && e.contains("backwards"), "{e}");
+        let e = err("[health]\nexpect_status = [200, \"2xx\"]\n");
+        assert!(e.contains("health.expect_status") && e.contains("malformed"), "{e}");
+        let e = err("[health]\nexpect_status = 700\n");
+        assert!(e.contains("not an HTTP status code"), "{e}");
+        let e = err("[health]\nexpect_status = []\npath = \"heartbeat\"\n");
+        assert!(e.contains("health.expect_status") && e.contains("health.path"), "{e}");
+        let ok = Config::parse(
+            "[health]\nexpect_status = [204, \"200-299\", \"304\"]\npath = \"/healthz\"\n",
+            Path::new("lb.toml"),
+        )
+        .expect("codes and ranges");
+        assert!(ok.health.expect_status.matches(250) && ok.health.expect_status.matches(304));
+        assert!(!ok.health.expect_status.matches(301));
+        assert_eq!(ok.health.expect_status.to_string(), "204, 200-299, 304");
+        let e = err("[hashing]\nkey = []\n");
+        assert!(e.contains("hashing.key") && e.contains("empty list"), "{e}");
+        let e = err("[hashing]\nkey = [\"header:x-user\", \"ip\"]\n");
+        assert!(e.contains("invalid key source \"ip\""), "{e}");
+        let ok = Config::parse(
+            "[hashing]\nkey = [\"header:x-user\", \"cookie:session\", \"client_ip\"]\n",
+            Path::new("lb.toml"),
+        )
+        .expect("a list of sources");
+        assert_eq!(ok.hashing.key.0.len(), 3);
         let e = err("[health]\nmax_ejection_percent = 150\n[admin]\nhosts = [\"lb:5000\"]\n");
         assert!(
             e.contains("health.max_ejection_percent") && e.contains("admin.hosts"),

@@ -6,23 +6,93 @@
 //! Must not touch: which key uses which syntax or what range is allowed (the section structs and
 //! the validator decide that).
 
-use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
-/// A value written as a string and parsed with its type's `FromStr`.
-pub(super) fn from_str<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: FromStr,
-    T::Err: fmt::Display,
-{
-    let s = String::deserialize(d)?;
-    s.parse().map_err(serde::de::Error::custom)
+/// `health.expect_status`: `200`, `"200-399"`, or a list of codes and ranges.
+pub(super) fn expect_status<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<super::ExpectStatus, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Item {
+        Code(i64),
+        Range(String),
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(Item),
+        Many(Vec<Item>),
+    }
+    let shape = "expected a status code (200), a range (\"200-399\") or a list of them ([200, \"300-399\"])";
+    let raw = Raw::deserialize(d).map_err(|_| serde::de::Error::custom(shape))?;
+    let items = match raw {
+        Raw::One(i) => vec![i],
+        Raw::Many(v) => v,
+    };
+    let code = |n: i64| {
+        u16::try_from(n)
+            .ok()
+            .filter(|c| (100..=599).contains(c))
+            .ok_or_else(|| format!("{n} is not an HTTP status code (100 to 599)"))
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let range = match item {
+            Item::Code(n) => code(n).map(|c| (c, c)),
+            Item::Range(text) => match text.split_once('-') {
+                Some((lo, hi)) => match (lo.trim().parse::<i64>(), hi.trim().parse::<i64>()) {
+                    (Ok(lo), Ok(hi)) => code(lo).and_then(|lo| {
+                        code(hi).and_then(|hi| {
+                            if lo <= hi {
+                                Ok((lo, hi))
+                            } else {
+                                Err(format!("range {text:?} runs backwards"))
+                            }
+                        })
+                    }),
+                    _ => Err(format!("malformed range {text:?}: {shape}")),
+                },
+                None => text
+                    .trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("malformed status {text:?}: {shape}"))
+                    .and_then(|n| code(n).map(|c| (c, c))),
+            },
+        };
+        out.push(range.map_err(serde::de::Error::custom)?);
+    }
+    Ok(super::ExpectStatus(out))
+}
+
+/// `hashing.key`: one source as a string, or a list of them.
+pub(super) fn key_sources<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<crate::hashing::KeySources, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    let raw = Raw::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(
+            "expected a key source like \"query:id\", or a list of them like [\"header:x-user\", \"client_ip\"]",
+        )
+    })?;
+    let texts = match raw {
+        Raw::One(s) => vec![s],
+        Raw::Many(v) => v,
+    };
+    texts
+        .iter()
+        .map(|t| t.parse().map_err(serde::de::Error::custom))
+        .collect::<Result<Vec<_>, _>>()
+        .map(crate::hashing::KeySources)
 }
 
 /// A duration as a string: `"10s"`, `"500ms"`, `"1m"`.

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::handle::Reply;
 use super::membership::Phase;
 use super::Controller;
-use crate::health::probe::{ProbeTarget, ProbeTask};
+use crate::health::probe::{Check, ProbeTarget, ProbeTask};
 use crate::health::{HealthState, ProbeOutcome, Tracker};
 use crate::provider::{Instance, ProviderError, ProviderEvent, ReplicaSpec};
 use crate::ring::ServerId;
@@ -191,6 +191,7 @@ impl Controller {
         };
         r.probe = Some(ProbeTask::start(
             target,
+            Arc::new(Check::of(&self.config.health)),
             self.prober.clone(),
             self.channels.probe_tx.clone(),
         ));

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::lifecycle::probe_period;
 use super::Controller;
 use crate::config::Config;
+use crate::health::probe::Check;
 use crate::policy::{Hook, PolicySet};
 
 /// One thing a config edit changes.
@@ -173,9 +174,11 @@ impl Controller {
 
     fn reset_probe_periods(&self) {
         let (interval, timeout) = (self.config.health.interval, self.config.health.timeout);
+        let check = Arc::new(Check::of(&self.config.health));
         for r in self.replicas.values() {
             if let Some(p) = &r.probe {
                 p.set_period(probe_period(r.tracker.state, interval), timeout);
+                p.set_check(check.clone());
             }
         }
     }
@@ -269,7 +272,7 @@ mod tests {
     fn a_key_source_edit_is_a_routing_change() {
         let old = Config::default();
         let mut new = old.clone();
-        new.hashing.key = "header:x-user".parse().expect("source");
+        new.hashing.key = crate::hashing::KeySources::one("header:x-user".parse().expect("source"));
         assert_eq!(plan(&old, new).changes, vec![ConfigChange::Routing]);
     }
 }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::{Controller, ControllerHandle, Parts};
 use crate::config::Config;
-use crate::health::probe::Prober;
+use crate::health::probe::{Check, Prober};
 use crate::health::ProbeOutcome;
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
@@ -184,7 +184,12 @@ impl Provider for World {
 }
 
 impl Prober for World {
-    fn probe(&self, addr: SocketAddr, _timeout: Duration) -> BoxFuture<'_, ProbeOutcome> {
+    fn probe(
+        &self,
+        addr: SocketAddr,
+        _check: Arc<Check>,
+        _timeout: Duration,
+    ) -> BoxFuture<'_, ProbeOutcome> {
         Box::pin(async move {
             let s = lock(&self.state);
             let answering = s

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -20,17 +21,39 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::{mpsc, Notify};
 
 use super::ProbeOutcome;
+use crate::config::ExpectStatus;
 use crate::error::{error_chain, local_resource_cause};
 use crate::ring::ServerId;
 
-/// Checks one replica address.
-pub trait Prober: Send + Sync + 'static {
-    fn probe(&self, addr: SocketAddr, timeout: Duration) -> BoxFuture<'_, ProbeOutcome>;
+/// What a check asks and what passes (`[health] path` and `expect_status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub path: String,
+    pub expect: ExpectStatus,
 }
 
-/// `GET /heartbeat` over a fresh connection each time (no pooling, so every check proves the
+impl Check {
+    pub fn of(health: &crate::config::HealthConfig) -> Check {
+        Check {
+            path: health.path.clone(),
+            expect: health.expect_status.clone(),
+        }
+    }
+}
+
+/// Checks one replica address.
+pub trait Prober: Send + Sync + 'static {
+    fn probe(
+        &self,
+        addr: SocketAddr,
+        check: Arc<Check>,
+        timeout: Duration,
+    ) -> BoxFuture<'_, ProbeOutcome>;
+}
+
+/// `GET <path>` over a fresh connection each time (no pooling, so every check proves the
 /// replica still accepts connections), with a deadline covering connect and the whole response;
-/// 200 is healthy.
+/// a status the check expects is healthy.
 pub struct HttpProber {
     client: Client<HttpConnector, Empty<Bytes>>,
 }
@@ -48,16 +71,21 @@ impl Default for HttpProber {
 }
 
 impl Prober for HttpProber {
-    fn probe(&self, addr: SocketAddr, timeout: Duration) -> BoxFuture<'_, ProbeOutcome> {
-        Box::pin(self.heartbeat(addr, timeout))
+    fn probe(
+        &self,
+        addr: SocketAddr,
+        check: Arc<Check>,
+        timeout: Duration,
+    ) -> BoxFuture<'_, ProbeOutcome> {
+        Box::pin(self.check(addr, check, timeout))
     }
 }
 
 impl HttpProber {
-    async fn heartbeat(&self, addr: SocketAddr, timeout: Duration) -> ProbeOutcome {
+    async fn check(&self, addr: SocketAddr, check: Arc<Check>, timeout: Duration) -> ProbeOutcome {
         let started = Instant::now();
         let at = SystemTime::now();
-        let uri = format!("http://{addr}/heartbeat");
+        let uri = format!("http://{addr}{}", check.path);
         let mut inconclusive = false;
         let result = tokio::time::timeout(timeout, async {
             let uri = uri
@@ -78,8 +106,12 @@ impl HttpProber {
         .await;
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         let (ok, status, error) = match result {
-            Ok(Ok(200)) => (true, Some(200), None),
-            Ok(Ok(s)) => (false, Some(s), Some(format!("status {s}"))),
+            Ok(Ok(s)) if check.expect.matches(s) => (true, Some(s), None),
+            Ok(Ok(s)) => (
+                false,
+                Some(s),
+                Some(format!("status {s}, expected {}", check.expect)),
+            ),
             Ok(Err(e)) => (false, None, Some(e)),
             Err(_) => (false, None, Some(format!("timed out after {timeout:?}"))),
         };
@@ -106,6 +138,7 @@ pub struct ProbeReport {
 pub struct ProbeTask {
     period_ms: Arc<AtomicU64>,
     timeout_ms: Arc<AtomicU64>,
+    check: Arc<ArcSwap<Check>>,
     now: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -120,21 +153,25 @@ pub struct ProbeTarget {
     pub timeout: Duration,
 }
 
+
 impl ProbeTask {
     pub fn start(
         target: ProbeTarget,
+        check: Arc<Check>,
         prober: Arc<dyn Prober>,
         reports: mpsc::Sender<ProbeReport>,
     ) -> ProbeTask {
         let period_ms = Arc::new(AtomicU64::new(millis(target.period)));
         let timeout_ms = Arc::new(AtomicU64::new(millis(target.timeout)));
+        let check = Arc::new(ArcSwap::new(check));
         let now = Arc::new(Notify::new());
         let task = tokio::spawn({
             let (period_ms, timeout_ms, now) = (period_ms.clone(), timeout_ms.clone(), now.clone());
+            let check = check.clone();
             async move {
                 loop {
                     let timeout = Duration::from_millis(timeout_ms.load(Ordering::Relaxed).max(1));
-                    let outcome = prober.probe(target.addr, timeout).await;
+                    let outcome = prober.probe(target.addr, check.load_full(), timeout).await;
                     let report = ProbeReport {
                         id: target.id,
                         incarnation: target.incarnation,
@@ -154,6 +191,7 @@ impl ProbeTask {
         ProbeTask {
             period_ms,
             timeout_ms,
+            check,
             now,
             task,
         }
@@ -163,6 +201,11 @@ impl ProbeTask {
     pub fn set_period(&self, period: Duration, timeout: Duration) {
         self.period_ms.store(millis(period), Ordering::Relaxed);
         self.timeout_ms.store(millis(timeout), Ordering::Relaxed);
+    }
+
+    /// Changes what the check asks (a `[health] path` or `expect_status` edit).
+    pub fn set_check(&self, check: Arc<Check>) {
+        self.check.store(check);
     }
 
     /// Checks now instead of waiting for the period.
@@ -185,13 +228,17 @@ impl Drop for ProbeTask {
 mod tests {
     use super::*;
 
+    fn heartbeat() -> Arc<Check> {
+        Arc::new(Check::of(&crate::config::HealthConfig::default()))
+    }
+
     #[tokio::test]
     async fn probing_a_closed_port_fails_with_the_cause() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         drop(listener);
         let out = HttpProber::default()
-            .probe(addr, Duration::from_secs(2))
+            .probe(addr, heartbeat(), Duration::from_secs(2))
             .await;
         assert!(!out.ok);
         assert!(
@@ -215,7 +262,7 @@ mod tests {
             }
         });
         let out = HttpProber::default()
-            .probe(addr, Duration::from_millis(200))
+            .probe(addr, heartbeat(), Duration::from_millis(200))
             .await;
         assert!(!out.ok);
         assert!(
@@ -224,5 +271,39 @@ mod tests {
             out.error
         );
         hold.abort();
+    }
+
+    #[tokio::test]
+    async fn the_check_asks_its_path_and_passes_the_statuses_it_expects() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let status = if head.starts_with("GET /healthz ") { "204 No Content" } else { "404 Not Found" };
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        let check = |path: &str, expect: Vec<(u16, u16)>| {
+            Arc::new(Check {
+                path: path.into(),
+                expect: ExpectStatus(expect),
+            })
+        };
+        let p = HttpProber::default();
+        let t = Duration::from_secs(2);
+        assert!(p.probe(addr, check("/healthz", vec![(200, 299)]), t).await.ok);
+        let out = p.probe(addr, check("/healthz", vec![(200, 200)]), t).await;
+        assert!(!out.ok);
+        assert!(out.error.is_some_and(|e| e.contains("status 204, expected 200")));
+        assert!(!p.probe(addr, check("/heartbeat", vec![(200, 299)]), t).await.ok, "404");
+        server.abort();
     }
 }
