@@ -406,10 +406,16 @@ mod tests {
         assert_eq!(list.extract(&p, ip).as_deref(), Some("bob"));
         let p = parts("/", &[("cookie", "session=s-1")]);
         assert_eq!(list.extract(&p, ip).as_deref(), Some("s-1"));
-        assert_eq!(list.extract(&parts("/", &[]), ip).as_deref(), Some("10.1.2.3"));
+        assert_eq!(
+            list.extract(&parts("/", &[]), ip).as_deref(),
+            Some("10.1.2.3")
+        );
         let none = KeySources(vec!["query:id".parse().expect("source"), KeySource::Random]);
         assert_eq!(none.extract(&parts("/", &[]), ip), None, "then a random id");
-        assert_eq!(list.to_string(), "[header:x-user, cookie:session, client_ip]");
+        assert_eq!(
+            list.to_string(),
+            "[header:x-user, cookie:session, client_ip]"
+        );
         assert_eq!(KeySources::one(KeySource::Path).to_string(), "path");
     }
 

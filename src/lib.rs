@@ -19,6 +19,7 @@
 //! - [`proxy`]: one request to one replica: streamed through a pooled client, retries.
 //! - [`routing`]: key → slot and virtual node → slot ("Lua hook, else the built-in"), shared by
 //!   the request path, the controller and the offline tools.
+//! - [`balance`]: bounded loads and slow start on top of the ring (pure decisions).
 //! - [`hashing`]: request keys and the built-in hash functions `H`, `Φ` and `mix64`.
 //! - [`ring`]: virtual-node placement and the owner table (pure, no I/O).
 //!
@@ -44,6 +45,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod balance;
 pub mod config;
 pub mod control;
 pub mod error;

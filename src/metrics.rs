@@ -72,6 +72,12 @@ pub struct Metrics {
     pub retries_over_budget: AtomicU64,
     /// Passive ejections not made because `health.max_ejection_percent` were out.
     pub ejections_capped: AtomicU64,
+    /// Requests sent past their key's owner because it was at the load bound.
+    pub diverted_load: AtomicU64,
+    /// Requests sent past their key's owner because it is ramping up (slow start).
+    pub diverted_slow_start: AtomicU64,
+    /// Replicas taken out for their answers (outlier ejection).
+    pub outlier_ejections: AtomicU64,
 }
 
 fn get(a: &AtomicU64) -> u64 {

@@ -25,15 +25,50 @@ pub struct ReplicaStats {
     pub by_class: [AtomicU64; 5],
     /// Requests to it that failed (connect errors, resets, timeouts).
     pub failures: AtomicU64,
-    /// Requests in progress (response body not finished): `/rm` drains until this is 0.
+    /// Requests in progress (response body not finished): `/rm` drains until this is 0, and
+    /// bounded loads balance on it.
     pub in_flight: AtomicI64,
+    /// The most requests it had in progress at once.
+    pub peak_in_flight: AtomicI64,
+    /// 5xx answers in a row (outlier ejection).
+    pub consecutive_5xx: AtomicU64,
 }
 
 impl ReplicaStats {
-    pub fn record_response(&self, status: u16) {
+    /// Counts a response; returns how many 5xx answers in a row it now has (0 for any other).
+    pub fn record_response(&self, status: u16) -> u64 {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.by_class[class].fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            // A load before the store: no write (and no cache-line bounce) in the usual case.
+            if self.consecutive_5xx.load(Ordering::Relaxed) != 0 {
+                self.consecutive_5xx.store(0, Ordering::Relaxed);
+            }
+            0
+        }
+    }
+
+    /// Requests in progress now (never negative).
+    pub fn load(&self) -> u64 {
+        u64::try_from(self.in_flight.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+}
+
+/// A replica that joined lately and takes its keys over gradually (`health.slow_start`).
+#[derive(Debug, Clone, Copy)]
+pub struct Ramp {
+    pub since: tokio::time::Instant,
+    pub window: std::time::Duration,
+}
+
+impl Ramp {
+    /// 0 when it joined, 1 once the window has passed.
+    pub fn progress(&self, now: tokio::time::Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.since).as_secs_f64();
+        (elapsed / self.window.as_secs_f64().max(f64::MIN_POSITIVE)).min(1.0)
     }
 }
 
@@ -49,6 +84,8 @@ pub struct Upstream {
     /// replica that was already replaced is ignored.
     pub incarnation: u64,
     pub stats: Arc<ReplicaStats>,
+    /// Set while it ramps up after joining.
+    pub ramp: Option<Ramp>,
 }
 
 /// Everything a request needs, immutable. In-flight requests finish on the snapshot they loaded.
@@ -64,6 +101,8 @@ pub struct Snapshot {
     pub members: Vec<String>,
     /// The active Lua policy (empty when there is none): hooks override the built-ins.
     pub policy: Arc<PolicySet>,
+    /// When the last ramp ends (`None`: no replica ramps), so requests skip the check after.
+    pub ramps_until: Option<tokio::time::Instant>,
     /// Every replica's address except `127.0.0.1`/`::1` (shared with the operator when replicas
     /// are local processes): never admin (see `crate::guard`).
     pub replica_ips: Vec<std::net::IpAddr>,
@@ -79,6 +118,7 @@ impl Snapshot {
             config,
             upstreams: Vec::new(),
             members: Vec::new(),
+            ramps_until: None,
             replica_ips: Vec::new(),
         }
     }

@@ -170,7 +170,10 @@ mod tests {
         let c = parse(text).expect("conf/lb.toml is valid");
         assert_eq!(c.ring.slots, 512);
         assert_eq!(c.ring.vnodes, 9);
-        assert_eq!(c.hashing.key, KeySources::one(KeySource::Query("id".into())));
+        assert_eq!(
+            c.hashing.key,
+            KeySources::one(KeySource::Query("id".into()))
+        );
         // The shipped file documents every key of every section, each in its own section
         // (commented out where the default is "unset"). The keys are read off the structs
         // themselves, so a new key without documentation fails here.

@@ -61,13 +61,16 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RingConfig {
     pub slots: u32,
     pub vnodes: u32,
     pub request_hash: HashFunction,
     pub vnode_hash: HashFunction,
+    /// Consistent hashing with bounded loads: 0 is off; c ≥ 1 keeps every server under
+    /// ⌈c · mean in flight⌉.
+    pub balance_factor: f64,
 }
 
 impl Default for RingConfig {
@@ -77,6 +80,7 @@ impl Default for RingConfig {
             vnodes: 9,
             request_hash: HashFunction::Quadratic,
             vnode_hash: HashFunction::Quadratic,
+            balance_factor: 0.0,
         }
     }
 }
@@ -206,6 +210,21 @@ pub struct HealthConfig {
     /// The statuses that pass a check.
     #[serde(deserialize_with = "expect_status")]
     pub expect_status: ExpectStatus,
+    /// A replica that joins takes its keys over gradually during this window; 0 is off.
+    #[serde(deserialize_with = "duration")]
+    pub slow_start: Duration,
+    /// Outlier ejection: this many 5xx answers in a row take a replica out; 0 is off.
+    pub eject_after_5xx: u32,
+    /// Outlier ejection: this percent or more of 5xx answers over `eject_window` takes a
+    /// replica out (with at least `eject_min_requests` answers); 0 is off.
+    pub eject_failure_percent: u32,
+    #[serde(deserialize_with = "duration")]
+    pub eject_window: Duration,
+    pub eject_min_requests: u32,
+    /// How long an ejected replica stays out, times the ejections it had in a row (capped by
+    /// `max_backoff`); it returns once this has passed and its checks pass.
+    #[serde(deserialize_with = "duration")]
+    pub eject_time: Duration,
 }
 
 /// `[health] expect_status`: status codes and inclusive ranges a check may answer with
@@ -230,7 +249,13 @@ impl fmt::Display for ExpectStatus {
         let parts: Vec<String> = self
             .0
             .iter()
-            .map(|&(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") })
+            .map(|&(lo, hi)| {
+                if lo == hi {
+                    lo.to_string()
+                } else {
+                    format!("{lo}-{hi}")
+                }
+            })
             .collect();
         f.write_str(&parts.join(", "))
     }
@@ -248,6 +273,12 @@ impl Default for HealthConfig {
             max_ejection_percent: 50,
             path: "/heartbeat".into(),
             expect_status: ExpectStatus::default(),
+            slow_start: Duration::ZERO,
+            eject_after_5xx: 0,
+            eject_failure_percent: 0,
+            eject_window: Duration::from_secs(10),
+            eject_min_requests: 20,
+            eject_time: Duration::from_secs(30),
         }
     }
 }

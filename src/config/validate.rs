@@ -240,10 +240,37 @@ impl Config {
                 bad(key, "must be more than 0".into());
             }
         }
+        let f = self.ring.balance_factor;
+        if !(f == 0.0 || (1.0..=100.0).contains(&f)) {
+            bad(
+                "ring.balance_factor",
+                format!("must be 0 (off) or between 1 and 100, got {f}: a factor under 1 would leave no server room"),
+            );
+        }
+        if h.slow_start > Duration::from_secs(3600) {
+            bad("health.slow_start", "must be at most 1h".into());
+        }
+        if h.eject_failure_percent > 100 {
+            bad(
+                "health.eject_failure_percent",
+                format!("must be between 0 and 100, got {}", h.eject_failure_percent),
+            );
+        }
+        for (key, d) in [
+            ("health.eject_window", h.eject_window),
+            ("health.eject_time", h.eject_time),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be more than 0".into());
+            }
+        }
         if !h.path.starts_with('/') || h.path.contains(char::is_whitespace) {
             bad(
                 "health.path",
-                format!("{:?} is not a request path: write it like \"/heartbeat\"", h.path),
+                format!(
+                    "{:?} is not a request path: write it like \"/heartbeat\"",
+                    h.path
+                ),
             );
         }
         if h.expect_status.0.is_empty() {
@@ -338,14 +365,33 @@ mod tests {
             e.contains("proxy.retry_budget_percent") && e.contains("proxy.http2_max_streams"),
             "{e}"
         );
+        for bad_factor in ["-1.0", "0.5", "101.0", "nan"] {
+            let e = err(&format!("[ring]\nbalance_factor = {bad_factor}\n"));
+            assert!(e.contains("ring.balance_factor"), "{bad_factor}: {e}");
+        }
+        assert!(Config::parse("[ring]\nbalance_factor = 1.25\n", Path::new("lb.toml")).is_ok());
+        let e = err("[health]\neject_failure_percent = 101\neject_window = \"0s\"\n");
+        assert!(
+            e.contains("health.eject_failure_percent") && e.contains("health.eject_window"),
+            "{e}"
+        );
         let e = err("[health]\nexpect_status = \"399-200\"\n");
-        assert!(e.contains("health.expect_status") && e.contains("backwards"), "{e}");
+        assert!(
+            e.contains("[health]") && e.contains("expect_status: range") && e.contains("backwards"),
+            "{e}"
+        );
         let e = err("[health]\nexpect_status = [200, \"2xx\"]\n");
-        assert!(e.contains("health.expect_status") && e.contains("malformed"), "{e}");
+        assert!(
+            e.contains("expect_status") && e.contains("malformed"),
+            "{e}"
+        );
         let e = err("[health]\nexpect_status = 700\n");
         assert!(e.contains("not an HTTP status code"), "{e}");
         let e = err("[health]\nexpect_status = []\npath = \"heartbeat\"\n");
-        assert!(e.contains("health.expect_status") && e.contains("health.path"), "{e}");
+        assert!(
+            e.contains("health.expect_status") && e.contains("health.path"),
+            "{e}"
+        );
         let ok = Config::parse(
             "[health]\nexpect_status = [204, \"200-299\", \"304\"]\npath = \"/healthz\"\n",
             Path::new("lb.toml"),

@@ -29,7 +29,8 @@ pub(super) fn expect_status<'de, D: Deserializer<'de>>(
         Many(Vec<Item>),
     }
     let shape = "expected a status code (200), a range (\"200-399\") or a list of them ([200, \"300-399\"])";
-    let raw = Raw::deserialize(d).map_err(|_| serde::de::Error::custom(shape))?;
+    let raw = Raw::deserialize(d)
+        .map_err(|_| serde::de::Error::custom(format!("expect_status: {shape}")))?;
     let items = match raw {
         Raw::One(i) => vec![i],
         Raw::Many(v) => v,
@@ -64,7 +65,7 @@ pub(super) fn expect_status<'de, D: Deserializer<'de>>(
                     .and_then(|n| code(n).map(|c| (c, c))),
             },
         };
-        out.push(range.map_err(serde::de::Error::custom)?);
+        out.push(range.map_err(|e| serde::de::Error::custom(format!("expect_status: {e}")))?);
     }
     Ok(super::ExpectStatus(out))
 }

@@ -36,6 +36,12 @@ pub enum Command {
         incarnation: u64,
         detail: String,
     },
+    /// A replica answered `consecutive` 5xx in a row (`health.eject_after_5xx`).
+    Outlier {
+        id: ServerId,
+        incarnation: u64,
+        consecutive: u64,
+    },
     /// Answered once every member is up or has failed to start (or immediately if they are).
     WaitReady {
         reply: oneshot::Sender<()>,
@@ -110,6 +116,16 @@ impl ControllerHandle {
     /// Sends a reload message (from the watcher); returns false once the controller is gone.
     pub async fn send(&self, cmd: Command) -> bool {
         self.tx.send(cmd).await.is_ok()
+    }
+
+    /// Never waits: a full queue drops the hint (the next 5xx repeats it past the threshold only
+    /// through the failure percentage; the count crosses the threshold once).
+    pub fn outlier(&self, id: ServerId, incarnation: u64, consecutive: u64) {
+        let _ = self.tx.try_send(Command::Outlier {
+            id,
+            incarnation,
+            consecutive,
+        });
     }
 
     /// Never waits: a full queue drops the hint (the next failure or check repeats it).

@@ -57,6 +57,14 @@ pub(super) struct Replica {
     pub up_since: Option<Instant>,
     pub next_restart: Option<Instant>,
     pub last_exit: Option<String>,
+    /// When it last joined the ring, if it is to take its keys over gradually.
+    pub ramp_since: Option<Instant>,
+    /// Outlier ejections in a row (the back-off multiplier); reset by a clean window.
+    pub ejections: u32,
+    /// While ejected: until when (its checks bring it back after this).
+    pub ejected_until: Option<Instant>,
+    /// Answers and 5xx answers counted at the last outlier window.
+    pub window_base: (u64, u64),
 }
 
 impl Replica {
@@ -73,6 +81,10 @@ impl Replica {
             up_since: None,
             next_restart: None,
             last_exit: None,
+            ramp_since: None,
+            ejections: 0,
+            ejected_until: None,
+            window_base: (0, 0),
         }
     }
 }
@@ -121,7 +133,9 @@ pub fn probe_period(state: HealthState, interval: Duration) -> Duration {
     match state {
         HealthState::Starting => START_PROBE_PERIOD,
         HealthState::Up => interval,
-        HealthState::Suspect | HealthState::Down => interval.min(FAST_PROBE_PERIOD),
+        HealthState::Suspect | HealthState::Down | HealthState::Ejected => {
+            interval.min(FAST_PROBE_PERIOD)
+        }
     }
 }
 

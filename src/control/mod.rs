@@ -12,6 +12,7 @@
 //! - [`membership`]: the pure membership model (ids, names, phases, `/add` and `/rm` plans).
 //! - `scaling`: applying plans: `/add` commit and rollback, `/rm` drain, `replicas.count`.
 //! - [`lifecycle`]: one replica's runs: start, replace with back-off, exits.
+//! - `outliers`: outlier ejection for what replicas answer (5xx in a row, a failure percentage).
 //! - `probes`: health evidence (checks with the Lua verdict, passive failures) → transitions.
 //! - `reload`: config edits as a validated list of [`reload::ConfigChange`]s; policy swaps.
 //! - `publish`: assembling and publishing the snapshot; readiness.
@@ -22,6 +23,7 @@
 pub mod handle;
 pub mod lifecycle;
 pub mod membership;
+mod outliers;
 mod probes;
 mod publish;
 pub mod reload;
@@ -82,6 +84,9 @@ struct Channels {
     internal: mpsc::UnboundedReceiver<Internal>,
 }
 
+/// How often the controller does its time-driven work.
+const TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub struct Controller {
     config: Arc<Config>,
     policy: Arc<PolicySet>,
@@ -98,6 +103,11 @@ pub struct Controller {
     next_op: OpId,
     add_ops: HashMap<OpId, Reply<Vec<String>>>,
     ready_waiters: Vec<oneshot::Sender<()>>,
+    /// When the last outlier window was evaluated.
+    last_window: tokio::time::Instant,
+    /// Set once the replicas of the start-up have settled: from then on a joining replica ramps
+    /// up (`health.slow_start`); at start-up nobody had its keys before.
+    ramps_enabled: bool,
     channels: Channels,
 }
 
@@ -132,6 +142,8 @@ impl Controller {
             next_op: 1,
             add_ops: HashMap::new(),
             ready_waiters: Vec::new(),
+            last_window: tokio::time::Instant::now(),
+            ramps_enabled: false,
             channels: Channels {
                 commands,
                 probe_tx,
@@ -147,8 +159,11 @@ impl Controller {
     /// Adopts existing replicas, starts the missing ones, then serves messages until shutdown.
     pub async fn run(mut self) {
         self.start_up().await;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = tick.tick() => self.on_tick(),
                 cmd = self.channels.commands.recv() => match cmd {
                     Some(Command::Shutdown { reply }) => {
                         self.shut_down().await;
@@ -183,6 +198,11 @@ impl Controller {
                 incarnation,
                 detail,
             } => self.on_passive_failure(id, incarnation, detail),
+            Command::Outlier {
+                id,
+                incarnation,
+                consecutive,
+            } => self.on_outlier(id, incarnation, consecutive),
             Command::WaitReady { reply } => {
                 self.ready_waiters.push(reply);
                 self.notify_ready();
@@ -232,6 +252,25 @@ impl Controller {
         self.provider.shutdown().await;
         for (_, reply) in self.add_ops.drain() {
             let _ = reply.send(Err(GatewayError::ShuttingDown));
+        }
+    }
+
+    /// Time-driven work: the outlier window, and republishing when a ramp ends (so the data
+    /// plane stops checking it).
+    fn on_tick(&mut self) {
+        let now = tokio::time::Instant::now();
+        let h = &self.config.health;
+        if h.eject_failure_percent > 0 && now >= self.last_window + h.eject_window {
+            self.last_window = now;
+            self.outlier_window();
+        }
+        if self
+            .shared
+            .load()
+            .ramps_until
+            .is_some_and(|until| now >= until)
+        {
+            self.publish();
         }
     }
 

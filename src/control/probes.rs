@@ -44,7 +44,7 @@ pub fn may_eject(members: usize, out: usize, percent: u32) -> bool {
 
 impl Controller {
     /// Members out of the ring now (down, or not running).
-    fn members_out(&self) -> usize {
+    pub(super) fn members_out(&self) -> usize {
         self.membership
             .members()
             .filter(|(id, _)| {
@@ -82,7 +82,13 @@ impl Controller {
         }
         r.last_probe = Some(report.outcome);
         let was = r.tracker.state;
-        let transition = r.tracker.on_probe(ok, rise, fall);
+        let mut transition = r.tracker.on_probe(ok, rise, fall);
+        if was == HealthState::Ejected && ok && self.maybe_readmit(id) {
+            transition = Transition::Up;
+        }
+        let Some(r) = self.replicas.get_mut(&id) else {
+            return;
+        };
         if let Some(p) = &r.probe {
             p.set_period(probe_period(r.tracker.state, interval), timeout);
         }
@@ -95,9 +101,10 @@ impl Controller {
                 r.last_exit = None;
                 if was == HealthState::Down {
                     tracing::info!(replica = %name, id = %id, "replica recovered");
-                } else {
+                } else if was != HealthState::Ejected {
                     tracing::info!(replica = %name, id = %id, "replica up");
                 }
+                self.start_ramp(id);
                 match phase {
                     Phase::Joining(op) => self.maybe_commit_add(op),
                     _ => self.publish(),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::Controller;
 use crate::ring::{Ring, ServerId};
-use crate::snapshot::{Snapshot, Upstream};
+use crate::snapshot::{Ramp, Snapshot, Upstream};
 
 /// `127.0.0.1` and `::1`: the address the `process` provider's replicas share with the operator
 /// on this host, so they cannot be told apart by address (other loopback addresses, such as
@@ -29,7 +29,36 @@ impl Controller {
                 .is_some_and(|r| r.tracker.state.routable() && r.instance.is_some())
     }
 
+    /// Replica `id` just joined the ring: it ramps up if `health.slow_start` is on and another
+    /// member serves meanwhile (when all start together there is nobody to hand keys over from).
+    pub(super) fn start_ramp(&mut self, id: ServerId) {
+        let window = self.config.health.slow_start;
+        let now = tokio::time::Instant::now();
+        let others_serve = self.ramps_enabled
+            && !window.is_zero()
+            && self.membership.members().any(|(other, _)| {
+                other != id
+                    && self.routable(other)
+                    && self
+                        .replicas
+                        .get(&other)
+                        .is_some_and(|r| self.ramp_of(r, now).is_none())
+            });
+        if let Some(r) = self.replicas.get_mut(&id) {
+            r.ramp_since = others_serve.then_some(now);
+        }
+    }
+
+    /// Its ramp, while `health.slow_start` is on and it has not passed.
+    fn ramp_of(&self, r: &super::lifecycle::Replica, now: tokio::time::Instant) -> Option<Ramp> {
+        let window = self.config.health.slow_start;
+        let since = r.ramp_since?;
+        (!window.is_zero() && now < since + window).then_some(Ramp { since, window })
+    }
+
     pub(super) fn publish(&mut self) {
+        let now = tokio::time::Instant::now();
+        let mut ramps_until: Option<tokio::time::Instant> = None;
         let ring = Ring::build(&self.placement, |id| self.routable(id));
         let max_id = self
             .replicas
@@ -48,7 +77,13 @@ impl Controller {
             let Ok(authority) = http::uri::Authority::try_from(inst.addr.to_string()) else {
                 continue;
             };
+            let ramp = self.ramp_of(r, now);
+            if let Some(rp) = ramp {
+                let end = rp.since + rp.window;
+                ramps_until = Some(ramps_until.map_or(end, |u| u.max(end)));
+            }
             upstreams[id.get() as usize] = Some(Arc::new(Upstream {
+                ramp,
                 id,
                 name: name.to_owned(),
                 addr: inst.addr,
@@ -80,6 +115,7 @@ impl Controller {
             upstreams,
             members: self.membership.member_names(),
             policy: self.policy.clone(),
+            ramps_until,
             replica_ips,
         }));
         self.notify_ready();
@@ -88,7 +124,7 @@ impl Controller {
     /// Ready when every member answers or has already failed to start (it is being retried with
     /// back-off; waiting for it would only delay the others).
     pub(super) fn notify_ready(&mut self) {
-        if self.ready_waiters.is_empty() {
+        if self.ready_waiters.is_empty() && self.ramps_enabled {
             return;
         }
         let settled = self.membership.members().all(|(id, _)| {
@@ -97,6 +133,7 @@ impl Controller {
                 .is_some_and(|r| r.tracker.state.routable() || r.crash_streak > 0)
         });
         if settled {
+            self.ramps_enabled = true;
             for w in self.ready_waiters.drain(..) {
                 let _ = w.send(());
             }

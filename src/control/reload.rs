@@ -23,7 +23,7 @@ pub enum ConfigChange {
     NeedsRestart(&'static str),
     /// `ring.slots`, `ring.vnodes` or `ring.vnode_hash`: every member is placed again.
     Placement,
-    /// `ring.request_hash` or `[hashing]`: new requests route with it.
+    /// `ring.request_hash`, `ring.balance_factor` or `[hashing]`: new requests route with it.
     Routing,
     /// `replicas.count`: scale to it.
     ReplicaCount { from: u32, to: u32 },
@@ -44,7 +44,9 @@ impl fmt::Display for ConfigChange {
         match self {
             ConfigChange::NeedsRestart(key) => write!(f, "{key} changed: needs a restart"),
             ConfigChange::Placement => f.write_str("ring placement (slots, vnodes or vnode_hash)"),
-            ConfigChange::Routing => f.write_str("request routing (ring.request_hash or hashing)"),
+            ConfigChange::Routing => {
+                f.write_str("request routing (ring.request_hash, ring.balance_factor or hashing)")
+            }
             ConfigChange::ReplicaCount { from, to } => write!(f, "replicas.count {from} -> {to}"),
             ConfigChange::ReplicaRules => f.write_str("replica limits (max_replicas, name_prefix)"),
             ConfigChange::Health => f.write_str("[health]"),
@@ -82,7 +84,10 @@ pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
     if n.slots != o.slots || n.vnodes != o.vnodes || n.vnode_hash != o.vnode_hash {
         changes.push(ConfigChange::Placement);
     }
-    if n.request_hash != o.request_hash || new.hashing != old.hashing {
+    if n.request_hash != o.request_hash
+        || n.balance_factor != o.balance_factor
+        || new.hashing != old.hashing
+    {
         changes.push(ConfigChange::Routing);
     }
     let (o, n) = (&old.replicas, &new.replicas);

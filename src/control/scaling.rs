@@ -79,6 +79,9 @@ impl Controller {
             self.membership.set_phase(id, Phase::Member);
             self.place(id);
         }
+        for &id in &ids {
+            self.start_ramp(id);
+        }
         self.publish();
         tracing::info!(op, n = ids.len(), "replicas added");
         let _ = reply.send(Ok(self.membership.member_names()));

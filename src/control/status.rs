@@ -21,7 +21,7 @@ struct Status<'a> {
     desired: usize,
     up: usize,
     ring: RingStatus,
-    health: HealthStatus,
+    health: HealthStatus<'a>,
     replicas: Vec<ReplicaStatus<'a>>,
     config: ConfigStatus<'a>,
     policy: serde_json::Value,
@@ -35,15 +35,24 @@ struct RingStatus {
     vnode_hash: crate::hashing::HashFunction,
     key: String,
     capacity: usize,
+    balance_factor: f64,
 }
 
 #[derive(Serialize)]
-struct HealthStatus {
+struct HealthStatus<'a> {
     interval_ms: u64,
     timeout_ms: u64,
     rise: u32,
     fall: u32,
     recovery_delay_ms: u64,
+    path: &'a str,
+    expect_status: String,
+    max_ejection_percent: u32,
+    slow_start_ms: u64,
+    eject_after_5xx: u32,
+    eject_failure_percent: u32,
+    eject_window_ms: u64,
+    eject_time_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -73,6 +82,8 @@ struct ReplicaStatus<'a> {
     responses: Responses,
     failures: u64,
     in_flight: i64,
+    peak_in_flight: i64,
+    consecutive_5xx: u64,
     consecutive_failures: u32,
     restarts: u32,
     crash_streak: u32,
@@ -80,6 +91,11 @@ struct ReplicaStatus<'a> {
     last_exit: Option<&'a str>,
     last_probe: Option<&'a ProbeOutcome>,
     slots: Vec<u32>,
+    /// Slow start: how far it has taken its keys over (0 to 1), while it ramps up.
+    ramp_progress: Option<f64>,
+    /// Outlier ejections in a row, and how long the current one still lasts.
+    ejections: u32,
+    ejected_for_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -125,6 +141,8 @@ impl Controller {
                     },
                     failures: s.failures.load(Ordering::Relaxed),
                     in_flight: s.in_flight.load(Ordering::Relaxed),
+                    peak_in_flight: s.peak_in_flight.load(Ordering::Relaxed),
+                    consecutive_5xx: s.consecutive_5xx.load(Ordering::Relaxed),
                     consecutive_failures: r.tracker.consecutive_failures,
                     restarts: r.restarts,
                     crash_streak: r.crash_streak,
@@ -134,6 +152,16 @@ impl Controller {
                     last_exit: r.last_exit.as_deref(),
                     last_probe: r.last_probe.as_ref(),
                     slots: self.placement.positions(id),
+                    ramp_progress: snap
+                        .upstream(id)
+                        .and_then(|u| u.ramp)
+                        .map(|rp| rp.progress(now))
+                        .filter(|p| *p < 1.0),
+                    ejections: r.ejections,
+                    ejected_for_ms: r
+                        .ejected_until
+                        .filter(|_| r.tracker.state == crate::health::HealthState::Ejected)
+                        .map(|t| millis(t.saturating_duration_since(now))),
                 })
             })
             .collect();
@@ -150,6 +178,7 @@ impl Controller {
                 vnode_hash: c.ring.vnode_hash,
                 key: c.hashing.key.to_string(),
                 capacity: self.placement.capacity(),
+                balance_factor: c.ring.balance_factor,
             },
             health: HealthStatus {
                 interval_ms: millis(c.health.interval),
@@ -157,6 +186,14 @@ impl Controller {
                 rise: c.health.rise,
                 fall: c.health.fall,
                 recovery_delay_ms: millis(c.health.recovery_delay),
+                path: &c.health.path,
+                expect_status: c.health.expect_status.to_string(),
+                max_ejection_percent: c.health.max_ejection_percent,
+                slow_start_ms: millis(c.health.slow_start),
+                eject_after_5xx: c.health.eject_after_5xx,
+                eject_failure_percent: c.health.eject_failure_percent,
+                eject_window_ms: millis(c.health.eject_window),
+                eject_time_ms: millis(c.health.eject_time),
             },
             replicas,
             config: ConfigStatus {

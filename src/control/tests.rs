@@ -325,3 +325,154 @@ async fn refused_calls_change_nothing() {
     assert_eq!(world.spawns_of("server-3").len(), 0);
     assert!(world.removes().is_empty());
 }
+
+fn id_of(h: &Harness, name: &str) -> (crate::ring::ServerId, u64) {
+    h.snapshot()
+        .upstreams
+        .iter()
+        .flatten()
+        .find(|u| u.name == name)
+        .map(|u| (u.id, u.incarnation))
+        .unwrap_or_else(|| panic!("{name} is not routed"))
+}
+
+fn outlier_config(count: u32) -> crate::config::Config {
+    let mut c = config(count);
+    c.health.eject_after_5xx = 3;
+    c.health.eject_time = Duration::from_secs(5);
+    c.health.max_backoff = Duration::from_secs(8);
+    c
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outlier_is_ejected_not_replaced_and_returns_after_its_time() {
+    let (world, events) = World::new(true);
+    let h = Harness::start(outlier_config(3), world.clone(), events);
+    h.until(SETTLE, "three up", |h| h.in_ring().len() == 3)
+        .await;
+    let (id, incarnation) = id_of(&h, "server-2");
+    h.handle.outlier(id, incarnation, 3);
+    h.until(Duration::from_millis(50), "ejected", |h| {
+        h.in_ring().len() == 2
+    })
+    .await;
+    let r = h.replica("server-2").await;
+    assert_eq!(r["state"], "ejected");
+    assert_eq!(r["ejections"], 1);
+    assert!(
+        r["ejected_for_ms"].as_u64().is_some_and(|ms| ms > 4000),
+        "{r}"
+    );
+    // Its checks pass all along, but it stays out until its time is up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(h.in_ring().len(), 2);
+    h.until(Duration::from_secs(5), "back", |h| h.in_ring().len() == 3)
+        .await;
+    assert_eq!(world.spawns_of("server-2").len(), 1, "never replaced");
+    // A second ejection in a row lasts twice as long (capped by max_backoff 8 s).
+    let (id, incarnation) = id_of(&h, "server-2");
+    h.handle.outlier(id, incarnation, 3);
+    h.until(Duration::from_millis(50), "ejected again", |h| {
+        h.in_ring().len() == 2
+    })
+    .await;
+    let r = h.replica("server-2").await;
+    assert_eq!(r["ejections"], 2);
+    assert!(
+        r["ejected_for_ms"].as_u64().is_some_and(|ms| ms > 7000),
+        "{r}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn outlier_ejection_shares_the_ejection_cap() {
+    let (world, events) = World::new(true);
+    let h = Harness::start(outlier_config(3), world, events);
+    h.until(SETTLE, "three up", |h| h.in_ring().len() == 3)
+        .await;
+    let (a, ia) = id_of(&h, "server-1");
+    let (b, ib) = id_of(&h, "server-2");
+    h.handle.outlier(a, ia, 3);
+    h.handle.outlier(b, ib, 3);
+    let _ = h.handle.status().await;
+    assert_eq!(h.in_ring().len(), 2, "50% of 3: one out at a time");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_percentage_over_the_window_ejects() {
+    let (world, events) = World::new(true);
+    let mut c = config(3);
+    c.health.eject_failure_percent = 50;
+    c.health.eject_window = Duration::from_secs(5);
+    c.health.eject_min_requests = 10;
+    let h = Harness::start(c, world, events);
+    h.until(SETTLE, "three up", |h| h.in_ring().len() == 3)
+        .await;
+    let stats = h
+        .snapshot()
+        .upstreams
+        .iter()
+        .flatten()
+        .find(|u| u.name == "server-3")
+        .map(|u| u.stats.clone())
+        .expect("routed");
+    for status in [
+        500u16, 500, 503, 200, 500, 502, 500, 200, 500, 500, 500, 200,
+    ] {
+        stats.record_response(status);
+    }
+    h.until(Duration::from_secs(12), "ejected by the window", |h| {
+        h.in_ring().len() == 2
+    })
+    .await;
+    assert_eq!(h.replica("server-3").await["state"], "ejected");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replacement_ramps_up_over_slow_start_and_start_up_does_not() {
+    let (world, events) = World::new(true);
+    let mut c = config(3);
+    c.health.slow_start = Duration::from_secs(10);
+    let h = Harness::start(c, world.clone(), events);
+    h.handle.wait_ready().await.expect("ready");
+    h.until(SETTLE, "three up", |h| h.in_ring().len() == 3)
+        .await;
+    assert!(
+        h.snapshot()
+            .upstreams
+            .iter()
+            .flatten()
+            .all(|u| u.ramp.is_none()),
+        "the replicas of the start-up take their keys at once"
+    );
+    world.kill("server-1").await;
+    h.until(SETTLE, "out", |h| h.in_ring().len() == 2).await;
+    h.until(SETTLE, "replaced", |h| h.in_ring().len() == 3)
+        .await;
+    let snap = h.snapshot();
+    let ramp = snap
+        .upstreams
+        .iter()
+        .flatten()
+        .find(|u| u.name == "server-1")
+        .and_then(|u| u.ramp)
+        .expect("the replacement ramps");
+    assert!(snap.ramps_until.is_some());
+    let early = ramp.progress(tokio::time::Instant::now());
+    assert!(early < 0.2, "{early}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mid = ramp.progress(tokio::time::Instant::now());
+    assert!((0.4..0.7).contains(&mid), "{mid}");
+    let r = h.replica("server-1").await;
+    assert!(r["ramp_progress"].as_f64().is_some_and(|p| p > 0.4), "{r}");
+    h.until(Duration::from_secs(8), "ramp over", |h| {
+        h.snapshot().ramps_until.is_none()
+    })
+    .await;
+    assert!(h
+        .snapshot()
+        .upstreams
+        .iter()
+        .flatten()
+        .all(|u| u.ramp.is_none()));
+}

@@ -24,6 +24,9 @@ pub enum HealthState {
     Up,
     Suspect,
     Down,
+    /// Taken out for its answers (outlier ejection): not replaced; back once its ejection time
+    /// has passed and its checks pass.
+    Ejected,
 }
 
 impl HealthState {
@@ -33,6 +36,7 @@ impl HealthState {
             HealthState::Up => "up",
             HealthState::Suspect => "suspect",
             HealthState::Down => "down",
+            HealthState::Ejected => "ejected",
         }
     }
 
@@ -109,7 +113,34 @@ impl Tracker {
             // Only the failure that reaches `fall` confirms death; later ones change nothing.
             (HealthState::Down, false) if self.consecutive_failures == fall => Transition::Dead,
             (HealthState::Down, false) => Transition::None,
+            // Ejected: its checks still run; the controller brings it back once its time is up.
+            // Failing them `fall` times means it is not just misbehaving but dead.
+            (HealthState::Ejected, true) => Transition::None,
+            (HealthState::Ejected, false) if failed_enough => {
+                self.state = HealthState::Down;
+                Transition::Dead
+            }
+            (HealthState::Ejected, false) => Transition::None,
         }
+    }
+
+    /// Outlier ejection: out of the ring (if it was in), not counted as a failed check.
+    pub fn eject(&mut self) -> bool {
+        if !self.state.routable() {
+            return false;
+        }
+        self.state = HealthState::Ejected;
+        self.consecutive_failures = 0;
+        self.consecutive_successes = 0;
+        true
+    }
+
+    /// An ejected replica whose time is up and whose check passed: back in the ring.
+    pub fn readmit(&mut self) -> Transition {
+        if self.state != HealthState::Ejected {
+            return Transition::None;
+        }
+        self.set(HealthState::Up, Transition::Up)
     }
 
     /// A failed connect on the request path: out of the ring at once, counted as one failure.

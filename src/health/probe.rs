@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -153,7 +153,6 @@ pub struct ProbeTarget {
     pub timeout: Duration,
 }
 
-
 impl ProbeTask {
     pub fn start(
         target: ProbeTarget,
@@ -285,7 +284,11 @@ mod tests {
                 let mut buf = [0u8; 1024];
                 let n = s.read(&mut buf).await.unwrap_or(0);
                 let head = String::from_utf8_lossy(&buf[..n]).to_string();
-                let status = if head.starts_with("GET /healthz ") { "204 No Content" } else { "404 Not Found" };
+                let status = if head.starts_with("GET /healthz ") {
+                    "204 No Content"
+                } else {
+                    "404 Not Found"
+                };
                 let _ = s
                     .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes())
                     .await;
@@ -299,11 +302,22 @@ mod tests {
         };
         let p = HttpProber::default();
         let t = Duration::from_secs(2);
-        assert!(p.probe(addr, check("/healthz", vec![(200, 299)]), t).await.ok);
+        assert!(
+            p.probe(addr, check("/healthz", vec![(200, 299)]), t)
+                .await
+                .ok
+        );
         let out = p.probe(addr, check("/healthz", vec![(200, 200)]), t).await;
         assert!(!out.ok);
-        assert!(out.error.is_some_and(|e| e.contains("status 204, expected 200")));
-        assert!(!p.probe(addr, check("/heartbeat", vec![(200, 299)]), t).await.ok, "404");
+        assert!(out
+            .error
+            .is_some_and(|e| e.contains("status 204, expected 200")));
+        assert!(
+            !p.probe(addr, check("/heartbeat", vec![(200, 299)]), t)
+                .await
+                .ok,
+            "404"
+        );
         server.abort();
     }
 }

@@ -158,7 +158,10 @@ pub struct InFlight(Arc<ReplicaStats>);
 
 impl InFlight {
     pub fn start(stats: &Arc<ReplicaStats>) -> InFlight {
-        stats.in_flight.fetch_add(1, Ordering::AcqRel);
+        let now = stats.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        if now > stats.peak_in_flight.load(Ordering::Relaxed) {
+            stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
+        }
         InFlight(stats.clone())
     }
 }

@@ -26,9 +26,11 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
+use crate::balance;
 use crate::control::ControllerHandle;
 use crate::error::{error_chain, local_resource_cause, Body, GatewayError};
 use crate::metrics::Metrics;
+use crate::ring::ServerId;
 use crate::snapshot::Snapshot;
 use body::{InFlight, ProxyBody};
 use retry::Failure;
@@ -88,7 +90,8 @@ async fn try_forward(
     let router = snap.router();
     let key = router.key(&parts, client_addr.ip());
     let slot = router.request_slot(key);
-    let first = snap.ring.owner(slot).ok_or(GatewayError::NoReplica)?;
+    let owner = snap.ring.owner(slot).ok_or(GatewayError::NoReplica)?;
+    let first = balanced(snap, metrics, slot, key, owner);
 
     let mut body = ProxyBody::new(body, limit);
     let framing = upstream::framing_of(&parts.method, &body);
@@ -107,8 +110,10 @@ async fn try_forward(
     let attempts = 1 + cfg.proxy.retries as usize;
     let mut retrying: Option<retry::Retrying> = None;
     let mut server = first;
+    let mut tried = Tried::default();
     let mut attempt = 0;
     loop {
+        tried.push(server);
         let replica = snap.upstream(server).ok_or(GatewayError::NoReplica)?;
         let req = upstream::Request {
             addr: replica.addr,
@@ -123,7 +128,11 @@ async fn try_forward(
         let e = match tokio::time::timeout(cfg.proxy.request_timeout, sent).await {
             Ok(Ok(resp)) => {
                 metrics.upstream_latency.observe(started.elapsed());
-                replica.stats.record_response(resp.status().as_u16());
+                let in_a_row = replica.stats.record_response(resp.status().as_u16());
+                let threshold = u64::from(cfg.health.eject_after_5xx);
+                if threshold > 0 && in_a_row == threshold {
+                    controller.outlier(replica.id, replica.incarnation, in_a_row);
+                }
                 return Ok(resp.map(BodyExt::boxed_unsync));
             }
             Ok(Err(e)) => e,
@@ -162,7 +171,7 @@ async fn try_forward(
             .as_ref()
             .is_none_or(|(slot, _)| slot.is_untouched());
         let next = retry::may_retry(failure, method, body_unsent, &cfg.proxy.retry_on)
-            .then(|| snap.ring.successors(slot).nth(attempt + 1))
+            .then(|| snap.ring.successors(slot).find(|s| !tried.contains(*s)))
             .flatten()
             .filter(|_| attempt + 1 < attempts);
         let bad_gateway = || GatewayError::BadGateway {
@@ -186,6 +195,68 @@ async fn try_forward(
         server = n;
         attempt += 1;
         body = ProxyBody::again(slot_handle);
+    }
+}
+
+/// The servers a request was sent to, in order (at most 1 + `proxy.retries` ≤ 11).
+#[derive(Default)]
+struct Tried {
+    ids: [Option<ServerId>; 11],
+    len: usize,
+}
+
+impl Tried {
+    fn push(&mut self, id: ServerId) {
+        if let Some(slot) = self.ids.get_mut(self.len) {
+            *slot = Some(id);
+            self.len += 1;
+        }
+    }
+
+    fn contains(&self, id: ServerId) -> bool {
+        self.ids[..self.len].contains(&Some(id))
+    }
+}
+
+/// The first server for key `key` at `slot`: its owner, unless bounded loads or a replica's
+/// slow start say otherwise (`crate::balance`). Off by default, and then only the owner.
+fn balanced(snap: &Snapshot, metrics: &Metrics, slot: u32, key: u64, owner: ServerId) -> ServerId {
+    let factor = snap.config.ring.balance_factor;
+    let now = tokio::time::Instant::now();
+    let ramping = snap.ramps_until.is_some_and(|until| now < until);
+    if factor == 0.0 && !ramping {
+        return owner;
+    }
+    let bound = (factor > 0.0).then(|| {
+        let in_flight: u64 = snap
+            .upstreams
+            .iter()
+            .flatten()
+            .map(|u| u.stats.load())
+            .sum();
+        balance::load_bound(factor, in_flight, snap.ring.servers())
+    });
+    let candidates = snap.ring.successors(slot).filter_map(|id| {
+        let u = snap.upstream(id)?;
+        Some(balance::Candidate {
+            id,
+            load: u.stats.load(),
+            admits: u
+                .ramp
+                .is_none_or(|r| balance::ramp_admits(key, r.progress(now))),
+        })
+    });
+    match balance::choose(candidates, bound) {
+        Some((id, _)) if id == owner => id,
+        Some((id, why)) => {
+            let counter = match why {
+                balance::Choice::Ramping => &metrics.diverted_slow_start,
+                _ => &metrics.diverted_load,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            id
+        }
+        None => owner,
     }
 }
 
