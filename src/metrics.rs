@@ -132,6 +132,11 @@ impl Metrics {
             &self.ejections,
         );
         counter(o, "ringgate_ejections_capped_total", "Passive ejections not made because health.max_ejection_percent of the members were out.", &self.ejections_capped);
+        family(o, "ringgate_diverted_total", "counter", "Requests sent past their key's owner: at the load bound (ring.balance_factor), or the owner ramping up (health.slow_start).", &[
+            ("reason=\"load\"".into(), get(&self.diverted_load).to_string()),
+            ("reason=\"slow_start\"".into(), get(&self.diverted_slow_start).to_string()),
+        ]);
+        counter(o, "ringgate_outlier_ejections_total", "Replicas ejected for their answers (consecutive 5xx or a failure percentage); not replaced.", &self.outlier_ejections);
         counter(
             o,
             "ringgate_respawns_total",

@@ -67,6 +67,12 @@ impl Config {
                     .and_then(|d| table_at(d.as_table(), offset))
                     .map(|t| format!("in [{t}]: "))
                     .unwrap_or_default();
+                // Name the key whose value is wrong, where the span points at one.
+                let key = doc
+                    .and_then(|d| key_at(d.as_table(), offset))
+                    .map(|k| format!("{k}: "))
+                    .unwrap_or_default();
+                let table = format!("{table}{key}");
                 ConfigError::Parse {
                     path: path.to_owned(),
                     line,
@@ -117,6 +123,36 @@ fn key_span(root: &Table, dotted: &str) -> Option<Range<usize>> {
         table = item.as_table_like()?;
     }
     None
+}
+
+/// The name of the key (within its table) whose value's span holds `offset`.
+fn key_at(root: &Table, offset: usize) -> Option<String> {
+    fn visit(table: &dyn toml_edit::TableLike, offset: usize) -> Option<String> {
+        for (key, item) in table.iter() {
+            match item {
+                Item::Value(v) => {
+                    if let Some(s) = v.span() {
+                        if s.start <= offset && offset < s.end.max(s.start + 1) {
+                            return Some(key.to_owned());
+                        }
+                    }
+                    if let Some(t) = v.as_inline_table() {
+                        if let Some(found) = visit(t, offset) {
+                            return Some(found);
+                        }
+                    }
+                }
+                Item::Table(t) => {
+                    if let Some(found) = visit(t, offset) {
+                        return Some(found);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+    visit(root, offset)
 }
 
 /// The dotted name of the innermost `[table]` whose span (header to last value) holds `offset`.

@@ -15,12 +15,19 @@ pub enum Behaviour {
     Echo,
     /// Reads the request head, then closes the connection without a response.
     Reset,
+    /// Answers with the backend's current `status` (see [`Backend::set_status`]) after
+    /// `delay_ms`, with its name as the body.
+    Answer { delay_ms: u64 },
 }
 
 pub struct Backend {
     pub addr: SocketAddr,
     /// Requests other than `/heartbeat` received.
     pub hits: Arc<AtomicUsize>,
+    status: Arc<std::sync::atomic::AtomicU16>,
+    /// Requests in progress now, and the most at once.
+    pub in_flight: Arc<AtomicUsize>,
+    pub peak: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -32,11 +39,17 @@ impl Backend {
         let addr = listener.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let counter = hits.clone();
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (st, inf, pk) = (status.clone(), in_flight.clone(), peak.clone());
         let task = tokio::spawn(async move {
             // Connection tasks live in the set, so stopping the backend closes them too.
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((mut s, _)) = listener.accept().await {
                 let counter = counter.clone();
+                let (st, inf, pk) = (st.clone(), inf.clone(), pk.clone());
+                let name = addr.to_string();
                 connections.spawn(async move {
                     loop {
                         let mut got = Vec::new();
@@ -48,17 +61,30 @@ impl Backend {
                             }
                         }
                         let head = String::from_utf8_lossy(&got).to_lowercase();
+                        let mut code = 200;
                         let body = if head.starts_with("get /heartbeat") {
+                            String::new()
+                        } else if head.starts_with("get /healthz") {
+                            code = 204;
                             String::new()
                         } else {
                             counter.fetch_add(1, Ordering::SeqCst);
-                            if behaviour == Behaviour::Reset {
-                                return;
+                            match behaviour {
+                                Behaviour::Reset => return,
+                                Behaviour::Echo => head,
+                                Behaviour::Answer { delay_ms } => {
+                                    let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
+                                    pk.fetch_max(now, Ordering::SeqCst);
+                                    tokio::time::sleep(std::time::Duration::from_millis(delay_ms))
+                                        .await;
+                                    inf.fetch_sub(1, Ordering::SeqCst);
+                                    code = st.load(Ordering::SeqCst);
+                                    name.clone()
+                                }
                             }
-                            head
                         };
                         let resp = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-hop: 1\r\n\r\n{}",
+                            "HTTP/1.1 {code} X\r\ncontent-length: {}\r\nx-hop: 1\r\n\r\n{}",
                             body.len(),
                             body
                         );
@@ -69,11 +95,28 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, hits, task }
+        Backend {
+            addr,
+            hits,
+            status,
+            in_flight,
+            peak,
+            task,
+        }
     }
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Forgets the most requests in progress at once seen so far.
+    pub fn reset_peak(&self) {
+        self.peak.store(0, Ordering::SeqCst);
+    }
+
+    /// The status an `Answer` backend gives from now on.
+    pub fn set_status(&self, code: u16) {
+        self.status.store(code, Ordering::SeqCst);
     }
 }
 
