@@ -11,4 +11,6 @@ TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 
 bench/deps.sh fonts
 "$CARGO" build --release -p ringgate -p ringgate-lab --bins
-exec "$TARGET_DIR/release/ringgate-lab" analysis --gateway-bin "$TARGET_DIR/release/ringgate" "$@"
+"$TARGET_DIR/release/ringgate-lab" analysis --gateway-bin "$TARGET_DIR/release/ringgate" "$@"
+# Bounded loads and slow start: their own section of the report, charts in docs/img/.
+"$TARGET_DIR/release/ringgate-lab" analysis balancing --gateway-bin "$TARGET_DIR/release/ringgate"

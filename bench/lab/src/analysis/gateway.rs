@@ -55,6 +55,10 @@ pub struct GatewaySpec {
     pub hash: HashChoice,
     pub health_interval: &'static str,
     pub recovery_delay: &'static str,
+    /// More `[ring]` lines (e.g. `balance_factor = 1.25`).
+    pub ring_extra: String,
+    /// More `[health]` lines (e.g. `slow_start = "10s"`).
+    pub health_extra: String,
 }
 
 impl GatewaySpec {
@@ -64,6 +68,8 @@ impl GatewaySpec {
             hash,
             health_interval: "1s",
             recovery_delay: "2s",
+            ring_extra: String::new(),
+            health_extra: String::new(),
         }
     }
 
@@ -82,7 +88,7 @@ slots = 512
 vnodes = 9
 request_hash = "{hash}"
 vnode_hash = "{hash}"
-
+{ring_extra}
 [hashing]
 key = "query:id"
 
@@ -97,13 +103,15 @@ kind = "process"
 [health]
 interval = "{interval}"
 recovery_delay = "{recovery}"
-
+{health_extra}
 [policy]
 dir = "{dir}"
 "#,
             count = self.replicas,
             interval = self.health_interval,
             recovery = self.recovery_delay,
+            ring_extra = self.ring_extra,
+            health_extra = self.health_extra,
             dir = policy_dir
                 .display()
                 .to_string()

@@ -15,6 +15,7 @@
 //! - [`report`]: the markdown report and its sections.
 //! - [`proxies`]: ringgate against NGINX and HAProxy (`make bench`).
 
+pub mod balancing;
 pub mod charts;
 pub mod experiments;
 pub mod gateway;
@@ -120,6 +121,8 @@ pub struct AnalysisArgs {
 pub enum AnalysisCommand {
     /// Throughput of ringgate against NGINX and HAProxy over the same backends (`make bench`)
     Proxies(proxies::ProxiesArgs),
+    /// Bounded loads and slow start on live gateways (part of `make analysis`)
+    Balancing(balancing::BalancingArgs),
 }
 
 /// Everything one `ringgate-lab analysis` run measured.
@@ -138,8 +141,10 @@ pub struct Results {
 
 /// Runs `ringgate-lab analysis`.
 pub async fn run_cli(args: AnalysisArgs) -> Result<(), AnalysisError> {
-    if let Some(AnalysisCommand::Proxies(p)) = args.command {
-        return proxies::run(p).await;
+    match args.command {
+        Some(AnalysisCommand::Proxies(p)) => return proxies::run(p).await,
+        Some(AnalysisCommand::Balancing(b)) => return balancing::run(b).await,
+        None => {}
     }
     let bin = match &args.gateway_bin {
         Some(b) => b.clone(),

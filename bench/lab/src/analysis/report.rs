@@ -41,12 +41,40 @@ fn ensure_nl(s: &str) -> String {
     }
 }
 
-/// Writes `md` to `path`, keeping the bench section of the file already there.
+const BALANCING_BEGIN: &str =
+    "<!-- balancing:begin (written by `ringgate-lab analysis balancing`) -->";
+const BALANCING_END: &str = "<!-- balancing:end -->";
+
+/// Replaces the marked balancing section of `doc` (or appends one) with `content`.
+pub fn replace_balancing_section(doc: &str, content: &str) -> String {
+    let section = format!("{BALANCING_BEGIN}\n{}{BALANCING_END}", ensure_nl(content));
+    match (doc.find(BALANCING_BEGIN), doc.find(BALANCING_END)) {
+        (Some(b), Some(e)) if e > b => {
+            format!("{}{section}{}", &doc[..b], &doc[e + BALANCING_END.len()..])
+        }
+        _ => format!(
+            "{}\n## Balancing beyond the ring: bounded loads and slow start\n\n{section}\n",
+            ensure_nl(doc)
+        ),
+    }
+}
+
+fn balancing_section(doc: &str) -> Option<&str> {
+    let b = doc.find(BALANCING_BEGIN)? + BALANCING_BEGIN.len();
+    let e = doc.find(BALANCING_END)?;
+    (e >= b).then(|| doc[b..e].trim_start_matches('\n'))
+}
+
+/// Writes `md` to `path`, keeping the bench and balancing sections of the file already there.
 pub fn write_doc(path: &Path, md: &str) -> Result<(), AnalysisError> {
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let md = match bench_section(&old) {
         Some(kept) if !kept.trim().is_empty() => replace_bench_section(md, kept),
         _ => md.to_string(),
+    };
+    let md = match balancing_section(&old) {
+        Some(kept) if !kept.trim().is_empty() => replace_balancing_section(&md, kept),
+        _ => md,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| AnalysisError::io("creating the docs dir", e))?;
@@ -56,7 +84,7 @@ pub fn write_doc(path: &Path, md: &str) -> Result<(), AnalysisError> {
 }
 
 /// `file` as a link relative to the directory of `doc` (both relative to the same root).
-fn link(doc: &Path, file: &Path) -> String {
+pub fn link(doc: &Path, file: &Path) -> String {
     if file.is_absolute() {
         return file.display().to_string();
     }
