@@ -154,6 +154,7 @@ async fn slow_start_run(bin: &Path, window: u64) -> Result<SlowStart, AnalysisEr
     cfg.requests = None;
     cfg.duration = Some(Duration::from_secs(secs));
     cfg.keys = KeyPlan::List(keys.clone());
+    let t0 = std::time::Instant::now();
     let load = tokio::spawn(async move { loadgen::run(&cfg).await });
     tokio::time::sleep(Duration::from_secs(3)).await;
     let victim = "server-3";
@@ -163,6 +164,7 @@ async fn slow_start_run(bin: &Path, window: u64) -> Result<SlowStart, AnalysisEr
         .flatten()
         .find(|r| r["name"] == victim)
         .and_then(|r| r["instance"].as_str()?.parse::<u32>().ok());
+    let killed_at = t0.elapsed();
     if let Some(pid) = pid {
         signal(pid, "KILL");
     }
@@ -170,7 +172,9 @@ async fn slow_start_run(bin: &Path, window: u64) -> Result<SlowStart, AnalysisEr
         .await
         .map_err(|e| AnalysisError::Bench(format!("load task: {e}")))?;
     gw.stop().await;
-    Ok(analyse_slow_start(&report?, &keys, victim, window))
+    Ok(analyse_slow_start(
+        &report?, &keys, victim, window, killed_at,
+    ))
 }
 
 /// The share of the victim's keys it answers over time, from when its replacement first
@@ -180,17 +184,13 @@ pub fn analyse_slow_start(
     keys: &[String],
     victim: &str,
     window: u64,
+    killed_at: Duration,
 ) -> SlowStart {
     let key_of = |seq: u64| (seq % keys.len() as u64) as usize;
     let mut first_owner: HashMap<usize, String> = HashMap::new();
     let mut records: Vec<_> = report.records.iter().filter(|r| r.is_ok()).collect();
     records.sort_by_key(|r| r.offset);
-    let killed_at = records
-        .iter()
-        .find(|r| r.server.as_deref() != Some(victim) && r.offset.as_secs() >= 3)
-        .map(|r| r.offset)
-        .unwrap_or_default();
-    for r in records.iter().filter(|r| r.offset < Duration::from_secs(3)) {
+    for r in records.iter().filter(|r| r.offset < killed_at) {
         if let Some(s) = &r.server {
             first_owner
                 .entry(key_of(r.seq))
@@ -202,9 +202,13 @@ pub fn analyse_slow_start(
         .filter(|(_, s)| s.as_str() == victim)
         .map(|(k, _)| *k)
         .collect();
+    // Requests the victim answered just before it died can finish after the kill: its
+    // replacement starts after `recovery_delay` (500 ms) at the earliest.
     let back = records
         .iter()
-        .find(|r| r.offset > killed_at && r.server.as_deref() == Some(victim))
+        .find(|r| {
+            r.offset > killed_at + Duration::from_millis(300) && r.server.as_deref() == Some(victim)
+        })
         .map(|r| r.offset)
         .unwrap_or(killed_at);
     let mut buckets: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
