@@ -43,9 +43,19 @@ try:
         s.recv(4096)
     time.sleep(0.5)
     burst = rss()
+    # How long until it is back under 30 MiB with the connections still open (DESIGN: 60 s).
+    settle_start = time.time()
+    settled = None
+    while time.time() - settle_start < 90:
+        if rss()[0] < 30.0:
+            settled = time.time() - settle_start
+            break
+        time.sleep(1)
+    after = rss()
+    settled_text = f"under 30 MiB after {settled:.0f} s" if settled is not None else "still over 30 MiB after 90 s"
     print(f"gateway RSS: idle {idle[0]:.1f} MiB; {n} open keep-alive connections, one request each "
           f"{open_conns[0]:.1f} MiB; after a burst of {n} concurrent requests {burst[0]:.1f} MiB "
-          f"(peak {burst[1]:.1f} MiB)")
+          f"(peak {burst[1]:.1f} MiB); {settled_text} ({after[0]:.1f} MiB)")
     for s in socks:
         s.close()
 finally:

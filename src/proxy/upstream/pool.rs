@@ -22,8 +22,9 @@ use tokio::time::Instant;
 pub const MAX_IDLE_PER_REPLICA: usize = 64;
 /// An idle connection older than this is closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// A buffer kept with an idle connection; a larger one is given back to the allocator.
-const KEEP_BUFFER: usize = 8 * 1024;
+/// A buffer kept with an idle connection; a larger one is given back to the allocator (idle
+/// connections are many after a burst, and each buffer is RSS).
+const KEEP_BUFFER: usize = 0;
 
 /// One connection to a replica.
 pub struct Conn {
