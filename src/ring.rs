@@ -489,7 +489,10 @@ mod tests {
         );
         assert_eq!(
             problem(p.restore(id(2), &[5, 6, 16])),
-            RecordProblem::OutOfRange { slot: 16, slots: 16 }
+            RecordProblem::OutOfRange {
+                slot: 16,
+                slots: 16
+            }
         );
         assert_eq!(
             problem(p.restore(id(2), &[5, 6, 5])),

@@ -138,8 +138,9 @@ impl Controller {
         self.replicas.insert(id, Replica::new());
     }
 
-    /// Forgets replica `id` entirely; returns its name.
+    /// Forgets replica `id` entirely, freeing its slots; returns its name.
     pub(super) fn forget(&mut self, id: ServerId) -> Option<String> {
+        self.placement.remove(id);
         self.replicas.remove(&id);
         self.membership.remove(id).map(|e| e.name)
     }
@@ -158,7 +159,11 @@ impl Controller {
         r.instance = None;
         r.probe = None;
         r.next_restart = None;
-        let spec = ReplicaSpec { id, hostname: name };
+        let spec = ReplicaSpec {
+            id,
+            hostname: name,
+            slots: self.placement.positions(id),
+        };
         let provider = self.provider.clone();
         let tx = self.channels.internal_tx.clone();
         tokio::spawn(async move {

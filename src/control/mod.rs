@@ -198,7 +198,10 @@ impl Controller {
 
     async fn start_up(&mut self) {
         match self.provider.list().await {
-            Ok(existing) => {
+            Ok(mut existing) => {
+                // Replicas with recorded slots go back there first; the others are placed
+                // around them.
+                existing.sort_by_key(|i| (i.slots.is_none(), i.id));
                 for inst in existing {
                     let (id, name) = (inst.id, inst.hostname.clone());
                     if self.membership.get(id).is_some() || self.membership.id_of(&name).is_some() {
@@ -207,7 +210,7 @@ impl Controller {
                     }
                     tracing::info!(replica = %name, id = %id, addr = %inst.addr, "adopting existing replica");
                     self.insert_replica(id, name, Phase::Member);
-                    self.place(id);
+                    self.place_as_recorded(id, inst.slots.as_deref());
                     let incarnation = self.bump_incarnation();
                     if let Some(r) = self.replicas.get_mut(&id) {
                         r.incarnation = incarnation;
@@ -253,9 +256,27 @@ impl Controller {
         }
     }
 
-    /// Every member placed again from scratch, in id order: after the ring's parameters or the
+    /// Places replica `id` at the slots recorded for it, when it has a valid record; else
+    /// computes its place and says why.
+    fn place_as_recorded(&mut self, id: crate::ring::ServerId, slots: Option<&[u32]>) {
+        let Some(slots) = slots else {
+            return self.place(id);
+        };
+        if let Err(e) = self.placement.restore(id, slots) {
+            tracing::warn!(id = %id, error = %e, "placing it anew instead");
+            self.place(id);
+        }
+    }
+
+    /// Every member (and joining replica) placed again from scratch, in id order: after the ring's parameters or the
     /// virtual-node hash changed, old positions mean nothing.
     fn rebuild_placement(&self, config: &Config) -> Result<Placement, RingError> {
-        Router::new(config, &self.policy).placement(&self.membership.member_ids())
+        let ids: Vec<_> = self
+            .membership
+            .all()
+            .filter(|(_, e)| e.phase != Phase::Leaving)
+            .map(|(id, _)| id)
+            .collect();
+        Router::new(config, &self.policy).placement(&ids)
     }
 }

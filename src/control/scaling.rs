@@ -1,7 +1,8 @@
 //! Scaling: the membership plans of `/add`, `/rm` and `replicas.count` carried out.
 //!
-//! Owns: `/add` as one unit (its replicas start in the `Joining` phase, off the ring; the call
-//! commits, placing them all, only once every one answers, and rolls back whole, stopping them
+//! Owns: `/add` as one unit (its replicas are placed at once, so their slots are decided when
+//! they are created, and start in the `Joining` phase, which the owner table skips; the call
+//! commits, routing to them all, only once every one answers, and rolls back whole, stopping them
 //! all, if any fails), `/rm` (off the ring at once, drained, then stopped) and growing or
 //! shrinking to a count. Every plan is validated by the pure membership model first, so a
 //! refused call changes nothing.
@@ -42,7 +43,10 @@ impl Controller {
         let names: Vec<&str> = plan.replicas.iter().map(|(_, n)| n.as_str()).collect();
         tracing::info!(op, replicas = ?names, "adding replicas");
         for (id, name) in plan.replicas {
+            // Placed now, so its slots are known when it is created (providers record them
+            // with it); the owner table skips it until the call commits.
             self.insert_replica(id, name, Phase::Joining(op));
+            self.place(id);
             self.start_instance(id);
         }
         self.add_ops.insert(op, reply);
@@ -77,7 +81,6 @@ impl Controller {
         };
         for &id in &ids {
             self.membership.set_phase(id, Phase::Member);
-            self.place(id);
         }
         self.publish();
         tracing::info!(op, n = ids.len(), "replicas added");

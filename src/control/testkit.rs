@@ -32,6 +32,7 @@ struct State {
     next_instance: u64,
     running: BTreeMap<String, Instance>,
     spawns: Vec<(String, Instant)>,
+    spawned_slots: Vec<(String, Vec<u32>)>,
     removes: Vec<String>,
     /// Hostname → how many more starts fail.
     fail_starts: HashMap<String, u32>,
@@ -68,6 +69,26 @@ impl World {
             s.running.insert(name.to_owned(), inst.clone());
             s.existing.push(inst);
         }
+    }
+
+    /// A replica `list()` reports at start with the slots recorded for it (a docker container
+    /// labelled by an earlier run).
+    pub fn existing_recorded(&self, id: u32, name: &str, slots: &[u32]) {
+        let mut s = lock(&self.state);
+        let mut inst = s.instance(ServerId::new(id).expect("non-zero id"), name);
+        inst.slots = Some(slots.to_vec());
+        s.running.insert(name.to_owned(), inst.clone());
+        s.existing.push(inst);
+    }
+
+    /// The slots each start of `hostname` was asked to record.
+    pub fn spawned_slots(&self, hostname: &str) -> Vec<Vec<u32>> {
+        lock(&self.state)
+            .spawned_slots
+            .iter()
+            .filter(|(h, _)| h == hostname)
+            .map(|(_, s)| s.clone())
+            .collect()
     }
 
     pub fn fail_starts(&self, hostname: &str, times: u32) {
@@ -128,6 +149,7 @@ impl State {
             hostname: hostname.to_owned(),
             addr: SocketAddr::from(([127, 0, 0, 1], self.next_port)),
             instance_id: format!("fake-{}", self.next_instance),
+            slots: None,
         }
     }
 }
@@ -149,6 +171,8 @@ impl Provider for World {
         Box::pin(async move {
             let mut s = lock(&self.state);
             s.spawns.push((spec.hostname.clone(), Instant::now()));
+            s.spawned_slots
+                .push((spec.hostname.clone(), spec.slots.clone()));
             if let Some(left) = s.fail_starts.get_mut(&spec.hostname) {
                 if *left > 0 {
                     *left = left.saturating_sub(1);
@@ -158,7 +182,8 @@ impl Provider for World {
                     });
                 }
             }
-            let inst = s.instance(spec.id, &spec.hostname);
+            let mut inst = s.instance(spec.id, &spec.hostname);
+            inst.slots = Some(spec.slots);
             s.running.insert(spec.hostname, inst.clone());
             Ok(inst)
         })

@@ -325,3 +325,59 @@ async fn refused_calls_change_nothing() {
     assert_eq!(world.spawns_of("server-3").len(), 0);
     assert!(world.removes().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn adopted_replicas_go_back_to_their_recorded_slots_and_new_ones_probe_around_them() {
+    let (world, events) = World::new(true);
+    // What an earlier run recorded: not where Φ would put them today (a history of
+    // collisions and removals), so a restart that recomputed would move keys.
+    let recorded_1: Vec<u32> = (100..109).collect();
+    let recorded_3: Vec<u32> = vec![26, 29, 34, 41, 50, 61, 74, 89, 120];
+    world.existing_recorded(1, "server-1", &recorded_1);
+    world.existing_recorded(3, "server-3", &recorded_3);
+    let h = Harness::start(config(3), world.clone(), events);
+    h.until(SETTLE, "three up", |h| h.in_ring().len() == 3)
+        .await;
+    assert_eq!(
+        h.replica("server-1").await["slots"],
+        serde_json::json!(recorded_1)
+    );
+    assert_eq!(
+        h.replica("server-3").await["slots"],
+        serde_json::json!(recorded_3)
+    );
+    // server-2 is new: placed around the recorded ones, and told its slots when started.
+    let slots_2: Vec<u32> =
+        serde_json::from_value(h.replica("server-2").await["slots"].clone()).expect("slots");
+    assert_eq!(world.spawned_slots("server-2"), vec![slots_2.clone()]);
+    assert!(slots_2
+        .iter()
+        .all(|s| !recorded_1.contains(s) && !recorded_3.contains(s)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_add_reserves_its_slots_when_planned_and_a_rollback_frees_them() {
+    let (world, events) = World::new(true);
+    world.fail_starts("S9", u32::MAX);
+    let h = Harness::start(config(1), world.clone(), events);
+    h.until(SETTLE, "one up", |h| h.in_ring().len() == 1).await;
+    let before = h.snapshot().ring.fingerprint();
+    let failed = h.handle.add(scale(2, &["S8", "S9"])).await;
+    assert!(
+        matches!(failed, Err(GatewayError::AddFailed { .. })),
+        "{failed:?}"
+    );
+    let s8 = world.spawned_slots("S8");
+    assert_eq!(s8.len(), 1, "started once, with its slots");
+    assert_eq!(s8[0].len(), 9);
+    assert_eq!(
+        h.snapshot().ring.fingerprint(),
+        before,
+        "nothing routed to it"
+    );
+    // The rolled-back replicas' slots are free again: the next add gets the same ones.
+    h.handle.add(scale(1, &["S8"])).await.expect("added");
+    assert_eq!(world.spawned_slots("S8")[1], s8[0]);
+    let status = h.handle.status().await.expect("status");
+    assert_eq!(status["replicas"][1]["slots"], serde_json::json!(s8[0]));
+}

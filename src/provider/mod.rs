@@ -25,6 +25,10 @@ pub use futures_util::future::BoxFuture;
 pub struct ReplicaSpec {
     pub id: ServerId,
     pub hostname: String,
+    /// The ring slots of its virtual nodes, in vnode order, decided when the replica was
+    /// planned: providers that keep state in the engine record them with it (labels), so a
+    /// gateway that adopts it later puts it back exactly there.
+    pub slots: Vec<u32>,
 }
 
 /// A running replica as a provider knows it.
@@ -37,6 +41,25 @@ pub struct Instance {
     /// Identifies this run of the replica (a pid, a container id): events name it, so an event
     /// about an instance that was already replaced is recognised as stale.
     pub instance_id: String,
+    /// The slots recorded with the replica when it was created, if the provider keeps them
+    /// (docker and swarm labels); `None` when they are the gateway's to compute (process,
+    /// static).
+    pub slots: Option<Vec<u32>>,
+}
+
+/// Ring slots as a label value: `26,29,34`.
+pub fn format_slots(slots: &[u32]) -> String {
+    slots
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A label value written by [`format_slots`]; `None` when it is not one (the gateway then
+/// computes the slots, and says so).
+pub fn parse_slots(text: &str) -> Option<Vec<u32>> {
+    text.split(',').map(|s| s.trim().parse().ok()).collect()
 }
 
 /// Facts a provider reports as they happen.

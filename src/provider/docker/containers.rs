@@ -22,7 +22,9 @@ use super::engine::{message_of, status_of};
 use super::events::{lock, SharedReported};
 use super::{
     short, spec, DockerProvider, INSTANCE_ENV, LABEL_INSTANCE, LABEL_MANAGED, LABEL_SERVER_ID,
+    LABEL_SLOTS,
 };
+use crate::provider::parse_slots;
 use crate::provider::{Instance, ProviderError, ReplicaSpec};
 use crate::ring::ServerId;
 
@@ -130,7 +132,7 @@ impl DockerProvider {
                 network: &self.settings.network,
                 port,
                 hostname: &spec.hostname,
-                labels: self.labels(spec.id),
+                labels: self.labels(spec.id, &spec.slots),
             },
             &self.settings.limits,
         );
@@ -253,6 +255,7 @@ impl DockerProvider {
             hostname: spec.hostname,
             addr: SocketAddr::new(ip, port),
             instance_id: id,
+            slots: Some(spec.slots),
         })
     }
 
@@ -374,6 +377,11 @@ impl DockerProvider {
                 .and_then(|l| l.get(LABEL_SERVER_ID))
                 .and_then(|v| v.parse().ok())
                 .and_then(ServerId::new);
+            let slots = c
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SLOTS))
+                .and_then(|v| parse_slots(v));
             let running = c.state.as_deref() == Some("running");
             let (Some(id), true, false) = (server_id, running, name.is_empty()) else {
                 tracing::info!(replica = %name, container = %short(&cid), state = ?c.state, "removing a managed container that cannot be adopted (not running or no server id)");
@@ -391,6 +399,7 @@ impl DockerProvider {
                         hostname: name,
                         addr: SocketAddr::new(ip, self.settings.container_port),
                         instance_id: cid,
+                        slots,
                     });
                 }
                 Err(reason) => {
