@@ -9,8 +9,10 @@
 
 use std::collections::HashMap;
 
-use bollard::container::{Config as ContainerConfig, NetworkingConfig};
-use bollard::models::{EndpointSettings, HostConfig, HostConfigLogConfig};
+use bollard::models::{
+    ContainerCreateBody as ContainerConfig, EndpointSettings, HostConfig, HostConfigLogConfig,
+    NetworkingConfig,
+};
 
 use crate::config::ProviderConfig;
 
@@ -46,7 +48,7 @@ pub(super) struct Replica<'a> {
 }
 
 /// The create request for one replica container.
-pub(super) fn container_config(replica: Replica<'_>, limits: &Limits) -> ContainerConfig<String> {
+pub(super) fn container_config(replica: Replica<'_>, limits: &Limits) -> ContainerConfig {
     let port = replica.port;
     ContainerConfig {
         image: Some(replica.image.to_owned()),
@@ -58,10 +60,10 @@ pub(super) fn container_config(replica: Replica<'_>, limits: &Limits) -> Contain
         exposed_ports: Some(HashMap::from([(format!("{port}/tcp"), HashMap::new())])),
         host_config: Some(host_config(replica.network, limits)),
         networking_config: Some(NetworkingConfig {
-            endpoints_config: HashMap::from([(
+            endpoints_config: Some(HashMap::from([(
                 replica.network.to_owned(),
                 EndpointSettings::default(),
-            )]),
+            )])),
         }),
         ..Default::default()
     }
