@@ -208,7 +208,10 @@ async fn docker_kill_is_reported_within_a_second_and_only_once() {
         hostname,
         instance_id,
         detail,
-    } = event;
+    } = event
+    else {
+        panic!("expected Exited, got {event:?}");
+    };
     assert_eq!(hostname, name);
     assert_eq!(instance_id, inst.instance_id);
     assert!(!detail.is_empty());

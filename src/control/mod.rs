@@ -15,6 +15,9 @@
 //! - `probes`: health evidence (checks with the Lua verdict, passive failures) → transitions.
 //! - `reload`: config edits as a validated list of [`reload::ConfigChange`]s; policy swaps.
 //! - `publish`: assembling and publishing the snapshot; readiness.
+//! - [`shared`]: the shared ring record's pure decisions (plans as record edits, reconciling
+//!   an observed record, stale entries) and the optimistic write loop; `shared_ops` applies
+//!   them (the `swarm` provider, where membership lives in the engine).
 //! - `status`: `/lb/status` and `/lb/metrics`.
 //!
 //! [`Snapshot`]: crate::snapshot::Snapshot
@@ -26,13 +29,15 @@ mod probes;
 mod publish;
 pub mod reload;
 mod scaling;
+pub mod shared;
+mod shared_ops;
 mod status;
 #[cfg(test)]
 mod testkit;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -63,6 +68,8 @@ pub struct Parts {
     pub prober: Arc<dyn Prober>,
     pub shared: Shared,
     pub metrics: Arc<Metrics>,
+    /// This gateway's name (`Via`, `/lb/status`, the ring record).
+    pub name: String,
 }
 
 /// Edits that were rejected or only partly applied, for `/lb/status`.
@@ -71,6 +78,8 @@ struct ReloadErrors {
     config: Option<String>,
     policy: Option<String>,
     restart_needed: Vec<&'static str>,
+    /// The shared ring record could not be applied as it is (see `/lb/status`).
+    ring: Option<String>,
 }
 
 struct Channels {
@@ -99,6 +108,21 @@ pub struct Controller {
     add_ops: HashMap<OpId, Reply<Vec<String>>>,
     ready_waiters: Vec<oneshot::Sender<()>>,
     channels: Channels,
+    /// This gateway's name.
+    name: String,
+    /// Who this run of the gateway is in the ring record: its name and a nonce, so that a
+    /// restarted gateway recognises the reservations its earlier run left.
+    me: String,
+    /// The shared ring record, when membership lives in the engine.
+    record: Option<Arc<dyn crate::provider::SharedRing>>,
+    /// The version of the last record applied; older observations are ignored.
+    ring_version: Option<u64>,
+    /// The tasks the engine runs, by hostname (shared ring): attached when their replica is a
+    /// member, whichever event came first.
+    engine_tasks: HashMap<String, crate::provider::Instance>,
+    engine: shared_ops::EngineState,
+    /// Stale record entries being cleaned up by this gateway.
+    cleaning: HashSet<crate::ring::ServerId>,
 }
 
 impl Controller {
@@ -120,7 +144,7 @@ impl Controller {
                 policy: policy_error,
                 ..ReloadErrors::default()
             },
-            provider: parts.provider,
+            provider: parts.provider.clone(),
             prober: parts.prober,
             shared: parts.shared,
             metrics: parts.metrics,
@@ -132,6 +156,13 @@ impl Controller {
             next_op: 1,
             add_ops: HashMap::new(),
             ready_waiters: Vec::new(),
+            me: format!("{}/{:08x}", parts.name, fastrand::u32(..)),
+            name: parts.name,
+            record: parts.provider.shared_ring(),
+            ring_version: None,
+            engine_tasks: HashMap::new(),
+            engine: shared_ops::EngineState::default(),
+            cleaning: HashSet::new(),
             channels: Channels {
                 commands,
                 probe_tx,
@@ -197,6 +228,9 @@ impl Controller {
     }
 
     async fn start_up(&mut self) {
+        if let Some(ring) = self.record.clone() {
+            return self.start_up_shared(&*ring).await;
+        }
         match self.provider.list().await {
             Ok(mut existing) => {
                 // Replicas with recorded slots go back there first; the others are placed
@@ -225,6 +259,36 @@ impl Controller {
                 (self.config.replicas.count as usize).saturating_sub(self.membership.desired());
             self.grow(missing);
         }
+        self.publish();
+    }
+
+    /// Shared ring: the tasks the engine runs, then the record (placing every replica at its
+    /// recorded slots), then growing to `replicas.count` through the record.
+    async fn start_up_shared(&mut self, ring: &dyn crate::provider::SharedRing) {
+        match self.provider.list().await {
+            Ok(running) => {
+                for inst in running {
+                    self.engine_tasks.insert(inst.hostname.clone(), inst);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot list the running replica tasks"),
+        }
+        match ring.read().await {
+            Ok(record) => {
+                self.on_engine(true, String::new());
+                tracing::info!(
+                    version = record.version,
+                    replicas = record.members.len(),
+                    "read the shared ring record"
+                );
+                self.apply_record(record);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the shared ring record; waiting for the engine");
+                self.on_engine(false, e.to_string());
+            }
+        }
+        self.shared_grow(self.config.replicas.count as usize);
         self.publish();
     }
 

@@ -69,6 +69,10 @@ pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
         changes.push(ConfigChange::NeedsRestart("listen"));
         new.listen = old.listen;
     }
+    if new.name != old.name {
+        changes.push(ConfigChange::NeedsRestart("name"));
+        new.name = old.name.clone();
+    }
     if new.provider != old.provider {
         changes.push(ConfigChange::NeedsRestart("provider"));
         new.provider = old.provider.clone();

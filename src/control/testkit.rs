@@ -270,6 +270,7 @@ impl Harness {
             prober: world.clone(),
             shared: shared.clone(),
             metrics: Arc::new(Metrics::default()),
+            name: "test-gw".into(),
         })
         .expect("valid ring");
         let task = tokio::spawn(controller.run());

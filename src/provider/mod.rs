@@ -16,7 +16,11 @@ use crate::ring::ServerId;
 
 pub mod docker;
 pub mod process;
+pub mod record;
 pub mod static_list;
+pub mod swarm;
+
+pub use record::{RecordWriteError, RingRecord, SharedRing};
 
 pub use futures_util::future::BoxFuture;
 
@@ -65,12 +69,21 @@ pub fn parse_slots(text: &str) -> Option<Vec<u32>> {
 /// Facts a provider reports as they happen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderEvent {
-    /// The instance is gone (process exit, container die/kill/oom/stop).
+    /// The instance is gone (process exit, container die/kill/oom/stop, a task that stopped).
     Exited {
         hostname: String,
         instance_id: String,
         detail: String,
     },
+    /// A replica runs at this address: a task the engine started on its own (a restart after
+    /// a death, a reschedule on another node) or one that another gateway created.
+    Running { instance: Instance },
+    /// The membership as the engine holds it now (shared-ring providers): the whole record,
+    /// not a change, so an observation that arrives late is recognised by its version.
+    Ring(RingRecord),
+    /// Whether the engine answers; while it does not, the gateway routes on the last ring it
+    /// saw and says so.
+    Engine { reachable: bool, detail: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +141,19 @@ pub trait Provider: Send + Sync + 'static {
     /// Called once when the gateway stops: the process provider stops its children; the docker
     /// provider leaves containers for the next start to adopt.
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+
+    /// Where membership lives when it is shared by several gateways (`swarm`): the record the
+    /// controller reads and writes with optimistic concurrency. `None` (the default): the
+    /// gateway's own membership model is the truth.
+    fn shared_ring(&self) -> Option<Arc<dyn SharedRing>> {
+        None
+    }
+
+    /// Whether the engine restarts a dead replica itself (Swarm's restart policy), so the
+    /// controller only takes it out of the ring and waits for [`ProviderEvent::Running`].
+    fn restarts_replicas(&self) -> bool {
+        false
+    }
 }
 
 /// How long `auto` waits for a Docker engine before choosing the process provider.
@@ -182,6 +208,16 @@ pub async fn from_config(
                 process::server_binary(config.provider.server_binary.as_deref())?,
                 events,
             )))
+        }
+        ProviderKind::Swarm => {
+            let s = swarm::SwarmProvider::connect(config, events).await?;
+            tracing::info!(
+                provider = "swarm",
+                engine = s.engine_version(),
+                instance = s.instance(),
+                "replicas run as Swarm services; membership is the ring record in the engine"
+            );
+            Ok(Arc::new(s))
         }
         ProviderKind::Docker => {
             let d = docker::DockerProvider::connect(&config.provider, events).await?;

@@ -33,12 +33,13 @@ use crate::config::ProviderConfig;
 use crate::ring::ServerId;
 
 mod containers;
-mod engine;
+pub(crate) mod engine;
 mod events;
 mod spec;
 
 use engine::{connect_engine, status_of};
 use events::{watch_events, SharedReported};
+pub(crate) use spec::Limits as SpecLimits;
 
 /// Label marking a container or network as created by ringgate.
 pub const LABEL_MANAGED: &str = "ringgate.managed";
@@ -62,7 +63,7 @@ struct Settings {
     network: String,
     container_port: u16,
     instance: String,
-    limits: spec::Limits,
+    limits: SpecLimits,
 }
 
 pub struct DockerProvider {
@@ -125,7 +126,7 @@ impl DockerProvider {
             network: config.network.clone(),
             container_port: config.container_port,
             instance,
-            limits: spec::Limits::from_config(config),
+            limits: SpecLimits::from_config(config),
         };
         let reported = SharedReported::default();
         let events_task = tokio::spawn(watch_events(

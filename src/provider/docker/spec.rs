@@ -18,16 +18,16 @@ use crate::config::ProviderConfig;
 
 /// The `[provider]` limits of one replica container; 0 turns one off.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct Limits {
-    pub(super) memory_bytes: u64,
-    pub(super) pids: u32,
-    pub(super) cpus: f64,
-    pub(super) log_max_size: u64,
-    pub(super) log_max_files: u32,
+pub(crate) struct Limits {
+    pub(crate) memory_bytes: u64,
+    pub(crate) pids: u32,
+    pub(crate) cpus: f64,
+    pub(crate) log_max_size: u64,
+    pub(crate) log_max_files: u32,
 }
 
 impl Limits {
-    pub(super) fn from_config(c: &ProviderConfig) -> Limits {
+    pub(crate) fn from_config(c: &ProviderConfig) -> Limits {
         Limits {
             memory_bytes: c.memory_limit,
             pids: c.pids_limit,
