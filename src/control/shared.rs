@@ -299,8 +299,10 @@ fn engine_unavailable(e: ProviderError) -> GatewayError {
 
 /// Reads the record, plans an edit on it with `edit`, and writes it if nobody wrote the
 /// record meanwhile; when somebody did, plans again on what they wrote, up to
-/// [`MAX_ATTEMPTS`]. Returns the record as written (at the version it was planned on: any
-/// later version includes this write) and what `edit` returned.
+/// [`MAX_ATTEMPTS`]. Returns the record as written and what `edit` returned. The written
+/// record is tagged with the version after the one it was planned on: the engine's next version
+/// after a successful write on `v` is this write, and every later one includes it, while any
+/// observation at `v` or before is older than it.
 pub async fn update<T>(
     ring: &dyn SharedRing,
     mut edit: impl FnMut(&RingRecord) -> Result<(Members, T), GatewayError>,
@@ -315,7 +317,7 @@ pub async fn update<T>(
             Ok(()) => {
                 return Ok((
                     RingRecord {
-                        version: record.version,
+                        version: record.version + 1,
                         members,
                     },
                     out,

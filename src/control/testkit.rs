@@ -83,6 +83,11 @@ impl MemoryRecord {
         });
     }
 
+    /// A watch delivering `record` (possibly an old one) to every gateway.
+    pub fn broadcast_ring(&self, record: RingRecord) {
+        self.broadcast(ProviderEvent::Ring(record));
+    }
+
     fn broadcast(&self, event: ProviderEvent) {
         for s in lock(&self.subscribers).iter() {
             let _ = s.try_send(event.clone());

@@ -555,3 +555,17 @@ async fn an_unreachable_engine_keeps_the_last_ring_and_says_so() {
     assert_eq!(status["engine"]["routing_on_last_known_ring"], true);
     assert_eq!(a.in_ring().len(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_late_observation_of_an_older_record_changes_nothing() {
+    let (world, a, b) = two_gateways(1);
+    a.until(SETTLE, "one", |a| agree(a, &b, 1)).await;
+    // What a watch saw just before the /add below wrote the record.
+    let before = world.record().get();
+    a.handle.add(scale(1, &["S5"])).await.expect("added");
+    world.record().broadcast_ring(before);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(a.snapshot().members, names(&["server-1", "S5"]));
+    b.until(Duration::from_secs(1), "B too", |b| agree(&a, b, 2))
+        .await;
+}
