@@ -2,7 +2,8 @@
 //!
 //! Owns: the [`Provider`] trait (start a replica with a hostname and id, remove one, list the
 //! managed ones, report events such as "died") and its implementations: `process` (local
-//! `ringgate-server` children), `static` (fixed addresses, never started), `docker` (containers).
+//! `ringgate-server` children), `static` (fixed addresses, never started), `docker` (containers),
+//! `swarm` (Swarm services, with the shared ring [`record`] several gateways route by).
 //! Must not touch: the ring, health verdicts or snapshots. A provider reports facts to the
 //! controller through [`ProviderEvent`]s; the controller decides what they mean.
 
