@@ -35,8 +35,11 @@ use swarm_support::{start_gateway, Ring};
 /// Keys routed to compare gateways.
 const IDS: u64 = 10_000;
 
-/// One GET through a gateway: status, the gateway's `Via`, the replica that answered.
-async fn home(client: &support::TestClient, url: &str) -> (u16, String, Option<String>) {
+/// What one GET through a gateway got: status, the gateway's `Via`, the replica that answered.
+type Answer = (u16, String, Option<String>);
+
+/// One GET through a gateway.
+async fn home(client: &support::TestClient, url: &str) -> Answer {
     let req = http::Request::get(url)
         .body(Full::new(Bytes::new()))
         .expect("request");
@@ -68,7 +71,7 @@ async fn home(client: &support::TestClient, url: &str) -> (u16, String, Option<S
 async fn owners(gw: &GatewayProcess, name: &str) -> BTreeMap<u64, String> {
     let client = support::client();
     let via = format!("1.1 {name}");
-    let answers: Vec<(u64, (u16, String, Option<String>))> = futures_util::stream::iter(0..IDS)
+    let answers: Vec<(u64, Answer)> = futures_util::stream::iter(0..IDS)
         .map(|id| {
             let (client, url) = (client.clone(), gw.url(&format!("/home?id={id}")));
             async move { (id, home(&client, &url).await) }
