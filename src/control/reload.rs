@@ -122,6 +122,18 @@ impl Controller {
         let plan = plan(&self.config, new);
         // Checked against what runs before anything changes: all or nothing.
         let mut placement = None;
+        if plan.changes.contains(&ConfigChange::Placement) && self.record.is_some() {
+            let error = "ring.slots, ring.vnodes and ring.vnode_hash are fixed by the shared ring \
+                         record while gateways share it (provider swarm): every replica keeps the \
+                         slots it was created with; change [ring] for a new ring only"
+                .to_owned();
+            tracing::error!(error = %error, "config edit rejected; nothing changed");
+            self.metrics
+                .config_reload_errors
+                .fetch_add(1, Ordering::Relaxed);
+            self.errors.config = Some(error);
+            return;
+        }
         if plan.changes.contains(&ConfigChange::Placement) {
             match self.rebuild_placement(&plan.config) {
                 Ok(p) => placement = Some(p),
@@ -192,7 +204,9 @@ impl Controller {
         self.policy = Arc::new(policy);
         self.errors.policy = None;
         self.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
-        if vnodes_involved {
+        if vnodes_involved && self.record.is_some() {
+            tracing::warn!("vnode_hash changed: with a shared ring record the recorded slots stand; it applies to replicas added from now on");
+        } else if vnodes_involved {
             match self.rebuild_placement(&self.config) {
                 Ok(p) => self.placement = p,
                 Err(e) => {

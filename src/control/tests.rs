@@ -569,3 +569,26 @@ async fn a_late_observation_of_an_older_record_changes_nothing() {
     b.until(Duration::from_secs(1), "B too", |b| agree(&a, b, 2))
         .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_ring_refuses_a_placement_edit_and_keeps_its_slots() {
+    let (_world, a, b) = two_gateways(2);
+    a.until(SETTLE, "two", |a| agree(a, &b, 2)).await;
+    let fingerprint = a.fingerprint();
+    let mut edit = config(2);
+    edit.ring.vnode_hash = crate::hashing::HashFunction::Mix64;
+    a.handle
+        .send(super::Command::Reload {
+            config: Box::new(edit),
+        })
+        .await;
+    let status = a.handle.status().await.expect("status");
+    assert!(
+        status["config"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("fixed by the shared ring record")),
+        "{status}"
+    );
+    assert_eq!(a.fingerprint(), fingerprint);
+    assert_eq!(a.fingerprint(), b.fingerprint());
+}
