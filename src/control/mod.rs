@@ -123,6 +123,9 @@ pub struct Controller {
     engine: shared_ops::EngineState,
     /// Stale record entries being cleaned up by this gateway.
     cleaning: HashSet<crate::ring::ServerId>,
+    /// Grows to `replicas.count` through the record not finished yet: readiness waits for
+    /// them, so a gateway that starts a ring serves once its replicas do.
+    grows: HashSet<OpId>,
 }
 
 impl Controller {
@@ -163,6 +166,7 @@ impl Controller {
             engine_tasks: HashMap::new(),
             engine: shared_ops::EngineState::default(),
             cleaning: HashSet::new(),
+            grows: HashSet::new(),
             channels: Channels {
                 commands,
                 probe_tx,

@@ -86,9 +86,10 @@ impl Controller {
     }
 
     /// Ready when every member answers or has already failed to start (it is being retried with
-    /// back-off; waiting for it would only delay the others).
+    /// back-off; waiting for it would only delay the others), and no grow through the shared
+    /// ring record is pending.
     pub(super) fn notify_ready(&mut self) {
-        if self.ready_waiters.is_empty() {
+        if self.ready_waiters.is_empty() || !self.grows.is_empty() {
             return;
         }
         let settled = self.membership.members().all(|(id, _)| {

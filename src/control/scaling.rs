@@ -118,6 +118,7 @@ impl Controller {
         tracing::warn!(op, error = %error, "rolling back /add");
         let ids = self.membership.joining(op);
         if self.record.is_some() {
+            self.op_done(op);
             return self.roll_back(ids, error, reply);
         }
         let names: Vec<String> = ids.into_iter().filter_map(|id| self.forget(id)).collect();

@@ -73,6 +73,7 @@ impl Controller {
         let Some(ring) = self.ring() else { return };
         let op = self.next_op;
         self.next_op += 1;
+        self.grows.insert(op);
         let (config, policy, me) = (self.config.clone(), self.policy.clone(), self.me.clone());
         let (max, prefix) = self.owned_limits();
         let tx = self.channels.internal_tx.clone();
@@ -103,12 +104,14 @@ impl Controller {
         let (record, reserved) = match result {
             Ok(r) => r,
             Err(e) => {
+                self.op_done(op);
                 let _ = reply.send(Err(e));
                 return;
             }
         };
         self.apply_record(record);
         if reserved.is_empty() {
+            self.op_done(op);
             let _ = reply.send(Ok(self.membership.member_names()));
             return;
         }
@@ -159,6 +162,7 @@ impl Controller {
         result: Result<RingRecord, GatewayError>,
         reply: Reply<Vec<String>>,
     ) {
+        self.op_done(op);
         match result {
             Ok(record) => {
                 for &id in &ids {
@@ -175,6 +179,13 @@ impl Controller {
                 tracing::warn!(op, error = %error, "cannot commit /add in the shared ring; rolling it back");
                 self.roll_back(ids, error, reply);
             }
+        }
+    }
+
+    /// `op` finished (committed, rolled back or refused): readiness no longer waits for it.
+    pub(super) fn op_done(&mut self, op: OpId) {
+        if self.grows.remove(&op) {
+            self.notify_ready();
         }
     }
 
@@ -319,6 +330,7 @@ impl Controller {
             Change::Gone { id } => {
                 if let Some(Phase::Joining(op)) = self.membership.phase(id) {
                     let name = self.membership.name(id).unwrap_or_default().to_owned();
+                    self.op_done(op);
                     if let Some(reply) = self.add_ops.remove(&op) {
                         let ids = self.membership.joining(op);
                         self.roll_back(ids, GatewayError::ReservationLost { replica: name }, reply);
