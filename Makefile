@@ -53,4 +53,5 @@ check:
 	$(CARGO) run --quiet --bin ringgate -- check --config $(CONFIG)
 
 include docker/docker.mk
+include docker/swarm.mk
 include bench/bench.mk

@@ -8,6 +8,9 @@ COPY target/static/x86_64-unknown-linux-gnu/release/ringgate-server /ringgate-se
 # The docker provider sets SERVER_ID and PORT on every replica; these are the defaults.
 ENV SERVER_ID=unknown PORT=5000
 EXPOSE 5000
+# No shell in the image: the binary checks its own /heartbeat (exit 0 on a 200).
+HEALTHCHECK --interval=5s --timeout=2s --start-period=1s --retries=2 \
+  CMD ["/ringgate-server", "--check"]
 # ringgate-server exits cleanly on SIGTERM, which matters as PID 1.
 STOPSIGNAL SIGTERM
 # ringgate.image marks images built here, so `make clean` finds old untagged builds too.

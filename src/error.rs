@@ -84,6 +84,14 @@ pub enum GatewayError {
     },
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    #[error("other gateways changed the shared ring record at the same time, {attempts} times in a row; nothing was changed by this call: retry it")]
+    RingContended { attempts: u32 },
+    #[error("the engine that holds the shared ring record does not answer ({detail}); nothing was changed by this call: retry it when the engine is back (requests are still routed on the last ring seen)")]
+    EngineUnavailable { detail: String },
+    #[error("the shared ring record does not fit this gateway's [ring] ({detail}): every gateway of one ring needs the same ring.slots and ring.vnodes; nothing was changed")]
+    RecordMismatch { detail: String },
+    #[error("replica '{replica}' was removed from the shared ring record by another gateway before this /add committed; nothing was added: retry it")]
+    ReservationLost { replica: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -105,10 +113,25 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::NoReplica
             | GatewayError::ShuttingDown
-            | GatewayError::LocalResource { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | GatewayError::LocalResource { .. }
+            | GatewayError::RingContended { .. }
+            | GatewayError::EngineUnavailable { .. }
+            | GatewayError::ReservationLost { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::RecordMismatch { .. } => StatusCode::CONFLICT,
             GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
+    }
+
+    /// Whether the same call may well succeed if sent again (it changed nothing): answered
+    /// with `Retry-After`.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::RingContended { .. }
+                | GatewayError::EngineUnavailable { .. }
+                | GatewayError::ReservationLost { .. }
+        )
     }
 
     pub fn into_response(self) -> Response<Body> {
@@ -118,6 +141,10 @@ impl GatewayError {
         if let GatewayError::MethodNotAllowed { allowed, .. } = self {
             resp.headers_mut()
                 .insert(http::header::ALLOW, HeaderValue::from_static(allowed));
+        }
+        if self.retryable() {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
@@ -210,6 +237,28 @@ mod tests {
             e.to_string(),
             "Replica 'S5' exited while starting (exit status 1); nothing was added"
         );
+    }
+
+    #[test]
+    fn a_lost_race_is_a_retryable_503() {
+        for e in [
+            GatewayError::RingContended { attempts: 8 },
+            GatewayError::EngineUnavailable {
+                detail: "connection refused".into(),
+            },
+            GatewayError::ReservationLost {
+                replica: "S5".into(),
+            },
+        ] {
+            assert!(e.retryable(), "{e}");
+            let resp = e.into_response();
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(resp.headers()[http::header::RETRY_AFTER], "1");
+        }
+        let e = GatewayError::RecordMismatch { detail: "x".into() };
+        assert!(!e.retryable());
+        assert_eq!(e.status(), StatusCode::CONFLICT);
+        assert!(!GatewayError::NoReplica.retryable());
     }
 
     #[test]

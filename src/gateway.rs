@@ -130,6 +130,7 @@ impl Gateway {
             prober: Arc::new(HttpProber::default()),
             shared: shared.clone(),
             metrics: metrics.clone(),
+            name: config.gateway_name(),
         })?;
         let controller_task = tokio::spawn(controller.run());
         let config_text = config_path
@@ -170,6 +171,7 @@ impl Gateway {
                 admission,
                 controller: handle,
                 metrics,
+                via: crate::service::via(&config.gateway_name()),
             }),
             controller_task,
             watcher,

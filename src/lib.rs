@@ -27,7 +27,8 @@
 //! - [`control`]: the controller and its parts (membership model, lifecycle, probes, reload,
 //!   publishing, status).
 //! - [`health`]: the rise/fall state machine and the active checks.
-//! - [`provider`]: where replicas run: `process`, `static`, `docker`.
+//! - [`provider`]: where replicas run: `process`, `static`, `docker`, `swarm` (whose shared
+//!   ring record several gateways serialise their changes through).
 //! - [`watcher`]: live reload of `conf/lb.toml` and `policies/`, validated before it is sent.
 //! - [`policy`]: the sandboxed Lua hooks (`request_key`, `request_hash`, `vnode_hash`, `health`).
 //!

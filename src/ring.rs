@@ -57,6 +57,25 @@ pub enum RingError {
     },
     #[error("server {0} is already on the ring")]
     AlreadyMember(ServerId),
+    #[error("server {id}: its recorded slots {slots:?} cannot be restored: {problem}")]
+    BadRecord {
+        id: ServerId,
+        slots: Vec<u32>,
+        problem: RecordProblem,
+    },
+}
+
+/// Why recorded slots cannot be restored as they are.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordProblem {
+    #[error("{got} slots recorded, ring.vnodes is {vnodes}")]
+    WrongCount { got: usize, vnodes: u32 },
+    #[error("slot {slot} is outside the ring (ring.slots is {slots})")]
+    OutOfRange { slot: u32, slots: u32 },
+    #[error("slot {0} is recorded twice")]
+    Duplicate(u32),
+    #[error("slot {slot} is already held by server {holder}")]
+    Taken { slot: u32, holder: ServerId },
 }
 
 /// Which virtual node of which server occupies each slot. Changes only with membership.
@@ -146,6 +165,52 @@ impl Placement {
             if let Some(s) = free {
                 self.occupant[s as usize] = Some((id, j));
             }
+        }
+        self.members.push(id);
+        Ok(())
+    }
+
+    /// Puts server `id`'s virtual nodes back at the slots recorded for it (node `j` at
+    /// `slots[j]`), as they were placed when it was created. Checked first, all or nothing: as
+    /// many slots as `vnodes`, each on the ring, none twice, none held by another server.
+    pub fn restore(&mut self, id: ServerId, slots: &[u32]) -> Result<(), RingError> {
+        if self.contains(id) {
+            return Err(RingError::AlreadyMember(id));
+        }
+        if self.members.len() >= self.capacity() {
+            return Err(RingError::Full {
+                slots: self.slots,
+                vnodes: self.vnodes,
+                capacity: self.capacity(),
+            });
+        }
+        let bad = |problem| RingError::BadRecord {
+            id,
+            slots: slots.to_vec(),
+            problem,
+        };
+        if slots.len() != self.vnodes as usize {
+            return Err(bad(RecordProblem::WrongCount {
+                got: slots.len(),
+                vnodes: self.vnodes,
+            }));
+        }
+        for (k, &slot) in slots.iter().enumerate() {
+            if slot >= self.slots {
+                return Err(bad(RecordProblem::OutOfRange {
+                    slot,
+                    slots: self.slots,
+                }));
+            }
+            if slots[..k].contains(&slot) {
+                return Err(bad(RecordProblem::Duplicate(slot)));
+            }
+            if let Some((holder, _)) = self.occupant[slot as usize] {
+                return Err(bad(RecordProblem::Taken { slot, holder }));
+            }
+        }
+        for (j, &slot) in (0u32..).zip(slots) {
+            self.occupant[slot as usize] = Some((id, j));
         }
         self.members.push(id);
         Ok(())
@@ -242,6 +307,22 @@ impl Ring {
     /// How many routable servers the table routes to.
     pub fn servers(&self) -> usize {
         self.servers
+    }
+
+    /// A fingerprint of the owner table: FNV-1a (64 bits, fixed parameters) over every slot's
+    /// owner id in slot order (0 for none). Two gateways that route every key identically show
+    /// the same fingerprint; any difference in who owns what changes it.
+    pub fn fingerprint(&self) -> u64 {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut h = OFFSET;
+        for owner in self.owner.iter() {
+            for b in owner.map_or(0, ServerId::get).to_le_bytes() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(PRIME);
+            }
+        }
+        h
     }
 
     /// The server owning `slot`: one array index.
@@ -383,6 +464,100 @@ mod tests {
         assert_eq!(Ring::build(&p, |_| false).owner(7), None);
     }
 
+    #[test]
+    fn restore_puts_a_server_back_at_its_recorded_slots() {
+        let mut p = Placement::new(16, 3).expect("placement");
+        p.restore(id(4), &[9, 2, 15]).expect("valid record");
+        assert_eq!(p.positions(id(4)), vec![9, 2, 15], "in vnode order");
+        assert_eq!(p.occupant(2), Some((id(4), 1)));
+        let ring = Ring::build(&p, |_| true);
+        assert_eq!(ring.owner(3), Some(id(4)));
+    }
+
+    #[test]
+    fn a_bad_record_is_refused_whole() {
+        let mut p = Placement::new(16, 3).expect("placement");
+        p.restore(id(1), &[0, 1, 2]).expect("valid record");
+        let before = p.clone();
+        let problem = |r: Result<(), RingError>| match r {
+            Err(RingError::BadRecord { problem, .. }) => problem,
+            other => panic!("expected a bad record, got {other:?}"),
+        };
+        assert_eq!(
+            problem(p.restore(id(2), &[5, 6])),
+            RecordProblem::WrongCount { got: 2, vnodes: 3 }
+        );
+        assert_eq!(
+            problem(p.restore(id(2), &[5, 6, 16])),
+            RecordProblem::OutOfRange {
+                slot: 16,
+                slots: 16
+            }
+        );
+        assert_eq!(
+            problem(p.restore(id(2), &[5, 6, 5])),
+            RecordProblem::Duplicate(5)
+        );
+        assert_eq!(
+            problem(p.restore(id(2), &[5, 2, 7])),
+            RecordProblem::Taken {
+                slot: 2,
+                holder: id(1)
+            }
+        );
+        assert_eq!(
+            p.restore(id(1), &[7, 8, 9]),
+            Err(RingError::AlreadyMember(id(1)))
+        );
+        assert_eq!(p, before, "a refused record changes nothing");
+        let e = p.restore(id(2), &[5, 2, 7]).expect_err("taken");
+        assert!(e.to_string().contains("already held by server 1"), "{e}");
+    }
+
+    #[test]
+    fn the_fingerprint_follows_the_owner_table() {
+        let p = Placement::build(512, 9, &[id(1), id(2), id(3)], quadratic(512)).expect("p");
+        let all = Ring::build(&p, |_| true);
+        let again = Ring::build(&p, |_| true);
+        assert_eq!(all.fingerprint(), again.fingerprint());
+        let without = Ring::build(&p, |s| s != id(2));
+        assert_ne!(all.fingerprint(), without.fingerprint());
+        assert_ne!(Ring::empty(512).fingerprint(), all.fingerprint());
+        // Fixed parameters (FNV-1a of four zero bytes, computed independently): the same table has
+        // the same fingerprint in every process.
+        assert_eq!(Ring::empty(1).fingerprint(), 0x4d25_767f_9dce_13f5);
+    }
+
+    /// Membership changes as they happen: `(true, id)` adds `id`, `(false, id)` removes it.
+    fn history() -> impl Strategy<Value = (u32, u32, Vec<(bool, u32)>)> {
+        (8u32..200, 1u32..10).prop_flat_map(|(slots, vnodes)| {
+            let vnodes = vnodes.min(slots);
+            (
+                Just(slots),
+                Just(vnodes),
+                proptest::collection::vec((proptest::bool::weighted(0.7), 1u32..=40), 0..60),
+            )
+        })
+    }
+
+    /// Applies `ops` one by one, as a long-running gateway would (skipping adds past capacity
+    /// and removes of non-members).
+    fn incremental(slots: u32, vnodes: u32, ops: &[(bool, u32)]) -> Placement {
+        let mut p = Placement::new(slots, vnodes).expect("placement");
+        for &(add, n) in ops {
+            if add && !p.contains(id(n)) && p.members().len() < p.capacity() {
+                p.add(id(n), |j| quadratic(slots)(id(n), j)).expect("room");
+            } else if !add {
+                p.remove(id(n));
+            }
+        }
+        p
+    }
+
+    fn owners(ring: &Ring) -> Vec<Option<ServerId>> {
+        (0..ring.slots()).map(|s| ring.owner(s)).collect()
+    }
+
     fn membership() -> impl Strategy<Value = (u32, u32, Vec<u32>, Vec<bool>)> {
         (1u32..200, 1u32..10).prop_flat_map(|(slots, vnodes)| {
             let vnodes = vnodes.min(slots);
@@ -413,6 +588,39 @@ mod tests {
             for &m in &ids {
                 prop_assert_eq!(p.positions(m).len(), vnodes as usize);
             }
+        }
+
+        #[test]
+        fn a_rebuild_from_recorded_slots_equals_the_incremental_table((slots, vnodes, ops) in history()) {
+            let live = incremental(slots, vnodes, &ops);
+            let mut rebuilt = Placement::new(slots, vnodes).expect("placement");
+            for &m in live.members() {
+                rebuilt.restore(m, &live.positions(m)).expect("a recorded placement restores");
+            }
+            prop_assert_eq!(owners(&Ring::build(&rebuilt, |_| true)), owners(&Ring::build(&live, |_| true)));
+            for &m in live.members() {
+                prop_assert_eq!(rebuilt.positions(m), live.positions(m));
+            }
+        }
+
+        #[test]
+        fn any_order_of_observing_a_membership_gives_the_same_table((slots, vnodes, ops) in history(), seed in any::<u64>()) {
+            let live = incremental(slots, vnodes, &ops);
+            let mut order: Vec<ServerId> = live.members().to_vec();
+            // A deterministic shuffle from the seed: another gateway lists the engine's
+            // replicas in another order.
+            let mut rng = seed;
+            for i in (1..order.len()).rev() {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                order.swap(i, (rng >> 33) as usize % (i + 1));
+            }
+            let mut seen = Placement::new(slots, vnodes).expect("placement");
+            for &m in &order {
+                seen.restore(m, &live.positions(m)).expect("restores");
+            }
+            let ring = Ring::build(&seen, |_| true);
+            prop_assert_eq!(owners(&ring), owners(&Ring::build(&live, |_| true)));
+            prop_assert_eq!(ring.fingerprint(), Ring::build(&live, |_| true).fingerprint());
         }
 
         #[test]

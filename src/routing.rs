@@ -31,6 +31,10 @@ impl<'a> Router<'a> {
         self.config.ring.slots
     }
 
+    pub fn vnodes(&self) -> u32 {
+        self.config.ring.vnodes
+    }
+
     /// The request key as an integer: the Lua `request_key` hook if it answers, else
     /// `hashing.key`, else a random 6-digit id.
     pub fn key(&self, parts: &http::request::Parts, client_ip: IpAddr) -> u64 {

@@ -50,6 +50,7 @@ fn spec(id: u32, hostname: &str) -> ReplicaSpec {
     ReplicaSpec {
         id: ServerId::new(id).expect("non-zero id"),
         hostname: hostname.to_owned(),
+        slots: vec![id, id + 100, id + 200],
     }
 }
 
@@ -95,6 +96,7 @@ async fn spawn_creates_a_labelled_container_on_the_network_and_remove_deletes_it
     assert_eq!(c["State"]["Running"].as_bool(), Some(true));
     assert_eq!(label(&c, "ringgate.managed"), Some("true"));
     assert_eq!(label(&c, "ringgate.server-id"), Some("7"));
+    assert_eq!(label(&c, "ringgate.slots"), Some("7,107,207"));
     assert_eq!(
         label(&c, "ringgate.instance"),
         Some(scope.instance.as_str())
@@ -206,7 +208,10 @@ async fn docker_kill_is_reported_within_a_second_and_only_once() {
         hostname,
         instance_id,
         detail,
-    } = event;
+    } = event
+    else {
+        panic!("expected Exited, got {event:?}");
+    };
     assert_eq!(hostname, name);
     assert_eq!(instance_id, inst.instance_id);
     assert!(!detail.is_empty());

@@ -7,6 +7,9 @@
 //! `RESPONSE_DELAY_MS` delays every `/home` answer (simulated work, for drain and timeout tests).
 //! With `RINGGATE_EXIT_ON_STDIN_EOF=1` it exits when its stdin closes: the process provider
 //! uses that so a replica never outlives the gateway that started it, even a SIGKILLed one.
+//!
+//! `ringgate-server --check` is its container health check (the image has no shell and no
+//! curl): it GETs its own `/heartbeat` on `127.0.0.1:$PORT` and exits 0 on a 200, 1 otherwise.
 
 use std::convert::Infallible;
 use std::io::Read;
@@ -46,6 +49,28 @@ fn respond(server_id: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// How long `--check` waits for the heartbeat.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `GET /heartbeat` on `addr`: whether it answered 200, or why not.
+fn check(addr: SocketAddr) -> Result<(), String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, CHECK_TIMEOUT)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    s.set_read_timeout(Some(CHECK_TIMEOUT))
+        .and_then(|()| s.set_write_timeout(Some(CHECK_TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /heartbeat HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("cannot send the request: {e}"))?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)
+        .map_err(|e| format!("no answer: {e}"))?;
+    match &head {
+        b"HTTP/1.1 200" | b"HTTP/1.0 200" => Ok(()),
+        other => Err(format!("answered {:?}", String::from_utf8_lossy(other))),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let server_id = std::env::var("SERVER_ID").unwrap_or_else(|_| "unknown".into());
     let port: u16 = match std::env::var("PORT").map(|p| p.parse()) {
@@ -56,6 +81,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if std::env::args().nth(1).as_deref() == Some("--check") {
+        return match check(SocketAddr::from(([127, 0, 0, 1], port))) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringgate-server --check: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let bind = std::env::var("BIND").unwrap_or_else(|_| "0.0.0.0".into());
     let addr: SocketAddr = match format!("{bind}:{port}").parse() {
         Ok(a) => a,

@@ -35,6 +35,9 @@ pub const MAX_SLOTS: u32 = 1 << 20;
 pub struct Config {
     /// Address the gateway listens on. Changing it needs a restart.
     pub listen: SocketAddr,
+    /// This gateway's name in `Via` headers, `/lb/status` and the ring record; empty means
+    /// `$RINGGATE_NAME`, else the host name.
+    pub name: String,
     pub ring: RingConfig,
     pub hashing: HashingConfig,
     pub replicas: ReplicasConfig,
@@ -49,6 +52,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            name: String::new(),
             ring: RingConfig::default(),
             hashing: HashingConfig::default(),
             replicas: ReplicasConfig::default(),
@@ -125,6 +129,7 @@ pub enum ProviderKind {
     Process,
     Docker,
     Static,
+    Swarm,
 }
 
 impl fmt::Display for ProviderKind {
@@ -134,8 +139,20 @@ impl fmt::Display for ProviderKind {
             ProviderKind::Process => "process",
             ProviderKind::Docker => "docker",
             ProviderKind::Static => "static",
+            ProviderKind::Swarm => "swarm",
         })
     }
+}
+
+/// How the `swarm` provider reaches a replica's task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reach {
+    /// At the task's address on `provider.network` (the gateway runs on that overlay network).
+    Network,
+    /// At its node's address and the port the engine published for it on that node (host-mode
+    /// publishing; the gateway may run anywhere that reaches the nodes).
+    Published,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -169,6 +186,8 @@ pub struct ProviderConfig {
     pub server_binary: Option<PathBuf>,
     /// Static provider: the fixed replicas.
     pub servers: Vec<StaticServer>,
+    /// Swarm provider: how the gateway reaches a replica's task.
+    pub reach: Reach,
 }
 
 impl Default for ProviderConfig {
@@ -185,6 +204,7 @@ impl Default for ProviderConfig {
             log_max_files: 3,
             server_binary: None,
             servers: Vec::new(),
+            reach: Reach::Network,
         }
     }
 }
@@ -413,6 +433,37 @@ impl Default for AdminConfig {
     }
 }
 
+impl Config {
+    /// The gateway's name: `name`, else `$RINGGATE_NAME`, else the host name, else
+    /// `ringgate`. Only characters a `Via` header and a label carry safely are kept.
+    pub fn gateway_name(&self) -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .unwrap_or_default();
+        gateway_name(
+            &self.name,
+            std::env::var("RINGGATE_NAME").ok().as_deref(),
+            &host,
+        )
+    }
+}
+
+/// The first non-empty of `configured`, `env` and `host`, reduced to `[A-Za-z0-9._-]`.
+pub fn gateway_name(configured: &str, env: Option<&str>, host: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.trim()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            .take(63)
+            .collect()
+    };
+    [configured, env.unwrap_or(""), host]
+        .into_iter()
+        .map(clean)
+        .find(|s| !s.is_empty())
+        .unwrap_or_else(|| "ringgate".to_owned())
+}
+
 impl AdminConfig {
     /// Whether `ip` may call `/add` and `/rm`. IPv4 clients seen through an IPv6 socket
     /// (`::ffff:a.b.c.d`) are matched as IPv4.
@@ -454,6 +505,19 @@ mod tests {
         for bad in ["", "-a", "_a", ".a", "a b", "a/b", "ä", &"x".repeat(64)] {
             assert!(!is_valid_hostname(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_gateway_name_comes_from_config_then_env_then_host() {
+        assert_eq!(gateway_name("gw-1", Some("env"), "host"), "gw-1");
+        assert_eq!(gateway_name("", Some("env-2"), "host"), "env-2");
+        assert_eq!(gateway_name(" ", None, "web01\n"), "web01");
+        assert_eq!(gateway_name("", Some(""), ""), "ringgate");
+        assert_eq!(
+            gateway_name("a b/c\"d", None, ""),
+            "abcd",
+            "only safe characters"
+        );
     }
 
     #[test]

@@ -16,9 +16,10 @@ use tokio::time::Instant;
 use super::handle::Reply;
 use super::membership::Phase;
 use super::Controller;
+use crate::error::GatewayError;
 use crate::health::probe::{Check, ProbeTarget, ProbeTask};
 use crate::health::{HealthState, ProbeOutcome, Tracker};
-use crate::provider::{Instance, ProviderError, ProviderEvent, ReplicaSpec};
+use crate::provider::{Instance, ProviderError, ProviderEvent, ReplicaSpec, RingRecord};
 use crate::ring::ServerId;
 use crate::snapshot::ReplicaStats;
 
@@ -109,6 +110,33 @@ pub(super) enum Internal {
         ids: Vec<ServerId>,
         reply: Reply<Vec<String>>,
     },
+    /// Shared ring: an `/add` (or a grow) reserved these replicas in the record, or failed.
+    Reserved {
+        op: super::membership::OpId,
+        result: Result<(RingRecord, super::shared::Reserved), GatewayError>,
+        reply: Reply<Vec<String>>,
+    },
+    /// Shared ring: `/add` `op` committed in the record, or failed to.
+    Committed {
+        op: super::membership::OpId,
+        ids: Vec<ServerId>,
+        result: Result<RingRecord, GatewayError>,
+        reply: Reply<Vec<String>>,
+    },
+    /// Shared ring: an `/rm` marked these replicas leaving in the record, or failed to.
+    RemovalPlanned {
+        result: Result<(RingRecord, Vec<ServerId>), GatewayError>,
+        reply: Reply<Vec<String>>,
+    },
+    /// Shared ring: this gateway wrote the record (applied like an observation).
+    RecordWritten {
+        record: RingRecord,
+    },
+    /// Shared ring: an entry a dead gateway left was cleaned up.
+    CleanedUp {
+        id: ServerId,
+        record: Option<RingRecord>,
+    },
 }
 
 /// `recovery_delay · 2^(streak-1)`, capped.
@@ -152,8 +180,9 @@ impl Controller {
         self.replicas.insert(id, Replica::new());
     }
 
-    /// Forgets replica `id` entirely; returns its name.
+    /// Forgets replica `id` entirely, freeing its slots; returns its name.
     pub(super) fn forget(&mut self, id: ServerId) -> Option<String> {
+        self.placement.remove(id);
         self.replicas.remove(&id);
         self.membership.remove(id).map(|e| e.name)
     }
@@ -172,7 +201,11 @@ impl Controller {
         r.instance = None;
         r.probe = None;
         r.next_restart = None;
-        let spec = ReplicaSpec { id, hostname: name };
+        let spec = ReplicaSpec {
+            id,
+            hostname: name,
+            slots: self.placement.positions(id),
+        };
         let provider = self.provider.clone();
         let tx = self.channels.internal_tx.clone();
         tokio::spawn(async move {
@@ -233,6 +266,8 @@ impl Controller {
                 let current = self.is_current(id, incarnation);
                 match result {
                     Ok(inst) if current => self.attach(id, inst),
+                    // The engine's replica (its service outlives this start): nothing to stop.
+                    Ok(_) if self.provider.restarts_replicas() => {}
                     Ok(inst) => {
                         // Removed or replaced while it was starting: stop what was started.
                         let provider = self.provider.clone();
@@ -272,6 +307,21 @@ impl Controller {
                 }
             }
             Internal::Removed { ids, reply } => self.on_removed(ids, reply),
+            Internal::Reserved { op, result, reply } => self.on_reserved(op, result, reply),
+            Internal::Committed {
+                op,
+                ids,
+                result,
+                reply,
+            } => self.on_committed(op, ids, result, reply),
+            Internal::RemovalPlanned { result, reply } => self.on_removal_planned(result, reply),
+            Internal::RecordWritten { record } => self.apply_record(record),
+            Internal::CleanedUp { id, record } => {
+                self.cleaning.remove(&id);
+                if let Some(record) = record {
+                    self.apply_record(record);
+                }
+            }
         }
     }
 
@@ -297,7 +347,7 @@ impl Controller {
             self.config.health.recovery_delay,
             self.config.health.max_backoff,
         );
-        let manages = self.provider.manages_replicas();
+        let manages = self.provider.manages_replicas() && !self.provider.restarts_replicas();
         let incarnation = self.bump_incarnation();
         let Some(name) = self.membership.name(id).map(str::to_owned) else {
             return;
@@ -307,7 +357,8 @@ impl Controller {
         };
         r.tracker.state = HealthState::Down;
         if !manages {
-            // Not ours to restart (static): keep checking it; `rise` good checks bring it back.
+            // Not ours to restart (static; swarm, whose restart policy does it and reports the
+            // new task): keep checking what runs; `rise` good checks bring it back.
             return;
         }
         r.probe = None;
@@ -334,11 +385,25 @@ impl Controller {
 
     /// The provider saw an instance exit: out of the ring at once, replaced after back-off.
     pub(super) fn on_provider_event(&mut self, event: ProviderEvent) {
-        let ProviderEvent::Exited {
-            hostname,
-            instance_id,
-            detail,
-        } = event;
+        let (hostname, instance_id, detail) = match event {
+            ProviderEvent::Exited {
+                hostname,
+                instance_id,
+                detail,
+            } => (hostname, instance_id, detail),
+            ProviderEvent::Running { instance } => return self.on_running(instance),
+            ProviderEvent::Ring(record) => return self.apply_record(record),
+            ProviderEvent::Engine { reachable, detail } => {
+                return self.on_engine(reachable, detail)
+            }
+        };
+        if self
+            .engine_tasks
+            .get(&hostname)
+            .is_some_and(|i| i.instance_id == instance_id)
+        {
+            self.engine_tasks.remove(&hostname);
+        }
         let Some(id) = self.membership.id_of(&hostname) else {
             return;
         };

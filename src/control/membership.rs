@@ -2,8 +2,8 @@
 //! `/add`, `/rm` and `replicas.count` turn into.
 //!
 //! Owns: ids (the smallest free one, so ids stay small and stable), generated names
-//! (`<name_prefix><id>`), each replica's phase (joining with an uncommitted `/add`, member,
-//! leaving), and validating a scale request into a plan or a typed [`MembershipError`].
+//! (`<name_prefix><id>`), each replica's phase (joining with an uncommitted `/add`, reserved by
+//! another gateway's, member, leaving), and validating a scale request into a plan or a typed [`MembershipError`].
 //! Must not touch: I/O, time, health, the ring. It is a value the controller keeps; plans are
 //! computed from it and applied to it, so every rule here is a unit test away.
 
@@ -18,8 +18,12 @@ pub type OpId = u64;
 /// Where a replica is in its membership.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Started by an `/add` that has not committed: not in `/rep`, not on the ring.
+    /// Started by an `/add` of this gateway that has not committed: placed (its slots are
+    /// taken) but not routed, not in `/rep`.
     Joining(OpId),
+    /// Reserved in the shared ring record by another gateway's `/add` that has not committed:
+    /// placed, not routed, not checked by this gateway, not in `/rep`.
+    Reserved,
     /// Part of the membership `/rep` reports and the ring places.
     Member,
     /// Removed by `/rm` (or a scale-down) and draining: off the ring, not in `/rep`.

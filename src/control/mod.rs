@@ -16,6 +16,9 @@
 //! - `probes`: health evidence (checks with the Lua verdict, passive failures) → transitions.
 //! - `reload`: config edits as a validated list of [`reload::ConfigChange`]s; policy swaps.
 //! - `publish`: assembling and publishing the snapshot; readiness.
+//! - [`shared`]: the shared ring record's pure decisions (plans as record edits, reconciling
+//!   an observed record, stale entries) and the optimistic write loop; `shared_ops` applies
+//!   them (the `swarm` provider, where membership lives in the engine).
 //! - `status`: `/lb/status` and `/lb/metrics`.
 //!
 //! [`Snapshot`]: crate::snapshot::Snapshot
@@ -28,13 +31,15 @@ mod probes;
 mod publish;
 pub mod reload;
 mod scaling;
+pub mod shared;
+mod shared_ops;
 mod status;
 #[cfg(test)]
 mod testkit;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -65,6 +70,8 @@ pub struct Parts {
     pub prober: Arc<dyn Prober>,
     pub shared: Shared,
     pub metrics: Arc<Metrics>,
+    /// This gateway's name (`Via`, `/lb/status`, the ring record).
+    pub name: String,
 }
 
 /// Edits that were rejected or only partly applied, for `/lb/status`.
@@ -73,6 +80,8 @@ struct ReloadErrors {
     config: Option<String>,
     policy: Option<String>,
     restart_needed: Vec<&'static str>,
+    /// The shared ring record could not be applied as it is (see `/lb/status`).
+    ring: Option<String>,
 }
 
 struct Channels {
@@ -109,6 +118,24 @@ pub struct Controller {
     /// up (`health.slow_start`); at start-up nobody had its keys before.
     ramps_enabled: bool,
     channels: Channels,
+    /// This gateway's name.
+    name: String,
+    /// Who this run of the gateway is in the ring record: its name and a nonce, so that a
+    /// restarted gateway recognises the reservations its earlier run left.
+    me: String,
+    /// The shared ring record, when membership lives in the engine.
+    record: Option<Arc<dyn crate::provider::SharedRing>>,
+    /// The version of the last record applied; older observations are ignored.
+    ring_version: Option<u64>,
+    /// The tasks the engine runs, by hostname (shared ring): attached when their replica is a
+    /// member, whichever event came first.
+    engine_tasks: HashMap<String, crate::provider::Instance>,
+    engine: shared_ops::EngineState,
+    /// Stale record entries being cleaned up by this gateway.
+    cleaning: HashSet<crate::ring::ServerId>,
+    /// Grows to `replicas.count` through the record not finished yet: readiness waits for
+    /// them, so a gateway that starts a ring serves once its replicas do.
+    grows: HashSet<OpId>,
 }
 
 impl Controller {
@@ -130,7 +157,7 @@ impl Controller {
                 policy: policy_error,
                 ..ReloadErrors::default()
             },
-            provider: parts.provider,
+            provider: parts.provider.clone(),
             prober: parts.prober,
             shared: parts.shared,
             metrics: parts.metrics,
@@ -144,6 +171,14 @@ impl Controller {
             ready_waiters: Vec::new(),
             last_window: tokio::time::Instant::now(),
             ramps_enabled: false,
+            me: format!("{}/{:08x}", parts.name, fastrand::u32(..)),
+            name: parts.name,
+            record: parts.provider.shared_ring(),
+            ring_version: None,
+            engine_tasks: HashMap::new(),
+            engine: shared_ops::EngineState::default(),
+            cleaning: HashSet::new(),
+            grows: HashSet::new(),
             channels: Channels {
                 commands,
                 probe_tx,
@@ -217,8 +252,14 @@ impl Controller {
     }
 
     async fn start_up(&mut self) {
+        if let Some(ring) = self.record.clone() {
+            return self.start_up_shared(&*ring).await;
+        }
         match self.provider.list().await {
-            Ok(existing) => {
+            Ok(mut existing) => {
+                // Replicas with recorded slots go back there first; the others are placed
+                // around them.
+                existing.sort_by_key(|i| (i.slots.is_none(), i.id));
                 for inst in existing {
                     let (id, name) = (inst.id, inst.hostname.clone());
                     if self.membership.get(id).is_some() || self.membership.id_of(&name).is_some() {
@@ -227,7 +268,7 @@ impl Controller {
                     }
                     tracing::info!(replica = %name, id = %id, addr = %inst.addr, "adopting existing replica");
                     self.insert_replica(id, name, Phase::Member);
-                    self.place(id);
+                    self.place_as_recorded(id, inst.slots.as_deref());
                     let incarnation = self.bump_incarnation();
                     if let Some(r) = self.replicas.get_mut(&id) {
                         r.incarnation = incarnation;
@@ -242,6 +283,36 @@ impl Controller {
                 (self.config.replicas.count as usize).saturating_sub(self.membership.desired());
             self.grow(missing);
         }
+        self.publish();
+    }
+
+    /// Shared ring: the tasks the engine runs, then the record (placing every replica at its
+    /// recorded slots), then growing to `replicas.count` through the record.
+    async fn start_up_shared(&mut self, ring: &dyn crate::provider::SharedRing) {
+        match self.provider.list().await {
+            Ok(running) => {
+                for inst in running {
+                    self.engine_tasks.insert(inst.hostname.clone(), inst);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot list the running replica tasks"),
+        }
+        match ring.read().await {
+            Ok(record) => {
+                self.on_engine(true, String::new());
+                tracing::info!(
+                    version = record.version,
+                    replicas = record.members.len(),
+                    "read the shared ring record"
+                );
+                self.apply_record(record);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the shared ring record; waiting for the engine");
+                self.on_engine(false, e.to_string());
+            }
+        }
+        self.shared_grow(self.config.replicas.count as usize);
         self.publish();
     }
 
@@ -292,9 +363,27 @@ impl Controller {
         }
     }
 
-    /// Every member placed again from scratch, in id order: after the ring's parameters or the
+    /// Places replica `id` at the slots recorded for it, when it has a valid record; else
+    /// computes its place and says why.
+    fn place_as_recorded(&mut self, id: crate::ring::ServerId, slots: Option<&[u32]>) {
+        let Some(slots) = slots else {
+            return self.place(id);
+        };
+        if let Err(e) = self.placement.restore(id, slots) {
+            tracing::warn!(id = %id, error = %e, "placing it anew instead");
+            self.place(id);
+        }
+    }
+
+    /// Every member (and joining replica) placed again from scratch, in id order: after the ring's parameters or the
     /// virtual-node hash changed, old positions mean nothing.
     fn rebuild_placement(&self, config: &Config) -> Result<Placement, RingError> {
-        Router::new(config, &self.policy).placement(&self.membership.member_ids())
+        let ids: Vec<_> = self
+            .membership
+            .all()
+            .filter(|(_, e)| e.phase != Phase::Leaving)
+            .map(|(id, _)| id)
+            .collect();
+        Router::new(config, &self.policy).placement(&ids)
     }
 }

@@ -122,9 +122,10 @@ impl Controller {
     }
 
     /// Ready when every member answers or has already failed to start (it is being retried with
-    /// back-off; waiting for it would only delay the others).
+    /// back-off; waiting for it would only delay the others), and no grow through the shared
+    /// ring record is pending.
     pub(super) fn notify_ready(&mut self) {
-        if self.ready_waiters.is_empty() && self.ramps_enabled {
+        if !self.grows.is_empty() || (self.ready_waiters.is_empty() && self.ramps_enabled) {
             return;
         }
         let settled = self.membership.members().all(|(id, _)| {

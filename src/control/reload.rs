@@ -72,6 +72,10 @@ pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
         changes.push(ConfigChange::NeedsRestart("listen"));
         new.listen = old.listen;
     }
+    if new.name != old.name {
+        changes.push(ConfigChange::NeedsRestart("name"));
+        new.name = old.name.clone();
+    }
     if new.provider != old.provider {
         changes.push(ConfigChange::NeedsRestart("provider"));
         new.provider = old.provider.clone();
@@ -124,6 +128,18 @@ impl Controller {
         let plan = plan(&self.config, new);
         // Checked against what runs before anything changes: all or nothing.
         let mut placement = None;
+        if plan.changes.contains(&ConfigChange::Placement) && self.record.is_some() {
+            let error = "ring.slots, ring.vnodes and ring.vnode_hash are fixed by the shared ring \
+                         record while gateways share it (provider swarm): every replica keeps the \
+                         slots it was created with; change [ring] for a new ring only"
+                .to_owned();
+            tracing::error!(error = %error, "config edit rejected; nothing changed");
+            self.metrics
+                .config_reload_errors
+                .fetch_add(1, Ordering::Relaxed);
+            self.errors.config = Some(error);
+            return;
+        }
         if plan.changes.contains(&ConfigChange::Placement) {
             match self.rebuild_placement(&plan.config) {
                 Ok(p) => placement = Some(p),
@@ -196,7 +212,9 @@ impl Controller {
         self.policy = Arc::new(policy);
         self.errors.policy = None;
         self.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
-        if vnodes_involved {
+        if vnodes_involved && self.record.is_some() {
+            tracing::warn!("vnode_hash changed: with a shared ring record the recorded slots stand; it applies to replicas added from now on");
+        } else if vnodes_involved {
             match self.rebuild_placement(&self.config) {
                 Ok(p) => self.placement = p,
                 Err(e) => {

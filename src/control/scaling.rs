@@ -1,7 +1,8 @@
 //! Scaling: the membership plans of `/add`, `/rm` and `replicas.count` carried out.
 //!
-//! Owns: `/add` as one unit (its replicas start in the `Joining` phase, off the ring; the call
-//! commits, placing them all, only once every one answers, and rolls back whole, stopping them
+//! Owns: `/add` as one unit (its replicas are placed at once, so their slots are decided when
+//! they are created, and start in the `Joining` phase, which the owner table skips; the call
+//! commits, routing to them all, only once every one answers, and rolls back whole, stopping them
 //! all, if any fails), `/rm` (off the ring at once, drained, then stopped) and growing or
 //! shrinking to a count. Every plan is validated by the pure membership model first, so a
 //! refused call changes nothing.
@@ -30,6 +31,20 @@ impl Controller {
     }
 
     pub(super) fn add(&mut self, request: ScaleRequest, reply: Reply<Vec<String>>) {
+        if self.record.is_some() {
+            // Checked against the engine's record, not this gateway's copy of it.
+            if let Err(e) = super::membership::check_names(&request.hostnames) {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+            if request.hostnames.len() > request.n as usize {
+                let _ = reply.send(Err(
+                    super::membership::MembershipError::TooManyHostnamesToAdd.into(),
+                ));
+                return;
+            }
+            return self.shared_add(request, reply);
+        }
         let plan = match self.membership.plan_add(&request, &self.limits()) {
             Ok(plan) => plan,
             Err(e) => {
@@ -42,7 +57,10 @@ impl Controller {
         let names: Vec<&str> = plan.replicas.iter().map(|(_, n)| n.as_str()).collect();
         tracing::info!(op, replicas = ?names, "adding replicas");
         for (id, name) in plan.replicas {
+            // Placed now, so its slots are known when it is created (providers record them
+            // with it); the owner table skips it until the call commits.
             self.insert_replica(id, name, Phase::Joining(op));
+            self.place(id);
             self.start_instance(id);
         }
         self.add_ops.insert(op, reply);
@@ -51,6 +69,10 @@ impl Controller {
     /// `count` new members with generated names, placed at once and started (start-up and
     /// `replicas.count` edits; `/add` instead commits its replicas only once they all answer).
     pub(super) fn grow(&mut self, count: usize) {
+        if self.record.is_some() {
+            let target = self.membership.desired() + count;
+            return self.shared_grow(target);
+        }
         let plan = self
             .membership
             .plan_grow(count, &self.config.replicas.name_prefix);
@@ -75,9 +97,11 @@ impl Controller {
         let Some(reply) = self.add_ops.remove(&op) else {
             return;
         };
+        if self.record.is_some() {
+            return self.shared_commit(op, ids, reply);
+        }
         for &id in &ids {
             self.membership.set_phase(id, Phase::Member);
-            self.place(id);
         }
         for &id in &ids {
             self.start_ramp(id);
@@ -93,14 +117,14 @@ impl Controller {
         let Some(reply) = self.add_ops.remove(&op) else {
             return;
         };
-        let names: Vec<String> = self
-            .membership
-            .joining(op)
-            .into_iter()
-            .filter_map(|id| self.forget(id))
-            .collect();
         let error = GatewayError::AddFailed { replica, cause };
         tracing::warn!(op, error = %error, "rolling back /add");
+        let ids = self.membership.joining(op);
+        if self.record.is_some() {
+            self.op_done(op);
+            return self.roll_back(ids, error, reply);
+        }
+        let names: Vec<String> = ids.into_iter().filter_map(|id| self.forget(id)).collect();
         let provider = self.provider.clone();
         tokio::spawn(async move {
             futures_util::future::join_all(names.iter().map(|n| provider.remove(n))).await;
@@ -109,6 +133,9 @@ impl Controller {
     }
 
     pub(super) fn remove(&mut self, request: ScaleRequest, reply: Reply<Vec<String>>) {
+        if self.record.is_some() {
+            return self.shared_remove(request, reply);
+        }
         match self.membership.plan_remove(&request) {
             Ok(plan) => self.drain_and_stop(plan.ids, reply),
             Err(e) => {
@@ -119,7 +146,7 @@ impl Controller {
 
     /// Takes `ids` off the ring now, lets their in-flight requests finish (up to
     /// `proxy.drain_timeout`), stops them, then answers `reply` with the new membership.
-    fn drain_and_stop(&mut self, ids: Vec<ServerId>, reply: Reply<Vec<String>>) {
+    pub(super) fn drain_and_stop(&mut self, ids: Vec<ServerId>, reply: Reply<Vec<String>>) {
         let drain_timeout = self.config.proxy.drain_timeout;
         let mut draining = Vec::new();
         for &id in &ids {
@@ -155,12 +182,15 @@ impl Controller {
     }
 
     pub(super) fn on_removed(&mut self, ids: Vec<ServerId>, reply: Reply<Vec<String>>) {
-        for id in ids {
+        for &id in &ids {
             if let Some(name) = self.forget(id) {
                 tracing::info!(replica = %name, id = %id, "replica removed");
             }
         }
         self.publish();
+        if self.record.is_some() {
+            return self.shared_forget(ids, reply);
+        }
         let _ = reply.send(Ok(self.membership.member_names()));
     }
 
@@ -184,8 +214,11 @@ impl Controller {
                 n: u32::try_from(have - n).unwrap_or(u32::MAX),
                 hostnames: Vec::new(),
             };
+            let (reply, _) = oneshot::channel();
+            if self.record.is_some() {
+                return self.shared_remove(request, reply);
+            }
             if let Ok(plan) = self.membership.plan_remove(&request) {
-                let (reply, _) = oneshot::channel();
                 self.drain_and_stop(plan.ids, reply);
             }
         }

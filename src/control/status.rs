@@ -17,6 +17,8 @@ use crate::policy::{Hook, PolicySet};
 #[derive(Serialize)]
 struct Status<'a> {
     generation: u64,
+    /// This gateway's name (as in its `Via` headers).
+    gateway: &'a str,
     provider: &'static str,
     desired: usize,
     up: usize,
@@ -25,10 +27,30 @@ struct Status<'a> {
     replicas: Vec<ReplicaStatus<'a>>,
     config: ConfigStatus<'a>,
     policy: serde_json::Value,
+    /// The engine that holds the shared ring record (`swarm`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine: Option<EngineStatus<'a>>,
+}
+
+#[derive(Serialize)]
+struct EngineStatus<'a> {
+    reachable: bool,
+    /// Since when (ms since the epoch) it is reachable or not.
+    since_ms: Option<u64>,
+    /// Why it is not, when it is not.
+    detail: &'a str,
+    /// Routing goes on with the last ring record seen while the engine does not answer.
+    routing_on_last_known_ring: bool,
+    /// The version of the ring record applied last.
+    record_version: Option<u64>,
+    /// A record entry this gateway could not place, if any.
+    record_error: Option<&'a str>,
 }
 
 #[derive(Serialize)]
 struct RingStatus {
+    /// FNV-1a over the owner table (hex): gateways that route every key alike show the same.
+    fingerprint: String,
     slots: u32,
     vnodes: u32,
     request_hash: crate::hashing::HashFunction,
@@ -121,6 +143,7 @@ impl Controller {
                 let class = |i: usize| s.by_class[i].load(Ordering::Relaxed);
                 let state = match entry.phase {
                     Phase::Joining(_) => "starting",
+                    Phase::Reserved => "reserved",
                     Phase::Leaving => "draining",
                     Phase::Member => r.tracker.state.name(),
                 };
@@ -168,10 +191,12 @@ impl Controller {
         let c = &self.config;
         let status = Status {
             generation: snap.generation,
+            gateway: &self.name,
             provider: self.provider.kind(),
             desired: self.membership.desired(),
             up: snap.ring.servers(),
             ring: RingStatus {
+                fingerprint: format!("{:016x}", snap.ring.fingerprint()),
                 slots: c.ring.slots,
                 vnodes: c.ring.vnodes,
                 request_hash: c.ring.request_hash,
@@ -201,6 +226,17 @@ impl Controller {
                 restart_needed: &self.errors.restart_needed,
             },
             policy: policy_status(&self.policy, self.errors.policy.as_deref()),
+            engine: self.record.as_ref().map(|_| EngineStatus {
+                reachable: self.engine.reachable,
+                since_ms: self
+                    .engine
+                    .since
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok().map(millis)),
+                detail: &self.engine.detail,
+                routing_on_last_known_ring: !self.engine.reachable,
+                record_version: self.ring_version,
+                record_error: self.errors.ring.as_deref(),
+            }),
         };
         serde_json::to_value(status)
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
@@ -212,8 +248,35 @@ impl Controller {
             .all()
             .filter_map(|(id, e)| Some((e.name.clone(), self.replicas.get(&id)?.stats.clone())))
             .collect();
-        self.metrics.render(&self.shared.load(), &stats)
+        let snap = self.shared.load();
+        let mut out = self.metrics.render(&snap, &stats);
+        out.push_str(&ring_metrics(
+            &self.name,
+            snap.ring.fingerprint(),
+            self.record.as_ref().map(|_| self.engine.reachable),
+        ));
+        out
     }
+}
+
+/// The ring's fingerprint as an info-style gauge (the fingerprint is a label, the value 1, so
+/// `count by (fingerprint)` shows how many gateways agree), and the engine's reachability when
+/// the ring is shared.
+fn ring_metrics(gateway: &str, fingerprint: u64, engine_reachable: Option<bool>) -> String {
+    let mut out = format!(
+        "# HELP ringgate_ring_fingerprint The owner table's fingerprint (FNV-1a, hex) as a label; gateways that route alike show the same.\n\
+         # TYPE ringgate_ring_fingerprint gauge\n\
+         ringgate_ring_fingerprint{{gateway=\"{gateway}\",fingerprint=\"{fingerprint:016x}\"}} 1\n"
+    );
+    if let Some(up) = engine_reachable {
+        out.push_str(&format!(
+            "# HELP ringgate_engine_reachable Whether the engine holding the shared ring record answers (0: routing on the last ring seen).\n\
+             # TYPE ringgate_engine_reachable gauge\n\
+             ringgate_engine_reachable {}\n",
+            u8::from(up)
+        ));
+    }
+    out
 }
 
 fn policy_status(p: &PolicySet, load_error: Option<&str>) -> serde_json::Value {

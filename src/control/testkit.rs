@@ -21,7 +21,11 @@ use crate::health::probe::{Check, Prober};
 use crate::health::ProbeOutcome;
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
-use crate::provider::{Instance, Provider, ProviderError, ProviderEvent, ReplicaSpec};
+use crate::provider::record::RecordedMember;
+use crate::provider::{
+    Instance, Provider, ProviderError, ProviderEvent, RecordWriteError, ReplicaSpec, RingRecord,
+    SharedRing,
+};
 use crate::ring::ServerId;
 use crate::snapshot::{Shared, Snapshot};
 use crate::sync::lock;
@@ -32,6 +36,7 @@ struct State {
     next_instance: u64,
     running: BTreeMap<String, Instance>,
     spawns: Vec<(String, Instant)>,
+    spawned_slots: Vec<(String, Vec<u32>)>,
     removes: Vec<String>,
     /// Hostname → how many more starts fail.
     fail_starts: HashMap<String, u32>,
@@ -43,6 +48,93 @@ pub struct World {
     state: Mutex<State>,
     events: mpsc::Sender<ProviderEvent>,
     manages: bool,
+    /// A swarm-like engine: the ring record lives here, shared by every gateway on this
+    /// world, and the engine restarts dead replicas itself.
+    record: Option<Arc<MemoryRecord>>,
+}
+
+/// The ring record in memory, with the engine's optimistic concurrency: a write on an old
+/// version is refused. Every accepted write is broadcast to the subscribed gateways as the
+/// engine's watch would.
+#[derive(Default)]
+pub struct MemoryRecord {
+    record: Mutex<RingRecord>,
+    subscribers: Mutex<Vec<mpsc::Sender<ProviderEvent>>>,
+    pub writes: Mutex<u32>,
+    pub conflicts: Mutex<u32>,
+    /// While set, the engine does not answer.
+    pub down: Mutex<bool>,
+}
+
+impl MemoryRecord {
+    pub fn get(&self) -> RingRecord {
+        lock(&self.record).clone()
+    }
+
+    /// What the engine's watch says when the engine stops (or starts again) answering.
+    pub fn broadcast_engine(&self, reachable: bool) {
+        self.broadcast(ProviderEvent::Engine {
+            reachable,
+            detail: if reachable {
+                String::new()
+            } else {
+                "scripted: down".into()
+            },
+        });
+    }
+
+    /// A watch delivering `record` (possibly an old one) to every gateway.
+    pub fn broadcast_ring(&self, record: RingRecord) {
+        self.broadcast(ProviderEvent::Ring(record));
+    }
+
+    fn broadcast(&self, event: ProviderEvent) {
+        for s in lock(&self.subscribers).iter() {
+            let _ = s.try_send(event.clone());
+        }
+    }
+}
+
+impl SharedRing for MemoryRecord {
+    fn read(&self) -> BoxFuture<'_, Result<RingRecord, ProviderError>> {
+        Box::pin(async move {
+            if *lock(&self.down) {
+                return Err(ProviderError::Setup("scripted: the engine is down".into()));
+            }
+            Ok(self.get())
+        })
+    }
+
+    fn write(
+        &self,
+        version: u64,
+        members: BTreeMap<ServerId, RecordedMember>,
+    ) -> BoxFuture<'_, Result<(), RecordWriteError>> {
+        Box::pin(async move {
+            // Let concurrent callers interleave between their read and their write.
+            tokio::task::yield_now().await;
+            if *lock(&self.down) {
+                return Err(RecordWriteError::Engine(ProviderError::Setup(
+                    "scripted: the engine is down".into(),
+                )));
+            }
+            let record = {
+                let mut r = lock(&self.record);
+                if r.version != version {
+                    *lock(&self.conflicts) += 1;
+                    return Err(RecordWriteError::Conflict);
+                }
+                *lock(&self.writes) += 1;
+                *r = RingRecord {
+                    version: version + 1,
+                    members,
+                };
+                r.clone()
+            };
+            self.broadcast(ProviderEvent::Ring(record));
+            Ok(())
+        })
+    }
 }
 
 impl World {
@@ -56,8 +148,61 @@ impl World {
             }),
             events,
             manages,
+            record: None,
         };
         (Arc::new(world), rx)
+    }
+
+    /// A swarm-like world: a shared ring record, replicas restarted by the engine. Each
+    /// gateway on it gets its events from [`World::subscribe`].
+    pub fn swarm() -> Arc<World> {
+        let (events, _) = mpsc::channel(1);
+        Arc::new(World {
+            state: Mutex::new(State {
+                next_port: 20_000,
+                ..State::default()
+            }),
+            events,
+            manages: true,
+            record: Some(Arc::new(MemoryRecord::default())),
+        })
+    }
+
+    /// The events one more gateway on this world receives.
+    pub fn subscribe(&self) -> mpsc::Receiver<ProviderEvent> {
+        let (tx, rx) = mpsc::channel(256);
+        if let Some(r) = &self.record {
+            lock(&r.subscribers).push(tx);
+        }
+        rx
+    }
+
+    pub fn record(&self) -> Arc<MemoryRecord> {
+        self.record.clone().expect("a swarm world")
+    }
+
+    /// The engine restarts `hostname`'s dead task: a new instance, reported as running.
+    pub fn restart_task(&self, hostname: &str, id: u32) {
+        let inst = {
+            let mut s = lock(&self.state);
+            let inst = s.instance(ServerId::new(id).expect("non-zero id"), hostname);
+            s.running.insert(hostname.to_owned(), inst.clone());
+            inst
+        };
+        self.record()
+            .broadcast(ProviderEvent::Running { instance: inst });
+    }
+
+    /// A swarm replica's task dies: every gateway hears of it.
+    pub fn kill_task(&self, hostname: &str) {
+        let inst = lock(&self.state).running.remove(hostname);
+        if let Some(inst) = inst {
+            self.record().broadcast(ProviderEvent::Exited {
+                hostname: hostname.to_owned(),
+                instance_id: inst.instance_id,
+                detail: "killed by the test".into(),
+            });
+        }
     }
 
     /// Replicas `list()` reports at start (adopted, or the static servers).
@@ -68,6 +213,26 @@ impl World {
             s.running.insert(name.to_owned(), inst.clone());
             s.existing.push(inst);
         }
+    }
+
+    /// A replica `list()` reports at start with the slots recorded for it (a docker container
+    /// labelled by an earlier run).
+    pub fn existing_recorded(&self, id: u32, name: &str, slots: &[u32]) {
+        let mut s = lock(&self.state);
+        let mut inst = s.instance(ServerId::new(id).expect("non-zero id"), name);
+        inst.slots = Some(slots.to_vec());
+        s.running.insert(name.to_owned(), inst.clone());
+        s.existing.push(inst);
+    }
+
+    /// The slots each start of `hostname` was asked to record.
+    pub fn spawned_slots(&self, hostname: &str) -> Vec<Vec<u32>> {
+        lock(&self.state)
+            .spawned_slots
+            .iter()
+            .filter(|(h, _)| h == hostname)
+            .map(|(_, s)| s.clone())
+            .collect()
     }
 
     pub fn fail_starts(&self, hostname: &str, times: u32) {
@@ -128,6 +293,7 @@ impl State {
             hostname: hostname.to_owned(),
             addr: SocketAddr::from(([127, 0, 0, 1], self.next_port)),
             instance_id: format!("fake-{}", self.next_instance),
+            slots: None,
         }
     }
 }
@@ -149,6 +315,8 @@ impl Provider for World {
         Box::pin(async move {
             let mut s = lock(&self.state);
             s.spawns.push((spec.hostname.clone(), Instant::now()));
+            s.spawned_slots
+                .push((spec.hostname.clone(), spec.slots.clone()));
             if let Some(left) = s.fail_starts.get_mut(&spec.hostname) {
                 if *left > 0 {
                     *left = left.saturating_sub(1);
@@ -158,8 +326,15 @@ impl Provider for World {
                     });
                 }
             }
-            let inst = s.instance(spec.id, &spec.hostname);
+            let mut inst = s.instance(spec.id, &spec.hostname);
+            inst.slots = Some(spec.slots);
             s.running.insert(spec.hostname, inst.clone());
+            if let Some(r) = &self.record {
+                // Other gateways see the engine's new task.
+                r.broadcast(ProviderEvent::Running {
+                    instance: inst.clone(),
+                });
+            }
             Ok(inst)
         })
     }
@@ -175,11 +350,25 @@ impl Provider for World {
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>> {
-        Box::pin(async move { Ok(lock(&self.state).existing.clone()) })
+        Box::pin(async move {
+            let s = lock(&self.state);
+            if self.record.is_some() {
+                return Ok(s.running.values().cloned().collect());
+            }
+            Ok(s.existing.clone())
+        })
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+
+    fn shared_ring(&self) -> Option<Arc<dyn SharedRing>> {
+        self.record.clone().map(|r| r as Arc<dyn SharedRing>)
+    }
+
+    fn restarts_replicas(&self) -> bool {
+        self.record.is_some()
     }
 }
 
@@ -238,6 +427,16 @@ impl Harness {
         world: Arc<World>,
         events: mpsc::Receiver<ProviderEvent>,
     ) -> Harness {
+        Harness::start_named(config, world, events, "test-gw")
+    }
+
+    /// A gateway named `name` (several gateways share one swarm world).
+    pub fn start_named(
+        config: Config,
+        world: Arc<World>,
+        events: mpsc::Receiver<ProviderEvent>,
+        name: &str,
+    ) -> Harness {
         let config = Arc::new(config);
         let shared: Shared = Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot::initial(
             config.clone(),
@@ -250,6 +449,7 @@ impl Harness {
             prober: world.clone(),
             shared: shared.clone(),
             metrics: Arc::new(Metrics::default()),
+            name: name.into(),
         })
         .expect("valid ring");
         let task = tokio::spawn(controller.run());
@@ -259,6 +459,11 @@ impl Harness {
             shared,
             _task: task,
         }
+    }
+
+    /// The owner table's fingerprint this gateway routes with.
+    pub fn fingerprint(&self) -> u64 {
+        self.snapshot().ring.fingerprint()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {

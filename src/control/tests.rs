@@ -476,3 +476,270 @@ async fn a_replacement_ramps_up_over_slow_start_and_start_up_does_not() {
         .flatten()
         .all(|u| u.ramp.is_none()));
 }
+
+#[tokio::test(start_paused = true)]
+async fn adopted_replicas_go_back_to_their_recorded_slots_and_new_ones_probe_around_them() {
+    let (world, events) = World::new(true);
+    // What an earlier run recorded: not where Φ would put them today (a history of
+    // collisions and removals), so a restart that recomputed would move keys.
+    let recorded_1: Vec<u32> = (100..109).collect();
+    let recorded_3: Vec<u32> = vec![26, 29, 34, 41, 50, 61, 74, 89, 120];
+    world.existing_recorded(1, "server-1", &recorded_1);
+    world.existing_recorded(3, "server-3", &recorded_3);
+    let h = Harness::start(config(3), world.clone(), events);
+    h.until(SETTLE, "three up", |h| h.in_ring().len() == 3)
+        .await;
+    assert_eq!(
+        h.replica("server-1").await["slots"],
+        serde_json::json!(recorded_1)
+    );
+    assert_eq!(
+        h.replica("server-3").await["slots"],
+        serde_json::json!(recorded_3)
+    );
+    // server-2 is new: placed around the recorded ones, and told its slots when started.
+    let slots_2: Vec<u32> =
+        serde_json::from_value(h.replica("server-2").await["slots"].clone()).expect("slots");
+    assert_eq!(world.spawned_slots("server-2"), vec![slots_2.clone()]);
+    assert!(slots_2
+        .iter()
+        .all(|s| !recorded_1.contains(s) && !recorded_3.contains(s)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_add_reserves_its_slots_when_planned_and_a_rollback_frees_them() {
+    let (world, events) = World::new(true);
+    world.fail_starts("S9", u32::MAX);
+    let h = Harness::start(config(1), world.clone(), events);
+    h.until(SETTLE, "one up", |h| h.in_ring().len() == 1).await;
+    let before = h.snapshot().ring.fingerprint();
+    let failed = h.handle.add(scale(2, &["S8", "S9"])).await;
+    assert!(
+        matches!(failed, Err(GatewayError::AddFailed { .. })),
+        "{failed:?}"
+    );
+    let s8 = world.spawned_slots("S8");
+    assert_eq!(s8.len(), 1, "started once, with its slots");
+    assert_eq!(s8[0].len(), 9);
+    assert_eq!(
+        h.snapshot().ring.fingerprint(),
+        before,
+        "nothing routed to it"
+    );
+    // The rolled-back replicas' slots are free again: the next add gets the same ones.
+    h.handle.add(scale(1, &["S8"])).await.expect("added");
+    assert_eq!(world.spawned_slots("S8")[1], s8[0]);
+    let status = h.handle.status().await.expect("status");
+    assert_eq!(status["replicas"][1]["slots"], serde_json::json!(s8[0]));
+}
+
+/// Two gateways on one swarm-like world: the ring record is shared, tasks are the engine's.
+fn two_gateways(count: u32) -> (Arc<World>, Harness, Harness) {
+    let world = World::swarm();
+    let a = Harness::start_named(config(count), world.clone(), world.subscribe(), "gw-a");
+    let b = Harness::start_named(config(count), world.clone(), world.subscribe(), "gw-b");
+    (world, a, b)
+}
+
+fn agree(a: &Harness, b: &Harness, n: usize) -> bool {
+    a.in_ring().len() == n && b.in_ring().len() == n && a.fingerprint() == b.fingerprint()
+}
+
+use std::sync::Arc;
+
+#[tokio::test(start_paused = true)]
+async fn gateways_sharing_a_ring_grow_it_once_and_route_alike() {
+    let (world, a, b) = two_gateways(3);
+    a.until(SETTLE, "both route to the same three", |a| agree(a, &b, 3))
+        .await;
+    let record = world.record().get();
+    assert_eq!(
+        record.members.len(),
+        3,
+        "both grew to 3, together: {record:?}"
+    );
+    assert_eq!(
+        a.snapshot().members,
+        names(&["server-1", "server-2", "server-3"])
+    );
+    assert_eq!(b.snapshot().members, a.snapshot().members);
+    // The slots are the record's, which are the ones a single gateway computes.
+    let status = b.handle.status().await.expect("status");
+    assert_eq!(status["replicas"][0]["slots"][0], 26, "Φ(1,0) = 26");
+    assert_eq!(status["engine"]["reachable"], true);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_add_through_one_gateway_and_a_remove_through_the_other_converge() {
+    let (_world, a, b) = two_gateways(2);
+    a.until(SETTLE, "two", |a| agree(a, &b, 2)).await;
+    let members = a.handle.add(scale(1, &["S5"])).await.expect("added");
+    assert_eq!(members, names(&["server-1", "server-2", "S5"]));
+    // B learns it from the record (no call of its own).
+    b.until(Duration::from_secs(1), "B routes to S5 too", |b| {
+        agree(&a, b, 3)
+    })
+    .await;
+    let members = b
+        .handle
+        .remove(scale(1, &["server-1"]))
+        .await
+        .expect("removed");
+    assert_eq!(members, names(&["server-2", "S5"]));
+    a.until(Duration::from_secs(1), "A dropped server-1", |a| {
+        agree(a, &b, 2)
+    })
+    .await;
+    assert_eq!(a.snapshot().members, names(&["server-2", "S5"]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_adds_on_two_gateways_all_land_with_distinct_ids_and_slots() {
+    let (world, a, b) = two_gateways(1);
+    a.until(SETTLE, "one", |a| agree(a, &b, 1)).await;
+    let calls: Vec<_> = (0..4)
+        .map(|k| {
+            let h = if k % 2 == 0 {
+                a.handle.clone()
+            } else {
+                b.handle.clone()
+            };
+            tokio::spawn(async move { h.add(scale(1, &[])).await })
+        })
+        .collect();
+    for c in calls {
+        c.await.expect("joined").expect("every call lands");
+    }
+    a.until(SETTLE, "five on both", |a| agree(a, &b, 5)).await;
+    let record = world.record().get();
+    assert_eq!(record.members.len(), 5);
+    let mut slots: Vec<u32> = record
+        .members
+        .values()
+        .flat_map(|m| m.slots.clone())
+        .collect();
+    let all = slots.len();
+    slots.sort_unstable();
+    slots.dedup();
+    assert_eq!(slots.len(), all, "no slot twice");
+    assert!(
+        *world.record().conflicts.lock().expect("lock") > 0,
+        "the race happened"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_the_engine_restarts_comes_back_with_its_id_and_slots() {
+    let (world, a, b) = two_gateways(3);
+    a.until(SETTLE, "three", |a| agree(a, &b, 3)).await;
+    let before = a.replica("server-2").await;
+    let fingerprint = a.fingerprint();
+    world.kill_task("server-2");
+    a.until(Duration::from_millis(50), "ejected on both", |a| {
+        a.in_ring().len() == 2 && b.in_ring().len() == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        world.spawns_of("server-2").len(),
+        1,
+        "the gateways never start it again"
+    );
+    world.restart_task("server-2", 2);
+    a.until(Duration::from_secs(1), "back on both", |a| agree(a, &b, 3))
+        .await;
+    let after = a.replica("server-2").await;
+    assert_eq!(after["id"], before["id"]);
+    assert_eq!(after["slots"], before["slots"]);
+    assert_ne!(after["instance"], before["instance"]);
+    assert_eq!(a.fingerprint(), fingerprint, "every key where it was");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gateway_started_later_routes_as_the_others() {
+    let (world, a, b) = two_gateways(2);
+    a.until(SETTLE, "two", |a| agree(a, &b, 2)).await;
+    a.handle.add(scale(2, &["S7"])).await.expect("added");
+    b.handle
+        .remove(scale(1, &["server-1"]))
+        .await
+        .expect("removed");
+    a.until(SETTLE, "three on both", |a| agree(a, &b, 3)).await;
+    let c = Harness::start_named(config(2), world.clone(), world.subscribe(), "gw-c");
+    c.until(SETTLE, "the newcomer agrees", |c| agree(c, &a, 3))
+        .await;
+    assert_eq!(c.snapshot().members, a.snapshot().members);
+    assert_eq!(
+        world.record().get().members.len(),
+        3,
+        "count 2 < 3 members: no growth"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_engine_keeps_the_last_ring_and_says_so() {
+    let (world, a, b) = two_gateways(2);
+    a.until(SETTLE, "two", |a| agree(a, &b, 2)).await;
+    let fingerprint = a.fingerprint();
+    *world.record().down.lock().expect("lock") = true;
+    let err = a
+        .handle
+        .add(scale(1, &[]))
+        .await
+        .expect_err("the engine is down");
+    assert!(err.retryable(), "{err}");
+    assert!(
+        matches!(err, GatewayError::EngineUnavailable { .. }),
+        "{err}"
+    );
+    assert_eq!(a.fingerprint(), fingerprint, "routing goes on");
+    world.record().broadcast_engine(false);
+    let mut status = a.handle.status().await.expect("status");
+    for _ in 0..100 {
+        if status["engine"]["reachable"] == false {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        status = a.handle.status().await.expect("status");
+    }
+    assert_eq!(status["engine"]["reachable"], false);
+    assert_eq!(status["engine"]["routing_on_last_known_ring"], true);
+    assert_eq!(a.in_ring().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_observation_of_an_older_record_changes_nothing() {
+    let (world, a, b) = two_gateways(1);
+    a.until(SETTLE, "one", |a| agree(a, &b, 1)).await;
+    // What a watch saw just before the /add below wrote the record.
+    let before = world.record().get();
+    a.handle.add(scale(1, &["S5"])).await.expect("added");
+    world.record().broadcast_ring(before);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(a.snapshot().members, names(&["server-1", "S5"]));
+    b.until(Duration::from_secs(1), "B too", |b| agree(&a, b, 2))
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_ring_refuses_a_placement_edit_and_keeps_its_slots() {
+    let (_world, a, b) = two_gateways(2);
+    a.until(SETTLE, "two", |a| agree(a, &b, 2)).await;
+    let fingerprint = a.fingerprint();
+    let mut edit = config(2);
+    edit.ring.vnode_hash = crate::hashing::HashFunction::Mix64;
+    a.handle
+        .send(super::Command::Reload {
+            config: Box::new(edit),
+        })
+        .await;
+    let status = a.handle.status().await.expect("status");
+    assert!(
+        status["config"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("fixed by the shared ring record")),
+        "{status}"
+    );
+    assert_eq!(a.fingerprint(), fingerprint);
+    assert_eq!(a.fingerprint(), b.fingerprint());
+}

@@ -2,7 +2,8 @@
 //!
 //! Owns: the [`Provider`] trait (start a replica with a hostname and id, remove one, list the
 //! managed ones, report events such as "died") and its implementations: `process` (local
-//! `ringgate-server` children), `static` (fixed addresses, never started), `docker` (containers).
+//! `ringgate-server` children), `static` (fixed addresses, never started), `docker` (containers),
+//! `swarm` (Swarm services, with the shared ring [`record`] several gateways route by).
 //! Must not touch: the ring, health verdicts or snapshots. A provider reports facts to the
 //! controller through [`ProviderEvent`]s; the controller decides what they mean.
 
@@ -16,7 +17,11 @@ use crate::ring::ServerId;
 
 pub mod docker;
 pub mod process;
+pub mod record;
 pub mod static_list;
+pub mod swarm;
+
+pub use record::{RecordWriteError, RingRecord, SharedRing};
 
 pub use futures_util::future::BoxFuture;
 
@@ -25,6 +30,10 @@ pub use futures_util::future::BoxFuture;
 pub struct ReplicaSpec {
     pub id: ServerId,
     pub hostname: String,
+    /// The ring slots of its virtual nodes, in vnode order, decided when the replica was
+    /// planned: providers that keep state in the engine record them with it (labels), so a
+    /// gateway that adopts it later puts it back exactly there.
+    pub slots: Vec<u32>,
 }
 
 /// A running replica as a provider knows it.
@@ -37,17 +46,45 @@ pub struct Instance {
     /// Identifies this run of the replica (a pid, a container id): events name it, so an event
     /// about an instance that was already replaced is recognised as stale.
     pub instance_id: String,
+    /// The slots recorded with the replica when it was created, if the provider keeps them
+    /// (docker and swarm labels); `None` when they are the gateway's to compute (process,
+    /// static).
+    pub slots: Option<Vec<u32>>,
+}
+
+/// Ring slots as a label value: `26,29,34`.
+pub fn format_slots(slots: &[u32]) -> String {
+    slots
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A label value written by [`format_slots`]; `None` when it is not one (the gateway then
+/// computes the slots, and says so).
+pub fn parse_slots(text: &str) -> Option<Vec<u32>> {
+    text.split(',').map(|s| s.trim().parse().ok()).collect()
 }
 
 /// Facts a provider reports as they happen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderEvent {
-    /// The instance is gone (process exit, container die/kill/oom/stop).
+    /// The instance is gone (process exit, container die/kill/oom/stop, a task that stopped).
     Exited {
         hostname: String,
         instance_id: String,
         detail: String,
     },
+    /// A replica runs at this address: a task the engine started on its own (a restart after
+    /// a death, a reschedule on another node) or one that another gateway created.
+    Running { instance: Instance },
+    /// The membership as the engine holds it now (shared-ring providers): the whole record,
+    /// not a change, so an observation that arrives late is recognised by its version.
+    Ring(RingRecord),
+    /// Whether the engine answers; while it does not, the gateway routes on the last ring it
+    /// saw and says so.
+    Engine { reachable: bool, detail: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +142,19 @@ pub trait Provider: Send + Sync + 'static {
     /// Called once when the gateway stops: the process provider stops its children; the docker
     /// provider leaves containers for the next start to adopt.
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+
+    /// Where membership lives when it is shared by several gateways (`swarm`): the record the
+    /// controller reads and writes with optimistic concurrency. `None` (the default): the
+    /// gateway's own membership model is the truth.
+    fn shared_ring(&self) -> Option<Arc<dyn SharedRing>> {
+        None
+    }
+
+    /// Whether the engine restarts a dead replica itself (Swarm's restart policy), so the
+    /// controller only takes it out of the ring and waits for [`ProviderEvent::Running`].
+    fn restarts_replicas(&self) -> bool {
+        false
+    }
 }
 
 /// How long `auto` waits for a Docker engine before choosing the process provider.
@@ -159,6 +209,16 @@ pub async fn from_config(
                 process::server_binary(config.provider.server_binary.as_deref())?,
                 events,
             )))
+        }
+        ProviderKind::Swarm => {
+            let s = swarm::SwarmProvider::connect(config, events).await?;
+            tracing::info!(
+                provider = "swarm",
+                engine = s.engine_version(),
+                instance = s.instance(),
+                "replicas run as Swarm services; membership is the ring record in the engine"
+            );
+            Ok(Arc::new(s))
         }
         ProviderKind::Docker => {
             let d = docker::DockerProvider::connect(&config.provider, events).await?;

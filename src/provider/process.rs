@@ -154,6 +154,7 @@ impl ProcessProvider {
             hostname: spec.hostname,
             addr,
             instance_id: pid,
+            slots: None,
         })
     }
 

@@ -28,6 +28,7 @@ impl StaticProvider {
                 hostname: s.name.clone(),
                 addr: s.address,
                 instance_id: format!("static:{}", s.address),
+                slots: None,
             })
             .collect();
         StaticProvider { servers }

@@ -9,25 +9,29 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use bollard::container::{
-    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions,
-    StopContainerOptions,
-};
 use bollard::errors::Error as DockerError;
-use bollard::models::{ContainerInspectResponse, ContainerSummary, EndpointSettings};
-use bollard::network::{ConnectNetworkOptions, CreateNetworkOptions, InspectNetworkOptions};
+use bollard::models::{
+    ContainerInspectResponse, ContainerSummary, ContainerSummaryStateEnum, EndpointSettings,
+    NetworkConnectRequest, NetworkCreateRequest,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions, ListContainersOptions,
+    RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+};
 use bollard::Docker;
 
 use super::engine::{message_of, status_of};
 use super::events::{lock, SharedReported};
 use super::{
     short, spec, DockerProvider, INSTANCE_ENV, LABEL_INSTANCE, LABEL_MANAGED, LABEL_SERVER_ID,
+    LABEL_SLOTS,
 };
+use crate::provider::parse_slots;
 use crate::provider::{Instance, ProviderError, ReplicaSpec};
 use crate::ring::ServerId;
 
 /// Grace a replica gets after SIGTERM before the engine kills it.
-const STOP_GRACE_SECS: i64 = 5;
+const STOP_GRACE_SECS: i32 = 5;
 
 impl DockerProvider {
     /// Makes sure the replica network exists, creating it (labelled as ours) when missing.
@@ -36,7 +40,7 @@ impl DockerProvider {
         let name = &self.settings.network;
         match self
             .docker
-            .inspect_network(name, None::<InspectNetworkOptions<String>>)
+            .inspect_network(name, None::<InspectNetworkOptions>)
             .await
         {
             Ok(_) => return Ok(()),
@@ -49,11 +53,10 @@ impl DockerProvider {
         ]);
         let created = self
             .docker
-            .create_network(CreateNetworkOptions {
+            .create_network(NetworkCreateRequest {
                 name: name.clone(),
-                check_duplicate: true,
-                driver: "bridge".to_owned(),
-                labels,
+                driver: Some("bridge".to_owned()),
+                labels: Some(labels),
                 ..Default::default()
             })
             .await;
@@ -72,7 +75,11 @@ impl DockerProvider {
         &self,
         name_or_id: &str,
     ) -> Result<Option<ContainerInspectResponse>, DockerError> {
-        match self.docker.inspect_container(name_or_id, None).await {
+        match self
+            .docker
+            .inspect_container(name_or_id, None::<InspectContainerOptions>)
+            .await
+        {
             Ok(c) => Ok(Some(c)),
             Err(e) if status_of(&e) == Some(404) => Ok(None),
             Err(e) => Err(e),
@@ -102,7 +109,7 @@ impl DockerProvider {
                 Some(RemoveContainerOptions {
                     force: true,
                     v: true,
-                    ..Default::default()
+                    link: false,
                 }),
             )
             .await
@@ -130,13 +137,13 @@ impl DockerProvider {
                 network: &self.settings.network,
                 port,
                 hostname: &spec.hostname,
-                labels: self.labels(spec.id),
+                labels: self.labels(spec.id, &spec.slots),
             },
             &self.settings.limits,
         );
         let options = Some(CreateContainerOptions {
-            name: spec.hostname.clone(),
-            platform: None,
+            name: Some(spec.hostname.clone()),
+            platform: String::new(),
         });
 
         let mut replaced_stale = false;
@@ -178,7 +185,7 @@ impl DockerProvider {
                     };
                     let labels = existing.labels.as_ref();
                     let known = self.ids().get(&spec.hostname) == Some(&old);
-                    let running = existing.state.as_deref() == Some("running");
+                    let running = existing.state == Some(ContainerSummaryStateEnum::RUNNING);
                     let dead_leftover = self.is_ours(labels) && !running;
                     if !known && !dead_leftover {
                         let ours = &self.settings.instance;
@@ -212,7 +219,7 @@ impl DockerProvider {
         };
         if let Err(e) = self
             .docker
-            .start_container(&id, None::<StartContainerOptions<String>>)
+            .start_container(&id, None::<StartContainerOptions>)
             .await
         {
             return Err(fail(format!(
@@ -253,6 +260,7 @@ impl DockerProvider {
             hostname: spec.hostname,
             addr: SocketAddr::new(ip, port),
             instance_id: id,
+            slots: Some(spec.slots),
         })
     }
 
@@ -291,7 +299,13 @@ impl DockerProvider {
         lock(&self.reported).insert(&id);
         match self
             .docker
-            .stop_container(&id, Some(StopContainerOptions { t: STOP_GRACE_SECS }))
+            .stop_container(
+                &id,
+                Some(StopContainerOptions {
+                    t: Some(STOP_GRACE_SECS),
+                    signal: None,
+                }),
+            )
             .await
         {
             Ok(()) => {}
@@ -328,7 +342,7 @@ impl DockerProvider {
             .docker
             .list_containers(Some(ListContainersOptions {
                 all: true,
-                filters,
+                filters: Some(filters),
                 ..Default::default()
             }))
             .await?;
@@ -354,7 +368,7 @@ impl DockerProvider {
             .docker
             .list_containers(Some(ListContainersOptions {
                 all: true,
-                filters,
+                filters: Some(filters),
                 ..Default::default()
             }))
             .await
@@ -374,7 +388,12 @@ impl DockerProvider {
                 .and_then(|l| l.get(LABEL_SERVER_ID))
                 .and_then(|v| v.parse().ok())
                 .and_then(ServerId::new);
-            let running = c.state.as_deref() == Some("running");
+            let slots = c
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SLOTS))
+                .and_then(|v| parse_slots(v));
+            let running = c.state == Some(ContainerSummaryStateEnum::RUNNING);
             let (Some(id), true, false) = (server_id, running, name.is_empty()) else {
                 tracing::info!(replica = %name, container = %short(&cid), state = ?c.state, "removing a managed container that cannot be adopted (not running or no server id)");
                 if let Err(e) = self.force_remove(&cid).await {
@@ -391,6 +410,7 @@ impl DockerProvider {
                         hostname: name,
                         addr: SocketAddr::new(ip, self.settings.container_port),
                         instance_id: cid,
+                        slots,
                     });
                 }
                 Err(reason) => {
@@ -420,9 +440,9 @@ impl DockerProvider {
         self.docker
             .connect_network(
                 &self.settings.network,
-                ConnectNetworkOptions {
-                    container: id.to_owned(),
-                    endpoint_config: EndpointSettings::default(),
+                NetworkConnectRequest {
+                    container: Some(id.to_owned()),
+                    endpoint_config: Some(EndpointSettings::default()),
                 },
             )
             .await
@@ -491,7 +511,7 @@ impl Drop for Cleanup {
             let options = Some(RemoveContainerOptions {
                 force: true,
                 v: true,
-                ..Default::default()
+                link: false,
             });
             match docker.remove_container(&id, options).await {
                 Ok(()) => tracing::info!(container = %short(&id), "removed a half-created container"),

@@ -19,14 +19,14 @@ fn engine_address() -> String {
     std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
 }
 
-pub(super) fn status_of(e: &DockerError) -> Option<u16> {
+pub(crate) fn status_of(e: &DockerError) -> Option<u16> {
     match e {
         DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
         _ => None,
     }
 }
 
-pub(super) fn message_of(e: &DockerError) -> String {
+pub(crate) fn message_of(e: &DockerError) -> String {
     match e {
         DockerError::DockerResponseServerError { message, .. } => message.clone(),
         other => other.to_string(),
@@ -34,7 +34,7 @@ pub(super) fn message_of(e: &DockerError) -> String {
 }
 
 /// Connects and checks that the engine answers within `timeout`.
-pub(super) async fn connect_engine(timeout: Duration) -> Result<(Docker, String), ProviderError> {
+pub(crate) async fn connect_engine(timeout: Duration) -> Result<(Docker, String), ProviderError> {
     let addr = engine_address();
     let no_engine = |why: String| {
         ProviderError::Setup(format!(

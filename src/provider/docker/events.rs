@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::models::EventMessage;
-use bollard::system::EventsOptions;
+use bollard::query_parameters::EventsOptions;
 use bollard::Docker;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -118,10 +118,10 @@ pub(super) async fn watch_events(
     let mut since = unix_now_secs() - 1.0;
     let mut backoff = BACKOFF_MIN;
     loop {
-        let options = EventsOptions::<String> {
+        let options = EventsOptions {
             since: Some(format!("{since:.9}")),
             until: None,
-            filters: filters.clone(),
+            filters: Some(filters.clone()),
         };
         let mut stream = docker.events(Some(options));
         let reason = loop {

@@ -9,8 +9,10 @@
 //!
 //! [`spec`] says what a replica container is: named exactly its hostname, from `provider.image`,
 //! on `provider.network`, with `SERVER_ID` and `PORT` set, the `[provider]` limits, all
-//! capabilities dropped, `no-new-privileges`, a read-only root, and three labels:
-//! `ringgate.managed=true`, `ringgate.server-id=<id>` and `ringgate.instance=<instance>`, where
+//! capabilities dropped, `no-new-privileges`, a read-only root, and four labels:
+//! `ringgate.managed=true`, `ringgate.server-id=<id>`, `ringgate.slots=<its ring slots>` (decided
+//! when it is created, restored when it is adopted, so a restart moves no key) and
+//! `ringgate.instance=<instance>`, where
 //! the instance is `$RINGGATE_INSTANCE_LABEL` or `default`. Only containers carrying our instance
 //! label are ever adopted, replaced or removed: anything else with a clashing name is left alone
 //! and reported. A replica is stopped and removed by the container id this provider created or
@@ -31,17 +33,21 @@ use crate::config::ProviderConfig;
 use crate::ring::ServerId;
 
 mod containers;
-mod engine;
+pub(crate) mod engine;
 mod events;
 mod spec;
 
 use engine::{connect_engine, status_of};
 use events::{watch_events, SharedReported};
+pub(crate) use spec::Limits as SpecLimits;
 
 /// Label marking a container or network as created by ringgate.
 pub const LABEL_MANAGED: &str = "ringgate.managed";
 /// Label carrying a replica's server id (its place on the ring).
 pub const LABEL_SERVER_ID: &str = "ringgate.server-id";
+/// Label carrying a replica's ring slots, in vnode order ("26,29,34"): decided when it was
+/// created, restored when it is adopted.
+pub const LABEL_SLOTS: &str = "ringgate.slots";
 /// Label naming the gateway instance that owns a container.
 pub const LABEL_INSTANCE: &str = "ringgate.instance";
 /// Environment variable that sets the instance label (tests use a unique one per run).
@@ -57,7 +63,7 @@ struct Settings {
     network: String,
     container_port: u16,
     instance: String,
-    limits: spec::Limits,
+    limits: SpecLimits,
 }
 
 pub struct DockerProvider {
@@ -120,7 +126,7 @@ impl DockerProvider {
             network: config.network.clone(),
             container_port: config.container_port,
             instance,
-            limits: spec::Limits::from_config(config),
+            limits: SpecLimits::from_config(config),
         };
         let reported = SharedReported::default();
         let events_task = tokio::spawn(watch_events(
@@ -166,10 +172,11 @@ impl DockerProvider {
         }
     }
 
-    fn labels(&self, id: ServerId) -> HashMap<String, String> {
+    fn labels(&self, id: ServerId, slots: &[u32]) -> HashMap<String, String> {
         HashMap::from([
             (LABEL_MANAGED.to_owned(), "true".to_owned()),
             (LABEL_SERVER_ID.to_owned(), id.to_string()),
+            (LABEL_SLOTS.to_owned(), crate::provider::format_slots(slots)),
             (LABEL_INSTANCE.to_owned(), self.settings.instance.clone()),
         ])
     }

@@ -9,23 +9,25 @@
 
 use std::collections::HashMap;
 
-use bollard::container::{Config as ContainerConfig, NetworkingConfig};
-use bollard::models::{EndpointSettings, HostConfig, HostConfigLogConfig};
+use bollard::models::{
+    ContainerCreateBody as ContainerConfig, EndpointSettings, HostConfig, HostConfigLogConfig,
+    NetworkingConfig,
+};
 
 use crate::config::ProviderConfig;
 
 /// The `[provider]` limits of one replica container; 0 turns one off.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct Limits {
-    pub(super) memory_bytes: u64,
-    pub(super) pids: u32,
-    pub(super) cpus: f64,
-    pub(super) log_max_size: u64,
-    pub(super) log_max_files: u32,
+pub(crate) struct Limits {
+    pub(crate) memory_bytes: u64,
+    pub(crate) pids: u32,
+    pub(crate) cpus: f64,
+    pub(crate) log_max_size: u64,
+    pub(crate) log_max_files: u32,
 }
 
 impl Limits {
-    pub(super) fn from_config(c: &ProviderConfig) -> Limits {
+    pub(crate) fn from_config(c: &ProviderConfig) -> Limits {
         Limits {
             memory_bytes: c.memory_limit,
             pids: c.pids_limit,
@@ -46,7 +48,7 @@ pub(super) struct Replica<'a> {
 }
 
 /// The create request for one replica container.
-pub(super) fn container_config(replica: Replica<'_>, limits: &Limits) -> ContainerConfig<String> {
+pub(super) fn container_config(replica: Replica<'_>, limits: &Limits) -> ContainerConfig {
     let port = replica.port;
     ContainerConfig {
         image: Some(replica.image.to_owned()),
@@ -58,10 +60,10 @@ pub(super) fn container_config(replica: Replica<'_>, limits: &Limits) -> Contain
         exposed_ports: Some(HashMap::from([(format!("{port}/tcp"), HashMap::new())])),
         host_config: Some(host_config(replica.network, limits)),
         networking_config: Some(NetworkingConfig {
-            endpoints_config: HashMap::from([(
+            endpoints_config: Some(HashMap::from([(
                 replica.network.to_owned(),
                 EndpointSettings::default(),
-            )]),
+            )])),
         }),
         ..Default::default()
     }
