@@ -2,7 +2,7 @@
 # (bench/lab, binary `ringgate-lab`), which starts the release gateway binaries
 # target/release/ringgate and target/release/ringgate-server.
 
-.PHONY: analysis bench bench-micro bench-rss
+.PHONY: analysis bench bench-micro bench-rss bench-flood
 
 ## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in bench/out/, report in docs/performance.md
 analysis:
@@ -19,3 +19,7 @@ bench-micro:
 ## bench-rss: gateway memory with 1,000 open client connections (DESIGN target: RSS < 30 MB)
 bench-rss: build
 	python3 bench/rss.py 1000
+
+## bench-flood: 5,000 idle connections against a 1,000-connection cap: established clients' success, replicas restarted, RSS
+bench-flood: build
+	python3 bench/flood.py 5000 1000 15
