@@ -34,6 +34,7 @@
 //! - [`config`]: `conf/lb.toml`: shape, defaults, validation.
 //! - [`snapshot`]: what one request sees: config, ring, replicas, policy.
 //! - [`metrics`]: lock-free counters and their Prometheus rendering.
+//! - [`latency`]: the latency histograms (per replica and gateway-wide) and their quantiles.
 //! - [`error`]: the one place internal errors become HTTP responses.
 //! - [`listening`]: the `listening on http://ADDR` line processes print once they serve.
 //! - [`sync`]: the one way this crate takes a mutex.
@@ -51,6 +52,7 @@ pub mod gateway;
 pub mod guard;
 pub mod hashing;
 pub mod health;
+pub mod latency;
 pub mod listener;
 pub mod listening;
 pub mod metrics;

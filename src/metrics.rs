@@ -7,38 +7,14 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
+use crate::latency::LatencyHistogram;
 use crate::snapshot::Snapshot;
-
-/// Upper bounds of the latency histogram buckets, in seconds.
-pub const LATENCY_BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
-
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| s <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            d.as_micros().min(u128::from(u64::MAX)) as u64,
-            Ordering::Relaxed,
-        );
-    }
-}
 
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Requests the gateway answered (proxied and its own endpoints).
+    pub requests: AtomicU64,
     /// Client responses the gateway produced itself (no replica answered): 502, 503, 504, 413…
     pub local_errors: AtomicU64,
     pub retries: AtomicU64,
@@ -51,7 +27,7 @@ pub struct Metrics {
     pub config_reload_errors: AtomicU64,
     pub policy_reloads: AtomicU64,
     pub policy_reload_errors: AtomicU64,
-    pub upstream_latency: Histogram,
+    pub upstream_latency: LatencyHistogram,
     /// Client connections open now.
     pub connections_open: AtomicU64,
     /// New connections closed at once because `proxy.max_connections` were open.
@@ -107,6 +83,12 @@ impl Metrics {
     ) -> String {
         let mut out = String::with_capacity(8192);
         let o = &mut out;
+        counter(
+            o,
+            "ringgate_http_requests_total",
+            "Requests the gateway answered: proxied ones and its own endpoints.",
+            &self.requests,
+        );
         counter(
             o,
             "ringgate_retries_total",
@@ -282,31 +264,43 @@ impl Metrics {
             &by_replica(&|s| s.in_flight.load(Ordering::Relaxed).to_string()),
         );
 
-        let h = &self.upstream_latency;
-        let mut cumulative = 0;
-        let mut buckets: Vec<(String, String)> = LATENCY_BUCKETS
-            .iter()
-            .zip(&h.buckets)
-            .map(|(b, c)| {
-                cumulative += get(c);
-                (format!("le=\"{b}\""), cumulative.to_string())
-            })
+        let mut owned: std::collections::HashMap<&str, u64> =
+            replicas.iter().map(|(n, _)| (n.as_str(), 0)).collect();
+        for slot in 0..snap.ring.slots() {
+            if let Some(u) = snap.ring.owner(slot).and_then(|id| snap.upstream(id)) {
+                *owned.entry(u.name.as_str()).or_default() += 1;
+            }
+        }
+        let mut owned: Vec<(String, String)> = owned
+            .into_iter()
+            .map(|(n, c)| (format!("replica=\"{n}\""), c.to_string()))
             .collect();
-        let count = get(&h.count);
-        buckets.push(("le=\"+Inf\"".into(), count.to_string()));
+        owned.sort();
+        family(
+            o,
+            "ringgate_ring_slots",
+            "gauge",
+            "Ring slots each replica owns now (its share of the ring is this over ringgate_ring_slots_total).",
+            &owned,
+        );
+        family(
+            o,
+            "ringgate_ring_slots_total",
+            "gauge",
+            "Slots on the ring (ring.slots).",
+            &one(snap.ring.slots()),
+        );
         let _ = writeln!(o, "# HELP ringgate_upstream_latency_seconds Time from sending a request to a replica to its response headers.\n# TYPE ringgate_upstream_latency_seconds histogram");
-        for (labels, value) in &buckets {
-            let _ = writeln!(
+        self.upstream_latency
+            .render(o, "ringgate_upstream_latency_seconds", "");
+        let _ = writeln!(o, "# HELP ringgate_replica_latency_seconds Time from sending a request to a replica to its response headers, by replica.\n# TYPE ringgate_replica_latency_seconds histogram");
+        for (name, s) in replicas {
+            s.latency.render(
                 o,
-                "ringgate_upstream_latency_seconds_bucket{{{labels}}} {value}"
+                "ringgate_replica_latency_seconds",
+                &format!("replica=\"{name}\""),
             );
         }
-        let _ = writeln!(
-            o,
-            "ringgate_upstream_latency_seconds_sum {}",
-            get(&h.sum_micros) as f64 / 1e6
-        );
-        let _ = writeln!(o, "ringgate_upstream_latency_seconds_count {count}");
         out
     }
 }

@@ -6,6 +6,7 @@
 //! Must not touch: connections (the listener) or decisions (admin, proxy, controller).
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -30,6 +31,7 @@ impl Service {
         req: Request<Incoming>,
         client: SocketAddr,
     ) -> hyper::Response<Body> {
+        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
         let snap = self.shared.load_full();
         if crate::admin::is_admin_path(req.uri().path()) {
             crate::admin::handle(&self.controller, &snap, req, client).await

@@ -27,6 +27,8 @@ pub struct ReplicaStats {
     pub failures: AtomicU64,
     /// Requests in progress (response body not finished): `/rm` drains until this is 0.
     pub in_flight: AtomicI64,
+    /// Time to response headers of the requests sent to it.
+    pub latency: crate::latency::LatencyHistogram,
 }
 
 impl ReplicaStats {

@@ -16,6 +16,7 @@ use crate::policy::{Hook, PolicySet};
 
 #[derive(Serialize)]
 struct Status<'a> {
+    version: &'static str,
     generation: u64,
     provider: &'static str,
     desired: usize,
@@ -25,6 +26,48 @@ struct Status<'a> {
     replicas: Vec<ReplicaStatus<'a>>,
     config: ConfigStatus<'a>,
     policy: serde_json::Value,
+    gateway: GatewayStatus,
+    /// Upper bounds (µs) of the buckets in each replica's `latency.buckets` (one more bucket
+    /// counts everything above the last).
+    latency_bounds_us: &'static [u64],
+}
+
+/// The gateway's own counters (cumulative: a reader takes rates from two readings).
+#[derive(Serialize)]
+struct GatewayStatus {
+    requests: u64,
+    local_errors: u64,
+    retries: u64,
+    retries_over_budget: u64,
+    connections_open: u64,
+    ejections: u64,
+    respawns: u64,
+    config_reloads: u64,
+    policy_reloads: u64,
+    latency: LatencyStatus,
+}
+
+/// A latency histogram: the count, quantiles since start, and the bucket counts (not
+/// cumulative; bounds in `latency_bounds_us`), so a reader can take quantiles of a window.
+#[derive(Serialize)]
+struct LatencyStatus {
+    count: u64,
+    sum_ms: f64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    buckets: Vec<u64>,
+}
+
+fn latency(h: &crate::latency::LatencyHistogram) -> LatencyStatus {
+    let buckets = h.counts();
+    let ms = |q| crate::latency::quantile(&buckets, q).map(|us| us / 1000.0);
+    LatencyStatus {
+        count: buckets.iter().sum(),
+        sum_ms: h.sum().as_secs_f64() * 1000.0,
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        buckets,
+    }
 }
 
 #[derive(Serialize)]
@@ -35,6 +78,8 @@ struct RingStatus {
     vnode_hash: crate::hashing::HashFunction,
     key: String,
     capacity: usize,
+    /// The id of the replica each slot routes to now (`null`: no replica), slot by slot.
+    owners: Vec<Option<u32>>,
 }
 
 #[derive(Serialize)]
@@ -66,7 +111,7 @@ struct ReplicaStatus<'a> {
     name: &'a str,
     address: Option<String>,
     instance: Option<&'a str>,
-    /// starting, up, suspect, down or draining.
+    /// starting, up, suspect, down or draining (readers should show any other state as it is).
     state: &'static str,
     in_ring: bool,
     requests: u64,
@@ -80,10 +125,14 @@ struct ReplicaStatus<'a> {
     last_exit: Option<&'a str>,
     last_probe: Option<&'a ProbeOutcome>,
     slots: Vec<u32>,
+    /// Time to response headers of its requests.
+    latency: LatencyStatus,
 }
 
 #[derive(Serialize)]
 struct ConfigStatus<'a> {
+    /// Config edits applied since start (0: the config the gateway started with).
+    generation: u64,
     last_error: Option<&'a str>,
     restart_needed: &'a [&'static str],
 }
@@ -134,11 +183,15 @@ impl Controller {
                     last_exit: r.last_exit.as_deref(),
                     last_probe: r.last_probe.as_ref(),
                     slots: self.placement.positions(id),
+                    latency: latency(&s.latency),
                 })
             })
             .collect();
         let c = &self.config;
+        let m = &self.metrics;
+        let count = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let status = Status {
+            version: env!("CARGO_PKG_VERSION"),
             generation: snap.generation,
             provider: self.provider.kind(),
             desired: self.membership.desired(),
@@ -150,6 +203,9 @@ impl Controller {
                 vnode_hash: c.ring.vnode_hash,
                 key: c.hashing.key.to_string(),
                 capacity: self.placement.capacity(),
+                owners: (0..snap.ring.slots())
+                    .map(|slot| snap.ring.owner(slot).map(|id| id.get()))
+                    .collect(),
             },
             health: HealthStatus {
                 interval_ms: millis(c.health.interval),
@@ -160,10 +216,24 @@ impl Controller {
             },
             replicas,
             config: ConfigStatus {
+                generation: count(&m.config_reloads),
                 last_error: self.errors.config.as_deref(),
                 restart_needed: &self.errors.restart_needed,
             },
             policy: policy_status(&self.policy, self.errors.policy.as_deref()),
+            gateway: GatewayStatus {
+                requests: count(&m.requests),
+                local_errors: count(&m.local_errors),
+                retries: count(&m.retries),
+                retries_over_budget: count(&m.retries_over_budget),
+                connections_open: count(&m.connections_open),
+                ejections: count(&m.ejections),
+                respawns: count(&m.respawns),
+                config_reloads: count(&m.config_reloads),
+                policy_reloads: count(&m.policy_reloads),
+                latency: latency(&m.upstream_latency),
+            },
+            latency_bounds_us: &crate::latency::BOUNDS_US,
         };
         serde_json::to_value(status)
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))

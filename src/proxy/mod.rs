@@ -173,7 +173,10 @@ async fn try_forward(
         let result = tokio::time::timeout(cfg.proxy.request_timeout, client.request(req)).await;
         let e = match result {
             Ok(Ok(resp)) => {
-                metrics.upstream_latency.observe(started.elapsed());
+                upstream
+                    .stats
+                    .latency
+                    .observe_with(&metrics.upstream_latency, started.elapsed());
                 upstream.stats.record_response(resp.status().as_u16());
                 let (mut parts, incoming) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
