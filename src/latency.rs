@@ -184,10 +184,22 @@ mod tests {
         assert_eq!(replica.counts(), all.counts());
         let mut out = String::new();
         replica.render(&mut out, "x_seconds", "replica=\"a\"");
-        assert!(out.contains("x_seconds_bucket{replica=\"a\",le=\"0.0005\"} 0\n"), "{out}");
-        assert!(out.contains("x_seconds_bucket{replica=\"a\",le=\"0.001\"} 1\n"), "{out}");
-        assert!(out.contains("x_seconds_bucket{replica=\"a\",le=\"0.005\"} 2\n"), "{out}");
-        assert!(out.contains("x_seconds_bucket{replica=\"a\",le=\"+Inf\"} 2\n"), "{out}");
+        assert!(
+            out.contains("x_seconds_bucket{replica=\"a\",le=\"0.0005\"} 0\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{replica=\"a\",le=\"0.001\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{replica=\"a\",le=\"0.005\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{replica=\"a\",le=\"+Inf\"} 2\n"),
+            "{out}"
+        );
         assert!(out.contains("x_seconds_count{replica=\"a\"} 2\n"), "{out}");
         let mut plain = String::new();
         all.render(&mut plain, "y", "");

@@ -14,6 +14,7 @@
 //! - [`service`]: one request, to the admin API or to the proxy.
 //! - [`admin`]: the replica API (`/rep`, `/add`, `/rm`) and `/lb/*`: parse, guard, ask the
 //!   controller.
+//! - [`ui`]: the operator page `/lb/` (HTML, CSS, JS and SVG compiled in).
 //! - [`guard`]: who may call the admin endpoints (loopback by default; no replica, no
 //!   cross-site request, no foreign `Host`; the bearer token).
 //! - [`proxy`]: one request to one replica: streamed through a pooled client, retries.
@@ -39,6 +40,7 @@
 //! - [`listening`]: the `listening on http://ADDR` line processes print once they serve.
 //! - [`sync`]: the one way this crate takes a mutex.
 //! - [`tools`]: `ringgate check`, `ring` and `simulate`.
+//! - [`whatif`]: `POST /lb/simulate`: what a change would do to the ring, changing nothing.
 //!
 //! The load generator, the analysis experiments and the benchmarks live in the lab package
 //! (`bench/lab`, binary `ringgate-lab`), outside this library and the gateway binary.
@@ -65,4 +67,6 @@ pub mod service;
 pub mod snapshot;
 pub mod sync;
 pub mod tools;
+pub mod ui;
 pub mod watcher;
+pub mod whatif;

@@ -218,7 +218,10 @@ mod tests {
     /// The lines of `[section]` up to the next section header.
     fn section_text<'a>(text: &'a str, section: &str) -> &'a str {
         let header = format!("\n[{section}]\n");
-        let start = text.find(&header).map(|i| i + header.len()).unwrap_or(text.len());
+        let start = text
+            .find(&header)
+            .map(|i| i + header.len())
+            .unwrap_or(text.len());
         let rest = &text[start..];
         let end = rest.find("\n[").map(|i| i + 1).unwrap_or(rest.len());
         &rest[..end]

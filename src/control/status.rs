@@ -1,4 +1,5 @@
-//! Status rendering: `/lb/status` (JSON) and `/lb/metrics` (Prometheus text).
+//! Status rendering: `/lb/status` (JSON), `/lb/metrics` (Prometheus text) and the copy of the
+//! state a what-if simulation starts from.
 //!
 //! Owns: the shape of `/lb/status` ([`Status`] and the structs under it, serialised as they
 //! are) and collecting the per-replica counters for the metrics renderer.
@@ -237,6 +238,25 @@ impl Controller {
         };
         serde_json::to_value(status)
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+    }
+
+    /// Clones of what a what-if simulation needs; the simulation runs elsewhere.
+    pub(super) fn whatif_base(&self) -> crate::whatif::Base {
+        let snap = self.shared.load();
+        crate::whatif::Base {
+            config: self.config.clone(),
+            policy: self.policy.clone(),
+            membership: self.membership.clone(),
+            placement: self.placement.clone(),
+            routable: self
+                .placement
+                .members()
+                .iter()
+                .copied()
+                .filter(|&id| snap.upstream(id).is_some())
+                .collect(),
+            cannot_start: (!self.provider.manages_replicas()).then(|| self.provider.kind()),
+        }
     }
 
     pub(super) fn render_metrics(&self) -> String {
