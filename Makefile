@@ -23,8 +23,10 @@ run:
 run-local: build
 	./target/release/ringgate serve --config $(CONFIG) --provider process
 
-## test: the whole suite of the workspace, product and lab (unit, property, integration)
+## test: the whole suite of the workspace, product and lab (unit, property, integration, the
+## operator page in headless Chromium, which is installed from Debian's packages when missing)
 test:
+	bench/deps.sh chromium
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --all-targets --no-fail-fast
 

@@ -252,9 +252,9 @@ function renderRing(status) {
     root.append(center);
     root.dataset.slots = String(owners.length);
     root.dataset.owned = String(owners.filter((o) => o !== null).length);
-    root.dataset.generation = String(status.generation);
     state.ringKey = key;
   }
+  root.dataset.generation = String(status.generation);
   $("#ring-sub").textContent = `H ${ring.request_hash} · Φ ${ring.vnode_hash} · key ${ring.key}`;
   const counts = new Map();
   for (const o of owners) if (o !== null) counts.set(o, (counts.get(o) || 0) + 1);
@@ -328,8 +328,7 @@ function renderReplicas(status) {
       el("td", { class: "num", text: fmtMs(f.p99) }),
       el("td", { class: "num", text: r.in_flight }),
       el("td", { class: "num" }, fmtPct(share, 1), bar),
-      el("td", { class: "num", text: r.restarts }),
-      el("td", { class: "small", text: backoff(r) || "–", title: why || null }),
+      el("td", { title: why || null }, String(r.restarts), backoff(r) ? el("span", { class: "sub", text: backoff(r) }) : null),
     );
   });
   $("#replicas tbody").replaceChildren(...rows);
