@@ -17,6 +17,8 @@
 //! - [`ui`]: the operator page `/lb/` (HTML, CSS, JS and SVG compiled in).
 //! - [`guard`]: who may call the admin endpoints (loopback by default; no replica, no
 //!   cross-site request, no foreign `Host`; the bearer token).
+//! - [`access_log`]: `[log] access`: one line per request, buffered per serving thread and
+//!   written by a writer thread; reopened on SIGHUP.
 //! - [`proxy`]: one request to one replica: streamed through a pooled client, retries.
 //! - [`routing`]: key → slot and virtual node → slot ("Lua hook, else the built-in"), shared by
 //!   the request path, the controller and the offline tools.
@@ -45,6 +47,7 @@
 //! The load generator, the analysis experiments and the benchmarks live in the lab package
 //! (`bench/lab`, binary `ringgate-lab`), outside this library and the gateway binary.
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod config;

@@ -48,6 +48,12 @@ pub struct Metrics {
     pub retries_over_budget: AtomicU64,
     /// Passive ejections not made because `health.max_ejection_percent` were out.
     pub ejections_capped: AtomicU64,
+    /// Access log lines written.
+    pub access_log_records: AtomicU64,
+    /// Access log lines dropped because the writer fell behind.
+    pub access_log_dropped: AtomicU64,
+    /// Access log lines lost to write errors.
+    pub access_log_errors: AtomicU64,
 }
 
 fn get(a: &AtomicU64) -> u64 {
@@ -174,6 +180,17 @@ impl Metrics {
             ("phase=\"first_bytes\"".into(), get(&self.first_bytes_timeouts).to_string()),
             ("phase=\"idle\"".into(), get(&self.idle_closes).to_string()),
         ]);
+        family(
+            o,
+            "ringgate_access_log_lines_total",
+            "counter",
+            "Access log lines by outcome: written, dropped (the writer fell behind; the serving threads never wait) or error (the write failed).",
+            &[
+                ("outcome=\"written\"".into(), get(&self.access_log_records).to_string()),
+                ("outcome=\"dropped\"".into(), get(&self.access_log_dropped).to_string()),
+                ("outcome=\"error\"".into(), get(&self.access_log_errors).to_string()),
+            ],
+        );
         counter(
             o,
             "ringgate_accept_errors_total",

@@ -27,6 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::access_log::{Outcome, Termination};
 use crate::control::ControllerHandle;
 use crate::error::{error_chain, local_resource_cause, Body, GatewayError};
 use crate::metrics::Metrics;
@@ -85,17 +86,21 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// Forwards one request and returns the replica's response, or the gateway's failure response.
+/// `outcome` is told the slot, the replica, the retries and why the gateway answered itself,
+/// for the access log.
 pub async fn forward(
     snap: Arc<Snapshot>,
     metrics: &Metrics,
     controller: &ControllerHandle,
     req: Request<Incoming>,
     client_addr: SocketAddr,
+    outcome: &mut Outcome,
 ) -> Response<Body> {
     let _active = retry::Active::enter();
-    match try_forward(&snap, metrics, controller, req, client_addr).await {
+    match try_forward(&snap, metrics, controller, req, client_addr, outcome).await {
         Ok(resp) => resp,
         Err(e) => {
+            outcome.termination = Some(Termination::of(&e, outcome.connect_failed));
             metrics.local_errors.fetch_add(1, Ordering::Relaxed);
             let counter = match e {
                 GatewayError::LocalResource { .. } => Some(&metrics.local_resource_errors),
@@ -116,6 +121,7 @@ async fn try_forward(
     controller: &ControllerHandle,
     req: Request<Incoming>,
     client_addr: SocketAddr,
+    outcome: &mut Outcome,
 ) -> Result<Response<Body>, GatewayError> {
     let cfg = &snap.config;
     let (parts, body) = req.into_parts();
@@ -129,6 +135,7 @@ async fn try_forward(
     let router = snap.router();
     let key = router.key(&parts, client_addr.ip());
     let slot = router.request_slot(key);
+    outcome.slot = Some(slot);
     let first = snap.ring.owner(slot).ok_or(GatewayError::NoReplica)?;
 
     let method = parts.method.clone();
@@ -156,6 +163,7 @@ async fn try_forward(
     let mut attempt = 0;
     loop {
         let upstream = snap.upstream(target).ok_or(GatewayError::NoReplica)?;
+        outcome.replica = Some(upstream.id);
         let mut req = Request::new(body);
         *req.method_mut() = method.clone();
         *req.uri_mut() = Uri::builder()
@@ -173,10 +181,12 @@ async fn try_forward(
         let result = tokio::time::timeout(cfg.proxy.request_timeout, client.request(req)).await;
         let e = match result {
             Ok(Ok(resp)) => {
+                let took = started.elapsed();
+                outcome.upstream = Some(took);
                 upstream
                     .stats
                     .latency
-                    .observe_with(&metrics.upstream_latency, started.elapsed());
+                    .observe_with(&metrics.upstream_latency, took);
                 upstream.stats.record_response(resp.status().as_u16());
                 let (mut parts, incoming) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
@@ -212,6 +222,7 @@ async fn try_forward(
             return Err(GatewayError::LocalResource { detail });
         }
         upstream.stats.failures.fetch_add(1, Ordering::Relaxed);
+        outcome.connect_failed = e.is_connect();
         let failure = if e.is_connect() {
             controller.passive_failure(upstream.id, upstream.incarnation, error_chain(&e));
             Failure::Connect
@@ -246,6 +257,7 @@ async fn try_forward(
         metrics.retries.fetch_add(1, Ordering::Relaxed);
         target = n;
         attempt += 1;
+        outcome.retries = attempt as u32;
         body = ProxyBody::again(slot_handle);
     }
 }
