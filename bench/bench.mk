@@ -4,7 +4,7 @@
 
 .PHONY: analysis bench bench-micro bench-rss
 
-## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in bench/out/, report in docs/performance.md
+## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in docs/img/ (committed), report in docs/performance.md
 analysis:
 	bench/analysis.sh $(ANALYSIS_ARGS)
 
