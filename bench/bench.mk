@@ -2,7 +2,7 @@
 # (bench/lab, binary `ringgate-lab`), which starts the release gateway binaries
 # target/release/ringgate and target/release/ringgate-server.
 
-.PHONY: analysis bench bench-micro bench-rss
+.PHONY: analysis bench bench-micro bench-rss bench-log
 
 ## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in docs/img/ (committed), report in docs/performance.md
 analysis:
@@ -19,3 +19,7 @@ bench-micro:
 ## bench-rss: gateway memory with 1,000 open client connections (DESIGN target: RSS < 30 MB)
 bench-rss: build
 	python3 bench/rss.py 1000
+
+## bench-log: what the access log costs: wrk against the release gateway with [log] access off, then JSON, then combined, alternating (BENCH_LOG_ARGS: rounds seconds connections threads)
+bench-log:
+	bench/access_log_cost.sh $(BENCH_LOG_ARGS)
