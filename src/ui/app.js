@@ -397,8 +397,11 @@ async function poll() {
     const now = Date.now();
     state.history.push({ t: now, status });
     while (state.history.length > 2 && now - state.history[0].t > WINDOW_MS) state.history.shift();
+    const t0 = performance.now();
     render(status);
-    setLive(true, "live · " + new Date(now).toLocaleTimeString());
+    const drawn = performance.now() - t0;
+    document.body.dataset.renderMs = drawn.toFixed(2);
+    setLive(true, `live · ${new Date(now).toLocaleTimeString()} · drawn in ${drawn.toFixed(1)} ms`);
   } catch (e) {
     setLive(false, "no answer: " + e.message);
   }
