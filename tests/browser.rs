@@ -153,6 +153,14 @@ async fn the_operator_page_shows_the_live_ring_and_answers_what_if() {
         "S4 appeared {took:?} after the wait began ({:?} after /add answered)",
         added.elapsed()
     );
+    let (status_bytes, render_ms) = {
+        let (_, body) = gw.admin_get("/lb/status").await;
+        let ms = tokio::task::block_in_place(|| b.eval("document.body.dataset.renderMs"));
+        (body.len(), ms)
+    };
+    eprintln!(
+        "/lb/status is {status_bytes} bytes with 4 replicas; the page drew one in {render_ms} ms"
+    );
     let status = gw.status().await;
     let s4 = replica(&status, "S4");
     assert_eq!(s4["id"], 4, "{status:#}");
