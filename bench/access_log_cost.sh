@@ -2,7 +2,8 @@
 # `make bench-log`: what the access log costs. The same release gateway (process provider,
 # 3 replicas) is driven by wrk with the access log off, then on (JSON lines to a file, and the
 # combined format), in alternating rounds so load from elsewhere on the machine hits both
-# alike; prints requests/s per round and the median of each, and the cost in percent.
+# alike; prints requests/s and the gateway's CPU time per request (from /proc, which other load
+# on the machine disturbs far less than throughput) per round, the medians, and the cost.
 #   bench/access_log_cost.sh [rounds] [seconds] [connections] [threads]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,14 +57,25 @@ stop_gateway() {
     kill -TERM "$gw_pid"; wait "$gw_pid" 2>/dev/null || true; gw_pid=""
 }
 
-run() {  # $1: label, $2: [log] section; prints requests/s
+cpu_ticks() {  # user + system clock ticks of the gateway process
+    awk '{print $14 + $15}' "/proc/$gw_pid/stat"
+}
+
+run() {  # $1: label, $2: [log] section; prints label, requests/s, CPU µs per request
     start_gateway "$2"
     wrk -t"$THREADS" -c"$CONNS" -d1s -s "$work/ids.lua" "http://127.0.0.1:$PORT/" >/dev/null  # warm-up
-    local rps
-    rps=$(wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" -s "$work/ids.lua" "http://127.0.0.1:$PORT/" \
-        | awk '/Requests\/sec/ {print $2}')
+    local out rps reqs t0 t1 hz
+    hz=$(getconf CLK_TCK)
+    t0=$(cpu_ticks)
+    out=$(wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" -s "$work/ids.lua" "http://127.0.0.1:$PORT/")
+    t1=$(cpu_ticks)
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+    cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" -v n="$reqs" 'BEGIN {printf "%.2f", (b - a) / hz * 1e6 / n}')
+    curl -fsS "http://127.0.0.1:$PORT/lb/metrics" \
+        | awk '/^ringgate_access_log_lines_total\{outcome="dropped"\}/ {print $2}' >> "$work/dropped"
     stop_gateway
-    echo "$1 $rps"
+    echo "$1 $rps $cpu"
 }
 
 : > "$work/results"
@@ -78,13 +90,17 @@ access = \"$work/access.log\"
 format = \"combined\"" | tee -a "$work/results"
 done
 lines=$(wc -l < "$work/access.log")
-median() { grep "^$1 " "$work/results" | awk '{print $2}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-off=$(median off); json=$(median json); comb=$(median combined)
+median() {  # $1: label, $2: column
+    grep "^$1 " "$work/results" | awk -v c="$2" '{print $c}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
+}
 echo
-echo "access log cost, $ROUNDS rounds of ${SECS}s, wrk -t$THREADS -c$CONNS, median requests/s:"
-awk -v off="$off" -v json="$json" -v comb="$comb" 'BEGIN {
-    printf "  off       %10.0f\n", off
-    printf "  json      %10.0f  (%+.1f%%)\n", json, 100 * (json - off) / off
-    printf "  combined  %10.0f  (%+.1f%%)\n", comb, 100 * (comb - off) / off
-}'
-echo "  ($lines lines written)"
+echo "access log cost, $ROUNDS rounds of ${SECS}s, wrk -t$THREADS -c$CONNS, medians:"
+printf "  %-9s %12s %10s %18s %8s\n" log "requests/s" "vs off" "gateway CPU/req" "vs off"
+for label in off json combined; do
+    awk -v l="$label" -v r="$(median "$label" 2)" -v c="$(median "$label" 3)" \
+        -v r0="$(median off 2)" -v c0="$(median off 3)" 'BEGIN {
+        printf "  %-9s %12.0f %+9.1f%% %15.2f µs %+7.1f%%\n", l, r, 100 * (r - r0) / r0, c, 100 * (c - c0) / c0
+    }'
+done
+dropped=$(awk '{s += $1} END {print s + 0}' "$work/dropped")
+echo "  ($lines lines written, $dropped dropped)"

@@ -29,7 +29,7 @@ use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use crate::config::{AccessFormat, AccessTarget, Config};
+use crate::config::{AccessTarget, Config};
 use crate::error::{Body, BoxError, GatewayError};
 use crate::metrics::Metrics;
 use crate::ring::ServerId;
@@ -183,6 +183,9 @@ impl AccessLog {
 #[derive(Default)]
 struct Local {
     log: Option<Arc<AccessLog>>,
+    /// The config the buffered lines' target came from: while a request's config is this one
+    /// (the common case), the target is not compared again.
+    config: Option<Arc<Config>>,
     target: AccessTarget,
     buf: Vec<u8>,
     records: u64,
@@ -230,13 +233,9 @@ fn flush_this_thread() {
     });
 }
 
-/// Formats `record` into this thread's buffer for `log`.
-fn append(
-    log: &Arc<AccessLog>,
-    target: &AccessTarget,
-    fmt: AccessFormat,
-    record: &format::Record<'_>,
-) {
+/// Formats `record` into this thread's buffer for `log`, in `config`'s `[log]` format and for
+/// its target.
+fn append(log: &Arc<AccessLog>, config: &Arc<Config>, record: &format::Record<'_>) {
     let _ = LOCAL.try_with(|cell| {
         let Ok(mut l) = cell.try_borrow_mut() else {
             return;
@@ -245,11 +244,14 @@ fn append(
             l.flush();
             l.log = Some(log.clone());
         }
-        if l.target != *target {
-            l.flush();
-            l.target = target.clone();
+        if !l.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
+            if l.target != config.log.access {
+                l.flush();
+                l.target = config.log.access.clone();
+            }
+            l.config = Some(config.clone());
         }
-        format::write(&mut l.buf, fmt, record);
+        format::write(&mut l.buf, config.log.format, record);
         l.records += 1;
         if l.buf.len() >= BATCH_BYTES {
             l.flush();
@@ -368,8 +370,7 @@ impl Pending {
             referer: text(&s.referer),
             user_agent: text(&s.user_agent),
         };
-        let log = &self.config.log;
-        append(&self.log, &log.access, log.format, &record);
+        append(&self.log, &self.config, &record);
     }
 }
 
