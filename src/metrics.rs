@@ -1,8 +1,10 @@
 //! Gateway-wide counters and the Prometheus text rendering of `/lb/metrics`.
 //!
-//! Owns: counters that are not per replica (retries, ejections, respawns, ring rebuilds, policy
-//! errors) and the upstream latency histogram. All are atomics: the request path updates them
-//! without a lock, which is why this is not a registry crate with label maps behind a lock.
+//! Owns: counters that are not per replica (requests, retries, ejections, respawns, ring
+//! rebuilds, policy errors, access log lines), the gateway-wide upstream latency histogram (its
+//! buckets are [`crate::latency`]'s) and the rendering of all of them, the per-replica ones
+//! too. All are atomics: the request path updates them without a lock, which is why this is not
+//! a registry crate with label maps behind a lock.
 //! Must not touch: decisions. Nothing reads a metric to decide anything.
 
 use std::fmt::Write;

@@ -47,7 +47,7 @@ impl Service {
         };
         match logged {
             None => resp,
-            Some((started, snap)) => started.finish(resp, outcome, &snap, &self.access_log),
+            Some((started, snap)) => started.finish(resp, outcome, snap, &self.access_log),
         }
     }
 }

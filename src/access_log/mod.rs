@@ -33,7 +33,7 @@ use crate::config::{AccessTarget, Config};
 use crate::error::{Body, BoxError, GatewayError};
 use crate::metrics::Metrics;
 use crate::ring::ServerId;
-use crate::snapshot::{Snapshot, Upstream};
+use crate::snapshot::Snapshot;
 use writer::Msg;
 
 /// A thread's buffer is handed to the writer once it holds this much.
@@ -148,12 +148,16 @@ impl AccessLog {
         let writer = std::thread::Builder::new()
             .name("ringgate-access-log".into())
             .spawn(move || writer::run(rx, m))?;
-        Ok(Arc::new(AccessLog {
+        let log = Arc::new(AccessLog {
             id: NEXT_LOG_ID.fetch_add(1, Ordering::Relaxed),
             tx,
             writer: Mutex::new(Some(writer)),
             metrics,
-        }))
+        });
+        let mut logs = crate::sync::lock(&LOGS);
+        logs.retain(|(_, w)| w.strong_count() > 0);
+        logs.push((log.id, Arc::downgrade(&log)));
+        Ok(log)
     }
 
     /// Closes the log file so the next line opens its path anew (after logrotate moved it).
@@ -233,16 +237,42 @@ fn flush_this_thread() {
     });
 }
 
-/// Formats `record` into this thread's buffer for `log`, in `config`'s `[log]` format and for
-/// its target.
-fn append(log: &Arc<AccessLog>, config: &Arc<Config>, record: &format::Record<'_>) {
+/// Makes `log` this thread's log (once per thread: the `Arc` is cloned only then).
+fn bind(log: &Arc<AccessLog>) {
+    let _ = LOCAL.try_with(|cell| {
+        if let Ok(mut l) = cell.try_borrow_mut() {
+            if l.log.as_ref().is_none_or(|cur| cur.id != log.id) {
+                l.flush();
+                l.log = Some(log.clone());
+            }
+        }
+    });
+}
+
+/// Every access log there is, to find one by id when a line ends on a thread it was not bound
+/// on (the serving threads' current-thread runtimes never do that; other runtimes may).
+static LOGS: Mutex<Vec<(u64, std::sync::Weak<AccessLog>)>> = Mutex::new(Vec::new());
+
+fn log_by_id(id: u64) -> Option<Arc<AccessLog>> {
+    let logs = crate::sync::lock(&LOGS);
+    logs.iter()
+        .find(|(i, _)| *i == id)
+        .and_then(|(_, w)| w.upgrade())
+}
+
+/// Formats `record` into this thread's buffer for the log `log_id`, in `config`'s `[log]`
+/// format and for its target.
+fn append(log_id: u64, config: &Arc<Config>, record: &format::Record<'_>) {
     let _ = LOCAL.try_with(|cell| {
         let Ok(mut l) = cell.try_borrow_mut() else {
             return;
         };
-        if l.log.as_ref().is_none_or(|cur| cur.id != log.id) {
+        if l.log.as_ref().is_none_or(|cur| cur.id != log_id) {
+            let Some(log) = log_by_id(log_id) else {
+                return; // the gateway that served the request is gone
+            };
             l.flush();
-            l.log = Some(log.clone());
+            l.log = Some(log);
         }
         if !l.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
             if l.target != config.log.access {
@@ -302,22 +332,23 @@ impl Started {
         })
     }
 
-    /// Wraps `resp`'s body so the line is written when the body ends or is dropped.
+    /// Wraps `resp`'s body so the line is written when the body ends or is dropped. `snap` is
+    /// the snapshot the request was served with (its config and replica names name the line).
     pub fn finish(
         self,
         resp: Response<Body>,
         outcome: Outcome,
-        snap: &Snapshot,
+        snap: Arc<Snapshot>,
         log: &Arc<AccessLog>,
     ) -> Response<Body> {
         let status = resp.status().as_u16();
+        bind(log);
         let pending = Pending {
             started: self,
-            config: snap.config.clone(),
-            upstream: outcome.replica.and_then(|id| snap.upstream(id).cloned()),
+            snap,
             outcome,
             status,
-            log: log.clone(),
+            log_id: log.id,
         };
         resp.map(|inner| {
             LoggedBody {
@@ -330,13 +361,15 @@ impl Started {
     }
 }
 
+/// A request whose line is not written yet. It holds no shared reference count besides the
+/// snapshot's (every `Arc` clone shared by all serving threads is a contended atomic): the log
+/// is this thread's, bound when the response started.
 struct Pending {
     started: Started,
-    config: Arc<Config>,
-    upstream: Option<Arc<Upstream>>,
+    snap: Arc<Snapshot>,
     outcome: Outcome,
     status: u16,
-    log: Arc<AccessLog>,
+    log_id: u64,
 }
 
 impl Pending {
@@ -363,14 +396,18 @@ impl Pending {
             bytes,
             duration: s.at.elapsed(),
             upstream: self.outcome.upstream,
-            replica: self.upstream.as_ref().map(|u| u.name.as_str()),
+            replica: self
+                .outcome
+                .replica
+                .and_then(|id| self.snap.upstream(id))
+                .map(|u| u.name.as_str()),
             slot: self.outcome.slot,
             retries: self.outcome.retries,
             termination: self.outcome.termination.unwrap_or(end).name(),
             referer: text(&s.referer),
             user_agent: text(&s.user_agent),
         };
-        append(&self.log, &self.config, &record);
+        append(self.log_id, &self.snap.config, &record);
     }
 }
 
