@@ -3,7 +3,7 @@
 CARGO ?= cargo
 CONFIG ?= conf/lb.toml
 
-.PHONY: run run-local build test fmt lint check
+.PHONY: run run-local urls build test fmt lint check
 
 ## build: release binaries (ringgate, ringgate-server)
 build:
@@ -16,15 +16,28 @@ run:
 	  $(MAKE) --no-print-directory compose-up; \
 	else \
 	  echo "no Docker engine answers (docker info failed): running the gateway here with local ringgate-server processes"; \
-	  $(MAKE) --no-print-directory build && ./target/release/ringgate serve --config $(CONFIG) --provider process; \
+	  $(MAKE) --no-print-directory build && $(MAKE) --no-print-directory --silent urls && \
+	  ./target/release/ringgate serve --config $(CONFIG) --provider process; \
 	fi
 
 ## run-local: the gateway in the foreground with local ringgate-server processes, Docker or not
 run-local: build
+	@$(MAKE) --no-print-directory --silent urls
 	./target/release/ringgate serve --config $(CONFIG) --provider process
 
-## test: the whole suite of the workspace, product and lab (unit, property, integration)
+# What to open once the gateway listens (the foreground runs print it before they start).
+urls:
+	@echo "ringgate on http://localhost:5000 (it prints \"listening on\" once it serves):"
+	@echo "  http://localhost:5000/lb/            the operator page: the ring, the replicas, what-if"
+	@echo "  http://localhost:5000/home?id=42     a request, routed by the ring"
+	@echo "  http://localhost:5000/rep            the replicas"
+	@echo "  http://localhost:5000/lb/status      ring, replicas, health, policy (JSON)"
+	@echo "  http://localhost:5000/lb/metrics     Prometheus metrics"
+
+## test: the whole suite of the workspace, product and lab (unit, property, integration, the
+## operator page in headless Chromium, which is installed from Debian's packages when missing)
 test:
+	bench/deps.sh chromium
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --all-targets --no-fail-fast
 

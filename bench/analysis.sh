@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make analysis`: the experiments A-1 … A-4, ring movement and failover against live gateways;
-# charts in bench/out/, report in docs/performance.md. Installs a TrueType font for the charts
-# when missing. The lab (`ringgate-lab`) drives the release gateway (`ringgate`, whose process
+# charts in docs/img/ (committed beside the report), report in docs/performance.md. Installs a
+# TrueType font for the charts when missing. The lab (`ringgate-lab`) drives the release gateway (`ringgate`, whose process
 # provider starts `ringgate-server` from the same directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,9 +2,9 @@
 # (bench/lab, binary `ringgate-lab`), which starts the release gateway binaries
 # target/release/ringgate and target/release/ringgate-server.
 
-.PHONY: analysis bench bench-micro bench-rss bench-flood
+.PHONY: analysis bench bench-micro bench-rss bench-flood bench-log
 
-## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in bench/out/, report in docs/performance.md
+## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in docs/img/ (committed), report in docs/performance.md
 analysis:
 	bench/analysis.sh $(ANALYSIS_ARGS)
 
@@ -23,3 +23,7 @@ bench-rss: build
 ## bench-flood: 5,000 idle connections against a 1,000-connection cap: established clients' success, replicas restarted, RSS
 bench-flood: build
 	python3 bench/flood.py 5000 1000 15
+
+## bench-log: what the access log costs: wrk against the release gateway with [log] access off, then JSON, then combined, alternating (BENCH_LOG_ARGS: rounds seconds connections threads)
+bench-log:
+	bench/access_log_cost.sh $(BENCH_LOG_ARGS)

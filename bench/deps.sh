@@ -2,6 +2,8 @@
 # Installs what `make analysis` / `make bench` need from Debian's packages, only when missing.
 #   bench/deps.sh fonts     a TrueType font for the charts (fonts-dejavu-core)
 #   bench/deps.sh proxies   nginx, haproxy and wrk
+#   bench/deps.sh chromium  headless Chromium and a font for the operator page's browser test
+#                           (`make test` calls this; tests/browser.rs fails loudly without it)
 set -euo pipefail
 
 SUDO=""
@@ -22,6 +24,11 @@ for what in "$@"; do
             have nginx || missing+=(nginx)
             have haproxy || missing+=(haproxy)
             have wrk || missing+=(wrk) ;;
+        chromium)
+            if [ -z "${RINGGATE_CHROMIUM:-}" ] && ! have chromium && ! have chromium-browser; then
+                missing+=(chromium)
+            fi
+            [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core) ;;
         *) echo "deps.sh: unknown group $what" >&2; exit 2 ;;
     esac
 done

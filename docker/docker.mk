@@ -62,6 +62,7 @@ compose-up: images
 	@curl -fsS $(RG_URL)/rep; echo
 	@echo
 	@echo "ringgate is up (replicas are Docker containers on network $(RG_NETWORK)):"
+	@echo "  $(RG_URL)/lb/            the operator page: the ring, the replicas, what-if"
 	@echo "  $(RG_URL)/home?id=42     a request, routed by the ring"
 	@echo "  $(RG_URL)/rep            the replicas"
 	@echo "  $(RG_URL)/lb/status      ring, replicas, health, policy"

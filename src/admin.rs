@@ -1,13 +1,16 @@
 //! The replica API (`/rep`, `/add`, `/rm`) and the gateway's own `/lb/*` endpoints.
 //!
 //! Owns: routing of these paths, applying the admin guard ([`crate::guard`]) to `/add`, `/rm`,
-//! `/lb/status` and `/lb/metrics` (`/rep` and `/lb/health` stay open), and parsing and
+//! `/lb/status`, `/lb/metrics`, the operator page (`/lb/`, [`crate::ui`]) and `/lb/simulate`
+//! ([`crate::whatif`], run off the serving thread, one at a time) (`/rep` and `/lb/health`
+//! stay open), and parsing and
 //! validating request bodies into controller calls, with a 400 naming the problem for every bad
 //! input. Validation that needs state (names in use, counts) is the controller's, so a call is
 //! checked and applied in one step.
 //! Must not touch: replicas or the ring directly; it asks the controller.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
@@ -86,6 +89,25 @@ async fn route(
             Ok(replica_list(&members))
         }
         "/lb/health" => Ok(success(json!("ok"))),
+        "/lb" => {
+            authorize(snap, &req, client)?;
+            Ok(crate::ui::redirect_to_page())
+        }
+        p if crate::ui::is_asset(p) => {
+            if method != Method::GET && method != Method::HEAD {
+                return Err(wrong_method("GET"));
+            }
+            authorize(snap, &req, client)?;
+            crate::ui::asset(p).ok_or(GatewayError::NoSuchEndpoint { path: path.clone() })
+        }
+        "/lb/simulate" => {
+            if method != Method::POST {
+                return Err(wrong_method("POST"));
+            }
+            authorize(snap, &req, client)?;
+            let body = read_body(req.into_body()).await?;
+            simulate(controller, &body).await
+        }
         "/lb/status" => {
             if method != Method::GET {
                 return Err(wrong_method("GET"));
@@ -108,6 +130,43 @@ async fn route(
         }
         _ => Err(GatewayError::NoSuchEndpoint { path }),
     }
+}
+
+/// Set while a what-if simulation runs: one at a time, so repeated calls cannot take every CPU.
+static SIMULATING: AtomicBool = AtomicBool::new(false);
+
+/// Clears [`SIMULATING`] when the simulation ends, however it ends.
+struct SimulationSlot;
+
+impl SimulationSlot {
+    fn take() -> Option<SimulationSlot> {
+        (!SIMULATING.swap(true, Ordering::AcqRel)).then_some(SimulationSlot)
+    }
+}
+
+impl Drop for SimulationSlot {
+    fn drop(&mut self) {
+        SIMULATING.store(false, Ordering::Release);
+    }
+}
+
+/// `POST /lb/simulate`: parse, take a copy of the live state, simulate off the serving thread.
+async fn simulate(
+    controller: &ControllerHandle,
+    body: &[u8],
+) -> Result<Response<Body>, GatewayError> {
+    let what = crate::whatif::parse(body)?;
+    let base = controller.whatif_base().await?;
+    let slot = SimulationSlot::take().ok_or(crate::whatif::WhatIfError::Busy)?;
+    let answer = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        crate::whatif::run(&base, &what)
+    })
+    .await
+    .map_err(|e| GatewayError::Internal(format!("the simulation failed: {e}")))??;
+    let answer = serde_json::to_value(answer)
+        .map_err(|e| GatewayError::Internal(format!("cannot render the simulation: {e}")))?;
+    Ok(success(answer))
 }
 
 fn replica_list(members: &[String]) -> Response<Body> {

@@ -42,6 +42,8 @@ pub enum GatewayError {
     Body(#[from] BodyError),
     #[error(transparent)]
     Membership(#[from] MembershipError),
+    #[error(transparent)]
+    WhatIf(#[from] crate::whatif::WhatIfError),
     #[error("Replica '{replica}' {cause}; nothing was added")]
     AddFailed {
         replica: String,
@@ -53,7 +55,7 @@ pub enum GatewayError {
         path: String,
         reason: crate::guard::Denied,
     },
-    #[error("{path} needs a bearer token: send \"Authorization: Bearer <admin.token>\"")]
+    #[error("{path} needs a bearer token: send \"Authorization: Bearer <admin.token>\" (a browser: the token as the password)")]
     Unauthorized { path: String },
     #[error("{method} is not allowed on {path}: use {allowed}")]
     MethodNotAllowed {
@@ -61,7 +63,7 @@ pub enum GatewayError {
         path: String,
         allowed: &'static str,
     },
-    #[error("{path} is not a gateway endpoint: try /lb/health, /lb/status or /lb/metrics")]
+    #[error("{path} is not a gateway endpoint: try /lb/ (the operator page), /lb/health, /lb/status or /lb/metrics")]
     NoSuchEndpoint { path: String },
     #[error("request body is larger than proxy.max_body ({limit} bytes)")]
     PayloadTooLarge { limit: u64 },
@@ -99,8 +101,10 @@ pub enum GatewayError {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
+            GatewayError::WhatIf(crate::whatif::WhatIfError::Busy) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Body(_)
             | GatewayError::Membership(_)
+            | GatewayError::WhatIf(_)
             | GatewayError::BadHost
             | GatewayError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             GatewayError::AddFailed { .. } | GatewayError::Internal(_) => {
@@ -147,9 +151,16 @@ impl GatewayError {
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(
+            // Bearer for scripts; Basic (the token as the password) so a browser asks for it
+            // on the operator page.
+            let h = resp.headers_mut();
+            h.insert(
                 http::header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer"),
+            );
+            h.append(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"ringgate admin\", charset=\"UTF-8\""),
             );
         }
         resp

@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 
+use crate::access_log::AccessLog;
 use crate::admission::{nofile_limit, Admission};
 use crate::config::Config;
 use crate::control::{Controller, ControllerHandle, Parts};
@@ -156,6 +157,7 @@ impl Gateway {
             }
         }
         let admission = Arc::new(Admission::new(nofile_limit(), metrics.clone()));
+        let access_log = AccessLog::start(metrics.clone()).map_err(StartError::Thread)?;
         tracing::info!(
             nofile = admission.nofile(),
             max_connections =
@@ -172,6 +174,7 @@ impl Gateway {
                 controller: handle,
                 metrics,
                 via: crate::service::via(&config.gateway_name()),
+                access_log,
             }),
             controller_task,
             watcher,
@@ -184,6 +187,11 @@ impl Gateway {
 
     pub fn controller(&self) -> &ControllerHandle {
         &self.service.controller
+    }
+
+    /// The access log, to reopen its file on SIGHUP.
+    pub fn access_log(&self) -> &Arc<AccessLog> {
+        &self.service.access_log
     }
 
     /// Serves on every listener until `shutdown` completes, then stops accepting, drains
@@ -215,6 +223,9 @@ impl Gateway {
             }
         })
         .await;
+        // The serving threads handed their buffered lines over as they ended.
+        let log = self.service.access_log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
         self.watcher.abort();
         tracing::info!("stopping replicas");
         self.service.controller.shutdown().await;

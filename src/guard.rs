@@ -11,7 +11,9 @@
 //! - `Host` must name this gateway: an IP address, `localhost`, or a name in `admin.hosts`
 //!   (a DNS-rebinding page names the attacker's domain);
 //! - with `admin.token` set, `Authorization: Bearer <token>`, compared exactly and in constant
-//!   time.
+//!   time; or HTTP Basic with the token as the password (any user name), which is what a
+//!   browser can send for the operator page: it asks once and resends it to this origin only
+//!   (the origin rules above stop another site from riding on it).
 //!
 //! Must not touch: anything else; `admin` calls it and `error.rs` turns a refusal into 403/401.
 
@@ -97,8 +99,8 @@ pub fn check(
         let given = headers
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes())
-            .and_then(bearer);
-        if !given.is_some_and(|g| constant_time_eq(g, token.as_bytes())) {
+            .and_then(credential);
+        if !given.is_some_and(|g| constant_time_eq(&g, token.as_bytes())) {
             return Err(Denied::Token);
         }
     }
@@ -138,6 +140,23 @@ fn names_this_gateway(host: &str, extra: &[String]) -> bool {
 fn bearer(value: &[u8]) -> Option<&[u8]> {
     let (scheme, token) = value.split_at_checked(7)?;
     scheme.eq_ignore_ascii_case(b"bearer ").then_some(token)
+}
+
+/// The secret of `Bearer <token>`, or the password of `Basic base64(user:password)`.
+fn credential(value: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    if let Some(token) = bearer(value) {
+        return Some(token.into());
+    }
+    let (scheme, encoded) = value.split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"basic ") {
+        return None;
+    }
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    Some(decoded[colon + 1..].to_vec().into())
 }
 
 /// Equal contents, in time that depends only on the lengths.
@@ -301,7 +320,66 @@ mod tests {
         );
         assert_eq!(call(Some("Bearer  s3cret")), Err(Denied::Token));
         assert_eq!(call(Some("Bearer s3cre")), Err(Denied::Token));
-        assert_eq!(call(Some("Basic s3cret")), Err(Denied::Token));
+        assert_eq!(
+            call(Some("Basic s3cret")),
+            Err(Denied::Token),
+            "not base64 of user:password"
+        );
+    }
+
+    #[test]
+    fn a_browser_may_send_the_token_as_the_basic_password() {
+        let a = AdminConfig {
+            token: Some("s3cret".into()),
+            ..AdminConfig::default()
+        };
+        let call = |auth: &str| {
+            check(
+                &a,
+                &[],
+                ip("127.0.0.1"),
+                &headers(&[("host", "localhost"), ("authorization", auth)]),
+                None,
+            )
+        };
+        // base64("admin:s3cret"), base64(":s3cret"), base64("admin:s3cre"), base64("s3cret")
+        assert_eq!(call("Basic YWRtaW46czNjcmV0"), Ok(()));
+        assert_eq!(
+            call("basic OnMzY3JldA=="),
+            Ok(()),
+            "any user name, even none"
+        );
+        assert_eq!(call("Basic YWRtaW46czNjcmU="), Err(Denied::Token));
+        assert_eq!(call("Basic czNjcmV0"), Err(Denied::Token), "no colon");
+        assert_eq!(call("Basic !!!"), Err(Denied::Token));
+    }
+
+    #[test]
+    fn the_pages_own_fetches_pass() {
+        // What Chromium sends for the page's fetch('status') and its POST to /lb/simulate.
+        let get = [
+            ("host", "127.0.0.1:5000"),
+            ("sec-fetch-site", "same-origin"),
+            ("sec-fetch-mode", "cors"),
+            ("referer", "http://127.0.0.1:5000/lb/"),
+        ];
+        assert_eq!(local(&get), Ok(()));
+        let post = [
+            ("host", "127.0.0.1:5000"),
+            ("origin", "http://127.0.0.1:5000"),
+            ("sec-fetch-site", "same-origin"),
+            ("content-type", "application/json"),
+        ];
+        assert_eq!(local(&post), Ok(()));
+        let from_elsewhere = [
+            ("host", "127.0.0.1:5000"),
+            ("origin", "http://127.0.0.1:8080"),
+            ("sec-fetch-site", "same-site"),
+        ];
+        assert!(
+            matches!(local(&from_elsewhere), Err(Denied::CrossSite(_))),
+            "another port is another origin"
+        );
     }
 
     #[test]

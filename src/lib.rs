@@ -14,8 +14,11 @@
 //! - [`service`]: one request, to the admin API or to the proxy.
 //! - [`admin`]: the replica API (`/rep`, `/add`, `/rm`) and `/lb/*`: parse, guard, ask the
 //!   controller.
+//! - [`ui`]: the operator page `/lb/` (HTML, CSS, JS and SVG compiled in).
 //! - [`guard`]: who may call the admin endpoints (loopback by default; no replica, no
 //!   cross-site request, no foreign `Host`; the bearer token).
+//! - [`access_log`]: `[log] access`: one line per request, buffered per serving thread and
+//!   written by a writer thread; reopened on SIGHUP.
 //! - [`proxy`]: one request to one replica: streamed through a pooled client, retries.
 //! - [`routing`]: key → slot and virtual node → slot ("Lua hook, else the built-in"), shared by
 //!   the request path, the controller and the offline tools.
@@ -36,14 +39,17 @@
 //! - [`config`]: `conf/lb.toml`: shape, defaults, validation.
 //! - [`snapshot`]: what one request sees: config, ring, replicas, policy.
 //! - [`metrics`]: lock-free counters and their Prometheus rendering.
+//! - [`latency`]: the latency histograms (per replica and gateway-wide) and their quantiles.
 //! - [`error`]: the one place internal errors become HTTP responses.
 //! - [`listening`]: the `listening on http://ADDR` line processes print once they serve.
 //! - [`sync`]: the one way this crate takes a mutex.
 //! - [`tools`]: `ringgate check`, `ring` and `simulate`.
+//! - [`whatif`]: `POST /lb/simulate`: what a change would do to the ring, changing nothing.
 //!
 //! The load generator, the analysis experiments and the benchmarks live in the lab package
 //! (`bench/lab`, binary `ringgate-lab`), outside this library and the gateway binary.
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod balance;
@@ -54,6 +60,7 @@ pub mod gateway;
 pub mod guard;
 pub mod hashing;
 pub mod health;
+pub mod latency;
 pub mod listener;
 pub mod listening;
 pub mod metrics;
@@ -66,4 +73,6 @@ pub mod service;
 pub mod snapshot;
 pub mod sync;
 pub mod tools;
+pub mod ui;
 pub mod watcher;
+pub mod whatif;

@@ -146,11 +146,26 @@ fn serve(config: Config, watched: Option<PathBuf>) -> Result<(), Failure> {
         let gateway = Gateway::start(config, listeners, watched)
             .await
             .map_err(run)?;
+        reopen_on_sighup(gateway.access_log().clone())
+            .map_err(|e| Failure::Run(format!("cannot install the SIGHUP handler: {e}")))?;
         if let Err(e) = ringgate::listening::announce(gateway.local_addr()) {
             tracing::warn!(error = %e, "cannot print the listening line on stdout");
         }
         gateway.serve(shutdown).await.map_err(run)
     })
+}
+
+/// SIGHUP reopens the access log file (logrotate's `postrotate`), instead of ending the process.
+fn reopen_on_sighup(log: std::sync::Arc<ringgate::access_log::AccessLog>) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reopening the access log");
+            log.reopen();
+        }
+    });
+    Ok(())
 }
 
 /// Completes on the first SIGTERM or SIGINT.

@@ -1,44 +1,22 @@
 //! Gateway-wide counters and the Prometheus text rendering of `/lb/metrics`.
 //!
-//! Owns: counters that are not per replica (retries, ejections, respawns, ring rebuilds, policy
-//! errors) and the upstream latency histogram. All are atomics: the request path updates them
-//! without a lock, which is why this is not a registry crate with label maps behind a lock.
+//! Owns: counters that are not per replica (requests, retries, ejections, respawns, ring
+//! rebuilds, policy errors, access log lines), the gateway-wide upstream latency histogram (its
+//! buckets are [`crate::latency`]'s) and the rendering of all of them, the per-replica ones
+//! too. All are atomics: the request path updates them without a lock, which is why this is not
+//! a registry crate with label maps behind a lock.
 //! Must not touch: decisions. Nothing reads a metric to decide anything.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
+use crate::latency::LatencyHistogram;
 use crate::snapshot::Snapshot;
-
-/// Upper bounds of the latency histogram buckets, in seconds.
-pub const LATENCY_BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
-
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| s <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            d.as_micros().min(u128::from(u64::MAX)) as u64,
-            Ordering::Relaxed,
-        );
-    }
-}
 
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Requests the gateway answered (proxied and its own endpoints).
+    pub requests: AtomicU64,
     /// Client responses the gateway produced itself (no replica answered): 502, 503, 504, 413…
     pub local_errors: AtomicU64,
     pub retries: AtomicU64,
@@ -51,7 +29,7 @@ pub struct Metrics {
     pub config_reload_errors: AtomicU64,
     pub policy_reloads: AtomicU64,
     pub policy_reload_errors: AtomicU64,
-    pub upstream_latency: Histogram,
+    pub upstream_latency: LatencyHistogram,
     /// Client connections open now.
     pub connections_open: AtomicU64,
     /// New connections closed at once because `proxy.max_connections` were open.
@@ -78,6 +56,12 @@ pub struct Metrics {
     pub diverted_slow_start: AtomicU64,
     /// Replicas taken out for their answers (outlier ejection).
     pub outlier_ejections: AtomicU64,
+    /// Access log lines written.
+    pub access_log_records: AtomicU64,
+    /// Access log lines dropped because the writer fell behind.
+    pub access_log_dropped: AtomicU64,
+    /// Access log lines lost to write errors.
+    pub access_log_errors: AtomicU64,
 }
 
 fn get(a: &AtomicU64) -> u64 {
@@ -113,6 +97,12 @@ impl Metrics {
     ) -> String {
         let mut out = String::with_capacity(8192);
         let o = &mut out;
+        counter(
+            o,
+            "ringgate_http_requests_total",
+            "Requests the gateway answered: proxied ones and its own endpoints.",
+            &self.requests,
+        );
         counter(
             o,
             "ringgate_retries_total",
@@ -203,6 +193,17 @@ impl Metrics {
             ("phase=\"first_bytes\"".into(), get(&self.first_bytes_timeouts).to_string()),
             ("phase=\"idle\"".into(), get(&self.idle_closes).to_string()),
         ]);
+        family(
+            o,
+            "ringgate_access_log_lines_total",
+            "counter",
+            "Access log lines by outcome: written, dropped (the writer fell behind; the serving threads never wait) or error (the write failed).",
+            &[
+                ("outcome=\"written\"".into(), get(&self.access_log_records).to_string()),
+                ("outcome=\"dropped\"".into(), get(&self.access_log_dropped).to_string()),
+                ("outcome=\"error\"".into(), get(&self.access_log_errors).to_string()),
+            ],
+        );
         counter(
             o,
             "ringgate_accept_errors_total",
@@ -293,31 +294,43 @@ impl Metrics {
             &by_replica(&|s| s.in_flight.load(Ordering::Relaxed).to_string()),
         );
 
-        let h = &self.upstream_latency;
-        let mut cumulative = 0;
-        let mut buckets: Vec<(String, String)> = LATENCY_BUCKETS
-            .iter()
-            .zip(&h.buckets)
-            .map(|(b, c)| {
-                cumulative += get(c);
-                (format!("le=\"{b}\""), cumulative.to_string())
-            })
+        let mut owned: std::collections::HashMap<&str, u64> =
+            replicas.iter().map(|(n, _)| (n.as_str(), 0)).collect();
+        for slot in 0..snap.ring.slots() {
+            if let Some(u) = snap.ring.owner(slot).and_then(|id| snap.upstream(id)) {
+                *owned.entry(u.name.as_str()).or_default() += 1;
+            }
+        }
+        let mut owned: Vec<(String, String)> = owned
+            .into_iter()
+            .map(|(n, c)| (format!("replica=\"{n}\""), c.to_string()))
             .collect();
-        let count = get(&h.count);
-        buckets.push(("le=\"+Inf\"".into(), count.to_string()));
+        owned.sort();
+        family(
+            o,
+            "ringgate_ring_slots",
+            "gauge",
+            "Ring slots each replica owns now (its share of the ring is this over ringgate_ring_slots_total).",
+            &owned,
+        );
+        family(
+            o,
+            "ringgate_ring_slots_total",
+            "gauge",
+            "Slots on the ring (ring.slots).",
+            &one(snap.ring.slots()),
+        );
         let _ = writeln!(o, "# HELP ringgate_upstream_latency_seconds Time from sending a request to a replica to its response headers.\n# TYPE ringgate_upstream_latency_seconds histogram");
-        for (labels, value) in &buckets {
-            let _ = writeln!(
+        self.upstream_latency
+            .render(o, "ringgate_upstream_latency_seconds", "");
+        let _ = writeln!(o, "# HELP ringgate_replica_latency_seconds Time from sending a request to a replica to its response headers, by replica.\n# TYPE ringgate_replica_latency_seconds histogram");
+        for (name, s) in replicas {
+            s.latency.render(
                 o,
-                "ringgate_upstream_latency_seconds_bucket{{{labels}}} {value}"
+                "ringgate_replica_latency_seconds",
+                &format!("replica=\"{name}\""),
             );
         }
-        let _ = writeln!(
-            o,
-            "ringgate_upstream_latency_seconds_sum {}",
-            get(&h.sum_micros) as f64 / 1e6
-        );
-        let _ = writeln!(o, "ringgate_upstream_latency_seconds_count {count}");
         out
     }
 }

@@ -32,6 +32,8 @@ pub struct ReplicaStats {
     pub peak_in_flight: AtomicI64,
     /// 5xx answers in a row (outlier ejection).
     pub consecutive_5xx: AtomicU64,
+    /// Time to response headers of the requests sent to it.
+    pub latency: crate::latency::LatencyHistogram,
 }
 
 impl ReplicaStats {

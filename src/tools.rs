@@ -1,6 +1,8 @@
 //! Offline tools: `ringgate check`, `ringgate ring` and `ringgate simulate`.
 //!
-//! Owns: building the ring a config would build, without starting anything, and reporting on it.
+//! Owns: building the ring a config would build, without starting anything, and reporting on it;
+//! the simulation primitives (sample keys, route them, count and compare owners) that the
+//! what-if endpoint ([`crate::whatif`]) shares.
 //! Every key is routed through [`Router`] and members are named by the membership model, so
 //! the reports show exactly what the gateway would do.
 //! Must not touch: the network or any running gateway.
@@ -104,6 +106,52 @@ pub struct Simulation {
     pub moved_on_remove: Option<f64>,
 }
 
+/// `n` random 6-digit keys, the same for the same `seed`: what `simulate` and the what-if
+/// endpoint replay (the specified analysis sends random 6-digit ids).
+pub fn sample_keys(n: u64, seed: u64) -> Vec<u64> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n).map(|_| rng.u64(100_000..=999_999)).collect()
+}
+
+/// Routing a sample of keys took longer than allowed (a slow Lua hook).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("routing the keys took longer than {limit:?} (stopped after {routed} of {total} keys): the policy's hooks are too slow to simulate")]
+pub struct TooLong {
+    pub limit: std::time::Duration,
+    pub routed: usize,
+    pub total: usize,
+}
+
+/// How often [`route_keys`] asks its caller whether to go on.
+pub const CHECK_EVERY: usize = 64;
+
+/// The owner of each of `keys` on `ring`, routed by `router` exactly as the request path
+/// routes a request with that key. Every [`CHECK_EVERY`] keys `go_on(routed)` may stop it
+/// with an error (a deadline, a failing hook).
+pub fn route_keys<E>(
+    router: &Router<'_>,
+    ring: &Ring,
+    keys: &[u64],
+    mut go_on: impl FnMut(usize) -> Result<(), E>,
+) -> Result<Vec<Option<ServerId>>, E> {
+    let mut owners = Vec::with_capacity(keys.len());
+    for (n, &k) in keys.iter().enumerate() {
+        if n % CHECK_EVERY == 0 && n > 0 {
+            go_on(n)?;
+        }
+        owners.push(router.owner(ring, k));
+    }
+    go_on(keys.len())?;
+    Ok(owners)
+}
+
+/// How many of `owners` each of `ids` owns, in the order of `ids`.
+pub fn key_counts(owners: &[Option<ServerId>], ids: &[ServerId]) -> Vec<u64> {
+    ids.iter()
+        .map(|id| owners.iter().filter(|o| **o == Some(*id)).count() as u64)
+        .collect()
+}
+
 fn owners_of(
     config: &Config,
     policy: &PolicySet,
@@ -112,10 +160,11 @@ fn owners_of(
 ) -> Result<Vec<Option<ServerId>>, RingError> {
     let (_, ring) = build_ring(config, policy, members)?;
     let router = Router::new(config, policy);
-    Ok(keys.iter().map(|&k| router.owner(&ring, k)).collect())
+    route_keys(&router, &ring, keys, |_| Ok(()))
 }
 
-fn moved(a: &[Option<ServerId>], b: &[Option<ServerId>]) -> f64 {
+/// The share of keys whose owner differs between `a` and `b` (the same keys in the same order).
+pub fn moved_share(a: &[Option<ServerId>], b: &[Option<ServerId>]) -> f64 {
     let n = a.iter().zip(b).filter(|(x, y)| x != y).count();
     if a.is_empty() {
         0.0
@@ -133,17 +182,13 @@ pub fn simulate(
     seed: u64,
 ) -> Result<Simulation, RingError> {
     let members = initial_members(config);
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let keys: Vec<u64> = (0..keys).map(|_| rng.u64(100_000..=999_999)).collect();
+    let keys = sample_keys(keys, seed);
     let base = owners_of(config, policy, &members, &keys)?;
+    let ids: Vec<ServerId> = members.iter().map(|(id, _)| *id).collect();
     let counts = members
         .iter()
-        .map(|(id, name)| {
-            (
-                name.clone(),
-                base.iter().filter(|o| **o == Some(*id)).count() as u64,
-            )
-        })
+        .map(|(_, name)| name.clone())
+        .zip(key_counts(&base, &ids))
         .collect();
     let next = members.iter().map(|(id, _)| id.get()).max().unwrap_or(0) + 1;
     let mut more = members.clone();
@@ -151,13 +196,13 @@ pub fn simulate(
         more.push((id, format!("{}{next}", config.replicas.name_prefix)));
     }
     let moved_on_add = match owners_of(config, policy, &more, &keys) {
-        Ok(o) => moved(&base, &o),
+        Ok(o) => moved_share(&base, &o),
         Err(_) => f64::NAN,
     };
     let moved_on_remove = (members.len() >= 2)
         .then(|| owners_of(config, policy, &members[..members.len() - 1], &keys))
         .transpose()?
-        .map(|o| moved(&base, &o));
+        .map(|o| moved_share(&base, &o));
     Ok(Simulation {
         counts,
         moved_on_add,

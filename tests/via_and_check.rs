@@ -35,7 +35,7 @@ async fn proxied_responses_name_the_gateway_and_status_shows_the_fingerprint() {
     assert!(resp.headers().get(http::header::VIA).is_none());
 
     let status = gw.status().await;
-    assert_eq!(status["gateway"], "edge-7");
+    assert_eq!(status["gateway"]["name"], "edge-7");
     let fp = status["ring"]["fingerprint"]
         .as_str()
         .expect("a fingerprint")

@@ -222,6 +222,7 @@ mod tests {
             ("proxy", fields_of::<super::super::ProxyConfig>()),
             ("policy", fields_of::<super::super::PolicyConfig>()),
             ("admin", fields_of::<super::super::AdminConfig>()),
+            ("log", fields_of::<super::super::LogConfig>()),
         ] {
             assert!(!keys.is_empty(), "no keys read for [{section}]");
             let body = section_text(text, section);
@@ -342,6 +343,9 @@ instruction_budget = 5000
 [admin]
 allow = ["10.0.0.0/8", "127.0.0.1"]
 token = "s3cret"
+[log]
+access = "/var/log/ringgate/access.log"
+format = "combined"
 "#,
         )
         .expect("valid");
@@ -364,6 +368,21 @@ token = "s3cret"
         assert!(c.admin.allows("127.0.0.1".parse().expect("ip")));
         assert!(!c.admin.allows("127.0.0.2".parse().expect("ip")));
         assert_eq!(c.policy.instruction_budget, 5000);
+        assert_eq!(
+            c.log.access,
+            super::super::AccessTarget::File("/var/log/ringgate/access.log".into())
+        );
+        assert_eq!(c.log.format, super::super::AccessFormat::Combined);
+        let c = parse("[log]\naccess = \"stdout\"\n").expect("stdout");
+        assert_eq!(c.log.access, super::super::AccessTarget::Stdout);
+        assert_eq!(
+            Config::default().log.access,
+            super::super::AccessTarget::Off
+        );
+        let e = err("[log]\naccess = \"\"\n");
+        assert!(e.contains("line 2") && e.contains("not empty"), "{e}");
+        let e = err("[log]\nformat = \"common\"\n");
+        assert!(e.contains("line 2") && e.contains("common"), "{e}");
     }
 
     #[test]

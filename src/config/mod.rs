@@ -24,7 +24,7 @@ mod values;
 pub use load::ConfigError;
 pub use validate::Problem;
 pub use values::parse_size;
-use values::{byte_size, duration, expect_status, ip_nets, key_sources};
+use values::{byte_size, duration, expect_status, from_str, ip_nets, key_sources};
 
 /// Largest ring we accept: the owner table is one entry per slot, kept small enough to stay in
 /// cache.
@@ -46,6 +46,7 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub policy: PolicyConfig,
     pub admin: AdminConfig,
+    pub log: LogConfig,
 }
 
 impl Default for Config {
@@ -61,6 +62,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             policy: PolicyConfig::default(),
             admin: AdminConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -479,6 +481,60 @@ impl AdminConfig {
     pub fn token(&self) -> Option<&str> {
         self.token.as_deref().filter(|t| !t.is_empty())
     }
+}
+
+/// Where access log records go (`log.access`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AccessTarget {
+    /// No access log (the default).
+    #[default]
+    Off,
+    /// The gateway's standard output.
+    Stdout,
+    /// A file, appended to, reopened on SIGHUP.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for AccessTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(AccessTarget::Off),
+            "stdout" => Ok(AccessTarget::Stdout),
+            "" => Err("log.access must be \"off\", \"stdout\" or a file path, not empty".into()),
+            path => Ok(AccessTarget::File(PathBuf::from(path))),
+        }
+    }
+}
+
+impl fmt::Display for AccessTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccessTarget::Off => f.write_str("off"),
+            AccessTarget::Stdout => f.write_str("stdout"),
+            AccessTarget::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// The access log's line format (`log.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// NGINX's and Apache's `combined` format, with ringgate's fields appended as `key=value`.
+    Combined,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    #[serde(deserialize_with = "from_str")]
+    pub access: AccessTarget,
+    pub format: AccessFormat,
 }
 
 /// The hostname rule of the replica API, which is Docker's container-name rule:

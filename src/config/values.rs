@@ -6,11 +6,24 @@
 //! Must not touch: which key uses which syntax or what range is allowed (the section structs and
 //! the validator decide that).
 
+use std::fmt;
 use std::net::IpAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
+
+/// A value written as a string and parsed with its type's `FromStr`.
+pub(super) fn from_str<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
 
 /// `health.expect_status`: `200`, `"200-399"`, or a list of codes and ranges.
 pub(super) fn expect_status<'de, D: Deserializer<'de>>(

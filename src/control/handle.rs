@@ -30,6 +30,10 @@ pub enum Command {
     Metrics {
         reply: oneshot::Sender<String>,
     },
+    /// A copy of what a what-if simulation starts from (`POST /lb/simulate`).
+    WhatIfBase {
+        reply: oneshot::Sender<crate::whatif::Base>,
+    },
     /// A connect to this replica failed on the request path.
     PassiveFailure {
         id: ServerId,
@@ -103,6 +107,10 @@ impl ControllerHandle {
 
     pub async fn metrics(&self) -> Result<String, GatewayError> {
         self.ask(|reply| Command::Metrics { reply }).await
+    }
+
+    pub async fn whatif_base(&self) -> Result<crate::whatif::Base, GatewayError> {
+        self.ask(|reply| Command::WhatIfBase { reply }).await
     }
 
     pub async fn wait_ready(&self) -> Result<(), GatewayError> {

@@ -228,6 +228,9 @@ impl Controller {
             Command::Metrics { reply } => {
                 let _ = reply.send(self.render_metrics());
             }
+            Command::WhatIfBase { reply } => {
+                let _ = reply.send(self.whatif_base());
+            }
             Command::PassiveFailure {
                 id,
                 incarnation,

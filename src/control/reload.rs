@@ -37,6 +37,8 @@ pub enum ConfigChange {
     PolicyLimits,
     /// `[admin]`: the guard uses it from the next call.
     Admin,
+    /// `[log]`: requests are logged with it from the next one.
+    Log,
 }
 
 impl fmt::Display for ConfigChange {
@@ -53,6 +55,7 @@ impl fmt::Display for ConfigChange {
             ConfigChange::Proxy => f.write_str("[proxy]"),
             ConfigChange::PolicyLimits => f.write_str("policy limits"),
             ConfigChange::Admin => f.write_str("[admin]"),
+            ConfigChange::Log => f.write_str("[log]"),
         }
     }
 }
@@ -109,6 +112,9 @@ pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
     }
     if new.admin != old.admin {
         changes.push(ConfigChange::Admin);
+    }
+    if new.log != old.log {
+        changes.push(ConfigChange::Log);
     }
     // Last: scaling runs after the rest is in place.
     if n.count != o.count {
@@ -184,7 +190,8 @@ impl Controller {
                 | ConfigChange::ReplicaRules
                 | ConfigChange::Proxy
                 | ConfigChange::PolicyLimits
-                | ConfigChange::Admin => {}
+                | ConfigChange::Admin
+                | ConfigChange::Log => {}
             }
         }
         self.publish();

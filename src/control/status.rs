@@ -1,4 +1,5 @@
-//! Status rendering: `/lb/status` (JSON) and `/lb/metrics` (Prometheus text).
+//! Status rendering: `/lb/status` (JSON), `/lb/metrics` (Prometheus text) and the copy of the
+//! state a what-if simulation starts from.
 //!
 //! Owns: the shape of `/lb/status` ([`Status`] and the structs under it, serialised as they
 //! are) and collecting the per-replica counters for the metrics renderer.
@@ -16,9 +17,8 @@ use crate::policy::{Hook, PolicySet};
 
 #[derive(Serialize)]
 struct Status<'a> {
+    version: &'static str,
     generation: u64,
-    /// This gateway's name (as in its `Via` headers).
-    gateway: &'a str,
     provider: &'static str,
     desired: usize,
     up: usize,
@@ -30,6 +30,10 @@ struct Status<'a> {
     /// The engine that holds the shared ring record (`swarm`); absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     engine: Option<EngineStatus<'a>>,
+    gateway: GatewayStatus<'a>,
+    /// Upper bounds (µs) of the buckets in each replica's `latency.buckets` (one more bucket
+    /// counts everything above the last).
+    latency_bounds_us: &'static [u64],
 }
 
 #[derive(Serialize)]
@@ -47,6 +51,46 @@ struct EngineStatus<'a> {
     record_error: Option<&'a str>,
 }
 
+/// The gateway's own counters (cumulative: a reader takes rates from two readings).
+#[derive(Serialize)]
+struct GatewayStatus<'a> {
+    /// This gateway's name (as in its `Via` headers).
+    name: &'a str,
+    requests: u64,
+    local_errors: u64,
+    retries: u64,
+    retries_over_budget: u64,
+    connections_open: u64,
+    ejections: u64,
+    respawns: u64,
+    config_reloads: u64,
+    policy_reloads: u64,
+    latency: LatencyStatus,
+}
+
+/// A latency histogram: the count, quantiles since start, and the bucket counts (not
+/// cumulative; bounds in `latency_bounds_us`), so a reader can take quantiles of a window.
+#[derive(Serialize)]
+struct LatencyStatus {
+    count: u64,
+    sum_ms: f64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    buckets: Vec<u64>,
+}
+
+fn latency(h: &crate::latency::LatencyHistogram) -> LatencyStatus {
+    let buckets = h.counts();
+    let ms = |q| crate::latency::quantile(&buckets, q).map(|us| us / 1000.0);
+    LatencyStatus {
+        count: buckets.iter().sum(),
+        sum_ms: h.sum().as_secs_f64() * 1000.0,
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        buckets,
+    }
+}
+
 #[derive(Serialize)]
 struct RingStatus {
     /// FNV-1a over the owner table (hex): gateways that route every key alike show the same.
@@ -58,6 +102,8 @@ struct RingStatus {
     key: String,
     capacity: usize,
     balance_factor: f64,
+    /// The id of the replica each slot routes to now (`null`: no replica), slot by slot.
+    owners: Vec<Option<u32>>,
 }
 
 #[derive(Serialize)]
@@ -97,7 +143,7 @@ struct ReplicaStatus<'a> {
     name: &'a str,
     address: Option<String>,
     instance: Option<&'a str>,
-    /// starting, up, suspect, down or draining.
+    /// starting, up, suspect, down or draining (readers should show any other state as it is).
     state: &'static str,
     in_ring: bool,
     requests: u64,
@@ -118,10 +164,14 @@ struct ReplicaStatus<'a> {
     /// Outlier ejections in a row, and how long the current one still lasts.
     ejections: u32,
     ejected_for_ms: Option<u64>,
+    /// Time to response headers of its requests.
+    latency: LatencyStatus,
 }
 
 #[derive(Serialize)]
 struct ConfigStatus<'a> {
+    /// Config edits applied since start (0: the config the gateway started with).
+    generation: u64,
     last_error: Option<&'a str>,
     restart_needed: &'a [&'static str],
 }
@@ -185,13 +235,16 @@ impl Controller {
                         .ejected_until
                         .filter(|_| r.tracker.state == crate::health::HealthState::Ejected)
                         .map(|t| millis(t.saturating_duration_since(now))),
+                    latency: latency(&s.latency),
                 })
             })
             .collect();
         let c = &self.config;
+        let m = &self.metrics;
+        let count = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let status = Status {
+            version: env!("CARGO_PKG_VERSION"),
             generation: snap.generation,
-            gateway: &self.name,
             provider: self.provider.kind(),
             desired: self.membership.desired(),
             up: snap.ring.servers(),
@@ -204,6 +257,9 @@ impl Controller {
                 key: c.hashing.key.to_string(),
                 capacity: self.placement.capacity(),
                 balance_factor: c.ring.balance_factor,
+                owners: (0..snap.ring.slots())
+                    .map(|slot| snap.ring.owner(slot).map(|id| id.get()))
+                    .collect(),
             },
             health: HealthStatus {
                 interval_ms: millis(c.health.interval),
@@ -222,6 +278,7 @@ impl Controller {
             },
             replicas,
             config: ConfigStatus {
+                generation: count(&m.config_reloads),
                 last_error: self.errors.config.as_deref(),
                 restart_needed: &self.errors.restart_needed,
             },
@@ -237,9 +294,42 @@ impl Controller {
                 record_version: self.ring_version,
                 record_error: self.errors.ring.as_deref(),
             }),
+            gateway: GatewayStatus {
+                name: &self.name,
+                requests: count(&m.requests),
+                local_errors: count(&m.local_errors),
+                retries: count(&m.retries),
+                retries_over_budget: count(&m.retries_over_budget),
+                connections_open: count(&m.connections_open),
+                ejections: count(&m.ejections),
+                respawns: count(&m.respawns),
+                config_reloads: count(&m.config_reloads),
+                policy_reloads: count(&m.policy_reloads),
+                latency: latency(&m.upstream_latency),
+            },
+            latency_bounds_us: &crate::latency::BOUNDS_US,
         };
         serde_json::to_value(status)
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+    }
+
+    /// Clones of what a what-if simulation needs; the simulation runs elsewhere.
+    pub(super) fn whatif_base(&self) -> crate::whatif::Base {
+        let snap = self.shared.load();
+        crate::whatif::Base {
+            config: self.config.clone(),
+            policy: self.policy.clone(),
+            membership: self.membership.clone(),
+            placement: self.placement.clone(),
+            routable: self
+                .placement
+                .members()
+                .iter()
+                .copied()
+                .filter(|&id| snap.upstream(id).is_some())
+                .collect(),
+            cannot_start: (!self.provider.manages_replicas()).then(|| self.provider.kind()),
+        }
     }
 
     pub(super) fn render_metrics(&self) -> String {

@@ -415,6 +415,20 @@ impl PolicySet {
         self
     }
 
+    /// The same files, hooks and limits with counters of its own and Lua states of its own:
+    /// for simulations (`POST /lb/simulate`), whose calls must not show in the live set's
+    /// figures.
+    pub fn detached(&self) -> PolicySet {
+        PolicySet {
+            id: NEXT_SET_ID.fetch_add(1, Ordering::Relaxed),
+            generation: self.generation,
+            files: self.files.clone(),
+            hooks: self.hooks,
+            limits: self.limits,
+            stats: Arc::new(PolicyStats::default()),
+        }
+    }
+
     /// The generation number given at load (0 for [`PolicySet::empty`]).
     pub fn generation(&self) -> u64 {
         self.generation

@@ -26,6 +26,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
+use crate::access_log::{Outcome, Termination};
 use crate::balance;
 use crate::control::ControllerHandle;
 use crate::error::{error_chain, local_resource_cause, Body, GatewayError};
@@ -46,17 +47,21 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// Forwards one request and returns the replica's response, or the gateway's failure response.
+/// `outcome` is told the slot, the replica, the retries and why the gateway answered itself,
+/// for the access log.
 pub async fn forward(
     snap: Arc<Snapshot>,
     metrics: &Metrics,
     controller: &ControllerHandle,
     req: Request<Incoming>,
     client_addr: SocketAddr,
+    outcome: &mut Outcome,
 ) -> Response<Body> {
     let _active = retry::Active::enter();
-    match try_forward(&snap, metrics, controller, req, client_addr).await {
+    match try_forward(&snap, metrics, controller, req, client_addr, outcome).await {
         Ok(resp) => resp,
         Err(e) => {
+            outcome.termination = Some(Termination::of(&e, outcome.connect_failed));
             metrics.local_errors.fetch_add(1, Ordering::Relaxed);
             let counter = match e {
                 GatewayError::LocalResource { .. } => Some(&metrics.local_resource_errors),
@@ -77,6 +82,7 @@ async fn try_forward(
     controller: &ControllerHandle,
     req: Request<Incoming>,
     client_addr: SocketAddr,
+    outcome: &mut Outcome,
 ) -> Result<Response<Body>, GatewayError> {
     let cfg = &snap.config;
     let (parts, body) = req.into_parts();
@@ -90,6 +96,7 @@ async fn try_forward(
     let router = snap.router();
     let key = router.key(&parts, client_addr.ip());
     let slot = router.request_slot(key);
+    outcome.slot = Some(slot);
     let owner = snap.ring.owner(slot).ok_or(GatewayError::NoReplica)?;
     let first = balanced(snap, metrics, slot, key, owner);
 
@@ -115,6 +122,7 @@ async fn try_forward(
     loop {
         tried.push(server);
         let replica = snap.upstream(server).ok_or(GatewayError::NoReplica)?;
+        outcome.replica = Some(replica.id);
         let req = upstream::Request {
             addr: replica.addr,
             connect_timeout: cfg.proxy.connect_timeout,
@@ -127,7 +135,12 @@ async fn try_forward(
         let sent = upstream::send(&req, &mut body, InFlight::start(&replica.stats));
         let e = match tokio::time::timeout(cfg.proxy.request_timeout, sent).await {
             Ok(Ok(resp)) => {
-                metrics.upstream_latency.observe(started.elapsed());
+                let took = started.elapsed();
+                outcome.upstream = Some(took);
+                replica
+                    .stats
+                    .latency
+                    .observe_with(&metrics.upstream_latency, took);
                 let in_a_row = replica.stats.record_response(resp.status().as_u16());
                 let threshold = u64::from(cfg.health.eject_after_5xx);
                 if threshold > 0 && in_a_row == threshold {
@@ -160,6 +173,7 @@ async fn try_forward(
             return Err(GatewayError::LocalResource { detail });
         }
         replica.stats.failures.fetch_add(1, Ordering::Relaxed);
+        outcome.connect_failed = e.is_connect();
         let failure = if e.is_connect() {
             controller.passive_failure(replica.id, replica.incarnation, error_chain(&e));
             Failure::Connect
@@ -194,6 +208,7 @@ async fn try_forward(
         metrics.retries.fetch_add(1, Ordering::Relaxed);
         server = n;
         attempt += 1;
+        outcome.retries = attempt as u32;
         body = ProxyBody::again(slot_handle);
     }
 }

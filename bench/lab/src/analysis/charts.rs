@@ -61,7 +61,12 @@ trait Drawable {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String>;
 }
 
-/// Renders `draw` into `<out>/<stem>.svg` and `<out>/<stem>.png`.
+/// Charts are committed beside the docs: an SVG larger than this is written as a PNG instead.
+pub const SVG_LIMIT: u64 = 256 * 1024;
+
+/// Renders `draw` into `<out>/<stem>.svg`, or `<out>/<stem>.png` when the SVG would be larger
+/// than [`SVG_LIMIT`]; the other file of the pair is removed, so the directory holds exactly
+/// the charts the report links.
 fn render(
     out: &Path,
     stem: &str,
@@ -75,8 +80,8 @@ fn render(
         ));
     }
     std::fs::create_dir_all(out).map_err(|e| AnalysisError::io("creating the chart dir", e))?;
-    let mut written = Vec::new();
     let svg = out.join(format!("{stem}.svg"));
+    let png = out.join(format!("{stem}.png"));
     {
         let root = SVGBackend::new(&svg, size).into_drawing_area();
         draw.draw(&root)
@@ -84,19 +89,22 @@ fn render(
         root.present()
             .map_err(|e| AnalysisError::Chart(format!("{}: {e}", svg.display())))?;
     }
-    written.push(svg);
-    if font_available() {
-        let png = out.join(format!("{stem}.png"));
-        {
-            let root = BitMapBackend::new(&png, size).into_drawing_area();
-            draw.draw(&root)
-                .map_err(|e| AnalysisError::Chart(format!("{}: {e}", png.display())))?;
-            root.present()
-                .map_err(|e| AnalysisError::Chart(format!("{}: {e}", png.display())))?;
-        }
-        written.push(png);
+    let svg_size = std::fs::metadata(&svg)
+        .map_err(|e| AnalysisError::io(svg.display().to_string(), e))?
+        .len();
+    if svg_size <= SVG_LIMIT {
+        let _ = std::fs::remove_file(&png);
+        return Ok(vec![svg]);
     }
-    Ok(written)
+    {
+        let root = BitMapBackend::new(&png, size).into_drawing_area();
+        draw.draw(&root)
+            .map_err(|e| AnalysisError::Chart(format!("{}: {e}", png.display())))?;
+        root.present()
+            .map_err(|e| AnalysisError::Chart(format!("{}: {e}", png.display())))?;
+    }
+    let _ = std::fs::remove_file(&svg);
+    Ok(vec![png])
 }
 
 /// One bar chart panel: labelled bars and an optional "ideal" line.

@@ -1,5 +1,5 @@
 //! Performance analysis: the experiments of the specification (A-1 … A-4, ring movement,
-//! failover) run against live gateways this module starts itself, drawn as charts (`bench/out/`)
+//! failover) run against live gateways this module starts itself, drawn as charts (`docs/img/`)
 //! and written up in `docs/performance.md`; plus the driver of the proxy comparison behind
 //! `make bench`.
 //!
@@ -11,7 +11,7 @@
 //! - [`gateway`]: start/stop a gateway with a temporary config, call its API.
 //! - [`experiments`]: the experiments and their result types.
 //! - [`theory`]: what the specified hash functions can reach, computed.
-//! - [`charts`]: plotters charts (SVG + PNG).
+//! - [`charts`]: plotters charts (SVG, or PNG where the SVG would be too big).
 //! - [`report`]: the markdown report and its sections.
 //! - [`proxies`]: ringgate against NGINX and HAProxy (`make bench`).
 
@@ -81,8 +81,8 @@ pub struct AnalysisArgs {
     /// The `ringgate` binary to start gateways with (default: `ringgate` next to this executable)
     #[arg(long)]
     pub gateway_bin: Option<PathBuf>,
-    /// Where charts are written
-    #[arg(long, default_value = "bench/out")]
+    /// Where charts are written (committed beside the report, so a fresh clone shows them)
+    #[arg(long, default_value = "docs/img")]
     pub out: PathBuf,
     /// The report to regenerate
     #[arg(long, default_value = "docs/performance.md")]
@@ -233,7 +233,7 @@ async fn run_experiments(args: &AnalysisArgs, bin: &Path) -> Results {
     r
 }
 
-/// Chart files by name (`a1`, `a2`, `a4_a1`, `a4_a2`, `movement`, `a3`), first the PNG if any.
+/// Chart files by name (`a1`, `a2`, `a4_a1`, `a4_a2`, `movement`, `a3`).
 pub type ChartFiles = Vec<(&'static str, Vec<PathBuf>)>;
 
 fn draw_charts(out: &Path, r: &Results) -> Result<ChartFiles, AnalysisError> {

@@ -1,0 +1,475 @@
+//! The access log (`[log] access`, `[log] format`): one line per request, written off the
+//! request path.
+//!
+//! Owns: what a request's line records ([`Started`] at its arrival, the proxy's [`Outcome`],
+//! the response's bytes and end as [`LoggedBody`] sees them, the [`Termination`] reason), the
+//! per-thread buffers the lines are formatted into, and handing full buffers to the writer
+//! thread ([`writer`]) with a `try_send`: a serving thread never waits for the disk. A buffer is
+//! handed over when it holds [`BATCH_BYTES`], or [`FLUSH_AFTER`] after its first line (a task
+//! on the serving thread's own runtime), or when the thread ends. When the writer falls behind
+//! by [`QUEUE_BATCHES`] batches, further batches are dropped and counted
+//! (`ringgate_access_log_dropped_total`), never queued without bound.
+//! Must not touch: routing or responses. It observes; the line format is [`format`]'s.
+
+pub mod format;
+mod writer;
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, REFERER, USER_AGENT};
+use http::{Method, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+
+use crate::config::{AccessTarget, Config};
+use crate::error::{Body, BoxError, GatewayError};
+use crate::metrics::Metrics;
+use crate::ring::ServerId;
+use crate::snapshot::Snapshot;
+use writer::Msg;
+
+/// A thread's buffer is handed to the writer once it holds this much.
+pub const BATCH_BYTES: usize = 32 * 1024;
+/// … or this long after its first line.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(200);
+/// Batches the writer may fall behind by before new ones are dropped (8 MiB of lines).
+pub const QUEUE_BATCHES: usize = 256;
+
+/// Why a request ended the way it did (the log's `termination` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// The whole response reached the client.
+    Ok,
+    /// The client went away before the response was complete.
+    ClientAbort,
+    /// The replica broke the connection while sending the response body.
+    UpstreamBodyError,
+    /// No replica was in the ring (503).
+    NoReplica,
+    /// No connection to the replica (and the next ones tried) could be made (502); a failed
+    /// connect also takes the replica out of the ring.
+    UpstreamConnectFailed,
+    /// The replica closed or reset the connection before answering (502).
+    UpstreamReset,
+    /// The replica sent no response headers within `proxy.request_timeout` (504).
+    UpstreamTimeout,
+    /// The gateway ran out of a local resource (503).
+    LocalResource,
+    /// The client's request body broke (400).
+    ClientBodyError,
+    /// The request body was over `proxy.max_body` (413).
+    TooLarge,
+    /// A malformed request (400), e.g. not exactly one `Host`.
+    BadRequest,
+    /// The gateway is shutting down (503).
+    ShuttingDown,
+    /// Anything else the gateway answered itself.
+    GatewayError,
+}
+
+impl Termination {
+    pub fn name(self) -> &'static str {
+        match self {
+            Termination::Ok => "ok",
+            Termination::ClientAbort => "client_abort",
+            Termination::UpstreamBodyError => "upstream_body_error",
+            Termination::NoReplica => "no_replica",
+            Termination::UpstreamConnectFailed => "upstream_connect_failed",
+            Termination::UpstreamReset => "upstream_reset",
+            Termination::UpstreamTimeout => "upstream_timeout",
+            Termination::LocalResource => "local_resource",
+            Termination::ClientBodyError => "client_body_error",
+            Termination::TooLarge => "too_large",
+            Termination::BadRequest => "bad_request",
+            Termination::ShuttingDown => "shutting_down",
+            Termination::GatewayError => "gateway_error",
+        }
+    }
+
+    /// The reason for an error the proxy answered with; `connect_failed` tells a failed
+    /// connect from a reset when the error is a 502.
+    pub fn of(e: &GatewayError, connect_failed: bool) -> Termination {
+        match e {
+            GatewayError::NoReplica => Termination::NoReplica,
+            GatewayError::BadGateway { .. } if connect_failed => Termination::UpstreamConnectFailed,
+            GatewayError::BadGateway { .. } => Termination::UpstreamReset,
+            GatewayError::GatewayTimeout { .. } => Termination::UpstreamTimeout,
+            GatewayError::LocalResource { .. } => Termination::LocalResource,
+            GatewayError::ClientBody { .. } => Termination::ClientBodyError,
+            GatewayError::PayloadTooLarge { .. } => Termination::TooLarge,
+            GatewayError::BadHost => Termination::BadRequest,
+            GatewayError::ShuttingDown => Termination::ShuttingDown,
+            _ => Termination::GatewayError,
+        }
+    }
+}
+
+/// What the proxy tells the access log about one request: plain stores into a struct on the
+/// serving task's stack, whether or not logging is on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// The replica of the last attempt.
+    pub replica: Option<ServerId>,
+    /// The request's slot on the ring.
+    pub slot: Option<u32>,
+    /// Attempts after the first.
+    pub retries: u32,
+    /// Time to the replica's response headers.
+    pub upstream: Option<Duration>,
+    /// The last failed attempt was a failed connect.
+    pub connect_failed: bool,
+    /// Set when the gateway answered with an error instead of a replica's response.
+    pub termination: Option<Termination>,
+}
+
+/// The access log of one gateway: the writer thread and the channel to it.
+pub struct AccessLog {
+    id: u64,
+    tx: SyncSender<Msg>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
+}
+
+static NEXT_LOG_ID: AtomicU64 = AtomicU64::new(1);
+
+impl AccessLog {
+    /// Starts the writer thread (idle until a line is logged).
+    pub fn start(metrics: Arc<Metrics>) -> std::io::Result<Arc<AccessLog>> {
+        let (tx, rx) = sync_channel(QUEUE_BATCHES);
+        let m = metrics.clone();
+        let writer = std::thread::Builder::new()
+            .name("ringgate-access-log".into())
+            .spawn(move || writer::run(rx, m))?;
+        let log = Arc::new(AccessLog {
+            id: NEXT_LOG_ID.fetch_add(1, Ordering::Relaxed),
+            tx,
+            writer: Mutex::new(Some(writer)),
+            metrics,
+        });
+        let mut logs = crate::sync::lock(&LOGS);
+        logs.retain(|(_, w)| w.strong_count() > 0);
+        logs.push((log.id, Arc::downgrade(&log)));
+        Ok(log)
+    }
+
+    /// Closes the log file so the next line opens its path anew (after logrotate moved it).
+    pub fn reopen(&self) {
+        let _ = self.tx.try_send(Msg::Reopen);
+    }
+
+    /// Writes what the calling thread buffered and everything queued, then stops the writer.
+    /// Call after the serving threads have ended (their buffers are handed over as they end).
+    pub fn close(&self) {
+        flush_this_thread();
+        let _ = self.tx.send(Msg::Close);
+        let handle = crate::sync::lock(&self.writer).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    fn drop_records(&self, n: u64) {
+        self.metrics
+            .access_log_dropped
+            .fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// This thread's lines not yet handed to the writer.
+#[derive(Default)]
+struct Local {
+    log: Option<Arc<AccessLog>>,
+    /// The config the buffered lines' target came from: while a request's config is this one
+    /// (the common case), the target is not compared again.
+    config: Option<Arc<Config>>,
+    target: AccessTarget,
+    buf: Vec<u8>,
+    records: u64,
+    flush_scheduled: bool,
+}
+
+impl Local {
+    fn flush(&mut self) {
+        if self.records == 0 {
+            return;
+        }
+        let Some(log) = &self.log else { return };
+        let msg = Msg::Batch {
+            target: self.target.clone(),
+            bytes: std::mem::replace(&mut self.buf, Vec::with_capacity(BATCH_BYTES)),
+            records: std::mem::take(&mut self.records),
+        };
+        match log.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Full(Msg::Batch { records, .. }))
+            | Err(TrySendError::Disconnected(Msg::Batch { records, .. })) => {
+                log.drop_records(records)
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+thread_local! {
+    static LOCAL: RefCell<Local> = RefCell::new(Local::default());
+}
+
+fn flush_this_thread() {
+    let _ = LOCAL.try_with(|cell| {
+        if let Ok(mut l) = cell.try_borrow_mut() {
+            l.flush_scheduled = false;
+            l.flush();
+        }
+    });
+}
+
+/// Makes `log` this thread's log (once per thread: the `Arc` is cloned only then).
+fn bind(log: &Arc<AccessLog>) {
+    let _ = LOCAL.try_with(|cell| {
+        if let Ok(mut l) = cell.try_borrow_mut() {
+            if l.log.as_ref().is_none_or(|cur| cur.id != log.id) {
+                l.flush();
+                l.log = Some(log.clone());
+            }
+        }
+    });
+}
+
+/// Every access log there is, to find one by id when a line ends on a thread it was not bound
+/// on (the serving threads' current-thread runtimes never do that; other runtimes may).
+static LOGS: Mutex<Vec<(u64, std::sync::Weak<AccessLog>)>> = Mutex::new(Vec::new());
+
+fn log_by_id(id: u64) -> Option<Arc<AccessLog>> {
+    let logs = crate::sync::lock(&LOGS);
+    logs.iter()
+        .find(|(i, _)| *i == id)
+        .and_then(|(_, w)| w.upgrade())
+}
+
+/// Formats `record` into this thread's buffer for the log `log_id`, in `config`'s `[log]`
+/// format and for its target.
+fn append(log_id: u64, config: &Arc<Config>, record: &format::Record<'_>) {
+    let _ = LOCAL.try_with(|cell| {
+        let Ok(mut l) = cell.try_borrow_mut() else {
+            return;
+        };
+        if l.log.as_ref().is_none_or(|cur| cur.id != log_id) {
+            let Some(log) = log_by_id(log_id) else {
+                return; // the gateway that served the request is gone
+            };
+            l.flush();
+            l.log = Some(log);
+        }
+        if !l.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
+            if l.target != config.log.access {
+                l.flush();
+                l.target = config.log.access.clone();
+            }
+            l.config = Some(config.clone());
+        }
+        format::write(&mut l.buf, config.log.format, record);
+        l.records += 1;
+        if l.buf.len() >= BATCH_BYTES {
+            l.flush();
+        } else if !l.flush_scheduled {
+            // The serving threads run current-thread runtimes: the task runs on this thread
+            // and flushes this thread's buffer. Anywhere else, hand the line over at once.
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
+                    l.flush_scheduled = true;
+                    h.spawn(async {
+                        tokio::time::sleep(FLUSH_AFTER).await;
+                        flush_this_thread();
+                    });
+                }
+                _ => l.flush(),
+            }
+        }
+    });
+}
+
+/// What is known about a request when it arrives, kept until its response ends.
+pub struct Started {
+    time: SystemTime,
+    at: Instant,
+    client: SocketAddr,
+    method: Method,
+    uri: Uri,
+    version: Version,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+}
+
+impl Started {
+    /// Captures a request's line fields, if `config` logs requests.
+    pub fn capture<B>(config: &Config, req: &Request<B>, client: SocketAddr) -> Option<Started> {
+        if config.log.access == AccessTarget::Off {
+            return None;
+        }
+        Some(Started {
+            time: SystemTime::now(),
+            at: Instant::now(),
+            client,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            referer: req.headers().get(REFERER).cloned(),
+            user_agent: req.headers().get(USER_AGENT).cloned(),
+        })
+    }
+
+    /// Wraps `resp`'s body so the line is written when the body ends or is dropped. `snap` is
+    /// the snapshot the request was served with (its config and replica names name the line).
+    pub fn finish(
+        self,
+        resp: Response<Body>,
+        outcome: Outcome,
+        snap: Arc<Snapshot>,
+        log: &Arc<AccessLog>,
+    ) -> Response<Body> {
+        let status = resp.status().as_u16();
+        bind(log);
+        let pending = Pending {
+            started: self,
+            snap,
+            outcome,
+            status,
+            log_id: log.id,
+        };
+        resp.map(|inner| {
+            LoggedBody {
+                inner,
+                bytes: 0,
+                pending: Some(pending),
+            }
+            .boxed_unsync()
+        })
+    }
+}
+
+/// A request whose line is not written yet. It holds no shared reference count besides the
+/// snapshot's (every `Arc` clone shared by all serving threads is a contended atomic): the log
+/// is this thread's, bound when the response started.
+struct Pending {
+    started: Started,
+    snap: Arc<Snapshot>,
+    outcome: Outcome,
+    status: u16,
+    log_id: u64,
+}
+
+impl Pending {
+    fn emit(self, bytes: u64, end: Termination) {
+        let s = &self.started;
+        let path = s.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let protocol = match s.version {
+            Version::HTTP_09 => "HTTP/0.9",
+            Version::HTTP_10 => "HTTP/1.0",
+            Version::HTTP_2 => "HTTP/2.0",
+            Version::HTTP_3 => "HTTP/3.0",
+            _ => "HTTP/1.1",
+        };
+        fn text(v: &Option<HeaderValue>) -> Option<&str> {
+            v.as_ref().and_then(|v| v.to_str().ok())
+        }
+        let record = format::Record {
+            time: s.time,
+            client: s.client,
+            method: s.method.as_str(),
+            path,
+            protocol,
+            status: self.status,
+            bytes,
+            duration: s.at.elapsed(),
+            upstream: self.outcome.upstream,
+            replica: self
+                .outcome
+                .replica
+                .and_then(|id| self.snap.upstream(id))
+                .map(|u| u.name.as_str()),
+            slot: self.outcome.slot,
+            retries: self.outcome.retries,
+            termination: self.outcome.termination.unwrap_or(end).name(),
+            referer: text(&s.referer),
+            user_agent: text(&s.user_agent),
+        };
+        append(self.log_id, &self.snap.config, &record);
+    }
+}
+
+/// A response body that counts its bytes and writes the request's line when it ends, breaks
+/// or is dropped unfinished (the client went away).
+pub struct LoggedBody {
+    inner: Body,
+    bytes: u64,
+    pending: Option<Pending>,
+}
+
+impl HttpBody for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(p) = this.pending.take() {
+                    p.emit(this.bytes, Termination::UpstreamBodyError);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(p) = this.pending.take() {
+                    p.emit(this.bytes, Termination::Ok);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            // A body never polled to its end is complete only if nothing was left to send
+            // (HEAD, 204, 304, an empty body).
+            let end = if self.inner.is_end_stream() {
+                Termination::Ok
+            } else {
+                Termination::ClientAbort
+            };
+            p.emit(self.bytes, end);
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Latency histograms: the gateway-wide and per-replica upstream latency.
+//!
+//! Owns: [`LatencyHistogram`] (fixed buckets, two relaxed atomic adds per observation, no lock),
+//! its quantiles (what the status page shows as p50/p99) and its Prometheus rendering. The
+//! buckets are finer than Prometheus needs so quantiles are worth reading; every bound of the
+//! coarse [`PROMETHEUS_BOUNDS_US`] is also a fine bound, so the exported buckets are exact sums.
+//! Must not touch: decisions. Nothing reads a latency to route a request.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the fine buckets, in microseconds; one more bucket holds everything above.
+pub const BOUNDS_US: [u64; 25] = [
+    50, 100, 250, 500, 750, 1_000, 1_500, 2_500, 4_000, 5_000, 7_500, 10_000, 15_000, 25_000,
+    40_000, 50_000, 75_000, 100_000, 150_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
+    10_000_000,
+];
+
+/// The bounds `/lb/metrics` exports (a subset of [`BOUNDS_US`]), in microseconds.
+pub const PROMETHEUS_BOUNDS_US: [u64; 12] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    5_000_000,
+];
+
+const BUCKETS: usize = BOUNDS_US.len() + 1;
+
+/// Counts of observations per fine bucket, and their sum. The count is the sum of the buckets,
+/// so an observation costs two relaxed adds.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; BUCKETS],
+    sum_micros: AtomicU64,
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The bucket `us` falls in: the first whose bound is at least `us`.
+#[inline]
+fn bucket_of(us: u64) -> usize {
+    BOUNDS_US.partition_point(|&b| b < us)
+}
+
+impl LatencyHistogram {
+    #[inline]
+    pub fn observe(&self, d: Duration) {
+        let us = micros(d);
+        self.buckets[bucket_of(us)].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Observes `d` here and in `also` (the gateway-wide histogram), finding the bucket once.
+    #[inline]
+    pub fn observe_with(&self, also: &LatencyHistogram, d: Duration) {
+        let us = micros(d);
+        let i = bucket_of(us);
+        for h in [self, also] {
+            h.buckets[i].fetch_add(1, Ordering::Relaxed);
+            h.sum_micros.fetch_add(us, Ordering::Relaxed);
+        }
+    }
+
+    /// The bucket counts now (not cumulative), fine buckets then the overflow bucket.
+    pub fn counts(&self) -> Vec<u64> {
+        self.buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    pub fn sum(&self) -> Duration {
+        Duration::from_micros(self.sum_micros.load(Ordering::Relaxed))
+    }
+
+    /// Renders this histogram as the Prometheus family `name` (the caller writes `# HELP` and
+    /// `# TYPE`), with `labels` (`replica="server-1"` or empty) on every sample.
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let counts = self.counts();
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut fine = BOUNDS_US.iter().zip(&counts).peekable();
+        let mut cumulative = 0;
+        for bound in PROMETHEUS_BOUNDS_US {
+            while let Some((_, c)) = fine.next_if(|(b, _)| **b <= bound) {
+                cumulative += c;
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}",
+                bound as f64 / 1e6
+            );
+        }
+        let count: u64 = counts.iter().sum();
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{} {}",
+            braces(labels),
+            self.sum().as_secs_f64()
+        );
+        let _ = writeln!(out, "{name}_count{} {count}", braces(labels));
+    }
+}
+
+/// The `q` quantile (0..=1) of bucket `counts` (as [`LatencyHistogram::counts`] gives them, or
+/// the difference of two such readings), in microseconds, interpolated linearly inside the
+/// bucket as Prometheus' `histogram_quantile` does; `None` without observations. The overflow
+/// bucket answers with the largest bound.
+pub fn quantile(counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total as f64;
+    let mut below = 0u64;
+    for (i, &c) in counts.iter().enumerate() {
+        if c > 0 && (below + c) as f64 >= rank {
+            let Some(&upper) = BOUNDS_US.get(i) else {
+                return BOUNDS_US.last().map(|&b| b as f64);
+            };
+            let lower = if i == 0 { 0 } else { BOUNDS_US[i - 1] };
+            let within = ((rank - below as f64) / c as f64).clamp(0.0, 1.0);
+            return Some(lower as f64 + (upper - lower) as f64 * within);
+        }
+        below += c;
+    }
+    BOUNDS_US.last().map(|&b| b as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_exported_bound_is_a_fine_bound() {
+        for b in PROMETHEUS_BOUNDS_US {
+            assert!(BOUNDS_US.contains(&b), "{b}");
+        }
+        assert!(BOUNDS_US.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn buckets_are_upper_inclusive() {
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(50), 0);
+        assert_eq!(bucket_of(51), 1);
+        assert_eq!(bucket_of(10_000_000), BOUNDS_US.len() - 1);
+        assert_eq!(bucket_of(u64::MAX), BOUNDS_US.len());
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_the_bucket() {
+        let h = LatencyHistogram::default();
+        assert_eq!(quantile(&h.counts(), 0.5), None);
+        for _ in 0..99 {
+            h.observe(Duration::from_micros(80)); // (50, 100]
+        }
+        h.observe(Duration::from_millis(30)); // (25 ms, 40 ms]
+        let c = h.counts();
+        let p50 = quantile(&c, 0.5).expect("observations");
+        assert!((50.0..=100.0).contains(&p50), "{p50}");
+        let p99 = quantile(&c, 0.99).expect("observations");
+        assert!(p99 <= 100.0, "99 of 100 are under 100 µs: {p99}");
+        let p100 = quantile(&c, 1.0).expect("observations");
+        assert!((25_000.0..=40_000.0).contains(&p100), "{p100}");
+        let slow = LatencyHistogram::default();
+        slow.observe(Duration::from_secs(60));
+        assert_eq!(quantile(&slow.counts(), 0.5), Some(10_000_000.0));
+    }
+
+    #[test]
+    fn both_histograms_see_an_observation_and_render_cumulatively() {
+        let (replica, all) = (LatencyHistogram::default(), LatencyHistogram::default());
+        replica.observe_with(&all, Duration::from_micros(700));
+        replica.observe_with(&all, Duration::from_millis(3));
+        assert_eq!(replica.counts(), all.counts());
+        let mut out = String::new();
+        replica.render(&mut out, "x_seconds", "replica=\"a\"");
+        assert!(
+            out.contains("x_seconds_bucket{replica=\"a\",le=\"0.0005\"} 0\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{replica=\"a\",le=\"0.001\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{replica=\"a\",le=\"0.005\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{replica=\"a\",le=\"+Inf\"} 2\n"),
+            "{out}"
+        );
+        assert!(out.contains("x_seconds_count{replica=\"a\"} 2\n"), "{out}");
+        let mut plain = String::new();
+        all.render(&mut plain, "y", "");
+        assert!(plain.contains("y_bucket{le=\"+Inf\"} 2\n"), "{plain}");
+        assert!(plain.contains("y_sum 0.0037\n"), "{plain}");
+    }
+}
