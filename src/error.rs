@@ -84,6 +84,10 @@ pub enum GatewayError {
     },
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    #[error("this port speaks HTTPS and the request was plain HTTP: use https://{host}")]
+    PlainHttpOnTlsPort { host: String },
+    #[error("plain HTTP is redirected to HTTPS (tls.http = \"redirect\"), and this request names no usable Host to redirect to")]
+    NoHostToRedirect,
     #[error("{0}")]
     Internal(String),
 }
@@ -94,7 +98,9 @@ impl GatewayError {
             GatewayError::Body(_)
             | GatewayError::Membership(_)
             | GatewayError::BadHost
-            | GatewayError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            | GatewayError::ClientBody { .. }
+            | GatewayError::PlainHttpOnTlsPort { .. }
+            | GatewayError::NoHostToRedirect => StatusCode::BAD_REQUEST,
             GatewayError::AddFailed { .. } | GatewayError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -183,6 +183,7 @@ mod tests {
             ("proxy", fields_of::<super::super::ProxyConfig>()),
             ("policy", fields_of::<super::super::PolicyConfig>()),
             ("admin", fields_of::<super::super::AdminConfig>()),
+            ("tls", fields_of::<super::super::TlsConfig>()),
         ] {
             assert!(!keys.is_empty(), "no keys read for [{section}]");
             let body = section_text(text, section);
@@ -303,6 +304,12 @@ instruction_budget = 5000
 [admin]
 allow = ["10.0.0.0/8", "127.0.0.1"]
 token = "s3cret"
+[tls]
+enabled = true
+listen = "127.0.0.1:6443"
+http = "redirect"
+min_version = "1.3"
+certificates = [{ cert = "a.pem", key = "a.key" }, { cert = "b.pem" }]
 "#,
         )
         .expect("valid");
@@ -325,6 +332,9 @@ token = "s3cret"
         assert!(c.admin.allows("127.0.0.1".parse().expect("ip")));
         assert!(!c.admin.allows("127.0.0.2".parse().expect("ip")));
         assert_eq!(c.policy.instruction_budget, 5000);
+        assert_eq!(c.tls.http, super::super::PlainHttp::Redirect);
+        assert_eq!(c.tls.min_version, super::super::TlsVersion::Tls13);
+        assert_eq!(c.tls.certificates[1].key_file(), Path::new("b.pem"));
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub policy: PolicyConfig,
     pub admin: AdminConfig,
+    pub tls: TlsConfig,
 }
 
 impl Default for Config {
@@ -57,6 +58,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             policy: PolicyConfig::default(),
             admin: AdminConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -361,6 +363,77 @@ impl AdminConfig {
     /// The configured token, if any (an empty string means none).
     pub fn token(&self) -> Option<&str> {
         self.token.as_deref().filter(|t| !t.is_empty())
+    }
+}
+
+/// What the plain-HTTP listener on `listen` does while TLS is on (`tls.http`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlainHttp {
+    /// HTTP and HTTPS side by side.
+    Serve,
+    /// Every request except the gateway's own `/lb/` endpoints gets a 308 to `https://`.
+    Redirect,
+    /// No plain listener: HTTPS only.
+    Off,
+}
+
+/// The oldest TLS version accepted (`tls.min_version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// One certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatePair {
+    /// The chain: the server's certificate first, then its intermediates.
+    pub cert: PathBuf,
+    /// The private key; unset: it is in the `cert` file too (a combined PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl CertificatePair {
+    /// The file the private key is read from.
+    pub fn key_file(&self) -> &std::path::Path {
+        self.key.as_deref().unwrap_or(&self.cert)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Terminate TLS on `tls.listen`. Changing it needs a restart.
+    pub enabled: bool,
+    /// Address of the HTTPS listener. Changing it needs a restart.
+    pub listen: SocketAddr,
+    /// The plain listener on `listen` while TLS is on.
+    pub http: PlainHttp,
+    pub min_version: TlsVersion,
+    /// Chosen by SNI against each certificate's names; the first is the default.
+    pub certificates: Vec<CertificatePair>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            enabled: false,
+            listen: SocketAddr::from(([0, 0, 0, 0], 5443)),
+            http: PlainHttp::Serve,
+            min_version: TlsVersion::Tls12,
+            certificates: Vec::new(),
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether a plain-HTTP listener is bound on `listen`.
+    pub fn serves_plain(&self) -> bool {
+        !self.enabled || self.http != PlainHttp::Off
     }
 }
 

@@ -25,6 +25,8 @@ struct Status<'a> {
     replicas: Vec<ReplicaStatus<'a>>,
     config: ConfigStatus<'a>,
     policy: serde_json::Value,
+    /// The TLS certificates and the last rejected certificate edit; null while TLS is off.
+    tls: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -164,6 +166,11 @@ impl Controller {
                 restart_needed: &self.errors.restart_needed,
             },
             policy: policy_status(&self.policy, self.errors.policy.as_deref()),
+            tls: self
+                .metrics
+                .tls
+                .load_full()
+                .map(|r| r.status(std::time::SystemTime::now())),
         };
         serde_json::to_value(status)
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
