@@ -14,11 +14,15 @@
 //! - [`charts`]: plotters charts (SVG + PNG).
 //! - [`report`]: the markdown report and its sections.
 //! - [`proxies`]: ringgate against NGINX and HAProxy (`make bench`).
+//! - [`proxies_tls`]: the same three terminating TLS (`make bench`, its TLS section), with
+//!   [`handshakes`], a client of full TLS handshakes.
 
 pub mod charts;
 pub mod experiments;
 pub mod gateway;
+pub mod handshakes;
 pub mod proxies;
+pub mod proxies_tls;
 pub mod report;
 pub mod theory;
 
@@ -120,6 +124,8 @@ pub struct AnalysisArgs {
 pub enum AnalysisCommand {
     /// Throughput of ringgate against NGINX and HAProxy over the same backends (`make bench`)
     Proxies(proxies::ProxiesArgs),
+    /// ringgate, NGINX and HAProxy terminating TLS over the same backends (`make bench`)
+    Tls(proxies_tls::TlsArgs),
 }
 
 /// Everything one `ringgate-lab analysis` run measured.
@@ -138,8 +144,10 @@ pub struct Results {
 
 /// Runs `ringgate-lab analysis`.
 pub async fn run_cli(args: AnalysisArgs) -> Result<(), AnalysisError> {
-    if let Some(AnalysisCommand::Proxies(p)) = args.command {
-        return proxies::run(p).await;
+    match args.command {
+        Some(AnalysisCommand::Proxies(p)) => return proxies::run(p).await,
+        Some(AnalysisCommand::Tls(t)) => return proxies_tls::run(t).await,
+        None => {}
     }
     let bin = match &args.gateway_bin {
         Some(b) => b.clone(),

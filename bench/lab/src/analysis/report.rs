@@ -41,13 +41,14 @@ fn ensure_nl(s: &str) -> String {
     }
 }
 
-/// Writes `md` to `path`, keeping the bench section of the file already there.
+/// Writes `md` to `path`, keeping the bench sections (plain and TLS) of the file already there.
 pub fn write_doc(path: &Path, md: &str) -> Result<(), AnalysisError> {
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let md = match bench_section(&old) {
         Some(kept) if !kept.trim().is_empty() => replace_bench_section(md, kept),
         _ => md.to_string(),
     };
+    let md = super::proxies_tls::keep_section(&old, &md);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| AnalysisError::io("creating the docs dir", e))?;
     }
