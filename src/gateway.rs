@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::policy::{read_policy_files, PolicyFiles, PolicySet};
 use crate::service::Service;
 use crate::snapshot::Snapshot;
+use crate::tls::upstream::{TlsProber, UpstreamTls};
 use crate::tls::{Tls, TlsError};
 
 /// How long start-up waits for the replicas it started to answer before serving anyway.
@@ -151,6 +152,7 @@ impl Listeners {
 pub struct Gateway {
     listeners: Listeners,
     tls: Option<Arc<Tls>>,
+    upstream_tls: Option<UpstreamTls>,
     drain_timeout: Duration,
     service: Arc<Service>,
     controller_task: tokio::task::JoinHandle<()>,
@@ -177,6 +179,11 @@ impl Gateway {
             true => Some(Tls::new(&config.tls, metrics.clone())?),
             false => None,
         };
+        let upstream_tls = UpstreamTls::from_config(&config.provider)?;
+        let prober: Arc<dyn crate::health::probe::Prober> = match &upstream_tls {
+            Some(tls) => Arc::new(TlsProber::new(tls.clone())),
+            None => Arc::new(HttpProber::default()),
+        };
         let (policy, policy_files) = load_policy(&config);
         let (events_tx, events_rx) = mpsc::channel(256);
         let provider = crate::provider::from_config(&config, events_tx).await?;
@@ -192,7 +199,7 @@ impl Gateway {
             policy,
             provider,
             provider_events: events_rx,
-            prober: Arc::new(HttpProber::default()),
+            prober,
             shared: shared.clone(),
             metrics: metrics.clone(),
         })?;
@@ -231,6 +238,7 @@ impl Gateway {
         Ok(Gateway {
             listeners,
             tls,
+            upstream_tls,
             drain_timeout: config.proxy.drain_timeout,
             service: Arc::new(Service {
                 shared,
@@ -296,9 +304,13 @@ impl Gateway {
             }
             let (service, stop_rx, drain) =
                 (self.service.clone(), stop_rx.clone(), self.drain_timeout);
+            let upstream_tls = self.upstream_tls.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ringgate-serve-{n}"))
-                .spawn(move || serve_thread(listeners, service, stop_rx, drain))
+                .spawn(move || {
+                    crate::proxy::upstream::pool::set_upstream_tls(upstream_tls);
+                    serve_thread(listeners, service, stop_rx, drain)
+                })
                 .map_err(StartError::Thread);
             match thread {
                 Ok(t) => threads.push(t),

@@ -651,3 +651,118 @@ async fn plain_http_is_redirected_or_off_and_a_bad_certificate_stops_the_start()
         "{stderr}"
     );
 }
+
+/// A replica that speaks HTTPS: echoes the request head (lower-cased) like
+/// [`Behaviour::Echo`], answers `/heartbeat`, keeps connections alive; counts the TLS
+/// connections whose first request is not a health check.
+async fn https_replica(issued: &t::Issued) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    use rustls::pki_types::pem::PemObject;
+    let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls::pki_types::CertificateDer::pem_slice_iter(issued.cert.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("replica chain");
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(issued.key.as_bytes())
+        .expect("replica key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("replica certificate");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let proxied = Arc::new(AtomicU64::new(0));
+    let counter = proxied.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, counter) = (acceptor.clone(), counter.clone());
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut first = true;
+                loop {
+                    let mut got = Vec::new();
+                    let mut buf = vec![0u8; 8192];
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&got).to_lowercase();
+                    let heartbeat = head.starts_with("get /heartbeat");
+                    if first && !heartbeat {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    first = false;
+                    let body = if heartbeat { String::new() } else { head };
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() || s.flush().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, proxied)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_speak_https_are_proxied_and_checked_over_verified_tls() {
+    let certs = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new(certs.path());
+    let (addr, proxied) = https_replica(&pki.issue("replica", &["127.0.0.1"])).await;
+    let conf = |ca: &std::path::Path| {
+        Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"tls-replica\", address = \"{addr}\" }}]\nupstream_tls = true\nupstream_ca = \"{}\"\n",
+            ca.display()
+        ),
+        health: "interval = \"500ms\"\n".into(),
+        ..Conf::default()
+    }
+    };
+    let gw = GatewayProcess::start(&conf(&pki.ca_path()));
+    gw.wait_status(Duration::from_secs(10), "the replica is up", |s| {
+        s["up"] == 1
+    })
+    .await;
+    for i in 0..20 {
+        let (code, body) = get(&gw.url(&format!("/home?id={i}"))).await;
+        assert_eq!(code, 200, "{body}");
+        assert!(
+            body.contains(&format!("get /home?id={i} http/1.1")),
+            "{body}"
+        );
+    }
+    assert!(
+        proxied.load(Ordering::SeqCst) <= 2,
+        "kept-alive TLS connections are reused: {} opened for 20 requests",
+        proxied.load(Ordering::SeqCst)
+    );
+
+    // A CA that did not sign the replica's certificate: never up, and the check says why.
+    let other = tempfile::tempdir().expect("temp dir");
+    let stranger = Pki::new(other.path());
+    let gw = GatewayProcess::start(&conf(&stranger.ca_path()));
+    let status = gw
+        .wait_status(Duration::from_secs(10), "a failed check", |s| {
+            support::replica(s, "tls-replica")["last_probe"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("TLS handshake"))
+        })
+        .await;
+    assert_eq!(status["up"], 0, "{status:#}");
+    let (code, body) = get(&gw.url("/home?id=1")).await;
+    assert!(code == 503 || code == 502, "{code} {body}");
+}

@@ -167,6 +167,12 @@ pub struct ProviderConfig {
     pub server_binary: Option<PathBuf>,
     /// Static provider: the fixed replicas.
     pub servers: Vec<StaticServer>,
+    /// Talk TLS to the replicas (requests and health checks), verified against `upstream_ca`.
+    pub upstream_tls: bool,
+    /// The CA certificates (PEM) a replica's certificate must chain to.
+    pub upstream_ca: Option<PathBuf>,
+    /// The name a replica's certificate must carry (and the SNI sent); unset: its IP address.
+    pub upstream_server_name: Option<String>,
 }
 
 impl Default for ProviderConfig {
@@ -183,6 +189,9 @@ impl Default for ProviderConfig {
             log_max_files: 3,
             server_binary: None,
             servers: Vec::new(),
+            upstream_tls: false,
+            upstream_ca: None,
+            upstream_server_name: None,
         }
     }
 }

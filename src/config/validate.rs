@@ -186,6 +186,27 @@ impl Config {
                 ),
             );
         }
+        if p.upstream_tls && p.upstream_ca.is_none() {
+            bad(
+                "provider.upstream_ca",
+                "provider.upstream_tls needs the CA that signed the replicas' certificates: upstream_ca = \"ca.pem\"".into(),
+            );
+        }
+        if let Some(name) = &p.upstream_server_name {
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                bad(
+                    "provider.upstream_server_name",
+                    format!("{name:?} is not a DNS name or an IP address"),
+                );
+            }
+        }
+        if !p.upstream_tls && (p.upstream_ca.is_some() || p.upstream_server_name.is_some()) {
+            bad(
+                "provider.upstream_tls",
+                "upstream_ca and upstream_server_name are only used with upstream_tls = true"
+                    .into(),
+            );
+        }
         let h = &self.health;
         for (key, d) in [
             ("health.interval", h.interval),
@@ -384,6 +405,14 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("1.1"), "{e}");
         let e = err("[tls]\ncertificates = [{ cert = \"a.pem\", chain = \"b.pem\" }]\n");
         assert!(e.contains("chain"), "{e}");
+        let e = err("[provider]\nupstream_tls = true\nupstream_server_name = \"bad name\"\n");
+        assert!(
+            e.contains("provider.upstream_ca")
+                && e.contains("line 3: provider.upstream_server_name"),
+            "{e}"
+        );
+        let e = err("[provider]\nupstream_ca = \"ca.pem\"\n");
+        assert!(e.contains("only used with upstream_tls = true"), "{e}");
         // HTTPS only may take `listen`'s port.
         let c = Config::parse(
             "listen = \"0.0.0.0:5443\"\n[tls]\nenabled = true\nhttp = \"off\"\ncertificates = [{ cert = \"a.pem\" }]\n",

@@ -5,7 +5,7 @@
 //! certificates serving now and what `/lb/status` and `/lb/metrics` say about it
 //! ([`TlsReport`], published into [`Metrics`]); the parts live in the submodules: [`certs`]
 //! (PEM files to a validated certificate), [`sni`] (which certificate a handshake gets) and
-//! [`redirect`] (plain HTTP sent to HTTPS).
+//! [`redirect`] (plain HTTP sent to HTTPS) and [`upstream`] (TLS towards the replicas).
 //! Must not touch: connections (the listener runs the handshake with [`Tls::acceptor`], under its
 //! first-bytes deadline) or when files are read (the watcher settles them, validates them with
 //! [`Tls::validate`], then calls [`Tls::apply`] or [`Tls::reject`]).
@@ -13,6 +13,7 @@
 pub mod certs;
 pub mod redirect;
 pub mod sni;
+pub mod upstream;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub enum TlsError {
     NoCertificate,
     #[error("cannot build the TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("[provider] upstream_tls: {0}")]
+    UpstreamCa(String),
 }
 
 /// What `/lb/status` shows under `tls`, and what the certificate metrics are rendered from.
