@@ -12,8 +12,9 @@
 //! # Certificates
 //!
 //! A certificate and its key are two files, replaced one after the other: in between, the key
-//! does not match the certificate. Such a mismatch is waited out for [`MISMATCH_GRACE`] before
-//! it is reported (the old pair serves meanwhile); any other problem is reported at once.
+//! does not match the certificate. Such a mismatch is waited out for two seconds
+//! (`certs::MISMATCH_GRACE`) before it is reported (the old pair serves meanwhile); any other
+//! problem is reported at once. The certificate side lives in [`certs`].
 //!
 //! # Half-written files are never applied
 //!
@@ -40,11 +41,13 @@ use tokio::sync::mpsc;
 
 use std::sync::Arc;
 
-use crate::config::{CertificatePair, Config};
+use crate::config::Config;
 use crate::control::{Command, ControllerHandle, ReloadKind};
 use crate::policy::{read_policy_files, PolicyFiles, PolicyLimits, PolicySet};
-use crate::tls::certs::PairBytes;
-use crate::tls::{Tls, TlsError};
+use crate::tls::Tls;
+
+mod certs;
+use certs::{CertFiles, CertWatch};
 
 /// Quiet time after an event before the first read, so a burst of events is read once.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -55,10 +58,6 @@ const SETTLE: Duration = Duration::from_millis(200);
 const MAX_SETTLE: Duration = Duration::from_secs(10);
 /// The safety-net content check.
 const POLL: Duration = Duration::from_secs(1);
-/// How long a key that does not match its certificate is taken as a pair half-way through being
-/// replaced before it is reported.
-const MISMATCH_GRACE: Duration = Duration::from_secs(2);
-
 /// What one more read says about an edit in progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
@@ -162,49 +161,6 @@ enum Source {
     Config,
     Policy,
     Certificates,
-}
-
-/// The files of the TLS certificates in use, as they were given and as notify names them.
-#[derive(Debug, Default, Clone)]
-struct CertFiles {
-    pairs: Vec<CertificatePair>,
-    /// Every certificate and key file as `canonical directory/name`.
-    event_paths: Vec<PathBuf>,
-    /// The directories holding them (canonical).
-    dirs: Vec<PathBuf>,
-}
-
-impl CertFiles {
-    fn new(pairs: Vec<CertificatePair>) -> CertFiles {
-        let mut files = CertFiles {
-            pairs,
-            ..CertFiles::default()
-        };
-        for pair in &files.pairs {
-            for path in [pair.cert.as_path(), pair.key_file()] {
-                let dir = watch_dir(path);
-                if let Some(name) = path.file_name() {
-                    files.event_paths.push(dir.join(name));
-                }
-                if !files.dirs.contains(&dir) {
-                    files.dirs.push(dir);
-                }
-            }
-        }
-        files
-    }
-}
-
-/// The certificate side of the watcher (present while TLS is on).
-struct CertWatch {
-    tls: Arc<Tls>,
-    files: CertFiles,
-    /// The last settled read of the files (their content, or why they cannot be read).
-    last: Option<Result<Vec<PairBytes>, String>>,
-    /// Since when the settled files hold a key that does not match its certificate.
-    mismatch_since: Option<Instant>,
-    /// Directories notify watches.
-    watched: Vec<PathBuf>,
 }
 
 struct State {
@@ -377,20 +333,6 @@ async fn read_config(path: PathBuf) -> Result<String, String> {
         .map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
-async fn read_certs(pairs: Vec<CertificatePair>) -> Result<Vec<PairBytes>, String> {
-    let read = move || {
-        pairs
-            .iter()
-            .map(crate::tls::certs::read)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())
-    };
-    match tokio::task::spawn_blocking(read).await {
-        Ok(r) => r,
-        Err(e) => Err(format!("reading the certificate files failed: {e}")),
-    }
-}
-
 async fn read_policies(dir: PathBuf) -> Result<PolicyFiles, String> {
     match tokio::task::spawn_blocking(move || read_policy_files(&dir)).await {
         Ok(r) => r.map_err(|e| e.to_string()),
@@ -517,70 +459,6 @@ impl State {
         self.check_config(controller).await
             && self.check_policy(controller).await
             && self.check_certs(controller).await
-    }
-
-    /// Reads the certificate files; a settled change is validated, then applied or rejected.
-    async fn check_certs(&mut self, controller: &ControllerHandle) -> bool {
-        let Some(certs) = &self.certs else {
-            return true;
-        };
-        let pairs = certs.files.pairs.clone();
-        let pending_mismatch = certs.mismatch_since.is_some();
-        let first = read_certs(pairs.clone()).await;
-        let unchanged = certs.last.as_ref() == Some(&first);
-        if unchanged && !pending_mismatch && !self.writer_open(Source::Certificates) {
-            return true;
-        }
-        let read = if unchanged {
-            first
-        } else {
-            match self
-                .settle(Source::Certificates, first, || read_certs(pairs.clone()))
-                .await
-            {
-                Some(read) => read,
-                None => {
-                    return self
-                        .report_unsettled(Source::Certificates, controller)
-                        .await
-                }
-            }
-        };
-        let Some(certs) = self.certs.as_mut() else {
-            return true;
-        };
-        if certs.last.as_ref() == Some(&read) && !pending_mismatch {
-            return true;
-        }
-        certs.last = Some(read.clone());
-        let bytes = match read {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                certs.mismatch_since = None;
-                certs.tls.reject(&error);
-                return true;
-            }
-        };
-        match certs.tls.validate(&pairs, &bytes) {
-            Ok(set) => {
-                certs.mismatch_since = None;
-                certs.tls.apply(set);
-            }
-            Err(TlsError::Cert(e))
-                if e.is_key_mismatch()
-                    && certs
-                        .mismatch_since
-                        .is_none_or(|t| t.elapsed() < MISMATCH_GRACE) =>
-            {
-                certs.mismatch_since.get_or_insert_with(Instant::now);
-                tracing::debug!(error = %e, "a key does not match its certificate yet; waiting for the other file");
-            }
-            Err(e) => {
-                certs.mismatch_since = None;
-                certs.tls.reject(&e.to_string());
-            }
-        }
-        true
     }
 
     async fn check_config(&mut self, controller: &ControllerHandle) -> bool {
