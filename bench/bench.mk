@@ -8,9 +8,9 @@
 analysis:
 	bench/analysis.sh $(ANALYSIS_ARGS)
 
-## bench: throughput of ringgate against NGINX and HAProxy (ringgate-lab analysis proxies; installs them and wrk when missing); table in docs/performance.md
+## bench: throughput of ringgate against NGINX and HAProxy, plain and terminating TLS (ringgate-lab analysis proxies, then tls; installs them and wrk when missing; TLS_BENCH=0 skips TLS, TLS_BENCH_ARGS go to it); tables in docs/performance.md
 bench:
-	bench/proxies.sh $(BENCH_ARGS)
+	TLS_BENCH="$(TLS_BENCH)" TLS_BENCH_ARGS="$(TLS_BENCH_ARGS)" bench/proxies.sh $(BENCH_ARGS)
 
 ## bench-micro: criterion microbenches of the ring and the hash functions (the lab's benches; BENCH_MICRO_ARGS go to criterion)
 bench-micro:

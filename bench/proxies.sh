@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# `make bench`: ringgate against NGINX and HAProxy over the same three ringgate-server backends,
-# all on 127.0.0.1. Installs nginx, haproxy and wrk when missing, builds the release binaries of
-# the gateway and the lab, runs the lab's driver (`ringgate-lab analysis proxies`), which prints
-# the table and writes it into docs/performance.md. Every process the driver starts is listed in
+# `make bench`: ringgate against NGINX and HAProxy over the same three backends, all on
+# 127.0.0.1, in plain HTTP and then terminating TLS (`ringgate-lab analysis tls`; TLS_BENCH_ARGS
+# go to it, TLS_BENCH=0 skips it). Installs nginx, haproxy and wrk when missing, builds the
+# release binaries of the gateway and the lab, runs the lab's drivers, which print the tables and
+# write them into docs/performance.md. Every process the driver starts is listed in
 # a pid file; the trap stops them if the driver dies or the run is interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,3 +34,10 @@ trap 'exit 143' TERM
     --ringgate-bin "$TARGET_DIR/release/ringgate" \
     --server-bin "$TARGET_DIR/release/ringgate-server" \
     --pidfile "$pidfile" "$@"
+
+if [ "${TLS_BENCH:-1}" != 0 ]; then
+    # shellcheck disable=SC2086 # TLS_BENCH_ARGS is a list of arguments
+    "$TARGET_DIR/release/ringgate-lab" analysis tls \
+        --ringgate-bin "$TARGET_DIR/release/ringgate" \
+        --pidfile "$pidfile" ${TLS_BENCH_ARGS:-}
+fi

@@ -94,6 +94,10 @@ pub enum GatewayError {
     RecordMismatch { detail: String },
     #[error("replica '{replica}' was removed from the shared ring record by another gateway before this /add committed; nothing was added: retry it")]
     ReservationLost { replica: String },
+    #[error("this port speaks HTTPS and the request was plain HTTP: use https://{host}")]
+    PlainHttpOnTlsPort { host: String },
+    #[error("plain HTTP is redirected to HTTPS (tls.http = \"redirect\"), and this request names no usable Host to redirect to")]
+    NoHostToRedirect,
     #[error("{0}")]
     Internal(String),
 }
@@ -106,7 +110,9 @@ impl GatewayError {
             | GatewayError::Membership(_)
             | GatewayError::WhatIf(_)
             | GatewayError::BadHost
-            | GatewayError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            | GatewayError::ClientBody { .. }
+            | GatewayError::PlainHttpOnTlsPort { .. }
+            | GatewayError::NoHostToRedirect => StatusCode::BAD_REQUEST,
             GatewayError::AddFailed { .. } | GatewayError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -1,7 +1,8 @@
 //! The gateway as a library: run it on listeners and a shutdown future you give it.
 //!
-//! Owns: the start-up order (start the provider and the controller, wait for the replicas,
-//! then serve on one thread per listener) and the shutdown order (stop accepting, drain
+//! Owns: the start-up order (load the TLS certificates, start the provider and the controller,
+//! wait for the replicas, then serve on one thread per CPU, each with its plain and its TLS
+//! listener) and the shutdown order (stop accepting, drain
 //! in-flight requests, then stop the replicas the gateway started), in the shape of
 //! mini-redis's `server::run(listener, shutdown)`: `main.rs` binds, installs signal handlers
 //! and prints; tests start a gateway in-process on `127.0.0.1:0`.
@@ -23,10 +24,13 @@ use crate::admission::{nofile_limit, Admission};
 use crate::config::Config;
 use crate::control::{Controller, ControllerHandle, Parts};
 use crate::health::probe::HttpProber;
+use crate::listener::Mode;
 use crate::metrics::Metrics;
 use crate::policy::{read_policy_files, PolicyFiles, PolicySet};
 use crate::service::Service;
 use crate::snapshot::Snapshot;
+use crate::tls::upstream::{TlsProber, UpstreamTls};
+use crate::tls::{Tls, TlsError};
 
 /// How long start-up waits for the replicas it started to answer before serving anyway.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,12 +39,17 @@ const STATIC_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source} (change `listen` in the config or pass --listen, or stop whatever uses that port)")]
+    #[error("cannot listen on {addr}: {source} (change `{key}` in the config{}, or stop whatever uses that port)", if *key == "listen" { " or pass --listen" } else { "" })]
     Bind {
         addr: SocketAddr,
+        key: &'static str,
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("tls.enabled is {enabled} but the listeners {}: bind them with Listeners::for_config", if *enabled { "have no TLS listener" } else { "include a TLS listener" })]
+    TlsListener { enabled: bool },
     #[error(transparent)]
     Provider(#[from] crate::provider::ProviderError),
     #[error(transparent)]
@@ -58,17 +67,17 @@ pub fn serving_threads() -> usize {
         .unwrap_or(1)
 }
 
-/// Bound listening sockets, one per serving thread, all on one address.
-pub struct Listeners {
+/// Listening sockets of one address, one per serving thread.
+struct Bound {
     sockets: Vec<std::net::TcpListener>,
     local: SocketAddr,
 }
 
-impl Listeners {
+impl Bound {
     /// Binds `n` listeners on `addr` with `SO_REUSEPORT` (the first one picks the port when
-    /// `addr` has port 0).
-    pub fn bind(addr: SocketAddr, n: usize) -> Result<Listeners, StartError> {
-        let bind_error = |source| StartError::Bind { addr, source };
+    /// `addr` has port 0). `key` names the config key of the address in errors.
+    fn bind(addr: SocketAddr, n: usize, key: &'static str) -> Result<Bound, StartError> {
+        let bind_error = |source| StartError::Bind { addr, key, source };
         let mut local = addr;
         let mut sockets = Vec::with_capacity(n.max(1));
         for _ in 0..n.max(1) {
@@ -85,11 +94,57 @@ impl Listeners {
             local = listener.local_addr().map_err(bind_error)?;
             sockets.push(listener.into_std().map_err(bind_error)?);
         }
-        Ok(Listeners { sockets, local })
+        Ok(Bound { sockets, local })
+    }
+}
+
+/// The bound listening sockets: plain HTTP on `listen`, TLS on `tls.listen`, or both; each with
+/// one socket per serving thread.
+pub struct Listeners {
+    plain: Option<Bound>,
+    tls: Option<Bound>,
+}
+
+impl Listeners {
+    /// Binds `n` plain-HTTP listeners on `addr` with `SO_REUSEPORT` (the first one picks the
+    /// port when `addr` has port 0).
+    pub fn bind(addr: SocketAddr, n: usize) -> Result<Listeners, StartError> {
+        Ok(Listeners {
+            plain: Some(Bound::bind(addr, n, "listen")?),
+            tls: None,
+        })
     }
 
+    /// Binds what `config` asks for: `listen` unless `tls.http = "off"`, and `tls.listen` when
+    /// TLS is on; `n` sockets each.
+    pub fn for_config(config: &Config, n: usize) -> Result<Listeners, StartError> {
+        let plain = config
+            .tls
+            .serves_plain()
+            .then(|| Bound::bind(config.listen, n, "listen"))
+            .transpose()?;
+        let tls = config
+            .tls
+            .enabled
+            .then(|| Bound::bind(config.tls.listen, n, "tls.listen"))
+            .transpose()?;
+        Ok(Listeners { plain, tls })
+    }
+
+    /// The plain listener's address, or the TLS listener's when there is no plain one.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local
+        match (&self.plain, &self.tls) {
+            (Some(b), _) | (None, Some(b)) => b.local,
+            (None, None) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
+
+    pub fn plain_addr(&self) -> Option<SocketAddr> {
+        self.plain.as_ref().map(|b| b.local)
+    }
+
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|b| b.local)
     }
 }
 
@@ -97,6 +152,8 @@ impl Listeners {
 /// [`Gateway::serve`] serves until shutdown.
 pub struct Gateway {
     listeners: Listeners,
+    tls: Option<Arc<Tls>>,
+    upstream_tls: Option<UpstreamTls>,
     drain_timeout: Duration,
     service: Arc<Service>,
     controller_task: tokio::task::JoinHandle<()>,
@@ -112,6 +169,22 @@ impl Gateway {
         config_path: Option<PathBuf>,
     ) -> Result<Gateway, StartError> {
         let config = Arc::new(config);
+        if config.tls.enabled != listeners.tls.is_some() {
+            return Err(StartError::TlsListener {
+                enabled: config.tls.enabled,
+            });
+        }
+        let metrics = Arc::new(Metrics::default());
+        // Before any replica starts: a gateway does not start on a bad certificate.
+        let tls = match config.tls.enabled {
+            true => Some(Tls::new(&config.tls, metrics.clone())?),
+            false => None,
+        };
+        let upstream_tls = UpstreamTls::from_config(&config.provider)?;
+        let prober: Arc<dyn crate::health::probe::Prober> = match &upstream_tls {
+            Some(tls) => Arc::new(TlsProber::new(tls.clone())),
+            None => Arc::new(HttpProber::default()),
+        };
         let (policy, policy_files) = load_policy(&config);
         let (events_tx, events_rx) = mpsc::channel(256);
         let provider = crate::provider::from_config(&config, events_tx).await?;
@@ -122,13 +195,12 @@ impl Gateway {
             "starting replicas"
         );
         let shared = Arc::new(ArcSwap::from_pointee(Snapshot::initial(config.clone())));
-        let metrics = Arc::new(Metrics::default());
         let (controller, handle) = Controller::new(Parts {
             config: config.clone(),
             policy,
             provider,
             provider_events: events_rx,
-            prober: Arc::new(HttpProber::default()),
+            prober,
             shared: shared.clone(),
             metrics: metrics.clone(),
             name: config.gateway_name(),
@@ -143,6 +215,7 @@ impl Gateway {
             &config,
             policy_files,
             handle.clone(),
+            tls.clone(),
         );
 
         let ready_timeout = if manages {
@@ -167,6 +240,8 @@ impl Gateway {
         );
         Ok(Gateway {
             listeners,
+            tls,
+            upstream_tls,
             drain_timeout: config.proxy.drain_timeout,
             service: Arc::new(Service {
                 shared,
@@ -181,8 +256,17 @@ impl Gateway {
         })
     }
 
+    /// The plain listener's address, or the TLS listener's when there is no plain one.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listeners.local
+        self.listeners.local_addr()
+    }
+
+    pub fn plain_addr(&self) -> Option<SocketAddr> {
+        self.listeners.plain_addr()
+    }
+
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.listeners.tls_addr()
     }
 
     pub fn controller(&self) -> &ControllerHandle {
@@ -197,15 +281,46 @@ impl Gateway {
     /// Serves on every listener until `shutdown` completes, then stops accepting, drains
     /// in-flight requests (up to `proxy.drain_timeout`) and stops the replicas.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-        tracing::info!(addr = %self.listeners.local, "serving");
+        let (plain_addr, tls_addr) = (self.plain_addr(), self.tls_addr());
+        tracing::info!(http = ?plain_addr, https = ?tls_addr, "serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut threads = Vec::new();
-        for (n, listener) in self.listeners.sockets.into_iter().enumerate() {
+        let https_port = tls_addr.map(|a| a.port());
+        let mut plain = self
+            .listeners
+            .plain
+            .map(|b| b.sockets)
+            .unwrap_or_default()
+            .into_iter();
+        let mut tls = self
+            .listeners
+            .tls
+            .map(|b| b.sockets)
+            .unwrap_or_default()
+            .into_iter();
+        for n in 0.. {
+            let listeners: Vec<(std::net::TcpListener, Mode)> = plain
+                .next()
+                .map(|l| (l, Mode::Plain { https_port }))
+                .into_iter()
+                .chain(
+                    tls.next()
+                        .zip(self.tls.clone())
+                        .map(|(l, t)| (l, Mode::Tls(t))),
+                )
+                .collect();
+            if listeners.is_empty() {
+                break;
+            }
             let (service, stop_rx, drain) =
                 (self.service.clone(), stop_rx.clone(), self.drain_timeout);
+            let upstream_tls = self.upstream_tls.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ringgate-serve-{n}"))
-                .spawn(move || serve_thread(listener, service, stop_rx, drain))
+                .spawn(move || {
+                    crate::proxy::upstream::pool::set_upstream_tls(upstream_tls);
+                    serve_thread(listeners, service, stop_rx, drain)
+                })
                 .map_err(StartError::Thread);
             match thread {
                 Ok(t) => threads.push(t),
@@ -235,11 +350,12 @@ impl Gateway {
     }
 }
 
-/// One serving thread: its own current-thread runtime serving one listener until stopped.
+/// One serving thread: its own current-thread runtime serving its listeners (plain, TLS or
+/// both) until stopped.
 fn serve_thread(
-    listener: std::net::TcpListener,
+    listeners: Vec<(std::net::TcpListener, Mode)>,
     service: Arc<Service>,
-    mut stop_rx: tokio::sync::watch::Receiver<bool>,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
     drain: Duration,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -250,14 +366,22 @@ fn serve_thread(
         Err(e) => return tracing::error!(error = %e, "cannot start a serving thread"),
     };
     runtime.block_on(async move {
-        let listener = match TcpListener::from_std(listener) {
-            Ok(l) => l,
-            Err(e) => return tracing::error!(error = %e, "cannot register a listener"),
-        };
-        let stop = async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        };
-        crate::listener::serve(listener, service, stop, drain).await;
+        let anchor = tokio::spawn(crate::listener::timer_anchor());
+        let serving = listeners.into_iter().map(|(listener, mode)| {
+            let (service, mut stop_rx) = (service.clone(), stop_rx.clone());
+            async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!(error = %e, "cannot register a listener"),
+                };
+                let stop = async move {
+                    let _ = stop_rx.wait_for(|stop| *stop).await;
+                };
+                crate::listener::serve(listener, mode, service, stop, drain).await;
+            }
+        });
+        futures_util::future::join_all(serving).await;
+        anchor.abort();
     });
 }
 

@@ -8,8 +8,10 @@
 //!   ([`gateway::Gateway::start`], [`gateway::Gateway::serve`], [`gateway::run`]).
 //!
 //! Data plane (the request path: reads one immutable [`snapshot::Snapshot`], takes no lock):
-//! - [`listener`]: accepting connections, first-bytes deadline, HTTP/1.1 keep-alive and HTTP/2,
-//!   idle timeouts, graceful drain.
+//! - [`listener`]: accepting connections, first-bytes deadline, TLS handshakes, HTTP/1.1
+//!   keep-alive and HTTP/2, idle timeouts, graceful drain.
+//! - [`tls`]: TLS termination: certificates (validated, chosen by SNI, swapped live), ALPN,
+//!   the plain-HTTP redirect.
 //! - [`admission`]: the connection caps (global, derived from the fd limit; per client IP).
 //! - [`service`]: one request, to the admin API or to the proxy.
 //! - [`admin`]: the replica API (`/rep`, `/add`, `/rm`) and `/lb/*`: parse, guard, ask the
@@ -32,7 +34,8 @@
 //! - [`health`]: the rise/fall state machine and the active checks.
 //! - [`provider`]: where replicas run: `process`, `static`, `docker`, `swarm` (whose shared
 //!   ring record several gateways serialise their changes through).
-//! - [`watcher`]: live reload of `conf/lb.toml` and `policies/`, validated before it is sent.
+//! - [`watcher`]: live reload of `conf/lb.toml`, `policies/` and the TLS certificate files,
+//!   validated before it is applied.
 //! - [`policy`]: the sandboxed Lua hooks (`request_key`, `request_hash`, `vnode_hash`, `health`).
 //!
 //! Shared:
@@ -72,6 +75,7 @@ pub mod routing;
 pub mod service;
 pub mod snapshot;
 pub mod sync;
+pub mod tls;
 pub mod tools;
 pub mod ui;
 pub mod watcher;

@@ -1,13 +1,16 @@
-//! The listener: accepts connections, admits them, tells HTTP/1.1 from HTTP/2, serves them, and
-//! drains them on shutdown.
+//! The listener: accepts connections, admits them, runs the TLS handshake on the HTTPS
+//! listener, tells HTTP/1.1 from HTTP/2, serves them, and drains them on shutdown.
 //!
-//! Owns: [`serve`], which takes an already bound listener (so tests bind `127.0.0.1:0`) and a
-//! shutdown future, and everything about client connections: the admission caps, the
-//! first-bytes deadline (a connection that has not sent enough to tell its protocol within
-//! `proxy.header_read_timeout` is closed: the protocol sniff is ours, with a deadline, instead of
-//! hyper's open-ended one), HTTP/1 header and keep-alive timeouts, HTTP/2 keep-alive pings, an
-//! idle timeout for HTTP/2 connections without a stream, and graceful drain.
-//! Must not touch: requests' meaning (the service) or state (the controller).
+//! Owns: [`serve`], which takes an already bound listener (so tests bind `127.0.0.1:0`), what it
+//! speaks ([`Mode`]) and a shutdown future, and everything about client connections: the
+//! admission caps, the first-bytes deadline (a connection that has not completed its TLS
+//! handshake and sent enough to tell its protocol within `proxy.header_read_timeout` is closed:
+//! the protocol sniff is ours, with a deadline, instead of hyper's open-ended one), plain HTTP
+//! on the TLS port (answered 400), HTTP/1 header and keep-alive timeouts, HTTP/2 keep-alive
+//! pings, an idle timeout for HTTP/2 connections without a stream, the redirect of plain HTTP to
+//! HTTPS (`tls.http = "redirect"`), and graceful drain.
+//! Must not touch: requests' meaning (the service) or state (the controller); certificates are
+//! the TLS module's (a handshake only asks it for an acceptor).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,11 +29,26 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 
 use crate::admission::Admitted;
-use crate::config::Config;
-use crate::error::{Body, BoxError};
+use crate::config::{Config, PlainHttp};
+use crate::error::{Body, BoxError, GatewayError};
 use crate::service::Service;
+use crate::tls::{redirect, Https, Tls};
+
+/// What a listener speaks.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Cleartext HTTP/1.1 and HTTP/2 (prior knowledge). With the port of the HTTPS listener
+    /// when TLS is on: `tls.http = "redirect"` then sends requests there.
+    Plain { https_port: Option<u16> },
+    /// TLS, then HTTP/1.1 or HTTP/2 (ALPN offers both; the first bytes decide, as in cleartext).
+    Tls(Arc<Tls>),
+}
+
+/// The first byte of a TLS record carrying a handshake (RFC 8446 §5.1: content type 22).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// The client connection preface of HTTP/2 (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -61,13 +79,13 @@ pub fn sniff(first: &[u8]) -> Sniffed {
 /// open connections up to `drain_timeout` to finish their requests.
 pub async fn serve(
     listener: TcpListener,
+    mode: Mode,
     service: Arc<Service>,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
     let (drain_tx, drain_rx) = watch::channel(false);
     let live = Arc::new(AtomicUsize::new(0));
-    let anchor = tokio::spawn(timer_anchor());
     let all_closed = Arc::new(Notify::new());
     tokio::pin!(shutdown);
     loop {
@@ -102,6 +120,7 @@ pub async fn serve(
             stream,
             client,
             config,
+            mode: mode.clone(),
             service: service.clone(),
             drain: drain_rx.clone(),
             _admitted: admitted,
@@ -116,7 +135,6 @@ pub async fn serve(
         });
     }
     drop(listener);
-    anchor.abort();
     tracing::info!("stopped accepting; draining open connections");
     let _ = drain_tx.send(true);
     let drained = async {
@@ -170,8 +188,9 @@ macro_rules! drive {
 /// request arms timers (the header deadline, `proxy.request_timeout`) that are due much later;
 /// tokio wakes its driver through an eventfd write whenever a timer is armed that is due earlier
 /// than anything pending, which, with no earlier timer around, is nearly every request. Measured:
-/// 0.14 eventfd writes per request without the anchor.
-async fn timer_anchor() {
+/// 0.14 eventfd writes per request without the anchor. One per serving thread (the thread
+/// spawns it beside its listeners).
+pub async fn timer_anchor() {
     let mut tick = tokio::time::interval(ANCHOR_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -186,18 +205,154 @@ struct Connection {
     stream: TcpStream,
     client: SocketAddr,
     config: Arc<Config>,
+    mode: Mode,
     service: Arc<Service>,
     drain: watch::Receiver<bool>,
     _admitted: Admitted,
 }
 
+/// What the requests of a connection get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Requests {
+    /// Served (plain HTTP).
+    Served,
+    /// Served, marked as having come over TLS.
+    ServedOverTls,
+    /// Redirected to HTTPS on this port (the gateway's own `/lb/` endpoints excepted).
+    Redirected { https_port: u16 },
+    /// Answered 400: plain HTTP on the TLS port, one request, then closed.
+    RefusedPlainOnTls { tls_port: u16 },
+}
+
 impl Connection {
-    async fn run(mut self) {
-        let deadline = self.config.proxy.header_read_timeout;
+    async fn run(self) {
+        // One deadline from accept: the TLS handshake and the first bytes together.
+        let deadline = Instant::now() + self.config.proxy.header_read_timeout;
+        let Connection {
+            stream,
+            client,
+            config,
+            mode,
+            service,
+            drain,
+            _admitted,
+        } = self;
+        let metrics = &service.metrics;
+        let conn = Serving {
+            client,
+            config,
+            service: service.clone(),
+            drain,
+        };
+        match mode {
+            Mode::Plain { https_port } => {
+                let requests = match https_port {
+                    Some(https_port) if conn.config.tls.http == PlainHttp::Redirect => {
+                        Requests::Redirected { https_port }
+                    }
+                    _ => Requests::Served,
+                };
+                conn.serve(stream, requests, deadline).await;
+            }
+            Mode::Tls(tls) => {
+                let mut first = [0u8; 1];
+                let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await;
+                match peeked {
+                    Ok(Ok(1..)) => {}
+                    Ok(_) => return,
+                    Err(_) => {
+                        metrics.first_bytes_timeouts.fetch_add(1, Ordering::Relaxed);
+                        metrics
+                            .tls_handshake_timeouts
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(client = %client, "closed: no TLS handshake within proxy.header_read_timeout");
+                        return;
+                    }
+                }
+                if first[0] != TLS_HANDSHAKE_RECORD && first[0].is_ascii_alphabetic() {
+                    metrics.tls_plain_http.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(client = %client, "plain HTTP on the TLS port: answered 400");
+                    let tls_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+                    conn.serve(stream, Requests::RefusedPlainOnTls { tls_port }, deadline)
+                        .await;
+                    return;
+                }
+                let handshake = tokio::time::timeout_at(deadline, tls.acceptor().accept(stream));
+                match handshake.await {
+                    Ok(Ok(stream)) => {
+                        metrics.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+                        conn.serve(stream, Requests::ServedOverTls, deadline).await;
+                    }
+                    Ok(Err(e)) => {
+                        metrics.tls_handshake_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(client = %client, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        metrics.first_bytes_timeouts.fetch_add(1, Ordering::Relaxed);
+                        metrics
+                            .tls_handshake_timeouts
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(client = %client, "closed: TLS handshake not done within proxy.header_read_timeout");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A connection past its handshake: HTTP on a plain or a TLS stream.
+struct Serving {
+    client: SocketAddr,
+    config: Arc<Config>,
+    service: Arc<Service>,
+    drain: watch::Receiver<bool>,
+}
+
+/// The answer to one request, as `requests` says.
+async fn answer(
+    service: &Service,
+    mut req: Request<Incoming>,
+    client: SocketAddr,
+    requests: Requests,
+) -> hyper::Response<Body> {
+    match requests {
+        Requests::Served => service.handle(req, client).await,
+        Requests::ServedOverTls => {
+            req.extensions_mut().insert(Https);
+            service.handle(req, client).await
+        }
+        Requests::Redirected { https_port } if redirect::redirects(req.uri().path()) => {
+            let host = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().authority().map(|a| a.as_str()));
+            let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            redirect::response(host.and_then(|h| redirect::location(h, target, https_port)))
+        }
+        Requests::Redirected { .. } => service.handle(req, client).await,
+        Requests::RefusedPlainOnTls { tls_port } => {
+            let host = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| redirect::location(h, "/", tls_port))
+                .map(|l| l.trim_start_matches("https://").to_owned())
+                .unwrap_or_else(|| format!("HOST:{tls_port}/"));
+            GatewayError::PlainHttpOnTlsPort { host }.into_response()
+        }
+    }
+}
+
+impl Serving {
+    async fn serve<S>(self, mut stream: S, requests: Requests, deadline: Instant)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let mut first = Prefix::default();
-        let protocol = tokio::time::timeout(deadline, async {
+        let protocol = tokio::time::timeout_at(deadline, async {
             loop {
-                let n = self.stream.read(first.unfilled()).await?;
+                let n = stream.read(first.unfilled()).await?;
                 if n == 0 {
                     return Ok(None);
                 }
@@ -223,19 +378,19 @@ impl Connection {
         };
         let io = TokioIo::new(Prefixed {
             prefix: first,
-            stream: self.stream,
+            stream,
         });
         let (service, client) = (self.service.clone(), self.client);
         let proxy = &self.config.proxy;
         match protocol {
-            Sniffed::Http2 => {
+            Sniffed::Http2 if !matches!(requests, Requests::RefusedPlainOnTls { .. }) => {
                 let activity = Arc::new(Activity::default());
                 let handler = {
                     let activity = activity.clone();
                     hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (service, stream) = (service.clone(), activity.open_stream());
                         async move {
-                            let resp = service.handle(req, client).await;
+                            let resp = answer(&service, req, client, requests).await;
                             Ok::<_, Infallible>(resp.map(|inner| {
                                 StreamBody {
                                     inner,
@@ -256,10 +411,11 @@ impl Connection {
                 let idle = idle_for(activity, proxy.idle_timeout, self.service.clone());
                 drive!(conn, self.drain, idle, client);
             }
+            Sniffed::Http2 => {} // an HTTP/2 preface in cleartext on the TLS port: closed
             Sniffed::Http1 | Sniffed::Undecided => {
                 let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let service = service.clone();
-                    async move { Ok::<_, Infallible>(service.handle(req, client).await) }
+                    async move { Ok::<_, Infallible>(answer(&service, req, client, requests).await) }
                 });
                 let mut builder = hyper::server::conn::http1::Builder::new();
                 // The header timeout also bounds the wait for the next request on a kept-alive
@@ -267,7 +423,7 @@ impl Connection {
                 builder
                     .timer(TokioTimer::new())
                     .header_read_timeout(proxy.header_read_timeout)
-                    .keep_alive(true);
+                    .keep_alive(!matches!(requests, Requests::RefusedPlainOnTls { .. }));
                 let conn = builder.serve_connection(io, handler);
                 drive!(conn, self.drain, std::future::pending::<()>(), client);
             }
@@ -364,12 +520,12 @@ impl Prefix {
 }
 
 /// The client stream with its sniffed first bytes put back in front.
-struct Prefixed {
+struct Prefixed<S> {
     prefix: Prefix,
-    stream: TcpStream,
+    stream: S,
 }
 
-impl AsyncRead for Prefixed {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -387,7 +543,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,14 +1,17 @@
-//! The one line a ringgate process prints on stdout once it serves: `listening on http://ADDR`.
+//! The one line a ringgate process prints on stdout once it serves: `listening on http://ADDR`
+//! (and, for a gateway with TLS on, `listening on https://ADDR` right after it, or alone when
+//! it serves no plain HTTP).
 //!
-//! Owns: that line's format. `ringgate serve` and `ringgate-server` print it; the process
-//! provider, the tests, the lab and scripts wait for it and read the address from it, all through
-//! [`parse`], so the format lives in one place.
+//! Owns: those lines' format. `ringgate serve` and `ringgate-server` print them; the process
+//! provider, the tests, the lab and scripts wait for them and read the address from them, all
+//! through [`parse`] and [`parse_https`], so the format lives in one place.
 //! Must not touch: anything else.
 
 use std::io::Write;
 use std::net::SocketAddr;
 
 const PREFIX: &str = "listening on http://";
+const TLS_PREFIX: &str = "listening on https://";
 
 /// The line for `addr`, without a newline.
 pub fn line(addr: SocketAddr) -> String {
@@ -22,9 +25,33 @@ pub fn announce(addr: SocketAddr) -> std::io::Result<()> {
     out.flush()
 }
 
+/// Prints the lines of a gateway, plain first, in one write (a reader that has the first line
+/// has the second one too).
+pub fn announce_gateway(
+    plain: Option<SocketAddr>,
+    https: Option<SocketAddr>,
+) -> std::io::Result<()> {
+    let mut text = String::new();
+    if let Some(a) = plain {
+        text.push_str(&line(a));
+        text.push('\n');
+    }
+    if let Some(a) = https {
+        text.push_str(&format!("{TLS_PREFIX}{a}\n"));
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
 /// The address in a `listening on http://ADDR` line (surrounding whitespace ignored).
 pub fn parse(line: &str) -> Option<SocketAddr> {
     line.trim().strip_prefix(PREFIX)?.parse().ok()
+}
+
+/// The address in a `listening on https://ADDR` line.
+pub fn parse_https(line: &str) -> Option<SocketAddr> {
+    line.trim().strip_prefix(TLS_PREFIX)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -39,5 +66,11 @@ mod tests {
         assert_eq!(parse(&line(v6)), Some(v6));
         assert_eq!(parse("hello"), None);
         assert_eq!(parse("listening on http://nope"), None);
+        assert_eq!(
+            parse_https("listening on https://127.0.0.1:4321"),
+            Some(addr)
+        );
+        assert_eq!(parse("listening on https://127.0.0.1:4321"), None);
+        assert_eq!(parse_https(&line(addr)), None);
     }
 }

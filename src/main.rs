@@ -1,8 +1,9 @@
 //! `ringgate`: the gateway and its tools.
 //!
 //! This file parses arguments, sets up tracing, loads and validates the config (with the
-//! command-line overrides, which are validated too), binds the listeners, installs the signal
-//! handlers, prints the `listening on` line and chooses the exit code. The gateway itself runs
+//! command-line overrides, which are validated too), binds the listeners (plain and TLS as the
+//! config says), installs the signal handlers, prints the `listening on` lines and chooses the
+//! exit code (2 for a config problem, a bad certificate included). The gateway itself runs
 //! in the library ([`ringgate::gateway`]).
 
 use std::net::SocketAddr;
@@ -138,9 +139,12 @@ fn serve(config: Config, watched: Option<PathBuf>) -> Result<(), Failure> {
     raise_nofile();
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| Failure::Run(format!("cannot start the runtime: {e}")))?;
-    let run = |e: ringgate::gateway::StartError| Failure::Run(e.to_string());
+    let run = |e: ringgate::gateway::StartError| match e {
+        ringgate::gateway::StartError::Tls(_) => Failure::Config(e.to_string()),
+        e => Failure::Run(e.to_string()),
+    };
     runtime.block_on(async move {
-        let listeners = Listeners::bind(config.listen, serving_threads()).map_err(run)?;
+        let listeners = Listeners::for_config(&config, serving_threads()).map_err(run)?;
         let shutdown = shutdown_signal()
             .map_err(|e| Failure::Run(format!("cannot install the signal handlers: {e}")))?;
         let gateway = Gateway::start(config, listeners, watched)
@@ -148,7 +152,9 @@ fn serve(config: Config, watched: Option<PathBuf>) -> Result<(), Failure> {
             .map_err(run)?;
         reopen_on_sighup(gateway.access_log().clone())
             .map_err(|e| Failure::Run(format!("cannot install the SIGHUP handler: {e}")))?;
-        if let Err(e) = ringgate::listening::announce(gateway.local_addr()) {
+        if let Err(e) =
+            ringgate::listening::announce_gateway(gateway.plain_addr(), gateway.tls_addr())
+        {
             tracing::warn!(error = %e, "cannot print the listening line on stdout");
         }
         gateway.serve(shutdown).await.map_err(run)
@@ -205,8 +211,9 @@ fn main() -> ExitCode {
             .and_then(|c| serve(c, config.exists().then_some(config))),
         Command::Check { config } => load(&config, false).and_then(|c| {
             let policy = ringgate::tools::check_policy(&c).map_err(Failure::Config)?;
+            let tls = ringgate::tools::check_tls(&c).map_err(Failure::Config)?;
             println!("{}: OK: {}", config.display(), ringgate::tools::summary(&c));
-            print!("{policy}");
+            print!("{policy}{tls}");
             Ok(())
         }),
         Command::Ring { config } => load(&config, config == default_path).and_then(|c| {

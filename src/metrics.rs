@@ -62,6 +62,20 @@ pub struct Metrics {
     pub access_log_dropped: AtomicU64,
     /// Access log lines lost to write errors.
     pub access_log_errors: AtomicU64,
+    /// The TLS certificates serving now and the last rejected edit (None while TLS is off).
+    pub tls: arc_swap::ArcSwapOption<crate::tls::TlsReport>,
+    /// TLS handshakes completed.
+    pub tls_handshakes: AtomicU64,
+    /// TLS handshakes that did not complete within `proxy.header_read_timeout`.
+    pub tls_handshake_timeouts: AtomicU64,
+    /// Plain-HTTP requests on the TLS port (answered 400).
+    pub tls_plain_http: AtomicU64,
+    /// TLS handshakes that failed (a protocol error, no common version or cipher, a reset).
+    pub tls_handshake_errors: AtomicU64,
+    /// Certificate sets applied after an edit of their files.
+    pub tls_reloads: AtomicU64,
+    /// Certificate edits rejected (the current certificates kept serving).
+    pub tls_reload_errors: AtomicU64,
 }
 
 fn get(a: &AtomicU64) -> u64 {
@@ -88,7 +102,78 @@ fn counter(out: &mut String, name: &str, help: &str, value: &AtomicU64) {
     family(out, name, "counter", help, &one(get(value)));
 }
 
+/// A label value with `\\`, `"` and newlines escaped (the text format's rule).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 impl Metrics {
+    /// The TLS families: handshakes, certificate reloads, and each certificate's expiry.
+    fn render_tls(&self, o: &mut String, tls: &crate::tls::TlsReport) {
+        counter(
+            o,
+            "ringgate_tls_handshakes_total",
+            "TLS handshakes completed.",
+            &self.tls_handshakes,
+        );
+        family(o, "ringgate_tls_handshake_failures_total", "counter", "TLS connections that did not complete a handshake: no handshake within proxy.header_read_timeout (timeout), plain HTTP on the TLS port (plain_http, answered 400), or a failed handshake (error).", &[
+            ("reason=\"timeout\"".into(), get(&self.tls_handshake_timeouts).to_string()),
+            ("reason=\"plain_http\"".into(), get(&self.tls_plain_http).to_string()),
+            ("reason=\"error\"".into(), get(&self.tls_handshake_errors).to_string()),
+        ]);
+        counter(
+            o,
+            "ringgate_tls_certificate_reloads_total",
+            "Certificate sets applied after an edit of their files.",
+            &self.tls_reloads,
+        );
+        counter(
+            o,
+            "ringgate_tls_certificate_reload_errors_total",
+            "Certificate edits rejected (the current certificates kept serving; see /lb/status).",
+            &self.tls_reload_errors,
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let labels = |c: &crate::tls::certs::CertInfo| {
+            format!(
+                "cert=\"{}\",subject=\"{}\",names=\"{}\"",
+                label_value(&c.cert_file),
+                label_value(&c.subject),
+                label_value(&c.dns_names.join(","))
+            )
+        };
+        let expiry: Vec<(String, String)> = tls
+            .certificates
+            .iter()
+            .map(|c| (labels(c), (c.not_after - now).to_string()))
+            .collect();
+        family(
+            o,
+            "ringgate_tls_certificate_expiry_seconds",
+            "gauge",
+            "Seconds until the serving certificate expires (negative once it has).",
+            &expiry,
+        );
+        let not_after: Vec<(String, String)> = tls
+            .certificates
+            .iter()
+            .map(|c| (labels(c), c.not_after.to_string()))
+            .collect();
+        family(
+            o,
+            "ringgate_tls_certificate_not_after_timestamp_seconds",
+            "gauge",
+            "When the serving certificate expires, in seconds since the Unix epoch.",
+            &not_after,
+        );
+        family(o, "ringgate_tls_certificate_edit_rejected", "gauge", "1 while the last edit of a certificate or key file is rejected (its error is in /lb/status), else 0.", &one(u8::from(tls.last_error.is_some())));
+    }
+
     /// Renders every metric in the Prometheus text format (version 0.0.4).
     pub fn render(
         &self,
@@ -210,6 +295,9 @@ impl Metrics {
             "Accepts that failed (out of file descriptors and the like).",
             &self.accept_errors,
         );
+        if let Some(tls) = self.tls.load_full() {
+            self.render_tls(o, &tls);
+        }
 
         let stats = snap.policy.stats();
         let per_hook = |f: &dyn Fn(crate::policy::Hook) -> u64| -> Vec<(String, String)> {

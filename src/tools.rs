@@ -284,6 +284,49 @@ pub fn load_policy_file(path: &std::path::Path, config: &Config) -> Result<Polic
 
 /// `ringgate check`'s policy part: loads `policy.dir` and dry-runs every defined hook on sample
 /// input. Returns a report, or every problem found.
+/// `ringgate check` for `[tls]`: every certificate/key pair read and validated as the gateway
+/// would (key matches, chain parses, valid now), one line per certificate; nothing when TLS is
+/// off.
+pub fn check_tls(config: &Config) -> Result<String, String> {
+    if !config.tls.enabled {
+        return Ok(String::new());
+    }
+    let provider = crate::tls::provider();
+    let (set, _) =
+        crate::tls::load_all(&config.tls.certificates, &provider).map_err(|e| e.to_string())?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let http = match config.tls.http {
+        crate::config::PlainHttp::Serve => format!("also served on {}", config.listen),
+        crate::config::PlainHttp::Redirect => format!("redirected from {}", config.listen),
+        crate::config::PlainHttp::Off => "off".to_owned(),
+    };
+    let version = match config.tls.min_version {
+        crate::config::TlsVersion::Tls12 => "1.2 and 1.3",
+        crate::config::TlsVersion::Tls13 => "1.3",
+    };
+    let mut out = format!(
+        "tls on {} (TLS {version}; plain HTTP {http}), {} certificate(s):\n",
+        config.tls.listen,
+        config.tls.certificates.len()
+    );
+    for (i, c) in set.infos().enumerate() {
+        let _ = writeln!(
+            out,
+            "  {}{}: {} names {:?}, expires {} (in {} days)",
+            c.cert_file,
+            if i == 0 { " (default)" } else { "" },
+            c.subject,
+            c.dns_names,
+            crate::tls::certs::rfc3339(c.not_after),
+            (c.not_after - now) / 86_400
+        );
+    }
+    Ok(out)
+}
+
 pub fn check_policy(config: &Config) -> Result<String, String> {
     let policy = PolicySet::load_dir(&config.policy.dir, config.policy.limits(), 1)
         .map_err(|e| e.to_string())?;

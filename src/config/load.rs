@@ -223,6 +223,7 @@ mod tests {
             ("policy", fields_of::<super::super::PolicyConfig>()),
             ("admin", fields_of::<super::super::AdminConfig>()),
             ("log", fields_of::<super::super::LogConfig>()),
+            ("tls", fields_of::<super::super::TlsConfig>()),
         ] {
             assert!(!keys.is_empty(), "no keys read for [{section}]");
             let body = section_text(text, section);
@@ -346,6 +347,12 @@ token = "s3cret"
 [log]
 access = "/var/log/ringgate/access.log"
 format = "combined"
+[tls]
+enabled = true
+listen = "127.0.0.1:6443"
+http = "redirect"
+min_version = "1.3"
+certificates = [{ cert = "a.pem", key = "a.key" }, { cert = "b.pem" }]
 "#,
         )
         .expect("valid");
@@ -368,6 +375,9 @@ format = "combined"
         assert!(c.admin.allows("127.0.0.1".parse().expect("ip")));
         assert!(!c.admin.allows("127.0.0.2".parse().expect("ip")));
         assert_eq!(c.policy.instruction_budget, 5000);
+        assert_eq!(c.tls.http, super::super::PlainHttp::Redirect);
+        assert_eq!(c.tls.min_version, super::super::TlsVersion::Tls13);
+        assert_eq!(c.tls.certificates[1].key_file(), Path::new("b.pem"));
         assert_eq!(
             c.log.access,
             super::super::AccessTarget::File("/var/log/ringgate/access.log".into())

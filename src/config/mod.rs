@@ -47,6 +47,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub tls: TlsConfig,
 }
 
 impl Default for Config {
@@ -63,6 +64,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -190,6 +192,12 @@ pub struct ProviderConfig {
     pub servers: Vec<StaticServer>,
     /// Swarm provider: how the gateway reaches a replica's task.
     pub reach: Reach,
+    /// Talk TLS to the replicas (requests and health checks), verified against `upstream_ca`.
+    pub upstream_tls: bool,
+    /// The CA certificates (PEM) a replica's certificate must chain to.
+    pub upstream_ca: Option<PathBuf>,
+    /// The name a replica's certificate must carry (and the SNI sent); unset: its IP address.
+    pub upstream_server_name: Option<String>,
 }
 
 impl Default for ProviderConfig {
@@ -207,6 +215,9 @@ impl Default for ProviderConfig {
             server_binary: None,
             servers: Vec::new(),
             reach: Reach::Network,
+            upstream_tls: false,
+            upstream_ca: None,
+            upstream_server_name: None,
         }
     }
 }
@@ -535,6 +546,77 @@ pub struct LogConfig {
     #[serde(deserialize_with = "from_str")]
     pub access: AccessTarget,
     pub format: AccessFormat,
+}
+
+/// What the plain-HTTP listener on `listen` does while TLS is on (`tls.http`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlainHttp {
+    /// HTTP and HTTPS side by side.
+    Serve,
+    /// Every request except the gateway's own `/lb/` endpoints gets a 308 to `https://`.
+    Redirect,
+    /// No plain listener: HTTPS only.
+    Off,
+}
+
+/// The oldest TLS version accepted (`tls.min_version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// One certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatePair {
+    /// The chain: the server's certificate first, then its intermediates.
+    pub cert: PathBuf,
+    /// The private key; unset: it is in the `cert` file too (a combined PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl CertificatePair {
+    /// The file the private key is read from.
+    pub fn key_file(&self) -> &std::path::Path {
+        self.key.as_deref().unwrap_or(&self.cert)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Terminate TLS on `tls.listen`. Changing it needs a restart.
+    pub enabled: bool,
+    /// Address of the HTTPS listener. Changing it needs a restart.
+    pub listen: SocketAddr,
+    /// The plain listener on `listen` while TLS is on.
+    pub http: PlainHttp,
+    pub min_version: TlsVersion,
+    /// Chosen by SNI against each certificate's names; the first is the default.
+    pub certificates: Vec<CertificatePair>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            enabled: false,
+            listen: SocketAddr::from(([0, 0, 0, 0], 5443)),
+            http: PlainHttp::Serve,
+            min_version: TlsVersion::Tls12,
+            certificates: Vec::new(),
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether a plain-HTTP listener is bound on `listen`.
+    pub fn serves_plain(&self) -> bool {
+        !self.enabled || self.http != PlainHttp::Off
+    }
 }
 
 /// The hostname rule of the replica API, which is Docker's container-name rule:

@@ -186,6 +186,27 @@ impl Config {
                 ),
             );
         }
+        if p.upstream_tls && p.upstream_ca.is_none() {
+            bad(
+                "provider.upstream_ca",
+                "provider.upstream_tls needs the CA that signed the replicas' certificates: upstream_ca = \"ca.pem\"".into(),
+            );
+        }
+        if let Some(name) = &p.upstream_server_name {
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                bad(
+                    "provider.upstream_server_name",
+                    format!("{name:?} is not a DNS name or an IP address"),
+                );
+            }
+        }
+        if !p.upstream_tls && (p.upstream_ca.is_some() || p.upstream_server_name.is_some()) {
+            bad(
+                "provider.upstream_tls",
+                "upstream_ca and upstream_server_name are only used with upstream_tls = true"
+                    .into(),
+            );
+        }
         let h = &self.health;
         for (key, d) in [
             ("health.interval", h.interval),
@@ -302,6 +323,41 @@ impl Config {
         if self.policy.instruction_budget < 1000 {
             bad("policy.instruction_budget", "must be at least 1000".into());
         }
+        let tls = &self.tls;
+        if tls.enabled && tls.certificates.is_empty() {
+            bad(
+                "tls.certificates",
+                "tls.enabled needs at least one certificate: certificates = [{ cert = \"cert.pem\", key = \"key.pem\" }]".into(),
+            );
+        }
+        if tls.enabled && tls.serves_plain() && tls.listen == self.listen && tls.listen.port() != 0
+        {
+            bad(
+                "tls.listen",
+                format!("{} is also `listen`: give HTTPS its own port (e.g. 5443), or set tls.http = \"off\"", tls.listen),
+            );
+        }
+        if !tls.enabled && tls.http != super::PlainHttp::Serve {
+            bad(
+                "tls.http",
+                "only used with tls.enabled = true (without TLS, `listen` serves plain HTTP)"
+                    .into(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for pair in &tls.certificates {
+            if pair.cert.as_os_str().is_empty()
+                || pair.key.as_ref().is_some_and(|k| k.as_os_str().is_empty())
+            {
+                bad("tls.certificates", "cert and key must name files".into());
+            }
+            if !seen.insert(pair) {
+                bad(
+                    "tls.certificates",
+                    format!("{} is listed more than once", pair.cert.display()),
+                );
+            }
+        }
         let t = self.policy.hook_timeout;
         if t.is_zero() || t > Duration::from_secs(1) {
             bad(
@@ -417,6 +473,44 @@ mod tests {
         );
         let e = err("[provider]\nkind = \"process\"\nservers = [{name = \"a\", address = \"127.0.0.1:1\"}]\n");
         assert!(e.contains("only used with provider.kind"), "{e}");
+    }
+
+    #[test]
+    fn tls_needs_a_certificate_and_a_port_of_its_own() {
+        let e = err("[tls]\nenabled = true\n");
+        assert!(
+            e.contains("line 2: tls.certificates")
+                || e.contains("tls.certificates: tls.enabled needs"),
+            "{e}"
+        );
+        let e = err("listen = \"0.0.0.0:5443\"\n[tls]\nenabled = true\ncertificates = [{ cert = \"a.pem\" }, { cert = \"a.pem\" }]\n");
+        assert!(e.contains("tls.listen") && e.contains("own port"), "{e}");
+        assert!(e.contains("listed more than once"), "{e}");
+        let e = err("[tls]\nhttp = \"redirect\"\n");
+        assert!(
+            e.contains("line 2: tls.http: only used with tls.enabled"),
+            "{e}"
+        );
+        let e = err("[tls]\nmin_version = \"1.1\"\n");
+        assert!(e.contains("line 2") && e.contains("1.1"), "{e}");
+        let e = err("[tls]\ncertificates = [{ cert = \"a.pem\", chain = \"b.pem\" }]\n");
+        assert!(e.contains("chain"), "{e}");
+        let e = err("[provider]\nupstream_tls = true\nupstream_server_name = \"bad name\"\n");
+        assert!(
+            e.contains("provider.upstream_ca")
+                && e.contains("line 3: provider.upstream_server_name"),
+            "{e}"
+        );
+        let e = err("[provider]\nupstream_ca = \"ca.pem\"\n");
+        assert!(e.contains("only used with upstream_tls = true"), "{e}");
+        // HTTPS only may take `listen`'s port.
+        let c = Config::parse(
+            "listen = \"0.0.0.0:5443\"\n[tls]\nenabled = true\nhttp = \"off\"\ncertificates = [{ cert = \"a.pem\" }]\n",
+            Path::new("lb.toml"),
+        )
+        .expect("valid");
+        assert!(!c.tls.serves_plain());
+        assert!(Config::default().tls.serves_plain());
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub enum ConfigChange {
     Admin,
     /// `[log]`: requests are logged with it from the next one.
     Log,
+    /// `tls.http` (serve or redirect) or `tls.certificates`: new connections use it (the
+    /// watcher loads the new certificate files).
+    Tls,
 }
 
 impl fmt::Display for ConfigChange {
@@ -56,6 +59,7 @@ impl fmt::Display for ConfigChange {
             ConfigChange::PolicyLimits => f.write_str("policy limits"),
             ConfigChange::Admin => f.write_str("[admin]"),
             ConfigChange::Log => f.write_str("[log]"),
+            ConfigChange::Tls => f.write_str("[tls] (http or certificates)"),
         }
     }
 }
@@ -86,6 +90,27 @@ pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
     if new.policy.dir != old.policy.dir {
         changes.push(ConfigChange::NeedsRestart("policy.dir"));
         new.policy.dir = old.policy.dir.clone();
+    }
+    if new.tls.enabled != old.tls.enabled {
+        changes.push(ConfigChange::NeedsRestart("tls.enabled"));
+        new.tls.enabled = old.tls.enabled;
+    }
+    if new.tls.listen != old.tls.listen {
+        changes.push(ConfigChange::NeedsRestart("tls.listen"));
+        new.tls.listen = old.tls.listen;
+    }
+    if new.tls.min_version != old.tls.min_version {
+        changes.push(ConfigChange::NeedsRestart("tls.min_version"));
+        new.tls.min_version = old.tls.min_version;
+    }
+    // Whether a plain listener exists is decided at start; serve <-> redirect is live.
+    let off = crate::config::PlainHttp::Off;
+    if new.tls.http != old.tls.http && (new.tls.http == off || old.tls.http == off) {
+        changes.push(ConfigChange::NeedsRestart("tls.http"));
+        new.tls.http = old.tls.http;
+    }
+    if new.tls != old.tls {
+        changes.push(ConfigChange::Tls);
     }
     let (o, n) = (&old.ring, &new.ring);
     if n.slots != o.slots || n.vnodes != o.vnodes || n.vnode_hash != o.vnode_hash {
@@ -191,7 +216,8 @@ impl Controller {
                 | ConfigChange::Proxy
                 | ConfigChange::PolicyLimits
                 | ConfigChange::Admin
-                | ConfigChange::Log => {}
+                | ConfigChange::Log
+                | ConfigChange::Tls => {}
             }
         }
         self.publish();
@@ -296,6 +322,35 @@ mod tests {
             ConfigChange::ReplicaCount { from: 3, to: 5 }.to_string(),
             "replicas.count 3 -> 5"
         );
+    }
+
+    #[test]
+    fn tls_listeners_need_a_restart_and_the_rest_applies() {
+        let old = Config::default();
+        let mut new = old.clone();
+        new.tls.enabled = true;
+        new.tls.listen = "127.0.0.1:8443".parse().expect("addr");
+        new.tls.http = crate::config::PlainHttp::Off;
+        let p = plan(&old, new);
+        assert_eq!(
+            p.changes,
+            vec![
+                ConfigChange::NeedsRestart("tls.enabled"),
+                ConfigChange::NeedsRestart("tls.listen"),
+                ConfigChange::NeedsRestart("tls.http"),
+            ]
+        );
+        assert_eq!(p.config.tls, old.tls);
+
+        let mut new = old.clone();
+        new.tls.http = crate::config::PlainHttp::Redirect;
+        new.tls.certificates = vec![crate::config::CertificatePair {
+            cert: "a.pem".into(),
+            key: None,
+        }];
+        let p = plan(&old, new.clone());
+        assert_eq!(p.changes, vec![ConfigChange::Tls]);
+        assert_eq!(p.config.tls, new.tls);
     }
 
     #[test]

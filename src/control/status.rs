@@ -34,6 +34,8 @@ struct Status<'a> {
     /// Upper bounds (µs) of the buckets in each replica's `latency.buckets` (one more bucket
     /// counts everything above the last).
     latency_bounds_us: &'static [u64],
+    /// The TLS certificates and the last rejected certificate edit; null while TLS is off.
+    tls: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -308,6 +310,11 @@ impl Controller {
                 latency: latency(&m.upstream_latency),
             },
             latency_bounds_us: &crate::latency::BOUNDS_US,
+            tls: self
+                .metrics
+                .tls
+                .load_full()
+                .map(|r| r.status(std::time::SystemTime::now())),
         };
         serde_json::to_value(status)
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))

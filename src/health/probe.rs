@@ -86,43 +86,62 @@ impl HttpProber {
         let started = Instant::now();
         let at = SystemTime::now();
         let uri = format!("http://{addr}{}", check.path);
-        let mut inconclusive = false;
         let result = tokio::time::timeout(timeout, async {
             let uri = uri
                 .parse()
-                .map_err(|e: http::uri::InvalidUri| e.to_string())?;
-            let resp = self.client.get(uri).await.map_err(|e| {
-                inconclusive = local_resource_cause(&e).is_some();
-                error_chain(&e)
-            })?;
+                .map_err(|e: http::uri::InvalidUri| (e.to_string(), false))?;
+            let resp = self
+                .client
+                .get(uri)
+                .await
+                .map_err(|e| (error_chain(&e), local_resource_cause(&e).is_some()))?;
             let status = resp.status().as_u16();
             // Read the (empty) body so the check covers a whole response.
             resp.into_body()
                 .collect()
                 .await
-                .map_err(|e| e.to_string())?;
-            Ok::<u16, String>(status)
+                .map_err(|e| (e.to_string(), false))?;
+            Ok(status)
         })
-        .await;
-        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let (ok, status, error) = match result {
-            Ok(Ok(s)) if check.expect.matches(s) => (true, Some(s), None),
-            Ok(Ok(s)) => (
-                false,
-                Some(s),
-                Some(format!("status {s}, expected {}", check.expect)),
-            ),
-            Ok(Err(e)) => (false, None, Some(e)),
-            Err(_) => (false, None, Some(format!("timed out after {timeout:?}"))),
-        };
-        ProbeOutcome {
-            ok,
-            inconclusive,
-            status,
-            latency_ms,
-            error,
-            at,
-        }
+        .await
+        .ok();
+        judge(&check, timeout, started, at, result)
+    }
+}
+
+/// The verdict on one check: `result` is the status the replica answered, or why there was none
+/// and whether the cause was the gateway's own (inconclusive), or `None` when the deadline passed.
+pub(crate) fn judge(
+    check: &Check,
+    timeout: Duration,
+    started: Instant,
+    at: SystemTime,
+    result: Option<Result<u16, (String, bool)>>,
+) -> ProbeOutcome {
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (ok, inconclusive, status, error) = match result {
+        Some(Ok(s)) if check.expect.matches(s) => (true, false, Some(s), None),
+        Some(Ok(s)) => (
+            false,
+            false,
+            Some(s),
+            Some(format!("status {s}, expected {}", check.expect)),
+        ),
+        Some(Err((e, local))) => (false, local, None, Some(e)),
+        None => (
+            false,
+            false,
+            None,
+            Some(format!("timed out after {timeout:?}")),
+        ),
+    };
+    ProbeOutcome {
+        ok,
+        inconclusive,
+        status,
+        latency_ms,
+        error,
+        at,
     }
 }
 

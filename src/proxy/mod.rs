@@ -104,6 +104,10 @@ async fn try_forward(
     let framing = upstream::framing_of(&parts.method, &body);
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let authority = parts.uri.authority().map(|a| a.as_str());
+    let proto = match parts.extensions.get::<crate::tls::Https>() {
+        Some(_) => "https",
+        None => "http",
+    };
     // Serialised once; a retry sends the same bytes to the next server.
     let head = upstream::head::request_head(
         &parts.method,
@@ -111,6 +115,7 @@ async fn try_forward(
         &parts.headers,
         client_addr,
         authority,
+        proto,
         framing,
     );
     let method = &parts.method;

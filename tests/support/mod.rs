@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod backends;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -33,6 +34,8 @@ pub struct Conf {
     pub proxy: String,
     pub policy: String,
     pub admin: String,
+    /// The body of `[tls]`; the section is left out when empty.
+    pub tls: String,
     /// Provider kind; "process" (with this build's ringgate-server) unless set.
     pub kind: Option<String>,
 }
@@ -58,6 +61,9 @@ impl Conf {
         ] {
             out.push_str(&format!("[{name}]\n{body}\n"));
         }
+        if !self.tls.is_empty() {
+            out.push_str(&format!("[tls]\n{}\n", self.tls));
+        }
         out
     }
 }
@@ -76,6 +82,9 @@ pub struct GatewayProcess {
     /// [`metrics`](Self::metrics) (harmless when the gateway has no token).
     pub admin_token: Option<String>,
     log: Arc<Mutex<String>>,
+    /// The rest of the gateway's stdout lines (the `listening on https://` line).
+    lines: Mutex<Option<std::sync::mpsc::Receiver<String>>>,
+    https: Mutex<Option<SocketAddr>>,
 }
 
 impl GatewayProcess {
@@ -120,6 +129,8 @@ impl GatewayProcess {
             wrapper: Vec::new(),
             admin_token: None,
             log: Arc::new(Mutex::new(String::new())),
+            lines: Mutex::new(None),
+            https: Mutex::new(None),
         }
     }
 
@@ -172,20 +183,52 @@ impl GatewayProcess {
         std::thread::spawn(move || {
             let mut r = BufReader::new(stdout);
             let mut line = String::new();
-            let _ = r.read_line(&mut line);
-            let _ = tx.send(line);
+            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                let _ = tx.send(std::mem::take(&mut line));
+            }
+            let _ = tx.send(String::new());
             let mut rest = Vec::new();
             let _ = r.read_to_end(&mut rest);
         });
         self.child = Some(child);
         let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
-        match ringgate::listening::parse(&line) {
-            Some(addr) => self.addr = addr,
-            None => panic!(
+        *self.https.lock().expect("https lock") = None;
+        match (
+            ringgate::listening::parse(&line),
+            ringgate::listening::parse_https(&line),
+        ) {
+            (Some(addr), _) => self.addr = addr,
+            // HTTPS only: that line is the only one.
+            (None, Some(addr)) => {
+                self.addr = addr;
+                *self.https.lock().expect("https lock") = Some(addr);
+            }
+            (None, None) => panic!(
                 "gateway did not start: stdout {line:?}\nlog:\n{}",
                 self.log()
             ),
         }
+        *self.lines.lock().expect("lines lock") = Some(rx);
+    }
+
+    /// The HTTPS listener's address, from the `listening on https://` line (printed with the
+    /// plain one, so it is there once the gateway started with TLS on).
+    pub fn tls_addr(&self) -> SocketAddr {
+        let mut https = self.https.lock().expect("https lock");
+        if let Some(a) = *https {
+            return a;
+        }
+        let lines = self.lines.lock().expect("lines lock");
+        let rx = lines.as_ref().expect("the gateway was launched");
+        let line = rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+        let addr = ringgate::listening::parse_https(&line).unwrap_or_else(|| {
+            panic!(
+                "no `listening on https://` line: {line:?}\nlog:\n{}",
+                self.log()
+            )
+        });
+        *https = Some(addr);
+        addr
     }
 
     /// SIGTERM, then waits for the gateway to exit; true when it did within `timeout` (else it

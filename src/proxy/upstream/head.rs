@@ -30,13 +30,15 @@ pub const MAX_HEADERS: usize = 128;
 
 /// Writes the request head to send upstream. `client` is the peer address for
 /// `X-Forwarded-For`; `authority` is used for `Host` when the client sent none (HTTP/2's
-/// `:authority`, or an HTTP/1.0 request).
+/// `:authority`, or an HTTP/1.0 request); `proto` is the client's scheme (`http` or `https`)
+/// for `X-Forwarded-Proto`.
 pub fn request_head(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
     client: SocketAddr,
     authority: Option<&str>,
+    proto: &str,
     framing: RequestFraming,
 ) -> Bytes {
     let mut out = BytesMut::with_capacity(256 + headers.len() * 32);
@@ -89,7 +91,7 @@ pub fn request_head(
     }
     write_ip(&mut chain, client);
     put_header(&mut out, b"x-forwarded-for", &chain);
-    put_header(&mut out, b"x-forwarded-proto", b"http");
+    put_header(&mut out, b"x-forwarded-proto", proto.as_bytes());
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(n) => {
@@ -280,6 +282,7 @@ mod tests {
             &map(pairs),
             "[::ffff:10.0.0.7]:999".parse().expect("addr"),
             Some("fallback.test"),
+            "http",
             framing,
         );
         String::from_utf8(b.to_vec()).expect("utf8")

@@ -1,7 +1,8 @@
 //! Upstream connections and the serving thread's pool of idle ones.
 //!
-//! Owns: [`Conn`] (a replica connection with its read buffer), connecting with a deadline, and
-//! the per-thread pool of idle keep-alive connections (last in, first out; at most
+//! Owns: [`Conn`] (a replica connection with its read buffer: plain TCP, or TLS when the serving
+//! thread was given an upstream TLS client, see [`set_upstream_tls`]), connecting with a
+//! deadline, and the per-thread pool of idle keep-alive connections (last in, first out; at most
 //! [`MAX_IDLE_PER_REPLICA`] per replica; closed after [`IDLE_TIMEOUT`]; a connection the replica
 //! closed, or that has unsolicited bytes, is never handed out). Per thread, because every request
 //! stays on its serving thread: no lock, no cross-thread wake-up, no shared cache line.
@@ -14,9 +15,14 @@ use std::net::SocketAddr;
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
+use std::pin::Pin;
+
 use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::tls::upstream::{UpstreamStream, UpstreamTls};
 
 /// Idle keep-alive connections kept per replica and serving thread.
 pub const MAX_IDLE_PER_REPLICA: usize = 64;
@@ -26,9 +32,81 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// connections are many after a burst, and each buffer is RSS).
 const KEEP_BUFFER: usize = 0;
 
+/// The byte stream to a replica: plain TCP, or TLS (`[provider] upstream_tls`).
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<UpstreamStream>),
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => {
+                // Whatever an earlier write left in the TLS buffer goes first, so nothing
+                // written stays behind once the caller turns to reading.
+                ready!(Pin::new(&mut **s).poll_flush(cx))?;
+                let n = ready!(Pin::new(&mut **s).poll_write(cx, buf))?;
+                let _ = Pin::new(&mut **s).poll_flush(cx)?;
+                Poll::Ready(Ok(n))
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            tls => {
+                let first = bufs
+                    .iter()
+                    .find(|b| !b.is_empty())
+                    .map_or(&[][..], |b| &**b);
+                Pin::new(tls).poll_write(cx, first)
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        matches!(self, Stream::Plain(s) if s.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+thread_local! {
+    /// The TLS client this serving thread's replica connections use (None: plain TCP).
+    static UPSTREAM_TLS: RefCell<Option<UpstreamTls>> = const { RefCell::new(None) };
+}
+
+/// Makes this thread's new replica connections TLS (`Some`) or plain TCP (`None`). A serving
+/// thread calls it once, before it serves.
+pub fn set_upstream_tls(tls: Option<UpstreamTls>) {
+    UPSTREAM_TLS.with(|t| *t.borrow_mut() = tls);
+}
+
 /// One connection to a replica.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     /// Bytes read from the replica and not handed on yet.
     pub buf: BytesMut,
     addr: SocketAddr,
@@ -44,6 +122,15 @@ impl Conn {
             Err(_) => return Err(ConnectError::Timeout(timeout)),
         };
         let _ = stream.set_nodelay(true);
+        let stream = match UPSTREAM_TLS.with(|t| t.borrow().clone()) {
+            None => Stream::Plain(stream),
+            // The handshake is part of connecting: a replica that fails it got nothing yet.
+            Some(tls) => match tokio::time::timeout(timeout, tls.connect(stream, addr)).await {
+                Ok(Ok(s)) => Stream::Tls(Box::new(s)),
+                Ok(Err(e)) => return Err(ConnectError::Tls(e)),
+                Err(_) => return Err(ConnectError::Timeout(timeout)),
+            },
+        };
         Ok(Conn {
             stream,
             buf: BytesMut::new(),
@@ -52,7 +139,7 @@ impl Conn {
         })
     }
 
-    pub fn stream(&mut self) -> &mut TcpStream {
+    pub fn stream(&mut self) -> &mut Stream {
         &mut self.stream
     }
 
@@ -61,16 +148,20 @@ impl Conn {
         if self.buf.capacity() - self.buf.len() < 512 {
             self.buf.reserve(max);
         }
+        let stream = match &mut self.stream {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => return poll_fill_tls(s, &mut self.buf, cx),
+        };
         loop {
-            ready!(self.stream.poll_read_ready(cx))?;
+            ready!(stream.poll_read_ready(cx))?;
             let room = self.buf.capacity() - self.buf.len();
-            match self.stream.try_read_buf(&mut self.buf) {
+            match stream.try_read_buf(&mut self.buf) {
                 Ok(n) => {
                     if n > 0 && n < room {
                         // A short read drained the socket: forget the readiness now (as tokio's
                         // own poll_read does), so neither the next read nor the pool's check
                         // spends a syscall on EAGAIN.
-                        let _ = self.stream.try_io(tokio::io::Interest::READABLE, || {
+                        let _ = stream.try_io(tokio::io::Interest::READABLE, || {
                             Err::<(), _>(io::ErrorKind::WouldBlock.into())
                         });
                     }
@@ -89,22 +180,56 @@ impl Conn {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
+        let stream = match &mut self.stream {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => {
+                // Records that carry no data (session tickets, a key update) are consumed here;
+                // data or the end of the stream means the connection is not idle any more.
+                let mut probe = [0u8; 1];
+                let mut rb = ReadBuf::new(&mut probe);
+                return matches!(
+                    Pin::new(&mut **s).poll_read(&mut cx, &mut rb),
+                    Poll::Pending
+                );
+            }
+        };
+        match stream.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             // Readiness can be left over from the last response: one read tells.
             Poll::Ready(Ok(())) => {
                 let mut probe = [0u8; 1];
-                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
             Poll::Ready(Err(_)) => false,
         }
     }
 }
 
+/// [`Conn::poll_fill`] over TLS: pending writes first, then what the replica sent, into the
+/// buffer's free room (zeroed first: this crate has no unsafe code to skip that).
+fn poll_fill_tls(
+    s: &mut UpstreamStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    ready!(Pin::new(&mut *s).poll_flush(cx))?;
+    let start = buf.len();
+    let room = (buf.capacity() - start).max(512);
+    buf.resize(start + room, 0);
+    let mut rb = ReadBuf::new(&mut buf[start..]);
+    let polled = Pin::new(&mut *s).poll_read(cx, &mut rb);
+    let n = rb.filled().len();
+    buf.truncate(start + n);
+    ready!(polled)?;
+    Poll::Ready(Ok(n))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("tcp connect error: {0}")]
     Io(#[source] io::Error),
+    #[error("TLS handshake with the replica failed: {0} (check provider.upstream_ca and the replica's certificate)")]
+    Tls(#[source] io::Error),
     #[error("tcp connect timed out after {0:?} (proxy.connect_timeout)")]
     Timeout(Duration),
 }

@@ -14,12 +14,16 @@
 //! - [`charts`]: plotters charts (SVG, or PNG where the SVG would be too big).
 //! - [`report`]: the markdown report and its sections.
 //! - [`proxies`]: ringgate against NGINX and HAProxy (`make bench`).
+//! - [`proxies_tls`]: the same three terminating TLS (`make bench`, its TLS section), with
+//!   [`handshakes`], a client of full TLS handshakes.
 
 pub mod balancing;
 pub mod charts;
 pub mod experiments;
 pub mod gateway;
+pub mod handshakes;
 pub mod proxies;
+pub mod proxies_tls;
 pub mod report;
 pub mod theory;
 
@@ -123,6 +127,8 @@ pub enum AnalysisCommand {
     Proxies(proxies::ProxiesArgs),
     /// Bounded loads and slow start on live gateways (part of `make analysis`)
     Balancing(balancing::BalancingArgs),
+    /// ringgate, NGINX and HAProxy terminating TLS over the same backends (`make bench`)
+    Tls(proxies_tls::TlsArgs),
 }
 
 /// Everything one `ringgate-lab analysis` run measured.
@@ -144,6 +150,7 @@ pub async fn run_cli(args: AnalysisArgs) -> Result<(), AnalysisError> {
     match args.command {
         Some(AnalysisCommand::Proxies(p)) => return proxies::run(p).await,
         Some(AnalysisCommand::Balancing(b)) => return balancing::run(b).await,
+        Some(AnalysisCommand::Tls(t)) => return proxies_tls::run(t).await,
         None => {}
     }
     let bin = match &args.gateway_bin {

@@ -88,7 +88,7 @@ pub enum Tool {
 }
 
 /// A process started by the benchmark; SIGTERM on drop.
-struct Proc {
+pub(super) struct Proc {
     name: String,
     child: Child,
     stopped: bool,
@@ -100,7 +100,7 @@ impl Proc {
     }
 
     /// CPU ticks used so far by the process and its children (NGINX's workers).
-    fn cpu_ticks(&self) -> u64 {
+    pub(super) fn cpu_ticks(&self) -> u64 {
         let Some(pid) = self.pid() else { return 0 };
         let mut pids = vec![pid];
         pids.extend(children_of(pid));
@@ -108,7 +108,7 @@ impl Proc {
     }
 
     /// Peak RSS (KiB) of the process and its children, and how many processes that was.
-    fn peak_rss(&self) -> Option<(u64, usize)> {
+    pub(super) fn peak_rss(&self) -> Option<(u64, usize)> {
         let pid = self.pid()?;
         let mut pids = vec![pid];
         pids.extend(children_of(pid));
@@ -116,7 +116,7 @@ impl Proc {
         Some((total, pids.len()))
     }
 
-    async fn stop(mut self) {
+    pub(super) async fn stop(mut self) {
         self.stopped = true;
         if let Some(pid) = self.child.id() {
             signal(pid, "TERM");
@@ -144,12 +144,17 @@ impl Drop for Proc {
 }
 
 /// Starts processes and records their pids.
-struct Launcher {
-    pidfile: Option<PathBuf>,
+pub(super) struct Launcher {
+    pub(super) pidfile: Option<PathBuf>,
 }
 
 impl Launcher {
-    fn spawn(&self, name: &str, mut cmd: Command, log: &Path) -> Result<Proc, AnalysisError> {
+    pub(super) fn spawn(
+        &self,
+        name: &str,
+        mut cmd: Command,
+        log: &Path,
+    ) -> Result<Proc, AnalysisError> {
         let log = std::fs::File::create(log).map_err(|e| AnalysisError::io("creating a log", e))?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -176,12 +181,12 @@ impl Launcher {
 }
 
 /// The loopback address in the child's `listening on http://ADDR` line.
-async fn listening_addr(p: &mut Proc) -> Result<SocketAddr, AnalysisError> {
+pub(super) async fn listening_addr(p: &mut Proc) -> Result<SocketAddr, AnalysisError> {
     wait_listening(&mut p.child, &p.name, Duration::from_secs(30)).await
 }
 
 /// Waits until `GET url` answers 200.
-async fn wait_200(url: &str, within: Duration) -> Result<(), AnalysisError> {
+pub(super) async fn wait_200(url: &str, within: Duration) -> Result<(), AnalysisError> {
     let client = loadgen::client(1);
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
@@ -203,7 +208,7 @@ async fn wait_200(url: &str, within: Duration) -> Result<(), AnalysisError> {
     )))
 }
 
-fn free_port() -> Result<u16, AnalysisError> {
+pub(super) fn free_port() -> Result<u16, AnalysisError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| AnalysisError::io("finding a free port", e))?;
     l.local_addr()
@@ -212,7 +217,7 @@ fn free_port() -> Result<u16, AnalysisError> {
 }
 
 /// A program on PATH or in the sbin directories.
-fn find_program(name: &str) -> Option<PathBuf> {
+pub(super) fn find_program(name: &str) -> Option<PathBuf> {
     let p = Path::new(name);
     if p.components().count() > 1 {
         return p.is_file().then(|| p.to_path_buf());
@@ -282,7 +287,7 @@ pub fn parse_wrk(out: &str) -> Option<RunFigures> {
     have_rps.then_some(f)
 }
 
-const WRK_SCRIPT: &str = r#"-- random 6-digit ?id= per request, like `ringgate-lab load`
+pub(super) const WRK_SCRIPT: &str = r#"-- random 6-digit ?id= per request, like `ringgate-lab load`
 math.randomseed(os.time())
 request = function()
   return wrk.format("GET", "/home?id=" .. math.random(100000, 999999))
@@ -343,7 +348,7 @@ impl Measure {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

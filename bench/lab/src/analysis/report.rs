@@ -65,7 +65,8 @@ fn balancing_section(doc: &str) -> Option<&str> {
     (e >= b).then(|| doc[b..e].trim_start_matches('\n'))
 }
 
-/// Writes `md` to `path`, keeping the bench and balancing sections of the file already there.
+/// Writes `md` to `path`, keeping the bench sections (plain and TLS) and the balancing section
+/// of the file already there.
 pub fn write_doc(path: &Path, md: &str) -> Result<(), AnalysisError> {
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let md = match bench_section(&old) {
@@ -76,6 +77,7 @@ pub fn write_doc(path: &Path, md: &str) -> Result<(), AnalysisError> {
         Some(kept) if !kept.trim().is_empty() => replace_balancing_section(&md, kept),
         _ => md,
     };
+    let md = super::proxies_tls::keep_section(&old, &md);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| AnalysisError::io("creating the docs dir", e))?;
     }

@@ -1,12 +1,20 @@
-//! Live reload: watches the config file and the policy directory and hands validated changes to
-//! the controller.
+//! Live reload: watches the config file, the policy directory and the TLS certificate and key
+//! files, and hands validated changes on.
 //!
 //! Owns: noticing edits (notify events, debounced; plus a once-a-second content check so bind
-//! mounts and file systems without inotify are covered too), waiting until an edited file is
-//! complete, reading and validating the new config, and loading the new policy set. Only this
-//! module imports notify.
+//! mounts, symlink swaps and file systems without inotify are covered too), waiting until an
+//! edited file is complete, reading and validating the new config, loading the new policy set,
+//! and validating a new certificate set. Only this module imports notify.
 //! Must not touch: running state. It sends `Reload`, `PolicyLoaded` or `ReloadFailed` to the
-//! controller, which applies or records them; an invalid edit therefore changes nothing.
+//! controller, which applies or records them, and hands a validated certificate set to
+//! [`Tls::apply`] (or its error to [`Tls::reject`]); an invalid edit therefore changes nothing.
+//!
+//! # Certificates
+//!
+//! A certificate and its key are two files, replaced one after the other: in between, the key
+//! does not match the certificate. Such a mismatch is waited out for two seconds
+//! (`certs::MISMATCH_GRACE`) before it is reported (the old pair serves meanwhile); any other
+//! problem is reported at once. The certificate side lives in [`certs`].
 //!
 //! # Half-written files are never applied
 //!
@@ -31,9 +39,15 @@ use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
 use notify::{Event, EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use std::sync::Arc;
+
 use crate::config::Config;
 use crate::control::{Command, ControllerHandle, ReloadKind};
 use crate::policy::{read_policy_files, PolicyFiles, PolicyLimits, PolicySet};
+use crate::tls::Tls;
+
+mod certs;
+use certs::{CertFiles, CertWatch};
 
 /// Quiet time after an event before the first read, so a burst of events is read once.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -44,7 +58,6 @@ const SETTLE: Duration = Duration::from_millis(200);
 const MAX_SETTLE: Duration = Duration::from_secs(10);
 /// The safety-net content check.
 const POLL: Duration = Duration::from_secs(1);
-
 /// What one more read says about an edit in progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
@@ -142,20 +155,12 @@ fn emptied_policy_file<'a>(last: Option<&PolicyFiles>, now: &'a PolicyFiles) -> 
         .map(|(name, _)| name.as_str())
 }
 
-/// One of the two watched sources.
+/// One of the watched sources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
     Config,
     Policy,
-}
-
-impl Source {
-    fn kind(self) -> ReloadKind {
-        match self {
-            Source::Config => ReloadKind::Config,
-            Source::Policy => ReloadKind::Policy,
-        }
-    }
+    Certificates,
 }
 
 struct State {
@@ -177,16 +182,20 @@ struct State {
     open_writes: OpenWrites,
     /// Sources whose "still changing" was already reported (reported once per episode).
     reported_unsettled: Vec<Source>,
+    certs: Option<CertWatch>,
 }
 
 /// Starts watching. `initial_files` are the policy files the gateway started with (so they are
 /// not loaded twice); `config_text` the config text it started with.
+/// `tls` is the gateway's TLS termination when TLS is on: its certificate files are watched
+/// too.
 pub fn spawn(
     config_path: Option<PathBuf>,
     config_text: Option<String>,
     config: &Config,
     initial_files: Option<PolicyFiles>,
     controller: ControllerHandle,
+    tls: Option<Arc<Tls>>,
 ) -> tokio::task::JoinHandle<()> {
     let (tx, events) = mpsc::unbounded_channel();
     let state = State {
@@ -203,6 +212,13 @@ pub fn spawn(
         events,
         open_writes: OpenWrites::default(),
         reported_unsettled: Vec::new(),
+        certs: tls.map(|tls| CertWatch {
+            last: Some(Ok(tls.started_with().to_vec())),
+            tls,
+            files: CertFiles::new(config.tls.certificates.clone()),
+            mismatch_since: None,
+            watched: Vec::new(),
+        }),
     };
     tokio::spawn(run(state, tx, controller))
 }
@@ -249,6 +265,17 @@ async fn run(mut state: State, tx: mpsc::UnboundedSender<Event>, controller: Con
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if let (Some(w), Some(certs)) = (watcher.as_mut(), state.certs.as_mut()) {
+            for dir in &certs.files.dirs {
+                if !certs.watched.contains(dir) {
+                    // Marked as watched even when it fails: the once-a-second check covers it.
+                    if let Err(e) = w.watch(dir, RecursiveMode::NonRecursive) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a certificate directory; checking it every second");
+                    }
+                    certs.watched.push(dir.clone());
+                }
+            }
+        }
         if !watching_policy_dir {
             if let Some(w) = watcher.as_mut() {
                 let dir = state.policy_dir.canonicalize().unwrap_or_default();
@@ -278,11 +305,19 @@ async fn run(mut state: State, tx: mpsc::UnboundedSender<Event>, controller: Con
     }
 }
 
-/// Whether `p` is the config file (for [`Source::Config`]) or a policy file (`*.lua` directly in
-/// the policy directory, not hidden) for [`Source::Policy`].
-fn is_source_file(config_path: Option<&Path>, policy_dir: &Path, source: Source, p: &Path) -> bool {
+/// Whether `p` is the config file (for [`Source::Config`]), a policy file (`*.lua` directly in
+/// the policy directory, not hidden) for [`Source::Policy`], or one of `certs` for
+/// [`Source::Certificates`].
+fn is_source_file(
+    config_path: Option<&Path>,
+    policy_dir: &Path,
+    certs: &[PathBuf],
+    source: Source,
+    p: &Path,
+) -> bool {
     match source {
         Source::Config => config_path == Some(p),
+        Source::Certificates => certs.iter().any(|c| c == p),
         Source::Policy => {
             p.parent() == Some(policy_dir)
                 && p.file_name()
@@ -314,10 +349,21 @@ impl State {
         self.open_writes.note(event);
         // Only the watched files matter (a log kept open beside the config does not).
         let (config, dir) = (&self.config_event_path, &self.policy_event_dir);
+        let certs = self
+            .certs
+            .as_ref()
+            .map_or(&[][..], |c| c.files.event_paths.as_slice());
         self.open_writes.forget(|p| {
-            !is_source_file(config.as_deref(), dir, Source::Config, p)
-                && !is_source_file(config.as_deref(), dir, Source::Policy, p)
+            [Source::Config, Source::Policy, Source::Certificates]
+                .into_iter()
+                .all(|s| !is_source_file(config.as_deref(), dir, certs, s, p))
         });
+    }
+
+    fn cert_event_paths(&self) -> &[PathBuf] {
+        self.certs
+            .as_ref()
+            .map_or(&[], |c| c.files.event_paths.as_slice())
     }
 
     fn drain_events(&mut self) {
@@ -330,6 +376,7 @@ impl State {
         is_source_file(
             self.config_event_path.as_deref(),
             &self.policy_event_dir,
+            self.cert_event_paths(),
             source,
             p,
         )
@@ -359,8 +406,12 @@ impl State {
                     if writer_open {
                         tracing::warn!(source = ?source, waited = ?started.elapsed(), "a file stayed open for writing but unchanged; applying its content");
                         let (config, dir) = (&self.config_event_path, &self.policy_event_dir);
+                        let certs = self
+                            .certs
+                            .as_ref()
+                            .map_or(&[][..], |c| c.files.event_paths.as_slice());
                         self.open_writes
-                            .forget(|p| is_source_file(config.as_deref(), dir, source, p));
+                            .forget(|p| is_source_file(config.as_deref(), dir, certs, source, p));
                     }
                     self.reported_unsettled.retain(|s| *s != source);
                     return Some(next);
@@ -384,22 +435,30 @@ impl State {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             Source::Policy => format!("the policy files in {}", self.policy_dir.display()),
+            Source::Certificates => "the TLS certificate and key files".to_owned(),
         };
         let error = format!(
             "{what} kept changing for {MAX_SETTLE:?}: not applied until it holds still for {SETTLE:?} \
              (write the new version to a temporary file and rename it over the old one)"
         );
-        controller
-            .send(Command::ReloadFailed {
-                what: source.kind(),
-                error,
-            })
-            .await
+        let what = match source {
+            Source::Config => ReloadKind::Config,
+            Source::Policy => ReloadKind::Policy,
+            Source::Certificates => {
+                if let Some(c) = &self.certs {
+                    c.tls.reject(&error);
+                }
+                return true;
+            }
+        };
+        controller.send(Command::ReloadFailed { what, error }).await
     }
 
     /// Reads both sources and reports what changed. Returns false once the controller is gone.
     async fn check(&mut self, controller: &ControllerHandle) -> bool {
-        self.check_config(controller).await && self.check_policy(controller).await
+        self.check_config(controller).await
+            && self.check_policy(controller).await
+            && self.check_certs(controller).await
     }
 
     async fn check_config(&mut self, controller: &ControllerHandle) -> bool {
@@ -423,6 +482,14 @@ impl State {
             Ok(text) => match Config::parse(text, &path) {
                 Ok(config) => {
                     self.limits = config.policy.limits();
+                    // A new certificate list (TLS stays on; turning it on or off needs a
+                    // restart, which the controller reports): read and apply it next.
+                    if let Some(certs) = self.certs.as_mut() {
+                        if config.tls.enabled && config.tls.certificates != certs.files.pairs {
+                            certs.files = CertFiles::new(config.tls.certificates.clone());
+                            certs.last = None;
+                        }
+                    }
                     Command::Reload {
                         config: Box::new(config),
                     }
@@ -585,7 +652,11 @@ mod tests {
     #[test]
     fn only_the_config_and_loadable_policy_files_are_waited_for() {
         let (config, dir) = (Some(Path::new("/c/lb.toml")), Path::new("/p"));
-        let is = |source, p: &str| is_source_file(config, dir, source, Path::new(p));
+        let certs = [PathBuf::from("/t/site.pem")];
+        let is = |source, p: &str| is_source_file(config, dir, &certs, source, Path::new(p));
+        assert!(is(Source::Certificates, "/t/site.pem"));
+        assert!(!is(Source::Certificates, "/t/site.pem.tmp"));
+        assert!(!is(Source::Config, "/t/site.pem"));
         assert!(is(Source::Config, "/c/lb.toml"));
         assert!(!is(Source::Config, "/c/lb.toml.tmp"));
         assert!(is(Source::Policy, "/p/10-a.lua"));
