@@ -4,6 +4,7 @@
 #   bench/deps.sh proxies   nginx, haproxy and wrk
 #   bench/deps.sh chromium  headless Chromium and a font for the operator page's browser test
 #                           (`make test` calls this; tests/browser.rs fails loudly without it)
+#   bench/deps.sh curl      curl, the HTTP/1.1 and HTTP/2-over-TLS client of tests/tls.rs
 set -euo pipefail
 
 SUDO=""
@@ -29,6 +30,8 @@ for what in "$@"; do
                 missing+=(chromium)
             fi
             [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core) ;;
+        curl)
+            have curl || missing+=(curl) ;;
         *) echo "deps.sh: unknown group $what" >&2; exit 2 ;;
     esac
 done

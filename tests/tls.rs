@@ -91,6 +91,10 @@ async fn curl_python_and_rustls_get_the_replica_over_tls_with_the_certificate_sn
             echo.addr
         ),
         tls: t::section(&[main, shop], ""),
+        log: format!(
+            "access = \"{}\"\n",
+            certs.path().join("access.log").display()
+        ),
         ..Conf::default()
     });
     let tls = gw.tls_addr();
@@ -122,6 +126,14 @@ async fn curl_python_and_rustls_get_the_replica_over_tls_with_the_certificate_sn
     let (code, body) = get(&gw.url("/home?id=1")).await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("x-forwarded-proto: http\r\n"), "{body}");
+    // The access log tells the HTTPS requests from the plain one.
+    let log = certs.path().join("access.log");
+    let schemes = wait_for_lines(&log, 3).await;
+    assert_eq!(
+        schemes,
+        ["https", "https", "http"].map(String::from).to_vec(),
+        "the scheme of each logged request, in order"
+    );
 
     // Python's ssl, TLS 1.3 and 1.2.
     assert_eq!(
@@ -195,6 +207,32 @@ async fn curl_python_and_rustls_get_the_replica_over_tls_with_the_certificate_sn
 }
 
 /// The CN a new handshake sees, and whether its request was answered.
+/// The `scheme` of the first `n` lines for `/home…` of the JSON access log at `path` (the
+/// writer thread flushes about every 100 ms; the wait is bounded at 10 s).
+async fn wait_for_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut parsed: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .filter(|v: &serde_json::Value| {
+                v["path"].as_str().is_some_and(|p| p.starts_with("/home"))
+            })
+            .collect();
+        if parsed.len() >= n || Instant::now() > deadline {
+            // Lines of different serving threads come in batches: order by arrival time.
+            parsed.sort_by(|a, b| a["time"].as_str().cmp(&b["time"].as_str()));
+            return parsed
+                .iter()
+                .take(n)
+                .map(|v| v["scheme"].as_str().unwrap_or("?").to_string())
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn handshake_cn(addr: std::net::SocketAddr, config: &Arc<rustls::ClientConfig>) -> String {
     let a = t::get(addr, "localhost", "/home?id=9", config)
         .await

@@ -22,6 +22,8 @@ pub struct Record<'a> {
     /// Path and query, as the client sent them.
     pub path: &'a str,
     pub protocol: &'a str,
+    /// `http` or `https` (TLS terminated by the gateway), like NGINX's `$scheme`.
+    pub scheme: &'a str,
     pub status: u16,
     /// Response body bytes sent to the client.
     pub bytes: u64,
@@ -198,6 +200,8 @@ pub fn json(out: &mut Vec<u8>, r: &Record<'_>) {
     json_str(out, r.path);
     out.extend_from_slice(b",\"protocol\":");
     json_str(out, r.protocol);
+    out.extend_from_slice(b",\"scheme\":");
+    json_str(out, r.scheme);
     out.extend_from_slice(b",\"status\":");
     num(out, u64::from(r.status));
     out.extend_from_slice(b",\"bytes\":");
@@ -303,6 +307,8 @@ pub fn combined(out: &mut Vec<u8>, r: &Record<'_>) {
     num(out, u64::from(r.retries));
     out.extend_from_slice(b" term=");
     out.extend_from_slice(r.termination.as_bytes());
+    out.extend_from_slice(b" scheme=");
+    out.extend_from_slice(r.scheme.as_bytes());
     out.push(b'\n');
 }
 
@@ -326,6 +332,7 @@ mod tests {
             method: "GET",
             path: "/home?id=42",
             protocol: "HTTP/1.1",
+            scheme: "http",
             status: 200,
             bytes: 52,
             duration: Duration::from_micros(1234),
@@ -370,7 +377,8 @@ mod tests {
             v,
             serde_json::json!({
                 "time": "2026-12-02T06:01:33.250Z", "client": "127.0.0.1:5555", "method": "GET",
-                "path": "/home?id=42", "protocol": "HTTP/1.1", "status": 200, "bytes": 52,
+                "path": "/home?id=42", "protocol": "HTTP/1.1", "scheme": "http", "status": 200,
+                "bytes": 52,
                 "duration_ms": 1.234, "upstream_ms": 0.9, "replica": "server-1", "slot": 137,
                 "retries": 0, "termination": "ok", "referer": null, "user_agent": "curl/8.5.0"
             })
@@ -400,7 +408,8 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).expect("utf-8"),
             "127.0.0.1 - - [02/Dec/2026:06:01:33 +0000] \"GET /home?id=42 HTTP/1.1\" 200 52 \"-\" \
-             \"curl/8.5.0\" rt=0.001234 urt=0.000900 replica=server-1 slot=137 retries=0 term=ok\n"
+             \"curl/8.5.0\" rt=0.001234 urt=0.000900 replica=server-1 slot=137 retries=0 term=ok \
+             scheme=http\n"
         );
         let mut out = Vec::new();
         combined(
@@ -422,7 +431,7 @@ mod tests {
             "{line}"
         );
         assert!(
-            line.ends_with("urt=- replica=- slot=- retries=0 term=no_replica\n"),
+            line.ends_with("urt=- replica=- slot=- retries=0 term=no_replica scheme=http\n"),
             "{line}"
         );
     }

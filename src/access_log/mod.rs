@@ -310,6 +310,7 @@ pub struct Started {
     method: Method,
     uri: Uri,
     version: Version,
+    https: bool,
     referer: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
 }
@@ -327,6 +328,7 @@ impl Started {
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
+            https: req.extensions().get::<crate::tls::Https>().is_some(),
             referer: req.headers().get(REFERER).cloned(),
             user_agent: req.headers().get(USER_AGENT).cloned(),
         })
@@ -392,6 +394,7 @@ impl Pending {
             method: s.method.as_str(),
             path,
             protocol,
+            scheme: if s.https { "https" } else { "http" },
             status: self.status,
             bytes,
             duration: s.at.elapsed(),

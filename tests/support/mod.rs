@@ -36,6 +36,8 @@ pub struct Conf {
     pub admin: String,
     /// The body of `[tls]`; the section is left out when empty.
     pub tls: String,
+    /// The body of `[log]`; the section is left out when empty.
+    pub log: String,
     /// Provider kind; "process" (with this build's ringgate-server) unless set.
     pub kind: Option<String>,
 }
@@ -63,6 +65,9 @@ impl Conf {
         }
         if !self.tls.is_empty() {
             out.push_str(&format!("[tls]\n{}\n", self.tls));
+        }
+        if !self.log.is_empty() {
+            out.push_str(&format!("[log]\n{}\n", self.log));
         }
         out
     }

@@ -16,6 +16,7 @@ fn record() -> Record<'static> {
         method: "GET",
         path: "/home?id=482913",
         protocol: "HTTP/1.1",
+        scheme: "http",
         status: 200,
         bytes: 63,
         duration: Duration::from_micros(412),
