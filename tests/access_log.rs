@@ -26,6 +26,19 @@ fn lines(path: &Path, n: usize) -> Vec<String> {
     }
 }
 
+/// Waits (bounded) until a logged line mentions `needle`: a line count is not
+/// enough where the gateway also logs its own admin calls.
+fn lines_with(path: &Path, needle: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) || Instant::now() > deadline {
+            return text.lines().map(str::to_owned).collect();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn parsed(lines: &[String]) -> Vec<Value> {
     lines.iter().map(|l| json(l)).collect()
 }
@@ -262,7 +275,7 @@ async fn terminations_tell_a_client_abort_and_a_reset_replica() {
     }
     drop(s);
 
-    let got = parsed(&lines(&log, 2));
+    let got = parsed(&lines_with(&log, "\"path\":\"/big\""));
     let by_path = |p: &str| {
         got.iter()
             .find(|l| l["path"] == p)
