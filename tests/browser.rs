@@ -136,6 +136,23 @@ async fn the_operator_page_shows_the_live_ring_and_answers_what_if() {
         })
         .collect();
     assert_eq!(as_strings(&rows), expected_rows);
+    // The facts line names the ring by its fingerprint, as gateways of one ring compare it, and
+    // no fact renders as "null" (TLS and the swarm engine are off here).
+    let facts =
+        tokio::task::block_in_place(|| b.eval("document.querySelector('#facts').innerText"));
+    let facts = facts.as_str().unwrap_or_default();
+    let fingerprint = status["ring"]["fingerprint"].as_str().unwrap_or("?");
+    assert!(
+        facts.contains(&format!(
+            "ring {}",
+            &fingerprint[..8.min(fingerprint.len())]
+        )),
+        "{facts:?} names the ring fingerprint {fingerprint}"
+    );
+    assert!(
+        !facts.contains("null") && !facts.contains("engine") && !facts.contains("tls"),
+        "{facts:?}"
+    );
 
     // An /add shows on the page within 2 s of its answer: a row, and cells that it owns.
     let (code, body) = call("POST", &gw.url("/add"), r#"{"n": 1, "hostnames": ["S4"]}"#).await;

@@ -287,13 +287,38 @@ function renderTiles(status) {
     tile("ejections", `${g.ejections || 0}`, "", `${g.respawns || 0} replacements started`),
   );
   const facts = $("#facts");
-  facts.replaceChildren(
+  facts.replaceChildren(...[
     el("span", {}, "generation ", el("b", { text: status.generation })),
     el("span", {}, "config ", el("b", { text: status.config ? status.config.generation : "–" })),
     el("span", {}, "policy ", el("b", { text: status.policy ? status.policy.generation : "–" })),
     el("span", {}, "capacity ", el("b", { text: status.ring ? status.ring.capacity : "–" })),
-  );
+    el("span", { title: "FNV-1a of the owner table: gateways that route every key alike show the same" },
+      "ring ", el("b", { class: "mono", text: status.ring && status.ring.fingerprint ? status.ring.fingerprint.slice(0, 8) : "–" })),
+    g.name ? el("span", {}, "gateway ", el("b", { text: g.name })) : null,
+    engineFact(status.engine),
+    tlsFact(status.tls),
+  ].filter(Boolean));
   $("#version").textContent = status.version ? "v" + status.version : "";
+}
+
+/** The swarm engine that holds the shared ring record (absent for other providers). */
+function engineFact(engine) {
+  if (!engine) return null;
+  const text = engine.reachable ? `reachable, record v${engine.record_version ?? "–"}` : "unreachable: routing on the last ring seen";
+  return el("span", { title: engine.detail || engine.record_error || null }, "engine ",
+    el("b", { class: engine.reachable && !engine.record_error ? "" : "bad", text }));
+}
+
+/** The certificate that lapses first, in days; a rejected certificate edit (null while TLS is off). */
+function tlsFact(tls) {
+  if (!tls) return null;
+  const certs = tls.certificates || [];
+  const soonest = certs.reduce((a, c) => (a === null || c.expires_in_seconds < a.expires_in_seconds ? c : a), null);
+  const days = soonest ? Math.floor(soonest.expires_in_seconds / 86400) : null;
+  const text = days === null ? "no certificate" : `${certs.length} cert${certs.length === 1 ? "" : "s"}, first expiry in ${days} d`;
+  const bad = tls.last_error || days === null || days < 14;
+  return el("span", { title: tls.last_error || (soonest ? `${soonest.subject || ""} until ${soonest.not_after_utc}` : null) }, "tls ",
+    el("b", { class: bad ? "bad" : "", text: tls.last_error ? text + " (edit rejected)" : text }));
 }
 
 function backoff(r) {
