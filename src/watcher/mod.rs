@@ -294,6 +294,11 @@ async fn run(mut state: State, tx: mpsc::UnboundedSender<Event>, controller: Con
                     continue;
                 };
                 state.note(&ev);
+                if !state.concerns_a_source(&ev) {
+                    // A file beside the watched ones (an access log kept next to the config
+                    // writes many times a second): no read, the once-a-second check stays.
+                    continue;
+                }
                 tokio::time::sleep(DEBOUNCE).await;
                 state.drain_events();
             }
@@ -325,6 +330,35 @@ fn is_source_file(
                     .is_some_and(|n| n.ends_with(".lua") && !n.starts_with('.'))
         }
     }
+}
+
+/// Whether an event can be about a watched source: one of its paths is the config file, is in
+/// the policy directory (or is that directory), or is in a certificate's directory (where a
+/// symlink swap, as Kubernetes does it, names `..data`, not the file); or it names no path (the
+/// kernel dropped events: anything may have changed). A name beginning with `..` in the config's
+/// directory is such a swap too.
+fn concerns_a_source(
+    config_path: Option<&Path>,
+    policy_dir: &Path,
+    cert_dirs: &[PathBuf],
+    paths: &[PathBuf],
+) -> bool {
+    if paths.is_empty() {
+        return true;
+    }
+    let config_dir = config_path.and_then(Path::parent);
+    paths.iter().any(|p| {
+        let parent = p.parent();
+        config_path == Some(p.as_path())
+            || p == policy_dir
+            || parent == Some(policy_dir)
+            || cert_dirs.iter().any(|d| parent == Some(d.as_path()))
+            || (parent.is_some()
+                && parent == config_dir
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("..")))
+    })
 }
 
 async fn read_config(path: PathBuf) -> Result<String, String> {
@@ -364,6 +398,19 @@ impl State {
         self.certs
             .as_ref()
             .map_or(&[], |c| c.files.event_paths.as_slice())
+    }
+
+    fn concerns_a_source(&self, event: &Event) -> bool {
+        let cert_dirs = self
+            .certs
+            .as_ref()
+            .map_or(&[][..], |c| c.files.dirs.as_slice());
+        concerns_a_source(
+            self.config_event_path.as_deref(),
+            &self.policy_event_dir,
+            cert_dirs,
+            &event.paths,
+        )
     }
 
     fn drain_events(&mut self) {
@@ -590,6 +637,26 @@ mod tests {
     use super::*;
 
     const SOON: Duration = Duration::from_millis(300);
+
+    #[test]
+    fn only_events_about_a_watched_source_start_a_check() {
+        let (config, policies) = (Path::new("/etc/rg/lb.toml"), Path::new("/etc/rg/policies"));
+        let certs = [PathBuf::from("/etc/tls")];
+        let about =
+            |p: &str| concerns_a_source(Some(config), policies, &certs, &[PathBuf::from(p)]);
+        assert!(about("/etc/rg/lb.toml"));
+        assert!(about("/etc/rg/policies/hash.lua"));
+        assert!(about("/etc/rg/policies"));
+        assert!(about("/etc/tls/gateway.crt"));
+        assert!(about("/etc/tls/..data"));
+        assert!(about("/etc/rg/..data"));
+        // An access log, an editor's swap file, a file elsewhere: no check.
+        assert!(!about("/etc/rg/access.log"));
+        assert!(!about("/etc/rg/.lb.toml.swp"));
+        assert!(!about("/var/log/access.log"));
+        // Lost events name no path: everything may have changed.
+        assert!(concerns_a_source(Some(config), policies, &certs, &[]));
+    }
 
     #[test]
     fn an_edit_applies_only_when_two_reads_agree_and_nobody_writes() {
