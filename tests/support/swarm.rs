@@ -2,7 +2,8 @@
 //!
 //! Owns: joining a swarm for the tests (initialising a single-node one with `docker swarm init
 //! --advertise-addr 127.0.0.1` when the engine is in none, and leaving it when the last test of
-//! the process is done, only if it was initialised here), a [`Ring`] scope (a unique instance
+//! the process is done, only if it was initialised here, and removing the `docker_gwbridge`
+//! network the init created), a [`Ring`] scope (a unique instance
 //! label and network; on drop every service, container and network carrying that label is
 //! removed, also when the test failed), gateways with the swarm provider as host processes
 //! (reaching replicas on their published ports, so all traffic stays on loopback), and a
@@ -21,6 +22,13 @@ use crate::docker_support::{docker, unique};
 /// How many tests hold the swarm, and whether this process initialised it.
 static SWARM: Mutex<(u32, bool)> = Mutex::new((0, false));
 
+/// The bridge `docker swarm init` creates and `docker swarm leave` keeps.
+const GWBRIDGE: &str = "docker_gwbridge";
+
+/// Whether the engine had the swarm's gateway bridge before this process initialised a swarm
+/// (then it is not ours to remove).
+static GWBRIDGE_WAS_THERE: Mutex<bool> = Mutex::new(true);
+
 /// A test's hold on the swarm: the last one dropped leaves it if this process joined it.
 pub struct SwarmHold;
 
@@ -31,6 +39,8 @@ pub fn hold() -> Result<SwarmHold, String> {
     match state.as_str() {
         "active" => {}
         "inactive" => {
+            *GWBRIDGE_WAS_THERE.lock().unwrap_or_else(|p| p.into_inner()) =
+                docker(&["network", "inspect", GWBRIDGE]).is_ok();
             docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"])
                 .map_err(|e| format!("docker swarm init failed: {e}"))?;
             eprintln!("initialised a single-node swarm for the tests (left again when they end)");
@@ -51,6 +61,9 @@ impl Drop for SwarmHold {
         s.0 = s.0.saturating_sub(1);
         if s.0 == 0 && s.1 {
             let _ = docker(&["swarm", "leave", "--force"]);
+            if !*GWBRIDGE_WAS_THERE.lock().unwrap_or_else(|p| p.into_inner()) {
+                let _ = docker(&["network", "rm", GWBRIDGE]);
+            }
             s.1 = false;
         }
     }
