@@ -14,29 +14,27 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The file's lines once it has at least `n` (bounded wait: lines are flushed off the request
 /// path within a fraction of a second).
-fn lines(path: &Path, n: usize) -> Vec<String> {
+/// The log's lines once `done` says they are all there, or after 10 s (whatever is there).
+fn lines_until(path: &Path, done: impl Fn(&[String]) -> bool) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let lines: Vec<String> = text.lines().map(str::to_owned).collect();
-        if lines.len() >= n || Instant::now() > deadline {
+        if done(&lines) || Instant::now() > deadline {
             return lines;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// Waits (bounded) until a logged line mentions `needle`: a line count is not
-/// enough where the gateway also logs its own admin calls.
+fn lines(path: &Path, n: usize) -> Vec<String> {
+    lines_until(path, |l| l.len() >= n)
+}
+
+/// Waits until a line mentions `needle`: a line count is not enough where the gateway also
+/// logs its own admin calls.
 fn lines_with(path: &Path, needle: &str) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(needle) || Instant::now() > deadline {
-            return text.lines().map(str::to_owned).collect();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    lines_until(path, |l| l.iter().any(|line| line.contains(needle)))
 }
 
 fn parsed(lines: &[String]) -> Vec<Value> {

@@ -332,32 +332,24 @@ fn is_source_file(
     }
 }
 
-/// Whether an event can be about a watched source: one of its paths is the config file, is in
-/// the policy directory (or is that directory), or is in a certificate's directory (where a
-/// symlink swap, as Kubernetes does it, names `..data`, not the file); or it names no path (the
-/// kernel dropped events: anything may have changed). A name beginning with `..` in the config's
-/// directory is such a swap too.
-fn concerns_a_source(
-    config_path: Option<&Path>,
-    policy_dir: &Path,
-    cert_dirs: &[PathBuf],
-    paths: &[PathBuf],
-) -> bool {
+/// Whether an event can be about a watched source: one of its paths is a watched file (the
+/// config, a certificate or key), is the policy directory or in it, or is a name beginning with
+/// `..` in the directory of a watched file (a symlink swap, as Kubernetes does it, names
+/// `..data`, not the file); or it names no path (the kernel dropped events: anything may have
+/// changed).
+fn concerns_a_source(files: &[&Path], policy_dir: &Path, paths: &[PathBuf]) -> bool {
     if paths.is_empty() {
         return true;
     }
-    let config_dir = config_path.and_then(Path::parent);
     paths.iter().any(|p| {
-        let parent = p.parent();
-        config_path == Some(p.as_path())
+        let swap = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(".."));
+        files.contains(&p.as_path())
             || p == policy_dir
-            || parent == Some(policy_dir)
-            || cert_dirs.iter().any(|d| parent == Some(d.as_path()))
-            || (parent.is_some()
-                && parent == config_dir
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("..")))
+            || p.parent() == Some(policy_dir)
+            || (swap && files.iter().any(|f| f.parent() == p.parent()))
     })
 }
 
@@ -401,16 +393,13 @@ impl State {
     }
 
     fn concerns_a_source(&self, event: &Event) -> bool {
-        let cert_dirs = self
-            .certs
-            .as_ref()
-            .map_or(&[][..], |c| c.files.dirs.as_slice());
-        concerns_a_source(
-            self.config_event_path.as_deref(),
-            &self.policy_event_dir,
-            cert_dirs,
-            &event.paths,
-        )
+        let files: Vec<&Path> = self
+            .config_event_path
+            .iter()
+            .chain(self.cert_event_paths())
+            .map(PathBuf::as_path)
+            .collect();
+        concerns_a_source(&files, &self.policy_event_dir, &event.paths)
     }
 
     fn drain_events(&mut self) {
@@ -640,22 +629,25 @@ mod tests {
 
     #[test]
     fn only_events_about_a_watched_source_start_a_check() {
-        let (config, policies) = (Path::new("/etc/rg/lb.toml"), Path::new("/etc/rg/policies"));
-        let certs = [PathBuf::from("/etc/tls")];
-        let about =
-            |p: &str| concerns_a_source(Some(config), policies, &certs, &[PathBuf::from(p)]);
+        let files = [
+            Path::new("/etc/rg/lb.toml"),
+            Path::new("/etc/rg/gateway.crt"),
+        ];
+        let policies = Path::new("/etc/rg/policies");
+        let about = |p: &str| concerns_a_source(&files, policies, &[PathBuf::from(p)]);
         assert!(about("/etc/rg/lb.toml"));
+        assert!(about("/etc/rg/gateway.crt"));
         assert!(about("/etc/rg/policies/hash.lua"));
         assert!(about("/etc/rg/policies"));
-        assert!(about("/etc/tls/gateway.crt"));
-        assert!(about("/etc/tls/..data"));
         assert!(about("/etc/rg/..data"));
-        // An access log, an editor's swap file, a file elsewhere: no check.
+        // An access log beside the config and the certificate, an editor's swap file, a file
+        // elsewhere, a swap in a directory without watched files: no check.
         assert!(!about("/etc/rg/access.log"));
         assert!(!about("/etc/rg/.lb.toml.swp"));
         assert!(!about("/var/log/access.log"));
+        assert!(!about("/var/log/..data"));
         // Lost events name no path: everything may have changed.
-        assert!(concerns_a_source(Some(config), policies, &certs, &[]));
+        assert!(concerns_a_source(&files, policies, &[]));
     }
 
     #[test]
