@@ -19,15 +19,24 @@ use std::time::{Duration, Instant};
 
 use crate::docker_support::{docker, unique};
 
-/// How many tests hold the swarm, and whether this process initialised it.
-static SWARM: Mutex<(u32, bool)> = Mutex::new((0, false));
-
 /// The bridge `docker swarm init` creates and `docker swarm leave` keeps.
 const GWBRIDGE: &str = "docker_gwbridge";
 
-/// Whether the engine had the swarm's gateway bridge before this process initialised a swarm
-/// (then it is not ours to remove).
-static GWBRIDGE_WAS_THERE: Mutex<bool> = Mutex::new(true);
+/// This process's hold on the swarm.
+struct Held {
+    /// How many tests hold it.
+    tests: u32,
+    /// Whether this process initialised it (and so leaves it).
+    initialised: bool,
+    /// Whether the engine had the swarm's gateway bridge before that (then it is not ours).
+    gwbridge_was_there: bool,
+}
+
+static SWARM: Mutex<Held> = Mutex::new(Held {
+    tests: 0,
+    initialised: false,
+    gwbridge_was_there: true,
+});
 
 /// A test's hold on the swarm: the last one dropped leaves it if this process joined it.
 pub struct SwarmHold;
@@ -39,32 +48,31 @@ pub fn hold() -> Result<SwarmHold, String> {
     match state.as_str() {
         "active" => {}
         "inactive" => {
-            *GWBRIDGE_WAS_THERE.lock().unwrap_or_else(|p| p.into_inner()) =
-                docker(&["network", "inspect", GWBRIDGE]).is_ok();
+            s.gwbridge_was_there = docker(&["network", "inspect", GWBRIDGE]).is_ok();
             docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"])
                 .map_err(|e| format!("docker swarm init failed: {e}"))?;
             eprintln!("initialised a single-node swarm for the tests (left again when they end)");
-            s.1 = true;
+            s.initialised = true;
         }
         other => return Err(format!("the engine's swarm state is {other:?}")),
     }
     if docker(&["info", "--format", "{{.Swarm.ControlAvailable}}"])?.as_str() != "true" {
         return Err("this engine is a Swarm worker, not a manager".into());
     }
-    s.0 += 1;
+    s.tests += 1;
     Ok(SwarmHold)
 }
 
 impl Drop for SwarmHold {
     fn drop(&mut self) {
         let mut s = SWARM.lock().unwrap_or_else(|p| p.into_inner());
-        s.0 = s.0.saturating_sub(1);
-        if s.0 == 0 && s.1 {
+        s.tests = s.tests.saturating_sub(1);
+        if s.tests == 0 && s.initialised {
             let _ = docker(&["swarm", "leave", "--force"]);
-            if !*GWBRIDGE_WAS_THERE.lock().unwrap_or_else(|p| p.into_inner()) {
+            if !s.gwbridge_was_there {
                 let _ = docker(&["network", "rm", GWBRIDGE]);
             }
-            s.1 = false;
+            s.initialised = false;
         }
     }
 }
