@@ -12,8 +12,6 @@ use support::backends::{Backend, Behaviour};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The file's lines once it has at least `n` (bounded wait: lines are flushed off the request
-/// path within a fraction of a second).
 /// The log's lines once `done` says they are all there, or after 10 s (whatever is there).
 fn lines_until(path: &Path, done: impl Fn(&[String]) -> bool) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -27,6 +25,8 @@ fn lines_until(path: &Path, done: impl Fn(&[String]) -> bool) -> Vec<String> {
     }
 }
 
+/// The file's lines once it has at least `n` (bounded wait: lines are flushed off the request
+/// path within a fraction of a second).
 fn lines(path: &Path, n: usize) -> Vec<String> {
     lines_until(path, |l| l.len() >= n)
 }
