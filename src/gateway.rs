@@ -2,7 +2,7 @@
 //!
 //! Owns: the start-up order (load the TLS certificates, start the provider and the controller,
 //! wait for the replicas, then serve on one thread per CPU, each with its plain and its TLS
-//! listener) and the shutdown order (stop accepting, drain
+//! listener, beside the heap's idle trim of [`crate::memory`]) and the shutdown order (stop accepting, drain
 //! in-flight requests, then stop the replicas the gateway started), in the shape of
 //! mini-redis's `server::run(listener, shutdown)`: `main.rs` binds, installs signal handlers
 //! and prints; tests start a gateway in-process on `127.0.0.1:0`.
@@ -284,6 +284,7 @@ impl Gateway {
         let (plain_addr, tls_addr) = (self.plain_addr(), self.tls_addr());
         tracing::info!(http = ?plain_addr, https = ?tls_addr, "serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let trimmer = tokio::spawn(crate::memory::trim_when_quiet(self.service.metrics.clone()));
         let mut threads = Vec::new();
         let https_port = tls_addr.map(|a| a.port());
         let mut plain = self
@@ -326,12 +327,14 @@ impl Gateway {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     let _ = stop_tx.send(true);
+                    trimmer.abort();
                     return Err(e);
                 }
             }
         }
         shutdown.await;
         let _ = stop_tx.send(true);
+        trimmer.abort();
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();

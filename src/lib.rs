@@ -42,6 +42,7 @@
 //! - [`config`]: `conf/lb.toml`: shape, defaults, validation.
 //! - [`snapshot`]: what one request sees: config, ring, replicas, policy.
 //! - [`metrics`]: lock-free counters and their Prometheus rendering.
+//! - [`memory`]: the heap given back to the OS once a burst is over (the idle trim).
 //! - [`latency`]: the latency histograms (per replica and gateway-wide) and their quantiles.
 //! - [`error`]: the one place internal errors become HTTP responses.
 //! - [`listening`]: the `listening on http://ADDR` line processes print once they serve.
@@ -66,6 +67,7 @@ pub mod health;
 pub mod latency;
 pub mod listener;
 pub mod listening;
+pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod provider;

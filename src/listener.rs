@@ -151,16 +151,16 @@ pub async fn serve(
     }
 }
 
-/// Runs a connection to its end; on drain or idle it is asked to finish gracefully (the
-/// response in progress completes, then it closes). A macro rather than a generic function:
+/// Runs a connection (hyper's, boxed: allocated in the size of its own protocol) to its end; on
+/// drain or idle it is asked to finish gracefully (the response in progress completes, then it
+/// closes). A macro rather than a generic function:
 /// proving the spawned future `Send` through hyper's higher-ranked connection bounds defeats
 /// rustc's inference in a generic context.
 macro_rules! drive {
     ($conn:expr, $drain:expr, $idle:expr, $client:expr) => {{
-        let conn = $conn;
+        let mut conn = $conn;
         let mut drain = $drain;
         let idle = $idle;
-        tokio::pin!(conn);
         tokio::pin!(idle);
         let mut closing = false;
         loop {
@@ -237,13 +237,14 @@ impl Connection {
             drain,
             _admitted,
         } = self;
-        let metrics = &service.metrics;
         let conn = Serving {
             client,
             config,
-            service: service.clone(),
+            service,
             drain,
         };
+        // Each arm boxed, so that the task holds the one it runs: inline, every connection kept
+        // room for the largest (the TLS handshake and both HTTP versions), 8 KiB a connection.
         match mode {
             Mode::Plain { https_port } => {
                 let requests = match https_port {
@@ -252,50 +253,9 @@ impl Connection {
                     }
                     _ => Requests::Served,
                 };
-                conn.serve(stream, requests, deadline).await;
+                Box::pin(conn.serve(stream, requests, deadline)).await;
             }
-            Mode::Tls(tls) => {
-                let mut first = [0u8; 1];
-                let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await;
-                match peeked {
-                    Ok(Ok(1..)) => {}
-                    Ok(_) => return,
-                    Err(_) => {
-                        metrics.first_bytes_timeouts.fetch_add(1, Ordering::Relaxed);
-                        metrics
-                            .tls_handshake_timeouts
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(client = %client, "closed: no TLS handshake within proxy.header_read_timeout");
-                        return;
-                    }
-                }
-                if first[0] != TLS_HANDSHAKE_RECORD && first[0].is_ascii_alphabetic() {
-                    metrics.tls_plain_http.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(client = %client, "plain HTTP on the TLS port: answered 400");
-                    let tls_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
-                    conn.serve(stream, Requests::RefusedPlainOnTls { tls_port }, deadline)
-                        .await;
-                    return;
-                }
-                let handshake = tokio::time::timeout_at(deadline, tls.acceptor().accept(stream));
-                match handshake.await {
-                    Ok(Ok(stream)) => {
-                        metrics.tls_handshakes.fetch_add(1, Ordering::Relaxed);
-                        conn.serve(stream, Requests::ServedOverTls, deadline).await;
-                    }
-                    Ok(Err(e)) => {
-                        metrics.tls_handshake_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(client = %client, error = %e, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        metrics.first_bytes_timeouts.fetch_add(1, Ordering::Relaxed);
-                        metrics
-                            .tls_handshake_timeouts
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(client = %client, "closed: TLS handshake not done within proxy.header_read_timeout");
-                    }
-                }
-            }
+            Mode::Tls(tls) => Box::pin(conn.serve_tls(stream, tls, deadline)).await,
         }
     }
 }
@@ -345,6 +305,54 @@ async fn answer(
 }
 
 impl Serving {
+    /// The TLS port: plain HTTP answered 400, else the handshake within `deadline`, then HTTP.
+    async fn serve_tls(self, stream: TcpStream, tls: Arc<Tls>, deadline: Instant) {
+        let (metrics, client) = (self.service.metrics.clone(), self.client);
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await;
+        match peeked {
+            Ok(Ok(1..)) => {}
+            Ok(_) => return,
+            Err(_) => {
+                metrics.first_bytes_timeouts.fetch_add(1, Ordering::Relaxed);
+                metrics
+                    .tls_handshake_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(client = %client, "closed: no TLS handshake within proxy.header_read_timeout");
+                return;
+            }
+        }
+        if first[0] != TLS_HANDSHAKE_RECORD && first[0].is_ascii_alphabetic() {
+            metrics.tls_plain_http.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = %client, "plain HTTP on the TLS port: answered 400");
+            let tls_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+            Box::pin(self.serve(stream, Requests::RefusedPlainOnTls { tls_port }, deadline)).await;
+            return;
+        }
+        // Boxed: the handshake's state is freed once it is done, not kept beside the connection.
+        let handshake = Box::pin(tokio::time::timeout_at(
+            deadline,
+            tls.acceptor().accept(stream),
+        ));
+        match handshake.await {
+            Ok(Ok(stream)) => {
+                metrics.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+                Box::pin(self.serve(stream, Requests::ServedOverTls, deadline)).await;
+            }
+            Ok(Err(e)) => {
+                metrics.tls_handshake_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(client = %client, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                metrics.first_bytes_timeouts.fetch_add(1, Ordering::Relaxed);
+                metrics
+                    .tls_handshake_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(client = %client, "closed: TLS handshake not done within proxy.header_read_timeout");
+            }
+        }
+    }
+
     async fn serve<S>(self, mut stream: S, requests: Requests, deadline: Instant)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -407,7 +415,7 @@ impl Serving {
                     .keep_alive_interval(Some(proxy.http2_keepalive))
                     .keep_alive_timeout(proxy.http2_keepalive)
                     .max_concurrent_streams(proxy.http2_max_streams);
-                let conn = builder.serve_connection(io, handler);
+                let conn = Box::pin(builder.serve_connection(io, handler));
                 let idle = idle_for(activity, proxy.idle_timeout, self.service.clone());
                 drive!(conn, self.drain, idle, client);
             }
@@ -415,7 +423,12 @@ impl Serving {
             Sniffed::Http1 | Sniffed::Undecided => {
                 let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let service = service.clone();
-                    async move { Ok::<_, Infallible>(answer(&service, req, client, requests).await) }
+                    // Boxed: hyper keeps a slot the size of this future for the connection's
+                    // whole life, and the future is about 5 KiB; boxed, an idle kept-alive
+                    // connection holds a pointer and the 5 KiB exist only while a request does.
+                    Box::pin(async move {
+                        Ok::<_, Infallible>(answer(&service, req, client, requests).await)
+                    })
                 });
                 let mut builder = hyper::server::conn::http1::Builder::new();
                 // The header timeout also bounds the wait for the next request on a kept-alive
@@ -424,7 +437,7 @@ impl Serving {
                     .timer(TokioTimer::new())
                     .header_read_timeout(proxy.header_read_timeout)
                     .keep_alive(!matches!(requests, Requests::RefusedPlainOnTls { .. }));
-                let conn = builder.serve_connection(io, handler);
+                let conn = Box::pin(builder.serve_connection(io, handler));
                 drive!(conn, self.drain, std::future::pending::<()>(), client);
             }
         }

@@ -76,6 +76,10 @@ pub struct Metrics {
     pub tls_reloads: AtomicU64,
     /// Certificate edits rejected (the current certificates kept serving).
     pub tls_reload_errors: AtomicU64,
+    /// Idle trims of the heap after a burst ([`crate::memory`]).
+    pub memory_trims: AtomicU64,
+    /// Resident bytes those trims gave back to the OS.
+    pub memory_trimmed_bytes: AtomicU64,
 }
 
 fn get(a: &AtomicU64) -> u64 {
@@ -294,6 +298,18 @@ impl Metrics {
             "ringgate_accept_errors_total",
             "Accepts that failed (out of file descriptors and the like).",
             &self.accept_errors,
+        );
+        counter(
+            o,
+            "ringgate_memory_trims_total",
+            "Times the heap's free pages were given back to the OS once traffic was quiet after a burst.",
+            &self.memory_trims,
+        );
+        counter(
+            o,
+            "ringgate_memory_trimmed_bytes_total",
+            "Resident bytes those trims gave back.",
+            &self.memory_trimmed_bytes,
         );
         if let Some(tls) = self.tls.load_full() {
             self.render_tls(o, &tls);
