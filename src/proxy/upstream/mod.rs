@@ -28,8 +28,11 @@ use body::UpstreamBody;
 use head::{HeadError, RequestFraming};
 use pool::{Conn, ConnectError};
 
-/// Largest read of a response head at a time.
-const HEAD_READ: usize = 8 * 1024;
+/// Largest read of a response head at a time. Small, because every request in flight holds it:
+/// a head and a small body fit, a larger head grows the buffer, and body reads take
+/// [`body`]'s larger chunks. Measured with 1,000 open connections: 8 KiB here cost 4 MiB of
+/// resident memory more than 2 KiB (freed buffers interleaved with the connections' memory).
+const HEAD_READ: usize = 2 * 1024;
 
 /// Why a request got no response head.
 #[derive(Debug, thiserror::Error)]

@@ -195,3 +195,39 @@ async fn failures_are_told_apart() {
         "a truncated body is an error"
     );
 }
+
+#[tokio::test]
+async fn a_head_larger_than_one_read_is_read_whole_and_one_past_the_limit_is_refused() {
+    // 40 headers of 400 bytes: 16 KiB of head, eight times the head read, then a 20 KiB body.
+    fn large(_: usize) -> Vec<u8> {
+        let mut out = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..40 {
+            out.extend_from_slice(format!("x-large-{i}: {}\r\n", "v".repeat(400)).as_bytes());
+        }
+        out.extend_from_slice(format!("content-length: {}\r\n\r\n", 20 * 1024).as_bytes());
+        out.extend_from_slice(&[b'b'; 20 * 1024]);
+        out
+    }
+    let (addr, accepts, _t) = replica(large, usize::MAX).await;
+    for _ in 0..3 {
+        let (status, body) = get(addr).await.expect("answer");
+        assert_eq!((status, body.len()), (200, 20 * 1024));
+        assert!(body.bytes().all(|b| b == b'b'));
+    }
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        1,
+        "one connection for all three"
+    );
+
+    fn over_the_limit(_: usize) -> Vec<u8> {
+        let mut out = b"HTTP/1.1 200 OK\r\n".to_vec();
+        while out.len() <= head::MAX_HEAD {
+            out.extend_from_slice(format!("x-pad: {}\r\n", "v".repeat(1000)).as_bytes());
+        }
+        out.extend_from_slice(b"content-length: 0\r\n\r\n");
+        out
+    }
+    let (addr, _, _t) = replica(over_the_limit, 1).await;
+    assert!(matches!(get(addr).await, Err(SendError::BadHead(_))));
+}
