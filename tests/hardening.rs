@@ -487,3 +487,38 @@ async fn passive_ejection_never_takes_more_than_its_share_of_the_ring() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_refused_connections_are_retried_even_with_the_budget_spent() {
+    let b1 = Backend::start("127.0.0.1", Behaviour::Echo).await;
+    let b2 = Backend::start("127.0.0.1", Behaviour::Echo).await;
+    let b3 = Backend::start("127.0.0.1", Behaviour::Echo).await;
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: static_servers(&[&b1, &b2, &b3]),
+        health: "interval = \"60s\"\nfall = 10\n".into(),
+        // No budget at all: only a retry that needs none is made.
+        proxy: "retry_budget_min = 0\nretry_budget_percent = 0\n".into(),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(20), "three up", |s| s["up"] == 3)
+        .await;
+    // Its address now refuses connections; the gateway learns it from the first one.
+    drop(b1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = client();
+    for id in 0..300 {
+        let (code, body) = call_with(&c, "GET", &gw.url(&format!("/x?id={id}")), "", &[]).await;
+        assert_eq!(code, 200, "id {id}: {body}");
+    }
+    let metrics = gw.metrics().await;
+    assert!(
+        metric(&metrics, "ringgate_retries_total") >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "ringgate_retries_over_budget_total"),
+        0.0,
+        "{metrics}"
+    );
+}

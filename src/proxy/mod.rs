@@ -181,7 +181,11 @@ async fn try_forward(
         outcome.connect_failed = e.is_connect();
         let failure = if e.is_connect() {
             controller.passive_failure(replica.id, replica.incarnation, error_chain(&e));
-            Failure::Connect
+            if e.is_refused() {
+                Failure::Refused
+            } else {
+                Failure::Connect
+            }
         } else {
             Failure::Reset
         };
@@ -200,7 +204,7 @@ async fn try_forward(
         let Some(n) = next else {
             return Err(bad_gateway());
         };
-        if retrying.is_none() {
+        if retrying.is_none() && retry::needs_budget(failure) {
             let p = &cfg.proxy;
             retrying = retry::Retrying::try_start(p.retry_budget_percent, p.retry_budget_min);
             if retrying.is_none() {

@@ -4,7 +4,11 @@
 //! Owns: [`may_retry`] (pure: what failed, the method, whether the body was sent, and
 //! `proxy.retry_on`), and the retry budget (Envoy's: retries in progress may be at most
 //! `proxy.retry_budget_percent` of the requests in progress, or `proxy.retry_budget_min`,
-//! whichever is more). The counts are per serving thread (each thread is its own runtime and
+//! whichever is more). A retry after a refused connection is outside the budget
+//! ([`needs_budget`]): when one of N replicas dies, about 1/N of the requests in progress fail
+//! to connect at the same moment, more than a 20 % budget holds for N ≤ 5, and those retries
+//! add no load (nothing reached the dead replica; the next server owns those keys once it is
+//! out of the ring anyway). The counts are per serving thread (each thread is its own runtime and
 //! every request stays on its thread), so the request path touches no shared cache line.
 //! Must not touch: the ring or the connection.
 
@@ -17,7 +21,10 @@ use crate::config::RetryOn;
 /// How an attempt failed, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// No connection was made: nothing reached the replica.
+    /// The connection was refused: nothing listens at the replica's address.
+    Refused,
+    /// No connection was made otherwise (a timeout, an unreachable host): nothing reached the
+    /// replica, but the attempt may have taken up to `proxy.connect_timeout`.
     Connect,
     /// The connection broke before a response.
     Reset,
@@ -38,11 +45,21 @@ pub fn may_retry(
     retry_on: &[RetryOn],
 ) -> bool {
     match failure {
-        Failure::Connect => retry_on.contains(&RetryOn::ConnectFailure) && body_unsent,
+        Failure::Refused | Failure::Connect => {
+            retry_on.contains(&RetryOn::ConnectFailure) && body_unsent
+        }
         Failure::Reset => {
             retry_on.contains(&RetryOn::Reset) && is_idempotent(method) && body_unsent
         }
     }
+}
+
+/// Whether a retry after `failure` takes a place in the budget. A refused connection's retry
+/// does not: it is as cheap as the request's own attempt, and a budget spent on a dead replica's
+/// refusals would turn its death into 502s. Slow failures (timeouts, resets) multiply work, and
+/// stay budgeted.
+pub fn needs_budget(failure: Failure) -> bool {
+    failure != Failure::Refused
 }
 
 /// Whether one more retry fits: retries in progress stay under `percent` of the requests in
@@ -130,6 +147,16 @@ mod tests {
         assert!(may_retry(Failure::Reset, &Method::PUT, true, BOTH));
         assert!(!may_retry(Failure::Reset, &Method::POST, true, BOTH));
         assert!(!may_retry(Failure::Reset, &Method::GET, false, BOTH));
+    }
+
+    #[test]
+    fn a_refused_connection_is_retried_outside_the_budget() {
+        assert!(may_retry(Failure::Refused, &Method::POST, true, DEFAULT));
+        assert!(!may_retry(Failure::Refused, &Method::GET, false, DEFAULT));
+        assert!(!may_retry(Failure::Refused, &Method::GET, true, &[]));
+        assert!(!needs_budget(Failure::Refused));
+        assert!(needs_budget(Failure::Connect), "a timeout held the request");
+        assert!(needs_budget(Failure::Reset), "a query of death");
     }
 
     #[test]

@@ -55,6 +55,12 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         matches!(self, SendError::Connect(_))
     }
+
+    /// The replica's address refused the connection (nothing listens there: the replica died or
+    /// has not started): it cost the replica nothing and took one round trip.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, SendError::Connect(ConnectError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    }
 }
 
 /// One request to send.
