@@ -511,23 +511,44 @@ pub struct Failover {
     pub failed: u64,
     pub rps: f64,
     pub kills: Vec<Kill>,
+    /// The gateway's `proxy.retry_on` in this run.
+    pub retry_on: &'static str,
+    /// Failed requests by kind (`http 502`, `timeout`, …).
+    pub errors: std::collections::BTreeMap<String, u64>,
 }
+
+/// `proxy.retry_on` as the gateway ships it: only failed connects are retried.
+pub const RETRY_ON_DEFAULT: &str = r#"["connect-failure"]"#;
+/// Also a connection that broke before a response (idempotent requests whose body was not sent).
+pub const RETRY_ON_RESET: &str = r#"["connect-failure", "reset"]"#;
 
 /// Kills server-1, server-2, server-3, … in turn, every `every` seconds, for `secs` seconds,
 /// under a steady load at concurrency 16. Checks run at the default 10 s interval, so detection
 /// comes from the fast signals (the provider's exit report, failed connects).
-pub async fn failover(bin: &Path, secs: u64, every: u64) -> Result<Failover, AnalysisError> {
-    eprintln!("  failover: a replica killed every {every} s for {secs} s under load");
+/// `retry_on` is the gateway's `proxy.retry_on` ([`RETRY_ON_DEFAULT`] or [`RETRY_ON_RESET`]).
+pub async fn failover(
+    bin: &Path,
+    secs: u64,
+    every: u64,
+    retry_on: &'static str,
+) -> Result<Failover, AnalysisError> {
+    eprintln!("  failover: a replica killed every {every} s for {secs} s under load, retry_on = {retry_on}");
     let mut spec = GatewaySpec::new(3, HashChoice::Default);
     spec.health_interval = "10s";
     spec.recovery_delay = "1s";
+    spec.proxy_extra = format!("retry_on = {retry_on}\n");
     let gw = LabGateway::start(bin, &spec).await?;
-    let result = failover_on(&gw, secs, every.max(1)).await;
+    let result = failover_on(&gw, secs, every.max(1), retry_on).await;
     gw.stop().await;
     result
 }
 
-async fn failover_on(gw: &LabGateway, secs: u64, every: u64) -> Result<Failover, AnalysisError> {
+async fn failover_on(
+    gw: &LabGateway,
+    secs: u64,
+    every: u64,
+    retry_on: &'static str,
+) -> Result<Failover, AnalysisError> {
     gw.wait_ready(3, Duration::from_secs(30)).await?;
     let concurrency = 16;
     let mut cfg = LoadConfig::new(gw.url("/home"), u64::MAX, concurrency);
@@ -584,5 +605,7 @@ async fn failover_on(gw: &LabGateway, secs: u64, every: u64) -> Result<Failover,
         failed: summary.failed,
         rps: summary.requests_per_sec,
         kills,
+        retry_on,
+        errors: summary.errors,
     })
 }

@@ -59,6 +59,8 @@ pub struct GatewaySpec {
     pub ring_extra: String,
     /// More `[health]` lines (e.g. `slow_start = "10s"`).
     pub health_extra: String,
+    /// `[proxy]` lines (e.g. `retry_on = ["connect-failure", "reset"]`).
+    pub proxy_extra: String,
 }
 
 impl GatewaySpec {
@@ -70,6 +72,7 @@ impl GatewaySpec {
             recovery_delay: "2s",
             ring_extra: String::new(),
             health_extra: String::new(),
+            proxy_extra: String::new(),
         }
     }
 
@@ -104,6 +107,8 @@ kind = "process"
 interval = "{interval}"
 recovery_delay = "{recovery}"
 {health_extra}
+[proxy]
+{proxy_extra}
 [policy]
 dir = "{dir}"
 "#,
@@ -112,6 +117,7 @@ dir = "{dir}"
             recovery = self.recovery_delay,
             ring_extra = self.ring_extra,
             health_extra = self.health_extra,
+            proxy_extra = self.proxy_extra,
             dir = policy_dir
                 .display()
                 .to_string()

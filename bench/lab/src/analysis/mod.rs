@@ -141,6 +141,8 @@ pub struct Results {
     pub movement: Vec<experiments::Movement>,
     pub resilience: Option<experiments::Resilience>,
     pub failover: Option<experiments::Failover>,
+    /// The same failover run with `retry_on` including "reset".
+    pub failover_reset: Option<experiments::Failover>,
     /// Notes on experiments that were skipped or failed.
     pub notes: Vec<String>,
 }
@@ -229,9 +231,14 @@ async fn run_experiments(args: &AnalysisArgs, bin: &Path) -> Results {
         }
     }
     if wants(args, Experiment::Failover) {
-        match experiments::failover(bin, args.failover_secs, args.failover_every).await {
+        let (secs, every) = (args.failover_secs, args.failover_every);
+        match experiments::failover(bin, secs, every, experiments::RETRY_ON_DEFAULT).await {
             Ok(x) => r.failover = Some(x),
             Err(e) => r.notes.push(format!("failover: {e}")),
+        }
+        match experiments::failover(bin, secs, every, experiments::RETRY_ON_RESET).await {
+            Ok(x) => r.failover_reset = Some(x),
+            Err(e) => r.notes.push(format!("failover with reset retries: {e}")),
         }
     }
     for n in &r.notes {

@@ -278,7 +278,7 @@ random 6-digit `?id=` keys (the same keys for every run), counting the server na
     }
 
     if let Some(f) = &r.failover {
-        out.push_str(&failover_section(f));
+        out.push_str(&failover_section(f, r.failover_reset.as_ref()));
     }
 
     let _ = writeln!(
@@ -488,7 +488,7 @@ pub fn console_summary(r: &Results) -> String {
             x.requests
         );
     }
-    if let Some(f) = &r.failover {
+    for f in r.failover.iter().chain(&r.failover_reset) {
         let _ = writeln!(s, "{}", failover_line(f));
     }
     s
@@ -499,30 +499,36 @@ fn failover_line(f: &super::experiments::Failover) -> String {
     let res: Vec<f64> = f.kills.iter().filter_map(|k| k.restored_ms).collect();
     let max = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
     format!(
-        "failover: {} kills in {} s at concurrency {}: {:.0} req/s, {} failed of {} requests; detection ≤ {:.0} ms (max), N restored ≤ {:.0} ms (max)",
+        "failover (retry_on = {}): {} kills in {} s at concurrency {}: {:.0} req/s, {} failed of {} requests {:?}; detection ≤ {:.0} ms (max), N restored ≤ {:.0} ms (max)",
+        f.retry_on,
         f.kills.len(),
         f.secs,
         f.concurrency,
         f.rps,
         f.failed,
         f.requests,
+        f.errors,
         max(&det),
         max(&res)
     )
 }
 
-/// The failover section of the report.
-fn failover_section(f: &super::experiments::Failover) -> String {
+/// The failover section of the report: the run with the shipped `retry_on`, and the same run
+/// with reset retries when it was made.
+fn failover_section(
+    f: &super::experiments::Failover,
+    reset: Option<&super::experiments::Failover>,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "## Failover: a replica SIGKILLed every {} s under load\n\n\
          Three replicas, process provider, checks at the default 10 s interval (so detection comes \
          from the provider's exit report and failed connects, not from heartbeats), \
-         `recovery_delay = 1s`, load at concurrency {} with random 6-digit ids for {} s. \
-         Times are from the kill to the first `/lb/status` sample (every ~10 ms) showing the \
+         `recovery_delay = 1s`, `retry_on = {}` (the default), load at concurrency {} with \
+         random 6-digit ids for {} s. Times are from the kill to the first `/lb/status` sample (every ~10 ms) showing the \
          change.\n",
-        f.every, f.concurrency, f.secs
+        f.every, f.retry_on, f.concurrency, f.secs
     );
     let _ = writeln!(
         out,
@@ -545,13 +551,37 @@ fn failover_section(f: &super::experiments::Failover) -> String {
     }
     let _ = writeln!(
         out,
-        "\n**{:.0} requests/s; {} failed of {} requests** (target: zero).\n\n\
-         Detection is the process provider's exit report (the child watcher fires on exit) or a \
+        "\n**{:.0} requests/s; {} failed of {} requests** (target: zero).\n",
+        f.rps, f.failed, f.requests
+    );
+    if let Some(r) = reset {
+        let _ = writeln!(
+            out,
+            "The same run with `retry_on = {}`, where a request whose connection broke before a \
+             response (in flight on the replica when it was killed) goes to the next server \
+             clockwise too, when it is idempotent and its body was not sent: **{:.0} \
+             requests/s; {} failed of {} requests** ({} kills, N restored after at most {:.0} \
+             ms). The default leaves that retry off because a request that crashes its replica \
+             would crash the next one too (a query of death, `docs/security.md`); a refused \
+             connection is retried either way, outside the retry budget (`docs/health.md`).\n",
+            r.retry_on,
+            r.rps,
+            r.failed,
+            r.requests,
+            r.kills.len(),
+            r.kills
+                .iter()
+                .filter_map(|k| k.restored_ms)
+                .fold(0.0, f64::max)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "Detection is the process provider's exit report (the child watcher fires on exit) or a \
          failed connect, whichever comes first. Restoring takes `recovery_delay` plus the start. \
          A replica killed again less than 30 s after its replacement started counts as crash-looping, \
          so its next restart waits twice as long (exponential back-off, `docs/health.md`): that is \
-         why a second kill of the same server takes about 2 s to restore.\n",
-        f.rps, f.failed, f.requests
+         why a second kill of the same server takes about 2 s to restore.\n"
     );
     out
 }
