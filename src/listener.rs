@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use crate::admission::Admitted;
 use crate::config::{Config, PlainHttp};
 use crate::error::{Body, BoxError, GatewayError};
+use crate::metrics::Metrics;
 use crate::service::Service;
 use crate::tls::{redirect, Https, Tls};
 
@@ -260,6 +261,15 @@ impl Connection {
     }
 }
 
+/// A TLS connection closed at the first-bytes deadline, before or during its handshake.
+fn handshake_timed_out(metrics: &Metrics, client: SocketAddr, what: &str) {
+    metrics.first_bytes_timeouts.fetch_add(1, Ordering::Relaxed);
+    metrics
+        .tls_handshake_timeouts
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(client = %client, "closed: {what} within proxy.header_read_timeout");
+}
+
 /// A connection past its handshake: HTTP on a plain or a TLS stream.
 struct Serving {
     client: SocketAddr,
@@ -313,14 +323,7 @@ impl Serving {
         match peeked {
             Ok(Ok(1..)) => {}
             Ok(_) => return,
-            Err(_) => {
-                metrics.first_bytes_timeouts.fetch_add(1, Ordering::Relaxed);
-                metrics
-                    .tls_handshake_timeouts
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(client = %client, "closed: no TLS handshake within proxy.header_read_timeout");
-                return;
-            }
+            Err(_) => return handshake_timed_out(&metrics, client, "no TLS handshake"),
         }
         if first[0] != TLS_HANDSHAKE_RECORD && first[0].is_ascii_alphabetic() {
             metrics.tls_plain_http.fetch_add(1, Ordering::Relaxed);
@@ -343,13 +346,7 @@ impl Serving {
                 metrics.tls_handshake_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(client = %client, error = %e, "TLS handshake failed");
             }
-            Err(_) => {
-                metrics.first_bytes_timeouts.fetch_add(1, Ordering::Relaxed);
-                metrics
-                    .tls_handshake_timeouts
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(client = %client, "closed: TLS handshake not done within proxy.header_read_timeout");
-            }
+            Err(_) => handshake_timed_out(&metrics, client, "TLS handshake not done"),
         }
     }
 

@@ -452,28 +452,43 @@ async fn a_request_that_resets_its_replica_is_tried_once_unless_resets_are_retri
     assert_eq!(metric(&metrics, "ringgate_retries_over_budget_total"), 1.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn passive_ejection_never_takes_more_than_its_share_of_the_ring() {
-    let b1 = Backend::start("127.0.0.1", Behaviour::Echo).await;
-    let b2 = Backend::start("127.0.0.1", Behaviour::Echo).await;
-    let b3 = Backend::start("127.0.0.1", Behaviour::Echo).await;
+/// Three echo replicas behind a gateway (static provider) whose active checks are slow to
+/// confirm anything, so what follows a death is the request path's doing; `proxy` is the
+/// gateway's `[proxy]` section. Returns once all three are up.
+async fn three_replicas_checked_slowly(proxy: &str) -> ([Backend; 3], GatewayProcess) {
+    let backends = [
+        Backend::start("127.0.0.1", Behaviour::Echo).await,
+        Backend::start("127.0.0.1", Behaviour::Echo).await,
+        Backend::start("127.0.0.1", Behaviour::Echo).await,
+    ];
     let gw = GatewayProcess::start(&Conf {
         kind: Some("static".into()),
-        provider: static_servers(&[&b1, &b2, &b3]),
-        // Active checks slow to confirm, so what happens next is passive ejection's doing.
+        provider: static_servers(&[&backends[0], &backends[1], &backends[2]]),
         health: "interval = \"60s\"\nfall = 10\n".into(),
+        proxy: proxy.into(),
         ..Conf::default()
     });
     gw.wait_status(Duration::from_secs(20), "three up", |s| s["up"] == 3)
         .await;
-    // Two of three die; the static provider does not notice, failed connects do.
-    drop((b1, b2));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    (backends, gw)
+}
+
+/// GETs `/x?id=0` to `/x?id={n-1}` one after the other; each must be answered 200.
+async fn every_id_answers(gw: &GatewayProcess, n: usize) {
     let c = client();
-    for id in 0..300 {
+    for id in 0..n {
         let (code, body) = call_with(&c, "GET", &gw.url(&format!("/x?id={id}")), "", &[]).await;
         assert_eq!(code, 200, "id {id}: {body}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passive_ejection_never_takes_more_than_its_share_of_the_ring() {
+    let ([b1, b2, _b3], gw) = three_replicas_checked_slowly("").await;
+    // Two of three die; the static provider does not notice, failed connects do.
+    drop((b1, b2));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    every_id_answers(&gw, 300).await;
     let status = gw.status().await;
     let in_ring = |name: &str| replica(&status, name)["in_ring"] == true;
     assert!(in_ring("b3"));
@@ -490,27 +505,13 @@ async fn passive_ejection_never_takes_more_than_its_share_of_the_ring() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_replicas_refused_connections_are_retried_even_with_the_budget_spent() {
-    let b1 = Backend::start("127.0.0.1", Behaviour::Echo).await;
-    let b2 = Backend::start("127.0.0.1", Behaviour::Echo).await;
-    let b3 = Backend::start("127.0.0.1", Behaviour::Echo).await;
-    let gw = GatewayProcess::start(&Conf {
-        kind: Some("static".into()),
-        provider: static_servers(&[&b1, &b2, &b3]),
-        health: "interval = \"60s\"\nfall = 10\n".into(),
-        // No budget at all: only a retry that needs none is made.
-        proxy: "retry_budget_min = 0\nretry_budget_percent = 0\n".into(),
-        ..Conf::default()
-    });
-    gw.wait_status(Duration::from_secs(20), "three up", |s| s["up"] == 3)
-        .await;
+    // No budget at all: only a retry that needs none is made.
+    let ([b1, _b2, _b3], gw) =
+        three_replicas_checked_slowly("retry_budget_min = 0\nretry_budget_percent = 0\n").await;
     // Its address now refuses connections; the gateway learns it from the first one.
     drop(b1);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let c = client();
-    for id in 0..300 {
-        let (code, body) = call_with(&c, "GET", &gw.url(&format!("/x?id={id}")), "", &[]).await;
-        assert_eq!(code, 200, "id {id}: {body}");
-    }
+    every_id_answers(&gw, 300).await;
     let metrics = gw.metrics().await;
     assert!(
         metric(&metrics, "ringgate_retries_total") >= 1.0,
