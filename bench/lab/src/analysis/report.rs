@@ -65,8 +65,24 @@ fn balancing_section(doc: &str) -> Option<&str> {
     (e >= b).then(|| doc[b..e].trim_start_matches('\n'))
 }
 
-/// Writes `md` to `path`, keeping the bench sections (plain and TLS) and the balancing section
-/// of the file already there.
+/// `new` with what `old` has between `begin` and `end` in place of what `new` has there, when
+/// both have the markers and `old` has something between them.
+fn keep_between(old: &str, new: &str, begin: &str, end: &str) -> String {
+    let between = |doc: &str| -> Option<(usize, usize)> {
+        let b = doc.find(begin)? + begin.len();
+        let e = doc[b..].find(end)? + b;
+        Some((b, e))
+    };
+    match (between(old), between(new)) {
+        (Some((ob, oe)), Some((nb, ne))) if !old[ob..oe].trim().is_empty() => {
+            format!("{}{}{}", &new[..nb], &old[ob..oe], &new[ne..])
+        }
+        _ => new.to_string(),
+    }
+}
+
+/// Writes `md` to `path`, keeping the bench sections (plain and TLS), the balancing section and
+/// the hand-written notes of the file already there.
 pub fn write_doc(path: &Path, md: &str) -> Result<(), AnalysisError> {
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let md = match bench_section(&old) {
@@ -78,6 +94,7 @@ pub fn write_doc(path: &Path, md: &str) -> Result<(), AnalysisError> {
         _ => md,
     };
     let md = super::proxies_tls::keep_section(&old, &md);
+    let md = keep_between(&old, &md, BY_HAND_BEGIN, BY_HAND_END);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| AnalysisError::io("creating the docs dir", e))?;
     }
@@ -412,7 +429,7 @@ path: ring lookup (`owner`, one array index) for N = 3 and 50, key to owner, `H`
 and mix64), key extraction (query, header, cookie, path) and ring rebuilds for N = 3 and 50. \
 Criterion keeps its reports under `target/criterion/`.\n"
     );
-    out.push_str(PROFILE_NOTE);
+    let _ = writeln!(out, "{BY_HAND_BEGIN}\n{PROFILE_NOTE}{BY_HAND_END}\n");
     let _ = writeln!(
         out,
         "## Throughput against NGINX and HAProxy\n\n{BENCH_BEGIN}\n{BENCH_PLACEHOLDER}{BENCH_END}"
@@ -420,27 +437,15 @@ Criterion keeps its reports under `target/criterion/`.\n"
     out
 }
 
-/// Hand-made profile of the proxy gap (not regenerated; dated, with the method to repeat it).
-const PROFILE_NOTE: &str = "## Where ringgate's time goes (profile, 2026-11-24)\n\n\
-_Measured by hand, not regenerated: ringgate (static provider, 3 backends) and NGINX under \
-`wrk -t2 -c64` with random ids on the 2-CPU machine of the bench; `perf record -g`, `strace -c -f` \
-and CPU ticks from `/proc/PID/stat` per request served._\n\n\
-- **Syscalls are not the gap.** ringgate makes 2 `writev` and 2 `recvfrom` per request \
-(30,311 requests: 60,719 `writev`, 60,865 `recvfrom`, 1,632 `epoll_wait`), the minimum for a \
-keep-alive proxy, like NGINX.\n\
-- **CPU per request:** ringgate 29–35 µs, NGINX 21 µs (the backend alone 9 µs).\n\
-- **Kernel work is about the same** (loopback TCP: `writev` → `tcp_sendmsg` → softirq delivery \
-to the peer, ≈ 60% of ringgate's samples; ≈ 11 vs 9.5 units per 10k req/s for NGINX, the \
-difference mostly wake-ups between ringgate's worker threads: `_raw_spin_unlock_irqrestore`, \
-`finish_task_switch`).\n\
-- **User space is ≈ 3× NGINX's per request** (≈ 6.3 vs 2.1 units per 10k req/s) and flat: \
-hyper's h1 dispatcher and parser for both legs, the hyper-util legacy client (its request \
-channel `tokio::sync::mpsc` push/pop and cross-task wake per upstream request, pool checkout), \
-`HeaderMap` building and dropping, a timer-wheel entry per request (request timeout), and \
-malloc/free/memmove (≈ a third of user time). Candidates: a per-connection upstream \
-`hyper::client::conn::http1::SendRequest` pool instead of the legacy client, reusing header maps, \
-a cheaper timeout (one deadline per connection), and a current-thread runtime per core to avoid \
-cross-thread wakes.\n\n**Tried since (one `make bench` each, same machine, quiet):** `lto = \"fat\"` + `codegen-units = 1` in the release profile: 31,207 → 33,717 req/s (+8%), p99 5.01 → 4.29 ms; kept (the release build takes about 4 min instead of 1). mimalloc as the global allocator: 30,626 req/s (no gain) and peak RSS 18.3 → 28.5 MiB; reverted. A serving thread per CPU, each a current-thread runtime with its own `SO_REUSEPORT` listener and its own upstream pool (no cross-thread wake-ups between a request and its upstream connection): 33,717 → 39,387 req/s (+17%), p99 4.30 ms; kept. Next candidate: a per-connection `hyper::client::conn::http1::SendRequest` pool instead of the legacy client's channel.\n\n**Memory with many clients** (`make bench-rss`, `bench/rss.py`): gateway RSS 7.9 MiB idle; 28.6 MiB with 1,000 open keep-alive client connections that each made one request (DESIGN's target: < 30 MB); 43.5 MiB after a burst of 1,000 concurrent requests on them (the burst opens up to 1,000 upstream connections at once; the pool keeps 64 idle per replica, and freed memory stays with the allocator). About 20 KiB per open connection are hyper's per-connection read and write buffers (8 KiB each, kept while the connection is open). Before the serving threads it was 32.5 / 46.3 MiB; `MALLOC_ARENA_MAX=1` changed it by less than 3 MiB.\n\n";
+/// Where the hand-written part of the report begins and ends: the profile and the memory notes,
+/// measured by hand. [`write_doc`] keeps what the file already has between the two.
+const BY_HAND_BEGIN: &str = "<!-- by-hand:begin (written by hand; `make analysis` keeps it) -->";
+const BY_HAND_END: &str = "<!-- by-hand:end -->";
+
+/// The hand-written part of a report written from nothing (the committed report has its own).
+const PROFILE_NOTE: &str = "## Where ringgate's time goes\n\n\
+_Measured by hand (`perf`, `strace -c`, `make bench-rss`), not regenerated: see the committed \
+`docs/performance.md` and its history._\n\n";
 
 /// The short table printed at the end of `ringgate-lab analysis`.
 pub fn console_summary(r: &Results) -> String {
@@ -589,6 +594,31 @@ fn failover_section(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hand_written_part_survives_regeneration() {
+        let fresh = format!("# r\n{BY_HAND_BEGIN}\nstub\n{BY_HAND_END}\n## next\n");
+        let old = format!("# old\n{BY_HAND_BEGIN}\n## Profile\nmeasured by hand\n{BY_HAND_END}\n");
+        assert_eq!(
+            keep_between(&old, &fresh, BY_HAND_BEGIN, BY_HAND_END),
+            format!("# r\n{BY_HAND_BEGIN}\n## Profile\nmeasured by hand\n{BY_HAND_END}\n## next\n")
+        );
+        assert_eq!(
+            keep_between("no markers", &fresh, BY_HAND_BEGIN, BY_HAND_END),
+            fresh
+        );
+        let empty = format!("{BY_HAND_BEGIN}\n{BY_HAND_END}");
+        assert_eq!(
+            keep_between(&empty, &fresh, BY_HAND_BEGIN, BY_HAND_END),
+            fresh
+        );
+        let rendered = render(
+            &Results::default(),
+            &Vec::new(),
+            Path::new("docs/performance.md"),
+        );
+        assert!(rendered.contains(BY_HAND_BEGIN) && rendered.contains(BY_HAND_END));
+    }
 
     #[test]
     fn bench_section_survives_regeneration() {
