@@ -2,12 +2,12 @@
 //!
 //! Owns: the start-up order (load the TLS certificates, start the provider and the controller,
 //! wait for the replicas, then serve on one thread per CPU, each with its plain and its TLS
-//! listener, beside the heap's idle trim of [`crate::memory`]) and the shutdown order (stop accepting, drain
-//! in-flight requests, then stop the replicas the gateway started), in the shape of
-//! mini-redis's `server::run(listener, shutdown)`: `main.rs` binds, installs signal handlers
-//! and prints; tests start a gateway in-process on `127.0.0.1:0`.
-//! Must not touch: any decision, process-wide state (signals, tracing, rlimits) or stdout; it
-//! only connects the parts.
+//! listener, beside the heap's idle trim of [`crate::memory`]) and the shutdown order (stop
+//! accepting, drain in-flight requests, then stop the replicas the gateway started), in the
+//! shape of mini-redis's `server::run(listener, shutdown)`: `main.rs` binds, installs signal
+//! handlers and prints; tests start a gateway in-process on `127.0.0.1:0`.
+//! Must not touch: any decision, process-wide state (signals, tracing, rlimits; the idle trim
+//! touches only the allocator's free pages) or stdout; it only connects the parts.
 
 use std::future::Future;
 use std::net::SocketAddr;
