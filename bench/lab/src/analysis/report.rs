@@ -81,6 +81,57 @@ fn keep_between(old: &str, new: &str, begin: &str, end: &str) -> String {
     }
 }
 
+/// The `## ` sections of a report as (key, start, end) byte offsets; the key is the heading up
+/// to its first ':' (so "## A-1: 10000 requests over N = 3" and "## A-1: 500 requests over
+/// N = 3" are one section).
+fn sections(doc: &str) -> Vec<(&str, usize, usize)> {
+    let mut starts: Vec<usize> = doc.match_indices("\n## ").map(|(i, _)| i + 1).collect();
+    if doc.starts_with("## ") {
+        starts.insert(0, 0);
+    }
+    let ends = starts.iter().skip(1).copied().chain([doc.len()]);
+    starts
+        .iter()
+        .zip(ends)
+        .map(|(&b, e)| {
+            let heading = doc[b..e].lines().next().unwrap_or("");
+            (heading.split(':').next().unwrap_or(heading), b, e)
+        })
+        .collect()
+}
+
+fn is_not_run(section: &str) -> bool {
+    section
+        .lines()
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .eq(["Not run."])
+}
+
+/// `new` with each section an `--only` run did not make ("Not run.") replaced by the same
+/// section of `old`, so that a partial run updates its own sections and keeps the rest.
+fn keep_not_run(old: &str, new: &str) -> String {
+    let kept: Vec<(&str, &str)> = sections(old)
+        .into_iter()
+        .map(|(k, b, e)| (k, &old[b..e]))
+        .filter(|(_, t)| !is_not_run(t))
+        .collect();
+    let mut out = String::with_capacity(new.len());
+    let mut at = 0;
+    for (key, b, e) in sections(new) {
+        out.push_str(&new[at..b]);
+        let text = &new[b..e];
+        match kept.iter().find(|(k, _)| *k == key) {
+            Some((_, t)) if is_not_run(text) => out.push_str(t),
+            _ => out.push_str(text),
+        }
+        at = e;
+    }
+    out.push_str(&new[at..]);
+    out
+}
+
 /// Writes `md` to `path`, keeping the bench sections (plain and TLS), the balancing section and
 /// the hand-written notes of the file already there.
 pub fn write_doc(path: &Path, md: &str) -> Result<(), AnalysisError> {
@@ -95,6 +146,7 @@ pub fn write_doc(path: &Path, md: &str) -> Result<(), AnalysisError> {
     };
     let md = super::proxies_tls::keep_section(&old, &md);
     let md = keep_between(&old, &md, BY_HAND_BEGIN, BY_HAND_END);
+    let md = keep_not_run(&old, &md);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| AnalysisError::io("creating the docs dir", e))?;
     }
@@ -294,8 +346,9 @@ random 6-digit `?id=` keys (the same keys for every run), counting the server na
         _ => out.push_str("Not run.\n\n"),
     }
 
-    if let Some(f) = &r.failover {
-        out.push_str(&failover_section(f, r.failover_reset.as_ref()));
+    match &r.failover {
+        Some(f) => out.push_str(&failover_section(f, r.failover_reset.as_ref())),
+        None => out.push_str("## Failover: a replica SIGKILLed under load\n\nNot run.\n\n"),
     }
 
     let _ = writeln!(
@@ -594,6 +647,25 @@ fn failover_section(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partial_run_keeps_the_sections_it_did_not_make() {
+        let old =
+            "# r\n## A-1: 500 requests\nold a1\n## Failover: every 4 s\nold failover\n## End\nx\n";
+        let new = "# r\n## A-1: 900 requests\nNot run.\n\n## Failover: every 2 s\nnew failover\n## End\ny\n";
+        assert_eq!(
+            keep_not_run(old, new),
+            "# r\n## A-1: 500 requests\nold a1\n## Failover: every 2 s\nnew failover\n## End\ny\n"
+        );
+        // Nothing to keep: the new text stands, "Not run." included.
+        assert_eq!(keep_not_run("", new), new);
+        let rendered = render(
+            &Results::default(),
+            &Vec::new(),
+            Path::new("docs/performance.md"),
+        );
+        assert!(rendered.contains("## Failover: a replica SIGKILLed under load\n\nNot run."));
+    }
 
     #[test]
     fn the_hand_written_part_survives_regeneration() {
