@@ -9,7 +9,7 @@ and the gateway's RSS. Loopback only; everything it starts is stopped on exit.
 
 usage: bench/flood.py [FLOOD=5000] [CAP=1000] [SECONDS=15] [ESTABLISHED=8]
 """
-import json, os, re, resource, selectors, signal, socket, subprocess, sys, tempfile, threading, time
+import json, os, re, resource, selectors, shutil, signal, socket, subprocess, sys, tempfile, threading, time
 
 flood = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
 cap = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
@@ -129,3 +129,4 @@ try:
 finally:
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
+    shutil.rmtree(tmp, ignore_errors=True)

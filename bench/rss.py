@@ -5,7 +5,7 @@ Starts `ringgate serve` (process provider, 3 replicas) on 127.0.0.1, opens N kee
 connections, sends one request on each and keeps them open, then reads the gateway's VmRSS and
 VmHWM from /proc. Loopback only; everything it starts is stopped on exit.
 """
-import os, re, signal, socket, subprocess, sys, tempfile, time
+import os, re, shutil, signal, socket, subprocess, sys, tempfile, time
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
 gw_bin = os.environ.get("RINGGATE_BIN", "target/release/ringgate")
@@ -61,3 +61,4 @@ try:
 finally:
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=20)
+    shutil.rmtree(tmp, ignore_errors=True)
