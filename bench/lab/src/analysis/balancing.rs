@@ -345,7 +345,7 @@ answered: **{}**.\n",
         ));
     }
     let old = std::fs::read_to_string(&args.doc).unwrap_or_default();
-    std::fs::write(&args.doc, report::replace_balancing_section(&old, &md))
+    std::fs::write(&args.doc, report::BALANCING.replace(&old, &md))
         .map_err(|e| AnalysisError::io(format!("writing {}", args.doc.display()), e))?;
     println!("{md}");
     Ok(())

@@ -819,7 +819,7 @@ generator, proxy and backends share the same CPUs, so these are relative figures
     }
     let old = std::fs::read_to_string(&args.doc)
         .unwrap_or_else(|_| "# ringgate performance\n".to_string());
-    let new = report::replace_bench_section(&old, &section);
+    let new = report::BENCH.replace(&old, &section);
     if let Some(d) = args.doc.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(d).map_err(|e| AnalysisError::io("creating the docs dir", e))?;
     }

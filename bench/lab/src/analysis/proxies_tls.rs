@@ -18,12 +18,16 @@ use super::proxies::{
     find_program, free_port, listening_addr, median, parse_wrk, wait_200, Launcher, Proc,
     RunFigures, WRK_SCRIPT,
 };
+use super::report::Marked;
 use super::AnalysisError;
 use crate::procs::{product_binary, CPU_TICKS_PER_SEC};
 
-const TLS_BEGIN: &str = "<!-- bench-tls:begin (written by `make bench`) -->";
-const TLS_END: &str = "<!-- bench-tls:end -->";
-const TLS_HEADING: &str = "## TLS termination against NGINX and HAProxy";
+/// The TLS comparison, written by `make bench`.
+pub const TLS: Marked = Marked {
+    begin: "<!-- bench-tls:begin (written by `make bench`) -->",
+    end: "<!-- bench-tls:end -->",
+    heading: "## TLS termination against NGINX and HAProxy",
+};
 
 /// `ringgate-lab analysis tls`.
 #[derive(Debug, Clone, clap::Args)]
@@ -149,42 +153,6 @@ in new handshakes per second ({hs_name}): **{}×**.",
         ratio(rg.keep_alive.rps, ka),
         ratio(rg.handshake.rps, hs)
     ))
-}
-
-/// Replaces the marked TLS section of `doc` (or appends one, with its heading).
-pub fn replace_section(doc: &str, content: &str) -> String {
-    let content = if content.ends_with('\n') {
-        content.to_string()
-    } else {
-        format!("{content}\n")
-    };
-    let section = format!("{TLS_BEGIN}\n{content}{TLS_END}");
-    match (doc.find(TLS_BEGIN), doc.find(TLS_END)) {
-        (Some(b), Some(e)) if e > b => {
-            format!("{}{section}{}", &doc[..b], &doc[e + TLS_END.len()..])
-        }
-        _ => {
-            let sep = if doc.is_empty() || doc.ends_with('\n') {
-                ""
-            } else {
-                "\n"
-            };
-            format!("{doc}{sep}\n{TLS_HEADING}\n\n{section}\n")
-        }
-    }
-}
-
-/// `new`, a regenerated report, with the TLS section of `old` carried over (if it had one).
-pub fn keep_section(old: &str, new: &str) -> String {
-    let kept = old
-        .find(TLS_BEGIN)
-        .zip(old.find(TLS_END))
-        .filter(|(b, e)| e > b)
-        .map(|(b, e)| old[b + TLS_BEGIN.len()..e].trim_start_matches('\n'));
-    match kept {
-        Some(k) if !k.trim().is_empty() => replace_section(new, k),
-        _ => new.to_string(),
-    }
 }
 
 /// The bench certificate (ECDSA P-256, for `localhost` and 127.0.0.1), written as
@@ -560,7 +528,7 @@ and backends share the same CPUs: relative figures._\n\n{tbl}\n{verdict}\n",
     }
     let old = std::fs::read_to_string(&args.doc)
         .unwrap_or_else(|_| "# ringgate performance\n".to_string());
-    std::fs::write(&args.doc, replace_section(&old, &section))
+    std::fs::write(&args.doc, TLS.replace(&old, &section))
         .map_err(|e| AnalysisError::io(format!("writing {}", args.doc.display()), e))?;
     println!("{tbl}\n{verdict}");
     eprintln!("TLS table written to {}", args.doc.display());
@@ -605,16 +573,16 @@ mod tests {
     #[test]
     fn the_section_is_replaced_appended_and_kept() {
         let doc = "# perf\n\ntext\n";
-        let once = replace_section(doc, "first");
-        assert!(once.contains(TLS_HEADING) && once.contains("first\n<!-- bench-tls:end -->"));
-        let twice = replace_section(&once, "second\n");
+        let once = TLS.replace(doc, "first");
+        assert!(once.contains(TLS.heading) && once.contains("first\n<!-- bench-tls:end -->"));
+        let twice = TLS.replace(&once, "second\n");
         assert!(
             twice.contains("second") && !twice.contains("first"),
             "{twice}"
         );
-        assert_eq!(twice.matches(TLS_HEADING).count(), 1);
-        let regenerated = keep_section(&twice, "# perf, new\n");
+        assert_eq!(twice.matches(TLS.heading).count(), 1);
+        let regenerated = TLS.keep(&twice, "# perf, new\n");
         assert!(regenerated.starts_with("# perf, new\n") && regenerated.contains("second"));
-        assert_eq!(keep_section("# no section\n", "# new\n"), "# new\n");
+        assert_eq!(TLS.keep("# no section\n", "# new\n"), "# new\n");
     }
 }

@@ -8,76 +8,70 @@ use std::path::{Component, Path, PathBuf};
 use super::experiments::Distribution;
 use super::{theory, AnalysisError, ChartFiles, Results};
 
-const BENCH_BEGIN: &str = "<!-- bench:begin (written by `make bench`) -->";
-const BENCH_END: &str = "<!-- bench:end -->";
-const BENCH_PLACEHOLDER: &str = "Not measured yet: run `make bench`.\n";
+/// A part of the report between two HTML comments: one tool writes it, and every other
+/// regeneration of the report carries it over unchanged.
+pub struct Marked {
+    pub begin: &'static str,
+    pub end: &'static str,
+    /// The heading a report without the part gets it appended under.
+    pub heading: &'static str,
+}
 
-/// Replaces the marked bench section of `doc` (or appends one) with `content`.
-pub fn replace_bench_section(doc: &str, content: &str) -> String {
-    let section = format!("{BENCH_BEGIN}\n{}{BENCH_END}", ensure_nl(content));
-    match (doc.find(BENCH_BEGIN), doc.find(BENCH_END)) {
-        (Some(b), Some(e)) if e > b => {
-            format!("{}{section}{}", &doc[..b], &doc[e + BENCH_END.len()..])
+impl Marked {
+    /// What `doc` has between the markers (leading newlines dropped), if it has both.
+    pub fn content<'a>(&self, doc: &'a str) -> Option<&'a str> {
+        let b = doc.find(self.begin)? + self.begin.len();
+        let e = doc[b..].find(self.end)? + b;
+        Some(doc[b..e].trim_start_matches('\n'))
+    }
+
+    /// `doc` with `content` between the markers, or with the part appended under its heading.
+    pub fn replace(&self, doc: &str, content: &str) -> String {
+        let section = format!("{}\n{}{}", self.begin, ensure_nl(content), self.end);
+        match (doc.find(self.begin), doc.find(self.end)) {
+            (Some(b), Some(e)) if e > b => {
+                format!("{}{section}{}", &doc[..b], &doc[e + self.end.len()..])
+            }
+            _ => format!("{}\n{}\n\n{section}\n", ensure_nl(doc), self.heading),
         }
-        _ => format!(
-            "{}\n## Throughput against NGINX and HAProxy\n\n{section}\n",
-            ensure_nl(doc)
-        ),
+    }
+
+    /// `new`, a regenerated report, with this part of `old` carried over when it has one.
+    pub fn keep(&self, old: &str, new: &str) -> String {
+        match self.content(old) {
+            Some(kept) if !kept.trim().is_empty() => self.replace(new, kept),
+            _ => new.to_string(),
+        }
     }
 }
 
-/// The content of the marked bench section, if any.
-pub fn bench_section(doc: &str) -> Option<&str> {
-    let b = doc.find(BENCH_BEGIN)? + BENCH_BEGIN.len();
-    let e = doc.find(BENCH_END)?;
-    (e >= b).then(|| doc[b..e].trim_start_matches('\n'))
-}
+/// The proxy comparison, written by `make bench`.
+pub const BENCH: Marked = Marked {
+    begin: "<!-- bench:begin (written by `make bench`) -->",
+    end: "<!-- bench:end -->",
+    heading: "## Throughput against NGINX and HAProxy",
+};
+const BENCH_PLACEHOLDER: &str = "Not measured yet: run `make bench`.\n";
+
+/// Bounded loads and slow start, written by `ringgate-lab analysis balancing`.
+pub const BALANCING: Marked = Marked {
+    begin: "<!-- balancing:begin (written by `ringgate-lab analysis balancing`) -->",
+    end: "<!-- balancing:end -->",
+    heading: "## Balancing beyond the ring: bounded loads and slow start",
+};
+
+/// The profile and memory notes, measured and written by hand.
+const BY_HAND: Marked = Marked {
+    begin: "<!-- by-hand:begin (written by hand; `make analysis` keeps it) -->",
+    end: "<!-- by-hand:end -->",
+    heading: "## Where ringgate's time goes",
+};
 
 fn ensure_nl(s: &str) -> String {
     if s.is_empty() || s.ends_with('\n') {
         s.to_string()
     } else {
         format!("{s}\n")
-    }
-}
-
-const BALANCING_BEGIN: &str =
-    "<!-- balancing:begin (written by `ringgate-lab analysis balancing`) -->";
-const BALANCING_END: &str = "<!-- balancing:end -->";
-
-/// Replaces the marked balancing section of `doc` (or appends one) with `content`.
-pub fn replace_balancing_section(doc: &str, content: &str) -> String {
-    let section = format!("{BALANCING_BEGIN}\n{}{BALANCING_END}", ensure_nl(content));
-    match (doc.find(BALANCING_BEGIN), doc.find(BALANCING_END)) {
-        (Some(b), Some(e)) if e > b => {
-            format!("{}{section}{}", &doc[..b], &doc[e + BALANCING_END.len()..])
-        }
-        _ => format!(
-            "{}\n## Balancing beyond the ring: bounded loads and slow start\n\n{section}\n",
-            ensure_nl(doc)
-        ),
-    }
-}
-
-fn balancing_section(doc: &str) -> Option<&str> {
-    let b = doc.find(BALANCING_BEGIN)? + BALANCING_BEGIN.len();
-    let e = doc.find(BALANCING_END)?;
-    (e >= b).then(|| doc[b..e].trim_start_matches('\n'))
-}
-
-/// `new` with what `old` has between `begin` and `end` in place of what `new` has there, when
-/// both have the markers and `old` has something between them.
-fn keep_between(old: &str, new: &str, begin: &str, end: &str) -> String {
-    let between = |doc: &str| -> Option<(usize, usize)> {
-        let b = doc.find(begin)? + begin.len();
-        let e = doc[b..].find(end)? + b;
-        Some((b, e))
-    };
-    match (between(old), between(new)) {
-        (Some((ob, oe)), Some((nb, ne))) if !old[ob..oe].trim().is_empty() => {
-            format!("{}{}{}", &new[..nb], &old[ob..oe], &new[ne..])
-        }
-        _ => new.to_string(),
     }
 }
 
@@ -136,16 +130,10 @@ fn keep_not_run(old: &str, new: &str) -> String {
 /// the hand-written notes of the file already there.
 pub fn write_doc(path: &Path, md: &str) -> Result<(), AnalysisError> {
     let old = std::fs::read_to_string(path).unwrap_or_default();
-    let md = match bench_section(&old) {
-        Some(kept) if !kept.trim().is_empty() => replace_bench_section(md, kept),
-        _ => md.to_string(),
-    };
-    let md = match balancing_section(&old) {
-        Some(kept) if !kept.trim().is_empty() => replace_balancing_section(&md, kept),
-        _ => md,
-    };
-    let md = super::proxies_tls::keep_section(&old, &md);
-    let md = keep_between(&old, &md, BY_HAND_BEGIN, BY_HAND_END);
+    let md = BENCH.keep(&old, md);
+    let md = BALANCING.keep(&old, &md);
+    let md = super::proxies_tls::TLS.keep(&old, &md);
+    let md = BY_HAND.keep(&old, &md);
     let md = keep_not_run(&old, &md);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| AnalysisError::io("creating the docs dir", e))?;
@@ -482,18 +470,14 @@ path: ring lookup (`owner`, one array index) for N = 3 and 50, key to owner, `H`
 and mix64), key extraction (query, header, cookie, path) and ring rebuilds for N = 3 and 50. \
 Criterion keeps its reports under `target/criterion/`.\n"
     );
-    let _ = writeln!(out, "{BY_HAND_BEGIN}\n{PROFILE_NOTE}{BY_HAND_END}\n");
+    let _ = writeln!(out, "{}\n{PROFILE_NOTE}{}\n", BY_HAND.begin, BY_HAND.end);
     let _ = writeln!(
         out,
-        "## Throughput against NGINX and HAProxy\n\n{BENCH_BEGIN}\n{BENCH_PLACEHOLDER}{BENCH_END}"
+        "{}\n\n{}\n{BENCH_PLACEHOLDER}{}",
+        BENCH.heading, BENCH.begin, BENCH.end
     );
     out
 }
-
-/// Where the hand-written part of the report begins and ends: the profile and the memory notes,
-/// measured by hand. [`write_doc`] keeps what the file already has between the two.
-const BY_HAND_BEGIN: &str = "<!-- by-hand:begin (written by hand; `make analysis` keeps it) -->";
-const BY_HAND_END: &str = "<!-- by-hand:end -->";
 
 /// The hand-written part of a report written from nothing (the committed report has its own).
 const PROFILE_NOTE: &str = "## Where ringgate's time goes\n\n\
@@ -669,27 +653,27 @@ mod tests {
 
     #[test]
     fn the_hand_written_part_survives_regeneration() {
-        let fresh = format!("# r\n{BY_HAND_BEGIN}\nstub\n{BY_HAND_END}\n## next\n");
-        let old = format!("# old\n{BY_HAND_BEGIN}\n## Profile\nmeasured by hand\n{BY_HAND_END}\n");
-        assert_eq!(
-            keep_between(&old, &fresh, BY_HAND_BEGIN, BY_HAND_END),
-            format!("# r\n{BY_HAND_BEGIN}\n## Profile\nmeasured by hand\n{BY_HAND_END}\n## next\n")
+        let fresh = format!("# r\n{}\nstub\n{}\n## next\n", BY_HAND.begin, BY_HAND.end);
+        let old = format!(
+            "# old\n{}\n## Profile\nmeasured by hand\n{}\n",
+            BY_HAND.begin, BY_HAND.end
         );
         assert_eq!(
-            keep_between("no markers", &fresh, BY_HAND_BEGIN, BY_HAND_END),
-            fresh
+            BY_HAND.keep(&old, &fresh),
+            format!(
+                "# r\n{}\n## Profile\nmeasured by hand\n{}\n## next\n",
+                BY_HAND.begin, BY_HAND.end
+            )
         );
-        let empty = format!("{BY_HAND_BEGIN}\n{BY_HAND_END}");
-        assert_eq!(
-            keep_between(&empty, &fresh, BY_HAND_BEGIN, BY_HAND_END),
-            fresh
-        );
+        assert_eq!(BY_HAND.keep("no markers", &fresh), fresh);
+        let empty = format!("{}\n{}", BY_HAND.begin, BY_HAND.end);
+        assert_eq!(BY_HAND.keep(&empty, &fresh), fresh);
         let rendered = render(
             &Results::default(),
             &Vec::new(),
             Path::new("docs/performance.md"),
         );
-        assert!(rendered.contains(BY_HAND_BEGIN) && rendered.contains(BY_HAND_END));
+        assert!(rendered.contains(BY_HAND.begin) && rendered.contains(BY_HAND.end));
     }
 
     #[test]
@@ -700,13 +684,13 @@ mod tests {
             Path::new("docs/performance.md"),
         );
         assert!(md.contains(BENCH_PLACEHOLDER));
-        let with_bench = replace_bench_section(&md, "| target | req/s |\n");
-        assert_eq!(bench_section(&with_bench), Some("| target | req/s |\n"));
-        let regenerated = replace_bench_section(&md, bench_section(&with_bench).unwrap_or(""));
+        let with_bench = BENCH.replace(&md, "| target | req/s |\n");
+        assert_eq!(BENCH.content(&with_bench), Some("| target | req/s |\n"));
+        let regenerated = BENCH.replace(&md, BENCH.content(&with_bench).unwrap_or(""));
         assert_eq!(regenerated, with_bench);
         // A doc without markers gets the section appended.
-        let appended = replace_bench_section("# x\n", "t\n");
-        assert_eq!(bench_section(&appended), Some("t\n"));
+        let appended = BENCH.replace("# x\n", "t\n");
+        assert_eq!(BENCH.content(&appended), Some("t\n"));
     }
 
     #[test]
