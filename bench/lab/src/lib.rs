@@ -8,6 +8,8 @@
 //! - [`analysis`]: the experiments, charts, report and proxy benchmark (`ringgate-lab analysis`).
 //! - [`backend`]: the lightest HTTP/1.1 backend we can make (`ringgate-lab backend`), for
 //!   `make bench`.
+//! - [`forward`]: the floor of `make bench`, a proxy that only moves bytes (`ringgate-lab
+//!   forward`): what the socket operations of a request cost before any proxy logic runs.
 //! - [`procs`]: the processes the lab starts: finding the binaries, their listening line,
 //!   signals, `/proc`.
 //!
@@ -15,5 +17,6 @@
 
 pub mod analysis;
 pub mod backend;
+pub mod forward;
 pub mod loadgen;
 pub mod procs;

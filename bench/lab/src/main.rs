@@ -25,6 +25,8 @@ enum Command {
     Analysis(Box<analysis::AnalysisArgs>),
     /// The lightest HTTP/1.1 backend we can make (for `make bench`): SERVER_ID, PORT, BIND.
     Backend,
+    /// The floor of `make bench`: a proxy that only moves bytes (FORWARD_TO, THREADS, PORT, BIND).
+    Forward,
 }
 
 /// Runs `f` on a multi-threaded runtime of its own.
@@ -47,6 +49,8 @@ fn main() -> ExitCode {
         }
         // Single-threaded on a runtime of its own: the lightest backend we can make.
         Command::Backend => ringgate_lab::backend::run(),
+        // One current-thread runtime per thread, as the gateway's serving threads.
+        Command::Forward => ringgate_lab::forward::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
