@@ -153,6 +153,16 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// CPU ticks of this process and of its children that ended and were waited for (utime, stime,
+/// cutime, cstime): around a run of wrk, what wrk used (or, for the in-process load generator,
+/// what it used).
+pub fn own_and_waited_children_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    (11..=14).map(|i| fields.get(i)?.parse::<u64>().ok()).sum()
+}
+
 /// The kernel's clock tick for `/proc/PID/stat` times (USER_HZ, 100 on Linux).
 pub const CPU_TICKS_PER_SEC: f64 = 100.0;
 

@@ -19,8 +19,14 @@ use tokio::process::{Child, Command};
 use super::{report, AnalysisError};
 use crate::loadgen::{self, KeyPlan, LoadConfig};
 use crate::procs::{
-    children_of, cpu_ticks, peak_rss_kib, product_binary, signal, wait_listening, CPU_TICKS_PER_SEC,
+    children_of, cpu_ticks, own_and_waited_children_ticks, peak_rss_kib, product_binary, signal,
+    wait_listening, CPU_TICKS_PER_SEC,
 };
+
+/// The floor in Rust: `ringgate-lab forward`, a byte relay with no HTTP.
+pub const FORWARD: &str = "floor: byte relay (tokio)";
+/// The floor in C: HAProxy in `mode tcp`.
+pub const HAPROXY_TCP: &str = "floor: haproxy mode tcp";
 
 /// `ringgate-lab analysis proxies`.
 #[derive(Debug, Clone, clap::Args)]
@@ -67,6 +73,10 @@ pub struct ProxiesArgs {
     /// `--extra-ringgate before=/tmp/ringgate-old`)
     #[arg(long = "extra-ringgate")]
     pub extra_ringgate: Vec<String>,
+    /// Leave out the two floors (a byte relay in Rust, HAProxy in TCP mode): what the sockets
+    /// alone cost here, below which no HTTP proxy on them can go
+    #[arg(long)]
+    pub no_floor: bool,
     /// The report whose bench section is rewritten
     #[arg(long, default_value = "docs/performance.md")]
     pub doc: PathBuf,
@@ -237,6 +247,8 @@ pub struct RunFigures {
     pub requests: u64,
     /// CPU time the proxy used in the run, in µs (0 for the direct target).
     pub cpu_us: f64,
+    /// CPU time the backends and the load generator used in the run, in µs.
+    pub others_cpu_us: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub errors: u64,
@@ -338,10 +350,10 @@ impl Measure {
                 Ok(RunFigures {
                     rps: s.requests_per_sec,
                     requests: s.total,
-                    cpu_us: 0.0,
                     p50_ms: s.p50.as_secs_f64() * 1e3,
                     p99_ms: s.p99.as_secs_f64() * 1e3,
                     errors: s.failed,
+                    ..RunFigures::default()
                 })
             }
         }
@@ -380,6 +392,8 @@ pub struct Row {
     pub errors: u64,
     /// CPU µs per request of the proxy's processes (`None` for the direct target).
     pub cpu_us_per_req: Option<f64>,
+    /// CPU µs per request of the backends and the load generator.
+    pub others_us_per_req: Option<f64>,
     pub rss_kib: Option<(u64, usize)>,
 }
 
@@ -388,7 +402,7 @@ pub struct Row {
 pub fn table(rows: &[Row]) -> String {
     let rg = rows.iter().find(|r| r.name == "ringgate").map(|r| r.rps);
     let mut s = String::from(
-        "| target | requests/s (median) | p50 | p99 | errors | CPU µs/request | ringgate ÷ target (req/s) | peak RSS |\n|---|---|---|---|---|---|---|---|\n",
+        "| target | requests/s (median) | p50 | p99 | errors | CPU µs/request | backends + load generator CPU µs/request | ringgate ÷ target (req/s) | peak RSS |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let ratio = match rg {
@@ -400,12 +414,11 @@ pub fn table(rows: &[Row]) -> String {
             Some((k, _)) => format!("{:.1} MiB", k as f64 / 1024.0),
             None => "–".to_string(),
         };
-        let cpu = r
-            .cpu_us_per_req
-            .map_or("–".to_string(), |c| format!("{c:.1}"));
+        let micros = |v: Option<f64>| v.map_or("–".to_string(), |c| format!("{c:.1}"));
+        let (cpu, others) = (micros(r.cpu_us_per_req), micros(r.others_us_per_req));
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {:.2} ms | {:.2} ms | {} | {cpu} | {ratio} | {rss} |",
+            "| {} | {:.0} | {:.2} ms | {:.2} ms | {} | {cpu} | {others} | {ratio} | {rss} |",
             r.name, r.rps, r.p50_ms, r.p99_ms, r.errors
         );
     }
@@ -414,7 +427,7 @@ pub fn table(rows: &[Row]) -> String {
 
 /// ringgate against the better of NGINX and HAProxy: throughput over the faster one, CPU per
 /// request over the leaner one, p99 against both.
-pub fn verdict(rows: &[Row]) -> Option<String> {
+pub fn verdict(rows: &[Row], cpus: usize) -> Option<String> {
     let rg = rows.iter().find(|r| r.name == "ringgate")?;
     let peers: Vec<&Row> = rows
         .iter()
@@ -455,7 +468,57 @@ pub fn verdict(rows: &[Row]) -> Option<String> {
             lua.rps / rg.rps
         );
     }
+    // What the sockets alone allow: a proxy that parses nothing, measured in the same run.
+    for floor in rows
+        .iter()
+        .filter(|r| r.name == FORWARD || r.name == HAPROXY_TCP)
+    {
+        let _ = write!(
+            out,
+            " The {} moves the same requests at {:.2}× the faster peer's requests/s",
+            floor.name.trim_start_matches("floor: "),
+            floor.rps / fastest.rps
+        );
+        if let (Some(a), Some(b)) = (floor.cpu_us_per_req, leanest.cpu_us_per_req) {
+            let _ = write!(out, " and {:.2}× the leaner peer's CPU per request", a / b);
+        }
+        out.push('.');
+    }
+    // The budget of the goal: the load generator, the backends and the proxy share the CPUs,
+    // which every target keeps busy, so 1.2× the faster peer's rate is a CPU budget per request,
+    // and what the others take of it is not the proxy's.
+    let others = rows
+        .iter()
+        .filter(|r| r.name != "direct (one backend)")
+        .filter_map(|r| r.others_us_per_req)
+        .fold(f64::MAX, f64::min);
+    let relay = rows.iter().find(|r| r.name == FORWARD);
+    if let (true, Some(relay_cpu)) = (others < f64::MAX, relay.and_then(|r| r.cpu_us_per_req)) {
+        let target = GOAL_RPS_RATIO * fastest.rps;
+        let _ = write!(
+            out,
+            " At {GOAL_RPS_RATIO}× the faster peer's rate ({target:.0} requests/s) {cpus} CPUs give a \
+request {:.1} µs in all; the backends and the load generator took at least {others:.1} µs of it \
+in this run, which leaves a proxy {:.1} µs; the byte relay needed {relay_cpu:.1}.",
+            budget_us(cpus, target),
+            proxy_allowance_us(cpus, target, others),
+        );
+    }
     Some(out)
+}
+
+/// The throughput goal of issue 11: ringgate at this multiple of the faster peer's requests/s.
+pub const GOAL_RPS_RATIO: f64 = 1.2;
+
+/// CPU µs a request may use, all processes together, when `cpus` busy CPUs serve `rps`.
+pub fn budget_us(cpus: usize, rps: f64) -> f64 {
+    cpus as f64 * 1e6 / rps
+}
+
+/// What is left of [`budget_us`] for the proxy once the backends and the load generator have
+/// taken `others_us` a request.
+pub fn proxy_allowance_us(cpus: usize, rps: f64, others_us: f64) -> f64 {
+    budget_us(cpus, rps) - others_us
 }
 
 /// Starts a ringgate with the static provider over `addrs` and `hash` for both hash functions.
@@ -659,34 +722,66 @@ error_log {t}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp
     // HAProxy, tuned as its docs recommend: keep-alive on both sides and `http-reuse always`.
     match find_program(&args.haproxy) {
         Some(haproxy) => {
-            let port = free_port()?;
             let servers: String = addrs
                 .iter()
                 .enumerate()
                 .map(|(i, a)| format!("  server s{} {a}\n", i + 1))
                 .collect();
-            let conf = format!(
-                "global\n  maxconn 4096\n  nbthread {workers}\n\ndefaults\n  mode http\n  timeout connect 5s\n\
+            let http = format!(
+                "defaults\n  mode http\n  timeout connect 5s\n\
   timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\n\n\
-frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\n\
+frontend fe\n  bind 127.0.0.1:PORT\n  default_backend be\n\n\
 backend be\n  balance url_param id\n  hash-type consistent\n{servers}"
             );
-            let path = tmp.join("haproxy.cfg");
-            std::fs::write(&path, conf).map_err(|e| AnalysisError::io("writing haproxy.cfg", e))?;
-            let mut cmd = Command::new(haproxy);
-            cmd.arg("-db").arg("-f").arg(&path);
-            let p = launcher.spawn("haproxy", cmd, &tmp.join("haproxy.log"))?;
-            let base = format!("http://127.0.0.1:{port}");
-            match wait_200(&format!("{base}/home?id=1"), Duration::from_secs(20)).await {
-                Ok(()) => targets.push(target("haproxy", base, Some(p))),
-                Err(e) => {
-                    let log = std::fs::read_to_string(tmp.join("haproxy.log")).unwrap_or_default();
-                    notes.push(format!("HAProxy did not come up: {e} {log}"));
-                    p.stop().await;
+            // The floor in C: HAProxy as a TCP relay, each client connection paired with one
+            // backend connection, no HTTP at all.
+            let tcp = format!(
+                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\n\
+frontend fe\n  bind 127.0.0.1:PORT\n  default_backend be\n\n\
+backend be\n  balance roundrobin\n{servers}"
+            );
+            let floor = !args.no_floor;
+            for (name, body) in [("haproxy", Some(http)), (HAPROXY_TCP, floor.then_some(tcp))] {
+                let Some(body) = body else { continue };
+                let port = free_port()?;
+                let conf = format!("global\n  maxconn 4096\n  nbthread {workers}\n\n{body}")
+                    .replace("PORT", &port.to_string());
+                let tag = name.replace([' ', ':', '(', ')'], "_");
+                let path = tmp.join(format!("{tag}.cfg"));
+                std::fs::write(&path, conf)
+                    .map_err(|e| AnalysisError::io("writing haproxy.cfg", e))?;
+                let mut cmd = Command::new(&haproxy);
+                cmd.arg("-db").arg("-f").arg(&path);
+                let log = tmp.join(format!("{tag}.log"));
+                let p = launcher.spawn(name, cmd, &log)?;
+                let base = format!("http://127.0.0.1:{port}");
+                match wait_200(&format!("{base}/home?id=1"), Duration::from_secs(20)).await {
+                    Ok(()) => targets.push(target(name, base, Some(p))),
+                    Err(e) => {
+                        let log = std::fs::read_to_string(&log).unwrap_or_default();
+                        notes.push(format!("{name} did not come up: {e} {log}"));
+                        p.stop().await;
+                    }
                 }
             }
         }
         None => notes.push(format!("{} not installed: HAProxy skipped", args.haproxy)),
+    }
+
+    // The floor in Rust: `ringgate-lab forward`, built like ringgate's serving side (a
+    // current-thread runtime per thread, SO_REUSEPORT, TCP_NODELAY), moving bytes only.
+    if !args.no_floor {
+        let me =
+            std::env::current_exe().map_err(|e| AnalysisError::io("locating ringgate-lab", e))?;
+        let mut cmd = Command::new(me);
+        cmd.arg("forward")
+            .env("FORWARD_TO", addrs.join(","))
+            .env("THREADS", workers.to_string())
+            .env("PORT", "0");
+        let mut p = launcher.spawn(FORWARD, cmd, &tmp.join("forward.log"))?;
+        let base = format!("http://{}", listening_addr(&mut p).await?);
+        wait_200(&format!("{base}/home?id=1"), Duration::from_secs(20)).await?;
+        targets.push(target(FORWARD, base, Some(p)));
     }
 
     // The load generator.
@@ -726,11 +821,18 @@ backend be\n  balance url_param id\n  hash-type consistent\n{servers}"
         for step in 0..k {
             let idx = (round + step) % k;
             let t = &mut targets[idx];
+            let others = || {
+                backends.iter().map(Proc::cpu_ticks).sum::<u64>()
+                    + own_and_waited_children_ticks().unwrap_or(0)
+            };
             let before = t.proc_.as_ref().map(Proc::cpu_ticks);
+            let others_before = others();
             let mut f = measure.run(&t.base, args.duration).await?;
+            let ticks_us = |ticks: u64| ticks as f64 * 1e6 / CPU_TICKS_PER_SEC;
             if let (Some(b), Some(p)) = (before, t.proc_.as_ref()) {
-                f.cpu_us = p.cpu_ticks().saturating_sub(b) as f64 * 1e6 / CPU_TICKS_PER_SEC;
+                f.cpu_us = ticks_us(p.cpu_ticks().saturating_sub(b));
             }
+            f.others_cpu_us = ticks_us(others().saturating_sub(others_before));
             eprintln!(
                 "round {}/{} {:<22} {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  CPU {:.1} µs/req  errors {}",
                 round + 1,
@@ -753,6 +855,7 @@ backend be\n  balance url_param id\n  hash-type consistent\n{servers}"
         .map(|t| {
             let requests: u64 = t.runs.iter().map(|r| r.requests).sum();
             let cpu: f64 = t.runs.iter().map(|r| r.cpu_us).sum();
+            let others: f64 = t.runs.iter().map(|r| r.others_cpu_us).sum();
             Row {
                 name: t.name.clone(),
                 rps: median(t.runs.iter().map(|r| r.rps).collect()),
@@ -760,6 +863,7 @@ backend be\n  balance url_param id\n  hash-type consistent\n{servers}"
                 p99_ms: median(t.runs.iter().map(|r| r.p99_ms).collect()),
                 errors: t.runs.iter().map(|r| r.errors).sum(),
                 cpu_us_per_req: (t.proc_.is_some() && requests > 0).then(|| cpu / requests as f64),
+                others_us_per_req: (requests > 0).then(|| others / requests as f64),
                 rss_kib: t.rss,
             }
         })
@@ -780,11 +884,11 @@ backend be\n  balance url_param id\n  hash-type consistent\n{servers}"
     }
 
     let tbl = table(&rows);
-    let verdict = verdict(&rows).unwrap_or_default();
-    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let verdict = verdict(&rows, cpus).unwrap_or_default();
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
     let tool_desc = match tool {
         Tool::Wrk => format!(
             "wrk -t{} -c{} --latency with a Lua script sending random 6-digit `?id=`",
@@ -805,11 +909,21 @@ ringgate with the static provider over them (\"ringgate\" with `mix64`, which sp
 peers do; \"ringgate (quadratic)\" with the specified hash, which sends most keys to one backend); \
 NGINX with `hash $arg_id consistent`, upstream keep-alive and no access log; HAProxy with \
 `balance url_param id` + `hash-type consistent`, keep-alive and `http-reuse always`; NGINX and HAProxy \
-with {workers} workers/threads, ringgate with one serving thread per CPU. Load: {tool_desc}. {runs} runs \
+with {workers} workers/threads, ringgate with one serving thread per CPU{floors}. Load: {tool_desc}. {runs} runs \
 of {d:?} per target, rounds interleaved, medians reported (measuring took {el:.0?}). CPU µs/request \
-is user + system time of the proxy's processes (`/proc/PID/stat`) over the requests served. Load \
+is user + system time of the proxy's processes (`/proc/PID/stat`) over the requests served; the \
+next column is the same for the backends and the load generator together. Load \
 generator, proxy and backends share the same CPUs, so these are relative figures. Peak RSS is \
 `VmHWM` summed over the proxy's processes._\n\n{tbl}\n{verdict}\n",
+        floors = if args.no_floor {
+            ""
+        } else {
+            "; and two floors, proxies that parse no HTTP at all and only move bytes, each client \
+connection paired with one backend connection: HAProxy in `mode tcp` and `ringgate-lab forward`, a \
+byte relay built like ringgate's serving threads (a current-thread tokio runtime per thread, \
+`SO_REUSEPORT`, `TCP_NODELAY`), which show what the sockets alone cost here: no HTTP proxy does \
+less per request than they do"
+        },
         runs = args.runs,
         d = args.duration,
         el = elapsed,
@@ -883,21 +997,69 @@ Transfer/sec:      6.67MB
             p99_ms: 2.0,
             errors: 0,
             cpu_us_per_req: Some(10.0),
+            others_us_per_req: Some(7.5),
             rss_kib: Some((2048, 1)),
         };
         let t = table(&[row("ringgate", 100.0), row("nginx", 50.0)]);
         assert!(
-            t.contains("| nginx | 50 | 1.00 ms | 2.00 ms | 0 | 10.0 | 2.00 | 2.0 MiB |"),
+            t.contains("| nginx | 50 | 1.00 ms | 2.00 ms | 0 | 10.0 | 7.5 | 2.00 | 2.0 MiB |"),
             "{t}"
         );
-        let v = verdict(&[
-            row("ringgate", 100.0),
-            row("nginx", 50.0),
-            row("haproxy", 80.0),
-        ])
+        let v = verdict(
+            &[
+                row("ringgate", 100.0),
+                row("nginx", 50.0),
+                row("haproxy", 80.0),
+            ],
+            2,
+        )
         .expect("a verdict");
         assert!(
             v.contains("faster peer (haproxy) in requests/s: **1.25×**"),
+            "{v}"
+        );
+        assert!(
+            !v.contains("floor"),
+            "no floor measured, none reported: {v}"
+        );
+    }
+
+    #[test]
+    fn the_floors_are_reported_against_the_peers() {
+        let row = |name: &str, rps: f64, cpu: f64| Row {
+            name: name.into(),
+            rps,
+            p50_ms: 1.0,
+            p99_ms: 2.0,
+            errors: 0,
+            cpu_us_per_req: Some(cpu),
+            others_us_per_req: Some(if name == "ringgate" { 6_000.0 } else { 5_000.0 }),
+            rss_kib: None,
+        };
+        let v = verdict(
+            &[
+                row("ringgate", 90.0, 30.0),
+                row("nginx", 100.0, 20.0),
+                row("haproxy", 80.0, 25.0),
+                row(FORWARD, 110.0, 18.0),
+            ],
+            2,
+        )
+        .expect("a verdict");
+        assert!(
+            v.contains(
+                "byte relay (tokio) moves the same requests at 1.10× the faster peer's \
+requests/s and 0.90× the leaner peer's CPU per request."
+            ),
+            "{v}"
+        );
+        // 2 CPUs at 120 requests/s: 16,666.7 µs a request, less the others' 5,000 (the least).
+        assert!(
+            v.contains(
+                "At 1.2× the faster peer's rate (120 requests/s) 2 CPUs give a request 16666.7 µs \
+in all; the backends and the load generator took at least 5000.0 µs of it in this run, which \
+leaves a proxy 11666.7 µs; the byte relay needed 18.0."
+            ),
             "{v}"
         );
     }
