@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::policy::{read_policy_files, PolicyFiles, PolicySet};
 use crate::service::Service;
 use crate::snapshot::Snapshot;
+use crate::spread::{Slot, Spread, ThreadLoad};
 use crate::tls::upstream::{TlsProber, UpstreamTls};
 use crate::tls::{Tls, TlsError};
 
@@ -299,15 +300,23 @@ impl Gateway {
             .map(|b| b.sockets)
             .unwrap_or_default()
             .into_iter();
+        // One count of open connections per serving thread, over both listeners; one set of
+        // hand-over channels per listening address.
+        let load = Arc::new(ThreadLoad::new(plain.len().max(tls.len())));
+        let _ = self.service.metrics.serving_threads.set(load.clone());
+        let mut plain_slots = Spread::slots(plain.len(), &load).into_iter();
+        let mut tls_slots = Spread::slots(tls.len(), &load).into_iter();
         for n in 0.. {
-            let listeners: Vec<(std::net::TcpListener, Mode)> = plain
+            let listeners: Vec<(std::net::TcpListener, Mode, Slot)> = plain
                 .next()
-                .map(|l| (l, Mode::Plain { https_port }))
+                .zip(plain_slots.next())
+                .map(|(l, slot)| (l, Mode::Plain { https_port }, slot))
                 .into_iter()
                 .chain(
                     tls.next()
+                        .zip(tls_slots.next())
                         .zip(self.tls.clone())
-                        .map(|(l, t)| (l, Mode::Tls(t))),
+                        .map(|((l, slot), t)| (l, Mode::Tls(t), slot)),
                 )
                 .collect();
             if listeners.is_empty() {
@@ -356,7 +365,7 @@ impl Gateway {
 /// One serving thread: its own current-thread runtime serving its listeners (plain, TLS or
 /// both) until stopped.
 fn serve_thread(
-    listeners: Vec<(std::net::TcpListener, Mode)>,
+    listeners: Vec<(std::net::TcpListener, Mode, Slot)>,
     service: Arc<Service>,
     stop_rx: tokio::sync::watch::Receiver<bool>,
     drain: Duration,
@@ -370,7 +379,7 @@ fn serve_thread(
     };
     runtime.block_on(async move {
         let anchor = tokio::spawn(crate::listener::timer_anchor());
-        let serving = listeners.into_iter().map(|(listener, mode)| {
+        let serving = listeners.into_iter().map(|(listener, mode, slot)| {
             let (service, mut stop_rx) = (service.clone(), stop_rx.clone());
             async move {
                 let listener = match TcpListener::from_std(listener) {
@@ -380,7 +389,7 @@ fn serve_thread(
                 let stop = async move {
                     let _ = stop_rx.wait_for(|stop| *stop).await;
                 };
-                crate::listener::serve(listener, mode, service, stop, drain).await;
+                crate::listener::serve(listener, mode, service, slot, stop, drain).await;
             }
         });
         futures_util::future::join_all(serving).await;

@@ -41,6 +41,8 @@
 //! Shared:
 //! - [`config`]: `conf/lb.toml`: shape, defaults, validation.
 //! - [`snapshot`]: what one request sees: config, ring, replicas, policy.
+//! - [`spread`]: client connections kept even over the serving threads (a thread that serves
+//!   more than another hands a new connection to the least busy one).
 //! - [`metrics`]: lock-free counters and their Prometheus rendering.
 //! - [`memory`]: the heap given back to the OS once a burst is over (the idle trim).
 //! - [`latency`]: the latency histograms (per replica and gateway-wide) and their quantiles.
@@ -76,6 +78,7 @@ pub mod ring;
 pub mod routing;
 pub mod service;
 pub mod snapshot;
+pub mod spread;
 pub mod sync;
 pub mod tls;
 pub mod tools;

@@ -1,5 +1,5 @@
-//! The listener: accepts connections, admits them, runs the TLS handshake on the HTTPS
-//! listener, tells HTTP/1.1 from HTTP/2, serves them, and drains them on shutdown.
+//! The listener: accepts connections, admits them, places them on the least busy serving thread
+//! ([`crate::spread`] decides), runs the TLS handshake on the HTTPS listener, tells HTTP/1.1 from HTTP/2, serves them, and drains them on shutdown.
 //!
 //! Owns: [`serve`], which takes an already bound listener (so tests bind `127.0.0.1:0`), what it
 //! speaks ([`Mode`]) and a shutdown future, and everything about client connections: the
@@ -36,6 +36,7 @@ use crate::config::{Config, PlainHttp};
 use crate::error::{Body, BoxError, GatewayError};
 use crate::metrics::Metrics;
 use crate::service::Service;
+use crate::spread::{Counted, Placed, Slot};
 use crate::tls::{redirect, Https, Tls};
 
 /// What a listener speaks.
@@ -76,12 +77,14 @@ pub fn sniff(first: &[u8]) -> Sniffed {
     }
 }
 
-/// Serves connections from `listener` until `shutdown` completes, then stops accepting and gives
-/// open connections up to `drain_timeout` to finish their requests.
+/// Serves connections from `listener`, and those other serving threads hand over to `slot`
+/// ([`crate::spread`]), until `shutdown` completes; then stops accepting and gives open
+/// connections up to `drain_timeout` to finish their requests.
 pub async fn serve(
     listener: TcpListener,
     mode: Mode,
     service: Arc<Service>,
+    mut slot: Slot,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
@@ -90,9 +93,26 @@ pub async fn serve(
     let all_closed = Arc::new(Notify::new());
     tokio::pin!(shutdown);
     loop {
-        let (stream, client) = tokio::select! {
+        let (stream, client, admitted, counted) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok((stream, client)) => {
+                    let Some(admitted) = admit(&service, client) else {
+                        drop(stream);
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    match slot.place(stream, client, admitted) {
+                        Placed::Here(stream, admitted, counted) => (stream, client, admitted, counted),
+                        Placed::HandedOver => {
+                            service.metrics.connections_handed_over.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        Placed::Lost => {
+                            tracing::debug!(client = %client, "connection lost handing it to another serving thread");
+                            continue;
+                        }
+                    }
+                }
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.
                     service.metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
@@ -101,30 +121,24 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
-        };
-        let config = service.shared.load().config.clone();
-        let admitted =
-            match service
-                .admission
-                .admit(client.ip(), &config.proxy, config.replicas.max_replicas)
-            {
-                Ok(a) => a,
-                Err(refusal) => {
-                    tracing::debug!(client = %client, ?refusal, "connection refused: over a cap");
-                    drop(stream);
+            Some(handed) = slot.inbox.recv() => match TcpStream::from_std(handed.stream) {
+                Ok(stream) => (stream, handed.client, handed.admitted, handed.counted),
+                Err(e) => {
+                    tracing::debug!(client = %handed.client, error = %e, "cannot serve a connection handed over by another serving thread");
                     continue;
                 }
-            };
-        let _ = stream.set_nodelay(true);
+            },
+            _ = &mut shutdown => break,
+        };
         let conn = Connection {
             stream,
             client,
-            config,
+            config: service.shared.load().config.clone(),
             mode: mode.clone(),
             service: service.clone(),
             drain: drain_rx.clone(),
             _admitted: admitted,
+            _counted: counted,
         };
         live.fetch_add(1, Ordering::AcqRel);
         let (live, all_closed) = (live.clone(), all_closed.clone());
@@ -150,6 +164,18 @@ pub async fn serve(
     if tokio::time::timeout(drain_timeout, drained).await.is_err() {
         tracing::warn!(timeout = ?drain_timeout, open = live.load(Ordering::Acquire), "drain timed out; closing the remaining connections");
     }
+}
+
+/// Admits a new connection from `client` under the caps, or says why not (at debug level).
+fn admit(service: &Service, client: SocketAddr) -> Option<Admitted> {
+    let config = service.shared.load().config.clone();
+    service
+        .admission
+        .admit(client.ip(), &config.proxy, config.replicas.max_replicas)
+        .inspect_err(|refusal| {
+            tracing::debug!(client = %client, ?refusal, "connection refused: over a cap");
+        })
+        .ok()
 }
 
 /// Runs a connection (hyper's, boxed: allocated in the size of its own protocol) to its end; on
@@ -210,6 +236,8 @@ struct Connection {
     service: Arc<Service>,
     drain: watch::Receiver<bool>,
     _admitted: Admitted,
+    /// On the count of the serving thread that serves it ([`crate::spread`]).
+    _counted: Counted,
 }
 
 /// What the requests of a connection get.
@@ -237,6 +265,7 @@ impl Connection {
             service,
             drain,
             _admitted,
+            _counted,
         } = self;
         let conn = Serving {
             client,

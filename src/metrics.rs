@@ -42,6 +42,10 @@ pub struct Metrics {
     pub idle_closes: AtomicU64,
     /// Accepts that failed (out of file descriptors and the like).
     pub accept_errors: AtomicU64,
+    /// Connections a serving thread accepted and handed to a less busy one ([`crate::spread`]).
+    pub connections_handed_over: AtomicU64,
+    /// Open connections per serving thread (set when the gateway starts serving).
+    pub serving_threads: std::sync::OnceLock<std::sync::Arc<crate::spread::ThreadLoad>>,
     /// Requests answered 503 because the gateway itself ran out of a resource (EMFILE…).
     pub local_resource_errors: AtomicU64,
     /// Request bodies that broke on the client's side (answered 400, never blamed on a replica).
@@ -277,6 +281,28 @@ impl Metrics {
                     get(&self.connections_refused_per_ip).to_string(),
                 ),
             ],
+        );
+        let per_thread: Vec<(String, String)> = self
+            .serving_threads
+            .get()
+            .map(|load| load.open())
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| (format!("thread=\"{i}\""), n.to_string()))
+            .collect();
+        family(
+            o,
+            "ringgate_serving_thread_connections",
+            "gauge",
+            "Client connections open now on each serving thread (kept even: see ringgate_connections_handed_over_total).",
+            &per_thread,
+        );
+        counter(
+            o,
+            "ringgate_connections_handed_over_total",
+            "Connections a serving thread accepted while it served more than another, handed to the least busy one.",
+            &self.connections_handed_over,
         );
         family(o, "ringgate_connections_timed_out_total", "counter", "Client connections closed for sending no complete first request in time (first_bytes) or for an HTTP/2 connection without a stream for proxy.idle_timeout (idle).", &[
             ("phase=\"first_bytes\"".into(), get(&self.first_bytes_timeouts).to_string()),

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use ringgate::config::{Config, ProviderKind};
 use ringgate::gateway::{Gateway, Listeners};
-use support::{call, get, json, process_alive, server_of, wait_dead, SERVER_BIN};
+use support::{
+    call, get, json, metric, process_alive, server_of, wait_dead, OneConnection, SERVER_BIN,
+};
 
 fn config(count: u32, policy_dir: &std::path::Path) -> Config {
     let mut c = Config {
@@ -101,4 +103,78 @@ async fn two_gateways_run_in_one_process_and_stop_on_their_shutdown_future() {
         wait_dead(&pids, Duration::from_secs(10)).is_empty(),
         "the replicas stopped with their gateway"
     );
+}
+
+/// The kernel spreads connections over the serving threads' `SO_REUSEPORT` sockets by a hash of
+/// their addresses (40 connections over 4 threads come out 14/11/8/7 or so); the gateway hands
+/// a connection accepted by a busier thread to the least busy one, so the counts stay even.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_kept_even_over_the_serving_threads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = config(1, dir.path());
+    let threads = 4;
+    let listeners = Listeners::bind(config.listen, threads).expect("bind 127.0.0.1:0");
+    let addr = listeners.local_addr();
+    let gateway = Gateway::start(config, listeners, None)
+        .await
+        .expect("gateway starts");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(gateway.serve(async move {
+        let _ = stopped.await;
+    }));
+
+    // One after the other, each served once and kept open.
+    let mut open = Vec::new();
+    for i in 0..40 {
+        let mut conn = OneConnection::open(addr).await;
+        let (code, body) = conn.get(&format!("/home?id={i}")).await;
+        assert_eq!(code, 200, "{body}");
+        open.push(conn);
+    }
+    // The 41st connection asks for the counts.
+    let (code, text) = get(&format!("http://{addr}/lb/metrics")).await;
+    assert_eq!(code, 200, "{text}");
+    let per_thread: Vec<f64> = (0..threads)
+        .map(|t| {
+            metric(
+                &text,
+                &format!("ringgate_serving_thread_connections{{thread=\"{t}\"}}"),
+            )
+        })
+        .collect();
+    assert_eq!(per_thread.iter().sum::<f64>(), 41.0, "{per_thread:?}");
+    let (least, most) = per_thread
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(l, m), &n| (l.min(n), m.max(n)));
+    assert!(most - least <= 1.0, "uneven: {per_thread:?}");
+
+    // Closed connections leave the counts.
+    drop(open);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = get(&format!("http://{addr}/lb/metrics")).await;
+        let total: f64 = (0..threads)
+            .map(|t| {
+                metric(
+                    &text,
+                    &format!("ringgate_serving_thread_connections{{thread=\"{t}\"}}"),
+                )
+            })
+            .sum();
+        if total <= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{total} connections still counted after all were closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(30), serving)
+        .await
+        .expect("serve returns after shutdown")
+        .expect("serve task")
+        .expect("clean stop");
 }
