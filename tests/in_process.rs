@@ -88,12 +88,7 @@ async fn two_gateways_run_in_one_process_and_stop_on_their_shutdown_future() {
     assert_eq!(pids.len(), 6, "2 + 1 added + 3 replica processes");
 
     for (addr, stop, serving) in running {
-        let _ = stop.send(());
-        tokio::time::timeout(Duration::from_secs(30), serving)
-            .await
-            .expect("serve returns after shutdown")
-            .expect("serve task")
-            .expect("clean stop");
+        stop_serving(stop, serving).await;
         assert!(
             tokio::net::TcpStream::connect(addr).await.is_err(),
             "{addr} no longer accepts"
@@ -134,33 +129,19 @@ async fn connections_are_kept_even_over_the_serving_threads() {
     // The 41st connection asks for the counts.
     let (code, text) = get(&format!("http://{addr}/lb/metrics")).await;
     assert_eq!(code, 200, "{text}");
-    let per_thread: Vec<f64> = (0..threads)
-        .map(|t| {
-            metric(
-                &text,
-                &format!("ringgate_serving_thread_connections{{thread=\"{t}\"}}"),
-            )
-        })
-        .collect();
-    assert_eq!(per_thread.iter().sum::<f64>(), 41.0, "{per_thread:?}");
-    let (least, most) = per_thread
+    let counts = per_thread(&text, threads);
+    assert_eq!(counts.iter().sum::<f64>(), 41.0, "{counts:?}");
+    let (least, most) = counts
         .iter()
         .fold((f64::MAX, 0.0f64), |(l, m), &n| (l.min(n), m.max(n)));
-    assert!(most - least <= 1.0, "uneven: {per_thread:?}");
+    assert!(most - least <= 1.0, "uneven: {counts:?}");
 
     // Closed connections leave the counts.
     drop(open);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let (_, text) = get(&format!("http://{addr}/lb/metrics")).await;
-        let total: f64 = (0..threads)
-            .map(|t| {
-                metric(
-                    &text,
-                    &format!("ringgate_serving_thread_connections{{thread=\"{t}\"}}"),
-                )
-            })
-            .sum();
+        let total: f64 = per_thread(&text, threads).iter().sum();
         if total <= 1.0 {
             break;
         }
@@ -171,10 +152,29 @@ async fn connections_are_kept_even_over_the_serving_threads() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    stop_serving(stop, serving).await;
+}
+
+type Serving = tokio::task::JoinHandle<Result<(), ringgate::gateway::StartError>>;
+
+/// Fires a gateway's shutdown and waits, bounded, for `serve` to return cleanly.
+async fn stop_serving(stop: tokio::sync::oneshot::Sender<()>, serving: Serving) {
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(30), serving)
         .await
         .expect("serve returns after shutdown")
         .expect("serve task")
         .expect("clean stop");
+}
+
+/// `ringgate_serving_thread_connections` of each of `threads` serving threads in `metrics`.
+fn per_thread(metrics: &str, threads: usize) -> Vec<f64> {
+    (0..threads)
+        .map(|t| {
+            metric(
+                metrics,
+                &format!("ringgate_serving_thread_connections{{thread=\"{t}\"}}"),
+            )
+        })
+        .collect()
 }

@@ -75,26 +75,32 @@ async fn the_relay_carries_every_request_to_the_backends() -> Result<(), Box<dyn
     Ok(())
 }
 
+/// A relay run with `FORWARD_TO` set to `to` (unset for `None`), to its end: its exit status
+/// and what it said.
+async fn forward_with(to: Option<&str>) -> Result<(bool, String), Box<dyn std::error::Error>> {
+    let mut cmd = Command::new(LAB);
+    cmd.arg("forward").stdin(Stdio::null());
+    match to {
+        Some(to) => cmd.env("FORWARD_TO", to),
+        None => cmd.env_remove("FORWARD_TO"),
+    };
+    let out = cmd.output().await?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 #[tokio::test]
 async fn a_relay_without_backends_says_what_is_missing() -> Result<(), Box<dyn std::error::Error>> {
-    let out = Command::new(LAB)
-        .arg("forward")
-        .env_remove("FORWARD_TO")
-        .stdin(Stdio::null())
-        .output()
-        .await?;
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("FORWARD_TO"), "{stderr}");
-
-    let out = Command::new(LAB)
-        .arg("forward")
-        .env("FORWARD_TO", "127.0.0.1:notaport")
-        .stdin(Stdio::null())
-        .output()
-        .await?;
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("127.0.0.1:notaport"), "{stderr}");
+    for (to, named) in [
+        (None, "FORWARD_TO"),
+        (Some(""), "FORWARD_TO names no backend"),
+        (Some("127.0.0.1:notaport"), "127.0.0.1:notaport"),
+    ] {
+        let (ok, stderr) = forward_with(to).await?;
+        assert!(!ok, "{to:?} started a relay");
+        assert!(stderr.contains(named), "{to:?}: {stderr}");
+    }
     Ok(())
 }
