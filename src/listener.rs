@@ -1,5 +1,6 @@
 //! The listener: accepts connections, admits them, places them on the least busy serving thread
-//! ([`crate::spread`] decides), runs the TLS handshake on the HTTPS listener, tells HTTP/1.1 from HTTP/2, serves them, and drains them on shutdown.
+//! ([`crate::spread`] decides), runs the TLS handshake on the HTTPS listener, tells HTTP/1.1
+//! from HTTP/2, serves them, and drains them on shutdown.
 //!
 //! Owns: [`serve`], which takes an already bound listener (so tests bind `127.0.0.1:0`), what it
 //! speaks ([`Mode`]) and a shutdown future, and everything about client connections: the
