@@ -29,6 +29,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+# The drivers' own temp dirs (configs, logs) go inside ours, so the trap removes them too when a
+# driver is killed before it can remove them itself.
+export TMPDIR="$tmp"
 
 "$TARGET_DIR/release/ringgate-lab" analysis proxies \
     --ringgate-bin "$TARGET_DIR/release/ringgate" \
