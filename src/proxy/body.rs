@@ -159,6 +159,23 @@ pub struct InFlight(Arc<ReplicaStats>);
 impl InFlight {
     pub fn start(stats: &Arc<ReplicaStats>) -> InFlight {
         let now = stats.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        InFlight::counted(stats, now)
+    }
+
+    /// Counts the request only if the replica carries fewer than `bound` now, in one atomic
+    /// step: two threads that both saw room below the bound cannot both take the last place.
+    pub fn reserve(stats: &Arc<ReplicaStats>, bound: u64) -> Option<InFlight> {
+        let bound = i64::try_from(bound).unwrap_or(i64::MAX);
+        let before = stats
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < bound).then_some(n + 1)
+            })
+            .ok()?;
+        Some(InFlight::counted(stats, before + 1))
+    }
+
+    fn counted(stats: &Arc<ReplicaStats>, now: i64) -> InFlight {
         if now > stats.peak_in_flight.load(Ordering::Relaxed) {
             stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
         }
@@ -169,5 +186,55 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reservation_takes_a_place_under_the_bound_and_gives_it_back() {
+        let stats = Arc::new(ReplicaStats::default());
+        let a = InFlight::reserve(&stats, 2).expect("room for one");
+        let b = InFlight::reserve(&stats, 2).expect("room for two");
+        assert!(InFlight::reserve(&stats, 2).is_none(), "the bound is full");
+        assert_eq!(stats.load(), 2, "a refused reservation counts nothing");
+        drop(a);
+        let c = InFlight::reserve(&stats, 2).expect("a place came back");
+        assert_eq!(stats.peak_in_flight.load(Ordering::Relaxed), 2);
+        drop((b, c));
+        assert_eq!(stats.load(), 0);
+    }
+
+    #[test]
+    fn concurrent_reservations_never_pass_the_bound() {
+        const BOUND: u64 = 13;
+        const THREADS: usize = 8;
+        const TRIES: usize = 50;
+        for _ in 0..100 {
+            let stats = Arc::new(ReplicaStats::default());
+            let start = Arc::new(std::sync::Barrier::new(THREADS));
+            let held: Vec<Vec<InFlight>> = std::thread::scope(|s| {
+                let racers: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        let (stats, start) = (stats.clone(), start.clone());
+                        s.spawn(move || {
+                            start.wait();
+                            (0..TRIES)
+                                .filter_map(|_| InFlight::reserve(&stats, BOUND))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                racers
+                    .into_iter()
+                    .map(|r| r.join().expect("a racer finished"))
+                    .collect()
+            });
+            let taken: usize = held.iter().map(Vec::len).sum();
+            assert_eq!(taken as u64, BOUND, "exactly the bound's places were taken");
+            assert_eq!(stats.peak_in_flight.load(Ordering::Relaxed), BOUND as i64);
+        }
     }
 }

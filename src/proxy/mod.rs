@@ -98,7 +98,7 @@ async fn try_forward(
     let slot = router.request_slot(key);
     outcome.slot = Some(slot);
     let owner = snap.ring.owner(slot).ok_or(GatewayError::NoReplica)?;
-    let first = balanced(snap, metrics, slot, key, owner);
+    let (first, mut reserved) = balanced(snap, metrics, slot, key, owner);
 
     let mut body = ProxyBody::new(body, limit);
     let framing = upstream::framing_of(&parts.method, &body);
@@ -137,7 +137,10 @@ async fn try_forward(
         };
         let slot_handle = body.slot();
         let started = Instant::now();
-        let sent = upstream::send(&req, &mut body, InFlight::start(&replica.stats));
+        let counted = reserved
+            .take()
+            .unwrap_or_else(|| InFlight::start(&replica.stats));
+        let sent = upstream::send(&req, &mut body, counted);
         let e = match tokio::time::timeout(cfg.proxy.request_timeout, sent).await {
             Ok(Ok(resp)) => {
                 let took = started.elapsed();
@@ -244,43 +247,66 @@ impl Tried {
 
 /// The first server for key `key` at `slot`: its owner, unless bounded loads or a replica's
 /// slow start say otherwise (`crate::balance`). Off by default, and then only the owner.
-fn balanced(snap: &Snapshot, metrics: &Metrics, slot: u32, key: u64, owner: ServerId) -> ServerId {
+/// Under bounded loads the place under the bound is taken in the same step as the choice
+/// ([`InFlight::reserve`]), so concurrent requests cannot push a server past it; the count
+/// comes back with the server.
+fn balanced(
+    snap: &Snapshot,
+    metrics: &Metrics,
+    slot: u32,
+    key: u64,
+    owner: ServerId,
+) -> (ServerId, Option<InFlight>) {
+    // A choice lost to a concurrent request is made again on the new loads, a few times.
+    const ROUNDS: usize = 4;
     let factor = snap.config.ring.balance_factor;
     let now = tokio::time::Instant::now();
     let ramping = snap.ramps_until.is_some_and(|until| now < until);
     if factor == 0.0 && !ramping {
-        return owner;
+        return (owner, None);
     }
-    let bound = (factor > 0.0).then(|| {
-        let in_flight: u64 = snap
-            .upstreams
-            .iter()
-            .flatten()
-            .map(|u| u.stats.load())
-            .sum();
-        balance::load_bound(factor, in_flight, snap.ring.servers())
-    });
-    let candidates = snap.ring.successors(slot).filter_map(|id| {
-        let u = snap.upstream(id)?;
-        Some(balance::Candidate {
-            id,
-            load: u.stats.load(),
-            admits: u
-                .ramp
-                .is_none_or(|r| balance::ramp_admits(key, r.progress(now))),
-        })
-    });
-    match balance::choose(candidates, bound) {
-        Some((id, _)) if id == owner => id,
-        Some((id, why)) => {
+    let mut round = 0;
+    loop {
+        round += 1;
+        let bound = (factor > 0.0).then(|| {
+            let in_flight: u64 = snap
+                .upstreams
+                .iter()
+                .flatten()
+                .map(|u| u.stats.load())
+                .sum();
+            balance::load_bound(factor, in_flight, snap.ring.servers())
+        });
+        let candidates = snap.ring.successors(slot).filter_map(|id| {
+            let u = snap.upstream(id)?;
+            Some(balance::Candidate {
+                id,
+                load: u.stats.load(),
+                admits: u
+                    .ramp
+                    .is_none_or(|r| balance::ramp_admits(key, r.progress(now))),
+            })
+        });
+        let Some((id, why)) = balance::choose(candidates, bound) else {
+            return (owner, None);
+        };
+        let reserved = match (bound, snap.upstream(id)) {
+            (Some(b), Some(u)) => match InFlight::reserve(&u.stats, b) {
+                Some(counted) => Some(counted),
+                None if round < ROUNDS => continue,
+                // Every server is at the bound: the choice stands, over it.
+                None => None,
+            },
+            _ => None,
+        };
+        if id != owner {
             let counter = match why {
                 balance::Choice::Ramping => &metrics.diverted_slow_start,
                 _ => &metrics.diverted_load,
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            id
         }
-        None => owner,
+        return (id, reserved);
     }
 }
 
