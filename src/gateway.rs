@@ -78,25 +78,37 @@ impl Bound {
     /// Binds `n` listeners on `addr` with `SO_REUSEPORT` (the first one picks the port when
     /// `addr` has port 0). `key` names the config key of the address in errors.
     fn bind(addr: SocketAddr, n: usize, key: &'static str) -> Result<Bound, StartError> {
-        let bind_error = |source| StartError::Bind { addr, key, source };
-        let mut local = addr;
-        let mut sockets = Vec::with_capacity(n.max(1));
-        for _ in 0..n.max(1) {
-            let socket = if local.is_ipv4() {
-                TcpSocket::new_v4()
-            } else {
-                TcpSocket::new_v6()
-            }
-            .map_err(bind_error)?;
-            socket.set_reuseaddr(true).map_err(bind_error)?;
-            socket.set_reuseport(true).map_err(bind_error)?;
-            socket.bind(local).map_err(bind_error)?;
-            let listener = socket.listen(1024).map_err(bind_error)?;
-            local = listener.local_addr().map_err(bind_error)?;
-            sockets.push(listener.into_std().map_err(bind_error)?);
-        }
+        let (sockets, local) =
+            bind_reuseport(addr, n).map_err(|source| StartError::Bind { addr, key, source })?;
         Ok(Bound { sockets, local })
     }
+}
+
+/// Binds `n` (at least one) listening sockets on `addr` with `SO_REUSEPORT`, so the kernel
+/// spreads new connections over them, one per serving thread; the first picks the port when
+/// `addr` has port 0. Returns them with the address they listen on. Call it inside a tokio
+/// runtime (listening registers the socket with its reactor; the std sockets returned are
+/// free of it).
+pub fn bind_reuseport(
+    addr: SocketAddr,
+    n: usize,
+) -> std::io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
+    let mut local = addr;
+    let mut sockets = Vec::with_capacity(n.max(1));
+    for _ in 0..n.max(1) {
+        let socket = if local.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }?;
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(local)?;
+        let listener = socket.listen(1024)?;
+        local = listener.local_addr()?;
+        sockets.push(listener.into_std()?);
+    }
+    Ok((sockets, local))
 }
 
 /// The bound listening sockets: plain HTTP on `listen`, TLS on `tls.listen`, or both; each with

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// Runs the forwarder until killed.
 pub fn run() -> Result<(), String> {
@@ -43,7 +43,7 @@ pub fn run() -> Result<(), String> {
         Err(_) => 0,
     };
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1".into());
-    let mut addr: SocketAddr = format!("{bind}:{port}")
+    let addr: SocketAddr = format!("{bind}:{port}")
         .parse()
         .map_err(|e| format!("BIND/PORT: {e}"))?;
 
@@ -54,12 +54,8 @@ pub fn run() -> Result<(), String> {
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
     let entered = binding.enter();
-    let mut listeners = Vec::with_capacity(threads.max(1));
-    for _ in 0..threads.max(1) {
-        let socket = listen(addr)?;
-        addr = socket.local_addr().map_err(|e| e.to_string())?;
-        listeners.push(socket);
-    }
+    let (listeners, addr) = ringgate::gateway::bind_reuseport(addr, threads)
+        .map_err(|e| format!("bind {addr}: {e}"))?;
     drop(entered);
     ringgate::listening::announce(addr).map_err(|e| e.to_string())?;
 
@@ -77,21 +73,6 @@ pub fn run() -> Result<(), String> {
             .map_err(|_| "a forwarding thread panicked".to_string())??;
     }
     Ok(())
-}
-
-/// A listening socket on `addr` with `SO_REUSEPORT`, as the gateway binds its own.
-fn listen(addr: SocketAddr) -> Result<std::net::TcpListener, String> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(|e| format!("socket: {e}"))?;
-    socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
-    socket.set_reuseport(true).map_err(|e| e.to_string())?;
-    socket.bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
-    let listener = socket.listen(1024).map_err(|e| format!("listen: {e}"))?;
-    listener.into_std().map_err(|e| e.to_string())
 }
 
 fn serve_thread(
