@@ -94,16 +94,17 @@ pub async fn serve(
     let all_closed = Arc::new(Notify::new());
     tokio::pin!(shutdown);
     loop {
-        let (stream, client, admitted, counted) = tokio::select! {
+        let (stream, client, admitted, counted, config) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
-                    let Some(admitted) = admit(&service, client) else {
+                    let config = service.shared.load().config.clone();
+                    let Some(admitted) = admit(&service, &config, client) else {
                         drop(stream);
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
                     match slot.place(stream, client, admitted) {
-                        Placed::Here(stream, admitted, counted) => (stream, client, admitted, counted),
+                        Placed::Here(stream, admitted, counted) => (stream, client, admitted, counted, config),
                         Placed::HandedOver => {
                             service.metrics.connections_handed_over.fetch_add(1, Ordering::Relaxed);
                             continue;
@@ -123,7 +124,10 @@ pub async fn serve(
                 }
             },
             Some(handed) = slot.inbox.recv() => match TcpStream::from_std(handed.stream) {
-                Ok(stream) => (stream, handed.client, handed.admitted, handed.counted),
+                Ok(stream) => {
+                    let config = service.shared.load().config.clone();
+                    (stream, handed.client, handed.admitted, handed.counted, config)
+                }
                 Err(e) => {
                     tracing::debug!(client = %handed.client, error = %e, "cannot serve a connection handed over by another serving thread");
                     continue;
@@ -134,7 +138,7 @@ pub async fn serve(
         let conn = Connection {
             stream,
             client,
-            config: service.shared.load().config.clone(),
+            config,
             mode: mode.clone(),
             service: service.clone(),
             drain: drain_rx.clone(),
@@ -168,8 +172,7 @@ pub async fn serve(
 }
 
 /// Admits a new connection from `client` under the caps, or says why not (at debug level).
-fn admit(service: &Service, client: SocketAddr) -> Option<Admitted> {
-    let config = service.shared.load().config.clone();
+fn admit(service: &Service, config: &Config, client: SocketAddr) -> Option<Admitted> {
     service
         .admission
         .admit(client.ip(), &config.proxy, config.replicas.max_replicas)
