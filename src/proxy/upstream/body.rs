@@ -9,7 +9,7 @@
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use super::head::BodyFraming;
@@ -180,8 +180,17 @@ impl UpstreamBody {
         }
     }
 
+    /// The next `n` bytes of the body. A small piece is copied out, so the connection's buffer
+    /// stays its own and the next response is read into it without allocating; a large one is
+    /// split off without copying.
     fn take(&mut self, n: usize) -> Bytes {
+        const COPY_UP_TO: usize = 4 * 1024;
         match self.conn.as_mut() {
+            Some(c) if n <= COPY_UP_TO => {
+                let piece = Bytes::copy_from_slice(&c.buf[..n]);
+                c.buf.advance(n);
+                piece
+            }
             Some(c) => c.buf.split_to(n).freeze(),
             None => Bytes::new(),
         }

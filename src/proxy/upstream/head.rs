@@ -40,8 +40,22 @@ pub fn request_head(
     authority: Option<&str>,
     proto: &str,
     framing: RequestFraming,
-) -> Bytes {
-    let mut out = BytesMut::with_capacity(256 + headers.len() * 32);
+) -> BytesMut {
+    // Sized once for all that is written, so it never grows: the client's headers as they are,
+    // the host a second time (x-forwarded-host), and room for the request line's version, the
+    // client's address and our framing.
+    let from_client: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    let host_len = headers
+        .get(header::HOST)
+        .map(HeaderValue::len)
+        .or(authority.map(str::len))
+        .unwrap_or(0);
+    let mut out = BytesMut::with_capacity(
+        method.as_str().len() + target.len() + from_client + 2 * host_len + 192,
+    );
     out.put_slice(method.as_str().as_bytes());
     out.put_u8(b' ');
     out.put_slice(target.as_bytes());
@@ -85,12 +99,13 @@ pub fn request_head(
         put_header(&mut out, b"host", h);
         put_header(&mut out, b"x-forwarded-host", h);
     }
-    let mut chain = xff.unwrap_or_default();
-    if !chain.is_empty() {
-        chain.put_slice(b", ");
+    out.put_slice(b"x-forwarded-for: ");
+    if let Some(chain) = xff.filter(|c| !c.is_empty()) {
+        out.put_slice(&chain);
+        out.put_slice(b", ");
     }
-    write_ip(&mut chain, client);
-    put_header(&mut out, b"x-forwarded-for", &chain);
+    write_ip(&mut out, client);
+    out.put_slice(b"\r\n");
     put_header(&mut out, b"x-forwarded-proto", proto.as_bytes());
     match framing {
         RequestFraming::None => {}
@@ -102,7 +117,7 @@ pub fn request_head(
         RequestFraming::Chunked => put_header(&mut out, b"transfer-encoding", b"chunked"),
     }
     out.put_slice(b"\r\n");
-    out.freeze()
+    out
 }
 
 fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
@@ -200,9 +215,16 @@ pub fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ResponseHead
         Version::HTTP_10 => named.iter().any(|t| t == "keep-alive"),
         _ => !named.iter().any(|t| t == "close"),
     };
+    // The values are slices of one copy of the head: one allocation for all of them.
+    let copy = Bytes::copy_from_slice(&buf[..len]);
+    let value_of = |v: &[u8]| {
+        let start = v.as_ptr() as usize - buf.as_ptr() as usize;
+        copy.slice(start..start + v.len())
+    };
     let mut chunked = false;
     let mut length: Option<u64> = None;
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    // One more than the replica sent: the service adds `Via` without growing the map.
+    let mut headers = HeaderMap::with_capacity(resp.headers.len() + 1);
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| HeadError::Malformed(format!("bad header name {:?}", h.name)))?;
@@ -230,7 +252,7 @@ pub fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ResponseHead
         if is_hop_by_hop(&name) || named.iter().any(|n| n == name.as_str()) {
             continue;
         }
-        let value = HeaderValue::from_bytes(h.value)
+        let value = HeaderValue::from_maybe_shared(value_of(h.value))
             .map_err(|_| HeadError::Malformed(format!("bad value of {name}")))?;
         headers.append(name, value);
     }

@@ -17,14 +17,14 @@ pub mod pool;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use http::{Method, Response};
 use http_body_util::BodyExt;
 use hyper::body::Body as HttpBody;
 use tokio::io::AsyncWriteExt;
 
 use crate::proxy::body::{InFlight, ProxyBody};
-use body::UpstreamBody;
+pub use body::UpstreamBody;
 use head::{HeadError, RequestFraming};
 use pool::{Conn, ConnectError};
 
@@ -68,7 +68,7 @@ pub struct Request<'a> {
     pub addr: SocketAddr,
     pub connect_timeout: Duration,
     pub method: &'a Method,
-    pub head: &'a Bytes,
+    pub head: &'a [u8],
     pub framing: RequestFraming,
 }
 

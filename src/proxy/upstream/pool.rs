@@ -28,9 +28,13 @@ use crate::tls::upstream::{UpstreamStream, UpstreamTls};
 pub const MAX_IDLE_PER_REPLICA: usize = 64;
 /// An idle connection older than this is closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// A buffer kept with an idle connection; a larger one is given back to the allocator (idle
-/// connections are many after a burst, and each buffer is RSS).
-const KEEP_BUFFER: usize = 0;
+/// Read buffers are kept for the next response (which then allocates nothing to be read into)
+/// in a spare list per serving thread, not with the idle connections: a buffer is needed only
+/// while a response is read, and idle connections are many after a burst while each kept
+/// buffer is RSS. At most [`SPARE_BUFFERS`] of at most [`KEEP_BUFFER`] bytes each stay, 128 KiB
+/// a serving thread.
+const KEEP_BUFFER: usize = 4 * 1024;
+const SPARE_BUFFERS: usize = 32;
 
 /// The byte stream to a replica: plain TCP, or TLS (`[provider] upstream_tls`).
 pub enum Stream {
@@ -238,6 +242,8 @@ pub enum ConnectError {
 struct Idle {
     by_replica: HashMap<SocketAddr, Vec<Conn>>,
     returns: u32,
+    /// Empty read buffers for the connections taken from the pool.
+    spare: Vec<BytesMut>,
 }
 
 thread_local! {
@@ -248,9 +254,13 @@ thread_local! {
 pub fn take(addr: SocketAddr) -> Option<Conn> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
+        let idle = &mut *idle;
         let conns = idle.by_replica.get_mut(&addr)?;
         while let Some(mut c) = conns.pop() {
             if c.usable() {
+                if let Some(buf) = idle.spare.pop() {
+                    c.buf = buf;
+                }
                 return Some(c);
             }
         }
@@ -260,9 +270,6 @@ pub fn take(addr: SocketAddr) -> Option<Conn> {
 
 /// Gives a connection whose last response was read whole back to this thread's pool.
 pub fn put_back(mut conn: Conn) {
-    if conn.buf.capacity() > KEEP_BUFFER {
-        conn.buf = BytesMut::new();
-    }
     conn.idle_since = Instant::now();
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
@@ -273,6 +280,11 @@ pub fn put_back(mut conn: Conn) {
                 conns.retain(|c| c.idle_since.elapsed() < IDLE_TIMEOUT);
                 !conns.is_empty()
             });
+        }
+        let buf = std::mem::take(&mut conn.buf);
+        let keep = buf.is_empty() && (1..=KEEP_BUFFER).contains(&buf.capacity());
+        if keep && idle.spare.len() < SPARE_BUFFERS {
+            idle.spare.push(buf);
         }
         let conns = idle.by_replica.entry(conn.addr).or_default();
         if conns.len() < MAX_IDLE_PER_REPLICA {
