@@ -18,9 +18,10 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
+use crate::body::Body;
 use crate::control::membership::ScaleRequest;
 use crate::control::ControllerHandle;
-use crate::error::{full, success, Body, BodyError, GatewayError};
+use crate::error::{full, success, BodyError, GatewayError};
 use crate::guard::{self, Denied};
 use crate::snapshot::Snapshot;
 

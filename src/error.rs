@@ -6,15 +6,13 @@
 //! by message text. The control plane's typed errors ([`MembershipError`], [`StartFailure`])
 //! are mapped here and nowhere else.
 
+use crate::body::Body;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
 
 use crate::control::lifecycle::StartFailure;
 use crate::control::membership::MembershipError;
 
-/// The response body type of every handler.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What is wrong with an `/add` or `/rm` body.
@@ -212,9 +210,7 @@ pub fn local_resource_cause(e: &(dyn std::error::Error + 'static)) -> Option<Str
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Body::full(bytes)
 }
 
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
@@ -238,6 +234,7 @@ pub fn success(message: serde_json::Value) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
 
     #[test]
     fn model_errors_are_client_errors_and_start_failures_server_errors() {

@@ -47,6 +47,8 @@
 //! - [`memory`]: the heap given back to the OS once a burst is over (the idle trim).
 //! - [`latency`]: the latency histograms (per replica and gateway-wide) and their quantiles.
 //! - [`error`]: the one place internal errors become HTTP responses.
+//! - [`body`]: the response body every handler returns (in memory, streamed from a replica,
+//!   or boxed).
 //! - [`listening`]: the `listening on http://ADDR` line processes print once they serve.
 //! - [`sync`]: the one way this crate takes a mutex.
 //! - [`tools`]: `ringgate check`, `ring` and `simulate`.
@@ -59,6 +61,7 @@ pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod balance;
+pub mod body;
 pub mod config;
 pub mod control;
 pub mod error;

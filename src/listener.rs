@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -33,8 +32,9 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::admission::Admitted;
+use crate::body::Body;
 use crate::config::{Config, PlainHttp};
-use crate::error::{Body, BoxError, GatewayError};
+use crate::error::{BoxError, GatewayError};
 use crate::metrics::Metrics;
 use crate::service::Service;
 use crate::spread::{Counted, Placed, Slot};
@@ -430,11 +430,10 @@ impl Serving {
                         async move {
                             let resp = answer(&service, req, client, requests).await;
                             Ok::<_, Infallible>(resp.map(|inner| {
-                                StreamBody {
+                                Body::boxed(StreamBody {
                                     inner,
                                     _stream: stream,
-                                }
-                                .boxed_unsync()
+                                })
                             }))
                         }
                     })

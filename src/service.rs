@@ -17,8 +17,8 @@ use hyper::Request;
 
 use crate::access_log::{AccessLog, Outcome, Started};
 use crate::admission::Admission;
+use crate::body::Body;
 use crate::control::ControllerHandle;
-use crate::error::Body;
 use crate::metrics::Metrics;
 use crate::snapshot::Shared;
 

@@ -26,11 +26,11 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::header::{HeaderValue, REFERER, USER_AGENT};
 use http::{Method, Request, Response, Uri, Version};
-use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
+use crate::body::Body;
 use crate::config::{AccessTarget, Config};
-use crate::error::{Body, BoxError, GatewayError};
+use crate::error::{BoxError, GatewayError};
 use crate::metrics::Metrics;
 use crate::ring::ServerId;
 use crate::snapshot::Snapshot;
@@ -353,12 +353,11 @@ impl Started {
             log_id: log.id,
         };
         resp.map(|inner| {
-            LoggedBody {
+            Body::boxed(LoggedBody {
                 inner,
                 bytes: 0,
                 pending: Some(pending),
-            }
-            .boxed_unsync()
+            })
         })
     }
 }

@@ -28,8 +28,9 @@ use hyper::body::Incoming;
 
 use crate::access_log::{Outcome, Termination};
 use crate::balance;
+use crate::body::Body;
 use crate::control::ControllerHandle;
-use crate::error::{error_chain, local_resource_cause, Body, GatewayError};
+use crate::error::{error_chain, local_resource_cause, GatewayError};
 use crate::metrics::Metrics;
 use crate::ring::ServerId;
 use crate::snapshot::Snapshot;
@@ -154,7 +155,7 @@ async fn try_forward(
                 if threshold > 0 && in_a_row == threshold {
                     controller.outlier(replica.id, replica.incarnation, in_a_row);
                 }
-                return Ok(resp.map(BodyExt::boxed_unsync));
+                return Ok(resp.map(Body::upstream));
             }
             Ok(Err(e)) => e,
             Err(_) => {

@@ -8,7 +8,8 @@
 
 use http::{HeaderValue, Response, StatusCode};
 
-use crate::error::{full, Body, GatewayError};
+use crate::body::Body;
+use crate::error::{full, GatewayError};
 
 /// Whether a plain-HTTP request for `path` is redirected.
 pub fn redirects(path: &str) -> bool {

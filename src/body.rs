@@ -1,0 +1,107 @@
+//! The response body every handler returns.
+//!
+//! Owns: [`Body`]: a whole body in memory (the gateway's own answers), a replica's response
+//! streamed from its connection, or any other body, boxed. The first two are nearly every
+//! response; they cost no allocation of their own and no dynamic call per frame.
+//! Must not touch: what a body carries; the proxy, the admin API, the UI and the access log
+//! make them.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+
+use crate::error::BoxError;
+use crate::proxy::upstream::UpstreamBody;
+
+/// A response body.
+pub struct Body(Kind);
+
+enum Kind {
+    /// All of it, sent in one frame (`None` once sent, or when empty).
+    Full(Option<Bytes>),
+    Upstream(UpstreamBody),
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl Body {
+    /// A body that is all in memory.
+    pub fn full(bytes: impl Into<Bytes>) -> Body {
+        let bytes = bytes.into();
+        Body(Kind::Full((!bytes.is_empty()).then_some(bytes)))
+    }
+
+    /// A replica's response body, read from its connection as the client takes it.
+    pub fn upstream(body: UpstreamBody) -> Body {
+        Body(Kind::Upstream(body))
+    }
+
+    /// Any other body (one that wraps another, like the access log's byte count).
+    pub fn boxed<B>(body: B) -> Body
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Body(Kind::Boxed(body.map_err(Into::into).boxed_unsync()))
+    }
+}
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().0 {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Boxed(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream(body) => body.is_end_stream(),
+            Kind::Boxed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(body) => body.size_hint(),
+            Kind::Boxed(body) => body.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+
+    #[tokio::test]
+    async fn a_full_body_is_one_frame_of_its_exact_size() {
+        let body = Body::full("hello");
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert!(!body.is_end_stream());
+        let bytes = body.collect().await.expect("in memory").to_bytes();
+        assert_eq!(&bytes[..], b"hello");
+        let empty = Body::full("");
+        assert!(empty.is_end_stream(), "an empty body ends at once");
+        assert_eq!(empty.size_hint().exact(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_boxed_body_passes_through() {
+        let body = Body::boxed(Empty::<Bytes>::new());
+        assert!(body.is_end_stream());
+        assert!(body.collect().await.expect("empty").to_bytes().is_empty());
+    }
+}

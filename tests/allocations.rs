@@ -1,0 +1,155 @@
+//! Allocations on the request path, counted by a global allocator that counts per thread: the
+//! pieces of the proxy that run for every request allocate a fixed number of times, whatever
+//! the request carries (issue 11: "no allocation per request" where it can be had). Counts, not
+//! time: these fail when a change adds an allocation to the hot path, never because the machine
+//! is slow.
+
+// A global allocator is an unsafe trait by definition; this one only counts, then forwards each
+// call unchanged to the system allocator. Test code only: the gateway itself has no unsafe.
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::Method;
+use hyper::body::Body as _;
+use ringgate::body::Body;
+use ringgate::proxy::upstream::head::{parse_response, request_head, RequestFraming};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        // SAFETY: forwarded as it came.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded as it came.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        // SAFETY: forwarded as it came.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+/// What `f` allocated on this thread (allocations and reallocations), with its result.
+fn allocations<T>(f: impl FnOnce() -> T) -> (usize, T) {
+    let before = ALLOCATIONS.with(Cell::get);
+    let out = f();
+    (ALLOCATIONS.with(Cell::get) - before, out)
+}
+
+fn headers(n: usize) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.append(
+        "host",
+        HeaderValue::from_static("gateway.example.test:5000"),
+    );
+    for i in 0..n {
+        h.append(
+            HeaderName::from_bytes(format!("x-client-{i}").as_bytes()).expect("name"),
+            HeaderValue::from_str(&"v".repeat(10 + i * 7)).expect("value"),
+        );
+    }
+    h
+}
+
+#[test]
+fn the_forwarded_request_head_is_one_allocation_whatever_its_headers() {
+    let client: SocketAddr = "[2001:db8::7]:4711".parse().expect("addr");
+    for n in [0, 3, 12, 40] {
+        let h = headers(n);
+        let (count, head) = allocations(|| {
+            request_head(
+                &Method::GET,
+                "/some/long/path?id=123456&other=value",
+                &h,
+                client,
+                None,
+                "https",
+                RequestFraming::Length(1234),
+            )
+        });
+        assert_eq!(count, 1, "{n} client headers: {count} allocations");
+        let text = String::from_utf8_lossy(&head);
+        assert!(text.contains("x-forwarded-for: 2001:db8::7\r\n"), "{text}");
+        assert!(text.ends_with("content-length: 1234\r\n\r\n"), "{text}");
+    }
+}
+
+/// Response headers a replica commonly sends (names the `http` crate knows: a custom name
+/// costs one allocation of its own, which no copy of the head can save).
+const REPLICA_HEADERS: [&str; 19] = [
+    "content-type",
+    "date",
+    "server",
+    "cache-control",
+    "etag",
+    "last-modified",
+    "expires",
+    "vary",
+    "x-content-type-options",
+    "content-language",
+    "accept-ranges",
+    "age",
+    "link",
+    "pragma",
+    "x-frame-options",
+    "x-xss-protection",
+    "access-control-allow-origin",
+    "strict-transport-security",
+    "content-location",
+];
+
+#[test]
+fn a_response_head_costs_the_same_allocations_with_two_headers_or_twenty() {
+    let head = |n: usize| {
+        let mut s = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
+        for name in &REPLICA_HEADERS[..n - 1] {
+            s.push_str(&format!("{name}: a value for {name}\r\n"));
+        }
+        s.push_str("\r\n");
+        s
+    };
+    let count = |n: usize| {
+        let raw = head(n);
+        let (count, parsed) = allocations(|| parse_response(raw.as_bytes(), &Method::GET));
+        let parsed = parsed.expect("valid").expect("complete");
+        assert_eq!(parsed.parts.headers.len(), n);
+        let (adding_via, ()) = allocations(|| {
+            let mut headers = parsed.parts.headers;
+            headers.append(http::header::VIA, HeaderValue::from_static("1.1 gw"));
+        });
+        assert_eq!(adding_via, 0, "{n} headers: Via fits in the map as parsed");
+        count
+    };
+    let (two, twenty) = (count(2), count(20));
+    assert_eq!(
+        two, twenty,
+        "header values are slices of one copy of the head"
+    );
+    assert!(two <= 4, "{two} allocations for a response head");
+}
+
+#[test]
+fn a_body_in_memory_allocates_nothing_to_be_sent() {
+    let bytes = Bytes::from_static(b"{\"status\":\"success\"}");
+    let (count, body) = allocations(|| Body::full(bytes.clone()));
+    assert_eq!(count, 0);
+    assert_eq!(body.size_hint().exact(), Some(bytes.len() as u64));
+}
