@@ -12,10 +12,10 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::body::RequestBody;
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::body::Body;
@@ -36,7 +36,7 @@ pub fn is_admin_path(path: &str) -> bool {
 pub async fn handle(
     controller: &ControllerHandle,
     snap: &Snapshot,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     client: SocketAddr,
 ) -> Response<Body> {
     match route(controller, snap, req, client).await {
@@ -53,7 +53,7 @@ pub async fn handle(
 async fn route(
     controller: &ControllerHandle,
     snap: &Snapshot,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     client: SocketAddr,
 ) -> Result<Response<Body>, GatewayError> {
     let path = req.uri().path().to_owned();
@@ -177,7 +177,7 @@ fn replica_list(members: &[String]) -> Response<Body> {
 /// The admin guard (`crate::guard`) for this request.
 fn authorize(
     snap: &Snapshot,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
     client: SocketAddr,
 ) -> Result<(), GatewayError> {
     let authority = req.uri().authority().map(|a| a.as_str());
@@ -200,7 +200,7 @@ fn authorize(
     }
 }
 
-async fn read_body(body: Incoming) -> Result<Bytes, GatewayError> {
+async fn read_body(body: RequestBody) -> Result<Bytes, GatewayError> {
     match Limited::new(body, MAX_ADMIN_BODY).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {

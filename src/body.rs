@@ -1,8 +1,11 @@
-//! The response body every handler returns.
+//! The bodies every handler sees: the request body it is given and the response body it
+//! returns.
 //!
-//! Owns: [`Body`]: a whole body in memory (the gateway's own answers), a replica's response
-//! streamed from its connection, or any other body, boxed. The first two are nearly every
-//! response; they cost no allocation of their own and no dynamic call per frame.
+//! Owns: [`RequestBody`]: none, a client's body read from its HTTP/1 connection
+//! ([`crate::http1`]), or an HTTP/2 stream's (hyper's). [`Body`]: a whole body in memory (the
+//! gateway's own answers), a replica's response streamed from its connection, or any other
+//! body, boxed. The first two of each are nearly every request and response; they cost no
+//! allocation of their own and no dynamic call per frame.
 //! Must not touch: what a body carries; the proxy, the admin API, the UI and the access log
 //! make them.
 
@@ -12,10 +15,66 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
-use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 
 use crate::error::BoxError;
+use crate::http1::body::Http1Body;
 use crate::proxy::upstream::UpstreamBody;
+
+/// A request body.
+pub struct RequestBody(Request);
+
+enum Request {
+    Empty,
+    Http1(Http1Body),
+    Http2(Incoming),
+}
+
+impl RequestBody {
+    pub fn empty() -> RequestBody {
+        RequestBody(Request::Empty)
+    }
+
+    pub fn http1(body: Http1Body) -> RequestBody {
+        RequestBody(Request::Http1(body))
+    }
+
+    pub fn http2(body: Incoming) -> RequestBody {
+        RequestBody(Request::Http2(body))
+    }
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().0 {
+            Request::Empty => Poll::Ready(None),
+            Request::Http1(body) => Pin::new(body).poll_frame(cx),
+            Request::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Request::Empty => true,
+            Request::Http1(body) => body.is_end_stream(),
+            Request::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Request::Empty => SizeHint::with_exact(0),
+            Request::Http1(body) => body.size_hint(),
+            Request::Http2(body) => body.size_hint(),
+        }
+    }
+}
 
 /// A response body.
 pub struct Body(Kind);

@@ -96,6 +96,8 @@ pub enum GatewayError {
     PlainHttpOnTlsPort { host: String },
     #[error("plain HTTP is redirected to HTTPS (tls.http = \"redirect\"), and this request names no usable Host to redirect to")]
     NoHostToRedirect,
+    #[error("{0}; the gateway closed the connection (its HTTP/1 limits: docs/security.md)")]
+    RequestHead(#[from] crate::http1::request::HeadError),
     #[error("{0}")]
     Internal(String),
 }
@@ -104,6 +106,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::WhatIf(crate::whatif::WhatIfError::Busy) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::RequestHead(e) => e.status(),
             GatewayError::Body(_)
             | GatewayError::Membership(_)
             | GatewayError::WhatIf(_)

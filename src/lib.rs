@@ -69,6 +69,7 @@ pub mod gateway;
 pub mod guard;
 pub mod hashing;
 pub mod health;
+pub mod http1;
 pub mod latency;
 pub mod listener;
 pub mod listening;

@@ -32,9 +32,10 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::admission::Admitted;
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::config::{Config, PlainHttp};
 use crate::error::{BoxError, GatewayError};
+use crate::http1;
 use crate::metrics::Metrics;
 use crate::service::Service;
 use crate::spread::{Counted, Placed, Slot};
@@ -314,7 +315,7 @@ struct Serving {
 /// The answer to one request, as `requests` says.
 async fn answer(
     service: &Service,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     client: SocketAddr,
     requests: Requests,
 ) -> hyper::Response<Body> {
@@ -414,20 +415,21 @@ impl Serving {
                 return;
             }
         };
-        let io = TokioIo::new(Prefixed {
-            prefix: first,
-            stream,
-        });
         let (service, client) = (self.service.clone(), self.client);
         let proxy = &self.config.proxy;
         match protocol {
             Sniffed::Http2 if !matches!(requests, Requests::RefusedPlainOnTls { .. }) => {
+                let io = TokioIo::new(Prefixed {
+                    prefix: first,
+                    stream,
+                });
                 let activity = Arc::new(Activity::default());
                 let handler = {
                     let activity = activity.clone();
                     hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (service, stream) = (service.clone(), activity.open_stream());
                         async move {
+                            let req = req.map(RequestBody::http2);
                             let resp = answer(&service, req, client, requests).await;
                             Ok::<_, Infallible>(resp.map(|inner| {
                                 Body::boxed(StreamBody {
@@ -450,24 +452,25 @@ impl Serving {
             }
             Sniffed::Http2 => {} // an HTTP/2 preface in cleartext on the TLS port: closed
             Sniffed::Http1 | Sniffed::Undecided => {
-                let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let service = service.clone();
-                    // Boxed: hyper keeps a slot the size of this future for the connection's
-                    // whole life, and the future is about 5 KiB; boxed, an idle kept-alive
-                    // connection holds a pointer and the 5 KiB exist only while a request does.
-                    Box::pin(async move {
-                        Ok::<_, Infallible>(answer(&service, req, client, requests).await)
-                    })
-                });
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                // The header timeout also bounds the wait for the next request on a kept-alive
-                // connection: an idle HTTP/1 connection lives at most this long.
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(proxy.header_read_timeout)
-                    .keep_alive(!matches!(requests, Requests::RefusedPlainOnTls { .. }));
-                let conn = Box::pin(builder.serve_connection(io, handler));
-                drive!(conn, self.drain, std::future::pending::<()>(), client);
+                let settings = http1::Settings {
+                    header_read_timeout: proxy.header_read_timeout,
+                    keep_alive: !matches!(requests, Requests::RefusedPlainOnTls { .. }),
+                };
+                // Boxed: the connection's task keeps room for this future while it waits for
+                // a request, and the future is about 5 KiB; boxed, an idle kept-alive
+                // connection holds nothing of it and the 5 KiB exist only while a request does.
+                let handler =
+                    |req: Request<RequestBody>| Box::pin(answer(&service, req, client, requests));
+                let metrics = &self.service.metrics;
+                http1::serve(
+                    Box::new(stream),
+                    first.filled(),
+                    settings,
+                    metrics,
+                    self.drain,
+                    handler,
+                )
+                .await;
             }
         }
     }

@@ -40,6 +40,13 @@ pub struct Metrics {
     pub first_bytes_timeouts: AtomicU64,
     /// HTTP/2 connections closed for having no stream for `proxy.idle_timeout`.
     pub idle_closes: AtomicU64,
+    /// HTTP/1 connections closed for no whole request head within `proxy.header_read_timeout`
+    /// after the first request (idle keep-alive, or a slow head).
+    pub header_timeouts: AtomicU64,
+    /// HTTP/1 request heads refused before any replica saw them, by reason.
+    pub heads_refused_too_large: AtomicU64,
+    pub heads_refused_malformed: AtomicU64,
+    pub heads_refused_framing: AtomicU64,
     /// Accepts that failed (out of file descriptors and the like).
     pub accept_errors: AtomicU64,
     /// Connections a serving thread accepted and handed to a less busy one ([`crate::spread`]).
@@ -304,9 +311,15 @@ impl Metrics {
             "Connections a serving thread accepted while it served more than another, handed to the least busy one.",
             &self.connections_handed_over,
         );
-        family(o, "ringgate_connections_timed_out_total", "counter", "Client connections closed for sending no complete first request in time (first_bytes) or for an HTTP/2 connection without a stream for proxy.idle_timeout (idle).", &[
+        family(o, "ringgate_connections_timed_out_total", "counter", "Client connections closed for sending no complete first request in time (first_bytes), no whole later request head within proxy.header_read_timeout on HTTP/1 (header: an idle keep-alive connection or a slow head), or an HTTP/2 connection without a stream for proxy.idle_timeout (idle).", &[
             ("phase=\"first_bytes\"".into(), get(&self.first_bytes_timeouts).to_string()),
+            ("phase=\"header\"".into(), get(&self.header_timeouts).to_string()),
             ("phase=\"idle\"".into(), get(&self.idle_closes).to_string()),
+        ]);
+        family(o, "ringgate_request_heads_refused_total", "counter", "HTTP/1 request heads answered with an error and closed before any replica saw them: too_large (431: past 64 KiB or 100 header fields), malformed (400: not HTTP/1.1), framing (400: an ambiguous body length, RFC 9112 section 6.3).", &[
+            ("reason=\"too_large\"".into(), get(&self.heads_refused_too_large).to_string()),
+            ("reason=\"malformed\"".into(), get(&self.heads_refused_malformed).to_string()),
+            ("reason=\"framing\"".into(), get(&self.heads_refused_framing).to_string()),
         ]);
         family(
             o,

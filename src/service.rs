@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use hyper::body::Incoming;
+use crate::body::RequestBody;
 use hyper::Request;
 
 use crate::access_log::{AccessLog, Outcome, Started};
@@ -42,7 +42,7 @@ pub fn via(name: &str) -> http::HeaderValue {
 impl Service {
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         client: SocketAddr,
     ) -> hyper::Response<Body> {
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);

@@ -153,3 +153,67 @@ fn a_body_in_memory_allocates_nothing_to_be_sent() {
     assert_eq!(count, 0);
     assert_eq!(body.size_hint().exact(), Some(bytes.len() as u64));
 }
+
+#[test]
+fn a_client_request_head_costs_the_same_allocations_with_two_headers_or_twenty() {
+    use bytes::BytesMut;
+    use ringgate::http1::request::parse_request;
+    let count = |n: usize| {
+        let mut s = String::from("GET /home?id=123456 HTTP/1.1\r\nhost: gateway.example.test\r\n");
+        for name in &REPLICA_HEADERS[..n - 1] {
+            s.push_str(&format!("{name}: a value for {name}\r\n"));
+        }
+        s.push_str("\r\nGET /next");
+        // The connection's buffer, as it is once it has carried a request: shared with the heads
+        // split off it, and reclaimed whole once they are gone.
+        let mut buf = BytesMut::with_capacity(8192);
+        buf.extend_from_slice(b"warm up");
+        drop(buf.split_to(4).freeze());
+        buf.clear();
+        buf.extend_from_slice(s.as_bytes());
+        let (count, parsed) = allocations(|| parse_request(&mut buf));
+        let head = parsed.expect("valid").expect("complete");
+        assert_eq!(head.parts.headers.len(), n);
+        assert_eq!(
+            &buf[..],
+            b"GET /next",
+            "what follows the head stays in the buffer"
+        );
+        count
+    };
+    let (two, twenty) = (count(2), count(20));
+    assert_eq!(two, twenty, "the head is split off the buffer, not copied");
+    assert!(
+        two <= 2,
+        "{two} allocations for a request head (the header map)"
+    );
+}
+
+#[test]
+fn a_response_head_to_the_client_is_written_without_allocating() {
+    use ringgate::http1::response::{write_head, Framing, Persistence};
+    let mut headers = HeaderMap::new();
+    for name in &REPLICA_HEADERS {
+        headers.append(*name, HeaderValue::from_static("a value"));
+    }
+    let mut out = Vec::with_capacity(2048);
+    let write = |out: &mut Vec<u8>| {
+        out.clear();
+        write_head(
+            out,
+            http::StatusCode::OK,
+            &headers,
+            Framing::Length {
+                n: 2,
+                declared: false,
+            },
+            Persistence::KeepAlive,
+            false,
+            Some(2),
+        )
+    };
+    write(&mut out); // the first call of the second formats the date
+    let (count, ()) = allocations(|| write(&mut out));
+    assert_eq!(count, 0);
+    assert!(out.ends_with(b"\r\n\r\n"));
+}

@@ -13,7 +13,9 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::{LengthLimitError, Limited};
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+
+use crate::body::RequestBody;
 
 use crate::error::BoxError;
 use crate::snapshot::ReplicaStats;
@@ -24,13 +26,13 @@ pub enum ProxyBody {
     Empty,
     Streaming {
         slot: Arc<BodySlot>,
-        taken: Option<Limited<Incoming>>,
+        taken: Option<Limited<RequestBody>>,
         hint: SizeHint,
     },
 }
 
 impl ProxyBody {
-    pub fn new(body: Incoming, limit: u64) -> ProxyBody {
+    pub fn new(body: RequestBody, limit: u64) -> ProxyBody {
         if body.is_end_stream() {
             return ProxyBody::Empty;
         }
@@ -76,13 +78,13 @@ impl ProxyBody {
 /// retryable. The flags record why a body broke, because hyper boxes body errors in a way that
 /// hides their type from the error chain of the failed attempt.
 pub struct BodySlot {
-    body: Mutex<Option<Limited<Incoming>>>,
+    body: Mutex<Option<Limited<RequestBody>>>,
     over_limit: AtomicBool,
     client_error: AtomicBool,
 }
 
 impl BodySlot {
-    fn new(body: Limited<Incoming>) -> BodySlot {
+    fn new(body: Limited<RequestBody>) -> BodySlot {
         BodySlot {
             body: Mutex::new(Some(body)),
             over_limit: AtomicBool::new(false),
@@ -90,7 +92,7 @@ impl BodySlot {
         }
     }
 
-    fn take(&self) -> Option<Limited<Incoming>> {
+    fn take(&self) -> Option<Limited<RequestBody>> {
         lock(&self.body).take()
     }
 

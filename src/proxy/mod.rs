@@ -21,10 +21,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::body::RequestBody;
 use http::header::{self, HeaderMap};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use crate::access_log::{Outcome, Termination};
 use crate::balance;
@@ -54,7 +54,7 @@ pub async fn forward(
     snap: Arc<Snapshot>,
     metrics: &Metrics,
     controller: &ControllerHandle,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     client_addr: SocketAddr,
     outcome: &mut Outcome,
 ) -> Response<Body> {
@@ -81,7 +81,7 @@ async fn try_forward(
     snap: &Snapshot,
     metrics: &Metrics,
     controller: &ControllerHandle,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     client_addr: SocketAddr,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, GatewayError> {
@@ -313,7 +313,7 @@ fn balanced(
 
 /// Reads and discards a rejected upload for a while (bounded in bytes and time), like NGINX's
 /// lingering close, so a client still sending its body reads our 413 instead of a broken pipe.
-fn linger(body: Incoming) {
+fn linger(body: RequestBody) {
     const MAX_BYTES: usize = 64 * 1024 * 1024;
     const MAX_TIME: Duration = Duration::from_secs(5);
     tokio::spawn(async move {

@@ -154,16 +154,7 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-/// How a response body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyFraming {
-    /// No body (HEAD, 1xx, 204, 304).
-    Empty,
-    Length(u64),
-    Chunked,
-    /// Until the replica closes the connection (which then cannot be reused).
-    UntilClose,
-}
+pub use crate::http1::framing::BodyFraming;
 
 /// A parsed response head.
 #[derive(Debug)]

@@ -1,0 +1,157 @@
+//! A client's request body, read from the client's connection by whoever forwards it (the
+//! proxy's attempt, the admin API): no channel and no task between the socket and the reader.
+//!
+//! Owns: [`Http1Body`] and the hand-back of the connection's read side ([`Reader`]) to the
+//! connection once the body is read to its end or dropped, with whether it was read whole (only
+//! then can the connection carry another request). For `Expect: 100-continue` it asks the
+//! connection, the first time it is polled, to send `100 Continue`.
+//! Must not touch: what the body carries; the framing rules are [`super::framing`]'s.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::io::{AsyncReadExt, ReadHalf};
+use tokio::sync::oneshot;
+
+use super::framing::{BodyFraming, Decoded, Decoder};
+use super::Transport;
+use crate::error::BoxError;
+
+/// Largest read of a request body at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The read side of a client connection and what was read from it and not used yet.
+pub struct Reader {
+    pub io: ReadHalf<Transport>,
+    pub buf: BytesMut,
+}
+
+impl Reader {
+    /// Reads more into the buffer (with at least `room` bytes of space); `Ok(0)` at end of
+    /// stream.
+    pub fn poll_fill(&mut self, cx: &mut Context<'_>, room: usize) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < room {
+            self.buf.reserve(room);
+        }
+        // `read_buf` keeps no state between polls: a fresh one per poll is the same read.
+        std::pin::pin!(self.io.read_buf(&mut self.buf)).poll(cx)
+    }
+}
+
+/// What a body hands back to its connection.
+pub struct Returned {
+    pub reader: Reader,
+    /// The body was read to its end: the next request can follow on the connection.
+    pub complete: bool,
+}
+
+pub struct Http1Body {
+    reader: Option<Reader>,
+    decoder: Decoder,
+    back: Option<oneshot::Sender<Returned>>,
+    /// Tells the connection to send `100 Continue`, the first time the body is polled.
+    continue_: Option<oneshot::Sender<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Framing(#[from] super::framing::DecodeError),
+    #[error("reading the request body failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Http1Body {
+    pub fn new(
+        reader: Reader,
+        framing: BodyFraming,
+        back: oneshot::Sender<Returned>,
+        continue_: Option<oneshot::Sender<()>>,
+    ) -> Http1Body {
+        Http1Body {
+            reader: Some(reader),
+            decoder: Decoder::new(framing),
+            back: Some(back),
+            continue_,
+        }
+    }
+
+    fn give_back(&mut self) {
+        if let (Some(reader), Some(back)) = (self.reader.take(), self.back.take()) {
+            let complete = self.decoder.is_done();
+            let _ = back.send(Returned { reader, complete });
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
+        if let Some(go) = self.continue_.take() {
+            let _ = go.send(());
+        }
+        loop {
+            let Some(reader) = self.reader.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let decoded = match self.decoder.decode(&mut reader.buf)? {
+                Decoded::NeedMore => {
+                    if ready!(reader.poll_fill(cx, READ_CHUNK))? > 0 {
+                        continue;
+                    }
+                    self.decoder.at_eof()?
+                }
+                decoded => decoded,
+            };
+            return match decoded {
+                Decoded::Data(data) => {
+                    if self.decoder.is_done() {
+                        self.give_back();
+                    }
+                    Poll::Ready(Some(Ok(data)))
+                }
+                Decoded::End | Decoded::NeedMore => {
+                    self.give_back();
+                    Poll::Ready(None)
+                }
+            };
+        }
+    }
+}
+
+impl HttpBody for Http1Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match ready!(this.poll_next(cx)) {
+            Some(Ok(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            Some(Err(e)) => {
+                this.give_back();
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.reader.is_none() || self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder.exact_remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for Http1Body {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}

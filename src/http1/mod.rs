@@ -1,0 +1,482 @@
+//! Our HTTP/1.1 server: the client's side of an HTTP/1 connection, from the first request head
+//! to the close, in the connection's own task.
+//!
+//! Owns: [`serve`], the loop of one connection: read a request head within
+//! `proxy.header_read_timeout` (which also bounds the wait for the next request on a kept-alive
+//! connection), hand the request to the handler while watching the client (a client that goes
+//! away cancels its request), send `100 Continue` when the body is first read, write the
+//! response with the framing the request allows, and keep the connection for the next request
+//! or close it (on `Connection: close`, HTTP/1.0 without keep-alive, a body not read whole, a
+//! drain). Pipelined requests are answered in order. A malformed or oversized head is answered
+//! with its status and the connection closed. No dispatcher, no channel for a request without
+//! a body, no timer armed per request, no header map built twice.
+//! Must not touch: what a request means (the handler) or which connections are admitted (the
+//! listener); the wire formats are [`request`], [`response`] and [`framing`]'s.
+
+pub mod body;
+pub mod framing;
+pub mod request;
+pub mod response;
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use http::{Method, Request, Response, Version};
+use hyper::body::Body as HttpBody;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::sync::{oneshot, watch};
+use tokio::time::{Instant, Sleep};
+
+use crate::body::{Body, RequestBody};
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+use body::{Http1Body, Reader, Returned};
+use framing::BodyFraming;
+use request::{parse_request, HeadError, RequestHead, MAX_HEAD};
+use response::{framing_of, write_head, Framing, Persistence};
+
+/// A client connection's byte stream (TCP, or TLS over TCP), whatever it is.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+pub type Transport = Box<dyn Io>;
+
+/// How a connection is served.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub header_read_timeout: Duration,
+    /// `false`: one request, then the connection closes.
+    pub keep_alive: bool,
+}
+
+/// Room made in the read buffer before a read of a request head: a typical head fits, and an
+/// idle connection holds no more than this.
+const HEAD_READ: usize = 2 * 1024;
+
+/// Serves the HTTP/1 connection `io`, whose first bytes (read to tell its protocol) are
+/// `first`, with `handle` answering each request, until the client closes it, it idles past
+/// `proxy.header_read_timeout`, or `drain` turns true (then the response in progress is
+/// finished and the connection closed).
+pub async fn serve<F, Fut>(
+    io: Transport,
+    first: &[u8],
+    settings: Settings,
+    metrics: &Metrics,
+    mut drain: watch::Receiver<bool>,
+    mut handle: F,
+) where
+    F: FnMut(Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Response<Body>>,
+{
+    let (read, mut write) = tokio::io::split(io);
+    let mut buf = BytesMut::with_capacity(HEAD_READ.max(first.len()));
+    buf.extend_from_slice(first);
+    let mut reader = Reader { io: read, buf };
+    // One timer for the connection's life, moved on only when it fires (a deadline moved later
+    // costs nothing until then): no timer is armed or dropped per request.
+    let mut deadline = Instant::now() + settings.header_read_timeout;
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
+    let mut served = 0u64;
+    loop {
+        let head = match read_head(&mut reader, deadline, timer.as_mut(), &mut drain).await {
+            Ok(Read::Head(head)) => head,
+            Ok(Read::Closed) => return,
+            Ok(Read::TimedOut) => {
+                // The first request's deadline is the listener's first-bytes one, counted there.
+                let counter = match served {
+                    0 => &metrics.first_bytes_timeouts,
+                    _ => &metrics.header_timeouts,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                let counter = match e {
+                    HeadError::TooLarge | HeadError::TooManyHeaders => {
+                        &metrics.heads_refused_too_large
+                    }
+                    HeadError::Malformed(_) => &metrics.heads_refused_malformed,
+                    HeadError::Framing(_) => &metrics.heads_refused_framing,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "refused a request head");
+                let resp = GatewayError::RequestHead(e).into_response();
+                let _ = respond(
+                    &mut write,
+                    resp,
+                    &Method::GET,
+                    Version::HTTP_11,
+                    false,
+                    &mut None,
+                )
+                .await;
+                let _ = write.shutdown().await;
+                return;
+            }
+        };
+        let RequestHead {
+            parts,
+            framing,
+            keep_alive,
+            expect_continue,
+        } = head;
+        let (method, version) = (parts.method.clone(), parts.version);
+        // A request with a body lends the read side to the body; it comes back through `back`.
+        let (body, mut watched, mut back, mut go) = if framing == BodyFraming::Empty {
+            (RequestBody::empty(), Some(reader), None, None)
+        } else {
+            let (back_tx, back_rx) = oneshot::channel();
+            let (go_tx, go_rx) = if expect_continue {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            let body = Http1Body::new(reader, framing, back_tx, go_tx);
+            (RequestBody::http1(body), None, Some(back_rx), go_rx)
+        };
+        let answer = handle(Request::from_parts(parts, body));
+        tokio::pin!(answer);
+        let resp = loop {
+            tokio::select! {
+                biased;
+                resp = &mut answer => break resp,
+                go_on = wait(&mut go) => {
+                    go = None;
+                    if go_on && write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+                        return;
+                    }
+                }
+                // A client that goes away takes its request with it; bytes that come meanwhile
+                // are its next (pipelined) request, kept up to the head limit.
+                filled = fill(&mut watched), if watched.as_ref().is_some_and(|r| r.buf.len() < MAX_HEAD) => {
+                    if !matches!(filled, Ok(1..)) {
+                        return;
+                    }
+                }
+            }
+        };
+        // The body's read side, if the body is done with it by now.
+        let mut incomplete = false;
+        if let Some(returned) = back.as_mut().and_then(|rx| rx.try_recv().ok()) {
+            back = None;
+            incomplete = !returned.complete;
+            watched = Some(returned.reader);
+        }
+        let keep = keep_alive && settings.keep_alive && !incomplete && !*drain.borrow();
+        let kept = respond(&mut write, resp, &method, version, keep, &mut watched).await;
+        if let Some(back) = back {
+            // The body is still being read (the proxy reads a refused body out so the client
+            // sees the answer): its connection goes on only once it is read whole.
+            watched = match tokio::time::timeout(settings.header_read_timeout, back).await {
+                Ok(Ok(Returned {
+                    reader,
+                    complete: true,
+                })) => Some(reader),
+                _ => None,
+            };
+        }
+        match watched {
+            Some(next) if kept => reader = next,
+            _ => {
+                let _ = write.shutdown().await;
+                return;
+            }
+        }
+        served += 1;
+        deadline = Instant::now() + settings.header_read_timeout;
+    }
+}
+
+/// What waiting for a request head came to.
+// Not boxed: the head is moved once a request, and a box would be an allocation a request.
+#[allow(clippy::large_enum_variant)]
+enum Read {
+    Head(RequestHead),
+    /// The client closed the connection, or the gateway drains.
+    Closed,
+    /// No whole head within `proxy.header_read_timeout`.
+    TimedOut,
+}
+
+/// The next request head, or why the connection is to close without one.
+async fn read_head(
+    reader: &mut Reader,
+    deadline: Instant,
+    mut timer: Pin<&mut Sleep>,
+    drain: &mut watch::Receiver<bool>,
+) -> Result<Read, HeadError> {
+    loop {
+        if !reader.buf.is_empty() {
+            if let Some(head) = parse_request(&mut reader.buf)? {
+                return Ok(Read::Head(head));
+            }
+        }
+        let draining = *drain.borrow();
+        if draining && reader.buf.is_empty() {
+            return Ok(Read::Closed);
+        }
+        tokio::select! {
+            biased;
+            filled = poll_fn(|cx| reader.poll_fill(cx, HEAD_READ)) => {
+                if !matches!(filled, Ok(1..)) {
+                    return Ok(Read::Closed);
+                }
+            }
+            () = &mut timer => {
+                if Instant::now() >= deadline {
+                    tracing::debug!(buffered = reader.buf.len(), "closed: no whole request head within proxy.header_read_timeout");
+                    return Ok(Read::TimedOut);
+                }
+                timer.as_mut().reset(deadline);
+            }
+            changed = drain.changed(), if !draining => {
+                if changed.is_err() {
+                    return Ok(Read::Closed);
+                }
+            }
+        }
+    }
+}
+
+/// Completes with whether the body asked for `100 Continue`; never while there is no body that
+/// could.
+async fn wait(go: &mut Option<oneshot::Receiver<()>>) -> bool {
+    match go {
+        Some(rx) => rx.await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads more from a connection whose read side is the connection's (no body is reading it).
+async fn fill(reader: &mut Option<Reader>) -> std::io::Result<usize> {
+    match reader {
+        Some(reader) => poll_fn(|cx| reader.poll_fill(cx, HEAD_READ)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes `resp` to a `method` request of `version`; `true` if the connection can carry another
+/// request after it (`keep` and the response agree, and the body was sent whole). While the
+/// body waits for its replica, the client is `watched`: one that goes away ends the response.
+async fn respond(
+    write: &mut WriteHalf<Transport>,
+    resp: Response<Body>,
+    method: &Method,
+    version: Version,
+    keep: bool,
+    watched: &mut Option<Reader>,
+) -> bool {
+    let (parts, mut body) = resp.into_parts();
+    let exact = body.size_hint().exact();
+    let framing = framing_of(method, version, parts.status, &parts.headers, exact);
+    let closes = parts
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let keep = keep && !closes && framing != Framing::UntilClose;
+    let persistence = match (keep, version) {
+        (false, _) => Persistence::Close,
+        (true, Version::HTTP_10) => Persistence::KeepAlive10,
+        (true, _) => Persistence::KeepAlive,
+    };
+    let mut out = spare::take();
+    write_head(
+        &mut out,
+        parts.status,
+        &parts.headers,
+        framing,
+        persistence,
+        *method == Method::HEAD,
+        exact,
+    );
+    drop(parts);
+    let sent = send(write, &mut out, &mut body, framing, watched).await;
+    spare::give(out);
+    let flushed = write.flush().await.is_ok();
+    keep && sent && flushed
+}
+
+/// Sends the head in `out` and the body after it, the head together with the body's first
+/// piece when that is ready at once (one write for a small response); `true` if all of it went.
+async fn send(
+    write: &mut WriteHalf<Transport>,
+    out: &mut Vec<u8>,
+    body: &mut Body,
+    framing: Framing,
+    watched: &mut Option<Reader>,
+) -> bool {
+    let mut left = match framing {
+        Framing::None => return write.write_all(out).await.is_ok(),
+        Framing::Length { n, .. } => Some(n),
+        Framing::Chunked | Framing::UntilClose => None,
+    };
+    let mut first = true;
+    loop {
+        if left == Some(0) {
+            return out.is_empty() || write.write_all(out).await.is_ok();
+        }
+        let frame = match first {
+            // The first piece is usually ready (in memory, or read with the replica's head).
+            true => match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    if write.write_all(out).await.is_err() || write.flush().await.is_err() {
+                        return false;
+                    }
+                    out.clear();
+                    match next_frame(body, watched).await {
+                        Some(frame) => frame,
+                        None => return false,
+                    }
+                }
+            },
+            false => match next_frame(body, watched).await {
+                Some(frame) => frame,
+                None => return false,
+            },
+        };
+        first = false;
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "response body failed; closing the connection");
+                return false;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if data.is_empty() => continue,
+                Ok(data) => data,
+                Err(_trailers) => continue,
+            },
+        };
+        let data = match &mut left {
+            Some(left) => {
+                if data.len() as u64 > *left {
+                    tracing::debug!(
+                        "response body longer than its Content-Length; closing the connection"
+                    );
+                    return false;
+                }
+                *left -= data.len() as u64;
+                data
+            }
+            None => data,
+        };
+        let wrote = if framing == Framing::Chunked {
+            let mut size = [0u8; 18];
+            let line = chunk_line(&mut size, data.len());
+            let mut all = (&out[..]).chain(line).chain(data).chain(&b"\r\n"[..]);
+            write.write_all_buf(&mut all).await
+        } else {
+            let mut all = (&out[..]).chain(data);
+            write.write_all_buf(&mut all).await
+        };
+        if wrote.is_err() {
+            return false;
+        }
+        out.clear();
+    }
+    match framing {
+        Framing::Chunked => {
+            out.extend_from_slice(b"0\r\n\r\n");
+            write.write_all(out).await.is_ok()
+        }
+        // A body that ended before its length: the client must not wait for the rest.
+        Framing::Length { .. } => {
+            if !out.is_empty() {
+                let _ = write.write_all(out).await;
+            }
+            false
+        }
+        _ => out.is_empty() || write.write_all(out).await.is_ok(),
+    }
+}
+
+/// The body's next frame, or `None` if the client went away while the body waited.
+async fn next_frame(
+    body: &mut Body,
+    watched: &mut Option<Reader>,
+) -> Option<Option<Result<hyper::body::Frame<bytes::Bytes>, crate::error::BoxError>>> {
+    let frame = http_body_util::BodyExt::frame(body);
+    tokio::pin!(frame);
+    loop {
+        tokio::select! {
+            biased;
+            frame = &mut frame => return Some(frame),
+            filled = fill(watched), if watched.as_ref().is_some_and(|r| r.buf.len() < MAX_HEAD) => {
+                if !matches!(filled, Ok(1..)) {
+                    tracing::debug!("the client went away during the response");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// The size line of a chunk of `n` bytes, written into `buf`.
+fn chunk_line(buf: &mut [u8; 18], n: usize) -> &[u8] {
+    let hex = b"0123456789abcdef";
+    let mut at = buf.len() - 2;
+    buf[at..].copy_from_slice(b"\r\n");
+    let mut n = n;
+    loop {
+        at -= 1;
+        buf[at] = hex[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[at..]
+}
+
+/// Buffers for response heads, kept per thread: a response head is written without
+/// allocating, and an idle connection holds none.
+mod spare {
+    use std::cell::RefCell;
+
+    const KEEP: usize = 16;
+    const KEEP_CAPACITY: usize = 4 * 1024;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take() -> Vec<u8> {
+        SPARE
+            .with(|s| s.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(512))
+    }
+
+    pub fn give(mut buf: Vec<u8>) {
+        if buf.capacity() > KEEP_CAPACITY {
+            return;
+        }
+        buf.clear();
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < KEEP {
+                s.push(buf);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_lines_are_hex() {
+        let mut buf = [0u8; 18];
+        assert_eq!(chunk_line(&mut buf, 0), b"0\r\n");
+        assert_eq!(chunk_line(&mut buf, 255), b"ff\r\n");
+        assert_eq!(chunk_line(&mut buf, 0x10000), b"10000\r\n");
+        assert_eq!(chunk_line(&mut buf, usize::MAX), b"ffffffffffffffff\r\n");
+    }
+}

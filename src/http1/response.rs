@@ -1,0 +1,266 @@
+//! Response heads to clients: the framing a response gets on the wire and its head, written
+//! into a buffer.
+//!
+//! Owns: [`framing_of`] (how a response body is delimited for this request: its
+//! `Content-Length`, the body's exact size, chunked, or until close for an HTTP/1.0 client),
+//! [`write_head`], and the `Date` every response carries (RFC 9110 §6.6.1), formatted once a
+//! second per thread. Pure but for the clock.
+//! Must not touch: the response's meaning, or the connection.
+
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::header::{self, HeaderMap};
+use http::{Method, StatusCode, Version};
+
+/// How a response body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body is sent (HEAD, 1xx, 204, 304), whatever the body holds.
+    None,
+    /// Exactly this many bytes; `declared` when the response named it, else it is added.
+    Length {
+        n: u64,
+        declared: bool,
+    },
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client and a body of unknown length).
+    UntilClose,
+}
+
+/// The framing of a response with `status` and `headers` to a `method` request of `version`,
+/// whose body says its exact size is `exact` (when it knows).
+pub fn framing_of(
+    method: &Method,
+    version: Version,
+    status: StatusCode,
+    headers: &HeaderMap,
+    exact: Option<u64>,
+) -> Framing {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Framing::None;
+    }
+    match (declared, exact) {
+        (Some(n), _) => Framing::Length { n, declared: true },
+        (None, Some(n)) => Framing::Length { n, declared: false },
+        (None, None) if version == Version::HTTP_10 => Framing::UntilClose,
+        (None, None) => Framing::Chunked,
+    }
+}
+
+/// What the `Connection` header of a response says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// HTTP/1.1's default: nothing is written.
+    KeepAlive,
+    /// An HTTP/1.0 client that asked for keep-alive is told it is kept.
+    KeepAlive10,
+    /// The connection closes after this response.
+    Close,
+}
+
+/// Writes the head of a response into `out`. The response's own `Transfer-Encoding` and
+/// `Connection` are replaced by what this connection does, `Content-Length` is added when the
+/// body knows its size and the response did not say it, and `Date` when it has none.
+pub fn write_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: Framing,
+    persistence: Persistence,
+    head_request: bool,
+    exact: Option<u64>,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut number = itoa::Buffer::new();
+    match framing {
+        Framing::Length { n, declared: false } => {
+            line(out, b"content-length", number.format(n).as_bytes())
+        }
+        Framing::Chunked => line(out, b"transfer-encoding", b"chunked"),
+        // A HEAD response tells the length a GET would have had, when it is known.
+        Framing::None if head_request && !headers.contains_key(header::CONTENT_LENGTH) => {
+            if let Some(n) = exact {
+                line(out, b"content-length", number.format(n).as_bytes());
+            }
+        }
+        _ => {}
+    }
+    match persistence {
+        Persistence::KeepAlive => {}
+        Persistence::KeepAlive10 => line(out, b"connection", b"keep-alive"),
+        Persistence::Close => line(out, b"connection", b"close"),
+    }
+    if !headers.contains_key(header::DATE) {
+        DATE.with(|d| {
+            let mut d = d.borrow_mut();
+            line(out, b"date", d.now());
+        });
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The HTTP date of the current second, formatted when the second changes.
+struct CachedDate {
+    second: u64,
+    text: Vec<u8>,
+}
+
+impl CachedDate {
+    fn now(&mut self) -> &[u8] {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if second != self.second || self.text.is_empty() {
+            self.second = second;
+            self.text = httpdate::fmt_http_date(now).into_bytes();
+        }
+        &self.text
+    }
+}
+
+thread_local! {
+    static DATE: RefCell<CachedDate> = const {
+        RefCell::new(CachedDate { second: 0, text: Vec::new() })
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn head(status: StatusCode, headers: &HeaderMap, framing: Framing, p: Persistence) -> String {
+        let mut out = Vec::new();
+        write_head(&mut out, status, headers, framing, p, false, None);
+        String::from_utf8(out).expect("ascii")
+    }
+
+    #[test]
+    fn framing_follows_the_method_the_status_and_what_the_body_knows() {
+        let none = HeaderMap::new();
+        let mut declared = HeaderMap::new();
+        declared.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        let (get, v11) = (Method::GET, Version::HTTP_11);
+        let ok = StatusCode::OK;
+        assert_eq!(
+            framing_of(&Method::HEAD, v11, ok, &declared, Some(0)),
+            Framing::None
+        );
+        assert_eq!(
+            framing_of(&get, v11, StatusCode::NO_CONTENT, &none, None),
+            Framing::None
+        );
+        assert_eq!(
+            framing_of(&get, v11, StatusCode::NOT_MODIFIED, &declared, None),
+            Framing::None
+        );
+        assert_eq!(
+            framing_of(&get, v11, ok, &declared, None),
+            Framing::Length {
+                n: 12,
+                declared: true
+            }
+        );
+        assert_eq!(
+            framing_of(&get, v11, ok, &none, Some(3)),
+            Framing::Length {
+                n: 3,
+                declared: false
+            }
+        );
+        assert_eq!(framing_of(&get, v11, ok, &none, None), Framing::Chunked);
+        assert_eq!(
+            framing_of(&get, Version::HTTP_10, ok, &none, None),
+            Framing::UntilClose
+        );
+    }
+
+    #[test]
+    fn the_head_says_what_the_connection_does() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("x-hop"));
+        let text = head(
+            StatusCode::OK,
+            &headers,
+            Framing::Length {
+                n: 5,
+                declared: false,
+            },
+            Persistence::KeepAlive,
+        );
+        assert!(
+            text.starts_with(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("\r\ndate: ") && text.ends_with(" GMT\r\n\r\n"),
+            "{text}"
+        );
+        assert!(!text.contains("gzip") && !text.contains("x-hop"), "{text}");
+        let text = head(
+            StatusCode::BAD_GATEWAY,
+            &HeaderMap::new(),
+            Framing::Chunked,
+            Persistence::Close,
+        );
+        assert!(
+            text.starts_with(
+                "HTTP/1.1 502 Bad Gateway\r\ntransfer-encoding: chunked\r\nconnection: close\r\n"
+            ),
+            "{text}"
+        );
+        let text = head(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            Framing::UntilClose,
+            Persistence::KeepAlive10,
+        );
+        assert!(text.contains("connection: keep-alive\r\n"), "{text}");
+        let mut out = Vec::new();
+        write_head(
+            &mut out,
+            StatusCode::OK,
+            &HeaderMap::new(),
+            Framing::None,
+            Persistence::KeepAlive,
+            true,
+            Some(7),
+        );
+        assert!(
+            String::from_utf8_lossy(&out).contains("content-length: 7\r\n"),
+            "HEAD tells the length"
+        );
+    }
+}

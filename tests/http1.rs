@@ -1,0 +1,286 @@
+//! The client leg's HTTP/1.1, on the wire, against the real gateway binary and real replicas:
+//! pipelined requests answered in order, HTTP/1.0 clients (closed by default, kept on
+//! `Connection: keep-alive`, never sent chunked), `Expect: 100-continue`, request bodies by
+//! length and chunked, HEAD, heads past the limits (431) and ambiguous framing (400, and the
+//! replica never sees the request), and the keep-alive bound on an idle connection.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use support::backends::{Backend, Behaviour};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn one_replica(addr: SocketAddr, proxy: &str) -> Conf {
+    Conf {
+        kind: Some("static".into()),
+        provider: format!("servers = [{{ name = \"b1\", address = \"{addr}\" }}]\n"),
+        proxy: proxy.into(),
+        ..Conf::default()
+    }
+}
+
+/// A replica that answers every request with what its body was: `body: <bytes>`, and answers
+/// chunked (no length) when the request asks for `/chunked`.
+async fn body_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let chunked = req.uri().path() == "/chunked";
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let text = format!("body: {}", String::from_utf8_lossy(&body));
+                        let resp = if chunked {
+                            let stream = futures_util::stream::iter(
+                                [Bytes::from(text)]
+                                    .into_iter()
+                                    .map(|b| Ok::<_, std::io::Error>(hyper::body::Frame::data(b))),
+                            );
+                            http::Response::new(http_body_util::Either::Right(
+                                http_body_util::StreamBody::new(stream),
+                            ))
+                        } else {
+                            http::Response::new(http_body_util::Either::Left(Full::new(
+                                Bytes::from(text),
+                            )))
+                        };
+                        Ok::<_, hyper::Error>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Everything the gateway sends on `s` until it closes (bounded by 10 s).
+async fn read_all(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads from `s` until `text` has arrived (bounded by 10 s); all that was read.
+async fn read_until(s: &mut TcpStream, text: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(text) {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {text:?} in time: {}", String::from_utf8_lossy(&got)))
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before {text:?}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_and_http10_is_spoken() {
+    let echo = Backend::start("127.0.0.1", Behaviour::Echo).await;
+    let gw = GatewayProcess::start(&one_replica(echo.addr, ""));
+
+    // Three requests in one write; the last closes the connection.
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(
+        b"GET /p?id=1 HTTP/1.1\r\nHost: t\r\n\r\n\
+          GET /p?id=2 HTTP/1.1\r\nHost: t\r\n\r\n\
+          GET /p?id=3 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("send");
+    let text = read_all(&mut s).await;
+    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{text}");
+    let at = |id: &str| text.find(&format!("get /p?id={id} ")).unwrap_or(usize::MAX);
+    assert!(
+        at("1") < at("2") && at("2") < at("3") && at("3") < usize::MAX,
+        "in order: {text}"
+    );
+    assert!(
+        text.contains("connection: close\r\n"),
+        "the last says it closes: {text}"
+    );
+
+    // HTTP/1.0 without keep-alive: one response, then the gateway closes.
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(b"GET /p?id=4 HTTP/1.0\r\nHost: t\r\n\r\n")
+        .await
+        .expect("send");
+    let text = read_all(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(
+        text.contains("content-length: ") && !text.contains("chunked"),
+        "{text}"
+    );
+
+    // HTTP/1.0 with keep-alive: told so, and a second request goes on the same connection.
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(b"GET /p?id=5 HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .expect("send");
+    let first = read_until(&mut s, "get /p?id=5").await;
+    assert!(first.contains("connection: keep-alive\r\n"), "{first}");
+    s.write_all(b"HEAD /p?id=6 HTTP/1.0\r\nHost: t\r\n\r\n")
+        .await
+        .expect("send on the kept connection");
+    let text = read_all(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "HEAD has no body: {text}");
+    assert!(
+        text.contains("content-length: "),
+        "HEAD tells the length: {text}"
+    );
+    assert_eq!(echo.hits(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_pass_by_length_chunked_and_after_100_continue() {
+    let (addr, replica) = body_echo().await;
+    let gw = GatewayProcess::start(&one_replica(addr, ""));
+
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    // By length, then chunked (answered chunked by the replica), on one connection.
+    s.write_all(b"POST /a?id=1 HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .expect("send");
+    let text = read_until(&mut s, "body: hello").await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    s.write_all(
+        b"POST /chunked?id=1 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n\
+          3\r\nabc\r\n4;x=y\r\ndefg\r\n0\r\n\r\n",
+    )
+    .await
+    .expect("send");
+    let text = read_until(&mut s, "0\r\n\r\n").await;
+    assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+    assert!(text.contains("body: abcdefg"), "{text}");
+
+    // Expect: 100-continue: the gateway asks for the body when it is about to send it.
+    s.write_all(
+        b"PUT /a?id=1 HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .expect("send");
+    let interim = read_until(&mut s, "\r\n\r\n").await;
+    assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"data").await.expect("send the body");
+    let text = read_until(&mut s, "body: data").await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+
+    // A body cut short by the client is the client's fault.
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(b"POST /a?id=1 HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nshort")
+        .await
+        .expect("send");
+    s.shutdown().await.expect("half-close");
+    let text = read_all(&mut s).await;
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 400"),
+        "{text}"
+    );
+    let (code, _) = get(&gw.url("/a?id=2")).await;
+    assert_eq!(code, 200, "the replica is still taken");
+    replica.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_ambiguous_heads_are_refused_before_a_replica_sees_them() {
+    let echo = Backend::start("127.0.0.1", Behaviour::Echo).await;
+    let gw = GatewayProcess::start(&one_replica(echo.addr, ""));
+    let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let big = format!(
+        "GET /a HTTP/1.1\r\nHost: t\r\nCookie: {}\r\n\r\n",
+        "c".repeat(70_000)
+    );
+    let cases = [
+        (format!("GET /a HTTP/1.1\r\nHost: t\r\n{many}\r\n"), 431, "more than 100 header fields"),
+        (big, 431, "larger than 65536 bytes"),
+        (
+            "POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(),
+            400,
+            "both Transfer-Encoding and Content-Length",
+        ),
+        (
+            "POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, gzip\r\n\r\n".into(),
+            400,
+            "does not end in chunked",
+        ),
+        (
+            "POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".into(),
+            400,
+            "conflicting Content-Length",
+        ),
+        ("GET /a HTTP/1.1\r\nHost: t\r\nFolded: a\r\n b\r\n\r\n".into(), 400, "not valid HTTP/1.1"),
+    ];
+    for (wire, code, says) in cases {
+        let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+        let _ = s.write_all(wire.as_bytes()).await;
+        let text = read_all(&mut s).await;
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {code} ")),
+            "{code} for {:.60?}: {text}",
+            wire
+        );
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        assert!(text.contains(says), "{says:?} in {text}");
+    }
+    assert_eq!(echo.hits(), 0, "no refused request reached the replica");
+    // 100 fields (Host, Connection, Cookie and 97 more) and a 60 KiB cookie are fine.
+    let fine: String = (0..97).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let cookie = "c".repeat(60 * 1024);
+    let (code, body) = raw(
+        gw.addr,
+        format!(
+            "GET /a HTTP/1.1\r\nHost: t\r\nConnection: close\r\nCookie: {cookie}\r\n{fine}\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(code, 200, "{body:.200}");
+    assert_eq!(echo.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_idles_at_most_the_header_read_timeout() {
+    let echo = Backend::start("127.0.0.1", Behaviour::Echo).await;
+    let gw = GatewayProcess::start(&one_replica(echo.addr, "header_read_timeout = \"1s\"\n"));
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    // Requests keep it open past the timeout as long as each comes within it.
+    let started = Instant::now();
+    for id in 0..4 {
+        s.write_all(format!("GET /k?id={id} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        read_until(&mut s, &format!("get /k?id={id} ")).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(started.elapsed() > Duration::from_secs(1));
+    // Then silence, or half a head, closes it.
+    s.write_all(b"GET /k?id=9 HTTP/1.1\r\nHost")
+        .await
+        .expect("send");
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "closed: {closed:?}"
+    );
+    assert_eq!(echo.hits(), 4);
+}
