@@ -128,7 +128,13 @@ fn a_response_head_costs_the_same_allocations_with_two_headers_or_twenty() {
     };
     let count = |n: usize| {
         let raw = head(n);
-        let (count, parsed) = allocations(|| parse_response(raw.as_bytes(), &Method::GET));
+        // The connection's buffer as it is once it has carried a response (see below).
+        let mut buf = bytes::BytesMut::with_capacity(8192);
+        buf.extend_from_slice(b"warm up");
+        drop(buf.split_to(4).freeze());
+        buf.clear();
+        buf.extend_from_slice(raw.as_bytes());
+        let (count, parsed) = allocations(|| parse_response(&mut buf, &Method::GET));
         let parsed = parsed.expect("valid").expect("complete");
         assert_eq!(parsed.parts.headers.len(), n);
         let (adding_via, ()) = allocations(|| {
@@ -141,9 +147,12 @@ fn a_response_head_costs_the_same_allocations_with_two_headers_or_twenty() {
     let (two, twenty) = (count(2), count(20));
     assert_eq!(
         two, twenty,
-        "header values are slices of one copy of the head"
+        "header values are slices of the head, split off the connection's buffer"
     );
-    assert!(two <= 4, "{two} allocations for a response head");
+    assert!(
+        two <= 2,
+        "{two} allocations for a response head (the header map)"
+    );
 }
 
 #[test]

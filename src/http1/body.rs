@@ -13,7 +13,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use tokio::io::{AsyncReadExt, ReadHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf, ReadHalf};
 use tokio::sync::oneshot;
 
 use super::framing::{BodyFraming, Decoded, Decoder};
@@ -38,6 +38,18 @@ impl Reader {
         }
         // `read_buf` keeps no state between polls: a fresh one per poll is the same read.
         std::pin::pin!(self.io.read_buf(&mut self.buf)).poll(cx)
+    }
+
+    /// Watches the connection while a request is served: `Ok(0)` when the client closed it, and
+    /// what it sends meanwhile (its next request) kept in the buffer. Read into the stack, so
+    /// that watching makes no room in the buffer: the buffer is still shared with the head of
+    /// the request in progress, and room made now would be a new allocation every request.
+    pub fn poll_watch(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let mut landing = [0u8; 1024];
+        let mut read = ReadBuf::new(&mut landing);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut read))?;
+        self.buf.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
     }
 }
 

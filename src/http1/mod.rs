@@ -153,7 +153,7 @@ pub async fn serve<F, Fut>(
                 }
                 // A client that goes away takes its request with it; bytes that come meanwhile
                 // are its next (pipelined) request, kept up to the head limit.
-                filled = fill(&mut watched), if watched.as_ref().is_some_and(|r| r.buf.len() < MAX_HEAD) => {
+                filled = watch_client(&mut watched), if watched.as_ref().is_some_and(|r| r.buf.len() < MAX_HEAD) => {
                     if !matches!(filled, Ok(1..)) {
                         return;
                     }
@@ -252,10 +252,10 @@ async fn wait(go: &mut Option<oneshot::Receiver<()>>) -> bool {
     }
 }
 
-/// Reads more from a connection whose read side is the connection's (no body is reading it).
-async fn fill(reader: &mut Option<Reader>) -> std::io::Result<usize> {
+/// Watches a connection whose read side is the connection's (no body is reading it).
+async fn watch_client(reader: &mut Option<Reader>) -> std::io::Result<usize> {
     match reader {
-        Some(reader) => poll_fn(|cx| reader.poll_fill(cx, HEAD_READ)).await,
+        Some(reader) => poll_fn(|cx| reader.poll_watch(cx)).await,
         None => std::future::pending().await,
     }
 }
@@ -408,7 +408,7 @@ async fn next_frame(
         tokio::select! {
             biased;
             frame = &mut frame => return Some(frame),
-            filled = fill(watched), if watched.as_ref().is_some_and(|r| r.buf.len() < MAX_HEAD) => {
+            filled = watch_client(watched), if watched.as_ref().is_some_and(|r| r.buf.len() < MAX_HEAD) => {
                 if !matches!(filled, Ok(1..)) {
                     tracing::debug!("the client went away during the response");
                     return None;

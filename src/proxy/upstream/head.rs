@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
@@ -163,8 +163,6 @@ pub struct ResponseHead {
     pub framing: BodyFraming,
     /// The connection may carry another request once this body is read.
     pub keep_alive: bool,
-    /// Bytes of the buffer the head took.
-    pub len: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -175,53 +173,73 @@ pub enum HeadError {
     TooLarge,
 }
 
-/// Parses a response head at the start of `buf`: `Ok(None)` when more bytes are needed.
-pub fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ResponseHead>, HeadError> {
+/// Where a piece of the head lies in the buffer.
+type Span = (usize, usize);
+
+/// Parses a response head at the start of `buf`: `Ok(None)` when more bytes are needed. A
+/// complete head is split off the buffer (the body follows in it) and the header values are
+/// slices of it: no copy of the head, no allocation for the values.
+pub fn parse_response(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<ResponseHead>, HeadError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(HeadError::Malformed(e.to_string())),
+    let mut spans: [(Span, Span); MAX_HEADERS] = [((0, 0), (0, 0)); MAX_HEADERS];
+    let (len, status, version, named, count) = {
+        let mut resp = httparse::Response::new(&mut slots);
+        let len = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+                return Err(HeadError::TooLarge)
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(HeadError::Malformed(e.to_string())),
+        };
+        let status = resp
+            .code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or_else(|| HeadError::Malformed("no valid status code".into()))?;
+        let version = if resp.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let named: Vec<String> = resp
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .collect();
+        let base = buf.as_ptr() as usize;
+        let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+        for (h, s) in resp.headers.iter().zip(spans.iter_mut()) {
+            *s = (span(h.name.as_bytes()), span(h.value));
+        }
+        (len, status, version, named, resp.headers.len())
     };
-    let status = resp
-        .code
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or_else(|| HeadError::Malformed("no valid status code".into()))?;
-    let version = if resp.version == Some(0) {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
-    let named: Vec<String> = resp
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .filter_map(|h| std::str::from_utf8(h.value).ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .collect();
+    let head = buf.split_to(len).freeze();
     let mut keep_alive = match version {
         Version::HTTP_10 => named.iter().any(|t| t == "keep-alive"),
         _ => !named.iter().any(|t| t == "close"),
     };
-    // The values are slices of one copy of the head: one allocation for all of them.
-    let copy = Bytes::copy_from_slice(&buf[..len]);
-    let value_of = |v: &[u8]| {
-        let start = v.as_ptr() as usize - buf.as_ptr() as usize;
-        copy.slice(start..start + v.len())
-    };
     let mut chunked = false;
     let mut length: Option<u64> = None;
     // One more than the replica sent: the service adds `Via` without growing the map.
-    let mut headers = HeaderMap::with_capacity(resp.headers.len() + 1);
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| HeadError::Malformed(format!("bad header name {:?}", h.name)))?;
+    let mut headers = HeaderMap::with_capacity(count + 1);
+    for &((name_at, name_len), (value_at, value_len)) in &spans[..count] {
+        let raw_name = &head[name_at..name_at + name_len];
+        let raw_value = &head[value_at..value_at + value_len];
+        let name = HeaderName::from_bytes(raw_name).map_err(|_| {
+            HeadError::Malformed(format!(
+                "bad header name {:?}",
+                String::from_utf8_lossy(raw_name)
+            ))
+        })?;
         if name == header::TRANSFER_ENCODING {
             // Chunked must be the last coding (RFC 9112 §6.3); anything else is read to close.
-            chunked = std::str::from_utf8(h.value)
+            chunked = std::str::from_utf8(raw_value)
                 .ok()
                 .and_then(|v| v.rsplit(',').next())
                 .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
@@ -231,7 +249,7 @@ pub fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ResponseHead
             continue;
         }
         if name == header::CONTENT_LENGTH {
-            let n = std::str::from_utf8(h.value)
+            let n = std::str::from_utf8(raw_value)
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .ok_or_else(|| HeadError::Malformed("bad content-length".into()))?;
@@ -243,7 +261,7 @@ pub fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ResponseHead
         if is_hop_by_hop(&name) || named.iter().any(|n| n == name.as_str()) {
             continue;
         }
-        let value = HeaderValue::from_maybe_shared(value_of(h.value))
+        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
             .map_err(|_| HeadError::Malformed(format!("bad value of {name}")))?;
         headers.append(name, value);
     }
@@ -269,7 +287,6 @@ pub fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ResponseHead
         parts,
         framing,
         keep_alive,
-        len,
     }))
 }
 
@@ -374,17 +391,17 @@ mod tests {
     fn response_framing_and_reuse() {
         let get = Method::GET;
         let p = |raw: &str| {
-            parse_response(raw.as_bytes(), &get)
+            parse_response(&mut BytesMut::from(raw), &get)
                 .expect("parses")
                 .expect("complete")
         };
-        let r = p("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\nhello");
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\nhello");
+        let r = parse_response(&mut buf, &get)
+            .expect("parses")
+            .expect("complete");
         assert_eq!(r.framing, BodyFraming::Length(5));
         assert!(r.keep_alive);
-        assert_eq!(
-            r.len,
-            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\n".len()
-        );
+        assert_eq!(&buf[..], b"hello", "the head is split off, the body stays");
         assert_eq!(r.parts.headers["x-a"], "1");
         let r = p("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\nconnection: close, x-hop\r\nx-hop: 1\r\nkeep-alive: 5\r\n\r\n");
         assert_eq!(r.framing, BodyFraming::Chunked);
@@ -399,7 +416,7 @@ mod tests {
         assert_eq!(r.framing, BodyFraming::Empty);
         assert!(r.keep_alive);
         let r = parse_response(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+            &mut BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"[..]),
             &Method::HEAD,
         )
         .expect("parses")
@@ -410,23 +427,28 @@ mod tests {
     #[test]
     fn partial_malformed_and_oversized_heads() {
         let get = Method::GET;
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-le", &get)
-            .expect("partial is fine")
-            .is_none());
+        assert!(parse_response(
+            &mut BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]),
+            &get
+        )
+        .expect("partial is fine")
+        .is_none());
         assert!(matches!(
-            parse_response(b"NOT HTTP\r\n\r\n", &get),
+            parse_response(&mut BytesMut::from(&b"NOT HTTP\r\n\r\n"[..]), &get),
             Err(HeadError::Malformed(_))
         ));
         assert!(matches!(
             parse_response(
-                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+                &mut BytesMut::from(
+                    &b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"[..]
+                ),
                 &get
             ),
             Err(HeadError::Malformed(_))
         ));
         let big = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD));
         assert_eq!(
-            parse_response(big.as_bytes(), &get).err(),
+            parse_response(&mut BytesMut::from(big.as_str()), &get).err(),
             Some(HeadError::TooLarge)
         );
     }

@@ -17,7 +17,6 @@ pub mod pool;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Buf;
 use http::{Method, Response};
 use http_body_util::BodyExt;
 use hyper::body::Body as HttpBody;
@@ -114,8 +113,7 @@ async fn exchange(
     }
     loop {
         if !conn.buf.is_empty() {
-            if let Some(h) = head::parse_response(&conn.buf, req.method)? {
-                conn.buf.advance(h.len);
+            if let Some(h) = head::parse_response(&mut conn.buf, req.method)? {
                 // 100 Continue and other interim responses: the final one follows.
                 if h.parts.status.is_informational() && h.parts.status.as_u16() != 101 {
                     continue;
