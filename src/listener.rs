@@ -456,11 +456,7 @@ impl Serving {
                     header_read_timeout: proxy.header_read_timeout,
                     keep_alive: !matches!(requests, Requests::RefusedPlainOnTls { .. }),
                 };
-                // Boxed: the connection's task keeps room for this future while it waits for
-                // a request, and the future is about 5 KiB; boxed, an idle kept-alive
-                // connection holds nothing of it and the 5 KiB exist only while a request does.
-                let handler =
-                    |req: Request<RequestBody>| Box::pin(answer(&service, req, client, requests));
+                let handler = |req: Request<RequestBody>| answer(&service, req, client, requests);
                 let metrics = &self.service.metrics;
                 http1::serve(
                     Box::new(stream),
