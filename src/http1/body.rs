@@ -16,7 +16,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf, ReadHalf};
 use tokio::sync::oneshot;
 
-use super::framing::{BodyFraming, Decoded, Decoder};
+use super::framing::{BodyFraming, Decoder, ReadError, Source};
 use super::Transport;
 use crate::error::BoxError;
 
@@ -68,14 +68,6 @@ pub struct Http1Body {
     continue_: Option<oneshot::Sender<()>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    #[error(transparent)]
-    Framing(#[from] super::framing::DecodeError),
-    #[error("reading the request body failed: {0}")]
-    Io(#[from] std::io::Error),
-}
-
 impl Http1Body {
     pub fn new(
         reader: Reader,
@@ -98,36 +90,28 @@ impl Http1Body {
         }
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, ReadError>>> {
         if let Some(go) = self.continue_.take() {
             let _ = go.send(());
         }
-        loop {
-            let Some(reader) = self.reader.as_mut() else {
-                return Poll::Ready(None);
-            };
-            let decoded = match self.decoder.decode(&mut reader.buf)? {
-                Decoded::NeedMore => {
-                    if ready!(reader.poll_fill(cx, READ_CHUNK))? > 0 {
-                        continue;
-                    }
-                    self.decoder.at_eof()?
-                }
-                decoded => decoded,
-            };
-            return match decoded {
-                Decoded::Data(data) => {
-                    if self.decoder.is_done() {
-                        self.give_back();
-                    }
-                    Poll::Ready(Some(Ok(data)))
-                }
-                Decoded::End | Decoded::NeedMore => {
-                    self.give_back();
-                    Poll::Ready(None)
-                }
-            };
+        let Some(reader) = self.reader.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let piece = ready!(self.decoder.poll_piece(reader, cx))?;
+        if piece.is_none() || self.decoder.is_done() {
+            self.give_back();
         }
+        Poll::Ready(piece.map(Ok))
+    }
+}
+
+impl Source for Reader {
+    fn buffer(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        self.poll_fill(cx, READ_CHUNK)
     }
 }
 

@@ -2,9 +2,12 @@
 //! connection's read buffer, for both legs (the client's request bodies and the replicas'
 //! response bodies are framed by the same rules, RFC 9112 §6 and §7.1).
 //!
-//! Owns: [`BodyFraming`] and [`Decoder`], a pure state machine over a buffer: it never reads a
-//! socket, so each leg fills its buffer its own way and the decoding is tested here.
+//! Owns: [`BodyFraming`] and [`Decoder`], a state machine over a buffer, and
+//! [`Decoder::poll_piece`], which drives it over any [`Source`] (a connection's read side, with
+//! its buffer): each leg reads its socket its own way, the decoding is the same and tested here.
 //! Must not touch: heads, connections or what a body means.
+
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -35,6 +38,22 @@ pub enum DecodeError {
     Truncated,
     #[error("malformed chunked body")]
     BadChunk,
+}
+
+/// Why a body could not be read from its connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Framing(#[from] DecodeError),
+    #[error("reading the body failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A connection's read side as a body is read from it: its buffer, and more read into it.
+pub trait Source {
+    fn buffer(&mut self) -> &mut BytesMut;
+    /// Reads more into the buffer; `Ok(0)` at end of stream.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>>;
 }
 
 /// The line a chunked body's decoder expects next.
@@ -153,6 +172,32 @@ impl Decoder {
                 Ok(Decoded::End)
             }
             _ => Err(DecodeError::Truncated),
+        }
+    }
+}
+
+impl Decoder {
+    /// The body's next piece from `source`, reading it as needed; `None` once the body is whole
+    /// (a body read until close: once the peer closed).
+    pub fn poll_piece(
+        &mut self,
+        source: &mut impl Source,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Bytes>, ReadError>> {
+        loop {
+            let decoded = match self.decode(source.buffer())? {
+                Decoded::NeedMore => {
+                    if ready!(source.poll_more(cx))? > 0 {
+                        continue;
+                    }
+                    self.at_eof()?
+                }
+                decoded => decoded,
+            };
+            return Poll::Ready(Ok(match decoded {
+                Decoded::Data(data) => Some(data),
+                Decoded::End | Decoded::NeedMore => None,
+            }));
         }
     }
 }

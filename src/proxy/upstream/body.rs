@@ -9,12 +9,12 @@
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use super::pool::{self, Conn};
 use crate::error::BoxError;
-use crate::http1::framing::{BodyFraming, DecodeError, Decoded, Decoder};
+use crate::http1::framing::{BodyFraming, DecodeError, Decoder, ReadError, Source};
 use crate::proxy::body::InFlight;
 
 pub struct UpstreamBody {
@@ -34,11 +34,12 @@ pub enum BodyError {
     Io(#[from] std::io::Error),
 }
 
-impl From<DecodeError> for BodyError {
-    fn from(e: DecodeError) -> BodyError {
+impl From<ReadError> for BodyError {
+    fn from(e: ReadError) -> BodyError {
         match e {
-            DecodeError::Truncated => BodyError::Truncated,
-            DecodeError::BadChunk => BodyError::BadChunk,
+            ReadError::Framing(DecodeError::Truncated) => BodyError::Truncated,
+            ReadError::Framing(DecodeError::BadChunk) => BodyError::BadChunk,
+            ReadError::Io(e) => BodyError::Io(e),
         }
     }
 }
@@ -70,34 +71,25 @@ impl UpstreamBody {
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
-        loop {
-            let Some(conn) = self.conn.as_mut() else {
-                return Poll::Ready(None);
-            };
-            let decoded = match self.decoder.decode(&mut conn.buf)? {
-                Decoded::NeedMore => {
-                    if ready!(conn.poll_fill(cx, READ_CHUNK))? > 0 {
-                        continue;
-                    }
-                    // Read until close: the connection ends with the body and is not reused.
-                    self.keep_alive = false;
-                    self.decoder.at_eof()?
-                }
-                decoded => decoded,
-            };
-            match decoded {
-                Decoded::Data(data) => {
-                    if self.decoder.is_done() {
-                        self.finish();
-                    }
-                    return Poll::Ready(Some(Ok(data)));
-                }
-                Decoded::End | Decoded::NeedMore => {
-                    self.finish();
-                    return Poll::Ready(None);
-                }
-            }
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let piece = ready!(self.decoder.poll_piece(conn, cx))?;
+        if piece.is_none() || self.decoder.is_done() {
+            // A body read until close ends with its connection: it was never to be reused.
+            self.finish();
         }
+        Poll::Ready(piece.map(Ok))
+    }
+}
+
+impl Source for Conn {
+    fn buffer(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        self.poll_fill(cx, READ_CHUNK)
     }
 }
 
