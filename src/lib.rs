@@ -8,8 +8,10 @@
 //!   ([`gateway::Gateway::start`], [`gateway::Gateway::serve`], [`gateway::run`]).
 //!
 //! Data plane (the request path: reads one immutable [`snapshot::Snapshot`], takes no lock):
-//! - [`listener`]: accepting connections, first-bytes deadline, TLS handshakes, HTTP/1.1
-//!   keep-alive and HTTP/2, idle timeouts, graceful drain.
+//! - [`listener`]: accepting connections, first-bytes deadline, TLS handshakes, telling HTTP/1
+//!   from HTTP/2 (served by hyper), idle timeouts, graceful drain.
+//! - [`http1`]: our HTTP/1.1 server for clients: strict request heads, bodies read by whoever
+//!   forwards them, response framing, keep-alive, pipelining; the body decoder both legs use.
 //! - [`tls`]: TLS termination: certificates (validated, chosen by SNI, swapped live), ALPN,
 //!   the plain-HTTP redirect.
 //! - [`admission`]: the connection caps (global, derived from the fd limit; per client IP).
