@@ -54,6 +54,17 @@ fn allocations<T>(f: impl FnOnce() -> T) -> (usize, T) {
     (ALLOCATIONS.with(Cell::get) - before, out)
 }
 
+/// A connection's read buffer holding `bytes`, as it is once it has carried a message: shared
+/// with the heads split off it, and reclaimed whole once they are gone.
+fn used_buffer(bytes: &[u8]) -> bytes::BytesMut {
+    let mut buf = bytes::BytesMut::with_capacity(8192);
+    buf.extend_from_slice(b"warm up");
+    drop(buf.split_to(4).freeze());
+    buf.clear();
+    buf.extend_from_slice(bytes);
+    buf
+}
+
 fn headers(n: usize) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.append(
@@ -128,12 +139,7 @@ fn a_response_head_costs_the_same_allocations_with_two_headers_or_twenty() {
     };
     let count = |n: usize| {
         let raw = head(n);
-        // The connection's buffer as it is once it has carried a response (see below).
-        let mut buf = bytes::BytesMut::with_capacity(8192);
-        buf.extend_from_slice(b"warm up");
-        drop(buf.split_to(4).freeze());
-        buf.clear();
-        buf.extend_from_slice(raw.as_bytes());
+        let mut buf = used_buffer(raw.as_bytes());
         let (count, parsed) = allocations(|| parse_response(&mut buf, &Method::GET));
         let parsed = parsed.expect("valid").expect("complete");
         assert_eq!(parsed.parts.headers.len(), n);
@@ -165,7 +171,6 @@ fn a_body_in_memory_allocates_nothing_to_be_sent() {
 
 #[test]
 fn a_client_request_head_costs_the_same_allocations_with_two_headers_or_twenty() {
-    use bytes::BytesMut;
     use ringgate::http1::request::parse_request;
     let count = |n: usize| {
         let mut s = String::from("GET /home?id=123456 HTTP/1.1\r\nhost: gateway.example.test\r\n");
@@ -173,13 +178,7 @@ fn a_client_request_head_costs_the_same_allocations_with_two_headers_or_twenty()
             s.push_str(&format!("{name}: a value for {name}\r\n"));
         }
         s.push_str("\r\nGET /next");
-        // The connection's buffer, as it is once it has carried a request: shared with the heads
-        // split off it, and reclaimed whole once they are gone.
-        let mut buf = BytesMut::with_capacity(8192);
-        buf.extend_from_slice(b"warm up");
-        drop(buf.split_to(4).freeze());
-        buf.clear();
-        buf.extend_from_slice(s.as_bytes());
+        let mut buf = used_buffer(s.as_bytes());
         let (count, parsed) = allocations(|| parse_request(&mut buf));
         let head = parsed.expect("valid").expect("complete");
         assert_eq!(head.parts.headers.len(), n);
