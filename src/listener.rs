@@ -7,11 +7,12 @@
 //! admission caps, the first-bytes deadline (a connection that has not completed its TLS
 //! handshake and sent enough to tell its protocol within `proxy.header_read_timeout` is closed:
 //! the protocol sniff is ours, with a deadline, instead of hyper's open-ended one), plain HTTP
-//! on the TLS port (answered 400), HTTP/1 header and keep-alive timeouts, HTTP/2 keep-alive
-//! pings, an idle timeout for HTTP/2 connections without a stream, the redirect of plain HTTP to
-//! HTTPS (`tls.http = "redirect"`), and graceful drain.
+//! on the TLS port (answered 400), HTTP/2 through hyper (keep-alive pings, an idle timeout for
+//! connections without a stream), the redirect of plain HTTP to HTTPS (`tls.http =
+//! "redirect"`), and graceful drain.
 //! Must not touch: requests' meaning (the service) or state (the controller); certificates are
-//! the TLS module's (a handshake only asks it for an acceptor).
+//! the TLS module's (a handshake only asks it for an acceptor); HTTP/1 on the wire (heads,
+//! bodies, keep-alive and its timeout) is [`crate::http1`]'s.
 
 use std::convert::Infallible;
 use std::future::Future;
