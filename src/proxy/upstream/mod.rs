@@ -83,7 +83,9 @@ pub async fn send(
         let reused = pooled.is_some();
         let mut conn = match pooled.take() {
             Some(c) => c,
-            None => Conn::connect(req.addr, req.connect_timeout).await?,
+            // Boxed: connecting (TCP, and TLS when configured) is rare once the pool is warm,
+            // and its state would otherwise make every request's future larger.
+            None => Box::pin(Conn::connect(req.addr, req.connect_timeout)).await?,
         };
         match exchange(&mut conn, req, body).await {
             Ok(head) => {
