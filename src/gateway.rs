@@ -340,6 +340,7 @@ impl Gateway {
             let thread = std::thread::Builder::new()
                 .name(format!("ringgate-serve-{n}"))
                 .spawn(move || {
+                    crate::per_thread::enter_serving_thread(n);
                     crate::proxy::upstream::pool::set_upstream_tls(upstream_tls);
                     serve_thread(listeners, service, stop_rx, drain)
                 })

@@ -46,6 +46,7 @@
 //! - [`spread`]: client connections kept even over the serving threads (a thread that serves
 //!   more than another hands a new connection to the least busy one).
 //! - [`metrics`]: lock-free counters and their Prometheus rendering.
+//! - [`per_thread`]: counts every request adds to, one copy per serving thread, summed when read.
 //! - [`memory`]: the heap given back to the OS once a burst is over (the idle trim).
 //! - [`latency`]: the latency histograms (per replica and gateway-wide) and their quantiles.
 //! - [`error`]: the one place internal errors become HTTP responses.
@@ -77,6 +78,7 @@ pub mod listener;
 pub mod listening;
 pub mod memory;
 pub mod metrics;
+pub mod per_thread;
 pub mod policy;
 pub mod provider;
 pub mod proxy;

@@ -67,13 +67,13 @@ pub async fn trim_when_quiet(metrics: Arc<Metrics>) {
     let Some(mut base) = resident_bytes() else {
         return tracing::debug!("no /proc/self/status: the idle trim is off");
     };
-    let mut served_before = metrics.requests.load(Ordering::Relaxed);
+    let mut served_before = metrics.requests.get();
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let served_now = metrics.requests.load(Ordering::Relaxed);
+        let served_now = metrics.requests.get();
         let served = served_now.wrapping_sub(served_before);
         served_before = served_now;
         let Some(resident) = resident_bytes() else {

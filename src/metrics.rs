@@ -11,12 +11,13 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::latency::LatencyHistogram;
+use crate::per_thread::Counter;
 use crate::snapshot::Snapshot;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Requests the gateway answered (proxied and its own endpoints).
-    pub requests: AtomicU64,
+    pub requests: Counter,
     /// Client responses the gateway produced itself (no replica answered): 502, 503, 504, 413…
     pub local_errors: AtomicU64,
     pub retries: AtomicU64,
@@ -97,6 +98,23 @@ fn get(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
 
+/// What a counter family reads: one atomic, or a [`Counter`] kept per serving thread.
+trait Count {
+    fn count(&self) -> u64;
+}
+
+impl Count for AtomicU64 {
+    fn count(&self) -> u64 {
+        get(self)
+    }
+}
+
+impl Count for Counter {
+    fn count(&self) -> u64 {
+        self.get()
+    }
+}
+
 /// One metric family: its `# HELP` and `# TYPE` lines, then its samples.
 fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -113,8 +131,8 @@ fn one(value: impl ToString) -> Vec<(String, String)> {
     vec![(String::new(), value.to_string())]
 }
 
-fn counter(out: &mut String, name: &str, help: &str, value: &AtomicU64) {
-    family(out, name, "counter", help, &one(get(value)));
+fn counter(out: &mut String, name: &str, help: &str, value: &impl Count) {
+    family(out, name, "counter", help, &one(value.count()));
 }
 
 /// A label value with `\\`, `"` and newlines escaped (the text format's rule).
@@ -407,10 +425,10 @@ impl Metrics {
         let requests: Vec<(String, String)> = replicas
             .iter()
             .flat_map(|(name, s)| {
-                s.by_class.iter().enumerate().map(move |(i, c)| {
+                s.answers().into_iter().enumerate().map(move |(i, c)| {
                     (
                         format!("replica=\"{name}\",class=\"{}xx\"", i + 1),
-                        get(c).to_string(),
+                        c.to_string(),
                     )
                 })
             })

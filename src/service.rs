@@ -9,7 +9,6 @@
 //! Must not touch: connections (the listener) or decisions (admin, proxy, controller).
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::body::RequestBody;
@@ -45,7 +44,7 @@ impl Service {
         req: Request<RequestBody>,
         client: SocketAddr,
     ) -> hyper::Response<Body> {
-        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        self.metrics.requests.add(1);
         let snap = self.shared.load_full();
         let logged = Started::capture(&snap.config, &req, client).map(|s| (s, snap.clone()));
         let mut outcome = Outcome::default();

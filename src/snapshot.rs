@@ -12,6 +12,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
+use crate::per_thread::PerThread;
 use crate::policy::PolicySet;
 use crate::ring::{Ring, ServerId};
 use crate::routing::Router;
@@ -19,10 +20,8 @@ use crate::routing::Router;
 /// Counters for one replica, kept by the controller across snapshots and replacements.
 #[derive(Debug, Default)]
 pub struct ReplicaStats {
-    /// Requests sent to it that got a response.
-    pub requests: AtomicU64,
-    /// Responses by status class: 1xx..5xx at index 0..4.
-    pub by_class: [AtomicU64; 5],
+    /// Its answers by status class, per serving thread: read with [`ReplicaStats::answers`].
+    answered: PerThread<[AtomicU64; 5]>,
     /// Requests to it that failed (connect errors, resets, timeouts).
     pub failures: AtomicU64,
     /// Requests in progress (response body not finished): `/rm` drains until this is 0, and
@@ -39,9 +38,8 @@ pub struct ReplicaStats {
 impl ReplicaStats {
     /// Counts a response; returns how many 5xx answers in a row it now has (0 for any other).
     pub fn record_response(&self, status: u16) -> u64 {
-        self.requests.fetch_add(1, Ordering::Relaxed);
         let class = usize::from(status / 100).clamp(1, 5) - 1;
-        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+        self.answered.local()[class].fetch_add(1, Ordering::Relaxed);
         if status >= 500 {
             self.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1
         } else {
@@ -51,6 +49,18 @@ impl ReplicaStats {
             }
             0
         }
+    }
+
+    /// Its answers so far by status class, 1xx..5xx at index 0..4 (their sum: requests sent to
+    /// it that got a response).
+    pub fn answers(&self) -> [u64; 5] {
+        let mut by_class = [0u64; 5];
+        for copy in self.answered.iter() {
+            for (sum, c) in by_class.iter_mut().zip(copy) {
+                *sum = sum.wrapping_add(c.load(Ordering::Relaxed));
+            }
+        }
+        by_class
     }
 
     /// Requests in progress now (never negative).

@@ -155,11 +155,8 @@ impl Controller {
 
 /// Answers and 5xx answers a replica has given so far.
 fn counts(r: &super::lifecycle::Replica) -> (u64, u64) {
-    let s = &r.stats;
-    (
-        s.requests.load(Ordering::Relaxed),
-        s.by_class[4].load(Ordering::Relaxed),
-    )
+    let answers = r.stats.answers();
+    (answers.iter().sum(), answers[4])
 }
 
 #[cfg(test)]

@@ -192,7 +192,8 @@ impl Controller {
             .filter_map(|(id, entry)| {
                 let r = self.replicas.get(&id)?;
                 let s = &r.stats;
-                let class = |i: usize| s.by_class[i].load(Ordering::Relaxed);
+                let answers = s.answers();
+                let class = |i: usize| answers[i];
                 let state = match entry.phase {
                     Phase::Joining(_) => "starting",
                     Phase::Reserved => "reserved",
@@ -206,7 +207,7 @@ impl Controller {
                     instance: r.instance.as_ref().map(|i| i.instance_id.as_str()),
                     state,
                     in_ring: snap.upstream(id).is_some(),
-                    requests: s.requests.load(Ordering::Relaxed),
+                    requests: answers.iter().sum(),
                     responses: Responses {
                         c1: class(0),
                         c2: class(1),
@@ -298,7 +299,7 @@ impl Controller {
             }),
             gateway: GatewayStatus {
                 name: &self.name,
-                requests: count(&m.requests),
+                requests: m.requests.get(),
                 local_errors: count(&m.local_errors),
                 retries: count(&m.retries),
                 retries_over_budget: count(&m.retries_over_budget),
