@@ -45,15 +45,15 @@ impl Service {
         client: SocketAddr,
     ) -> hyper::Response<Body> {
         self.metrics.requests.add(1);
-        let snap = self.shared.load_full();
-        let logged = Started::capture(&snap.config, &req, client).map(|s| (s, snap.clone()));
+        let snap = crate::snapshot::current(&self.shared);
+        let logged = Started::capture(&snap.config, &req, client).map(|s| (s, Arc::clone(&snap)));
         let mut outcome = Outcome::default();
         let resp = if crate::admin::is_admin_path(req.uri().path()) {
             crate::admin::handle(&self.controller, &snap, req, client).await
         } else {
             let (metrics, controller) = (&self.metrics, &self.controller);
             let mut resp =
-                crate::proxy::forward(snap, metrics, controller, req, client, &mut outcome).await;
+                crate::proxy::forward(&snap, metrics, controller, req, client, &mut outcome).await;
             resp.headers_mut()
                 .append(http::header::VIA, self.via.clone());
             resp

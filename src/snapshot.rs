@@ -1,7 +1,8 @@
 //! What one request sees.
 //!
 //! Owns: [`Snapshot`], the immutable bundle of config, ring, replicas and policy that the
-//! controller publishes and every request loads once, and [`Shared`], the `ArcSwap` it is published through.
+//! controller publishes and every request loads once, [`Shared`], the `ArcSwap` it is published
+//! through, and [`current`], the load a request makes (through its thread's own handle).
 //! Must not touch: anything mutable besides the per-replica counters, which are atomics shared
 //! across snapshots so a count survives a ring rebuild.
 
@@ -151,3 +152,115 @@ impl Snapshot {
 
 /// The published snapshot: written by the controller only, read lock-free by everyone.
 pub type Shared = Arc<ArcSwap<Snapshot>>;
+
+/// The published snapshot as a request holds it, from [`current`]: a reference counted by the
+/// serving thread alone. Loading `Arc<Snapshot>` itself for each request would add to and take
+/// from one count that every serving thread shares, two cache-line transfers between cores a
+/// request; this thread's own wrapper around the snapshot keeps that count on this core.
+#[derive(Clone)]
+pub struct Current(Arc<Arc<Snapshot>>);
+
+impl std::ops::Deref for Current {
+    type Target = Arc<Snapshot>;
+
+    fn deref(&self) -> &Arc<Snapshot> {
+        &self.0
+    }
+}
+
+/// What a thread loaded last from one [`Shared`]: a cache that revalidates with one atomic load
+/// and the thread's wrapper around its value.
+struct Loaded {
+    cache: arc_swap::Cache<Shared, Arc<Snapshot>>,
+    current: Current,
+}
+
+thread_local! {
+    static LOADED: std::cell::RefCell<Option<Loaded>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The snapshot `shared` holds now. A thread keeps the last one it loaded (and so keeps it
+/// alive) until it loads again after a publish: one snapshot a thread at most.
+pub fn current(shared: &Shared) -> Current {
+    LOADED.with(|loaded| {
+        let mut loaded = loaded.borrow_mut();
+        match &mut *loaded {
+            Some(l) if std::ptr::eq(l.cache.arc_swap(), &**shared) => {
+                let now = l.cache.load();
+                if !Arc::ptr_eq(now, &l.current.0) {
+                    l.current = Current(Arc::new(now.clone()));
+                }
+                l.current.clone()
+            }
+            _ => {
+                let mut cache = arc_swap::Cache::new(shared.clone());
+                let current = Current(Arc::new(cache.load().clone()));
+                *loaded = Some(Loaded {
+                    cache,
+                    current: current.clone(),
+                });
+                current
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(generation: u64) -> Shared {
+        let mut snap = Snapshot::initial(Arc::new(Config::default()));
+        snap.generation = generation;
+        Arc::new(ArcSwap::from_pointee(snap))
+    }
+
+    fn publish(shared: &Shared, generation: u64) {
+        let mut snap = Snapshot::initial(Arc::new(Config::default()));
+        snap.generation = generation;
+        shared.store(Arc::new(snap));
+    }
+
+    #[test]
+    fn a_thread_sees_each_publish_and_shares_its_handle_until_then() {
+        let a = shared(1);
+        let first = current(&a);
+        let again = current(&a);
+        assert_eq!(again.generation, 1);
+        assert!(
+            Arc::ptr_eq(&first.0, &again.0),
+            "one handle while nothing is published"
+        );
+        publish(&a, 2);
+        let after = current(&a);
+        assert_eq!(after.generation, 2);
+        assert_eq!(
+            first.generation, 1,
+            "a request keeps the snapshot it loaded"
+        );
+    }
+
+    #[test]
+    fn a_thread_serving_two_gateways_never_mixes_their_snapshots() {
+        let (a, b) = (shared(10), shared(20));
+        assert_eq!(current(&a).generation, 10);
+        assert_eq!(current(&b).generation, 20);
+        assert_eq!(current(&a).generation, 10);
+    }
+
+    #[test]
+    fn the_old_snapshot_is_let_go_at_the_next_load_after_a_publish() {
+        let a = shared(1);
+        let old = Arc::downgrade(&current(&a));
+        publish(&a, 2);
+        assert!(
+            old.upgrade().is_some(),
+            "kept until this thread loads again"
+        );
+        assert_eq!(current(&a).generation, 2);
+        assert!(
+            old.upgrade().is_none(),
+            "nothing holds the old snapshot any more"
+        );
+    }
+}

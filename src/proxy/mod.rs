@@ -18,7 +18,6 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::body::RequestBody;
@@ -51,7 +50,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// `outcome` is told the slot, the replica, the retries and why the gateway answered itself,
 /// for the access log.
 pub async fn forward(
-    snap: Arc<Snapshot>,
+    snap: &Snapshot,
     metrics: &Metrics,
     controller: &ControllerHandle,
     req: Request<RequestBody>,
@@ -59,7 +58,7 @@ pub async fn forward(
     outcome: &mut Outcome,
 ) -> Response<Body> {
     let _active = retry::Active::enter();
-    match try_forward(&snap, metrics, controller, req, client_addr, outcome).await {
+    match try_forward(snap, metrics, controller, req, client_addr, outcome).await {
         Ok(resp) => resp,
         Err(e) => {
             outcome.termination = Some(Termination::of(&e, outcome.connect_failed));
