@@ -54,18 +54,45 @@ impl HeadError {
 }
 
 /// Where a piece of the head lies in the buffer.
-type Span = (usize, usize);
+pub type Span = (usize, usize);
+
+/// Runs `f` with this thread's list for the spans of a head's fields, emptied. One list a thread,
+/// reused for every head parsed on it (both legs): a head neither allocates one nor zeroes a
+/// fixed array of [`MAX_HEADERS`] for it, which the instruction profile showed to be the largest
+/// single cost of parsing.
+pub fn with_spans<R>(f: impl FnOnce(&mut Vec<(Span, Span)>) -> R) -> R {
+    thread_local! {
+        static SPANS: std::cell::RefCell<Vec<(Span, Span)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SPANS.with(|spans| {
+        let mut spans = spans.borrow_mut();
+        spans.clear();
+        f(&mut spans)
+    })
+}
+
+/// `N` slots for httparse's header fields, left uninitialised: httparse writes the ones it
+/// fills (zeroing them all, 32 bytes a slot, was done for every head).
+pub fn header_slots<'b, const N: usize>() -> [std::mem::MaybeUninit<httparse::Header<'b>>; N] {
+    [const { std::mem::MaybeUninit::uninit() }; N]
+}
 
 /// Parses a request head at the start of `buf`: `Ok(None)` when more bytes are needed. A
 /// complete head is split off the buffer (what follows stays: the body or the next request)
 /// and its fields point into it, so parsing copies nothing and allocates only the header map
 /// (and names that are not standard).
 pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut spans: [(Span, Span); MAX_HEADERS] = [((0, 0), (0, 0)); MAX_HEADERS];
-    let (len, method, target, version, count) = {
-        let mut req = httparse::Request::new(&mut slots);
-        let len = match req.parse(buf) {
+    with_spans(|spans| parse_request_with(buf, spans))
+}
+
+fn parse_request_with(
+    buf: &mut BytesMut,
+    spans: &mut Vec<(Span, Span)>,
+) -> Result<Option<RequestHead>, HeadError> {
+    let mut slots = header_slots::<MAX_HEADERS>();
+    let (len, method, target, version) = {
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(buf, &mut slots) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
                 return Err(HeadError::TooLarge)
@@ -93,21 +120,23 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
             Some(0) => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
-        for (h, s) in req.headers.iter().zip(spans.iter_mut()) {
-            *s = (span(h.name.as_bytes()), span(h.value));
-        }
-        (len, method, target, version, req.headers.len())
+        spans.extend(
+            req.headers
+                .iter()
+                .map(|h| (span(h.name.as_bytes()), span(h.value))),
+        );
+        (len, method, target, version)
     };
     let head = buf.split_to(len).freeze();
     let piece = |(start, n): Span| head.slice(start..start + n);
     let uri = Uri::from_maybe_shared(piece(target))
         .map_err(|e| HeadError::Malformed(format!("bad request target: {e}")))?;
 
-    let mut headers = HeaderMap::with_capacity(count);
+    let mut headers = HeaderMap::with_capacity(spans.len());
     let mut keep_alive = version == Version::HTTP_11;
     let (mut chunked, mut codings, mut length) = (false, false, None::<u64>);
     let mut expect_continue = false;
-    for &(name, value) in &spans[..count] {
+    for &(name, value) in spans.iter() {
         let name = HeaderName::from_bytes(&head[name.0..name.0 + name.1])
             .map_err(|_| HeadError::Malformed("bad header name".into()))?;
         let value = HeaderValue::from_maybe_shared(piece(value))
