@@ -3,7 +3,8 @@
 //! two parties could read differently is refused, not guessed at).
 //!
 //! Owns: [`parse_request`], [`RequestHead`] and [`HeadError`] (what is wrong with a head and
-//! the status it is answered with). Pure: it reads a buffer, never a socket.
+//! the status it is answered with), and the scratch space of a head's parse that the replica's
+//! side shares ([`header_slots`], [`with_spans`]). Pure: it reads a buffer, never a socket.
 //! Must not touch: what the request asks for (the service decides) or the connection.
 
 use bytes::BytesMut;

@@ -316,6 +316,8 @@ fn parse_response_with(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn client_addresses_are_written_as_display_writes_them() {
         for ip in [
@@ -333,8 +335,6 @@ mod tests {
             assert_eq!(std::str::from_utf8(&out).expect("ascii"), expected, "{ip}");
         }
     }
-
-    use super::*;
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
