@@ -78,13 +78,7 @@ impl LatencyHistogram {
 
     /// The bucket counts now (not cumulative), fine buckets then the overflow bucket.
     pub fn counts(&self) -> Vec<u64> {
-        let mut counts = vec![0u64; BUCKETS];
-        for b in self.per_thread.iter() {
-            for (sum, c) in counts.iter_mut().zip(&b.counts) {
-                *sum = sum.wrapping_add(c.load(Ordering::Relaxed));
-            }
-        }
-        counts
+        crate::per_thread::sum_each(self.per_thread.iter().map(|b| &b.counts)).to_vec()
     }
 
     pub fn sum(&self) -> Duration {

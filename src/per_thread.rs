@@ -72,6 +72,18 @@ impl<T> PerThread<T> {
     }
 }
 
+/// The element-wise sum of arrays of counts, one array a thread (what a reader of a
+/// `PerThread<[AtomicU64; N]>`, or of an array inside each copy, wants).
+pub fn sum_each<'a, const N: usize>(copies: impl Iterator<Item = &'a [AtomicU64; N]>) -> [u64; N] {
+    let mut sums = [0u64; N];
+    for copy in copies {
+        for (sum, c) in sums.iter_mut().zip(copy) {
+            *sum = sum.wrapping_add(c.load(Ordering::Relaxed));
+        }
+    }
+    sums
+}
+
 /// A count that serving threads add to on every request and that is read rarely.
 #[derive(Debug, Default)]
 pub struct Counter(PerThread<AtomicU64>);

@@ -55,13 +55,7 @@ impl ReplicaStats {
     /// Its answers so far by status class, 1xx..5xx at index 0..4 (their sum: requests sent to
     /// it that got a response).
     pub fn answers(&self) -> [u64; 5] {
-        let mut by_class = [0u64; 5];
-        for copy in self.answered.iter() {
-            for (sum, c) in by_class.iter_mut().zip(copy) {
-                *sum = sum.wrapping_add(c.load(Ordering::Relaxed));
-            }
-        }
-        by_class
+        crate::per_thread::sum_each(self.answered.iter())
     }
 
     /// Requests in progress now (never negative).
