@@ -12,6 +12,10 @@
 //!   from HTTP/2 (served by hyper), idle timeouts, graceful drain.
 //! - [`http1`]: our HTTP/1.1 server for clients: strict request heads, bodies read by whoever
 //!   forwards them, response framing, keep-alive, pipelining; the body decoder both legs use.
+//! - [`http2`]: what the gateway watches on an HTTP/2 connection hyper serves: open streams
+//!   (idle timeout) and responses held back by the client's window (send timeout).
+//! - [`send_timeout`]: the client's write side, bounded: a client that stops taking bytes is
+//!   closed after `proxy.send_timeout` (HTTP/1 and HTTP/2).
 //! - [`tls`]: TLS termination: certificates (validated, chosen by SNI, swapped live), ALPN,
 //!   the plain-HTTP redirect.
 //! - [`admission`]: the connection caps (global, derived from the fd limit; per client IP).
@@ -73,6 +77,7 @@ pub mod guard;
 pub mod hashing;
 pub mod health;
 pub mod http1;
+pub mod http2;
 pub mod latency;
 pub mod listener;
 pub mod listening;
@@ -84,6 +89,7 @@ pub mod provider;
 pub mod proxy;
 pub mod ring;
 pub mod routing;
+pub mod send_timeout;
 pub mod service;
 pub mod snapshot;
 pub mod spread;

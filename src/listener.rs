@@ -7,8 +7,9 @@
 //! admission caps, the first-bytes deadline (a connection that has not completed its TLS
 //! handshake and sent enough to tell its protocol within `proxy.header_read_timeout` is closed:
 //! the protocol sniff is ours, with a deadline, instead of hyper's open-ended one), plain HTTP
-//! on the TLS port (answered 400), HTTP/2 through hyper (keep-alive pings, an idle timeout for
-//! connections without a stream), the redirect of plain HTTP to HTTPS (`tls.http =
+//! on the TLS port (answered 400), HTTP/2 through hyper (keep-alive pings; the idle and stall
+//! watches of [`crate::http2`]), the write side bounded by `proxy.send_timeout` (through
+//! [`crate::send_timeout`]), the redirect of plain HTTP to HTTPS (`tls.http =
 //! "redirect"`), and graceful drain.
 //! Must not touch: requests' meaning (the service) or state (the controller); certificates are
 //! the TLS module's (a handshake only asks it for an acceptor); HTTP/1 on the wire (heads,
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -35,9 +36,11 @@ use tokio::time::Instant;
 use crate::admission::Admitted;
 use crate::body::{Body, RequestBody};
 use crate::config::{Config, PlainHttp};
-use crate::error::{BoxError, GatewayError};
+use crate::error::GatewayError;
 use crate::http1;
+use crate::http2::{self, Activity, StreamBody};
 use crate::metrics::Metrics;
+use crate::send_timeout::SendTimeout;
 use crate::service::Service;
 use crate::spread::{Counted, Placed, Slot};
 use crate::tls::{redirect, Https, Tls};
@@ -186,16 +189,17 @@ fn admit(service: &Service, config: &Config, client: SocketAddr) -> Option<Admit
 
 /// Runs a connection (hyper's, boxed: allocated in the size of its own protocol) to its end; on
 /// drain or idle it is asked to finish gracefully (the response in progress completes, then it
-/// closes). A macro rather than a generic function:
+/// closes; after idle within `close_within`); once `stalled` completes it is dropped, closed at
+/// once. A macro rather than a generic function:
 /// proving the spawned future `Send` through hyper's higher-ranked connection bounds defeats
 /// rustc's inference in a generic context.
 macro_rules! drive {
-    ($conn:expr, $drain:expr, $idle:expr, $client:expr) => {{
+    ($conn:expr, $drain:expr, $idle:expr, $stalled:expr, $close_within:expr, $metrics:expr, $client:expr) => {{
         let mut conn = $conn;
         let mut drain = $drain;
-        let idle = $idle;
-        tokio::pin!(idle);
-        let mut closing = false;
+        let (idle, stalled) = ($idle, $stalled);
+        tokio::pin!(idle, stalled);
+        let (mut closing, mut idled) = (false, false);
         loop {
             tokio::select! {
                 ended = conn.as_mut() => {
@@ -209,9 +213,20 @@ macro_rules! drive {
                     conn.as_mut().graceful_shutdown();
                 }
                 _ = &mut idle, if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    idled = true;
+                    break;
                 }
+                // A client that holds its responses back would hold a graceful close too.
+                _ = &mut stalled => break,
+            }
+        }
+        if idled {
+            // No stream of ours is open, but hyper may still hold the end of a response the
+            // client's window keeps back: a close that does not finish in time is cut.
+            conn.as_mut().graceful_shutdown();
+            if tokio::time::timeout($close_within, conn.as_mut()).await.is_err() {
+                $metrics.send_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(client = %$client, "closed: an idle HTTP/2 connection did not finish its close within proxy.send_timeout");
             }
         }
     }};
@@ -418,6 +433,7 @@ impl Serving {
         };
         let (service, client) = (self.service.clone(), self.client);
         let proxy = &self.config.proxy;
+        let stream = SendTimeout::new(stream, proxy.send_timeout, service.metrics.clone());
         match protocol {
             Sniffed::Http2 if !matches!(requests, Requests::RefusedPlainOnTls { .. }) => {
                 let io = TokioIo::new(Prefixed {
@@ -432,12 +448,9 @@ impl Serving {
                         async move {
                             let req = req.map(RequestBody::http2);
                             let resp = answer(&service, req, client, requests).await;
-                            Ok::<_, Infallible>(resp.map(|inner| {
-                                Body::boxed(StreamBody {
-                                    inner,
-                                    _stream: stream,
-                                })
-                            }))
+                            Ok::<_, Infallible>(
+                                resp.map(|inner| Body::boxed(StreamBody::new(inner, stream))),
+                            )
                         }
                     })
                 };
@@ -448,8 +461,18 @@ impl Serving {
                     .keep_alive_timeout(proxy.http2_keepalive)
                     .max_concurrent_streams(proxy.http2_max_streams);
                 let conn = Box::pin(builder.serve_connection(io, handler));
-                let idle = idle_for(activity, proxy.idle_timeout, self.service.clone());
-                drive!(conn, self.drain, idle, client);
+                let metrics = &self.service.metrics;
+                let idle = http2::idle_for(activity.clone(), proxy.idle_timeout, metrics.clone());
+                let stalled = http2::stalled(activity, proxy.send_timeout, metrics.clone());
+                drive!(
+                    conn,
+                    self.drain,
+                    idle,
+                    stalled,
+                    proxy.send_timeout,
+                    metrics,
+                    client
+                );
             }
             Sniffed::Http2 => {} // an HTTP/2 preface in cleartext on the TLS port: closed
             Sniffed::Http1 | Sniffed::Undecided => {
@@ -470,76 +493,6 @@ impl Serving {
                 .await;
             }
         }
-    }
-}
-
-/// Streams open on one HTTP/2 connection (a request whose response body is not finished).
-#[derive(Default)]
-struct Activity {
-    open: AtomicUsize,
-    changed: Notify,
-}
-
-struct StreamGuard(Arc<Activity>);
-
-impl Activity {
-    fn open_stream(self: &Arc<Self>) -> StreamGuard {
-        self.open.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_waiters();
-        StreamGuard(self.clone())
-    }
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
-    }
-}
-
-/// Completes once the connection has had no open stream for `timeout`.
-async fn idle_for(activity: Arc<Activity>, timeout: Duration, service: Arc<Service>) {
-    loop {
-        let changed = activity.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        if activity.open.load(Ordering::Acquire) == 0 {
-            tokio::select! {
-                _ = tokio::time::sleep(timeout) => {
-                    service.metrics.idle_closes.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                _ = changed => {}
-            }
-        } else {
-            changed.await;
-        }
-    }
-}
-
-/// A response body that keeps its HTTP/2 stream counted as open until it is finished.
-struct StreamBody {
-    inner: Body,
-    _stream: StreamGuard,
-}
-
-impl HttpBody for StreamBody {
-    type Data = bytes::Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<bytes::Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

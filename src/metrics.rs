@@ -44,6 +44,8 @@ pub struct Metrics {
     /// HTTP/1 connections closed for no whole request head within `proxy.header_read_timeout`
     /// after the first request (idle keep-alive, or a slow head).
     pub header_timeouts: AtomicU64,
+    /// Client connections closed because the client took no bytes for `proxy.send_timeout`.
+    pub send_timeouts: AtomicU64,
     /// HTTP/1 request heads refused before any replica saw them, by reason.
     pub heads_refused_too_large: AtomicU64,
     pub heads_refused_malformed: AtomicU64,
@@ -329,10 +331,11 @@ impl Metrics {
             "Connections a serving thread accepted while it served more than another, handed to the least busy one.",
             &self.connections_handed_over,
         );
-        family(o, "ringgate_connections_timed_out_total", "counter", "Client connections closed for sending no complete first request in time (first_bytes), no whole later request head within proxy.header_read_timeout on HTTP/1 (header: an idle keep-alive connection or a slow head), or an HTTP/2 connection without a stream for proxy.idle_timeout (idle).", &[
+        family(o, "ringgate_connections_timed_out_total", "counter", "Client connections closed for sending no complete first request in time (first_bytes), no whole later request head within proxy.header_read_timeout on HTTP/1 (header: an idle keep-alive connection or a slow head), an HTTP/2 connection without a stream for proxy.idle_timeout (idle), or a client that took none of the response's bytes for proxy.send_timeout (send: it stopped reading).", &[
             ("phase=\"first_bytes\"".into(), get(&self.first_bytes_timeouts).to_string()),
             ("phase=\"header\"".into(), get(&self.header_timeouts).to_string()),
             ("phase=\"idle\"".into(), get(&self.idle_closes).to_string()),
+            ("phase=\"send\"".into(), get(&self.send_timeouts).to_string()),
         ]);
         family(o, "ringgate_request_heads_refused_total", "counter", "HTTP/1 request heads answered with an error and closed before any replica saw them: too_large (431: past 64 KiB or 100 header fields), malformed (400: not HTTP/1.1), framing (400: an ambiguous body length, RFC 9112 section 6.3).", &[
             ("reason=\"too_large\"".into(), get(&self.heads_refused_too_large).to_string()),

@@ -1,8 +1,9 @@
 //! Hostile and careless clients against the real gateway binary (issue 10): idle connections
 //! past the descriptor limit, silent and half-preface connections, idle HTTP/2, connection caps,
 //! admin access from browsers, rebinding pages, foreign addresses and replicas, request
-//! normalisation, client-side body errors, a request that kills its replica, and the passive
-//! ejection cap. Each of these failed on the gateway before the hardening.
+//! normalisation, client-side body errors, a request that kills its replica, the passive
+//! ejection cap, and clients that stop taking their responses (HTTP/1's full socket, HTTP/2's
+//! shut window). Each of these failed on the gateway before the hardening.
 
 mod support;
 
@@ -522,4 +523,166 @@ async fn a_dead_replicas_refused_connections_are_retried_even_with_the_budget_sp
         0.0,
         "{metrics}"
     );
+}
+
+fn send_timeouts(metrics: &str) -> f64 {
+    metric(
+        metrics,
+        "ringgate_connections_timed_out_total{phase=\"send\"}",
+    )
+}
+
+/// Waits until the gateway has closed `want` connections for `proxy.send_timeout`.
+async fn wait_send_timeouts(gw: &GatewayProcess, want: f64, limit: Duration) {
+    let until = Instant::now() + limit;
+    loop {
+        let seen = send_timeouts(&gw.metrics().await);
+        if seen >= want {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "{seen} send timeouts after {limit:?}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads `s` to its end (the peer closed it); the bytes read. Panics if it stays open.
+async fn read_to_close(s: &mut tokio::net::TcpStream, limit: Duration) -> usize {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0;
+    loop {
+        match tokio::time::timeout(limit, s.read(&mut buf)).await {
+            Err(_) => panic!("the connection stayed open after {got} bytes"),
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got += n,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_after_the_send_timeout_and_a_slow_one_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BIG: usize = 64 << 20;
+    let sized = Backend::start("127.0.0.1", Behaviour::Sized).await;
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: static_servers(&[&sized]),
+        proxy: "send_timeout = \"1s\"\n".into(),
+        ..Conf::default()
+    });
+    // 64 MiB is more than every socket buffer between the replica and the client holds, so
+    // the gateway's writes have to wait for a client that reads the first bytes and stops.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut stopped = socket.connect(gw.addr).await.expect("connect");
+    let get = format!("GET /big?id=1&bytes={BIG} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    stopped.write_all(get.as_bytes()).await.expect("send");
+    let mut first = [0u8; 512];
+    let n = stopped.read(&mut first).await.expect("first bytes");
+    let head = String::from_utf8_lossy(&first[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    wait_send_timeouts(&gw, 1.0, Duration::from_secs(20)).await;
+    let rest = read_to_close(&mut stopped, Duration::from_secs(10)).await;
+    assert!(
+        n + rest < BIG,
+        "the stopped client was sent the whole body ({} bytes)",
+        n + rest
+    );
+
+    // A client that reads slowly but keeps reading (pauses of 300 ms, under the 1 s limit,
+    // every 256 KiB) gets all of a 4 MiB response.
+    const SLOW: usize = 4 << 20;
+    let mut slow = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let get = format!(
+        "GET /big?id=1&bytes={SLOW} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    );
+    slow.write_all(get.as_bytes()).await.expect("send");
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut got, mut paused_at) = (0usize, 0usize);
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf))
+            .await
+            .expect("the slow reader got no bytes for 10 s")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        got += n;
+        if got - paused_at >= 256 * 1024 {
+            paused_at = got;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    assert!(
+        got > SLOW,
+        "the slow reader got {got} bytes of a {SLOW}-byte body and its head"
+    );
+    let metrics = gw.metrics().await;
+    assert_eq!(send_timeouts(&metrics), 1.0, "the slow reader was cut off");
+    assert_eq!(get_ok(&gw, "/after?id=2&bytes=10").await, 10);
+}
+
+async fn get_ok(gw: &GatewayProcess, path: &str) -> usize {
+    let (code, body) = get(&gw.url(path)).await;
+    assert_eq!(code, 200, "{path}: {body}");
+    body.len()
+}
+
+/// One HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_keeps_its_window_shut_is_closed_after_the_send_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let sized = Backend::start("127.0.0.1", Behaviour::Sized).await;
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: static_servers(&[&sized]),
+        proxy: "send_timeout = \"1s\"\n".into(),
+        ..Conf::default()
+    });
+    // A client that speaks HTTP/2 and reads what it is sent, but whose window for a stream's
+    // data is 0 and never opened: the response's head goes out, its body never can.
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0
+    out.extend(h2_frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    let path = b"/h2?id=1&bytes=1000";
+    let authority = b"localhost";
+    // :method GET, :scheme http (static table 2, 6), then :path (4) and :authority (1) as
+    // literals without indexing.
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path);
+    block.extend_from_slice(&[0x01, authority.len() as u8]);
+    block.extend_from_slice(authority);
+    // HEADERS, END_STREAM | END_HEADERS, stream 1
+    out.extend(h2_frame(0x1, 0x5, 1, &block));
+    s.write_all(&out).await.expect("send");
+    let started = Instant::now();
+    let got = read_to_close(&mut s, Duration::from_secs(15)).await;
+    assert!(
+        got > 0,
+        "the gateway sent nothing (no SETTINGS, no response head)"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before the send timeout: {:?}",
+        started.elapsed()
+    );
+    wait_send_timeouts(&gw, 1.0, Duration::from_secs(5)).await;
+    assert_eq!(sized.hits(), 1);
+    assert_eq!(get_ok(&gw, "/after?id=2&bytes=10").await, 10);
 }

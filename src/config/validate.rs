@@ -214,6 +214,7 @@ impl Config {
             ("proxy.connect_timeout", self.proxy.connect_timeout),
             ("proxy.request_timeout", self.proxy.request_timeout),
             ("proxy.header_read_timeout", self.proxy.header_read_timeout),
+            ("proxy.send_timeout", self.proxy.send_timeout),
         ] {
             if d.is_zero() {
                 bad(key, "must be more than 0".into());

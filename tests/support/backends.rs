@@ -1,6 +1,6 @@
 //! Replicas the tests own, for behaviour `ringgate-server` does not have: one that echoes the
 //! request head it received, one that resets every connection it gets a request on (a "query of
-//! death"). Both answer `GET /heartbeat` with 200, so checks pass. Dropping one closes its
+//! death"), one that answers after a delay, one that answers with as many bytes as asked for. Both answer `GET /heartbeat` with 200, so checks pass. Dropping one closes its
 //! listener and every connection it has, as a dead process would.
 
 use std::net::{IpAddr, SocketAddr};
@@ -18,6 +18,8 @@ pub enum Behaviour {
     /// Answers with the backend's current `status` (see [`Backend::set_status`]) after
     /// `delay_ms`, with its name as the body.
     Answer { delay_ms: u64 },
+    /// 200 with a body of as many bytes as the request's `bytes` query parameter says.
+    Sized,
 }
 
 pub struct Backend {
@@ -72,6 +74,7 @@ impl Backend {
                             match behaviour {
                                 Behaviour::Reset => return,
                                 Behaviour::Echo => head,
+                                Behaviour::Sized => "x".repeat(query_number(&head, "bytes")),
                                 Behaviour::Answer { delay_ms } => {
                                     let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
                                     pk.fetch_max(now, Ordering::SeqCst);
@@ -118,6 +121,17 @@ impl Backend {
     pub fn set_status(&self, code: u16) {
         self.status.store(code, Ordering::SeqCst);
     }
+}
+
+/// The number a query parameter of the request line in `head` gives, or 0.
+fn query_number(head: &str, name: &str) -> usize {
+    let target = head.split(' ').nth(1).unwrap_or("");
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 impl Drop for Backend {

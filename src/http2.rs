@@ -1,0 +1,174 @@
+//! What the gateway watches on an HTTP/2 connection that hyper serves: its streams, so that a
+//! connection without any is closed after `proxy.idle_timeout`, and one whose client holds a
+//! response back is closed after `proxy.send_timeout`.
+//!
+//! Owns: [`Activity`] (the streams open on one connection and whether a response waits on the
+//! client), [`StreamBody`] (a response body that keeps its stream counted until it is
+//! finished), [`idle_for`] and [`stalled`], the two watches the listener races against the
+//! connection. A client that stops reading altogether is caught below this, on the connection's
+//! bytes ([`crate::send_timeout`]); this catches the one that keeps reading, answers pings, and
+//! never opens the stream's flow-control window, which no byte-level timer sees.
+//! Must not touch: the protocol (hyper's) or what a request means (the service's).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::body::Body;
+use crate::error::BoxError;
+use crate::metrics::Metrics;
+
+/// The streams of one HTTP/2 connection whose response is not finished.
+#[derive(Default)]
+pub struct Activity {
+    open: AtomicUsize,
+    changed: Notify,
+    /// Response bodies hyper has not come back to since their last piece (or since their head):
+    /// hyper takes the next piece only once the client's flow-control window and the connection
+    /// let it, so while it stays away the response waits on the client.
+    waiting_on_client: AtomicUsize,
+    /// Bumped whenever hyper takes from any response body: the connection moves.
+    progress: AtomicU64,
+}
+
+/// Counts its stream as open while it lives.
+pub struct StreamGuard(Arc<Activity>);
+
+impl Activity {
+    pub fn open_stream(self: &Arc<Self>) -> StreamGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
+        StreamGuard(self.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// Completes once the connection has had no open stream for `timeout`.
+pub async fn idle_for(activity: Arc<Activity>, timeout: Duration, metrics: Arc<Metrics>) {
+    loop {
+        let changed = activity.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if activity.open.load(Ordering::Acquire) == 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {
+                    metrics.idle_closes.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                _ = changed => {}
+            }
+        } else {
+            changed.await;
+        }
+    }
+}
+
+/// Completes once a response on the connection has waited on the client for `limit` while
+/// nothing on the connection moved: the client withholds its window (or reads nothing at all).
+/// It looks every quarter of `limit` while a stream is open, so it fires between `limit` and
+/// 1.25 × `limit` after the last progress; with no stream open it only waits for one.
+pub async fn stalled(activity: Arc<Activity>, limit: Duration, metrics: Arc<Metrics>) {
+    let period = (limit / 4).max(Duration::from_millis(10));
+    let mut seen = activity.progress.load(Ordering::Relaxed);
+    let mut moved_at = Instant::now();
+    loop {
+        let changed = activity.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if activity.open.load(Ordering::Acquire) == 0 {
+            changed.await;
+            moved_at = Instant::now();
+            continue;
+        }
+        tokio::time::sleep(period).await;
+        let now = activity.progress.load(Ordering::Relaxed);
+        if now != seen || activity.waiting_on_client.load(Ordering::Acquire) == 0 {
+            (seen, moved_at) = (now, Instant::now());
+        } else if moved_at.elapsed() >= limit {
+            metrics.send_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                ?limit,
+                "closed: an HTTP/2 response waited on the client for proxy.send_timeout"
+            );
+            return;
+        }
+    }
+}
+
+/// A response body that keeps its HTTP/2 stream counted as open until it is finished, and says
+/// when it waits on the client.
+pub struct StreamBody {
+    inner: Body,
+    stream: StreamGuard,
+    /// Counted in `waiting_on_client`.
+    waiting: bool,
+}
+
+impl StreamBody {
+    /// `inner` as the body of a response just handed to hyper: until hyper first takes from it,
+    /// it waits on the client (a window of 0 holds even the first piece back).
+    pub fn new(inner: Body, stream: StreamGuard) -> StreamBody {
+        stream.0.waiting_on_client.fetch_add(1, Ordering::AcqRel);
+        StreamBody {
+            inner,
+            stream,
+            waiting: true,
+        }
+    }
+
+    fn set_waiting(&mut self, waiting: bool) {
+        if self.waiting != waiting {
+            self.waiting = waiting;
+            let count = &self.stream.0.waiting_on_client;
+            match waiting {
+                true => count.fetch_add(1, Ordering::AcqRel),
+                false => count.fetch_sub(1, Ordering::AcqRel),
+            };
+        }
+    }
+}
+
+impl Drop for StreamBody {
+    fn drop(&mut self) {
+        self.set_waiting(false);
+    }
+}
+
+impl HttpBody for StreamBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, BoxError>>> {
+        self.stream.0.progress.fetch_add(1, Ordering::Relaxed);
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // Pending: the replica's turn. A piece handed over: the client's, until hyper is back
+        // for the next, which it is only once the client's window has room for this one (or,
+        // after the last piece, until hyper has sent it and drops the body).
+        let waiting = matches!(polled, Poll::Ready(Some(Ok(_))));
+        self.set_waiting(waiting);
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
