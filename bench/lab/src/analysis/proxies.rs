@@ -83,6 +83,78 @@ pub struct ProxiesArgs {
     /// Append the pid of every started process here
     #[arg(long)]
     pub pidfile: Option<PathBuf>,
+    /// Give each proxy CPU 0 alone (one worker, thread or serving thread) and the backends and
+    /// the load generator the other CPUs (`taskset`), so the proxy under test is surely the
+    /// bottleneck and its CPU is not shared with what loads it
+    #[arg(long)]
+    pub pin: bool,
+}
+
+/// Where the benchmark's processes run: anywhere, or with `--pin` the proxy on CPU 0 and
+/// everything else on the rest.
+#[derive(Clone)]
+pub(super) struct Placement {
+    /// `taskset -c` lists: the proxy's and the others'.
+    pinned: Option<(String, String)>,
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    /// The process under test.
+    Proxy,
+    /// The backends and the load generator.
+    Load,
+}
+
+impl Placement {
+    /// Every process wherever the scheduler puts it.
+    pub(super) fn anywhere() -> Placement {
+        Placement { pinned: None }
+    }
+
+    fn new(pin: bool, cpus: usize) -> Result<Placement, AnalysisError> {
+        if !pin {
+            return Ok(Placement::anywhere());
+        }
+        if cpus < 2 {
+            return Err(AnalysisError::Bench(
+                "--pin needs 2 CPUs or more: one for the proxy, the rest for the load".into(),
+            ));
+        }
+        if find_program("taskset").is_none() {
+            return Err(AnalysisError::Bench(
+                "--pin needs taskset (Debian's util-linux)".into(),
+            ));
+        }
+        Ok(Placement {
+            pinned: Some(("0".into(), format!("1-{}", cpus - 1))),
+        })
+    }
+
+    /// A command for `program` placed for `role`.
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>, role: Role) -> Command {
+        match &self.pinned {
+            None => Command::new(program),
+            Some((proxy, load)) => {
+                let mut cmd = Command::new("taskset");
+                cmd.arg("-c")
+                    .arg(match role {
+                        Role::Proxy => proxy,
+                        Role::Load => load,
+                    })
+                    .arg(program);
+                cmd
+            }
+        }
+    }
+
+    /// CPUs the proxy under test has.
+    fn proxy_cpus(&self, all: usize) -> usize {
+        match self.pinned {
+            Some(_) => 1,
+            None => all,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -156,6 +228,7 @@ impl Drop for Proc {
 /// Starts processes and records their pids.
 pub(super) struct Launcher {
     pub(super) pidfile: Option<PathBuf>,
+    pub(super) placement: Placement,
 }
 
 impl Launcher {
@@ -307,6 +380,7 @@ end
 "#;
 
 struct Measure {
+    placement: Placement,
     tool: Tool,
     wrk: Option<PathBuf>,
     script: PathBuf,
@@ -318,7 +392,9 @@ impl Measure {
     async fn run(&self, base: &str, d: Duration) -> Result<RunFigures, AnalysisError> {
         match (self.tool, &self.wrk) {
             (Tool::Wrk, Some(wrk)) => {
-                let out = Command::new(wrk)
+                let out = self
+                    .placement
+                    .command(wrk, Role::Load)
                     .arg(format!("-t{}", self.threads))
                     .arg(format!("-c{}", self.connections))
                     .arg(format!("-d{}s", d.as_secs().max(1)))
@@ -427,7 +503,7 @@ pub fn table(rows: &[Row]) -> String {
 
 /// ringgate against the better of NGINX and HAProxy: throughput over the faster one, CPU per
 /// request over the leaner one, p99 against both.
-pub fn verdict(rows: &[Row], cpus: usize) -> Option<String> {
+pub fn verdict(rows: &[Row], cpus: usize, pinned: bool) -> Option<String> {
     let rg = rows.iter().find(|r| r.name == "ringgate")?;
     let peers: Vec<&Row> = rows
         .iter()
@@ -493,7 +569,18 @@ pub fn verdict(rows: &[Row], cpus: usize) -> Option<String> {
         .filter_map(|r| r.others_us_per_req)
         .fold(f64::MAX, f64::min);
     let relay = rows.iter().find(|r| r.name == FORWARD);
-    if let (true, Some(relay_cpu)) = (others < f64::MAX, relay.and_then(|r| r.cpu_us_per_req)) {
+    if let (true, Some(relay_cpu)) = (pinned, relay.and_then(|r| r.cpu_us_per_req)) {
+        // The proxy has one CPU of its own: the goal's rate is a budget for it alone.
+        let target = GOAL_RPS_RATIO * fastest.rps;
+        let _ = write!(
+            out,
+            " At {GOAL_RPS_RATIO}× the faster peer's rate ({target:.0} requests/s) the proxy's one \
+CPU gives a request {:.1} µs; the byte relay needed {relay_cpu:.1}.",
+            budget_us(1, target),
+        );
+    } else if let (true, Some(relay_cpu)) =
+        (others < f64::MAX, relay.and_then(|r| r.cpu_us_per_req))
+    {
         let target = GOAL_RPS_RATIO * fastest.rps;
         let _ = write!(
             out,
@@ -548,7 +635,7 @@ async fn start_ringgate(
         ),
     )
     .map_err(|e| AnalysisError::io("writing lb.toml", e))?;
-    let mut cmd = Command::new(bin);
+    let mut cmd = launcher.placement.command(bin, Role::Proxy);
     cmd.arg("serve")
         .arg("--config")
         .arg(&conf)
@@ -569,11 +656,13 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
         Some(b) => b.clone(),
         None => product_binary("ringgate")?,
     };
-    let workers = args.proxy_workers.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let placement = Placement::new(args.pin, cpus)?;
+    let workers = args
+        .proxy_workers
+        .unwrap_or_else(|| placement.proxy_cpus(cpus));
     let dir = tempfile::Builder::new()
         .prefix("ringgate-bench-")
         .tempdir()
@@ -581,6 +670,7 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
     let tmp = dir.path();
     let launcher = Launcher {
         pidfile: args.pidfile.clone(),
+        placement: placement.clone(),
     };
     let mut notes = Vec::new();
 
@@ -592,14 +682,17 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
             BackendKind::Light => {
                 let me = std::env::current_exe()
                     .map_err(|e| AnalysisError::io("locating ringgate-lab", e))?;
-                let mut c = Command::new(me);
+                let mut c = placement.command(me, Role::Load);
                 c.arg("backend");
                 c
             }
-            BackendKind::RinggateServer => Command::new(match &args.server_bin {
-                Some(s) => s.clone(),
-                None => product_binary("ringgate-server")?,
-            }),
+            BackendKind::RinggateServer => placement.command(
+                match &args.server_bin {
+                    Some(s) => s.clone(),
+                    None => product_binary("ringgate-server")?,
+                },
+                Role::Load,
+            ),
         };
         cmd.env("SERVER_ID", format!("server-{i}"))
             .env("PORT", "0")
@@ -698,7 +791,7 @@ error_log {t}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp
             );
             let path = tmp.join("nginx.conf");
             std::fs::write(&path, conf).map_err(|e| AnalysisError::io("writing nginx.conf", e))?;
-            let mut cmd = Command::new(nginx);
+            let mut cmd = placement.command(nginx, Role::Proxy);
             cmd.arg("-e")
                 .arg(tmp.join("nginx-early.log"))
                 .arg("-p")
@@ -750,7 +843,7 @@ backend be\n  balance roundrobin\n{servers}"
                 let path = tmp.join(format!("{tag}.cfg"));
                 std::fs::write(&path, conf)
                     .map_err(|e| AnalysisError::io("writing haproxy.cfg", e))?;
-                let mut cmd = Command::new(&haproxy);
+                let mut cmd = placement.command(&haproxy, Role::Proxy);
                 cmd.arg("-db").arg("-f").arg(&path);
                 let log = tmp.join(format!("{tag}.log"));
                 let p = launcher.spawn(name, cmd, &log)?;
@@ -773,7 +866,7 @@ backend be\n  balance roundrobin\n{servers}"
     if !args.no_floor {
         let me =
             std::env::current_exe().map_err(|e| AnalysisError::io("locating ringgate-lab", e))?;
-        let mut cmd = Command::new(me);
+        let mut cmd = placement.command(me, Role::Proxy);
         cmd.arg("forward")
             .env("FORWARD_TO", addrs.join(","))
             .env("THREADS", workers.to_string())
@@ -799,7 +892,14 @@ backend be\n  balance roundrobin\n{servers}"
     let script = tmp.join("random_id.lua");
     std::fs::write(&script, WRK_SCRIPT)
         .map_err(|e| AnalysisError::io("writing the wrk script", e))?;
+    if placement.pinned.is_some() && tool == Tool::Ours {
+        return Err(AnalysisError::Bench(
+            "--pin needs wrk: our load generator runs inside this process, which is not pinned"
+                .into(),
+        ));
+    }
     let measure = Measure {
+        placement,
         tool,
         wrk,
         script,
@@ -884,10 +984,8 @@ backend be\n  balance roundrobin\n{servers}"
     }
 
     let tbl = table(&rows);
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let verdict = verdict(&rows, cpus).unwrap_or_default();
+    let pinned = measure.placement.pinned.is_some();
+    let verdict = verdict(&rows, cpus, pinned).unwrap_or_default();
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
     let tool_desc = match tool {
         Tool::Wrk => format!(
@@ -909,12 +1007,15 @@ ringgate with the static provider over them (\"ringgate\" with `mix64`, which sp
 peers do; \"ringgate (quadratic)\" with the specified hash, which sends most keys to one backend); \
 NGINX with `hash $arg_id consistent`, upstream keep-alive and no access log; HAProxy with \
 `balance url_param id` + `hash-type consistent`, keep-alive and `http-reuse always`; NGINX and HAProxy \
-with {workers} workers/threads, ringgate with one serving thread per CPU{floors}. Load: {tool_desc}. {runs} runs \
+with {workers} workers/threads, ringgate with one serving thread per CPU it may use{floors}. Load: {tool_desc}. {runs} runs \
 of {d:?} per target, rounds interleaved, medians reported (measuring took {el:.0?}). CPU µs/request \
 is user + system time of the proxy's processes (`/proc/PID/stat`) over the requests served; the \
-next column is the same for the backends and the load generator together. Load \
-generator, proxy and backends share the same CPUs, so these are relative figures. Peak RSS is \
+next column is the same for the backends and the load generator together. {placed} Peak RSS is \
 `VmHWM` summed over the proxy's processes._\n\n{tbl}\n{verdict}\n",
+        placed = match &measure.placement.pinned {
+            None => "Load generator, proxy and backends share the same CPUs, so these are relative figures.".to_string(),
+            Some((proxy, load)) => format!("Pinned (`--pin`, `taskset`): each proxy on CPU {proxy} alone, the backends and the load generator on CPUs {load}, so the proxy's one core is the bottleneck and nothing else runs on it."),
+        },
         floors = if args.no_floor {
             ""
         } else {
@@ -1012,6 +1113,7 @@ Transfer/sec:      6.67MB
                 row("haproxy", 80.0),
             ],
             2,
+            false,
         )
         .expect("a verdict");
         assert!(
@@ -1044,6 +1146,7 @@ Transfer/sec:      6.67MB
                 row(FORWARD, 110.0, 18.0),
             ],
             2,
+            false,
         )
         .expect("a verdict");
         assert!(
@@ -1059,6 +1162,19 @@ requests/s and 0.90× the leaner peer's CPU per request."
                 "At 1.2× the faster peer's rate (120 requests/s) 2 CPUs give a request 16666.7 µs \
 in all; the backends and the load generator took at least 5000.0 µs of it in this run, which \
 leaves a proxy 11666.7 µs; the byte relay needed 18.0."
+            ),
+            "{v}"
+        );
+        // Pinned, the proxy has one CPU: 120 requests/s give it 8,333.3 µs a request.
+        let rows = [
+            row("ringgate", 90.0, 30.0),
+            row("nginx", 100.0, 20.0),
+            row(FORWARD, 110.0, 18.0),
+        ];
+        let v = verdict(&rows, 2, true).expect("a verdict");
+        assert!(
+            v.contains(
+                "At 1.2× the faster peer's rate (120 requests/s) the proxy's one CPU gives a request 8333.3 µs; the byte relay needed 18.0."
             ),
             "{v}"
         );

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 
 use super::proxies::{
-    find_program, free_port, listening_addr, median, parse_wrk, wait_200, Launcher, Proc,
-    RunFigures, WRK_SCRIPT,
+    find_program, free_port, listening_addr, median, parse_wrk, wait_200, Launcher, Placement,
+    Proc, RunFigures, WRK_SCRIPT,
 };
 use super::report::Marked;
 use super::AnalysisError;
@@ -265,6 +265,7 @@ pub async fn run(args: TlsArgs) -> Result<(), AnalysisError> {
     let tmp = dir.path();
     let launcher = Launcher {
         pidfile: args.pidfile.clone(),
+        placement: Placement::anywhere(),
     };
     let (cert, key, combined) = write_certificate(tmp)?;
     let mut notes = Vec::new();
