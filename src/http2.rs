@@ -6,7 +6,7 @@
 //! client), [`StreamBody`] (a response body that keeps its stream counted until it is
 //! finished), [`idle_for`] and [`stalled`], the two watches the listener races against the
 //! connection. A client that stops reading altogether is caught below this, on the connection's
-//! bytes ([`crate::send_timeout`]); this catches the one that keeps reading, answers pings, and
+//! bytes ([`crate::stall`]); this catches the one that keeps reading, answers pings, and
 //! never opens the stream's flow-control window, which no byte-level timer sees.
 //! Must not touch: the protocol (hyper's) or what a request means (the service's).
 

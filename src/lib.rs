@@ -14,8 +14,8 @@
 //!   forwards them, response framing, keep-alive, pipelining; the body decoder both legs use.
 //! - [`http2`]: what the gateway watches on an HTTP/2 connection hyper serves: open streams
 //!   (idle timeout) and responses held back by the client's window (send timeout).
-//! - [`send_timeout`]: the client's write side, bounded: a client that stops taking bytes is
-//!   closed after `proxy.send_timeout` (HTTP/1 and HTTP/2).
+//! - [`stall`]: bounded waits on peers that stop moving bytes: a client that stops taking its
+//!   response (`proxy.send_timeout`), a replica that stops sending a body (`proxy.read_timeout`).
 //! - [`tls`]: TLS termination: certificates (validated, chosen by SNI, swapped live), ALPN,
 //!   the plain-HTTP redirect.
 //! - [`admission`]: the connection caps (global, derived from the fd limit; per client IP).
@@ -89,10 +89,10 @@ pub mod provider;
 pub mod proxy;
 pub mod ring;
 pub mod routing;
-pub mod send_timeout;
 pub mod service;
 pub mod snapshot;
 pub mod spread;
+pub mod stall;
 pub mod sync;
 pub mod tls;
 pub mod tools;

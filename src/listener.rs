@@ -9,7 +9,7 @@
 //! the protocol sniff is ours, with a deadline, instead of hyper's open-ended one), plain HTTP
 //! on the TLS port (answered 400), HTTP/2 through hyper (keep-alive pings; the idle and stall
 //! watches of [`crate::http2`]), the write side bounded by `proxy.send_timeout` (through
-//! [`crate::send_timeout`]), the redirect of plain HTTP to HTTPS (`tls.http =
+//! [`crate::stall`]), the redirect of plain HTTP to HTTPS (`tls.http =
 //! "redirect"`), and graceful drain.
 //! Must not touch: requests' meaning (the service) or state (the controller); certificates are
 //! the TLS module's (a handshake only asks it for an acceptor); HTTP/1 on the wire (heads,
@@ -40,9 +40,9 @@ use crate::error::GatewayError;
 use crate::http1;
 use crate::http2::{self, Activity, StreamBody};
 use crate::metrics::Metrics;
-use crate::send_timeout::SendTimeout;
 use crate::service::Service;
 use crate::spread::{Counted, Placed, Slot};
+use crate::stall::SendTimeout;
 use crate::tls::{redirect, Https, Tls};
 
 /// What a listener speaks.

@@ -452,6 +452,13 @@ impl Metrics {
         );
         family(
             o,
+            "ringgate_upstream_body_timeouts_total",
+            "counter",
+            "Responses cut short because their replica sent no byte of the body for proxy.read_timeout.",
+            &by_replica(&|s| get(&s.body_timeouts).to_string()),
+        );
+        family(
+            o,
             "ringgate_in_flight",
             "gauge",
             "Requests in progress per replica.",

@@ -25,6 +25,8 @@ pub struct ReplicaStats {
     answered: PerThread<[AtomicU64; 5]>,
     /// Requests to it that failed (connect errors, resets, timeouts).
     pub failures: AtomicU64,
+    /// Responses cut because it sent none of the body for `proxy.read_timeout`.
+    pub body_timeouts: AtomicU64,
     /// Requests in progress (response body not finished): `/rm` drains until this is 0, and
     /// bounded loads balance on it.
     pub in_flight: AtomicI64,

@@ -1,17 +1,20 @@
-//! The write side of a client connection, bounded: a client that takes none of the bytes the
-//! gateway has for it for `proxy.send_timeout` (it stopped reading, or advertises a window it
-//! never opens: a "slow read" attack) gets its connection closed, and with it the response it
-//! was holding and the replica connection that response came on.
+//! Bounded waits on peers that stop moving bytes: a client that takes none of its response for
+//! `proxy.send_timeout` (it stopped reading, or advertises a window it never opens: a "slow
+//! read" attack), and a replica that sends none of a response body for `proxy.read_timeout`.
+//! Either would otherwise hold a client connection, a replica connection and the response
+//! between them for as long as it likes.
 //!
-//! Owns: [`SendTimeout`], an `AsyncRead + AsyncWrite` around the client's stream that passes
-//! reads through and fails a write, flush or shutdown with `TimedOut` once it has waited that
-//! long without the client taking a byte. The limit is on each wait, not on the response (as
-//! NGINX's `send_timeout` and HAProxy's `timeout client`): a slow reader that keeps reading is
-//! served, however long the response. Nothing is armed while writes go through at once (every
-//! small response): the timer is made the first time a write has to wait and reset only when
-//! one waits again.
-//! Must not touch: what is written (the HTTP/1 server and hyper's HTTP/2 own the bytes); the
-//! read side's deadlines are the listener's and the HTTP/1 server's.
+//! Owns: [`StallTimer`], the limit on one wait without progress, and [`SendTimeout`], an
+//! `AsyncRead + AsyncWrite` around a client's stream that passes reads through and fails a
+//! write, flush or shutdown with `TimedOut` once it has waited that long without the client
+//! taking a byte. The limit is on each wait, not on the response (as NGINX's `send_timeout` and
+//! `proxy_read_timeout`, and HAProxy's `timeout client` and `timeout server`): a slow reader
+//! that keeps reading is served, however long the response. Nothing is armed while the bytes
+//! move at once (every small response): the timer is made the first time something waits and
+//! reset only when it waits again.
+//! Must not touch: what is written or read (the HTTP/1 server, hyper's HTTP/2 and the
+//! upstream body own the bytes); the deadlines on request heads are the listener's and the
+//! HTTP/1 server's.
 
 use std::future::Future;
 use std::io;
@@ -26,45 +29,52 @@ use tokio::time::{Instant, Sleep};
 
 use crate::metrics::Metrics;
 
-/// A client stream whose writes give up after `limit` without progress.
-pub struct SendTimeout<S> {
-    stream: S,
+/// One wait without progress, bounded: fed with each poll's outcome, it says when the thing
+/// polled has waited `limit` since it last moved.
+pub struct StallTimer {
     limit: Duration,
-    /// Made the first time a write waits; a connection whose writes never wait has none.
+    /// Made the first time something waits; what never waits has none.
     timer: Option<Pin<Box<Sleep>>>,
-    /// A write is waiting and the timer runs for it.
+    /// Something waits and the timer runs for it.
     waiting: bool,
-    /// The limit was reached: whatever else waits (the close's own writes) fails at once and
-    /// is not counted again.
+    /// The limit was reached: whatever waits from now on is over it at once (a close's own
+    /// writes), and is not counted again.
     expired: bool,
-    metrics: Arc<Metrics>,
 }
 
-impl<S> SendTimeout<S> {
-    pub fn new(stream: S, limit: Duration, metrics: Arc<Metrics>) -> SendTimeout<S> {
-        SendTimeout {
-            stream,
+/// What a poll's outcome comes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// It moved, or waits within the limit (the caller returns its `Pending`; the timer wakes
+    /// the task when the limit is up).
+    Within,
+    /// It waited `limit` without moving; `first` the first time this is said.
+    Over { first: bool },
+}
+
+impl StallTimer {
+    pub fn new(limit: Duration) -> StallTimer {
+        StallTimer {
             limit,
             timer: None,
             waiting: false,
             expired: false,
-            metrics,
         }
     }
 
-    /// What a write that went on (`Ready`) or has to wait (`Pending`) comes to: a wait past the
-    /// limit is an error; progress stops the clock.
-    fn bound<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        if polled.is_ready() {
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// `moved`: the poll was `Ready` (progress stops the clock); else it waits, and the clock
+    /// runs from the first of its waits.
+    pub fn check(&mut self, cx: &mut Context<'_>, moved: bool) -> Stall {
+        if moved {
             self.waiting = false;
-            return polled;
+            return Stall::Within;
         }
         if self.expired {
-            return Poll::Ready(Err(timed_out()));
+            return Stall::Over { first: false };
         }
         if !self.waiting {
             self.waiting = true;
@@ -75,28 +85,58 @@ impl<S> SendTimeout<S> {
             }
         }
         let Some(timer) = self.timer.as_mut() else {
-            return Poll::Pending;
+            return Stall::Within;
         };
         match timer.as_mut().poll(cx) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => Stall::Within,
             Poll::Ready(()) => {
                 (self.waiting, self.expired) = (false, true);
-                self.metrics.send_timeouts.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(
-                    limit = ?self.limit,
-                    "closed: the client took no bytes for proxy.send_timeout"
-                );
-                Poll::Ready(Err(timed_out()))
+                Stall::Over { first: true }
             }
         }
     }
 }
 
-fn timed_out() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::TimedOut,
-        "the client took no bytes for proxy.send_timeout",
-    )
+/// A client stream whose writes give up after `limit` without progress.
+pub struct SendTimeout<S> {
+    stream: S,
+    stall: StallTimer,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> SendTimeout<S> {
+    pub fn new(stream: S, limit: Duration, metrics: Arc<Metrics>) -> SendTimeout<S> {
+        SendTimeout {
+            stream,
+            stall: StallTimer::new(limit),
+            metrics,
+        }
+    }
+
+    /// What a write that went on (`Ready`) or has to wait (`Pending`) comes to: a wait past the
+    /// limit is an error.
+    fn bound<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match self.stall.check(cx, polled.is_ready()) {
+            Stall::Within => polled,
+            Stall::Over { first } => {
+                if first {
+                    self.metrics.send_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        limit = ?self.stall.limit(),
+                        "closed: the client took no bytes for proxy.send_timeout"
+                    );
+                }
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client took no bytes for proxy.send_timeout",
+                )))
+            }
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for SendTimeout<S> {

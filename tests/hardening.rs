@@ -686,3 +686,40 @@ async fn an_http2_client_that_keeps_its_window_shut_is_closed_after_the_send_tim
     assert_eq!(sized.hits(), 1);
     assert_eq!(get_ok(&gw, "/after?id=2&bytes=10").await, 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_the_replica_stops_sending_is_cut_after_the_read_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let stalls = Backend::start("127.0.0.1", Behaviour::Stalls).await;
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: static_servers(&[&stalls]),
+        proxy: "read_timeout = \"1s\"\n".into(),
+        ..Conf::default()
+    });
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /stuck?id=1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("send");
+    let started = Instant::now();
+    let got = read_to_close(&mut s, Duration::from_secs(15)).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut before the read timeout: {:?}",
+        started.elapsed()
+    );
+    // The head and the 3 bytes the replica sent, then the close: the client can tell the body
+    // is short of its Content-Length.
+    assert!(got > 3, "{got} bytes");
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "ringgate_upstream_body_timeouts_total{replica=\"b1\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+}

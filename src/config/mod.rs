@@ -338,6 +338,9 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     #[serde(deserialize_with = "duration")]
     pub header_read_timeout: Duration,
+    /// A response body its replica sends nothing of for this long is cut.
+    #[serde(deserialize_with = "duration")]
+    pub read_timeout: Duration,
     /// A client that takes no bytes of its response for this long is closed.
     #[serde(deserialize_with = "duration")]
     pub send_timeout: Duration,
@@ -372,6 +375,7 @@ impl Default for ProxyConfig {
             request_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             max_body: 10 * 1024 * 1024,
             retry_on: vec![RetryOn::ConnectFailure],

@@ -215,6 +215,7 @@ impl Config {
             ("proxy.request_timeout", self.proxy.request_timeout),
             ("proxy.header_read_timeout", self.proxy.header_read_timeout),
             ("proxy.send_timeout", self.proxy.send_timeout),
+            ("proxy.read_timeout", self.proxy.read_timeout),
         ] {
             if d.is_zero() {
                 bad(key, "must be more than 0".into());

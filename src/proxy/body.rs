@@ -159,6 +159,11 @@ impl HttpBody for ProxyBody {
 pub struct InFlight(Arc<ReplicaStats>);
 
 impl InFlight {
+    /// The replica it is counted at.
+    pub fn stats(&self) -> &ReplicaStats {
+        &self.0
+    }
+
     pub fn start(stats: &Arc<ReplicaStats>) -> InFlight {
         let now = stats.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
         InFlight::counted(stats, now)

@@ -131,6 +131,7 @@ async fn try_forward(
         let req = upstream::Request {
             addr: replica.addr,
             connect_timeout: cfg.proxy.connect_timeout,
+            read_timeout: cfg.proxy.read_timeout,
             method,
             head: &head,
             framing,

@@ -1,6 +1,7 @@
 //! Replicas the tests own, for behaviour `ringgate-server` does not have: one that echoes the
 //! request head it received, one that resets every connection it gets a request on (a "query of
-//! death"), one that answers after a delay, one that answers with as many bytes as asked for. Both answer `GET /heartbeat` with 200, so checks pass. Dropping one closes its
+//! death"), one that answers after a delay, one that answers with as many bytes as asked for, one that
+//! stops in the middle of its response body. Both answer `GET /heartbeat` with 200, so checks pass. Dropping one closes its
 //! listener and every connection it has, as a dead process would.
 
 use std::net::{IpAddr, SocketAddr};
@@ -20,6 +21,9 @@ pub enum Behaviour {
     Answer { delay_ms: u64 },
     /// 200 with a body of as many bytes as the request's `bytes` query parameter says.
     Sized,
+    /// 200 with `Content-Length: 10` and 3 bytes of the body, then nothing (the connection
+    /// stays open).
+    Stalls,
 }
 
 pub struct Backend {
@@ -73,6 +77,14 @@ impl Backend {
                             counter.fetch_add(1, Ordering::SeqCst);
                             match behaviour {
                                 Behaviour::Reset => return,
+                                Behaviour::Stalls => {
+                                    let head = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhel";
+                                    if s.write_all(head).await.is_err() {
+                                        return;
+                                    }
+                                    std::future::pending::<()>().await;
+                                    return;
+                                }
                                 Behaviour::Echo => head,
                                 Behaviour::Sized => "x".repeat(query_number(&head, "bytes")),
                                 Behaviour::Answer { delay_ms } => {

@@ -2,11 +2,13 @@
 //! the client: no channel, no second task, no copy (bytes read are handed on as they are).
 //!
 //! Owns: reading the body (its framing is decoded by [`crate::http1::framing`]), counting the request
-//! in flight at its replica until the body ends, and giving the connection back to the pool
-//! when the body was read whole and the connection may be reused.
+//! in flight at its replica until the body ends, cutting a body the replica stops sending for
+//! `proxy.read_timeout`, and giving the connection back to the pool when the body was read
+//! whole and the connection may be reused.
 //! Must not touch: heads or routing.
 
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -16,12 +18,15 @@ use super::pool::{self, Conn};
 use crate::error::BoxError;
 use crate::http1::framing::{BodyFraming, DecodeError, Decoder, ReadError, Source};
 use crate::proxy::body::InFlight;
+use crate::stall::{Stall, StallTimer};
 
 pub struct UpstreamBody {
     conn: Option<Conn>,
     decoder: Decoder,
     keep_alive: bool,
-    _in_flight: InFlight,
+    /// `proxy.read_timeout`: the longest the replica may send nothing in the middle of it.
+    stall: StallTimer,
+    in_flight: InFlight,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +37,8 @@ pub enum BodyError {
     BadChunk,
     #[error("reading the response body from the replica failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the replica sent no byte of the response body for {0:?} (proxy.read_timeout)")]
+    Stalled(std::time::Duration),
 }
 
 impl From<ReadError> for BodyError {
@@ -48,12 +55,19 @@ impl From<ReadError> for BodyError {
 const READ_CHUNK: usize = 16 * 1024;
 
 impl UpstreamBody {
-    pub fn new(conn: Conn, framing: BodyFraming, keep_alive: bool, in_flight: InFlight) -> Self {
+    pub fn new(
+        conn: Conn,
+        framing: BodyFraming,
+        keep_alive: bool,
+        read_timeout: std::time::Duration,
+        in_flight: InFlight,
+    ) -> Self {
         let mut body = UpstreamBody {
             conn: Some(conn),
             decoder: Decoder::new(framing),
             keep_alive,
-            _in_flight: in_flight,
+            stall: StallTimer::new(read_timeout),
+            in_flight,
         };
         if body.decoder.is_done() {
             body.finish();
@@ -102,7 +116,20 @@ impl HttpBody for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match ready!(this.poll_next(cx)) {
+        let polled = this.poll_next(cx);
+        if let Stall::Over { first } = this.stall.check(cx, polled.is_ready()) {
+            if first {
+                this.in_flight
+                    .stats()
+                    .body_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            let e = BodyError::Stalled(this.stall.limit());
+            tracing::debug!(error = %e, "cut a response short");
+            (this.keep_alive, this.conn) = (false, None);
+            return Poll::Ready(Some(Err(Box::new(e))));
+        }
+        match ready!(polled) {
             Some(Ok(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
             Some(Err(e)) => {
                 this.keep_alive = false;

@@ -66,6 +66,8 @@ impl SendError {
 pub struct Request<'a> {
     pub addr: SocketAddr,
     pub connect_timeout: Duration,
+    /// `proxy.read_timeout`, for the response body.
+    pub read_timeout: Duration,
     pub method: &'a Method,
     pub head: &'a [u8],
     pub framing: RequestFraming,
@@ -89,7 +91,13 @@ pub async fn send(
         };
         match exchange(&mut conn, req, body).await {
             Ok(head) => {
-                let body = UpstreamBody::new(conn, head.framing, head.keep_alive, in_flight);
+                let body = UpstreamBody::new(
+                    conn,
+                    head.framing,
+                    head.keep_alive,
+                    req.read_timeout,
+                    in_flight,
+                );
                 return Ok(Response::from_parts(head.parts, body));
             }
             // A pooled connection the replica had closed: once more on a fresh one, if the

@@ -60,6 +60,7 @@ async fn get(addr: SocketAddr) -> Result<(u16, String), SendError> {
     let req = Request {
         addr,
         connect_timeout: Duration::from_secs(1),
+        read_timeout: Duration::from_secs(60),
         method: &Method::GET,
         head: &head,
         framing: RequestFraming::None,
@@ -184,6 +185,7 @@ async fn failures_are_told_apart() {
     let req = Request {
         addr,
         connect_timeout: Duration::from_secs(1),
+        read_timeout: Duration::from_secs(60),
         method: &Method::GET,
         head: &head,
         framing: RequestFraming::None,
@@ -231,4 +233,45 @@ async fn a_head_larger_than_one_read_is_read_whole_and_one_past_the_limit_is_ref
     }
     let (addr, _, _t) = replica(over_the_limit, 1).await;
     assert!(matches!(get(addr).await, Err(SendError::BadHead(_))));
+}
+
+#[tokio::test]
+async fn a_body_the_replica_stops_sending_is_cut_after_the_read_timeout() {
+    fn stalls(_: usize) -> Vec<u8> {
+        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhel".to_vec()
+    }
+    let (addr, accepts, _t) = replica(stalls, usize::MAX).await;
+    let head = Bytes::from_static(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n");
+    let req = Request {
+        addr,
+        connect_timeout: Duration::from_secs(1),
+        read_timeout: Duration::from_millis(200),
+        method: &Method::GET,
+        head: &head,
+        framing: RequestFraming::None,
+    };
+    for round in 1..=2 {
+        let s = stats();
+        let resp = send(&req, &mut ProxyBody::Empty, InFlight::start(&s))
+            .await
+            .expect("the head came");
+        let mut body = resp.into_body();
+        let first = body
+            .frame()
+            .await
+            .expect("a frame")
+            .expect("the first bytes");
+        assert_eq!(first.into_data().ok(), Some(Bytes::from_static(b"hel")));
+        let cut = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("cut within the read timeout, not held")
+            .expect("an error, not the end")
+            .expect_err("the body was cut");
+        assert!(cut.to_string().contains("proxy.read_timeout"), "{cut}");
+        assert_eq!(s.body_timeouts.load(Ordering::SeqCst), 1);
+        drop(body);
+        assert_eq!(s.in_flight.load(Ordering::SeqCst), 0);
+        // The cut connection is not reused: each round has its own.
+        assert_eq!(accepts.load(Ordering::SeqCst), round);
+    }
 }
