@@ -8,7 +8,7 @@
 analysis:
 	bench/analysis.sh $(ANALYSIS_ARGS)
 
-## bench: throughput of ringgate against NGINX and HAProxy, plain and terminating TLS (ringgate-lab analysis proxies, then tls; installs them and wrk when missing; TLS_BENCH=0 skips TLS, TLS_BENCH_ARGS go to it); tables in docs/performance.md
+## bench: throughput of ringgate against NGINX and HAProxy, plain and terminating TLS (ringgate-lab analysis proxies, then tls; installs them and wrk when missing; each proxy pinned to CPU 0 alone and the load to the other CPUs, BENCH_PIN=0 runs them anywhere; TLS_BENCH=0 skips TLS, TLS_BENCH_ARGS go to it); tables in docs/performance.md
 bench:
 	TLS_BENCH="$(TLS_BENCH)" TLS_BENCH_ARGS="$(TLS_BENCH_ARGS)" bench/proxies.sh $(BENCH_ARGS)
 

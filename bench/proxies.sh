@@ -12,6 +12,13 @@ CARGO="${CARGO:-cargo}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 
 bench/deps.sh proxies
+# The proxy under test on a core of its own (CPU 0), the backends and wrk on the others, when
+# there are two or more: each proxy is then the bottleneck and shares its core with nothing.
+# BENCH_PIN=0 lets every process run anywhere.
+pin=()
+if [ "${BENCH_PIN:-1}" != 0 ] && [ "$(nproc)" -ge 2 ]; then
+    pin=(--pin)
+fi
 "$CARGO" build --release -p ringgate -p ringgate-lab --bins
 
 tmp="$(mktemp -d -t ringgate-bench.XXXXXX)"
@@ -36,7 +43,7 @@ export TMPDIR="$tmp"
 "$TARGET_DIR/release/ringgate-lab" analysis proxies \
     --ringgate-bin "$TARGET_DIR/release/ringgate" \
     --server-bin "$TARGET_DIR/release/ringgate-server" \
-    --pidfile "$pidfile" "$@"
+    --pidfile "$pidfile" "${pin[@]}" "$@"
 
 if [ "${TLS_BENCH:-1}" != 0 ]; then
     # shellcheck disable=SC2086 # TLS_BENCH_ARGS is a list of arguments

@@ -127,7 +127,13 @@ impl Placement {
             ));
         }
         Ok(Placement {
-            pinned: Some(("0".into(), format!("1-{}", cpus - 1))),
+            pinned: Some((
+                "0".into(),
+                match cpus {
+                    2 => "1".into(),
+                    _ => format!("1-{}", cpus - 1),
+                },
+            )),
         })
     }
 
@@ -1007,14 +1013,15 @@ ringgate with the static provider over them (\"ringgate\" with `mix64`, which sp
 peers do; \"ringgate (quadratic)\" with the specified hash, which sends most keys to one backend); \
 NGINX with `hash $arg_id consistent`, upstream keep-alive and no access log; HAProxy with \
 `balance url_param id` + `hash-type consistent`, keep-alive and `http-reuse always`; NGINX and HAProxy \
-with {workers} workers/threads, ringgate with one serving thread per CPU it may use{floors}. Load: {tool_desc}. {runs} runs \
+with {workers} {worker_word}, ringgate with one serving thread per CPU it may use{floors}. Load: {tool_desc}. {runs} runs \
 of {d:?} per target, rounds interleaved, medians reported (measuring took {el:.0?}). CPU µs/request \
 is user + system time of the proxy's processes (`/proc/PID/stat`) over the requests served; the \
 next column is the same for the backends and the load generator together. {placed} Peak RSS is \
 `VmHWM` summed over the proxy's processes._\n\n{tbl}\n{verdict}\n",
+        worker_word = if workers == 1 { "worker/thread" } else { "workers/threads" },
         placed = match &measure.placement.pinned {
             None => "Load generator, proxy and backends share the same CPUs, so these are relative figures.".to_string(),
-            Some((proxy, load)) => format!("Pinned (`--pin`, `taskset`): each proxy on CPU {proxy} alone, the backends and the load generator on CPUs {load}, so the proxy's one core is the bottleneck and nothing else runs on it."),
+            Some((proxy, load)) => format!("Pinned (`--pin`, `taskset`): each proxy on CPU {proxy} alone, the backends and the load generator on CPU {load}, so the proxy's one core is the bottleneck and nothing else runs on it."),
         },
         floors = if args.no_floor {
             ""
