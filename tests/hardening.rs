@@ -525,6 +525,16 @@ async fn a_dead_replicas_refused_connections_are_retried_even_with_the_budget_sp
     );
 }
 
+/// A gateway over `backend` alone (static provider, server `b1`) with `proxy` in `[proxy]`.
+fn gateway_over(backend: &Backend, proxy: &str) -> GatewayProcess {
+    GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: static_servers(&[backend]),
+        proxy: proxy.into(),
+        ..Conf::default()
+    })
+}
+
 fn send_timeouts(metrics: &str) -> f64 {
     metric(
         metrics,
@@ -567,12 +577,7 @@ async fn a_client_that_stops_reading_is_closed_after_the_send_timeout_and_a_slow
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const BIG: usize = 64 << 20;
     let sized = Backend::start("127.0.0.1", Behaviour::Sized).await;
-    let gw = GatewayProcess::start(&Conf {
-        kind: Some("static".into()),
-        provider: static_servers(&[&sized]),
-        proxy: "send_timeout = \"1s\"\n".into(),
-        ..Conf::default()
-    });
+    let gw = gateway_over(&sized, "send_timeout = \"1s\"\n");
     // 64 MiB is more than every socket buffer between the replica and the client holds, so
     // the gateway's writes have to wait for a client that reads the first bytes and stops.
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -646,12 +651,7 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 async fn an_http2_client_that_keeps_its_window_shut_is_closed_after_the_send_timeout() {
     use tokio::io::AsyncWriteExt;
     let sized = Backend::start("127.0.0.1", Behaviour::Sized).await;
-    let gw = GatewayProcess::start(&Conf {
-        kind: Some("static".into()),
-        provider: static_servers(&[&sized]),
-        proxy: "send_timeout = \"1s\"\n".into(),
-        ..Conf::default()
-    });
+    let gw = gateway_over(&sized, "send_timeout = \"1s\"\n");
     // A client that speaks HTTP/2 and reads what it is sent, but whose window for a stream's
     // data is 0 and never opened: the response's head goes out, its body never can.
     let mut s = tokio::net::TcpStream::connect(gw.addr)
@@ -691,12 +691,7 @@ async fn an_http2_client_that_keeps_its_window_shut_is_closed_after_the_send_tim
 async fn a_response_body_the_replica_stops_sending_is_cut_after_the_read_timeout() {
     use tokio::io::AsyncWriteExt;
     let stalls = Backend::start("127.0.0.1", Behaviour::Stalls).await;
-    let gw = GatewayProcess::start(&Conf {
-        kind: Some("static".into()),
-        provider: static_servers(&[&stalls]),
-        proxy: "read_timeout = \"1s\"\n".into(),
-        ..Conf::default()
-    });
+    let gw = gateway_over(&stalls, "read_timeout = \"1s\"\n");
     let mut s = tokio::net::TcpStream::connect(gw.addr)
         .await
         .expect("connect");

@@ -55,16 +55,20 @@ fn stats() -> Arc<ReplicaStats> {
     Arc::new(ReplicaStats::default())
 }
 
-async fn get(addr: SocketAddr) -> Result<(u16, String), SendError> {
-    let head = Bytes::from_static(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n");
-    let req = Request {
+/// `GET /` to `addr`, with `read_timeout` for the body.
+fn get_request(addr: SocketAddr, read_timeout: Duration) -> Request<'static> {
+    Request {
         addr,
         connect_timeout: Duration::from_secs(1),
-        read_timeout: Duration::from_secs(60),
+        read_timeout,
         method: &Method::GET,
-        head: &head,
+        head: b"GET / HTTP/1.1\r\nhost: t\r\n\r\n",
         framing: RequestFraming::None,
-    };
+    }
+}
+
+async fn get(addr: SocketAddr) -> Result<(u16, String), SendError> {
+    let req = get_request(addr, Duration::from_secs(60));
     let s = stats();
     let resp = send(&req, &mut ProxyBody::Empty, InFlight::start(&s)).await?;
     let status = resp.status().as_u16();
@@ -181,15 +185,7 @@ async fn failures_are_told_apart() {
         b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\nhalf".to_vec()
     }
     let (addr, _, _t) = replica(short, 1).await;
-    let head = Bytes::from_static(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n");
-    let req = Request {
-        addr,
-        connect_timeout: Duration::from_secs(1),
-        read_timeout: Duration::from_secs(60),
-        method: &Method::GET,
-        head: &head,
-        framing: RequestFraming::None,
-    };
+    let req = get_request(addr, Duration::from_secs(60));
     let resp = send(&req, &mut ProxyBody::Empty, InFlight::start(&stats()))
         .await
         .expect("a head");
@@ -241,15 +237,7 @@ async fn a_body_the_replica_stops_sending_is_cut_after_the_read_timeout() {
         b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhel".to_vec()
     }
     let (addr, accepts, _t) = replica(stalls, usize::MAX).await;
-    let head = Bytes::from_static(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n");
-    let req = Request {
-        addr,
-        connect_timeout: Duration::from_secs(1),
-        read_timeout: Duration::from_millis(200),
-        method: &Method::GET,
-        head: &head,
-        framing: RequestFraming::None,
-    };
+    let req = get_request(addr, Duration::from_millis(200));
     for round in 1..=2 {
         let s = stats();
         let resp = send(&req, &mut ProxyBody::Empty, InFlight::start(&s))
