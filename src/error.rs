@@ -69,6 +69,8 @@ pub enum GatewayError {
     BadHost,
     #[error("the request body could not be read from the client: {detail}")]
     ClientBody { detail: String },
+    #[error("the request body stopped arriving: the client sent none of the rest of it within proxy.request_timeout ({timeout:?}); send the whole body, or raise proxy.request_timeout for slow uploads")]
+    ClientBodyTimeout { timeout: std::time::Duration },
     #[error("the gateway ran out of a local resource ({detail}); this is the gateway's limit, not a replica's fault: raise its file-descriptor limit or lower proxy.max_connections")]
     LocalResource { detail: String },
     #[error(
@@ -131,6 +133,7 @@ impl GatewayError {
             GatewayError::RecordMismatch { .. } => StatusCode::CONFLICT,
             GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
         }
     }
 

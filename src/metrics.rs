@@ -261,7 +261,7 @@ impl Metrics {
         );
         counter(o, "ringgate_local_errors_total", "Responses the gateway produced itself because no replica could answer (502, 503, 504, 413).", &self.local_errors);
         counter(o, "ringgate_local_resource_errors_total", "Requests answered 503 because the gateway ran out of a local resource (EMFILE, ENFILE, ENOMEM, EADDRNOTAVAIL); never counted against a replica.", &self.local_resource_errors);
-        counter(o, "ringgate_client_body_errors_total", "Request bodies that broke on the client's side (answered 400; never counted against a replica).", &self.client_body_errors);
+        counter(o, "ringgate_client_body_errors_total", "Request bodies that broke on the client's side (answered 400) or stopped arriving within proxy.request_timeout (answered 408); never counted against a replica.", &self.client_body_errors);
         counter(
             o,
             "ringgate_config_reloads_total",

@@ -718,3 +718,47 @@ async fn a_response_body_the_replica_stops_sending_is_cut_after_the_read_timeout
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_sending_its_body_gets_408_and_its_replica_is_not_blamed() {
+    use tokio::io::AsyncWriteExt;
+    // A replica slower than the request timeout: only a request that reached it whole can time
+    // out on it.
+    let slow = Backend::start("127.0.0.1", Behaviour::Answer { delay_ms: 3000 }).await;
+    let gw = gateway_over(&slow, "request_timeout = \"1s\"\n");
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    // 10 of the 100 bytes it announces, then nothing.
+    s.write_all(
+        b"POST /upload?id=1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .await
+    .expect("send");
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(15), async {
+        use tokio::io::AsyncReadExt;
+        s.read(&mut answer).await
+    })
+    .await
+    .expect("answered within the request timeout")
+    .expect("read");
+    let head = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(head.contains("proxy.request_timeout"), "{head}");
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(&metrics, "ringgate_upstream_failures_total{replica=\"b1\"}"),
+        0.0,
+        "the replica was blamed for the client's body: {metrics}"
+    );
+    assert_eq!(metric(&metrics, "ringgate_client_body_errors_total"), 1.0);
+    // The control: the whole body sent, the replica's answer late: that is the replica's, 504.
+    let (code, body) = call("POST", &gw.url("/upload?id=2"), "all of it").await;
+    assert_eq!(code, 504, "{body}");
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(&metrics, "ringgate_upstream_failures_total{replica=\"b1\"}"),
+        1.0
+    );
+}

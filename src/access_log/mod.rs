@@ -63,7 +63,7 @@ pub enum Termination {
     UpstreamTimeout,
     /// The gateway ran out of a local resource (503).
     LocalResource,
-    /// The client's request body broke (400).
+    /// The client's request body broke (400), or stopped arriving (408).
     ClientBodyError,
     /// The request body was over `proxy.max_body` (413).
     TooLarge,
@@ -103,7 +103,9 @@ impl Termination {
             GatewayError::BadGateway { .. } => Termination::UpstreamReset,
             GatewayError::GatewayTimeout { .. } => Termination::UpstreamTimeout,
             GatewayError::LocalResource { .. } => Termination::LocalResource,
-            GatewayError::ClientBody { .. } => Termination::ClientBodyError,
+            GatewayError::ClientBody { .. } | GatewayError::ClientBodyTimeout { .. } => {
+                Termination::ClientBodyError
+            }
             GatewayError::PayloadTooLarge { .. } => Termination::TooLarge,
             GatewayError::BadHost => Termination::BadRequest,
             GatewayError::ShuttingDown => Termination::ShuttingDown,

@@ -2,7 +2,7 @@
 //! to the next one, and the replica's response body, counted in flight until it is finished.
 //!
 //! Owns: [`ProxyBody`] and [`BodySlot`] (which also record why a body broke: past
-//! `proxy.max_body`, or broken by the client), and [`InFlight`], which counts a request at its
+//! `proxy.max_body`, or broken by the client; and whether it waits for the client), and [`InFlight`], which counts a request at its
 //! replica until its response body ends.
 //! Must not touch: routing, retries or the upstream connection.
 
@@ -81,6 +81,8 @@ pub struct BodySlot {
     body: Mutex<Option<Limited<RequestBody>>>,
     over_limit: AtomicBool,
     client_error: AtomicBool,
+    /// The last read of the body waits for the client to send more.
+    waiting_on_client: AtomicBool,
 }
 
 impl BodySlot {
@@ -89,6 +91,7 @@ impl BodySlot {
             body: Mutex::new(Some(body)),
             over_limit: AtomicBool::new(false),
             client_error: AtomicBool::new(false),
+            waiting_on_client: AtomicBool::new(false),
         }
     }
 
@@ -110,6 +113,12 @@ impl BodySlot {
     pub fn client_error(&self) -> bool {
         self.client_error.load(Ordering::Relaxed)
     }
+
+    /// The attempt's last read of the body waits for the client (rather than the replica
+    /// for the bytes already read: a replica that does not read holds the body's reads back).
+    pub fn waiting_on_client(&self) -> bool {
+        self.waiting_on_client.load(Ordering::Relaxed)
+    }
 }
 
 impl HttpBody for ProxyBody {
@@ -130,6 +139,8 @@ impl HttpBody for ProxyBody {
                     return Poll::Ready(None);
                 };
                 let polled = Pin::new(body).poll_frame(cx);
+                slot.waiting_on_client
+                    .store(polled.is_pending(), Ordering::Relaxed);
                 if let Poll::Ready(Some(Err(e))) = &polled {
                     let flag = if e.is::<LengthLimitError>() {
                         &slot.over_limit

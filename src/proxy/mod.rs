@@ -65,7 +65,9 @@ pub async fn forward(
             metrics.local_errors.fetch_add(1, Ordering::Relaxed);
             let counter = match e {
                 GatewayError::LocalResource { .. } => Some(&metrics.local_resource_errors),
-                GatewayError::ClientBody { .. } => Some(&metrics.client_body_errors),
+                GatewayError::ClientBody { .. } | GatewayError::ClientBodyTimeout { .. } => {
+                    Some(&metrics.client_body_errors)
+                }
                 _ => None,
             };
             if let Some(c) = counter {
@@ -164,6 +166,16 @@ async fn try_forward(
                 return Ok(resp.map(Body::upstream));
             }
             Ok(Err(e)) => e,
+            // Still waiting for the client's body: the client's time ran out, not the replica's.
+            Err(_)
+                if slot_handle
+                    .as_ref()
+                    .is_some_and(|(s, _)| s.waiting_on_client()) =>
+            {
+                return Err(GatewayError::ClientBodyTimeout {
+                    timeout: cfg.proxy.request_timeout,
+                });
+            }
             Err(_) => {
                 replica.stats.failures.fetch_add(1, Ordering::Relaxed);
                 return Err(GatewayError::GatewayTimeout {
