@@ -35,12 +35,25 @@ pub struct Activity {
     waiting_on_client: AtomicUsize,
     /// Bumped whenever hyper takes from any response body: the connection moves.
     progress: AtomicU64,
+    /// Bytes written to the client's socket ([`crate::stall::SendTimeout::count_written`]): a
+    /// slow link drains what hyper buffered without hyper coming back to a body for a while,
+    /// and that is the response moving too.
+    written: Arc<AtomicU64>,
 }
+
+/// Fewer bytes than this written in one look are the protocol's own frames (a PING is 17
+/// bytes, a SETTINGS or WINDOW_UPDATE acknowledgement 9 to 13), not a response moving.
+const MOVING: u64 = 1024;
 
 /// Counts its stream as open while it lives.
 pub struct StreamGuard(Arc<Activity>);
 
 impl Activity {
+    /// The counter the connection's socket writes are counted into.
+    pub fn written(&self) -> Arc<AtomicU64> {
+        self.written.clone()
+    }
+
     pub fn open_stream(self: &Arc<Self>) -> StreamGuard {
         self.open.fetch_add(1, Ordering::AcqRel);
         self.changed.notify_waiters();
@@ -76,12 +89,14 @@ pub async fn idle_for(activity: Arc<Activity>, timeout: Duration, metrics: Arc<M
 }
 
 /// Completes once a response on the connection has waited on the client for `limit` while
-/// nothing on the connection moved: the client withholds its window (or reads nothing at all).
+/// nothing on the connection moved (hyper took from no body, and less than [`MOVING`] bytes
+/// went to the socket in each look): the client withholds its window (or reads nothing).
 /// It looks every quarter of `limit` while a stream is open, so it fires between `limit` and
 /// 1.25 × `limit` after the last progress; with no stream open it only waits for one.
 pub async fn stalled(activity: Arc<Activity>, limit: Duration, metrics: Arc<Metrics>) {
     let period = (limit / 4).max(Duration::from_millis(10));
     let mut seen = activity.progress.load(Ordering::Relaxed);
+    let mut written = activity.written.load(Ordering::Relaxed);
     let mut moved_at = Instant::now();
     loop {
         let changed = activity.changed.notified();
@@ -94,7 +109,11 @@ pub async fn stalled(activity: Arc<Activity>, limit: Duration, metrics: Arc<Metr
         }
         tokio::time::sleep(period).await;
         let now = activity.progress.load(Ordering::Relaxed);
-        if now != seen || activity.waiting_on_client.load(Ordering::Acquire) == 0 {
+        let written_now = activity.written.load(Ordering::Relaxed);
+        let sent = written_now.wrapping_sub(written);
+        written = written_now;
+        if now != seen || sent >= MOVING || activity.waiting_on_client.load(Ordering::Acquire) == 0
+        {
             (seen, moved_at) = (now, Instant::now());
         } else if moved_at.elapsed() >= limit {
             metrics.send_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -170,5 +189,55 @@ impl HttpBody for StreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_held_back_with_nothing_moving_is_stalled_and_a_slow_link_is_not() {
+        let activity = Arc::new(Activity::default());
+        let metrics = Arc::new(Metrics::default());
+        let _stream = activity.open_stream();
+        // A response hyper holds and does not come back to for the whole test.
+        activity.waiting_on_client.fetch_add(1, Ordering::AcqRel);
+        let limit = Duration::from_secs(4);
+        let watch = tokio::spawn(stalled(activity.clone(), limit, metrics.clone()));
+        // A slow link: what hyper buffered drains, 2 KiB every half second.
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            activity.written.fetch_add(2048, Ordering::Relaxed);
+        }
+        assert!(
+            !watch.is_finished(),
+            "a slow link that moves is not stalled"
+        );
+        // Nothing but a PING's 17 bytes a second from now on.
+        let started = Instant::now();
+        while !watch.is_finished() {
+            assert!(started.elapsed() < 3 * limit, "never stalled");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            activity.written.fetch_add(17, Ordering::Relaxed);
+        }
+        let took = started.elapsed();
+        assert!(took >= limit && took <= limit + limit / 2, "{took:?}");
+        assert_eq!(metrics.send_timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_waiting_on_their_replica_are_not_stalled() {
+        let activity = Arc::new(Activity::default());
+        let metrics = Arc::new(Metrics::default());
+        let _stream = activity.open_stream();
+        let watch = tokio::spawn(stalled(
+            activity.clone(),
+            Duration::from_secs(1),
+            metrics.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!watch.is_finished());
+        assert_eq!(metrics.send_timeouts.load(Ordering::Relaxed), 0);
     }
 }

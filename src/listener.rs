@@ -436,11 +436,13 @@ impl Serving {
         let stream = SendTimeout::new(stream, proxy.send_timeout, service.metrics.clone());
         match protocol {
             Sniffed::Http2 if !matches!(requests, Requests::RefusedPlainOnTls { .. }) => {
+                let activity = Arc::new(Activity::default());
+                let mut stream = stream;
+                stream.count_written(activity.written());
                 let io = TokioIo::new(Prefixed {
                     prefix: first,
                     stream,
                 });
-                let activity = Arc::new(Activity::default());
                 let handler = {
                     let activity = activity.clone();
                     hyper::service::service_fn(move |req: Request<Incoming>| {

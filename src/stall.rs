@@ -19,7 +19,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -102,6 +102,8 @@ pub struct SendTimeout<S> {
     stream: S,
     stall: StallTimer,
     metrics: Arc<Metrics>,
+    /// Where the bytes written are counted, for a watch above this one (HTTP/2's).
+    written: Option<Arc<AtomicU64>>,
 }
 
 impl<S> SendTimeout<S> {
@@ -110,6 +112,18 @@ impl<S> SendTimeout<S> {
             stream,
             stall: StallTimer::new(limit),
             metrics,
+            written: None,
+        }
+    }
+
+    /// Counts every byte written from now on into `counter`.
+    pub fn count_written(&mut self, counter: Arc<AtomicU64>) {
+        self.written = Some(counter);
+    }
+
+    fn wrote(&self, polled: &Poll<io::Result<usize>>) {
+        if let (Some(counter), Poll::Ready(Ok(n))) = (&self.written, polled) {
+            counter.fetch_add(*n as u64, Ordering::Relaxed);
         }
     }
 
@@ -157,6 +171,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.wrote(&polled);
         this.bound(cx, polled)
     }
 
@@ -167,6 +182,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.wrote(&polled);
         this.bound(cx, polled)
     }
 
