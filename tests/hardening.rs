@@ -762,3 +762,55 @@ async fn a_client_that_stops_sending_its_body_gets_408_and_its_replica_is_not_bl
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_refuses_a_body_unread_is_answered_through_not_taken_for_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let refuses = Backend::start("127.0.0.1", Behaviour::RefusesBody).await;
+    let gw = gateway_over(&refuses, "max_body = \"64MiB\"\n");
+    // 32 MiB: more than the sockets between the gateway and the replica hold, so the gateway
+    // is still sending it when the replica's kernel resets the connection.
+    const BODY: usize = 32 << 20;
+    let s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    let head =
+        format!("POST /upload?id=1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: {BODY}\r\n\r\n");
+    wr.write_all(head.as_bytes()).await.expect("send");
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 << 10];
+        for _ in 0..BODY / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"too large") {
+        let n = tokio::time::timeout(Duration::from_secs(15), rd.read(&mut buf))
+            .await
+            .expect("answered")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed without an answer: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    writer.abort();
+    let head = String::from_utf8_lossy(&got).to_string();
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(
+        head.contains("content-length: 9\r\n"),
+        "the replica's own answer: {head}"
+    );
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(&metrics, "ringgate_upstream_failures_total{replica=\"b1\"}"),
+        0.0,
+        "{metrics}"
+    );
+}

@@ -1,7 +1,7 @@
 //! Replicas the tests own, for behaviour `ringgate-server` does not have: one that echoes the
 //! request head it received, one that resets every connection it gets a request on (a "query of
 //! death"), one that answers after a delay, one that answers with as many bytes as asked for, one that
-//! stops in the middle of its response body. Both answer `GET /heartbeat` with 200, so checks pass. Dropping one closes its
+//! stops in the middle of its response body, one that refuses a request body unread. Both answer `GET /heartbeat` with 200, so checks pass. Dropping one closes its
 //! listener and every connection it has, as a dead process would.
 
 use std::net::{IpAddr, SocketAddr};
@@ -24,6 +24,9 @@ pub enum Behaviour {
     /// 200 with `Content-Length: 10` and 3 bytes of the body, then nothing (the connection
     /// stays open).
     Stalls,
+    /// 413 at once, before reading any of the request body, then the close (the kernel resets
+    /// the connection over the unread body).
+    RefusesBody,
 }
 
 pub struct Backend {
@@ -77,6 +80,11 @@ impl Backend {
                             counter.fetch_add(1, Ordering::SeqCst);
                             match behaviour {
                                 Behaviour::Reset => return,
+                                Behaviour::RefusesBody => {
+                                    let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large";
+                                    let _ = s.write_all(answer).await;
+                                    return;
+                                }
                                 Behaviour::Stalls => {
                                     let head = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhel";
                                     if s.write_all(head).await.is_err() {

@@ -6,7 +6,9 @@
 //! connection, no header map built for the forwarded request (its head is serialised once, by
 //! [`head::request_head`], and reused by a retry). A stale pooled connection (the replica
 //! closed it while idle) is replaced by a fresh one transparently, once, when nothing of the
-//! request body was sent; every other failure is told apart for the caller ([`SendError`]).
+//! request body was sent; a replica that answers before reading the whole body and breaks the
+//! connection has that answer forwarded, not a reset; every other failure is told apart for
+//! the caller ([`SendError`]).
 //! Must not touch: routing, retries across replicas, or what a failure means for a replica
 //! (the proxy decides that).
 
@@ -119,7 +121,17 @@ async fn exchange(
         .await
         .map_err(SendError::Broken)?;
     if !body.is_end_stream() {
-        write_body(conn, body, req.framing).await?;
+        if let Err(e) = write_body(conn, body, req.framing).await {
+            // A replica may answer before it has read the whole body (a 413, a 401) and close:
+            // its answer, already here, is the response, not a broken connection.
+            if matches!(e, SendError::Broken(_)) {
+                // Boxed: the error path's state stays out of every request's future.
+                if let Some(head) = Box::pin(early_response(conn, req.method)).await {
+                    return Ok(head);
+                }
+            }
+            return Err(e);
+        }
     }
     loop {
         if !conn.buf.is_empty() {
@@ -146,6 +158,42 @@ async fn exchange(
         }
     }
 }
+
+/// A whole final response head the replica sent before the connection broke under the
+/// request body; the connection is not reused after it. The kernel keeps bytes received before
+/// a reset readable, but the runtime may not have seen them arrive (the writes went on without
+/// yielding), so they are waited for, briefly: this is the error path, and a replica that broke
+/// the connection without answering costs the request [`EARLY_ANSWER_WAIT`] more.
+async fn early_response(conn: &mut Conn, method: &Method) -> Option<head::ResponseHead> {
+    let deadline = tokio::time::Instant::now() + EARLY_ANSWER_WAIT;
+    loop {
+        if !conn.buf.is_empty() {
+            match head::parse_response(&mut conn.buf, method) {
+                // 100 Continue and other interim responses: the final one follows.
+                Ok(Some(h))
+                    if h.parts.status.is_informational() && h.parts.status.as_u16() != 101 =>
+                {
+                    continue
+                }
+                Ok(Some(mut h)) => {
+                    h.keep_alive = false;
+                    return Some(h);
+                }
+                Ok(None) => {}
+                Err(_) => return None,
+            }
+        }
+        let read = std::future::poll_fn(|cx| conn.poll_fill(cx, HEAD_READ));
+        match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(1..)) => {}
+            _ => return None,
+        }
+    }
+}
+
+/// How long a connection that broke under the request body is given to show the answer the
+/// replica sent before it broke.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_millis(100);
 
 /// Streams the client's body to the replica in `framing`.
 async fn write_body(
