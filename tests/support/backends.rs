@@ -1,8 +1,9 @@
 //! Replicas the tests own, for behaviour `ringgate-server` does not have: one that echoes the
 //! request head it received, one that resets every connection it gets a request on (a "query of
-//! death"), one that answers after a delay, one that answers with as many bytes as asked for, one that
-//! stops in the middle of its response body, one that refuses a request body unread. Both answer `GET /heartbeat` with 200, so checks pass. Dropping one closes its
-//! listener and every connection it has, as a dead process would.
+//! death"), one that answers after a delay, one that answers with as many bytes as asked for,
+//! one that stops in the middle of its response body, one that refuses a request body unread.
+//! All answer `GET /heartbeat` with 200, so checks pass. Dropping one closes its listener and
+//! every connection it has, as a dead process would.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
