@@ -112,11 +112,26 @@ impl Placement {
         Placement { pinned: None }
     }
 
-    fn new(pin: bool, cpus: usize) -> Result<Placement, AnalysisError> {
+    /// With `pin`, the first CPU this process may run on for the proxy and the others for the
+    /// load (`Cpus_allowed_list` in `/proc/self/status`: a cgroup or `taskset` may leave fewer,
+    /// or other, CPUs than the machine has).
+    fn new(pin: bool) -> Result<Placement, AnalysisError> {
         if !pin {
             return Ok(Placement::anywhere());
         }
-        if cpus < 2 {
+        let status = std::fs::read_to_string("/proc/self/status")
+            .map_err(|e| AnalysisError::io("reading /proc/self/status", e))?;
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|l| cpu_list(l.trim()))
+            .unwrap_or_default();
+        let [proxy, load @ ..] = allowed.as_slice() else {
+            return Err(AnalysisError::Bench(
+                "--pin: cannot tell which CPUs this process may use".into(),
+            ));
+        };
+        if load.is_empty() {
             return Err(AnalysisError::Bench(
                 "--pin needs 2 CPUs or more: one for the proxy, the rest for the load".into(),
             ));
@@ -126,14 +141,9 @@ impl Placement {
                 "--pin needs taskset (Debian's util-linux)".into(),
             ));
         }
+        let load: Vec<String> = load.iter().map(usize::to_string).collect();
         Ok(Placement {
-            pinned: Some((
-                "0".into(),
-                match cpus {
-                    2 => "1".into(),
-                    _ => format!("1-{}", cpus - 1),
-                },
-            )),
+            pinned: Some((proxy.to_string(), load.join(","))),
         })
     }
 
@@ -154,13 +164,26 @@ impl Placement {
         }
     }
 
-    /// CPUs the proxy under test has.
+    /// CPUs the proxy under test has (`all` unpinned).
     fn proxy_cpus(&self, all: usize) -> usize {
         match self.pinned {
             Some(_) => 1,
             None => all,
         }
     }
+}
+
+/// The CPUs of a list as the kernel writes it (`0-3,8,10-11`); nothing for what it cannot read.
+fn cpu_list(text: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (from, to) = part.split_once('-').unwrap_or((part, part));
+        match (from.trim().parse::<usize>(), to.trim().parse::<usize>()) {
+            (Ok(from), Ok(to)) if from <= to => cpus.extend(from..=to),
+            _ => return Vec::new(),
+        }
+    }
+    cpus
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -677,7 +700,7 @@ pub async fn run(args: ProxiesArgs) -> Result<(), AnalysisError> {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let placement = Placement::new(args.pin, cpus)?;
+    let placement = Placement::new(args.pin)?;
     let workers = args
         .proxy_workers
         .unwrap_or_else(|| placement.proxy_cpus(cpus));
@@ -1033,7 +1056,7 @@ next column is the same for the backends and the load generator together. {place
         worker_word = if workers == 1 { "worker/thread" } else { "workers/threads" },
         placed = match &measure.placement.pinned {
             None => "Load generator, proxy and backends share the same CPUs, so these are relative figures.".to_string(),
-            Some((proxy, load)) => format!("Pinned (`--pin`, `taskset`): each proxy on CPU {proxy} alone, the backends and the load generator on CPU {load}, so the proxy's one core is the bottleneck and nothing else runs on it."),
+            Some((proxy, load)) => format!("Pinned (`--pin`, `taskset`): each proxy on CPU {proxy} alone, the backends and the load generator on CPU{plural} {load}, so the proxy's one core is the bottleneck and nothing else runs on it.", plural = if load.contains(',') { "s" } else { "" }),
         },
         floors = if args.no_floor {
             ""
@@ -1099,6 +1122,16 @@ Transfer/sec:      6.67MB
         assert_eq!(f.errors, 7);
         assert!(parse_wrk("garbage").is_none());
         assert_eq!(parse_wrk_duration("1.02s"), Some(1020.0));
+    }
+
+    #[test]
+    fn cpu_lists_are_read_as_the_kernel_writes_them() {
+        assert_eq!(cpu_list("0-3"), vec![0, 1, 2, 3]);
+        assert_eq!(cpu_list("0,2,4-5"), vec![0, 2, 4, 5]);
+        assert_eq!(cpu_list("7"), vec![7]);
+        assert_eq!(cpu_list(""), Vec::<usize>::new());
+        assert_eq!(cpu_list("3-1"), Vec::<usize>::new());
+        assert_eq!(cpu_list("a-b"), Vec::<usize>::new());
     }
 
     #[test]
