@@ -134,14 +134,8 @@ async fn exchange(
         }
     }
     loop {
-        if !conn.buf.is_empty() {
-            if let Some(h) = head::parse_response(&mut conn.buf, req.method)? {
-                // 100 Continue and other interim responses: the final one follows.
-                if h.parts.status.is_informational() && h.parts.status.as_u16() != 101 {
-                    continue;
-                }
-                return Ok(h);
-            }
+        if let Some(h) = final_head(&mut conn.buf, req.method)? {
+            return Ok(h);
         }
         let n = std::future::poll_fn(|cx| conn.poll_fill(cx, HEAD_READ))
             .await
@@ -167,21 +161,13 @@ async fn exchange(
 async fn early_response(conn: &mut Conn, method: &Method) -> Option<head::ResponseHead> {
     let deadline = tokio::time::Instant::now() + EARLY_ANSWER_WAIT;
     loop {
-        if !conn.buf.is_empty() {
-            match head::parse_response(&mut conn.buf, method) {
-                // 100 Continue and other interim responses: the final one follows.
-                Ok(Some(h))
-                    if h.parts.status.is_informational() && h.parts.status.as_u16() != 101 =>
-                {
-                    continue
-                }
-                Ok(Some(mut h)) => {
-                    h.keep_alive = false;
-                    return Some(h);
-                }
-                Ok(None) => {}
-                Err(_) => return None,
+        match final_head(&mut conn.buf, method) {
+            Ok(Some(mut h)) => {
+                h.keep_alive = false;
+                return Some(h);
             }
+            Ok(None) => {}
+            Err(_) => return None,
         }
         let read = std::future::poll_fn(|cx| conn.poll_fill(cx, HEAD_READ));
         match tokio::time::timeout_at(deadline, read).await {
@@ -189,6 +175,22 @@ async fn early_response(conn: &mut Conn, method: &Method) -> Option<head::Respon
             _ => return None,
         }
     }
+}
+
+/// The final response head in `buf`, once it is whole: interim responses (`100 Continue` and
+/// the like) before it are read past; `101` is final.
+fn final_head(
+    buf: &mut bytes::BytesMut,
+    method: &Method,
+) -> Result<Option<head::ResponseHead>, HeadError> {
+    while !buf.is_empty() {
+        match head::parse_response(buf, method)? {
+            Some(h) if h.parts.status.is_informational() && h.parts.status.as_u16() != 101 => {}
+            Some(h) => return Ok(Some(h)),
+            None => break,
+        }
+    }
+    Ok(None)
 }
 
 /// How long a connection that broke under the request body is given to show the answer the
