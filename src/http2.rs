@@ -99,11 +99,14 @@ pub async fn stalled(activity: Arc<Activity>, limit: Duration, metrics: Arc<Metr
     let mut written = activity.written.load(Ordering::Relaxed);
     let mut moved_at = Instant::now();
     loop {
-        let changed = activity.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
         if activity.open.load(Ordering::Acquire) == 0 {
-            changed.await;
+            // Registered before the second look, so a stream opened in between is not missed.
+            let changed = activity.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if activity.open.load(Ordering::Acquire) == 0 {
+                changed.await;
+            }
             moved_at = Instant::now();
             continue;
         }
