@@ -2,8 +2,8 @@
 //! to the next one, and the replica's response body, counted in flight until it is finished.
 //!
 //! Owns: [`ProxyBody`] and [`BodySlot`] (which also record why a body broke: past
-//! `proxy.max_body`, or broken by the client; and whether it waits for the client), and [`InFlight`], which counts a request at its
-//! replica until its response body ends.
+//! `proxy.max_body`, or broken by the client; and whether it waits for the client), and
+//! [`InFlight`], which counts a request at its replica until its response body ends.
 //! Must not touch: routing, retries or the upstream connection.
 
 use std::pin::Pin;
