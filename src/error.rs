@@ -73,6 +73,17 @@ pub enum GatewayError {
     ClientBodyTimeout { timeout: std::time::Duration },
     #[error("the gateway ran out of a local resource ({detail}); this is the gateway's limit, not a replica's fault: raise its file-descriptor limit or lower proxy.max_connections")]
     LocalResource { detail: String },
+    #[error("{}", over_budget(*refusal, *limit))]
+    OverBudget {
+        refusal: crate::admission::Refusal,
+        limit: u64,
+    },
+    #[error("replica {replica} carries proxy.max_requests_per_replica ({cap}) requests and {cause}; retry shortly")]
+    ReplicaBusy {
+        replica: String,
+        cap: u64,
+        cause: crate::proxy::body::NoPlace,
+    },
     #[error(
         "no replica is available to serve this request: all are down or starting (see /lb/status)"
     )]
@@ -125,6 +136,8 @@ impl GatewayError {
             GatewayError::NoSuchEndpoint { .. } => StatusCode::NOT_FOUND,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::NoReplica
+            | GatewayError::OverBudget { .. }
+            | GatewayError::ReplicaBusy { .. }
             | GatewayError::ShuttingDown
             | GatewayError::LocalResource { .. }
             | GatewayError::RingContended { .. }
@@ -145,11 +158,24 @@ impl GatewayError {
             GatewayError::RingContended { .. }
                 | GatewayError::EngineUnavailable { .. }
                 | GatewayError::ReservationLost { .. }
+                | GatewayError::OverBudget { .. }
+                | GatewayError::ReplicaBusy { .. }
+        )
+    }
+
+    /// Whether the request was refused before anything of it was processed, so an HTTP/2
+    /// client gets `REFUSED_STREAM` (which it may retry at once, RFC 9113 section 8.7) instead
+    /// of a response.
+    pub fn refuses_stream(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::OverBudget { .. } | GatewayError::ReplicaBusy { .. }
         )
     }
 
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();
+        let refused = self.refuses_stream();
         let body = serde_json::json!({"message": format!("<Error> {self}"), "status": "failure"});
         let mut resp = json_response(status, &body);
         if let GatewayError::MethodNotAllowed { allowed, .. } = self {
@@ -159,6 +185,9 @@ impl GatewayError {
         if self.retryable() {
             resp.headers_mut()
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if refused {
+            resp.extensions_mut().insert(RefusedStream);
         }
         if status == StatusCode::UNAUTHORIZED {
             // Bearer for scripts; Basic (the token as the password) so a browser asks for it
@@ -174,6 +203,24 @@ impl GatewayError {
             );
         }
         resp
+    }
+}
+
+/// Marks a response the HTTP/2 server sends as `REFUSED_STREAM` instead (see
+/// [`GatewayError::refuses_stream`]); HTTP/1 clients get the response itself.
+#[derive(Debug, Clone, Copy)]
+pub struct RefusedStream;
+
+fn over_budget(refusal: crate::admission::Refusal, limit: u64) -> String {
+    use crate::admission::Refusal;
+    match refusal {
+        Refusal::RequestsPerIp => format!(
+            "this client address has proxy.max_requests_per_ip ({limit}) requests in flight; \
+             wait for some to finish"
+        ),
+        _ => format!(
+            "the gateway has proxy.max_requests ({limit}) requests in flight; retry shortly"
+        ),
     }
 }
 

@@ -244,12 +244,15 @@ impl Gateway {
         }
         let admission = Arc::new(Admission::new(nofile_limit(), metrics.clone()));
         let access_log = AccessLog::start(metrics.clone()).map_err(StartError::Thread)?;
+        let budgets = admission.budgets(&config.proxy, config.replicas.max_replicas);
         tracing::info!(
             nofile = admission.nofile(),
-            max_connections =
-                admission.max_connections(&config.proxy, config.replicas.max_replicas),
+            max_connections = budgets.max_connections,
             max_connections_per_ip = config.proxy.max_connections_per_ip,
-            "client connection limits"
+            max_requests = budgets.max_requests,
+            max_requests_per_ip = budgets.max_requests_per_ip,
+            max_requests_per_replica = budgets.max_requests_per_replica,
+            "client connection and request limits"
         );
         Ok(Gateway {
             listeners,

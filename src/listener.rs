@@ -15,7 +15,6 @@
 //! the TLS module's (a handshake only asks it for an acceptor); HTTP/1 on the wire (heads,
 //! bodies, keep-alive and its timeout) is [`crate::http1`]'s.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -36,7 +35,7 @@ use tokio::time::Instant;
 use crate::admission::Admitted;
 use crate::body::{Body, RequestBody};
 use crate::config::{Config, PlainHttp};
-use crate::error::GatewayError;
+use crate::error::{GatewayError, RefusedStream};
 use crate::http1;
 use crate::http2::{self, Activity, StreamBody};
 use crate::metrics::Metrics;
@@ -123,6 +122,9 @@ pub async fn serve(
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.
                     service.metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                        service.admission.note_exhausted();
+                    }
                     tracing::debug!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -147,7 +149,7 @@ pub async fn serve(
             mode: mode.clone(),
             service: service.clone(),
             drain: drain_rx.clone(),
-            _admitted: admitted,
+            admitted: Arc::new(admitted),
             _counted: counted,
         };
         live.fetch_add(1, Ordering::AcqRel);
@@ -256,7 +258,8 @@ struct Connection {
     mode: Mode,
     service: Arc<Service>,
     drain: watch::Receiver<bool>,
-    _admitted: Admitted,
+    /// Its place under the connection caps; its requests ask it for theirs in the budgets.
+    admitted: Arc<Admitted>,
     /// On the count of the serving thread that serves it ([`crate::spread`]).
     _counted: Counted,
 }
@@ -285,11 +288,12 @@ impl Connection {
             mode,
             service,
             drain,
-            _admitted,
+            admitted,
             _counted,
         } = self;
         let conn = Serving {
             client,
+            admitted,
             config,
             service,
             drain,
@@ -323,6 +327,7 @@ fn handshake_timed_out(metrics: &Metrics, client: SocketAddr, what: &str) {
 /// A connection past its handshake: HTTP on a plain or a TLS stream.
 struct Serving {
     client: SocketAddr,
+    admitted: Arc<Admitted>,
     config: Arc<Config>,
     service: Arc<Service>,
     drain: watch::Receiver<bool>,
@@ -332,14 +337,15 @@ struct Serving {
 async fn answer(
     service: &Service,
     mut req: Request<RequestBody>,
+    conn: &Arc<Admitted>,
     client: SocketAddr,
     requests: Requests,
 ) -> hyper::Response<Body> {
     match requests {
-        Requests::Served => service.handle(req, client).await,
+        Requests::Served => service.handle(req, conn, client).await,
         Requests::ServedOverTls => {
             req.extensions_mut().insert(Https);
-            service.handle(req, client).await
+            service.handle(req, conn, client).await
         }
         Requests::Redirected { https_port } if redirect::redirects(req.uri().path()) => {
             let host = req
@@ -350,7 +356,7 @@ async fn answer(
             let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
             redirect::response(host.and_then(|h| redirect::location(h, target, https_port)))
         }
-        Requests::Redirected { .. } => service.handle(req, client).await,
+        Requests::Redirected { .. } => service.handle(req, conn, client).await,
         Requests::RefusedPlainOnTls { tls_port } => {
             let host = req
                 .headers()
@@ -444,15 +450,18 @@ impl Serving {
                     stream,
                 });
                 let handler = {
-                    let activity = activity.clone();
+                    let (activity, admitted) = (activity.clone(), self.admitted.clone());
                     hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (service, stream) = (service.clone(), activity.open_stream());
+                        let admitted = admitted.clone();
                         async move {
                             let req = req.map(RequestBody::http2);
-                            let resp = answer(&service, req, client, requests).await;
-                            Ok::<_, Infallible>(
-                                resp.map(|inner| Body::boxed(StreamBody::new(inner, stream))),
-                            )
+                            let resp = answer(&service, req, &admitted, client, requests).await;
+                            if resp.extensions().get::<RefusedStream>().is_some() {
+                                // Not processed at all: the client may retry it at once.
+                                return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+                            }
+                            Ok(resp.map(|inner| Body::boxed(StreamBody::new(inner, stream))))
                         }
                     })
                 };
@@ -482,7 +491,9 @@ impl Serving {
                     header_read_timeout: proxy.header_read_timeout,
                     keep_alive: !matches!(requests, Requests::RefusedPlainOnTls { .. }),
                 };
-                let handler = |req: Request<RequestBody>| answer(&service, req, client, requests);
+                let admitted = &self.admitted;
+                let handler =
+                    |req: Request<RequestBody>| answer(&service, req, admitted, client, requests);
                 let metrics = &self.service.metrics;
                 http1::serve(
                     Box::new(stream),

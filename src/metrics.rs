@@ -37,6 +37,18 @@ pub struct Metrics {
     pub connections_refused_max: AtomicU64,
     /// New connections closed at once because their address had `max_connections_per_ip`.
     pub connections_refused_per_ip: AtomicU64,
+    /// Proxied requests in flight now (from admission to the response's last byte).
+    pub requests_in_flight: AtomicU64,
+    /// Requests refused because `proxy.max_requests` were in flight.
+    pub requests_refused_max: AtomicU64,
+    /// Requests refused because their address had `proxy.max_requests_per_ip` in flight.
+    pub requests_refused_per_ip: AtomicU64,
+    /// Requests refused because their replica had `proxy.max_requests_per_replica` in flight
+    /// and no place came free within `proxy.queue_timeout` (or its queue was full).
+    pub requests_refused_replica: AtomicU64,
+    /// Connect timeouts while the gateway was short of descriptors: not counted against the
+    /// replica (the gateway may be the cause).
+    pub connect_timeouts_inconclusive: AtomicU64,
     /// Connections closed because they sent no complete first request in time.
     pub first_bytes_timeouts: AtomicU64,
     /// HTTP/2 connections closed for having no stream for `proxy.idle_timeout`.
@@ -308,6 +320,46 @@ impl Metrics {
                     get(&self.connections_refused_per_ip).to_string(),
                 ),
             ],
+        );
+        family(
+            o,
+            "ringgate_requests_in_flight",
+            "gauge",
+            "Proxied requests in flight now (admitted, response not finished).",
+            &one(get(&self.requests_in_flight)),
+        );
+        family(
+            o,
+            "ringgate_requests_refused_total",
+            "counter",
+            "Requests refused before they held anything because a budget was spent (HTTP/2: REFUSED_STREAM; HTTP/1: 503 with Retry-After): max_requests, per_ip (proxy.max_requests_per_ip), replica (proxy.max_requests_per_replica and its queue).",
+            &[
+                (
+                    "reason=\"max_requests\"".into(),
+                    get(&self.requests_refused_max).to_string(),
+                ),
+                (
+                    "reason=\"per_ip\"".into(),
+                    get(&self.requests_refused_per_ip).to_string(),
+                ),
+                (
+                    "reason=\"replica\"".into(),
+                    get(&self.requests_refused_replica).to_string(),
+                ),
+            ],
+        );
+        family(
+            o,
+            "ringgate_upstream_connections_open",
+            "gauge",
+            "Connections to replicas open now (carrying a request or idle in a pool).",
+            &one(crate::proxy::upstream::pool::open_connections()),
+        );
+        counter(
+            o,
+            "ringgate_connect_timeouts_inconclusive_total",
+            "Replica connects that timed out while the gateway itself was short of file descriptors: answered 503, not counted against the replica.",
+            &self.connect_timeouts_inconclusive,
         );
         let per_thread: Vec<(String, String)> = self
             .serving_threads

@@ -15,7 +15,7 @@ use crate::body::RequestBody;
 use hyper::Request;
 
 use crate::access_log::{AccessLog, Outcome, Started};
-use crate::admission::Admission;
+use crate::admission::{Admission, Admitted};
 use crate::body::Body;
 use crate::control::ControllerHandle;
 use crate::metrics::Metrics;
@@ -39,9 +39,11 @@ pub fn via(name: &str) -> http::HeaderValue {
 }
 
 impl Service {
+    /// Answers `req` from the connection `conn` (its place in the caps, its client's address).
     pub async fn handle(
         &self,
         req: Request<RequestBody>,
+        conn: &Arc<Admitted>,
         client: SocketAddr,
     ) -> hyper::Response<Body> {
         self.metrics.requests.add(1);
@@ -53,7 +55,8 @@ impl Service {
         } else {
             let (metrics, controller) = (&self.metrics, &self.controller);
             let mut resp =
-                crate::proxy::forward(&snap, metrics, controller, req, client, &mut outcome).await;
+                crate::proxy::forward(&snap, metrics, controller, req, conn, client, &mut outcome)
+                    .await;
             resp.headers_mut()
                 .append(http::header::VIA, self.via.clone());
             resp

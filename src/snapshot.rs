@@ -36,6 +36,10 @@ pub struct ReplicaStats {
     pub consecutive_5xx: AtomicU64,
     /// Time to response headers of the requests sent to it.
     pub latency: crate::latency::LatencyHistogram,
+    /// Requests waiting for a place under `proxy.max_requests_per_replica`
+    /// (`crate::proxy::body::InFlight::admit`), and how they are woken when one ends.
+    pub queued: std::sync::atomic::AtomicU32,
+    pub room: tokio::sync::Notify,
 }
 
 impl ReplicaStats {

@@ -365,6 +365,18 @@ pub struct ProxyConfig {
     pub http2_keepalive: Duration,
     /// Concurrent streams per HTTP/2 connection.
     pub http2_max_streams: u32,
+    /// Proxied requests in flight at once (HTTP/2 streams included); 0 derives it from the
+    /// file-descriptor limit.
+    pub max_requests: u32,
+    /// Proxied requests in flight at once from one IP address; 0 derives it (a quarter of
+    /// `max_requests`).
+    pub max_requests_per_ip: u32,
+    /// Requests in flight at once to one replica; more wait up to `queue_timeout` for a
+    /// place. 0 derives it (half of `max_requests`).
+    pub max_requests_per_replica: u32,
+    /// How long a request may wait for a place at its replica.
+    #[serde(deserialize_with = "duration")]
+    pub queue_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -386,6 +398,10 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(60),
             http2_keepalive: Duration::from_secs(20),
             http2_max_streams: 100,
+            max_requests: 0,
+            max_requests_per_ip: 0,
+            max_requests_per_replica: 0,
+            queue_timeout: Duration::from_secs(1),
         }
     }
 }

@@ -255,8 +255,18 @@ impl Config {
         if px.http2_max_streams == 0 {
             bad("proxy.http2_max_streams", "must be at least 1".into());
         }
+        if px.max_requests_per_ip > px.max_requests && px.max_requests != 0 {
+            bad(
+                "proxy.max_requests_per_ip",
+                format!(
+                    "must be at most proxy.max_requests ({}), got {}",
+                    px.max_requests, px.max_requests_per_ip
+                ),
+            );
+        }
         for (key, d) in [
             ("proxy.idle_timeout", px.idle_timeout),
+            ("proxy.queue_timeout", px.queue_timeout),
             ("proxy.http2_keepalive", px.http2_keepalive),
         ] {
             if d.is_zero() {

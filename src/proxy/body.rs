@@ -26,9 +26,16 @@ pub enum ProxyBody {
     Empty,
     Streaming {
         slot: Arc<BodySlot>,
-        taken: Option<Limited<RequestBody>>,
+        taken: Option<Unsent>,
         hint: SizeHint,
     },
+}
+
+/// The client's body as no attempt has sent it yet: the frame [`ProxyBody::started`] read ahead
+/// (if any), then the rest, still at the client.
+pub struct Unsent {
+    first: Option<Bytes>,
+    rest: Limited<RequestBody>,
 }
 
 impl ProxyBody {
@@ -39,7 +46,10 @@ impl ProxyBody {
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         ProxyBody::Streaming {
             hint: body.size_hint(),
-            slot: Arc::new(BodySlot::new(Limited::new(body, limit))),
+            slot: Arc::new(BodySlot::new(Unsent {
+                first: None,
+                rest: Limited::new(body, limit),
+            })),
             taken: None,
         }
     }
@@ -60,6 +70,38 @@ impl ProxyBody {
         }
     }
 
+    /// Waits until the client's body has started: its first frame has arrived (kept for the
+    /// first attempt to send) or the body ended. A replica connection is only taken after this,
+    /// so a request whose body never comes holds none. A body that ended with nothing becomes
+    /// [`ProxyBody::Empty`]. The error is the body's (the slot's flags say whose it was).
+    pub async fn started(&mut self) -> Result<(), BoxError> {
+        let first = loop {
+            if matches!(self, ProxyBody::Empty) {
+                return Ok(());
+            }
+            match std::future::poll_fn(|cx| Pin::new(&mut *self).poll_frame(cx)).await {
+                None => {
+                    *self = ProxyBody::Empty;
+                    return Ok(());
+                }
+                Some(Err(e)) => return Err(e),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => break data,
+                    // Trailers and empty frames carry nothing to send (trailers are not
+                    // forwarded): the body has not started yet.
+                    _ => continue,
+                },
+            }
+        };
+        if let ProxyBody::Streaming { slot, taken, .. } = self {
+            if let Some(mut unsent) = taken.take() {
+                unsent.first = Some(first);
+                *lock(&slot.body) = Some(unsent);
+            }
+        }
+        Ok(())
+    }
+
     /// A body for the next attempt over the same slot (empty stays empty).
     pub fn again(slot: Option<(Arc<BodySlot>, SizeHint)>) -> ProxyBody {
         match slot {
@@ -78,7 +120,7 @@ impl ProxyBody {
 /// retryable. The flags record why a body broke, because hyper boxes body errors in a way that
 /// hides their type from the error chain of the failed attempt.
 pub struct BodySlot {
-    body: Mutex<Option<Limited<RequestBody>>>,
+    body: Mutex<Option<Unsent>>,
     over_limit: AtomicBool,
     client_error: AtomicBool,
     /// The last read of the body waits for the client to send more.
@@ -86,7 +128,7 @@ pub struct BodySlot {
 }
 
 impl BodySlot {
-    fn new(body: Limited<RequestBody>) -> BodySlot {
+    fn new(body: Unsent) -> BodySlot {
         BodySlot {
             body: Mutex::new(Some(body)),
             over_limit: AtomicBool::new(false),
@@ -95,7 +137,7 @@ impl BodySlot {
         }
     }
 
-    fn take(&self) -> Option<Limited<RequestBody>> {
+    fn take(&self) -> Option<Unsent> {
         lock(&self.body).take()
     }
 
@@ -135,10 +177,13 @@ impl HttpBody for ProxyBody {
                 if taken.is_none() {
                     *taken = slot.take();
                 }
-                let Some(body) = taken else {
+                let Some(unsent) = taken else {
                     return Poll::Ready(None);
                 };
-                let polled = Pin::new(body).poll_frame(cx);
+                if let Some(data) = unsent.first.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                let polled = Pin::new(&mut unsent.rest).poll_frame(cx);
                 slot.waiting_on_client
                     .store(polled.is_pending(), Ordering::Relaxed);
                 if let Poll::Ready(Some(Err(e))) = &polled {
@@ -169,6 +214,15 @@ impl HttpBody for ProxyBody {
 /// One request in progress at a replica (`/rm` drains until its count is 0).
 pub struct InFlight(Arc<ReplicaStats>);
 
+/// Why a request found no place at its replica (`proxy.max_requests_per_replica`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoPlace {
+    #[error("as many requests as may run are already waiting for it")]
+    QueueFull,
+    #[error("no place came free within proxy.queue_timeout ({0:?})")]
+    Timeout(std::time::Duration),
+}
+
 impl InFlight {
     /// The replica it is counted at.
     pub fn stats(&self) -> &ReplicaStats {
@@ -193,6 +247,39 @@ impl InFlight {
         Some(InFlight::counted(stats, before + 1))
     }
 
+    /// Counts the request if the replica carries fewer than `cap`, else waits in its queue
+    /// (at most `cap` wait) up to `wait` for a place. The usual case is one atomic step.
+    pub async fn admit(
+        stats: &Arc<ReplicaStats>,
+        cap: u64,
+        wait: std::time::Duration,
+    ) -> Result<InFlight, NoPlace> {
+        if let Some(counted) = InFlight::reserve(stats, cap) {
+            return Ok(counted);
+        }
+        let cap32 = u32::try_from(cap).unwrap_or(u32::MAX);
+        if stats
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap32).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(NoPlace::QueueFull);
+        }
+        let _leave = Queued(stats);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let room = stats.room.notified();
+            if let Some(counted) = InFlight::reserve(stats, cap) {
+                return Ok(counted);
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return InFlight::reserve(stats, cap).ok_or(NoPlace::Timeout(wait));
+            }
+        }
+    }
+
     fn counted(stats: &Arc<ReplicaStats>, now: i64) -> InFlight {
         if now > stats.peak_in_flight.load(Ordering::Relaxed) {
             stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
@@ -204,6 +291,20 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // A load, not a write, in the usual case: nobody waits.
+        if self.0.queued.load(Ordering::Acquire) > 0 {
+            self.0.room.notify_one();
+        }
+    }
+}
+
+/// A place in a replica's queue, left when dropped (also when the waiting request is
+/// cancelled).
+struct Queued<'a>(&'a ReplicaStats);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -222,6 +323,36 @@ mod tests {
         let c = InFlight::reserve(&stats, 2).expect("a place came back");
         assert_eq!(stats.peak_in_flight.load(Ordering::Relaxed), 2);
         drop((b, c));
+        assert_eq!(stats.load(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_replica_queues_a_request_until_a_place_comes_free_or_the_wait_ends() {
+        let stats = Arc::new(ReplicaStats::default());
+        let wait = std::time::Duration::from_secs(1);
+        let first = InFlight::admit(&stats, 1, wait).await.expect("a place");
+        // One waits (the queue holds as many as may run), the next is refused at once.
+        let waiting = tokio::spawn({
+            let stats = stats.clone();
+            async move { InFlight::admit(&stats, 1, wait).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(stats.queued.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            InFlight::admit(&stats, 1, wait).await.err(),
+            Some(NoPlace::QueueFull)
+        );
+        drop(first);
+        let second = waiting.await.expect("joined").expect("the freed place");
+        assert_eq!(stats.load(), 1);
+        assert_eq!(stats.queued.load(Ordering::Relaxed), 0);
+        // Nothing comes free: the wait ends, and the queue is left.
+        assert_eq!(
+            InFlight::admit(&stats, 1, wait).await.err(),
+            Some(NoPlace::Timeout(wait))
+        );
+        assert_eq!(stats.queued.load(Ordering::Relaxed), 0);
+        drop(second);
         assert_eq!(stats.load(), 0);
     }
 

@@ -18,6 +18,7 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::body::RequestBody;
@@ -26,6 +27,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 
 use crate::access_log::{Outcome, Termination};
+use crate::admission::{Admitted, Refusal};
 use crate::balance;
 use crate::body::Body;
 use crate::control::ControllerHandle;
@@ -54,11 +56,12 @@ pub async fn forward(
     metrics: &Metrics,
     controller: &ControllerHandle,
     req: Request<RequestBody>,
+    client: &Arc<Admitted>,
     client_addr: SocketAddr,
     outcome: &mut Outcome,
 ) -> Response<Body> {
     let _active = retry::Active::enter();
-    match try_forward(snap, metrics, controller, req, client_addr, outcome).await {
+    match try_forward(snap, metrics, controller, req, client, client_addr, outcome).await {
         Ok(resp) => resp,
         Err(e) => {
             outcome.termination = Some(Termination::of(&e, outcome.connect_failed));
@@ -78,11 +81,13 @@ pub async fn forward(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn try_forward(
     snap: &Snapshot,
     metrics: &Metrics,
     controller: &ControllerHandle,
     req: Request<RequestBody>,
+    client: &Arc<Admitted>,
     client_addr: SocketAddr,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, GatewayError> {
@@ -94,6 +99,24 @@ async fn try_forward(
         linger(body);
         return Err(GatewayError::PayloadTooLarge { limit });
     }
+    let budgets = client.budgets(&cfg.proxy, cfg.replicas.max_replicas);
+    let mut place = Some(
+        client
+            .request(&budgets)
+            .map_err(|refusal| GatewayError::OverBudget {
+                refusal,
+                limit: match refusal {
+                    Refusal::RequestsPerIp => budgets.max_requests_per_ip,
+                    _ => budgets.max_requests,
+                },
+            })?,
+    );
+
+    // No replica connection (nor a place at a replica) for a body that has not started.
+    let started = Instant::now();
+    let mut body = ProxyBody::new(body, limit);
+    body_started(&mut body, cfg.proxy.request_timeout, limit).await?;
+    let request_timeout = cfg.proxy.request_timeout.saturating_sub(started.elapsed());
 
     let router = snap.router();
     let key = router.key(&parts, client_addr.ip());
@@ -102,7 +125,6 @@ async fn try_forward(
     let owner = snap.ring.owner(slot).ok_or(GatewayError::NoReplica)?;
     let (first, mut reserved) = balanced(snap, metrics, slot, key, owner);
 
-    let mut body = ProxyBody::new(body, limit);
     let framing = upstream::framing_of(&parts.method, &body);
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let authority = parts.uri.authority().map(|a| a.as_str());
@@ -130,6 +152,9 @@ async fn try_forward(
         tried.push(server);
         let replica = snap.upstream(server).ok_or(GatewayError::NoReplica)?;
         outcome.replica = Some(replica.id);
+        let short_of_descriptors = client
+            .admission()
+            .short_of_descriptors(cfg.replicas.max_replicas);
         let req = upstream::Request {
             addr: replica.addr,
             connect_timeout: cfg.proxy.connect_timeout,
@@ -137,21 +162,39 @@ async fn try_forward(
             method,
             head: &head,
             framing,
+            // Idle replica connections are descriptors too: none kept while they are short.
+            keep_idle: !short_of_descriptors,
         };
         let slot_handle = body.slot();
+        let counted = match reserved.take() {
+            Some(counted) => counted,
+            None => {
+                let cap = budgets.max_requests_per_replica;
+                match InFlight::admit(&replica.stats, cap, cfg.proxy.queue_timeout).await {
+                    Ok(counted) => counted,
+                    Err(cause) => {
+                        metrics
+                            .requests_refused_replica
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Err(GatewayError::ReplicaBusy {
+                            replica: replica.name.clone(),
+                            cap,
+                            cause,
+                        });
+                    }
+                }
+            }
+        };
         let started = Instant::now();
-        let counted = reserved
-            .take()
-            .unwrap_or_else(|| InFlight::start(&replica.stats));
         // Built in place: a future bound to a variable first and then moved into the timeout
         // is stored twice in this function's future (measured: 4,880 bytes, 2,752 with this and
         // the connect boxed), and all of it is copied as the request's future is built.
-        let sent = tokio::time::timeout(
-            cfg.proxy.request_timeout,
-            upstream::send(&req, &mut body, counted),
-        );
+        let sent = tokio::time::timeout(request_timeout, upstream::send(&req, &mut body, counted));
         let e = match sent.await {
-            Ok(Ok(resp)) => {
+            Ok(Ok(mut resp)) => {
+                if let Some(place) = place.take() {
+                    resp.body_mut().hold(place);
+                }
                 let took = started.elapsed();
                 outcome.upstream = Some(took);
                 replica
@@ -196,8 +239,21 @@ async fn try_forward(
             }
         }
         if let Some(detail) = local_resource_cause(&e) {
+            client.admission().note_exhausted();
             tracing::debug!(replica = %replica.name, %detail, "local resource error; not the replica's fault");
             return Err(GatewayError::LocalResource { detail });
+        }
+        if e.is_connect_timeout() && short_of_descriptors {
+            // The gateway's own shortage may be why the connection was not made in time.
+            metrics
+                .connect_timeouts_inconclusive
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(GatewayError::LocalResource {
+                detail: format!(
+                    "{} while the gateway was short of file descriptors",
+                    error_chain(&e)
+                ),
+            });
         }
         replica.stats.failures.fetch_add(1, Ordering::Relaxed);
         outcome.connect_failed = e.is_connect();
@@ -329,6 +385,26 @@ fn balanced(
             counter.fetch_add(1, Ordering::Relaxed);
         }
         return (id, reserved);
+    }
+}
+
+/// Waits (up to `timeout`) until the client's body has started ([`ProxyBody::started`]); a
+/// body that does not is the client's failure.
+async fn body_started(
+    body: &mut ProxyBody,
+    timeout: Duration,
+    limit: u64,
+) -> Result<(), GatewayError> {
+    let slot = body.slot();
+    match tokio::time::timeout(timeout, body.started()).await {
+        Ok(Ok(())) => Ok(()),
+        Err(_) => Err(GatewayError::ClientBodyTimeout { timeout }),
+        Ok(Err(_)) if slot.is_some_and(|(s, _)| s.over_limit()) => {
+            Err(GatewayError::PayloadTooLarge { limit })
+        }
+        Ok(Err(e)) => Err(GatewayError::ClientBody {
+            detail: error_chain(&*e),
+        }),
     }
 }
 

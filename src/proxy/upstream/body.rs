@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use super::pool::{self, Conn};
+use crate::admission::RequestPlace;
 use crate::error::BoxError;
 use crate::http1::framing::{BodyFraming, DecodeError, Decoder, ReadError, Source};
 use crate::proxy::body::InFlight;
@@ -27,6 +28,8 @@ pub struct UpstreamBody {
     /// `proxy.read_timeout`: the longest the replica may send nothing in the middle of it.
     stall: StallTimer,
     in_flight: InFlight,
+    /// The request's place in the gateway's request budgets, given back with the body.
+    place: Option<RequestPlace>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,11 +71,17 @@ impl UpstreamBody {
             keep_alive,
             stall: StallTimer::new(read_timeout),
             in_flight,
+            place: None,
         };
         if body.decoder.is_done() {
             body.finish();
         }
         body
+    }
+
+    /// Keeps the request counted in the gateway's budgets until this body is done with.
+    pub fn hold(&mut self, place: RequestPlace) {
+        self.place = Some(place);
     }
 
     /// The body ended: the connection goes back to the pool if it can carry another request.

@@ -57,6 +57,11 @@ impl SendError {
         matches!(self, SendError::Connect(_))
     }
 
+    /// The connection was not made within `proxy.connect_timeout`.
+    pub fn is_connect_timeout(&self) -> bool {
+        matches!(self, SendError::Connect(ConnectError::Timeout(_)))
+    }
+
     /// The replica's address refused the connection (nothing listens there: the replica died or
     /// has not started): it cost the replica nothing and took one round trip.
     pub fn is_refused(&self) -> bool {
@@ -73,6 +78,8 @@ pub struct Request<'a> {
     pub method: &'a Method,
     pub head: &'a [u8],
     pub framing: RequestFraming,
+    /// The connection may go back to the idle pool once the response is read.
+    pub keep_idle: bool,
 }
 
 /// Sends `req` with `body` and returns the response with its streaming body; `in_flight`
@@ -96,7 +103,7 @@ pub async fn send(
                 let body = UpstreamBody::new(
                     conn,
                     head.framing,
-                    head.keep_alive,
+                    head.keep_alive && req.keep_idle,
                     req.read_timeout,
                     in_flight,
                 );

@@ -15,6 +15,7 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use rustc_hash::FxHashMap;
@@ -108,6 +109,32 @@ pub fn set_upstream_tls(tls: Option<UpstreamTls>) {
     UPSTREAM_TLS.with(|t| *t.borrow_mut() = tls);
 }
 
+/// Connections to replicas open in this process (carrying a request or idle in a pool). A
+/// process-wide count because it counts a process-wide resource, file descriptors: the gateway
+/// compares it with its limit ([`crate::admission::Admission::short_of_descriptors`]).
+static OPEN: AtomicU64 = AtomicU64::new(0);
+
+/// Connections to replicas open now.
+pub fn open_connections() -> u64 {
+    OPEN.load(Ordering::Relaxed)
+}
+
+/// One open replica connection in [`OPEN`], until dropped.
+struct Counted;
+
+impl Counted {
+    fn new() -> Counted {
+        OPEN.fetch_add(1, Ordering::Relaxed);
+        Counted
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One connection to a replica.
 pub struct Conn {
     stream: Stream,
@@ -115,6 +142,7 @@ pub struct Conn {
     pub buf: BytesMut,
     addr: SocketAddr,
     idle_since: Instant,
+    _counted: Counted,
 }
 
 impl Conn {
@@ -126,6 +154,7 @@ impl Conn {
             Err(_) => return Err(ConnectError::Timeout(timeout)),
         };
         let _ = stream.set_nodelay(true);
+        let counted = Counted::new();
         let stream = match UPSTREAM_TLS.with(|t| t.borrow().clone()) {
             None => Stream::Plain(stream),
             // The handshake is part of connecting: a replica that fails it got nothing yet.
@@ -140,6 +169,7 @@ impl Conn {
             buf: BytesMut::new(),
             addr,
             idle_since: Instant::now(),
+            _counted: counted,
         })
     }
 

@@ -64,6 +64,7 @@ fn get_request(addr: SocketAddr, read_timeout: Duration) -> Request<'static> {
         method: &Method::GET,
         head: b"GET / HTTP/1.1\r\nhost: t\r\n\r\n",
         framing: RequestFraming::None,
+        keep_idle: true,
     }
 }
 
