@@ -9,6 +9,11 @@
 //! and once with it. Nothing here reaches a real engine, so it passes the same where one runs.
 //! Must not touch: the Docker, Swarm and browser tests themselves.
 
+// docker.rs and chromium.rs each bring `engines.rs` along (a test binary includes the support
+// modules it needs, and most need one of the two); this one needs both, so it holds two
+// copies, which is harmless.
+#![allow(clippy::duplicate_mod)]
+
 #[macro_use]
 #[path = "support/docker.rs"]
 mod docker_support;
@@ -17,13 +22,11 @@ mod docker_support;
 mod swarm_support;
 #[path = "support/chromium.rs"]
 mod chromium;
-#[path = "support/engines.rs"]
-mod engines;
 mod support;
 
 use std::process::Command;
 
-use engines::{decide, required_by, Missing, REQUIRE_ENGINES};
+use docker_support::engines::{decide, required_by, Missing, REQUIRE_ENGINES};
 
 /// Set in the child's environment: the engine was made absent on purpose.
 const CHILD: &str = "RINGGATE_ENGINES_CHILD";
