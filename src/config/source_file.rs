@@ -113,6 +113,19 @@ mod tests {
         assert!(matches!(made, Ok(true)), "mkfifo {}", path.display());
     }
 
+    /// Opens a FIFO for writing when dropped, which releases a read blocked on it; without a
+    /// reader the open just fails.
+    struct Unblock(std::path::PathBuf);
+
+    impl Drop for Unblock {
+        fn drop(&mut self) {
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.0);
+        }
+    }
+
     /// `read_source_file` on another thread, failing the test (not hanging it) if it blocks.
     fn read_within(path: &Path, max: u64) -> Result<Vec<u8>, FileReadError> {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -129,7 +142,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let fifo = dir.path().join("lb.toml");
         mkfifo(&fifo);
-        // No writer ever opens it: a blocking open would wait forever.
+        // No writer ever opens it: a blocking open would wait forever (until this guard, should
+        // the read ever block, releases it at the end of the test).
+        let _unblock = Unblock(fifo.clone());
         let e = read_within(&fifo, 1 << 20).expect_err("a FIFO is refused");
         assert!(
             matches!(e, FileReadError::NotRegular { kind } if kind.contains("FIFO")),

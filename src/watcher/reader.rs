@@ -109,8 +109,12 @@ impl<T: Send + 'static> Reader<T> {
         let started = Instant::now();
         match tokio::time::timeout(self.timeout, &mut rx).await {
             Ok(Ok(value)) => Ok(value),
-            // The thread went away with the job: only a panic does that.
-            Ok(Err(_)) => Err(ReadError::Panicked),
+            // The thread went away with the job: only a panic does that. It may not have
+            // dropped its end of the job channel yet, so the next read must not hand it a job.
+            Ok(Err(_)) => {
+                lock(&self.inner).jobs = None;
+                Err(ReadError::Panicked)
+            }
             Err(_) => {
                 lock(&self.inner).overdue = Some((rx, started));
                 Err(ReadError::Stuck {
@@ -167,6 +171,20 @@ mod tests {
         assert_eq!(reader.clone().read(|| 8).await.ok(), Some(8));
     }
 
+    /// Opens a FIFO for writing when dropped, which releases a read blocked on it (also when the
+    /// test fails before it does so itself); without a reader the open just fails.
+    struct Unblock(std::path::PathBuf);
+
+    impl Drop for Unblock {
+        fn drop(&mut self) {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.0);
+        }
+    }
+
     /// A read that really blocks: a blocking open of a FIFO no writer has opened yet (what the
     /// watcher did before it opened files without blocking).
     #[tokio::test]
@@ -178,6 +196,7 @@ mod tests {
             .status()
             .map(|s| s.success());
         assert!(matches!(made, Ok(true)), "mkfifo");
+        let _unblock = Unblock(fifo.clone());
         let reader = Reader::with_timeout("test", SHORT);
         let runs = Arc::new(AtomicUsize::new(0));
         let blocking = {
