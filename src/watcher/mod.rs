@@ -74,7 +74,9 @@ const SETTLE: Duration = Duration::from_millis(200);
 const MAX_SETTLE: Duration = Duration::from_secs(10);
 /// The safety-net content check.
 const POLL: Duration = Duration::from_secs(1);
-/// Why a source could not be read.
+
+/// Why a source could not be read (the typed errors underneath are the readers'; a read is kept
+/// as text so two reads can be compared and the error sent on as it is shown).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ReadFailure {
     /// The gateway's own shortage (out of descriptors, no thread for the read). It says nothing
