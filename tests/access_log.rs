@@ -341,3 +341,57 @@ async fn sighup_reopens_the_file_after_logrotate_moved_it() {
         "{new:?}"
     );
 }
+
+/// A User-Agent with bytes outside ASCII (Latin-1 `é`, then a UTF-8 `✓`), sent as raw bytes as
+/// a client may: HTTP allows such bytes (obs-text) in a field value.
+const AGENT: &[u8] = b"caf\xe9 \xe2\x9c\x93/1.0";
+/// How both formats show it: each such byte as `\xHH`, as NGINX does.
+const AGENT_SHOWN: &str = r"caf\xE9 \xE2\x9C\x93/1.0";
+
+async fn get_with_agent(gw: &GatewayProcess, id: u32) {
+    let mut request =
+        format!("GET /home?id={id} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: ").into_bytes();
+    request.extend_from_slice(AGENT);
+    request.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+    let (code, body) = raw(gw.addr, &request).await;
+    assert_eq!(code, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_agent_with_non_ascii_bytes_is_escaped_in_both_formats_not_dropped() {
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("access.log");
+    let gw = GatewayProcess::start_toml(&logged_conf(&log, "json"));
+    get_with_agent(&gw, 42).await;
+    let got = lines_with(&log, "/home?id=42");
+    let line = got
+        .iter()
+        .find(|l| l.contains("/home?id=42"))
+        .unwrap_or_else(|| panic!("no line for the request:\n{}", got.join("\n")));
+    assert_eq!(json(line)["user_agent"], AGENT_SHOWN, "{line}");
+
+    let text = std::fs::read_to_string(&gw.config_path).expect("config");
+    std::fs::write(
+        &gw.config_path,
+        text.replace("format = \"json\"", "format = \"combined\""),
+    )
+    .expect("edit");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let combined = loop {
+        get_with_agent(&gw, 7).await;
+        let all = lines(&log, 0);
+        if let Some(l) = all.iter().find(|l| l.starts_with("127.0.0.1 - - [")) {
+            break l.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no combined line after the edit:\n{}",
+            all.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        combined.contains(&format!(" \"-\" \"{AGENT_SHOWN}\" rt=")),
+        "{combined}"
+    );
+}

@@ -53,6 +53,9 @@ fn owner_strings(status: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_page_shows_the_live_ring_and_answers_what_if() {
+    let Some(chromium_binary) = chromium::require() else {
+        return;
+    };
     let gw = GatewayProcess::start(&Conf {
         replicas: "count = 3\nmax_replicas = 8\n".into(),
         ..Conf::default()
@@ -62,7 +65,7 @@ async fn the_operator_page_shows_the_live_ring_and_answers_what_if() {
     let page_url = gw.url("/lb/");
 
     let mut b = tokio::task::block_in_place(|| {
-        let mut b = chromium::Browser::start(1400, 1050);
+        let mut b = chromium::Browser::start(&chromium_binary, 1400, 1050);
         b.open(&page_url);
         b.wait_for(
             "the ring and three replica rows",

@@ -1,6 +1,7 @@
 //! One access log line: a [`Record`] written as JSON or in the `combined` format.
 //!
-//! Owns: the fields of a line, their order and escaping, and UTC timestamps (RFC 3339 for JSON,
+//! Owns: the fields of a line, their order and escaping (header values are raw bytes: any byte
+//! outside printable ASCII is written `\xHH`, as NGINX does, in both formats), and UTC timestamps (RFC 3339 for JSON,
 //! `[02/Dec/2026:06:01:33 +0000]` for combined), all as pure functions appending to a buffer.
 //! Must not touch: I/O or time sources; the caller gives the record and its timestamp.
 
@@ -35,8 +36,9 @@ pub struct Record<'a> {
     pub slot: Option<u32>,
     pub retries: u32,
     pub termination: &'a str,
-    pub referer: Option<&'a str>,
-    pub user_agent: Option<&'a str>,
+    /// Header values as the client sent them: bytes, which need not be ASCII or UTF-8.
+    pub referer: Option<&'a [u8]>,
+    pub user_agent: Option<&'a [u8]>,
 }
 
 /// The calendar date and time (UTC) of `t`: year, month, day, hour, minute, second, millisecond.
@@ -145,6 +147,23 @@ fn client(out: &mut Vec<u8>, addr: SocketAddr) {
     num(out, u64::from(addr.port()));
 }
 
+/// `b` cut to [`MAX_FIELD`] bytes.
+fn cut_bytes(b: &[u8]) -> &[u8] {
+    &b[..b.len().min(MAX_FIELD)]
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// `\xHH` for byte `b`.
+fn hex_escape(out: &mut Vec<u8>, b: u8) {
+    out.extend_from_slice(&[
+        b'\\',
+        b'x',
+        HEX[usize::from(b >> 4)],
+        HEX[usize::from(b & 15)],
+    ]);
+}
+
 fn cut(s: &str) -> &str {
     if s.len() <= MAX_FIELD {
         return s;
@@ -173,6 +192,29 @@ fn json_opt(out: &mut Vec<u8>, s: Option<&str>) {
         Some(s) => json_str(out, s),
         None => out.extend_from_slice(b"null"),
     }
+}
+
+/// A header value as a JSON string: the same text the combined format shows (bytes outside
+/// printable ASCII and `\` as `\xHH`), so a line is valid UTF-8 JSON whatever the client sent
+/// and the escape is unambiguous; `"` is JSON's to escape.
+fn json_header(out: &mut Vec<u8>, value: Option<&[u8]>) {
+    let Some(value) = value else {
+        out.extend_from_slice(b"null");
+        return;
+    };
+    out.push(b'"');
+    for &b in cut_bytes(value) {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            // The backslash of `\xHH`, escaped for JSON.
+            b'\\' | 0..=0x1f | 0x7f..=0xff => {
+                out.push(b'\\');
+                hex_escape(out, b);
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
 }
 
 /// Appends `r` as one JSON line.
@@ -225,34 +267,28 @@ pub fn json(out: &mut Vec<u8>, r: &Record<'_>) {
     out.extend_from_slice(b",\"termination\":");
     json_str(out, r.termination);
     out.extend_from_slice(b",\"referer\":");
-    json_opt(out, r.referer);
+    json_header(out, r.referer);
     out.extend_from_slice(b",\"user_agent\":");
-    json_opt(out, r.user_agent);
+    json_header(out, r.user_agent);
     out.extend_from_slice(b"}\n");
 }
 
 /// `s` escaped for a quoted field of the combined format: `"`, `\` and bytes outside printable
 /// ASCII as `\xHH`, as NGINX writes them, so a client cannot forge a line or a field.
-fn escaped(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for &b in cut(s).as_bytes() {
+fn escaped(out: &mut Vec<u8>, s: &[u8]) {
+    for &b in cut_bytes(s) {
         if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
-            out.extend_from_slice(&[
-                b'\\',
-                b'x',
-                HEX[usize::from(b >> 4)],
-                HEX[usize::from(b & 15)],
-            ]);
+            hex_escape(out, b);
         } else {
             out.push(b);
         }
     }
 }
 
-fn quoted(out: &mut Vec<u8>, s: Option<&str>) {
+fn quoted(out: &mut Vec<u8>, s: Option<&[u8]>) {
     out.push(b'"');
     match s {
-        None | Some("") => out.push(b'-'),
+        None | Some(b"") => out.push(b'-'),
         Some(s) => escaped(out, s),
     }
     out.push(b'"');
@@ -276,11 +312,11 @@ pub fn combined(out: &mut Vec<u8>, r: &Record<'_>) {
     out.push(b':');
     padded(out, u64::from(s), 2);
     out.extend_from_slice(b" +0000] \"");
-    escaped(out, r.method);
+    escaped(out, r.method.as_bytes());
     out.push(b' ');
-    escaped(out, r.path);
+    escaped(out, r.path.as_bytes());
     out.push(b' ');
-    escaped(out, r.protocol);
+    escaped(out, r.protocol.as_bytes());
     out.extend_from_slice(b"\" ");
     num(out, u64::from(r.status));
     out.push(b' ');
@@ -297,7 +333,7 @@ pub fn combined(out: &mut Vec<u8>, r: &Record<'_>) {
         None => out.push(b'-'),
     }
     out.extend_from_slice(b" replica=");
-    escaped(out, r.replica.unwrap_or("-"));
+    escaped(out, r.replica.unwrap_or("-").as_bytes());
     out.extend_from_slice(b" slot=");
     match r.slot {
         Some(s) => num(out, u64::from(s)),
@@ -342,7 +378,7 @@ mod tests {
             retries: 0,
             termination: "ok",
             referer: None,
-            user_agent: Some("curl/8.5.0"),
+            user_agent: Some(b"curl/8.5.0"),
         }
     }
 
@@ -415,7 +451,7 @@ mod tests {
         combined(
             &mut out,
             &Record {
-                user_agent: Some("evil\"\n127.0.0.1 - - fake"),
+                user_agent: Some(b"evil\"\n127.0.0.1 - - fake"),
                 upstream: None,
                 replica: None,
                 slot: None,
@@ -434,6 +470,58 @@ mod tests {
             line.ends_with("urt=- replica=- slot=- retries=0 term=no_replica scheme=http\n"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn header_values_with_any_byte_are_escaped_alike_in_both_formats() {
+        // Latin-1 (not UTF-8), UTF-8, a control byte, DEL, a backslash and a quote.
+        let agent: &[u8] = b"caf\xe9 \xe2\x9c\x93 \x01\x7f a\\b \"q\"";
+        let shown = r#"caf\xE9 \xE2\x9C\x93 \x01\x7F a\x5Cb "q""#;
+        let r = Record {
+            user_agent: Some(agent),
+            referer: Some(b"http://ex.test/\xff"),
+            ..record()
+        };
+        let mut out = Vec::new();
+        json(&mut out, &r);
+        let line = String::from_utf8(out).expect("a JSON line is UTF-8 whatever the client sent");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        assert_eq!(v["user_agent"], shown, "{line}");
+        assert_eq!(v["referer"], r"http://ex.test/\xFF", "{line}");
+        let mut out = Vec::new();
+        combined(&mut out, &r);
+        let line = String::from_utf8(out).expect("UTF-8");
+        let shown_combined = shown.replace('"', r"\x22");
+        assert!(
+            line.contains(&format!("\"http://ex.test/\\xFF\" \"{shown_combined}\"")),
+            "{line}"
+        );
+        // Plain ASCII is copied as it is; an empty or absent value is `-` / null.
+        let mut out = Vec::new();
+        json(
+            &mut out,
+            &Record {
+                user_agent: Some(b""),
+                ..record()
+            },
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+        assert_eq!(
+            (v["user_agent"].as_str(), v["referer"].is_null()),
+            (Some(""), true)
+        );
+        // A long value is cut before it is escaped.
+        let long = vec![0xffu8; 3 * MAX_FIELD];
+        let mut out = Vec::new();
+        json(
+            &mut out,
+            &Record {
+                user_agent: Some(&long),
+                ..record()
+            },
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+        assert_eq!(v["user_agent"].as_str().map(str::len), Some(4 * MAX_FIELD));
     }
 
     #[test]

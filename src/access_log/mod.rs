@@ -386,8 +386,10 @@ impl Pending {
             Version::HTTP_3 => "HTTP/3.0",
             _ => "HTTP/1.1",
         };
-        fn text(v: &Option<HeaderValue>) -> Option<&str> {
-            v.as_ref().and_then(|v| v.to_str().ok())
+        // The bytes as sent: `to_str` refuses anything outside visible ASCII, which made a
+        // non-ASCII value disappear from the line instead of being escaped.
+        fn text(v: &Option<HeaderValue>) -> Option<&[u8]> {
+            v.as_ref().map(HeaderValue::as_bytes)
         }
         let record = format::Record {
             time: s.time,

@@ -3,7 +3,8 @@
 //!
 //! Owns: reading the file, parsing it with `toml_edit` (whose spans say where every key and
 //! table sits), deserialising it into the section structs (unknown keys and wrong types
-//! rejected), running the validator and pointing each of its problems at its line.
+//! rejected), running the validator and pointing each of its problems at its line. The file is
+//! read through [`read_source_file`]: a regular file of at most [`MAX_CONFIG_FILE`] bytes.
 //! Must not touch: what the keys mean or which values are allowed (the section structs and the
 //! validator say that), or anything running.
 
@@ -13,7 +14,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml_edit::{ImDocument, Item, Table};
 
+use super::source_file::{read_source_file, FileReadError};
 use super::{Config, Problem};
+
+/// Largest config file read: `conf/lb.toml` with every key documented is about 20 KiB.
+pub const MAX_CONFIG_FILE: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -21,7 +26,7 @@ pub enum ConfigError {
     Read {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: FileReadError,
     },
     #[error(
         "{}: the config file is empty (nothing but whitespace or comments). A file cut off while it \
@@ -46,14 +51,32 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// A read that failed for the process's own shortage of descriptors, not for the file.
+    pub fn is_local_resource(&self) -> bool {
+        matches!(self, ConfigError::Read { source, .. } if source.is_local_resource())
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        Config::parse(&Config::read_text(path)?, path)
+    }
+
+    /// Reads a config file's text (see [`read_source_file`]; at most [`MAX_CONFIG_FILE`] bytes).
+    pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+        let read = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
-        Config::parse(&text, path)
+        };
+        let bytes = read_source_file(path, MAX_CONFIG_FILE).map_err(read)?;
+        String::from_utf8(bytes).map_err(|e| {
+            read(FileReadError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e.utf8_error(),
+            )))
+        })
     }
 
     /// Parses and validates config text; `path` only names the source in errors. Text without a
@@ -198,6 +221,31 @@ mod tests {
 
     fn err(text: &str) -> String {
         parse(text).expect_err("should be rejected").to_string()
+    }
+
+    #[test]
+    fn a_config_path_that_is_no_regular_file_or_too_large_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("lb.toml");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .map(|s| s.success());
+        assert!(matches!(made, Ok(true)), "mkfifo");
+        // The read does not wait for a writer (source_file's tests prove it on a thread).
+        let e = Config::load(&fifo).expect_err("a FIFO config is an error");
+        assert!(!e.is_local_resource());
+        let text = e.to_string();
+        assert!(text.contains("lb.toml") && text.contains("FIFO"), "{text}");
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; MAX_CONFIG_FILE as usize + 1]).expect("write");
+        let text = Config::load(&big).expect_err("too large").to_string();
+        assert!(text.contains("larger than"), "{text}");
+        let emfile = ConfigError::Read {
+            path: "lb.toml".into(),
+            source: FileReadError::Io(std::io::Error::from_raw_os_error(libc::EMFILE)),
+        };
+        assert!(emfile.is_local_resource());
     }
 
     #[test]

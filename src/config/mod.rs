@@ -2,6 +2,7 @@
 //!
 //! Owns: the shape of the config (one struct per `[section]`) and its defaults; the submodules
 //! own the rest: [`load`] (file and text to a valid `Config`, errors naming file, line and key),
+//! [`source_file`] (reading an operator's file: regular files only, without blocking, capped),
 //! [`validate`] (every problem at once, each naming its key) and [`values`] (durations, sizes,
 //! address ranges). A `Config` that exists is valid.
 //! Must not touch: anything running. Applying a config is the controller's job; watching the
@@ -18,10 +19,11 @@ use serde::{Deserialize, Serialize};
 use crate::hashing::{HashFunction, KeySource, KeySources};
 
 mod load;
+pub mod source_file;
 mod validate;
 mod values;
 
-pub use load::ConfigError;
+pub use load::{ConfigError, MAX_CONFIG_FILE};
 pub use validate::Problem;
 pub use values::parse_size;
 use values::{byte_size, duration, expect_status, from_str, ip_nets, key_sources};

@@ -20,7 +20,12 @@ use rustls::sign::CertifiedKey;
 use serde::Serialize;
 use x509_parser::extensions::GeneralName;
 
+use crate::config::source_file::{read_source_file, FileReadError};
 use crate::config::CertificatePair;
+
+/// Largest certificate or key file read: a chain with its intermediates is a few KiB, a file
+/// that also holds a CA bundle a few hundred.
+pub const MAX_CERT_FILE: u64 = 1 << 20;
 
 /// Why a certificate/key pair cannot serve. Each says which file and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +34,7 @@ pub enum CertError {
     Read {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: FileReadError,
     },
     #[error("{}: no PEM certificate in it (expected -----BEGIN CERTIFICATE----- blocks: the server's certificate first, then its intermediates)", path.display())]
     NoCertificate { path: PathBuf },
@@ -69,6 +74,11 @@ impl CertError {
     pub fn is_key_mismatch(&self) -> bool {
         matches!(self, CertError::KeyMismatch { .. })
     }
+
+    /// A read that failed for the process's own shortage of descriptors, not for the file.
+    pub fn is_local_resource(&self) -> bool {
+        matches!(self, CertError::Read { source, .. } if source.is_local_resource())
+    }
 }
 
 /// What `/lb/status` shows of one certificate.
@@ -102,10 +112,11 @@ pub struct PairBytes {
     pub key: Vec<u8>,
 }
 
-/// Reads a pair's files.
+/// Reads a pair's files: regular files of at most [`MAX_CERT_FILE`] bytes, opened without
+/// blocking (see [`read_source_file`]).
 pub fn read(pair: &CertificatePair) -> Result<PairBytes, CertError> {
     let read = |path: &Path| {
-        std::fs::read(path).map_err(|source| CertError::Read {
+        read_source_file(path, MAX_CERT_FILE).map_err(|source| CertError::Read {
             path: path.to_owned(),
             source,
         })
@@ -374,6 +385,26 @@ mod tests {
             e.contains("certificate 1 of the chain is not valid X.509"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_key_path_that_is_a_fifo_is_an_error_not_a_hung_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, _) = generate(&["a.test"], -1, 30);
+        let pair = CertificatePair {
+            cert: dir.path().join("c.pem"),
+            key: Some(dir.path().join("k.pem")),
+        };
+        std::fs::write(&pair.cert, cert).expect("write");
+        let made = std::process::Command::new("mkfifo")
+            .arg(pair.key_file())
+            .status()
+            .map(|s| s.success());
+        assert!(matches!(made, Ok(true)), "mkfifo");
+        let e = read(&pair).expect_err("a FIFO key is an error");
+        assert!(!e.is_local_resource());
+        let text = e.to_string();
+        assert!(text.contains("k.pem") && text.contains("FIFO"), "{text}");
     }
 
     #[test]

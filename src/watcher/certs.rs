@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{watch_dir, ControllerHandle, Source, State};
+use super::reader::Reader;
+use super::{watch_dir, ControllerHandle, Read, ReadFailure, Settling, Source, State};
 use crate::config::CertificatePair;
-use crate::tls::certs::PairBytes;
+use crate::tls::certs::{CertError, PairBytes};
 use crate::tls::{Tls, TlsError};
 
 /// How long a key that does not match its certificate is taken as a pair half-way through being
@@ -53,25 +54,26 @@ impl CertFiles {
 pub(super) struct CertWatch {
     pub(super) tls: Arc<Tls>,
     pub(super) files: CertFiles,
-    /// The last settled read of the files (their content, or why they cannot be read).
-    pub(super) last: Option<Result<Vec<PairBytes>, String>>,
+    /// The last settled read of the files (their content, or why they cannot be read; never a
+    /// [`ReadFailure::Local`]).
+    pub(super) last: Option<Read<Vec<PairBytes>>>,
     /// Since when the settled files hold a key that does not match its certificate.
     pub(super) mismatch_since: Option<Instant>,
     /// Directories notify watches.
     pub(super) watched: Vec<PathBuf>,
+    pub(super) reader: Reader<Result<Vec<PairBytes>, CertError>>,
 }
 
-async fn read_certs(pairs: Vec<CertificatePair>) -> Result<Vec<PairBytes>, String> {
-    let read = move || {
-        pairs
-            .iter()
-            .map(crate::tls::certs::read)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())
-    };
-    match tokio::task::spawn_blocking(read).await {
-        Ok(r) => r,
-        Err(e) => Err(format!("reading the certificate files failed: {e}")),
+async fn read_certs(
+    reader: Reader<Result<Vec<PairBytes>, CertError>>,
+    pairs: Vec<CertificatePair>,
+) -> Read<Vec<PairBytes>> {
+    let read = move || pairs.iter().map(crate::tls::certs::read).collect();
+    match reader.read(read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) if e.is_local_resource() => Err(ReadFailure::Local(e.to_string())),
+        Ok(Err(e)) => Err(ReadFailure::File(e.to_string())),
+        Err(e) => Err(ReadFailure::unread("the TLS certificate and key files", e)),
     }
 }
 
@@ -83,24 +85,34 @@ impl State {
         };
         let pairs = certs.files.pairs.clone();
         let pending_mismatch = certs.mismatch_since.is_some();
-        let first = read_certs(pairs.clone()).await;
-        let unchanged = certs.last.as_ref() == Some(&first);
-        if unchanged && !pending_mismatch && !self.writer_open(Source::Certificates) {
+        let reader = certs.reader.clone();
+        let first = read_certs(reader.clone(), pairs.clone()).await;
+        if self.short_of_resources(Source::Certificates, &first) {
+            return true;
+        }
+        let unchanged = self
+            .certs
+            .as_ref()
+            .is_some_and(|c| c.last.as_ref() == Some(&first));
+        if unchanged && !pending_mismatch && !self.writing(Source::Certificates, &first) {
             return true;
         }
         let read = if unchanged {
             first
         } else {
             match self
-                .settle(Source::Certificates, first, || read_certs(pairs.clone()))
+                .settle(Source::Certificates, first, || {
+                    read_certs(reader.clone(), pairs.clone())
+                })
                 .await
             {
-                Some(read) => read,
-                None => {
+                Settling::Settled(read) => read,
+                Settling::KeptChanging => {
                     return self
                         .report_unsettled(Source::Certificates, controller)
                         .await
                 }
+                Settling::ShortOfResources => return true,
             }
         };
         let Some(certs) = self.certs.as_mut() else {
@@ -112,9 +124,9 @@ impl State {
         certs.last = Some(read.clone());
         let bytes = match read {
             Ok(bytes) => bytes,
-            Err(error) => {
+            Err(failure) => {
                 certs.mismatch_since = None;
-                certs.tls.reject(&error);
+                certs.tls.reject(failure.message());
                 return true;
             }
         };

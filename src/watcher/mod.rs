@@ -29,6 +29,19 @@
 //! a line end while its writer has closed it: `docs/policies.md` ("Editing safely") recommends
 //! writing a new file and renaming it over the old one, which this watcher sees as one complete
 //! change (it watches directories, so the replaced inode does not matter).
+//!
+//! # Reads that cannot hang, and failures that are the gateway's own
+//!
+//! Files are read through `config::source_file`: regular files only, opened without blocking,
+//! capped in size, so a FIFO or a device at a watched path is an error shown in `/lb/status`
+//! (nothing changes), never a read that waits for a writer. Each source is read on its own
+//! thread ([`reader`]) and a check waits at most `reader::READ_TIMEOUT` for it: a file system
+//! that stops answering makes that source an error while the others are still watched, and it
+//! cannot keep SIGTERM from ending the process.
+//! A read that fails because the gateway itself is out of descriptors (EMFILE, ENFILE) says
+//! nothing about the file: it is logged once as a warning and retried at the next check, never
+//! reported as a rejected edit. A source whose read error was shown and that reads again as
+//! before is applied again, which clears the error.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -41,13 +54,16 @@ use tokio::sync::mpsc;
 
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::source_file::is_local_resource;
+use crate::config::{Config, ConfigError};
 use crate::control::{Command, ControllerHandle, ReloadKind};
-use crate::policy::{read_policy_files, PolicyFiles, PolicyLimits, PolicySet};
+use crate::policy::{read_policy_files, PolicyError, PolicyFiles, PolicyLimits, PolicySet};
 use crate::tls::Tls;
 
 mod certs;
+mod reader;
 use certs::{CertFiles, CertWatch};
+use reader::{ReadError, Reader};
 
 /// Quiet time after an event before the first read, so a burst of events is read once.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -58,6 +74,49 @@ const SETTLE: Duration = Duration::from_millis(200);
 const MAX_SETTLE: Duration = Duration::from_secs(10);
 /// The safety-net content check.
 const POLL: Duration = Duration::from_secs(1);
+
+/// Why a source could not be read (the typed errors underneath are the readers'; a read is kept
+/// as text so two reads can be compared and the error sent on as it is shown).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ReadFailure {
+    /// The gateway's own shortage (out of descriptors, no thread for the read). It says nothing
+    /// about the file: nothing is reported or changed, and the next check reads again.
+    Local(String),
+    /// The file cannot be read as it stands (missing, unreadable, not a regular file, too large,
+    /// a read that does not return): reported as the source's error.
+    File(String),
+}
+
+impl ReadFailure {
+    /// `what` could not be read because its [`Reader`] has no result.
+    fn unread(what: &str, e: ReadError) -> ReadFailure {
+        let text = format!("cannot read {what}: {e}");
+        match e {
+            ReadError::NoThread(_) => ReadFailure::Local(text),
+            ReadError::Stuck { .. } | ReadError::Panicked => ReadFailure::File(text),
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            ReadFailure::Local(m) | ReadFailure::File(m) => m,
+        }
+    }
+}
+
+/// One read of a source: its content, or why there is none.
+type Read<T> = Result<T, ReadFailure>;
+
+/// How waiting for an edit to settle ended.
+#[derive(Debug)]
+enum Settling<T> {
+    Settled(T),
+    /// Still changing after [`MAX_SETTLE`]: reported, retried on a later check.
+    KeptChanging,
+    /// A read failed for the gateway's own shortage: nothing is decided, the next check retries.
+    ShortOfResources,
+}
+
 /// What one more read says about an edit in progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
@@ -172,8 +231,9 @@ struct State {
     policy_event_dir: PathBuf,
     limits: PolicyLimits,
     loaded_limits: PolicyLimits,
-    /// The last settled read of the config file (its text, or why it cannot be read).
-    last_config: Option<Result<String, String>>,
+    /// The last settled read of the config file (its text, or why it cannot be read; never a
+    /// [`ReadFailure::Local`]).
+    last_config: Option<Read<String>>,
     last_files: Option<PolicyFiles>,
     /// The last settled read error of the policy directory, so it is reported once.
     last_policy_error: Option<String>,
@@ -182,6 +242,10 @@ struct State {
     open_writes: OpenWrites,
     /// Sources whose "still changing" was already reported (reported once per episode).
     reported_unsettled: Vec<Source>,
+    /// Sources whose reads fail for the gateway's own shortage (warned once per episode).
+    short_of_resources: Vec<Source>,
+    config_reader: Reader<Result<String, ConfigError>>,
+    policy_reader: Reader<Result<PolicyFiles, PolicyError>>,
     certs: Option<CertWatch>,
 }
 
@@ -212,12 +276,16 @@ pub fn spawn(
         events,
         open_writes: OpenWrites::default(),
         reported_unsettled: Vec::new(),
+        short_of_resources: Vec::new(),
+        config_reader: Reader::new("config"),
+        policy_reader: Reader::new("policy"),
         certs: tls.map(|tls| CertWatch {
             last: Some(Ok(tls.started_with().to_vec())),
             tls,
             files: CertFiles::new(config.tls.certificates.clone()),
             mismatch_since: None,
             watched: Vec::new(),
+            reader: Reader::new("certs"),
         }),
     };
     tokio::spawn(run(state, tx, controller))
@@ -353,16 +421,36 @@ fn concerns_a_source(files: &[&Path], policy_dir: &Path, paths: &[PathBuf]) -> b
     })
 }
 
-async fn read_config(path: PathBuf) -> Result<String, String> {
-    tokio::fs::read_to_string(&path)
-        .await
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+async fn read_config(reader: Reader<Result<String, ConfigError>>, path: PathBuf) -> Read<String> {
+    let what = path.display().to_string();
+    match reader.read(move || Config::read_text(&path)).await {
+        Ok(Ok(text)) => Ok(text),
+        Ok(Err(e)) if e.is_local_resource() => Err(ReadFailure::Local(e.to_string())),
+        Ok(Err(e)) => Err(ReadFailure::File(e.to_string())),
+        Err(e) => Err(ReadFailure::unread(&what, e)),
+    }
 }
 
-async fn read_policies(dir: PathBuf) -> Result<PolicyFiles, String> {
-    match tokio::task::spawn_blocking(move || read_policy_files(&dir)).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("reading the policy directory failed: {e}")),
+/// A policy directory or file that could not be read for the process's shortage of descriptors.
+fn policy_read_is_local(e: &PolicyError) -> bool {
+    match e {
+        PolicyError::ReadDir { source, .. } | PolicyError::ReadFile { source, .. } => {
+            is_local_resource(source)
+        }
+        _ => false,
+    }
+}
+
+async fn read_policies(
+    reader: Reader<Result<PolicyFiles, PolicyError>>,
+    dir: PathBuf,
+) -> Read<PolicyFiles> {
+    let what = format!("the policy files in {}", dir.display());
+    match reader.read(move || read_policy_files(&dir)).await {
+        Ok(Ok(files)) => Ok(files),
+        Ok(Err(e)) if policy_read_is_local(&e) => Err(ReadFailure::Local(e.to_string())),
+        Ok(Err(e)) => Err(ReadFailure::File(e.to_string())),
+        Err(e) => Err(ReadFailure::unread(&what, e)),
     }
 }
 
@@ -422,21 +510,53 @@ impl State {
         self.open_writes.any(|p| self.is_source_file(source, p))
     }
 
-    /// Reads a source until it settles (see [`verdict`]), starting from `first`. None when it
-    /// kept changing for [`MAX_SETTLE`].
-    async fn settle<T: PartialEq, F: Future<Output = T>>(
+    /// Whether a writer may still be writing what `read` got. Only content can be half-written:
+    /// a path that cannot be read (missing, a FIFO) has nothing to wait out, and creating a
+    /// FIFO looks to inotify like a file opened for writing that is never closed.
+    fn writing<T>(&self, source: Source, read: &Read<T>) -> bool {
+        read.is_ok() && self.writer_open(source)
+    }
+
+    /// True when `read` failed for the gateway's own shortage, which is warned about once and
+    /// otherwise ignored (the caller retries at the next check, nothing changes); also notes
+    /// the end of such an episode.
+    fn short_of_resources<T>(&mut self, source: Source, read: &Read<T>) -> bool {
+        let short = self.short_of_resources.contains(&source);
+        match read {
+            Err(ReadFailure::Local(why)) => {
+                if !short {
+                    tracing::warn!(source = ?source, error = %why, "cannot read a watched file for now: the gateway is short of descriptors; nothing changes, retrying at the next check");
+                    self.short_of_resources.push(source);
+                }
+                true
+            }
+            _ => {
+                if short {
+                    tracing::info!(source = ?source, "a watched file can be read again");
+                    self.short_of_resources.retain(|s| *s != source);
+                }
+                false
+            }
+        }
+    }
+
+    /// Reads a source until it settles (see [`verdict`]), starting from `first`.
+    async fn settle<T: PartialEq, F: Future<Output = Read<T>>>(
         &mut self,
         source: Source,
-        first: T,
+        first: Read<T>,
         mut read: impl FnMut() -> F,
-    ) -> Option<T> {
+    ) -> Settling<Read<T>> {
         let started = Instant::now();
         let mut previous = first;
         loop {
             tokio::time::sleep(SETTLE).await;
             self.drain_events();
             let next = read().await;
-            let writer_open = self.writer_open(source);
+            if self.short_of_resources(source, &next) {
+                return Settling::ShortOfResources;
+            }
+            let writer_open = self.writing(source, &next);
             match verdict(&previous, &next, writer_open, started.elapsed()) {
                 Verdict::Settled => {
                     if writer_open {
@@ -450,10 +570,10 @@ impl State {
                             .forget(|p| is_source_file(config.as_deref(), dir, certs, source, p));
                     }
                     self.reported_unsettled.retain(|s| *s != source);
-                    return Some(next);
+                    return Settling::Settled(next);
                 }
                 Verdict::Wait => previous = next,
-                Verdict::Unsettled => return None,
+                Verdict::Unsettled => return Settling::KeptChanging,
             }
         }
     }
@@ -501,15 +621,25 @@ impl State {
         let Some(path) = self.config_path.clone() else {
             return true;
         };
-        let first = read_config(path.clone()).await;
-        if self.last_config.as_ref() == Some(&first) && !self.writer_open(Source::Config) {
+        let reader = self.config_reader.clone();
+        let first = read_config(reader.clone(), path.clone()).await;
+        if self.short_of_resources(Source::Config, &first) {
             return true;
         }
-        let Some(read) = self
-            .settle(Source::Config, first, || read_config(path.clone()))
+        if self.last_config.as_ref() == Some(&first) && !self.writing(Source::Config, &first) {
+            return true;
+        }
+        let read = match self
+            .settle(Source::Config, first, || {
+                read_config(reader.clone(), path.clone())
+            })
             .await
-        else {
-            return self.report_unsettled(Source::Config, controller).await;
+        {
+            Settling::Settled(read) => read,
+            Settling::KeptChanging => {
+                return self.report_unsettled(Source::Config, controller).await
+            }
+            Settling::ShortOfResources => return true,
         };
         if self.last_config.as_ref() == Some(&read) {
             return true;
@@ -535,9 +665,9 @@ impl State {
                     error: e.to_string(),
                 },
             },
-            Err(error) => Command::ReloadFailed {
+            Err(failure) => Command::ReloadFailed {
                 what: ReloadKind::Config,
-                error: error.clone(),
+                error: failure.message().to_owned(),
             },
         };
         self.last_config = Some(read);
@@ -546,29 +676,43 @@ impl State {
 
     async fn check_policy(&mut self, controller: &ControllerHandle) -> bool {
         let dir = self.policy_dir.clone();
-        let first = read_policies(dir.clone()).await;
+        let reader = self.policy_reader.clone();
+        let first = read_policies(reader.clone(), dir.clone()).await;
+        if self.short_of_resources(Source::Policy, &first) {
+            return true;
+        }
+        // The files as they were are not "unchanged" while a read error is shown for them: the
+        // error has to go.
         let unchanged = match &first {
-            Ok(files) => self.last_files.as_ref() == Some(files),
-            Err(e) => self.last_policy_error.as_ref() == Some(e),
+            Ok(files) => {
+                self.last_policy_error.is_none() && self.last_files.as_ref() == Some(files)
+            }
+            Err(e) => self.last_policy_error.as_deref() == Some(e.message()),
         };
         let limits_changed = self.limits != self.loaded_limits;
-        if unchanged && !limits_changed && !self.writer_open(Source::Policy) {
+        if unchanged && !limits_changed && !self.writing(Source::Policy, &first) {
             return true;
         }
         let read = if unchanged {
             first
         } else {
             match self
-                .settle(Source::Policy, first, || read_policies(dir.clone()))
+                .settle(Source::Policy, first, || {
+                    read_policies(reader.clone(), dir.clone())
+                })
                 .await
             {
-                Some(read) => read,
-                None => return self.report_unsettled(Source::Policy, controller).await,
+                Settling::Settled(read) => read,
+                Settling::KeptChanging => {
+                    return self.report_unsettled(Source::Policy, controller).await
+                }
+                Settling::ShortOfResources => return true,
             }
         };
         let files = match read {
             Ok(files) => files,
-            Err(error) => {
+            Err(failure) => {
+                let error = failure.message().to_owned();
                 if self.last_policy_error.as_ref() == Some(&error) {
                     return true;
                 }
@@ -580,8 +724,10 @@ impl State {
                 return controller.send(cmd).await;
             }
         };
-        self.last_policy_error = None;
-        if self.last_files.as_ref() == Some(&files) && !limits_changed {
+        // A read error shown for files that read as before now: they are loaded again (they are
+        // what serves), which clears the error, as a config or certificate readable again does.
+        let error_shown = self.last_policy_error.take().is_some();
+        if self.last_files.as_ref() == Some(&files) && !limits_changed && !error_shown {
             return true;
         }
         if let Some(name) = emptied_policy_file(self.last_files.as_ref(), &files) {
@@ -744,6 +890,41 @@ mod tests {
         assert!(is_relevant(&EventKind::Remove(
             notify::event::RemoveKind::Any
         )));
+    }
+
+    #[test]
+    fn running_out_of_descriptors_is_the_gateways_problem_not_the_files() {
+        let io = |code| std::io::Error::from_raw_os_error(code);
+        let dir = || PathBuf::from("/p");
+        for code in [libc::EMFILE, libc::ENFILE] {
+            assert!(policy_read_is_local(&PolicyError::ReadDir {
+                dir: dir(),
+                source: io(code)
+            }));
+            assert!(policy_read_is_local(&PolicyError::ReadFile {
+                path: dir().join("a.lua"),
+                source: io(code)
+            }));
+        }
+        assert!(!policy_read_is_local(&PolicyError::ReadFile {
+            path: dir().join("a.lua"),
+            source: io(libc::EACCES)
+        }));
+        assert!(!policy_read_is_local(&PolicyError::NotText {
+            file: "a.lua".into()
+        }));
+        let no_thread = ReadError::NoThread(io(libc::EAGAIN));
+        assert!(matches!(
+            ReadFailure::unread("lb.toml", no_thread),
+            ReadFailure::Local(_)
+        ));
+        let stuck = ReadFailure::unread(
+            "lb.toml",
+            ReadError::Stuck {
+                timeout: reader::READ_TIMEOUT,
+            },
+        );
+        assert!(matches!(&stuck, ReadFailure::File(m) if m.starts_with("cannot read lb.toml: ")));
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Headless Chromium driven over the DevTools protocol (a websocket), for the operator page's
-//! browser test. `make test` installs Chromium (`bench/deps.sh chromium`); without it the test
-//! fails with the command to run, never skips.
+//! browser test. `make test` installs Chromium (`bench/deps.sh chromium`). Without it a test
+//! never passes in silence: [`require`] makes it print `<test>: skipped: no Chromium (<the
+//! command to run>)` and return, or, with `RINGGATE_REQUIRE_ENGINES=1` (set by `.ci/run`), fail
+//! with that reason (see `engines.rs`).
+
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
@@ -12,24 +16,51 @@ use serde_json::{json, Value};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
-/// The Chromium binary: `$RINGGATE_CHROMIUM`, else `chromium` or `chromium-browser` on PATH.
-pub fn binary() -> PathBuf {
+#[path = "engines.rs"]
+mod engines;
+
+/// What to do when Chromium is missing.
+const INSTALL: &str = "run `bench/deps.sh chromium` (make test does), or point RINGGATE_CHROMIUM \
+                       at a Chromium binary";
+
+/// The Chromium binary: `$RINGGATE_CHROMIUM`, else `chromium` or `chromium-browser` on PATH; Err
+/// says why there is none and what to do.
+pub fn binary() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("RINGGATE_CHROMIUM") {
-        return PathBuf::from(p);
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!(
+                "RINGGATE_CHROMIUM is {}, which is not a file: {INSTALL}",
+                p.display()
+            ))
+        };
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     for dir in std::env::split_paths(&path) {
         for name in ["chromium", "chromium-browser"] {
             let candidate = dir.join(name);
             if candidate.is_file() {
-                return candidate;
+                return Ok(candidate);
             }
         }
     }
-    panic!(
-        "Chromium is not installed, and the operator page's browser test needs it: run \
-         `bench/deps.sh chromium` (make test does), or point RINGGATE_CHROMIUM at a Chromium binary"
-    );
+    Err(format!(
+        "neither chromium nor chromium-browser is on PATH: {INSTALL}"
+    ))
+}
+
+/// The Chromium binary for the running test, or None after the test was told to skip (it
+/// returns then); fails the test under `RINGGATE_REQUIRE_ENGINES=1`.
+pub fn require() -> Option<PathBuf> {
+    match binary() {
+        Ok(path) => Some(path),
+        Err(reason) => {
+            engines::missing("no Chromium", &reason);
+            None
+        }
+    }
 }
 
 /// A headless Chromium with one page, closed (and killed if need be) on drop.
@@ -42,10 +73,11 @@ pub struct Browser {
 }
 
 impl Browser {
-    /// Starts Chromium with a fresh profile and opens one blank page of `width` x `height`.
-    pub fn start(width: u32, height: u32) -> Browser {
+    /// Starts Chromium (`binary`, from [`require`]) with a fresh profile and opens one blank
+    /// page of `width` x `height`.
+    pub fn start(binary: &Path, width: u32, height: u32) -> Browser {
         let profile = tempfile::tempdir().expect("profile dir");
-        let mut child = Command::new(binary())
+        let mut child = Command::new(binary)
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -66,7 +98,7 @@ impl Browser {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
         // "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/ID" on stderr.
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();

@@ -1,13 +1,20 @@
 //! Helpers for tests against the real Docker engine.
 //!
-//! Owns: deciding whether an engine answers (and saying so when it does not: a skipped test
-//! prints `skipped: no Docker engine (<reason>)`, it never passes silently), making sure the
-//! `ringgate-server:latest` image exists (building it with `make -f docker/docker.mk images` on a
-//! fresh clone), unique per-run names and labels, and a guard that removes everything a test
-//! created, also when the test fails.
+//! Owns: deciding whether an engine answers, making sure the `ringgate-server:latest` image
+//! exists (building it with `make -f docker/docker.mk images` on a fresh clone), unique per-run
+//! names and labels, and a guard that removes everything a test created, also when the test
+//! fails.
 //!
-//! Everything goes through the `docker` CLI, as an operator would check it.
+//! Without an engine a test never passes in silence: [`require_docker!`] makes it print
+//! `<test>: skipped: no Docker engine (<reason>)` and return, or, with
+//! `RINGGATE_REQUIRE_ENGINES=1` (set by `.ci/run`), fail with that reason (see `engines.rs`).
+//!
+//! Everything goes through the `docker` CLI (which honours `DOCKER_HOST`), as an operator would
+//! check it.
 #![allow(dead_code)]
+
+#[path = "engines.rs"]
+pub mod engines;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -52,19 +59,13 @@ pub fn unavailable() -> Option<String> {
         .clone()
 }
 
-/// Returns early from a test, saying why, when no engine answers. Needs the module declared as
+/// Returns early from a test, saying why, when no engine answers; fails it instead under
+/// `RINGGATE_REQUIRE_ENGINES=1`. Needs the module declared as
 /// `#[macro_use] #[path = "support/docker.rs"] mod docker_support;`.
 macro_rules! require_docker {
     () => {
         if let Some(reason) = crate::docker_support::unavailable() {
-            // Straight to the stderr handle: libtest's capture only hides print!/eprint!, so
-            // the skip shows in a plain `cargo test` run.
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "{}: skipped: no Docker engine ({reason})",
-                std::thread::current().name().unwrap_or(module_path!())
-            );
+            crate::docker_support::engines::missing("no Docker engine", &reason);
             return;
         }
     };

@@ -9,6 +9,11 @@
 //! (reaching replicas on their published ports, so all traffic stays on loopback), and a
 //! gateway image built from this build's binary for tests that run the gateway as a service.
 //!
+//! Without an engine or a swarm a test never passes in silence: [`require_swarm!`] makes it
+//! print `<test>: skipped: no Docker Swarm (<reason>)` (or `no Docker engine`) and return, or,
+//! with `RINGGATE_REQUIRE_ENGINES=1` (set by `.ci/run`), fail with that reason (see
+//! `engines.rs`).
+//!
 //! Everything goes through the `docker` CLI, as an operator would check it.
 #![allow(dead_code)]
 
@@ -77,15 +82,15 @@ impl Drop for SwarmHold {
     }
 }
 
-/// Returns early from a test, saying why, when there is no engine or no swarm.
+/// Returns early from a test, saying why, when there is no engine or no swarm; fails it instead
+/// under `RINGGATE_REQUIRE_ENGINES=1`.
 macro_rules! require_swarm {
     () => {{
         require_docker!();
         match crate::swarm_support::hold() {
             Ok(h) => h,
             Err(reason) => {
-                use std::io::Write as _;
-                let _ = writeln!(std::io::stderr(), "skipped: no Docker Swarm ({reason})");
+                crate::docker_support::engines::missing("no Docker Swarm", &reason);
                 return;
             }
         }

@@ -26,7 +26,7 @@ fn record() -> Record<'static> {
         retries: 0,
         termination: "ok",
         referer: None,
-        user_agent: Some("wrk/4.2.0"),
+        user_agent: Some(b"wrk/4.2.0"),
     }
 }
 
