@@ -2,7 +2,7 @@
 # (bench/lab, binary `ringgate-lab`), which starts the release gateway binaries
 # target/release/ringgate and target/release/ringgate-server.
 
-.PHONY: analysis bench bench-micro bench-rss bench-flood bench-log
+.PHONY: analysis bench bench-micro bench-rss bench-flood bench-log bench-streams
 
 ## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in docs/img/ (committed), report in docs/performance.md
 analysis:
@@ -19,6 +19,11 @@ bench-micro:
 ## bench-rss: gateway memory with 1,000 open client connections (DESIGN target: RSS < 30 MB)
 bench-rss: build
 	python3 bench/rss.py 1000
+
+## bench-streams: 220 h2c connections x 100 bodyless POST streams under nofile 20000: other clients' answers, refusals, descriptors, RSS
+bench-streams: build
+	pip install --quiet h2 2>/dev/null || true
+	python3 bench/stream_flood.py 220 20000 10
 
 ## bench-flood: 5,000 idle connections against a 1,000-connection cap: established clients' success, replicas restarted, RSS
 bench-flood: build

@@ -50,11 +50,6 @@ pub fn auto_max_requests_per_ip(max_requests: u64) -> u64 {
     (max_requests / 4).max(8)
 }
 
-/// Whether `in_use` descriptors of `nofile` leave the gateway short: nine tenths or more taken.
-pub fn descriptors_short(in_use: u64, nofile: u64) -> bool {
-    in_use.saturating_mul(10) >= nofile.saturating_mul(9)
-}
-
 /// The process's current (soft) limit on open files.
 pub fn nofile_limit() -> u64 {
     rlimit::getrlimit(rlimit::Resource::NOFILE)
@@ -187,10 +182,10 @@ impl Admission {
             return true;
         }
         let in_use = self.open()
-            + crate::proxy::upstream::pool::open_connections()
+            + crate::descriptors::replica_connections()
             + FD_RESERVE
             + 4 * u64::from(max_replicas);
-        descriptors_short(in_use, self.nofile)
+        crate::descriptors::short(in_use, self.nofile)
     }
 
     /// Counts a new connection from `ip` in, or says which cap it is over.
@@ -406,10 +401,7 @@ mod tests {
     }
 
     #[test]
-    fn short_of_descriptors_at_nine_tenths_or_after_running_out() {
-        assert!(!descriptors_short(900, 1001));
-        assert!(descriptors_short(900, 1000));
-        assert!(descriptors_short(u64::MAX, u64::MAX));
+    fn short_of_descriptors_after_running_out() {
         let a = Admission::new(1 << 20, Arc::new(Metrics::default()));
         assert!(!a.short_of_descriptors(4));
         a.note_exhausted();

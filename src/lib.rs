@@ -58,6 +58,8 @@
 //!   or boxed).
 //! - [`listening`]: the `listening on http://ADDR` line processes print once they serve.
 //! - [`sync`]: the one way this crate takes a mutex.
+//! - [`descriptors`]: the replica connections open in the process and when descriptors are
+//!   short.
 //! - [`tools`]: `ringgate check`, `ring` and `simulate`.
 //! - [`whatif`]: `POST /lb/simulate`: what a change would do to the ring, changing nothing.
 //!
@@ -71,6 +73,7 @@ pub mod balance;
 pub mod body;
 pub mod config;
 pub mod control;
+pub mod descriptors;
 pub mod error;
 pub mod gateway;
 pub mod guard;

@@ -353,7 +353,7 @@ impl Metrics {
             "ringgate_upstream_connections_open",
             "gauge",
             "Connections to replicas open now (carrying a request or idle in a pool).",
-            &one(crate::proxy::upstream::pool::open_connections()),
+            &one(crate::descriptors::replica_connections()),
         );
         counter(
             o,

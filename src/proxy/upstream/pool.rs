@@ -15,7 +15,6 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use rustc_hash::FxHashMap;
@@ -23,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::descriptors::ReplicaConnection;
 use crate::tls::upstream::{UpstreamStream, UpstreamTls};
 
 /// Idle keep-alive connections kept per replica and serving thread.
@@ -109,32 +109,6 @@ pub fn set_upstream_tls(tls: Option<UpstreamTls>) {
     UPSTREAM_TLS.with(|t| *t.borrow_mut() = tls);
 }
 
-/// Connections to replicas open in this process (carrying a request or idle in a pool). A
-/// process-wide count because it counts a process-wide resource, file descriptors: the gateway
-/// compares it with its limit ([`crate::admission::Admission::short_of_descriptors`]).
-static OPEN: AtomicU64 = AtomicU64::new(0);
-
-/// Connections to replicas open now.
-pub fn open_connections() -> u64 {
-    OPEN.load(Ordering::Relaxed)
-}
-
-/// One open replica connection in [`OPEN`], until dropped.
-struct Counted;
-
-impl Counted {
-    fn new() -> Counted {
-        OPEN.fetch_add(1, Ordering::Relaxed);
-        Counted
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        OPEN.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// One connection to a replica.
 pub struct Conn {
     stream: Stream,
@@ -142,7 +116,7 @@ pub struct Conn {
     pub buf: BytesMut,
     addr: SocketAddr,
     idle_since: Instant,
-    _counted: Counted,
+    _counted: ReplicaConnection,
 }
 
 impl Conn {
@@ -154,7 +128,7 @@ impl Conn {
             Err(_) => return Err(ConnectError::Timeout(timeout)),
         };
         let _ = stream.set_nodelay(true);
-        let counted = Counted::new();
+        let counted = ReplicaConnection::opened();
         let stream = match UPSTREAM_TLS.with(|t| t.borrow().clone()) {
             None => Stream::Plain(stream),
             // The handshake is part of connecting: a replica that fails it got nothing yet.
