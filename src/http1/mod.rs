@@ -11,9 +11,10 @@
 //! with its status and the connection closed. No dispatcher, no channel for a request without
 //! a body, no timer armed per request, no header map built twice.
 //! Must not touch: what a request means (the handler) or which connections are admitted (the
-//! listener); the wire formats are [`request`], [`response`] and [`framing`]'s.
+//! listener); the wire formats are [`request`], [`response`], [`framing`] and [`fields`]'.
 
 pub mod body;
+pub mod fields;
 pub mod framing;
 pub mod request;
 pub mod response;
@@ -99,7 +100,9 @@ pub async fn serve<F, Fut>(
                     HeadError::TooLarge | HeadError::TooManyHeaders => {
                         &metrics.heads_refused_too_large
                     }
-                    HeadError::Malformed(_) => &metrics.heads_refused_malformed,
+                    HeadError::Malformed(_) | HeadError::Host(_) => {
+                        &metrics.heads_refused_malformed
+                    }
                     HeadError::Framing(_) => &metrics.heads_refused_framing,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
