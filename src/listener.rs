@@ -480,6 +480,7 @@ impl Serving {
             Sniffed::Http1 | Sniffed::Undecided => {
                 let settings = http1::Settings {
                     header_read_timeout: proxy.header_read_timeout,
+                    first_head_by: deadline,
                     keep_alive: !matches!(requests, Requests::RefusedPlainOnTls { .. }),
                 };
                 let handler = |req: Request<RequestBody>| answer(&service, req, client, requests);
