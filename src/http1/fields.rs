@@ -64,19 +64,26 @@ impl FramingFields {
     /// Takes the value of one `Content-Length` field line.
     pub fn content_length(&mut self, value: &[u8]) -> Result<(), FramingError> {
         self.length_lines += 1;
-        let mut elements = 0;
+        // What nearly every message has, one plain number, read in one pass (every response
+        // from a replica comes through here).
+        if let Some(n) = decimal(value) {
+            self.length_canonical =
+                self.length_lines == 1 && (value == b"0" || value.first() != Some(&b'0'));
+            return self.take_length(n);
+        }
+        self.length_canonical = false;
         for element in value.split(|&b| b == b',') {
             let n = decimal(trim_ows(element)).ok_or(FramingError::LengthNotANumber)?;
-            if self.length.is_some_and(|l| l != n) {
-                return Err(FramingError::ConflictingLengths);
-            }
-            self.length = Some(n);
-            elements += 1;
+            self.take_length(n)?;
         }
-        self.length_canonical = self.length_lines == 1
-            && elements == 1
-            && value.iter().all(u8::is_ascii_digit)
-            && (value == b"0" || value.first() != Some(&b'0'));
+        Ok(())
+    }
+
+    fn take_length(&mut self, n: u64) -> Result<(), FramingError> {
+        if self.length.is_some_and(|l| l != n) {
+            return Err(FramingError::ConflictingLengths);
+        }
+        self.length = Some(n);
         Ok(())
     }
 

@@ -109,7 +109,9 @@ pub async fn serve<F, Fut>(
                     HeadError::Malformed(_) | HeadError::Host(_) => {
                         &metrics.heads_refused_malformed
                     }
-                    HeadError::Framing(_) => &metrics.heads_refused_framing,
+                    HeadError::Framing(_) | HeadError::NotImplemented(_) => {
+                        &metrics.heads_refused_framing
+                    }
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "refused a request head");

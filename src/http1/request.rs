@@ -45,7 +45,10 @@ pub enum HeadError {
     #[error("the request has more than {MAX_HEADERS} header fields")]
     TooManyHeaders,
     #[error("the request's body length is ambiguous: {0} (RFC 9112 section 6.3)")]
-    Framing(#[from] FramingError),
+    Framing(FramingError),
+    /// Not ambiguous, but coded in a way the gateway cannot forward (501, RFC 9112 §6.1).
+    #[error("{0} (RFC 9112 section 6.1)")]
+    NotImplemented(FramingError),
     #[error("the request's host is not stated right: {0} (RFC 9112 section 3.2)")]
     Host(&'static str),
 }
@@ -56,10 +59,19 @@ impl HeadError {
             HeadError::TooLarge | HeadError::TooManyHeaders => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
-            HeadError::Framing(FramingError::UnsupportedCoding) => StatusCode::NOT_IMPLEMENTED,
+            HeadError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             HeadError::Malformed(_) | HeadError::Framing(_) | HeadError::Host(_) => {
                 StatusCode::BAD_REQUEST
             }
+        }
+    }
+}
+
+impl From<FramingError> for HeadError {
+    fn from(e: FramingError) -> HeadError {
+        match e {
+            FramingError::UnsupportedCoding => HeadError::NotImplemented(e),
+            e => HeadError::Framing(e),
         }
     }
 }
@@ -321,12 +333,12 @@ mod tests {
             let parsed = match parse(wire.as_bytes()) {
                 Ok(Some((head, _))) => Ok(head.framing),
                 Ok(None) => panic!("{wire:?} is whole"),
-                Err(HeadError::Framing(e)) => Err(e),
+                Err(HeadError::Framing(e) | HeadError::NotImplemented(e)) => Err(e),
                 Err(other) => panic!("{wire:?}: {other:?}"),
             };
             assert_eq!(parsed, case.request, "{wire:?}");
             if let Err(e) = parsed {
-                let status = HeadError::Framing(e).status();
+                let status = HeadError::from(e).status();
                 let want = match e {
                     FramingError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
                     _ => StatusCode::BAD_REQUEST,
