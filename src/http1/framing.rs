@@ -391,10 +391,13 @@ mod tests {
 
     use ChunkError::*;
 
+    /// A body on the wire, and the data it decodes to or why it is refused.
+    type Case = (&'static [u8], Result<&'static [u8], ChunkError>);
+
     /// Chunked bodies and what the decoder makes of them, fed any number of bytes at a time.
     /// It is the one decoder of both legs: a client's request body (refused with 400 and the
     /// connection closed) and a replica's response body (cut, and the replica's failure).
-    const CHUNKED: &[(&[u8], Result<&[u8], ChunkError>)] = &[
+    const CHUNKED: &[Case] = &[
         (b"5\r\nhello\r\n0\r\n\r\n", Ok(b"hello")),
         (b"A\r\n0123456789\r\n0\r\n\r\n", Ok(b"0123456789")),
         (b"5;a\r\nhello\r\n0;b\r\n\r\n", Ok(b"hello")),

@@ -289,6 +289,10 @@ fn parse_response_with(
             .map_err(|_| HeadError::Malformed(format!("bad value of {name}")))?;
         headers.append(name, value);
     }
+    // RFC 9112 §6.1: an HTTP/1.0 message with a coding is faulty framing, whatever it says.
+    if version == Version::HTTP_10 && fields.transfer_coded() {
+        return Err(FramingError::CodingInHttp10.into());
+    }
     let code = status.as_u16();
     let bodiless =
         *method == Method::HEAD || (100..200).contains(&code) || code == 204 || code == 304;
@@ -534,6 +538,14 @@ mod tests {
             &Method::GET,
         );
         assert!(no_content.parts.headers.is_empty());
+        assert_eq!(
+            parse_response(
+                &mut BytesMut::from("HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"),
+                &Method::GET
+            )
+            .err(),
+            Some(HeadError::Framing(FramingError::CodingInHttp10))
+        );
         let coded = parse(
             "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ncontent-length: 5\r\n\r\n",
             &Method::HEAD,
