@@ -119,13 +119,15 @@ fn origin_authority(origin: &str) -> &str {
 /// of `extra`.
 fn names_this_gateway(host: &str, extra: &[String]) -> bool {
     let name = if let Some(rest) = host.strip_prefix('[') {
-        // [v6]:port or [v6]
-        return rest
-            .split_once(']')
-            .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+        // [v6]:port or [v6], and nothing else after the bracket: `[::1]evil.example` names
+        // another host to whoever reads the bracket as ending only the address.
+        return rest.split_once(']').is_some_and(|(ip, after)| {
+            ip.parse::<std::net::Ipv6Addr>().is_ok()
+                && (after.is_empty() || after.strip_prefix(':').is_some_and(is_port))
+        });
     } else {
         host.rsplit_once(':')
-            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .filter(|(_, port)| is_port(port))
             .map(|(name, _)| name)
             .unwrap_or(host)
     };
@@ -133,6 +135,11 @@ fn names_this_gateway(host: &str, extra: &[String]) -> bool {
         || name.eq_ignore_ascii_case("localhost")
         || name.to_ascii_lowercase().ends_with(".localhost")
         || extra.iter().any(|e| e.eq_ignore_ascii_case(name))
+}
+
+/// `port = *DIGIT` (RFC 3986 §3.2.3: it may be empty).
+fn is_port(port: &str) -> bool {
+    port.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// The token of `Bearer <token>` (the scheme is case-insensitive, RFC 9110 §11.1; the token is
@@ -279,6 +286,21 @@ mod tests {
             Err(Denied::ForeignHost("evil.example:5000".into()))
         );
         assert!(local(&[("host", "app.localhost")]).is_ok());
+        for foreign in [
+            "[::1]evil.example",
+            "[::1].evil.example:5000",
+            "[::1]:5000evil",
+            "[::1]:5000:80",
+            "[evil.example]",
+        ] {
+            assert_eq!(
+                local(&[("host", foreign)]),
+                Err(Denied::ForeignHost(foreign.into())),
+                "{foreign}"
+            );
+        }
+        assert_eq!(local(&[("host", "[::1]")]), Ok(()));
+        assert_eq!(local(&[("host", "[::1]:")]), Ok(()), "an empty port");
         let a = AdminConfig {
             hosts: vec!["lb.internal".into()],
             ..AdminConfig::default()

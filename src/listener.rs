@@ -489,6 +489,7 @@ impl Serving {
             Sniffed::Http1 | Sniffed::Undecided => {
                 let settings = http1::Settings {
                     header_read_timeout: proxy.header_read_timeout,
+                    first_head_by: deadline,
                     keep_alive: !matches!(requests, Requests::RefusedPlainOnTls { .. }),
                 };
                 let admitted = &self.admitted;

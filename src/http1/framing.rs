@@ -5,11 +5,17 @@
 //! Owns: [`BodyFraming`] and [`Decoder`], a state machine over a buffer, and
 //! [`Decoder::poll_piece`], which drives it over any [`Source`] (a connection's read side, with
 //! its buffer): each leg reads its socket its own way, the decoding is the same and tested here.
+//! Chunk lines are read to RFC 9112 §7.1's grammar and nothing else ([`ChunkError`]): a line
+//! ends at CRLF only (a bare LF or CR is refused, never taken as a line end or as content),
+//! extensions are tokens and quoted strings, trailer fields are checked like header fields, and
+//! lines and the body's extensions and trailers are capped.
 //! Must not touch: heads, connections or what a body means.
 
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
+
+use super::fields::is_tchar;
 
 /// How a body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,8 +42,28 @@ pub enum Decoded {
 pub enum DecodeError {
     #[error("the connection closed in the middle of the body")]
     Truncated,
-    #[error("malformed chunked body")]
-    BadChunk,
+    #[error("malformed chunked body: {0}")]
+    BadChunk(#[from] ChunkError),
+}
+
+/// What is wrong with a chunked body's lines (RFC 9112 §7.1). Each of these is a way two
+/// parsers of the same bytes could end a body in different places, so none is guessed at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    #[error("a chunk line ends in a bare LF or holds a CR")]
+    BareLineEnd,
+    #[error("a chunk line is longer than {MAX_LINE} bytes")]
+    LineTooLong,
+    #[error("the chunk size is not 1 to 15 hex digits")]
+    BadSize,
+    #[error("a chunk extension is not `;name` or `;name=value` (a token or a quoted string)")]
+    BadExtension,
+    #[error("a trailer field is not `name: value` of visible characters")]
+    BadTrailer,
+    #[error("chunk data is not followed by CRLF")]
+    NoDataEnd,
+    #[error("the body's chunk extensions and trailer fields pass {MAX_METADATA} bytes")]
+    TooMuchMetadata,
 }
 
 /// Why a body could not be read from its connection.
@@ -61,8 +87,6 @@ pub trait Source {
 enum Line {
     /// A chunk-size line.
     Size,
-    /// The CRLF after a chunk's data.
-    DataEnd,
     /// After the last chunk: trailer lines until an empty one.
     Trailers,
 }
@@ -72,17 +96,25 @@ enum State {
     Length(u64),
     /// Inside a chunk with this many bytes left.
     ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
     ChunkLine(Line),
     UntilClose,
     Done,
 }
 
-/// Longest chunk-size or trailer line accepted.
+/// Longest chunk-size or trailer line accepted (without its CRLF).
 const MAX_LINE: usize = 4096;
+/// Most bytes of chunk extensions and trailer fields one body may carry: they are read and
+/// dropped, never forwarded, and none of them counts against `proxy.max_body`, so without a cap
+/// a client could keep the gateway parsing them as long as it liked.
+const MAX_METADATA: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Decoder {
     state: State,
+    /// Bytes of chunk extensions and trailer fields so far (capped by [`MAX_METADATA`]).
+    metadata: usize,
 }
 
 impl Decoder {
@@ -93,7 +125,7 @@ impl Decoder {
             BodyFraming::Chunked => State::ChunkLine(Line::Size),
             BodyFraming::UntilClose => State::UntilClose,
         };
-        Decoder { state }
+        Decoder { state, metadata: 0 }
     }
 
     pub fn is_done(&self) -> bool {
@@ -132,34 +164,52 @@ impl Decoder {
                     let data = take(buf, left);
                     let left = left - data.len() as u64;
                     self.state = if left == 0 {
-                        State::ChunkLine(Line::DataEnd)
+                        State::DataEnd
                     } else {
                         State::ChunkData(left)
                     };
                     return Ok(Decoded::Data(data));
                 }
+                State::DataEnd => match &buf[..buf.len().min(2)] {
+                    b"\r\n" => {
+                        buf.advance(2);
+                        self.state = State::ChunkLine(Line::Size);
+                    }
+                    b"" | b"\r" => return Ok(Decoded::NeedMore),
+                    _ => return Err(ChunkError::NoDataEnd.into()),
+                },
                 State::ChunkLine(step) => {
-                    let Some(end) = line_end(buf) else {
-                        if buf.len() > MAX_LINE {
-                            return Err(DecodeError::BadChunk);
-                        }
+                    let Some(end) = line_end(buf)? else {
                         return Ok(Decoded::NeedMore);
                     };
-                    let empty = end == 0;
+                    let line = &buf[..end];
                     self.state = match step {
-                        Line::DataEnd if empty => State::ChunkLine(Line::Size),
-                        Line::DataEnd => return Err(DecodeError::BadChunk),
-                        Line::Size => match chunk_size(&buf[..end]) {
-                            Some(0) => State::ChunkLine(Line::Trailers),
-                            Some(n) => State::ChunkData(n),
-                            None => return Err(DecodeError::BadChunk),
-                        },
-                        Line::Trailers if empty => State::Done,
-                        Line::Trailers => State::ChunkLine(Line::Trailers),
+                        Line::Size => {
+                            let (size, extensions) = chunk_size(line)?;
+                            self.count_metadata(extensions)?;
+                            match size {
+                                0 => State::ChunkLine(Line::Trailers),
+                                n => State::ChunkData(n),
+                            }
+                        }
+                        Line::Trailers if line.is_empty() => State::Done,
+                        Line::Trailers => {
+                            trailer_field(line)?;
+                            self.count_metadata(line.len())?;
+                            State::ChunkLine(Line::Trailers)
+                        }
                     };
                     buf.advance(end + 2);
                 }
             }
+        }
+    }
+
+    fn count_metadata(&mut self, n: usize) -> Result<(), ChunkError> {
+        self.metadata += n;
+        match self.metadata > MAX_METADATA {
+            true => Err(ChunkError::TooMuchMetadata),
+            false => Ok(()),
         }
     }
 
@@ -211,18 +261,101 @@ fn take(buf: &mut BytesMut, limit: u64) -> Bytes {
     buf.split_to(n).freeze()
 }
 
-/// Where the first CRLF in `buf` starts.
-fn line_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
+/// Where the line at the front of `buf` ends (the index of its CR), once its CRLF is there.
+/// A line ends at its first LF, and that LF must follow a CR: RFC 9112 lets a recipient end a
+/// line at a bare LF, so a proxy in front of the gateway may read `5;\nx` as two lines where
+/// a CRLF-only reader sees one, and the two then disagree on where the body ends (the
+/// smuggling of issue 23). A bare LF, or a CR anywhere but before the LF, is refused instead.
+fn line_end(buf: &[u8]) -> Result<Option<usize>, ChunkError> {
+    let window = &buf[..buf.len().min(MAX_LINE + 2)];
+    let Some(lf) = window.iter().position(|&b| b == b'\n') else {
+        return match buf.len() > MAX_LINE + 1 {
+            true => Err(ChunkError::LineTooLong),
+            false => Ok(None),
+        };
+    };
+    let end = lf.checked_sub(1).filter(|&cr| buf[cr] == b'\r');
+    match end {
+        Some(end) if !buf[..end].contains(&b'\r') => Ok(Some(end)),
+        _ => Err(ChunkError::BareLineEnd),
+    }
 }
 
-/// The size of a chunk-size line (hex, optionally followed by `;extensions`).
-fn chunk_size(line: &[u8]) -> Option<u64> {
-    let hex = line.split(|&b| b == b';').next()?.trim_ascii();
-    if hex.is_empty() || hex.len() > 15 {
-        return None;
+/// The size of a chunk-size line and the length of its extensions:
+/// `1*HEXDIG *( BWS ";" BWS token [ BWS "=" BWS ( token / quoted-string ) ] )`, the size at
+/// most 15 hex digits (2^60 bytes, past any body). Whitespace after the size or a value, with
+/// no `;` after it, is tolerated: it cannot end a line for any reader, and some senders pad.
+fn chunk_size(line: &[u8]) -> Result<(u64, usize), ChunkError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 15 {
+        return Err(ChunkError::BadSize);
     }
-    u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    let size = line[..digits].iter().fold(0u64, |n, &b| {
+        // Hex digits only (checked above); 15 of them cannot overflow.
+        let digit = (b as char).to_digit(16).unwrap_or(0);
+        n << 4 | u64::from(digit)
+    });
+    let extensions = &line[digits..];
+    let mut rest = skip_ows(extensions);
+    while let Some(after) = rest.strip_prefix(b";") {
+        let after = skip_ows(after);
+        let name = after.iter().take_while(|&&b| is_tchar(b)).count();
+        if name == 0 {
+            return Err(ChunkError::BadExtension);
+        }
+        rest = skip_ows(&after[name..]);
+        if let Some(value) = rest.strip_prefix(b"=") {
+            rest = skip_ows(extension_value(skip_ows(value))?);
+        }
+    }
+    match rest.is_empty() {
+        true => Ok((size, extensions.len())),
+        false => Err(ChunkError::BadExtension),
+    }
+}
+
+/// What follows a chunk extension's value (a token or a quoted string) at the front of `s`.
+fn extension_value(s: &[u8]) -> Result<&[u8], ChunkError> {
+    let Some(mut rest) = s.strip_prefix(b"\"") else {
+        let token = s.iter().take_while(|&&b| is_tchar(b)).count();
+        return match token {
+            0 => Err(ChunkError::BadExtension),
+            n => Ok(&s[n..]),
+        };
+    };
+    // quoted-string = DQUOTE *( qdtext / quoted-pair ) DQUOTE (RFC 9110 §5.6.4); no CTL, no
+    // NUL, no DEL inside, escaped or not.
+    loop {
+        match rest {
+            [b'"', after @ ..] => return Ok(after),
+            [b'\\', escaped, after @ ..] if is_field_byte(*escaped) => rest = after,
+            [b, after @ ..] if *b != b'\\' && is_field_byte(*b) => rest = after,
+            _ => return Err(ChunkError::BadExtension),
+        }
+    }
+}
+
+/// A trailer field line, `field-name ":" OWS field-value OWS` with a token name and a value of
+/// visible characters, spaces and tabs (RFC 9110 §5.5). Trailers are read past, never
+/// forwarded, but checked all the same: a NUL or control byte in one is no HTTP, and a line
+/// folded onto the next (obs-fold) is refused as in a head.
+fn trailer_field(line: &[u8]) -> Result<(), ChunkError> {
+    let name = line.iter().take_while(|&&b| is_tchar(b)).count();
+    match line[name..].split_first() {
+        Some((b':', value)) if name > 0 && value.iter().all(|&b| is_field_byte(b)) => Ok(()),
+        _ => Err(ChunkError::BadTrailer),
+    }
+}
+
+/// A byte a field value or a quoted string may hold: HTAB, SP, VCHAR, obs-text; never a
+/// control byte (NUL, CR, LF, the rest) or DEL.
+fn is_field_byte(b: u8) -> bool {
+    b == b'\t' || (b >= b' ' && b != 0x7f)
+}
+
+fn skip_ows(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+    &s[n..]
 }
 
 #[cfg(test)]
@@ -256,17 +389,100 @@ mod tests {
         }
     }
 
+    use ChunkError::*;
+
+    /// A body on the wire, and the data it decodes to or why it is refused.
+    type Case = (&'static [u8], Result<&'static [u8], ChunkError>);
+
+    /// Chunked bodies and what the decoder makes of them, fed any number of bytes at a time.
+    /// It is the one decoder of both legs: a client's request body (refused with 400 and the
+    /// connection closed) and a replica's response body (cut, and the replica's failure).
+    const CHUNKED: &[Case] = &[
+        (b"5\r\nhello\r\n0\r\n\r\n", Ok(b"hello")),
+        (b"A\r\n0123456789\r\n0\r\n\r\n", Ok(b"0123456789")),
+        (b"5;a\r\nhello\r\n0;b\r\n\r\n", Ok(b"hello")),
+        (b"5 ; a = b ;c\t;d=e\r\nhello\r\n0\r\n\r\n", Ok(b"hello")),
+        (b"5;a=\"q \\\" t;\"\r\nhello\r\n0\r\n\r\n", Ok(b"hello")),
+        (b"5 \r\nhello\r\n0\r\n\r\n", Ok(b"hello")),
+        (
+            b"5\r\nhello\r\n0\r\nx-t: 1\r\ny:\r\nz: a\tb \xff\r\n\r\n",
+            Ok(b"hello"),
+        ),
+        // The smuggling shape: a bare LF inside a chunk extension.
+        (b"2;\nxx\r\n45\r\n0\r\n\r\n", Err(BareLineEnd)),
+        (b"5\nhello\r\n0\r\n\r\n", Err(BareLineEnd)),
+        (b"5;a\rb\r\nhello\r\n0\r\n\r\n", Err(BareLineEnd)),
+        (b"5\r\r\nhello\r\n0\r\n\r\n", Err(BareLineEnd)),
+        (b"0\r\nx: a\nb\r\n\r\n", Err(BareLineEnd)),
+        (b"0\r\n\n", Err(BareLineEnd)),
+        (b"5;a=\x00\r\nhello\r\n0\r\n\r\n", Err(BadExtension)),
+        (b"5;a\x00\r\nhello\r\n0\r\n\r\n", Err(BadExtension)),
+        (b"5;a=\"\x01\"\r\nhello\r\n0\r\n\r\n", Err(BadExtension)),
+        (b"5;a=\"\\\x7f\"\r\nhello\r\n0\r\n\r\n", Err(BadExtension)),
+        (b"5;\r\nhello\r\n0\r\n\r\n", Err(BadExtension)),
+        (b"5;a=\r\nhello\r\n0\r\n\r\n", Err(BadExtension)),
+        (b"5;a b\r\nhello\r\n0\r\n\r\n", Err(BadExtension)),
+        (b"5;a=\"open\r\nhello\r\n0\r\n\r\n", Err(BadExtension)),
+        (b"5\x0b\r\nhello\r\n0\r\n\r\n", Err(BadExtension)),
+        (b"0x5\r\nhello\r\n0\r\n\r\n", Err(BadExtension)),
+        (b" 5\r\nhello\r\n0\r\n\r\n", Err(BadSize)),
+        (b"+5\r\nhello\r\n0\r\n\r\n", Err(BadSize)),
+        (b"zz\r\nhello\r\n0\r\n\r\n", Err(BadSize)),
+        (b"\r\nhello\r\n0\r\n\r\n", Err(BadSize)),
+        (b"1234567890abcdef0\r\n", Err(BadSize)),
+        (b"5\r\nhelloXX0\r\n\r\n", Err(NoDataEnd)),
+        (b"5\r\nhello\n0\r\n\r\n", Err(NoDataEnd)),
+        (b"5\r\nhello\rX0\r\n\r\n", Err(NoDataEnd)),
+        (b"0\r\nx: \x00\r\n\r\n", Err(BadTrailer)),
+        (b"0\r\nx: \x7f\r\n\r\n", Err(BadTrailer)),
+        (b"0\r\n folded: x\r\n\r\n", Err(BadTrailer)),
+        (b"0\r\nno colon\r\n\r\n", Err(BadTrailer)),
+        (b"0\r\nx : a\r\n\r\n", Err(BadTrailer)),
+        (b"0\r\n: a\r\n\r\n", Err(BadTrailer)),
+    ];
+
     #[test]
-    fn chunk_sizes() {
-        assert_eq!(chunk_size(b"1a"), Some(26));
-        assert_eq!(chunk_size(b"0"), Some(0));
-        assert_eq!(chunk_size(b"ff;name=value"), Some(255));
-        assert_eq!(chunk_size(b" 5 "), Some(5));
-        assert_eq!(chunk_size(b""), None);
-        assert_eq!(chunk_size(b"zz"), None);
-        assert_eq!(chunk_size(b"1234567890abcdef0"), None, "too long");
-        assert_eq!(line_end(b"ab\r\ncd"), Some(2));
-        assert_eq!(line_end(b"ab\r"), None);
+    fn chunk_lines_are_read_to_the_grammar_and_nothing_else() {
+        for (wire, want) in CHUNKED {
+            for step in [1, 2, 3, 7, 1000] {
+                let got = decode_all(BodyFraming::Chunked, wire, step);
+                let got = got
+                    .as_ref()
+                    .map(|(body, _)| body.as_slice())
+                    .map_err(|e| *e);
+                assert_eq!(
+                    got,
+                    want.map_err(DecodeError::BadChunk),
+                    "{} fed {step} at a time",
+                    String::from_utf8_lossy(wire)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn chunk_lines_and_their_metadata_are_capped() {
+        let long = [&b"5;"[..], &[b'a'; MAX_LINE][..], b"\r\nhello\r\n0\r\n\r\n"].concat();
+        assert_eq!(
+            decode_all(BodyFraming::Chunked, &long, 1000),
+            Err(DecodeError::BadChunk(LineTooLong))
+        );
+        let at_limit = [
+            &b"5;"[..],
+            &[b'a'; MAX_LINE - 2][..],
+            b"\r\nhello\r\n0\r\n\r\n",
+        ]
+        .concat();
+        assert!(decode_all(BodyFraming::Chunked, &at_limit, 1000).is_ok());
+        // Lines each under the cap, whose extensions add up past the body's allowance.
+        let chunk = [&b"1;"[..], &[b'a'; 4000][..], b"\r\nx\r\n"].concat();
+        let many = [chunk.repeat(MAX_METADATA / 4000 + 1), b"0\r\n\r\n".to_vec()].concat();
+        assert_eq!(
+            decode_all(BodyFraming::Chunked, &many, 1000),
+            Err(DecodeError::BadChunk(TooMuchMetadata))
+        );
+        let fewer = [chunk.repeat(MAX_METADATA / 4000), b"0\r\n\r\n".to_vec()].concat();
+        assert!(decode_all(BodyFraming::Chunked, &fewer, 1000).is_ok());
     }
 
     #[test]
@@ -292,25 +508,17 @@ mod tests {
     }
 
     #[test]
-    fn broken_bodies_are_errors() {
-        for wire in [
-            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
-            b"5\r\nhelloXX0\r\n\r\n",
-            &[b'1'; 5000][..],
-        ] {
-            assert_eq!(
-                decode_all(BodyFraming::Chunked, wire, 3),
-                Err(DecodeError::BadChunk),
-                "{}",
-                String::from_utf8_lossy(&wire[..wire.len().min(40)])
-            );
-        }
+    fn truncated_bodies_are_errors() {
         assert_eq!(
             decode_all(BodyFraming::Length(10), b"short", 2),
             Err(DecodeError::Truncated)
         );
         assert_eq!(
             decode_all(BodyFraming::Chunked, b"5\r\nhel", 2),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            decode_all(BodyFraming::Chunked, b"5\r\nhello\r", 2),
             Err(DecodeError::Truncated)
         );
     }

@@ -2,8 +2,9 @@
 //! to the close, in the connection's own task.
 //!
 //! Owns: [`serve`], the loop of one connection: read a request head within
-//! `proxy.header_read_timeout` (which also bounds the wait for the next request on a kept-alive
-//! connection), hand the request to the handler while watching the client (a client that goes
+//! `proxy.header_read_timeout` (the first one counted from accept, with the listener's
+//! first-bytes deadline; a later one from the previous response, which also bounds the wait for
+//! the next request on a kept-alive connection), hand the request to the handler while watching the client (a client that goes
 //! away cancels its request), send `100 Continue` when the body is first read, write the
 //! response with the framing the request allows, and keep the connection for the next request
 //! or close it (on `Connection: close`, HTTP/1.0 without keep-alive, a body not read whole, a
@@ -11,9 +12,10 @@
 //! with its status and the connection closed. No dispatcher, no channel for a request without
 //! a body, no timer armed per request, no header map built twice.
 //! Must not touch: what a request means (the handler) or which connections are admitted (the
-//! listener); the wire formats are [`request`], [`response`] and [`framing`]'s.
+//! listener); the wire formats are [`request`], [`response`], [`framing`] and [`fields`]'.
 
 pub mod body;
+pub mod fields;
 pub mod framing;
 pub mod request;
 pub mod response;
@@ -48,6 +50,11 @@ pub type Transport = Box<dyn Io>;
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
     pub header_read_timeout: Duration,
+    /// When the first request head must be whole: the listener's deadline from accept, which
+    /// already bounds the TLS handshake and the protocol sniff. The first head gets no fresh
+    /// `header_read_timeout` of its own, so the two cannot stack past the one documented
+    /// bound.
+    pub first_head_by: Instant,
     /// `false`: one request, then the connection closes.
     pub keep_alive: bool,
 }
@@ -77,7 +84,7 @@ pub async fn serve<F, Fut>(
     let mut reader = Reader { io: read, buf };
     // One timer for the connection's life, moved on only when it fires (a deadline moved later
     // costs nothing until then): no timer is armed or dropped per request.
-    let mut deadline = Instant::now() + settings.header_read_timeout;
+    let mut deadline = settings.first_head_by;
     let timer = tokio::time::sleep_until(deadline);
     tokio::pin!(timer);
     let mut served = 0u64;
@@ -99,8 +106,12 @@ pub async fn serve<F, Fut>(
                     HeadError::TooLarge | HeadError::TooManyHeaders => {
                         &metrics.heads_refused_too_large
                     }
-                    HeadError::Malformed(_) => &metrics.heads_refused_malformed,
-                    HeadError::Framing(_) => &metrics.heads_refused_framing,
+                    HeadError::Malformed(_) | HeadError::Host(_) => {
+                        &metrics.heads_refused_malformed
+                    }
+                    HeadError::Framing(_) | HeadError::NotImplemented(_) => {
+                        &metrics.heads_refused_framing
+                    }
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "refused a request head");

@@ -3,14 +3,19 @@
 //! two parties could read differently is refused, not guessed at).
 //!
 //! Owns: [`parse_request`], [`RequestHead`] and [`HeadError`] (what is wrong with a head and
-//! the status it is answered with), and the scratch space of a head's parse that the replica's
-//! side shares ([`header_slots`], [`with_spans`]). Pure: it reads a buffer, never a socket.
-//! Must not touch: what the request asks for (the service decides) or the connection.
+//! the status it is answered with), the request's host rules (an HTTP/1.1 `Host`, and a target
+//! in absolute form that agrees with it), and the scratch space of a head's parse that the
+//! replica's side shares ([`header_slots`], [`with_spans`]). Pure: it reads a buffer, never a
+//! socket.
+//! Must not touch: what the request asks for (the service decides) or the connection; how
+//! `Content-Length` and `Transfer-Encoding` read is [`super::fields`]' (both legs share it).
 
 use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version};
 
+pub use super::fields::FramingError;
+use super::fields::FramingFields;
 use super::framing::BodyFraming;
 
 /// Largest request head (request line and header fields) accepted. Larger than NGINX's 8 KiB
@@ -40,7 +45,12 @@ pub enum HeadError {
     #[error("the request has more than {MAX_HEADERS} header fields")]
     TooManyHeaders,
     #[error("the request's body length is ambiguous: {0} (RFC 9112 section 6.3)")]
-    Framing(&'static str),
+    Framing(FramingError),
+    /// Not ambiguous, but coded in a way the gateway cannot forward (501, RFC 9112 §6.1).
+    #[error("{0} (RFC 9112 section 6.1)")]
+    NotImplemented(FramingError),
+    #[error("the request's host is not stated right: {0} (RFC 9112 section 3.2)")]
+    Host(&'static str),
 }
 
 impl HeadError {
@@ -49,7 +59,19 @@ impl HeadError {
             HeadError::TooLarge | HeadError::TooManyHeaders => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
-            HeadError::Malformed(_) | HeadError::Framing(_) => StatusCode::BAD_REQUEST,
+            HeadError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            HeadError::Malformed(_) | HeadError::Framing(_) | HeadError::Host(_) => {
+                StatusCode::BAD_REQUEST
+            }
+        }
+    }
+}
+
+impl From<FramingError> for HeadError {
+    fn from(e: FramingError) -> HeadError {
+        match e {
+            FramingError::UnsupportedCoding => HeadError::NotImplemented(e),
+            e => HeadError::Framing(e),
         }
     }
 }
@@ -135,12 +157,13 @@ fn parse_request_with(
 
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut keep_alive = version == Version::HTTP_11;
-    let (mut chunked, mut codings, mut length) = (false, false, None::<u64>);
+    let mut fields = FramingFields::default();
     let mut expect_continue = false;
-    for &(name, value) in spans.iter() {
+    let mut host: Option<Span> = None;
+    for &(name, at) in spans.iter() {
         let name = HeaderName::from_bytes(&head[name.0..name.0 + name.1])
             .map_err(|_| HeadError::Malformed("bad header name".into()))?;
-        let value = HeaderValue::from_maybe_shared(piece(value))
+        let value = HeaderValue::from_maybe_shared(piece(at))
             .map_err(|_| HeadError::Malformed(format!("bad value of {name}")))?;
         if name == header::CONNECTION {
             for token in tokens(&value) {
@@ -151,47 +174,23 @@ fn parse_request_with(
                 }
             }
         } else if name == header::TRANSFER_ENCODING {
-            codings = true;
-            // Chunked must be the last coding, and only once (RFC 9112 §6.3, §7).
-            chunked = tokens(&value)
-                .last()
-                .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+            fields.transfer_encoding(value.as_bytes())?;
         } else if name == header::CONTENT_LENGTH {
-            for token in value.as_bytes().split(|&b| b == b',') {
-                let n = std::str::from_utf8(token)
-                    .ok()
-                    .map(str::trim)
-                    .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|t| t.parse::<u64>().ok())
-                    .ok_or(HeadError::Framing("Content-Length is not a number"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(HeadError::Framing("conflicting Content-Length values"));
-                }
-                length = Some(n);
-            }
+            fields.content_length(value.as_bytes())?;
         } else if name == header::EXPECT {
             expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::HOST && host.is_none() {
+            host = Some(at);
         }
         headers.append(name, value);
     }
-    let framing = match (codings, length) {
-        (true, Some(_)) => {
-            return Err(HeadError::Framing(
-                "both Transfer-Encoding and Content-Length",
-            ))
-        }
-        (true, None) if version == Version::HTTP_10 => {
-            return Err(HeadError::Framing("Transfer-Encoding in HTTP/1.0"))
-        }
-        (true, None) if !chunked => {
-            return Err(HeadError::Framing(
-                "Transfer-Encoding does not end in chunked",
-            ))
-        }
-        (true, None) => BodyFraming::Chunked,
-        (false, Some(0) | None) => BodyFraming::Empty,
-        (false, Some(n)) => BodyFraming::Length(n),
-    };
+    check_target(
+        &method,
+        version,
+        &uri,
+        host.map(|(at, n)| &head[at..at + n]),
+    )?;
+    let framing = fields.request_framing(version)?;
     let mut request = http::Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -206,6 +205,51 @@ fn parse_request_with(
         framing,
         keep_alive,
     }))
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request names its host in a `Host` field (two of them are refused
+/// for both protocols by `proxy::headers`). A target in absolute form (`GET http://a.example/x`)
+/// names it a second time, and §3.2.2 has the target's authority win; we refuse a `Host` that
+/// says otherwise instead (as HAProxy does since 2.1), so that everything after the parser —
+/// the admin guard, the proxy's `Host` for the replica, the replica itself — reads the one
+/// host both agree on, and no two readers of the request can disagree about it. The authority
+/// form (`example.test:443`) is CONNECT's only (RFC 9110 §9.3.6), and user information in an
+/// `http` target is refused (RFC 9110 §4.2.4).
+fn check_target(
+    method: &Method,
+    version: Version,
+    uri: &Uri,
+    host: Option<&[u8]>,
+) -> Result<(), HeadError> {
+    if let Some(authority) = uri.authority() {
+        match uri.scheme_str() {
+            None if *method != Method::CONNECT => {
+                return Err(HeadError::Host(
+                    "the authority form of a request target is for CONNECT only",
+                ))
+            }
+            None | Some("http" | "https") => {}
+            Some(_) => {
+                return Err(HeadError::Host(
+                    "an absolute request target must be http or https",
+                ))
+            }
+        }
+        if authority.as_str().contains('@') {
+            return Err(HeadError::Host(
+                "the request target carries user information",
+            ));
+        }
+        if host.is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_str().as_bytes())) {
+            return Err(HeadError::Host(
+                "Host does not match the authority of the request target",
+            ));
+        }
+    }
+    if host.is_none() && version == Version::HTTP_11 {
+        return Err(HeadError::Host("an HTTP/1.1 request without a Host header"));
+    }
+    Ok(())
 }
 
 /// The comma-separated tokens of a header value.
@@ -265,7 +309,7 @@ mod tests {
     #[test]
     fn keep_alive_follows_the_version_and_connection() {
         assert!(
-            !ok("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            !ok("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
                 .0
                 .keep_alive
         );
@@ -276,32 +320,84 @@ mod tests {
                 .keep_alive
         );
         assert!(
-            !ok("GET / HTTP/1.1\r\nConnection: upgrade, close\r\n\r\n")
+            !ok("GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade, close\r\n\r\n")
                 .0
                 .keep_alive
         );
     }
 
     #[test]
+    fn the_framing_fields_follow_the_table_both_legs_share() {
+        for case in crate::http1::fields::cases::FRAMING {
+            let wire = format!("POST / HTTP/1.1\r\nHost: a\r\n{}\r\n", case.lines);
+            let parsed = match parse(wire.as_bytes()) {
+                Ok(Some((head, _))) => Ok(head.framing),
+                Ok(None) => panic!("{wire:?} is whole"),
+                Err(HeadError::Framing(e) | HeadError::NotImplemented(e)) => Err(e),
+                Err(other) => panic!("{wire:?}: {other:?}"),
+            };
+            assert_eq!(parsed, case.request, "{wire:?}");
+            if let Err(e) = parsed {
+                let status = HeadError::from(e).status();
+                let want = match e {
+                    FramingError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                assert_eq!(status, want, "{wire:?}");
+            }
+        }
+    }
+
+    #[test]
     fn body_framing_is_strict() {
-        let length = ok("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello").0;
-        assert_eq!(length.framing, BodyFraming::Length(5));
-        let same = ok("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n").0;
+        let same =
+            ok("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n").0;
         assert_eq!(same.framing, BodyFraming::Length(5));
-        let chunked = ok("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").0;
-        assert_eq!(chunked.framing, BodyFraming::Chunked);
-        let expect = ok("POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n").0;
+        let expect =
+            ok("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n").0;
         assert!(expect.expect_continue);
+        assert_eq!(
+            refused("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            HeadError::Framing(FramingError::CodingInHttp10)
+        );
+    }
+
+    #[test]
+    fn the_host_is_stated_once_and_agrees_with_the_target() {
+        assert_eq!(
+            refused("GET / HTTP/1.1\r\n\r\n"),
+            HeadError::Host("an HTTP/1.1 request without a Host header")
+        );
+        assert!(ok("GET / HTTP/1.0\r\n\r\n").0.parts.headers.is_empty());
+        let (abs, _) = ok("GET http://A.example:81/x?y=1 HTTP/1.1\r\nHost: a.example:81\r\n\r\n");
+        assert_eq!(
+            abs.parts.uri.path_and_query().map(|p| p.as_str()),
+            Some("/x?y=1")
+        );
+        let (old, _) = ok("GET http://a.example/x HTTP/1.0\r\n\r\n");
+        assert_eq!(
+            old.parts.uri.authority().map(|a| a.as_str()),
+            Some("a.example"),
+            "without Host the target's authority is the host"
+        );
+        let (connect, _) = ok("CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n");
+        assert_eq!(
+            connect.parts.method,
+            Method::CONNECT,
+            "refused later, with 405"
+        );
         for wire in [
-            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+            "GET http://a.example/x HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            "GET http://a.example/x HTTP/1.1\r\n\r\n",
+            "GET http://a.example:80/x HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            "GET http://u@a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            "GET ftp://a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            "GET a.example:80 HTTP/1.1\r\nHost: a.example:80\r\n\r\n",
+            "GET http://a.example/x HTTP/1.0\r\nHost: b.example\r\n\r\n",
         ] {
-            assert_eq!(refused(wire).status(), StatusCode::BAD_REQUEST, "{wire:?}");
+            let e = refused(wire);
+            assert!(matches!(e, HeadError::Host(_)), "{wire:?}: {e:?}");
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         }
     }
 
@@ -327,7 +423,7 @@ mod tests {
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
         );
         let (under, _) = ok(&format!(
-            "GET / HTTP/1.1\r\nCookie: {}\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nCookie: {}\r\n\r\n",
             "c".repeat(32 * 1024)
         ));
         assert_eq!(under.parts.headers["cookie"].len(), 32 * 1024);

@@ -13,6 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, Version};
 
+use super::fields::FramingFields;
+
 /// How a response body goes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -37,10 +39,13 @@ pub fn framing_of(
     headers: &HeaderMap,
     exact: Option<u64>,
 ) -> Framing {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    // Read by the rules the parsers apply (a replica's length reaches here as the gateway
+    // framed it); a length those rules refuse is no length, and is not written either.
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| {
+        let mut fields = FramingFields::default();
+        fields.content_length(v.as_bytes()).ok()?;
+        fields.length()
+    });
     if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -84,8 +89,17 @@ pub fn write_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    // The response's own length is written only when it is the one the body is framed by (or
+    // the one a bodiless answer states); else the framing's own is.
+    let own_length = matches!(
+        framing,
+        Framing::Length { declared: true, .. } | Framing::None
+    );
     for (name, value) in headers {
-        if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
+        if name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+            || (name == header::CONTENT_LENGTH && !own_length)
+        {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -197,6 +211,12 @@ mod tests {
             }
         );
         assert_eq!(framing_of(&get, v11, ok, &none, None), Framing::Chunked);
+        let mut signed = HeaderMap::new();
+        signed.insert(header::CONTENT_LENGTH, HeaderValue::from_static("+12"));
+        let framing = framing_of(&get, v11, ok, &signed, None);
+        assert_eq!(framing, Framing::Chunked, "+12 is no length");
+        let text = head(ok, &signed, framing, Persistence::KeepAlive);
+        assert!(!text.contains("content-length"), "nor written: {text}");
         assert_eq!(
             framing_of(&get, Version::HTTP_10, ok, &none, None),
             Framing::UntilClose

@@ -1,7 +1,9 @@
 //! Replicas the tests own, for behaviour `ringgate-server` does not have: one that echoes the
 //! request head it received, one that resets every connection it gets a request on (a "query of
 //! death"), one that answers after a delay, one that answers with as many bytes as asked for,
-//! one that stops in the middle of its response body, one that refuses a request body unread.
+//! one that stops in the middle of its response body, one that refuses a request body unread,
+//! one that answers with framing fields a test gives it (well-formed or not), one that switches
+//! protocols (`101`) when nobody asked it to.
 //! All answer `GET /heartbeat` with 200, so checks pass. Dropping one closes its listener and
 //! every connection it has, as a dead process would.
 
@@ -28,6 +30,13 @@ pub enum Behaviour {
     /// 413 at once, before reading any of the request body, then the close (the kernel resets
     /// the connection over the unread body).
     RefusesBody,
+    /// `200` with the `(field lines, body)` pair the request's `case` query parameter picks
+    /// (`HTTP/1.1 200 OK\r\n{lines}connection: close\r\n\r\n{body}`), then the close, so a
+    /// body read until close ends there.
+    Framed(&'static [(&'static str, &'static str)]),
+    /// A request for `/switch…`: `101 Switching Protocols`, then after a moment bytes of the
+    /// other protocol, and the connection held open. Any other request: as [`Behaviour::Echo`].
+    Switches,
 }
 
 pub struct Backend {
@@ -94,7 +103,31 @@ impl Backend {
                                     std::future::pending::<()>().await;
                                     return;
                                 }
-                                Behaviour::Echo => head,
+                                Behaviour::Framed(cases) => {
+                                    let (lines, body) = cases
+                                        .get(query_number(&head, "case"))
+                                        .copied()
+                                        .unwrap_or(("", "no such case"));
+                                    let answer = format!(
+                                        "HTTP/1.1 200 OK\r\n{lines}connection: close\r\n\r\n{body}"
+                                    );
+                                    let _ = s.write_all(answer.as_bytes()).await;
+                                    return;
+                                }
+                                Behaviour::Switches if head.starts_with("get /switch") => {
+                                    let switch = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x-other\r\nconnection: upgrade\r\n\r\n";
+                                    if s.write_all(switch).await.is_err() {
+                                        return;
+                                    }
+                                    // Later than the head: a gateway that took the 101 for a
+                                    // final answer has pooled the connection by then.
+                                    tokio::time::sleep(std::time::Duration::from_millis(200))
+                                        .await;
+                                    let _ = s.write_all(b"\x00\x01 other protocol \x02").await;
+                                    std::future::pending::<()>().await;
+                                    return;
+                                }
+                                Behaviour::Echo | Behaviour::Switches => head,
                                 Behaviour::Sized => "x".repeat(query_number(&head, "bytes")),
                                 Behaviour::Answer { delay_ms } => {
                                     let now = inf.fetch_add(1, Ordering::SeqCst) + 1;

@@ -1,10 +1,11 @@
 //! A replica's response body, read straight from its connection by the task that writes it to
 //! the client: no channel, no second task, no copy (bytes read are handed on as they are).
 //!
-//! Owns: reading the body (its framing is decoded by [`crate::http1::framing`]), counting the request
-//! in flight at its replica until the body ends, cutting a body the replica stops sending for
-//! `proxy.read_timeout`, and giving the connection back to the pool when the body was read
-//! whole and the connection may be reused.
+//! Owns: reading the body (its framing is decoded by [`crate::http1::framing`]), counting the
+//! request in flight at its replica until the body ends, cutting a body the replica stops
+//! sending for `proxy.read_timeout` or frames wrongly (counted as the replica's failure), and
+//! giving the connection back to the pool when the body was read whole and the connection may
+//! be reused.
 //! Must not touch: heads or routing.
 
 use std::pin::Pin;
@@ -17,7 +18,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use super::pool::{self, Conn};
 use crate::admission::RequestPlace;
 use crate::error::BoxError;
-use crate::http1::framing::{BodyFraming, DecodeError, Decoder, ReadError, Source};
+use crate::http1::framing::{BodyFraming, ChunkError, DecodeError, Decoder, ReadError, Source};
 use crate::proxy::body::InFlight;
 use crate::stall::{Stall, StallTimer};
 
@@ -36,8 +37,8 @@ pub struct UpstreamBody {
 pub enum BodyError {
     #[error("the replica closed the connection in the middle of the response body")]
     Truncated,
-    #[error("the replica sent a malformed chunked body")]
-    BadChunk,
+    #[error("the replica sent a malformed chunked body: {0}")]
+    BadChunk(#[source] ChunkError),
     #[error("reading the response body from the replica failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("the replica sent no byte of the response body for {0:?} (proxy.read_timeout)")]
@@ -48,7 +49,7 @@ impl From<ReadError> for BodyError {
     fn from(e: ReadError) -> BodyError {
         match e {
             ReadError::Framing(DecodeError::Truncated) => BodyError::Truncated,
-            ReadError::Framing(DecodeError::BadChunk) => BodyError::BadChunk,
+            ReadError::Framing(DecodeError::BadChunk(e)) => BodyError::BadChunk(e),
             ReadError::Io(e) => BodyError::Io(e),
         }
     }
@@ -141,6 +142,13 @@ impl HttpBody for UpstreamBody {
         match ready!(polled) {
             Some(Ok(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
             Some(Err(e)) => {
+                // A body the replica framed wrongly is its failure (the head was fine, so
+                // nothing counted it yet); the client's response is cut.
+                if matches!(e, BodyError::BadChunk(_)) {
+                    let stats = this.in_flight.stats();
+                    stats.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "cut a response short");
+                }
                 this.keep_alive = false;
                 this.conn = None;
                 Poll::Ready(Some(Err(Box::new(e))))

@@ -4,8 +4,10 @@
 //! Owns: serialising the forwarded request (the client's method, target and headers minus
 //! hop-by-hop and client-only ones, plus `X-Forwarded-*` and our own framing) into one buffer
 //! that a retry reuses as it is; parsing a response head and deciding how its body is framed
-//! and whether the connection can be reused (RFC 9112 §6, §9.3).
-//! Must not touch: sockets. It turns bytes into heads and back.
+//! and whether the connection can be reused (RFC 9112 §6, §9.3), with the `Content-Length` it
+//! relays being the length it framed.
+//! Must not touch: sockets. It turns bytes into heads and back. How `Content-Length` and
+//! `Transfer-Encoding` read is `crate::http1::fields`' (the client leg reads them the same way).
 
 use std::net::SocketAddr;
 
@@ -13,6 +15,7 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
+use crate::http1::fields::{FramingError, FramingFields};
 use crate::http1::request::{header_slots, with_spans, Span};
 use crate::proxy::headers::{is_client_only, is_hop_by_hop, is_protected};
 
@@ -187,6 +190,13 @@ pub enum HeadError {
     Malformed(String),
     #[error("the replica's response head is larger than {MAX_HEAD} bytes")]
     TooLarge,
+    /// `Content-Length` or `Transfer-Encoding` that the strict rules both legs share refuse.
+    #[error("the replica's response states its body length wrongly: {0}")]
+    Framing(#[from] FramingError),
+    /// `101 Switching Protocols` to a request that asked for no upgrade: what follows on the
+    /// connection is another protocol's, and no HTTP/1 response.
+    #[error("the replica switched protocols (101) for a request that asked for no upgrade")]
+    UnaskedSwitch,
 }
 
 /// Parses a response head at the start of `buf`: `Ok(None)` when more bytes are needed. A
@@ -248,8 +258,10 @@ fn parse_response_with(
         Version::HTTP_10 => named.iter().any(|t| t == "keep-alive"),
         _ => !named.iter().any(|t| t == "close"),
     };
-    let mut chunked = false;
-    let mut length: Option<u64> = None;
+    let mut fields = FramingFields::default();
+    // Where the first `Content-Length` value lies: relayed as it is when it is written as the
+    // gateway would write it (no allocation), else the gateway writes the length it framed.
+    let mut length_at: Option<Span> = None;
     // One more than the replica sent: the service adds `Via` without growing the map.
     let mut headers = HeaderMap::with_capacity(spans.len() + 1);
     for &((name_at, name_len), (value_at, value_len)) in spans.iter() {
@@ -262,25 +274,13 @@ fn parse_response_with(
             ))
         })?;
         if name == header::TRANSFER_ENCODING {
-            // Chunked must be the last coding (RFC 9112 §6.3); anything else is read to close.
-            chunked = std::str::from_utf8(raw_value)
-                .ok()
-                .and_then(|v| v.rsplit(',').next())
-                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-            if !chunked {
-                keep_alive = false;
-            }
+            fields.transfer_encoding(raw_value)?;
             continue;
         }
         if name == header::CONTENT_LENGTH {
-            let n = std::str::from_utf8(raw_value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| HeadError::Malformed("bad content-length".into()))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(HeadError::Malformed("conflicting content-length".into()));
-            }
-            length = Some(n);
+            fields.content_length(raw_value)?;
+            length_at.get_or_insert((value_at, value_len));
+            continue;
         }
         if is_hop_by_hop(&name) || named.iter().any(|n| n == name.as_str()) {
             continue;
@@ -289,20 +289,45 @@ fn parse_response_with(
             .map_err(|_| HeadError::Malformed(format!("bad value of {name}")))?;
         headers.append(name, value);
     }
+    // RFC 9112 §6.1: an HTTP/1.0 message with a coding is faulty framing, whatever it says.
+    if version == Version::HTTP_10 && fields.transfer_coded() {
+        return Err(FramingError::CodingInHttp10.into());
+    }
     let code = status.as_u16();
-    let framing =
-        if *method == Method::HEAD || (100..200).contains(&code) || code == 204 || code == 304 {
-            BodyFraming::Empty
-        } else if chunked {
-            // A length next to chunked is ignored (and must not reach the client).
-            headers.remove(header::CONTENT_LENGTH);
-            BodyFraming::Chunked
-        } else if let Some(n) = length {
-            BodyFraming::Length(n)
-        } else {
-            keep_alive = false;
-            BodyFraming::UntilClose
+    let bodiless =
+        *method == Method::HEAD || (100..200).contains(&code) || code == 204 || code == 304;
+    let framing = match bodiless {
+        true => BodyFraming::Empty,
+        false => fields.response_framing(),
+    };
+    // A coding that does not end in chunked is read until the replica closes (RFC 9112 §6.3),
+    // so the connection cannot carry another request, whatever the method or status.
+    if framing == BodyFraming::UntilClose
+        || (fields.transfer_coded() && fields.response_framing() == BodyFraming::UntilClose)
+    {
+        keep_alive = false;
+    }
+    // The length relayed is the one the body is framed by (a HEAD or 304 answer states the
+    // length a GET would have had); a coding overrides any length, which then never reaches
+    // the client (RFC 9112 §6.3), and 1xx and 204 answers have none (RFC 9110 §8.6).
+    let relayed = match framing {
+        BodyFraming::Length(n) => Some(n),
+        BodyFraming::Empty if !fields.transfer_coded() && code >= 200 && code != 204 => {
+            fields.length()
+        }
+        _ => None,
+    };
+    if let Some(n) = relayed {
+        let value = match length_at {
+            Some((at, len)) if fields.length_is_canonical() => {
+                HeaderValue::from_maybe_shared(head.slice(at..at + len))
+                    .map_err(|_| HeadError::Malformed("bad value of content-length".into()))?
+            }
+            // `5, 5` or `005`: the value, as the gateway writes a length (a rare allocation).
+            _ => HeaderValue::from(n),
         };
+        headers.append(header::CONTENT_LENGTH, value);
+    }
     let mut parts = http::Response::new(()).into_parts().0;
     parts.status = status;
     parts.version = Version::HTTP_11;
@@ -467,6 +492,72 @@ mod tests {
     }
 
     #[test]
+    fn the_framing_fields_follow_the_table_both_legs_share() {
+        for case in crate::http1::fields::cases::FRAMING {
+            let wire = format!("HTTP/1.1 200 OK\r\n{}\r\n", case.lines);
+            let parsed = parse_response(&mut BytesMut::from(wire.as_str()), &Method::GET);
+            let framing = match parsed {
+                Ok(Some(r)) => {
+                    // The length relayed is the one framed, written as the gateway writes it.
+                    let relayed = r.parts.headers.get_all(header::CONTENT_LENGTH);
+                    let relayed: Vec<_> = relayed.iter().collect();
+                    match r.framing {
+                        BodyFraming::Length(n) => {
+                            assert_eq!(relayed, [n.to_string().as_str()], "{wire:?}")
+                        }
+                        _ => assert!(relayed.is_empty(), "{wire:?}: {relayed:?}"),
+                    }
+                    if r.framing == BodyFraming::UntilClose {
+                        assert!(!r.keep_alive, "{wire:?}");
+                    }
+                    Ok(r.framing)
+                }
+                Ok(None) => panic!("{wire:?} is whole"),
+                Err(HeadError::Framing(e)) => Err(e),
+                Err(other) => panic!("{wire:?}: {other:?}"),
+            };
+            assert_eq!(framing, case.response, "{wire:?}");
+        }
+    }
+
+    #[test]
+    fn a_bodiless_answer_keeps_the_length_it_states_when_it_may_state_one() {
+        let parse = |raw: &str, method: &Method| {
+            parse_response(&mut BytesMut::from(raw), method)
+                .expect("parses")
+                .expect("complete")
+        };
+        let head = parse(
+            "HTTP/1.1 200 OK\r\ncontent-length: 01234\r\n\r\n",
+            &Method::HEAD,
+        );
+        assert_eq!(head.framing, BodyFraming::Empty);
+        assert_eq!(head.parts.headers[header::CONTENT_LENGTH], "1234");
+        let no_content = parse(
+            "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n",
+            &Method::GET,
+        );
+        assert!(no_content.parts.headers.is_empty());
+        assert_eq!(
+            parse_response(
+                &mut BytesMut::from("HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"),
+                &Method::GET
+            )
+            .err(),
+            Some(HeadError::Framing(FramingError::CodingInHttp10))
+        );
+        let coded = parse(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ncontent-length: 5\r\n\r\n",
+            &Method::HEAD,
+        );
+        assert!(
+            !coded.keep_alive,
+            "a body read until close would have followed"
+        );
+        assert!(coded.parts.headers.is_empty());
+    }
+
+    #[test]
     fn partial_malformed_and_oversized_heads() {
         let get = Method::GET;
         assert!(parse_response(
@@ -486,7 +577,7 @@ mod tests {
                 ),
                 &get
             ),
-            Err(HeadError::Malformed(_))
+            Err(HeadError::Framing(FramingError::ConflictingLengths))
         ));
         let big = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD));
         assert_eq!(

@@ -185,14 +185,21 @@ async fn early_response(conn: &mut Conn, method: &Method) -> Option<head::Respon
 }
 
 /// The final response head in `buf`, once it is whole: interim responses (`100 Continue` and
-/// the like) before it are read past; `101` is final.
+/// the like) before it are read past. A `101` is an error: the gateway strips `Upgrade`, so no
+/// forwarded request asks to switch protocols, and what follows a `101` on the connection is
+/// not HTTP/1 (relayed, it was a final response to the client, and the connection went back
+/// to the pool with the other protocol's bytes in it). The replica is blamed, the connection
+/// dropped with the error.
 fn final_head(
     buf: &mut bytes::BytesMut,
     method: &Method,
 ) -> Result<Option<head::ResponseHead>, HeadError> {
     while !buf.is_empty() {
         match head::parse_response(buf, method)? {
-            Some(h) if h.parts.status.is_informational() && h.parts.status.as_u16() != 101 => {}
+            Some(h) if h.parts.status == http::StatusCode::SWITCHING_PROTOCOLS => {
+                return Err(HeadError::UnaskedSwitch)
+            }
+            Some(h) if h.parts.status.is_informational() => {}
             Some(h) => return Ok(Some(h)),
             None => break,
         }

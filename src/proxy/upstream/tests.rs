@@ -182,6 +182,17 @@ async fn failures_are_told_apart() {
     let (addr, _, _t) = replica(garbage, 1).await;
     assert!(matches!(get(addr).await, Err(SendError::BadHead(_))));
 
+    // After an interim 100, a 101 nobody asked for: an error, never a final response.
+    fn switches(_: usize) -> Vec<u8> {
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\nNOT HTTP".to_vec()
+    }
+    let (addr, _, _t) = replica(switches, usize::MAX).await;
+    assert!(matches!(
+        get(addr).await,
+        Err(SendError::BadHead(HeadError::UnaskedSwitch))
+    ));
+    assert!(pool::take(addr).is_none(), "the connection is not pooled");
+
     fn short(_: usize) -> Vec<u8> {
         b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\nhalf".to_vec()
     }
