@@ -45,7 +45,7 @@ const STATIC_READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// (their listeners close the last connections at the drain timeout): past it, a thread still
 /// running is held by something that will not end (a policy hook or a library call), and the
 /// gateway stops without it.
-pub const JOIN_GRACE: Duration = Duration::from_millis(500);
+pub const JOIN_GRACE: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
