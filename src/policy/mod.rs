@@ -42,14 +42,18 @@
 //!
 //! Only the `base`, `string`, `table`, `math` and `utf8` libraries are opened; `dofile`,
 //! `loadfile`, `print` (redirected to the debug log), `warn`, `collectgarbage` (reduced to
-//! `"count"`) and `string.dump` are removed or replaced; `load` only accepts text chunks. Each
-//! call (and each file's top level at load) gets [`PolicyLimits::instruction_budget`] VM
-//! instructions and a wall-clock deadline ([`PolicyLimits::allowance`]); both are checked
-//! every 256 instructions by a Lua count hook, and by the Rust string functions as they work.
+//! `"count"`), `math.randomseed` and `string.dump` are removed or replaced; `load` only
+//! accepts text chunks without to-be-closed variables. Each call (and each file's top level
+//! at load) gets [`PolicyLimits::instruction_budget`] VM instructions and a wall-clock
+//! deadline ([`PolicyLimits::allowance`]); both are checked every 256 instructions by a Lua
+//! count hook, by the Rust string functions as they work, and by the C functions whose work
+//! grows with their input, which charge it before they run (and refuse too large an input).
 //! Once either runs out, the call fails with [`HookError::BudgetExceeded`] or
-//! [`HookError::Timeout`], and `pcall`/`xpcall` inside the policy cannot catch it. The
-//! state's memory is capped at [`PolicyLimits::memory_limit`], and `string.rep` and `gsub`
-//! refuse results above it before building them.
+//! [`HookError::Timeout`], and `pcall`/`xpcall` inside the policy cannot catch it; no policy
+//! code runs where the hook cannot fire (message handlers once a call is stopped, `__close`,
+//! `__gc`). The state's memory is capped at [`PolicyLimits::memory_limit`], and `string.rep`
+//! and `gsub` refuse results above it before building them. `docs/policies.md` ("Why a hook
+//! cannot outrun its deadline") has the argument and the inventory of every function.
 //!
 //! # State
 //!
