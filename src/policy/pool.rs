@@ -70,7 +70,9 @@ pub(super) struct StatePool {
     filled: Condvar,
     /// A fill request is queued or running: one at a time per pool.
     queued: AtomicBool,
-    /// Why the builder gave up on this set, if it did.
+    /// Why the builder's last build for this set failed, until one succeeds (every refill
+    /// tries again: a top level may fail for a passing reason, such as its deadline on a
+    /// starved machine).
     broken: Mutex<Option<String>>,
 }
 
@@ -133,6 +135,8 @@ impl StatePool {
                 return Taken::Ready(state);
             }
             if let Some(reason) = lock(&self.broken).clone() {
+                drop(ready);
+                self.refill();
                 return Taken::Broken(reason);
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -165,10 +169,15 @@ impl StatePool {
                 continue;
             }
             match pool.build() {
-                Ok(state) => pool.put(state),
+                Ok(state) => {
+                    *lock(&pool.broken) = None;
+                    pool.put(state);
+                }
                 Err(e) => {
-                    tracing::warn!(generation = pool.generation, error = %e, "cannot build a Lua state for the policy; its hooks fall back to the built-in defaults");
-                    *lock(&pool.broken) = Some(e.to_string());
+                    // Logged once until a build succeeds again.
+                    if lock(&pool.broken).replace(e.to_string()).is_none() {
+                        tracing::warn!(generation = pool.generation, error = %e, "cannot build a Lua state for the policy; calls on threads without one fall back to the built-in defaults");
+                    }
                     pool.filled.notify_all();
                     pool.queued.store(false, Ordering::Release);
                     return;
