@@ -329,3 +329,29 @@ fn a_serving_thread_takes_ready_states_and_never_builds_one() {
         }
     }
 }
+
+#[test]
+fn an_error_object_whose_tostring_loops_is_stopped() {
+    stopped_or_runtime(hash_within(
+        "function request_hash(i)
+           error(setmetatable({}, {__tostring = function() while true do end end}))
+         end",
+        deadline_only(),
+    ));
+    stopped_or_runtime(hash_within(
+        "function request_hash(i)
+           local ok, e = pcall(error, setmetatable({}, {__tostring = function() while true do end end}))
+           error(e)
+         end",
+        deadline_only(),
+    ));
+}
+
+fn stopped_or_runtime(o: HookOutcome<u32>) {
+    match o {
+        HookOutcome::Failed(
+            HookError::Timeout { .. } | HookError::BudgetExceeded { .. } | HookError::Runtime(_),
+        ) => {}
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
