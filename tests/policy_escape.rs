@@ -278,6 +278,12 @@ async fn randomseed_carries_nothing_from_one_request_to_the_next() {
             let req = req
                 .body(http_body_util::Empty::<bytes::Bytes>::new())
                 .expect("request");
+            // The previous response is read to its end: wait until the connection takes the
+            // next request.
+            tokio::time::timeout(Duration::from_secs(10), send.ready())
+                .await
+                .expect("ready in time")
+                .expect("the connection stays open");
             let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
                 .await
                 .expect("answered")
