@@ -5,7 +5,10 @@
 //! listener, beside the heap's idle trim of [`crate::memory`]) and the shutdown order (stop
 //! accepting, drain in-flight requests, then stop the replicas the gateway started), in the
 //! shape of mini-redis's `server::run(listener, shutdown)`: `main.rs` binds, installs signal
-//! handlers and prints; tests start a gateway in-process on `127.0.0.1:0`.
+//! handlers and prints; tests start a gateway in-process on `127.0.0.1:0`. Shutdown is bounded:
+//! a serving thread that has not ended `proxy.drain_timeout` (plus [`JOIN_GRACE`]) after the
+//! stop is left behind, so [`Gateway::serve`] returns and the process can exit whatever that
+//! thread is doing; the [`crate::watchdog`] reports such a thread while it runs.
 //! Must not touch: any decision, process-wide state (signals, tracing, rlimits; the idle trim
 //! touches only the allocator's free pages) or stdout; it only connects the parts.
 
@@ -32,11 +35,17 @@ use crate::snapshot::Snapshot;
 use crate::spread::{Slot, Spread, ThreadLoad};
 use crate::tls::upstream::{TlsProber, UpstreamTls};
 use crate::tls::{Tls, TlsError};
+use crate::watchdog::Watchdog;
 
 /// How long start-up waits for the replicas it started to answer before serving anyway.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Static replicas are not ours to wait for: start-up waits for one round of checks at most.
 const STATIC_READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long after `proxy.drain_timeout` shutdown still waits for the serving threads to end
+/// (their listeners close the last connections at the drain timeout): past it, a thread still
+/// running is held by something that will not end (a policy hook or a library call), and the
+/// gateway stops without it.
+pub const JOIN_GRACE: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -198,6 +207,14 @@ impl Gateway {
             Some(tls) => Arc::new(TlsProber::new(tls.clone())),
             None => Arc::new(HttpProber::default()),
         };
+        // Every serving thread should find a Lua state of a new policy set ready (they never
+        // build one), and one more is kept for a rebuild after a memory error.
+        let serving = listeners
+            .plain
+            .as_ref()
+            .map_or(0, |b| b.sockets.len())
+            .max(listeners.tls.as_ref().map_or(0, |b| b.sockets.len()));
+        crate::policy::set_ready_states(serving + 1);
         let (policy, policy_files) = load_policy(&config);
         let (events_tx, events_rx) = mpsc::channel(256);
         let provider = crate::provider::from_config(&config, events_tx).await?;
@@ -319,6 +336,9 @@ impl Gateway {
         // hand-over channels per listening address.
         let load = Arc::new(ThreadLoad::new(plain.len().max(tls.len())));
         let _ = self.service.metrics.serving_threads.set(load.clone());
+        let watchdog = Watchdog::new(plain.len().max(tls.len()));
+        let _ = self.service.metrics.watchdog.set(watchdog.clone());
+        let watching = tokio::spawn(watchdog.clone().watch());
         let mut plain_slots = Spread::slots(plain.len(), &load).into_iter();
         let mut tls_slots = Spread::slots(tls.len(), &load).into_iter();
         for n in 0.. {
@@ -340,12 +360,14 @@ impl Gateway {
             let (service, stop_rx, drain) =
                 (self.service.clone(), stop_rx.clone(), self.drain_timeout);
             let upstream_tls = self.upstream_tls.clone();
+            let beats = watchdog.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ringgate-serve-{n}"))
                 .spawn(move || {
                     crate::per_thread::enter_serving_thread(n);
+                    crate::policy::enter_serving_thread();
                     crate::proxy::upstream::pool::set_upstream_tls(upstream_tls);
-                    serve_thread(listeners, service, stop_rx, drain)
+                    serve_thread(listeners, service, stop_rx, drain, beats, n)
                 })
                 .map_err(StartError::Thread);
             match thread {
@@ -353,6 +375,7 @@ impl Gateway {
                 Err(e) => {
                     let _ = stop_tx.send(true);
                     trimmer.abort();
+                    watching.abort();
                     return Err(e);
                 }
             }
@@ -360,12 +383,10 @@ impl Gateway {
         shutdown.await;
         let _ = stop_tx.send(true);
         trimmer.abort();
-        let _ = tokio::task::spawn_blocking(move || {
-            for t in threads {
-                let _ = t.join();
-            }
-        })
-        .await;
+        if !joined_within(threads, self.drain_timeout + JOIN_GRACE).await {
+            tracing::error!(timeout = ?(self.drain_timeout + JOIN_GRACE), "a serving thread did not stop within proxy.drain_timeout (see the watchdog's report); stopping without it");
+        }
+        watching.abort();
         // The serving threads handed their buffered lines over as they ended.
         let log = self.service.access_log.clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
@@ -378,13 +399,36 @@ impl Gateway {
     }
 }
 
+/// Whether every thread ended within `bound`. The joins run on a plain thread of their own,
+/// not a blocking task of the runtime: a runtime waits for its blocking tasks when it is
+/// dropped, so a join stuck on a thread that never ends would keep `main` from exiting.
+async fn joined_within(threads: Vec<std::thread::JoinHandle<()>>, bound: Duration) -> bool {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let joiner = std::thread::Builder::new()
+        .name("ringgate-join".into())
+        .spawn(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+            let _ = done_tx.send(());
+        });
+    if joiner.is_err() {
+        // Without a joiner, wait the bound: the threads had that long to drain.
+        tokio::time::sleep(bound).await;
+        return false;
+    }
+    tokio::time::timeout(bound, done_rx).await.is_ok()
+}
+
 /// One serving thread: its own current-thread runtime serving its listeners (plain, TLS or
-/// both) until stopped.
+/// both) until stopped, with the watchdog's heartbeat of thread `n` beside them.
 fn serve_thread(
     listeners: Vec<(std::net::TcpListener, Mode, Slot)>,
     service: Arc<Service>,
     stop_rx: tokio::sync::watch::Receiver<bool>,
     drain: Duration,
+    watchdog: Arc<Watchdog>,
+    n: usize,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -395,6 +439,7 @@ fn serve_thread(
     };
     runtime.block_on(async move {
         let anchor = tokio::spawn(crate::listener::timer_anchor());
+        let beating = tokio::spawn(watchdog.heartbeat(n));
         let serving = listeners.into_iter().map(|(listener, mode, slot)| {
             let (service, mut stop_rx) = (service.clone(), stop_rx.clone());
             async move {
@@ -410,6 +455,7 @@ fn serve_thread(
         });
         futures_util::future::join_all(serving).await;
         anchor.abort();
+        beating.abort();
     });
 }
 

@@ -51,6 +51,8 @@
 //!   more than another hands a new connection to the least busy one).
 //! - [`metrics`]: lock-free counters and their Prometheus rendering.
 //! - [`per_thread`]: counts every request adds to, one copy per serving thread, summed when read.
+//! - [`watchdog`]: serving threads that stopped serving, noticed from their runtimes' beats
+//!   (a backstop that does not depend on the Lua hook), for `/lb/status` and `/lb/metrics`.
 //! - [`memory`]: the heap given back to the OS once a burst is over (the idle trim).
 //! - [`latency`]: the latency histograms (per replica and gateway-wide) and their quantiles.
 //! - [`error`]: the one place internal errors become HTTP responses.
@@ -100,5 +102,6 @@ pub mod sync;
 pub mod tls;
 pub mod tools;
 pub mod ui;
+pub mod watchdog;
 pub mod watcher;
 pub mod whatif;

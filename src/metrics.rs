@@ -68,6 +68,9 @@ pub struct Metrics {
     pub connections_handed_over: AtomicU64,
     /// Open connections per serving thread (set when the gateway starts serving).
     pub serving_threads: std::sync::OnceLock<std::sync::Arc<crate::spread::ThreadLoad>>,
+    /// The serving threads' watchdog (set when the gateway starts serving); renders its own
+    /// families.
+    pub watchdog: std::sync::OnceLock<std::sync::Arc<crate::watchdog::Watchdog>>,
     /// Requests answered 503 because the gateway itself ran out of a resource (EMFILE…).
     pub local_resource_errors: AtomicU64,
     /// Request bodies that broke on the client's side (answered 400, never blamed on a replica).
@@ -377,6 +380,9 @@ impl Metrics {
             "Client connections open now on each serving thread (kept even: see ringgate_connections_handed_over_total).",
             &per_thread,
         );
+        if let Some(w) = self.watchdog.get() {
+            w.render(o);
+        }
         counter(
             o,
             "ringgate_connections_handed_over_total",

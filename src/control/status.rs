@@ -36,6 +36,9 @@ struct Status<'a> {
     latency_bounds_us: &'static [u64],
     /// The TLS certificates and the last rejected certificate edit; null while TLS is off.
     tls: Option<serde_json::Value>,
+    /// Each serving thread as the watchdog sees it (`serving` or `stalled`); null before the
+    /// gateway serves.
+    serving_threads: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -316,6 +319,7 @@ impl Controller {
                 .tls
                 .load_full()
                 .map(|r| r.status(std::time::SystemTime::now())),
+            serving_threads: self.metrics.watchdog.get().map(|w| w.status()),
         };
         serde_json::to_value(status)
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))

@@ -1,6 +1,7 @@
 //! Reading a Lua 5.4 binary chunk (as `string.dump` writes it, with debug information) to
-//! find an assignment to an upvalue that outlives the call: the one kind of state Lua cannot
-//! make read-only at run time.
+//! find an assignment to an upvalue that outlives the call, the one kind of state Lua cannot
+//! make read-only at run time, and a to-be-closed variable (`local x <close>`), whose
+//! `__close` Lua runs while it unwinds a stopped call, where the count hook may not reach it.
 //!
 //! A function that is still reachable once a policy has loaded keeps its upvalues for as long
 //! as the state lives, so `local n = 0; function request_hash() n = n + 1 ... end` carries a
@@ -9,8 +10,12 @@
 //! `instack == 0` links) to one of them. Locals of the call itself (`instack == 1`) are fresh
 //! on every call and may be assigned freely.
 //!
-//! Owns: the dump format of the vendored Lua 5.4 (`ldump.c`) and that rule. Must not touch:
-//! Lua states; it reads bytes only.
+//! A to-be-closed variable is an `OP_TBC` in any function of the chunk, nested ones included.
+//! (The other value Lua closes, a generic `for`'s fourth value, needs a `__close` metamethod,
+//! which the prelude lets no value have.)
+//!
+//! Owns: the dump format of the vendored Lua 5.4 (`ldump.c`) and those two rules. Must not
+//! touch: Lua states; it reads bytes only.
 
 /// An assignment to an upvalue that outlives the call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +26,15 @@ pub(super) struct UpvalueWrite {
     pub(super) line: u32,
     /// The name of the upvalue (the local of the enclosing code), e.g. `count`.
     pub(super) name: String,
+}
+
+/// A to-be-closed variable declared in a chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ToBeClosed {
+    /// The chunk name of the function that declares it, e.g. `=a.lua`.
+    pub(super) source: String,
+    /// The line of the declaration.
+    pub(super) line: u32,
 }
 
 /// A chunk this reader does not understand.
@@ -34,24 +48,31 @@ const FORMAT: u8 = 0;
 const LUAC_DATA: &[u8] = b"\x19\x93\r\n\x1a\n";
 /// `OP_SETUPVAL A B`: `UpValue[B] := R[A]` (`lopcodes.h`).
 const OP_SETUPVAL: u32 = 10;
+/// `OP_TBC A`: mark variable A "to be closed" (`lopcodes.h`).
+const OP_TBC: u32 = 55;
 /// `ABSLINEINFO` marks a line delta stored in `abslineinfo` instead.
 const ABSLINEINFO: i8 = -0x80;
 
 /// The first assignment, in `chunk` (a dump of one function with its nested functions), to an
 /// upvalue of that function: every such upvalue outlives a call of the function.
 pub(super) fn persistent_upvalue_write(chunk: &[u8]) -> Result<Option<UpvalueWrite>, DumpError> {
-    let mut r = Reader {
-        bytes: chunk,
-        at: 0,
-    };
-    r.header()?;
-    let _upvalues = r.byte()?;
+    let mut r = Reader::new(chunk)?;
     r.function("", None)
+}
+
+/// The first to-be-closed variable declared in `chunk` (a dump of one function with its
+/// nested functions), in any of its functions.
+pub(super) fn to_be_closed(chunk: &[u8]) -> Result<Option<ToBeClosed>, DumpError> {
+    let mut r = Reader::new(chunk)?;
+    r.function("", None)?;
+    Ok(r.closed)
 }
 
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
+    /// The first `OP_TBC` seen.
+    closed: Option<ToBeClosed>,
 }
 
 /// What is known of a function once its code and upvalue descriptors are read.
@@ -62,7 +83,19 @@ struct Proto {
     abslineinfo: Vec<(u32, u32)>,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
+    /// A reader past the header and the main function's upvalue count.
+    fn new(bytes: &'a [u8]) -> Result<Reader<'a>, DumpError> {
+        let mut r = Reader {
+            bytes,
+            at: 0,
+            closed: None,
+        };
+        r.header()?;
+        let _upvalues = r.byte()?;
+        Ok(r)
+    }
+
     fn take(&mut self, n: usize) -> Result<&[u8], DumpError> {
         let end = self
             .at
@@ -166,6 +199,14 @@ impl Reader<'_> {
             abslineinfo: Vec::new(),
         };
         let names = self.debug(&mut proto)?;
+        if self.closed.is_none() {
+            if let Some(pc) = proto.code.iter().position(|&ins| ins & 0x7f == OP_TBC) {
+                self.closed = Some(ToBeClosed {
+                    source: source.clone(),
+                    line: proto.line_of(pc),
+                });
+            }
+        }
         if found.is_some() {
             return Ok(found);
         }

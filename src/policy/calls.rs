@@ -1,17 +1,18 @@
 //! The hook call path: the thread-local cache of Lua states, one call with its budget, the
 //! conversion of the result and the accounting of the outcome.
 //!
-//! Owns: which state a thread uses for a set (built on first use, the two most recently used
-//! kept) and the rule "a failed call is counted, logged and answered with
-//! [`HookOutcome::Failed`]". Must not touch: how a state is built (`sandbox`) or how values
-//! look to Lua (`convert`).
+//! Owns: which state a thread uses for a set (taken from the set's pool on first use, the two
+//! most recently used kept) and the rule "a failed call is counted, logged and answered with
+//! [`HookOutcome::Failed`]". Must not touch: how a state is built (`sandbox`), where ready
+//! states come from (`pool`) or how values look to Lua (`convert`).
 
 use std::cell::RefCell;
 
 use mlua::{Function, Lua, Value};
 
+use super::pool::Taken;
 use super::sandbox::ThreadState;
-use super::{bounded, Hook, HookError, HookOutcome, PolicyError, PolicySet};
+use super::{bounded, Hook, HookError, HookOutcome, PolicySet};
 
 /// States kept per thread: the current set and the previous one (in-flight requests during a
 /// reload).
@@ -23,13 +24,15 @@ thread_local! {
 
 impl PolicySet {
     /// The common call path: thread-local state, meter started, call, conversion, globals
-    /// cleared, accounting.
+    /// cleared, accounting. `shown` turns a runtime error's message into the text kept and
+    /// logged (it removes request data).
     pub(super) fn call<T>(
         &self,
         hook: Hook,
         invoke: impl FnOnce(&Lua, &Function) -> mlua::Result<Value>,
         convert: impl FnOnce(Value) -> Result<T, Value>,
         expected: &'static str,
+        shown: &dyn Fn(String) -> String,
     ) -> HookOutcome<T> {
         if !self.has_hook(hook) {
             return HookOutcome::Absent;
@@ -37,14 +40,7 @@ impl PolicySet {
         self.stats.record_call(hook);
         let result = STATES.with(|states| {
             let mut states = states.borrow_mut();
-            let state = match self.thread_state(&mut states) {
-                Ok(state) => state,
-                Err(e) => {
-                    return Err(HookError::Runtime(bounded(format!(
-                        "cannot build the Lua state: {e}"
-                    ))))
-                }
-            };
+            let state = self.thread_state(&mut states, hook)?;
             let Some(f) = &state.hooks[hook.index()] else {
                 return Ok(None);
             };
@@ -63,7 +59,7 @@ impl PolicySet {
                         got: v.type_name().to_string(),
                     }),
                 },
-                Err(e) => Err(state.classify(&e)),
+                Err(e) => Err(state.classify(&e, shown)),
             };
             let keep = state.end_call();
             if !keep || matches!(outcome, Err(HookError::MemoryExceeded { .. })) {
@@ -82,11 +78,12 @@ impl PolicySet {
         }
     }
 
-    /// This thread's state for this set, built if needed and moved to the front.
+    /// This thread's state for this set, taken from the pool if needed and moved to the front.
     fn thread_state<'s>(
         &self,
         states: &'s mut Vec<ThreadState>,
-    ) -> Result<&'s ThreadState, PolicyError> {
+        hook: Hook,
+    ) -> Result<&'s ThreadState, HookError> {
         match states.iter().position(|s| s.set_id == self.id) {
             Some(0) => {}
             Some(pos) => {
@@ -94,7 +91,15 @@ impl PolicySet {
                 states.insert(0, state);
             }
             None => {
-                let state = ThreadState::build(&self.files, self.limits, self.id, self.generation)?;
+                let state = match self.pool.take(self.limits.allowance(hook)) {
+                    Taken::Ready(state) => state,
+                    Taken::NotReady => return Err(HookError::NotReady),
+                    Taken::Broken(e) => {
+                        return Err(HookError::Runtime(bounded(format!(
+                            "cannot build the Lua state: {e}"
+                        ))))
+                    }
+                };
                 self.stats.record_state_build();
                 states.insert(0, state);
                 states.truncate(STATES_PER_THREAD);
@@ -102,6 +107,6 @@ impl PolicySet {
         }
         states
             .first()
-            .ok_or_else(|| PolicyError::Sandbox("thread state vanished".to_string()))
+            .ok_or_else(|| HookError::Runtime("thread state vanished".to_string()))
     }
 }

@@ -20,15 +20,20 @@
 //! - `strlib` and `pattern`: `string.rep` and the pattern functions in Rust, counted on the
 //!   meter (Lua's C versions can run unbounded inside one call);
 //! - `bytecode`: finding functions that assign to upvalues, from `string.dump` output;
+//! - `pool`: states built ahead, off the serving threads (the pool of a set and the builder
+//!   thread);
 //! - `calls`: the call path (thread-local states, one call, accounting);
+//! - `redact`: request header values masked in `request_key` error texts;
 //! - `convert`: Lua values to and from Rust (`req`, `probe`, slots and keys);
 //! - `stats`: [`PolicyStats`], the last error and the rate-limited log.
 //!
 //! # Execution model
 //!
-//! A [`PolicySet`] is immutable and holds only the sources. Hooks run in a Lua state per
-//! thread (`thread_local!`), built from the set's sources the first time a thread calls a
-//! hook of that set, and kept for later calls. Each thread keeps the states of the two sets it
+//! A [`PolicySet`] is immutable and holds the sources and a pool of ready states. Hooks run in
+//! a Lua state per thread (`thread_local!`), taken from the pool the first time a thread calls
+//! a hook of that set, and kept for later calls. A serving thread ([`enter_serving_thread`])
+//! never builds a state itself, since building runs every file's top level: the pool is filled
+//! when the set loads and topped up by a builder thread (see `pool`). Each thread keeps the states of the two sets it
 //! used most recently, so in-flight requests finishing on the previous set during a reload do
 //! not make a worker rebuild on every request. There is no lock on the call path: a call is a
 //! thread-local lookup, an atomic counter increment and the Lua call itself.
@@ -37,14 +42,18 @@
 //!
 //! Only the `base`, `string`, `table`, `math` and `utf8` libraries are opened; `dofile`,
 //! `loadfile`, `print` (redirected to the debug log), `warn`, `collectgarbage` (reduced to
-//! `"count"`) and `string.dump` are removed or replaced; `load` only accepts text chunks. Each
-//! call (and each file's top level at load) gets [`PolicyLimits::instruction_budget`] VM
-//! instructions and a wall-clock deadline ([`PolicyLimits::allowance`]); both are checked
-//! every 256 instructions by a Lua count hook, and by the Rust string functions as they work.
+//! `"count"`), `math.randomseed` and `string.dump` are removed or replaced; `load` only
+//! accepts text chunks without to-be-closed variables. Each call (and each file's top level
+//! at load) gets [`PolicyLimits::instruction_budget`] VM instructions and a wall-clock
+//! deadline ([`PolicyLimits::allowance`]); both are checked every 256 instructions by a Lua
+//! count hook, by the Rust string functions as they work, and by the C functions whose work
+//! grows with their input, which charge it before they run (and refuse too large an input).
 //! Once either runs out, the call fails with [`HookError::BudgetExceeded`] or
-//! [`HookError::Timeout`], and `pcall`/`xpcall` inside the policy cannot catch it. The
-//! state's memory is capped at [`PolicyLimits::memory_limit`], and `string.rep` and `gsub`
-//! refuse results above it before building them.
+//! [`HookError::Timeout`], and `pcall`/`xpcall` inside the policy cannot catch it; no policy
+//! code runs where the hook cannot fire (message handlers once a call is stopped, `__close`,
+//! `__gc`). The state's memory is capped at [`PolicyLimits::memory_limit`], and `string.rep`
+//! and `gsub` refuse results above it before building them. `docs/policies.md` ("Why a hook
+//! cannot outrun its deadline") has the argument and the inventory of every function.
 //!
 //! # State
 //!
@@ -67,14 +76,18 @@ mod convert;
 mod files;
 mod meter;
 mod pattern;
+mod pool;
+mod redact;
 mod sandbox;
 mod stats;
 mod strlib;
 
 pub use files::{read_policy_files, PolicyFiles};
+pub use pool::{enter_serving_thread, set_ready_states};
 pub use stats::{LastHookError, PolicyStats};
 
 use convert::{float_to_int, key_table, probe_table, slot_of, without_memory_limit};
+use pool::StatePool;
 use sandbox::ThreadState;
 
 /// Limits applied to every Lua state of a policy set.
@@ -292,6 +305,9 @@ pub enum PolicyError {
         line: u32,
         name: String,
     },
+    /// A file declares a to-be-closed variable (`local x <close>`).
+    #[error("policy file {file} line {line}: declares a to-be-closed variable (`<close>`), which policies may not use: Lua runs `__close` while it unwinds a stopped call, out of reach of the instruction budget; release resources explicitly instead")]
+    ToBeClosed { file: String, line: u32 },
     /// Loading a file ran past the memory limit.
     #[error("policy file {file}: loading it ran past the memory limit of {limit} bytes; shrink its tables or raise policy.memory_limit")]
     MemoryExceeded { file: String, limit: usize },
@@ -329,6 +345,11 @@ pub enum HookError {
     /// The hook ran past the state's memory limit.
     #[error("ran past the memory limit of {limit} bytes; the thread's Lua state is rebuilt; stop accumulating data or raise policy.memory_limit")]
     MemoryExceeded { limit: usize },
+    /// A serving thread found no Lua state of this set ready within the hook's deadline (they
+    /// are built off the serving threads; this happens only right after a load, or when the
+    /// builder falls behind rebuilds).
+    #[error("no Lua state of this policy was ready for this serving thread yet (states are built off the serving threads); the built-in default answered this call")]
+    NotReady,
 }
 
 #[derive(Debug, Clone)]
@@ -345,10 +366,12 @@ pub struct PolicySet {
     /// generation number never share a state.
     id: u64,
     generation: u64,
-    files: Vec<PolicyFile>,
+    files: Arc<[PolicyFile]>,
     hooks: [bool; 4],
     limits: PolicyLimits,
     stats: Arc<PolicyStats>,
+    /// Ready states of this set, for threads that have none yet.
+    pool: Arc<StatePool>,
 }
 
 static NEXT_SET_ID: AtomicU64 = AtomicU64::new(1);
@@ -356,12 +379,16 @@ static NEXT_SET_ID: AtomicU64 = AtomicU64::new(1);
 impl PolicySet {
     /// The set with no files: generation 0, every call returns [`HookOutcome::Absent`].
     pub fn empty() -> PolicySet {
+        let id = NEXT_SET_ID.fetch_add(1, Ordering::Relaxed);
+        let files: Arc<[PolicyFile]> = Arc::from(Vec::new());
+        let limits = PolicyLimits::default();
         PolicySet {
-            id: NEXT_SET_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             generation: 0,
-            files: Vec::new(),
+            pool: Arc::new(StatePool::new(files.clone(), limits, id, 0)),
+            files,
             hooks: [false; 4],
-            limits: PolicyLimits::default(),
+            limits,
             stats: Arc::new(PolicyStats::default()),
         }
     }
@@ -386,25 +413,31 @@ impl PolicySet {
         limits: PolicyLimits,
         generation: u64,
     ) -> Result<PolicySet, PolicyError> {
-        let files: Vec<PolicyFile> = files
+        let files: Arc<[PolicyFile]> = files
             .into_iter()
             .map(|(name, source)| PolicyFile { name, source })
             .collect();
+        let id = NEXT_SET_ID.fetch_add(1, Ordering::Relaxed);
+        let pool = Arc::new(StatePool::new(files.clone(), limits, id, generation));
         let mut hooks = [false; 4];
         if !files.is_empty() {
-            // Validate in a state of its own, dropped afterwards; threads build their own.
-            let state = ThreadState::build(&files, limits, 0, generation)?;
+            // The state that validates the set is the first ready one; the builder thread
+            // builds the others now, off whatever thread loads and off the serving threads.
+            let state = ThreadState::build(&files, limits, id, generation)?;
             for hook in Hook::ALL {
                 hooks[hook.index()] = state.hooks[hook.index()].is_some();
             }
+            pool.put(state);
+            pool.refill();
         }
         Ok(PolicySet {
-            id: NEXT_SET_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             generation,
             files,
             hooks,
             limits,
             stats: Arc::new(PolicyStats::default()),
+            pool,
         })
     }
 
@@ -419,13 +452,21 @@ impl PolicySet {
     /// for simulations (`POST /lb/simulate`), whose calls must not show in the live set's
     /// figures.
     pub fn detached(&self) -> PolicySet {
+        let id = NEXT_SET_ID.fetch_add(1, Ordering::Relaxed);
         PolicySet {
-            id: NEXT_SET_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             generation: self.generation,
             files: self.files.clone(),
             hooks: self.hooks,
             limits: self.limits,
             stats: Arc::new(PolicyStats::default()),
+            // Simulations run off the serving threads and build their states inline.
+            pool: Arc::new(StatePool::new(
+                self.files.clone(),
+                self.limits,
+                id,
+                self.generation,
+            )),
         }
     }
 
@@ -480,6 +521,10 @@ impl PolicySet {
                 other => Err(other),
             },
             "a string or an integer",
+            &|message| {
+                let values: Vec<&[u8]> = req.headers.iter().map(|(_, v)| *v).collect();
+                redact::redact(message, &values)
+            },
         )
     }
 
@@ -491,6 +536,7 @@ impl PolicySet {
             |_, f| f.call::<Value>((i as i64, slots)),
             |v| slot_of(v, slots),
             "an integer slot",
+            &|message| message,
         )
     }
 
@@ -502,6 +548,7 @@ impl PolicySet {
             |_, f| f.call::<Value>((i as i64, j, slots)),
             |v| slot_of(v, slots),
             "an integer slot",
+            &|message| message,
         )
     }
 
@@ -520,6 +567,7 @@ impl PolicySet {
                 other => Err(other),
             },
             "a boolean",
+            &|message| message,
         )
     }
 }

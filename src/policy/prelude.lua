@@ -3,18 +3,31 @@
 -- locals and removes the library from the environment before any policy code can run.
 --
 -- It owns the Lua side of the sandbox:
---  * pcall/xpcall re-raise a spent budget or a passed deadline (a policy cannot catch them);
+--  * pcall/xpcall re-raise a spent budget or a passed deadline (a policy cannot catch them),
+--    and a policy's message handler never runs once the call is stopped (Lua calls it from
+--    inside the count hook, where hooks are off: it would run unmetered);
+--  * no value can have a __close metamethod (setmetatable gives an object a copy of the
+--    metatable that only the sandbox holds, refused when it has __close or __gc), and load
+--    refuses chunks that declare to-be-closed variables: Lua runs __close while unwinding,
+--    where the hook may not reach it;
 --  * load takes text chunks only, of at most MAX_CHUNK bytes (compiling is one C call);
 --  * the table functions that loop inside one C call run in Lua past SHIFT elements, where the
---    count hook sees every step; string.pack refuses formats that ask for huge paddings;
+--    count hook sees every step; table.sort's comparison is always Lua code;
+--  * the C functions whose work grows with their input charge the meter for it before they
+--    run and refuse inputs past C_CAP steps (the inventory is in docs/policies.md);
+--  * math.randomseed is refused, and the generator is reseeded after every call that used it,
+--    so no call sees a sequence another call chose;
 --  * state rules (DESIGN.md "Security defaults"): `seal`, called once the files have run,
 --    moves the globals into a hidden base table and makes every table reachable from it
 --    read-only; each call then writes its globals into the (empty) global table, which the
 --    gateway clears after the call.
 -- The arguments: `interrupted()` (true once the current call ran out of budget or time),
--- `log(line)` (the debug log) and `note_global_write()` (a call wrote a global).
+-- `log(line)` (the debug log), `note_global_write()` (a call wrote a global), `charge(steps)`
+-- (spends steps of the call's meter; raises once the call is stopped), `closable(dump)` (the
+-- line of the first to-be-closed variable in a binary chunk, or nil) and `note_random()`
+-- (a call used math.random). It returns `seal` and `reseed`.
 
-local interrupted, log, note_global_write = ...
+local interrupted, log, note_global_write, charge, closable, note_random = ...
 
 local G = _G
 local error, select, tostring, type, tonumber, ipairs = error, select, tostring, type, tonumber, ipairs
@@ -22,7 +35,7 @@ local raw_next, raw_rawget, raw_rawset, raw_rawlen, raw_rawequal = next, rawget,
 local raw_setmetatable = setmetatable
 local raw_pcall, raw_xpcall, raw_load, raw_collect = pcall, xpcall, load, collectgarbage
 local concat, pack = table.concat, table.pack
-local tointeger, maxinteger = math.tointeger, math.maxinteger
+local tointeger, maxinteger, floor = math.tointeger, math.maxinteger, math.floor
 local gmatch = string.gmatch
 local dbg_getupvalue, dbg_getinfo = debug.getupvalue, debug.getinfo
 local dbg_getmetatable, dbg_setmetatable = debug.getmetatable, debug.setmetatable
@@ -45,7 +58,46 @@ local function pass(ok, ...)
   return ok, ...
 end
 pcall = trust(function(f, ...) return pass(raw_pcall(f, ...)) end)
-xpcall = trust(function(f, handler, ...) return pass(raw_xpcall(f, handler, ...)) end)
+-- Lua calls the message handler where the error is raised; for a stopped call that is inside
+-- the count hook, where hooks are off, so the policy's handler would run unmetered (a loop in
+-- it held its thread for good). Once the call is stopped the handler is skipped; for any other
+-- error it runs as ordinary, metered code.
+xpcall = trust(function(f, handler, ...)
+  local h = handler
+  if type(handler) == 'function' then
+    h = function(e)
+      if interrupted() then return e end
+      return handler(e)
+    end
+  end
+  return pass(raw_xpcall(f, h, ...))
+end)
+
+-- C functions whose work grows with their input: `cost(name, steps)` refuses more than C_CAP
+-- steps for one call (about a quarter of a millisecond of C work) and charges the meter past
+-- C_FREE, so a loop of such calls is stopped by the budget or the deadline like a loop of
+-- instructions. A step is about one VM instruction's time (a few ns).
+local C_FREE, C_CAP = 1024, 262144
+local function cost(name, steps)
+  if steps > C_CAP then
+    error(name .. ": this call would do about " .. floor(steps) .. " steps of work in one C call, "
+      .. "more than the " .. C_CAP .. " a policy may (split the input)", 3)
+  end
+  if steps > C_FREE then charge(steps) end
+end
+-- Steps per byte a C function scans, per byte `%q` quotes, per value it pushes or takes as
+-- an argument (measured: pushing values grows the stack, which the collector then traverses),
+-- and per byte load compiles.
+local PER_BYTE, PER_QUOTED, PER_VALUE, PER_SOURCE = 1, 16, 16, 2
+
+-- `posrelat` of lstrlib.c and lutf8lib.c: a 1-based position, negative from the end.
+local function position(pos, len)
+  if pos >= 0 then return pos end
+  if -pos > len then return 0 end
+  return len + pos + 1
+end
+-- In floats: a span of huge positions must not wrap around when it is weighed.
+local function span(i, j) if j < i then return 0 end return (j + 0.0) - i + 1 end
 
 -- Text chunks only, never bytecode; compiling one is a single C call, so its size is capped.
 local MAX_CHUNK = 65536
@@ -64,8 +116,18 @@ load = trust(function(chunk, name, _mode, ...)
       return piece
     end
   end
-  if select('#', ...) > 0 then return raw_load(chunk, name, 't', ...) end
-  return raw_load(chunk, name, 't')
+  if type(chunk) == 'string' then cost('load', #chunk * PER_SOURCE) end
+  local f, err
+  if select('#', ...) > 0 then f, err = raw_load(chunk, name, 't', ...)
+  else f, err = raw_load(chunk, name, 't') end
+  if f then
+    local line = closable(raw_dump(f))
+    if line then
+      return nil, "load: line " .. line .. ": to-be-closed variables (<close>) are not "
+        .. "available to policies"
+    end
+  end
+  return f, err
 end)
 
 collectgarbage = trust(function(opt)
@@ -152,17 +214,170 @@ table.concat = trust(function(t, sep, i, j)
   return raw_concat(t, sep, i, j)
 end)
 
--- With a Lua comparison every step of the sort runs Lua code, which the count hook sees.
+-- With a Lua comparison every step of the sort runs Lua code, which the count hook sees; a C
+-- comparison (math.ult, rawequal) would sort a large table inside one C call. Between two
+-- comparisons the sort does constant work.
 local function less(a, b) return a < b end
 table.sort = trust(function(t, comp)
-  if comp == nil and type(t) == 'table' and #t > 256 then comp = less end
+  if comp == nil then
+    if type(t) == 'table' and #t > 256 then comp = less end
+  elseif type(comp) == 'function' then
+    local c = comp
+    comp = function(a, b) return c(a, b) end
+  end
   return raw_sort(t, comp)
 end)
+
+local raw_unpack, raw_tpack = table.unpack, table.pack
+table.unpack = trust(function(t, i, j)
+  if type(t) == 'table' then
+    local first = (i == nil) and 1 or tointeger(i)
+    local last = (j == nil) and #t or tointeger(j)
+    if first and last then cost('table.unpack', span(first, last) * PER_VALUE) end
+  end
+  return raw_unpack(t, i, j)
+end)
+table.pack = trust(function(...)
+  cost('table.pack', select('#', ...) * PER_VALUE)
+  return raw_tpack(...)
+end)
+
+-- Strings.
+local raw_byte, raw_char, raw_upper, raw_lower, raw_reverse, raw_format =
+  string.byte, string.char, string.upper, string.lower, string.reverse, string.format
+local raw_unpack_string, raw_packsize = string.unpack, string.packsize
+local find = string.find
+
+-- The bytes a string argument has (a number's text is short; any other value makes the C
+-- function raise its own argument error).
+local function length(s)
+  if type(s) == 'string' then return #s end
+  return 0
+end
+
+string.byte = trust(function(s, i, j)
+  if type(s) == 'string' then
+    local first = tointeger(i == nil and 1 or i)
+    local last = (j == nil) and first or tointeger(j)
+    if first and last then
+      local len = #s
+      first, last = position(first, len), position(last, len)
+      if first < 1 then first = 1 end
+      if last > len then last = len end
+      cost('string.byte', span(first, last) * PER_VALUE)
+    end
+  end
+  return raw_byte(s, i, j)
+end)
+string.char = trust(function(...)
+  cost('string.char', select('#', ...) * PER_VALUE)
+  return raw_char(...)
+end)
+string.upper = trust(function(s)
+  cost('string.upper', length(s) * PER_BYTE)
+  return raw_upper(s)
+end)
+string.lower = trust(function(s)
+  cost('string.lower', length(s) * PER_BYTE)
+  return raw_lower(s)
+end)
+string.reverse = trust(function(s)
+  cost('string.reverse', length(s) * PER_BYTE)
+  return raw_reverse(s)
+end)
+string.format = trust(function(fmt, ...)
+  if type(fmt) == 'string' then
+    local bytes = #fmt
+    local n = select('#', ...)
+    if n > 0 then
+      local args = pack(...)
+      for k = 1, n do
+        local a = args[k]
+        if type(a) == 'string' then bytes = bytes + #a end
+      end
+    end
+    local weight = PER_BYTE
+    if find(fmt, 'q', 1, true) then weight = PER_QUOTED end
+    cost('string.format', bytes * weight + n * PER_VALUE)
+  end
+  return raw_format(fmt, ...)
+end)
+string.unpack = trust(function(fmt, s, ...)
+  if type(fmt) == 'string' then cost('string.unpack', #fmt * PER_VALUE) end
+  return raw_unpack_string(fmt, s, ...)
+end)
+string.packsize = trust(function(fmt)
+  cost('string.packsize', length(fmt) * PER_BYTE)
+  return raw_packsize(fmt)
+end)
+
+-- (`tonumber` is also a local above, kept raw: this replaces the global.)
+local raw_tonumber = tonumber
+G.tonumber = trust(function(v, ...)
+  if type(v) == 'string' then cost('tonumber', #v * PER_BYTE) end
+  return raw_tonumber(v, ...)
+end)
+
+-- UTF-8: positions as lutf8lib.c reads them.
+local raw_ulen, raw_codepoint, raw_offset, raw_uchar = utf8.len, utf8.codepoint, utf8.offset, utf8.char
+utf8.len = trust(function(s, i, j, lax)
+  if type(s) == 'string' then
+    local len = #s
+    local first = tointeger(i == nil and 1 or i)
+    local last = tointeger(j == nil and -1 or j)
+    if first and last then
+      cost('utf8.len', span(position(first, len), position(last, len)) * PER_BYTE)
+    end
+  end
+  return raw_ulen(s, i, j, lax)
+end)
+utf8.codepoint = trust(function(s, i, j, lax)
+  if type(s) == 'string' then
+    local len = #s
+    local first = tointeger(i == nil and 1 or i)
+    local last = (j == nil) and first or tointeger(j)
+    if first and last then
+      -- each value is both decoded and pushed
+      cost('utf8.codepoint', span(position(first, len), position(last, len)) * PER_VALUE)
+    end
+  end
+  return raw_codepoint(s, i, j, lax)
+end)
+utf8.offset = trust(function(s, n, i)
+  -- it may scan the whole string (a run of continuation bytes is skipped in one step)
+  cost('utf8.offset', length(s) * PER_BYTE)
+  return raw_offset(s, n, i)
+end)
+utf8.char = trust(function(...)
+  cost('utf8.char', select('#', ...) * PER_VALUE)
+  return raw_uchar(...)
+end)
+
+-- The generator's state would carry data from one call to the next: randomseed is refused,
+-- and a call that drew numbers makes the gateway reseed it (`reseed`) before the next one.
+local raw_random, raw_randomseed = math.random, math.randomseed
+local random_used = false
+math.random = trust(function(...)
+  if not random_used then
+    random_used = true
+    note_random()
+  end
+  return raw_random(...)
+end)
+math.randomseed = trust(function()
+  error("math.randomseed is not available to policies (one request could pass data to the "
+    .. "next through the generator); math.random is seeded by the gateway", 2)
+end)
+local function reseed(a, b)
+  raw_randomseed(a, b)
+  random_used = false
+end
 
 local raw_pack = string.pack
 local MAX_PACK = 1000000
 string.pack = trust(function(fmt, ...)
   if type(fmt) == 'string' then
+    cost('string.pack', #fmt * PER_VALUE + select('#', ...) * PER_VALUE)
     local total = 0
     for digits in gmatch(fmt, '%d+') do
       total = total + (tonumber(digits) or 0)
@@ -193,7 +408,7 @@ local function view_of(frozen)
   if v == nil then
     v = {}
     for k, x in raw_next, shadow[frozen] do
-      if k ~= '__gc' then v[k] = x end
+      if k ~= '__gc' and k ~= '__close' then v[k] = x end
     end
     if raw_rawget(v, '__metatable') == nil then v.__metatable = frozen end
     views[frozen] = v
@@ -201,18 +416,43 @@ local function view_of(frozen)
   return v
 end
 
+-- The metatable the VM reads for an object is a copy only the sandbox holds, taken when
+-- setmetatable is called, so no code can add __close (or __gc) to it later; `copies` maps a
+-- copy back to the table the policy passed, which is what getmetatable shows.
+local copies = raw_setmetatable({}, {__mode = 'k'})
+local raw_getmetatable = getmetatable
+local function refuse_metamethods(source)
+  if raw_rawget(source, '__gc') ~= nil then
+    error("setmetatable: __gc (finalizers) is not available to policies", 3)
+  end
+  if raw_rawget(source, '__close') ~= nil then
+    error("setmetatable: __close (to-be-closed values) is not available to policies", 3)
+  end
+end
 setmetatable = trust(function(t, mt)
   if raw_rawequal(t, G) then
     error("setmetatable: the metatable of the global table belongs to the sandbox", 2)
   end
   if type(mt) == 'table' then
-    if shadow[mt] then
+    local frozen = shadow[mt]
+    if frozen then
+      refuse_metamethods(frozen)
       mt = view_of(mt)
-    elseif raw_rawget(mt, '__gc') ~= nil then
-      error("setmetatable: __gc (finalizers) is not available to policies", 2)
+    else
+      refuse_metamethods(mt)
+      local copy = {}
+      for k, v in raw_next, mt do copy[k] = v end
+      copies[copy] = mt
+      mt = copy
     end
   end
   return raw_setmetatable(t, mt)
+end)
+getmetatable = trust(function(v)
+  local mt = raw_getmetatable(v)
+  local original = copies[mt]
+  if original ~= nil then return original end
+  return mt
 end)
 
 rawset = trust(function(t, k, v)
@@ -297,7 +537,7 @@ local function seal(scan)
     local oms = om and (shadow[om] or om) or {}
     local mt = {}
     for k, v in raw_next, oms do mt[k] = v end
-    mt.__gc, mt.__mode = nil, nil
+    mt.__gc, mt.__mode, mt.__close = nil, nil, nil
     mt.__newindex = read_only
     local index = raw_rawget(oms, '__index')
     if index == nil then
@@ -312,7 +552,7 @@ local function seal(scan)
     end
     if raw_rawget(oms, '__len') == nil then mt.__len = function() return #contents end end
     if raw_rawget(oms, '__pairs') == nil then mt.__pairs = frozen_pairs end
-    if raw_rawget(oms, '__metatable') == nil then mt.__metatable = om end
+    if raw_rawget(oms, '__metatable') == nil then mt.__metatable = om and (copies[om] or om) end
     dbg_setmetatable(t, mt)
   end
 
@@ -333,4 +573,4 @@ local function seal(scan)
   return nil
 end
 
-return seal
+return seal, reseed

@@ -16,15 +16,17 @@
 //! an upvalue. A call may still write globals: they land in the global table itself, and
 //! [`ThreadState::end_call`] clears it. So nothing one call writes is visible to the next.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use mlua::{ChunkMode, Function, HookTriggers, Lua, LuaOptions, StdLib, Value, VmState};
 
-use super::bytecode::persistent_upvalue_write;
+use super::bytecode::{persistent_upvalue_write, to_be_closed};
 use super::meter::{Meter, Stop};
-use super::{bounded, strlib, Hook, HookError, PolicyError, PolicyFile, PolicyLimits};
+use super::{
+    bounded, strlib, Hook, HookError, PolicyError, PolicyFile, PolicyLimits, MAX_ERROR_TEXT,
+};
 
 /// Deadline of each file's top level at load (it runs again on every thread that builds a
 /// state, so it should take far less).
@@ -36,6 +38,9 @@ const MAX_CALL_GLOBALS: u32 = 256;
 
 const PRELUDE: &str = include_str!("prelude.lua");
 
+/// Longest line `print` writes to the debug log: the log is written on the serving thread.
+const MAX_LOG_LINE: usize = 1024;
+
 /// One thread's Lua state for one policy set.
 pub(super) struct ThreadState {
     pub(super) set_id: u64,
@@ -45,6 +50,18 @@ pub(super) struct ThreadState {
     pub(super) hooks: [Option<Function>; 4],
     /// Globals written by the current call (counted by the global table's `__newindex`).
     globals_written: Arc<AtomicU32>,
+    /// The current call drew from `math.random` (set by the prelude's wrapper).
+    random_used: Arc<AtomicBool>,
+    /// The prelude's `reseed(a, b)`: a fresh generator state for the next call.
+    reseed: Function,
+}
+
+impl std::fmt::Debug for ThreadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadState")
+            .field("set_id", &self.set_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ThreadState {
@@ -84,7 +101,9 @@ impl ThreadState {
             .map_err(sandbox)?;
         let log = lua
             .create_function(move |_, line: mlua::String| {
-                tracing::debug!(target: "ringgate::policy::lua", generation, "{}", line.to_string_lossy());
+                let bytes = line.as_bytes();
+                let shown = &bytes[..bytes.len().min(MAX_LOG_LINE)];
+                tracing::debug!(target: "ringgate::policy::lua", generation, "{}", String::from_utf8_lossy(shown));
                 Ok(())
             })
             .map_err(sandbox)?;
@@ -96,23 +115,61 @@ impl ThreadState {
                 Ok(())
             })
             .map_err(sandbox)?;
+        let charged = Arc::clone(&meter);
+        let charge = lua
+            .create_function(move |_, steps: f64| {
+                // The prelude passes at most its per-call cap; the cast saturates anyway.
+                charged
+                    .spend(steps.max(0.0).min(f64::from(u32::MAX)) as u32)
+                    .map_err(|stop| mlua::Error::runtime(stop.message()))
+            })
+            .map_err(sandbox)?;
+        let closable = lua
+            .create_function(
+                |_, chunk: mlua::String| match to_be_closed(&chunk.as_bytes()) {
+                    Ok(found) => Ok(found.map(|c| c.line)),
+                    Err(e) => Err(mlua::Error::runtime(e.to_string())),
+                },
+            )
+            .map_err(sandbox)?;
+        let random_used = Arc::new(AtomicBool::new(false));
+        let drew = Arc::clone(&random_used);
+        let note_random = lua
+            .create_function(move |_, ()| {
+                drew.store(true, Ordering::Relaxed);
+                Ok(())
+            })
+            .map_err(sandbox)?;
         meter.unlimited();
-        let seal: Function = lua
+        let (seal, reseed): (Function, Function) = lua
             .load(PRELUDE)
             .set_name("=sandbox")
             .set_mode(ChunkMode::Text)
-            .call((interrupted, log, note_global_write))
+            .call((
+                interrupted,
+                log,
+                note_global_write,
+                charge,
+                closable,
+                note_random,
+            ))
+            .map_err(sandbox)?;
+        reseed
+            .call::<()>((fastrand::i64(..), fastrand::i64(..)))
             .map_err(sandbox)?;
         lua.set_memory_limit(limits.memory_limit).map_err(sandbox)?;
 
         let globals = lua.globals();
         for file in files {
-            meter.start(TOP_LEVEL_TIMEOUT);
             let chunk = lua
                 .load(file.source.as_str())
                 .set_name(format!("={}", file.name))
-                .set_mode(ChunkMode::Text);
-            let ran = chunk.exec();
+                .set_mode(ChunkMode::Text)
+                .into_function()
+                .map_err(|e| load_error(&file.name, &e, limits))?;
+            refuse_to_be_closed(&file.name, &chunk)?;
+            meter.start(TOP_LEVEL_TIMEOUT);
+            let ran = chunk.call::<()>(());
             if let Some(stop) = meter.stopped() {
                 return Err(stopped_at_load(&file.name, stop, limits));
             }
@@ -146,11 +203,14 @@ impl ThreadState {
             limits,
             hooks,
             globals_written,
+            random_used,
+            reseed,
         })
     }
 
-    /// The failure of a call that raised `e`.
-    pub(super) fn classify(&self, e: &mlua::Error) -> HookError {
+    /// The failure of a call that raised `e`; a runtime error's message goes through `shown`
+    /// (cut first to what can be shown, so its work is bounded) before it is bounded.
+    pub(super) fn classify(&self, e: &mlua::Error, shown: &dyn Fn(String) -> String) -> HookError {
         if let Some(stop) = self.meter.stopped() {
             self.stop_error(stop)
         } else if is_memory_error(e) {
@@ -158,7 +218,7 @@ impl ThreadState {
                 limit: self.limits.memory_limit,
             }
         } else {
-            HookError::Runtime(bounded(error_message(e)))
+            HookError::Runtime(bounded(shown(shown_part(error_message(e)))))
         }
     }
 
@@ -178,14 +238,39 @@ impl ThreadState {
         }
     }
 
-    /// Ends a call: clears the globals it wrote. False when the state should be dropped
-    /// (rebuilt on the next call) instead of kept.
+    /// Ends a call: clears the globals it wrote and, if it drew random numbers, reseeds the
+    /// generator. False when the state should be dropped (rebuilt on the next call) instead
+    /// of kept.
     pub(super) fn end_call(&self) -> bool {
+        if self.random_used.swap(false, Ordering::Relaxed) {
+            // Trusted code: a stopped meter would stop it at its next tick.
+            self.meter.unlimited();
+            let reseeded = self
+                .reseed
+                .call::<()>((fastrand::i64(..), fastrand::i64(..)));
+            if reseeded.is_err() {
+                return false;
+            }
+        }
         let written = self.globals_written.swap(0, Ordering::Relaxed);
         if written == 0 {
             return true;
         }
         self.lua.globals().clear().is_ok() && written <= MAX_CALL_GLOBALS
+    }
+}
+
+/// Refuses a compiled file that declares a to-be-closed variable in any of its functions.
+fn refuse_to_be_closed(file: &str, chunk: &Function) -> Result<(), PolicyError> {
+    match to_be_closed(&chunk.dump(false)) {
+        Ok(None) => Ok(()),
+        Ok(Some(found)) => Err(PolicyError::ToBeClosed {
+            file: file.to_string(),
+            line: found.line,
+        }),
+        Err(e) => Err(PolicyError::Sandbox(format!(
+            "reading {file}'s bytecode: {e}"
+        ))),
     }
 }
 
@@ -280,6 +365,17 @@ pub(super) fn error_message(e: &mlua::Error) -> String {
         Some(end) => text[..end].to_string(),
         None => text,
     }
+}
+
+/// The part of a message that can end up shown: [`MAX_ERROR_TEXT`] bytes and the few after
+/// them that [`bounded`] looks at (a masking rule then sees every byte that is shown).
+fn shown_part(mut message: String) -> String {
+    let mut cut = (MAX_ERROR_TEXT + 8).min(message.len());
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    message.truncate(cut);
+    message
 }
 
 /// The line of a Lua message of the form `name:LINE: ...`.

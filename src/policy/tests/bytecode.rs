@@ -1,6 +1,6 @@
 //! The upvalue-assignment scanner on real `string.dump` output of the vendored Lua.
 
-use crate::policy::bytecode::{persistent_upvalue_write, UpvalueWrite};
+use crate::policy::bytecode::{persistent_upvalue_write, to_be_closed, ToBeClosed, UpvalueWrite};
 
 /// Compiles `src` (a chunk that returns one function) and scans the dump of that function.
 fn scan(src: &str) -> Option<UpvalueWrite> {
@@ -81,4 +81,36 @@ fn garbage_is_an_error_not_a_panic() {
     ] {
         assert!(persistent_upvalue_write(bytes).is_err());
     }
+}
+
+/// The first to-be-closed variable in the dump of the function `src` returns.
+fn closable(src: &str) -> Option<ToBeClosed> {
+    let lua = mlua::Lua::new();
+    let f: mlua::Function = lua
+        .load(src)
+        .set_name("=t.lua")
+        .eval()
+        .expect("chunk returns a function");
+    to_be_closed(&f.dump(false)).expect("readable dump")
+}
+
+#[test]
+fn a_to_be_closed_variable_is_found_in_any_nested_function() {
+    assert_eq!(
+        closable("return function()\n  local x <close> = nil\nend"),
+        Some(ToBeClosed {
+            source: "=t.lua".into(),
+            line: 2
+        })
+    );
+    let nested = closable(
+        "return function()\n  local function inner()\n    do\n      local y <close> = nil\n    end\n  end\n  return inner\nend",
+    )
+    .expect("found in the nested function");
+    assert_eq!(nested.line, 4);
+    // `<const>` is not closed, and a generic `for` is not a to-be-closed declaration.
+    assert_eq!(
+        closable("return function(t) local k <const> = 1 for a, b in pairs(t) do end return k end"),
+        None
+    );
 }

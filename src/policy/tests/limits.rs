@@ -277,7 +277,17 @@ fn error_texts_are_bounded() {
         "{}",
         last.message.len()
     );
-    assert!(last.message.ends_with('…'));
+    // The header value is masked, not cut (see `redact`).
+    assert!(last.message.contains("[redacted]"), "{}", last.message);
+    assert!(!last.message.contains("s3cr3t"), "{}", last.message);
+    let long = set(&[(
+        "e.lua",
+        "function request_hash(i) error(string.rep('!', 5000)) end",
+    )]);
+    match failed(long.request_hash(1, 8)) {
+        HookError::Runtime(m) => assert!(m.len() <= MAX_ERROR_TEXT && m.ends_with('…'), "{m}"),
+        other => panic!("{other:?}"),
+    }
     // Cut on a character boundary.
     let text = "é".repeat(300);
     let cut = bounded(text.clone());

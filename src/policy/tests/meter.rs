@@ -68,3 +68,19 @@ fn unlimited_mode_neither_counts_nor_times_out() {
     assert_eq!(m.tick(), Ok(()));
     assert_eq!(m.tick(), Err(Stop::Budget));
 }
+
+#[test]
+fn charged_steps_count_against_the_budget_and_the_deadline_like_ticks() {
+    // C work charged by the prelude (`charge`) is `spend`: the four ticks of a 1000-step
+    // budget pass, one more tick's worth stops the call.
+    let m = Meter::new(1000);
+    m.start(Duration::from_secs(60));
+    assert_eq!(m.spend(1024), Ok(()));
+    assert_eq!(m.spend(256), Err(Stop::Budget));
+    // Past the deadline, a charge stops the call at its second late tick, before the C
+    // function it pays for runs.
+    let m = Meter::new(u32::MAX);
+    m.start(Duration::from_millis(1));
+    std::thread::sleep(Duration::from_millis(3));
+    assert_eq!(m.spend(512), Err(Stop::Deadline));
+}

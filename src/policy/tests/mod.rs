@@ -3,6 +3,7 @@
 mod bytecode;
 mod calls;
 mod convert;
+mod escape;
 mod examples;
 mod files;
 mod limits;
