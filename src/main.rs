@@ -143,7 +143,7 @@ fn serve(config: Config, watched: Option<PathBuf>) -> Result<(), Failure> {
         ringgate::gateway::StartError::Tls(_) => Failure::Config(e.to_string()),
         e => Failure::Run(e.to_string()),
     };
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listeners = Listeners::for_config(&config, serving_threads()).map_err(run)?;
         let shutdown = shutdown_signal()
             .map_err(|e| Failure::Run(format!("cannot install the signal handlers: {e}")))?;
@@ -158,7 +158,11 @@ fn serve(config: Config, watched: Option<PathBuf>) -> Result<(), Failure> {
             tracing::warn!(error = %e, "cannot print the listening line on stdout");
         }
         gateway.serve(shutdown).await.map_err(run)
-    })
+    });
+    // The gateway has drained; a blocking task still running (a simulation, a state build)
+    // must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(250));
+    served
 }
 
 /// SIGHUP reopens the access log file (logrotate's `postrotate`), instead of ending the process.
