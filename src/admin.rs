@@ -12,18 +12,18 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::body::RequestBody;
+use crate::wire::body::RequestBody;
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use serde_json::{json, Value};
 
-use crate::body::Body;
 use crate::control::membership::ScaleRequest;
 use crate::control::ControllerHandle;
 use crate::error::{full, success, BodyError, GatewayError};
 use crate::guard::{self, Denied};
 use crate::snapshot::Snapshot;
+use crate::wire::body::Body;
 
 /// Largest `/add` or `/rm` body.
 const MAX_ADMIN_BODY: usize = 64 * 1024;

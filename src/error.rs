@@ -6,7 +6,7 @@
 //! by message text. The control plane's typed errors ([`MembershipError`], [`StartFailure`])
 //! are mapped here and nowhere else.
 
-use crate::body::Body;
+use crate::wire::body::Body;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 
@@ -110,7 +110,7 @@ pub enum GatewayError {
     #[error("plain HTTP is redirected to HTTPS (tls.http = \"redirect\"), and this request names no usable Host to redirect to")]
     NoHostToRedirect,
     #[error("{0}; the gateway closed the connection (its HTTP/1 limits: docs/security.md)")]
-    RequestHead(#[from] crate::http1::request::HeadError),
+    RequestHead(#[from] crate::wire::server::request::HeadError),
     #[error("{0}")]
     Internal(String),
 }

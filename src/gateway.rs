@@ -366,7 +366,7 @@ impl Gateway {
                 .spawn(move || {
                     crate::per_thread::enter_serving_thread(n);
                     crate::policy::enter_serving_thread();
-                    crate::proxy::upstream::pool::set_upstream_tls(upstream_tls);
+                    crate::upstream::pool::set_upstream_tls(upstream_tls);
                     serve_thread(listeners, service, stop_rx, drain, beats, n)
                 })
                 .map_err(StartError::Thread);

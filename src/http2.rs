@@ -20,9 +20,9 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::body::Body;
 use crate::error::BoxError;
 use crate::metrics::Metrics;
+use crate::wire::body::Body;
 
 /// The streams of one HTTP/2 connection whose response is not finished.
 #[derive(Default)]

@@ -10,8 +10,12 @@
 //! Data plane (the request path: reads one immutable [`snapshot::Snapshot`], takes no lock):
 //! - [`listener`]: accepting connections, first-bytes deadline, TLS handshakes, telling HTTP/1
 //!   from HTTP/2 (served by hyper), idle timeouts, graceful drain.
-//! - [`http1`]: our HTTP/1.1 server for clients: strict request heads, bodies read by whoever
-//!   forwards them, response framing, keep-alive, pipelining; the body decoder both legs use.
+//! - [`wire`]: HTTP/1.1 on the wire, both legs: our server for clients (strict request heads,
+//!   bodies read by whoever forwards them, response framing, keep-alive, pipelining) and our
+//!   client to the replicas (the forwarded head, the replica's response head and body), one set
+//!   of framing rules, one body decoder and chunk encoder, and the body types of the request path.
+//! - [`upstream`]: the connector to the replicas (plain or TLS connections, the per-thread idle
+//!   pool).
 //! - [`http2`]: what the gateway watches on an HTTP/2 connection hyper serves: open streams
 //!   (idle timeout) and responses held back by the client's window (send timeout).
 //! - [`stall`]: bounded waits on peers that stop moving bytes: a client that stops taking its
@@ -56,8 +60,6 @@
 //! - [`memory`]: the heap given back to the OS once a burst is over (the idle trim).
 //! - [`latency`]: the latency histograms (per replica and gateway-wide) and their quantiles.
 //! - [`error`]: the one place internal errors become HTTP responses.
-//! - [`body`]: the response body every handler returns (in memory, streamed from a replica,
-//!   or boxed).
 //! - [`listening`]: the `listening on http://ADDR` line processes print once they serve.
 //! - [`sync`]: the one way this crate takes a mutex.
 //! - [`descriptors`]: the replica connections open in the process and when descriptors are
@@ -72,7 +74,6 @@ pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod balance;
-pub mod body;
 pub mod config;
 pub mod control;
 pub mod descriptors;
@@ -81,7 +82,6 @@ pub mod gateway;
 pub mod guard;
 pub mod hashing;
 pub mod health;
-pub mod http1;
 pub mod http2;
 pub mod latency;
 pub mod listener;
@@ -102,6 +102,8 @@ pub mod sync;
 pub mod tls;
 pub mod tools;
 pub mod ui;
+pub mod upstream;
 pub mod watchdog;
 pub mod watcher;
 pub mod whatif;
+pub mod wire;

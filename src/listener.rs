@@ -13,7 +13,7 @@
 //! "redirect"`), and graceful drain.
 //! Must not touch: requests' meaning (the service) or state (the controller); certificates are
 //! the TLS module's (a handshake only asks it for an acceptor); HTTP/1 on the wire (heads,
-//! bodies, keep-alive and its timeout) is [`crate::http1`]'s.
+//! bodies, keep-alive and its timeout) is [`crate::wire::server`]'s.
 
 use std::future::Future;
 use std::io;
@@ -33,16 +33,16 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::admission::Admitted;
-use crate::body::{Body, RequestBody};
 use crate::config::{Config, PlainHttp};
 use crate::error::{GatewayError, RefusedStream};
-use crate::http1;
 use crate::http2::{self, Activity, StreamBody};
 use crate::metrics::Metrics;
 use crate::service::Service;
 use crate::spread::{Counted, Placed, Slot};
 use crate::stall::SendTimeout;
 use crate::tls::{redirect, Https, Tls};
+use crate::wire::body::{Body, RequestBody};
+use crate::wire::server;
 
 /// What a listener speaks.
 #[derive(Debug, Clone)]
@@ -487,7 +487,7 @@ impl Serving {
             }
             Sniffed::Http2 => {} // an HTTP/2 preface in cleartext on the TLS port: closed
             Sniffed::Http1 | Sniffed::Undecided => {
-                let settings = http1::Settings {
+                let settings = server::Settings {
                     header_read_timeout: proxy.header_read_timeout,
                     first_head_by: deadline,
                     keep_alive: !matches!(requests, Requests::RefusedPlainOnTls { .. }),
@@ -496,7 +496,7 @@ impl Serving {
                 let handler =
                     |req: Request<RequestBody>| answer(&service, req, admitted, client, requests);
                 let metrics = &self.service.metrics;
-                http1::serve(
+                server::serve(
                     Box::new(stream),
                     first.filled(),
                     settings,

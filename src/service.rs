@@ -11,15 +11,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::body::RequestBody;
+use crate::wire::body::RequestBody;
 use hyper::Request;
 
 use crate::access_log::{AccessLog, Outcome, Started};
 use crate::admission::{Admission, Admitted};
-use crate::body::Body;
 use crate::control::ControllerHandle;
 use crate::metrics::Metrics;
 use crate::snapshot::Shared;
+use crate::wire::body::Body;
 
 pub struct Service {
     pub shared: Shared,

@@ -16,8 +16,8 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 use hyper::body::Body as _;
-use ringgate::body::Body;
-use ringgate::proxy::upstream::head::{parse_response, request_head, RequestFraming};
+use ringgate::wire::body::Body;
+use ringgate::wire::client::head::{parse_response, request_head, RequestFraming};
 
 struct Counting;
 
@@ -174,7 +174,7 @@ fn a_body_in_memory_allocates_nothing_to_be_sent() {
 
 #[test]
 fn a_client_request_head_costs_the_same_allocations_with_two_headers_or_twenty() {
-    use ringgate::http1::request::parse_request;
+    use ringgate::wire::server::request::parse_request;
     let count = |n: usize| {
         let mut s = String::from("GET /home?id=123456 HTTP/1.1\r\nhost: gateway.example.test\r\n");
         for name in &REPLICA_HEADERS[..n - 1] {
@@ -203,7 +203,7 @@ fn a_client_request_head_costs_the_same_allocations_with_two_headers_or_twenty()
 
 #[test]
 fn a_response_head_to_the_client_is_written_without_allocating() {
-    use ringgate::http1::response::{write_head, Framing, Persistence};
+    use ringgate::wire::server::response::{write_head, Framing, Persistence};
     let mut headers = HeaderMap::new();
     for name in &REPLICA_HEADERS {
         headers.append(*name, HeaderValue::from_static("a value"));

@@ -28,12 +28,12 @@ use http::header::{HeaderValue, REFERER, USER_AGENT};
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use crate::body::Body;
 use crate::config::{AccessTarget, Config};
 use crate::error::{BoxError, GatewayError};
 use crate::metrics::Metrics;
 use crate::ring::ServerId;
 use crate::snapshot::Snapshot;
+use crate::wire::body::Body;
 use writer::Msg;
 
 /// A thread's buffer is handed to the writer once it holds this much.

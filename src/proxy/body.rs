@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http_body_util::{LengthLimitError, Limited};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use crate::body::RequestBody;
+use crate::wire::body::RequestBody;
 
 use crate::error::BoxError;
 use crate::snapshot::ReplicaStats;

@@ -2,7 +2,7 @@
 //!
 //! Owns: key → slot → replica, the forwarded request (normalised by [`headers`], body streamed
 //! with `proxy.max_body` enforced by [`body`], sent by our own HTTP/1.1 client in
-//! [`upstream`]), retries on the next distinct server clockwise within the budget of [`retry`],
+//! [`crate::wire::client`]), retries on the next distinct server clockwise within the budget of [`retry`],
 //! and the streamed response. Failures are told apart here by
 //! whose they are: the replica's (counted against it; a failed connect ejects it), the
 //! client's (a broken request body: 400), or the gateway's own (out of file descriptors: 503);
@@ -14,14 +14,14 @@
 pub mod body;
 pub mod headers;
 pub mod retry;
-pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::body::RequestBody;
+use crate::wire::body::RequestBody;
+use crate::wire::client as upstream;
 use http::header::{self, HeaderMap};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
@@ -29,12 +29,12 @@ use http_body_util::{BodyExt, Limited};
 use crate::access_log::{Outcome, Termination};
 use crate::admission::{Admitted, Refusal};
 use crate::balance;
-use crate::body::Body;
 use crate::control::ControllerHandle;
 use crate::error::{error_chain, local_resource_cause, GatewayError};
 use crate::metrics::Metrics;
 use crate::ring::ServerId;
 use crate::snapshot::Snapshot;
+use crate::wire::body::Body;
 use body::{InFlight, ProxyBody};
 use retry::Failure;
 

@@ -8,8 +8,8 @@
 
 use http::{HeaderValue, Response, StatusCode};
 
-use crate::body::Body;
 use crate::error::{full, GatewayError};
+use crate::wire::body::Body;
 
 /// Whether a plain-HTTP request for `path` is redirected.
 pub fn redirects(path: &str) -> bool {

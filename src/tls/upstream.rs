@@ -4,7 +4,7 @@
 //! Owns: [`UpstreamTls`] (the connector and the name each replica's certificate must carry: the
 //! configured `upstream_server_name`, else the replica's IP address) and [`TlsProber`], the
 //! `GET /heartbeat` of [`crate::health::probe::HttpProber`] over TLS. The request path's
-//! connections take the connector from their serving thread (`proxy::upstream::pool`).
+//! connections take the connector from their serving thread (`upstream::pool`).
 //! Must not touch: HTTP on the request path (the upstream client owns it) or verdicts.
 
 use std::net::SocketAddr;

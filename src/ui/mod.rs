@@ -12,8 +12,8 @@
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
-use crate::body::Body;
 use crate::error::full;
+use crate::wire::body::Body;
 
 /// The page's files: path under `/lb/`, content type, bytes.
 const ASSETS: [(&str, &str, &str); 4] = [

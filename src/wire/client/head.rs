@@ -7,7 +7,7 @@
 //! and whether the connection can be reused (RFC 9112 §6, §9.3), with the `Content-Length` it
 //! relays being the length it framed.
 //! Must not touch: sockets. It turns bytes into heads and back. How `Content-Length` and
-//! `Transfer-Encoding` read is `crate::http1::fields`' (the client leg reads them the same way).
+//! `Transfer-Encoding` read is `crate::wire::fields`' (the client leg reads them the same way).
 
 use std::net::SocketAddr;
 
@@ -15,9 +15,9 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
-use crate::http1::fields::{FramingError, FramingFields};
-use crate::http1::request::{header_slots, with_spans, Span};
 use crate::proxy::headers::{is_client_only, is_hop_by_hop, is_protected};
+use crate::wire::fields::{FramingError, FramingFields};
+use crate::wire::scratch::{header_slots, with_spans, Span};
 
 /// How the request body is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +173,7 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-pub use crate::http1::framing::BodyFraming;
+pub use crate::wire::framing::BodyFraming;
 
 /// A parsed response head.
 #[derive(Debug)]
@@ -493,7 +493,7 @@ mod tests {
 
     #[test]
     fn the_framing_fields_follow_the_table_both_legs_share() {
-        for case in crate::http1::fields::cases::FRAMING {
+        for case in crate::wire::fields::cases::FRAMING {
             let wire = format!("HTTP/1.1 200 OK\r\n{}\r\n", case.lines);
             let parsed = parse_response(&mut BytesMut::from(wire.as_str()), &Method::GET);
             let framing = match parsed {

@@ -12,11 +12,10 @@
 //! with its status and the connection closed. No dispatcher, no channel for a request without
 //! a body, no timer armed per request, no header map built twice.
 //! Must not touch: what a request means (the handler) or which connections are admitted (the
-//! listener); the wire formats are [`request`], [`response`], [`framing`] and [`fields`]'.
+//! listener); the wire formats are [`request`], [`response`], [`crate::wire::framing`] and
+//! [`crate::wire::fields`]'.
 
 pub mod body;
-pub mod fields;
-pub mod framing;
 pub mod request;
 pub mod response;
 
@@ -33,11 +32,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Sleep};
 
-use crate::body::{Body, RequestBody};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
+use crate::wire::body::{Body, RequestBody};
+use crate::wire::framing::BodyFraming;
 use body::{Http1Body, Reader, Returned};
-use framing::BodyFraming;
 use request::{parse_request, HeadError, RequestHead, MAX_HEAD};
 use response::{framing_of, write_head, Framing, Persistence};
 

@@ -2,7 +2,7 @@
 //! returns.
 //!
 //! Owns: [`RequestBody`]: none, a client's body read from its HTTP/1 connection
-//! ([`crate::http1`]), or an HTTP/2 stream's (hyper's). [`Body`]: a whole body in memory (the
+//! ([`crate::wire::server`]), or an HTTP/2 stream's (hyper's). [`Body`]: a whole body in memory (the
 //! gateway's own answers), a replica's response streamed from its connection, or any other
 //! body, boxed. The first two of each are nearly every request and response; they cost no
 //! allocation of their own and no dynamic call per frame.
@@ -18,8 +18,8 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 
 use crate::error::BoxError;
-use crate::http1::body::Http1Body;
-use crate::proxy::upstream::UpstreamBody;
+use crate::wire::client::UpstreamBody;
+use crate::wire::server::body::Http1Body;
 
 /// A request body.
 pub struct RequestBody(Request);

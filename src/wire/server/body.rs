@@ -16,9 +16,9 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf, ReadHalf};
 use tokio::sync::oneshot;
 
-use super::framing::{BodyFraming, Decoder, ReadError, Source};
 use super::Transport;
 use crate::error::BoxError;
+use crate::wire::framing::{BodyFraming, Decoder, ReadError, Source};
 
 /// Largest read of a request body at a time.
 const READ_CHUNK: usize = 16 * 1024;

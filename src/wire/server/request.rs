@@ -14,9 +14,10 @@ use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version};
 
-pub use super::fields::FramingError;
-use super::fields::FramingFields;
-use super::framing::BodyFraming;
+pub use crate::wire::fields::FramingError;
+use crate::wire::fields::FramingFields;
+use crate::wire::framing::BodyFraming;
+use crate::wire::scratch::{header_slots, with_spans, Span};
 
 /// Largest request head (request line and header fields) accepted. Larger than NGINX's 8 KiB
 /// and HAProxy's 16 KiB buffers, so big cookies pass; bounded, so a client cannot make the
@@ -74,30 +75,6 @@ impl From<FramingError> for HeadError {
             e => HeadError::Framing(e),
         }
     }
-}
-
-/// Where a piece of the head lies in the buffer.
-pub type Span = (usize, usize);
-
-/// Runs `f` with this thread's list for the spans of a head's fields, emptied. One list a thread,
-/// reused for every head parsed on it (both legs): a head neither allocates one nor zeroes a
-/// fixed array of [`MAX_HEADERS`] for it, which the instruction profile showed to be the largest
-/// single cost of parsing.
-pub fn with_spans<R>(f: impl FnOnce(&mut Vec<(Span, Span)>) -> R) -> R {
-    thread_local! {
-        static SPANS: std::cell::RefCell<Vec<(Span, Span)>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    SPANS.with(|spans| {
-        let mut spans = spans.borrow_mut();
-        spans.clear();
-        f(&mut spans)
-    })
-}
-
-/// `N` slots for httparse's header fields, left uninitialised: httparse writes the ones it
-/// fills (zeroing them all, 32 bytes a slot, was done for every head).
-pub fn header_slots<'b, const N: usize>() -> [std::mem::MaybeUninit<httparse::Header<'b>>; N] {
-    [const { std::mem::MaybeUninit::uninit() }; N]
 }
 
 /// Parses a request head at the start of `buf`: `Ok(None)` when more bytes are needed. A
@@ -328,7 +305,7 @@ mod tests {
 
     #[test]
     fn the_framing_fields_follow_the_table_both_legs_share() {
-        for case in crate::http1::fields::cases::FRAMING {
+        for case in crate::wire::fields::cases::FRAMING {
             let wire = format!("POST / HTTP/1.1\r\nHost: a\r\n{}\r\n", case.lines);
             let parsed = match parse(wire.as_bytes()) {
                 Ok(Some((head, _))) => Ok(head.framing),

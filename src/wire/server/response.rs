@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, Version};
 
-use super::fields::FramingFields;
+use crate::wire::fields::FramingFields;
 
 /// How a response body goes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

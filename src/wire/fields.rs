@@ -1,7 +1,7 @@
 //! The header fields that delimit an HTTP/1 message body (`Content-Length`,
 //! `Transfer-Encoding`), read by one set of strict rules for both legs: the client's request
 //! heads ([`super::request`]) and the replicas' response heads
-//! (`crate::proxy::upstream::head`). Two parsers that read these fields differently are how
+//! (`crate::wire::client::head`). Two parsers that read these fields differently are how
 //! requests get smuggled, so neither leg has its own reading of them.
 //!
 //! Owns: [`FramingFields`], which takes each field line's value as it comes and keeps what

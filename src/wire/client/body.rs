@@ -1,7 +1,7 @@
 //! A replica's response body, read straight from its connection by the task that writes it to
 //! the client: no channel, no second task, no copy (bytes read are handed on as they are).
 //!
-//! Owns: reading the body (its framing is decoded by [`crate::http1::framing`]), counting the
+//! Owns: reading the body (its framing is decoded by [`crate::wire::framing`]), counting the
 //! request in flight at its replica until the body ends, cutting a body the replica stops
 //! sending for `proxy.read_timeout` or frames wrongly (counted as the replica's failure), and
 //! giving the connection back to the pool when the body was read whole and the connection may
@@ -15,12 +15,12 @@ use std::task::{ready, Context, Poll};
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use super::pool::{self, Conn};
 use crate::admission::RequestPlace;
 use crate::error::BoxError;
-use crate::http1::framing::{BodyFraming, ChunkError, DecodeError, Decoder, ReadError, Source};
 use crate::proxy::body::InFlight;
 use crate::stall::{Stall, StallTimer};
+use crate::upstream::pool::{self, Conn};
+use crate::wire::framing::{BodyFraming, ChunkError, DecodeError, Decoder, ReadError, Source};
 
 pub struct UpstreamBody {
     conn: Option<Conn>,
