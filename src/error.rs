@@ -78,12 +78,8 @@ pub enum GatewayError {
         refusal: crate::admission::Refusal,
         limit: u64,
     },
-    #[error("replica {replica} carries proxy.max_requests_per_replica ({cap}) requests and {cause}; retry shortly")]
-    ReplicaBusy {
-        replica: String,
-        cap: u64,
-        cause: crate::proxy::body::NoPlace,
-    },
+    #[error("replica {replica} {detail}; retry shortly")]
+    ReplicaBusy { replica: String, detail: String },
     #[error(
         "no replica is available to serve this request: all are down or starting (see /lb/status)"
     )]

@@ -207,6 +207,183 @@ pub fn current(shared: &Shared) -> Current {
     })
 }
 
+/// One request in progress at a replica (`/rm` drains until its count is 0).
+pub struct InFlight(Arc<ReplicaStats>);
+
+/// Why a request found no place at its replica (`proxy.max_requests_per_replica`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoPlace {
+    #[error("as many requests as may run are already waiting for it")]
+    QueueFull,
+    #[error("no place came free within proxy.queue_timeout ({0:?})")]
+    Timeout(std::time::Duration),
+}
+
+impl InFlight {
+    /// The replica it is counted at.
+    pub fn stats(&self) -> &ReplicaStats {
+        &self.0
+    }
+
+    pub fn start(stats: &Arc<ReplicaStats>) -> InFlight {
+        let now = stats.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        InFlight::counted(stats, now)
+    }
+
+    /// Counts the request only if the replica carries fewer than `bound` now, in one atomic
+    /// step: two threads that both saw room below the bound cannot both take the last place.
+    pub fn reserve(stats: &Arc<ReplicaStats>, bound: u64) -> Option<InFlight> {
+        let bound = i64::try_from(bound).unwrap_or(i64::MAX);
+        let before = stats
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < bound).then_some(n + 1)
+            })
+            .ok()?;
+        Some(InFlight::counted(stats, before + 1))
+    }
+
+    /// Counts the request if the replica carries fewer than `cap`, else waits in its queue
+    /// (at most `cap` wait) up to `wait` for a place. The usual case is one atomic step.
+    pub async fn admit(
+        stats: &Arc<ReplicaStats>,
+        cap: u64,
+        wait: std::time::Duration,
+    ) -> Result<InFlight, NoPlace> {
+        if let Some(counted) = InFlight::reserve(stats, cap) {
+            return Ok(counted);
+        }
+        let cap32 = u32::try_from(cap).unwrap_or(u32::MAX);
+        if stats
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap32).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(NoPlace::QueueFull);
+        }
+        let _leave = Queued(stats);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let room = stats.room.notified();
+            if let Some(counted) = InFlight::reserve(stats, cap) {
+                return Ok(counted);
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return InFlight::reserve(stats, cap).ok_or(NoPlace::Timeout(wait));
+            }
+        }
+    }
+
+    fn counted(stats: &Arc<ReplicaStats>, now: i64) -> InFlight {
+        if now > stats.peak_in_flight.load(Ordering::Relaxed) {
+            stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
+        }
+        InFlight(stats.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // A load, not a write, in the usual case: nobody waits.
+        if self.0.queued.load(Ordering::Acquire) > 0 {
+            self.0.room.notify_one();
+        }
+    }
+}
+
+/// A place in a replica's queue, left when dropped (also when the waiting request is
+/// cancelled).
+struct Queued<'a>(&'a ReplicaStats);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod in_flight_tests {
+    use super::*;
+
+    #[test]
+    fn a_reservation_takes_a_place_under_the_bound_and_gives_it_back() {
+        let stats = Arc::new(ReplicaStats::default());
+        let a = InFlight::reserve(&stats, 2).expect("room for one");
+        let b = InFlight::reserve(&stats, 2).expect("room for two");
+        assert!(InFlight::reserve(&stats, 2).is_none(), "the bound is full");
+        assert_eq!(stats.load(), 2, "a refused reservation counts nothing");
+        drop(a);
+        let c = InFlight::reserve(&stats, 2).expect("a place came back");
+        assert_eq!(stats.peak_in_flight.load(Ordering::Relaxed), 2);
+        drop((b, c));
+        assert_eq!(stats.load(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_replica_queues_a_request_until_a_place_comes_free_or_the_wait_ends() {
+        let stats = Arc::new(ReplicaStats::default());
+        let wait = std::time::Duration::from_secs(1);
+        let first = InFlight::admit(&stats, 1, wait).await.expect("a place");
+        // One waits (the queue holds as many as may run), the next is refused at once.
+        let waiting = tokio::spawn({
+            let stats = stats.clone();
+            async move { InFlight::admit(&stats, 1, wait).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(stats.queued.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            InFlight::admit(&stats, 1, wait).await.err(),
+            Some(NoPlace::QueueFull)
+        );
+        drop(first);
+        let second = waiting.await.expect("joined").expect("the freed place");
+        assert_eq!(stats.load(), 1);
+        assert_eq!(stats.queued.load(Ordering::Relaxed), 0);
+        // Nothing comes free: the wait ends, and the queue is left.
+        assert_eq!(
+            InFlight::admit(&stats, 1, wait).await.err(),
+            Some(NoPlace::Timeout(wait))
+        );
+        assert_eq!(stats.queued.load(Ordering::Relaxed), 0);
+        drop(second);
+        assert_eq!(stats.load(), 0);
+    }
+
+    #[test]
+    fn concurrent_reservations_never_pass_the_bound() {
+        const BOUND: u64 = 13;
+        const THREADS: usize = 8;
+        const TRIES: usize = 50;
+        for _ in 0..100 {
+            let stats = Arc::new(ReplicaStats::default());
+            let start = Arc::new(std::sync::Barrier::new(THREADS));
+            let held: Vec<Vec<InFlight>> = std::thread::scope(|s| {
+                let racers: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        let (stats, start) = (stats.clone(), start.clone());
+                        s.spawn(move || {
+                            start.wait();
+                            (0..TRIES)
+                                .filter_map(|_| InFlight::reserve(&stats, BOUND))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                racers
+                    .into_iter()
+                    .map(|r| r.join().expect("a racer finished"))
+                    .collect()
+            });
+            let taken: usize = held.iter().map(Vec::len).sum();
+            assert_eq!(taken as u64, BOUND, "exactly the bound's places were taken");
+            assert_eq!(stats.peak_in_flight.load(Ordering::Relaxed), BOUND as i64);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

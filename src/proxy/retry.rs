@@ -1,8 +1,8 @@
 //! Retries: whether a failed attempt may be tried on the next server clockwise, and the budget
 //! that keeps retries from multiplying load (a request that kills its replica, a brown-out).
 //!
-//! Owns: [`may_retry`] (pure: what failed, the method, whether the body was sent, and
-//! `proxy.retry_on`), and the retry budget (Envoy's: retries in progress may be at most
+//! Owns: [`may_retry`] (pure, on the attempt's [`Failure`]: whose and what it was, whether
+//! the body was sent, the method, and `proxy.retry_on`), and the retry budget (Envoy's: retries in progress may be at most
 //! `proxy.retry_budget_percent` of the requests in progress, or `proxy.retry_budget_min`,
 //! whichever is more). A retry after a refused connection is outside the budget
 //! ([`needs_budget`]): when one of N replicas dies, about 1/N of the requests in progress fail
@@ -17,18 +17,8 @@ use std::cell::Cell;
 use http::Method;
 
 use crate::config::RetryOn;
-
-/// How an attempt failed, as far as retrying is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// The connection was refused: nothing listens at the replica's address.
-    Refused,
-    /// No connection was made otherwise (a timeout, an unreachable host): nothing reached the
-    /// replica, but the attempt may have taken up to `proxy.connect_timeout`.
-    Connect,
-    /// The connection broke before a response.
-    Reset,
-}
+use crate::proxy::failure::{Failure, Kind, Whose};
+use crate::ring::ServerId;
 
 pub fn is_idempotent(m: &Method) -> bool {
     matches!(
@@ -37,29 +27,44 @@ pub fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// Whether the attempt may be retried (the budget aside).
-pub fn may_retry(
-    failure: Failure,
-    method: &Method,
-    body_unsent: bool,
-    retry_on: &[RetryOn],
-) -> bool {
-    match failure {
-        Failure::Refused | Failure::Connect => {
-            retry_on.contains(&RetryOn::ConnectFailure) && body_unsent
-        }
-        Failure::Reset => {
-            retry_on.contains(&RetryOn::Reset) && is_idempotent(method) && body_unsent
-        }
+/// Whether the attempt may be retried on the next server (the budget aside): only the
+/// replica's failures, only while the body can be sent again, and only the kinds
+/// `proxy.retry_on` names: a failed connect (nothing reached the replica), or a connection
+/// that broke or answered garbage before a response (idempotent requests only). A request
+/// whose deadline passed is not retried: its time is spent.
+pub fn may_retry(failure: &Failure, method: &Method, retry_on: &[RetryOn]) -> bool {
+    if failure.whose != Whose::Replica || failure.body_sent {
+        return false;
     }
+    match failure.kind {
+        Kind::Refused | Kind::ConnectTimeout | Kind::Connect => {
+            retry_on.contains(&RetryOn::ConnectFailure)
+        }
+        Kind::Broken | Kind::BadHead => retry_on.contains(&RetryOn::Reset) && is_idempotent(method),
+        Kind::Timeout
+        | Kind::ClientBody
+        | Kind::ClientBodyTimeout
+        | Kind::TooLarge
+        | Kind::LocalResource
+        | Kind::Busy => false,
+    }
+}
+
+/// The next server clockwise that was not tried yet (`successors` in ring order from the key's
+/// slot).
+pub fn next_server(
+    mut successors: impl Iterator<Item = ServerId>,
+    tried: &[ServerId],
+) -> Option<ServerId> {
+    successors.find(|s| !tried.contains(s))
 }
 
 /// Whether a retry after `failure` takes a place in the budget. A refused connection's retry
 /// does not: it is as cheap as the request's own attempt, and a budget spent on a dead replica's
 /// refusals would turn its death into 502s. Slow failures (timeouts, resets) multiply work, and
 /// stay budgeted.
-pub fn needs_budget(failure: Failure) -> bool {
-    failure != Failure::Refused
+pub fn needs_budget(failure: &Failure) -> bool {
+    failure.kind != Kind::Refused
 }
 
 /// Whether one more retry fits: retries in progress stay under `percent` of the requests in
@@ -127,36 +132,105 @@ mod tests {
     const DEFAULT: &[RetryOn] = &[RetryOn::ConnectFailure];
     const BOTH: &[RetryOn] = &[RetryOn::ConnectFailure, RetryOn::Reset];
 
+    fn failed(kind: Kind, body_sent: bool) -> Failure {
+        Failure {
+            whose: Whose::Replica,
+            kind,
+            body_sent,
+            detail: String::new(),
+        }
+    }
+
     #[test]
     fn by_default_only_failed_connects_are_retried() {
-        assert!(may_retry(Failure::Connect, &Method::POST, true, DEFAULT));
+        assert!(may_retry(
+            &failed(Kind::Connect, false),
+            &Method::POST,
+            DEFAULT
+        ));
+        assert!(may_retry(
+            &failed(Kind::ConnectTimeout, false),
+            &Method::POST,
+            DEFAULT
+        ));
         assert!(
-            !may_retry(Failure::Reset, &Method::GET, true, DEFAULT),
+            !may_retry(&failed(Kind::Broken, false), &Method::GET, DEFAULT),
             "a query of death stays on one replica"
         );
         assert!(
-            !may_retry(Failure::Connect, &Method::GET, false, DEFAULT),
+            !may_retry(&failed(Kind::Connect, true), &Method::GET, DEFAULT),
             "the body is gone"
         );
-        assert!(!may_retry(Failure::Connect, &Method::GET, true, &[]));
+        assert!(!may_retry(&failed(Kind::Connect, false), &Method::GET, &[]));
+        assert!(
+            !may_retry(&failed(Kind::Timeout, false), &Method::GET, BOTH),
+            "the request's time is spent"
+        );
     }
 
     #[test]
     fn resets_are_retried_on_request_for_idempotent_methods_only() {
-        assert!(may_retry(Failure::Reset, &Method::GET, true, BOTH));
-        assert!(may_retry(Failure::Reset, &Method::PUT, true, BOTH));
-        assert!(!may_retry(Failure::Reset, &Method::POST, true, BOTH));
-        assert!(!may_retry(Failure::Reset, &Method::GET, false, BOTH));
+        for kind in [Kind::Broken, Kind::BadHead] {
+            assert!(may_retry(&failed(kind, false), &Method::GET, BOTH));
+            assert!(may_retry(&failed(kind, false), &Method::PUT, BOTH));
+            assert!(!may_retry(&failed(kind, false), &Method::POST, BOTH));
+            assert!(!may_retry(&failed(kind, true), &Method::GET, BOTH));
+        }
+    }
+
+    #[test]
+    fn only_the_replicas_failures_are_retried() {
+        for (whose, kind) in [
+            (Whose::Client, Kind::ClientBody),
+            (Whose::Client, Kind::ClientBodyTimeout),
+            (Whose::Client, Kind::TooLarge),
+            (Whose::Gateway, Kind::LocalResource),
+        ] {
+            let f = Failure {
+                whose,
+                kind,
+                body_sent: false,
+                detail: String::new(),
+            };
+            assert!(!may_retry(&f, &Method::GET, BOTH), "{kind:?}");
+        }
     }
 
     #[test]
     fn a_refused_connection_is_retried_outside_the_budget() {
-        assert!(may_retry(Failure::Refused, &Method::POST, true, DEFAULT));
-        assert!(!may_retry(Failure::Refused, &Method::GET, false, DEFAULT));
-        assert!(!may_retry(Failure::Refused, &Method::GET, true, &[]));
-        assert!(!needs_budget(Failure::Refused));
-        assert!(needs_budget(Failure::Connect), "a timeout held the request");
-        assert!(needs_budget(Failure::Reset), "a query of death");
+        assert!(may_retry(
+            &failed(Kind::Refused, false),
+            &Method::POST,
+            DEFAULT
+        ));
+        assert!(!may_retry(
+            &failed(Kind::Refused, true),
+            &Method::GET,
+            DEFAULT
+        ));
+        assert!(!may_retry(&failed(Kind::Refused, false), &Method::GET, &[]));
+        assert!(!needs_budget(&failed(Kind::Refused, false)));
+        assert!(
+            needs_budget(&failed(Kind::ConnectTimeout, false)),
+            "a timeout held the request"
+        );
+        assert!(
+            needs_budget(&failed(Kind::Broken, false)),
+            "a query of death"
+        );
+    }
+
+    #[test]
+    fn the_next_server_is_the_next_untried_one_clockwise() {
+        let id = |n| ServerId::new(n).expect("non-zero");
+        let (a, b, c) = (id(1), id(2), id(3));
+        assert_eq!(next_server([a, b, c].into_iter(), &[a]), Some(b));
+        assert_eq!(next_server([a, b, c].into_iter(), &[a, b]), Some(c));
+        assert_eq!(
+            next_server([a, b].into_iter(), &[a, b]),
+            None,
+            "every server was tried"
+        );
     }
 
     #[test]

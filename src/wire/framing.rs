@@ -358,6 +358,41 @@ fn skip_ows(s: &[u8]) -> &[u8] {
     &s[n..]
 }
 
+/// The size line of a chunk of `n` bytes (`ff\r\n`), the one chunk encoder both legs write
+/// with: the data follows it, then [`CHUNK_END`]; the body ends with [`LAST_CHUNK`].
+pub struct ChunkLine {
+    buf: [u8; 18],
+    at: usize,
+}
+
+/// What ends a chunk's data.
+pub const CHUNK_END: &[u8] = b"\r\n";
+/// The last chunk of a body with no trailers.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+impl ChunkLine {
+    pub fn of(n: usize) -> ChunkLine {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 18];
+        let mut at = buf.len() - 2;
+        buf[at..].copy_from_slice(b"\r\n");
+        let mut n = n;
+        loop {
+            at -= 1;
+            buf[at] = HEX[n & 0xf];
+            n >>= 4;
+            if n == 0 {
+                break;
+            }
+        }
+        ChunkLine { buf, at }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[self.at..]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,6 +475,32 @@ mod tests {
         (b"0\r\nx : a\r\n\r\n", Err(BadTrailer)),
         (b"0\r\n: a\r\n\r\n", Err(BadTrailer)),
     ];
+
+    #[test]
+    fn chunk_lines_are_written_in_hex() {
+        assert_eq!(ChunkLine::of(0).as_bytes(), b"0\r\n");
+        assert_eq!(ChunkLine::of(255).as_bytes(), b"ff\r\n");
+        assert_eq!(ChunkLine::of(0x10000).as_bytes(), b"10000\r\n");
+        assert_eq!(
+            ChunkLine::of(usize::MAX).as_bytes(),
+            b"ffffffffffffffff\r\n"
+        );
+        // What one leg writes, the other reads.
+        let mut body = BytesMut::new();
+        for piece in [&b"hello"[..], &[b'x'; 300][..]] {
+            body.extend_from_slice(ChunkLine::of(piece.len()).as_bytes());
+            body.extend_from_slice(piece);
+            body.extend_from_slice(CHUNK_END);
+        }
+        body.extend_from_slice(LAST_CHUNK);
+        let mut decoder = Decoder::new(BodyFraming::Chunked);
+        let mut read = Vec::new();
+        while let Decoded::Data(d) = decoder.decode(&mut body).expect("a valid body") {
+            read.extend_from_slice(&d);
+        }
+        assert_eq!(read.len(), 305);
+        assert!(decoder.is_done());
+    }
 
     #[test]
     fn chunk_lines_are_read_to_the_grammar_and_nothing_else() {

@@ -17,7 +17,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use crate::admission::RequestPlace;
 use crate::error::BoxError;
-use crate::proxy::body::InFlight;
+use crate::snapshot::InFlight;
 use crate::stall::{Stall, StallTimer};
 use crate::upstream::pool::{self, Conn};
 use crate::wire::framing::{BodyFraming, ChunkError, DecodeError, Decoder, ReadError, Source};

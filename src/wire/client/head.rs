@@ -15,8 +15,8 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
-use crate::proxy::headers::{is_client_only, is_hop_by_hop, is_protected};
 use crate::wire::fields::{FramingError, FramingFields};
+use crate::wire::headers::{is_client_only, is_hop_by_hop, is_protected};
 use crate::wire::scratch::{header_slots, with_spans, Span};
 
 /// How the request body is sent.

@@ -18,13 +18,17 @@ pub mod head;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use http::{Method, Response};
 use http_body_util::BodyExt;
 use hyper::body::Body as HttpBody;
 use tokio::io::AsyncWriteExt;
+use tokio::time::{timeout_at, Instant};
 
-use crate::proxy::body::{InFlight, ProxyBody};
+use crate::error::BoxError;
+use crate::snapshot::InFlight;
 use crate::upstream::pool::{self, Conn, ConnectError};
+use crate::wire::framing::{ChunkLine, CHUNK_END, LAST_CHUNK};
 pub use body::UpstreamBody;
 use head::{HeadError, RequestFraming};
 
@@ -46,9 +50,23 @@ pub enum SendError {
     /// The replica answered something that is not an HTTP/1 response head.
     #[error(transparent)]
     BadHead(#[from] HeadError),
-    /// Reading the request body from the client failed (its slot says why).
-    #[error("the request body could not be sent: {0}")]
-    RequestBody(String),
+    /// Reading the request body from the client failed: the body's own error (its maker
+    /// knows its kinds).
+    #[error("the request body could not be read: {0}")]
+    RequestBody(#[source] BoxError),
+    /// The deadline passed while the client's body was awaited: the client's time ran out.
+    #[error("the client sent none of the rest of the request body before the deadline")]
+    RequestBodyTimeout,
+    /// The deadline passed while the replica was awaited (taking the request, or sending the
+    /// response head).
+    #[error("no response head before the deadline")]
+    Timeout,
+}
+
+/// A request body the client can send: its frames, and whether any of it has been read yet
+/// (a stale pooled connection is replaced by a fresh one only for a body nothing was read of).
+pub trait Outgoing: HttpBody<Data = Bytes, Error = BoxError> + Unpin {
+    fn untouched(&self) -> bool;
 }
 
 impl SendError {
@@ -79,13 +97,17 @@ pub struct Request<'a> {
     pub framing: RequestFraming,
     /// The connection may go back to the idle pool once the response is read.
     pub keep_idle: bool,
+    /// When the response head must have come (`proxy.request_timeout` from the attempt's
+    /// start). Every wait before it is bounded by it, and says whose it was: the client's body,
+    /// or the replica.
+    pub deadline: Instant,
 }
 
 /// Sends `req` with `body` and returns the response with its streaming body; `in_flight`
 /// counts the request at its replica until the body ends.
 pub async fn send(
     req: &Request<'_>,
-    body: &mut ProxyBody,
+    body: &mut impl Outgoing,
     in_flight: InFlight,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let mut pooled = pool::take(req.addr);
@@ -120,14 +142,14 @@ pub async fn send(
 async fn exchange(
     conn: &mut Conn,
     req: &Request<'_>,
-    body: &mut ProxyBody,
+    body: &mut impl Outgoing,
 ) -> Result<head::ResponseHead, SendError> {
-    conn.stream()
-        .write_all(req.head)
+    timeout_at(req.deadline, conn.stream().write_all(req.head))
         .await
+        .map_err(|_| SendError::Timeout)?
         .map_err(SendError::Broken)?;
     if !body.is_end_stream() {
-        if let Err(e) = write_body(conn, body, req.framing).await {
+        if let Err(e) = write_body(conn, body, req.framing, req.deadline).await {
             // A replica may answer before it has read the whole body (a 413, a 401) and close:
             // its answer, already here, is the response, not a broken connection.
             if matches!(e, SendError::Broken(_)) {
@@ -143,8 +165,10 @@ async fn exchange(
         if let Some(h) = final_head(&mut conn.buf, req.method)? {
             return Ok(h);
         }
-        let n = std::future::poll_fn(|cx| conn.poll_fill(cx, HEAD_READ))
+        let read = std::future::poll_fn(|cx| conn.poll_fill(cx, HEAD_READ));
+        let n = timeout_at(req.deadline, read)
             .await
+            .map_err(|_| SendError::Timeout)?
             .map_err(SendError::Broken)?;
         if n == 0 {
             return Err(SendError::Broken(std::io::Error::new(
@@ -210,15 +234,21 @@ fn final_head(
 /// replica sent before it broke.
 const EARLY_ANSWER_WAIT: Duration = Duration::from_millis(100);
 
-/// Streams the client's body to the replica in `framing`.
+/// Streams the client's body to the replica in `framing`, by `deadline`: a wait for the client
+/// past it is the client's failure, a wait for the replica the replica's.
 async fn write_body(
     conn: &mut Conn,
-    body: &mut ProxyBody,
+    body: &mut impl Outgoing,
     framing: RequestFraming,
+    deadline: Instant,
 ) -> Result<(), SendError> {
     let chunked = framing == RequestFraming::Chunked;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| SendError::RequestBody(e.to_string()))?;
+    loop {
+        let frame = match timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(SendError::RequestBodyTimeout),
+            Ok(None) => break,
+            Ok(Some(frame)) => frame.map_err(SendError::RequestBody)?,
+        };
         let Ok(data) = frame.into_data() else {
             continue; // trailers are not forwarded
         };
@@ -226,28 +256,28 @@ async fn write_body(
             continue;
         }
         let s = conn.stream();
-        if chunked {
-            let size = format!("{:x}\r\n", data.len());
-            s.write_all(size.as_bytes())
-                .await
-                .map_err(SendError::Broken)?;
-            s.write_all(&data).await.map_err(SendError::Broken)?;
-            s.write_all(b"\r\n").await.map_err(SendError::Broken)?;
-        } else {
-            s.write_all(&data).await.map_err(SendError::Broken)?;
-        }
+        let line = chunked.then(|| ChunkLine::of(data.len()));
+        let (line, end) = match &line {
+            Some(line) => (line.as_bytes(), CHUNK_END),
+            None => (&[][..], &[][..]),
+        };
+        let mut all = line.chain(&data[..]).chain(end);
+        timeout_at(deadline, s.write_all_buf(&mut all))
+            .await
+            .map_err(|_| SendError::Timeout)?
+            .map_err(SendError::Broken)?;
     }
     if chunked {
-        conn.stream()
-            .write_all(b"0\r\n\r\n")
+        timeout_at(deadline, conn.stream().write_all(LAST_CHUNK))
             .await
+            .map_err(|_| SendError::Timeout)?
             .map_err(SendError::Broken)?;
     }
     Ok(())
 }
 
 /// How a request body of this kind is sent upstream.
-pub fn framing_of(method: &Method, body: &ProxyBody) -> RequestFraming {
+pub fn framing_of(method: &Method, body: &impl HttpBody) -> RequestFraming {
     if body.is_end_stream() {
         // POST, PUT and PATCH say "no body" explicitly; servers may refuse them otherwise (411).
         return if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {

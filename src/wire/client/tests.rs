@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::*;
+use crate::proxy::body::ProxyBody;
 use crate::snapshot::ReplicaStats;
 
 /// A replica that answers each request head with `reply(n)` (n counts requests on the
@@ -65,6 +66,7 @@ fn get_request(addr: SocketAddr, read_timeout: Duration) -> Request<'static> {
         head: b"GET / HTTP/1.1\r\nhost: t\r\n\r\n",
         framing: RequestFraming::None,
         keep_idle: true,
+        deadline: Instant::now() + Duration::from_secs(30),
     }
 }
 

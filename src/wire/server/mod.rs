@@ -35,7 +35,7 @@ use tokio::time::{Instant, Sleep};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::wire::body::{Body, RequestBody};
-use crate::wire::framing::BodyFraming;
+use crate::wire::framing::{BodyFraming, ChunkLine, CHUNK_END, LAST_CHUNK};
 use body::{Http1Body, Reader, Returned};
 use request::{parse_request, HeadError, RequestHead, MAX_HEAD};
 use response::{framing_of, write_head, Framing, Persistence};
@@ -378,9 +378,11 @@ async fn send(
             None => data,
         };
         let wrote = if framing == Framing::Chunked {
-            let mut size = [0u8; 18];
-            let line = chunk_line(&mut size, data.len());
-            let mut all = (&out[..]).chain(line).chain(data).chain(&b"\r\n"[..]);
+            let line = ChunkLine::of(data.len());
+            let mut all = (&out[..])
+                .chain(line.as_bytes())
+                .chain(data)
+                .chain(CHUNK_END);
             write.write_all_buf(&mut all).await
         } else {
             let mut all = (&out[..]).chain(data);
@@ -393,7 +395,7 @@ async fn send(
     }
     match framing {
         Framing::Chunked => {
-            out.extend_from_slice(b"0\r\n\r\n");
+            out.extend_from_slice(LAST_CHUNK);
             write.write_all(out).await.is_ok()
         }
         // A body that ended before its length: the client must not wait for the rest.
@@ -428,23 +430,6 @@ async fn next_frame(
     }
 }
 
-/// The size line of a chunk of `n` bytes, written into `buf`.
-fn chunk_line(buf: &mut [u8; 18], n: usize) -> &[u8] {
-    let hex = b"0123456789abcdef";
-    let mut at = buf.len() - 2;
-    buf[at..].copy_from_slice(b"\r\n");
-    let mut n = n;
-    loop {
-        at -= 1;
-        buf[at] = hex[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[at..]
-}
-
 /// Buffers for response heads, kept per thread: a response head is written without
 /// allocating, and an idle connection holds none.
 mod spare {
@@ -474,19 +459,5 @@ mod spare {
                 s.push(buf);
             }
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunk_lines_are_hex() {
-        let mut buf = [0u8; 18];
-        assert_eq!(chunk_line(&mut buf, 0), b"0\r\n");
-        assert_eq!(chunk_line(&mut buf, 255), b"ff\r\n");
-        assert_eq!(chunk_line(&mut buf, 0x10000), b"10000\r\n");
-        assert_eq!(chunk_line(&mut buf, usize::MAX), b"ffffffffffffffff\r\n");
     }
 }

@@ -1,0 +1,142 @@
+//! One attempt of a request at one replica.
+//!
+//! Owns: [`Attempt::at`]: a place at the replica (`proxy.max_requests_per_replica` and its
+//! queue), the request sent by the connection's codec with its deadline, and the replica's
+//! figures that follow from the answer or the failure: its latency, its answers by class and
+//! the 5xx-in-a-row outlier report for an answer; for a failure that is the replica's, its
+//! failure count and (for a failed connect) the passive-failure report to the controller. A
+//! failure comes back typed ([`Failure`]: whose it was), never as a string or a flag.
+//! Must not touch: which replica (the route and the retry decision choose), or the client's
+//! answer (the caller maps the last failure).
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use http::{Method, Response};
+
+use crate::access_log::Outcome;
+use crate::admission::{Admitted, Budgets};
+use crate::control::ControllerHandle;
+use crate::metrics::Metrics;
+use crate::proxy::body::ProxyBody;
+use crate::proxy::failure::{Failure, Kind, Whose};
+use crate::snapshot::{InFlight, Snapshot, Upstream};
+use crate::wire::client::head::RequestFraming;
+use crate::wire::client::{self as upstream, UpstreamBody};
+
+/// What every attempt of one request shares.
+pub struct Attempt<'a> {
+    pub snap: &'a Snapshot,
+    pub metrics: &'a Metrics,
+    pub controller: &'a ControllerHandle,
+    pub client: &'a Admitted,
+    pub budgets: &'a Budgets,
+    pub method: &'a Method,
+    /// The forwarded request head, as the connection's codec wrote it.
+    pub head: &'a [u8],
+    pub framing: RequestFraming,
+    /// `proxy.request_timeout`, less what the request already waited for its body to start.
+    pub request_timeout: std::time::Duration,
+}
+
+impl Attempt<'_> {
+    /// Sends the request to `replica` (counted there with `reserved`, if the route took a place
+    /// already) and returns its response, or the failure.
+    pub async fn at(
+        &self,
+        replica: &Upstream,
+        reserved: Option<InFlight>,
+        body: &mut ProxyBody,
+        outcome: &mut Outcome,
+    ) -> Result<Response<UpstreamBody>, Failure> {
+        let cfg = &self.snap.config;
+        let counted = match reserved {
+            Some(counted) => counted,
+            None => self.place_at(replica).await?,
+        };
+        let short_of_descriptors = self
+            .client
+            .admission()
+            .short_of_descriptors(cfg.replicas.max_replicas);
+        let started = Instant::now();
+        let req = upstream::Request {
+            addr: replica.addr,
+            connect_timeout: cfg.proxy.connect_timeout,
+            read_timeout: cfg.proxy.read_timeout,
+            method: self.method,
+            head: self.head,
+            framing: self.framing,
+            // Idle replica connections are descriptors too: none kept while they are short.
+            keep_idle: !short_of_descriptors,
+            deadline: tokio::time::Instant::now() + self.request_timeout,
+        };
+        match upstream::send(&req, body, counted).await {
+            Ok(resp) => {
+                self.answered(replica, resp.status().as_u16(), started, outcome);
+                Ok(resp)
+            }
+            Err(e) => {
+                let failure = Failure::of(&e, !body.untouched(), short_of_descriptors);
+                self.failed(replica, &failure, outcome);
+                Err(failure)
+            }
+        }
+    }
+
+    /// A place at `replica` under `proxy.max_requests_per_replica`, waiting in its queue.
+    async fn place_at(&self, replica: &Upstream) -> Result<InFlight, Failure> {
+        let cap = self.budgets.max_requests_per_replica;
+        let wait = self.snap.config.proxy.queue_timeout;
+        InFlight::admit(&replica.stats, cap, wait)
+            .await
+            .map_err(|cause| {
+                self.metrics
+                    .requests_refused_replica
+                    .fetch_add(1, Ordering::Relaxed);
+                Failure::busy(format!(
+                    "carries proxy.max_requests_per_replica ({cap}) requests and {cause}"
+                ))
+            })
+    }
+
+    fn answered(&self, replica: &Upstream, status: u16, started: Instant, outcome: &mut Outcome) {
+        let took = started.elapsed();
+        outcome.upstream = Some(took);
+        replica
+            .stats
+            .latency
+            .observe_with(&self.metrics.upstream_latency, took);
+        let in_a_row = replica.stats.record_response(status);
+        let threshold = u64::from(self.snap.config.health.eject_after_5xx);
+        if threshold > 0 && in_a_row == threshold {
+            self.controller
+                .outlier(replica.id, replica.incarnation, in_a_row);
+        }
+    }
+
+    fn failed(&self, replica: &Upstream, failure: &Failure, outcome: &mut Outcome) {
+        outcome.connect_failed = failure.is_connect() && failure.whose == Whose::Replica;
+        match (failure.whose, failure.kind) {
+            (Whose::Replica, _) => {
+                replica.stats.failures.fetch_add(1, Ordering::Relaxed);
+                if failure.is_connect() {
+                    self.controller.passive_failure(
+                        replica.id,
+                        replica.incarnation,
+                        failure.detail.clone(),
+                    );
+                }
+            }
+            (Whose::Gateway, Kind::ConnectTimeout) => {
+                self.metrics
+                    .connect_timeouts_inconclusive
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            (Whose::Gateway, Kind::LocalResource) => {
+                self.client.admission().note_exhausted();
+                tracing::debug!(replica = %replica.name, detail = %failure.detail, "local resource error; not the replica's fault");
+            }
+            _ => {}
+        }
+    }
+}
