@@ -94,7 +94,9 @@ async fn fanout_leaves_others_served(nofile: u32, connections: usize) {
     let gw = GatewayProcess::start_under(
         &Conf {
             replicas: "count = 2\nmax_replicas = 4\n".into(),
-            health: "interval = \"300ms\"\ntimeout = \"250ms\"\nfall = 2\n".into(),
+            // Checks lenient enough for a loaded CI machine: what this test looks for (a replica
+            // blamed for the gateway's own shortage) shows as failed connects, which eject at once.
+            health: "interval = \"500ms\"\ntimeout = \"2s\"\nfall = 3\n".into(),
             ..Conf::default()
         },
         &["prlimit", &limit, "--"],

@@ -1,7 +1,8 @@
 //! One attempt of a request at one replica.
 //!
 //! Owns: [`Attempt::at`]: a place at the replica (`proxy.max_requests_per_replica` and its
-//! queue), the request sent by the connection's codec with its deadline, and the replica's
+//! queue), the request sent through the connector (written by the connection's kind) with its
+//! deadline, and the replica's
 //! figures that follow from the answer or the failure: its latency, its answers by class and
 //! the 5xx-in-a-row outlier report for an answer; for a failure that is the replica's, its
 //! failure count and (for a failed connect) the passive-failure report to the controller. A
@@ -12,7 +13,10 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use http::{Method, Response};
+use std::net::SocketAddr;
+
+use http::request::Parts;
+use http::Response;
 
 use crate::access_log::Outcome;
 use crate::admission::{Admitted, Budgets};
@@ -21,8 +25,9 @@ use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::failure::{Failure, Kind, Whose};
 use crate::snapshot::{InFlight, Snapshot, Upstream};
+use crate::upstream;
 use crate::wire::client::head::RequestFraming;
-use crate::wire::client::{self as upstream, UpstreamBody};
+use crate::wire::client::{Forwarded, Request, UpstreamBody};
 
 /// What every attempt of one request shares.
 pub struct Attempt<'a> {
@@ -31,9 +36,10 @@ pub struct Attempt<'a> {
     pub controller: &'a ControllerHandle,
     pub client: &'a Admitted,
     pub budgets: &'a Budgets,
-    pub method: &'a Method,
-    /// The forwarded request head, as the connection's codec wrote it.
-    pub head: &'a [u8],
+    /// The client's request head (each connection's kind writes it its way).
+    pub parts: &'a Parts,
+    /// The client's address (`X-Forwarded-For`).
+    pub client_addr: SocketAddr,
     pub framing: RequestFraming,
     /// `proxy.request_timeout`, less what the request already waited for its body to start.
     pub request_timeout: std::time::Duration,
@@ -59,13 +65,15 @@ impl Attempt<'_> {
             .admission()
             .short_of_descriptors(cfg.replicas.max_replicas);
         let started = Instant::now();
-        let req = upstream::Request {
+        let req = Request {
             addr: replica.addr,
             connect_timeout: cfg.proxy.connect_timeout,
             read_timeout: cfg.proxy.read_timeout,
-            method: self.method,
-            head: self.head,
-            framing: self.framing,
+            forwarded: Forwarded {
+                parts: self.parts,
+                client: self.client_addr,
+                framing: self.framing,
+            },
             // Idle replica connections are descriptors too: none kept while they are short.
             keep_idle: !short_of_descriptors,
             deadline: tokio::time::Instant::now() + self.request_timeout,

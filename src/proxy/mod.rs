@@ -34,7 +34,6 @@ use crate::metrics::Metrics;
 use crate::ring::ServerId;
 use crate::snapshot::Snapshot;
 use crate::wire::body::{Body, RequestBody};
-use crate::wire::client as upstream;
 use attempt::Attempt;
 use body::ProxyBody;
 use failure::Failure;
@@ -99,18 +98,15 @@ async fn try_forward(
     let route = route::route(snap, metrics, &parts, client_addr.ip())?;
     outcome.slot = Some(route.slot);
 
-    let framing = upstream::framing_of(&parts.method, &body);
-    // Serialised once; a retry sends the same bytes to the next server.
-    let head = forwarded_head(&parts, client_addr, framing);
     let attempt = Attempt {
         snap,
         metrics,
         controller,
         client,
         budgets: &budgets,
-        method: &parts.method,
-        head: &head,
-        framing,
+        parts: &parts,
+        client_addr,
+        framing: crate::wire::client::framing_of(&parts.method, &body),
         request_timeout,
     };
     let (mut server, mut reserved) = (route.first, route.reserved);
@@ -171,29 +167,6 @@ async fn admit(
     body_started(&mut body, cfg.proxy.request_timeout, limit).await?;
     let left = cfg.proxy.request_timeout.saturating_sub(started.elapsed());
     Ok((place, body, left))
-}
-
-/// The head the replicas get for `parts` from `client_addr`.
-fn forwarded_head(
-    parts: &http::request::Parts,
-    client_addr: SocketAddr,
-    framing: upstream::head::RequestFraming,
-) -> bytes::BytesMut {
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let authority = parts.uri.authority().map(|a| a.as_str());
-    let proto = match parts.extensions.get::<crate::tls::Https>() {
-        Some(_) => "https",
-        None => "http",
-    };
-    upstream::head::request_head(
-        &parts.method,
-        target,
-        &parts.headers,
-        client_addr,
-        authority,
-        proto,
-        framing,
-    )
 }
 
 /// The retries of one request: where the next attempt goes, if anywhere.

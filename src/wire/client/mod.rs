@@ -1,16 +1,14 @@
-//! The upstream side of the request path: our own HTTP/1.1 client to the replicas.
+//! The replica's side of HTTP/1.1: our own client, one exchange on one connection.
 //!
-//! Owns: sending one request on a pooled (or new) connection and reading the response head;
-//! the response body is then read from the same connection by the task that writes it to the
-//! client ([`body::UpstreamBody`]). No client dispatcher task, no channel between request and
-//! connection, no header map built for the forwarded request (its head is serialised once, by
-//! [`head::request_head`], and reused by a retry). A stale pooled connection (the replica
-//! closed it while idle) is replaced by a fresh one transparently, once, when nothing of the
-//! request body was sent; a replica that answers before reading the whole body and breaks the
-//! connection has that answer forwarded, not a reset; every other failure is told apart for
-//! the caller ([`SendError`]).
-//! Must not touch: routing, retries across replicas, or what a failure means for a replica
-//! (the proxy decides that).
+//! Owns: [`exchange`] (the forwarded head serialised from the request's parts by
+//! [`head::request_head`], no header map built for it; the body streamed in its framing; the
+//! response head read) and [`response`] (the response whose body [`body::UpstreamBody`] reads
+//! from the same connection, in the task that writes it to the client: no dispatcher task, no
+//! channel). A replica that answers before reading the whole body and breaks the connection
+//! has that answer forwarded, not a reset; every other failure is told apart for the caller
+//! ([`SendError`]), each wait bounded by the request's deadline and saying whose it was.
+//! Must not touch: which connection (the connector in [`crate::upstream`] gives one), routing,
+//! retries, or what a failure means for a replica (the proxy decides that).
 
 pub mod body;
 pub mod head;
@@ -27,7 +25,7 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::error::BoxError;
 use crate::snapshot::InFlight;
-use crate::upstream::pool::{self, Conn, ConnectError};
+use crate::upstream::pool::{Conn, ConnectError};
 use crate::wire::framing::{ChunkLine, CHUNK_END, LAST_CHUNK};
 pub use body::UpstreamBody;
 use head::{HeadError, RequestFraming};
@@ -86,15 +84,44 @@ impl SendError {
     }
 }
 
+/// What a replica is sent of a client's request: its head as the gateway forwards it (hop-by-hop
+/// fields cut, `X-Forwarded-*` set: [`head::request_head`]) and its body's framing.
+pub struct Forwarded<'a> {
+    pub parts: &'a http::request::Parts,
+    /// The client's address (`X-Forwarded-For`).
+    pub client: SocketAddr,
+    pub framing: RequestFraming,
+}
+
+impl Forwarded<'_> {
+    /// The head, serialised for HTTP/1.1.
+    fn head(&self) -> bytes::BytesMut {
+        let parts = self.parts;
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let authority = parts.uri.authority().map(|a| a.as_str());
+        let proto = match parts.extensions.get::<crate::tls::Https>() {
+            Some(_) => "https",
+            None => "http",
+        };
+        head::request_head(
+            &parts.method,
+            target,
+            &parts.headers,
+            self.client,
+            authority,
+            proto,
+            self.framing,
+        )
+    }
+}
+
 /// One request to send.
 pub struct Request<'a> {
     pub addr: SocketAddr,
     pub connect_timeout: Duration,
     /// `proxy.read_timeout`, for the response body.
     pub read_timeout: Duration,
-    pub method: &'a Method,
-    pub head: &'a [u8],
-    pub framing: RequestFraming,
+    pub forwarded: Forwarded<'a>,
     /// The connection may go back to the idle pool once the response is read.
     pub keep_idle: bool,
     /// When the response head must have come (`proxy.request_timeout` from the attempt's
@@ -103,58 +130,45 @@ pub struct Request<'a> {
     pub deadline: Instant,
 }
 
-/// Sends `req` with `body` and returns the response with its streaming body; `in_flight`
-/// counts the request at its replica until the body ends.
-pub async fn send(
+/// The response to `req` whose head `head` was read from `conn`: its body is read from the
+/// same connection; `in_flight` counts the request at its replica until the body ends.
+pub fn response(
+    conn: Conn,
+    head: head::ResponseHead,
     req: &Request<'_>,
-    body: &mut impl Outgoing,
     in_flight: InFlight,
-) -> Result<Response<UpstreamBody>, SendError> {
-    let mut pooled = pool::take(req.addr);
-    loop {
-        let reused = pooled.is_some();
-        let mut conn = match pooled.take() {
-            Some(c) => c,
-            // Boxed: connecting (TCP, and TLS when configured) is rare once the pool is warm,
-            // and its state would otherwise make every request's future larger.
-            None => Box::pin(Conn::connect(req.addr, req.connect_timeout)).await?,
-        };
-        match exchange(&mut conn, req, body).await {
-            Ok(head) => {
-                let body = UpstreamBody::new(
-                    conn,
-                    head.framing,
-                    head.keep_alive && req.keep_idle,
-                    req.read_timeout,
-                    in_flight,
-                );
-                return Ok(Response::from_parts(head.parts, body));
-            }
-            // A pooled connection the replica had closed: once more on a fresh one, if the
-            // body can still be sent.
-            Err(SendError::Broken(_)) if reused && body.untouched() => continue,
-            Err(e) => return Err(e),
-        }
-    }
+) -> Response<UpstreamBody> {
+    let body = UpstreamBody::new(
+        conn,
+        head.framing,
+        head.keep_alive && req.keep_idle,
+        req.read_timeout,
+        in_flight,
+    );
+    Response::from_parts(head.parts, body)
 }
 
-/// Writes the request, then reads the response head.
-async fn exchange(
+/// Writes the request (its head serialised here, as this codec forwards it), then reads the
+/// response head.
+pub async fn exchange(
     conn: &mut Conn,
     req: &Request<'_>,
     body: &mut impl Outgoing,
 ) -> Result<head::ResponseHead, SendError> {
-    timeout_at(req.deadline, conn.stream().write_all(req.head))
+    let head = req.forwarded.head();
+    timeout_at(req.deadline, conn.stream().write_all(&head))
         .await
         .map_err(|_| SendError::Timeout)?
         .map_err(SendError::Broken)?;
     if !body.is_end_stream() {
-        if let Err(e) = write_body(conn, body, req.framing, req.deadline).await {
+        if let Err(e) = write_body(conn, body, req.forwarded.framing, req.deadline).await {
             // A replica may answer before it has read the whole body (a 413, a 401) and close:
             // its answer, already here, is the response, not a broken connection.
             if matches!(e, SendError::Broken(_)) {
                 // Boxed: the error path's state stays out of every request's future.
-                if let Some(head) = Box::pin(early_response(conn, req.method)).await {
+                if let Some(head) =
+                    Box::pin(early_response(conn, &req.forwarded.parts.method)).await
+                {
                     return Ok(head);
                 }
             }
@@ -162,7 +176,7 @@ async fn exchange(
         }
     }
     loop {
-        if let Some(h) = final_head(&mut conn.buf, req.method)? {
+        if let Some(h) = final_head(&mut conn.buf, &req.forwarded.parts.method)? {
             return Ok(h);
         }
         let read = std::future::poll_fn(|cx| conn.poll_fill(cx, HEAD_READ));
@@ -291,6 +305,3 @@ pub fn framing_of(method: &Method, body: &impl HttpBody) -> RequestFraming {
         None => RequestFraming::Chunked,
     }
 }
-
-#[cfg(test)]
-mod tests;

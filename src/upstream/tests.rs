@@ -1,4 +1,4 @@
-//! The upstream client against real sockets: replicas scripted on 127.0.0.1 that answer with a
+//! The connector and the HTTP/1.1 client against real sockets: replicas scripted on 127.0.0.1 that answer with a
 //! length, chunked, until close, close idle connections, reset, or are not there at all.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,9 +9,17 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::Method;
+use tokio::time::Instant;
+
 use super::*;
 use crate::proxy::body::ProxyBody;
 use crate::snapshot::ReplicaStats;
+use crate::wire::client::head::{self, HeadError, RequestFraming};
+use crate::wire::client::Forwarded;
 
 /// A replica that answers each request head with `reply(n)` (n counts requests on the
 /// connection) and then closes when `close_after` requests were served on it.
@@ -56,15 +64,32 @@ fn stats() -> Arc<ReplicaStats> {
     Arc::new(ReplicaStats::default())
 }
 
+/// The head of `GET /` (made once: the requests borrow it).
+fn get_parts() -> &'static http::request::Parts {
+    static PARTS: std::sync::OnceLock<http::request::Parts> = std::sync::OnceLock::new();
+    PARTS.get_or_init(|| {
+        let (parts, ()) = http::Request::builder()
+            .method(Method::GET)
+            .uri("/")
+            .header("host", "t")
+            .body(())
+            .expect("request")
+            .into_parts();
+        parts
+    })
+}
+
 /// `GET /` to `addr`, with `read_timeout` for the body.
 fn get_request(addr: SocketAddr, read_timeout: Duration) -> Request<'static> {
     Request {
         addr,
         connect_timeout: Duration::from_secs(1),
         read_timeout,
-        method: &Method::GET,
-        head: b"GET / HTTP/1.1\r\nhost: t\r\n\r\n",
-        framing: RequestFraming::None,
+        forwarded: Forwarded {
+            parts: get_parts(),
+            client: "127.0.0.1:1".parse().expect("addr"),
+            framing: RequestFraming::None,
+        },
         keep_idle: true,
         deadline: Instant::now() + Duration::from_secs(30),
     }
