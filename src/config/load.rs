@@ -110,8 +110,11 @@ impl Config {
                 path: path.to_owned(),
             });
         }
-        let config = Config::deserialize(toml_edit::de::Deserializer::from(doc.clone()))
+        let mut config = Config::deserialize(toml_edit::de::Deserializer::from(doc.clone()))
             .map_err(|e| parse_error(Some(&doc), e.span(), e.message()))?;
+        config
+            .provider
+            .resolve_paths(path.parent().unwrap_or(Path::new("")));
         let mut problems = config.problems();
         if problems.is_empty() {
             return Ok(config);
