@@ -129,6 +129,19 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Points each of `problems` (found outside the validator: `ringgate check`'s look at the
+    /// file system and the engine) at the line of `text` that sets its key.
+    pub fn locate(text: &str, problems: &mut [Problem]) {
+        let Ok(doc) = ImDocument::parse(text) else {
+            return;
+        };
+        for p in problems {
+            p.line = key_span(doc.as_table(), &p.key).map(|s| line_col(text, s.start).0);
+        }
+    }
+}
+
 /// 1-based line and column of a byte offset.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = text.get(..offset.min(text.len())).unwrap_or(text);
