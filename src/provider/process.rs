@@ -307,7 +307,7 @@ impl ProcessProvider {
                         let lines = crate::sync::lock(&tail).last(EXIT_LINES);
                         self.stop_pid(pid).await;
                         return Err(fail(format!(
-                            "it exited (or closed its standard output) before printing `listening on http://ADDR` (provider.port = \"announce\"){}",
+                            "it exited before listening (with provider.port = \"announce\" it must print `listening on http://ADDR` on its standard output){}",
                             quote_output(&lines)
                         )));
                     }
