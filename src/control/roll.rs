@@ -602,11 +602,11 @@ async fn drain(stats: &ReplicaStats, timeout: Duration) {
     }
 }
 
-/// A check's result in a sentence: `503 after 2.1 ms`, `connection refused`.
+/// A check's result in a sentence: `answered 503 after 2.1 ms`, `connection refused`.
 pub(super) fn describe_probe(p: &ProbeOutcome) -> String {
-    match (&p.error, p.status) {
-        (Some(e), _) => e.clone(),
-        (None, Some(status)) => format!("answered {status} after {:.1} ms", p.latency_ms),
+    match (p.status, &p.error) {
+        (Some(status), _) => format!("answered {status} after {:.1} ms", p.latency_ms),
+        (None, Some(e)) => e.clone(),
         (None, None) => "no answer".to_owned(),
     }
 }
@@ -676,6 +676,9 @@ mod tests {
             at: SystemTime::UNIX_EPOCH,
         };
         assert_eq!(describe_probe(&p), "answered 503 after 2.1 ms");
+        p.error = Some("status 503, expected 200".into());
+        assert_eq!(describe_probe(&p), "answered 503 after 2.1 ms");
+        p.status = None;
         p.error = Some("connection refused".into());
         assert_eq!(describe_probe(&p), "connection refused");
     }
