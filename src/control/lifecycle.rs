@@ -236,7 +236,10 @@ impl Controller {
     /// A new replica record in `phase` (membership and runtime together).
     pub(super) fn insert_replica(&mut self, id: ServerId, name: String, phase: Phase) {
         self.membership.insert(id, name, phase);
-        self.replicas.insert(id, Replica::new());
+        let mut r = Replica::new();
+        // What it will run when it starts (an adopted one is corrected from its record).
+        r.spec_generation = self.spec_generation;
+        self.replicas.insert(id, r);
     }
 
     /// Forgets replica `id` entirely, freeing its slots; returns its name.

@@ -184,7 +184,24 @@ impl Controller {
     /// (replacements started for an older spec are stopped and started again from this one).
     pub(super) fn begin_roll(&mut self, reason: String) {
         if let Err(e) = self.rolls_in_place() {
+            if matches!(e, RollError::NotManaged(_)) {
+                return;
+            }
+            // Said where an operator looks: the log and `/lb/status`.
             tracing::warn!(reason = %reason, error = %e, "replicas are not rolled");
+            self.roll = Some(Roll {
+                target: self.spec_generation,
+                reason,
+                started: Instant::now(),
+                started_at: SystemTime::now(),
+                rolled: Vec::new(),
+                finished: None,
+                stopped: Some(RollStop {
+                    replica: String::new(),
+                    cause: e.to_string(),
+                    output: Vec::new(),
+                }),
+            });
             return;
         }
         let target = self.spec_generation;

@@ -252,6 +252,16 @@ impl World {
         s.existing.push(inst);
     }
 
+    /// A replica `list()` reports at start, recorded as started from the spec with this
+    /// fingerprint (a docker container's `ringgate.spec` label).
+    pub fn existing_with_spec(&self, id: u32, name: &str, spec: &str) {
+        let mut s = lock(&self.state);
+        let mut inst = s.instance(ServerId::new(id).expect("non-zero id"), name);
+        inst.spec = Some(spec.to_owned());
+        s.insert(inst.clone(), None);
+        s.existing.push(inst);
+    }
+
     /// The slots each start of `hostname` was asked to record.
     pub fn spawned_slots(&self, hostname: &str) -> Vec<Vec<u32>> {
         lock(&self.state)

@@ -1042,3 +1042,56 @@ async fn a_replica_that_dies_while_it_is_rolled_is_replaced_from_the_new_spec() 
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn adopted_replicas_of_another_spec_are_rolled_and_those_of_this_one_kept() {
+    let (world, events) = World::new(true);
+    let c = config(2);
+    let current = crate::provider::AppSpec::from_config(&c.provider).fingerprint();
+    world.existing_with_spec(1, "server-1", &current);
+    world.existing_with_spec(2, "server-2", "0123456789abcdef");
+    let h = Harness::start(c, world.clone(), events);
+    h.until(SETTLE, "server-2 rolled", |h| {
+        h.world.spawned_specs("server-2").len() == 1 && h.world.retired().len() == 1
+    })
+    .await;
+    let roll = roll_state(&h).await;
+    assert_eq!(roll["state"], "done", "{roll}");
+    assert_eq!(roll["rolled"], serde_json::json!(["server-2"]));
+    assert!(
+        roll["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("1 adopted replica(s) run another spec")),
+        "{roll}"
+    );
+    assert!(world.spawned_specs("server-1").is_empty(), "kept as it is");
+    assert!(
+        world.spawned_specs("server-2")[0].1,
+        "beside the adopted one"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spec_edit_on_swarm_says_it_is_not_rolled() {
+    let world = World::swarm();
+    let h = Harness::start(config(2), world.clone(), world.subscribe());
+    h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
+    reload(&h, with_env(config(2), "A", "1")).await;
+    let mut roll = roll_state(&h).await;
+    for _ in 0..100 {
+        if roll["state"] == "stopped" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        roll = roll_state(&h).await;
+    }
+    assert_eq!(roll["state"], "stopped", "{roll}");
+    assert!(
+        roll["stopped"]["cause"]
+            .as_str()
+            .is_some_and(|c| c.contains("does not roll replicas in place")),
+        "{roll}"
+    );
+    let e = h.handle.roll().await.expect_err("not on swarm");
+    assert!(matches!(e, GatewayError::Roll(_)), "{e:?}");
+}
