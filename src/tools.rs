@@ -377,7 +377,11 @@ pub fn check_replicas(
             p.mounts.len()
         ),
         _ if p.command.is_empty() => "the built-in ringgate-server".to_owned(),
-        _ => format!("command {:?} (port: {:?})", p.command, app.process_port()),
+        _ => format!(
+            "command {:?} (port: {})",
+            p.command,
+            app.process_port().name()
+        ),
     };
     let _ = writeln!(
         notes,

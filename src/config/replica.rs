@@ -27,6 +27,17 @@ pub enum PortMode {
     Announce,
 }
 
+impl PortMode {
+    /// Its name in `conf/lb.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PortMode::Auto => "auto",
+            PortMode::Pick => "pick",
+            PortMode::Announce => "announce",
+        }
+    }
+}
+
 /// Where a mount comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -69,7 +69,7 @@ pub(super) struct Roll {
     pub started_at: SystemTime,
     /// The replicas rolled so far, in order.
     pub rolled: Vec<String>,
-    /// How long it took, once every replica runs the target.
+    /// How long it ran, once every replica runs the target or it stopped.
     pub finished: Option<Duration>,
     pub stopped: Option<RollStop>,
 }
@@ -462,6 +462,7 @@ impl Controller {
         let target = s.generation;
         tracing::error!(replica = %name, id = %id, cause = %cause, "roll stopped: the replacement did not become ready; the replicas not rolled keep serving as they were");
         if let Some(roll) = self.roll.as_mut().filter(|r| r.target == target) {
+            roll.finished = Some(roll.started.elapsed());
             roll.stopped = Some(RollStop {
                 replica: name.clone(),
                 cause: cause.to_string(),
