@@ -569,10 +569,11 @@ mod tests {
     }
 
     fn app(command: &[&str], workdir: Option<&str>) -> AppSpec {
-        let mut c = crate::config::ProviderConfig::default();
-        c.command = command.iter().map(|s| s.to_string()).collect();
-        c.workdir = workdir.map(PathBuf::from);
-        AppSpec::from_config(&c)
+        AppSpec::from_config(&crate::config::ProviderConfig {
+            command: command.iter().map(|s| s.to_string()).collect(),
+            workdir: workdir.map(PathBuf::from),
+            ..crate::config::ProviderConfig::default()
+        })
     }
 
     #[test]

@@ -189,11 +189,13 @@ mod tests {
 
     #[test]
     fn zero_turns_a_limit_off_but_never_the_hardening() {
-        let mut p = ProviderConfig::default();
-        p.memory_limit = 0;
-        p.pids_limit = 0;
-        p.cpus = 0.0;
-        p.log_max_size = 0;
+        let mut p = ProviderConfig {
+            memory_limit: 0,
+            pids_limit: 0,
+            cpus: 0.0,
+            log_max_size: 0,
+            ..ProviderConfig::default()
+        };
         let a = app(&p);
         let h = container_config(replica(&a))
             .host_config
