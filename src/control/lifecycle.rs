@@ -335,10 +335,11 @@ impl Controller {
                     // The engine's replica (its service outlives this start): nothing to stop.
                     Ok(_) if self.provider.restarts_replicas() => {}
                     Ok(inst) => {
-                        // Removed or replaced while it was starting: stop what was started.
+                        // Removed or replaced while it was starting: stop what was started,
+                        // and only that (a newer instance of the name may run by now).
                         let provider = self.provider.clone();
                         tokio::spawn(async move {
-                            let _ = provider.remove(&inst.hostname).await;
+                            let _ = provider.retire(&inst).await;
                         });
                     }
                     Err(e) if current => {

@@ -28,6 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -165,6 +166,9 @@ struct Running {
     exited: Option<oneshot::Receiver<()>>,
     kill: Option<oneshot::Sender<()>>,
     tail: SharedTail,
+    /// Cleared the moment the child is reaped: after that its pid may belong to another
+    /// process, which must never get our signals.
+    alive: Arc<AtomicBool>,
 }
 
 /// Children by pid.
@@ -275,6 +279,7 @@ impl ProcessProvider {
         ];
         let (exited_tx, exited_rx) = oneshot::channel();
         let (kill_tx, kill_rx) = oneshot::channel();
+        let alive = Arc::new(AtomicBool::new(true));
         // Known from here on, so that `remove` stops it even while it has not announced yet
         // (the controller gave up on it).
         self.children().insert(
@@ -286,13 +291,17 @@ impl ProcessProvider {
                 exited: Some(exited_rx),
                 kill: Some(kill_tx),
                 tail: tail.clone(),
+                alive: alive.clone(),
             },
         );
         tokio::spawn(watch_child(
             child,
             readers,
-            spec.hostname.clone(),
-            pid,
+            Watched {
+                hostname: spec.hostname.clone(),
+                pid,
+                alive,
+            },
             kill_rx,
             exited_tx,
             self.events.clone(),
@@ -335,19 +344,24 @@ impl ProcessProvider {
     /// Stops one child: its stdin closes, its process group gets SIGTERM, then SIGKILL if it
     /// has not exited after [`STOP_TIMEOUT`].
     async fn stop_pid(&self, pid: u32) {
-        let (stdin, exited, kill) = {
+        let (stdin, exited, kill, alive) = {
             let mut children = self.children();
             let Some(r) = children.get_mut(&pid) else {
                 return;
             };
-            (r.stdin.take(), r.exited.take(), r.kill.take())
+            (
+                r.stdin.take(),
+                r.exited.take(),
+                r.kill.take(),
+                r.alive.clone(),
+            )
         };
         drop(stdin);
-        signal_group(pid, libc::SIGTERM);
+        signal_group(pid, libc::SIGTERM, &alive);
         if let Some(exited) = exited {
             if tokio::time::timeout(STOP_TIMEOUT, exited).await.is_err() {
                 tracing::warn!(pid, "replica did not exit on SIGTERM; killing it");
-                signal_group(pid, libc::SIGKILL);
+                signal_group(pid, libc::SIGKILL, &alive);
                 if let Some(kill) = kill {
                     let _ = kill.send(());
                 }
@@ -377,12 +391,14 @@ pub fn quote_output(lines: &[String]) -> String {
     format!("; its last output: {}", quoted.join(" | "))
 }
 
-/// Sends `signal` to the process group `pgid` leads (every child leads its own).
-fn signal_group(pgid: u32, signal: libc::c_int) {
+/// Sends `signal` to the process group `pgid` leads (every child leads its own), while the
+/// leader has not been reaped (`alive`): the group outlives it only through processes it
+/// started, and its pid may be another process's once it is reaped.
+fn signal_group(pgid: u32, signal: libc::c_int, alive: &AtomicBool) {
     let Ok(pgid) = libc::pid_t::try_from(pgid) else {
         return;
     };
-    if pgid <= 1 {
+    if pgid <= 1 || !alive.load(Ordering::Acquire) {
         return;
     }
     // SAFETY: kill(2) takes plain integers and touches no memory of ours; a negative pid names
@@ -446,18 +462,28 @@ async fn read_output(
     }
 }
 
+/// Which child a watcher watches.
+struct Watched {
+    hostname: String,
+    pid: u32,
+    alive: Arc<AtomicBool>,
+}
+
 /// Waits for the child to exit (or to be killed) and reports it at once, with its last lines.
-#[allow(clippy::too_many_arguments)]
 async fn watch_child(
     mut child: Child,
     readers: [Option<tokio::task::JoinHandle<()>>; 2],
-    hostname: String,
-    pid: u32,
+    watched: Watched,
     kill: oneshot::Receiver<()>,
     exited: oneshot::Sender<()>,
     events: mpsc::Sender<ProviderEvent>,
     children: Children,
 ) {
+    let Watched {
+        hostname,
+        pid,
+        alive,
+    } = watched;
     let status = tokio::select! {
         s = child.wait() => s,
         _ = kill => {
@@ -465,6 +491,8 @@ async fn watch_child(
             child.wait().await
         }
     };
+    // Reaped: its pid is free for the kernel to reuse.
+    alive.store(false, Ordering::Release);
     // Its last words are still in the pipes; a grandchild may hold them open, so not for long.
     for r in readers.into_iter().flatten() {
         let _ = tokio::time::timeout(Duration::from_millis(200), r).await;
