@@ -153,7 +153,7 @@ impl Controller {
 
     /// Whether this provider can run a replacement beside a replica (local processes and
     /// containers; Swarm restarts its tasks itself).
-    fn rolls_in_place(&self) -> Result<(), super::roll::RollError> {
+    fn rolls_in_place(&self) -> Result<(), RollError> {
         if !self.provider.manages_replicas() {
             return Err(RollError::NotManaged(self.provider.kind()));
         }
