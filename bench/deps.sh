@@ -5,6 +5,9 @@
 #   bench/deps.sh chromium  headless Chromium and a font for the operator page's browser test
 #                           (`make test` calls this; tests/browser.rs fails loudly without it)
 #   bench/deps.sh curl      curl, the HTTP/1.1 and HTTP/2-over-TLS client of tests/tls.rs
+#   bench/deps.sh busybox   busybox-static, the static busybox of `make example-httpd` (the
+#                           FROM scratch httpd image of docs/deployment.md and
+#                           tests/docker_apps.rs)
 set -euo pipefail
 
 SUDO=""
@@ -32,6 +35,14 @@ for what in "$@"; do
             [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core) ;;
         curl)
             have curl || missing+=(curl) ;;
+        busybox)
+            # The static build: Debian's plain `busybox` is dynamically linked and cannot
+            # run in an empty image.
+            if command -v dpkg >/dev/null 2>&1; then
+                dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+            else
+                have busybox || missing+=(busybox-static)
+            fi ;;
         *) echo "deps.sh: unknown group $what" >&2; exit 2 ;;
     esac
 done

@@ -2,8 +2,9 @@
 #
 # Included by the top-level Makefile (`include docker/docker.mk`) and usable on its own:
 #   make -f docker/docker.mk images
-# Targets: static, images, compose-up, logs, stop, clean (stop and clean are prerequisite-only
-# aliases of docker-stop and docker-clean, so the Makefile can add its own recipes to them).
+# Targets: static, images, example-httpd, compose-up, logs, stop, clean (stop and clean are
+# prerequisite-only aliases of docker-stop and docker-clean, so the Makefile can add its own
+# recipes to them).
 #
 # Nothing here pulls from a registry: both images are FROM scratch around static binaries.
 # Everything ringgate creates carries the label ringgate.managed=true; `clean` removes exactly
@@ -14,6 +15,9 @@ RG_STATIC_TARGET ?= target/static
 RG_STATIC_BIN    := $(RG_STATIC_TARGET)/$(RG_TRIPLE)/release
 RG_IMAGE         ?= ringgate:latest
 RG_SERVER_IMAGE  ?= ringgate-server:latest
+# The walkthrough's third-party server (docs/deployment.md): busybox httpd, FROM scratch.
+RG_EXAMPLE_HTTPD_IMAGE ?= ringgate-example-httpd:latest
+RG_BUSYBOX       ?= /bin/busybox
 RG_NETWORK       ?= net1
 RG_URL           ?= http://localhost:5000
 # Seconds compose-up waits for the gateway to answer /rep.
@@ -22,7 +26,7 @@ RG_WAIT          ?= 60
 RG_KEEP_REPLICAS ?=
 RG_COMPOSE       ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: static images compose-up logs stop clean docker-stop docker-clean docker-check
+.PHONY: static images example-httpd compose-up logs stop clean docker-stop docker-clean docker-check
 
 # Statically linked release binaries in their own target dir (the RUSTFLAGS differ from a normal
 # build, so sharing target/ would rebuild everything each time). No debug info: smaller images.
@@ -44,6 +48,20 @@ images: static docker-check
 	@# Earlier builds of ours that these replaced, now untagged.
 	@docker image prune -f --filter label=ringgate.image >/dev/null
 	@docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E '^ringgate(-server)?:' || true
+
+# busybox httpd from Debian's busybox-static in an empty image, for docs/deployment.md's
+# third walkthrough and tests/docker_apps.rs. Its own build context (target/example-httpd/,
+# just the binary), so the repository's .dockerignore does not apply. A dynamically linked
+# busybox (Debian's `busybox` package) would not run FROM scratch: refused here, by name.
+example-httpd: docker-check
+	@bench/deps.sh busybox
+	@mkdir -p target/example-httpd
+	cp $(RG_BUSYBOX) target/example-httpd/busybox
+	@if ldd target/example-httpd/busybox >/dev/null 2>&1; then \
+	  echo "$(RG_BUSYBOX) is dynamically linked: install busybox-static (apt-get install busybox-static) or set RG_BUSYBOX"; exit 1; \
+	fi
+	docker build -f docker/example-httpd.Dockerfile -t $(RG_EXAMPLE_HTTPD_IMAGE) target/example-httpd
+	@docker image prune -f --filter label=ringgate.image=example-httpd >/dev/null
 
 # The replica network is created here (labelled as ours) so that `make clean` can find it; the
 # gateway itself runs in the host's network (docker-compose.yml says why).
@@ -96,7 +114,7 @@ docker-clean:
 	if [ -n "$$ids" ]; then echo "removing containers: $$(docker ps -a --format '{{.Names}}' --filter label=ringgate.managed=true | tr '\n' ' ')"; docker rm -f $$ids >/dev/null; fi; \
 	nets=$$(docker network ls -q --filter label=ringgate.managed=true); \
 	if [ -n "$$nets" ]; then echo "removing networks: $$(docker network ls --format '{{.Name}}' --filter label=ringgate.managed=true | tr '\n' ' ')"; docker network rm $$nets >/dev/null; fi; \
-	for img in $(RG_IMAGE) $(RG_SERVER_IMAGE); do \
+	for img in $(RG_IMAGE) $(RG_SERVER_IMAGE) $(RG_EXAMPLE_HTTPD_IMAGE); do \
 	  if docker image inspect $$img >/dev/null 2>&1; then echo "removing image $$img"; docker image rm $$img >/dev/null; fi; \
 	done; \
 	old=$$(docker images -q --filter label=ringgate.image); \

@@ -1,7 +1,7 @@
 //! The replica API (`/rep`, `/add`, `/rm`) and the gateway's own `/lb/*` endpoints.
 //!
 //! Owns: routing of these paths, applying the admin guard ([`crate::guard`]) to `/add`, `/rm`,
-//! `/lb/status`, `/lb/metrics`, the operator page (`/lb/`, [`crate::ui`]) and `/lb/simulate`
+//! `/lb/roll`, `/lb/status`, `/lb/metrics`, the operator page (`/lb/`, [`crate::ui`]) and `/lb/simulate`
 //! ([`crate::whatif`], run off the serving thread, one at a time) (`/rep` and `/lb/health`
 //! stay open), and parsing and
 //! validating request bodies into controller calls, with a 400 naming the problem for every bad
@@ -82,12 +82,19 @@ async fn route(
             authorize(snap, &req, client)?;
             let body = read_body(req.into_body()).await?;
             let request = parse_scale_request(&body)?;
-            let members = if path == "/add" {
-                controller.add(request).await?
+            let (scaled, what) = if path == "/add" {
+                (controller.add(request).await?, "added")
             } else {
-                controller.remove(request).await?
+                (controller.remove(request).await?, "removed")
             };
-            Ok(replica_list(&members))
+            Ok(scaled_list(&scaled, what))
+        }
+        "/lb/roll" => {
+            if method != Method::POST {
+                return Err(wrong_method("POST"));
+            }
+            authorize(snap, &req, client)?;
+            Ok(success(controller.roll().await?))
         }
         "/lb/health" => Ok(success(json!("ok"))),
         "/lb" => {
@@ -172,6 +179,16 @@ async fn simulate(
 
 fn replica_list(members: &[String]) -> Response<Body> {
     success(json!({"N": members.len(), "replicas": members}))
+}
+
+/// `/add` and `/rm`: today's `N` and `replicas`, and the seed's `added` or `removed` (`what`)
+/// beside them, so clients written for either shape work.
+fn scaled_list(scaled: &crate::control::Scaled, what: &str) -> Response<Body> {
+    success(json!({
+        "N": scaled.members.len(),
+        "replicas": scaled.members,
+        what: scaled.changed,
+    }))
 }
 
 /// The admin guard (`crate::guard`) for this request.

@@ -42,6 +42,8 @@ pub enum GatewayError {
     Membership(#[from] MembershipError),
     #[error(transparent)]
     WhatIf(#[from] crate::whatif::WhatIfError),
+    #[error(transparent)]
+    Roll(#[from] crate::control::roll::RollError),
     #[error("Replica '{replica}' {cause}; nothing was added")]
     AddFailed {
         replica: String,
@@ -139,7 +141,7 @@ impl GatewayError {
             | GatewayError::RingContended { .. }
             | GatewayError::EngineUnavailable { .. }
             | GatewayError::ReservationLost { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::RecordMismatch { .. } => StatusCode::CONFLICT,
+            GatewayError::RecordMismatch { .. } | GatewayError::Roll(_) => StatusCode::CONFLICT,
             GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,

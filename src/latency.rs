@@ -81,6 +81,16 @@ impl LatencyHistogram {
         crate::per_thread::sum_each(self.per_thread.iter().map(|b| &b.counts)).to_vec()
     }
 
+    /// Adds `counts` (as [`counts`](Self::counts) gives them) and `sum` to this thread's copy:
+    /// a roll carries the histogram of a replica's old run over to its new one.
+    pub fn add(&self, counts: &[u64], sum: Duration) {
+        let local = self.per_thread.local();
+        for (bucket, n) in local.counts.iter().zip(counts) {
+            bucket.fetch_add(*n, Ordering::Relaxed);
+        }
+        local.sum_micros.fetch_add(micros(sum), Ordering::Relaxed);
+    }
+
     pub fn sum(&self) -> Duration {
         let micros = self
             .per_thread

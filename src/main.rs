@@ -214,10 +214,13 @@ fn main() -> ExitCode {
             .and_then(|c| with_overrides(c, listen, provider))
             .and_then(|c| serve(c, config.exists().then_some(config))),
         Command::Check { config } => load(&config, false).and_then(|c| {
+            let text = Config::read_text(&config).map_err(|e| Failure::Config(e.to_string()))?;
+            let replicas =
+                ringgate::tools::check_replicas(&config, &text, &c).map_err(Failure::Config)?;
             let policy = ringgate::tools::check_policy(&c).map_err(Failure::Config)?;
             let tls = ringgate::tools::check_tls(&c).map_err(Failure::Config)?;
             println!("{}: OK: {}", config.display(), ringgate::tools::summary(&c));
-            print!("{policy}{tls}");
+            print!("{replicas}{policy}{tls}");
             Ok(())
         }),
         Command::Ring { config } => load(&config, config == default_path).and_then(|c| {

@@ -70,6 +70,72 @@ impl ReplicaStats {
     }
 }
 
+/// A replica's cumulative counters at one moment: what a roll carries from the replica's old
+/// run (whose requests are still finishing on their own counters) to the new one, so
+/// `/lb/status` and `/lb/metrics` never see a replica's counts go down.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Totals {
+    pub answers: [u64; 5],
+    pub failures: u64,
+    pub body_timeouts: u64,
+    pub latency: Vec<u64>,
+    pub latency_sum: std::time::Duration,
+    pub peak_in_flight: i64,
+}
+
+impl Totals {
+    /// What was counted since `earlier` (a reading of the same counters).
+    pub fn since(&self, earlier: &Totals) -> Totals {
+        let sub = |a: u64, b: u64| a.saturating_sub(b);
+        let mut answers = self.answers;
+        for (a, b) in answers.iter_mut().zip(earlier.answers) {
+            *a = sub(*a, b);
+        }
+        Totals {
+            answers,
+            failures: sub(self.failures, earlier.failures),
+            body_timeouts: sub(self.body_timeouts, earlier.body_timeouts),
+            latency: self
+                .latency
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| sub(n, earlier.latency.get(i).copied().unwrap_or(0)))
+                .collect(),
+            latency_sum: self.latency_sum.saturating_sub(earlier.latency_sum),
+            peak_in_flight: self.peak_in_flight,
+        }
+    }
+}
+
+impl ReplicaStats {
+    /// The cumulative counters now.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            answers: self.answers(),
+            failures: self.failures.load(Ordering::Relaxed),
+            body_timeouts: self.body_timeouts.load(Ordering::Relaxed),
+            latency: self.latency.counts(),
+            latency_sum: self.latency.sum(),
+            peak_in_flight: self.peak_in_flight.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Adds `t` to these counters (from the thread that calls it; the per-thread copies are
+    /// summed when read).
+    pub fn add(&self, t: &Totals) {
+        let local = self.answered.local();
+        for (slot, n) in local.iter().zip(t.answers) {
+            slot.fetch_add(n, Ordering::Relaxed);
+        }
+        self.failures.fetch_add(t.failures, Ordering::Relaxed);
+        self.body_timeouts
+            .fetch_add(t.body_timeouts, Ordering::Relaxed);
+        self.latency.add(&t.latency, t.latency_sum);
+        self.peak_in_flight
+            .fetch_max(t.peak_in_flight, Ordering::Relaxed);
+    }
+}
+
 /// A replica that joined lately and takes its keys over gradually (`health.slow_start`).
 #[derive(Debug, Clone, Copy)]
 pub struct Ramp {
@@ -398,6 +464,29 @@ mod tests {
         let mut snap = Snapshot::initial(Arc::new(Config::default()));
         snap.generation = generation;
         shared.store(Arc::new(snap));
+    }
+
+    #[test]
+    fn totals_carry_over_and_never_go_down() {
+        let old = ReplicaStats::default();
+        old.record_response(200);
+        old.record_response(503);
+        old.failures.fetch_add(2, Ordering::Relaxed);
+        old.latency.observe(std::time::Duration::from_millis(3));
+        let at_swap = old.totals();
+        let new = ReplicaStats::default();
+        new.add(&at_swap);
+        assert_eq!(
+            new.totals(),
+            at_swap,
+            "the new run starts where the old one was"
+        );
+        old.record_response(200);
+        new.record_response(404);
+        new.add(&old.totals().since(&at_swap));
+        let t = new.totals();
+        assert_eq!(t.answers, [0, 2, 0, 1, 1]);
+        assert_eq!((t.failures, t.latency.iter().sum::<u64>()), (2, 1));
     }
 
     #[test]

@@ -327,6 +327,74 @@ pub fn check_tls(config: &Config) -> Result<String, String> {
     Ok(out)
 }
 
+/// `ringgate check` for the replica spec: what can be known before a replica starts (the
+/// program and `workdir` of process replicas, bind-mount sources, the image on the engine),
+/// every problem with the line of `text` (the config file `path`) that sets its key. Returns a
+/// line saying what replicas will run, or every problem.
+pub fn check_replicas(
+    path: &std::path::Path,
+    text: &str,
+    config: &Config,
+) -> Result<String, String> {
+    let mut problems = crate::provider::preflight::local_problems(config);
+    let mut notes = String::new();
+    let engine = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime to ask the Docker engine: {e}"))?
+        .block_on(crate::provider::preflight::engine_problems(config));
+    match engine {
+        Ok(found) => problems.extend(found),
+        Err(why) => {
+            let _ = writeln!(
+                notes,
+                "replicas: the image {} was not looked up: {why}",
+                config.provider.image
+            );
+        }
+    }
+    if !problems.is_empty() {
+        Config::locate(text, &mut problems);
+        return Err(crate::config::ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        }
+        .to_string());
+    }
+    let p = &config.provider;
+    let app = crate::provider::AppSpec::from_config(p);
+    let what = match p.kind {
+        ProviderKind::Static => format!("{} static server(s)", p.servers.len()),
+        ProviderKind::Docker | ProviderKind::Swarm => format!(
+            "image {}{}, port {}, {} mount(s)",
+            p.image,
+            if p.command.is_empty() {
+                String::new()
+            } else {
+                format!(", command {:?}", p.command)
+            },
+            p.container_port,
+            p.mounts.len()
+        ),
+        _ if p.command.is_empty() => "the built-in ringgate-server".to_owned(),
+        _ => format!(
+            "command {:?} (port: {})",
+            p.command,
+            app.process_port().name()
+        ),
+    };
+    let _ = writeln!(
+        notes,
+        "replicas ({}): {what}, {} env variable(s); ready after health.rise = {} passing checks of {} within provider.start_timeout = {:?}",
+        p.kind,
+        p.env.len(),
+        config.health.rise,
+        config.health.path,
+        p.start_timeout
+    );
+    Ok(notes)
+}
+
 pub fn check_policy(config: &Config) -> Result<String, String> {
     let policy = PolicySet::load_dir(&config.policy.dir, config.policy.limits(), 1)
         .map_err(|e| e.to_string())?;

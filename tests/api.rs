@@ -44,6 +44,11 @@ async fn rep_add_rm_happy_path_and_home() {
         json(&body)["message"]["replicas"],
         serde_json::json!(["server-1", "server-2", "server-3", "S5", "S6"])
     );
+    // The seed's shape beside today's: what this call added.
+    assert_eq!(
+        json(&body)["message"]["added"],
+        serde_json::json!(["S5", "S6"])
+    );
     // The new replicas serve: some id lands on each of them.
     let mut seen = std::collections::HashSet::new();
     for id in 0..400 {
@@ -71,6 +76,7 @@ async fn rep_add_rm_happy_path_and_home() {
     let (code, body) = call("DELETE", &gw.url("/rm"), r#"{"n": 1, "hostnames": ["S5"]}"#).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(json(&body)["message"]["N"], 6);
+    assert_eq!(json(&body)["message"]["removed"], serde_json::json!(["S5"]));
     assert!(!gw.replica_names().await.contains(&"S5".to_string()));
 
     // The gateway picks the rest: the most recently added go first.
@@ -484,10 +490,16 @@ async fn no_replica_is_503_and_lb_endpoints_answer() {
 
     let (code, body) = call("DELETE", &gw.url("/rm"), r#"{"n": 3}"#).await;
     assert_eq!(code, 200, "{body}");
+    // Today's `N` and `replicas`, and the seed's `removed` beside them (issue 27).
+    let message = json(&body)["message"].clone();
     assert_eq!(
-        json(&body)["message"],
-        serde_json::json!({"N": 0, "replicas": []})
+        (&message["N"], &message["replicas"]),
+        (&serde_json::json!(0), &serde_json::json!([]))
     );
+    let mut removed: Vec<String> = serde_json::from_value(message["removed"].clone())
+        .unwrap_or_else(|e| panic!("`removed` is a list of names: {e}: {message}"));
+    removed.sort();
+    assert_eq!(removed, ["server-1", "server-2", "server-3"]);
     let (code, body) = get(&gw.url("/home?id=1")).await;
     assert_eq!(code, 503, "{body}");
     assert_eq!(json(&body)["status"], "failure");

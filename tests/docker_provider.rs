@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use docker_support::{docker, inspect, wait_ok, Scope, SERVER_IMAGE};
 use ringgate::config::{ProviderConfig, ProviderKind};
 use ringgate::provider::docker::DockerProvider;
-use ringgate::provider::{Provider, ProviderEvent, ReplicaSpec};
+use ringgate::provider::{AppSpec, Provider, ProviderEvent, ReplicaSpec};
 use ringgate::ring::ServerId;
 use tokio::sync::mpsc;
 
@@ -47,10 +47,17 @@ async fn provider_with(
 }
 
 fn spec(id: u32, hostname: &str) -> ReplicaSpec {
+    spec_of(&ProviderConfig::default(), id, hostname)
+}
+
+/// A start of replica `hostname` from the replica spec of `config` (the image, limits…).
+fn spec_of(config: &ProviderConfig, id: u32, hostname: &str) -> ReplicaSpec {
     ReplicaSpec {
         id: ServerId::new(id).expect("non-zero id"),
         hostname: hostname.to_owned(),
         slots: vec![id, id + 100, id + 200],
+        app: std::sync::Arc::new(AppSpec::from_config(config)),
+        beside: false,
     }
 }
 
@@ -248,7 +255,14 @@ async fn a_missing_image_is_a_clear_error_and_leaves_no_container() {
     let image = format!("{}-missing:latest", scope.instance);
     let (p, _events) = provider(&scope, &image).await;
     let name = scope.name("m");
-    let err = p.spawn(spec(1, &name)).await.expect_err("no such image");
+    let config = ProviderConfig {
+        image: image.clone(),
+        ..ProviderConfig::default()
+    };
+    let err = p
+        .spawn(spec_of(&config, 1, &name))
+        .await
+        .expect_err("no such image");
     let text = err.to_string();
     println!("{text}");
     assert!(
@@ -415,20 +429,17 @@ async fn a_replica_runs_with_limits_no_capabilities_and_a_read_only_root_and_sti
     require_docker!();
     let scope = Scope::new("limits");
     // Not the defaults, so that the values seen below come from this config.
-    let (p, _events) = provider_with(
-        &scope,
-        ProviderConfig {
-            memory_limit: 48 << 20,
-            pids_limit: 24,
-            cpus: 0.5,
-            log_max_size: 1 << 20,
-            log_max_files: 2,
-            ..ProviderConfig::default()
-        },
-    )
-    .await;
+    let config = ProviderConfig {
+        memory_limit: 48 << 20,
+        pids_limit: 24,
+        cpus: 0.5,
+        log_max_size: 1 << 20,
+        log_max_files: 2,
+        ..ProviderConfig::default()
+    };
+    let (p, _events) = provider_with(&scope, config.clone()).await;
     let name = scope.name("l");
-    let inst = p.spawn(spec(1, &name)).await.expect("spawn");
+    let inst = p.spawn(spec_of(&config, 1, &name)).await.expect("spawn");
     wait_ok(inst.addr, "/heartbeat", Duration::from_secs(10))
         .await
         .expect("a hardened replica answers /heartbeat");

@@ -110,8 +110,11 @@ impl Config {
                 path: path.to_owned(),
             });
         }
-        let config = Config::deserialize(toml_edit::de::Deserializer::from(doc.clone()))
+        let mut config = Config::deserialize(toml_edit::de::Deserializer::from(doc.clone()))
             .map_err(|e| parse_error(Some(&doc), e.span(), e.message()))?;
+        config
+            .provider
+            .resolve_paths(path.parent().unwrap_or(Path::new("")));
         let mut problems = config.problems();
         if problems.is_empty() {
             return Ok(config);
@@ -123,6 +126,19 @@ impl Config {
             path: path.to_owned(),
             problems,
         })
+    }
+}
+
+impl Config {
+    /// Points each of `problems` (found outside the validator: `ringgate check`'s look at the
+    /// file system and the engine) at the line of `text` that sets its key.
+    pub fn locate(text: &str, problems: &mut [Problem]) {
+        let Ok(doc) = ImDocument::parse(text) else {
+            return;
+        };
+        for p in problems {
+            p.line = key_span(doc.as_table(), &p.key).map(|s| line_col(text, s.start).0);
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! Must not touch: anything running. Applying a config is the controller's job; watching the
 //! file is the watcher's.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -19,11 +20,13 @@ use serde::{Deserialize, Serialize};
 use crate::hashing::{HashFunction, KeySource, KeySources};
 
 mod load;
+pub mod replica;
 pub mod source_file;
 mod validate;
 mod values;
 
 pub use load::{ConfigError, MAX_CONFIG_FILE};
+pub use replica::{Mount, MountSource, PortMode};
 pub use validate::Problem;
 pub use values::parse_size;
 use values::{byte_size, duration, expect_status, from_str, ip_nets, key_sources};
@@ -200,6 +203,55 @@ pub struct ProviderConfig {
     pub upstream_ca: Option<PathBuf>,
     /// The name a replica's certificate must carry (and the SNI sent); unset: its IP address.
     pub upstream_server_name: Option<String>,
+    /// The replica spec (every provider that starts replicas). The program and its first
+    /// arguments: a process replica's whole command line (unset: `server_binary`), a
+    /// container's entrypoint (unset: the image's). Placeholders: `{port}`, `{hostname}`, `{id}`.
+    pub command: Vec<String>,
+    /// More arguments: after `command` for processes; a container's command (the image's CMD).
+    pub args: Vec<String>,
+    /// The replica's environment besides `PORT` and `SERVER_ID` (placeholders allowed).
+    pub env: BTreeMap<String, String>,
+    /// The working directory of a process replica (a container's, overriding the image's).
+    pub workdir: Option<PathBuf>,
+    /// Process replicas: how the port is decided (see [`PortMode`]).
+    pub port: PortMode,
+    /// Containers: bind mounts and named volumes, `SOURCE:TARGET[:ro|:rw]`, read-only unless
+    /// `:rw`.
+    pub mounts: Vec<Mount>,
+    /// Containers: labels of their own (ours, `ringgate.*`, are added and cannot be set here).
+    pub labels: BTreeMap<String, String>,
+    /// Containers: the user the app runs as (`"1000:1000"`, `"nobody"`); unset: the image's.
+    pub user: Option<String>,
+    /// Containers: a read-only root file system (the default); false for apps that must write
+    /// outside their mounts.
+    pub read_only_root: bool,
+    /// How long a new replica has to pass `rise` checks (an `/add` answers with its error after
+    /// this).
+    #[serde(deserialize_with = "duration")]
+    pub start_timeout: Duration,
+    /// How many replicas a roll (a live spec edit, `POST /lb/roll`) replaces at once.
+    pub roll_batch: u32,
+}
+
+impl ProviderConfig {
+    /// Relative bind-mount sources and `workdir` made absolute against `base`, the config file's
+    /// directory (as docker-compose resolves `./data`): the file means the same directories
+    /// wherever the gateway was started from.
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        let base = if base.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            base
+        };
+        self.mounts = std::mem::take(&mut self.mounts)
+            .into_iter()
+            .map(|m| m.resolved(base))
+            .collect();
+        if let Some(w) = self.workdir.as_mut().filter(|w| w.is_relative()) {
+            let joined = base.join(&*w);
+            *w = std::path::absolute(&joined).unwrap_or(joined);
+        }
+    }
 }
 
 impl Default for ProviderConfig {
@@ -220,6 +272,17 @@ impl Default for ProviderConfig {
             upstream_tls: false,
             upstream_ca: None,
             upstream_server_name: None,
+            command: Vec::new(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            workdir: None,
+            port: PortMode::Auto,
+            mounts: Vec::new(),
+            labels: BTreeMap::new(),
+            user: None,
+            read_only_root: true,
+            start_timeout: Duration::from_secs(30),
+            roll_batch: 1,
         }
     }
 }

@@ -207,6 +207,7 @@ impl Config {
                     .into(),
             );
         }
+        replica_spec_problems(self, &mut bad);
         let h = &self.health;
         for (key, d) in [
             ("health.interval", h.interval),
@@ -381,6 +382,157 @@ impl Config {
     }
 }
 
+/// Longest `provider.start_timeout`: a replica slower than this to pass its checks is broken.
+const MAX_START_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The replica spec keys of `[provider]`: shapes TOML cannot say, and keys that mean nothing
+/// for the chosen provider (so a `mounts` under `kind = "process"` is not silently ignored).
+fn replica_spec_problems(c: &Config, bad: &mut impl FnMut(&str, String)) {
+    let p = &c.provider;
+    let placeholders = |key: &str, text: &str, bad: &mut dyn FnMut(&str, String)| {
+        for token in super::replica::unknown_placeholders(text) {
+            bad(
+                key,
+                format!(
+                    "{text:?} names {token}, which is no placeholder: the placeholders are {{port}}, {{hostname}} and {{id}}"
+                ),
+            );
+        }
+    };
+    if p.command.first().is_some_and(|c| c.trim().is_empty()) {
+        bad(
+            "provider.command",
+            "the program (the first item) is empty: write it like [\"python3\", \"app.py\"]".into(),
+        );
+    }
+    for (key, list) in [("provider.command", &p.command), ("provider.args", &p.args)] {
+        for item in list {
+            if item.contains('\0') {
+                bad(key, format!("{item:?} contains a NUL byte"));
+            }
+            placeholders(key, item, &mut *bad);
+        }
+    }
+    for (name, value) in &p.env {
+        let key = format!("provider.env.{name}");
+        let valid_name = !name.is_empty()
+            && !name.contains(['=', '\0'])
+            && !name.starts_with(|c: char| c.is_ascii_digit());
+        if !valid_name {
+            bad(
+                &key,
+                format!("{name:?} is not an environment variable name (no '=', not empty, not starting with a digit)"),
+            );
+        }
+        if matches!(name.as_str(), "PORT" | "SERVER_ID") {
+            bad(
+                &key,
+                format!(
+                    "{name} is set by the gateway (PORT: the replica's port, SERVER_ID: its hostname); use {{port}} or {{hostname}} in a variable of your own"
+                ),
+            );
+        }
+        if value.contains('\0') {
+            bad(&key, "the value contains a NUL byte".into());
+        }
+        placeholders(&key, value, &mut *bad);
+    }
+    let mut targets = std::collections::HashSet::new();
+    for m in &p.mounts {
+        if !targets.insert(m.target.as_str()) {
+            bad(
+                "provider.mounts",
+                format!("{} is mounted more than once", m.target),
+            );
+        }
+    }
+    for (name, value) in &p.labels {
+        if name.is_empty() || name.starts_with("ringgate.") {
+            bad(
+                &format!("provider.labels.{name}"),
+                format!("{name:?}: labels of your own may not be empty or start with \"ringgate.\" (the gateway's own labels: ringgate.managed, ringgate.server-id, …)"),
+            );
+        }
+        if value.contains('\0') {
+            bad(
+                &format!("provider.labels.{name}"),
+                "the value contains a NUL byte".into(),
+            );
+        }
+    }
+    if p.user
+        .as_ref()
+        .is_some_and(|u| u.is_empty() || u.contains(char::is_whitespace))
+    {
+        bad(
+            "provider.user",
+            "must name a user like \"1000:1000\" or \"nobody\" (no spaces), or be left out for the image's".into(),
+        );
+    }
+    if p.start_timeout.is_zero() || p.start_timeout > MAX_START_TIMEOUT {
+        bad(
+            "provider.start_timeout",
+            format!(
+                "must be more than 0 and at most 1h, got {:?}",
+                p.start_timeout
+            ),
+        );
+    }
+    if p.roll_batch == 0 || p.roll_batch > c.replicas.max_replicas {
+        bad(
+            "provider.roll_batch",
+            format!(
+                "must be between 1 and replicas.max_replicas ({}), got {}",
+                c.replicas.max_replicas, p.roll_batch
+            ),
+        );
+    }
+    // Keys that mean nothing for the chosen provider. `auto` may pick either, so it takes all.
+    let containers = matches!(p.kind, ProviderKind::Docker | ProviderKind::Swarm);
+    let processes = p.kind == ProviderKind::Process;
+    if p.kind == ProviderKind::Static {
+        for (key, set) in [
+            ("provider.command", !p.command.is_empty()),
+            ("provider.args", !p.args.is_empty()),
+            ("provider.env", !p.env.is_empty()),
+            ("provider.workdir", p.workdir.is_some()),
+            ("provider.mounts", !p.mounts.is_empty()),
+            ("provider.labels", !p.labels.is_empty()),
+            ("provider.user", p.user.is_some()),
+        ] {
+            if set {
+                bad(
+                    key,
+                    "the static provider starts no replica (its servers run already): this key is only used with kind = \"process\", \"docker\" or \"swarm\"".into(),
+                );
+            }
+        }
+    }
+    if p.port != super::PortMode::Auto && (containers || p.kind == ProviderKind::Static) {
+        bad(
+            "provider.port",
+            format!(
+                "only used by process replicas (kind is \"{}\"): containers listen on provider.container_port",
+                p.kind
+            ),
+        );
+    }
+    if processes {
+        for (key, set) in [
+            ("provider.mounts", !p.mounts.is_empty()),
+            ("provider.labels", !p.labels.is_empty()),
+            ("provider.user", p.user.is_some()),
+        ] {
+            if set {
+                bad(
+                    key,
+                    "only used by container replicas (kind = \"docker\" or \"swarm\"): a process replica runs as the gateway's user, in the host's file system".into(),
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -485,6 +637,75 @@ mod tests {
         );
         let e = err("[provider]\nkind = \"process\"\nservers = [{name = \"a\", address = \"127.0.0.1:1\"}]\n");
         assert!(e.contains("only used with provider.kind"), "{e}");
+    }
+
+    #[test]
+    fn the_replica_spec_is_checked_key_by_key_with_lines() {
+        let e = err("[provider]\nkind = \"process\"\ncommand = [\"\", \"x\"]\nargs = [\"--port={prot}\"]\nenv = { PORT = \"1\", GOOD = \"{id}\", BAD = \"{hostnam}\" }\n");
+        assert!(e.contains("line 3: provider.command: the program"), "{e}");
+        assert!(
+            e.contains("line 4: provider.args") && e.contains("{prot}"),
+            "{e}"
+        );
+        assert!(
+            e.contains("line 5: provider.env.PORT: PORT is set by the gateway"),
+            "{e}"
+        );
+        assert!(
+            e.contains("provider.env.BAD") && e.contains("{hostnam}"),
+            "{e}"
+        );
+        assert!(!e.contains("provider.env.GOOD"), "{e}");
+        let e = err("[provider]\nkind = \"process\"\nmounts = [\"/a:/b\"]\nuser = \"1000\"\n");
+        assert!(
+            e.contains("line 3: provider.mounts: only used by container"),
+            "{e}"
+        );
+        assert!(e.contains("line 4: provider.user"), "{e}");
+        let e = err("[provider]\nkind = \"docker\"\nport = \"pick\"\nlabels = { \"ringgate.managed\" = \"x\" }\nmounts = [\"/a:/b\", \"v:/b:rw\"]\nuser = \"a b\"\n");
+        assert!(
+            e.contains("line 3: provider.port: only used by process"),
+            "{e}"
+        );
+        assert!(e.contains("provider.labels.ringgate.managed"), "{e}");
+        assert!(e.contains("/b is mounted more than once"), "{e}");
+        assert!(e.contains("line 6: provider.user"), "{e}");
+        let e = err("[provider]\nmounts = [\"/a:b\"]\n");
+        assert!(
+            e.contains("line 2") && e.contains("absolute path inside the container"),
+            "{e}"
+        );
+        let e = err("[provider]\nmounts = [\"/a:/b:rx\"]\n");
+        assert!(e.contains("line 2") && e.contains(":rw"), "{e}");
+        let e = err("[provider]\nstart_timeout = \"0s\"\nroll_batch = 0\n");
+        assert!(e.contains("line 2: provider.start_timeout"), "{e}");
+        assert!(e.contains("line 3: provider.roll_batch"), "{e}");
+        let e = err("[provider]\nkind = \"static\"\ncommand = [\"x\"]\nenv = { A = \"1\" }\n");
+        assert!(
+            e.contains("line 3: provider.command: the static provider starts no replica"),
+            "{e}"
+        );
+        assert!(e.contains("line 4: provider.env"), "{e}");
+        let e = err("[provider]\nport = \"sometimes\"\n");
+        assert!(e.contains("line 2") && e.contains("sometimes"), "{e}");
+
+        let c = Config::parse(
+            "[provider]\nkind = \"docker\"\ncommand = [\"/bin/busybox\", \"httpd\"]\nargs = [\"-p\", \"{port}\"]\nenv = { GREETING = \"hi {hostname}\", JSON = '{\"a\": 1}' }\nmounts = [\"./site:/www\", \"data:/d:rw\"]\nlabels = { team = \"web\" }\nuser = \"65534:65534\"\nread_only_root = false\nworkdir = \"app\"\nstart_timeout = \"5s\"\nroll_batch = 2\n",
+            Path::new("/etc/rg/lb.toml"),
+        )
+        .expect("a whole spec");
+        let p = &c.provider;
+        assert_eq!(p.command, ["/bin/busybox", "httpd"]);
+        assert_eq!(p.env["JSON"], r#"{"a": 1}"#);
+        assert_eq!(
+            p.mounts[0].source,
+            crate::config::MountSource::Bind("/etc/rg/site".into()),
+            "relative to the config file"
+        );
+        assert!(!p.mounts[0].writable && p.mounts[1].writable);
+        assert_eq!(p.workdir.as_deref(), Some(Path::new("/etc/rg/app")));
+        assert_eq!((p.roll_batch, p.read_only_root), (2, false));
+        assert_eq!(p.start_timeout, Duration::from_secs(5));
     }
 
     #[test]

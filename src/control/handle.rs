@@ -13,16 +13,24 @@ use crate::ring::ServerId;
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, GatewayError>>;
 
+/// What `/add` and `/rm` answer: the membership after the call, and the replicas the call
+/// added or removed (the seed's `added` and `removed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scaled {
+    pub members: Vec<String>,
+    pub changed: Vec<String>,
+}
+
 /// Requests to the controller.
 #[derive(Debug)]
 pub enum Command {
     Add {
         request: ScaleRequest,
-        reply: Reply<Vec<String>>,
+        reply: Reply<Scaled>,
     },
     Remove {
         request: ScaleRequest,
-        reply: Reply<Vec<String>>,
+        reply: Reply<Scaled>,
     },
     Status {
         reply: oneshot::Sender<serde_json::Value>,
@@ -66,6 +74,10 @@ pub enum Command {
         what: ReloadKind,
         error: String,
     },
+    /// `POST /lb/roll`: roll every replica to a new instance of the same spec.
+    Roll {
+        reply: Reply<serde_json::Value>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,12 +105,18 @@ impl ControllerHandle {
         rx.await.map_err(|_| GatewayError::ShuttingDown)
     }
 
-    pub async fn add(&self, request: ScaleRequest) -> Result<Vec<String>, GatewayError> {
+    pub async fn add(&self, request: ScaleRequest) -> Result<Scaled, GatewayError> {
         self.ask(|reply| Command::Add { request, reply }).await?
     }
 
-    pub async fn remove(&self, request: ScaleRequest) -> Result<Vec<String>, GatewayError> {
+    pub async fn remove(&self, request: ScaleRequest) -> Result<Scaled, GatewayError> {
         self.ask(|reply| Command::Remove { request, reply }).await?
+    }
+
+    /// Starts a roll of every replica (`POST /lb/roll`); answers at once with the roll's
+    /// status (`/lb/status` follows it).
+    pub async fn roll(&self) -> Result<serde_json::Value, GatewayError> {
+        self.ask(|reply| Command::Roll { reply }).await?
     }
 
     pub async fn status(&self) -> Result<serde_json::Value, GatewayError> {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::handle::Reply;
+use super::handle::{Reply, Scaled};
 use super::membership::Phase;
 use super::Controller;
 use crate::error::GatewayError;
@@ -23,8 +23,6 @@ use crate::provider::{Instance, ProviderError, ProviderEvent, ReplicaSpec, RingR
 use crate::ring::ServerId;
 use crate::snapshot::ReplicaStats;
 
-/// How long a new replica has to answer its first heartbeat.
-pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a starting replica is checked.
 pub const START_PROBE_PERIOD: Duration = Duration::from_millis(100);
 /// Upper bound on the check period of a replica that is not up.
@@ -39,8 +37,32 @@ pub enum StartFailure {
     Provider(String),
     #[error("exited while starting ({0})")]
     Exited(String),
-    #[error("failed to start: it did not answer /heartbeat within {0:?}")]
-    NoHeartbeat(Duration),
+    /// It runs but did not pass its readiness checks in time.
+    #[error("did not become ready: its health check ({check}) did not pass within provider.start_timeout ({timeout:?}); last check: {last}")]
+    NotReady {
+        check: String,
+        timeout: Duration,
+        last: String,
+    },
+    /// One of the above, and the last lines the replica wrote.
+    #[error("{cause}{}", crate::provider::process::quote_output(output))]
+    WithOutput {
+        cause: Box<StartFailure>,
+        output: Vec<String>,
+    },
+}
+
+impl StartFailure {
+    /// This failure with the replica's last lines of output (as it is when there are none).
+    pub fn with_output(self, output: Vec<String>) -> StartFailure {
+        if output.is_empty() || matches!(self, StartFailure::WithOutput { .. }) {
+            return self;
+        }
+        StartFailure::WithOutput {
+            cause: Box::new(self),
+            output,
+        }
+    }
 }
 
 /// The controller's record of one replica's current run.
@@ -66,6 +88,11 @@ pub(super) struct Replica {
     pub ejected_until: Option<Instant>,
     /// Answers and 5xx answers counted at the last outlier window.
     pub window_base: (u64, u64),
+    /// The spec generation its serving instance was started from (a roll brings it to the
+    /// controller's).
+    pub spec_generation: u64,
+    /// Its replacement while a roll replaces it.
+    pub successor: Option<super::roll::Successor>,
 }
 
 impl Replica {
@@ -86,6 +113,8 @@ impl Replica {
             ejections: 0,
             ejected_until: None,
             window_base: (0, 0),
+            spec_generation: 0,
+            successor: None,
         }
     }
 }
@@ -105,28 +134,58 @@ pub(super) enum Internal {
         id: ServerId,
         incarnation: u64,
     },
+    /// A start failed; `output` is what the instance wrote last (fetched from the provider
+    /// before the failure is reported).
+    StartFailed {
+        id: ServerId,
+        incarnation: u64,
+        cause: StartFailure,
+        output: Vec<String>,
+    },
+    /// A roll's replacement started (or not).
+    SuccessorSpawned {
+        id: ServerId,
+        incarnation: u64,
+        result: Result<Instance, ProviderError>,
+    },
+    /// A roll's replacement had `provider.start_timeout` to get ready.
+    SuccessorTimeout {
+        id: ServerId,
+        incarnation: u64,
+    },
+    /// A rolled-out instance drained and stopped; what it counted after the swap.
+    Retired {
+        id: ServerId,
+        since_swap: crate::snapshot::Totals,
+    },
+    /// The last output of the replacement that stopped the roll to `target`.
+    RollOutput {
+        target: u64,
+        replica: String,
+        output: Vec<String>,
+    },
     /// `/rm` finished draining and stopping these replicas.
     Removed {
         ids: Vec<ServerId>,
-        reply: Reply<Vec<String>>,
+        reply: Reply<Scaled>,
     },
     /// Shared ring: an `/add` (or a grow) reserved these replicas in the record, or failed.
     Reserved {
         op: super::membership::OpId,
         result: Result<(RingRecord, super::shared::Reserved), GatewayError>,
-        reply: Reply<Vec<String>>,
+        reply: Reply<Scaled>,
     },
     /// Shared ring: `/add` `op` committed in the record, or failed to.
     Committed {
         op: super::membership::OpId,
         ids: Vec<ServerId>,
         result: Result<RingRecord, GatewayError>,
-        reply: Reply<Vec<String>>,
+        reply: Reply<Scaled>,
     },
     /// Shared ring: an `/rm` marked these replicas leaving in the record, or failed to.
     RemovalPlanned {
         result: Result<(RingRecord, Vec<ServerId>), GatewayError>,
-        reply: Reply<Vec<String>>,
+        reply: Reply<Scaled>,
     },
     /// Shared ring: this gateway wrote the record (applied like an observation).
     RecordWritten {
@@ -177,7 +236,10 @@ impl Controller {
     /// A new replica record in `phase` (membership and runtime together).
     pub(super) fn insert_replica(&mut self, id: ServerId, name: String, phase: Phase) {
         self.membership.insert(id, name, phase);
-        self.replicas.insert(id, Replica::new());
+        let mut r = Replica::new();
+        // What it will run when it starts (an adopted one is corrected from its record).
+        r.spec_generation = self.spec_generation;
+        self.replicas.insert(id, r);
     }
 
     /// Forgets replica `id` entirely, freeing its slots; returns its name.
@@ -201,10 +263,13 @@ impl Controller {
         r.instance = None;
         r.probe = None;
         r.next_restart = None;
+        r.spec_generation = self.spec_generation;
         let spec = ReplicaSpec {
             id,
             hostname: name,
             slots: self.placement.positions(id),
+            app: self.app.clone(),
+            beside: false,
         };
         let provider = self.provider.clone();
         let tx = self.channels.internal_tx.clone();
@@ -217,8 +282,9 @@ impl Controller {
             });
         });
         let tx = self.channels.internal_tx.clone();
+        let timeout = self.config.provider.start_timeout;
         tokio::spawn(async move {
-            tokio::time::sleep(START_TIMEOUT).await;
+            tokio::time::sleep(timeout).await;
             let _ = tx.send(Internal::StartTimeout { id, incarnation });
         });
     }
@@ -269,10 +335,11 @@ impl Controller {
                     // The engine's replica (its service outlives this start): nothing to stop.
                     Ok(_) if self.provider.restarts_replicas() => {}
                     Ok(inst) => {
-                        // Removed or replaced while it was starting: stop what was started.
+                        // Removed or replaced while it was starting: stop what was started,
+                        // and only that (a newer instance of the name may run by now).
                         let provider = self.provider.clone();
                         tokio::spawn(async move {
-                            let _ = provider.remove(&inst.hostname).await;
+                            let _ = provider.retire(&inst).await;
                         });
                     }
                     Err(e) if current => {
@@ -288,9 +355,45 @@ impl Controller {
                         .get(&id)
                         .is_some_and(|r| r.tracker.state == HealthState::Starting);
                 if stuck {
-                    self.on_start_failed(id, StartFailure::NoHeartbeat(START_TIMEOUT));
+                    let last = self
+                        .replicas
+                        .get(&id)
+                        .and_then(|r| r.last_probe.as_ref())
+                        .map(super::roll::describe_probe)
+                        .unwrap_or_else(|| "none yet (it has no address)".to_owned());
+                    let cause = StartFailure::NotReady {
+                        check: self.check_description(),
+                        timeout: self.config.provider.start_timeout,
+                        last,
+                    };
+                    let instance = self.replicas.get(&id).and_then(|r| r.instance.clone());
+                    self.start_failed(id, incarnation, cause, instance);
                 }
             }
+            Internal::StartFailed {
+                id,
+                incarnation,
+                cause,
+                output,
+            } => {
+                if self.is_current(id, incarnation) {
+                    self.on_start_failed(id, cause.with_output(output));
+                }
+            }
+            Internal::SuccessorSpawned {
+                id,
+                incarnation,
+                result,
+            } => self.on_successor_spawned(id, incarnation, result),
+            Internal::SuccessorTimeout { id, incarnation } => {
+                self.on_successor_timeout(id, incarnation)
+            }
+            Internal::Retired { id, since_swap } => self.on_retired(id, since_swap),
+            Internal::RollOutput {
+                target,
+                replica,
+                output,
+            } => self.on_roll_output(target, replica, output),
             Internal::RespawnDue { id, incarnation } => {
                 let due = self.is_current(id, incarnation)
                     && self
@@ -325,6 +428,31 @@ impl Controller {
         }
     }
 
+    /// A start failed: with the instance's last output when it has an instance to ask about
+    /// (fetched off the loop, then reported as [`Internal::StartFailed`]).
+    fn start_failed(
+        &mut self,
+        id: ServerId,
+        incarnation: u64,
+        cause: StartFailure,
+        instance: Option<Instance>,
+    ) {
+        let Some(inst) = instance else {
+            return self.on_start_failed(id, cause);
+        };
+        let provider = self.provider.clone();
+        let tx = self.channels.internal_tx.clone();
+        tokio::spawn(async move {
+            let output = provider.recent_output(&inst).await;
+            let _ = tx.send(Internal::StartFailed {
+                id,
+                incarnation,
+                cause,
+                output,
+            });
+        });
+    }
+
     /// A start failed (provider error, exit before answering, start timeout).
     fn on_start_failed(&mut self, id: ServerId, cause: StartFailure) {
         let name = self.membership.name(id).unwrap_or_default().to_owned();
@@ -352,6 +480,9 @@ impl Controller {
         let Some(name) = self.membership.name(id).map(str::to_owned) else {
             return;
         };
+        // A roll's replacement goes too: the replacement started below runs the current
+        // spec anyway.
+        self.drop_successor(id);
         let Some(r) = self.replicas.get_mut(&id) else {
             return;
         };
@@ -404,6 +535,9 @@ impl Controller {
         {
             self.engine_tasks.remove(&hostname);
         }
+        if self.on_successor_exit(&hostname, &instance_id, &detail) {
+            return;
+        }
         let Some(id) = self.membership.id_of(&hostname) else {
             return;
         };
@@ -421,9 +555,11 @@ impl Controller {
         let was = r.tracker.state;
         tracing::warn!(replica = %hostname, id = %id, detail = %detail, "replica exited");
         r.last_exit = Some(detail.clone());
-        r.instance = None;
-        if let Some(Phase::Joining(op)) = phase {
-            self.fail_add(op, hostname, StartFailure::Exited(detail));
+        let exited = r.instance.take();
+        if let Some(Phase::Joining(_)) = phase {
+            // A container's log outlives it: its last lines go with the error.
+            let incarnation = r.incarnation;
+            self.start_failed(id, incarnation, StartFailure::Exited(detail), exited);
             return;
         }
         if was.routable() {

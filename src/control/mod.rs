@@ -15,6 +15,8 @@
 //! - `outliers`: outlier ejection for what replicas answer (5xx in a row, a failure percentage).
 //! - `probes`: health evidence (checks with the Lua verdict, passive failures) → transitions.
 //! - `reload`: config edits as a validated list of [`reload::ConfigChange`]s; policy swaps.
+//! - [`roll`]: a new replica spec (or `POST /lb/roll`) rolled over the replicas in place,
+//!   `roll_batch` at a time, each replacement beside the instance it replaces.
 //! - `publish`: assembling and publishing the snapshot; readiness.
 //! - [`shared`]: the shared ring record's pure decisions (plans as record edits, reconciling
 //!   an observed record, stale entries) and the optimistic write loop; `shared_ops` applies
@@ -30,6 +32,7 @@ mod outliers;
 mod probes;
 mod publish;
 pub mod reload;
+pub mod roll;
 mod scaling;
 pub mod shared;
 mod shared_ops;
@@ -46,7 +49,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use handle::Reply;
-pub use handle::{Command, ControllerHandle, ReloadKind};
+pub use handle::{Command, ControllerHandle, ReloadKind, Scaled};
 use lifecycle::{Internal, Replica};
 use membership::{Membership, OpId, Phase};
 
@@ -110,7 +113,7 @@ pub struct Controller {
     generation: u64,
     next_incarnation: u64,
     next_op: OpId,
-    add_ops: HashMap<OpId, Reply<Vec<String>>>,
+    add_ops: HashMap<OpId, Reply<Scaled>>,
     ready_waiters: Vec<oneshot::Sender<()>>,
     /// When the last outlier window was evaluated.
     last_window: tokio::time::Instant,
@@ -136,6 +139,12 @@ pub struct Controller {
     /// Grows to `replicas.count` through the record not finished yet: readiness waits for
     /// them, so a gateway that starts a ring serves once its replicas do.
     grows: HashSet<OpId>,
+    /// What replicas run now (from `[provider]`), and its generation: bumped by every spec
+    /// edit and `POST /lb/roll`; a replica whose instance runs an older one is rolled.
+    app: Arc<crate::provider::AppSpec>,
+    spec_generation: u64,
+    /// The last roll (kept once done or stopped, for `/lb/status`).
+    roll: Option<roll::Roll>,
 }
 
 impl Controller {
@@ -150,7 +159,13 @@ impl Controller {
             Ok(p) => (p, None),
             Err(e) => (PolicySet::empty(), Some(e)),
         };
+        let app = Arc::new(crate::provider::AppSpec::from_config(
+            &parts.config.provider,
+        ));
         let controller = Controller {
+            app,
+            spec_generation: 1,
+            roll: None,
             config: parts.config,
             policy: Arc::new(policy),
             errors: ReloadErrors {
@@ -251,6 +266,9 @@ impl Controller {
             Command::Reload { config } => self.apply_config(*config),
             Command::PolicyLoaded { policy } => self.apply_policy(*policy),
             Command::ReloadFailed { what, error } => self.reload_failed(what, error),
+            Command::Roll { reply } => {
+                let _ = reply.send(self.roll_requested().map_err(GatewayError::from));
+            }
         }
     }
 
@@ -273,8 +291,17 @@ impl Controller {
                     self.insert_replica(id, name, Phase::Member);
                     self.place_as_recorded(id, inst.slots.as_deref());
                     let incarnation = self.bump_incarnation();
+                    // A replica started from another spec than this config's (edited while
+                    // the gateway was down) is rolled once it serves; one without a record of
+                    // its spec (an older gateway's) is taken as it is.
+                    let current = self.app.fingerprint();
+                    let generation = match &inst.spec {
+                        Some(fp) if *fp != current => 0,
+                        _ => self.spec_generation,
+                    };
                     if let Some(r) = self.replicas.get_mut(&id) {
                         r.incarnation = incarnation;
+                        r.spec_generation = generation;
                     }
                     self.attach(id, inst);
                 }
@@ -287,6 +314,12 @@ impl Controller {
             self.grow(missing);
         }
         self.publish();
+        let behind = self.behind();
+        if behind > 0 {
+            self.begin_roll(format!(
+                "{behind} adopted replica(s) run another spec than the config's"
+            ));
+        }
     }
 
     /// Shared ring: the tasks the engine runs, then the record (placing every replica at its
@@ -332,6 +365,8 @@ impl Controller {
     /// Time-driven work: the outlier window, and republishing when a ramp ends (so the data
     /// plane stops checking it).
     fn on_tick(&mut self) {
+        // A replica the roll skipped while it was out of the ring is taken once it is back.
+        self.roll_step();
         let now = tokio::time::Instant::now();
         let h = &self.config.health;
         if h.eject_failure_percent > 0 && now >= self.last_window + h.eject_window {

@@ -57,6 +57,9 @@ impl Controller {
     }
 
     pub(super) fn on_probe(&mut self, report: ProbeReport) {
+        if self.on_successor_probe(&report) {
+            return;
+        }
         let (rise, fall) = (self.config.health.rise, self.config.health.fall);
         let (interval, timeout) = (self.config.health.interval, self.config.health.timeout);
         let id = report.id;

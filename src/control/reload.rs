@@ -1,7 +1,8 @@
 //! Live reload: a config edit as a validated list of changes, and policy swaps.
 //!
 //! Owns: [`plan`] (pure: the old and the new config in, the config to run with and the list of
-//! [`ConfigChange`]s out, with keys that need a restart kept at their running value), checking
+//! [`ConfigChange`]s out, with keys that need a restart kept at their running value; a replica
+//! spec edit is a change that rolls the replicas, see `roll`), checking
 //! the plan against what runs (a new `[ring]` must hold the members), logging each change once
 //! and applying them with one `match`; and swapping in a new policy set.
 //! Must not touch: files. The watcher reads and validates; this only applies.
@@ -12,9 +13,10 @@ use std::sync::Arc;
 
 use super::lifecycle::probe_period;
 use super::Controller;
-use crate::config::Config;
+use crate::config::{Config, ProviderConfig};
 use crate::health::probe::Check;
 use crate::policy::{Hook, PolicySet};
+use crate::provider::AppSpec;
 
 /// One thing a config edit changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +44,11 @@ pub enum ConfigChange {
     /// `tls.http` (serve or redirect) or `tls.certificates`: new connections use it (the
     /// watcher loads the new certificate files).
     Tls,
+    /// The replica spec (`image`, `command`, `env`, `mounts`…, named in `keys`): the replicas
+    /// are rolled in place to it.
+    ReplicaSpec { keys: Vec<&'static str> },
+    /// `provider.start_timeout` or `provider.roll_batch`: the next start or roll step uses it.
+    ProviderTiming,
 }
 
 impl fmt::Display for ConfigChange {
@@ -60,6 +67,16 @@ impl fmt::Display for ConfigChange {
             ConfigChange::Admin => f.write_str("[admin]"),
             ConfigChange::Log => f.write_str("[log]"),
             ConfigChange::Tls => f.write_str("[tls] (http or certificates)"),
+            ConfigChange::ReplicaSpec { keys } => {
+                write!(
+                    f,
+                    "the replica spec ({}): rolling the replicas",
+                    keys.join(", ")
+                )
+            }
+            ConfigChange::ProviderTiming => {
+                f.write_str("provider.start_timeout or provider.roll_batch")
+            }
         }
     }
 }
@@ -83,9 +100,25 @@ pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
         changes.push(ConfigChange::NeedsRestart("name"));
         new.name = old.name.clone();
     }
-    if new.provider != old.provider {
+    // The replica spec and the timing keys apply live; the rest of [provider] (which provider,
+    // its network and port, how replicas are reached) needs a restart.
+    let kept = with_live_keys_of(&old.provider, &new.provider);
+    if kept != new.provider {
         changes.push(ConfigChange::NeedsRestart("provider"));
-        new.provider = old.provider.clone();
+        new.provider = kept;
+    }
+    let (old_app, new_app) = (
+        AppSpec::from_config(&old.provider),
+        AppSpec::from_config(&new.provider),
+    );
+    let keys = old_app.changed_keys(&new_app);
+    if !keys.is_empty() {
+        changes.push(ConfigChange::ReplicaSpec { keys });
+    }
+    if (new.provider.start_timeout, new.provider.roll_batch)
+        != (old.provider.start_timeout, old.provider.roll_batch)
+    {
+        changes.push(ConfigChange::ProviderTiming);
     }
     if new.policy.dir != old.policy.dir {
         changes.push(ConfigChange::NeedsRestart("policy.dir"));
@@ -154,6 +187,32 @@ pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
     }
 }
 
+/// `base` with the keys of `from` that apply live: the replica spec (what replicas run) and
+/// `start_timeout` and `roll_batch`.
+fn with_live_keys_of(base: &ProviderConfig, from: &ProviderConfig) -> ProviderConfig {
+    ProviderConfig {
+        image: from.image.clone(),
+        command: from.command.clone(),
+        args: from.args.clone(),
+        env: from.env.clone(),
+        workdir: from.workdir.clone(),
+        port: from.port,
+        server_binary: from.server_binary.clone(),
+        mounts: from.mounts.clone(),
+        labels: from.labels.clone(),
+        user: from.user.clone(),
+        read_only_root: from.read_only_root,
+        memory_limit: from.memory_limit,
+        pids_limit: from.pids_limit,
+        cpus: from.cpus,
+        log_max_size: from.log_max_size,
+        log_max_files: from.log_max_files,
+        start_timeout: from.start_timeout,
+        roll_batch: from.roll_batch,
+        ..base.clone()
+    }
+}
+
 impl Controller {
     pub(super) fn apply_config(&mut self, new: Config) {
         let plan = plan(&self.config, new);
@@ -196,6 +255,7 @@ impl Controller {
             tracing::info!("config reloaded: no change");
         }
         let mut scale_to = None;
+        let mut roll = None;
         for change in plan.changes {
             match &change {
                 ConfigChange::NeedsRestart(_) => tracing::warn!(change = %change, "config change"),
@@ -210,6 +270,11 @@ impl Controller {
                 }
                 ConfigChange::Health => self.reset_probe_periods(),
                 ConfigChange::ReplicaCount { to, .. } => scale_to = Some(to),
+                ConfigChange::ReplicaSpec { keys } => {
+                    self.app = Arc::new(AppSpec::from_config(&self.config.provider));
+                    self.spec_generation += 1;
+                    roll = Some(format!("{} changed", keys.join(", ")));
+                }
                 // Read from the snapshot's config by the data plane, the watcher and `/add`.
                 ConfigChange::Routing
                 | ConfigChange::ReplicaRules
@@ -217,12 +282,17 @@ impl Controller {
                 | ConfigChange::PolicyLimits
                 | ConfigChange::Admin
                 | ConfigChange::Log
-                | ConfigChange::Tls => {}
+                | ConfigChange::Tls
+                | ConfigChange::ProviderTiming => {}
             }
         }
         self.publish();
+        // Scaling first: a replica it starts runs the new spec already.
         if let Some(n) = scale_to {
             self.scale_to(n);
+        }
+        if let Some(reason) = roll {
+            self.begin_roll(reason);
         }
     }
 
@@ -275,7 +345,7 @@ mod tests {
         let old = Config::default();
         let mut new = old.clone();
         new.listen = "127.0.0.1:9".parse().expect("addr");
-        new.provider.image = "other:1".into();
+        new.provider.network = "other-net".into();
         new.policy.dir = "elsewhere".into();
         new.proxy.retries = 5;
         let p = plan(&old, new);
@@ -292,6 +362,46 @@ mod tests {
         assert_eq!(p.config.provider, old.provider);
         assert_eq!(p.config.policy.dir, old.policy.dir);
         assert_eq!(p.config.proxy.retries, 5, "the rest applies");
+    }
+
+    #[test]
+    fn a_spec_edit_rolls_and_the_rest_of_provider_still_needs_a_restart() {
+        let old = Config::default();
+        let mut new = old.clone();
+        new.provider.image = "app:2".into();
+        new.provider.env.insert("LOG_LEVEL".into(), "debug".into());
+        new.provider.roll_batch = 2;
+        let p = plan(&old, new.clone());
+        assert_eq!(
+            p.changes,
+            vec![
+                ConfigChange::ReplicaSpec {
+                    keys: vec!["provider.image", "provider.env"]
+                },
+                ConfigChange::ProviderTiming,
+            ]
+        );
+        assert_eq!(p.config.provider, new.provider, "applied whole");
+
+        let mut both = new.clone();
+        both.provider.container_port = 8080;
+        both.provider.kind = crate::config::ProviderKind::Docker;
+        let p = plan(&old, both);
+        assert_eq!(p.changes[0], ConfigChange::NeedsRestart("provider"));
+        assert!(matches!(p.changes[1], ConfigChange::ReplicaSpec { .. }));
+        assert_eq!(
+            p.config.provider.container_port, 5000,
+            "kept until a restart"
+        );
+        assert_eq!(p.config.provider.kind, old.provider.kind);
+        assert_eq!(p.config.provider.image, "app:2", "the spec rolls anyway");
+        assert_eq!(
+            ConfigChange::ReplicaSpec {
+                keys: vec!["provider.env"]
+            }
+            .to_string(),
+            "the replica spec (provider.env): rolling the replicas"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::handle::Reply;
+use super::handle::{Reply, Scaled};
 use super::lifecycle::{Internal, StartFailure};
 use super::membership::{Limits, OpId, Phase, ScaleRequest};
 use super::Controller;
@@ -30,7 +30,7 @@ impl Controller {
         }
     }
 
-    pub(super) fn add(&mut self, request: ScaleRequest, reply: Reply<Vec<String>>) {
+    pub(super) fn add(&mut self, request: ScaleRequest, reply: Reply<Scaled>) {
         if self.record.is_some() {
             // Checked against the engine's record, not this gateway's copy of it.
             if let Err(e) = super::membership::check_names(&request.hostnames) {
@@ -108,7 +108,11 @@ impl Controller {
         }
         self.publish();
         tracing::info!(op, n = ids.len(), "replicas added");
-        let _ = reply.send(Ok(self.membership.member_names()));
+        let added = self.names_of(&ids);
+        let _ = reply.send(Ok(Scaled {
+            members: self.membership.member_names(),
+            changed: added,
+        }));
     }
 
     /// Rolls `/add` `op` back whole because `replica` failed: every replica it started is
@@ -132,7 +136,7 @@ impl Controller {
         });
     }
 
-    pub(super) fn remove(&mut self, request: ScaleRequest, reply: Reply<Vec<String>>) {
+    pub(super) fn remove(&mut self, request: ScaleRequest, reply: Reply<Scaled>) {
         if self.record.is_some() {
             return self.shared_remove(request, reply);
         }
@@ -146,7 +150,7 @@ impl Controller {
 
     /// Takes `ids` off the ring now, lets their in-flight requests finish (up to
     /// `proxy.drain_timeout`), stops them, then answers `reply` with the new membership.
-    pub(super) fn drain_and_stop(&mut self, ids: Vec<ServerId>, reply: Reply<Vec<String>>) {
+    pub(super) fn drain_and_stop(&mut self, ids: Vec<ServerId>, reply: Reply<Scaled>) {
         let drain_timeout = self.config.proxy.drain_timeout;
         let mut draining = Vec::new();
         for &id in &ids {
@@ -156,6 +160,9 @@ impl Controller {
             if let Some(r) = self.replicas.get_mut(&id) {
                 r.probe = None;
                 r.next_restart = None;
+                // A roll's replacement stops with it (`remove` stops every instance of the
+                // hostname).
+                r.successor = None;
                 tracing::info!(replica = %name, id = %id, "draining replica");
                 draining.push((name, r.stats.clone()));
             }
@@ -181,17 +188,29 @@ impl Controller {
         });
     }
 
-    pub(super) fn on_removed(&mut self, ids: Vec<ServerId>, reply: Reply<Vec<String>>) {
+    pub(super) fn on_removed(&mut self, ids: Vec<ServerId>, reply: Reply<Scaled>) {
+        let mut removed = Vec::new();
         for &id in &ids {
             if let Some(name) = self.forget(id) {
                 tracing::info!(replica = %name, id = %id, "replica removed");
+                removed.push(name);
             }
         }
         self.publish();
         if self.record.is_some() {
-            return self.shared_forget(ids, reply);
+            return self.shared_forget(ids, removed, reply);
         }
-        let _ = reply.send(Ok(self.membership.member_names()));
+        let _ = reply.send(Ok(Scaled {
+            members: self.membership.member_names(),
+            changed: removed,
+        }));
+    }
+
+    /// The names of `ids`, in that order (ids without a name left out).
+    pub(super) fn names_of(&self, ids: &[ServerId]) -> Vec<String> {
+        ids.iter()
+            .filter_map(|&id| self.membership.name(id).map(str::to_owned))
+            .collect()
     }
 
     /// Adds or removes members until N = `n` (a `replicas.count` edit).

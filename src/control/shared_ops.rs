@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use tokio::sync::oneshot;
 
-use super::handle::Reply;
+use super::handle::{Reply, Scaled};
 use super::lifecycle::Internal;
 use super::membership::{Limits, OpId, Phase, ScaleRequest};
 use super::shared::{self, Change, Cleanup, Reserved};
@@ -46,7 +46,7 @@ impl Controller {
     }
 
     /// `/add` through the record: reserve, then start (see [`Controller::on_reserved`]).
-    pub(super) fn shared_add(&mut self, request: ScaleRequest, reply: Reply<Vec<String>>) {
+    pub(super) fn shared_add(&mut self, request: ScaleRequest, reply: Reply<Scaled>) {
         let Some(ring) = self.ring() else { return };
         let op = self.next_op;
         self.next_op += 1;
@@ -99,7 +99,7 @@ impl Controller {
         &mut self,
         op: OpId,
         result: Result<(RingRecord, Reserved), GatewayError>,
-        reply: Reply<Vec<String>>,
+        reply: Reply<Scaled>,
     ) {
         let (record, reserved) = match result {
             Ok(r) => r,
@@ -112,7 +112,10 @@ impl Controller {
         self.apply_record(record);
         if reserved.is_empty() {
             self.op_done(op);
-            let _ = reply.send(Ok(self.membership.member_names()));
+            let _ = reply.send(Ok(Scaled {
+                members: self.membership.member_names(),
+                changed: Vec::new(),
+            }));
             return;
         }
         let names: Vec<&str> = reserved.iter().map(|(_, n, _)| n.as_str()).collect();
@@ -132,12 +135,7 @@ impl Controller {
     }
 
     /// Commits `op` in the record once all its replicas answer.
-    pub(super) fn shared_commit(
-        &mut self,
-        op: OpId,
-        ids: Vec<ServerId>,
-        reply: Reply<Vec<String>>,
-    ) {
+    pub(super) fn shared_commit(&mut self, op: OpId, ids: Vec<ServerId>, reply: Reply<Scaled>) {
         let Some(ring) = self.ring() else { return };
         let tx = self.channels.internal_tx.clone();
         tokio::spawn(async move {
@@ -160,7 +158,7 @@ impl Controller {
         op: OpId,
         ids: Vec<ServerId>,
         result: Result<RingRecord, GatewayError>,
-        reply: Reply<Vec<String>>,
+        reply: Reply<Scaled>,
     ) {
         self.op_done(op);
         match result {
@@ -173,7 +171,10 @@ impl Controller {
                 self.apply_record(record);
                 self.publish();
                 tracing::info!(op, n = ids.len(), "replicas added to the shared ring");
-                let _ = reply.send(Ok(self.membership.member_names()));
+                let _ = reply.send(Ok(Scaled {
+                    members: self.membership.member_names(),
+                    changed: self.names_of(&ids),
+                }));
             }
             Err(error) => {
                 tracing::warn!(op, error = %error, "cannot commit /add in the shared ring; rolling it back");
@@ -194,7 +195,7 @@ impl Controller {
         &mut self,
         ids: Vec<ServerId>,
         error: GatewayError,
-        reply: Reply<Vec<String>>,
+        reply: Reply<Scaled>,
     ) {
         let names: Vec<String> = ids.iter().filter_map(|&id| self.forget(id)).collect();
         self.publish();
@@ -215,7 +216,7 @@ impl Controller {
 
     /// `/rm` through the record: mark leaving (every gateway stops routing to them), then
     /// drain, stop and forget.
-    pub(super) fn shared_remove(&mut self, request: ScaleRequest, reply: Reply<Vec<String>>) {
+    pub(super) fn shared_remove(&mut self, request: ScaleRequest, reply: Reply<Scaled>) {
         let Some(ring) = self.ring() else { return };
         let me = self.me.clone();
         let tx = self.channels.internal_tx.clone();
@@ -236,7 +237,7 @@ impl Controller {
     pub(super) fn on_removal_planned(
         &mut self,
         result: Result<(RingRecord, Vec<ServerId>), GatewayError>,
-        reply: Reply<Vec<String>>,
+        reply: Reply<Scaled>,
     ) {
         match result {
             Ok((record, ids)) => {
@@ -250,8 +251,16 @@ impl Controller {
     }
 
     /// The removed replicas' services are gone: forget them in the record, then answer.
-    pub(super) fn shared_forget(&mut self, ids: Vec<ServerId>, reply: Reply<Vec<String>>) {
-        let members = self.membership.member_names();
+    pub(super) fn shared_forget(
+        &mut self,
+        ids: Vec<ServerId>,
+        removed: Vec<String>,
+        reply: Reply<Scaled>,
+    ) {
+        let members = Scaled {
+            members: self.membership.member_names(),
+            changed: removed,
+        };
         let Some(ring) = self.ring() else {
             let _ = reply.send(Ok(members));
             return;

@@ -25,6 +25,11 @@ struct Status<'a> {
     ring: RingStatus,
     health: HealthStatus<'a>,
     replicas: Vec<ReplicaStatus<'a>>,
+    /// What replicas run: the spec's generation (bumped by each spec edit and `POST /lb/roll`)
+    /// and fingerprint.
+    spec: SpecStatus,
+    /// The last roll, while it runs and after (null before the first).
+    roll: Option<super::roll::RollStatus<'a>>,
     config: ConfigStatus<'a>,
     policy: serde_json::Value,
     /// The engine that holds the shared ring record (`swarm`); absent otherwise.
@@ -171,6 +176,29 @@ struct ReplicaStatus<'a> {
     ejected_for_ms: Option<u64>,
     /// Time to response headers of its requests.
     latency: LatencyStatus,
+    /// The spec generation its instance runs (behind `spec.generation`: a roll will replace
+    /// it).
+    spec_generation: u64,
+    /// Its replacement, while a roll replaces it.
+    successor: Option<SuccessorStatus<'a>>,
+}
+
+#[derive(Serialize)]
+struct SpecStatus {
+    generation: u64,
+    fingerprint: String,
+}
+
+/// A replica's replacement while a roll replaces it.
+#[derive(Serialize)]
+struct SuccessorStatus<'a> {
+    address: Option<String>,
+    instance: Option<&'a str>,
+    /// starting (not yet `rise` good checks), then it takes the replica's place.
+    state: &'static str,
+    generation: u64,
+    last_probe: Option<&'a ProbeOutcome>,
+    started_ms_ago: u64,
 }
 
 #[derive(Serialize)]
@@ -242,6 +270,15 @@ impl Controller {
                         .filter(|_| r.tracker.state == crate::health::HealthState::Ejected)
                         .map(|t| millis(t.saturating_duration_since(now))),
                     latency: latency(&s.latency),
+                    spec_generation: r.spec_generation,
+                    successor: r.successor.as_ref().map(|s| SuccessorStatus {
+                        address: s.instance.as_ref().map(|i| i.addr.to_string()),
+                        instance: s.instance.as_ref().map(|i| i.instance_id.as_str()),
+                        state: s.tracker.state.name(),
+                        generation: s.generation,
+                        last_probe: s.last_probe.as_ref(),
+                        started_ms_ago: millis(s.started.elapsed()),
+                    }),
                 })
             })
             .collect();
@@ -283,6 +320,11 @@ impl Controller {
                 eject_time_ms: millis(c.health.eject_time),
             },
             replicas,
+            spec: SpecStatus {
+                generation: self.spec_generation,
+                fingerprint: self.app.fingerprint(),
+            },
+            roll: self.roll_status(),
             config: ConfigStatus {
                 generation: count(&m.config_reloads),
                 last_error: self.errors.config.as_deref(),

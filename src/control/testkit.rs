@@ -23,8 +23,8 @@ use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 use crate::provider::record::RecordedMember;
 use crate::provider::{
-    Instance, Provider, ProviderError, ProviderEvent, RecordWriteError, ReplicaSpec, RingRecord,
-    SharedRing,
+    AppSpec, Instance, Provider, ProviderError, ProviderEvent, RecordWriteError, ReplicaSpec,
+    RingRecord, SharedRing,
 };
 use crate::ring::ServerId;
 use crate::snapshot::{Shared, Snapshot};
@@ -34,14 +34,41 @@ use crate::sync::lock;
 struct State {
     next_port: u16,
     next_instance: u64,
-    running: BTreeMap<String, Instance>,
+    /// Running instances by instance id (a roll runs two of one hostname for a moment), with
+    /// the spec each was started from.
+    running: BTreeMap<String, (Instance, Option<Arc<AppSpec>>)>,
     spawns: Vec<(String, Instant)>,
     spawned_slots: Vec<(String, Vec<u32>)>,
+    /// Every start's spec, with `beside` (a roll's replacement).
+    spawned_specs: Vec<(String, Arc<AppSpec>, bool)>,
     removes: Vec<String>,
+    /// Instances stopped one by one (`retire`), by hostname.
+    retired: Vec<String>,
     /// Hostname → how many more starts fail.
     fail_starts: HashMap<String, u32>,
     unhealthy: HashSet<String>,
+    /// Instances started with this `env` entry never pass a check.
+    unhealthy_env: Option<(String, String)>,
     existing: Vec<Instance>,
+}
+
+impl State {
+    fn insert(&mut self, inst: Instance, app: Option<Arc<AppSpec>>) {
+        self.running.insert(inst.instance_id.clone(), (inst, app));
+    }
+
+    /// Removes every running instance of `hostname`, returning them.
+    fn remove_host(&mut self, hostname: &str) -> Vec<Instance> {
+        let ids: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, (i, _))| i.hostname == hostname)
+            .map(|(k, _)| k.clone())
+            .collect();
+        ids.iter()
+            .filter_map(|k| self.running.remove(k).map(|(i, _)| i))
+            .collect()
+    }
 }
 
 pub struct World {
@@ -186,7 +213,7 @@ impl World {
         let inst = {
             let mut s = lock(&self.state);
             let inst = s.instance(ServerId::new(id).expect("non-zero id"), hostname);
-            s.running.insert(hostname.to_owned(), inst.clone());
+            s.insert(inst.clone(), None);
             inst
         };
         self.record()
@@ -195,8 +222,8 @@ impl World {
 
     /// A swarm replica's task dies: every gateway hears of it.
     pub fn kill_task(&self, hostname: &str) {
-        let inst = lock(&self.state).running.remove(hostname);
-        if let Some(inst) = inst {
+        let gone = lock(&self.state).remove_host(hostname);
+        for inst in gone {
             self.record().broadcast(ProviderEvent::Exited {
                 hostname: hostname.to_owned(),
                 instance_id: inst.instance_id,
@@ -210,7 +237,7 @@ impl World {
         let mut s = lock(&self.state);
         for &(id, name) in replicas {
             let inst = s.instance(ServerId::new(id).expect("non-zero id"), name);
-            s.running.insert(name.to_owned(), inst.clone());
+            s.insert(inst.clone(), None);
             s.existing.push(inst);
         }
     }
@@ -221,7 +248,17 @@ impl World {
         let mut s = lock(&self.state);
         let mut inst = s.instance(ServerId::new(id).expect("non-zero id"), name);
         inst.slots = Some(slots.to_vec());
-        s.running.insert(name.to_owned(), inst.clone());
+        s.insert(inst.clone(), None);
+        s.existing.push(inst);
+    }
+
+    /// A replica `list()` reports at start, recorded as started from the spec with this
+    /// fingerprint (a docker container's `ringgate.spec` label).
+    pub fn existing_with_spec(&self, id: u32, name: &str, spec: &str) {
+        let mut s = lock(&self.state);
+        let mut inst = s.instance(ServerId::new(id).expect("non-zero id"), name);
+        inst.spec = Some(spec.to_owned());
+        s.insert(inst.clone(), None);
         s.existing.push(inst);
     }
 
@@ -250,10 +287,39 @@ impl World {
         }
     }
 
+    /// Instances started with `env[key] = value` never pass a check (a spec that is broken).
+    pub fn fail_checks_with_env(&self, key: &str, value: &str) {
+        lock(&self.state).unhealthy_env = Some((key.to_owned(), value.to_owned()));
+    }
+
+    /// Every start of `hostname`: the spec and whether it was a roll's replacement.
+    pub fn spawned_specs(&self, hostname: &str) -> Vec<(Arc<AppSpec>, bool)> {
+        lock(&self.state)
+            .spawned_specs
+            .iter()
+            .filter(|(h, _, _)| h == hostname)
+            .map(|(_, a, b)| (a.clone(), *b))
+            .collect()
+    }
+
+    /// Instances stopped one by one (a roll's old instances, failed replacements).
+    pub fn retired(&self) -> Vec<String> {
+        lock(&self.state).retired.clone()
+    }
+
+    /// How many instances of `hostname` run now.
+    pub fn instances_of(&self, hostname: &str) -> usize {
+        lock(&self.state)
+            .running
+            .values()
+            .filter(|(i, _)| i.hostname == hostname)
+            .count()
+    }
+
     /// The replica's process dies: the provider reports it at once.
     pub async fn kill(&self, hostname: &str) {
-        let inst = lock(&self.state).running.remove(hostname);
-        if let Some(inst) = inst {
+        let gone = lock(&self.state).remove_host(hostname);
+        for inst in gone {
             let _ = self
                 .events
                 .send(ProviderEvent::Exited {
@@ -279,8 +345,16 @@ impl World {
         lock(&self.state).removes.clone()
     }
 
+    /// The hostnames with an instance running, in order.
     pub fn running(&self) -> Vec<String> {
-        lock(&self.state).running.keys().cloned().collect()
+        let mut names: Vec<String> = lock(&self.state)
+            .running
+            .values()
+            .map(|(i, _)| i.hostname.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 }
 
@@ -294,6 +368,7 @@ impl State {
             addr: SocketAddr::from(([127, 0, 0, 1], self.next_port)),
             instance_id: format!("fake-{}", self.next_instance),
             slots: None,
+            spec: None,
         }
     }
 }
@@ -317,6 +392,8 @@ impl Provider for World {
             s.spawns.push((spec.hostname.clone(), Instant::now()));
             s.spawned_slots
                 .push((spec.hostname.clone(), spec.slots.clone()));
+            s.spawned_specs
+                .push((spec.hostname.clone(), spec.app.clone(), spec.beside));
             if let Some(left) = s.fail_starts.get_mut(&spec.hostname) {
                 if *left > 0 {
                     *left = left.saturating_sub(1);
@@ -328,7 +405,12 @@ impl Provider for World {
             }
             let mut inst = s.instance(spec.id, &spec.hostname);
             inst.slots = Some(spec.slots);
-            s.running.insert(spec.hostname, inst.clone());
+            inst.spec = Some(spec.app.fingerprint());
+            if !spec.beside {
+                // A fresh start takes the name: whatever ran under it is gone.
+                s.remove_host(&spec.hostname);
+            }
+            s.insert(inst.clone(), Some(spec.app.clone()));
             if let Some(r) = &self.record {
                 // Other gateways see the engine's new task.
                 r.broadcast(ProviderEvent::Running {
@@ -343,17 +425,32 @@ impl Provider for World {
         let hostname = hostname.to_owned();
         Box::pin(async move {
             let mut s = lock(&self.state);
-            s.running.remove(&hostname);
+            s.remove_host(&hostname);
             s.removes.push(hostname);
             Ok(())
         })
+    }
+
+    fn retire(&self, instance: &Instance) -> BoxFuture<'_, Result<(), ProviderError>> {
+        let (id, hostname) = (instance.instance_id.clone(), instance.hostname.clone());
+        Box::pin(async move {
+            let mut s = lock(&self.state);
+            s.running.remove(&id);
+            s.retired.push(hostname);
+            Ok(())
+        })
+    }
+
+    fn recent_output(&self, instance: &Instance) -> BoxFuture<'_, Vec<String>> {
+        let line = format!("scripted output of {}", instance.instance_id);
+        Box::pin(async move { vec![line] })
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>> {
         Box::pin(async move {
             let s = lock(&self.state);
             if self.record.is_some() {
-                return Ok(s.running.values().cloned().collect());
+                return Ok(s.running.values().map(|(i, _)| i.clone()).collect());
             }
             Ok(s.existing.clone())
         })
@@ -381,11 +478,16 @@ impl Prober for World {
     ) -> BoxFuture<'_, ProbeOutcome> {
         Box::pin(async move {
             let s = lock(&self.state);
+            let broken_spec = |app: &Option<Arc<AppSpec>>| {
+                s.unhealthy_env
+                    .as_ref()
+                    .is_some_and(|(k, v)| app.as_ref().and_then(|a| a.env.get(k)) == Some(v))
+            };
             let answering = s
                 .running
                 .values()
-                .find(|i| i.addr == addr)
-                .filter(|i| !s.unhealthy.contains(&i.hostname));
+                .find(|(i, _)| i.addr == addr)
+                .filter(|(i, app)| !s.unhealthy.contains(&i.hostname) && !broken_spec(app));
             let ok = answering.is_some();
             ProbeOutcome {
                 ok,

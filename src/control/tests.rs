@@ -154,7 +154,12 @@ async fn add_commits_only_once_every_new_replica_answers() {
     assert_eq!(h.replica("server-3").await["state"], "starting");
     world.set_healthy("S5", true);
     let members = add.await.expect("joined").expect("added");
-    assert_eq!(members, names(&["server-1", "S5", "server-3"]));
+    assert_eq!(members.members, names(&["server-1", "S5", "server-3"]));
+    assert_eq!(
+        members.changed,
+        names(&["S5", "server-3"]),
+        "what was added"
+    );
     assert_eq!(h.in_ring().len(), 3);
 }
 
@@ -185,7 +190,7 @@ async fn a_failed_start_rolls_the_whole_add_back() {
     assert_eq!(status["replicas"].as_array().map(Vec::len), Some(1));
     // The names are free again.
     let members = h.handle.add(scale(1, &["S5"])).await.expect("added");
-    assert_eq!(members, names(&["server-1", "S5"]));
+    assert_eq!(members.members, names(&["server-1", "S5"]));
 }
 
 #[tokio::test(start_paused = true)]
@@ -218,7 +223,8 @@ async fn rm_takes_a_replica_off_the_ring_at_once_and_stops_it_after_its_requests
         .in_flight
         .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     let members = rm.await.expect("joined").expect("removed");
-    assert_eq!(members, names(&["server-1"]));
+    assert_eq!(members.members, names(&["server-1"]));
+    assert_eq!(members.changed, names(&["server-2"]), "what was removed");
     assert_eq!(world.running(), names(&["server-1"]));
 }
 
@@ -574,7 +580,8 @@ async fn an_add_through_one_gateway_and_a_remove_through_the_other_converge() {
     let (_world, a, b) = two_gateways(2);
     a.until(SETTLE, "two", |a| agree(a, &b, 2)).await;
     let members = a.handle.add(scale(1, &["S5"])).await.expect("added");
-    assert_eq!(members, names(&["server-1", "server-2", "S5"]));
+    assert_eq!(members.members, names(&["server-1", "server-2", "S5"]));
+    assert_eq!(members.changed, names(&["S5"]));
     // B learns it from the record (no call of its own).
     b.until(Duration::from_secs(1), "B routes to S5 too", |b| {
         agree(&a, b, 3)
@@ -585,7 +592,8 @@ async fn an_add_through_one_gateway_and_a_remove_through_the_other_converge() {
         .remove(scale(1, &["server-1"]))
         .await
         .expect("removed");
-    assert_eq!(members, names(&["server-2", "S5"]));
+    assert_eq!(members.members, names(&["server-2", "S5"]));
+    assert_eq!(members.changed, names(&["server-1"]));
     a.until(Duration::from_secs(1), "A dropped server-1", |a| {
         agree(a, &b, 2)
     })
@@ -742,4 +750,348 @@ async fn a_shared_ring_refuses_a_placement_edit_and_keeps_its_slots() {
     );
     assert_eq!(a.fingerprint(), fingerprint);
     assert_eq!(a.fingerprint(), b.fingerprint());
+}
+
+/// `config(n)` with `env` set in `[provider]` (the replica spec), as a live edit would.
+fn with_env(mut c: crate::config::Config, key: &str, value: &str) -> crate::config::Config {
+    c.provider.env.insert(key.into(), value.into());
+    c
+}
+
+async fn reload(h: &Harness, c: crate::config::Config) {
+    assert!(
+        h.handle
+            .send(super::Command::Reload {
+                config: Box::new(c)
+            })
+            .await
+    );
+}
+
+async fn roll_state(h: &Harness) -> serde_json::Value {
+    h.handle.status().await.expect("status")["roll"].clone()
+}
+
+/// Instances of each replica now, by name.
+fn instances(h: &Harness) -> Vec<(String, String)> {
+    let snap = h.snapshot();
+    snap.upstreams
+        .iter()
+        .flatten()
+        .map(|u| (u.name.clone(), u.addr.to_string()))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spec_edit_rolls_every_replica_in_place_one_at_a_time() {
+    let (world, events) = World::new(true);
+    let h = Harness::start(config(3), world.clone(), events);
+    h.until(SETTLE, "three up", |h| h.in_ring().len() == 3)
+        .await;
+    let fingerprint = h.fingerprint();
+    let before = instances(&h);
+    let slots_before = h.replica("server-2").await["slots"].clone();
+    reload(&h, with_env(config(3), "LOG_LEVEL", "debug")).await;
+    // Sample the roll as it goes: every replica stays in the ring, every key keeps its owner,
+    // at most roll_batch (1) replacement runs at a time.
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let mut most_replacing = 0;
+    loop {
+        assert_eq!(
+            h.in_ring().len(),
+            3,
+            "a replica left the ring during the roll"
+        );
+        assert_eq!(h.fingerprint(), fingerprint, "a key moved during the roll");
+        let roll = roll_state(&h).await;
+        most_replacing = most_replacing.max(roll["replacing"].as_array().map_or(0, Vec::len));
+        if roll["state"] == "done" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the roll did not finish: {roll}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(most_replacing, 1, "one at a time");
+    let roll = roll_state(&h).await;
+    assert_eq!(
+        roll["rolled"],
+        serde_json::json!(["server-1", "server-2", "server-3"])
+    );
+    assert!(roll["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("provider.env")));
+    let after = instances(&h);
+    for ((name, old), (same, new)) in before.iter().zip(&after) {
+        assert_eq!(name, same);
+        assert_ne!(old, new, "{name} runs a new instance");
+    }
+    assert_eq!(h.replica("server-2").await["slots"], slots_before);
+    for name in ["server-1", "server-2", "server-3"] {
+        let specs = world.spawned_specs(name);
+        assert_eq!(
+            specs.len(),
+            2,
+            "{name}: the first start and its replacement"
+        );
+        assert!(
+            !specs[0].1 && specs[1].1,
+            "the replacement ran beside the old one"
+        );
+        assert_eq!(specs[1].0.env["LOG_LEVEL"], "debug");
+    }
+    h.until(Duration::from_secs(15), "the old instances retired", |h| {
+        h.world.retired().len() == 3
+    })
+    .await;
+    for name in ["server-1", "server-2", "server-3"] {
+        assert_eq!(
+            world.instances_of(name),
+            1,
+            "{name}: the old instance was stopped"
+        );
+    }
+    assert!(world.removes().is_empty(), "nothing was removed whole");
+    let status = h.handle.status().await.expect("status");
+    assert_eq!(status["spec"]["generation"], 2);
+    assert_eq!(status["replicas"][0]["spec_generation"], 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replacement_that_never_gets_ready_stops_the_roll_with_the_old_ones_serving() {
+    let (world, events) = World::new(true);
+    world.fail_checks_with_env("MODE", "broken");
+    let mut c = config(3);
+    c.provider.start_timeout = Duration::from_secs(5);
+    let h = Harness::start(c.clone(), world.clone(), events);
+    h.until(SETTLE, "three up", |h| h.in_ring().len() == 3)
+        .await;
+    let before = instances(&h);
+    let fingerprint = h.fingerprint();
+    reload(&h, with_env(c, "MODE", "broken")).await;
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let roll = loop {
+        assert_eq!(instances(&h), before, "the old instances serve throughout");
+        assert_eq!(h.fingerprint(), fingerprint);
+        let roll = roll_state(&h).await;
+        if roll["state"] == "stopped"
+            && roll["stopped"]["output"]
+                .as_array()
+                .is_some_and(|o| !o.is_empty())
+        {
+            break roll;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the roll did not stop: {roll}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stop = &roll["stopped"];
+    assert_eq!(stop["replica"], "server-1");
+    let cause = stop["cause"].as_str().unwrap_or_default();
+    assert!(
+        cause.contains("did not become ready")
+            && cause.contains("GET /heartbeat")
+            && cause.contains("provider.start_timeout (5s)")
+            && cause.contains("last check: scripted: not answering"),
+        "{cause}"
+    );
+    assert!(
+        stop["output"][0]
+            .as_str()
+            .is_some_and(|o| o.contains("scripted output")),
+        "{stop}"
+    );
+    assert_eq!(roll["rolled"], serde_json::json!([]));
+    assert_eq!(
+        roll["pending"],
+        serde_json::json!(["server-1", "server-2", "server-3"])
+    );
+    assert_eq!(
+        world.spawned_specs("server-2").len(),
+        1,
+        "never tried after the first failed"
+    );
+    assert_eq!(
+        world.retired(),
+        ["server-1"],
+        "the failed replacement was stopped"
+    );
+    assert_eq!(world.instances_of("server-1"), 1);
+    // Stays stopped: the next tick does not try again on its own.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(world.spawned_specs("server-1").len(), 2);
+    assert_eq!(instances(&h), before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn post_lb_roll_rolls_the_same_spec_and_a_second_call_waits_for_it() {
+    let (world, events) = World::new(true);
+    let mut c = config(2);
+    c.provider.roll_batch = 2;
+    let h = Harness::start(c, world.clone(), events);
+    h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
+    let started = h.handle.roll().await.expect("a roll starts");
+    assert_eq!(started["roll"]["state"], "rolling");
+    assert_eq!(started["roll"]["generation"], 2);
+    assert_eq!(
+        started["roll"]["replacing"],
+        serde_json::json!(["server-1", "server-2"]),
+        "roll_batch = 2: both at once"
+    );
+    let again = h.handle.roll().await.expect_err("one roll at a time");
+    assert!(
+        matches!(
+            again,
+            GatewayError::Roll(super::roll::RollError::InProgress { .. })
+        ),
+        "{again:?}"
+    );
+    assert!(again.to_string().contains("wait for it"), "{again}");
+    h.until(SETTLE, "rolled", |h| {
+        h.world.spawned_specs("server-2").len() == 2 && h.world.retired().len() == 2
+    })
+    .await;
+    let specs = world.spawned_specs("server-1");
+    assert_eq!(specs[0].0, specs[1].0, "the same spec, a new instance");
+    assert_eq!(roll_state(&h).await["state"], "done");
+    h.handle.roll().await.expect("once done, another may start");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_static_provider_has_nothing_to_roll() {
+    let (world, events) = World::new(false);
+    world.existing(&[(1, "web-1")]);
+    let h = Harness::start(config(1), world, events);
+    h.until(SETTLE, "up", |h| h.in_ring().len() == 1).await;
+    let e = h.handle.roll().await.expect_err("static");
+    assert!(e.to_string().contains("starts no replica"), "{e}");
+    assert_eq!(e.status(), http::StatusCode::CONFLICT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_add_that_never_gets_ready_names_the_replica_its_last_check_and_output() {
+    let (world, events) = World::new(true);
+    world.set_healthy("S5", false);
+    let mut c = config(1);
+    c.provider.start_timeout = Duration::from_secs(3);
+    let h = Harness::start(c, world.clone(), events);
+    h.until(SETTLE, "one up", |h| h.in_ring().len() == 1).await;
+    let e = h
+        .handle
+        .add(scale(1, &["S5"]))
+        .await
+        .expect_err("never ready");
+    let text = e.to_string();
+    assert!(
+        text.starts_with("Replica 'S5' did not become ready"),
+        "{text}"
+    );
+    assert!(text.contains("provider.start_timeout (3s)"), "{text}");
+    assert!(
+        text.contains("last check: scripted: not answering"),
+        "{text}"
+    );
+    assert!(
+        text.contains("its last output: \"scripted output"),
+        "{text}"
+    );
+    assert!(text.ends_with("nothing was added"), "{text}");
+    assert_eq!(
+        h.snapshot().members,
+        names(&["server-1"]),
+        "nothing changed"
+    );
+    assert_eq!(world.running(), names(&["server-1"]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_dies_while_it_is_rolled_is_replaced_from_the_new_spec() {
+    let (world, events) = World::new(true);
+    world.set_healthy("server-1", false);
+    let h = Harness::start(config(2), world.clone(), events);
+    // server-1 never answers; server-2 serves.
+    h.until(SETTLE, "server-2 up", |h| {
+        h.in_ring() == names(&["server-2"])
+    })
+    .await;
+    world.set_healthy("server-1", true);
+    h.until(SETTLE, "both up", |h| h.in_ring().len() == 2).await;
+    world.set_healthy("server-1", false);
+    reload(&h, with_env(config(2), "V", "2")).await;
+    // server-1's replacement never gets ready while server-1 itself dies: it is replaced
+    // from the current spec like any dead replica, and the roll goes on.
+    world.kill("server-1").await;
+    world.set_healthy("server-1", true);
+    h.until(SETTLE, "rolled", |h| {
+        h.world.spawned_specs("server-2").len() == 2 && h.in_ring().len() == 2
+    })
+    .await;
+    let last = world
+        .spawned_specs("server-1")
+        .last()
+        .cloned()
+        .expect("a start");
+    assert_eq!(last.0.env["V"], "2", "started from the new spec");
+    h.until(SETTLE, "done", |h| {
+        let s = h.world.spawned_specs("server-1").len();
+        s >= 2 && h.in_ring().len() == 2
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn adopted_replicas_of_another_spec_are_rolled_and_those_of_this_one_kept() {
+    let (world, events) = World::new(true);
+    let c = config(2);
+    let current = crate::provider::AppSpec::from_config(&c.provider).fingerprint();
+    world.existing_with_spec(1, "server-1", &current);
+    world.existing_with_spec(2, "server-2", "0123456789abcdef");
+    let h = Harness::start(c, world.clone(), events);
+    h.until(SETTLE, "server-2 rolled", |h| {
+        h.world.spawned_specs("server-2").len() == 1 && h.world.retired().len() == 1
+    })
+    .await;
+    let roll = roll_state(&h).await;
+    assert_eq!(roll["state"], "done", "{roll}");
+    assert_eq!(roll["rolled"], serde_json::json!(["server-2"]));
+    assert!(
+        roll["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("1 adopted replica(s) run another spec")),
+        "{roll}"
+    );
+    assert!(world.spawned_specs("server-1").is_empty(), "kept as it is");
+    assert!(
+        world.spawned_specs("server-2")[0].1,
+        "beside the adopted one"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spec_edit_on_swarm_says_it_is_not_rolled() {
+    let world = World::swarm();
+    let h = Harness::start(config(2), world.clone(), world.subscribe());
+    h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
+    reload(&h, with_env(config(2), "A", "1")).await;
+    let mut roll = roll_state(&h).await;
+    for _ in 0..100 {
+        if roll["state"] == "stopped" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        roll = roll_state(&h).await;
+    }
+    assert_eq!(roll["state"], "stopped", "{roll}");
+    assert!(
+        roll["stopped"]["cause"]
+            .as_str()
+            .is_some_and(|c| c.contains("does not roll replicas in place")),
+        "{roll}"
+    );
+    let e = h.handle.roll().await.expect_err("not on swarm");
+    assert!(matches!(e, GatewayError::Roll(_)), "{e:?}");
 }

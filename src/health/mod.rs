@@ -5,7 +5,8 @@
 //! [`probe`].
 //! Must not touch: the ring, the snapshot or the provider. It reports; the controller decides.
 //!
-//! States: `starting` (spawned, not yet answering) → `up` on its first good heartbeat;
+//! States: `starting` (spawned, not yet ready) → `up` after `rise` consecutive good checks
+//! (readiness: the check is how an app says it is ready);
 //! `up` → `suspect` on a failed check (still routed) → `down` after `fall` consecutive failures
 //! (out of the ring, replaced when the provider manages replicas); `down` → `up` after `rise`
 //! consecutive good checks. A failed connect on the request path takes an up replica `down` at
@@ -95,8 +96,12 @@ impl Tracker {
         }
         let failed_enough = self.consecutive_failures >= fall;
         match (self.state, ok) {
-            (HealthState::Starting, true) => self.set(HealthState::Up, Transition::Up),
-            (HealthState::Starting, false) => Transition::None,
+            // Readiness: a new replica joins after `rise` good checks in a row, as a
+            // recovering one does.
+            (HealthState::Starting, true) if self.consecutive_successes >= rise => {
+                self.set(HealthState::Up, Transition::Up)
+            }
+            (HealthState::Starting, _) => Transition::None,
             (HealthState::Up | HealthState::Suspect, true) => {
                 self.set(HealthState::Up, Transition::None)
             }
@@ -198,12 +203,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn starting_joins_on_first_success() {
+    fn starting_joins_after_rise_successes_in_a_row() {
         let mut t = Tracker::starting();
         assert_eq!(t.on_probe(false, 2, 2), Transition::None);
         assert_eq!(t.state, HealthState::Starting);
+        assert_eq!(t.on_probe(true, 2, 2), Transition::None, "one is not rise");
+        assert_eq!(
+            t.on_probe(false, 2, 2),
+            Transition::None,
+            "the streak broke"
+        );
+        assert_eq!(
+            t.state,
+            HealthState::Starting,
+            "failures never take a start down"
+        );
+        assert_eq!(t.on_probe(true, 2, 2), Transition::None);
         assert_eq!(t.on_probe(true, 2, 2), Transition::Up);
         assert_eq!(t.state, HealthState::Up);
+        let mut t = Tracker::starting();
+        assert_eq!(
+            t.on_probe(true, 1, 2),
+            Transition::Up,
+            "rise = 1: the first"
+        );
     }
 
     #[test]

@@ -15,18 +15,21 @@ use tokio::sync::mpsc;
 use crate::config::{Config, ProviderKind};
 use crate::ring::ServerId;
 
+pub mod app;
 pub mod docker;
+pub mod preflight;
 pub mod process;
 pub mod record;
 pub mod static_list;
 pub mod swarm;
 
+pub use app::AppSpec;
 pub use record::{RecordWriteError, RingRecord, SharedRing};
 
 pub use futures_util::future::BoxFuture;
 
 /// What the controller asks a provider to start.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReplicaSpec {
     pub id: ServerId,
     pub hostname: String,
@@ -34,6 +37,11 @@ pub struct ReplicaSpec {
     /// planned: providers that keep state in the engine record them with it (labels), so a
     /// gateway that adopts it later puts it back exactly there.
     pub slots: Vec<u32>,
+    /// What it runs: the spec the controller holds now.
+    pub app: Arc<AppSpec>,
+    /// Started beside the replica's running instance, which keeps serving until this one is
+    /// ready (a roll): providers keep both under the one hostname until the old one is retired.
+    pub beside: bool,
 }
 
 /// A running replica as a provider knows it.
@@ -50,6 +58,10 @@ pub struct Instance {
     /// (docker and swarm labels); `None` when they are the gateway's to compute (process,
     /// static).
     pub slots: Option<Vec<u32>>,
+    /// The fingerprint of the spec it was started from ([`AppSpec::fingerprint`]), when the
+    /// provider keeps it with the replica (container labels): an adopted replica whose spec
+    /// differs from the gateway's is rolled.
+    pub spec: Option<String>,
 }
 
 /// Ring slots as a label value: `26,29,34`.
@@ -132,8 +144,21 @@ pub trait Provider: Send + Sync + 'static {
     /// controller waits for its heartbeat).
     fn spawn(&self, spec: ReplicaSpec) -> BoxFuture<'_, Result<Instance, ProviderError>>;
 
-    /// Stops and removes a replica. Removing one that is already gone is not an error.
+    /// Stops and removes a replica: every instance of it (a roll may have two). Removing one
+    /// that is already gone is not an error.
     fn remove(&self, hostname: &str) -> BoxFuture<'_, Result<(), ProviderError>>;
+
+    /// Stops exactly this instance of a replica (the old one after a roll replaced it, or a
+    /// replacement that never got ready), leaving any other instance of the hostname running.
+    fn retire(&self, instance: &Instance) -> BoxFuture<'_, Result<(), ProviderError>> {
+        self.remove(&instance.hostname)
+    }
+
+    /// The last lines the instance wrote (standard output and error), oldest first, for an
+    /// error that says why it is not ready; empty when the provider keeps none.
+    fn recent_output(&self, _instance: &Instance) -> BoxFuture<'_, Vec<String>> {
+        Box::pin(async { Vec::new() })
+    }
 
     /// Replicas that already exist and should be adopted at start (running containers from a
     /// previous run; the configured static servers).
@@ -157,6 +182,20 @@ pub trait Provider: Send + Sync + 'static {
     }
 }
 
+/// Process replicas whose program cannot be run would all fail to start: the gateway refuses
+/// to start with them, naming the key (`ringgate check` says the same beforehand).
+fn check_program(config: &Config) -> Result<(), ProviderError> {
+    let app = AppSpec::from_config(&config.provider);
+    process::program(&app).map(|_| ()).map_err(|e| {
+        let key = if app.is_builtin_server() {
+            "provider.server_binary"
+        } else {
+            "provider.command"
+        };
+        ProviderError::Setup(format!("{key}: cannot run the replicas' program: {e}"))
+    })
+}
+
 /// How long `auto` waits for a Docker engine before choosing the process provider.
 const AUTO_DOCKER_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
 
@@ -170,10 +209,10 @@ pub async fn from_config(
         ProviderKind::Static => Ok(Arc::new(static_list::StaticProvider::new(
             &config.provider.servers,
         ))),
-        ProviderKind::Process => Ok(Arc::new(process::ProcessProvider::new(
-            process::server_binary(config.provider.server_binary.as_deref())?,
-            events,
-        ))),
+        ProviderKind::Process => {
+            check_program(config)?;
+            Ok(Arc::new(process::ProcessProvider::new(events)))
+        }
         ProviderKind::Auto => {
             let why = match docker::DockerProvider::connect_within(
                 &config.provider,
@@ -203,12 +242,10 @@ pub async fn from_config(
             tracing::info!(
                 provider = "process",
                 reason = %why,
-                "provider auto: using local ringgate-server processes"
+                "provider auto: replicas run as local processes"
             );
-            Ok(Arc::new(process::ProcessProvider::new(
-                process::server_binary(config.provider.server_binary.as_deref())?,
-                events,
-            )))
+            check_program(config)?;
+            Ok(Arc::new(process::ProcessProvider::new(events)))
         }
         ProviderKind::Swarm => {
             let s = swarm::SwarmProvider::connect(config, events).await?;

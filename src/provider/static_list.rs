@@ -29,6 +29,7 @@ impl StaticProvider {
                 addr: s.address,
                 instance_id: format!("static:{}", s.address),
                 slots: None,
+                spec: None,
             })
             .collect();
         StaticProvider { servers }

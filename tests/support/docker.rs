@@ -89,6 +89,29 @@ fn ensure_image() {
     }
 }
 
+/// The walkthrough's third-party server (docs/deployment.md): busybox httpd, FROM scratch.
+pub const EXAMPLE_HTTPD_IMAGE: &str = "ringgate-example-httpd:latest";
+
+/// Builds [`EXAMPLE_HTTPD_IMAGE`] with the project's own target (`make -f docker/docker.mk
+/// example-httpd`, which installs Debian's busybox-static when it is missing) unless it
+/// exists. It is the documented example's image, not a test's own, so it is kept (`make
+/// clean` removes it).
+pub fn ensure_example_httpd_image() {
+    if docker(&["image", "inspect", EXAMPLE_HTTPD_IMAGE]).is_ok() {
+        return;
+    }
+    eprintln!("{EXAMPLE_HTTPD_IMAGE} is missing: building it with `make -f docker/docker.mk example-httpd`");
+    let status = Command::new("make")
+        .args(["-f", "docker/docker.mk", "example-httpd"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("`make example-httpd` failed ({s}): the test needs {EXAMPLE_HTTPD_IMAGE}"),
+        Err(e) => panic!("cannot run make to build {EXAMPLE_HTTPD_IMAGE}: {e}"),
+    }
+}
+
 /// A short name unique to this test run: process id, time and a counter.
 pub fn unique(what: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);

@@ -1,8 +1,10 @@
-//! Replica containers: create, start, stop, remove and adopt, and the replica network.
+//! Replica containers: create, start, stop, remove, retire and adopt, and the replica network.
 //!
-//! Owns: the engine calls that change containers and networks, the hostname → container id
-//! map that `remove` acts on (a replica is stopped by the id it was created or adopted with),
-//! and the guard that removes a half-created container when a spawn fails or is abandoned.
+//! Owns: the engine calls that change containers and networks, the container id → replica map
+//! that `remove` and `retire` act on (a replica is stopped by the id it was created or adopted
+//! with), a roll's replacement started beside the old container and renamed to the hostname
+//! once the old one is gone, the last lines of a container's log for a start error, and the
+//! guard that removes a half-created container when a spawn fails or is abandoned.
 //! Must not touch: the event stream (only its "already reported" set, so our own stops are not
 //! reported as deaths), health or routing.
 
@@ -16,15 +18,17 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions, ListContainersOptions,
-    RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+    LogsOptions, RemoveContainerOptions, RenameContainerOptions, StartContainerOptions,
+    StopContainerOptions,
 };
 use bollard::Docker;
+use futures_util::StreamExt;
 
 use super::engine::{message_of, status_of};
 use super::events::{lock, SharedReported};
 use super::{
-    short, spec, DockerProvider, INSTANCE_ENV, LABEL_INSTANCE, LABEL_MANAGED, LABEL_SERVER_ID,
-    LABEL_SLOTS,
+    short, spec, DockerProvider, Run, INSTANCE_ENV, LABEL_HOSTNAME, LABEL_INSTANCE, LABEL_MANAGED,
+    LABEL_SERVER_ID, LABEL_SLOTS, LABEL_SPEC,
 };
 use crate::provider::parse_slots;
 use crate::provider::{Instance, ProviderError, ReplicaSpec};
@@ -131,18 +135,24 @@ impl DockerProvider {
         self.ensure_network().await.map_err(fail)?;
 
         let port = self.settings.container_port;
-        let config = spec::container_config(
-            spec::Replica {
-                image: &self.settings.image,
-                network: &self.settings.network,
-                port,
-                hostname: &spec.hostname,
-                labels: self.labels(spec.id, &spec.slots),
-            },
-            &self.settings.limits,
-        );
+        let image = spec.app.image.clone();
+        let config = spec::container_config(spec::Replica {
+            app: &spec.app,
+            network: &self.settings.network,
+            port,
+            hostname: &spec.hostname,
+            id: spec.id.get(),
+            labels: self.labels(&spec),
+        });
+        // A roll's replacement runs beside the old container, which holds the name until it
+        // is retired.
+        let name = if spec.beside {
+            format!("{}.{:06x}", spec.hostname, fastrand::u32(..1 << 24))
+        } else {
+            spec.hostname.clone()
+        };
         let options = Some(CreateContainerOptions {
-            name: Some(spec.hostname.clone()),
+            name: Some(name.clone()),
             platform: String::new(),
         });
 
@@ -156,13 +166,13 @@ impl DockerProvider {
                 Ok(r) => break r.id,
                 Err(e) if status_of(&e) == Some(404) => {
                     return Err(fail(format!(
-                        "image {} not found: run `make images` (nothing is pulled: there is no registry), \
-                         or set provider.image to an image that exists locally ({})",
-                        self.settings.image,
+                        "image {image} not found: build or load it (nothing is pulled: there is no registry; \
+                         `make images` builds ringgate-server), or set provider.image to an image that exists \
+                         locally ({})",
                         message_of(&e)
                     )));
                 }
-                Err(e) if status_of(&e) == Some(409) && !replaced_stale => {
+                Err(e) if status_of(&e) == Some(409) && !replaced_stale && !spec.beside => {
                     // The name is taken. A leftover of ours (the dead container of the replica
                     // this replaces, or a stopped one of our instance) is replaced; anything
                     // else is left alone.
@@ -184,7 +194,7 @@ impl DockerProvider {
                         )));
                     };
                     let labels = existing.labels.as_ref();
-                    let known = self.ids().get(&spec.hostname) == Some(&old);
+                    let known = self.runs().contains_key(&old);
                     let running = existing.state == Some(ContainerSummaryStateEnum::RUNNING);
                     let dead_leftover = self.is_ours(labels) && !running;
                     if !known && !dead_leftover {
@@ -198,7 +208,7 @@ impl DockerProvider {
                             short(&old)
                         ))
                     })?;
-                    self.forget(&spec.hostname, &old);
+                    self.forget(&old);
                     replaced_stale = true;
                 }
                 Err(e) => {
@@ -236,14 +246,14 @@ impl DockerProvider {
         if state.and_then(|s| s.running) != Some(true) {
             let code = state.and_then(|s| s.exit_code).unwrap_or(-1);
             let err = state.and_then(|s| s.error.clone()).unwrap_or_default();
+            let output = crate::provider::process::quote_output(&self.last_log_lines(&id).await);
             return Err(fail(format!(
-                "it exited right after start (exit code {code}{}): see `docker logs {}`",
+                "it exited right after start (exit code {code}{}){output}",
                 if err.is_empty() {
                     String::new()
                 } else {
                     format!(", {err}")
                 },
-                spec.hostname
             )));
         }
         let ip = self.ip_on_network(&inspected).ok_or_else(|| {
@@ -253,54 +263,142 @@ impl DockerProvider {
             ))
         })?;
         guard.disarm();
-        self.ids().insert(spec.hostname.clone(), id.clone());
-        tracing::info!(replica = %spec.hostname, id = %spec.id, container = %short(&id), %ip, "replica container started");
+        self.runs().insert(
+            id.clone(),
+            Run {
+                hostname: spec.hostname.clone(),
+                name,
+            },
+        );
+        tracing::info!(replica = %spec.hostname, id = %spec.id, container = %short(&id), %ip, image = %image, beside = spec.beside, "replica container started");
         Ok(Instance {
             id: spec.id,
             hostname: spec.hostname,
             addr: SocketAddr::new(ip, port),
             instance_id: id,
             slots: Some(spec.slots),
+            spec: Some(spec.app.fingerprint()),
         })
     }
 
-    /// Stops and removes the container this provider knows as `hostname`, by its id.
+    /// The last lines of a container's log (stdout and stderr), for a start error.
+    pub(super) async fn last_log_lines(&self, id: &str) -> Vec<String> {
+        let options = LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: "5".to_owned(),
+            ..Default::default()
+        };
+        let collect = async {
+            let mut out = Vec::new();
+            let mut stream = self.docker.logs(id, Some(options));
+            while let Some(Ok(chunk)) = stream.next().await {
+                out.extend(
+                    chunk
+                        .to_string()
+                        .lines()
+                        .map(|l| l.trim_end().to_owned())
+                        .filter(|l| !l.is_empty()),
+                );
+            }
+            out
+        };
+        let mut lines = tokio::time::timeout(std::time::Duration::from_secs(2), collect)
+            .await
+            .unwrap_or_default();
+        let keep = lines.len().saturating_sub(5);
+        lines.drain(..keep);
+        lines
+    }
+
+    /// Stops and removes every container this provider runs `hostname` in (a roll may have
+    /// two), each by its id.
     pub(super) async fn stop(&self, hostname: &str) -> Result<(), ProviderError> {
+        let ids = self.ids_of(hostname);
+        if ids.is_empty() {
+            tracing::debug!(
+                replica = hostname,
+                "no container of ours runs this replica; nothing to remove"
+            );
+        }
+        for id in ids {
+            self.stop_container(hostname, &id).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops and removes exactly container `id` of `hostname` (a roll's old instance, or a
+    /// replacement that did not get ready); if another container of ours runs the replica
+    /// beside it, that one takes the hostname as its name.
+    pub(super) async fn retire_container(
+        &self,
+        hostname: &str,
+        id: &str,
+    ) -> Result<(), ProviderError> {
+        self.stop_container(hostname, id).await?;
+        let remaining: Vec<(String, Run)> = self
+            .runs()
+            .iter()
+            .filter(|(_, r)| r.hostname == hostname)
+            .map(|(i, r)| (i.clone(), r.clone()))
+            .collect();
+        if let [(other, run)] = remaining.as_slice() {
+            if run.name != hostname {
+                match self
+                    .docker
+                    .rename_container(
+                        other,
+                        RenameContainerOptions {
+                            name: hostname.to_owned(),
+                        },
+                    )
+                    .await
+                {
+                    Ok(()) => {
+                        if let Some(r) = self.runs().get_mut(other) {
+                            r.name = hostname.to_owned();
+                        }
+                        tracing::debug!(replica = hostname, container = %short(other), "the replacement took the replica's name");
+                    }
+                    // It still runs and is found by its label; only the name differs.
+                    Err(e) => {
+                        tracing::warn!(replica = hostname, container = %short(other), error = %message_of(&e), "cannot rename the replacement container to the replica's name")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop_container(&self, hostname: &str, id: &str) -> Result<(), ProviderError> {
         let fail = |reason: String| ProviderError::Remove {
             hostname: hostname.to_owned(),
             reason,
         };
-        let Some(id) = self.ids().get(hostname).cloned() else {
-            tracing::debug!(
-                replica = hostname,
-                "no container of ours goes by this name; nothing to remove"
-            );
-            return Ok(());
-        };
         // A full id names exactly one container: no name or prefix resolution.
         let Some(c) = self
-            .inspect(&id)
+            .inspect(id)
             .await
-            .map_err(|e| fail(format!("cannot inspect container {}: {e}", short(&id))))?
+            .map_err(|e| fail(format!("cannot inspect container {}: {e}", short(id))))?
         else {
-            self.forget(hostname, &id);
+            self.forget(id);
             return Ok(());
         };
         if !self.is_ours(c.config.as_ref().and_then(|c| c.labels.as_ref())) {
             tracing::warn!(
                 replica = hostname,
-                container = %short(&id),
+                container = %short(id),
                 "the container no longer carries our labels; leaving it alone"
             );
-            self.forget(hostname, &id);
+            self.forget(id);
             return Ok(());
         }
         // Our own stop is not a death to report.
-        lock(&self.reported).insert(&id);
+        lock(&self.reported).insert(id);
         match self
             .docker
             .stop_container(
-                &id,
+                id,
                 Some(StopContainerOptions {
                     t: Some(STOP_GRACE_SECS),
                     signal: None,
@@ -314,23 +412,20 @@ impl DockerProvider {
                 tracing::warn!(replica = hostname, error = %e, "stop failed; removing it by force")
             }
         }
-        self.force_remove(&id).await.map_err(|e| {
+        self.force_remove(id).await.map_err(|e| {
             fail(format!(
                 "the Docker engine could not remove it: {}",
                 message_of(&e)
             ))
         })?;
-        self.forget(hostname, &id);
-        tracing::info!(replica = hostname, container = %short(&id), "replica container removed");
+        self.forget(id);
+        tracing::info!(replica = hostname, container = %short(id), "replica container removed");
         Ok(())
     }
 
-    /// Drops `hostname` from the known containers if it still maps to `id`.
-    fn forget(&self, hostname: &str, id: &str) {
-        let mut ids = self.ids();
-        if ids.get(hostname).is_some_and(|known| known == id) {
-            ids.remove(hostname);
-        }
+    /// Drops container `id` from the known ones.
+    fn forget(&self, id: &str) {
+        self.runs().remove(id);
     }
 
     /// The container named exactly `name`, if any. The engine's name filter is a regular
@@ -373,15 +468,38 @@ impl DockerProvider {
             }))
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let mut out = Vec::new();
-        for c in containers {
-            let Some(cid) = c.id.clone() else { continue };
-            let name = c
-                .names
+        let name_of = |c: &ContainerSummary| {
+            c.names
                 .as_ref()
                 .and_then(|n| n.first())
                 .map(|n| n.trim_start_matches('/').to_owned())
-                .unwrap_or_default();
+                .unwrap_or_default()
+        };
+        let hostname_of = |c: &ContainerSummary| {
+            c.labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_HOSTNAME))
+                .cloned()
+                .unwrap_or_else(|| name_of(c))
+        };
+        // A gateway that stopped during a roll leaves two containers for a replica: the one
+        // named after it was serving and is kept; the replacement beside it goes.
+        let mut containers = containers;
+        containers.sort_by_key(|c| name_of(c) != hostname_of(c));
+        let mut taken = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for c in containers {
+            let Some(cid) = c.id.clone() else { continue };
+            let name = hostname_of(&c);
+            if !taken.insert(name.clone()) {
+                tracing::info!(replica = %name, container = %short(&cid), "removing a roll's unfinished replacement container");
+                if let Err(e) = self.force_remove(&cid).await {
+                    tracing::warn!(replica = %name, error = %e, "cannot remove it");
+                }
+                continue;
+            }
+            let spec = c.labels.as_ref().and_then(|l| l.get(LABEL_SPEC)).cloned();
+            let container_name = name_of(&c);
             let server_id = c
                 .labels
                 .as_ref()
@@ -404,13 +522,20 @@ impl DockerProvider {
             match self.adopt_one(&cid).await {
                 Ok(ip) => {
                     tracing::debug!(replica = %name, %id, container = %short(&cid), %ip, "adopted a running replica container");
-                    self.ids().insert(name.clone(), cid.clone());
+                    self.runs().insert(
+                        cid.clone(),
+                        Run {
+                            hostname: name.clone(),
+                            name: container_name,
+                        },
+                    );
                     out.push(Instance {
                         id,
                         hostname: name,
                         addr: SocketAddr::new(ip, self.settings.container_port),
                         instance_id: cid,
                         slots,
+                        spec,
                     });
                 }
                 Err(reason) => {

@@ -1,7 +1,8 @@
 //! The Docker engine connection: finding and reaching the engine, negotiating its API version,
 //! and reading its errors.
 //!
-//! Owns: [`connect_engine`] and the error helpers the other docker modules share.
+//! Owns: [`connect_engine`], [`image_exists`] (for `ringgate check`) and the error helpers the
+//! other docker modules share.
 //! Must not touch: containers, networks or events.
 
 use std::time::Duration;
@@ -71,5 +72,17 @@ pub(crate) async fn connect_engine(timeout: Duration) -> Result<(Docker, String)
             );
             Ok((docker, version))
         }
+    }
+}
+
+/// Whether `image` exists on the local engine (`ringgate check`); `Err` when no engine answers
+/// within `timeout`.
+pub(crate) async fn image_exists(image: &str, timeout: Duration) -> Result<bool, String> {
+    let (docker, _) = connect_engine(timeout).await.map_err(|e| e.to_string())?;
+    match tokio::time::timeout(timeout, docker.inspect_image(image)).await {
+        Err(_) => Err(format!("the engine did not answer within {timeout:?}")),
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) if status_of(&e) == Some(404) => Ok(false),
+        Ok(Err(e)) => Err(message_of(&e)),
     }
 }

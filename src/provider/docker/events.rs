@@ -71,7 +71,9 @@ fn exit_of(msg: &EventMessage) -> Option<(String, String, String)> {
     let id = actor.id.clone()?;
     let attrs = actor.attributes.as_ref();
     let attr = |k: &str| attrs.and_then(|a| a.get(k)).cloned();
-    let name = attr("name")?;
+    // The replica's hostname: its label (a roll's replacement runs under another name for a
+    // moment), else the container's name.
+    let name = attr(super::LABEL_HOSTNAME).or_else(|| attr("name"))?;
     let detail = match action {
         "die" => format!(
             "container died (exit code {})",
@@ -192,6 +194,12 @@ mod tests {
         assert!(exit_of(&event("oom", &[("name", "s1")])).is_some());
         assert!(exit_of(&event("start", &[("name", "s1")])).is_none());
         assert!(exit_of(&event("die", &[])).is_none(), "no name, no report");
+        let replacement = exit_of(&event(
+            "die",
+            &[("name", "s1.0a1b2c"), ("ringgate.hostname", "s1")],
+        ))
+        .expect("die");
+        assert_eq!(replacement.0, "s1", "named by its hostname label");
     }
 
     #[test]

@@ -7,18 +7,22 @@
 //! [`ProviderEvent::Exited`] the moment a replica dies).
 //! Must not touch: health or routing. This is the only module that imports bollard.
 //!
-//! [`spec`] says what a replica container is: named exactly its hostname, from `provider.image`,
-//! on `provider.network`, with `SERVER_ID` and `PORT` set, the `[provider]` limits, all
-//! capabilities dropped, `no-new-privileges`, a read-only root, and four labels:
-//! `ringgate.managed=true`, `ringgate.server-id=<id>`, `ringgate.slots=<its ring slots>` (decided
-//! when it is created, restored when it is adopted, so a restart moves no key) and
-//! `ringgate.instance=<instance>`, where
-//! the instance is `$RINGGATE_INSTANCE_LABEL` or `default`. Only containers carrying our instance
-//! label are ever adopted, replaced or removed: anything else with a clashing name is left alone
-//! and reported. A replica is stopped and removed by the container id this provider created or
-//! adopted it with, never by resolving its name (the engine would fall back to matching id
-//! prefixes). There is no Docker restart policy: the controller decides about replacements.
-//! On shutdown containers keep running, for the next start to adopt with their ids.
+//! [`spec`] says what a replica container is: from the replica spec's image, command, env,
+//! mounts, labels and user, on `provider.network`, with `SERVER_ID` and `PORT` set, the
+//! `[provider]` limits, all capabilities dropped, `no-new-privileges`, a read-only root
+//! (unless `read_only_root = false`), and our labels: `ringgate.managed=true`,
+//! `ringgate.server-id=<id>`, `ringgate.slots=<its ring slots>` (decided when it is created,
+//! restored when it is adopted, so a restart moves no key), `ringgate.hostname=<hostname>`,
+//! `ringgate.spec=<the spec's fingerprint>` (an adopted replica whose spec differs is rolled)
+//! and `ringgate.instance=<instance>`, where the instance is `$RINGGATE_INSTANCE_LABEL` or
+//! `default`. Only containers carrying our instance label are ever adopted, replaced or
+//! removed: anything else with a clashing name is left alone and reported. A replica's
+//! container is named exactly its hostname; during a roll its replacement runs beside it as
+//! `<hostname>.<suffix>` and takes the name once the old one is gone. A replica is stopped and
+//! removed by the container id this provider created or adopted it with, never by resolving
+//! its name (the engine would fall back to matching id prefixes). There is no Docker restart
+//! policy: the controller decides about replacements. On shutdown containers keep running,
+//! for the next start to adopt with their ids.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -30,7 +34,6 @@ use tokio::task::JoinHandle;
 
 use super::{BoxFuture, Instance, Provider, ProviderError, ProviderEvent, ReplicaSpec};
 use crate::config::ProviderConfig;
-use crate::ring::ServerId;
 
 mod containers;
 pub(crate) mod engine;
@@ -39,7 +42,6 @@ mod spec;
 
 use engine::{connect_engine, status_of};
 use events::{watch_events, SharedReported};
-pub(crate) use spec::Limits as SpecLimits;
 
 /// Label marking a container or network as created by ringgate.
 pub const LABEL_MANAGED: &str = "ringgate.managed";
@@ -50,20 +52,33 @@ pub const LABEL_SERVER_ID: &str = "ringgate.server-id";
 pub const LABEL_SLOTS: &str = "ringgate.slots";
 /// Label naming the gateway instance that owns a container.
 pub const LABEL_INSTANCE: &str = "ringgate.instance";
+/// Label carrying the replica's hostname (its container is named so too, except for the moment
+/// a roll runs a replacement beside it).
+pub const LABEL_HOSTNAME: &str = "ringgate.hostname";
+/// Label carrying the fingerprint of the spec the container was created from.
+pub const LABEL_SPEC: &str = "ringgate.spec";
 /// Environment variable that sets the instance label (tests use a unique one per run).
 pub const INSTANCE_ENV: &str = "RINGGATE_INSTANCE_LABEL";
 
 /// How long `docker` waits for the engine at start before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What a provider needs from `[provider]`, plus the instance label.
+/// What a provider needs from `[provider]` besides the replica spec (which comes with each
+/// start), plus the instance label.
 #[derive(Debug, Clone)]
 struct Settings {
+    /// The image `auto` and the start-up check look for (the spec's at start).
     image: String,
     network: String,
     container_port: u16,
     instance: String,
-    limits: SpecLimits,
+}
+
+/// One container of ours: which replica it runs and under which name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Run {
+    hostname: String,
+    name: String,
 }
 
 pub struct DockerProvider {
@@ -74,9 +89,10 @@ pub struct DockerProvider {
     network_lock: tokio::sync::Mutex<()>,
     events_task: JoinHandle<()>,
     engine_version: String,
-    /// hostname → id of the container this provider started or adopted under that name: what
-    /// `remove` stops, so it never acts on whatever else the name resolves to.
-    ids: Mutex<HashMap<String, String>>,
+    /// container id → the replica it runs, for every container this provider started or
+    /// adopted: what `remove` and `retire` stop, so they never act on whatever else a name
+    /// resolves to.
+    runs: Mutex<HashMap<String, Run>>,
 }
 
 /// The instance label this process uses: `$RINGGATE_INSTANCE_LABEL` or `default`.
@@ -126,7 +142,6 @@ impl DockerProvider {
             network: config.network.clone(),
             container_port: config.container_port,
             instance,
-            limits: SpecLimits::from_config(config),
         };
         let reported = SharedReported::default();
         let events_task = tokio::spawn(watch_events(
@@ -142,12 +157,21 @@ impl DockerProvider {
             network_lock: tokio::sync::Mutex::new(()),
             events_task,
             engine_version,
-            ids: Mutex::new(HashMap::new()),
+            runs: Mutex::new(HashMap::new()),
         })
     }
 
-    fn ids(&self) -> MutexGuard<'_, HashMap<String, String>> {
-        crate::sync::lock(&self.ids)
+    fn runs(&self) -> MutexGuard<'_, HashMap<String, Run>> {
+        crate::sync::lock(&self.runs)
+    }
+
+    /// The ids of our containers running `hostname`.
+    fn ids_of(&self, hostname: &str) -> Vec<String> {
+        self.runs()
+            .iter()
+            .filter(|(_, r)| r.hostname == hostname)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// The engine's version, as it reported it (for logs).
@@ -172,11 +196,16 @@ impl DockerProvider {
         }
     }
 
-    fn labels(&self, id: ServerId, slots: &[u32]) -> HashMap<String, String> {
+    fn labels(&self, spec: &ReplicaSpec) -> HashMap<String, String> {
         HashMap::from([
             (LABEL_MANAGED.to_owned(), "true".to_owned()),
-            (LABEL_SERVER_ID.to_owned(), id.to_string()),
-            (LABEL_SLOTS.to_owned(), crate::provider::format_slots(slots)),
+            (LABEL_SERVER_ID.to_owned(), spec.id.to_string()),
+            (
+                LABEL_SLOTS.to_owned(),
+                crate::provider::format_slots(&spec.slots),
+            ),
+            (LABEL_HOSTNAME.to_owned(), spec.hostname.clone()),
+            (LABEL_SPEC.to_owned(), spec.app.fingerprint()),
             (LABEL_INSTANCE.to_owned(), self.settings.instance.clone()),
         ])
     }
@@ -211,6 +240,16 @@ impl Provider for DockerProvider {
     fn remove(&self, hostname: &str) -> BoxFuture<'_, Result<(), ProviderError>> {
         let hostname = hostname.to_owned();
         Box::pin(async move { self.stop(&hostname).await })
+    }
+
+    fn retire(&self, instance: &Instance) -> BoxFuture<'_, Result<(), ProviderError>> {
+        let (hostname, id) = (instance.hostname.clone(), instance.instance_id.clone());
+        Box::pin(async move { self.retire_container(&hostname, &id).await })
+    }
+
+    fn recent_output(&self, instance: &Instance) -> BoxFuture<'_, Vec<String>> {
+        let id = instance.instance_id.clone();
+        Box::pin(async move { self.last_log_lines(&id).await })
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>> {

@@ -21,7 +21,9 @@ use bollard::Docker;
 use super::spec::{self, ReplicaService};
 use crate::config::Reach;
 use crate::provider::docker::engine::{message_of, status_of};
-use crate::provider::docker::{LABEL_INSTANCE, LABEL_MANAGED, LABEL_SERVER_ID, LABEL_SLOTS};
+use crate::provider::docker::{
+    LABEL_INSTANCE, LABEL_MANAGED, LABEL_SERVER_ID, LABEL_SLOTS, LABEL_SPEC,
+};
 use crate::provider::record::{RecordedMember, RingRecord};
 use crate::provider::{parse_slots, Instance, ProviderError, RecordWriteError, ReplicaSpec};
 use crate::ring::ServerId;
@@ -41,7 +43,6 @@ pub(super) struct Settings {
     pub(super) port: u16,
     pub(super) instance: String,
     pub(super) reach: Reach,
-    pub(super) limits: crate::provider::docker::SpecLimits,
     /// The service whose labels are the ring record.
     pub(super) ring_service: String,
 }
@@ -265,6 +266,7 @@ impl Engine {
                         .ok()
                         .and_then(ServerId::new)?,
                     slots: labels.get(LABEL_SLOTS).and_then(|v| parse_slots(v)),
+                    spec: labels.get(LABEL_SPEC).cloned(),
                 })
             })
             .collect())
@@ -316,6 +318,7 @@ impl Engine {
                     addr,
                     instance_id: container,
                     slots: s.slots,
+                    spec: s.spec,
                 },
             );
         }
@@ -378,14 +381,15 @@ impl Engine {
             LABEL_SLOTS.to_owned(),
             crate::provider::format_slots(&spec.slots),
         );
+        labels.insert(LABEL_SPEC.to_owned(), spec.app.fingerprint());
         let service = spec::replica_service(spec::Replica {
-            image: &self.settings.image,
+            app: &spec.app,
             network: &self.settings.network,
             port: self.settings.port,
             hostname: &spec.hostname,
+            id: spec.id.get(),
             labels,
             reach: self.settings.reach,
-            limits: &self.settings.limits,
         });
         let mut replaced = false;
         loop {

@@ -12,7 +12,10 @@
 //! One service per replica, named exactly its hostname (so `/add` and `/rm` keep their
 //! contract), with one task on `provider.network` (an attachable overlay, created if missing),
 //! restarted by Swarm's own restart policy wherever Swarm schedules it, checked by the image's
-//! `ringgate-server --check`. Every service carries `ringgate.managed=true`,
+//! `ringgate-server --check` for the built-in server's image (any other image keeps its own
+//! `HEALTHCHECK`, if it has one; the gateway's own checks decide readiness either way), from
+//! the replica spec (image, command, args, env, mounts, labels, user, limits). Every service
+//! carries `ringgate.managed=true`,
 //! `ringgate.instance=<instance>` (so several rings share a swarm without touching each
 //! other's services) and `ringgate.role`; a replica also its `ringgate.server-id` and
 //! `ringgate.slots`. The ring record is the labels of one service that runs no task,
@@ -93,7 +96,6 @@ impl SwarmProvider {
                 network: p.network.clone(),
                 port: p.container_port,
                 reach: p.reach,
-                limits: crate::provider::docker::SpecLimits::from_config(p),
                 ring_service: ring_service_name(&instance),
                 instance,
             },

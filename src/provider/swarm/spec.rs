@@ -1,10 +1,11 @@
 //! What the `swarm` provider asks the engine for, and how it reads the answers. Pure: it builds
 //! requests and reads models, and calls nothing.
 //!
-//! Owns: the service spec of one replica (named exactly its hostname, one task, our labels with
-//! its id and slots on the service and its containers, the `[provider]` limits and hardening,
-//! Swarm's restart policy, a health check without a shell, DNS round robin so no virtual IP is
-//! needed), the spec of the ring record's service (no task at all: only its labels matter), and
+//! Owns: the service spec of one replica (named exactly its hostname, one task, the replica
+//! spec's image, entrypoint, command, env, working directory, user and mounts, our labels with
+//! its id and slots over the user's on the service and its containers, the `[provider]` limits
+//! and hardening, Swarm's restart policy, the built-in server's health check without a shell,
+//! DNS round robin so no virtual IP is needed), the spec of the ring record's service (no task at all: only its labels matter), and
 //! reading a task into an [`Instance`] (its address by [`Reach`]) and two observations of the
 //! running tasks into the events between them.
 //! Must not touch: the engine.
@@ -14,13 +15,15 @@ use std::net::{IpAddr, SocketAddr};
 
 use bollard::models::{
     EndpointPortConfig, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum,
-    EndpointSpec, EndpointSpecModeEnum, HealthConfig, Limit, NetworkAttachmentConfig, ServiceSpec,
-    ServiceSpecMode, ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec,
-    TaskSpecLogDriver, TaskSpecResources, TaskSpecRestartPolicy,
+    EndpointSpec, EndpointSpecModeEnum, HealthConfig, Limit, Mount as EngineMount, MountTypeEnum,
+    NetworkAttachmentConfig, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, Task,
+    TaskSpec, TaskSpecContainerSpec, TaskSpecLogDriver, TaskSpecResources, TaskSpecRestartPolicy,
     TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 
-use crate::config::Reach;
+use crate::config::replica::Vars;
+use crate::config::{MountSource, Reach};
+use crate::provider::app::AppSpec;
 use crate::provider::{Instance, ProviderEvent};
 use crate::ring::ServerId;
 
@@ -32,19 +35,74 @@ pub(super) const RESTART_DELAY_NS: i64 = SECOND / 5;
 
 /// What a replica service is built from.
 pub(super) struct Replica<'a> {
-    pub(super) image: &'a str,
+    pub(super) app: &'a AppSpec,
     pub(super) network: &'a str,
     pub(super) port: u16,
     pub(super) hostname: &'a str,
+    pub(super) id: u32,
+    /// Ours (`ringgate.*`); the user's from the spec are added under them.
     pub(super) labels: HashMap<String, String>,
     pub(super) reach: Reach,
-    pub(super) limits: &'a super::super::docker::SpecLimits,
+}
+
+/// Whether the spec runs the built-in server's image, whose binary checks its own heartbeat
+/// (any other image has no `/ringgate-server` to run).
+fn runs_builtin_server(app: &AppSpec) -> bool {
+    app.is_builtin_server()
+        && app
+            .image
+            .rsplit('/')
+            .next()
+            .is_some_and(|name| name.split(':').next() == Some("ringgate-server"))
+}
+
+/// The spec's mounts as Swarm's (bind sources must exist on the node the task runs on).
+fn mounts(app: &AppSpec) -> Option<Vec<EngineMount>> {
+    let mounts: Vec<EngineMount> = app
+        .mounts
+        .iter()
+        .map(|m| {
+            let (typ, source) = match &m.source {
+                MountSource::Bind(p) => (MountTypeEnum::BIND, p.to_string_lossy().into_owned()),
+                MountSource::Volume(v) => (MountTypeEnum::VOLUME, v.clone()),
+            };
+            EngineMount {
+                target: Some(m.target.clone()),
+                source: Some(source),
+                typ: Some(typ),
+                read_only: Some(!m.writable),
+                ..Default::default()
+            }
+        })
+        .collect();
+    (!mounts.is_empty()).then_some(mounts)
 }
 
 /// The service spec of one replica.
 pub(super) fn replica_service(r: Replica<'_>) -> ServiceSpec {
     let positive = |n: u64| (n > 0).then(|| i64::try_from(n).unwrap_or(i64::MAX));
-    let limits = r.limits;
+    let app = r.app;
+    let limits = &app.limits;
+    let vars = Vars {
+        port: r.port,
+        hostname: r.hostname,
+        id: r.id,
+    };
+    let labels: HashMap<String, String> = app
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .chain(r.labels)
+        .collect();
+    let env = app
+        .env(vars)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain([
+            format!("SERVER_ID={}", r.hostname),
+            format!("PORT={}", r.port),
+        ])
+        .collect();
     let ports = (r.reach == Reach::Published).then(|| {
         vec![EndpointPortConfig {
             protocol: Some(EndpointPortConfigProtocolEnum::TCP),
@@ -57,20 +115,26 @@ pub(super) fn replica_service(r: Replica<'_>) -> ServiceSpec {
     });
     ServiceSpec {
         name: Some(r.hostname.to_owned()),
-        labels: Some(r.labels.clone()),
+        labels: Some(labels.clone()),
         task_template: Some(TaskSpec {
             container_spec: Some(TaskSpecContainerSpec {
-                image: Some(r.image.to_owned()),
-                labels: Some(r.labels),
-                env: Some(vec![
-                    format!("SERVER_ID={}", r.hostname),
-                    format!("PORT={}", r.port),
-                ]),
-                read_only: Some(true),
+                image: Some(app.image.clone()),
+                command: app.entrypoint(vars),
+                args: app.cmd(vars),
+                dir: app
+                    .workdir
+                    .as_ref()
+                    .map(|w| w.to_string_lossy().into_owned()),
+                user: app.user.clone(),
+                mounts: mounts(app),
+                labels: Some(labels),
+                env: Some(env),
+                read_only: Some(app.read_only_root),
                 capability_drop: Some(vec!["ALL".to_owned()]),
                 stop_grace_period: Some(5 * SECOND),
-                // The image has no shell: ringgate-server checks its own /heartbeat.
-                health_check: Some(HealthConfig {
+                // The image has no shell: ringgate-server checks its own /heartbeat. Other
+                // images keep their own HEALTHCHECK.
+                health_check: runs_builtin_server(app).then_some(HealthConfig {
                     test: Some(vec![
                         "CMD".into(),
                         "/ringgate-server".into(),
@@ -158,6 +222,8 @@ pub(super) struct ReplicaService {
     pub(super) hostname: String,
     pub(super) id: ServerId,
     pub(super) slots: Option<Vec<u32>>,
+    /// The fingerprint of the spec it was created from.
+    pub(super) spec: Option<String>,
 }
 
 /// Where a running task can be reached, when it can: by [`Reach`], from the task itself (its
@@ -249,21 +315,19 @@ mod tests {
     use super::*;
     use bollard::models::{ContainerStatus, PortStatus, TaskStatus};
 
-    fn limits() -> super::super::super::docker::SpecLimits {
-        super::super::super::docker::SpecLimits::from_config(
-            &crate::config::ProviderConfig::default(),
-        )
+    fn limits() -> AppSpec {
+        AppSpec::from_config(&crate::config::ProviderConfig::default())
     }
 
-    fn replica(reach: Reach, l: &super::super::super::docker::SpecLimits) -> Replica<'_> {
+    fn replica(reach: Reach, app: &AppSpec) -> Replica<'_> {
         Replica {
-            image: "ringgate-server:latest",
+            app,
             network: "rg-net",
             port: 5000,
             hostname: "S5",
+            id: 4,
             labels: HashMap::from([("ringgate.server-id".to_owned(), "4".to_owned())]),
             reach,
-            limits: l,
         }
     }
 
@@ -291,6 +355,11 @@ mod tests {
         assert_eq!(rp.condition, Some(TaskSpecRestartPolicyConditionEnum::ANY));
         assert_eq!(rp.max_attempts, Some(0), "never gives up");
         let lim = t.resources.and_then(|r| r.limits).expect("limits");
+        assert_eq!(
+            (c.command, c.args, c.mounts),
+            (None, None, None),
+            "the image's own"
+        );
         assert_eq!(lim.memory_bytes, Some(128 << 20));
         assert_eq!(lim.pids, Some(64));
         assert_eq!(
@@ -316,6 +385,55 @@ mod tests {
             Some(EndpointPortConfigPublishModeEnum::HOST)
         );
         assert_eq!((p[0].target_port, p[0].published_port), (Some(5000), None));
+    }
+
+    #[test]
+    fn a_replica_service_runs_the_users_spec_with_its_own_health_check() {
+        let c = crate::config::Config::parse(
+            "[provider]\nkind = \"swarm\"\nimage = \"registry.local/app:2\"\ncommand = [\"/app\", \"--port={port}\"]\nargs = [\"--id={id}\"]\nenv = { NAME = \"{hostname}\" }\nmounts = [\"/srv/site:/www\", \"cache:/c:rw\"]\nlabels = { team = \"web\", \"ringgate.server-id\" = \"7\" }\nuser = \"1000\"\nread_only_root = false\n",
+            std::path::Path::new("lb.toml"),
+        );
+        assert!(c.is_err(), "ringgate.* labels are ours");
+        let c = crate::config::Config::parse(
+            "[provider]\nkind = \"swarm\"\nimage = \"registry.local/app:2\"\ncommand = [\"/app\", \"--port={port}\"]\nargs = [\"--id={id}\"]\nenv = { NAME = \"{hostname}\" }\nmounts = [\"/srv/site:/www\", \"cache:/c:rw\"]\nlabels = { team = \"web\" }\nuser = \"1000\"\nread_only_root = false\n",
+            std::path::Path::new("lb.toml"),
+        )
+        .expect("valid");
+        let app = AppSpec::from_config(&c.provider);
+        let s = replica_service(replica(Reach::Network, &app));
+        let labels = s.labels.clone().expect("labels");
+        assert_eq!(
+            (
+                labels["team"].as_str(),
+                labels["ringgate.server-id"].as_str()
+            ),
+            ("web", "4")
+        );
+        let c = s
+            .task_template
+            .and_then(|t| t.container_spec)
+            .expect("container");
+        assert_eq!(c.image.as_deref(), Some("registry.local/app:2"));
+        assert_eq!(c.command, Some(vec!["/app".into(), "--port=5000".into()]));
+        assert_eq!(c.args, Some(vec!["--id=4".into()]));
+        assert_eq!(
+            c.env,
+            Some(vec![
+                "NAME=S5".into(),
+                "SERVER_ID=S5".into(),
+                "PORT=5000".into()
+            ])
+        );
+        assert_eq!(c.user.as_deref(), Some("1000"));
+        assert_eq!(c.read_only, Some(false));
+        assert_eq!(c.capability_drop, Some(vec!["ALL".to_owned()]));
+        assert!(
+            c.health_check.is_none(),
+            "no /ringgate-server in this image"
+        );
+        let m = c.mounts.expect("mounts");
+        assert_eq!((m[0].read_only, m[1].read_only), (Some(true), Some(false)));
+        assert_eq!(m[1].typ, Some(MountTypeEnum::VOLUME));
     }
 
     #[test]
@@ -397,6 +515,7 @@ mod tests {
                 addr: SocketAddr::from(([127, 0, 0, 1], port)),
                 instance_id: cid.to_owned(),
                 slots: None,
+                spec: None,
             },
         )
     }
