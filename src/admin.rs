@@ -18,10 +18,11 @@ use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use serde_json::{json, Value};
 
+use crate::answer::{full, success};
 use crate::control::membership::ScaleRequest;
 use crate::control::ControllerHandle;
-use crate::error::{full, success, BodyError, GatewayError};
 use crate::guard::{self, Denied};
+use crate::rescue::{BodyError, GatewayError};
 use crate::snapshot::Snapshot;
 use crate::wire::body::Body;
 

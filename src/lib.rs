@@ -73,6 +73,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod admission;
+pub mod answer;
 pub mod balance;
 pub mod config;
 pub mod control;
@@ -92,6 +93,7 @@ pub mod per_thread;
 pub mod policy;
 pub mod provider;
 pub mod proxy;
+pub mod rescue;
 pub mod ring;
 pub mod routing;
 pub mod service;

@@ -34,9 +34,9 @@ use tokio::time::Instant;
 
 use crate::admission::Admitted;
 use crate::config::{Config, PlainHttp};
-use crate::error::{GatewayError, RefusedStream};
 use crate::http2::{self, Activity, StreamBody};
 use crate::metrics::Metrics;
+use crate::rescue::{GatewayError, RefusedStream};
 use crate::service::Service;
 use crate::spread::{Counted, Placed, Slot};
 use crate::stall::SendTimeout;

@@ -29,8 +29,10 @@ use http::{Method, Request, Response, Uri, Version};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use crate::config::{AccessTarget, Config};
-use crate::error::{BoxError, GatewayError};
+use crate::control::error::ControlError;
+use crate::error::BoxError;
 use crate::metrics::Metrics;
+use crate::rescue::GatewayError;
 use crate::ring::ServerId;
 use crate::snapshot::Snapshot;
 use crate::wire::body::Body;
@@ -71,6 +73,9 @@ pub enum Termination {
     BadRequest,
     /// The gateway is shutting down (503).
     ShuttingDown,
+    /// A request budget was spent: `proxy.max_requests`, `max_requests_per_ip` or
+    /// `max_requests_per_replica` (503, or `REFUSED_STREAM` on HTTP/2).
+    OverBudget,
     /// Anything else the gateway answered itself.
     GatewayError,
 }
@@ -90,6 +95,7 @@ impl Termination {
             Termination::TooLarge => "too_large",
             Termination::BadRequest => "bad_request",
             Termination::ShuttingDown => "shutting_down",
+            Termination::OverBudget => "over_budget",
             Termination::GatewayError => "gateway_error",
         }
     }
@@ -108,7 +114,10 @@ impl Termination {
             }
             GatewayError::PayloadTooLarge { .. } => Termination::TooLarge,
             GatewayError::BadHost => Termination::BadRequest,
-            GatewayError::ShuttingDown => Termination::ShuttingDown,
+            GatewayError::Control(ControlError::ShuttingDown) => Termination::ShuttingDown,
+            GatewayError::OverBudget { .. } | GatewayError::ReplicaBusy { .. } => {
+                Termination::OverBudget
+            }
             _ => Termination::GatewayError,
         }
     }

@@ -7,11 +7,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::membership::ScaleRequest;
 use crate::config::Config;
-use crate::error::GatewayError;
+use crate::control::error::ControlError;
 use crate::policy::PolicySet;
 use crate::ring::ServerId;
 
-pub(super) type Reply<T> = oneshot::Sender<Result<T, GatewayError>>;
+pub(super) type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
 
 /// What `/add` and `/rm` answer: the membership after the call, and the replicas the call
 /// added or removed (the seed's `added` and `removed`).
@@ -96,42 +96,42 @@ impl ControllerHandle {
     async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
-    ) -> Result<T, GatewayError> {
+    ) -> Result<T, ControlError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(make(reply))
             .await
-            .map_err(|_| GatewayError::ShuttingDown)?;
-        rx.await.map_err(|_| GatewayError::ShuttingDown)
+            .map_err(|_| ControlError::ShuttingDown)?;
+        rx.await.map_err(|_| ControlError::ShuttingDown)
     }
 
-    pub async fn add(&self, request: ScaleRequest) -> Result<Scaled, GatewayError> {
+    pub async fn add(&self, request: ScaleRequest) -> Result<Scaled, ControlError> {
         self.ask(|reply| Command::Add { request, reply }).await?
     }
 
-    pub async fn remove(&self, request: ScaleRequest) -> Result<Scaled, GatewayError> {
+    pub async fn remove(&self, request: ScaleRequest) -> Result<Scaled, ControlError> {
         self.ask(|reply| Command::Remove { request, reply }).await?
     }
 
     /// Starts a roll of every replica (`POST /lb/roll`); answers at once with the roll's
     /// status (`/lb/status` follows it).
-    pub async fn roll(&self) -> Result<serde_json::Value, GatewayError> {
+    pub async fn roll(&self) -> Result<serde_json::Value, ControlError> {
         self.ask(|reply| Command::Roll { reply }).await?
     }
 
-    pub async fn status(&self) -> Result<serde_json::Value, GatewayError> {
+    pub async fn status(&self) -> Result<serde_json::Value, ControlError> {
         self.ask(|reply| Command::Status { reply }).await
     }
 
-    pub async fn metrics(&self) -> Result<String, GatewayError> {
+    pub async fn metrics(&self) -> Result<String, ControlError> {
         self.ask(|reply| Command::Metrics { reply }).await
     }
 
-    pub async fn whatif_base(&self) -> Result<crate::whatif::Base, GatewayError> {
+    pub async fn whatif_base(&self) -> Result<crate::whatif::Base, ControlError> {
         self.ask(|reply| Command::WhatIfBase { reply }).await
     }
 
-    pub async fn wait_ready(&self) -> Result<(), GatewayError> {
+    pub async fn wait_ready(&self) -> Result<(), ControlError> {
         self.ask(|reply| Command::WaitReady { reply }).await
     }
 

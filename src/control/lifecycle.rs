@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::handle::{Reply, Scaled};
 use super::membership::Phase;
 use super::Controller;
-use crate::error::GatewayError;
+use crate::control::error::ControlError;
 use crate::health::probe::{Check, ProbeTarget, ProbeTask};
 use crate::health::{HealthState, ProbeOutcome, Tracker};
 use crate::provider::{Instance, ProviderError, ProviderEvent, ReplicaSpec, RingRecord};
@@ -172,19 +172,19 @@ pub(super) enum Internal {
     /// Shared ring: an `/add` (or a grow) reserved these replicas in the record, or failed.
     Reserved {
         op: super::membership::OpId,
-        result: Result<(RingRecord, super::shared::Reserved), GatewayError>,
+        result: Result<(RingRecord, super::shared::Reserved), ControlError>,
         reply: Reply<Scaled>,
     },
     /// Shared ring: `/add` `op` committed in the record, or failed to.
     Committed {
         op: super::membership::OpId,
         ids: Vec<ServerId>,
-        result: Result<RingRecord, GatewayError>,
+        result: Result<RingRecord, ControlError>,
         reply: Reply<Scaled>,
     },
     /// Shared ring: an `/rm` marked these replicas leaving in the record, or failed to.
     RemovalPlanned {
-        result: Result<(RingRecord, Vec<ServerId>), GatewayError>,
+        result: Result<(RingRecord, Vec<ServerId>), ControlError>,
         reply: Reply<Scaled>,
     },
     /// Shared ring: this gateway wrote the record (applied like an observation).

@@ -25,6 +25,7 @@
 //!
 //! [`Snapshot`]: crate::snapshot::Snapshot
 
+pub mod error;
 pub mod handle;
 pub mod lifecycle;
 pub mod membership;
@@ -54,7 +55,6 @@ use lifecycle::{Internal, Replica};
 use membership::{Membership, OpId, Phase};
 
 use crate::config::Config;
-use crate::error::GatewayError;
 use crate::health::probe::{ProbeReport, Prober};
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
@@ -62,6 +62,7 @@ use crate::provider::{Provider, ProviderEvent};
 use crate::ring::{Placement, RingError};
 use crate::routing::Router;
 use crate::snapshot::Shared;
+use error::ControlError;
 
 /// What a controller is built from.
 pub struct Parts {
@@ -267,7 +268,7 @@ impl Controller {
             Command::PolicyLoaded { policy } => self.apply_policy(*policy),
             Command::ReloadFailed { what, error } => self.reload_failed(what, error),
             Command::Roll { reply } => {
-                let _ = reply.send(self.roll_requested().map_err(GatewayError::from));
+                let _ = reply.send(self.roll_requested().map_err(ControlError::from));
             }
         }
     }
@@ -358,7 +359,7 @@ impl Controller {
         }
         self.provider.shutdown().await;
         for (_, reply) in self.add_ops.drain() {
-            let _ = reply.send(Err(GatewayError::ShuttingDown));
+            let _ = reply.send(Err(ControlError::ShuttingDown));
         }
     }
 

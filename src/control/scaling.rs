@@ -18,7 +18,7 @@ use super::handle::{Reply, Scaled};
 use super::lifecycle::{Internal, StartFailure};
 use super::membership::{Limits, OpId, Phase, ScaleRequest};
 use super::Controller;
-use crate::error::GatewayError;
+use crate::control::error::ControlError;
 use crate::ring::ServerId;
 
 impl Controller {
@@ -121,7 +121,7 @@ impl Controller {
         let Some(reply) = self.add_ops.remove(&op) else {
             return;
         };
-        let error = GatewayError::AddFailed { replica, cause };
+        let error = ControlError::AddFailed { replica, cause };
         tracing::warn!(op, error = %error, "rolling back /add");
         let ids = self.membership.joining(op);
         if self.record.is_some() {

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::membership::{Limits, Membership, MembershipError, Phase, ScaleRequest};
-use crate::error::GatewayError;
+use crate::control::error::ControlError;
 use crate::provider::record::{RecordedMember, RecordedPhase, RingRecord};
 use crate::provider::{ProviderError, RecordWriteError, SharedRing};
 use crate::ring::{Placement, RingError, ServerId};
@@ -59,8 +59,8 @@ pub fn placement_of(record: &RingRecord, slots: u32, vnodes: u32) -> Result<Plac
     Ok(p)
 }
 
-fn mismatch(e: RingError) -> GatewayError {
-    GatewayError::RecordMismatch {
+fn mismatch(e: RingError) -> ControlError {
+    ControlError::RecordMismatch {
         detail: e.to_string(),
     }
 }
@@ -74,7 +74,7 @@ fn reserve(
     plan: Vec<(ServerId, String)>,
     router: &Router<'_>,
     phase: &RecordedPhase,
-) -> Result<(Members, Reserved), GatewayError> {
+) -> Result<(Members, Reserved), ControlError> {
     let mut placement = placement_of(record, router.slots(), router.vnodes()).map_err(mismatch)?;
     let mut members = record.members.clone();
     let mut reserved = Vec::with_capacity(plan.len());
@@ -102,7 +102,7 @@ pub fn plan_add(
     router: &Router<'_>,
     me: &str,
     now: u64,
-) -> Result<(Members, Reserved), GatewayError> {
+) -> Result<(Members, Reserved), ControlError> {
     let plan = membership_of(record).plan_add(request, limits)?;
     let phase = RecordedPhase::Joining {
         by: me.to_owned(),
@@ -120,7 +120,7 @@ pub fn plan_grow(
     router: &Router<'_>,
     me: &str,
     now: u64,
-) -> Result<(Members, Reserved), GatewayError> {
+) -> Result<(Members, Reserved), ControlError> {
     let m = membership_of(record);
     let kept = m.all().filter(|(_, e)| e.phase != Phase::Leaving).count();
     let missing = count.saturating_sub(kept).min(max.saturating_sub(m.len()));
@@ -154,7 +154,7 @@ pub fn plan_remove(
 
 /// The reservations `ids` become members; an id no longer reserved (rolled back by another
 /// gateway) fails the commit.
-pub fn plan_commit(record: &RingRecord, ids: &[ServerId]) -> Result<Members, GatewayError> {
+pub fn plan_commit(record: &RingRecord, ids: &[ServerId]) -> Result<Members, ControlError> {
     let mut members = record.members.clone();
     for id in ids {
         match members.get_mut(id) {
@@ -163,7 +163,7 @@ pub fn plan_commit(record: &RingRecord, ids: &[ServerId]) -> Result<Members, Gat
             }
             Some(m) if m.phase == RecordedPhase::Member => {}
             other => {
-                return Err(GatewayError::ReservationLost {
+                return Err(ControlError::ReservationLost {
                     replica: other.map_or_else(|| id.to_string(), |m| m.hostname.clone()),
                 })
             }
@@ -291,8 +291,8 @@ pub fn stale(
         .collect()
 }
 
-fn engine_unavailable(e: ProviderError) -> GatewayError {
-    GatewayError::EngineUnavailable {
+fn engine_unavailable(e: ProviderError) -> ControlError {
+    ControlError::EngineUnavailable {
         detail: e.to_string(),
     }
 }
@@ -305,8 +305,8 @@ fn engine_unavailable(e: ProviderError) -> GatewayError {
 /// observation at `v` or before is older than it.
 pub async fn update<T>(
     ring: &dyn SharedRing,
-    mut edit: impl FnMut(&RingRecord) -> Result<(Members, T), GatewayError>,
-) -> Result<(RingRecord, T), GatewayError> {
+    mut edit: impl FnMut(&RingRecord) -> Result<(Members, T), ControlError>,
+) -> Result<(RingRecord, T), ControlError> {
     for attempt in 0..MAX_ATTEMPTS {
         let record = ring.read().await.map_err(engine_unavailable)?;
         let (members, out) = edit(&record)?;
@@ -332,7 +332,7 @@ pub async fn update<T>(
             Err(RecordWriteError::Engine(e)) => return Err(engine_unavailable(e)),
         }
     }
-    Err(GatewayError::RingContended {
+    Err(ControlError::RingContended {
         attempts: MAX_ATTEMPTS,
     })
 }
@@ -435,7 +435,7 @@ mod tests {
             .expect_err("in use");
         assert!(matches!(
             err,
-            GatewayError::Membership(MembershipError::HostnameInUse(_))
+            ControlError::Membership(MembershipError::HostnameInUse(_))
         ));
         assert_eq!(
             plan_remove(&record, &req(1, &["nope"]), "gw", 1).map(|_| ()),
@@ -468,7 +468,7 @@ mod tests {
         let rolled_back = record_of(plan_forget(&rec, &ids), 3);
         assert!(matches!(
             plan_commit(&rolled_back, &ids),
-            Err(GatewayError::ReservationLost { .. })
+            Err(ControlError::ReservationLost { .. })
         ));
     }
 
@@ -487,7 +487,7 @@ mod tests {
             1,
         )
         .expect_err("9 recorded slots, 5 vnodes");
-        assert!(matches!(err, GatewayError::RecordMismatch { .. }), "{err}");
+        assert!(matches!(err, ControlError::RecordMismatch { .. }), "{err}");
     }
 
     fn local_of(record: &RingRecord) -> (Membership, Placement) {
@@ -696,7 +696,7 @@ mod tests {
         .expect_err("nothing to remove");
         assert!(matches!(
             err,
-            GatewayError::Membership(MembershipError::NotEnough { .. })
+            ControlError::Membership(MembershipError::NotEnough { .. })
         ));
         assert_eq!(*crate::sync::lock(&store.writes), 0);
     }

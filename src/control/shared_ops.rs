@@ -19,7 +19,7 @@ use super::lifecycle::Internal;
 use super::membership::{Limits, OpId, Phase, ScaleRequest};
 use super::shared::{self, Change, Cleanup, Reserved};
 use super::Controller;
-use crate::error::GatewayError;
+use crate::control::error::ControlError;
 use crate::health::Tracker;
 use crate::provider::{Instance, RingRecord, SharedRing};
 use crate::ring::ServerId;
@@ -98,7 +98,7 @@ impl Controller {
     pub(super) fn on_reserved(
         &mut self,
         op: OpId,
-        result: Result<(RingRecord, Reserved), GatewayError>,
+        result: Result<(RingRecord, Reserved), ControlError>,
         reply: Reply<Scaled>,
     ) {
         let (record, reserved) = match result {
@@ -157,7 +157,7 @@ impl Controller {
         &mut self,
         op: OpId,
         ids: Vec<ServerId>,
-        result: Result<RingRecord, GatewayError>,
+        result: Result<RingRecord, ControlError>,
         reply: Reply<Scaled>,
     ) {
         self.op_done(op);
@@ -194,7 +194,7 @@ impl Controller {
     pub(super) fn roll_back(
         &mut self,
         ids: Vec<ServerId>,
-        error: GatewayError,
+        error: ControlError,
         reply: Reply<Scaled>,
     ) {
         let names: Vec<String> = ids.iter().filter_map(|&id| self.forget(id)).collect();
@@ -236,7 +236,7 @@ impl Controller {
 
     pub(super) fn on_removal_planned(
         &mut self,
-        result: Result<(RingRecord, Vec<ServerId>), GatewayError>,
+        result: Result<(RingRecord, Vec<ServerId>), ControlError>,
         reply: Reply<Scaled>,
     ) {
         match result {
@@ -342,7 +342,7 @@ impl Controller {
                     self.op_done(op);
                     if let Some(reply) = self.add_ops.remove(&op) {
                         let ids = self.membership.joining(op);
-                        self.roll_back(ids, GatewayError::ReservationLost { replica: name }, reply);
+                        self.roll_back(ids, ControlError::ReservationLost { replica: name }, reply);
                     }
                     return;
                 }

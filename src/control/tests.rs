@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::membership::ScaleRequest;
 use super::testkit::{config, Harness, World};
-use crate::error::GatewayError;
+use crate::control::error::ControlError;
 
 const SETTLE: Duration = Duration::from_secs(60);
 
@@ -175,7 +175,7 @@ async fn a_failed_start_rolls_the_whole_add_back() {
         .await
         .expect_err("S6 cannot start");
     match &err {
-        GatewayError::AddFailed { replica, .. } => assert_eq!(replica, "S6"),
+        ControlError::AddFailed { replica, .. } => assert_eq!(replica, "S6"),
         other => panic!("expected AddFailed, got {other:?}"),
     }
     assert!(err.to_string().contains("nothing was added"), "{err}");
@@ -323,7 +323,7 @@ async fn refused_calls_change_nothing() {
             h.handle.remove(req).await
         };
         assert!(
-            matches!(result, Err(GatewayError::Membership(_))),
+            matches!(result, Err(ControlError::Membership(_))),
             "{result:?}"
         );
     }
@@ -521,7 +521,7 @@ async fn an_add_reserves_its_slots_when_planned_and_a_rollback_frees_them() {
     let before = h.snapshot().ring.fingerprint();
     let failed = h.handle.add(scale(2, &["S8", "S9"])).await;
     assert!(
-        matches!(failed, Err(GatewayError::AddFailed { .. })),
+        matches!(failed, Err(ControlError::AddFailed { .. })),
         "{failed:?}"
     );
     let s8 = world.spawned_slots("S8");
@@ -695,11 +695,11 @@ async fn an_unreachable_engine_keeps_the_last_ring_and_says_so() {
         .add(scale(1, &[]))
         .await
         .expect_err("the engine is down");
-    assert!(err.retryable(), "{err}");
     assert!(
-        matches!(err, GatewayError::EngineUnavailable { .. }),
+        matches!(err, ControlError::EngineUnavailable { .. }),
         "{err}"
     );
+    assert!(crate::rescue::GatewayError::from(err).retryable());
     assert_eq!(a.fingerprint(), fingerprint, "routing goes on");
     world.record().broadcast_engine(false);
     let mut status = a.handle.status().await.expect("status");
@@ -946,7 +946,7 @@ async fn post_lb_roll_rolls_the_same_spec_and_a_second_call_waits_for_it() {
     assert!(
         matches!(
             again,
-            GatewayError::Roll(super::roll::RollError::InProgress { .. })
+            ControlError::Roll(super::roll::RollError::InProgress { .. })
         ),
         "{again:?}"
     );
@@ -969,7 +969,10 @@ async fn a_static_provider_has_nothing_to_roll() {
     h.until(SETTLE, "up", |h| h.in_ring().len() == 1).await;
     let e = h.handle.roll().await.expect_err("static");
     assert!(e.to_string().contains("starts no replica"), "{e}");
-    assert_eq!(e.status(), http::StatusCode::CONFLICT);
+    assert_eq!(
+        crate::rescue::GatewayError::from(e).status(),
+        http::StatusCode::CONFLICT
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -1093,5 +1096,5 @@ async fn a_spec_edit_on_swarm_says_it_is_not_rolled() {
         "{roll}"
     );
     let e = h.handle.roll().await.expect_err("not on swarm");
-    assert!(matches!(e, GatewayError::Roll(_)), "{e:?}");
+    assert!(matches!(e, ControlError::Roll(_)), "{e:?}");
 }

@@ -10,8 +10,9 @@
 
 use std::time::Duration;
 
-use crate::error::{error_chain, local_resource_cause, GatewayError};
+use crate::error::{error_chain, local_resource_cause};
 use crate::proxy::body::past_limit;
+use crate::rescue::GatewayError;
 use crate::upstream::pool::ConnectError;
 use crate::wire::client::SendError;
 

@@ -29,8 +29,9 @@ use http_body_util::{BodyExt, Limited};
 use crate::access_log::{Outcome, Termination};
 use crate::admission::{Admitted, Refusal, RequestPlace};
 use crate::control::ControllerHandle;
-use crate::error::{error_chain, GatewayError};
+use crate::error::error_chain;
 use crate::metrics::Metrics;
+use crate::rescue::GatewayError;
 use crate::ring::ServerId;
 use crate::snapshot::Snapshot;
 use crate::wire::body::{Body, RequestBody};
@@ -146,7 +147,7 @@ async fn admit(
     client: &Arc<Admitted>,
     budgets: &crate::admission::Budgets,
 ) -> Result<(RequestPlace, ProxyBody, Duration), GatewayError> {
-    crate::wire::headers::check_request(&parts.method, parts.uri.path(), &parts.headers)?;
+    check_request(&parts.method, parts.uri.path(), &parts.headers)?;
     let limit = cfg.proxy.max_body;
     if content_length(&parts.headers).is_some_and(|n| n > limit) {
         linger(body);
@@ -225,6 +226,26 @@ impl Retries {
     }
 }
 
+/// Refuses what a gateway must not forward: `CONNECT` tunnels, and more than one `Host`
+/// (RFC 9112 §3.2).
+fn check_request(
+    method: &http::Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<(), GatewayError> {
+    if method == http::Method::CONNECT {
+        return Err(GatewayError::MethodNotAllowed {
+            method: method.clone(),
+            path: path.to_owned(),
+            allowed: crate::wire::headers::ALLOWED_METHODS,
+        });
+    }
+    if headers.get_all(header::HOST).iter().count() > 1 {
+        return Err(GatewayError::BadHost);
+    }
+    Ok(())
+}
+
 /// Waits (up to `timeout`) until the client's body has started ([`ProxyBody::started`]); a
 /// body that does not is the client's failure.
 async fn body_started(
@@ -254,4 +275,22 @@ fn linger(body: RequestBody) {
         })
         .await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_and_two_hosts_are_refused() {
+        let mut h = http::HeaderMap::new();
+        assert!(check_request(&http::Method::GET, "/", &h).is_ok());
+        let e = check_request(&http::Method::CONNECT, "/", &h).expect_err("no tunnels");
+        assert_eq!(e.status(), http::StatusCode::METHOD_NOT_ALLOWED);
+        h.append(header::HOST, http::HeaderValue::from_static("a"));
+        assert!(check_request(&http::Method::GET, "/", &h).is_ok());
+        h.append(header::HOST, http::HeaderValue::from_static("b"));
+        let e = check_request(&http::Method::GET, "/", &h).expect_err("two hosts");
+        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+    }
 }

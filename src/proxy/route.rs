@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use http::request::Parts;
 
 use crate::balance;
-use crate::error::GatewayError;
 use crate::metrics::Metrics;
+use crate::rescue::GatewayError;
 use crate::ring::ServerId;
 use crate::snapshot::{InFlight, Snapshot};
 

@@ -8,7 +8,8 @@
 
 use http::{HeaderValue, Response, StatusCode};
 
-use crate::error::{full, GatewayError};
+use crate::answer::full;
+use crate::rescue::GatewayError;
 use crate::wire::body::Body;
 
 /// Whether a plain-HTTP request for `path` is redirected.

@@ -12,7 +12,7 @@
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
-use crate::error::full;
+use crate::answer::full;
 use crate::wire::body::Body;
 
 /// The page's files: path under `/lb/`, content type, bytes.

@@ -16,6 +16,7 @@
 use http::Version;
 
 use super::framing::BodyFraming;
+use super::syntax::is_token;
 
 /// What is wrong with a message's framing fields. The texts are what a refused client reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -184,16 +185,6 @@ fn decimal(s: &[u8]) -> Option<u64> {
         let digit = b.checked_sub(b'0').filter(|d| *d <= 9)?;
         n.checked_mul(10)?.checked_add(u64::from(digit))
     })
-}
-
-/// A `tchar` (RFC 9110 §5.6.2).
-pub fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-/// `1*tchar`.
-pub fn is_token(s: &[u8]) -> bool {
-    !s.is_empty() && s.iter().all(|&b| is_tchar(b))
 }
 
 /// The framing cases both legs' parsers are tested on, beside each parser: one table, so the

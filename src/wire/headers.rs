@@ -1,17 +1,13 @@
-//! Request normalisation: what the gateway refuses, and which headers never cross it (the
-//! upstream client's head writer and response parser apply these classes).
+//! Which header fields never cross the gateway (the replica-side head writer and response
+//! parser apply these classes).
 //!
-//! Owns: the request checks (one `Host`, RFC 9112 §3.2; no `CONNECT` tunnels), hop-by-hop
-//! headers (RFC 9110 §7.6.1, including the ones `Connection` names, except the fields the
+//! Owns: hop-by-hop headers (RFC 9110 §7.6.1, including the ones `Connection` names, except the fields the
 //! gateway itself relies on), headers a client must not be able to set for the replica
 //! (`Proxy`, the httpoxy vector; `Forwarded` and `X-Real-IP`, which replicas would trust as the
 //! gateway's).
 //! Must not touch: routing or bodies.
 
-use http::header::{self, HeaderMap, HeaderName};
-use http::Method;
-
-use crate::error::GatewayError;
+use http::header::{self, HeaderName};
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -39,21 +35,6 @@ const CLIENT_MAY_NOT_SET: [HeaderName; 3] = [
 /// The methods a replica can be sent.
 pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE";
 
-/// Refuses what a gateway must not forward.
-pub fn check_request(method: &Method, path: &str, headers: &HeaderMap) -> Result<(), GatewayError> {
-    if method == Method::CONNECT {
-        return Err(GatewayError::MethodNotAllowed {
-            method: method.clone(),
-            path: path.to_owned(),
-            allowed: ALLOWED_METHODS,
-        });
-    }
-    if headers.get_all(header::HOST).iter().count() > 1 {
-        return Err(GatewayError::BadHost);
-    }
-    Ok(())
-}
-
 /// A header that describes one hop, not the message (never forwarded either way).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name.as_str() == "proxy-connection"
@@ -72,7 +53,6 @@ pub fn is_protected(name: &HeaderName) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn the_header_classes() {
@@ -94,18 +74,5 @@ mod tests {
         }
         assert!(is_protected(&header::HOST) && is_protected(&header::CONTENT_LENGTH));
         assert!(!is_protected(&HeaderName::from_static("x-forwarded-for")));
-    }
-
-    #[test]
-    fn connect_and_two_hosts_are_refused() {
-        let mut h = HeaderMap::new();
-        assert!(check_request(&Method::GET, "/", &h).is_ok());
-        let e = check_request(&Method::CONNECT, "/", &h).expect_err("no tunnels");
-        assert_eq!(e.status(), http::StatusCode::METHOD_NOT_ALLOWED);
-        h.append(header::HOST, HeaderValue::from_static("a"));
-        assert!(check_request(&Method::GET, "/", &h).is_ok());
-        h.append(header::HOST, HeaderValue::from_static("b"));
-        let e = check_request(&Method::GET, "/", &h).expect_err("two hosts");
-        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
     }
 }

@@ -17,3 +17,4 @@ pub mod framing;
 pub mod headers;
 pub mod scratch;
 pub mod server;
+pub mod syntax;

@@ -32,8 +32,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Sleep};
 
-use crate::error::GatewayError;
 use crate::metrics::Metrics;
+use crate::rescue::GatewayError;
 use crate::wire::body::{Body, RequestBody};
 use crate::wire::framing::{BodyFraming, ChunkLine, CHUNK_END, LAST_CHUNK};
 use body::{Http1Body, Reader, Returned};
