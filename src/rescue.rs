@@ -215,7 +215,7 @@ fn over_budget(refusal: crate::admission::Refusal, limit: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::lifecycle::StartFailure;
+    use crate::control::error::StartFailure;
     use crate::control::membership::MembershipError;
     use http_body_util::BodyExt;
 

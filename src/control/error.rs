@@ -2,12 +2,12 @@
 //! membership model, a replica that did not start, a roll in progress, the shared ring record
 //! out of reach, or a controller that is shutting down.
 //!
-//! Owns: [`ControlError`]. Must not touch: HTTP (the edge, `crate::rescue`, gives each its
+//! Owns: [`ControlError`], [`StartFailure`], [`RollError`]. Must not touch: HTTP (the edge, `crate::rescue`, gives each its
 //! status).
 
-use super::lifecycle::StartFailure;
+use std::time::Duration;
+
 use super::membership::MembershipError;
-use super::roll::RollError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -30,4 +30,50 @@ pub enum ControlError {
     RecordMismatch { detail: String },
     #[error("replica '{replica}' was removed from the shared ring record by another gateway before this /add committed; nothing was added: retry it")]
     ReservationLost { replica: String },
+}
+
+/// Why a replica's start failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartFailure {
+    #[error("failed to start: {0}")]
+    Provider(String),
+    #[error("exited while starting ({0})")]
+    Exited(String),
+    /// It runs but did not pass its readiness checks in time.
+    #[error("did not become ready: its health check ({check}) did not pass within provider.start_timeout ({timeout:?}); last check: {last}")]
+    NotReady {
+        check: String,
+        timeout: Duration,
+        last: String,
+    },
+    /// One of the above, and the last lines the replica wrote.
+    #[error("{cause}{}", crate::provider::process::quote_output(output))]
+    WithOutput {
+        cause: Box<StartFailure>,
+        output: Vec<String>,
+    },
+}
+
+impl StartFailure {
+    /// This failure with the replica's last lines of output (as it is when there are none).
+    pub fn with_output(self, output: Vec<String>) -> StartFailure {
+        if output.is_empty() || matches!(self, StartFailure::WithOutput { .. }) {
+            return self;
+        }
+        StartFailure::WithOutput {
+            cause: Box::new(self),
+            output,
+        }
+    }
+}
+
+/// Why a roll cannot start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RollError {
+    #[error("the {0} provider starts no replica, so there is nothing to roll")]
+    NotManaged(&'static str),
+    #[error("a roll is in progress ({done} of {total} replicas rolled): wait for it to finish (GET /lb/status shows it), then roll again")]
+    InProgress { done: usize, total: usize },
+    #[error("the {0} provider does not roll replicas in place yet: a spec edit applies to replicas started from now on (`docker service update --force <replica>` rolls one by hand)")]
+    Unsupported(&'static str),
 }

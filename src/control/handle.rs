@@ -5,10 +5,11 @@
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::error::{ControlError, StartFailure};
 use super::membership::ScaleRequest;
 use crate::config::Config;
-use crate::control::error::ControlError;
 use crate::policy::PolicySet;
+use crate::provider::{Instance, ProviderError, RingRecord};
 use crate::ring::ServerId;
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
@@ -162,4 +163,83 @@ impl ControllerHandle {
             detail,
         });
     }
+}
+
+/// Reports from the controller's own spawned tasks.
+pub(super) enum Internal {
+    Spawned {
+        id: ServerId,
+        incarnation: u64,
+        result: Result<Instance, ProviderError>,
+    },
+    StartTimeout {
+        id: ServerId,
+        incarnation: u64,
+    },
+    RespawnDue {
+        id: ServerId,
+        incarnation: u64,
+    },
+    /// A start failed; `output` is what the instance wrote last (fetched from the provider
+    /// before the failure is reported).
+    StartFailed {
+        id: ServerId,
+        incarnation: u64,
+        cause: StartFailure,
+        output: Vec<String>,
+    },
+    /// A roll's replacement started (or not).
+    SuccessorSpawned {
+        id: ServerId,
+        incarnation: u64,
+        result: Result<Instance, ProviderError>,
+    },
+    /// A roll's replacement had `provider.start_timeout` to get ready.
+    SuccessorTimeout {
+        id: ServerId,
+        incarnation: u64,
+    },
+    /// A rolled-out instance drained and stopped; what it counted after the swap.
+    Retired {
+        id: ServerId,
+        since_swap: crate::snapshot::Totals,
+    },
+    /// The last output of the replacement that stopped the roll to `target`.
+    RollOutput {
+        target: u64,
+        replica: String,
+        output: Vec<String>,
+    },
+    /// `/rm` finished draining and stopping these replicas.
+    Removed {
+        ids: Vec<ServerId>,
+        reply: Reply<Scaled>,
+    },
+    /// Shared ring: an `/add` (or a grow) reserved these replicas in the record, or failed.
+    Reserved {
+        op: super::membership::OpId,
+        result: Result<(RingRecord, super::shared::Reserved), ControlError>,
+        reply: Reply<Scaled>,
+    },
+    /// Shared ring: `/add` `op` committed in the record, or failed to.
+    Committed {
+        op: super::membership::OpId,
+        ids: Vec<ServerId>,
+        result: Result<RingRecord, ControlError>,
+        reply: Reply<Scaled>,
+    },
+    /// Shared ring: an `/rm` marked these replicas leaving in the record, or failed to.
+    RemovalPlanned {
+        result: Result<(RingRecord, Vec<ServerId>), ControlError>,
+        reply: Reply<Scaled>,
+    },
+    /// Shared ring: this gateway wrote the record (applied like an observation).
+    RecordWritten {
+        record: RingRecord,
+    },
+    /// Shared ring: an entry a dead gateway left was cleaned up.
+    CleanedUp {
+        id: ServerId,
+        record: Option<RingRecord>,
+    },
 }

@@ -13,57 +13,18 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::handle::{Reply, Scaled};
+use super::error::StartFailure;
+use super::handle::Internal;
 use super::membership::Phase;
 use super::Controller;
-use crate::control::error::ControlError;
 use crate::health::probe::{Check, ProbeTarget, ProbeTask};
-use crate::health::{HealthState, ProbeOutcome, Tracker};
-use crate::provider::{Instance, ProviderError, ProviderEvent, ReplicaSpec, RingRecord};
+use crate::health::{describe_probe, HealthState, ProbeOutcome, Tracker, START_PROBE_PERIOD};
+use crate::provider::{Instance, ProviderEvent, ReplicaSpec};
 use crate::ring::ServerId;
 use crate::snapshot::ReplicaStats;
 
-/// How often a starting replica is checked.
-pub const START_PROBE_PERIOD: Duration = Duration::from_millis(100);
-/// Upper bound on the check period of a replica that is not up.
-pub const FAST_PROBE_PERIOD: Duration = Duration::from_secs(1);
 /// A replica that ran this long before dying starts a fresh back-off.
 pub const STABLE_AFTER: Duration = Duration::from_secs(30);
-
-/// Why a replica's start failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StartFailure {
-    #[error("failed to start: {0}")]
-    Provider(String),
-    #[error("exited while starting ({0})")]
-    Exited(String),
-    /// It runs but did not pass its readiness checks in time.
-    #[error("did not become ready: its health check ({check}) did not pass within provider.start_timeout ({timeout:?}); last check: {last}")]
-    NotReady {
-        check: String,
-        timeout: Duration,
-        last: String,
-    },
-    /// One of the above, and the last lines the replica wrote.
-    #[error("{cause}{}", crate::provider::process::quote_output(output))]
-    WithOutput {
-        cause: Box<StartFailure>,
-        output: Vec<String>,
-    },
-}
-
-impl StartFailure {
-    /// This failure with the replica's last lines of output (as it is when there are none).
-    pub fn with_output(self, output: Vec<String>) -> StartFailure {
-        if output.is_empty() || matches!(self, StartFailure::WithOutput { .. }) {
-            return self;
-        }
-        StartFailure::WithOutput {
-            cause: Box::new(self),
-            output,
-        }
-    }
-}
 
 /// The controller's record of one replica's current run.
 pub(super) struct Replica {
@@ -119,85 +80,6 @@ impl Replica {
     }
 }
 
-/// Reports from the controller's own spawned tasks.
-pub(super) enum Internal {
-    Spawned {
-        id: ServerId,
-        incarnation: u64,
-        result: Result<Instance, ProviderError>,
-    },
-    StartTimeout {
-        id: ServerId,
-        incarnation: u64,
-    },
-    RespawnDue {
-        id: ServerId,
-        incarnation: u64,
-    },
-    /// A start failed; `output` is what the instance wrote last (fetched from the provider
-    /// before the failure is reported).
-    StartFailed {
-        id: ServerId,
-        incarnation: u64,
-        cause: StartFailure,
-        output: Vec<String>,
-    },
-    /// A roll's replacement started (or not).
-    SuccessorSpawned {
-        id: ServerId,
-        incarnation: u64,
-        result: Result<Instance, ProviderError>,
-    },
-    /// A roll's replacement had `provider.start_timeout` to get ready.
-    SuccessorTimeout {
-        id: ServerId,
-        incarnation: u64,
-    },
-    /// A rolled-out instance drained and stopped; what it counted after the swap.
-    Retired {
-        id: ServerId,
-        since_swap: crate::snapshot::Totals,
-    },
-    /// The last output of the replacement that stopped the roll to `target`.
-    RollOutput {
-        target: u64,
-        replica: String,
-        output: Vec<String>,
-    },
-    /// `/rm` finished draining and stopping these replicas.
-    Removed {
-        ids: Vec<ServerId>,
-        reply: Reply<Scaled>,
-    },
-    /// Shared ring: an `/add` (or a grow) reserved these replicas in the record, or failed.
-    Reserved {
-        op: super::membership::OpId,
-        result: Result<(RingRecord, super::shared::Reserved), ControlError>,
-        reply: Reply<Scaled>,
-    },
-    /// Shared ring: `/add` `op` committed in the record, or failed to.
-    Committed {
-        op: super::membership::OpId,
-        ids: Vec<ServerId>,
-        result: Result<RingRecord, ControlError>,
-        reply: Reply<Scaled>,
-    },
-    /// Shared ring: an `/rm` marked these replicas leaving in the record, or failed to.
-    RemovalPlanned {
-        result: Result<(RingRecord, Vec<ServerId>), ControlError>,
-        reply: Reply<Scaled>,
-    },
-    /// Shared ring: this gateway wrote the record (applied like an observation).
-    RecordWritten {
-        record: RingRecord,
-    },
-    /// Shared ring: an entry a dead gateway left was cleaned up.
-    CleanedUp {
-        id: ServerId,
-        record: Option<RingRecord>,
-    },
-}
-
 /// `recovery_delay · 2^(streak-1)`, capped.
 pub fn backoff(base: Duration, cap: Duration, streak: u32) -> Duration {
     let factor = 1u32
@@ -212,17 +94,6 @@ pub fn next_crash_streak(streak: u32, ran_for: Option<Duration>) -> u32 {
         1
     } else {
         streak.saturating_add(1)
-    }
-}
-
-/// How often a replica in `state` is checked.
-pub fn probe_period(state: HealthState, interval: Duration) -> Duration {
-    match state {
-        HealthState::Starting => START_PROBE_PERIOD,
-        HealthState::Up => interval,
-        HealthState::Suspect | HealthState::Down | HealthState::Ejected => {
-            interval.min(FAST_PROBE_PERIOD)
-        }
     }
 }
 
@@ -359,7 +230,7 @@ impl Controller {
                         .replicas
                         .get(&id)
                         .and_then(|r| r.last_probe.as_ref())
-                        .map(super::roll::describe_probe)
+                        .map(describe_probe)
                         .unwrap_or_else(|| "none yet (it has no address)".to_owned());
                     let cause = StartFailure::NotReady {
                         check: self.check_description(),
@@ -592,18 +463,5 @@ mod tests {
         assert_eq!(next_crash_streak(3, Some(Duration::from_secs(5))), 4);
         assert_eq!(next_crash_streak(3, Some(STABLE_AFTER)), 1);
         assert_eq!(next_crash_streak(u32::MAX, None), u32::MAX);
-    }
-
-    #[test]
-    fn replicas_that_are_not_up_are_checked_faster() {
-        let interval = Duration::from_secs(10);
-        assert_eq!(
-            probe_period(HealthState::Starting, interval),
-            START_PROBE_PERIOD
-        );
-        assert_eq!(probe_period(HealthState::Up, interval), interval);
-        assert_eq!(probe_period(HealthState::Down, interval), FAST_PROBE_PERIOD);
-        let short = Duration::from_millis(200);
-        assert_eq!(probe_period(HealthState::Suspect, short), short);
     }
 }

@@ -49,9 +49,10 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use handle::Internal;
 use handle::Reply;
 pub use handle::{Command, ControllerHandle, ReloadKind, Scaled};
-use lifecycle::{Internal, Replica};
+use lifecycle::Replica;
 use membership::{Membership, OpId, Phase};
 
 use crate::config::Config;

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::lifecycle::probe_period;
 use super::probes::may_eject;
 use super::Controller;
+use crate::health::probe_period;
 use crate::health::HealthState;
 use crate::ring::ServerId;
 

@@ -10,10 +10,10 @@ use std::sync::atomic::Ordering;
 
 use tokio::time::Instant;
 
-use super::lifecycle::probe_period;
 use super::membership::Phase;
 use super::Controller;
 use crate::health::probe::ProbeReport;
+use crate::health::probe_period;
 use crate::health::{HealthState, ProbeOutcome, Transition};
 use crate::policy::{Hook, HookOutcome, PolicySet, ProbeView};
 use crate::ring::ServerId;

@@ -11,10 +11,10 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::lifecycle::probe_period;
 use super::Controller;
 use crate::config::{Config, ProviderConfig};
 use crate::health::probe::Check;
+use crate::health::probe_period;
 use crate::policy::{Hook, PolicySet};
 use crate::provider::AppSpec;
 

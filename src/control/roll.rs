@@ -20,25 +20,16 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::lifecycle::{probe_period, Internal, StartFailure, START_PROBE_PERIOD};
+use super::error::{RollError, StartFailure};
+use super::handle::Internal;
 use super::membership::Phase;
 use super::Controller;
 use crate::health::probe::{Check, ProbeReport, ProbeTarget, ProbeTask};
+use crate::health::{describe_probe, probe_period, START_PROBE_PERIOD};
 use crate::health::{HealthState, ProbeOutcome, Tracker, Transition};
 use crate::provider::{Instance, ReplicaSpec};
 use crate::ring::ServerId;
 use crate::snapshot::{ReplicaStats, Totals};
-
-/// Why a roll cannot start.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RollError {
-    #[error("the {0} provider starts no replica, so there is nothing to roll")]
-    NotManaged(&'static str),
-    #[error("a roll is in progress ({done} of {total} replicas rolled): wait for it to finish (GET /lb/status shows it), then roll again")]
-    InProgress { done: usize, total: usize },
-    #[error("the {0} provider does not roll replicas in place yet: a spec edit applies to replicas started from now on (`docker service update --force <replica>` rolls one by hand)")]
-    Unsupported(&'static str),
-}
 
 /// A replica's replacement during a roll.
 pub(super) struct Successor {
@@ -617,15 +608,6 @@ async fn drain(stats: &ReplicaStats, timeout: Duration) {
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A check's result in a sentence: `answered 503 after 2.1 ms`, `connection refused`.
-pub(super) fn describe_probe(p: &ProbeOutcome) -> String {
-    match (p.status, &p.error) {
-        (Some(status), _) => format!("answered {status} after {:.1} ms", p.latency_ms),
-        (None, Some(e)) => e.clone(),
-        (None, None) => "no answer".to_owned(),
     }
 }
 

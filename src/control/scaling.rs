@@ -14,8 +14,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::error::StartFailure;
+use super::handle::Internal;
 use super::handle::{Reply, Scaled};
-use super::lifecycle::{Internal, StartFailure};
 use super::membership::{Limits, OpId, Phase, ScaleRequest};
 use super::Controller;
 use crate::control::error::ControlError;

@@ -14,8 +14,8 @@ use std::time::SystemTime;
 
 use tokio::sync::oneshot;
 
+use super::handle::Internal;
 use super::handle::{Reply, Scaled};
-use super::lifecycle::Internal;
 use super::membership::{Limits, OpId, Phase, ScaleRequest};
 use super::shared::{self, Change, Cleanup, Reserved};
 use super::Controller;

@@ -946,7 +946,7 @@ async fn post_lb_roll_rolls_the_same_spec_and_a_second_call_waits_for_it() {
     assert!(
         matches!(
             again,
-            ControlError::Roll(super::roll::RollError::InProgress { .. })
+            ControlError::Roll(super::error::RollError::InProgress { .. })
         ),
         "{again:?}"
     );

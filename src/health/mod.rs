@@ -14,7 +14,7 @@
 
 pub mod probe;
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -198,6 +198,31 @@ mod unix_ms {
     }
 }
 
+/// How often a starting replica is checked.
+pub const START_PROBE_PERIOD: Duration = Duration::from_millis(100);
+/// Upper bound on the check period of a replica that is not up.
+pub const FAST_PROBE_PERIOD: Duration = Duration::from_secs(1);
+
+/// How often a replica in `state` is checked.
+pub fn probe_period(state: HealthState, interval: Duration) -> Duration {
+    match state {
+        HealthState::Starting => START_PROBE_PERIOD,
+        HealthState::Up => interval,
+        HealthState::Suspect | HealthState::Down | HealthState::Ejected => {
+            interval.min(FAST_PROBE_PERIOD)
+        }
+    }
+}
+
+/// A check's result in a sentence: `answered 503 after 2.1 ms`, `connection refused`.
+pub fn describe_probe(p: &ProbeOutcome) -> String {
+    match (p.status, &p.error) {
+        (Some(status), _) => format!("answered {status} after {:.1} ms", p.latency_ms),
+        (None, Some(e)) => e.clone(),
+        (None, None) => "no answer".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,5 +307,18 @@ mod tests {
         );
         let mut t = Tracker::up();
         assert_eq!(t.on_passive_failure(1), Transition::Dead);
+    }
+
+    #[test]
+    fn replicas_that_are_not_up_are_checked_faster() {
+        let interval = Duration::from_secs(10);
+        assert_eq!(
+            probe_period(HealthState::Starting, interval),
+            START_PROBE_PERIOD
+        );
+        assert_eq!(probe_period(HealthState::Up, interval), interval);
+        assert_eq!(probe_period(HealthState::Down, interval), FAST_PROBE_PERIOD);
+        let short = Duration::from_millis(200);
+        assert_eq!(probe_period(HealthState::Suspect, short), short);
     }
 }
