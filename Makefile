@@ -48,10 +48,12 @@ fmt:
 # Crates that belong to the lab (bench/lab) and must never reach the gateway binary or its image.
 LAB_ONLY_CRATES := plotters indicatif ab_glyph image tempfile criterion
 
-## lint: formatting and clippy over the workspace, warnings as errors; the gateway free of the lab's crates
+## lint: formatting and clippy over the workspace, warnings as errors (no request-path function over
+## 100 lines); no import circle among the files of src/; the gateway free of the lab's crates
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	python3 .ci/import_cycles.py src
 	@tree=$$($(CARGO) tree -e normal -p ringgate --prefix none --format '{p}') || exit 1; \
 	found=$$(printf '%s\n' "$$tree" | awk '{print $$1}' | sort -u | \
 	  grep -Fx $(addprefix -e ,$(LAB_ONLY_CRATES)) || true); \

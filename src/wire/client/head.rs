@@ -209,49 +209,76 @@ pub fn parse_response(
     with_spans(|spans| parse_response_with(buf, method, spans))
 }
 
+/// What httparse reads of a response head (its fields' spans go to the caller's list).
+struct Scanned {
+    /// The head's length in the buffer.
+    len: usize,
+    status: StatusCode,
+    version: Version,
+    /// The fields its `Connection` names, lower-cased.
+    named: Vec<String>,
+}
+
+/// Reads the response head at the start of `buf` with httparse; `None` while it is not whole.
+fn scan_response(
+    buf: &BytesMut,
+    spans: &mut Vec<(Span, Span)>,
+) -> Result<Option<Scanned>, HeadError> {
+    let mut slots = header_slots::<MAX_HEADERS>();
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+    let len = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(HeadError::Malformed(e.to_string())),
+    };
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| HeadError::Malformed("no valid status code".into()))?;
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let named: Vec<String> = resp
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    spans.extend(
+        resp.headers
+            .iter()
+            .map(|h| (span(h.name.as_bytes()), span(h.value))),
+    );
+    Ok(Some(Scanned {
+        len,
+        status,
+        version,
+        named,
+    }))
+}
+
 fn parse_response_with(
     buf: &mut BytesMut,
     method: &Method,
     spans: &mut Vec<(Span, Span)>,
 ) -> Result<Option<ResponseHead>, HeadError> {
-    let mut slots = header_slots::<MAX_HEADERS>();
-    let (len, status, version, named) = {
-        let mut resp = httparse::Response::new(&mut []);
-        let parsed = httparse::ParserConfig::default()
-            .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
-        let len = match parsed {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
-                return Err(HeadError::TooLarge)
-            }
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(e) => return Err(HeadError::Malformed(e.to_string())),
-        };
-        let status = resp
-            .code
-            .and_then(|c| StatusCode::from_u16(c).ok())
-            .ok_or_else(|| HeadError::Malformed("no valid status code".into()))?;
-        let version = if resp.version == Some(0) {
-            Version::HTTP_10
-        } else {
-            Version::HTTP_11
-        };
-        let named: Vec<String> = resp
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-            .filter_map(|h| std::str::from_utf8(h.value).ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_ascii_lowercase())
-            .collect();
-        let base = buf.as_ptr() as usize;
-        let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
-        spans.extend(
-            resp.headers
-                .iter()
-                .map(|h| (span(h.name.as_bytes()), span(h.value))),
-        );
-        (len, status, version, named)
+    let Some(Scanned {
+        len,
+        status,
+        version,
+        named,
+    }) = scan_response(buf, spans)?
+    else {
+        return Ok(None);
     };
     let head = buf.split_to(len).freeze();
     let mut keep_alive = match version {

@@ -16,7 +16,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf, ReadHalf};
 use tokio::sync::oneshot;
 
-use super::Transport;
+use super::io::Transport;
 use crate::error::BoxError;
 use crate::wire::framing::{BodyFraming, Decoder, ReadError, Source};
 

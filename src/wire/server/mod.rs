@@ -16,6 +16,7 @@
 //! [`crate::wire::fields`]'.
 
 pub mod body;
+pub mod io;
 pub mod request;
 pub mod response;
 
@@ -28,7 +29,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use http::{Method, Request, Response, Version};
 use hyper::body::Body as HttpBody;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncWriteExt, WriteHalf};
 use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Sleep};
 
@@ -37,13 +38,9 @@ use crate::rescue::GatewayError;
 use crate::wire::body::{Body, RequestBody};
 use crate::wire::framing::{BodyFraming, ChunkLine, CHUNK_END, LAST_CHUNK};
 use body::{Http1Body, Reader, Returned};
+pub use io::{Io, Transport};
 use request::{parse_request, HeadError, RequestHead, MAX_HEAD};
 use response::{framing_of, write_head, Framing, Persistence};
-
-/// A client connection's byte stream (TCP, or TLS over TCP), whatever it is.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-pub type Transport = Box<dyn Io>;
 
 /// How a connection is served.
 #[derive(Debug, Clone, Copy)]
@@ -100,33 +97,7 @@ pub async fn serve<F, Fut>(
                 counter.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Err(e) => {
-                let counter = match e {
-                    HeadError::TooLarge | HeadError::TooManyHeaders => {
-                        &metrics.heads_refused_too_large
-                    }
-                    HeadError::Malformed(_) | HeadError::Host(_) => {
-                        &metrics.heads_refused_malformed
-                    }
-                    HeadError::Framing(_) | HeadError::NotImplemented(_) => {
-                        &metrics.heads_refused_framing
-                    }
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, "refused a request head");
-                let resp = GatewayError::RequestHead(e).into_response();
-                let _ = respond(
-                    &mut write,
-                    resp,
-                    &Method::GET,
-                    Version::HTTP_11,
-                    false,
-                    &mut None,
-                )
-                .await;
-                let _ = write.shutdown().await;
-                return;
-            }
+            Err(e) => return refuse_head(&mut write, e, metrics).await,
         };
         let RequestHead {
             parts,
@@ -135,20 +106,7 @@ pub async fn serve<F, Fut>(
             expect_continue,
         } = head;
         let (method, version) = (parts.method.clone(), parts.version);
-        // A request with a body lends the read side to the body; it comes back through `back`.
-        let (body, mut watched, mut back, mut go) = if framing == BodyFraming::Empty {
-            (RequestBody::empty(), Some(reader), None, None)
-        } else {
-            let (back_tx, back_rx) = oneshot::channel();
-            let (go_tx, go_rx) = if expect_continue {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
-            } else {
-                (None, None)
-            };
-            let body = Http1Body::new(reader, framing, back_tx, go_tx);
-            (RequestBody::http1(body), None, Some(back_rx), go_rx)
-        };
+        let (body, mut watched, mut back, mut go) = lend(reader, framing, expect_continue);
         let answer = handle(Request::from_parts(parts, body));
         tokio::pin!(answer);
         let resp = loop {
@@ -407,6 +365,55 @@ async fn send(
         }
         _ => out.is_empty() || write.write_all(out).await.is_ok(),
     }
+}
+
+/// A request body's hold on the connection: the request body itself, the read side while the
+/// connection keeps it (watched for a client that goes away), where the read side comes back
+/// once the body is done with it, and the signal to send `100 Continue`.
+type Lent = (
+    RequestBody,
+    Option<Reader>,
+    Option<oneshot::Receiver<Returned>>,
+    Option<oneshot::Receiver<()>>,
+);
+
+/// The body of a request framed by `framing`: a request with a body lends the read side to
+/// it, and it comes back through the receiver when the body is done.
+fn lend(reader: Reader, framing: BodyFraming, expect_continue: bool) -> Lent {
+    if framing == BodyFraming::Empty {
+        return (RequestBody::empty(), Some(reader), None, None);
+    }
+    let (back_tx, back_rx) = oneshot::channel();
+    let (go_tx, go_rx) = if expect_continue {
+        let (tx, rx) = oneshot::channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let body = Http1Body::new(reader, framing, back_tx, go_tx);
+    (RequestBody::http1(body), None, Some(back_rx), go_rx)
+}
+
+/// Answers a refused request head with its status (counted by reason) and closes.
+async fn refuse_head(write: &mut WriteHalf<Transport>, e: HeadError, metrics: &Metrics) {
+    let counter = match e {
+        HeadError::TooLarge | HeadError::TooManyHeaders => &metrics.heads_refused_too_large,
+        HeadError::Malformed(_) | HeadError::Host(_) => &metrics.heads_refused_malformed,
+        HeadError::Framing(_) | HeadError::NotImplemented(_) => &metrics.heads_refused_framing,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(error = %e, "refused a request head");
+    let resp = GatewayError::RequestHead(e).into_response();
+    let _ = respond(
+        write,
+        resp,
+        &Method::GET,
+        Version::HTTP_11,
+        false,
+        &mut None,
+    )
+    .await;
+    let _ = write.shutdown().await;
 }
 
 /// The body's next frame, or `None` if the client went away while the body waited.
