@@ -17,7 +17,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 use hyper::body::Body as _;
 use ringgate::wire::body::Body;
-use ringgate::wire::client::head::{parse_response, request_head, RequestFraming};
+use ringgate::wire::client::head::{parse_response, request_head, Forwarded, RequestFraming};
 
 struct Counting;
 
@@ -84,18 +84,21 @@ fn headers(n: usize) -> HeaderMap {
 fn the_forwarded_request_head_is_one_allocation_whatever_its_headers() {
     let client: SocketAddr = "[2001:db8::7]:4711".parse().expect("addr");
     for n in [0, 3, 12, 40] {
-        let h = headers(n);
-        let (count, head) = allocations(|| {
-            request_head(
-                &Method::GET,
-                "/some/long/path?id=123456&other=value",
-                &h,
-                client,
-                None,
-                "https",
-                RequestFraming::Length(1234),
-            )
-        });
+        let (mut parts, ()) = http::Request::builder()
+            .method(Method::GET)
+            .uri("/some/long/path?id=123456&other=value")
+            .body(())
+            .expect("request")
+            .into_parts();
+        parts.headers = headers(n);
+        let forwarded = Forwarded {
+            parts: &parts,
+            client,
+            proto: "https",
+            framing: RequestFraming::Length(1234),
+            upgrade: None,
+        };
+        let (count, head) = allocations(|| request_head(&forwarded));
         assert_eq!(count, 1, "{n} client headers: {count} allocations");
         let text = String::from_utf8_lossy(&head);
         assert!(text.contains("x-forwarded-for: 2001:db8::7\r\n"), "{text}");

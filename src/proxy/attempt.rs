@@ -72,7 +72,13 @@ impl Attempt<'_> {
             forwarded: Forwarded {
                 parts: self.parts,
                 client: self.client_addr,
+                proto: match self.parts.extensions.get::<crate::tls::Https>() {
+                    Some(_) => "https",
+                    None => "http",
+                },
                 framing: self.framing,
+                // Tunnels are the next step: no request is forwarded as an upgrade yet.
+                upgrade: None,
             },
             // Idle replica connections are descriptors too: none kept while they are short.
             keep_idle: !short_of_descriptors,

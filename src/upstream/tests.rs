@@ -88,7 +88,9 @@ fn get_request(addr: SocketAddr, read_timeout: Duration) -> Request<'static> {
         forwarded: Forwarded {
             parts: get_parts(),
             client: "127.0.0.1:1".parse().expect("addr"),
+            proto: "http",
             framing: RequestFraming::None,
+            upgrade: None,
         },
         keep_idle: true,
         deadline: Instant::now() + Duration::from_secs(30),
@@ -301,4 +303,99 @@ async fn a_body_the_replica_stops_sending_is_cut_after_the_read_timeout() {
         // The cut connection is not reused: each round has its own.
         assert_eq!(accepts.load(Ordering::SeqCst), round);
     }
+}
+
+/// A replica that answers an upgrade request with `101` and its first bytes of the new
+/// protocol in the same write, then echoes whatever it is sent; the request head it got is
+/// sent back on `heads`.
+async fn switching_replica() -> (SocketAddr, tokio::sync::mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, heads) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = tx.send(String::from_utf8_lossy(&got).into_owned()).await;
+        let switched = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\nhello";
+        if s.write_all(switched).await.is_err() {
+            return;
+        }
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test]
+async fn an_upgrade_answered_101_carries_its_connection_with_the_response() {
+    let (addr, mut heads) = switching_replica().await;
+    let protocols = http::HeaderValue::from_static("echo");
+    let mut req = get_request(addr, Duration::from_secs(60));
+    req.forwarded.upgrade = Some(&protocols);
+    let s = stats();
+    let resp = send(&req, &mut ProxyBody::Empty, InFlight::start(&s))
+        .await
+        .expect("the 101");
+    assert_eq!(resp.status(), 101);
+    let head = heads.recv().await.expect("the head the replica got");
+    assert!(head.contains("connection: upgrade\r\n"), "{head}");
+    assert!(head.contains("upgrade: echo\r\n"), "{head}");
+    let (mut conn, in_flight, _) = resp.into_body().into_switched().expect("the connection");
+    assert_eq!(
+        in_flight.stats().load(),
+        1,
+        "counted while the switched connection lives"
+    );
+    // What the replica sent with its 101 is the new protocol's, kept for whoever takes it.
+    assert_eq!(&conn.buf[..], b"hello");
+    conn.stream().write_all(b"ping").await.expect("write");
+    let mut got = 0;
+    while got < 4 {
+        let n = std::future::poll_fn(|cx| conn.poll_fill(cx, 64))
+            .await
+            .expect("read");
+        assert!(n > 0, "the replica closed");
+        got += n;
+    }
+    assert_eq!(
+        &conn.buf[5..],
+        b"ping",
+        "bytes both ways on the switched connection"
+    );
+    drop(in_flight);
+    assert_eq!(s.load(), 0);
+    assert!(
+        pool::take(addr).is_none(),
+        "a switched connection never goes to the pool"
+    );
+}
+
+#[tokio::test]
+async fn a_101_to_a_request_that_asked_for_no_upgrade_is_still_the_replicas_error() {
+    let (addr, _heads) = switching_replica().await;
+    let req = get_request(addr, Duration::from_secs(60));
+    let s = stats();
+    let sent = send(&req, &mut ProxyBody::Empty, InFlight::start(&s)).await;
+    assert!(
+        matches!(sent, Err(SendError::BadHead(HeadError::UnaskedSwitch))),
+        "{:?}",
+        sent.map(|r| r.status())
+    );
 }

@@ -22,6 +22,8 @@ use crate::stall::{Stall, StallTimer};
 use crate::upstream::pool::{self, Conn};
 use crate::wire::framing::{BodyFraming, ChunkError, DecodeError, Decoder, ReadError, Source};
 
+/// A body not read to its end (the client went away) drops its connection with it: only
+/// [`UpstreamBody::finish`] gives one back to the pool.
 pub struct UpstreamBody {
     conn: Option<Conn>,
     decoder: Decoder,
@@ -83,6 +85,29 @@ impl UpstreamBody {
     /// Keeps the request counted in the gateway's budgets until this body is done with.
     pub fn hold(&mut self, place: RequestPlace) {
         self.place = Some(place);
+    }
+
+    /// The body of a `101`: none; the connection, which now speaks the protocol switched to, is
+    /// kept for [`UpstreamBody::into_switched`].
+    pub fn switched(conn: Conn, in_flight: InFlight) -> Self {
+        UpstreamBody {
+            conn: Some(conn),
+            decoder: Decoder::new(BodyFraming::Empty),
+            keep_alive: false,
+            stall: StallTimer::new(std::time::Duration::MAX),
+            in_flight,
+            place: None,
+        }
+    }
+
+    /// The connection of a `101` (with the bytes the replica already sent past its head), and
+    /// the request's counts at its replica and in the budgets, which the switched connection
+    /// carries on; `None` for any other response.
+    pub fn into_switched(self) -> Option<(Conn, InFlight, Option<RequestPlace>)> {
+        if !self.decoder.is_done() || self.keep_alive {
+            return None;
+        }
+        Some((self.conn?, self.in_flight, self.place))
     }
 
     /// The body ended: the connection goes back to the pool if it can carry another request.
@@ -166,12 +191,5 @@ impl HttpBody for UpstreamBody {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
         }
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // Not read to its end (the client went away): the connection is dropped, not reused.
-        self.conn = None;
     }
 }

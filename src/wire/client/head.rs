@@ -32,19 +32,33 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// Most headers a response head may have.
 pub const MAX_HEADERS: usize = 128;
 
-/// Writes the request head to send upstream. `client` is the peer address for
-/// `X-Forwarded-For`; `authority` is used for `Host` when the client sent none (HTTP/2's
-/// `:authority`, or an HTTP/1.0 request); `proto` is the client's scheme (`http` or `https`)
-/// for `X-Forwarded-Proto`.
-pub fn request_head(
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
-    client: SocketAddr,
-    authority: Option<&str>,
-    proto: &str,
-    framing: RequestFraming,
-) -> BytesMut {
+/// What a replica is sent of a client's request: its head as the gateway forwards it (hop-by-hop
+/// fields cut, `X-Forwarded-*` set) and its body's framing.
+pub struct Forwarded<'a> {
+    pub parts: &'a http::request::Parts,
+    /// The client's address (`X-Forwarded-For`).
+    pub client: SocketAddr,
+    /// The client's scheme, `http` or `https` (`X-Forwarded-Proto`).
+    pub proto: &'static str,
+    pub framing: RequestFraming,
+    /// The protocols the client asked to switch to (its `Upgrade`), when the request is
+    /// forwarded as an upgrade: the replica is asked for them, and its `101` is the answer.
+    pub upgrade: Option<&'a HeaderValue>,
+}
+
+/// Writes the head of `f` to send upstream. The host is the client's `Host`, else the target's
+/// authority (HTTP/2's `:authority`, or an HTTP/1.0 request).
+pub fn request_head(f: &Forwarded<'_>) -> BytesMut {
+    let Forwarded {
+        parts,
+        client,
+        proto,
+        framing,
+        upgrade,
+    } = *f;
+    let (method, headers) = (&parts.method, &parts.headers);
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let authority = parts.uri.authority().map(|a| a.as_str());
     // Sized once for all that is written, so it never grows: the client's headers as they are,
     // the host a second time (x-forwarded-host), and room for the request line's version, the
     // client's address and our framing.
@@ -119,6 +133,12 @@ pub fn request_head(
             out.put_slice(b"\r\n");
         }
         RequestFraming::Chunked => put_header(&mut out, b"transfer-encoding", b"chunked"),
+    }
+    // `Upgrade` and `Connection` are hop-by-hop: a request forwarded as an upgrade asks this
+    // hop for the protocols the client asked for.
+    if let Some(protocols) = upgrade {
+        put_header(&mut out, b"connection", b"upgrade");
+        put_header(&mut out, b"upgrade", protocols.as_bytes());
     }
     out.put_slice(b"\r\n");
     out
@@ -400,15 +420,20 @@ mod tests {
     }
 
     fn head(pairs: &[(&str, &str)], framing: RequestFraming) -> String {
-        let b = request_head(
-            &Method::GET,
-            "/x?id=1",
-            &map(pairs),
-            "[::ffff:10.0.0.7]:999".parse().expect("addr"),
-            Some("fallback.test"),
-            "http",
+        let (mut parts, ()) = http::Request::builder()
+            .method(Method::GET)
+            .uri("http://fallback.test/x?id=1")
+            .body(())
+            .expect("request")
+            .into_parts();
+        parts.headers = map(pairs);
+        let b = request_head(&Forwarded {
+            parts: &parts,
+            client: "[::ffff:10.0.0.7]:999".parse().expect("addr"),
+            proto: "http",
             framing,
-        );
+            upgrade: None,
+        });
         String::from_utf8(b.to_vec()).expect("utf8")
     }
 

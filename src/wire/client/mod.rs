@@ -28,6 +28,7 @@ use crate::snapshot::InFlight;
 use crate::upstream::pool::{Conn, ConnectError};
 use crate::wire::framing::{ChunkLine, CHUNK_END, LAST_CHUNK};
 pub use body::UpstreamBody;
+pub use head::Forwarded;
 use head::{HeadError, RequestFraming};
 
 /// Largest read of a response head at a time. Small, because every request in flight holds it:
@@ -84,37 +85,6 @@ impl SendError {
     }
 }
 
-/// What a replica is sent of a client's request: its head as the gateway forwards it (hop-by-hop
-/// fields cut, `X-Forwarded-*` set: [`head::request_head`]) and its body's framing.
-pub struct Forwarded<'a> {
-    pub parts: &'a http::request::Parts,
-    /// The client's address (`X-Forwarded-For`).
-    pub client: SocketAddr,
-    pub framing: RequestFraming,
-}
-
-impl Forwarded<'_> {
-    /// The head, serialised for HTTP/1.1.
-    fn head(&self) -> bytes::BytesMut {
-        let parts = self.parts;
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let authority = parts.uri.authority().map(|a| a.as_str());
-        let proto = match parts.extensions.get::<crate::tls::Https>() {
-            Some(_) => "https",
-            None => "http",
-        };
-        head::request_head(
-            &parts.method,
-            target,
-            &parts.headers,
-            self.client,
-            authority,
-            proto,
-            self.framing,
-        )
-    }
-}
-
 /// One request to send.
 pub struct Request<'a> {
     pub addr: SocketAddr,
@@ -138,6 +108,11 @@ pub fn response(
     req: &Request<'_>,
     in_flight: InFlight,
 ) -> Response<UpstreamBody> {
+    if head.parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        // The connection now speaks the switched protocol: it goes with the response, never
+        // back to the pool.
+        return Response::from_parts(head.parts, UpstreamBody::switched(conn, in_flight));
+    }
     let body = UpstreamBody::new(
         conn,
         head.framing,
@@ -155,7 +130,7 @@ pub async fn exchange(
     req: &Request<'_>,
     body: &mut impl Outgoing,
 ) -> Result<head::ResponseHead, SendError> {
-    let head = req.forwarded.head();
+    let head = head::request_head(&req.forwarded);
     timeout_at(req.deadline, conn.stream().write_all(&head))
         .await
         .map_err(|_| SendError::Timeout)?
@@ -176,7 +151,8 @@ pub async fn exchange(
         }
     }
     loop {
-        if let Some(h) = final_head(&mut conn.buf, &req.forwarded.parts.method)? {
+        let upgrade = req.forwarded.upgrade.is_some();
+        if let Some(h) = final_head(&mut conn.buf, &req.forwarded.parts.method, upgrade)? {
             return Ok(h);
         }
         let read = std::future::poll_fn(|cx| conn.poll_fill(cx, HEAD_READ));
@@ -205,7 +181,7 @@ pub async fn exchange(
 async fn early_response(conn: &mut Conn, method: &Method) -> Option<head::ResponseHead> {
     let deadline = tokio::time::Instant::now() + EARLY_ANSWER_WAIT;
     loop {
-        match final_head(&mut conn.buf, method) {
+        match final_head(&mut conn.buf, method, false) {
             Ok(Some(mut h)) => {
                 h.keep_alive = false;
                 return Some(h);
@@ -230,9 +206,13 @@ async fn early_response(conn: &mut Conn, method: &Method) -> Option<head::Respon
 fn final_head(
     buf: &mut bytes::BytesMut,
     method: &Method,
+    asked_upgrade: bool,
 ) -> Result<Option<head::ResponseHead>, HeadError> {
     while !buf.is_empty() {
         match head::parse_response(buf, method)? {
+            Some(h) if h.parts.status == http::StatusCode::SWITCHING_PROTOCOLS && asked_upgrade => {
+                return Ok(Some(h))
+            }
             Some(h) if h.parts.status == http::StatusCode::SWITCHING_PROTOCOLS => {
                 return Err(HeadError::UnaskedSwitch)
             }

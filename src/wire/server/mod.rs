@@ -19,6 +19,7 @@ pub mod body;
 pub mod io;
 pub mod request;
 pub mod response;
+pub mod upgrade;
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -100,12 +101,13 @@ pub async fn serve<F, Fut>(
             Err(e) => return refuse_head(&mut write, e, metrics).await,
         };
         let RequestHead {
-            parts,
+            mut parts,
             framing,
             keep_alive,
             expect_continue,
         } = head;
         let (method, version) = (parts.method.clone(), parts.version);
+        let switch = offer_upgrade(&mut parts);
         let (body, mut watched, mut back, mut go) = lend(reader, framing, expect_continue);
         let answer = handle(Request::from_parts(parts, body));
         tokio::pin!(answer);
@@ -134,6 +136,9 @@ pub async fn serve<F, Fut>(
             back = None;
             incomplete = !returned.complete;
             watched = Some(returned.reader);
+        }
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return hand_over(write, watched.filter(|_| back.is_none()), resp, switch).await;
         }
         let keep = keep_alive && settings.keep_alive && !incomplete && !*drain.borrow();
         let kept = respond(&mut write, resp, &method, version, keep, &mut watched).await;
@@ -394,6 +399,56 @@ fn lend(reader: Reader, framing: BodyFraming, expect_continue: bool) -> Lent {
     (RequestBody::http1(body), None, Some(back_rx), go_rx)
 }
 
+/// For a request that asks to switch protocols, the [`upgrade::OnUpgrade`] its handler may wait
+/// on, and the sender the server hands the connection to after a `101`.
+fn offer_upgrade(parts: &mut http::request::Parts) -> Option<oneshot::Sender<upgrade::Upgraded>> {
+    if !upgrade::asks_upgrade(parts.version, &parts.headers) {
+        return None;
+    }
+    let (tx, rx) = oneshot::channel();
+    parts.extensions.insert(upgrade::OnUpgrade::new(rx));
+    Some(tx)
+}
+
+/// Writes the handler's `101` and hands the connection (with what the client sent past its
+/// head) to the request's [`upgrade::OnUpgrade`]. A `101` to a request that asked for no
+/// upgrade, or while its body still holds the read side, is not written: the connection
+/// closes, since the client could read nothing after it as HTTP/1.
+async fn hand_over(
+    mut write: WriteHalf<Transport>,
+    reader: Option<Reader>,
+    resp: Response<Body>,
+    switch: Option<oneshot::Sender<upgrade::Upgraded>>,
+) {
+    let (Some(reader), Some(switch)) = (reader, switch) else {
+        tracing::debug!("a 101 to a request that cannot switch protocols; closing");
+        let _ = write.shutdown().await;
+        return;
+    };
+    let mut head = Vec::with_capacity(256);
+    let (parts, _) = resp.into_parts();
+    write_head(
+        &mut head,
+        parts.status,
+        &parts.headers,
+        Framing::None,
+        Persistence::Upgrade,
+        false,
+        None,
+    );
+    if write.write_all(&head).await.is_err() || write.flush().await.is_err() {
+        return;
+    }
+    let Reader { io, buf } = reader;
+    let upgraded = upgrade::Upgraded {
+        io: io.unsplit(write),
+        read: buf,
+    };
+    if switch.send(upgraded).is_err() {
+        tracing::debug!("nobody took the upgraded connection; closing it");
+    }
+}
+
 /// Answers a refused request head with its status (counted by reason) and closes.
 async fn refuse_head(write: &mut WriteHalf<Transport>, e: HeadError, metrics: &Metrics) {
     let counter = match e {
@@ -466,5 +521,124 @@ mod spare {
                 s.push(buf);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Serves one connection from a real loopback socket with `handle`; returns the client.
+    async fn served<F, Fut>(handle: F) -> tokio::net::TcpStream
+    where
+        F: FnMut(Request<RequestBody>) -> Fut + Send + 'static,
+        Fut: Future<Output = Response<Body>> + Send,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let settings = Settings {
+                header_read_timeout: Duration::from_secs(5),
+                first_head_by: Instant::now() + Duration::from_secs(5),
+                keep_alive: true,
+            };
+            let metrics = Metrics::default();
+            let (_drain_tx, drain) = watch::channel(false);
+            serve(Box::new(stream), &[], settings, &metrics, drain, handle).await;
+        });
+        tokio::net::TcpStream::connect(addr).await.expect("connect")
+    }
+
+    /// Reads from `s` until `want` bytes came (or the peer closed).
+    async fn read_n(s: &mut tokio::net::TcpStream, want: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        while out.len() < want {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn after_a_101_the_connection_is_handed_over_with_the_bytes_past_the_head() {
+        let mut client = served(|mut req: Request<RequestBody>| async move {
+            let Some(on_upgrade) = req.extensions_mut().remove::<upgrade::OnUpgrade>() else {
+                return Response::new(Body::full("no upgrade asked"));
+            };
+            // An echo of the switched connection, as a tunnel's taker would run it.
+            tokio::spawn(async move {
+                let Some(upgraded) = on_upgrade.upgraded().await else {
+                    return;
+                };
+                let mut io = upgraded.io;
+                let _ = io.write_all(&upgraded.read).await;
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = io.read(&mut buf).await {
+                    if io.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut resp = Response::new(Body::full(""));
+            *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+            resp.headers_mut().insert(
+                http::header::UPGRADE,
+                http::HeaderValue::from_static("echo"),
+            );
+            resp
+        })
+        .await;
+        client
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly",
+            )
+            .await
+            .expect("send");
+        let head = read_n(&mut client, 1).await;
+        let text = String::from_utf8_lossy(&head).to_lowercase();
+        assert!(
+            text.starts_with("http/1.1 101 switching protocols\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("connection: upgrade\r\n") && text.contains("upgrade: echo\r\n"),
+            "{text}"
+        );
+        let head_len = text.find("\r\n\r\n").expect("a whole head") + 4;
+        let mut echoed = head[head_len..].to_vec();
+        echoed.extend(read_n(&mut client, 5 - echoed.len()).await);
+        assert_eq!(
+            echoed, b"early",
+            "the bytes sent past the head go to the taker"
+        );
+        client.write_all(b"ping").await.expect("send");
+        assert_eq!(read_n(&mut client, 4).await, b"ping");
+    }
+
+    #[tokio::test]
+    async fn a_101_to_a_request_that_asked_for_no_upgrade_closes_the_connection() {
+        let mut client = served(|_req: Request<RequestBody>| async move {
+            let mut resp = Response::new(Body::full(""));
+            *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+            resp
+        })
+        .await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        assert!(
+            read_n(&mut client, 1).await.is_empty(),
+            "nothing written, closed"
+        );
     }
 }

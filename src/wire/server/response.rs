@@ -70,6 +70,8 @@ pub enum Persistence {
     KeepAlive10,
     /// The connection closes after this response.
     Close,
+    /// A `101`: the connection switches to the protocol the response's `Upgrade` names.
+    Upgrade,
 }
 
 /// Writes the head of a response into `out`. The response's own `Transfer-Encoding` and
@@ -125,6 +127,7 @@ pub fn write_head(
         Persistence::KeepAlive => {}
         Persistence::KeepAlive10 => line(out, b"connection", b"keep-alive"),
         Persistence::Close => line(out, b"connection", b"close"),
+        Persistence::Upgrade => line(out, b"connection", b"upgrade"),
     }
     if !headers.contains_key(header::DATE) {
         DATE.with(|d| {
