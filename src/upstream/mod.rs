@@ -48,13 +48,15 @@ pub async fn send(
             None => Box::pin(connect(req.addr, req.connect_timeout)).await?,
         };
         match upstream {
-            Upstream::H1(mut conn) => match h1::exchange(&mut conn, req, body).await {
-                Ok(head) => return Ok(h1::response(conn, head, req, in_flight)),
-                // A pooled connection the replica had closed: once more on a fresh one, if the
-                // body can still be sent.
-                Err(SendError::Broken(_)) if reused && body.untouched() => continue,
-                Err(e) => return Err(e),
-            },
+            Upstream::H1(mut conn) => {
+                match h1::exchange(&mut conn, &req.forwarded, req.deadline, body).await {
+                    Ok(head) => return Ok(h1::response(conn, head, req, in_flight)),
+                    // A pooled connection the replica had closed: once more on a fresh one, if the
+                    // body can still be sent.
+                    Err(SendError::Broken(_)) if reused && body.untouched() => continue,
+                    Err(e) => return Err(e),
+                }
+            }
         }
     }
 }

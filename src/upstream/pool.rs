@@ -151,6 +151,14 @@ impl Conn {
         &mut self.stream
     }
 
+    /// The gateway's own address on this connection (what the replica sees as its peer).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match &self.stream {
+            Stream::Plain(s) => s.local_addr(),
+            Stream::Tls(s) => s.get_ref().0.local_addr(),
+        }
+    }
+
     /// Reads what the replica sent (up to `max` more bytes) into `buf`; `Ok(0)` at its end.
     pub fn poll_fill(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < 512 {
