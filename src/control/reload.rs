@@ -17,6 +17,7 @@ use crate::config::{Config, ProviderConfig};
 use crate::health::probe::Check;
 use crate::policy::{Hook, PolicySet};
 use crate::provider::AppSpec;
+use crate::tls::upstream::UpstreamTls;
 
 /// One thing a config edit changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,6 +211,18 @@ fn with_live_keys_of(base: &ProviderConfig, from: &ProviderConfig) -> ProviderCo
         start_timeout: from.start_timeout,
         roll_batch: from.roll_batch,
         ..base.clone()
+    }
+}
+
+/// The TLS client the replicas are reached with (`None`: plain TCP).
+pub(super) struct UpstreamClient {
+    /// In force: published in every snapshot and given to the prober.
+    pub(super) tls: Option<Arc<UpstreamTls>>,
+}
+
+impl UpstreamClient {
+    pub(super) fn new(tls: Option<Arc<UpstreamTls>>) -> UpstreamClient {
+        UpstreamClient { tls }
     }
 }
 

@@ -83,6 +83,7 @@ fn get_parts() -> &'static http::request::Parts {
 fn get_request(addr: SocketAddr, read_timeout: Duration) -> Request<'static> {
     Request {
         addr,
+        tls: None,
         connect_timeout: Duration::from_secs(1),
         read_timeout,
         forwarded: Forwarded {
@@ -218,7 +219,10 @@ async fn failures_are_told_apart() {
         get(addr).await,
         Err(SendError::BadHead(HeadError::UnaskedSwitch))
     ));
-    assert!(pool::take(addr).is_none(), "the connection is not pooled");
+    assert!(
+        pool::take(addr, None).is_none(),
+        "the connection is not pooled"
+    );
 
     fn short(_: usize) -> Vec<u8> {
         b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\nhalf".to_vec()

@@ -27,6 +27,7 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::error::BoxError;
 use crate::snapshot::InFlight;
+use crate::tls::upstream::UpstreamTls;
 use crate::upstream::pool::{Conn, ConnectError};
 use crate::wire::framing::{ChunkLine, CHUNK_END, LAST_CHUNK};
 pub use body::UpstreamBody;
@@ -120,6 +121,9 @@ impl Forwarded<'_> {
 /// One request to send.
 pub struct Request<'a> {
     pub addr: SocketAddr,
+    /// The TLS client a new connection is made with (`None`: plain TCP): the one the request's
+    /// snapshot carries, so an edit of `[provider] upstream_ca` applies from the next request.
+    pub tls: Option<&'a UpstreamTls>,
     pub connect_timeout: Duration,
     /// `proxy.read_timeout`, for the response body.
     pub read_timeout: Duration,
