@@ -22,6 +22,7 @@ use crate::health::{HealthState, ProbeOutcome, Tracker};
 use crate::provider::{Instance, ProviderError, ProviderEvent, ReplicaSpec, RingRecord};
 use crate::ring::ServerId;
 use crate::snapshot::ReplicaStats;
+use crate::tls::upstream::UpstreamTls;
 
 /// How often a starting replica is checked.
 pub const START_PROBE_PERIOD: Duration = Duration::from_millis(100);
@@ -195,6 +196,13 @@ pub(super) enum Internal {
     CleanedUp {
         id: ServerId,
         record: Option<RingRecord>,
+    },
+    /// The TLS client config edit `edit` asked for was built from its CA file (off the loop),
+    /// or why not; `plan` waits for it.
+    UpstreamClientBuilt {
+        edit: u64,
+        plan: Box<super::reload::ReloadPlan>,
+        result: Result<Option<Arc<UpstreamTls>>, String>,
     },
 }
 
@@ -424,6 +432,9 @@ impl Controller {
                 if let Some(record) = record {
                     self.apply_record(record);
                 }
+            }
+            Internal::UpstreamClientBuilt { edit, plan, result } => {
+                self.on_upstream_client(edit, *plan, result)
             }
         }
     }

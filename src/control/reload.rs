@@ -3,15 +3,18 @@
 //! Owns: [`plan`] (pure: the old and the new config in, the config to run with and the list of
 //! [`ConfigChange`]s out, with keys that need a restart kept at their running value; a replica
 //! spec edit is a change that rolls the replicas, see `roll`), checking
-//! the plan against what runs (a new `[ring]` must hold the members), logging each change once
-//! and applying them with one `match`; and swapping in a new policy set.
-//! Must not touch: files. The watcher reads and validates; this only applies.
+//! the plan against what runs (a new `[ring]` must hold the members, a new TLS client to the
+//! replicas must build from its CA file), logging each change once and applying them with one
+//! `match`; the TLS client in force ([`UpstreamClient`]); and swapping in a new policy set.
+//! Must not touch: files. The watcher reads and validates the config; the one file an edit
+//! names that only the controller can check, `provider.upstream_ca`, is read on a thread of its
+//! own and its result comes back as a message, so the loop never waits on a file system.
 
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::lifecycle::probe_period;
+use super::lifecycle::{probe_period, Internal};
 use super::Controller;
 use crate::config::{Config, ProviderConfig};
 use crate::health::probe::Check;
@@ -50,6 +53,10 @@ pub enum ConfigChange {
     ReplicaSpec { keys: Vec<&'static str> },
     /// `provider.start_timeout` or `provider.roll_batch`: the next start or roll step uses it.
     ProviderTiming,
+    /// `provider.upstream_tls`, `upstream_ca` or `upstream_server_name`: new connections to the
+    /// replicas (requests and checks) are made with the new TLS client, built before the edit
+    /// applies; pooled connections of the old one are not reused.
+    UpstreamTls,
 }
 
 impl fmt::Display for ConfigChange {
@@ -78,6 +85,9 @@ impl fmt::Display for ConfigChange {
             ConfigChange::ProviderTiming => {
                 f.write_str("provider.start_timeout or provider.roll_batch")
             }
+            ConfigChange::UpstreamTls => f.write_str(
+                "TLS to the replicas (provider.upstream_tls, upstream_ca or upstream_server_name)",
+            ),
         }
     }
 }
@@ -120,6 +130,9 @@ pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
         != (old.provider.start_timeout, old.provider.roll_batch)
     {
         changes.push(ConfigChange::ProviderTiming);
+    }
+    if upstream_tls_keys(&new.provider) != upstream_tls_keys(&old.provider) {
+        changes.push(ConfigChange::UpstreamTls);
     }
     if new.policy.dir != old.policy.dir {
         changes.push(ConfigChange::NeedsRestart("policy.dir"));
@@ -188,8 +201,17 @@ pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
     }
 }
 
-/// `base` with the keys of `from` that apply live: the replica spec (what replicas run) and
-/// `start_timeout` and `roll_batch`.
+/// The keys the TLS client to the replicas is built from.
+fn upstream_tls_keys(p: &ProviderConfig) -> (bool, Option<&std::path::Path>, Option<&str>) {
+    (
+        p.upstream_tls,
+        p.upstream_ca.as_deref(),
+        p.upstream_server_name.as_deref(),
+    )
+}
+
+/// `base` with the keys of `from` that apply live: the replica spec (what replicas run),
+/// `start_timeout` and `roll_batch`, and how replicas are spoken to over TLS.
 fn with_live_keys_of(base: &ProviderConfig, from: &ProviderConfig) -> ProviderConfig {
     ProviderConfig {
         image: from.image.clone(),
@@ -210,25 +232,110 @@ fn with_live_keys_of(base: &ProviderConfig, from: &ProviderConfig) -> ProviderCo
         log_max_files: from.log_max_files,
         start_timeout: from.start_timeout,
         roll_batch: from.roll_batch,
+        upstream_tls: from.upstream_tls,
+        upstream_ca: from.upstream_ca.clone(),
+        upstream_server_name: from.upstream_server_name.clone(),
         ..base.clone()
     }
 }
 
-/// The TLS client the replicas are reached with (`None`: plain TCP).
+/// How long the CA file of an edit may take to read before the edit is rejected (a file system
+/// that stopped answering).
+const CA_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The TLS client the replicas are reached with (`None`: plain TCP), and the config edits that
+/// may replace it.
 pub(super) struct UpstreamClient {
     /// In force: published in every snapshot and given to the prober.
     pub(super) tls: Option<Arc<UpstreamTls>>,
+    /// Config edits received so far. An edit whose CA file is being read applies only if no
+    /// later edit came meanwhile (the later one holds the whole file as it is now).
+    edits: u64,
 }
 
 impl UpstreamClient {
     pub(super) fn new(tls: Option<Arc<UpstreamTls>>) -> UpstreamClient {
-        UpstreamClient { tls }
+        UpstreamClient { tls, edits: 0 }
     }
 }
 
 impl Controller {
     pub(super) fn apply_config(&mut self, new: Config) {
+        self.upstream.edits += 1;
         let plan = plan(&self.config, new);
+        if !plan.changes.contains(&ConfigChange::UpstreamTls) {
+            let tls = self.upstream.tls.clone();
+            return self.apply_plan(plan, tls);
+        }
+        if !plan.config.provider.upstream_tls {
+            return self.apply_plan(plan, None);
+        }
+        self.build_upstream_client(plan);
+    }
+
+    /// Builds the TLS client `plan` asks for on a thread of its own (reading its CA file may
+    /// block on a file system; the loop must not), bounded by [`CA_READ_TIMEOUT`]; the plan
+    /// applies when the client comes back ([`Controller::on_upstream_client`]), or is rejected
+    /// whole.
+    fn build_upstream_client(&mut self, plan: ReloadPlan) {
+        let edit = self.upstream.edits;
+        let provider = plan.config.provider.clone();
+        let (built_tx, built) = tokio::sync::oneshot::channel();
+        let reader = std::thread::Builder::new()
+            .name("ringgate-upstream-ca".into())
+            .spawn(move || {
+                let _ = built_tx.send(UpstreamTls::from_config(&provider, crate::tls::provider()));
+            });
+        let tx = self.channels.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = match reader {
+                Err(e) => Err(format!("no thread to read provider.upstream_ca: {e}")),
+                Ok(_) => match tokio::time::timeout(CA_READ_TIMEOUT, built).await {
+                    Ok(Ok(built)) => built.map(|t| t.map(Arc::new)).map_err(|e| e.to_string()),
+                    Ok(Err(_)) => Err("reading provider.upstream_ca failed".into()),
+                    Err(_) => Err(format!(
+                        "provider.upstream_ca could not be read within {CA_READ_TIMEOUT:?}"
+                    )),
+                },
+            };
+            let _ = tx.send(Internal::UpstreamClientBuilt {
+                edit,
+                plan: Box::new(plan),
+                result,
+            });
+        });
+    }
+
+    /// The TLS client of config edit `edit` was built, or not: its plan applies with it, or the
+    /// edit is rejected, changing nothing. A later edit supersedes it either way.
+    pub(super) fn on_upstream_client(
+        &mut self,
+        edit: u64,
+        plan: ReloadPlan,
+        result: Result<Option<Arc<UpstreamTls>>, String>,
+    ) {
+        if edit != self.upstream.edits {
+            tracing::debug!("a TLS client for a superseded config edit was dropped");
+            return;
+        }
+        match result {
+            Ok(tls) => self.apply_plan(plan, tls),
+            Err(error) => self.reject_config(error),
+        }
+    }
+
+    /// A config edit that cannot apply: nothing changes, and `/lb/status` says why.
+    fn reject_config(&mut self, error: String) {
+        tracing::error!(error = %error, "config edit rejected; nothing changed");
+        self.metrics
+            .config_reload_errors
+            .fetch_add(1, Ordering::Relaxed);
+        self.errors.config = Some(error);
+    }
+
+    /// Applies `plan`, the replicas reached with `tls` from now on, unless what runs cannot take
+    /// it (then nothing changes).
+    fn apply_plan(&mut self, plan: ReloadPlan, tls: Option<Arc<UpstreamTls>>) {
         // Checked against what runs before anything changes: all or nothing.
         let mut placement = None;
         if plan.changes.contains(&ConfigChange::Placement) && self.record.is_some() {
@@ -236,12 +343,7 @@ impl Controller {
                          record while gateways share it (provider swarm): every replica keeps the \
                          slots it was created with; change [ring] for a new ring only"
                 .to_owned();
-            tracing::error!(error = %error, "config edit rejected; nothing changed");
-            self.metrics
-                .config_reload_errors
-                .fetch_add(1, Ordering::Relaxed);
-            self.errors.config = Some(error);
-            return;
+            return self.reject_config(error);
         }
         if plan.changes.contains(&ConfigChange::Placement) {
             match self.rebuild_placement(&plan.config) {
@@ -251,15 +353,11 @@ impl Controller {
                         "the new [ring] cannot hold the {} replicas that run: {e}",
                         self.membership.desired()
                     );
-                    tracing::error!(error = %error, "config edit rejected; nothing changed");
-                    self.metrics
-                        .config_reload_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.errors.config = Some(error);
-                    return;
+                    return self.reject_config(error);
                 }
             }
         }
+        self.upstream.tls = tls;
         self.config = Arc::new(plan.config);
         self.errors.config = None;
         self.errors.restart_needed.clear();
@@ -282,6 +380,7 @@ impl Controller {
                     }
                 }
                 ConfigChange::Health => self.reset_probe_periods(),
+                ConfigChange::UpstreamTls => self.prober.use_tls(self.upstream.tls.clone()),
                 ConfigChange::ReplicaCount { to, .. } => scale_to = Some(to),
                 ConfigChange::ReplicaSpec { keys } => {
                     self.app = Arc::new(AppSpec::from_config(&self.config.provider));
@@ -415,6 +514,35 @@ mod tests {
             .to_string(),
             "the replica spec (provider.env): rolling the replicas"
         );
+    }
+
+    #[test]
+    fn the_tls_client_keys_apply_live_and_the_rest_of_provider_still_needs_a_restart() {
+        let mut old = Config::default();
+        old.provider.upstream_tls = true;
+        old.provider.upstream_ca = Some("a.pem".into());
+        let mut new = old.clone();
+        new.provider.upstream_ca = Some("b.pem".into());
+        new.provider.upstream_server_name = Some("replicas.internal".into());
+        let p = plan(&old, new.clone());
+        assert_eq!(p.changes, vec![ConfigChange::UpstreamTls]);
+        assert_eq!(p.config.provider, new.provider, "applied whole");
+
+        let mut plain = new.clone();
+        plain.provider.upstream_tls = false;
+        plain.provider.upstream_ca = None;
+        plain.provider.upstream_server_name = None;
+        plain.provider.network = "other-net".into();
+        let p = plan(&new, plain);
+        assert_eq!(
+            p.changes,
+            vec![
+                ConfigChange::NeedsRestart("provider"),
+                ConfigChange::UpstreamTls
+            ]
+        );
+        assert!(!p.config.provider.upstream_tls && p.config.provider.upstream_ca.is_none());
+        assert_eq!(p.config.provider.network, new.provider.network, "kept");
     }
 
     #[test]
