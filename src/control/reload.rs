@@ -5,10 +5,11 @@
 //! spec edit is a change that rolls the replicas, see `roll`), checking
 //! the plan against what runs (a new `[ring]` must hold the members, a new TLS client to the
 //! replicas must build from its CA file), logging each change once and applying them with one
-//! `match`; the TLS client in force ([`UpstreamClient`]); and swapping in a new policy set.
-//! Must not touch: files. The watcher reads and validates the config; the one file an edit
-//! names that only the controller can check, `provider.upstream_ca`, is read on a thread of its
-//! own and its result comes back as a message, so the loop never waits on a file system.
+//! `match`; the TLS client in force (`UpstreamClient`); and swapping in a new policy set.
+//! Must not touch: files from the loop. The watcher reads and validates the config; the one
+//! file an edit names that only the controller can check, `provider.upstream_ca`, is read by
+//! `UpstreamTls::from_config` on a thread of its own and its result comes back as a message, so
+//! the loop never waits on a file system.
 
 use std::fmt;
 use std::sync::atomic::Ordering;
