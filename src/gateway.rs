@@ -33,7 +33,7 @@ use crate::policy::{read_policy_files, PolicyFiles, PolicySet};
 use crate::service::Service;
 use crate::snapshot::Snapshot;
 use crate::spread::{Slot, Spread, ThreadLoad};
-use crate::tls::upstream::{TlsProber, UpstreamTls};
+use crate::tls::upstream::{UpstreamTls, UpstreamTlsError};
 use crate::tls::{Tls, TlsError};
 use crate::watchdog::Watchdog;
 
@@ -58,6 +58,8 @@ pub enum StartError {
     },
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("TLS to the replicas: {0}")]
+    UpstreamTls(#[from] UpstreamTlsError),
     #[error("tls.enabled is {enabled} but the listeners {}: bind them with Listeners::for_config", if *enabled { "have no TLS listener" } else { "include a TLS listener" })]
     TlsListener { enabled: bool },
     #[error(transparent)]
@@ -175,7 +177,6 @@ impl Listeners {
 pub struct Gateway {
     listeners: Listeners,
     tls: Option<Arc<Tls>>,
-    upstream_tls: Option<UpstreamTls>,
     drain_timeout: Duration,
     service: Arc<Service>,
     controller_task: tokio::task::JoinHandle<()>,
@@ -202,11 +203,10 @@ impl Gateway {
             true => Some(Tls::new(&config.tls, metrics.clone())?),
             false => None,
         };
-        let upstream_tls = UpstreamTls::from_config(&config.provider)?;
-        let prober: Arc<dyn crate::health::probe::Prober> = match &upstream_tls {
-            Some(tls) => Arc::new(TlsProber::new(tls.clone())),
-            None => Arc::new(HttpProber::default()),
-        };
+        // Before any replica starts, like the certificates; from here on the controller keeps
+        // it (published in the snapshot, given to the prober) and replaces it on a config edit.
+        let upstream_tls =
+            UpstreamTls::from_config(&config.provider, crate::tls::provider())?.map(Arc::new);
         // Every serving thread should find a Lua state of a new policy set ready (they never
         // build one), and one more is kept for a rebuild after a memory error.
         let serving = listeners
@@ -230,7 +230,8 @@ impl Gateway {
             policy,
             provider,
             provider_events: events_rx,
-            prober,
+            prober: Arc::new(HttpProber::default()),
+            upstream_tls,
             shared: shared.clone(),
             metrics: metrics.clone(),
             name: config.gateway_name(),
@@ -274,7 +275,6 @@ impl Gateway {
         Ok(Gateway {
             listeners,
             tls,
-            upstream_tls,
             drain_timeout: config.proxy.drain_timeout,
             service: Arc::new(Service {
                 shared,
@@ -359,14 +359,12 @@ impl Gateway {
             }
             let (service, stop_rx, drain) =
                 (self.service.clone(), stop_rx.clone(), self.drain_timeout);
-            let upstream_tls = self.upstream_tls.clone();
             let beats = watchdog.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ringgate-serve-{n}"))
                 .spawn(move || {
                     crate::per_thread::enter_serving_thread(n);
                     crate::policy::enter_serving_thread();
-                    crate::upstream::pool::set_upstream_tls(upstream_tls);
                     serve_thread(listeners, service, stop_rx, drain, beats, n)
                 })
                 .map_err(StartError::Thread);

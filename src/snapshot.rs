@@ -1,7 +1,7 @@
 //! What one request sees.
 //!
-//! Owns: [`Snapshot`], the immutable bundle of config, ring, replicas and policy that the
-//! controller publishes and every request loads once, [`Shared`], the `ArcSwap` it is published
+//! Owns: [`Snapshot`], the immutable bundle of config, ring, replicas, policy and the TLS client
+//! the replicas are reached with, that the controller publishes and every request loads once, [`Shared`], the `ArcSwap` it is published
 //! through, and [`current`], the load a request makes (through its thread's own handle).
 //! Must not touch: anything mutable besides the per-replica counters, which are atomics shared
 //! across snapshots so a count survives a ring rebuild.
@@ -17,6 +17,7 @@ use crate::per_thread::PerThread;
 use crate::policy::PolicySet;
 use crate::ring::{Ring, ServerId};
 use crate::routing::Router;
+use crate::tls::upstream::UpstreamTls;
 
 /// Counters for one replica, kept by the controller across snapshots and replacements.
 #[derive(Debug, Default)]
@@ -185,6 +186,11 @@ pub struct Snapshot {
     /// Every replica's address except `127.0.0.1`/`::1` (shared with the operator when replicas
     /// are local processes): never admin (see `crate::guard`).
     pub replica_ips: Vec<std::net::IpAddr>,
+    /// The TLS client new connections to the replicas are made with (`[provider] upstream_tls`
+    /// and `upstream_ca`; `None`: plain TCP). Built once per edit of those keys, not per
+    /// publish: a request passes a reference down to the connector, and pooled connections
+    /// remember which build made them.
+    pub upstream_tls: Option<Arc<UpstreamTls>>,
 }
 
 impl Snapshot {
@@ -199,6 +205,7 @@ impl Snapshot {
             members: Vec::new(),
             ramps_until: None,
             replica_ips: Vec::new(),
+            upstream_tls: None,
         }
     }
 

@@ -807,3 +807,108 @@ async fn replicas_that_speak_https_are_proxied_and_checked_over_verified_tls() {
     let (code, body) = get(&gw.url("/home?id=1")).await;
     assert!(code == 503 || code == 502, "{code} {body}");
 }
+
+/// The config `gw` runs with, its `upstream_ca` set to `ca`.
+fn with_upstream_ca(gw: &GatewayProcess, ca: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(&gw.config_path).expect("read the config");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("upstream_ca = "))
+        .expect("an upstream_ca line")
+        .to_owned();
+    text.replace(&line, &format!("upstream_ca = \"{}\"", ca.display()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_ca_edit_applies_live_to_new_connections_and_checks_and_a_bad_one_changes_nothing(
+) {
+    let certs = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new(certs.path());
+    let (addr, proxied) = https_replica(&pki.issue("replica", &["127.0.0.1"])).await;
+    let other = tempfile::tempdir().expect("temp dir");
+    let stranger = Pki::new(other.path());
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"tls-replica\", address = \"{addr}\" }}]\nupstream_tls = true\nupstream_ca = \"{}\"\n",
+            pki.ca_path().display()
+        ),
+        health: "interval = \"300ms\"\nrise = 1\nfall = 2\n".into(),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(10), "the replica is up", |s| {
+        s["up"] == 1
+    })
+    .await;
+    for i in 0..5 {
+        let (code, body) = get(&gw.url(&format!("/home?id={i}"))).await;
+        assert_eq!(code, 200, "{body}");
+    }
+    let kept = proxied.load(Ordering::SeqCst);
+
+    // A CA file with no certificate in it: the edit is rejected whole and says why; the client
+    // in force stays (requests and checks pass).
+    let garbage = certs.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").expect("write");
+    std::fs::write(&gw.config_path, with_upstream_ca(&gw, &garbage)).expect("edit");
+    let s = gw
+        .wait_status(Duration::from_secs(10), "the bad CA rejected", |s| {
+            s["config"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("provider.upstream_ca"))
+        })
+        .await;
+    let error = s["config"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("garbage.pem") && error.contains("no PEM certificate"),
+        "{error}"
+    );
+    assert_eq!(
+        s["config"]["restart_needed"],
+        serde_json::json!([]),
+        "{s:#}"
+    );
+    let (code, body) = get(&gw.url("/home?id=7")).await;
+    assert_eq!(code, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(gw.status().await["up"], 1, "checks still pass");
+
+    // A CA that did not sign the replica's certificate: applied without a restart. The next
+    // request needs a new connection (the pooled ones were made by the old client) and its
+    // handshake fails; the checks fail the same way and say so.
+    std::fs::write(&gw.config_path, with_upstream_ca(&gw, &stranger.ca_path())).expect("edit");
+    gw.wait_status(Duration::from_secs(10), "the edit applied", |s| {
+        s["config"]["last_error"].is_null()
+    })
+    .await;
+    let (code, body) = get(&gw.url("/home?id=8")).await;
+    assert!(code == 502 || code == 503, "{code} {body}");
+    let s = gw
+        .wait_status(Duration::from_secs(10), "failed checks", |s| {
+            s["up"] == 0
+                && support::replica(s, "tls-replica")["last_probe"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("TLS handshake"))
+        })
+        .await;
+    assert_eq!(
+        s["config"]["restart_needed"],
+        serde_json::json!([]),
+        "{s:#}"
+    );
+    assert_eq!(
+        proxied.load(Ordering::SeqCst),
+        kept,
+        "no request reached the replica under the stranger's CA"
+    );
+
+    // The right CA again: checks pass, the replica is back, requests reach it.
+    std::fs::write(&gw.config_path, with_upstream_ca(&gw, &pki.ca_path())).expect("edit");
+    gw.wait_status(Duration::from_secs(10), "the replica is back", |s| {
+        s["up"] == 1 && s["config"]["last_error"].is_null()
+    })
+    .await;
+    let (code, body) = get(&gw.url("/home?id=9")).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("get /home?id=9 http/1.1"), "{body}");
+}

@@ -242,4 +242,11 @@ pub(super) enum Internal {
         id: ServerId,
         record: Option<RingRecord>,
     },
+    /// The TLS client config edit `edit` asked for was built from its CA file (off the loop),
+    /// or why not; `plan` waits for it.
+    UpstreamClientBuilt {
+        edit: u64,
+        plan: Box<super::reload::ReloadPlan>,
+        result: Result<Option<std::sync::Arc<crate::tls::upstream::UpstreamTls>>, String>,
+    },
 }

@@ -296,6 +296,9 @@ impl Controller {
                     self.apply_record(record);
                 }
             }
+            Internal::UpstreamClientBuilt { edit, plan, result } => {
+                self.on_upstream_client(edit, *plan, result)
+            }
         }
     }
 

@@ -32,6 +32,7 @@ pub mod membership;
 mod outliers;
 mod probes;
 mod publish;
+mod reconfigure;
 pub mod reload;
 pub mod roll;
 mod scaling;
@@ -73,6 +74,9 @@ pub struct Parts {
     pub provider: Arc<dyn Provider>,
     pub provider_events: mpsc::Receiver<ProviderEvent>,
     pub prober: Arc<dyn Prober>,
+    /// The TLS client the replicas are reached with, built from the config at start (`None`:
+    /// plain TCP); the controller publishes it and gives it to `prober`.
+    pub upstream_tls: Option<Arc<crate::tls::upstream::UpstreamTls>>,
     pub shared: Shared,
     pub metrics: Arc<Metrics>,
     /// This gateway's name (`Via`, `/lb/status`, the ring record).
@@ -107,6 +111,8 @@ pub struct Controller {
     errors: ReloadErrors,
     provider: Arc<dyn Provider>,
     prober: Arc<dyn Prober>,
+    /// The TLS client to the replicas in force, and the config edits that may replace it.
+    upstream: reconfigure::UpstreamClient,
     shared: Shared,
     metrics: Arc<Metrics>,
     membership: Membership,
@@ -164,6 +170,7 @@ impl Controller {
         let app = Arc::new(crate::provider::AppSpec::from_config(
             &parts.config.provider,
         ));
+        parts.prober.use_tls(parts.upstream_tls.clone());
         let controller = Controller {
             app,
             spec_generation: 1,
@@ -176,6 +183,7 @@ impl Controller {
             },
             provider: parts.provider.clone(),
             prober: parts.prober,
+            upstream: reconfigure::UpstreamClient::new(parts.upstream_tls),
             shared: parts.shared,
             metrics: parts.metrics,
             membership: Membership::default(),

@@ -1,7 +1,8 @@
 //! Publishing: assembling the immutable snapshot the data plane reads, and readiness.
 //!
 //! Owns: which replicas are routable (members that are up or suspect and have an instance), the
-//! owner table built over them, the upstream list, and swapping the result in with one atomic
+//! owner table built over them, the upstream list (and the TLS client they are reached with,
+//! carried over as the controller holds it), and swapping the result in with one atomic
 //! store; answering `wait_ready` once the members have settled.
 //! Must not touch: decisions. It renders the controller's state as it is.
 
@@ -117,6 +118,7 @@ impl Controller {
             policy: self.policy.clone(),
             ramps_until,
             replica_ips,
+            upstream_tls: self.upstream.tls.clone(),
         }));
         self.notify_ready();
     }

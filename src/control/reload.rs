@@ -1,21 +1,13 @@
-//! Live reload: a config edit as a validated list of changes, and policy swaps.
+//! Live reload, the decision: a config edit as a validated list of changes.
 //!
 //! Owns: [`plan`] (pure: the old and the new config in, the config to run with and the list of
 //! [`ConfigChange`]s out, with keys that need a restart kept at their running value; a replica
-//! spec edit is a change that rolls the replicas, see `roll`), checking
-//! the plan against what runs (a new `[ring]` must hold the members), logging each change once
-//! and applying them with one `match`; and swapping in a new policy set.
-//! Must not touch: files. The watcher reads and validates; this only applies.
+//! spec edit is a change that rolls the replicas, see `roll`; the keys of the TLS client to the
+//! replicas apply live). Must not touch: what runs (`reconfigure` applies a plan).
 
 use std::fmt;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
-use super::Controller;
 use crate::config::{Config, ProviderConfig};
-use crate::health::probe::Check;
-use crate::health::probe_period;
-use crate::policy::{Hook, PolicySet};
 use crate::provider::AppSpec;
 
 /// One thing a config edit changes.
@@ -49,6 +41,10 @@ pub enum ConfigChange {
     ReplicaSpec { keys: Vec<&'static str> },
     /// `provider.start_timeout` or `provider.roll_batch`: the next start or roll step uses it.
     ProviderTiming,
+    /// `provider.upstream_tls`, `upstream_ca` or `upstream_server_name`: new connections to the
+    /// replicas (requests and checks) are made with the new TLS client, built before the edit
+    /// applies; pooled connections of the old one are not reused.
+    UpstreamTls,
 }
 
 impl fmt::Display for ConfigChange {
@@ -77,6 +73,9 @@ impl fmt::Display for ConfigChange {
             ConfigChange::ProviderTiming => {
                 f.write_str("provider.start_timeout or provider.roll_batch")
             }
+            ConfigChange::UpstreamTls => f.write_str(
+                "TLS to the replicas (provider.upstream_tls, upstream_ca or upstream_server_name)",
+            ),
         }
     }
 }
@@ -119,6 +118,9 @@ pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
         != (old.provider.start_timeout, old.provider.roll_batch)
     {
         changes.push(ConfigChange::ProviderTiming);
+    }
+    if upstream_tls_keys(&new.provider) != upstream_tls_keys(&old.provider) {
+        changes.push(ConfigChange::UpstreamTls);
     }
     if new.policy.dir != old.policy.dir {
         changes.push(ConfigChange::NeedsRestart("policy.dir"));
@@ -187,8 +189,17 @@ pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
     }
 }
 
-/// `base` with the keys of `from` that apply live: the replica spec (what replicas run) and
-/// `start_timeout` and `roll_batch`.
+/// The keys the TLS client to the replicas is built from.
+fn upstream_tls_keys(p: &ProviderConfig) -> (bool, Option<&std::path::Path>, Option<&str>) {
+    (
+        p.upstream_tls,
+        p.upstream_ca.as_deref(),
+        p.upstream_server_name.as_deref(),
+    )
+}
+
+/// `base` with the keys of `from` that apply live: the replica spec (what replicas run),
+/// `start_timeout` and `roll_batch`, and how replicas are spoken to over TLS.
 fn with_live_keys_of(base: &ProviderConfig, from: &ProviderConfig) -> ProviderConfig {
     ProviderConfig {
         image: from.image.clone(),
@@ -209,123 +220,10 @@ fn with_live_keys_of(base: &ProviderConfig, from: &ProviderConfig) -> ProviderCo
         log_max_files: from.log_max_files,
         start_timeout: from.start_timeout,
         roll_batch: from.roll_batch,
+        upstream_tls: from.upstream_tls,
+        upstream_ca: from.upstream_ca.clone(),
+        upstream_server_name: from.upstream_server_name.clone(),
         ..base.clone()
-    }
-}
-
-impl Controller {
-    pub(super) fn apply_config(&mut self, new: Config) {
-        let plan = plan(&self.config, new);
-        // Checked against what runs before anything changes: all or nothing.
-        let mut placement = None;
-        if plan.changes.contains(&ConfigChange::Placement) && self.record.is_some() {
-            let error = "ring.slots, ring.vnodes and ring.vnode_hash are fixed by the shared ring \
-                         record while gateways share it (provider swarm): every replica keeps the \
-                         slots it was created with; change [ring] for a new ring only"
-                .to_owned();
-            tracing::error!(error = %error, "config edit rejected; nothing changed");
-            self.metrics
-                .config_reload_errors
-                .fetch_add(1, Ordering::Relaxed);
-            self.errors.config = Some(error);
-            return;
-        }
-        if plan.changes.contains(&ConfigChange::Placement) {
-            match self.rebuild_placement(&plan.config) {
-                Ok(p) => placement = Some(p),
-                Err(e) => {
-                    let error = format!(
-                        "the new [ring] cannot hold the {} replicas that run: {e}",
-                        self.membership.desired()
-                    );
-                    tracing::error!(error = %error, "config edit rejected; nothing changed");
-                    self.metrics
-                        .config_reload_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.errors.config = Some(error);
-                    return;
-                }
-            }
-        }
-        self.config = Arc::new(plan.config);
-        self.errors.config = None;
-        self.errors.restart_needed.clear();
-        self.metrics.config_reloads.fetch_add(1, Ordering::Relaxed);
-        if plan.changes.is_empty() {
-            tracing::info!("config reloaded: no change");
-        }
-        let mut scale_to = None;
-        let mut roll = None;
-        for change in plan.changes {
-            match &change {
-                ConfigChange::NeedsRestart(_) => tracing::warn!(change = %change, "config change"),
-                _ => tracing::info!(change = %change, "config change"),
-            }
-            match change {
-                ConfigChange::NeedsRestart(key) => self.errors.restart_needed.push(key),
-                ConfigChange::Placement => {
-                    if let Some(p) = placement.take() {
-                        self.placement = p;
-                    }
-                }
-                ConfigChange::Health => self.reset_probe_periods(),
-                ConfigChange::ReplicaCount { to, .. } => scale_to = Some(to),
-                ConfigChange::ReplicaSpec { keys } => {
-                    self.app = Arc::new(AppSpec::from_config(&self.config.provider));
-                    self.spec_generation += 1;
-                    roll = Some(format!("{} changed", keys.join(", ")));
-                }
-                // Read from the snapshot's config by the data plane, the watcher and `/add`.
-                ConfigChange::Routing
-                | ConfigChange::ReplicaRules
-                | ConfigChange::Proxy
-                | ConfigChange::PolicyLimits
-                | ConfigChange::Admin
-                | ConfigChange::Log
-                | ConfigChange::Tls
-                | ConfigChange::ProviderTiming => {}
-            }
-        }
-        self.publish();
-        // Scaling first: a replica it starts runs the new spec already.
-        if let Some(n) = scale_to {
-            self.scale_to(n);
-        }
-        if let Some(reason) = roll {
-            self.begin_roll(reason);
-        }
-    }
-
-    fn reset_probe_periods(&self) {
-        let (interval, timeout) = (self.config.health.interval, self.config.health.timeout);
-        let check = Arc::new(Check::of(&self.config.health));
-        for r in self.replicas.values() {
-            if let Some(p) = &r.probe {
-                p.set_period(probe_period(r.tracker.state, interval), timeout);
-                p.set_check(check.clone());
-            }
-        }
-    }
-
-    pub(super) fn apply_policy(&mut self, policy: PolicySet) {
-        let vnodes_involved =
-            policy.has_hook(Hook::VnodeHash) || self.policy.has_hook(Hook::VnodeHash);
-        let policy = policy.with_stats(self.policy.stats().clone());
-        tracing::info!(generation = policy.generation(), files = ?policy.files(), hooks = ?policy.hooks(), "policy loaded");
-        self.policy = Arc::new(policy);
-        self.errors.policy = None;
-        self.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
-        if vnodes_involved && self.record.is_some() {
-            tracing::warn!("vnode_hash changed: with a shared ring record the recorded slots stand; it applies to replicas added from now on");
-        } else if vnodes_involved {
-            match self.rebuild_placement(&self.config) {
-                Ok(p) => self.placement = p,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot rebuild the ring with the new vnode_hash")
-                }
-            }
-        }
-        self.publish();
     }
 }
 
@@ -402,6 +300,35 @@ mod tests {
             .to_string(),
             "the replica spec (provider.env): rolling the replicas"
         );
+    }
+
+    #[test]
+    fn the_tls_client_keys_apply_live_and_the_rest_of_provider_still_needs_a_restart() {
+        let mut old = Config::default();
+        old.provider.upstream_tls = true;
+        old.provider.upstream_ca = Some("a.pem".into());
+        let mut new = old.clone();
+        new.provider.upstream_ca = Some("b.pem".into());
+        new.provider.upstream_server_name = Some("replicas.internal".into());
+        let p = plan(&old, new.clone());
+        assert_eq!(p.changes, vec![ConfigChange::UpstreamTls]);
+        assert_eq!(p.config.provider, new.provider, "applied whole");
+
+        let mut plain = new.clone();
+        plain.provider.upstream_tls = false;
+        plain.provider.upstream_ca = None;
+        plain.provider.upstream_server_name = None;
+        plain.provider.network = "other-net".into();
+        let p = plan(&new, plain);
+        assert_eq!(
+            p.changes,
+            vec![
+                ConfigChange::NeedsRestart("provider"),
+                ConfigChange::UpstreamTls
+            ]
+        );
+        assert!(!p.config.provider.upstream_tls && p.config.provider.upstream_ca.is_none());
+        assert_eq!(p.config.provider.network, new.provider.network, "kept");
     }
 
     #[test]

@@ -549,6 +549,7 @@ impl Harness {
             provider: world.clone(),
             provider_events: events,
             prober: world.clone(),
+            upstream_tls: None,
             shared: shared.clone(),
             metrics: Arc::new(Metrics::default()),
             name: name.into(),

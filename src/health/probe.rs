@@ -1,29 +1,32 @@
-//! Active checks: one `GET /heartbeat` ([`HttpProber`]) and the per-replica check loop
+//! Active checks: one `GET <health.path>` ([`HttpProber`]) and the per-replica check loop
 //! ([`ProbeTask`]) that reports every result to the controller.
 //!
-//! Owns: how a replica is checked and how often. [`Prober`] is the seam: the gateway checks over
-//! HTTP; the control plane's unit tests script the answers.
-//! Must not touch: verdicts. A report is a fact; the controller applies the Lua `health` hook and
-//! the rise/fall rules.
+//! Owns: how a replica is checked and how often. A check goes through the stack traffic goes
+//! through: a new connection from [`crate::upstream::connect`] (plain TCP, or TLS with the client
+//! the controller last gave the prober: the one the snapshot carries), never pooled, and the
+//! request written and its whole response read by [`crate::wire::client::check`], so a replica
+//! is judged by the same codec with the same rules whether a check or a client asks. [`Prober`]
+//! is the seam: the gateway checks over HTTP; the control plane's unit tests script the answers.
+//! Must not touch: verdicts (a report is a fact; the controller applies the Lua `health` hook
+//! and the rise/fall rules), or HTTP on the wire (the codec's).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
-use bytes::Bytes;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use futures_util::future::BoxFuture;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::{mpsc, Notify};
 
 use super::ProbeOutcome;
 use crate::config::ExpectStatus;
-use crate::error::{error_chain, local_resource_cause};
+use crate::error::local_resource_cause;
 use crate::ring::ServerId;
+use crate::tls::upstream::UpstreamTls;
+use crate::upstream::pool::ConnectError;
+use crate::upstream::{self, Upstream};
+use crate::wire::client::check;
 
 /// What a check asks and what passes (`[health] path` and `expect_status`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,25 +52,21 @@ pub trait Prober: Send + Sync + 'static {
         check: Arc<Check>,
         timeout: Duration,
     ) -> BoxFuture<'_, ProbeOutcome>;
+
+    /// Reaches the replicas with `tls` from the next check on (`None`: plain TCP): the
+    /// controller gives it the client it publishes, at start and on every edit of
+    /// `[provider] upstream_tls` or `upstream_ca`. A prober that makes no connection (the
+    /// control plane's scripted one) has nothing to do with it.
+    fn use_tls(&self, _tls: Option<Arc<UpstreamTls>>) {}
 }
 
 /// `GET <path>` over a fresh connection each time (no pooling, so every check proves the
-/// replica still accepts connections), with a deadline covering connect and the whole response;
-/// a status the check expects is healthy.
+/// replica still accepts connections, and a TLS one still passes the handshake), with a
+/// deadline covering connect, handshake and the whole response; a status the check expects is
+/// healthy. One prober for plain and TLS replicas: the client it was given decides.
+#[derive(Default)]
 pub struct HttpProber {
-    client: Client<HttpConnector, Empty<Bytes>>,
-}
-
-impl Default for HttpProber {
-    fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        HttpProber {
-            client: Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(0)
-                .build(connector),
-        }
-    }
+    tls: ArcSwapOption<UpstreamTls>,
 }
 
 impl Prober for HttpProber {
@@ -79,34 +78,61 @@ impl Prober for HttpProber {
     ) -> BoxFuture<'_, ProbeOutcome> {
         Box::pin(self.check(addr, check, timeout))
     }
+
+    fn use_tls(&self, tls: Option<Arc<UpstreamTls>>) {
+        self.tls.store(tls);
+    }
 }
 
 impl HttpProber {
     async fn check(&self, addr: SocketAddr, check: Arc<Check>, timeout: Duration) -> ProbeOutcome {
         let started = Instant::now();
         let at = SystemTime::now();
-        let uri = format!("http://{addr}{}", check.path);
-        let result = tokio::time::timeout(timeout, async {
-            let uri = uri
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| (e.to_string(), false))?;
-            let resp = self
-                .client
-                .get(uri)
-                .await
-                .map_err(|e| (error_chain(&e), local_resource_cause(&e).is_some()))?;
-            let status = resp.status().as_u16();
-            // Read the (empty) body so the check covers a whole response.
-            resp.into_body()
-                .collect()
-                .await
-                .map_err(|e| (e.to_string(), false))?;
-            Ok(status)
-        })
-        .await
-        .ok();
+        let tls = self.tls.load_full();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let asked = ask(addr, &check.path, tls.as_deref(), timeout, deadline);
+        let result = tokio::time::timeout_at(deadline, asked)
+            .await
+            .ok()
+            .flatten();
         judge(&check, timeout, started, at, result)
     }
+}
+
+/// One check of the replica at `addr`: the status it answered `GET path` with, or why there was
+/// none (and whether the cause was the gateway's own); `None` when the deadline passed first,
+/// whichever wait it was (the verdict then says the check timed out, as it always has).
+async fn ask(
+    addr: SocketAddr,
+    path: &str,
+    tls: Option<&UpstreamTls>,
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+) -> Option<Result<u16, (String, bool)>> {
+    let target: http::Uri = match format!("http://{addr}{path}").parse() {
+        Ok(t) => t,
+        Err(e) => return Some(Err((format!("health.path {path:?}: {e}"), false))),
+    };
+    let conn = match upstream::connect(addr, timeout, tls).await {
+        Ok(c) => c,
+        Err(ConnectError::Timeout(_)) => return None,
+        Err(e) => return Some(Err(cause(&e))),
+    };
+    // Dropped at the end of the check, whatever it found: a check's connection is never reused.
+    match conn {
+        Upstream::H1(mut conn) => match check::check(&mut conn, &target, deadline).await {
+            Ok(status) => Some(Ok(status.as_u16())),
+            Err(e) if e.is_timeout() => None,
+            Err(e) => Some(Err(cause(&e))),
+        },
+    }
+}
+
+/// An error as a check reports it: its message (which names its cause already), and whether the
+/// cause is the gateway's own shortage (out of descriptors, memory or ports): then the check
+/// says nothing about the replica.
+fn cause(e: &(dyn std::error::Error + 'static)) -> (String, bool) {
+    (e.to_string(), local_resource_cause(e).is_some())
 }
 
 /// The verdict on one check: `result` is the status the replica answered, or why there was none

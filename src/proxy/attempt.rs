@@ -67,6 +67,7 @@ impl Attempt<'_> {
         let started = Instant::now();
         let req = Request {
             addr: replica.addr,
+            tls: self.snap.upstream_tls.as_deref(),
             connect_timeout: cfg.proxy.connect_timeout,
             read_timeout: cfg.proxy.read_timeout,
             forwarded: Forwarded {

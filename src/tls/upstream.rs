@@ -1,94 +1,126 @@
 //! TLS towards the replicas (`[provider] upstream_tls`): the client configuration, verified
-//! against the configured CA, and the health check over it.
+//! against the configured CA.
 //!
-//! Owns: [`UpstreamTls`] (the connector and the name each replica's certificate must carry: the
-//! configured `upstream_server_name`, else the replica's IP address) and [`TlsProber`], the
-//! `GET /heartbeat` of [`crate::health::probe::HttpProber`] over TLS. The request path's
-//! connections take the connector from their serving thread (`upstream::pool`).
-//! Must not touch: HTTP on the request path (the upstream client owns it) or verdicts.
+//! Owns: [`UpstreamTls`] (the connector, the name each replica's certificate must carry: the
+//! configured `upstream_server_name`, else the replica's IP address; and which build of the
+//! client it is), built from `[provider]` by [`UpstreamTls::from_config`], which reads the CA
+//! file. The controller keeps the one in force and publishes it in the snapshot; every
+//! connection to a replica (requests and health checks, `crate::upstream::connect`) is given it
+//! explicitly.
+//! Must not touch: HTTP (the wire codec owns it), connections and pools (`crate::upstream`), or
+//! when a client is built (start-up and config edits decide). It imports nothing of the
+//! gateway's TLS termination (`super`): the snapshot names this type, and the termination side
+//! reaches the metrics, which read the snapshot.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use futures_util::future::BoxFuture;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
-use super::TlsError;
+use crate::config::source_file::read_source_file;
 use crate::config::ProviderConfig;
-use crate::error::{error_chain, local_resource_cause};
-use crate::health::probe::{judge, Check, Prober};
-use crate::health::ProbeOutcome;
 
 /// A TLS connection to a replica.
 pub type UpstreamStream = tokio_rustls::client::TlsStream<TcpStream>;
 
+/// Largest CA file read: a bundle of a few hundred certificates fits.
+pub const MAX_CA_FILE: u64 = 1 << 20;
+
+/// Why no client could be built from `[provider]` (the message names the key and the file).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UpstreamTlsError(String);
+
 /// How the gateway talks TLS to its replicas.
-#[derive(Clone)]
 pub struct UpstreamTls {
     connector: tokio_rustls::TlsConnector,
     server_name: Option<ServerName<'static>>,
+    id: u64,
 }
 
 impl std::fmt::Debug for UpstreamTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamTls")
             .field("server_name", &self.server_name)
+            .field("id", &self.id)
             .finish_non_exhaustive()
     }
 }
 
+/// The last [`UpstreamTls::id`] given: every build gets a new one, never 0 (a plain
+/// connection's), never one an earlier build had (as an address could be).
+static BUILDS: AtomicU64 = AtomicU64::new(0);
+
 impl UpstreamTls {
-    /// The client for `[provider]`, or None when `upstream_tls` is off. The CA file must hold at
-    /// least one certificate.
-    pub fn from_config(p: &ProviderConfig) -> Result<Option<UpstreamTls>, TlsError> {
+    /// The client for `[provider]` on `provider`'s cryptography, or None when `upstream_tls` is
+    /// off. The CA file (a regular file of at most [`MAX_CA_FILE`] bytes, read without blocking
+    /// on a FIFO or a device) must hold at least one usable certificate.
+    pub fn from_config(
+        p: &ProviderConfig,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Option<UpstreamTls>, UpstreamTlsError> {
         if !p.upstream_tls {
             return Ok(None);
         }
+        let fail = |m: String| UpstreamTlsError(m);
         let Some(ca) = &p.upstream_ca else {
-            return Err(TlsError::UpstreamCa(
-                "provider.upstream_ca is not set".into(),
-            ));
+            return Err(fail("provider.upstream_ca is not set".into()));
         };
-        let pem = std::fs::read(ca)
-            .map_err(|e| TlsError::UpstreamCa(format!("cannot read {}: {e}", ca.display())))?;
+        let pem = read_source_file(ca, MAX_CA_FILE).map_err(|e| {
+            fail(format!(
+                "provider.upstream_ca: cannot read {}: {e}",
+                ca.display()
+            ))
+        })?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert
-                .map_err(|e| TlsError::UpstreamCa(format!("{}: broken PEM ({e})", ca.display())))?;
+            let cert = cert.map_err(|e| {
+                fail(format!(
+                    "provider.upstream_ca: {}: broken PEM ({e})",
+                    ca.display()
+                ))
+            })?;
             roots.add(cert).map_err(|e| {
-                TlsError::UpstreamCa(format!(
-                    "{}: not a usable CA certificate ({e})",
+                fail(format!(
+                    "provider.upstream_ca: {}: not a usable CA certificate ({e})",
                     ca.display()
                 ))
             })?;
         }
         if roots.is_empty() {
-            return Err(TlsError::UpstreamCa(format!(
-                "{}: no PEM certificate in it",
+            return Err(fail(format!(
+                "provider.upstream_ca: {}: no PEM certificate in it",
                 ca.display()
             )));
         }
-        let mut config = rustls::ClientConfig::builder_with_provider(super::provider())
-            .with_safe_default_protocol_versions()?
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| fail(format!("cannot build the TLS client: {e}")))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let server_name = match &p.upstream_server_name {
-            Some(n) => Some(ServerName::try_from(n.clone()).map_err(|e| {
-                TlsError::UpstreamCa(format!("provider.upstream_server_name {n:?}: {e}"))
-            })?),
+            Some(n) => Some(
+                ServerName::try_from(n.clone())
+                    .map_err(|e| fail(format!("provider.upstream_server_name {n:?}: {e}")))?,
+            ),
             None => None,
         };
         Ok(Some(UpstreamTls {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_name,
+            id: BUILDS.fetch_add(1, Ordering::Relaxed) + 1,
         }))
+    }
+
+    /// Which build of the client this is (never 0): a connection remembers the one that made
+    /// it, so one made before an edit is not handed out again after it.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The TLS handshake with the replica at `addr` over `tcp`.
@@ -105,66 +137,54 @@ impl UpstreamTls {
     }
 }
 
-/// `GET <health.path>` over a new TLS connection each time, with a deadline covering connect,
-/// handshake and the whole response; a status `health.expect_status` accepts is healthy.
-pub struct TlsProber {
-    tls: UpstreamTls,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl TlsProber {
-    pub fn new(tls: UpstreamTls) -> TlsProber {
-        TlsProber { tls }
+    fn provider(ca: Option<std::path::PathBuf>) -> ProviderConfig {
+        ProviderConfig {
+            upstream_tls: true,
+            upstream_ca: ca,
+            ..ProviderConfig::default()
+        }
     }
 
-    async fn check(&self, addr: SocketAddr, path: &str) -> Result<u16, (String, bool)> {
-        let plain = |e: std::io::Error| {
-            let local = local_resource_cause(&e).is_some();
-            (error_chain(&e), local)
-        };
-        let tcp = TcpStream::connect(addr).await.map_err(plain)?;
-        let _ = tcp.set_nodelay(true);
-        let tls = self
-            .tls
-            .connect(tcp, addr)
-            .await
-            .map_err(|e| (format!("TLS handshake: {}", error_chain(&e)), false))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| (error_chain(&e), false))?;
-        let conn = tokio::spawn(conn);
-        let req = http::Request::builder()
-            .uri(path)
-            .header(http::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| (e.to_string(), false))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| (error_chain(&e), false))?;
-        let status = resp.status().as_u16();
-        resp.into_body()
-            .collect()
-            .await
-            .map_err(|e| (e.to_string(), false))?;
-        conn.abort();
-        Ok(status)
+    fn build(p: &ProviderConfig) -> Result<Option<UpstreamTls>, UpstreamTlsError> {
+        UpstreamTls::from_config(p, crate::tls::provider())
     }
-}
 
-impl Prober for TlsProber {
-    fn probe(
-        &self,
-        addr: SocketAddr,
-        check: Arc<Check>,
-        timeout: Duration,
-    ) -> BoxFuture<'_, ProbeOutcome> {
-        Box::pin(async move {
-            let started = Instant::now();
-            let at = SystemTime::now();
-            let result = tokio::time::timeout(timeout, self.check(addr, &check.path))
-                .await
-                .ok();
-            judge(&check, timeout, started, at, result)
-        })
+    #[test]
+    fn off_is_none_and_every_build_is_a_new_client() {
+        assert!(matches!(build(&ProviderConfig::default()), Ok(None)));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("CA");
+        std::fs::write(&ca, cert.pem()).expect("write");
+        let p = provider(Some(ca));
+        let a = build(&p).expect("builds").expect("on");
+        let b = build(&p).expect("builds").expect("on");
+        assert!(a.id() != 0 && b.id() != 0 && a.id() != b.id());
+    }
+
+    #[test]
+    fn a_ca_file_that_is_missing_empty_or_not_a_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let missing = dir.path().join("missing.pem");
+        let e = build(&provider(Some(missing))).expect_err("missing");
+        assert!(
+            e.to_string().contains("provider.upstream_ca") && e.to_string().contains("missing.pem"),
+            "{e}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        let e = build(&provider(Some(empty))).expect_err("no PEM");
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
+        let e = build(&provider(Some(dir.path().to_owned()))).expect_err("a directory");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let e = build(&provider(None)).expect_err("unset");
+        assert!(e.to_string().contains("not set"), "{e}");
     }
 }

@@ -1,12 +1,14 @@
 //! Upstream connections and the serving thread's pool of idle ones.
 //!
-//! Owns: [`Conn`] (a replica connection with its read buffer: plain TCP, or TLS when the serving
-//! thread was given an upstream TLS client, see [`set_upstream_tls`]), connecting with a
-//! deadline, and the per-thread pool of idle keep-alive connections (last in, first out; at most
-//! [`MAX_IDLE_PER_REPLICA`] per replica; closed after [`IDLE_TIMEOUT`]; a connection the replica
-//! closed, or that has unsolicited bytes, is never handed out). Per thread, because every request
-//! stays on its serving thread: no lock, no cross-thread wake-up, no shared cache line.
-//! Must not touch: HTTP. It moves bytes and connections.
+//! Owns: [`Conn`] (a replica connection with its read buffer: plain TCP, or TLS with the client
+//! it is given, see [`Conn::connect`]), connecting with a deadline, and the per-thread pool of
+//! idle keep-alive connections (last in, first out; at most [`MAX_IDLE_PER_REPLICA`] per replica;
+//! closed after [`IDLE_TIMEOUT`]; a connection the replica closed, that has unsolicited bytes,
+//! or that another TLS client than the caller's made, is never handed out). Per thread, because
+//! every request stays on its serving thread: no lock, no cross-thread wake-up, no shared cache
+//! line.
+//! Must not touch: HTTP, or which TLS client is in force (the caller passes the snapshot's). It
+//! moves bytes and connections.
 
 use std::cell::RefCell;
 use std::io;
@@ -98,30 +100,31 @@ impl AsyncWrite for Stream {
     }
 }
 
-thread_local! {
-    /// The TLS client this serving thread's replica connections use (None: plain TCP).
-    static UPSTREAM_TLS: RefCell<Option<UpstreamTls>> = const { RefCell::new(None) };
-}
-
-/// Makes this thread's new replica connections TLS (`Some`) or plain TCP (`None`). A serving
-/// thread calls it once, before it serves.
-pub fn set_upstream_tls(tls: Option<UpstreamTls>) {
-    UPSTREAM_TLS.with(|t| *t.borrow_mut() = tls);
-}
-
 /// One connection to a replica.
 pub struct Conn {
     stream: Stream,
     /// Bytes read from the replica and not handed on yet.
     pub buf: BytesMut,
     addr: SocketAddr,
+    /// The [`UpstreamTls::id`] of the client that made it (0: plain TCP).
+    made_by: u64,
     idle_since: Instant,
     _counted: ReplicaConnection,
 }
 
+/// Which client a connection made with `tls` is of: its build's id, 0 for plain TCP.
+fn client_id(tls: Option<&UpstreamTls>) -> u64 {
+    tls.map_or(0, UpstreamTls::id)
+}
+
 impl Conn {
-    /// Connects to `addr` within `timeout`.
-    pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
+    /// Connects to `addr` within `timeout`: plain TCP, or TLS with `tls` (the handshake within
+    /// the same `timeout`).
+    pub async fn connect(
+        addr: SocketAddr,
+        timeout: Duration,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<Conn, ConnectError> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(ConnectError::Io(e)),
@@ -129,7 +132,7 @@ impl Conn {
         };
         let _ = stream.set_nodelay(true);
         let counted = ReplicaConnection::opened();
-        let stream = match UPSTREAM_TLS.with(|t| t.borrow().clone()) {
+        let stream = match tls {
             None => Stream::Plain(stream),
             // The handshake is part of connecting: a replica that fails it got nothing yet.
             Some(tls) => match tokio::time::timeout(timeout, tls.connect(stream, addr)).await {
@@ -142,6 +145,7 @@ impl Conn {
             stream,
             buf: BytesMut::new(),
             addr,
+            made_by: client_id(tls),
             idle_since: Instant::now(),
             _counted: counted,
         })
@@ -149,6 +153,14 @@ impl Conn {
 
     pub fn stream(&mut self) -> &mut Stream {
         &mut self.stream
+    }
+
+    /// The gateway's own address on this connection (what the replica sees as its peer).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match &self.stream {
+            Stream::Plain(s) => s.local_addr(),
+            Stream::Tls(s) => s.get_ref().0.local_addr(),
+        }
     }
 
     /// Reads what the replica sent (up to `max` more bytes) into `buf`; `Ok(0)` at its end.
@@ -256,14 +268,18 @@ thread_local! {
     static IDLE: RefCell<Idle> = RefCell::new(Idle::default());
 }
 
-/// An idle connection to `addr` from this thread's pool, if a usable one is there.
-pub fn take(addr: SocketAddr) -> Option<Conn> {
+/// An idle connection to `addr` from this thread's pool, if a usable one made with `tls` is
+/// there. One made with another client (before an edit of `[provider] upstream_tls` or
+/// `upstream_ca`) is closed when met: the edit applies to the next request, not only once the
+/// connections it would have refused age out, which a busy replica's never do.
+pub fn take(addr: SocketAddr, tls: Option<&UpstreamTls>) -> Option<Conn> {
+    let client = client_id(tls);
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let idle = &mut *idle;
         let conns = idle.by_replica.get_mut(&addr)?;
         while let Some(mut c) = conns.pop() {
-            if c.usable() {
+            if c.made_by == client && c.usable() {
                 if let Some(buf) = idle.spare.pop() {
                     c.buf = buf;
                 }

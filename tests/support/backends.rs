@@ -37,6 +37,9 @@ pub enum Behaviour {
     /// A request for `/switch…`: `101 Switching Protocols`, then after a moment bytes of the
     /// other protocol, and the connection held open. Any other request: as [`Behaviour::Echo`].
     Switches,
+    /// The answer the request's `case` query parameter picks, written exactly as it is (status
+    /// line and all), then the close.
+    Raw(&'static [&'static str]),
 }
 
 pub struct Backend {
@@ -111,6 +114,14 @@ impl Backend {
                                     let answer = format!(
                                         "HTTP/1.1 200 OK\r\n{lines}connection: close\r\n\r\n{body}"
                                     );
+                                    let _ = s.write_all(answer.as_bytes()).await;
+                                    return;
+                                }
+                                Behaviour::Raw(answers) => {
+                                    let answer = answers
+                                        .get(query_number(&head, "case"))
+                                        .copied()
+                                        .unwrap_or("HTTP/1.1 404 Not Found\r\n\r\n");
                                     let _ = s.write_all(answer.as_bytes()).await;
                                     return;
                                 }

@@ -2,15 +2,17 @@
 //!
 //! Owns: [`exchange`] (the forwarded head serialised from the request's parts by
 //! [`head::request_head`], no header map built for it; the body streamed in its framing; the
-//! response head read) and [`response`] (the response whose body [`body::UpstreamBody`] reads
+//! response head read), [`response`] (the response whose body [`body::UpstreamBody`] reads
 //! from the same connection, in the task that writes it to the client: no dispatcher task, no
-//! channel). A replica that answers before reading the whole body and breaks the connection
+//! channel) and [`check::check`] (a health check's `GET` through the same exchange, its body
+//! read by the same decoder). A replica that answers before reading the whole body and breaks the connection
 //! has that answer forwarded, not a reset; every other failure is told apart for the caller
 //! ([`SendError`]), each wait bounded by the request's deadline and saying whose it was.
 //! Must not touch: which connection (the connector in [`crate::upstream`] gives one), routing,
 //! retries, or what a failure means for a replica (the proxy decides that).
 
 pub mod body;
+pub mod check;
 pub mod head;
 
 use std::net::SocketAddr;
@@ -25,6 +27,7 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::error::BoxError;
 use crate::snapshot::InFlight;
+use crate::tls::upstream::UpstreamTls;
 use crate::upstream::pool::{Conn, ConnectError};
 use crate::wire::framing::{ChunkLine, CHUNK_END, LAST_CHUNK};
 pub use body::UpstreamBody;
@@ -88,6 +91,9 @@ impl SendError {
 /// One request to send.
 pub struct Request<'a> {
     pub addr: SocketAddr,
+    /// The TLS client a new connection is made with (`None`: plain TCP): the one the request's
+    /// snapshot carries, so an edit of `[provider] upstream_ca` applies from the next request.
+    pub tls: Option<&'a UpstreamTls>,
     pub connect_timeout: Duration,
     /// `proxy.read_timeout`, for the response body.
     pub read_timeout: Duration,
@@ -123,27 +129,26 @@ pub fn response(
     Response::from_parts(head.parts, body)
 }
 
-/// Writes the request (its head serialised here, as this codec forwards it), then reads the
-/// response head.
+/// Writes the request `forwarded` (its head serialised here, as this codec forwards it), then
+/// reads the response head, every wait by `deadline`.
 pub async fn exchange(
     conn: &mut Conn,
-    req: &Request<'_>,
+    forwarded: &Forwarded<'_>,
+    deadline: Instant,
     body: &mut impl Outgoing,
 ) -> Result<head::ResponseHead, SendError> {
-    let head = head::request_head(&req.forwarded);
-    timeout_at(req.deadline, conn.stream().write_all(&head))
+    let head = head::request_head(forwarded);
+    timeout_at(deadline, conn.stream().write_all(&head))
         .await
         .map_err(|_| SendError::Timeout)?
         .map_err(SendError::Broken)?;
     if !body.is_end_stream() {
-        if let Err(e) = write_body(conn, body, req.forwarded.framing, req.deadline).await {
+        if let Err(e) = write_body(conn, body, forwarded.framing, deadline).await {
             // A replica may answer before it has read the whole body (a 413, a 401) and close:
             // its answer, already here, is the response, not a broken connection.
             if matches!(e, SendError::Broken(_)) {
                 // Boxed: the error path's state stays out of every request's future.
-                if let Some(head) =
-                    Box::pin(early_response(conn, &req.forwarded.parts.method)).await
-                {
+                if let Some(head) = Box::pin(early_response(conn, &forwarded.parts.method)).await {
                     return Ok(head);
                 }
             }
@@ -151,12 +156,12 @@ pub async fn exchange(
         }
     }
     loop {
-        let upgrade = req.forwarded.upgrade.is_some();
-        if let Some(h) = final_head(&mut conn.buf, &req.forwarded.parts.method, upgrade)? {
+        let upgrade = forwarded.upgrade.is_some();
+        if let Some(h) = final_head(&mut conn.buf, &forwarded.parts.method, upgrade)? {
             return Ok(h);
         }
         let read = std::future::poll_fn(|cx| conn.poll_fill(cx, HEAD_READ));
-        let n = timeout_at(req.deadline, read)
+        let n = timeout_at(deadline, read)
             .await
             .map_err(|_| SendError::Timeout)?
             .map_err(SendError::Broken)?;
