@@ -121,11 +121,12 @@ async fn route(
                 return Err(wrong_method("GET"));
             }
             authorize(snap, &req, client)?;
-            let text = controller.metrics().await?;
+            // Read on the controller, rendered here: the encoding never holds its loop.
+            let text = crate::exposition::render(controller.metrics().await?);
             let mut resp = Response::new(full(text));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                http::HeaderValue::from_static(crate::exposition::CONTENT_TYPE),
             );
             Ok(resp)
         }

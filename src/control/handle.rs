@@ -28,7 +28,7 @@ pub enum Command {
         reply: oneshot::Sender<serde_json::Value>,
     },
     Metrics {
-        reply: oneshot::Sender<String>,
+        reply: oneshot::Sender<super::MetricsSources>,
     },
     /// A copy of what a what-if simulation starts from (`POST /lb/simulate`).
     WhatIfBase {
@@ -105,7 +105,8 @@ impl ControllerHandle {
         self.ask(|reply| Command::Status { reply }).await
     }
 
-    pub async fn metrics(&self) -> Result<String, GatewayError> {
+    /// What `/lb/metrics` shows, read now (render it with [`crate::exposition::render`]).
+    pub async fn metrics(&self) -> Result<super::MetricsSources, GatewayError> {
         self.ask(|reply| Command::Metrics { reply }).await
     }
 

@@ -449,6 +449,7 @@ impl Harness {
             prober: world.clone(),
             shared: shared.clone(),
             metrics: Arc::new(Metrics::default()),
+            published: Default::default(),
             name: name.into(),
         })
         .expect("valid ring");
