@@ -1,13 +1,20 @@
 //! One access log line: a [`Record`] written as JSON or in the `combined` format.
 //!
 //! Owns: the fields of a line, their order and escaping (header values are raw bytes: any byte
-//! outside printable ASCII is written `\xHH`, as NGINX does, in both formats), and UTC timestamps (RFC 3339 for JSON,
-//! `[02/Dec/2026:06:01:33 +0000]` for combined), all as pure functions appending to a buffer.
+//! outside printable ASCII is written `\xHH`, as NGINX does, in both formats), and the times in
+//! them: UTC, RFC 3339 with milliseconds for JSON (the crate's [`crate::rfc3339`], milliseconds
+//! added here), `[02/Dec/2026:06:01:33 +0000]` for combined. A JSON line is a
+//! `#[derive(Serialize)]` struct written by `serde_json`; the combined format is NGINX's text,
+//! laid out here. The dates are formatted by the `time` crate once per second ([`Dates`]).
 //! Must not touch: I/O or time sources; the caller gives the record and its timestamp.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Serialize, Serializer};
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
+use time::OffsetDateTime;
 
 use crate::config::AccessFormat;
 
@@ -41,81 +48,157 @@ pub struct Record<'a> {
     pub user_agent: Option<&'a [u8]>,
 }
 
-/// The calendar date and time (UTC) of `t`: year, month, day, hour, minute, second, millisecond.
-pub fn utc(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (
-        year,
-        month,
-        day,
-        (rem / 3600) as u32,
-        (rem % 3600 / 60) as u32,
-        (rem % 60) as u32,
-        d.subsec_millis(),
-    )
+/// NGINX's `$time_local` in UTC.
+const COMBINED_DATE: &[BorrowedFormatItem<'_>] =
+    format_description!("[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000");
+
+/// The dates of the second the last line was written in, in both formats: lines come by the
+/// thousand a second, and a date costs the `time` crate more than the rest of a line, so it is
+/// formatted once a second (per serving thread, each keeps its own).
+#[derive(Debug, Default)]
+pub struct Dates {
+    /// The Unix second the dates below are of; None before the first line.
+    second: Option<u64>,
+    /// `2026-12-02T06:01:33Z`.
+    rfc3339: String,
+    /// `02/Dec/2026:06:01:33 +0000`.
+    combined: String,
 }
 
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
+impl Dates {
+    /// The dates of `t`'s second, and its milliseconds.
+    fn at(&mut self, t: SystemTime) -> (&Dates, u32) {
+        let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        if self.second != Some(since.as_secs()) {
+            let t = UNIX_EPOCH + Duration::from_secs(since.as_secs());
+            self.second = Some(since.as_secs());
+            self.rfc3339 = crate::rfc3339::seconds(t);
+            self.combined = OffsetDateTime::from(t)
+                .format(COMBINED_DATE)
+                .unwrap_or_default();
+        }
+        (self, since.subsec_millis())
+    }
 
-// Lines are written by hand rather than through `core::fmt`, which costs about a microsecond a
-// line: this runs on the serving thread for every request.
+    /// RFC 3339 with milliseconds, `2026-12-02T06:01:33.250Z`: the second's form with the
+    /// milliseconds put before its `Z`.
+    fn json_time(&mut self, t: SystemTime) -> JsonTime {
+        let (dates, millis) = self.at(t);
+        let mut out = *b"0000-00-00T00:00:00.000Z";
+        let seconds = dates.rfc3339.as_bytes();
+        if let Some(date) = seconds.strip_suffix(b"Z").filter(|d| d.len() == 19) {
+            out[..19].copy_from_slice(date);
+        }
+        out[20..23].copy_from_slice(&itoa::Buffer::new().format(1000 + millis).as_bytes()[1..]);
+        JsonTime(out)
+    }
+}
 
-/// `n` in decimal.
-fn num(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+/// A line's `time` as JSON writes it.
+struct JsonTime([u8; 24]);
+
+impl Serialize for JsonTime {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(std::str::from_utf8(&self.0).unwrap_or_default())
+    }
+}
+
+/// A duration as a number of milliseconds (to the microsecond: `1.234`).
+struct Millis(Duration);
+
+impl Serialize for Millis {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Whole microseconds over 1000: the nearest double prints back as the exact decimal
+        // (below 2^53 µs, 285 years). Through u64: a u128 to f64 is a slow soft-float call.
+        let micros = u64::try_from(self.0.as_micros()).unwrap_or(u64::MAX);
+        s.serialize_f64(micros as f64 / 1000.0)
+    }
+}
+
+/// The client's address with its port: `127.0.0.1:5555`, `[::1]:80`.
+struct Client(SocketAddr);
+
+impl Serialize for Client {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut out = Vec::with_capacity(48);
+        client(&mut out, self.0);
+        s.serialize_str(std::str::from_utf8(&out).unwrap_or_default())
+    }
+}
+
+/// A header value: the same text the combined format shows (bytes outside printable ASCII and
+/// `\` as `\xHH`), so a line is valid UTF-8 JSON whatever the client sent and the escape is
+/// unambiguous; `"` is JSON's to escape.
+struct Header<'a>(Option<&'a [u8]>);
+
+impl Serialize for Header<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let Some(value) = self.0 else {
+            return s.serialize_none();
+        };
+        let value = cut_bytes(value);
+        match std::str::from_utf8(value) {
+            // The common case, copied as it is.
+            Ok(text) if value.iter().all(|&b| printable(b) && b != b'\\') => s.serialize_str(text),
+            _ => {
+                let mut shown = Vec::with_capacity(value.len() * 2);
+                for &b in value {
+                    if printable(b) && b != b'\\' {
+                        shown.push(b);
+                    } else {
+                        hex_escape(&mut shown, b);
+                    }
+                }
+                s.serialize_str(std::str::from_utf8(&shown).unwrap_or_default())
+            }
         }
     }
-    out.extend_from_slice(&digits[i..]);
+}
+
+/// One JSON line, field by field in the order they are written.
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    time: JsonTime,
+    client: Client,
+    method: &'a str,
+    path: &'a str,
+    protocol: &'a str,
+    scheme: &'a str,
+    status: u16,
+    bytes: u64,
+    duration_ms: Millis,
+    upstream_ms: Option<Millis>,
+    replica: Option<&'a str>,
+    slot: Option<u32>,
+    retries: u32,
+    termination: &'a str,
+    referer: Header<'a>,
+    user_agent: Header<'a>,
+}
+
+fn printable(b: u8) -> bool {
+    (0x20..0x7f).contains(&b)
+}
+
+/// `n` in decimal.
+fn num(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// `n` in decimal, zero-padded to `width` digits (wider numbers are written whole).
 fn padded(out: &mut Vec<u8>, n: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    let mut i = digits.len();
-    let mut m = n;
-    while m > 0 {
-        i -= 1;
-        digits[i] = b'0' + (m % 10) as u8;
-        m /= 10;
-    }
-    let start = i.min(digits.len() - width.min(20));
-    out.extend_from_slice(&digits[start..]);
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(n);
+    out.resize(out.len() + width.saturating_sub(digits.len()), b'0');
+    out.extend_from_slice(digits.as_bytes());
 }
 
-/// `d` as a decimal number of `unit`s (1000: milliseconds, 1: seconds) with three or six
-/// decimals: exact, no floating point.
-fn fixed(out: &mut Vec<u8>, d: Duration, seconds: bool) {
+/// `d` in seconds with six decimals (`0.001234`): exact, no floating point.
+fn fixed(out: &mut Vec<u8>, d: Duration) {
     let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-    if seconds {
-        num(out, us / 1_000_000);
-        out.push(b'.');
-        padded(out, us % 1_000_000, 6);
-    } else {
-        num(out, us / 1000);
-        out.push(b'.');
-        padded(out, us % 1000, 3);
-    }
+    num(out, us / 1_000_000);
+    out.push(b'.');
+    padded(out, us % 1_000_000, 6);
 }
 
 fn ip(out: &mut Vec<u8>, addr: std::net::IpAddr) {
@@ -129,6 +212,7 @@ fn ip(out: &mut Vec<u8>, addr: std::net::IpAddr) {
             }
         }
         v6 => {
+            use std::io::Write;
             let _ = write!(out, "{v6}");
         }
     }
@@ -138,9 +222,8 @@ fn client(out: &mut Vec<u8>, addr: SocketAddr) {
     match addr {
         SocketAddr::V4(a) => ip(out, std::net::IpAddr::V4(*a.ip())),
         SocketAddr::V6(a) => {
-            out.push(b'[');
-            let _ = write!(out, "{}", a.ip());
-            out.push(b']');
+            use std::io::Write;
+            let _ = write!(out, "[{}]", a.ip());
         }
     }
     out.push(b':');
@@ -175,109 +258,37 @@ fn cut(s: &str) -> &str {
     &s[..end]
 }
 
-/// A JSON string; text that needs no escaping (the common case) is copied as it is.
-fn json_str(out: &mut Vec<u8>, s: &str) {
-    let s = cut(s);
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-    } else {
-        let _ = serde_json::to_writer(&mut *out, s);
-    }
-}
-
-fn json_opt(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        Some(s) => json_str(out, s),
-        None => out.extend_from_slice(b"null"),
-    }
-}
-
-/// A header value as a JSON string: the same text the combined format shows (bytes outside
-/// printable ASCII and `\` as `\xHH`), so a line is valid UTF-8 JSON whatever the client sent
-/// and the escape is unambiguous; `"` is JSON's to escape.
-fn json_header(out: &mut Vec<u8>, value: Option<&[u8]>) {
-    let Some(value) = value else {
-        out.extend_from_slice(b"null");
-        return;
-    };
-    out.push(b'"');
-    for &b in cut_bytes(value) {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            // The backslash of `\xHH`, escaped for JSON.
-            b'\\' | 0..=0x1f | 0x7f..=0xff => {
-                out.push(b'\\');
-                hex_escape(out, b);
-            }
-            _ => out.push(b),
-        }
-    }
-    out.push(b'"');
-}
-
 /// Appends `r` as one JSON line.
-pub fn json(out: &mut Vec<u8>, r: &Record<'_>) {
-    let (y, mo, d, h, mi, s, ms) = utc(r.time);
-    out.extend_from_slice(b"{\"time\":\"");
-    padded(out, y.max(0) as u64, 4);
-    out.push(b'-');
-    padded(out, u64::from(mo), 2);
-    out.push(b'-');
-    padded(out, u64::from(d), 2);
-    out.push(b'T');
-    padded(out, u64::from(h), 2);
-    out.push(b':');
-    padded(out, u64::from(mi), 2);
-    out.push(b':');
-    padded(out, u64::from(s), 2);
-    out.push(b'.');
-    padded(out, u64::from(ms), 3);
-    out.extend_from_slice(b"Z\",\"client\":\"");
-    client(out, r.client);
-    out.extend_from_slice(b"\",\"method\":");
-    json_str(out, r.method);
-    out.extend_from_slice(b",\"path\":");
-    json_str(out, r.path);
-    out.extend_from_slice(b",\"protocol\":");
-    json_str(out, r.protocol);
-    out.extend_from_slice(b",\"scheme\":");
-    json_str(out, r.scheme);
-    out.extend_from_slice(b",\"status\":");
-    num(out, u64::from(r.status));
-    out.extend_from_slice(b",\"bytes\":");
-    num(out, r.bytes);
-    out.extend_from_slice(b",\"duration_ms\":");
-    fixed(out, r.duration, false);
-    out.extend_from_slice(b",\"upstream_ms\":");
-    match r.upstream {
-        Some(u) => fixed(out, u, false),
-        None => out.extend_from_slice(b"null"),
+pub fn json(out: &mut Vec<u8>, dates: &mut Dates, r: &Record<'_>) {
+    let line = JsonLine {
+        time: dates.json_time(r.time),
+        client: Client(r.client),
+        method: cut(r.method),
+        path: cut(r.path),
+        protocol: cut(r.protocol),
+        scheme: cut(r.scheme),
+        status: r.status,
+        bytes: r.bytes,
+        duration_ms: Millis(r.duration),
+        upstream_ms: r.upstream.map(Millis),
+        replica: r.replica.map(cut),
+        slot: r.slot,
+        retries: r.retries,
+        termination: cut(r.termination),
+        referer: Header(r.referer),
+        user_agent: Header(r.user_agent),
+    };
+    // Into a Vec nothing fails: every field serialises as a string, a number or null.
+    if serde_json::to_writer(&mut *out, &line).is_ok() {
+        out.push(b'\n');
     }
-    out.extend_from_slice(b",\"replica\":");
-    json_opt(out, r.replica);
-    out.extend_from_slice(b",\"slot\":");
-    match r.slot {
-        Some(s) => num(out, u64::from(s)),
-        None => out.extend_from_slice(b"null"),
-    }
-    out.extend_from_slice(b",\"retries\":");
-    num(out, u64::from(r.retries));
-    out.extend_from_slice(b",\"termination\":");
-    json_str(out, r.termination);
-    out.extend_from_slice(b",\"referer\":");
-    json_header(out, r.referer);
-    out.extend_from_slice(b",\"user_agent\":");
-    json_header(out, r.user_agent);
-    out.extend_from_slice(b"}\n");
 }
 
 /// `s` escaped for a quoted field of the combined format: `"`, `\` and bytes outside printable
 /// ASCII as `\xHH`, as NGINX writes them, so a client cannot forge a line or a field.
 fn escaped(out: &mut Vec<u8>, s: &[u8]) {
     for &b in cut_bytes(s) {
-        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+        if b == b'"' || b == b'\\' || !printable(b) {
             hex_escape(out, b);
         } else {
             out.push(b);
@@ -295,23 +306,11 @@ fn quoted(out: &mut Vec<u8>, s: Option<&[u8]>) {
 }
 
 /// Appends `r` in NGINX's `combined` format, then ringgate's fields as `key=value`.
-pub fn combined(out: &mut Vec<u8>, r: &Record<'_>) {
-    let (y, mo, d, h, mi, s, _) = utc(r.time);
-    let month = MONTHS[(mo as usize).saturating_sub(1).min(11)];
+pub fn combined(out: &mut Vec<u8>, dates: &mut Dates, r: &Record<'_>) {
     ip(out, r.client.ip());
     out.extend_from_slice(b" - - [");
-    padded(out, u64::from(d), 2);
-    out.push(b'/');
-    out.extend_from_slice(month.as_bytes());
-    out.push(b'/');
-    padded(out, y.max(0) as u64, 4);
-    out.push(b':');
-    padded(out, u64::from(h), 2);
-    out.push(b':');
-    padded(out, u64::from(mi), 2);
-    out.push(b':');
-    padded(out, u64::from(s), 2);
-    out.extend_from_slice(b" +0000] \"");
+    out.extend_from_slice(dates.at(r.time).0.combined.as_bytes());
+    out.extend_from_slice(b"] \"");
     escaped(out, r.method.as_bytes());
     out.push(b' ');
     escaped(out, r.path.as_bytes());
@@ -326,10 +325,10 @@ pub fn combined(out: &mut Vec<u8>, r: &Record<'_>) {
     out.push(b' ');
     quoted(out, r.user_agent);
     out.extend_from_slice(b" rt=");
-    fixed(out, r.duration, true);
+    fixed(out, r.duration);
     out.extend_from_slice(b" urt=");
     match r.upstream {
-        Some(u) => fixed(out, u, true),
+        Some(u) => fixed(out, u),
         None => out.push(b'-'),
     }
     out.extend_from_slice(b" replica=");
@@ -348,11 +347,11 @@ pub fn combined(out: &mut Vec<u8>, r: &Record<'_>) {
     out.push(b'\n');
 }
 
-/// Appends `r` in `format`.
-pub fn write(out: &mut Vec<u8>, format: AccessFormat, r: &Record<'_>) {
+/// Appends `r` in `format`, with `dates` (the caller's, kept from line to line).
+pub fn write(out: &mut Vec<u8>, dates: &mut Dates, format: AccessFormat, r: &Record<'_>) {
     match format {
-        AccessFormat::Json => json(out, r),
-        AccessFormat::Combined => combined(out, r),
+        AccessFormat::Json => json(out, dates, r),
+        AccessFormat::Combined => combined(out, dates, r),
     }
 }
 
@@ -382,27 +381,48 @@ mod tests {
         }
     }
 
+    /// `t` in both formats' dates, through one cache as the serving threads use it.
+    fn dates_of(dates: &mut Dates, t: SystemTime) -> (String, String) {
+        let json = String::from_utf8_lossy(&dates.json_time(t).0).into_owned();
+        (json, dates.at(t).0.combined.clone())
+    }
+
     #[test]
     fn dates() {
-        assert_eq!(utc(UNIX_EPOCH), (1970, 1, 1, 0, 0, 0, 0));
+        let mut d = Dates::default();
+        let mut at = |t| dates_of(&mut d, t);
+        let date = |json: &str, combined: &str| (json.to_owned(), combined.to_owned());
         assert_eq!(
-            utc(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            (2000, 2, 29, 0, 0, 0, 0)
+            at(UNIX_EPOCH),
+            date("1970-01-01T00:00:00.000Z", "01/Jan/1970:00:00:00 +0000")
         );
         assert_eq!(
-            utc(UNIX_EPOCH + Duration::from_millis(1_796_191_293_250)),
-            (2026, 12, 2, 6, 1, 33, 250)
+            at(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            date("2000-02-29T00:00:00.000Z", "29/Feb/2000:00:00:00 +0000")
         );
         assert_eq!(
-            utc(UNIX_EPOCH + Duration::from_secs(4_107_542_399)),
-            (2100, 2, 28, 23, 59, 59, 0)
+            at(UNIX_EPOCH + Duration::from_millis(1_796_191_293_250)),
+            date("2026-12-02T06:01:33.250Z", "02/Dec/2026:06:01:33 +0000")
+        );
+        // The same second again (from the cache), then the next one.
+        assert_eq!(
+            at(UNIX_EPOCH + Duration::from_millis(1_796_191_293_999)),
+            date("2026-12-02T06:01:33.999Z", "02/Dec/2026:06:01:33 +0000")
+        );
+        assert_eq!(
+            at(UNIX_EPOCH + Duration::from_millis(1_796_191_294_007)),
+            date("2026-12-02T06:01:34.007Z", "02/Dec/2026:06:01:34 +0000")
+        );
+        assert_eq!(
+            at(UNIX_EPOCH + Duration::from_secs(4_107_542_399)),
+            date("2100-02-28T23:59:59.000Z", "28/Feb/2100:23:59:59 +0000")
         );
     }
 
     #[test]
     fn a_json_line_has_every_field() {
         let mut out = Vec::new();
-        json(&mut out, &record());
+        json(&mut out, &mut Dates::default(), &record());
         let line = String::from_utf8(out).expect("utf-8");
         assert!(
             line.ends_with("}\n") && line.matches('\n').count() == 1,
@@ -422,6 +442,7 @@ mod tests {
         let mut out = Vec::new();
         json(
             &mut out,
+            &mut Dates::default(),
             &Record {
                 path: "/x\"\n{\"forged\":1}",
                 upstream: None,
@@ -440,7 +461,7 @@ mod tests {
     #[test]
     fn a_combined_line_reads_like_nginx_and_cannot_be_forged() {
         let mut out = Vec::new();
-        combined(&mut out, &record());
+        combined(&mut out, &mut Dates::default(), &record());
         assert_eq!(
             String::from_utf8(out).expect("utf-8"),
             "127.0.0.1 - - [02/Dec/2026:06:01:33 +0000] \"GET /home?id=42 HTTP/1.1\" 200 52 \"-\" \
@@ -450,6 +471,7 @@ mod tests {
         let mut out = Vec::new();
         combined(
             &mut out,
+            &mut Dates::default(),
             &Record {
                 user_agent: Some(b"evil\"\n127.0.0.1 - - fake"),
                 upstream: None,
@@ -483,13 +505,13 @@ mod tests {
             ..record()
         };
         let mut out = Vec::new();
-        json(&mut out, &r);
+        json(&mut out, &mut Dates::default(), &r);
         let line = String::from_utf8(out).expect("a JSON line is UTF-8 whatever the client sent");
         let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
         assert_eq!(v["user_agent"], shown, "{line}");
         assert_eq!(v["referer"], r"http://ex.test/\xFF", "{line}");
         let mut out = Vec::new();
-        combined(&mut out, &r);
+        combined(&mut out, &mut Dates::default(), &r);
         let line = String::from_utf8(out).expect("UTF-8");
         let shown_combined = shown.replace('"', r"\x22");
         assert!(
@@ -500,6 +522,7 @@ mod tests {
         let mut out = Vec::new();
         json(
             &mut out,
+            &mut Dates::default(),
             &Record {
                 user_agent: Some(b""),
                 ..record()
@@ -515,6 +538,7 @@ mod tests {
         let mut out = Vec::new();
         json(
             &mut out,
+            &mut Dates::default(),
             &Record {
                 user_agent: Some(&long),
                 ..record()
@@ -535,12 +559,23 @@ mod tests {
         out.push(b' ');
         padded(&mut out, 12345, 3);
         out.push(b' ');
-        fixed(&mut out, Duration::from_micros(1_234_567), false);
-        out.push(b' ');
-        fixed(&mut out, Duration::from_micros(5), true);
+        fixed(&mut out, Duration::from_micros(5));
         assert_eq!(
             String::from_utf8(out).expect("utf-8"),
-            "0 18446744073709551615 007 12345 1234.567 0.000005"
+            "0 18446744073709551615 007 12345 0.000005"
+        );
+        // JSON's milliseconds are numbers serde writes: exact to the microsecond.
+        let mut out = Vec::new();
+        let long = Record {
+            duration: Duration::from_micros(1_234_567),
+            upstream: Some(Duration::from_micros(1)),
+            ..record()
+        };
+        json(&mut out, &mut Dates::default(), &long);
+        let line = String::from_utf8(out).expect("utf-8");
+        assert!(
+            line.contains("\"duration_ms\":1234.567,\"upstream_ms\":0.001,"),
+            "{line}"
         );
         let mut out = Vec::new();
         client(&mut out, "[::1]:80".parse().expect("v6"));
@@ -558,6 +593,7 @@ mod tests {
         let mut out = Vec::new();
         json(
             &mut out,
+            &mut Dates::default(),
             &Record {
                 path: &long,
                 ..record()
