@@ -5,6 +5,8 @@
 # alike; prints requests/s and the gateway's CPU time per request (from /proc, which other load
 # on the machine disturbs far less than throughput) per round, the medians, and the cost.
 #   bench/access_log_cost.sh [rounds] [seconds] [connections] [threads]
+# RINGGATE_BIN and RINGGATE_SERVER_BIN measure other builds (a copy of the binaries before a
+# change, say) instead of building this tree's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,11 +15,14 @@ SECS="${2:-10}"
 CONNS="${3:-64}"
 THREADS="${4:-2}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
-BIN="$TARGET_DIR/release/ringgate"
+BIN="${RINGGATE_BIN:-$TARGET_DIR/release/ringgate}"
+SERVER_BIN="${RINGGATE_SERVER_BIN:-$PWD/$TARGET_DIR/release/ringgate-server}"
 PORT="${RINGGATE_BENCH_PORT:-5099}"
 
 bench/deps.sh proxies   # wrk
-cargo build --release -p ringgate --bins
+if [ -z "${RINGGATE_BIN:-}" ]; then
+    cargo build --release -p ringgate --bins
+fi
 
 work=$(mktemp -d)
 gw_pid=""
@@ -38,7 +43,7 @@ start_gateway() {  # $1: the [log] section
 listen = "127.0.0.1:$PORT"
 [provider]
 kind = "process"
-server_binary = "$PWD/$TARGET_DIR/release/ringgate-server"
+server_binary = "$SERVER_BIN"
 [policy]
 dir = "$work/policies"
 $1
@@ -46,8 +51,13 @@ TOML
     mkdir -p "$work/policies"
     "$BIN" serve --config "$work/lb.toml" > "$work/stdout" 2> "$work/stderr" &
     gw_pid=$!
+    # Serving once it answers on its port, not only once it says so: a run must never start
+    # against a gateway that is not there yet.
     for _ in $(seq 1 100); do
-        grep -q "listening on" "$work/stdout" 2>/dev/null && return 0
+        if grep -q "listening on" "$work/stdout" 2>/dev/null \
+            && curl -fsS -o /dev/null "http://127.0.0.1:$PORT/lb/health" 2>/dev/null; then
+            return 0
+        fi
         sleep 0.1
     done
     echo "the gateway did not start:"; cat "$work/stderr"; exit 1
@@ -63,7 +73,8 @@ cpu_ticks() {  # user + system clock ticks of the gateway process
 
 run() {  # $1: label, $2: [log] section; prints label, requests/s, CPU µs per request
     start_gateway "$2"
-    wrk -t"$THREADS" -c"$CONNS" -d1s -s "$work/ids.lua" "http://127.0.0.1:$PORT/" >/dev/null  # warm-up
+    wrk -t"$THREADS" -c"$CONNS" -d1s -s "$work/ids.lua" "http://127.0.0.1:$PORT/" >/dev/null \
+        || { echo "wrk failed against the gateway ($1); its log:"; tail -20 "$work/stderr"; exit 1; }  # warm-up
     local out rps reqs t0 t1 hz
     hz=$(getconf CLK_TCK)
     t0=$(cpu_ticks)
@@ -75,19 +86,20 @@ run() {  # $1: label, $2: [log] section; prints label, requests/s, CPU µs per r
     curl -fsS "http://127.0.0.1:$PORT/lb/metrics" \
         | awk '/^ringgate_access_log_lines_total\{outcome="dropped"\}/ {print $2}' >> "$work/dropped"
     stop_gateway
-    echo "$1 $rps $cpu"
+    echo "$1 $rps $cpu" | tee -a "$work/results"
 }
 
 : > "$work/results"
 for r in $(seq 1 "$ROUNDS"); do
+    # Not in a pipeline: `run` must run in this shell, so the exit trap knows its gateway.
     run off "[log]
-access = \"off\"" | tee -a "$work/results"
+access = \"off\""
     run json "[log]
 access = \"$work/access.log\"
-format = \"json\"" | tee -a "$work/results"
+format = \"json\""
     run combined "[log]
 access = \"$work/access.log\"
-format = \"combined\"" | tee -a "$work/results"
+format = \"combined\""
 done
 lines=$(wc -l < "$work/access.log")
 median() {  # $1: label, $2: column

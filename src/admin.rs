@@ -9,13 +9,17 @@
 //! checked and applied in one step.
 //! Must not touch: replicas or the ring directly; it asks the controller.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::wire::body::RequestBody;
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::answer::{full, success};
@@ -129,11 +133,12 @@ async fn route(
                 return Err(wrong_method("GET"));
             }
             authorize(snap, &req, client)?;
-            let text = controller.metrics().await?;
+            // Read on the controller, rendered here: the encoding never holds its loop.
+            let text = crate::exposition::render(controller.metrics().await?);
             let mut resp = Response::new(full(text));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                http::HeaderValue::from_static(crate::exposition::CONTENT_TYPE),
             );
             Ok(resp)
         }
@@ -230,37 +235,69 @@ async fn read_body(body: RequestBody) -> Result<Bytes, GatewayError> {
     }
 }
 
-/// `{"n": <positive integer>, "hostnames": [<string>, …]}` (hostnames optional).
+/// An `/add` or `/rm` body as sent. Each field's type accepts any JSON (see [`Field`]), so
+/// serde fails only on the object's shape (a field not ours, a field twice), and every problem
+/// is reported in our words, naming the field and what was sent.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScaleBody {
+    #[serde(default)]
+    n: Field<NonZeroU32>,
+    #[serde(default)]
+    hostnames: Option<Field<Vec<String>>>,
+}
+
+/// The names [`ScaleBody`] knows, in the order a message lists them.
+const SCALE_FIELDS: [&str; 2] = ["n", "hostnames"];
+
+/// A field as the type it should be, or the JSON that was sent instead (quoted back in the
+/// error), or absent.
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum Field<T> {
+    Valid(T),
+    Invalid(Value),
+    #[default]
+    #[serde(skip)]
+    Missing,
+}
+
+/// `{"n": <positive integer>, "hostnames": [<string>, …]}` (hostnames optional or null).
 pub fn parse_scale_request(body: &[u8]) -> Result<ScaleRequest, BodyError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
-    let Value::Object(obj) = value else {
+    // Syntax first, over the whole body, so a broken body is "not valid JSON" with serde's
+    // position whatever else is wrong with it.
+    serde_json::from_slice::<IgnoredAny>(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    // serde would take a struct from an array too (`[1]` as `{"n": 1}`): valid JSON that is an
+    // object starts with `{`.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(BodyError::NotAnObject);
-    };
-    if let Some(k) = obj
-        .keys()
-        .find(|k| k.as_str() != "n" && k.as_str() != "hostnames")
-    {
-        return Err(BodyError::UnknownField(k.clone()));
     }
-    let n = match obj.get("n") {
-        None => return Err(BodyError::MissingN),
-        Some(v) => v
-            .as_u64()
-            .filter(|&n| n > 0)
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| BodyError::BadN(v.to_string()))?,
+    let fields: ScaleBody = serde_json::from_slice(body).map_err(|e| shape_error(body, e))?;
+    let n = match fields.n {
+        Field::Valid(n) => n.get(),
+        Field::Invalid(v) => return Err(BodyError::BadN(v.to_string())),
+        Field::Missing => return Err(BodyError::MissingN),
     };
-    let hostnames = match obj.get("hostnames") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|h| h.as_str().map(str::to_owned))
-            .collect::<Option<Vec<_>>>()
-            .ok_or(BodyError::BadHostnames)?,
-        Some(_) => return Err(BodyError::BadHostnames),
+    let hostnames = match fields.hostnames {
+        None => Vec::new(),
+        Some(Field::Valid(names)) => names,
+        Some(Field::Invalid(_) | Field::Missing) => return Err(BodyError::BadHostnames),
     };
     Ok(ScaleRequest { n, hostnames })
+}
+
+/// Why a JSON object is not a [`ScaleBody`]: a field not ours, or one named twice. serde's
+/// error says which in its words only, so the object's names are read again, typed: the first
+/// unknown one by name, else the duplicate (serde's message names it).
+fn shape_error(body: &[u8], e: serde_json::Error) -> BodyError {
+    let names = serde_json::from_slice::<BTreeMap<String, IgnoredAny>>(body).unwrap_or_default();
+    match names
+        .into_keys()
+        .find(|k| !SCALE_FIELDS.contains(&k.as_str()))
+    {
+        Some(unknown) => BodyError::UnknownField(unknown),
+        None => BodyError::NotJson(e.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -313,6 +350,39 @@ mod tests {
         assert!(err(r#"{"n": 1, "hostnames": "S5"}"#).contains("list of strings"));
         assert!(err(r#"{"n": 1, "hostnames": [5]}"#).contains("list of strings"));
         assert!(err(r#"{"n": 1, "hostname": ["S5"]}"#).contains("Unknown field 'hostname'"));
+    }
+
+    #[test]
+    fn the_messages_quote_what_was_sent_and_name_the_field() {
+        assert_eq!(
+            err(""),
+            "Request body is not valid JSON (EOF while parsing a value at line 1 column 0): \
+             send {\"n\": 1, \"hostnames\": [\"S5\"]}"
+        );
+        // Syntax is judged first, whatever else is wrong.
+        assert!(err(r#"{"n": "2", "zzz": 1"#).contains("not valid JSON (EOF"));
+        assert!(err(r#"[{"n": 1}]"#).contains("must be a JSON object"));
+        assert_eq!(
+            err(r#"{"n": null}"#),
+            "Field 'n' must be a positive integer, got null"
+        );
+        assert_eq!(
+            err(r#"{"n": "2"}"#),
+            "Field 'n' must be a positive integer, got \"2\""
+        );
+        assert!(err(r#"{"n": 4294967296}"#).contains("got 4294967296"));
+        assert!(err(r#"{"n": 1, "hostnames": ["a", null]}"#).contains("list of strings"));
+        // The first unknown field by name, whatever else is wrong.
+        assert!(err(r#"{"n": "x", "zz": 1, "b": 2}"#).contains("Unknown field 'b'"));
+        // A field named twice is ambiguous (which one would a proxy in front have read?).
+        assert!(err(r#"{"n": 1, "n": 2}"#).contains("not valid JSON (duplicate field `n`"));
+        assert_eq!(
+            parse_scale_request(b" \t{\"n\": 4294967295, \"hostnames\": []}\n").expect("ok"),
+            ScaleRequest {
+                n: u32::MAX,
+                hostnames: vec![]
+            }
+        );
     }
 
     #[test]

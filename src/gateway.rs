@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use crate::access_log::AccessLog;
 use crate::admission::{nofile_limit, Admission};
 use crate::config::Config;
-use crate::control::{Controller, ControllerHandle, Parts};
+use crate::control::{Controller, ControllerHandle, Parts, Published};
 use crate::health::probe::HttpProber;
 use crate::listener::Mode;
 use crate::metrics::Metrics;
@@ -179,6 +179,9 @@ pub struct Gateway {
     tls: Option<Arc<Tls>>,
     drain_timeout: Duration,
     service: Arc<Service>,
+    /// Open connections per serving thread (both listeners of a thread count on it).
+    thread_load: Arc<ThreadLoad>,
+    watchdog: Arc<Watchdog>,
     controller_task: tokio::task::JoinHandle<()>,
     watcher: tokio::task::JoinHandle<()>,
 }
@@ -215,6 +218,10 @@ impl Gateway {
             .map_or(0, |b| b.sockets.len())
             .max(listeners.tls.as_ref().map_or(0, |b| b.sockets.len()));
         crate::policy::set_ready_states(serving + 1);
+        // Made here, before the controller, so `/lb/status` and `/lb/metrics` are handed them
+        // once rather than finding them later; the serving threads count on them from `serve`.
+        let thread_load = Arc::new(ThreadLoad::new(serving));
+        let watchdog = Watchdog::new(serving);
         let (policy, policy_files) = load_policy(&config);
         let (events_tx, events_rx) = mpsc::channel(256);
         let provider = crate::provider::from_config(&config, events_tx).await?;
@@ -234,6 +241,11 @@ impl Gateway {
             upstream_tls,
             shared: shared.clone(),
             metrics: metrics.clone(),
+            published: Published {
+                tls: tls.clone(),
+                thread_load: Some(thread_load.clone()),
+                watchdog: Some(watchdog.clone()),
+            },
             name: config.gateway_name(),
         })?;
         let controller_task = tokio::spawn(controller.run());
@@ -284,6 +296,8 @@ impl Gateway {
                 via: crate::service::via(&config.gateway_name()),
                 access_log,
             }),
+            thread_load,
+            watchdog,
             controller_task,
             watcher,
         })
@@ -334,10 +348,7 @@ impl Gateway {
             .into_iter();
         // One count of open connections per serving thread, over both listeners; one set of
         // hand-over channels per listening address.
-        let load = Arc::new(ThreadLoad::new(plain.len().max(tls.len())));
-        let _ = self.service.metrics.serving_threads.set(load.clone());
-        let watchdog = Watchdog::new(plain.len().max(tls.len()));
-        let _ = self.service.metrics.watchdog.set(watchdog.clone());
+        let (load, watchdog) = (self.thread_load, self.watchdog);
         let watching = tokio::spawn(watchdog.clone().watch());
         let mut plain_slots = Spread::slots(plain.len(), &load).into_iter();
         let mut tls_slots = Spread::slots(tls.len(), &load).into_iter();

@@ -2,12 +2,12 @@
 //!
 //! Owns: [`LatencyHistogram`] (fixed buckets kept per serving thread, two relaxed atomic adds per
 //! observation on the observing thread's own cache lines, no lock),
-//! its quantiles (what the status page shows as p50/p99) and its Prometheus rendering. The
-//! buckets are finer than Prometheus needs so quantiles are worth reading; every bound of the
-//! coarse [`PROMETHEUS_BOUNDS_US`] is also a fine bound, so the exported buckets are exact sums.
+//! its quantiles (what the status page shows as p50/p99) and the coarse buckets `/lb/metrics`
+//! exports ([`LatencyHistogram::exported`]; [`crate::exposition`] encodes them). The buckets
+//! are finer than Prometheus needs so quantiles are worth reading; every bound of the coarse
+//! [`PROMETHEUS_BOUNDS_US`] is also a fine bound, so the exported buckets are exact sums.
 //! Must not touch: decisions. Nothing reads a latency to route a request.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -100,40 +100,36 @@ impl LatencyHistogram {
         Duration::from_micros(micros)
     }
 
-    /// Renders this histogram as the Prometheus family `name` (the caller writes `# HELP` and
-    /// `# TYPE`), with `labels` (`replica="server-1"` or empty) on every sample.
-    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+    /// This histogram in the buckets `/lb/metrics` exports ([`PROMETHEUS_BOUNDS_US`], in
+    /// seconds), each count that bucket's own (not cumulative: the encoder adds them up).
+    pub fn exported(&self) -> Exported {
         let counts = self.counts();
-        let sep = if labels.is_empty() { "" } else { "," };
         let mut fine = BOUNDS_US.iter().zip(&counts).peekable();
-        let mut cumulative = 0;
-        for bound in PROMETHEUS_BOUNDS_US {
-            while let Some((_, c)) = fine.next_if(|(b, _)| **b <= bound) {
-                cumulative += c;
-            }
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}",
-                bound as f64 / 1e6
-            );
+        let buckets = PROMETHEUS_BOUNDS_US
+            .iter()
+            .map(|&bound| {
+                let mut n = 0;
+                while let Some((_, c)) = fine.next_if(|(b, _)| **b <= bound) {
+                    n += c;
+                }
+                (bound as f64 / 1e6, n)
+            })
+            .collect();
+        Exported {
+            buckets,
+            count: counts.iter().sum(),
+            sum_seconds: self.sum().as_secs_f64(),
         }
-        let count: u64 = counts.iter().sum();
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let braces = |s: &str| {
-            if s.is_empty() {
-                String::new()
-            } else {
-                format!("{{{s}}}")
-            }
-        };
-        let _ = writeln!(
-            out,
-            "{name}_sum{} {}",
-            braces(labels),
-            self.sum().as_secs_f64()
-        );
-        let _ = writeln!(out, "{name}_count{} {count}", braces(labels));
     }
+}
+
+/// A histogram as `/lb/metrics` exports it: `(upper bound in seconds, count)` per bucket (the
+/// `+Inf` bucket is `count`), the number of observations and their sum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exported {
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum_seconds: f64,
 }
 
 /// The `q` quantile (0..=1) of bucket `counts` (as [`LatencyHistogram::counts`] gives them, or
@@ -203,33 +199,20 @@ mod tests {
     }
 
     #[test]
-    fn both_histograms_see_an_observation_and_render_cumulatively() {
+    fn both_histograms_see_an_observation_and_export_the_coarse_buckets() {
         let (replica, all) = (LatencyHistogram::default(), LatencyHistogram::default());
         replica.observe_with(&all, Duration::from_micros(700));
         replica.observe_with(&all, Duration::from_millis(3));
         assert_eq!(replica.counts(), all.counts());
-        let mut out = String::new();
-        replica.render(&mut out, "x_seconds", "replica=\"a\"");
-        assert!(
-            out.contains("x_seconds_bucket{replica=\"a\",le=\"0.0005\"} 0\n"),
-            "{out}"
+        let e = replica.exported();
+        assert_eq!(e.buckets.len(), PROMETHEUS_BOUNDS_US.len());
+        // 700 µs in (0.5 ms, 1 ms], 3 ms in (2.5 ms, 5 ms]; each bucket counts its own.
+        assert_eq!(
+            &e.buckets[..4],
+            &[(0.0005, 0), (0.001, 1), (0.0025, 0), (0.005, 1)]
         );
-        assert!(
-            out.contains("x_seconds_bucket{replica=\"a\",le=\"0.001\"} 1\n"),
-            "{out}"
-        );
-        assert!(
-            out.contains("x_seconds_bucket{replica=\"a\",le=\"0.005\"} 2\n"),
-            "{out}"
-        );
-        assert!(
-            out.contains("x_seconds_bucket{replica=\"a\",le=\"+Inf\"} 2\n"),
-            "{out}"
-        );
-        assert!(out.contains("x_seconds_count{replica=\"a\"} 2\n"), "{out}");
-        let mut plain = String::new();
-        all.render(&mut plain, "y", "");
-        assert!(plain.contains("y_bucket{le=\"+Inf\"} 2\n"), "{plain}");
-        assert!(plain.contains("y_sum 0.0037\n"), "{plain}");
+        assert!(e.buckets[4..].iter().all(|&(_, n)| n == 0), "{e:?}");
+        assert_eq!((e.count, e.sum_seconds), (2, 0.0037));
+        // The text lines these become are tested in `crate::exposition`.
     }
 }

@@ -27,6 +27,8 @@
 //! - [`admin`]: the replica API (`/rep`, `/add`, `/rm`) and `/lb/*`: parse, guard, ask the
 //!   controller.
 //! - [`ui`]: the operator page `/lb/` (HTML, CSS, JS and SVG compiled in).
+//! - [`exposition`]: `/lb/metrics`: the counters, the snapshot and what other parts publish,
+//!   encoded in the Prometheus text format by `prometheus-client` at scrape time.
 //! - [`guard`]: who may call the admin endpoints (loopback by default; no replica, no
 //!   cross-site request, no foreign `Host`; the bearer token).
 //! - [`access_log`]: `[log] access`: one line per request, buffered per serving thread and
@@ -53,12 +55,13 @@
 //! - [`snapshot`]: what one request sees: config, ring, replicas, policy.
 //! - [`spread`]: client connections kept even over the serving threads (a thread that serves
 //!   more than another hands a new connection to the least busy one).
-//! - [`metrics`]: lock-free counters and their Prometheus rendering.
+//! - [`metrics`]: lock-free counters (only counters: nothing published, nothing rendered).
 //! - [`per_thread`]: counts every request adds to, one copy per serving thread, summed when read.
 //! - [`watchdog`]: serving threads that stopped serving, noticed from their runtimes' beats
 //!   (a backstop that does not depend on the Lua hook), for `/lb/status` and `/lb/metrics`.
 //! - [`memory`]: the heap given back to the OS once a burst is over (the idle trim).
 //! - [`latency`]: the latency histograms (per replica and gateway-wide) and their quantiles.
+//! - [`rfc3339`]: the one way the crate writes a timestamp (the `time` crate, UTC).
 //! - [`error`]: the one place internal errors become HTTP responses.
 //! - [`listening`]: the `listening on http://ADDR` line processes print once they serve.
 //! - [`sync`]: the one way this crate takes a mutex.
@@ -79,6 +82,7 @@ pub mod config;
 pub mod control;
 pub mod descriptors;
 pub mod error;
+pub mod exposition;
 pub mod gateway;
 pub mod guard;
 pub mod hashing;
@@ -94,6 +98,7 @@ pub mod policy;
 pub mod provider;
 pub mod proxy;
 pub mod rescue;
+pub mod rfc3339;
 pub mod ring;
 pub mod routing;
 pub mod service;

@@ -19,7 +19,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,7 +29,7 @@ use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::admission::Admitted;
@@ -94,8 +94,9 @@ pub async fn serve(
     drain_timeout: Duration,
 ) {
     let (drain_tx, drain_rx) = watch::channel(false);
-    let live = Arc::new(AtomicUsize::new(0));
-    let all_closed = Arc::new(Notify::new());
+    // Every connection's task, to wait for them on shutdown: our HTTP/1 server and hyper's
+    // HTTP/2 both hear the drain on `drain_rx`, so what is left to know is when they are done.
+    let connections = tokio_util::task::TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, client, admitted, counted, config) = tokio::select! {
@@ -152,29 +153,17 @@ pub async fn serve(
             admitted: Arc::new(admitted),
             _counted: counted,
         };
-        live.fetch_add(1, Ordering::AcqRel);
-        let (live, all_closed) = (live.clone(), all_closed.clone());
-        tokio::spawn(async move {
-            conn.run().await;
-            if live.fetch_sub(1, Ordering::AcqRel) == 1 {
-                all_closed.notify_waiters();
-            }
-        });
+        connections.spawn(conn.run());
     }
     drop(listener);
     tracing::info!("stopped accepting; draining open connections");
     let _ = drain_tx.send(true);
-    let drained = async {
-        loop {
-            let notified = all_closed.notified();
-            if live.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    };
-    if tokio::time::timeout(drain_timeout, drained).await.is_err() {
-        tracing::warn!(timeout = ?drain_timeout, open = live.load(Ordering::Acquire), "drain timed out; closing the remaining connections");
+    connections.close();
+    if tokio::time::timeout(drain_timeout, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?drain_timeout, open = connections.len(), "drain timed out; closing the remaining connections");
     }
 }
 

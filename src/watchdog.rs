@@ -12,10 +12,10 @@
 //! [`crate::gateway`]).
 //!
 //! Owns: the beat counters, the decision "no beat for [`STALL_AFTER`] is a stall"
-//! ([`Tracker`], pure) and its reporting. Must not touch: the serving threads themselves (a
-//! thread cannot be stopped from outside; this only reports), or any routing decision.
+//! ([`Tracker`], pure) and its reporting (the readings; [`crate::exposition`] writes the
+//! metrics). Must not touch: the serving threads themselves (a thread cannot be stopped from
+//! outside; this only reports), or any routing decision.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -179,24 +179,15 @@ impl Watchdog {
         )
     }
 
-    /// The watchdog's families for `/lb/metrics`.
-    pub fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP ringgate_serving_thread_stalled Whether a serving thread has stopped serving (its runtime has not run for 1.5 s; see /lb/status serving_threads).\n# TYPE ringgate_serving_thread_stalled gauge");
-        for (n, t) in self.threads.iter().enumerate() {
-            let stalled = u8::from(t.stalled.load(Ordering::Relaxed));
-            let _ = writeln!(
-                out,
-                "ringgate_serving_thread_stalled{{thread=\"{n}\"}} {stalled}"
-            );
-        }
-        let _ = writeln!(out, "# HELP ringgate_serving_thread_stalls_total Times a serving thread was found stalled.\n# TYPE ringgate_serving_thread_stalls_total counter");
-        for (n, t) in self.threads.iter().enumerate() {
-            let stalls = t.stalls.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "ringgate_serving_thread_stalls_total{{thread=\"{n}\"}} {stalls}"
-            );
-        }
+    /// Per serving thread: whether it is stalled now, and how many stalls it had (what
+    /// `/lb/metrics` shows).
+    pub fn readings(&self) -> impl Iterator<Item = (bool, u64)> + '_ {
+        self.threads.iter().map(|t| {
+            (
+                t.stalled.load(Ordering::Relaxed),
+                t.stalls.load(Ordering::Relaxed),
+            )
+        })
     }
 }
 
@@ -259,20 +250,8 @@ mod tests {
         assert_eq!(s[0]["state"], "serving");
         assert_eq!(s[1]["state"], "stalled");
         assert_eq!(s[1]["stalls"], 3);
-        let mut m = String::new();
-        w.render(&mut m);
-        assert!(
-            m.contains("ringgate_serving_thread_stalled{thread=\"0\"} 0"),
-            "{m}"
-        );
-        assert!(
-            m.contains("ringgate_serving_thread_stalled{thread=\"1\"} 1"),
-            "{m}"
-        );
-        assert!(
-            m.contains("ringgate_serving_thread_stalls_total{thread=\"1\"} 3"),
-            "{m}"
-        );
+        assert_eq!(w.readings().collect::<Vec<_>>(), [(false, 0), (true, 3)]);
+        // The lines `/lb/metrics` makes of them are tested in `crate::exposition`.
         assert!(w.stalled(1) && !w.stalled(0) && !w.stalled(7));
     }
 }

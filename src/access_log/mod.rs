@@ -203,6 +203,8 @@ struct Local {
     config: Option<Arc<Config>>,
     target: AccessTarget,
     buf: Vec<u8>,
+    /// The dates of the current second, formatted once for all its lines.
+    dates: format::Dates,
     records: u64,
     flush_scheduled: bool,
 }
@@ -292,7 +294,8 @@ fn append(log_id: u64, config: &Arc<Config>, record: &format::Record<'_>) {
             }
             l.config = Some(config.clone());
         }
-        format::write(&mut l.buf, config.log.format, record);
+        let l = &mut *l;
+        format::write(&mut l.buf, &mut l.dates, config.log.format, record);
         l.records += 1;
         if l.buf.len() >= BATCH_BYTES {
             l.flush();

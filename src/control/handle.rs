@@ -37,7 +37,7 @@ pub enum Command {
         reply: oneshot::Sender<serde_json::Value>,
     },
     Metrics {
-        reply: oneshot::Sender<String>,
+        reply: oneshot::Sender<super::MetricsSources>,
     },
     /// A copy of what a what-if simulation starts from (`POST /lb/simulate`).
     WhatIfBase {
@@ -124,7 +124,8 @@ impl ControllerHandle {
         self.ask(|reply| Command::Status { reply }).await
     }
 
-    pub async fn metrics(&self) -> Result<String, ControlError> {
+    /// What `/lb/metrics` shows, read now (render it with [`crate::exposition::render`]).
+    pub async fn metrics(&self) -> Result<super::MetricsSources, ControlError> {
         self.ask(|reply| Command::Metrics { reply }).await
     }
 

@@ -21,7 +21,8 @@
 //! - [`shared`]: the shared ring record's pure decisions (plans as record edits, reconciling
 //!   an observed record, stale entries) and the optimistic write loop; `shared_ops` applies
 //!   them (the `swarm` provider, where membership lives in the engine).
-//! - `status`: `/lb/status` and `/lb/metrics`.
+//! - `status`: `/lb/status`, and what `/lb/metrics` reads ([`MetricsSources`], rendered by
+//!   [`crate::exposition`]).
 //!
 //! [`Snapshot`]: crate::snapshot::Snapshot
 
@@ -55,6 +56,7 @@ use handle::Reply;
 pub use handle::{Command, ControllerHandle, ReloadKind, Scaled};
 use lifecycle::Replica;
 use membership::{Membership, OpId, Phase};
+pub use status::{MetricsSources, Published};
 
 use crate::config::Config;
 use crate::health::probe::{ProbeReport, Prober};
@@ -79,6 +81,8 @@ pub struct Parts {
     pub upstream_tls: Option<Arc<crate::tls::upstream::UpstreamTls>>,
     pub shared: Shared,
     pub metrics: Arc<Metrics>,
+    /// What other parts publish for `/lb/status` and `/lb/metrics` (TLS, serving threads).
+    pub published: Published,
     /// This gateway's name (`Via`, `/lb/status`, the ring record).
     pub name: String,
 }
@@ -115,6 +119,7 @@ pub struct Controller {
     upstream: reconfigure::UpstreamClient,
     shared: Shared,
     metrics: Arc<Metrics>,
+    published: Published,
     membership: Membership,
     placement: Placement,
     replicas: BTreeMap<crate::ring::ServerId, Replica>,
@@ -186,6 +191,7 @@ impl Controller {
             upstream: reconfigure::UpstreamClient::new(parts.upstream_tls),
             shared: parts.shared,
             metrics: parts.metrics,
+            published: parts.published,
             membership: Membership::default(),
             placement,
             replicas: BTreeMap::new(),
@@ -251,7 +257,7 @@ impl Controller {
                 let _ = reply.send(self.status());
             }
             Command::Metrics { reply } => {
-                let _ = reply.send(self.render_metrics());
+                let _ = reply.send(self.metrics_sources());
             }
             Command::WhatIfBase { reply } => {
                 let _ = reply.send(self.whatif_base());

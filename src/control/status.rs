@@ -1,11 +1,15 @@
-//! Status rendering: `/lb/status` (JSON), `/lb/metrics` (Prometheus text) and the copy of the
-//! state a what-if simulation starts from.
+//! Status rendering: `/lb/status` (JSON), what `/lb/metrics` reads ([`MetricsSources`]) and the
+//! copy of the state a what-if simulation starts from.
 //!
 //! Owns: the shape of `/lb/status` ([`Status`] and the structs under it, serialised as they
-//! are) and collecting the per-replica counters for the metrics renderer.
-//! Must not touch: state. It reads the controller and the published snapshot.
+//! are), collecting the per-replica counters for the metrics renderer, and [`Published`]: the
+//! handles to state other parts own that both pages show.
+//! Must not touch: state, or the metrics' text format ([`crate::exposition`], at the edge,
+//! renders [`MetricsSources`]; the controller never formats a metric). It reads the controller,
+//! the published snapshot and [`Published`].
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use serde::Serialize;
 use tokio::time::Instant;
@@ -13,7 +17,39 @@ use tokio::time::Instant;
 use super::membership::Phase;
 use super::Controller;
 use crate::health::ProbeOutcome;
+use crate::metrics::Metrics;
 use crate::policy::{Hook, PolicySet};
+use crate::snapshot::{ReplicaStats, Snapshot};
+use crate::spread::ThreadLoad;
+use crate::tls::Tls;
+use crate::watchdog::Watchdog;
+
+/// State other parts own and publish, which `/lb/status` and `/lb/metrics` show: the TLS
+/// certificates ([`Tls::report`]), each serving thread's open connections and the watchdog's
+/// view of the serving threads. The gateway hands it over at start; each is absent where there
+/// is none (TLS off; a controller without serving threads, as in tests).
+#[derive(Debug, Clone, Default)]
+pub struct Published {
+    pub tls: Option<Arc<Tls>>,
+    pub thread_load: Option<Arc<ThreadLoad>>,
+    pub watchdog: Option<Arc<Watchdog>>,
+}
+
+/// What one scrape of `/lb/metrics` reads, taken together on the controller (which alone knows
+/// every member, up or not) and rendered by [`crate::exposition`] on the serving thread, off
+/// the controller's loop.
+#[derive(Debug)]
+pub struct MetricsSources {
+    pub metrics: Arc<Metrics>,
+    pub snapshot: Arc<Snapshot>,
+    /// Every member's name and counters, in membership order.
+    pub replicas: Vec<(String, Arc<ReplicaStats>)>,
+    /// This gateway's name (the ring fingerprint's `gateway` label).
+    pub gateway: String,
+    /// Whether the engine holding the shared ring record answers; None without a shared ring.
+    pub engine_reachable: Option<bool>,
+    pub published: Published,
+}
 
 #[derive(Serialize)]
 struct Status<'a> {
@@ -357,11 +393,11 @@ impl Controller {
             },
             latency_bounds_us: &crate::latency::BOUNDS_US,
             tls: self
-                .metrics
+                .published
                 .tls
-                .load_full()
-                .map(|r| r.status(std::time::SystemTime::now())),
-            serving_threads: self.metrics.watchdog.get().map(|w| w.status()),
+                .as_ref()
+                .map(|t| t.report().status(std::time::SystemTime::now())),
+            serving_threads: self.published.watchdog.as_ref().map(|w| w.status()),
         };
         serde_json::to_value(status)
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
@@ -386,41 +422,22 @@ impl Controller {
         }
     }
 
-    pub(super) fn render_metrics(&self) -> String {
-        let stats: Vec<_> = self
-            .membership
-            .all()
-            .filter_map(|(id, e)| Some((e.name.clone(), self.replicas.get(&id)?.stats.clone())))
-            .collect();
-        let snap = self.shared.load();
-        let mut out = self.metrics.render(&snap, &stats);
-        out.push_str(&ring_metrics(
-            &self.name,
-            snap.ring.fingerprint(),
-            self.record.as_ref().map(|_| self.engine.reachable),
-        ));
-        out
+    /// What `/lb/metrics` reads, now: every member's counters (up or not: only the controller
+    /// knows them all) beside the counters, the snapshot and what others publish.
+    pub(super) fn metrics_sources(&self) -> MetricsSources {
+        MetricsSources {
+            metrics: self.metrics.clone(),
+            snapshot: self.shared.load_full(),
+            replicas: self
+                .membership
+                .all()
+                .filter_map(|(id, e)| Some((e.name.clone(), self.replicas.get(&id)?.stats.clone())))
+                .collect(),
+            gateway: self.name.clone(),
+            engine_reachable: self.record.as_ref().map(|_| self.engine.reachable),
+            published: self.published.clone(),
+        }
     }
-}
-
-/// The ring's fingerprint as an info-style gauge (the fingerprint is a label, the value 1, so
-/// `count by (fingerprint)` shows how many gateways agree), and the engine's reachability when
-/// the ring is shared.
-fn ring_metrics(gateway: &str, fingerprint: u64, engine_reachable: Option<bool>) -> String {
-    let mut out = format!(
-        "# HELP ringgate_ring_fingerprint The owner table's fingerprint (FNV-1a, hex) as a label; gateways that route alike show the same.\n\
-         # TYPE ringgate_ring_fingerprint gauge\n\
-         ringgate_ring_fingerprint{{gateway=\"{gateway}\",fingerprint=\"{fingerprint:016x}\"}} 1\n"
-    );
-    if let Some(up) = engine_reachable {
-        out.push_str(&format!(
-            "# HELP ringgate_engine_reachable Whether the engine holding the shared ring record answers (0: routing on the last ring seen).\n\
-             # TYPE ringgate_engine_reachable gauge\n\
-             ringgate_engine_reachable {}\n",
-            u8::from(up)
-        ));
-    }
-    out
 }
 
 fn policy_status(p: &PolicySet, load_error: Option<&str>) -> serde_json::Value {

@@ -552,6 +552,7 @@ impl Harness {
             upstream_tls: None,
             shared: shared.clone(),
             metrics: Arc::new(Metrics::default()),
+            published: Default::default(),
             name: name.into(),
         })
         .expect("valid ring");

@@ -11,7 +11,7 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
@@ -138,21 +138,10 @@ pub fn load(
     from_pem(pair, &read(pair)?, provider, now)
 }
 
-fn unix(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    }
-}
-
-/// An RFC 3339 time for a Unix timestamp (UTC, seconds).
+/// A certificate's time (Unix seconds) in RFC 3339, as the whole crate writes times
+/// ([`crate::rfc3339`]).
 pub fn rfc3339(secs: i64) -> String {
-    let t = if secs >= 0 {
-        UNIX_EPOCH + std::time::Duration::from_secs(secs.unsigned_abs())
-    } else {
-        UNIX_EPOCH
-    };
-    humantime::format_rfc3339_seconds(t).to_string()
+    crate::rfc3339::unix(secs)
 }
 
 fn pem_error(path: &Path, e: pem::Error) -> CertError {
@@ -186,7 +175,7 @@ pub fn from_pem(
             path: cert_path.to_owned(),
         });
     }
-    let now = unix(now);
+    let now = crate::rfc3339::unix_seconds(now);
     let mut info = None;
     for (i, der) in chain.iter().enumerate() {
         let index = i + 1;
@@ -291,7 +280,7 @@ pub fn from_pem(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn provider() -> CryptoProvider {
         rustls::crypto::ring::default_provider()
@@ -339,7 +328,7 @@ mod tests {
         assert_eq!(c.info.dns_names, ["example.test", "*.example.test"]);
         assert!(c.info.subject.contains("CN=example.test"), "{:?}", c.info);
         assert_eq!(c.info.chain_length, 1);
-        let left = c.info.not_after - unix(SystemTime::now());
+        let left = c.info.not_after - crate::rfc3339::unix_seconds(SystemTime::now());
         assert!((29 * 86400..=31 * 86400).contains(&left), "{left}");
         // A combined file: certificate and key in one.
         let both = format!("{cert}{key}");
@@ -410,6 +399,9 @@ mod tests {
     #[test]
     fn times_render_as_rfc3339() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(unix(UNIX_EPOCH + Duration::from_secs(5)), 5);
+        assert_eq!(
+            crate::rfc3339::unix_seconds(UNIX_EPOCH + Duration::from_secs(5)),
+            5
+        );
     }
 }

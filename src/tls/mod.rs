@@ -3,7 +3,7 @@
 //! Owns: [`Tls`], the rustls server configuration (TLS 1.2 and 1.3 with rustls's safe defaults
 //! on the `ring` provider, ALPN `h2` and `http/1.1`, the certificate chosen by SNI), the set of
 //! certificates serving now and what `/lb/status` and `/lb/metrics` say about it
-//! ([`TlsReport`], published into [`Metrics`]); the parts live in the submodules: [`certs`]
+//! ([`TlsReport`], published by [`Tls::report`]); the parts live in the submodules: [`certs`]
 //! (PEM files to a validated certificate), [`sni`] (which certificate a handshake gets) and
 //! [`redirect`] (plain HTTP sent to HTTPS) and [`upstream`] (TLS towards the replicas).
 //! Must not touch: connections (the listener runs the handshake with [`Tls::acceptor`], under its
@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::ServerConfig;
 use serde::Serialize;
@@ -94,6 +95,9 @@ pub struct Tls {
     resolver: Arc<Resolver>,
     provider: Arc<CryptoProvider>,
     metrics: Arc<Metrics>,
+    /// What `/lb/status` and `/lb/metrics` show: replaced whole on every apply or reject, read
+    /// by a scrape without a lock.
+    report: ArcSwap<TlsReport>,
     /// The files' content the gateway started with (the watcher's first "last read").
     started_with: Vec<PairBytes>,
 }
@@ -154,14 +158,19 @@ impl Tls {
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         server.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        let report = ArcSwap::from_pointee(TlsReport {
+            certificates: resolver.current().infos().cloned().collect(),
+            last_error: None,
+            applied_at: crate::rfc3339::seconds(SystemTime::now()),
+        });
         let tls = Arc::new(Tls {
             server: Arc::new(server),
             resolver,
             provider,
             metrics,
+            report,
             started_with,
         });
-        tls.publish(None);
         for c in tls.resolver.current().infos() {
             tracing::info!(cert = %c.cert_file, subject = %c.subject, names = ?c.dns_names, not_after = %certs::rfc3339(c.not_after), "TLS certificate loaded");
         }
@@ -215,15 +224,22 @@ impl Tls {
         self.resolver.current().infos().cloned().collect()
     }
 
+    /// The certificates serving now and the last rejected edit, for `/lb/status` and
+    /// `/lb/metrics`.
+    pub fn report(&self) -> Arc<TlsReport> {
+        self.report.load_full()
+    }
+
     fn publish(&self, last_error: Option<String>) {
-        let applied_at = match (&last_error, self.metrics.tls.load_full()) {
-            (Some(_), Some(old)) => old.applied_at.clone(),
-            _ => humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        // A rejected edit changes nothing that serves: the certificates keep their time.
+        let applied_at = match &last_error {
+            Some(_) => self.report.load().applied_at.clone(),
+            None => crate::rfc3339::seconds(SystemTime::now()),
         };
-        self.metrics.tls.store(Some(Arc::new(TlsReport {
+        self.report.store(Arc::new(TlsReport {
             certificates: self.current(),
             last_error,
             applied_at,
-        })));
+        }));
     }
 }

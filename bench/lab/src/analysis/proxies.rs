@@ -1027,7 +1027,7 @@ backend be\n  balance roundrobin\n{servers}"
     let tbl = table(&rows);
     let pinned = measure.placement.pinned.is_some();
     let verdict = verdict(&rows, cpus, pinned).unwrap_or_default();
-    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let now = ringgate::rfc3339::seconds(std::time::SystemTime::now());
     let tool_desc = match tool {
         Tool::Wrk => format!(
             "wrk -t{} -c{} --latency with a Lua script sending random 6-digit `?id=`s (4,096 drawn in advance, in turn)",

@@ -498,7 +498,7 @@ backend be\n  balance url_param id\n  hash-type consistent\n{servers}",
 
     let tbl = table(&rows);
     let verdict = verdict(&rows).unwrap_or_default();
-    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let now = ringgate::rfc3339::seconds(std::time::SystemTime::now());
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);

@@ -319,7 +319,7 @@ not help while `Φ` keeps them in one arc and `H` keeps missing most slots.\n"
 /// The whole report.
 pub fn render(r: &Results, charts: &ChartFiles, doc: &Path) -> String {
     let mut out = String::new();
-    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let now = ringgate::rfc3339::seconds(std::time::SystemTime::now());
     let _ = writeln!(
         out,
         "# ringgate performance\n\n\
