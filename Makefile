@@ -37,7 +37,7 @@ urls:
 ## test: the whole suite of the workspace, product and lab (unit, property, integration, the
 ## operator page in headless Chromium, which is installed from Debian's packages when missing)
 test:
-	bench/deps.sh chromium curl
+	bench/deps.sh chromium curl python
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --all-targets --no-fail-fast
 

@@ -8,6 +8,8 @@
 #   bench/deps.sh busybox   busybox-static, the static busybox of `make example-httpd` (the
 #                           FROM scratch httpd image of docs/deployment.md and
 #                           tests/docker_apps.rs)
+#   bench/deps.sh python    the Python clients of the tunnel and gRPC tests (websockets, grpcio)
+#                           in a virtualenv at target/pyclients, from tests/support/requirements.txt
 set -euo pipefail
 
 SUDO=""
@@ -16,6 +18,23 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+
+# The Python clients live in a virtualenv of this checkout (PyPI through pip; Debian's Python
+# refuses system-wide pip installs). Rebuilt only when the requirements change.
+python_clients() {
+    local root venv stamp
+    root="$(cd "$(dirname "$0")/.." && pwd)"
+    venv="$root/target/pyclients"
+    stamp="$venv/requirements.txt"
+    if [ -x "$venv/bin/python3" ] && cmp -s "$root/tests/support/requirements.txt" "$stamp"; then
+        return 0
+    fi
+    echo "installing the Python test clients into $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/tests/support/requirements.txt"
+    cp "$root/tests/support/requirements.txt" "$stamp"
+}
 
 missing=()
 for what in "$@"; do
@@ -43,6 +62,8 @@ for what in "$@"; do
             else
                 have busybox || missing+=(busybox-static)
             fi ;;
+        python)
+            python_clients ;;
         *) echo "deps.sh: unknown group $what" >&2; exit 2 ;;
     esac
 done

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod backends;
+pub mod python;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Read};
