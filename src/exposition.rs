@@ -729,6 +729,7 @@ mod tests {
             thread_load: Some(load),
             watchdog: Some(watchdog.clone()),
             tls: None,
+            tunnels: None,
         };
         let out = encoded(move |e| serving_threads(e, &published));
         for line in [

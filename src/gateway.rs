@@ -45,7 +45,10 @@ const STATIC_READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// (their listeners close the last connections at the drain timeout): past it, a thread still
 /// running is held by something that will not end (a policy hook or a library call), and the
 /// gateway stops without it.
-pub const JOIN_GRACE: Duration = Duration::from_millis(250);
+pub const JOIN_GRACE: Duration = Duration::from_millis(250 + 1500);
+/// How long the tunnels closed at the end of a drain get to send their close (a WebSocket's
+/// close frame waits for a frame boundary, then the client's answer is read for a moment).
+const TUNNEL_CLOSE_GRACE: Duration = Duration::from_millis(1500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -232,6 +235,7 @@ impl Gateway {
             "starting replicas"
         );
         let shared = Arc::new(ArcSwap::from_pointee(Snapshot::initial(config.clone())));
+        let tunnels = crate::tunnel::Tunnels::new();
         let (controller, handle) = Controller::new(Parts {
             config: config.clone(),
             policy,
@@ -245,6 +249,7 @@ impl Gateway {
                 tls: tls.clone(),
                 thread_load: Some(thread_load.clone()),
                 watchdog: Some(watchdog.clone()),
+                tunnels: Some(tunnels.clone()),
             },
             name: config.gateway_name(),
         })?;
@@ -295,6 +300,7 @@ impl Gateway {
                 metrics,
                 via: crate::service::via(&config.gateway_name()),
                 access_log,
+                tunnels,
             }),
             thread_load,
             watchdog,
@@ -332,6 +338,10 @@ impl Gateway {
         tracing::info!(http = ?plain_addr, https = ?tls_addr, "serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let trimmer = tokio::spawn(crate::memory::trim_when_quiet(self.service.metrics.clone()));
+        let rehoming = tokio::spawn(crate::tunnel::rehome::run(
+            self.service.tunnels.clone(),
+            self.service.shared.clone(),
+        ));
         let mut threads = Vec::new();
         let https_port = tls_addr.map(|a| a.port());
         let mut plain = self
@@ -384,6 +394,7 @@ impl Gateway {
                 Err(e) => {
                     let _ = stop_tx.send(true);
                     trimmer.abort();
+                    rehoming.abort();
                     watching.abort();
                     return Err(e);
                 }
@@ -392,6 +403,7 @@ impl Gateway {
         shutdown.await;
         let _ = stop_tx.send(true);
         trimmer.abort();
+        rehoming.abort();
         if !joined_within(threads, self.drain_timeout + JOIN_GRACE).await {
             tracing::error!(timeout = ?(self.drain_timeout + JOIN_GRACE), "a serving thread did not stop within proxy.drain_timeout (see the watchdog's report); stopping without it");
         }
@@ -429,6 +441,26 @@ async fn joined_within(threads: Vec<std::thread::JoinHandle<()>>, bound: Duratio
     tokio::time::timeout(bound, done_rx).await.is_ok()
 }
 
+/// Tunnels end last in a drain: from the stop they have `proxy.drain_timeout` to end on their
+/// own (while the requests drain), then every one still open is closed (a WebSocket with
+/// `1001`), and this thread's runtime, which runs their tasks, waits [`TUNNEL_CLOSE_GRACE`]
+/// for the closes to go out.
+async fn drain_tunnels(
+    tunnels: &crate::tunnel::Tunnels,
+    mut stop_rx: tokio::sync::watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let _ = stop_rx.wait_for(|stop| *stop).await;
+    if tokio::time::timeout(drain, tunnels.all_ended()).await.is_ok() {
+        return;
+    }
+    let closed = tunnels.close_all(crate::tunnel::Close::Shutdown);
+    if closed > 0 {
+        tracing::info!(tunnels = closed, "drain: closing the tunnels still open");
+    }
+    let _ = tokio::time::timeout(TUNNEL_CLOSE_GRACE, tunnels.all_ended()).await;
+}
+
 /// One serving thread: its own current-thread runtime serving its listeners (plain, TLS or
 /// both) until stopped, with the watchdog's heartbeat of thread `n` beside them.
 fn serve_thread(
@@ -449,6 +481,7 @@ fn serve_thread(
     runtime.block_on(async move {
         let anchor = tokio::spawn(crate::listener::timer_anchor());
         let beating = tokio::spawn(watchdog.heartbeat(n));
+        let tunnels = drain_tunnels(&service.tunnels, stop_rx.clone(), drain);
         let serving = listeners.into_iter().map(|(listener, mode, slot)| {
             let (service, mut stop_rx) = (service.clone(), stop_rx.clone());
             async move {
@@ -462,7 +495,7 @@ fn serve_thread(
                 crate::listener::serve(listener, mode, service, slot, stop, drain).await;
             }
         });
-        futures_util::future::join_all(serving).await;
+        futures_util::future::join(futures_util::future::join_all(serving), tunnels).await;
         anchor.abort();
         beating.abort();
     });

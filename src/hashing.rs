@@ -192,18 +192,22 @@ impl KeySource {
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(Cow::Borrowed),
-            KeySource::Cookie(name) => parts
-                .headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .find_map(|v| cookie_value(v, name))
-                .map(Cow::Borrowed),
+            KeySource::Cookie(name) => cookie_key(parts, name).map(Cow::Borrowed),
             KeySource::ClientIp => Some(Cow::Owned(client_ip.to_string())),
             KeySource::Path => Some(Cow::Borrowed(parts.uri.path())),
             KeySource::Random => None,
         }
     }
+}
+
+/// The value of cookie `name` in a request, if it sent one.
+pub fn cookie_key<'a>(parts: &'a http::request::Parts, name: &str) -> Option<&'a str> {
+    parts
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| cookie_value(v, name))
 }
 
 /// `[hashing] key`: one source, or a list whose first present source gives the key

@@ -108,6 +108,7 @@ pub mod stall;
 pub mod sync;
 pub mod tls;
 pub mod tools;
+pub mod tunnel;
 pub mod ui;
 pub mod upstream;
 pub mod watchdog;

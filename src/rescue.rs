@@ -75,6 +75,8 @@ pub enum GatewayError {
     },
     #[error("replica {replica} {detail}; retry shortly")]
     ReplicaBusy { replica: String, detail: String },
+    #[error("{limit} tunnels are open ([tunnels] max); retry shortly")]
+    TunnelsFull { limit: u64 },
     #[error(
         "no replica is available to serve this request: all are down or starting (see /lb/status)"
     )]
@@ -117,6 +119,7 @@ impl GatewayError {
             GatewayError::NoReplica
             | GatewayError::OverBudget { .. }
             | GatewayError::ReplicaBusy { .. }
+            | GatewayError::TunnelsFull { .. }
             | GatewayError::LocalResource { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -135,6 +138,7 @@ impl GatewayError {
                     | ControlError::ReservationLost { .. }
             ) | GatewayError::OverBudget { .. }
                 | GatewayError::ReplicaBusy { .. }
+                | GatewayError::TunnelsFull { .. }
         )
     }
 

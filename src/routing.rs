@@ -11,9 +11,18 @@
 use std::net::IpAddr;
 
 use crate::config::Config;
-use crate::hashing::{key_to_int, random_key};
+use crate::hashing::{cookie_key, key_to_int, random_key};
 use crate::policy::{Hook, HookOutcome, KeyRequest, LuaKey, PolicySet};
 use crate::ring::{Placement, Ring, RingError, ServerId};
+
+/// A request's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestKey {
+    pub value: u64,
+    /// Made up by the gateway for a client without a key, to be given to it in the
+    /// `hashing.set_cookie` cookie.
+    pub give: bool,
+}
 
 /// The routing functions of one config and one policy set.
 #[derive(Clone, Copy)]
@@ -38,14 +47,34 @@ impl<'a> Router<'a> {
     /// The request key as an integer: the Lua `request_key` hook if it answers, else
     /// `hashing.key`, else a random 6-digit id.
     pub fn key(&self, parts: &http::request::Parts, client_ip: IpAddr) -> u64 {
+        self.key_of(parts, client_ip).value
+    }
+
+    /// The request key, and whether the gateway made it up for a client it is to give it to:
+    /// with `hashing.set_cookie`, that cookie is read first, and a request without any key gets
+    /// a random one to keep ([`RequestKey::give`]).
+    pub fn key_of(&self, parts: &http::request::Parts, client_ip: IpAddr) -> RequestKey {
+        let found = |value| RequestKey { value, give: false };
         if self.policy.has_hook(Hook::RequestKey) {
             if let Some(key) = self.lua_key(parts, client_ip) {
-                return key;
+                return found(key);
+            }
+        }
+        let sticky = self.config.hashing.set_cookie.as_str();
+        if !sticky.is_empty() {
+            if let Some(v) = cookie_key(parts, sticky) {
+                return found(key_to_int(v));
             }
         }
         match self.config.hashing.key.extract(parts, client_ip) {
-            Some(k) => key_to_int(&k),
-            None => random_key(),
+            Some(k) => found(key_to_int(&k)),
+            // A key for the client to keep: the whole 64 bits, decimal in the cookie (a
+            // decimal key is its own integer).
+            None if !sticky.is_empty() => RequestKey {
+                value: fastrand::u64(..),
+                give: true,
+            },
+            None => found(random_key()),
         }
     }
 

@@ -29,6 +29,8 @@ pub struct Service {
     pub access_log: Arc<AccessLog>,
     /// `1.1 <gateway name>`.
     pub via: http::HeaderValue,
+    /// The open tunnels (upgraded connections).
+    pub tunnels: Arc<crate::tunnel::Tunnels>,
 }
 
 /// The `Via` value of a gateway named `name` (names are reduced to token characters by
@@ -53,10 +55,13 @@ impl Service {
         let resp = if crate::admin::is_admin_path(req.uri().path()) {
             crate::admin::handle(&self.controller, &snap, req, client).await
         } else {
-            let (metrics, controller) = (&self.metrics, &self.controller);
+            let gateway = crate::proxy::Gateway {
+                metrics: &self.metrics,
+                controller: &self.controller,
+                tunnels: &self.tunnels,
+            };
             let mut resp =
-                crate::proxy::forward(&snap, metrics, controller, req, conn, client, &mut outcome)
-                    .await;
+                crate::proxy::forward(&snap, &gateway, req, conn, client, &mut outcome).await;
             resp.headers_mut()
                 .append(http::header::VIA, self.via.clone());
             resp

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::balance;
 use crate::config::Config;
 use crate::per_thread::PerThread;
 use crate::policy::PolicySet;
@@ -41,6 +42,8 @@ pub struct ReplicaStats {
     /// (`crate::proxy::body::InFlight::admit`), and how they are woken when one ends.
     pub queued: std::sync::atomic::AtomicU32,
     pub room: tokio::sync::Notify,
+    /// Tunnels open to it (each also counted in `in_flight` while it is open).
+    pub tunnels: AtomicI64,
 }
 
 impl ReplicaStats {
@@ -220,6 +223,36 @@ impl Snapshot {
         self.upstreams
             .get(id.get() as usize)
             .and_then(Option::as_ref)
+    }
+
+    /// The servers clockwise of `slot` as the balancing decision sees them at `now` for key
+    /// `key`: each with its load, and whether its slow start admits the key yet.
+    pub fn candidates(
+        &self,
+        slot: u32,
+        key: u64,
+        now: tokio::time::Instant,
+    ) -> impl Iterator<Item = balance::Candidate> + '_ {
+        self.ring.successors(slot).filter_map(move |id| {
+            let u = self.upstream(id)?;
+            Some(balance::Candidate {
+                id,
+                load: u.stats.load(),
+                admits: u
+                    .ramp
+                    .is_none_or(|r| balance::ramp_admits(key, r.progress(now))),
+            })
+        })
+    }
+
+    /// Where key `key` at `slot` belongs at `now`, loads aside: its owner, or the first server
+    /// clockwise whose slow start admits it. What a request goes to when bounded loads are off,
+    /// and where a tunnel is re-homed to (`crate::tunnel`): the same key order either way.
+    pub fn home(&self, slot: u32, key: u64, now: tokio::time::Instant) -> Option<ServerId> {
+        if self.ramps_until.is_none_or(|until| now >= until) {
+            return self.ring.owner(slot);
+        }
+        balance::choose(self.candidates(slot, key, now), None).map(|(id, _)| id)
     }
 }
 

@@ -39,8 +39,10 @@ pub struct Record<'a> {
     /// `http` or `https` (TLS terminated by the gateway), like NGINX's `$scheme`.
     pub scheme: &'a str,
     pub status: u16,
-    /// Response body bytes sent to the client.
+    /// Response body bytes sent to the client (for a tunnel: its bytes to the client).
     pub bytes: u64,
+    /// A tunnel's bytes from the client to the replica (`None` for a request).
+    pub bytes_up: Option<u64>,
     /// From the request's arrival to its response's last byte (or the abort).
     pub duration: Duration,
     /// Time to the replica's response headers, when a replica answered.
@@ -250,6 +252,10 @@ pub fn json(out: &mut Vec<u8>, dates: &mut Dates, r: &Record<'_>) {
     num(out, u64::from(r.status));
     out.extend_from_slice(b",\"bytes\":");
     num(out, r.bytes);
+    if let Some(up) = r.bytes_up {
+        out.extend_from_slice(b",\"bytes_up\":");
+        num(out, up);
+    }
     out.extend_from_slice(b",\"duration_ms\":");
     fixed(out, r.duration, false);
     out.extend_from_slice(b",\"upstream_ms\":");
@@ -361,6 +367,7 @@ mod tests {
             scheme: "http",
             status: 200,
             bytes: 52,
+            bytes_up: None,
             duration: Duration::from_micros(1234),
             upstream: Some(Duration::from_micros(900)),
             replica: Some("server-1"),

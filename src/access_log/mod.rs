@@ -27,6 +27,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, REFERER, USER_AGENT};
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::sync::oneshot;
 
 use crate::config::{AccessTarget, Config};
 use crate::control::error::ControlError;
@@ -78,6 +79,44 @@ pub enum Termination {
     OverBudget,
     /// Anything else the gateway answered itself.
     GatewayError,
+    /// A tunnel (after `101`) whose two sides both ended their streams.
+    TunnelEnded,
+    /// A tunnel whose client connection broke (or took nothing for `proxy.send_timeout`).
+    TunnelClientError,
+    /// A tunnel whose replica connection broke.
+    TunnelReplicaError,
+    /// A tunnel that carried nothing for `[tunnels] idle_timeout`.
+    TunnelIdleTimeout,
+    /// A tunnel closed because its key's home moved (`[tunnels] rehome`).
+    TunnelRehomed,
+    /// A tunnel closed by the gateway's drain.
+    TunnelShutdown,
+    /// The upgrade was refused: `[tunnels] max` tunnels are open (503).
+    TunnelsFull,
+}
+
+/// How a tunnel ended, for its access-log line (written then, not at its `101`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelEnd {
+    /// Bytes from the client to the replica, and back.
+    pub up: u64,
+    pub down: u64,
+    pub termination: Termination,
+}
+
+/// In the extensions of a `101` that opened a tunnel: where its end will be told. Cloneable,
+/// as extensions must be; the first to take it has it.
+#[derive(Clone)]
+pub struct TunnelLog(Arc<Mutex<Option<oneshot::Receiver<TunnelEnd>>>>);
+
+impl TunnelLog {
+    pub fn new(end: oneshot::Receiver<TunnelEnd>) -> TunnelLog {
+        TunnelLog(Arc::new(Mutex::new(Some(end))))
+    }
+
+    fn take(&self) -> Option<oneshot::Receiver<TunnelEnd>> {
+        crate::sync::lock(&self.0).take()
+    }
 }
 
 impl Termination {
@@ -97,6 +136,13 @@ impl Termination {
             Termination::ShuttingDown => "shutting_down",
             Termination::OverBudget => "over_budget",
             Termination::GatewayError => "gateway_error",
+            Termination::TunnelEnded => "tunnel_ended",
+            Termination::TunnelClientError => "tunnel_client_error",
+            Termination::TunnelReplicaError => "tunnel_replica_error",
+            Termination::TunnelIdleTimeout => "tunnel_idle_timeout",
+            Termination::TunnelRehomed => "tunnel_rehomed",
+            Termination::TunnelShutdown => "tunnel_shutdown",
+            Termination::TunnelsFull => "tunnels_full",
         }
     }
 
@@ -118,6 +164,7 @@ impl Termination {
             GatewayError::OverBudget { .. } | GatewayError::ReplicaBusy { .. } => {
                 Termination::OverBudget
             }
+            GatewayError::TunnelsFull { .. } => Termination::TunnelsFull,
             _ => Termination::GatewayError,
         }
     }
@@ -366,6 +413,18 @@ impl Started {
             status,
             log_id: log.id,
         };
+        let mut resp = resp;
+        let tunnel = resp.extensions_mut().remove::<TunnelLog>();
+        if let Some(end) = tunnel.as_ref().and_then(TunnelLog::take) {
+            // A tunnel's line is written when it ends, by this serving thread (its log).
+            tokio::spawn(async move {
+                match end.await {
+                    Ok(end) => pending.emit_tunnel(end),
+                    Err(_) => pending.emit(0, Termination::ClientAbort),
+                }
+            });
+            return resp;
+        }
         resp.map(|inner| {
             Body::boxed(LoggedBody {
                 inner,
@@ -388,7 +447,15 @@ struct Pending {
 }
 
 impl Pending {
+    fn emit_tunnel(self, end: TunnelEnd) {
+        self.write(end.down, Some(end.up), end.termination);
+    }
+
     fn emit(self, bytes: u64, end: Termination) {
+        self.write(bytes, None, end);
+    }
+
+    fn write(self, bytes: u64, bytes_up: Option<u64>, end: Termination) {
         let s = &self.started;
         let path = s.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let protocol = match s.version {
@@ -412,6 +479,7 @@ impl Pending {
             scheme: if s.https { "https" } else { "http" },
             status: self.status,
             bytes,
+            bytes_up,
             duration: s.at.elapsed(),
             upstream: self.outcome.upstream,
             replica: self

@@ -1,7 +1,9 @@
 //! `ringgate-server`: the demo backend replica.
 //!
 //! `GET /home` → 200 `{"message": "Hello from Server: <SERVER_ID>", "status": "successful"}`,
-//! `GET /heartbeat` → 200 with an empty body, anything else → 404 failure JSON.
+//! `GET /heartbeat` → 200 with an empty body, `GET /ws` → a WebSocket echo that answers every
+//! text message with `{"server": "<SERVER_ID>", "echo": "<text>"}` (binary messages echoed as
+//! they are, pings answered), anything else → 404 failure JSON.
 //! Environment: `SERVER_ID` (its name), `PORT` (default 5000; 0 picks a free one), `BIND`
 //! (default 0.0.0.0). Once bound it prints `listening on http://ADDR` on stdout, once.
 //! `RESPONSE_DELAY_MS` delays every `/home` answer (simulated work, for drain and timeout tests).
@@ -46,6 +48,65 @@ fn respond(server_id: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             serde_json::json!({"message": format!("<Error> {m} {p} is not served here: try GET /home or GET /heartbeat"), "status": "failure"})
                 .to_string(),
         ),
+    }
+}
+
+/// `GET /ws`: the handshake's answer (101, or 400 for a request that is no WebSocket
+/// handshake); once hyper has switched the connection, the echo runs in a task of its own.
+fn websocket(server_id: &Arc<str>, req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
+    let key = req.headers().get(hyper::header::SEC_WEBSOCKET_KEY).cloned();
+    let upgrade = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .and_then(|u| u.to_str().ok())
+        .is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+    let (Some(key), true) = (key, upgrade) else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"message": "<Error> GET /ws is a WebSocket: send Upgrade: websocket and Sec-WebSocket-Key", "status": "failure"}).to_string(),
+        );
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(req);
+    let id = server_id.clone();
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            echo(TokioIo::new(upgraded), id).await;
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(hyper::header::UPGRADE, hyper::header::HeaderValue::from_static("websocket"));
+    h.insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("upgrade"));
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&accept) {
+        h.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}
+
+/// The echo: every text message answered with JSON naming this replica.
+async fn echo<S>(io: S, server_id: Arc<str>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    while let Some(Ok(msg)) = ws.next().await {
+        let answer = match msg {
+            Message::Text(text) => Message::Text(
+                serde_json::json!({"server": &*server_id, "echo": text}).to_string(),
+            ),
+            Message::Binary(b) => Message::Binary(b),
+            Message::Close(_) => break,
+            // Pings are answered by the library as the stream is read.
+            _ => continue,
+        };
+        if ws.send(answer).await.is_err() {
+            break;
+        }
     }
 }
 
@@ -150,10 +211,18 @@ async fn serve(addr: SocketAddr, server_id: Arc<str>) -> std::io::Result<()> {
                 .ok()
                 .and_then(|d| d.parse().ok())
                 .map(std::time::Duration::from_millis);
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = respond(&id, &req);
+            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let ws = req.uri().path() == "/ws";
+                let resp = if ws {
+                    websocket(&id, &mut req)
+                } else {
+                    respond(&id, &req)
+                };
                 let slow = delay.filter(|_| req.uri().path() == "/home");
                 async move {
+                    if ws {
+                        return Ok::<_, Infallible>(resp);
+                    }
                     if let Some(d) = slow {
                         tokio::time::sleep(d).await;
                     }
@@ -165,7 +234,7 @@ async fn serve(addr: SocketAddr, server_id: Arc<str>) -> std::io::Result<()> {
                 }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
     }

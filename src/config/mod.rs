@@ -53,6 +53,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub tls: TlsConfig,
+    pub tunnels: TunnelsConfig,
 }
 
 impl Default for Config {
@@ -70,6 +71,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             log: LogConfig::default(),
             tls: TlsConfig::default(),
+            tunnels: TunnelsConfig::default(),
         }
     }
 }
@@ -103,12 +105,51 @@ impl Default for RingConfig {
 pub struct HashingConfig {
     #[serde(deserialize_with = "key_sources")]
     pub key: KeySources,
+    /// A cookie the gateway sets on the answer to a request that has no key, with the random
+    /// key it got, and reads first: a client without a key keeps one. Empty: off.
+    pub set_cookie: String,
+    /// The `Max-Age` of that cookie.
+    #[serde(deserialize_with = "duration")]
+    pub cookie_max_age: Duration,
 }
 
 impl Default for HashingConfig {
     fn default() -> Self {
         HashingConfig {
             key: KeySources::one(KeySource::Query("id".into())),
+            set_cookie: String::new(),
+            cookie_max_age: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// `[tunnels]`: upgraded connections (WebSocket and the like) spliced to their replica.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelsConfig {
+    /// A tunnel that carries no byte either way for this long is closed.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Tunnels open at once; 0 derives it (half of `proxy.max_requests`).
+    pub max: u32,
+    /// Whether a tunnel whose key's slot gets another owner is closed (so its client
+    /// reconnects to the new owner); `false` leaves it until it ends.
+    pub rehome: bool,
+    /// The closes of one change are spread over this window, with jitter.
+    #[serde(deserialize_with = "duration")]
+    pub rehome_window: Duration,
+    /// At most this many tunnels closed a second (the window stretches when more move).
+    pub rehome_per_second: u32,
+}
+
+impl Default for TunnelsConfig {
+    fn default() -> Self {
+        TunnelsConfig {
+            idle_timeout: Duration::from_secs(3600),
+            max: 0,
+            rehome: true,
+            rehome_window: Duration::from_secs(10),
+            rehome_per_second: 200,
         }
     }
 }

@@ -246,6 +246,28 @@ impl Config {
                 "an empty list names no source: give at least one, e.g. \"query:id\"".into(),
             );
         }
+        let cookie = self.hashing.set_cookie.as_bytes();
+        if !cookie.is_empty() && !crate::wire::syntax::is_token(cookie) {
+            bad(
+                "hashing.set_cookie",
+                format!(
+                    "a cookie name is a token (letters, digits, !#$%&'*+-.^_`|~), got {:?}",
+                    self.hashing.set_cookie
+                ),
+            );
+        }
+        let t = &self.tunnels;
+        for (key, d) in [
+            ("tunnels.idle_timeout", t.idle_timeout),
+            ("tunnels.rehome_window", t.rehome_window),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be more than 0".into());
+            }
+        }
+        if t.rehome_per_second == 0 {
+            bad("tunnels.rehome_per_second", "must be at least 1".into());
+        }
         let px = &self.proxy;
         if px.retry_budget_percent > 100 {
             bad(

@@ -33,6 +33,8 @@ pub struct Published {
     pub tls: Option<Arc<Tls>>,
     pub thread_load: Option<Arc<ThreadLoad>>,
     pub watchdog: Option<Arc<Watchdog>>,
+    /// The open tunnels and their counters.
+    pub tunnels: Option<Arc<crate::tunnel::Tunnels>>,
 }
 
 /// What one scrape of `/lb/metrics` reads, taken together on the controller (which alone knows

@@ -43,6 +43,9 @@ pub struct Attempt<'a> {
     pub framing: RequestFraming,
     /// `proxy.request_timeout`, less what the request already waited for its body to start.
     pub request_timeout: std::time::Duration,
+    /// The protocols the client asked to switch to, when the request is forwarded as an
+    /// upgrade (`crate::proxy::upgrade`).
+    pub upgrade: Option<&'a http::HeaderValue>,
 }
 
 impl Attempt<'_> {
@@ -78,8 +81,7 @@ impl Attempt<'_> {
                     None => "http",
                 },
                 framing: self.framing,
-                // Tunnels are the next step: no request is forwarded as an upgrade yet.
-                upgrade: None,
+                upgrade: self.upgrade,
             },
             // Idle replica connections are descriptors too: none kept while they are short.
             keep_idle: !short_of_descriptors,

@@ -20,6 +20,7 @@ pub mod body;
 pub mod failure;
 pub mod retry;
 pub mod route;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -38,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::rescue::GatewayError;
 use crate::ring::ServerId;
 use crate::snapshot::Snapshot;
+use crate::tunnel::Tunnels;
 use crate::wire::body::{Body, RequestBody};
 use attempt::Attempt;
 use body::ProxyBody;
@@ -56,17 +58,24 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// Forwards one request and returns the replica's response, or the gateway's failure response.
 /// `outcome` is told the slot, the replica, the retries and why the gateway answered itself,
 /// for the access log.
+/// The gateway-wide parts a request uses besides its snapshot.
+pub struct Gateway<'a> {
+    pub metrics: &'a Arc<Metrics>,
+    pub controller: &'a ControllerHandle,
+    pub tunnels: &'a Arc<Tunnels>,
+}
+
 pub async fn forward(
     snap: &Snapshot,
-    metrics: &Metrics,
-    controller: &ControllerHandle,
+    gateway: &Gateway<'_>,
     req: Request<RequestBody>,
     client: &Arc<Admitted>,
     client_addr: SocketAddr,
     outcome: &mut Outcome,
 ) -> Response<Body> {
     let _active = retry::Active::enter();
-    match try_forward(snap, metrics, controller, req, client, client_addr, outcome).await {
+    let metrics = gateway.metrics;
+    match try_forward(snap, gateway, req, client, client_addr, outcome).await {
         Ok(resp) => resp,
         Err(e) => {
             outcome.termination = Some(Termination::of(&e, outcome.connect_failed));
@@ -86,20 +95,26 @@ pub async fn forward(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn try_forward(
     snap: &Snapshot,
-    metrics: &Metrics,
-    controller: &ControllerHandle,
+    gateway: &Gateway<'_>,
     req: Request<RequestBody>,
     client: &Arc<Admitted>,
     client_addr: SocketAddr,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, GatewayError> {
+    let (metrics, controller) = (gateway.metrics, gateway.controller);
     let cfg = &snap.config;
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let budgets = client.budgets(&cfg.proxy, cfg.replicas.max_replicas);
     let (place, mut body, request_timeout) = admit(cfg, &parts, body, client, &budgets).await?;
+    let tunnels = upgrade::max_tunnels(snap, budgets.max_requests);
+    let mut asked = match upgrade::Asked::take(&mut parts, gateway.tunnels, tunnels) {
+        Some(Err(full)) => return Err(GatewayError::TunnelsFull { limit: full.0 }),
+        Some(Ok(asked)) => Some(asked),
+        None => None,
+    };
+    let protocols = asked.as_ref().map(|a| a.protocols.clone());
     let route = route::route(snap, metrics, &parts, client_addr.ip())?;
     outcome.slot = Some(route.slot);
 
@@ -113,6 +128,7 @@ async fn try_forward(
         client_addr,
         framing: crate::wire::client::framing_of(&parts.method, &body),
         request_timeout,
+        upgrade: protocols.as_ref(),
     };
     let (mut server, mut reserved) = (route.first, route.reserved);
     let mut retries = Retries::new(route.first);
@@ -124,8 +140,26 @@ async fn try_forward(
             .at(replica, reserved.take(), &mut body, outcome)
             .await
         {
-            Ok(mut resp) => {
+            Ok(resp) => {
+                let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                if let Some(asked) = asked.take().filter(|_| switched) {
+                    let at = upgrade::At {
+                        snap,
+                        replica,
+                        key: route.key.value,
+                        slot: route.slot,
+                    };
+                    let opened = upgrade::open(resp, asked, place, at, gateway.tunnels, metrics);
+                    let mut resp = opened.ok_or_else(|| GatewayError::BadGateway {
+                        replica: replica.name.clone(),
+                        detail: "answered 101 without a connection to switch".into(),
+                    })?;
+                    give_key(snap, &parts, route.key, resp.headers_mut());
+                    return Ok(resp);
+                }
+                let mut resp = resp;
                 resp.body_mut().hold(place);
+                give_key(snap, &parts, route.key, resp.headers_mut());
                 return Ok(resp.map(Body::upstream));
             }
             Err(failure) => failure,
@@ -172,6 +206,34 @@ async fn admit(
     body_started(&mut body, cfg.proxy.request_timeout, limit).await?;
     let left = cfg.proxy.request_timeout.saturating_sub(started.elapsed());
     Ok((place, body, left))
+}
+
+/// With `hashing.set_cookie`, gives a client the key the gateway made up for it, so its next
+/// requests (and its WebSocket) land where this one did.
+fn give_key(
+    snap: &Snapshot,
+    parts: &http::request::Parts,
+    key: crate::routing::RequestKey,
+    headers: &mut HeaderMap,
+) {
+    let h = &snap.config.hashing;
+    if !key.give || h.set_cookie.is_empty() {
+        return;
+    }
+    let secure = if parts.extensions.get::<crate::tls::Https>().is_some() {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+        h.set_cookie,
+        key.value,
+        h.cookie_max_age.as_secs()
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&cookie) {
+        headers.append(header::SET_COOKIE, v);
+    }
 }
 
 /// The retries of one request: where the next attempt goes, if anywhere.

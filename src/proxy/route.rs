@@ -12,11 +12,14 @@ use http::request::Parts;
 use crate::balance;
 use crate::metrics::Metrics;
 use crate::rescue::GatewayError;
+use crate::routing::RequestKey;
 use crate::ring::ServerId;
 use crate::snapshot::{InFlight, Snapshot};
 
 /// Where a request goes first.
 pub struct Route {
+    /// The request's key (a tunnel is registered with it).
+    pub key: RequestKey,
     /// The slot of the request's key (retries go on clockwise from it).
     pub slot: u32,
     /// The server the first attempt goes to.
@@ -33,11 +36,12 @@ pub fn route(
     client_ip: std::net::IpAddr,
 ) -> Result<Route, GatewayError> {
     let router = snap.router();
-    let key = router.key(parts, client_ip);
-    let slot = router.request_slot(key);
+    let key = router.key_of(parts, client_ip);
+    let slot = router.request_slot(key.value);
     let owner = snap.ring.owner(slot).ok_or(GatewayError::NoReplica)?;
-    let (first, reserved) = balanced(snap, metrics, slot, key, owner);
+    let (first, reserved) = balanced(snap, metrics, slot, key.value, owner);
     Ok(Route {
+        key,
         slot,
         first,
         reserved,
@@ -79,17 +83,7 @@ fn balanced(
                 .sum();
             balance::load_bound(factor, in_flight, snap.ring.servers())
         });
-        let candidates = snap.ring.successors(slot).filter_map(|id| {
-            let u = snap.upstream(id)?;
-            Some(balance::Candidate {
-                id,
-                load: u.stats.load(),
-                admits: u
-                    .ramp
-                    .is_none_or(|r| balance::ramp_admits(key, r.progress(now))),
-            })
-        });
-        let Some((id, why)) = balance::choose(candidates, bound) else {
+        let Some((id, why)) = balance::choose(snap.candidates(slot, key, now), bound) else {
             return (owner, None);
         };
         let reserved = match (bound, snap.upstream(id)) {

@@ -329,7 +329,10 @@ fn parse_response_with(
             length_at.get_or_insert((value_at, value_len));
             continue;
         }
-        if is_hop_by_hop(&name) || named.iter().any(|n| n == name.as_str()) {
+        // A `101` says which protocol it switched to: its `Upgrade` goes on to the client, whose
+        // side of the tunnel switches too.
+        let switched_to = status == http::StatusCode::SWITCHING_PROTOCOLS && name == header::UPGRADE;
+        if !switched_to && (is_hop_by_hop(&name) || named.iter().any(|n| n == name.as_str())) {
             continue;
         }
         let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))

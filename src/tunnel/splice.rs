@@ -1,0 +1,419 @@
+//! The bytes of one tunnel: a client connection and a replica connection after `101`, spliced
+//! both ways until both have ended, one of them breaks, nothing moves for
+//! `[tunnels] idle_timeout`, or the tunnel is told to close.
+//!
+//! Owns: [`splice`] and what it returns ([`Spliced`]: the bytes each way and why it ended). Each
+//! direction reads into a buffer on the stack and writes on at once; only what the other side
+//! did not take yet is kept on the heap, and reading that direction waits until it is taken
+//! (backpressure). An idle tunnel holds no buffer. An end of stream is passed on as a half-close
+//! (the other side's write is shut) and the other direction goes on. A close for re-homing or a
+//! drain ends a WebSocket with a close frame put in at a frame boundary on the replica→client
+//! leg ([`super::ws::Frames`]: frame headers only); any other protocol just gets the close.
+//! Must not touch: the registry, metrics or the access log (the caller records what this
+//! returns); what the bytes mean beyond WebSocket frame headers.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+
+use super::ws::{self, Frames};
+use super::Close;
+
+/// How many bytes one read takes: the buffer lives on the stack for the read's duration.
+const READ_SIZE: usize = 16 * 1024;
+/// Reads a direction makes in one wake-up before the other direction gets its turn.
+const READS_PER_TURN: usize = 8;
+/// How long a closing WebSocket waits for a frame boundary on the replica→client leg before
+/// the connection is closed without a close frame (a replica in the middle of a huge frame).
+const BOUNDARY_WAIT: Duration = Duration::from_secs(1);
+/// How long the client's answer to a close is read (and dropped) before the connection goes:
+/// closing with its bytes unread would reset the connection under the close frame.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Why a tunnel ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Both sides ended their streams.
+    Ended,
+    /// The client's connection broke, or it took no byte for `proxy.send_timeout`.
+    ClientError(String),
+    /// The replica's connection broke, or it took no byte for `proxy.send_timeout`.
+    ReplicaError(String),
+    /// Nothing moved either way for `[tunnels] idle_timeout`.
+    Idle,
+    /// Closed by the gateway: re-homed, or the gateway drained.
+    Closed(Close),
+}
+
+/// What a tunnel carried, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spliced {
+    /// Bytes from the client to the replica.
+    pub up: u64,
+    /// Bytes from the replica to the client.
+    pub down: u64,
+    pub end: End,
+}
+
+/// One direction of the tunnel.
+#[derive(Default)]
+struct Flow {
+    /// Read and not taken by the other side yet (empty, and unallocated, while it keeps up).
+    pending: Vec<u8>,
+    taken: usize,
+    /// The source ended its stream.
+    ended: bool,
+    /// The end was passed on (the destination's write side shut).
+    shut: bool,
+    /// Written since the last flush.
+    unflushed: bool,
+    bytes: u64,
+}
+
+/// What one poll of a direction came to.
+enum Step {
+    /// Its source ended and the end was passed on.
+    Done,
+    /// Asked to stop at a WebSocket frame boundary: it is there, with nothing pending.
+    Boundary,
+    /// It waits for a side (the task is woken).
+    Waiting,
+    /// It read its share of this turn; poll again.
+    Yield,
+}
+
+/// A failure on one side.
+enum Broke {
+    Source(io::Error),
+    Destination(io::Error),
+}
+
+impl Flow {
+    /// Moves bytes from `src` to `dst`. With `frames`, they are followed as WebSocket frames;
+    /// with `stop` too, reading stops at the first frame boundary (what lies past it is dropped:
+    /// the tunnel is closing).
+    fn poll_move<S, D>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut S,
+        dst: &mut D,
+        mut frames: Option<&mut Frames>,
+        stop: bool,
+        moved: &mut bool,
+    ) -> Result<Step, Broke>
+    where
+        S: AsyncRead + Unpin,
+        D: AsyncWrite + Unpin,
+    {
+        for _ in 0..READS_PER_TURN {
+            if !self.drain(cx, dst, moved).map_err(Broke::Destination)? {
+                return Ok(Step::Waiting);
+            }
+            if stop && frames.as_deref().is_some_and(Frames::at_boundary) {
+                return Ok(Step::Boundary);
+            }
+            if self.ended {
+                return self.finish(cx, dst);
+            }
+            let mut stack = [0u8; READ_SIZE];
+            let mut buf = ReadBuf::new(&mut stack);
+            match Pin::new(&mut *src).poll_read(cx, &mut buf) {
+                Poll::Pending => {
+                    if self.unflushed {
+                        // Nothing more to write for now: whatever a TLS layer holds goes out.
+                        match Pin::new(&mut *dst).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.unflushed = false,
+                            Poll::Ready(Err(e)) => return Err(Broke::Destination(e)),
+                            Poll::Pending => {}
+                        }
+                    }
+                    return Ok(Step::Waiting);
+                }
+                Poll::Ready(Err(e)) => return Err(Broke::Source(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let mut read = buf.filled();
+            if read.is_empty() {
+                self.ended = true;
+                continue;
+            }
+            *moved = true;
+            if let Some(f) = frames.as_deref_mut() {
+                let keep = f.advance(read, stop);
+                read = &read[..keep];
+            }
+            self.bytes += read.len() as u64;
+            self.write_through(cx, dst, read)
+                .map_err(Broke::Destination)?;
+        }
+        Ok(Step::Yield)
+    }
+
+    /// Writes what was just read, keeping what `dst` does not take now.
+    fn write_through<D: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut D,
+        read: &[u8],
+    ) -> io::Result<()> {
+        let n = match Pin::new(&mut *dst).poll_write(cx, read) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => 0,
+        };
+        if n > 0 {
+            self.unflushed = true;
+        }
+        if n < read.len() {
+            self.pending.extend_from_slice(&read[n..]);
+            self.taken = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes what is pending; `true` once nothing is (the buffer is given back).
+    fn drain<D: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut D,
+        moved: &mut bool,
+    ) -> io::Result<bool> {
+        while self.taken < self.pending.len() {
+            match Pin::new(&mut *dst).poll_write(cx, &self.pending[self.taken..]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    self.taken += n;
+                    self.unflushed = true;
+                    *moved = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(false),
+            }
+        }
+        if !self.pending.is_empty() {
+            self.pending = Vec::new();
+            self.taken = 0;
+        }
+        Ok(true)
+    }
+
+    /// Passes the end on: flush, then shut the destination's write side.
+    fn finish<D: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut D,
+    ) -> Result<Step, Broke> {
+        if self.shut {
+            return Ok(Step::Done);
+        }
+        match Pin::new(&mut *dst).poll_shutdown(cx) {
+            Poll::Ready(Ok(())) => {
+                self.shut = true;
+                self.unflushed = false;
+                Ok(Step::Done)
+            }
+            // A peer that is gone already has its end.
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::NotConnected => {
+                self.shut = true;
+                Ok(Step::Done)
+            }
+            Poll::Ready(Err(e)) => Err(Broke::Destination(e)),
+            Poll::Pending => Ok(Step::Waiting),
+        }
+    }
+}
+
+/// The tunnel's two connections and what it knows of them.
+pub struct Ends<C, R> {
+    pub client: C,
+    /// What the client sent past its request head (the new protocol's first bytes).
+    pub client_read: BytesMut,
+    pub replica: R,
+    /// What the replica sent past its `101`.
+    pub replica_read: BytesMut,
+    /// The protocol is WebSocket: a close puts a close frame in first.
+    pub websocket: bool,
+}
+
+/// Splices the two connections until the tunnel ends (see the module's header); `close` tells
+/// it to close (re-homing, a drain), `idle` is `[tunnels] idle_timeout`.
+pub async fn splice<C, R>(
+    ends: Ends<C, R>,
+    mut close: oneshot::Receiver<Close>,
+    idle: Duration,
+) -> Spliced
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + AsyncWrite + Unpin,
+{
+    let Ends {
+        mut client,
+        client_read,
+        mut replica,
+        replica_read,
+        websocket,
+    } = ends;
+    let mut up = Flow::default();
+    let mut down = Flow::default();
+    let mut frames = websocket.then(Frames::default);
+    // The bytes each side sent past its head go first, through the same path as the rest.
+    if let Err(e) = replica.write_all(&client_read).await {
+        return ended(&up, &down, End::ReplicaError(e.to_string()));
+    }
+    up.bytes += client_read.len() as u64;
+    if let Some(f) = frames.as_mut() {
+        f.advance(&replica_read, false);
+    }
+    if let Err(e) = client.write_all(&replica_read).await {
+        return ended(&up, &down, End::ClientError(e.to_string()));
+    }
+    down.bytes += replica_read.len() as u64;
+    drop((client_read, replica_read));
+
+    let mut last_moved = Instant::now();
+    let mut idle_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
+    let mut closing: Option<Closing> = None;
+    let end = poll_fn(|cx| {
+        if closing.is_none() {
+            if let Poll::Ready(Ok(why)) = Pin::new(&mut close).poll(cx) {
+                let Some(f) = frames.take() else {
+                    return Poll::Ready(End::Closed(why));
+                };
+                closing = Some(Closing {
+                    why,
+                    frames: f,
+                    queued: false,
+                    waited: Box::pin(tokio::time::sleep(BOUNDARY_WAIT)),
+                });
+            }
+        }
+        if let Some(c) = closing.as_mut() {
+            return c.poll(cx, &mut down, &mut replica, &mut client);
+        }
+        let mut moved = false;
+        let up_step = up.poll_move(cx, &mut client, &mut replica, None, false, &mut moved);
+        let down_step = down.poll_move(
+            cx,
+            &mut replica,
+            &mut client,
+            frames.as_mut(),
+            false,
+            &mut moved,
+        );
+        let steps = match (up_step, down_step) {
+            (Err(Broke::Source(e)), _) | (_, Err(Broke::Destination(e))) => {
+                return Poll::Ready(End::ClientError(e.to_string()))
+            }
+            (Err(Broke::Destination(e)), _) | (_, Err(Broke::Source(e))) => {
+                return Poll::Ready(End::ReplicaError(e.to_string()))
+            }
+            (Ok(a), Ok(b)) => (a, b),
+        };
+        if let (Step::Done, Step::Done) = steps {
+            return Poll::Ready(End::Ended);
+        }
+        if matches!(steps.0, Step::Yield) || matches!(steps.1, Step::Yield) {
+            cx.waker().wake_by_ref();
+        }
+        let now = Instant::now();
+        if moved {
+            last_moved = now;
+        }
+        // The timer is set once and moved only when it fires early: no timer work per read.
+        while idle_timer.as_mut().poll(cx).is_ready() {
+            let due = last_moved + idle;
+            if now >= due {
+                return Poll::Ready(End::Idle);
+            }
+            idle_timer.as_mut().reset(due);
+        }
+        Poll::Pending
+    })
+    .await;
+    if let (End::Closed(_), true) = (&end, websocket) {
+        linger(&mut client).await;
+    }
+    ended(&up, &down, end)
+}
+
+/// A WebSocket being closed by the gateway: the replica's bytes go on to the next frame
+/// boundary, then the close frame and the end of the client's stream.
+struct Closing {
+    why: Close,
+    frames: Frames,
+    /// The close frame is pending on the replica→client flow.
+    queued: bool,
+    /// Bounds the wait for a boundary ([`BOUNDARY_WAIT`]).
+    waited: Pin<Box<Sleep>>,
+}
+
+impl Closing {
+    fn poll<R, C>(
+        &mut self,
+        cx: &mut Context<'_>,
+        down: &mut Flow,
+        replica: &mut R,
+        client: &mut C,
+    ) -> Poll<End>
+    where
+        R: AsyncRead + Unpin,
+        C: AsyncWrite + Unpin,
+    {
+        let closed = Poll::Ready(End::Closed(self.why));
+        if self.waited.as_mut().poll(cx).is_ready() {
+            return closed;
+        }
+        loop {
+            let mut moved = false;
+            let frames = (!self.queued).then_some(&mut self.frames);
+            let step = down.poll_move(cx, replica, client, frames, !self.queued, &mut moved);
+            match step {
+                Ok(Step::Waiting) => return Poll::Pending,
+                Ok(Step::Yield) => continue,
+                Ok(Step::Done) => return closed,
+                // The replica's side broke between frames: the close frame still goes out.
+                Err(Broke::Source(_)) if !self.queued && self.frames.at_boundary() => {}
+                Err(_) => return closed,
+                Ok(Step::Boundary) => {}
+            }
+            if down.shut {
+                return closed;
+            }
+            let (code, reason) = self.why.websocket_close();
+            down.pending = ws::close_frame(code, reason);
+            down.taken = 0;
+            down.ended = true;
+            self.queued = true;
+        }
+    }
+}
+
+/// Reads (and drops) what the client still sends for a moment after a close, until it ends
+/// its side.
+async fn linger<C: AsyncRead + Unpin>(client: &mut C) {
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = client.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+fn ended(up: &Flow, down: &Flow, end: End) -> Spliced {
+    Spliced {
+        up: up.bytes,
+        down: down.bytes,
+        end,
+    }
+}
