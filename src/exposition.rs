@@ -66,6 +66,7 @@ impl Collector for Scrape {
         tls(e, s)?;
         policy(e, &s.snapshot)?;
         replicas(e, s)?;
+        tunnels(e, &s.published)?;
         latency(e, s)?;
         ring_identity(e, s)
     }
@@ -573,8 +574,14 @@ fn replicas(e: &mut DescriptorEncoder, s: &MetricsSources) -> fmt::Result {
     gauges(
         e,
         "ringgate_in_flight",
-        "Requests in progress per replica.",
+        "Requests in progress per replica (open tunnels included).",
         each().map(|(name, st)| ([("replica", name)], st.in_flight.load(Ordering::Relaxed))),
+    )?;
+    gauges(
+        e,
+        "ringgate_tunnels_open",
+        "Tunnels (upgraded connections) open per replica.",
+        each().map(|(name, st)| ([("replica", name)], st.tunnels.load(Ordering::Relaxed))),
     )?;
     // Every member shows, owning nothing when it is out of the ring; by name.
     let snap = &s.snapshot;
@@ -596,6 +603,51 @@ fn replicas(e: &mut DescriptorEncoder, s: &MetricsSources) -> fmt::Result {
         "ringgate_ring_slots_total",
         "Slots on the ring (ring.slots).",
         u64::from(snap.ring.slots()),
+    )
+}
+
+/// The tunnels' counters (absent where no gateway publishes them, as in unit tests).
+fn tunnels(e: &mut DescriptorEncoder, p: &Published) -> fmt::Result {
+    let Some(t) = &p.tunnels else {
+        return Ok(());
+    };
+    let c = &t.counters;
+    counter(
+        e,
+        "ringgate_tunnels_opened_total",
+        "Tunnels opened (a replica answered 101 to an upgrade).",
+        get(&c.opened),
+    )?;
+    counter(
+        e,
+        "ringgate_tunnels_refused_total",
+        "Upgrades answered 503 because [tunnels] max tunnels were open.",
+        get(&c.refused),
+    )?;
+    counters(
+        e,
+        "ringgate_tunnels_rehomed_total",
+        "Tunnels closed because their key's home moved (key_moved) or their replica left the \
+         ring (replica_gone).",
+        [
+            ([("reason", "key_moved")], get(&c.rehomed_key_moved)),
+            ([("reason", "replica_gone")], get(&c.rehomed_replica_gone)),
+        ],
+    )?;
+    counter(
+        e,
+        "ringgate_tunnels_idle_timeouts_total",
+        "Tunnels closed after [tunnels] idle_timeout without a byte either way.",
+        get(&c.idle_timeouts),
+    )?;
+    counters(
+        e,
+        "ringgate_tunnel_bytes_total",
+        "Bytes carried by tunnels that ended: client to replica (up) and back (down).",
+        [
+            ([("direction", "up")], get(&c.bytes_up)),
+            ([("direction", "down")], get(&c.bytes_down)),
+        ],
     )
 }
 

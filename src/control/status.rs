@@ -82,6 +82,8 @@ struct Status<'a> {
     /// Each serving thread as the watchdog sees it (`serving` or `stalled`); null before the
     /// gateway serves.
     serving_threads: Option<serde_json::Value>,
+    /// Open tunnels, and those closed by re-homing (by reason).
+    tunnels: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -199,6 +201,8 @@ struct ReplicaStatus<'a> {
     failures: u64,
     in_flight: i64,
     peak_in_flight: i64,
+    /// Tunnels open to it (counted in `in_flight` too).
+    tunnels: i64,
     consecutive_5xx: u64,
     consecutive_failures: u32,
     restarts: u32,
@@ -287,6 +291,7 @@ impl Controller {
                     failures: s.failures.load(Ordering::Relaxed),
                     in_flight: s.in_flight.load(Ordering::Relaxed),
                     peak_in_flight: s.peak_in_flight.load(Ordering::Relaxed),
+                    tunnels: s.tunnels.load(Ordering::Relaxed),
                     consecutive_5xx: s.consecutive_5xx.load(Ordering::Relaxed),
                     consecutive_failures: r.tracker.consecutive_failures,
                     restarts: r.restarts,
@@ -400,6 +405,7 @@ impl Controller {
                 .as_ref()
                 .map(|t| t.report().status(std::time::SystemTime::now())),
             serving_threads: self.published.watchdog.as_ref().map(|w| w.status()),
+            tunnels: self.published.tunnels.as_ref().map(|t| t.status()),
         };
         serde_json::to_value(status)
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))

@@ -239,6 +239,24 @@ impl Tunnels {
         }
     }
 
+    /// The `tunnels` object of `/lb/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "open": self.open(),
+            "opened": get(&c.opened),
+            "refused": get(&c.refused),
+            "rehomed": {
+                "key_moved": get(&c.rehomed_key_moved),
+                "replica_gone": get(&c.rehomed_replica_gone),
+            },
+            "idle_timeouts": get(&c.idle_timeouts),
+            "bytes_up": get(&c.bytes_up),
+            "bytes_down": get(&c.bytes_down),
+        })
+    }
+
     pub fn count_rehomed(&self, why: rehome::Reason) {
         let c = match why {
             rehome::Reason::KeyMoved => &self.counters.rehomed_key_moved,

@@ -417,3 +417,125 @@ fn ended(up: &Flow, down: &Flow, end: End) -> Spliced {
         end,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::rehome::Reason;
+    use tokio::io::{duplex, DuplexStream};
+
+    /// A tunnel between two in-memory pipes of `capacity` bytes; returns the far ends (the
+    /// client's and the replica's) and the running splice.
+    fn tunnel(
+        capacity: usize,
+        websocket: bool,
+        idle: Duration,
+    ) -> (
+        DuplexStream,
+        DuplexStream,
+        oneshot::Sender<Close>,
+        tokio::task::JoinHandle<Spliced>,
+    ) {
+        let (client, client_far) = duplex(capacity);
+        let (replica, replica_far) = duplex(capacity);
+        let (tx, rx) = oneshot::channel();
+        let ends = Ends {
+            client,
+            client_read: BytesMut::from(&b"early"[..]),
+            replica,
+            replica_read: BytesMut::new(),
+            websocket,
+        };
+        let task = tokio::spawn(splice(ends, rx, idle));
+        (client_far, replica_far, tx, task)
+    }
+
+    #[tokio::test]
+    async fn bytes_go_both_ways_and_each_end_is_passed_on_alone() {
+        let (mut client, mut replica, _close, task) = tunnel(1024, false, Duration::from_secs(60));
+        client.write_all(b" and more").await.expect("write");
+        client.shutdown().await.expect("half-close");
+        let mut got = Vec::new();
+        replica.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"early and more", "the early bytes first, then the end");
+        // The client's end does not end the tunnel: the replica still answers.
+        replica.write_all(b"answer").await.expect("write");
+        replica.shutdown().await.expect("close");
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.expect("read");
+        assert_eq!(back, b"answer");
+        let spliced = task.await.expect("joined");
+        assert_eq!(spliced, Spliced { up: 14, down: 6, end: End::Ended });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_with_nothing_moving_is_closed_after_the_idle_timeout() {
+        let (mut client, mut replica, _close, task) = tunnel(1024, false, Duration::from_secs(30));
+        let mut early = [0u8; 5];
+        replica.read_exact(&mut early).await.expect("early bytes");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        client.write_all(b"x").await.expect("a byte at 20 s");
+        replica.read_exact(&mut early[..1]).await.expect("through");
+        let started = Instant::now();
+        let spliced = task.await.expect("joined");
+        assert_eq!(spliced.end, End::Idle);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
+            "30 s after the last byte, not after the first: {waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_read_holds_the_replica_back() {
+        let (_client, mut replica, _close, task) = tunnel(64 * 1024, false, Duration::from_secs(600));
+        let big = vec![7u8; 4 * 1024 * 1024];
+        let wrote = tokio::time::timeout(Duration::from_secs(5), replica.write_all(&big)).await;
+        assert!(wrote.is_err(), "4 MiB cannot go into a client that reads nothing");
+        task.abort();
+    }
+
+    /// A server frame (unmasked) with `payload`.
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x82, 126];
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[tokio::test]
+    async fn a_websocket_is_closed_with_1012_at_the_next_frame_boundary() {
+        let (mut client, mut replica, close, task) = tunnel(64 * 1024, true, Duration::from_secs(60));
+        let first = frame(&[1u8; 1000]);
+        // Half of a frame, then the close, then the rest and a frame that must not reach the client.
+        replica.write_all(&first[..500]).await.expect("write");
+        let mut seen = vec![0u8; 500];
+        client.read_exact(&mut seen).await.expect("half a frame");
+        close.send(Close::Rehome(Reason::KeyMoved)).expect("open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        replica.write_all(&first[500..]).await.expect("write");
+        replica.write_all(&frame(&[2u8; 10])).await.expect("write");
+        client.write_all(&[0x88, 0x80, 0, 0, 0, 0]).await.expect("the client's close");
+        client.shutdown().await.expect("end");
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.expect("read");
+        let (frame_rest, close_frame) = rest.split_at(first.len() - 500);
+        assert_eq!(frame_rest, &first[500..], "the frame in progress is finished");
+        assert_eq!(close_frame[0], 0x88, "then a close frame");
+        assert_eq!(u16::from_be_bytes([close_frame[2], close_frame[3]]), 1012);
+        assert_eq!(close_frame.len(), 2 + usize::from(close_frame[1]), "and nothing after it");
+        let spliced = task.await.expect("joined");
+        assert_eq!(spliced.end, End::Closed(Close::Rehome(Reason::KeyMoved)));
+    }
+
+    #[tokio::test]
+    async fn another_protocol_just_gets_the_close() {
+        let (mut client, _replica, close, task) = tunnel(1024, false, Duration::from_secs(60));
+        close.send(Close::Shutdown).expect("open");
+        let spliced = task.await.expect("joined");
+        assert_eq!(spliced.end, End::Closed(Close::Shutdown));
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.expect("the end");
+        assert!(rest.is_empty(), "no bytes put in: {rest:?}");
+    }
+}
