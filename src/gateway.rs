@@ -451,7 +451,10 @@ async fn drain_tunnels(
     drain: Duration,
 ) {
     let _ = stop_rx.wait_for(|stop| *stop).await;
-    if tokio::time::timeout(drain, tunnels.all_ended()).await.is_ok() {
+    if tokio::time::timeout(drain, tunnels.all_ended())
+        .await
+        .is_ok()
+    {
         return;
     }
     let closed = tunnels.close_all(crate::tunnel::Close::Shutdown);

@@ -77,8 +77,14 @@ fn websocket(server_id: &Arc<str>, req: &mut Request<Incoming>) -> Response<Full
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
-    h.insert(hyper::header::UPGRADE, hyper::header::HeaderValue::from_static("websocket"));
-    h.insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("upgrade"));
+    h.insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
     if let Ok(v) = hyper::header::HeaderValue::from_str(&accept) {
         h.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, v);
     }
@@ -96,9 +102,9 @@ where
     let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
     while let Some(Ok(msg)) = ws.next().await {
         let answer = match msg {
-            Message::Text(text) => Message::Text(
-                serde_json::json!({"server": &*server_id, "echo": text}).to_string(),
-            ),
+            Message::Text(text) => {
+                Message::Text(serde_json::json!({"server": &*server_id, "echo": text}).to_string())
+            }
             Message::Binary(b) => Message::Binary(b),
             Message::Close(_) => break,
             // Pings are answered by the library as the stream is read.

@@ -20,7 +20,10 @@ pub enum ConfigChange {
     /// `ring.request_hash`, `ring.balance_factor` or `[hashing]`: new requests route with it.
     Routing,
     /// `replicas.count`: scale to it.
-    ReplicaCount { from: u32, to: u32 },
+    ReplicaCount {
+        from: u32,
+        to: u32,
+    },
     /// `replicas.max_replicas` or `replicas.name_prefix`: new limits for `/add`.
     ReplicaRules,
     /// `[health]`: checks use the new interval and timeout.
@@ -39,7 +42,9 @@ pub enum ConfigChange {
     Tls,
     /// The replica spec (`image`, `command`, `env`, `mounts`…, named in `keys`): the replicas
     /// are rolled in place to it.
-    ReplicaSpec { keys: Vec<&'static str> },
+    ReplicaSpec {
+        keys: Vec<&'static str>,
+    },
     /// `provider.start_timeout` or `provider.roll_batch`: the next start or roll step uses it.
     ProviderTiming,
     /// `provider.upstream_tls`, `upstream_ca` or `upstream_server_name`: new connections to the

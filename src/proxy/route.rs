@@ -12,8 +12,8 @@ use http::request::Parts;
 use crate::balance;
 use crate::metrics::Metrics;
 use crate::rescue::GatewayError;
-use crate::routing::RequestKey;
 use crate::ring::ServerId;
+use crate::routing::RequestKey;
 use crate::snapshot::{InFlight, Snapshot};
 
 /// Where a request goes first.

@@ -38,13 +38,18 @@ impl Close {
     /// The WebSocket close code and reason that say it.
     pub fn websocket_close(self) -> (u16, &'static str) {
         match self {
-            Close::Rehome(rehome::Reason::KeyMoved) => {
-                (ws::CLOSE_SERVICE_RESTART, "ringgate: the key moved to another replica")
-            }
-            Close::Rehome(rehome::Reason::ReplicaGone) => {
-                (ws::CLOSE_SERVICE_RESTART, "ringgate: the replica left the ring")
-            }
-            Close::Shutdown => (ws::CLOSE_GOING_AWAY, "ringgate: the gateway is shutting down"),
+            Close::Rehome(rehome::Reason::KeyMoved) => (
+                ws::CLOSE_SERVICE_RESTART,
+                "ringgate: the key moved to another replica",
+            ),
+            Close::Rehome(rehome::Reason::ReplicaGone) => (
+                ws::CLOSE_SERVICE_RESTART,
+                "ringgate: the replica left the ring",
+            ),
+            Close::Shutdown => (
+                ws::CLOSE_GOING_AWAY,
+                "ringgate: the gateway is shutting down",
+            ),
         }
     }
 }
@@ -128,7 +133,9 @@ impl Drop for Registration {
 
 impl std::fmt::Debug for Tunnels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tunnels").field("open", &self.open()).finish()
+        f.debug_struct("Tunnels")
+            .field("open", &self.open())
+            .finish()
     }
 }
 

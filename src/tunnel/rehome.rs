@@ -102,9 +102,12 @@ pub async fn run(tunnels: Arc<Tunnels>, shared: Shared) {
                 // A change while closes of the last one are still due queues behind them, so
                 // the per-second cap holds across changes.
                 let start = due.back().map_or(now, |(at, _, _)| (*at).max(now));
-                let offsets = schedule(moved.len(), cfg.rehome_window, cfg.rehome_per_second, || {
-                    fastrand::f64()
-                });
+                let offsets = schedule(
+                    moved.len(),
+                    cfg.rehome_window,
+                    cfg.rehome_per_second,
+                    || fastrand::f64(),
+                );
                 tracing::info!(tunnels = moved.len(), over = ?offsets.last().copied().unwrap_or_default(), generation = snap.generation, "re-homing the tunnels whose key moved");
                 let mut order = moved;
                 fastrand::shuffle(&mut order);
@@ -156,12 +159,10 @@ mod tests {
         snap.upstreams = (0..=top).map(|_| None).collect();
         for &m in members {
             let addr: std::net::SocketAddr = ([127, 0, 0, 1], 1000 + m as u16).into();
-            let ramp = ramping
-                .filter(|(r, _)| *r == m)
-                .map(|(_, since)| Ramp {
-                    since,
-                    window: Duration::from_secs(10),
-                });
+            let ramp = ramping.filter(|(r, _)| *r == m).map(|(_, since)| Ramp {
+                since,
+                window: Duration::from_secs(10),
+            });
             snap.upstreams[m as usize] = Some(Arc::new(Upstream {
                 id: id(m),
                 name: format!("s{m}"),
@@ -200,7 +201,10 @@ mod tests {
         let now = Instant::now();
         let before = snapshot(&[1, 2, 3], &[], None);
         let tunnels = open_on(&before, 2000, now);
-        assert!(tunnels.iter().all(|t| verdict(t, &before, now).is_none()), "nothing moved yet");
+        assert!(
+            tunnels.iter().all(|t| verdict(t, &before, now).is_none()),
+            "nothing moved yet"
+        );
         let after = snapshot(&[1, 2, 3, 4], &[], None);
         let mut moved = 0;
         for t in &tunnels {
@@ -216,7 +220,10 @@ mod tests {
         }
         // How many depends on the hash functions (the quadratic defaults are uneven); that
         // some move, and only to the new server, is the point.
-        assert!(moved > 0 && moved < tunnels.len(), "{moved} of 2000 keys moved");
+        assert!(
+            moved > 0 && moved < tunnels.len(),
+            "{moved} of 2000 keys moved"
+        );
     }
 
     #[test]
@@ -264,8 +271,17 @@ mod tests {
             moved_at(start + Duration::from_secs(5)),
             moved_at(start + Duration::from_secs(10)),
         );
-        assert!(early.len() < half.len() && half.len() < done.len(), "{} {} {}", early.len(), half.len(), done.len());
-        assert!(early.is_subset(&half) && half.is_subset(&done), "a key moved once stays moved");
+        assert!(
+            early.len() < half.len() && half.len() < done.len(),
+            "{} {} {}",
+            early.len(),
+            half.len(),
+            done.len()
+        );
+        assert!(
+            early.is_subset(&half) && half.is_subset(&done),
+            "a key moved once stays moved"
+        );
         for key in &half {
             let slot = ramping.router().request_slot(*key);
             assert!(
@@ -290,10 +306,7 @@ mod tests {
         assert!(jittered.windows(2).all(|w| w[0] <= w[1]), "ascending");
         assert!(*jittered.last().expect("some") < Duration::from_secs(10));
         for second in 0..10 {
-            let in_it = jittered
-                .iter()
-                .filter(|d| d.as_secs() == second)
-                .count();
+            let in_it = jittered.iter().filter(|d| d.as_secs() == second).count();
             assert!((99..=101).contains(&in_it), "second {second}: {in_it}");
         }
     }

@@ -341,6 +341,14 @@ where
     if let (End::Closed(_), true) = (&end, websocket) {
         linger(&mut client).await;
     }
+    // A WebSocket's server ends with a close frame; one that just went is a replica that
+    // broke (a crash, a kill), whatever the socket said.
+    let end = match (end, frames) {
+        (End::Ended, Some(f)) if !f.saw_close() => {
+            End::ReplicaError("the replica ended the WebSocket without a close frame".into())
+        }
+        (end, _) => end,
+    };
     ended(&up, &down, end)
 }
 
@@ -457,7 +465,10 @@ mod tests {
         client.shutdown().await.expect("half-close");
         let mut got = Vec::new();
         replica.read_to_end(&mut got).await.expect("read");
-        assert_eq!(got, b"early and more", "the early bytes first, then the end");
+        assert_eq!(
+            got, b"early and more",
+            "the early bytes first, then the end"
+        );
         // The client's end does not end the tunnel: the replica still answers.
         replica.write_all(b"answer").await.expect("write");
         replica.shutdown().await.expect("close");
@@ -465,7 +476,14 @@ mod tests {
         client.read_to_end(&mut back).await.expect("read");
         assert_eq!(back, b"answer");
         let spliced = task.await.expect("joined");
-        assert_eq!(spliced, Spliced { up: 14, down: 6, end: End::Ended });
+        assert_eq!(
+            spliced,
+            Spliced {
+                up: 14,
+                down: 6,
+                end: End::Ended
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -488,10 +506,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_does_not_read_holds_the_replica_back() {
-        let (_client, mut replica, _close, task) = tunnel(64 * 1024, false, Duration::from_secs(600));
+        let (_client, mut replica, _close, task) =
+            tunnel(64 * 1024, false, Duration::from_secs(600));
         let big = vec![7u8; 4 * 1024 * 1024];
         let wrote = tokio::time::timeout(Duration::from_secs(5), replica.write_all(&big)).await;
-        assert!(wrote.is_err(), "4 MiB cannot go into a client that reads nothing");
+        assert!(
+            wrote.is_err(),
+            "4 MiB cannot go into a client that reads nothing"
+        );
         task.abort();
     }
 
@@ -505,7 +527,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_websocket_is_closed_with_1012_at_the_next_frame_boundary() {
-        let (mut client, mut replica, close, task) = tunnel(64 * 1024, true, Duration::from_secs(60));
+        let (mut client, mut replica, close, task) =
+            tunnel(64 * 1024, true, Duration::from_secs(60));
         let first = frame(&[1u8; 1000]);
         // Half of a frame, then the close, then the rest and a frame that must not reach the client.
         replica.write_all(&first[..500]).await.expect("write");
@@ -515,15 +538,26 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         replica.write_all(&first[500..]).await.expect("write");
         replica.write_all(&frame(&[2u8; 10])).await.expect("write");
-        client.write_all(&[0x88, 0x80, 0, 0, 0, 0]).await.expect("the client's close");
+        client
+            .write_all(&[0x88, 0x80, 0, 0, 0, 0])
+            .await
+            .expect("the client's close");
         client.shutdown().await.expect("end");
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.expect("read");
         let (frame_rest, close_frame) = rest.split_at(first.len() - 500);
-        assert_eq!(frame_rest, &first[500..], "the frame in progress is finished");
+        assert_eq!(
+            frame_rest,
+            &first[500..],
+            "the frame in progress is finished"
+        );
         assert_eq!(close_frame[0], 0x88, "then a close frame");
         assert_eq!(u16::from_be_bytes([close_frame[2], close_frame[3]]), 1012);
-        assert_eq!(close_frame.len(), 2 + usize::from(close_frame[1]), "and nothing after it");
+        assert_eq!(
+            close_frame.len(),
+            2 + usize::from(close_frame[1]),
+            "and nothing after it"
+        );
         let spliced = task.await.expect("joined");
         assert_eq!(spliced.end, End::Closed(Close::Rehome(Reason::KeyMoved)));
     }

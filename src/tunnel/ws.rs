@@ -14,6 +14,8 @@ pub struct Frames {
     have: usize,
     /// Payload bytes of the current frame still to come.
     payload_left: u64,
+    /// A close frame went by: the server ended the WebSocket as the protocol says.
+    saw_close: bool,
 }
 
 /// The code a frame's length and mask need after the first two header bytes.
@@ -33,6 +35,11 @@ impl Frames {
         self.have == 0 && self.payload_left == 0
     }
 
+    /// Whether a close frame went by.
+    pub fn saw_close(&self) -> bool {
+        self.saw_close
+    }
+
     /// Follows `bytes` through the stream. With `stop`, it stops at the first frame boundary
     /// after the first byte and returns how many bytes lie before it (all of them if there is
     /// none); without, it takes them all.
@@ -50,6 +57,7 @@ impl Frames {
                 self.have += 1;
                 i += 1;
                 if self.have >= 2 && self.have == header_len(self.header[1]) {
+                    self.saw_close |= self.header[0] & 0x0f == 0x8;
                     self.payload_left = self.payload_len();
                     self.have = 0;
                 }
@@ -160,6 +168,9 @@ mod tests {
         let mut f = Frames::default();
         assert_eq!(f.advance(&stream, false), stream.len());
         assert!(f.at_boundary());
+        assert!(!f.saw_close());
+        f.advance(&close_frame(1000, "bye"), false);
+        assert!(f.saw_close(), "a close frame is noticed");
     }
 
     #[test]
@@ -167,7 +178,11 @@ mod tests {
         let f = close_frame(CLOSE_SERVICE_RESTART, "moved");
         assert_eq!(f, [0x88, 7, 0x03, 0xf4, b'm', b'o', b'v', b'e', b'd']);
         let long = close_frame(1000, &"x".repeat(500));
-        assert_eq!(long.len(), 4 + 123, "a control frame's payload is at most 125 bytes");
+        assert_eq!(
+            long.len(),
+            4 + 123,
+            "a control frame's payload is at most 125 bytes"
+        );
         let mut frames = Frames::default();
         assert_eq!(frames.advance(&long, true), long.len());
         assert!(frames.at_boundary());

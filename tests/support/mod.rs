@@ -6,6 +6,7 @@
 pub mod backends;
 pub mod python;
 pub mod tls;
+pub mod websocket;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -39,6 +40,8 @@ pub struct Conf {
     pub tls: String,
     /// The body of `[log]`; the section is left out when empty.
     pub log: String,
+    /// The body of `[tunnels]`; the section is left out when empty.
+    pub tunnels: String,
     /// Provider kind; "process" (with this build's ringgate-server) unless set.
     pub kind: Option<String>,
 }
@@ -69,6 +72,9 @@ impl Conf {
         }
         if !self.log.is_empty() {
             out.push_str(&format!("[log]\n{}\n", self.log));
+        }
+        if !self.tunnels.is_empty() {
+            out.push_str(&format!("[tunnels]\n{}\n", self.tunnels));
         }
         out
     }

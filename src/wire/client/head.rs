@@ -331,7 +331,8 @@ fn parse_response_with(
         }
         // A `101` says which protocol it switched to: its `Upgrade` goes on to the client, whose
         // side of the tunnel switches too.
-        let switched_to = status == http::StatusCode::SWITCHING_PROTOCOLS && name == header::UPGRADE;
+        let switched_to =
+            status == http::StatusCode::SWITCHING_PROTOCOLS && name == header::UPGRADE;
         if !switched_to && (is_hop_by_hop(&name) || named.iter().any(|n| n == name.as_str())) {
             continue;
         }
