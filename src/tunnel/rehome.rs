@@ -106,7 +106,7 @@ pub async fn run(tunnels: Arc<Tunnels>, shared: Shared) {
                     moved.len(),
                     cfg.rehome_window,
                     cfg.rehome_per_second,
-                    || fastrand::f64(),
+                    fastrand::f64,
                 );
                 tracing::info!(tunnels = moved.len(), over = ?offsets.last().copied().unwrap_or_default(), generation = snap.generation, "re-homing the tunnels whose key moved");
                 let mut order = moved;
