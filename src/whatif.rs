@@ -44,6 +44,8 @@ pub struct Base {
     pub routable: Vec<ServerId>,
     /// Why `/add` cannot start replicas (the `static` provider), if it cannot.
     pub cannot_start: Option<&'static str>,
+    /// The open tunnels: the answer says how many the change would close.
+    pub tunnels: Vec<crate::tunnel::Placed>,
 }
 
 /// One change to simulate.
@@ -267,6 +269,10 @@ pub struct Answer {
     /// The replica id each slot routes to, now and after (`null`: none).
     pub owners_before: Vec<Option<u32>>,
     pub owners_after: Vec<Option<u32>>,
+    /// Tunnels open now, and how many of them the change would close (their key's home
+    /// would move, or their replica would leave the ring), as re-homing would.
+    pub tunnels_open: usize,
+    pub tunnels_closed: usize,
     /// What the simulation cost, in milliseconds.
     pub took_ms: f64,
 }
@@ -490,6 +496,18 @@ pub fn run(base: &Base, what: &WhatIf) -> Result<Answer, WhatIfError> {
     moves.sort_by(|x, y| y.share.total_cmp(&x.share));
     moves.truncate(12);
     let unrouted = |o: &[Option<ServerId>]| o.iter().filter(|x| x.is_none()).count() as f64 / n;
+    let routable_after: std::collections::BTreeSet<u32> =
+        table_after.iter().flatten().copied().collect();
+    let router_after = Router::new(&after.config, &after.policy);
+    let tunnels_closed = live
+        .tunnels
+        .iter()
+        .filter(|t| {
+            let alive = routable_after.contains(&t.replica.get());
+            let home = router_after.owner(&after.ring, t.key);
+            crate::tunnel::rehome::judge(t, alive, home).is_some()
+        })
+        .count();
     Ok(Answer {
         change,
         keys: keys.len(),
@@ -502,6 +520,8 @@ pub fn run(base: &Base, what: &WhatIf) -> Result<Answer, WhatIfError> {
         unrouted_after: unrouted(&owners_after),
         owners_before: table_before,
         owners_after: table_after,
+        tunnels_open: live.tunnels.len(),
+        tunnels_closed,
         took_ms: started.elapsed().as_secs_f64() * 1000.0,
     })
 }

@@ -64,6 +64,8 @@ async fn wait_open(gw: &GatewayProcess, open: u64, within: Duration) {
 /// tunnels closed (id → [code, seconds]), the ones alive (id → server), the owners before and
 /// after.
 struct Round {
+    /// What `/lb/simulate` said of the `/add` before it was made.
+    predicted: serde_json::Value,
     before: BTreeMap<String, String>,
     after: BTreeMap<String, String>,
     closed: serde_json::Map<String, serde_json::Value>,
@@ -86,12 +88,28 @@ async fn add_and_watch(gw: &GatewayProcess, python: &std::path::Path, watch: f64
             "tunnel {id} landed where its requests do"
         );
     }
+    let status = gw.status().await;
+    let per_replica: i64 = status["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| r["tunnels"].as_i64().expect("tunnels"))
+        .sum();
+    assert_eq!(
+        per_replica, N as i64,
+        "/lb/status counts every tunnel at its replica"
+    );
+    let (code, body) = call("POST", &gw.url("/lb/simulate"), r#"{"action": "add"}"#).await;
+    assert_eq!(code, 200, "{body}");
+    let predicted = json(&body)["message"].clone();
+    assert_eq!(predicted["tunnels_open"], N, "{predicted}");
     let (code, body) = call("POST", &gw.url("/add"), r#"{"n": 1}"#).await;
     assert_eq!(code, 200, "{body}");
     let after = owners(gw, ids()).await;
     driver.command(&format!("watch {watch}"));
     let seen = driver.next(Duration::from_secs(60));
     Round {
+        predicted,
         before,
         after,
         closed: seen["closed"].as_object().expect("closed").clone(),
@@ -116,6 +134,11 @@ async fn after_an_add_exactly_the_tunnels_whose_key_moved_are_closed_with_1012()
     assert!(!moved.is_empty(), "the new replica took some of 120 keys");
     let closed: BTreeSet<&String> = round.closed.keys().collect();
     assert_eq!(closed, moved, "closed exactly the tunnels whose key moved");
+    assert_eq!(
+        round.predicted["tunnels_closed"],
+        moved.len(),
+        "the what-if said how many tunnels the /add would close"
+    );
     for (id, seen) in &round.closed {
         assert_eq!(seen[0], 1012, "tunnel {id}: {seen}");
         let at = seen[1].as_f64().expect("seconds");

@@ -427,6 +427,12 @@ impl Controller {
                 .filter(|&id| snap.upstream(id).is_some())
                 .collect(),
             cannot_start: (!self.provider.manages_replicas()).then(|| self.provider.kind()),
+            tunnels: self
+                .published
+                .tunnels
+                .as_ref()
+                .map(|t| t.placed())
+                .unwrap_or_default(),
         }
     }
 

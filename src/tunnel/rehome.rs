@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Close, Placed, Tunnels};
+use crate::ring::ServerId;
 use crate::snapshot::{Shared, Snapshot};
 
 /// How often the task looks at the published snapshot.
@@ -52,7 +53,16 @@ pub fn verdict(t: &Placed, snap: &Snapshot, now: Instant) -> Option<Reason> {
         return Some(Reason::ReplicaGone);
     }
     let slot = snap.router().request_slot(t.key);
-    let home = snap.home(slot, t.key, now);
+    judge(t, true, snap.home(slot, t.key, now))
+}
+
+/// The rule of [`verdict`] on what any ring knows: whether the tunnel's replica is still
+/// routable (`alive`), and where its key's home is now. The what-if (`crate::whatif`) asks it
+/// of a ring that is not published.
+pub fn judge(t: &Placed, alive: bool, home: Option<ServerId>) -> Option<Reason> {
+    if !alive {
+        return Some(Reason::ReplicaGone);
+    }
     (home != t.home && home != Some(t.replica)).then_some(Reason::KeyMoved)
 }
 
@@ -135,7 +145,7 @@ pub async fn run(tunnels: Arc<Tunnels>, shared: Shared) {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::ring::{Placement, Ring, ServerId};
+    use crate::ring::{Placement, Ring};
     use crate::snapshot::{Ramp, ReplicaStats, Upstream};
 
     fn id(n: u32) -> ServerId {

@@ -352,6 +352,7 @@ function renderReplicas(status) {
       el("td", { class: "num", text: fmtMs(f.p50) }),
       el("td", { class: "num", text: fmtMs(f.p99) }),
       el("td", { class: "num", text: r.in_flight }),
+      el("td", { class: "num", "data-tunnels": r.tunnels || 0, text: r.tunnels || 0 }),
       el("td", { class: "num" }, fmtPct(share, 1), bar),
       el("td", { title: why || null }, String(r.restarts), backoff(r) ? el("span", { class: "sub", text: backoff(r) }) : null),
     );
@@ -485,12 +486,16 @@ function renderAnswer(a) {
     el("tbody", {}, ...rows));
   const notes = [];
   if (a.unrouted_after > 0) notes.push(errorBox("unrouted", `${fmtPct(a.unrouted_after)} of the keys would find no replica`));
+  const tunnels = a.tunnels_open > 0
+    ? el("p", { class: "tunnels", "data-tunnels-closed": a.tunnels_closed, text: `${a.tunnels_closed.toLocaleString()} of ${a.tunnels_open.toLocaleString()} open tunnels would be closed and re-homed` })
+    : null;
   const flows = a.moves.slice(0, 4).map((m) => `${m.from || "nobody"} → ${m.to || "nobody"} ${fmtPct(m.share, 1)}`).join(" · ");
   return el("div", { class: "result", "data-moved": a.moved.toFixed(6), "data-change": a.change },
     el("div", { class: "headline" }, moved, " of the keys would move ", el("span", { class: "muted", text: `(${a.change}; ${a.keys.toLocaleString()} keys, ${a.took_ms.toFixed(0)} ms)` })),
     el("div", { class: "rings" }, miniRing(a.owners_before, "now"), el("span", { class: "arrow", text: "→" }), miniRing(a.owners_after, "after")),
     table,
     flows ? el("p", { class: "muted small", text: "largest moves: " + flows }) : null,
+    tunnels,
     ...notes);
 }
 

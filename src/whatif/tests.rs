@@ -1,6 +1,7 @@
 use super::*;
 use crate::control::membership::Phase;
 use crate::policy::PolicyLimits;
+use crate::ring::Ring;
 
 fn id(n: u32) -> ServerId {
     ServerId::new(n).expect("non-zero")
@@ -23,6 +24,7 @@ fn base_with(config: Config, policy: PolicySet) -> Base {
         placement,
         routable: ids,
         cannot_start: None,
+        tunnels: Vec::new(),
     }
 }
 
@@ -308,5 +310,42 @@ fn the_live_policy_runs_detached() {
         b.policy.stats().calls(Hook::RequestHash),
         calls,
         "no call counted as the gateway's"
+    );
+}
+
+#[test]
+fn the_answer_counts_the_tunnels_the_change_would_close() {
+    let mut b = base();
+    let router = Router::new(&b.config, &b.policy);
+    let ring = Ring::build(&b.placement, |_| true);
+    b.tunnels = (0..3000u64)
+        .map(|key| {
+            let home = router.owner(&ring, key);
+            crate::tunnel::Placed {
+                key,
+                replica: home.expect("a home"),
+                incarnation: 1,
+                home,
+            }
+        })
+        .collect();
+    let on_2 = b.tunnels.iter().filter(|t| t.replica == id(2)).count();
+    let removed = run(&b, &what(r#"{"action": "remove", "replica": "server-2"}"#)).expect("runs");
+    assert_eq!(removed.tunnels_open, 3000);
+    assert_eq!(removed.tunnels_closed, on_2, "exactly server-2's tunnels");
+    let added = run(&b, &what(r#"{"action": "add"}"#)).expect("runs");
+    assert!(
+        added.tunnels_closed > 0 && added.tunnels_closed < 3000,
+        "{}",
+        added.tunnels_closed
+    );
+    let unchanged = run(
+        &b,
+        &what(r#"{"action": "hash", "request_hash": "quadratic"}"#),
+    )
+    .expect("runs");
+    assert_eq!(
+        unchanged.tunnels_closed, 0,
+        "no key moves, no tunnel closes"
     );
 }
