@@ -13,8 +13,10 @@ HEALTHCHECK --interval=5s --timeout=2s --start-period=1s --retries=2 \
   CMD ["/ringgate-server", "--check"]
 # ringgate-server exits cleanly on SIGTERM, which matters as PID 1.
 STOPSIGNAL SIGTERM
-# ringgate.image marks images built here, so `make clean` finds old untagged builds too.
+# ringgate.image marks images built here, so `make clean` finds old untagged builds too;
+# ringgate.server-features lets the tests tell an image built before a feature they need.
 LABEL ringgate.image="ringgate-server" \
+      ringgate.server-features="check ws" \
       org.opencontainers.image.title="ringgate-server" \
-      org.opencontainers.image.description="ringgate demo backend replica: GET /home, GET /heartbeat"
+      org.opencontainers.image.description="ringgate demo backend replica: GET /home, GET /heartbeat, GET /ws (WebSocket echo)"
 ENTRYPOINT ["/ringgate-server"]

@@ -71,10 +71,18 @@ macro_rules! require_docker {
     };
 }
 
-/// Builds `ringgate-server:latest` when it is missing (a fresh clone): the tests need it, and
-/// nothing can be pulled.
+/// Builds `ringgate-server:latest` when it is missing (a fresh clone) or older than the
+/// features the tests use (its `ringgate.server-features` label: `/ws` came with tunnels): the
+/// tests need it, and nothing can be pulled.
 fn ensure_image() {
-    if docker(&["image", "inspect", SERVER_IMAGE]).is_ok() {
+    let features = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{index .Config.Labels \"ringgate.server-features\"}}",
+        SERVER_IMAGE,
+    ]);
+    if features.is_ok_and(|f| f.split_whitespace().any(|f| f == "ws")) {
         return;
     }
     eprintln!("{SERVER_IMAGE} is missing: building it with `make -f docker/docker.mk images` (a few minutes)");
