@@ -45,7 +45,7 @@ const STATIC_READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// (their listeners close the last connections at the drain timeout): past it, a thread still
 /// running is held by something that will not end (a policy hook or a library call), and the
 /// gateway stops without it.
-pub const JOIN_GRACE: Duration = Duration::from_millis(250 + 1500);
+pub const JOIN_GRACE: Duration = Duration::from_millis(250);
 /// How long the tunnels closed at the end of a drain get to send their close (a WebSocket's
 /// close frame waits for a frame boundary, then the client's answer is read for a moment).
 const TUNNEL_CLOSE_GRACE: Duration = Duration::from_millis(1500);
@@ -404,8 +404,13 @@ impl Gateway {
         let _ = stop_tx.send(true);
         trimmer.abort();
         rehoming.abort();
-        if !joined_within(threads, self.drain_timeout + JOIN_GRACE).await {
-            tracing::error!(timeout = ?(self.drain_timeout + JOIN_GRACE), "a serving thread did not stop within proxy.drain_timeout (see the watchdog's report); stopping without it");
+        // Tunnels still open get their closes sent after the drain timeout.
+        let grace = match self.service.tunnels.open() {
+            0 => JOIN_GRACE,
+            _ => JOIN_GRACE + TUNNEL_CLOSE_GRACE,
+        };
+        if !joined_within(threads, self.drain_timeout + grace).await {
+            tracing::error!(timeout = ?(self.drain_timeout + grace), "a serving thread did not stop within proxy.drain_timeout (see the watchdog's report); stopping without it");
         }
         watching.abort();
         // The serving threads handed their buffered lines over as they ended.
@@ -499,6 +504,11 @@ fn serve_thread(
             }
         });
         futures_util::future::join(futures_util::future::join_all(serving), tunnels).await;
+        // The access-log lines of the tunnels that just ended are written by tasks of their
+        // own: give them their turn before the runtime goes.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
         anchor.abort();
         beating.abort();
     });
