@@ -22,7 +22,8 @@
 //!   response (`proxy.send_timeout`), a replica that stops sending a body (`proxy.read_timeout`).
 //! - [`tls`]: TLS termination: certificates (validated, chosen by SNI, swapped live), ALPN,
 //!   the plain-HTTP redirect.
-//! - [`admission`]: the connection caps (global, derived from the fd limit; per client IP).
+//! - [`admission`]: the connection caps and request budgets (global, derived from the fd
+//!   limit; per client IP; per replica).
 //! - [`service`]: one request, to the admin API or to the proxy.
 //! - [`admin`]: the replica API (`/rep`, `/add`, `/rm`) and `/lb/*`: parse, guard, ask the
 //!   controller.
@@ -33,7 +34,10 @@
 //!   cross-site request, no foreign `Host`; the bearer token).
 //! - [`access_log`]: `[log] access`: one line per request, buffered per serving thread and
 //!   written by a writer thread; reopened on SIGHUP.
-//! - [`proxy`]: one request to one replica: streamed through a pooled client, retries.
+//! - [`proxy`]: one request to one replica: routed, sent through the connector, retried on
+//!   the next server clockwise, and, for an upgrade the replica accepts, made a tunnel.
+//! - [`tunnel`]: upgraded connections (WebSockets): the registry of open tunnels with their
+//!   keys, the splice, and the re-homing of exactly the tunnels whose key moved.
 //! - [`routing`]: key → slot and virtual node → slot ("Lua hook, else the built-in"), shared by
 //!   the request path, the controller and the offline tools.
 //! - [`balance`]: bounded loads and slow start on top of the ring (pure decisions).

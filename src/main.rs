@@ -36,7 +36,7 @@ enum Command {
         /// Listen address, overriding `listen` in the config.
         #[arg(long)]
         listen: Option<SocketAddr>,
-        /// Provider, overriding `provider.kind`: auto, process, docker or static.
+        /// Provider, overriding `provider.kind`: auto, process, docker, swarm or static.
         #[arg(long)]
         provider: Option<ProviderKind>,
     },
