@@ -376,7 +376,11 @@ async fn past_the_tunnel_cap_an_upgrade_gets_503_and_requests_still_pass() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_half_closes_still_gets_its_answer() {
-    let gw = GatewayProcess::start(&three(""));
+    let log_dir = tempfile::tempdir().expect("temp dir");
+    let log = log_dir.path().join("access.log");
+    let mut conf = three("");
+    conf.log = format!("access = \"{}\"\nformat = \"json\"\n", log.display());
+    let gw = GatewayProcess::start(&conf);
     let (mut t, head) = ws::open(gw.addr, "/ws?id=11", "").await;
     assert_eq!(ws::status(&head), 101);
     ws::send(&mut t, 0x1, b"last words").await.expect("send");
@@ -389,6 +393,32 @@ async fn a_client_that_half_closes_still_gets_its_answer() {
     assert_eq!(op, 0x1);
     let v = json(&String::from_utf8_lossy(&payload));
     assert_eq!(v["echo"], "last words");
+    // The replica answers the end with its own; then the tunnel's line is written, at its end.
+    let _ = tokio::time::timeout(Duration::from_secs(5), ws::read(&mut t)).await;
+    drop(t);
+    wait_open(&gw, 0, Duration::from_secs(10)).await;
+    let started = Instant::now();
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("\"/ws?id=11\"")) {
+            break json(l);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no line for the tunnel:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["status"], 101, "{line}");
+    assert!(
+        line["termination"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("tunnel_")),
+        "{line}"
+    );
+    // 10 bytes of text in a 16-byte masked frame went up; the echo frame came down.
+    assert!(line["bytes_up"].as_u64().is_some_and(|b| b >= 16), "{line}");
+    assert!(line["bytes"].as_u64().is_some_and(|b| b > 20), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

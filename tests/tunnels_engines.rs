@@ -36,7 +36,11 @@ async fn owners(gw: &GatewayProcess) -> BTreeMap<String, String> {
 }
 
 /// Tunnels through `gw` for ids t0..t{N}: checks they landed where /home routes them.
-fn open(python: &std::path::Path, gw: &GatewayProcess, before: &BTreeMap<String, String>) -> Driver {
+fn open(
+    python: &std::path::Path,
+    gw: &GatewayProcess,
+    before: &BTreeMap<String, String>,
+) -> Driver {
     let mut d = Driver::start(python, &format!("ws://{}", gw.addr), N, "t");
     let ready = d.next(Duration::from_secs(120));
     for (id, server) in ready["ready"].as_object().expect("ready") {
@@ -50,7 +54,10 @@ fn closed(seen: &Value, by: f64) -> BTreeSet<String> {
     let closed = seen["closed"].as_object().expect("closed");
     for (id, c) in closed {
         assert_eq!(c[0], 1012, "tunnel {id}: {c}");
-        assert!(c[1].as_f64().unwrap_or(f64::MAX) <= by, "tunnel {id} closed late: {c}");
+        assert!(
+            c[1].as_f64().unwrap_or(f64::MAX) <= by,
+            "tunnel {id} closed late: {c}"
+        );
     }
     closed.keys().cloned().collect()
 }
@@ -84,14 +91,26 @@ async fn docker_replicas_tunnels_are_rehomed_key_by_key() {
     assert!(!moved.is_empty(), "the new container took some keys");
     d.command("watch 4");
     let seen = d.next(Duration::from_secs(60));
-    assert_eq!(closed(&seen, 3.0), moved, "exactly the moved tunnels closed");
+    assert_eq!(
+        closed(&seen, 3.0),
+        moved,
+        "exactly the moved tunnels closed"
+    );
     for (id, server) in seen["alive"].as_object().expect("alive") {
-        assert_eq!(server.as_str(), Some(before[id].as_str()), "tunnel {id} kept its replica");
+        assert_eq!(
+            server.as_str(),
+            Some(before[id].as_str()),
+            "tunnel {id} kept its replica"
+        );
     }
     d.command("reopen");
     let again = d.next(Duration::from_secs(60));
     for (id, server) in again["reopened"].as_object().expect("reopened") {
-        assert_eq!(server.as_str(), Some(after[id].as_str()), "{id} reconnected to its new owner");
+        assert_eq!(
+            server.as_str(),
+            Some(after[id].as_str()),
+            "{id} reconnected to its new owner"
+        );
     }
 }
 
@@ -108,22 +127,30 @@ async fn two_gateways_on_a_swarm_close_the_same_tunnels() {
     let b = swarm_support::start_gateway(&ring, "gw-b", sections);
     let want: BTreeSet<String> = (1..=3).map(|i| format!("{}-s{i}", ring.instance)).collect();
     for gw in [&a, &b] {
-        gw.wait_status(Duration::from_secs(120), "three replicas in the ring", |s| {
-            let in_ring: BTreeSet<String> = s["replicas"]
-                .as_array()
-                .map(|r| {
-                    r.iter()
-                        .filter(|r| r["in_ring"] == true)
-                        .filter_map(|r| r["name"].as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            in_ring == want
-        })
+        gw.wait_status(
+            Duration::from_secs(120),
+            "three replicas in the ring",
+            |s| {
+                let in_ring: BTreeSet<String> = s["replicas"]
+                    .as_array()
+                    .map(|r| {
+                        r.iter()
+                            .filter(|r| r["in_ring"] == true)
+                            .filter_map(|r| r["name"].as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                in_ring == want
+            },
+        )
         .await;
     }
     let before = owners(&a).await;
-    assert_eq!(owners(&b).await, before, "both gateways route every key alike");
+    assert_eq!(
+        owners(&b).await,
+        before,
+        "both gateways route every key alike"
+    );
     let mut da = open(&python, &a, &before);
     let mut db = open(&python, &b, &before);
     let (code, body) = call("POST", &a.url("/add"), r#"{"n": 1}"#).await;
@@ -133,7 +160,10 @@ async fn two_gateways_on_a_swarm_close_the_same_tunnels() {
     assert!(!moved.is_empty(), "the new replica took some keys");
     da.command("watch 6");
     db.command("watch 6");
-    let (sa, sb) = (da.next(Duration::from_secs(60)), db.next(Duration::from_secs(60)));
+    let (sa, sb) = (
+        da.next(Duration::from_secs(60)),
+        db.next(Duration::from_secs(60)),
+    );
     // B learns the ring from the shared record (within a second), then paces over the window.
     let (ca, cb) = (closed(&sa, 3.0), closed(&sb, 4.5));
     assert_eq!(ca, moved, "gw-a closed exactly the moved tunnels");
