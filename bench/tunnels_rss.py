@@ -109,12 +109,15 @@ def open_tunnels(n):
             s.settimeout(10)
             head = b""
             while b"\r\n\r\n" not in head:
-                chunk = s.recv(4096)
+                try:
+                    chunk = s.recv(4096)
+                except OSError as e:
+                    raise SystemExit(f"tunnel {len(socks) + len(group)}: {e}")
                 if not chunk:
                     raise SystemExit(f"a tunnel closed during its handshake: {head!r}")
                 head += chunk
             if not head.startswith(b"HTTP/1.1 101"):
-                raise SystemExit(f"no 101: {head[:200]!r}")
+                raise SystemExit(f"no 101 (tunnel {len(socks) + len(group)}): {head[:400]!r}")
             s.sendall(frame("hello"))
             got = head.split(b"\r\n\r\n", 1)[1]
             while len(got) < 2 or len(got) < 2 + (got[1] & 0x7F):
@@ -153,15 +156,21 @@ try:
     # ringgate: static provider, one serving thread.
     conf = os.path.join(tmp, "lb.toml")
     with open(conf, "w") as f:
-        servers = ", ".join(f'"127.0.0.1:{p}"' for p in BACKENDS)
+        servers = ", ".join(f'{{ name = "b{p}", address = "127.0.0.1:{p}" }}' for p in BACKENDS)
         f.write(f'listen = "127.0.0.1:{PORT}"\n[provider]\nkind = "static"\nservers = [{servers}]\n'
-                f'[proxy]\nmax_requests = {N + 1000}\nmax_requests_per_ip = {N + 1000}\n'
+                f'[proxy]\nconnect_timeout = "10s"\nmax_requests = {N + 1000}\nmax_requests_per_ip = {N + 1000}\n'
                 f'max_requests_per_replica = {N + 1000}\n[tunnels]\nmax = {N + 1000}\n'
                 f'[policy]\ndir = "{tmp}/policies"\n')
-    gw = start(taskset + [GW, "serve", "--config", conf])
+    gw = subprocess.Popen(taskset + [GW, "serve", "--config", conf], stdout=subprocess.DEVNULL,
+                          stderr=open(os.path.join(tmp, "ringgate.log"), "w"))
+    procs.append(gw)
     wait_port(PORT)
     time.sleep(2)
-    results["ringgate"] = measure("ringgate", lambda: [gw.pid])
+    try:
+        results["ringgate"] = measure("ringgate", lambda: [gw.pid])
+    except BaseException:
+        print(open(os.path.join(tmp, "ringgate.log")).read()[-3000:])
+        raise
     stop(gw)
 
     if shutil.which("nginx") or os.path.exists("/usr/sbin/nginx"):
@@ -174,7 +183,7 @@ worker_rlimit_nofile {hard};
 daemon off;
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log;
-events {{ worker_connections {N * 2 + 1000}; }}
+events {{ worker_connections {N * 4}; }}
 http {{
   access_log off;
   upstream backends {{ hash $arg_id consistent; {ups} }}
@@ -195,7 +204,11 @@ http {{
         ng = start([nginx, "-c", nconf, "-p", tmp])
         wait_port(PORT)
         time.sleep(1)
-        results["nginx"] = measure("NGINX", lambda: [ng.pid] + children(ng.pid))
+        try:
+            results["nginx"] = measure("NGINX", lambda: [ng.pid] + children(ng.pid))
+        except BaseException:
+            print(open(os.path.join(tmp, "nginx-error.log")).read()[-2000:])
+            raise
         stop(ng)
     else:
         print("  NGINX      not installed (bench/deps.sh proxies)")
@@ -207,7 +220,7 @@ http {{
         with open(hconf, "w") as f:
             f.write(f"""global
   nbthread 1
-  maxconn {N * 2 + 1000}
+  maxconn {(hard - 200) // 2}
 defaults
   mode http
   timeout connect 5s
