@@ -7,6 +7,7 @@
 //! ([`backoff`], [`next_crash_streak`]) tested below.
 //! Must not touch: membership decisions (`scaling`) or health verdicts (`probes`).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +81,65 @@ impl Replica {
     }
 }
 
+/// Every replica's current run, by id, and the incarnation counter: the state this module
+/// owns. The controller reaches a run only through it.
+pub(super) struct Replicas {
+    runs: BTreeMap<ServerId, Replica>,
+    next_incarnation: u64,
+}
+
+impl Replicas {
+    pub fn new() -> Replicas {
+        Replicas {
+            runs: BTreeMap::new(),
+            next_incarnation: 1,
+        }
+    }
+
+    /// A fresh incarnation number: reports about an older one are stale.
+    pub fn bump_incarnation(&mut self) -> u64 {
+        let i = self.next_incarnation;
+        self.next_incarnation += 1;
+        i
+    }
+
+    pub fn get(&self, id: &ServerId) -> Option<&Replica> {
+        self.runs.get(id)
+    }
+
+    pub fn get_mut(&mut self, id: &ServerId) -> Option<&mut Replica> {
+        self.runs.get_mut(id)
+    }
+
+    fn insert(&mut self, id: ServerId, r: Replica) {
+        self.runs.insert(id, r);
+    }
+
+    fn remove(&mut self, id: &ServerId) -> Option<Replica> {
+        self.runs.remove(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&ServerId, &Replica)> {
+        self.runs.iter()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&ServerId, &mut Replica)> {
+        self.runs.iter_mut()
+    }
+
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &ServerId> {
+        self.runs.keys()
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Replica> {
+        self.runs.values()
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Replica> {
+        self.runs.values_mut()
+    }
+}
+
 /// `recovery_delay · 2^(streak-1)`, capped.
 pub fn backoff(base: Duration, cap: Duration, streak: u32) -> Duration {
     let factor = 1u32
@@ -99,9 +159,7 @@ pub fn next_crash_streak(streak: u32, ran_for: Option<Duration>) -> u32 {
 
 impl Controller {
     pub(super) fn bump_incarnation(&mut self) -> u64 {
-        let i = self.next_incarnation;
-        self.next_incarnation += 1;
-        i
+        self.replicas.bump_incarnation()
     }
 
     /// A new replica record in `phase` (membership and runtime together).
@@ -204,7 +262,7 @@ impl Controller {
                 match result {
                     Ok(inst) if current => self.attach(id, inst),
                     // The engine's replica (its service outlives this start): nothing to stop.
-                    Ok(_) if self.provider.restarts_replicas() => {}
+                    Ok(_) if self.mode.restarts_replicas() => {}
                     Ok(inst) => {
                         // Removed or replaced while it was starting: stop what was started,
                         // and only that (a newer instance of the name may run by now).
@@ -291,7 +349,9 @@ impl Controller {
             Internal::RemovalPlanned { result, reply } => self.on_removal_planned(result, reply),
             Internal::RecordWritten { record } => self.apply_record(record),
             Internal::CleanedUp { id, record } => {
-                self.cleaning.remove(&id);
+                if let Some(s) = self.authority.shared_mut() {
+                    s.cleaning.remove(&id);
+                }
                 if let Some(record) = record {
                     self.apply_record(record);
                 }
@@ -349,7 +409,7 @@ impl Controller {
             self.config.health.recovery_delay,
             self.config.health.max_backoff,
         );
-        let manages = self.provider.manages_replicas() && !self.provider.restarts_replicas();
+        let manages = self.mode.starts_replicas() && !self.mode.restarts_replicas();
         let incarnation = self.bump_incarnation();
         let Some(name) = self.membership.name(id).map(str::to_owned) else {
             return;
@@ -402,12 +462,13 @@ impl Controller {
                 return self.on_engine(reachable, detail)
             }
         };
-        if self
-            .engine_tasks
-            .get(&hostname)
-            .is_some_and(|i| i.instance_id == instance_id)
-        {
-            self.engine_tasks.remove(&hostname);
+        if let Some(s) = self.authority.shared_mut() {
+            if s.tasks
+                .get(&hostname)
+                .is_some_and(|i| i.instance_id == instance_id)
+            {
+                s.tasks.remove(&hostname);
+            }
         }
         if self.on_successor_exit(&hostname, &instance_id, &detail) {
             return;

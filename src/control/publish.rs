@@ -68,7 +68,7 @@ impl Controller {
             .map(|id| id.get() as usize)
             .unwrap_or(0);
         let mut upstreams: Vec<Option<Arc<Upstream>>> = vec![None; max_id + 1];
-        for (&id, r) in &self.replicas {
+        for (&id, r) in self.replicas.iter() {
             if !self.routable(id) {
                 continue;
             }
@@ -127,7 +127,7 @@ impl Controller {
     /// back-off; waiting for it would only delay the others), and no grow through the shared
     /// ring record is pending.
     pub(super) fn notify_ready(&mut self) {
-        if !self.grows.is_empty() || (self.ready_waiters.is_empty() && self.ramps_enabled) {
+        if self.authority.growing() || (self.ready_waiters.is_empty() && self.ramps_enabled) {
             return;
         }
         let settled = self.membership.members().all(|(id, _)| {

@@ -27,12 +27,12 @@ impl Controller {
         Limits {
             max_replicas: self.config.replicas.max_replicas,
             name_prefix: &self.config.replicas.name_prefix,
-            cannot_start: (!self.provider.manages_replicas()).then(|| self.provider.kind()),
+            cannot_start: (!self.mode.starts_replicas()).then(|| self.provider.kind()),
         }
     }
 
     pub(super) fn add(&mut self, request: ScaleRequest, reply: Reply<Scaled>) {
-        if self.record.is_some() {
+        if self.authority.is_shared() {
             // Checked against the engine's record, not this gateway's copy of it.
             if let Err(e) = super::membership::check_names(&request.hostnames) {
                 let _ = reply.send(Err(e.into()));
@@ -70,7 +70,7 @@ impl Controller {
     /// `count` new members with generated names, placed at once and started (start-up and
     /// `replicas.count` edits; `/add` instead commits its replicas only once they all answer).
     pub(super) fn grow(&mut self, count: usize) {
-        if self.record.is_some() {
+        if self.authority.is_shared() {
             let target = self.membership.desired() + count;
             return self.shared_grow(target);
         }
@@ -98,7 +98,7 @@ impl Controller {
         let Some(reply) = self.add_ops.remove(&op) else {
             return;
         };
-        if self.record.is_some() {
+        if self.authority.is_shared() {
             return self.shared_commit(op, ids, reply);
         }
         for &id in &ids {
@@ -125,7 +125,7 @@ impl Controller {
         let error = ControlError::AddFailed { replica, cause };
         tracing::warn!(op, error = %error, "rolling back /add");
         let ids = self.membership.joining(op);
-        if self.record.is_some() {
+        if self.authority.is_shared() {
             self.op_done(op);
             return self.roll_back(ids, error, reply);
         }
@@ -138,7 +138,7 @@ impl Controller {
     }
 
     pub(super) fn remove(&mut self, request: ScaleRequest, reply: Reply<Scaled>) {
-        if self.record.is_some() {
+        if self.authority.is_shared() {
             return self.shared_remove(request, reply);
         }
         match self.membership.plan_remove(&request) {
@@ -198,7 +198,7 @@ impl Controller {
             }
         }
         self.publish();
-        if self.record.is_some() {
+        if self.authority.is_shared() {
             return self.shared_forget(ids, removed, reply);
         }
         let _ = reply.send(Ok(Scaled {
@@ -216,7 +216,7 @@ impl Controller {
 
     /// Adds or removes members until N = `n` (a `replicas.count` edit).
     pub(super) fn scale_to(&mut self, n: u32) {
-        if !self.provider.manages_replicas() {
+        if !self.mode.starts_replicas() {
             return;
         }
         let have = self.membership.desired();
@@ -235,7 +235,7 @@ impl Controller {
                 hostnames: Vec::new(),
             };
             let (reply, _) = oneshot::channel();
-            if self.record.is_some() {
+            if self.authority.is_shared() {
                 return self.shared_remove(request, reply);
             }
             if let Ok(plan) = self.membership.plan_remove(&request) {

@@ -367,15 +367,15 @@ impl Controller {
                 restart_needed: &self.errors.restart_needed,
             },
             policy: policy_status(&self.policy, self.errors.policy.as_deref()),
-            engine: self.record.as_ref().map(|_| EngineStatus {
-                reachable: self.engine.reachable,
-                since_ms: self
+            engine: self.authority.shared().map(|s| EngineStatus {
+                reachable: s.engine.reachable,
+                since_ms: s
                     .engine
                     .since
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok().map(millis)),
-                detail: &self.engine.detail,
-                routing_on_last_known_ring: !self.engine.reachable,
-                record_version: self.ring_version,
+                detail: &s.engine.detail,
+                routing_on_last_known_ring: !s.engine.reachable,
+                record_version: s.version,
                 record_error: self.errors.ring.as_deref(),
             }),
             gateway: GatewayStatus {
@@ -418,7 +418,7 @@ impl Controller {
                 .copied()
                 .filter(|&id| snap.upstream(id).is_some())
                 .collect(),
-            cannot_start: (!self.provider.manages_replicas()).then(|| self.provider.kind()),
+            cannot_start: (!self.mode.starts_replicas()).then(|| self.provider.kind()),
         }
     }
 
@@ -434,7 +434,7 @@ impl Controller {
                 .filter_map(|(id, e)| Some((e.name.clone(), self.replicas.get(&id)?.stats.clone())))
                 .collect(),
             gateway: self.name.clone(),
-            engine_reachable: self.record.as_ref().map(|_| self.engine.reachable),
+            engine_reachable: self.authority.shared().map(|s| s.engine.reachable),
             published: self.published.clone(),
         }
     }
