@@ -30,6 +30,7 @@
 //! [`Snapshot`]: crate::snapshot::Snapshot
 
 mod authority;
+pub mod autoscale;
 pub mod error;
 pub mod handle;
 pub mod lifecycle;
