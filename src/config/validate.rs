@@ -446,6 +446,13 @@ fn autoscale_problems(c: &Config, bad: &mut impl FnMut(&str, String)) {
                 .into(),
         );
     }
+    if c.provider.kind == ProviderKind::Swarm {
+        bad(
+            "autoscale.enabled",
+            "not available with the swarm provider yet: gateways sharing a ring would each decide N alone"
+                .into(),
+        );
+    }
     let n = c.replicas.count;
     if n < a.min || n > a.max {
         bad(

@@ -12,7 +12,10 @@
 //! - [`membership`]: the pure membership model (ids, names, phases, `/add` and `/rm` plans).
 //! - `authority`: who decides membership (this gateway, or the engine's shared record), chosen
 //!   once from the provider's [`Mode`](crate::provider::Mode), with the shared one's state.
-//! - `scaling`: applying plans: `/add` commit and rollback, `/rm` drain, `replicas.count`.
+//! - `scaling`: applying plans: `/add` commit and rollback, `/rm` drain, `replicas.count`,
+//!   and what the autoscaler decides.
+//! - [`autoscale`]: the autoscaler's decision (pure: how many replicas the load asks for).
+//! - `shrink`: which replicas a scale-down removes (pure: those whose keys carried the least).
 //! - [`lifecycle`]: one replica's runs ([`lifecycle::Replicas`]): start, replace with back-off,
 //!   exits.
 //! - `outliers`: outlier ejection for what replicas answer (5xx in a row, a failure percentage).
@@ -44,6 +47,7 @@ pub mod roll;
 mod scaling;
 pub mod shared;
 mod shared_ops;
+mod shrink;
 mod status;
 #[cfg(test)]
 mod testkit;
@@ -153,6 +157,10 @@ pub struct Controller {
     spec_generation: u64,
     /// The last roll (kept once done or stopped, for `/lb/status`).
     roll: Option<roll::Roll>,
+    /// What the autoscaler remembers (`autoscale` owns it), and each replica's recent load
+    /// (`shrink` owns it); sampled only while `[autoscale]` is on.
+    autoscaler: autoscale::Autoscaler,
+    recent_load: shrink::RecentLoad,
 }
 
 impl Controller {
@@ -177,6 +185,8 @@ impl Controller {
             app,
             spec_generation: 1,
             roll: None,
+            autoscaler: autoscale::Autoscaler::default(),
+            recent_load: shrink::RecentLoad::default(),
             config: parts.config,
             policy: Arc::new(policy),
             errors: ReloadErrors {
@@ -377,6 +387,7 @@ impl Controller {
         self.roll_step();
         let now = tokio::time::Instant::now();
         self.outliers_tick(now);
+        self.autoscale_tick(now);
         if self
             .shared
             .load()

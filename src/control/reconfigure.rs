@@ -177,6 +177,7 @@ impl Controller {
                 | ConfigChange::PolicyLimits
                 | ConfigChange::Admin
                 | ConfigChange::Log
+                | ConfigChange::Autoscale
                 | ConfigChange::Tls
                 | ConfigChange::ProviderTiming => {}
             }

@@ -33,6 +33,8 @@ pub enum ConfigChange {
     Admin,
     /// `[log]`: requests are logged with it from the next one.
     Log,
+    /// `[autoscale]`: the next decision (at most a tick away) is made with it.
+    Autoscale,
     /// `tls.http` (serve or redirect) or `tls.certificates`: new connections use it (the
     /// watcher loads the new certificate files).
     Tls,
@@ -62,6 +64,7 @@ impl fmt::Display for ConfigChange {
             ConfigChange::PolicyLimits => f.write_str("policy limits"),
             ConfigChange::Admin => f.write_str("[admin]"),
             ConfigChange::Log => f.write_str("[log]"),
+            ConfigChange::Autoscale => f.write_str("[autoscale]"),
             ConfigChange::Tls => f.write_str("[tls] (http or certificates)"),
             ConfigChange::ReplicaSpec { keys } => {
                 write!(
@@ -175,6 +178,9 @@ pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
     }
     if new.log != old.log {
         changes.push(ConfigChange::Log);
+    }
+    if new.autoscale != old.autoscale {
+        changes.push(ConfigChange::Autoscale);
     }
     // Last: scaling runs after the rest is in place.
     if n.count != o.count {

@@ -14,10 +14,12 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::autoscale::Direction;
 use super::error::StartFailure;
 use super::handle::Internal;
 use super::handle::{Reply, Scaled};
-use super::membership::{Limits, OpId, Phase, ScaleRequest};
+use super::membership::{check_autoscale_bounds, Limits, OpId, Phase, ScaleRequest};
+use super::shrink::{least_loaded, Load};
 use super::Controller;
 use crate::control::error::ControlError;
 use crate::ring::ServerId;
@@ -46,13 +48,21 @@ impl Controller {
             }
             return self.shared_add(request, reply);
         }
-        let plan = match self.membership.plan_add(&request, &self.limits()) {
+        let members = self.membership.desired();
+        let plan = match self
+            .membership
+            .plan_add(&request, &self.limits())
+            .and_then(|plan| {
+                check_autoscale_bounds(members, request.n, true, self.autoscale_bounds())?;
+                Ok(plan)
+            }) {
             Ok(plan) => plan,
             Err(e) => {
                 let _ = reply.send(Err(e.into()));
                 return;
             }
         };
+        self.operator_scaled(members + plan.replicas.len());
         let op = self.next_op;
         self.next_op += 1;
         let names: Vec<&str> = plan.replicas.iter().map(|(_, n)| n.as_str()).collect();
@@ -141,8 +151,16 @@ impl Controller {
         if self.authority.is_shared() {
             return self.shared_remove(request, reply);
         }
-        match self.membership.plan_remove(&request) {
-            Ok(plan) => self.drain_and_stop(plan.ids, reply),
+        let members = self.membership.desired();
+        let planned = self.membership.plan_remove(&request).and_then(|plan| {
+            check_autoscale_bounds(members, request.n, false, self.autoscale_bounds())?;
+            Ok(plan)
+        });
+        match planned {
+            Ok(plan) => {
+                self.operator_scaled(members.saturating_sub(plan.ids.len()));
+                self.drain_and_stop(plan.ids, reply)
+            }
             Err(e) => {
                 let _ = reply.send(Err(e.into()));
             }
@@ -221,6 +239,7 @@ impl Controller {
         }
         let have = self.membership.desired();
         let n = n as usize;
+        self.operator_scaled(n);
         if n > have {
             let room =
                 (self.config.replicas.max_replicas as usize).saturating_sub(self.membership.len());
@@ -242,5 +261,127 @@ impl Controller {
                 self.drain_and_stop(plan.ids, reply);
             }
         }
+    }
+
+    /// `[autoscale]`'s `min..max` while it is on.
+    fn autoscale_bounds(&self) -> Option<(u32, u32)> {
+        let a = &self.config.autoscale;
+        a.enabled.then_some((a.min, a.max))
+    }
+
+    /// An operator (`/add`, `/rm`, a `replicas.count` edit) set N to `n`: the autoscaler goes
+    /// on from it.
+    pub(super) fn operator_scaled(&mut self, n: usize) {
+        if self.config.autoscale.enabled {
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            self.autoscaler.set_by_operator(Instant::now(), n);
+        }
+    }
+
+    /// Once a tick while `[autoscale]` is on: samples the load, asks the autoscaler and carries
+    /// its decision out. Only under the local authority: gateways sharing a ring record would
+    /// each decide alone (agreeing through the record is not built yet; `ringgate check`
+    /// refuses the combination).
+    pub(super) fn autoscale_tick(&mut self, now: Instant) {
+        let config = self.config.clone();
+        let cfg = &config.autoscale;
+        if !cfg.enabled || !self.mode.starts_replicas() || self.authority.is_shared() {
+            self.metrics.autoscale_desired.store(0, Ordering::Relaxed);
+            return;
+        }
+        let members = self.membership.member_ids();
+        let n = u32::try_from(members.len()).unwrap_or(u32::MAX);
+        // Requests in progress at a replica, and those queued for a place at one
+        // (`proxy.max_requests_per_replica`): both are load a replica more would take.
+        let in_flight: u64 = self
+            .replicas
+            .values()
+            .map(|r| {
+                let s = &r.stats;
+                u64::try_from(s.in_flight.load(Ordering::Relaxed)).unwrap_or(0)
+                    + u64::from(s.queued.load(Ordering::Relaxed))
+            })
+            .sum();
+        self.autoscaler.observe(now, in_flight, n, cfg);
+        let answered = members
+            .iter()
+            .filter_map(|&id| Some((id, self.replicas.get(&id)?.stats.answers().iter().sum())))
+            .collect();
+        self.recent_load.observe(now, cfg.stable_window, answered);
+        // An /add not committed yet: its replicas are not members, so N would be read short.
+        if !self.add_ops.is_empty() {
+            return;
+        }
+        let d = self.autoscaler.decide(now, n, cfg);
+        self.metrics
+            .autoscale_desired
+            .store(u64::from(d.to), Ordering::Relaxed);
+        if d.direction == Direction::Hold {
+            return;
+        }
+        tracing::info!(
+            direction = ?d.direction,
+            from = d.from,
+            to = d.to,
+            wanted = d.wanted,
+            stable_in_flight = d.stable_in_flight,
+            panic_in_flight = d.panic_in_flight,
+            panicking = d.panicking,
+            target_in_flight = cfg.target_in_flight,
+            "autoscale decision"
+        );
+        match d.direction {
+            Direction::Up => {
+                self.metrics.autoscale_up.fetch_add(1, Ordering::Relaxed);
+                let room =
+                    (config.replicas.max_replicas as usize).saturating_sub(self.membership.len());
+                self.grow(((d.to - d.from) as usize).min(room));
+                self.publish();
+            }
+            Direction::Down => {
+                self.metrics.autoscale_down.fetch_add(1, Ordering::Relaxed);
+                let ids = self.least_loaded_members((d.from - d.to) as usize);
+                let (reply, _) = oneshot::channel();
+                self.drain_and_stop(ids, reply);
+            }
+            Direction::Hold => {}
+        }
+    }
+
+    /// The `n` members whose removal moves the least load, by what the gateway counted over
+    /// the stable window; logged with the figures that chose them.
+    fn least_loaded_members(&self, n: usize) -> Vec<ServerId> {
+        let snap = self.shared.load();
+        let mut slots: std::collections::HashMap<ServerId, u32> = Default::default();
+        for slot in 0..snap.ring.slots() {
+            if let Some(owner) = snap.ring.owner(slot) {
+                *slots.entry(owner).or_default() += 1;
+            }
+        }
+        let loads: Vec<Load> = self
+            .membership
+            .member_ids()
+            .into_iter()
+            .map(|id| Load {
+                id,
+                recent: self.recent_load.recent(id),
+                in_flight: self.replicas.get(&id).map_or(0, |r| {
+                    u64::try_from(r.stats.in_flight.load(Ordering::Relaxed)).unwrap_or(0)
+                }),
+                slots: slots.get(&id).copied().unwrap_or(0),
+            })
+            .collect();
+        let chosen = least_loaded(&loads, n);
+        for l in loads.iter().filter(|l| chosen.contains(&l.id)) {
+            tracing::info!(
+                replica = ?self.membership.name(l.id),
+                id = %l.id,
+                recent_requests = l.recent,
+                in_flight = l.in_flight,
+                slots = l.slots,
+                "autoscale removes the least loaded replica"
+            );
+        }
+        chosen
     }
 }
