@@ -84,3 +84,32 @@ impl Authority {
         self.shared().is_some_and(|s| !s.grows.is_empty())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::testkit::MemoryRecord;
+
+    #[test]
+    fn the_mode_chooses_the_authority_once() {
+        assert!(!Authority::for_mode(&Mode::Owned, "gw").is_shared());
+        assert!(!Authority::for_mode(&Mode::Fixed, "gw").is_shared());
+        let local = Authority::for_mode(&Mode::Owned, "gw");
+        assert!(local.shared().is_none() && !local.growing());
+        let record: Arc<dyn SharedRing> = Arc::new(MemoryRecord::default());
+        let mut shared = Authority::for_mode(&Mode::Shared(record), "gw-a");
+        let s = shared.shared_mut().expect("shared");
+        // Its name and a nonce: a restarted gateway tells its earlier run's reservations apart.
+        assert!(
+            s.me.starts_with("gw-a/") && s.me.len() == "gw-a/".len() + 8,
+            "{}",
+            s.me
+        );
+        assert_eq!(s.version, None);
+        s.grows.insert(7);
+        assert!(
+            shared.growing(),
+            "readiness waits for a grow through the record"
+        );
+    }
+}
