@@ -387,7 +387,8 @@ impl Config {
 /// mean anything.
 const MAX_AUTOSCALE_WINDOW: Duration = Duration::from_secs(3600);
 
-/// `[autoscale]`: checked whether or not it is enabled, so enabling it later cannot surprise.
+/// `[autoscale]`: its own keys checked whether or not it is enabled, so enabling it later cannot
+/// surprise; how it fits the rest of the config (bounds, provider, replicas.count) once enabled.
 fn autoscale_problems(c: &Config, bad: &mut impl FnMut(&str, String)) {
     let a = &c.autoscale;
     if a.min == 0 {
@@ -400,15 +401,6 @@ fn autoscale_problems(c: &Config, bad: &mut impl FnMut(&str, String)) {
         bad(
             "autoscale.max",
             format!("{} is less than autoscale.min ({})", a.max, a.min),
-        );
-    }
-    if a.max > c.replicas.max_replicas {
-        bad(
-            "autoscale.max",
-            format!(
-                "{} is more than replicas.max_replicas ({})",
-                a.max, c.replicas.max_replicas
-            ),
         );
     }
     let t = a.target_in_flight;
@@ -436,8 +428,19 @@ fn autoscale_problems(c: &Config, bad: &mut impl FnMut(&str, String)) {
     if a.max_step == 0 {
         bad("autoscale.max_step", "must be at least 1".into());
     }
+    // Relations to the rest of the config only while it is on: an unused default `max` must
+    // not refuse a config whose replicas.max_replicas is smaller.
     if !a.enabled {
         return;
+    }
+    if a.max > c.replicas.max_replicas {
+        bad(
+            "autoscale.max",
+            format!(
+                "{} is more than replicas.max_replicas ({})",
+                a.max, c.replicas.max_replicas
+            ),
+        );
     }
     if c.provider.kind == ProviderKind::Static {
         bad(
@@ -630,7 +633,9 @@ mod tests {
 
     #[test]
     fn autoscale_is_checked_key_by_key_with_lines() {
-        let e = err("[autoscale]\nmin = 0\nmax = 60\ntarget_in_flight = 0\nmax_step = 0\n");
+        let e = err(
+            "[autoscale]\nmin = 0\nmax = 60\ntarget_in_flight = 0\nmax_step = 0\nenabled = true\n",
+        );
         assert!(
             e.contains("line 2: autoscale.min: must be at least 1"),
             "{e}"
