@@ -316,7 +316,10 @@ impl Controller {
         self.metrics
             .autoscale_desired
             .store(u64::from(d.to), Ordering::Relaxed);
-        if d.direction == Direction::Hold {
+        // Replicas still draining count against replicas.max_replicas: an up decision waits
+        // for them silently (it is made again each tick) rather than being logged each tick.
+        let room = (config.replicas.max_replicas as usize).saturating_sub(self.membership.len());
+        if d.direction == Direction::Hold || (d.direction == Direction::Up && room == 0) {
             return;
         }
         tracing::info!(
@@ -333,8 +336,6 @@ impl Controller {
         match d.direction {
             Direction::Up => {
                 self.metrics.autoscale_up.fetch_add(1, Ordering::Relaxed);
-                let room =
-                    (config.replicas.max_replicas as usize).saturating_sub(self.membership.len());
                 self.grow(((d.to - d.from) as usize).min(room));
                 self.publish();
             }
