@@ -10,8 +10,10 @@
 //! # Layout
 //! - [`handle`]: [`ControllerHandle`] and the [`Command`] messages.
 //! - [`membership`]: the pure membership model (ids, names, phases, `/add` and `/rm` plans).
-//! - `authority`: who decides membership (this gateway, or the engine's shared record), chosen
-//!   once from the provider's [`Mode`](crate::provider::Mode), with the shared one's state.
+//! - `authority`: who decides membership, a trait chosen once from the provider's
+//!   [`Mode`](crate::provider::Mode): this gateway's model, or the engine's shared record (with
+//!   its state). Its methods answer with effects (start, drain, write the record, reply) that
+//!   `scaling` carries out.
 //! - `scaling`: applying plans: `/add` commit and rollback, `/rm` drain, `replicas.count`,
 //!   and what the autoscaler decides.
 //! - [`autoscale`]: the autoscaler's decision (pure: how many replicas the load asks for).
@@ -150,7 +152,7 @@ pub struct Controller {
     mode: crate::provider::Mode,
     /// Who decides membership (this gateway, or the engine's shared record), chosen once from
     /// `mode`.
-    authority: authority::Authority,
+    authority: Box<dyn authority::MembershipAuthority>,
     /// What replicas run now (from `[provider]`), and its generation: bumped by every spec
     /// edit and `POST /lb/roll`; a replica whose instance runs an older one is rolled.
     app: Arc<crate::provider::AppSpec>,
@@ -180,7 +182,7 @@ impl Controller {
         ));
         parts.prober.use_tls(parts.upstream_tls.clone());
         let mode = parts.provider.mode();
-        let authority = authority::Authority::for_mode(&mode, &parts.name);
+        let authority = authority::for_mode(&mode, &parts.name);
         let controller = Controller {
             app,
             spec_generation: 1,

@@ -4,9 +4,10 @@
 //! they are created, and start in the `Joining` phase, which the owner table skips; the call
 //! commits, routing to them all, only once every one answers, and rolls back whole, stopping them
 //! all, if any fails), `/rm` (off the ring at once, drained, then stopped) and growing or
-//! shrinking to a count. Every plan is validated by the pure membership model first, so a
-//! refused call changes nothing.
-//! Must not touch: how one replica starts or dies (`lifecycle`).
+//! shrinking to a count. The membership authority (`authority`) decides each step and answers
+//! with effects; this module carries them out (`execute`), so a refused call
+//! changes nothing. It also carries out the autoscaler's decisions (`autoscale`, `shrink`).
+//! Must not touch: how one replica starts or dies (`lifecycle`), the decisions themselves.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -14,84 +15,64 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::authority::{Ctx, Effect, RecordStep};
 use super::autoscale::Direction;
 use super::error::StartFailure;
 use super::handle::Internal;
 use super::handle::{Reply, Scaled};
-use super::membership::{check_autoscale_bounds, Limits, OpId, Phase, ScaleRequest};
+use super::membership::{Limits, Membership, OpId, Phase, ScaleRequest};
 use super::shrink::{least_loaded, Load};
 use super::Controller;
 use crate::control::error::ControlError;
 use crate::ring::ServerId;
 
+/// What the membership authority decides from: the membership, the config's limits, the
+/// autoscaler's bounds for an operator's call (`bounded`), and the id a new `/add` gets. Built
+/// from the controller's fields one by one, so the authority (another field) can be borrowed
+/// mutably beside it.
+fn ctx<'a>(
+    config: &'a crate::config::Config,
+    membership: &'a Membership,
+    cannot_start: Option<&'static str>,
+    bounded: bool,
+    op: OpId,
+) -> Ctx<'a> {
+    let a = &config.autoscale;
+    Ctx {
+        membership,
+        limits: Limits {
+            max_replicas: config.replicas.max_replicas,
+            name_prefix: &config.replicas.name_prefix,
+            cannot_start,
+        },
+        autoscale: (bounded && a.enabled).then_some((a.min, a.max)),
+        op,
+    }
+}
+
 impl Controller {
-    fn limits(&self) -> Limits<'_> {
-        Limits {
-            max_replicas: self.config.replicas.max_replicas,
-            name_prefix: &self.config.replicas.name_prefix,
-            cannot_start: (!self.mode.starts_replicas()).then(|| self.provider.kind()),
-        }
+    /// `None` when the provider starts replicas; else its name (the `static` provider).
+    fn cannot_start(&self) -> Option<&'static str> {
+        (!self.mode.starts_replicas()).then(|| self.provider.kind())
     }
 
     pub(super) fn add(&mut self, request: ScaleRequest, reply: Reply<Scaled>) {
-        if self.authority.is_shared() {
-            // Checked against the engine's record, not this gateway's copy of it.
-            if let Err(e) = super::membership::check_names(&request.hostnames) {
-                let _ = reply.send(Err(e.into()));
-                return;
-            }
-            if request.hostnames.len() > request.n as usize {
-                let _ = reply.send(Err(
-                    super::membership::MembershipError::TooManyHostnamesToAdd.into(),
-                ));
-                return;
-            }
-            return self.shared_add(request, reply);
-        }
-        let members = self.membership.desired();
-        let plan = match self
-            .membership
-            .plan_add(&request, &self.limits())
-            .and_then(|plan| {
-                check_autoscale_bounds(members, request.n, true, self.autoscale_bounds())?;
-                Ok(plan)
-            }) {
-            Ok(plan) => plan,
-            Err(e) => {
-                let _ = reply.send(Err(e.into()));
-                return;
-            }
-        };
-        self.operator_scaled(members + plan.replicas.len());
         let op = self.next_op;
         self.next_op += 1;
-        let names: Vec<&str> = plan.replicas.iter().map(|(_, n)| n.as_str()).collect();
-        tracing::info!(op, replicas = ?names, "adding replicas");
-        for (id, name) in plan.replicas {
-            // Placed now, so its slots are known when it is created (providers record them
-            // with it); the owner table skips it until the call commits.
-            self.insert_replica(id, name, Phase::Joining(op));
-            self.place(id);
-            self.start_instance(id);
-        }
-        self.add_ops.insert(op, reply);
+        let cannot_start = self.cannot_start();
+        let at = ctx(&self.config, &self.membership, cannot_start, true, op);
+        let effects = self.authority.add(&at, request, reply);
+        self.execute(effects);
     }
 
-    /// `count` new members with generated names, placed at once and started (start-up and
-    /// `replicas.count` edits; `/add` instead commits its replicas only once they all answer).
+    /// `count` new members with generated names, placed at once and started (start-up,
+    /// `replicas.count` edits, the autoscaler; `/add` instead commits its replicas only once
+    /// they all answer).
     pub(super) fn grow(&mut self, count: usize) {
-        if self.authority.is_shared() {
-            let target = self.membership.desired() + count;
-            return self.shared_grow(target);
-        }
-        let plan = self
-            .membership
-            .plan_grow(count, &self.config.replicas.name_prefix);
-        for (id, name) in plan.replicas {
-            self.insert_replica(id, name, Phase::Member);
-            self.place(id);
-            self.start_instance(id);
-        }
+        let cannot_start = self.cannot_start();
+        let at = ctx(&self.config, &self.membership, cannot_start, false, 0);
+        let effects = self.authority.grow(&at, count);
+        self.execute(effects);
     }
 
     /// Commits `/add` `op` once all its replicas are up.
@@ -108,9 +89,93 @@ impl Controller {
         let Some(reply) = self.add_ops.remove(&op) else {
             return;
         };
-        if self.authority.is_shared() {
-            return self.shared_commit(op, ids, reply);
+        let effects = self.authority.commit(op, ids, reply);
+        self.execute(effects);
+    }
+
+    /// Rolls `/add` `op` back whole because `replica` failed: every replica it started is
+    /// forgotten and stopped, then the caller gets the failure.
+    pub(super) fn fail_add(&mut self, op: OpId, replica: String, cause: StartFailure) {
+        let Some(reply) = self.add_ops.remove(&op) else {
+            return;
+        };
+        let error = ControlError::AddFailed { replica, cause };
+        tracing::warn!(op, error = %error, "rolling back /add");
+        let ids = self.membership.joining(op);
+        let effects = self.authority.roll_back(op, ids, error, reply);
+        self.execute(effects);
+    }
+
+    pub(super) fn remove(&mut self, request: ScaleRequest, reply: Reply<Scaled>) {
+        let cannot_start = self.cannot_start();
+        let at = ctx(&self.config, &self.membership, cannot_start, true, 0);
+        let effects = self.authority.remove(&at, request, reply);
+        self.execute(effects);
+    }
+
+    /// Carries out what the membership authority decided, in order.
+    fn execute(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Start { replicas, phase } => {
+                    if let Phase::Joining(op) = phase {
+                        let names: Vec<&str> = replicas.iter().map(|(_, n)| n.as_str()).collect();
+                        tracing::info!(op, replicas = ?names, "adding replicas");
+                    }
+                    for (id, name) in replicas {
+                        // Placed now, so its slots are known when it is created (providers
+                        // record them with it); the owner table skips a joining one until its
+                        // call commits.
+                        self.insert_replica(id, name, phase);
+                        self.place(id);
+                        self.start_instance(id);
+                    }
+                }
+                Effect::AwaitCommit { op, reply } => {
+                    self.add_ops.insert(op, reply);
+                }
+                Effect::Commit { op, ids, reply } => self.commit_add(op, ids, reply),
+                Effect::Discard { ids, error, reply } => {
+                    let names: Vec<String> =
+                        ids.into_iter().filter_map(|id| self.forget(id)).collect();
+                    let provider = self.provider.clone();
+                    tokio::spawn(async move {
+                        futures_util::future::join_all(names.iter().map(|n| provider.remove(n)))
+                            .await;
+                        let _ = reply.send(Err(error));
+                    });
+                }
+                Effect::Drain { ids, reply } => self.drain_and_stop(ids, reply),
+                Effect::OperatorScaled(n) => self.operator_scaled(n),
+                Effect::Reply(reply, result) => {
+                    let _ = reply.send(result);
+                }
+                Effect::Record(step) => match step {
+                    RecordStep::Add { request, reply } => self.shared_add(request, reply),
+                    RecordStep::Grow { target } => self.shared_grow(target),
+                    RecordStep::Remove { request, reply } => self.shared_remove(request, reply),
+                    RecordStep::Commit { op, ids, reply } => self.shared_commit(op, ids, reply),
+                    RecordStep::RollBack {
+                        op,
+                        ids,
+                        error,
+                        reply,
+                    } => {
+                        self.op_done(op);
+                        self.roll_back(ids, error, reply);
+                    }
+                    RecordStep::Forget {
+                        ids,
+                        removed,
+                        reply,
+                    } => self.shared_forget(ids, removed, reply),
+                },
+            }
         }
+    }
+
+    /// `/add` `op`'s replicas all serve: members now, ramping up, and the caller answered.
+    fn commit_add(&mut self, op: OpId, ids: Vec<ServerId>, reply: Reply<Scaled>) {
         for &id in &ids {
             self.membership.set_phase(id, Phase::Member);
         }
@@ -124,47 +189,6 @@ impl Controller {
             members: self.membership.member_names(),
             changed: added,
         }));
-    }
-
-    /// Rolls `/add` `op` back whole because `replica` failed: every replica it started is
-    /// forgotten and stopped, then the caller gets the failure.
-    pub(super) fn fail_add(&mut self, op: OpId, replica: String, cause: StartFailure) {
-        let Some(reply) = self.add_ops.remove(&op) else {
-            return;
-        };
-        let error = ControlError::AddFailed { replica, cause };
-        tracing::warn!(op, error = %error, "rolling back /add");
-        let ids = self.membership.joining(op);
-        if self.authority.is_shared() {
-            self.op_done(op);
-            return self.roll_back(ids, error, reply);
-        }
-        let names: Vec<String> = ids.into_iter().filter_map(|id| self.forget(id)).collect();
-        let provider = self.provider.clone();
-        tokio::spawn(async move {
-            futures_util::future::join_all(names.iter().map(|n| provider.remove(n))).await;
-            let _ = reply.send(Err(error));
-        });
-    }
-
-    pub(super) fn remove(&mut self, request: ScaleRequest, reply: Reply<Scaled>) {
-        if self.authority.is_shared() {
-            return self.shared_remove(request, reply);
-        }
-        let members = self.membership.desired();
-        let planned = self.membership.plan_remove(&request).and_then(|plan| {
-            check_autoscale_bounds(members, request.n, false, self.autoscale_bounds())?;
-            Ok(plan)
-        });
-        match planned {
-            Ok(plan) => {
-                self.operator_scaled(members.saturating_sub(plan.ids.len()));
-                self.drain_and_stop(plan.ids, reply)
-            }
-            Err(e) => {
-                let _ = reply.send(Err(e.into()));
-            }
-        }
     }
 
     /// Takes `ids` off the ring now, lets their in-flight requests finish (up to
@@ -216,13 +240,9 @@ impl Controller {
             }
         }
         self.publish();
-        if self.authority.is_shared() {
-            return self.shared_forget(ids, removed, reply);
-        }
-        let _ = reply.send(Ok(Scaled {
-            members: self.membership.member_names(),
-            changed: removed,
-        }));
+        let members = self.membership.member_names();
+        let effects = self.authority.removed(ids, removed, members, reply);
+        self.execute(effects);
     }
 
     /// The names of `ids`, in that order (ids without a name left out).
@@ -254,19 +274,11 @@ impl Controller {
                 hostnames: Vec::new(),
             };
             let (reply, _) = oneshot::channel();
-            if self.authority.is_shared() {
-                return self.shared_remove(request, reply);
-            }
-            if let Ok(plan) = self.membership.plan_remove(&request) {
-                self.drain_and_stop(plan.ids, reply);
-            }
+            let cannot_start = self.cannot_start();
+            let at = ctx(&self.config, &self.membership, cannot_start, false, 0);
+            let effects = self.authority.remove(&at, request, reply);
+            self.execute(effects);
         }
-    }
-
-    /// `[autoscale]`'s `min..max` while it is on.
-    fn autoscale_bounds(&self) -> Option<(u32, u32)> {
-        let a = &self.config.autoscale;
-        a.enabled.then_some((a.min, a.max))
     }
 
     /// An operator (`/add`, `/rm`, a `replicas.count` edit) set N to `n`: the autoscaler goes
