@@ -44,6 +44,9 @@ pub(super) struct Replica {
     pub last_exit: Option<String>,
     /// When it last joined the ring, if it is to take its keys over gradually.
     pub ramp_since: Option<Instant>,
+    /// When the autoscaler began to remove it, if it hands its keys over gradually first (a
+    /// slow stop): it stays on the ring, off the membership, until `health.slow_start` passed.
+    pub retire_since: Option<Instant>,
     /// Outlier ejections in a row (the back-off multiplier); reset by a clean window.
     pub ejections: u32,
     /// While ejected: until when (its checks bring it back after this).
@@ -72,6 +75,7 @@ impl Replica {
             next_restart: None,
             last_exit: None,
             ramp_since: None,
+            retire_since: None,
             ejections: 0,
             ejected_until: None,
             window_base: (0, 0),
@@ -484,6 +488,12 @@ impl Controller {
             .instance
             .as_ref()
             .is_some_and(|i| i.instance_id == instance_id);
+        if ours && r.retire_since.take().is_some() {
+            // A retiring replica that dies hands the keys it still has over at once.
+            tracing::warn!(replica = %hostname, id = %id, detail = %detail, "retiring replica exited");
+            let (reply, _) = tokio::sync::oneshot::channel();
+            return self.drain_and_stop(vec![id], reply);
+        }
         if !ours || phase == Some(Phase::Leaving) {
             return;
         }

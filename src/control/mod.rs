@@ -390,6 +390,7 @@ impl Controller {
         let now = tokio::time::Instant::now();
         self.outliers_tick(now);
         self.autoscale_tick(now);
+        self.finish_retiring(now);
         if self
             .shared
             .load()

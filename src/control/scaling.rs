@@ -354,11 +354,54 @@ impl Controller {
             Direction::Down => {
                 self.metrics.autoscale_down.fetch_add(1, Ordering::Relaxed);
                 let ids = self.least_loaded_members((d.from - d.to) as usize);
-                let (reply, _) = oneshot::channel();
-                self.drain_and_stop(ids, reply);
+                if config.health.slow_start.is_zero() {
+                    let (reply, _) = oneshot::channel();
+                    self.drain_and_stop(ids, reply);
+                } else {
+                    self.retire(ids, now);
+                }
             }
             Direction::Hold => {}
         }
+    }
+
+    /// A slow stop: `ids` leave the membership now (N falls, `/rep` no longer lists them) but
+    /// stay on the ring, handing their keys to their next owners gradually over
+    /// `health.slow_start` (in the stable per-key order a joining replica takes them), so the
+    /// caches behind those owners warm up in order; then they drain and stop
+    /// ([`Self::finish_retiring`]).
+    fn retire(&mut self, ids: Vec<ServerId>, now: Instant) {
+        for id in ids {
+            self.membership.set_phase(id, Phase::Leaving);
+            if let Some(r) = self.replicas.get_mut(&id) {
+                r.retire_since = Some(now);
+                r.ramp_since = None;
+                r.next_restart = None;
+            }
+            tracing::info!(replica = ?self.membership.name(id), id = %id, over_ms = self.config.health.slow_start.as_millis() as u64, "handing its keys over before it stops");
+        }
+        self.publish();
+    }
+
+    /// Retiring replicas whose window has passed leave the ring, drain and stop.
+    pub(super) fn finish_retiring(&mut self, now: Instant) {
+        let window = self.config.health.slow_start;
+        let done: Vec<ServerId> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| r.retire_since.is_some_and(|since| now >= since + window))
+            .map(|(&id, _)| id)
+            .collect();
+        if done.is_empty() {
+            return;
+        }
+        for id in &done {
+            if let Some(r) = self.replicas.get_mut(id) {
+                r.retire_since = None;
+            }
+        }
+        let (reply, _) = oneshot::channel();
+        self.drain_and_stop(done, reply);
     }
 
     /// The `n` members whose removal moves the least load, by what the gateway counted over

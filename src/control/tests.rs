@@ -1198,3 +1198,51 @@ async fn with_autoscale_on_add_and_rm_are_bounded_by_min_and_max() {
     let added = h.handle.add(scale(1, &[])).await.expect("within bounds");
     assert_eq!(added.members.len(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_slow_start_the_autoscaler_stops_a_replica_slowly() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (world, events) = World::new(true);
+    let mut c = config(2);
+    c.health.slow_start = Duration::from_secs(10);
+    c.autoscale = crate::config::AutoscaleConfig {
+        enabled: true,
+        min: 1,
+        max: 3,
+        target_in_flight: 10.0,
+        stable_window: Duration::from_secs(10),
+        panic_window: Duration::from_secs(2),
+        scale_down_delay: Duration::from_secs(10),
+        max_step: 1,
+    };
+    let h = Harness::start(c, world.clone(), events);
+    h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
+    // Idle: after the delay, one replica goes, slowly.
+    h.until(SETTLE, "N = 1", |h| h.snapshot().members.len() == 1)
+        .await;
+    let snap = h.snapshot();
+    let retiring = snap
+        .upstreams
+        .iter()
+        .flatten()
+        .find(|u| !snap.members.contains(&u.name))
+        .expect("the removed replica is still on the ring");
+    let ramp = retiring.ramp.expect("handing its keys over");
+    assert!(ramp.down, "{ramp:?}");
+    let name = retiring.name.clone();
+    assert!(world.running().contains(&name), "not stopped yet");
+    let status = h.handle.status().await.expect("status");
+    assert_eq!(status["desired"], 1, "N fell at once");
+    // A request in flight at it is waited for once its keys are handed over.
+    retiring.stats.in_flight.fetch_add(1, SeqCst);
+    let stats = retiring.stats.clone();
+    h.until(Duration::from_secs(15), "off the ring", |h| {
+        !h.in_ring().contains(&name)
+    })
+    .await;
+    assert!(world.running().contains(&name), "draining its request");
+    stats.in_flight.fetch_sub(1, SeqCst);
+    h.until(SETTLE, "stopped", |h| !h.world.running().contains(&name))
+        .await;
+    assert_eq!(h.in_ring().len(), 1);
+}

@@ -84,9 +84,7 @@ fn balanced(
             Some(balance::Candidate {
                 id,
                 load: u.stats.load(),
-                admits: u
-                    .ramp
-                    .is_none_or(|r| balance::ramp_admits(key, r.progress(now))),
+                admits: u.ramp.is_none_or(|r| r.admits(key, now)),
             })
         });
         let Some((id, why)) = balance::choose(candidates, bound) else {
