@@ -1246,3 +1246,41 @@ async fn with_slow_start_the_autoscaler_stops_a_replica_slowly() {
         .await;
     assert_eq!(h.in_ring().len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retiring_replica_that_dies_hands_its_keys_over_at_once() {
+    let (world, events) = World::new(true);
+    let mut c = config(2);
+    c.health.slow_start = Duration::from_secs(30);
+    c.autoscale.enabled = true;
+    c.autoscale.min = 1;
+    c.autoscale.stable_window = Duration::from_secs(10);
+    c.autoscale.panic_window = Duration::from_secs(2);
+    c.autoscale.scale_down_delay = Duration::from_secs(10);
+    let h = Harness::start(c, world.clone(), events);
+    h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
+    h.until(SETTLE, "N = 1", |h| h.snapshot().members.len() == 1)
+        .await;
+    let snap = h.snapshot();
+    let name = snap
+        .upstreams
+        .iter()
+        .flatten()
+        .find(|u| !snap.members.contains(&u.name))
+        .map(|u| u.name.clone())
+        .expect("retiring, still on the ring");
+    world.kill(&name).await;
+    h.until(Duration::from_millis(50), "off the ring at once", |h| {
+        !h.in_ring().contains(&name)
+    })
+    .await;
+    h.until(SETTLE, "forgotten", |h| h.in_ring().len() == 1)
+        .await;
+    let status = h.handle.status().await.expect("status");
+    assert_eq!(
+        status["replicas"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+    assert_eq!(world.spawns_of(&name).len(), 1, "not replaced");
+}
