@@ -42,6 +42,7 @@ interval = "250ms"
 timeout = "500ms"
 rise = 1
 fall = 2
+slow_start = "{slow_start}"
 [autoscale]
 enabled = true
 min = 1
@@ -119,6 +120,7 @@ def main():
     p.add_argument("--stable", default="20s")
     p.add_argument("--panic", default="4s")
     p.add_argument("--delay", default="60s")
+    p.add_argument("--slow-start", default="0s", help="health.slow_start: ramps, and slow stops")
     p.add_argument("--hash", default="mix64", help="ring hashes (quadratic is the spec's default)")
     p.add_argument("--out", default="docs/img/autoscale")
     a = p.parse_args()
@@ -129,7 +131,7 @@ def main():
     os.makedirs(os.path.join(tmp, "policies"))
     conf = os.path.join(tmp, "lb.toml")
     with open(conf, "w") as f:
-        f.write(CONFIG.format(port=port, server=os.path.abspath(server), target=a.target, hash=a.hash,
+        f.write(CONFIG.format(port=port, server=os.path.abspath(server), target=a.target, hash=a.hash, slow_start=a.slow_start,
                               stable=a.stable, panic=a.panic, delay=a.delay,
                               policies=os.path.join(tmp, "policies")))
     log_path = os.path.join(tmp, "gateway.log")
