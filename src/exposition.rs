@@ -380,6 +380,22 @@ const GATEWAY: &[Family] = &[
         help: "Replicas the gateway keeps (N).",
         read: Read::Gauge(|m| get(&m.replicas_desired)),
     },
+    Family {
+        name: "ringgate_autoscale_desired",
+        help: "Replicas the autoscaler asks for (0 while [autoscale] is off).",
+        read: Read::Gauge(|m| get(&m.autoscale_desired)),
+    },
+    Family {
+        name: "ringgate_autoscale_decisions_total",
+        help: "Autoscaler decisions that moved N, by direction.",
+        read: Read::Counters(
+            "direction",
+            &[
+                ("up", |m| get(&m.autoscale_up)),
+                ("down", |m| get(&m.autoscale_down)),
+            ],
+        ),
+    },
 ];
 
 /// The TLS counters, while TLS is on.
@@ -806,8 +822,13 @@ mod tests {
         s.metrics.requests.add(7);
         s.metrics.diverted_load.fetch_add(3, Ordering::Relaxed);
         s.metrics.replicas_desired.store(3, Ordering::Relaxed);
+        s.metrics.autoscale_desired.store(4, Ordering::Relaxed);
+        s.metrics.autoscale_up.fetch_add(2, Ordering::Relaxed);
         let out = render(s);
         for line in [
+            "ringgate_autoscale_desired 4\n",
+            "ringgate_autoscale_decisions_total{direction=\"up\"} 2\n",
+            "ringgate_autoscale_decisions_total{direction=\"down\"} 0\n",
             "# HELP ringgate_http_requests_total Requests the gateway answered: proxied ones and \
              its own endpoints.\n",
             "# TYPE ringgate_http_requests_total counter\nringgate_http_requests_total 7\n",

@@ -228,7 +228,7 @@ impl Gateway {
         let (policy, policy_files) = load_policy(&config);
         let (events_tx, events_rx) = mpsc::channel(256);
         let provider = crate::provider::from_config(&config, events_tx).await?;
-        let manages = provider.manages_replicas();
+        let manages = provider.mode().starts_replicas();
         tracing::info!(
             provider = provider.kind(),
             replicas = config.replicas.count,

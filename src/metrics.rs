@@ -100,6 +100,11 @@ pub struct Metrics {
     pub tls_reloads: AtomicU64,
     /// Certificate edits rejected (the current certificates kept serving).
     pub tls_reload_errors: AtomicU64,
+    /// N the autoscaler asks for (0 while `[autoscale]` is off).
+    pub autoscale_desired: AtomicU64,
+    /// Autoscaler decisions that moved N up or down.
+    pub autoscale_up: AtomicU64,
+    pub autoscale_down: AtomicU64,
     /// Idle trims of the heap after a burst ([`crate::memory`]).
     pub memory_trims: AtomicU64,
     /// Resident bytes those trims gave back to the OS.

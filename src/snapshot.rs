@@ -140,14 +140,26 @@ impl ReplicaStats {
     }
 }
 
-/// A replica that joined lately and takes its keys over gradually (`health.slow_start`).
+/// A replica whose keys move gradually over `health.slow_start`: one that joined lately takes
+/// them over; one the autoscaler removes hands them to their next owners before it stops (a
+/// slow stop). Either way a key moves once, in the same stable per-key order, never back.
 #[derive(Debug, Clone, Copy)]
 pub struct Ramp {
     pub since: tokio::time::Instant,
     pub window: std::time::Duration,
+    /// Handing its keys over (a slow stop) rather than taking them.
+    pub down: bool,
 }
 
 impl Ramp {
+    /// Whether it takes key `key` now.
+    pub fn admits(&self, key: u64, now: tokio::time::Instant) -> bool {
+        let taken = crate::balance::ramp_admits(key, self.progress(now));
+        // Going down, the keys a ramp up would have taken by now are the ones already handed
+        // over.
+        taken != self.down
+    }
+
     /// 0 when it joined, 1 once the window has passed.
     pub fn progress(&self, now: tokio::time::Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.since).as_secs_f64();
@@ -238,9 +250,7 @@ impl Snapshot {
             Some(balance::Candidate {
                 id,
                 load: u.stats.load(),
-                admits: u
-                    .ramp
-                    .is_none_or(|r| balance::ramp_admits(key, r.progress(now))),
+                admits: u.ramp.is_none_or(|r| r.admits(key, now)),
             })
         })
     }
@@ -504,6 +514,35 @@ mod tests {
         let mut snap = Snapshot::initial(Arc::new(Config::default()));
         snap.generation = generation;
         shared.store(Arc::new(snap));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_stop_hands_keys_over_in_the_order_a_ramp_up_takes_them() {
+        let window = std::time::Duration::from_secs(10);
+        let start = tokio::time::Instant::now();
+        let up = Ramp {
+            since: start,
+            window,
+            down: false,
+        };
+        let down = Ramp { down: true, ..up };
+        let keys = 0..20_000u64;
+        assert!(
+            keys.clone().all(|k| down.admits(k, start)),
+            "keeps every key at first"
+        );
+        let mut kept_before = keys.clone().count();
+        for s in 1..=10 {
+            let now = start + std::time::Duration::from_secs(s);
+            // Exactly the keys a joining replica would have taken by now have left.
+            assert!(keys
+                .clone()
+                .all(|k| down.admits(k, now) != up.admits(k, now)));
+            let kept = keys.clone().filter(|&k| down.admits(k, now)).count();
+            assert!(kept <= kept_before, "a key handed over never comes back");
+            kept_before = kept;
+        }
+        assert_eq!(kept_before, 0, "none left once the window has passed");
     }
 
     #[test]

@@ -71,7 +71,7 @@ async fn spawn_creates_a_labelled_container_on_the_network_and_remove_deletes_it
     let scope = Scope::new("spawn");
     let (p, _events) = provider(&scope, SERVER_IMAGE).await;
     assert_eq!(p.kind(), "docker");
-    assert!(p.manages_replicas());
+    assert!(matches!(p.mode(), ringgate::provider::Mode::Owned));
     let name = scope.name("a");
 
     let started = Instant::now();

@@ -6,7 +6,9 @@
 //! they are, pings answered), anything else → 404 failure JSON.
 //! Environment: `SERVER_ID` (its name), `PORT` (default 5000; 0 picks a free one), `BIND`
 //! (default 0.0.0.0). Once bound it prints `listening on http://ADDR` on stdout, once.
-//! `RESPONSE_DELAY_MS` delays every `/home` answer (simulated work, for drain and timeout tests).
+//! `RESPONSE_DELAY_MS` delays every `/home` answer (simulated work, for drain and timeout tests);
+//! `GET /home?work_ms=N` delays that one answer by N ms instead (at most [`MAX_WORK`]: load
+//! tests and the autoscaling benchmark vary the work per request).
 //! With `RINGGATE_EXIT_ON_STDIN_EOF=1` it exits when its stdin closes: the process provider
 //! uses that so a replica never outlives the gateway that started it, even a SIGKILLed one.
 //!
@@ -114,6 +116,21 @@ where
             break;
         }
     }
+}
+
+/// The longest simulated work one request may ask for.
+const MAX_WORK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The `work_ms` a `/home` request asks for, bounded; `None` without one (or unreadable).
+fn work_of(req: &Request<Incoming>) -> Option<std::time::Duration> {
+    let ms = req
+        .uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("work_ms="))?
+        .parse::<u64>()
+        .ok()?;
+    Some(std::time::Duration::from_millis(ms).min(MAX_WORK))
 }
 
 /// How long `--check` waits for the heartbeat.
@@ -224,7 +241,9 @@ async fn serve(addr: SocketAddr, server_id: Arc<str>) -> std::io::Result<()> {
                 } else {
                     respond(&id, &req)
                 };
-                let slow = delay.filter(|_| req.uri().path() == "/home");
+                let slow = (req.uri().path() == "/home")
+                    .then(|| work_of(&req).or(delay))
+                    .flatten();
                 async move {
                     if ws {
                         return Ok::<_, Infallible>(resp);

@@ -54,6 +54,7 @@ pub struct Config {
     pub log: LogConfig,
     pub tls: TlsConfig,
     pub tunnels: TunnelsConfig,
+    pub autoscale: AutoscaleConfig,
 }
 
 impl Default for Config {
@@ -72,6 +73,7 @@ impl Default for Config {
             log: LogConfig::default(),
             tls: TlsConfig::default(),
             tunnels: TunnelsConfig::default(),
+            autoscale: AutoscaleConfig::default(),
         }
     }
 }
@@ -168,6 +170,45 @@ impl Default for ReplicasConfig {
             count: 3,
             max_replicas: 50,
             name_prefix: "server-".into(),
+        }
+    }
+}
+
+/// `[autoscale]`: N follows the replicas' requests in flight (see `docs/autoscaling.md`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoscaleConfig {
+    pub enabled: bool,
+    /// Fewest replicas the autoscaler keeps.
+    pub min: u32,
+    /// Most replicas the autoscaler starts (at most `replicas.max_replicas`).
+    pub max: u32,
+    /// Requests in flight per replica the autoscaler aims at.
+    pub target_in_flight: f64,
+    /// The window whose average in flight decides N in normal times.
+    #[serde(deserialize_with = "duration")]
+    pub stable_window: Duration,
+    /// The short window: its average over 2x the target scales up at once (never down).
+    #[serde(deserialize_with = "duration")]
+    pub panic_window: Duration,
+    /// How long lower load must hold before N goes down.
+    #[serde(deserialize_with = "duration")]
+    pub scale_down_delay: Duration,
+    /// Most replicas added or removed by one decision.
+    pub max_step: u32,
+}
+
+impl Default for AutoscaleConfig {
+    fn default() -> Self {
+        AutoscaleConfig {
+            enabled: false,
+            min: 1,
+            max: 10,
+            target_in_flight: 10.0,
+            stable_window: Duration::from_secs(60),
+            panic_window: Duration::from_secs(6),
+            scale_down_delay: Duration::from_secs(300),
+            max_step: 4,
         }
     }
 }

@@ -400,7 +400,93 @@ impl Config {
                 format!("must be more than 0 and at most 1s, got {t:?}"),
             );
         }
+        autoscale_problems(self, &mut bad);
         out
+    }
+}
+
+/// Longest autoscale window or delay: beyond it the autoscaler would remember load too old to
+/// mean anything.
+const MAX_AUTOSCALE_WINDOW: Duration = Duration::from_secs(3600);
+
+/// `[autoscale]`: its own keys checked whether or not it is enabled, so enabling it later cannot
+/// surprise; how it fits the rest of the config (bounds, provider, replicas.count) once enabled.
+fn autoscale_problems(c: &Config, bad: &mut impl FnMut(&str, String)) {
+    let a = &c.autoscale;
+    if a.min == 0 {
+        bad(
+            "autoscale.min",
+            "must be at least 1: scale to zero (holding requests while a replica starts) is not built yet".into(),
+        );
+    }
+    if a.max < a.min {
+        bad(
+            "autoscale.max",
+            format!("{} is less than autoscale.min ({})", a.max, a.min),
+        );
+    }
+    let t = a.target_in_flight;
+    if !(t.is_finite() && t > 0.0 && t <= 1e6) {
+        bad(
+            "autoscale.target_in_flight",
+            format!("must be more than 0 and at most 1000000, got {t}"),
+        );
+    }
+    if a.panic_window.is_zero() {
+        bad("autoscale.panic_window", "must be more than 0".into());
+    }
+    if a.stable_window <= a.panic_window || a.stable_window > MAX_AUTOSCALE_WINDOW {
+        bad(
+            "autoscale.stable_window",
+            format!(
+                "must be longer than autoscale.panic_window ({:?}) and at most 1h, got {:?}",
+                a.panic_window, a.stable_window
+            ),
+        );
+    }
+    if a.scale_down_delay > MAX_AUTOSCALE_WINDOW {
+        bad("autoscale.scale_down_delay", "must be at most 1h".into());
+    }
+    if a.max_step == 0 {
+        bad("autoscale.max_step", "must be at least 1".into());
+    }
+    // Relations to the rest of the config only while it is on: an unused default `max` must
+    // not refuse a config whose replicas.max_replicas is smaller.
+    if !a.enabled {
+        return;
+    }
+    if a.max > c.replicas.max_replicas {
+        bad(
+            "autoscale.max",
+            format!(
+                "{} is more than replicas.max_replicas ({})",
+                a.max, c.replicas.max_replicas
+            ),
+        );
+    }
+    if c.provider.kind == ProviderKind::Static {
+        bad(
+            "autoscale.enabled",
+            "the static provider cannot start replicas: autoscaling needs process, docker or swarm"
+                .into(),
+        );
+    }
+    if c.provider.kind == ProviderKind::Swarm {
+        bad(
+            "autoscale.enabled",
+            "not available with the swarm provider yet: gateways sharing a ring would each decide N alone"
+                .into(),
+        );
+    }
+    let n = c.replicas.count;
+    if n < a.min || n > a.max {
+        bad(
+            "replicas.count",
+            format!(
+                "{n} is outside [autoscale] min..max ({}..{}): it is the N the autoscaler starts from",
+                a.min, a.max
+            ),
+        );
     }
 }
 
@@ -565,6 +651,48 @@ mod tests {
         Config::parse(text, Path::new("lb.toml"))
             .expect_err("should be rejected")
             .to_string()
+    }
+
+    #[test]
+    fn autoscale_is_checked_key_by_key_with_lines() {
+        let e = err(
+            "[autoscale]\nmin = 0\nmax = 60\ntarget_in_flight = 0\nmax_step = 0\nenabled = true\n",
+        );
+        assert!(
+            e.contains("line 2: autoscale.min: must be at least 1"),
+            "{e}"
+        );
+        assert!(
+            e.contains("line 3: autoscale.max: 60 is more than replicas.max_replicas (50)"),
+            "{e}"
+        );
+        assert!(e.contains("line 4: autoscale.target_in_flight"), "{e}");
+        assert!(e.contains("line 5: autoscale.max_step"), "{e}");
+        let e = err("[autoscale]\nmin = 4\nmax = 3\npanic_window = \"60s\"\n");
+        assert!(
+            e.contains("autoscale.max: 3 is less than autoscale.min (4)"),
+            "{e}"
+        );
+        assert!(
+            e.contains("autoscale.stable_window: must be longer than autoscale.panic_window"),
+            "{e}"
+        );
+        // Enabled: N starts within the bounds, and the provider must start replicas.
+        let e = err("[replicas]\ncount = 3\n[autoscale]\nenabled = true\nmin = 4\n");
+        assert!(
+            e.contains("line 2: replicas.count: 3 is outside [autoscale] min..max (4..10)"),
+            "{e}"
+        );
+        let e = err("[provider]\nkind = \"static\"\nservers = [{ name = \"a\", address = \"127.0.0.1:1\" }]\n[autoscale]\nenabled = true\n");
+        assert!(
+            e.contains("autoscale.enabled: the static provider cannot start replicas"),
+            "{e}"
+        );
+        let ok = Config::parse(
+            "[autoscale]\nenabled = true\nmax = 20\n",
+            Path::new("lb.toml"),
+        );
+        assert!(ok.is_ok(), "{:?}", ok.err());
     }
 
     #[test]

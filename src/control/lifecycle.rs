@@ -7,6 +7,7 @@
 //! ([`backoff`], [`next_crash_streak`]) tested below.
 //! Must not touch: membership decisions (`scaling`) or health verdicts (`probes`).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +44,9 @@ pub(super) struct Replica {
     pub last_exit: Option<String>,
     /// When it last joined the ring, if it is to take its keys over gradually.
     pub ramp_since: Option<Instant>,
+    /// When the autoscaler began to remove it, if it hands its keys over gradually first (a
+    /// slow stop): it stays on the ring, off the membership, until `health.slow_start` passed.
+    pub retire_since: Option<Instant>,
     /// Outlier ejections in a row (the back-off multiplier); reset by a clean window.
     pub ejections: u32,
     /// While ejected: until when (its checks bring it back after this).
@@ -71,12 +75,72 @@ impl Replica {
             next_restart: None,
             last_exit: None,
             ramp_since: None,
+            retire_since: None,
             ejections: 0,
             ejected_until: None,
             window_base: (0, 0),
             spec_generation: 0,
             successor: None,
         }
+    }
+}
+
+/// Every replica's current run, by id, and the incarnation counter: the state this module
+/// owns. The controller reaches a run only through it.
+pub(super) struct Replicas {
+    runs: BTreeMap<ServerId, Replica>,
+    next_incarnation: u64,
+}
+
+impl Replicas {
+    pub fn new() -> Replicas {
+        Replicas {
+            runs: BTreeMap::new(),
+            next_incarnation: 1,
+        }
+    }
+
+    /// A fresh incarnation number: reports about an older one are stale.
+    pub fn bump_incarnation(&mut self) -> u64 {
+        let i = self.next_incarnation;
+        self.next_incarnation += 1;
+        i
+    }
+
+    pub fn get(&self, id: &ServerId) -> Option<&Replica> {
+        self.runs.get(id)
+    }
+
+    pub fn get_mut(&mut self, id: &ServerId) -> Option<&mut Replica> {
+        self.runs.get_mut(id)
+    }
+
+    fn insert(&mut self, id: ServerId, r: Replica) {
+        self.runs.insert(id, r);
+    }
+
+    fn remove(&mut self, id: &ServerId) -> Option<Replica> {
+        self.runs.remove(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&ServerId, &Replica)> {
+        self.runs.iter()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&ServerId, &mut Replica)> {
+        self.runs.iter_mut()
+    }
+
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &ServerId> {
+        self.runs.keys()
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Replica> {
+        self.runs.values()
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Replica> {
+        self.runs.values_mut()
     }
 }
 
@@ -99,9 +163,7 @@ pub fn next_crash_streak(streak: u32, ran_for: Option<Duration>) -> u32 {
 
 impl Controller {
     pub(super) fn bump_incarnation(&mut self) -> u64 {
-        let i = self.next_incarnation;
-        self.next_incarnation += 1;
-        i
+        self.replicas.bump_incarnation()
     }
 
     /// A new replica record in `phase` (membership and runtime together).
@@ -204,7 +266,7 @@ impl Controller {
                 match result {
                     Ok(inst) if current => self.attach(id, inst),
                     // The engine's replica (its service outlives this start): nothing to stop.
-                    Ok(_) if self.provider.restarts_replicas() => {}
+                    Ok(_) if self.mode.restarts_replicas() => {}
                     Ok(inst) => {
                         // Removed or replaced while it was starting: stop what was started,
                         // and only that (a newer instance of the name may run by now).
@@ -291,7 +353,9 @@ impl Controller {
             Internal::RemovalPlanned { result, reply } => self.on_removal_planned(result, reply),
             Internal::RecordWritten { record } => self.apply_record(record),
             Internal::CleanedUp { id, record } => {
-                self.cleaning.remove(&id);
+                if let Some(s) = self.authority.shared_mut() {
+                    s.cleaning.remove(&id);
+                }
                 if let Some(record) = record {
                     self.apply_record(record);
                 }
@@ -349,7 +413,7 @@ impl Controller {
             self.config.health.recovery_delay,
             self.config.health.max_backoff,
         );
-        let manages = self.provider.manages_replicas() && !self.provider.restarts_replicas();
+        let manages = self.mode.starts_replicas() && !self.mode.restarts_replicas();
         let incarnation = self.bump_incarnation();
         let Some(name) = self.membership.name(id).map(str::to_owned) else {
             return;
@@ -402,12 +466,13 @@ impl Controller {
                 return self.on_engine(reachable, detail)
             }
         };
-        if self
-            .engine_tasks
-            .get(&hostname)
-            .is_some_and(|i| i.instance_id == instance_id)
-        {
-            self.engine_tasks.remove(&hostname);
+        if let Some(s) = self.authority.shared_mut() {
+            if s.tasks
+                .get(&hostname)
+                .is_some_and(|i| i.instance_id == instance_id)
+            {
+                s.tasks.remove(&hostname);
+            }
         }
         if self.on_successor_exit(&hostname, &instance_id, &detail) {
             return;
@@ -423,6 +488,12 @@ impl Controller {
             .instance
             .as_ref()
             .is_some_and(|i| i.instance_id == instance_id);
+        if ours && r.retire_since.take().is_some() {
+            // A retiring replica that dies hands the keys it still has over at once.
+            tracing::warn!(replica = %hostname, id = %id, detail = %detail, "retiring replica exited");
+            let (reply, _) = tokio::sync::oneshot::channel();
+            return self.drain_and_stop(vec![id], reply);
+        }
         if !ours || phase == Some(Phase::Leaving) {
             return;
         }

@@ -58,6 +58,10 @@ pub enum MembershipError {
     AboveMax { n: u32, total: usize, max: usize },
     #[error("Cannot remove {n} replicas: only {have} exist")]
     NotEnough { n: u32, have: usize },
+    #[error("Adding {n} replicas would make {total}, more than autoscale.max ({max})")]
+    AboveAutoscaleMax { n: u32, total: usize, max: u32 },
+    #[error("Removing {n} replicas would leave {left}, fewer than autoscale.min ({min})")]
+    BelowAutoscaleMin { n: u32, left: usize, min: u32 },
 }
 
 /// `/add` or `/rm` as the API gives it: a count and up to that many hostnames.
@@ -282,6 +286,31 @@ fn generated_name(id: ServerId, prefix: &str, taken: &HashSet<String>) -> String
         .unwrap_or_else(|| format!("{prefix}{id}"))
 }
 
+/// Whether an operator's `/add` (`grow`) or `/rm` of `n` keeps N within the autoscaler's
+/// bounds, N being `members` now; `None` when autoscaling is off.
+pub fn check_autoscale_bounds(
+    members: usize,
+    n: u32,
+    grow: bool,
+    bounds: Option<(u32, u32)>,
+) -> Result<(), MembershipError> {
+    let Some((min, max)) = bounds else {
+        return Ok(());
+    };
+    if grow {
+        let total = members.saturating_add(n as usize);
+        if total > max as usize {
+            return Err(MembershipError::AboveAutoscaleMax { n, total, max });
+        }
+    } else {
+        let left = members.saturating_sub(n as usize);
+        if left < min as usize {
+            return Err(MembershipError::BelowAutoscaleMin { n, left, min });
+        }
+    }
+    Ok(())
+}
+
 /// The hostname rules shared by `/add` and `/rm`: valid container names, no duplicates.
 pub fn check_names(hostnames: &[String]) -> Result<(), MembershipError> {
     if let Some(h) = hostnames.iter().find(|h| !is_valid_hostname(h)) {
@@ -441,6 +470,38 @@ mod tests {
             m.plan_remove(&req(2, &["x", "x"])),
             Err(DuplicateHostname("x".into()))
         );
+    }
+
+    #[test]
+    fn with_autoscale_on_add_and_rm_stay_within_its_bounds() {
+        use MembershipError::*;
+        let b = Some((2, 5));
+        assert_eq!(check_autoscale_bounds(3, 2, true, b), Ok(()));
+        assert_eq!(
+            check_autoscale_bounds(3, 3, true, b),
+            Err(AboveAutoscaleMax {
+                n: 3,
+                total: 6,
+                max: 5
+            })
+        );
+        assert_eq!(check_autoscale_bounds(3, 1, false, b), Ok(()));
+        assert_eq!(
+            check_autoscale_bounds(3, 2, false, b),
+            Err(BelowAutoscaleMin {
+                n: 2,
+                left: 1,
+                min: 2
+            })
+        );
+        assert_eq!(check_autoscale_bounds(3, 3, false, None), Ok(()));
+        assert!(BelowAutoscaleMin {
+            n: 2,
+            left: 1,
+            min: 2
+        }
+        .to_string()
+        .contains("fewer than autoscale.min (2)"));
     }
 
     #[test]

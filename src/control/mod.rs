@@ -10,8 +10,16 @@
 //! # Layout
 //! - [`handle`]: [`ControllerHandle`] and the [`Command`] messages.
 //! - [`membership`]: the pure membership model (ids, names, phases, `/add` and `/rm` plans).
-//! - `scaling`: applying plans: `/add` commit and rollback, `/rm` drain, `replicas.count`.
-//! - [`lifecycle`]: one replica's runs: start, replace with back-off, exits.
+//! - `authority`: who decides membership, a trait chosen once from the provider's
+//!   [`Mode`](crate::provider::Mode): this gateway's model, or the engine's shared record (with
+//!   its state). Its methods answer with effects (start, drain, write the record, reply) that
+//!   `scaling` carries out.
+//! - `scaling`: applying plans: `/add` commit and rollback, `/rm` drain, `replicas.count`,
+//!   and what the autoscaler decides.
+//! - [`autoscale`]: the autoscaler's decision (pure: how many replicas the load asks for).
+//! - `shrink`: which replicas a scale-down removes (pure: those whose keys carried the least).
+//! - [`lifecycle`]: one replica's runs ([`lifecycle::Replicas`]): start, replace with back-off,
+//!   exits.
 //! - `outliers`: outlier ejection for what replicas answer (5xx in a row, a failure percentage).
 //! - `probes`: health evidence (checks with the Lua verdict, passive failures) → transitions.
 //! - `reload`: config edits as a validated list of [`reload::ConfigChange`]s; policy swaps.
@@ -26,6 +34,8 @@
 //!
 //! [`Snapshot`]: crate::snapshot::Snapshot
 
+mod authority;
+pub mod autoscale;
 pub mod error;
 pub mod handle;
 pub mod lifecycle;
@@ -39,13 +49,14 @@ pub mod roll;
 mod scaling;
 pub mod shared;
 mod shared_ops;
+mod shrink;
 mod status;
 #[cfg(test)]
 mod testkit;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -54,8 +65,9 @@ use tokio::sync::{mpsc, oneshot};
 use handle::Internal;
 use handle::Reply;
 pub use handle::{Command, ControllerHandle, ReloadKind, Scaled};
-use lifecycle::Replica;
+use lifecycle::Replicas;
 use membership::{Membership, OpId, Phase};
+use outliers::Outliers;
 pub use status::{MetricsSources, Published};
 
 use crate::config::Config;
@@ -122,42 +134,35 @@ pub struct Controller {
     published: Published,
     membership: Membership,
     placement: Placement,
-    replicas: BTreeMap<crate::ring::ServerId, Replica>,
+    /// Every replica's current run (`lifecycle` owns it).
+    replicas: Replicas,
     generation: u64,
-    next_incarnation: u64,
     next_op: OpId,
     add_ops: HashMap<OpId, Reply<Scaled>>,
     ready_waiters: Vec<oneshot::Sender<()>>,
-    /// When the last outlier window was evaluated.
-    last_window: tokio::time::Instant,
+    /// The outlier windows (`outliers` owns them).
+    outliers: Outliers,
     /// Set once the replicas of the start-up have settled: from then on a joining replica ramps
     /// up (`health.slow_start`); at start-up nobody had its keys before.
     ramps_enabled: bool,
     channels: Channels,
     /// This gateway's name.
     name: String,
-    /// Who this run of the gateway is in the ring record: its name and a nonce, so that a
-    /// restarted gateway recognises the reservations its earlier run left.
-    me: String,
-    /// The shared ring record, when membership lives in the engine.
-    record: Option<Arc<dyn crate::provider::SharedRing>>,
-    /// The version of the last record applied; older observations are ignored.
-    ring_version: Option<u64>,
-    /// The tasks the engine runs, by hostname (shared ring): attached when their replica is a
-    /// member, whichever event came first.
-    engine_tasks: HashMap<String, crate::provider::Instance>,
-    engine: shared_ops::EngineState,
-    /// Stale record entries being cleaned up by this gateway.
-    cleaning: HashSet<crate::ring::ServerId>,
-    /// Grows to `replicas.count` through the record not finished yet: readiness waits for
-    /// them, so a gateway that starts a ring serves once its replicas do.
-    grows: HashSet<OpId>,
+    /// What the provider does with replicas, asked once at construction.
+    mode: crate::provider::Mode,
+    /// Who decides membership (this gateway, or the engine's shared record), chosen once from
+    /// `mode`.
+    authority: Box<dyn authority::MembershipAuthority>,
     /// What replicas run now (from `[provider]`), and its generation: bumped by every spec
     /// edit and `POST /lb/roll`; a replica whose instance runs an older one is rolled.
     app: Arc<crate::provider::AppSpec>,
     spec_generation: u64,
     /// The last roll (kept once done or stopped, for `/lb/status`).
     roll: Option<roll::Roll>,
+    /// What the autoscaler remembers (`autoscale` owns it), and each replica's recent load
+    /// (`shrink` owns it); sampled only while `[autoscale]` is on.
+    autoscaler: autoscale::Autoscaler,
+    recent_load: shrink::RecentLoad,
 }
 
 impl Controller {
@@ -176,10 +181,14 @@ impl Controller {
             &parts.config.provider,
         ));
         parts.prober.use_tls(parts.upstream_tls.clone());
+        let mode = parts.provider.mode();
+        let authority = authority::for_mode(&mode, &parts.name);
         let controller = Controller {
             app,
             spec_generation: 1,
             roll: None,
+            autoscaler: autoscale::Autoscaler::default(),
+            recent_load: shrink::RecentLoad::default(),
             config: parts.config,
             policy: Arc::new(policy),
             errors: ReloadErrors {
@@ -194,22 +203,16 @@ impl Controller {
             published: parts.published,
             membership: Membership::default(),
             placement,
-            replicas: BTreeMap::new(),
+            replicas: Replicas::new(),
             generation: 0,
-            next_incarnation: 1,
             next_op: 1,
             add_ops: HashMap::new(),
             ready_waiters: Vec::new(),
-            last_window: tokio::time::Instant::now(),
+            outliers: Outliers::new(tokio::time::Instant::now()),
             ramps_enabled: false,
-            me: format!("{}/{:08x}", parts.name, fastrand::u32(..)),
             name: parts.name,
-            record: parts.provider.shared_ring(),
-            ring_version: None,
-            engine_tasks: HashMap::new(),
-            engine: shared_ops::EngineState::default(),
-            cleaning: HashSet::new(),
-            grows: HashSet::new(),
+            mode,
+            authority,
             channels: Channels {
                 commands,
                 probe_tx,
@@ -289,7 +292,7 @@ impl Controller {
     }
 
     async fn start_up(&mut self) {
-        if let Some(ring) = self.record.clone() {
+        if let Some(ring) = self.authority.shared().map(|s| s.ring.clone()) {
             return self.start_up_shared(&*ring).await;
         }
         match self.provider.list().await {
@@ -324,7 +327,7 @@ impl Controller {
             }
             Err(e) => tracing::error!(error = %e, "cannot list existing replicas"),
         }
-        if self.provider.manages_replicas() {
+        if self.mode.starts_replicas() {
             let missing =
                 (self.config.replicas.count as usize).saturating_sub(self.membership.desired());
             self.grow(missing);
@@ -343,8 +346,9 @@ impl Controller {
     async fn start_up_shared(&mut self, ring: &dyn crate::provider::SharedRing) {
         match self.provider.list().await {
             Ok(running) => {
-                for inst in running {
-                    self.engine_tasks.insert(inst.hostname.clone(), inst);
+                if let Some(s) = self.authority.shared_mut() {
+                    s.tasks
+                        .extend(running.into_iter().map(|i| (i.hostname.clone(), i)));
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot list the running replica tasks"),
@@ -384,11 +388,9 @@ impl Controller {
         // A replica the roll skipped while it was out of the ring is taken once it is back.
         self.roll_step();
         let now = tokio::time::Instant::now();
-        let h = &self.config.health;
-        if h.eject_failure_percent > 0 && now >= self.last_window + h.eject_window {
-            self.last_window = now;
-            self.outlier_window();
-        }
+        self.outliers_tick(now);
+        self.autoscale_tick(now);
+        self.finish_retiring(now);
         if self
             .shared
             .load()

@@ -52,7 +52,36 @@ pub fn ejection_time(base: Duration, n: u32, cap: Duration) -> Duration {
     base.saturating_mul(n.max(1)).min(cap)
 }
 
+/// The outlier windows' clock: the state this module owns besides each replica's counts.
+pub(super) struct Outliers {
+    /// When the last failure-percentage window was evaluated.
+    last_window: Instant,
+}
+
+impl Outliers {
+    pub fn new(now: Instant) -> Outliers {
+        Outliers { last_window: now }
+    }
+
+    /// Whether a window of `window` has passed since the last one (and starts the next).
+    fn window_due(&mut self, now: Instant, window: Duration) -> bool {
+        if now < self.last_window + window {
+            return false;
+        }
+        self.last_window = now;
+        true
+    }
+}
+
 impl Controller {
+    /// Time-driven outlier work: the failure-percentage window, when one has passed.
+    pub(super) fn outliers_tick(&mut self, now: Instant) {
+        let h = &self.config.health;
+        if h.eject_failure_percent > 0 && self.outliers.window_due(now, h.eject_window) {
+            self.outlier_window();
+        }
+    }
+
     /// The request path saw `consecutive` 5xx answers in a row from replica `id`.
     pub(super) fn on_outlier(&mut self, id: ServerId, incarnation: u64, consecutive: u64) {
         if self
@@ -123,7 +152,7 @@ impl Controller {
 
     /// Once per `health.eject_window`: ejects replicas over the failure percentage, and lets a
     /// clean window count down the ejections in a row.
-    pub(super) fn outlier_window(&mut self) {
+    fn outlier_window(&mut self) {
         let h = &self.config.health;
         let (percent, min) = (h.eject_failure_percent, h.eject_min_requests);
         let mut breached = Vec::new();

@@ -8,6 +8,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::Controller;
 use crate::ring::{Ring, ServerId};
@@ -23,11 +24,12 @@ fn is_operator_loopback(ip: std::net::IpAddr) -> bool {
 impl Controller {
     /// Whether the ring should route to replica `id` now.
     fn routable(&self, id: ServerId) -> bool {
-        self.membership.is_member(id)
-            && self
-                .replicas
-                .get(&id)
-                .is_some_and(|r| r.tracker.state.routable() && r.instance.is_some())
+        let retiring = |r: &super::lifecycle::Replica| r.retire_since.is_some();
+        self.replicas.get(&id).is_some_and(|r| {
+            (self.membership.is_member(id) || retiring(r))
+                && r.tracker.state.routable()
+                && r.instance.is_some()
+        })
     }
 
     /// Replica `id` just joined the ring: it ramps up if `health.slow_start` is on and another
@@ -50,11 +52,23 @@ impl Controller {
         }
     }
 
-    /// Its ramp, while `health.slow_start` is on and it has not passed.
+    /// Its ramp, while `health.slow_start` is on and it has not passed; a retiring replica's
+    /// until it is taken off the ring.
     fn ramp_of(&self, r: &super::lifecycle::Replica, now: tokio::time::Instant) -> Option<Ramp> {
         let window = self.config.health.slow_start;
+        if let Some(since) = r.retire_since {
+            return Some(Ramp {
+                since,
+                window,
+                down: true,
+            });
+        }
         let since = r.ramp_since?;
-        (!window.is_zero() && now < since + window).then_some(Ramp { since, window })
+        (!window.is_zero() && now < since + window).then_some(Ramp {
+            since,
+            window,
+            down: false,
+        })
     }
 
     pub(super) fn publish(&mut self) {
@@ -68,7 +82,7 @@ impl Controller {
             .map(|id| id.get() as usize)
             .unwrap_or(0);
         let mut upstreams: Vec<Option<Arc<Upstream>>> = vec![None; max_id + 1];
-        for (&id, r) in &self.replicas {
+        for (&id, r) in self.replicas.iter() {
             if !self.routable(id) {
                 continue;
             }
@@ -80,7 +94,14 @@ impl Controller {
             };
             let ramp = self.ramp_of(r, now);
             if let Some(rp) = ramp {
-                let end = rp.since + rp.window;
+                // A retiring replica leaves the ring at the first tick after its window: the
+                // data plane keeps checking its ramp until then.
+                let margin = if rp.down {
+                    super::TICK * 2
+                } else {
+                    Duration::ZERO
+                };
+                let end = rp.since + rp.window + margin;
                 ramps_until = Some(ramps_until.map_or(end, |u| u.max(end)));
             }
             upstreams[id.get() as usize] = Some(Arc::new(Upstream {
@@ -127,7 +148,7 @@ impl Controller {
     /// back-off; waiting for it would only delay the others), and no grow through the shared
     /// ring record is pending.
     pub(super) fn notify_ready(&mut self) {
-        if !self.grows.is_empty() || (self.ready_waiters.is_empty() && self.ramps_enabled) {
+        if self.authority.growing() || (self.ready_waiters.is_empty() && self.ramps_enabled) {
             return;
         }
         let settled = self.membership.members().all(|(id, _)| {

@@ -121,7 +121,7 @@ impl Controller {
     fn apply_plan(&mut self, plan: ReloadPlan, tls: Option<Arc<UpstreamTls>>) {
         // Checked against what runs before anything changes: all or nothing.
         let mut placement = None;
-        if plan.changes.contains(&ConfigChange::Placement) && self.record.is_some() {
+        if plan.changes.contains(&ConfigChange::Placement) && self.authority.is_shared() {
             let error = "ring.slots, ring.vnodes and ring.vnode_hash are fixed by the shared ring \
                          record while gateways share it (provider swarm): every replica keeps the \
                          slots it was created with; change [ring] for a new ring only"
@@ -178,6 +178,7 @@ impl Controller {
                 | ConfigChange::Admin
                 | ConfigChange::Log
                 | ConfigChange::Tunnels
+                | ConfigChange::Autoscale
                 | ConfigChange::Tls
                 | ConfigChange::ProviderTiming => {}
             }
@@ -211,7 +212,7 @@ impl Controller {
         self.policy = Arc::new(policy);
         self.errors.policy = None;
         self.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
-        if vnodes_involved && self.record.is_some() {
+        if vnodes_involved && self.authority.is_shared() {
             tracing::warn!("vnode_hash changed: with a shared ring record the recorded slots stand; it applies to replicas added from now on");
         } else if vnodes_involved {
             match self.rebuild_placement(&self.config) {

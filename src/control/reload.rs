@@ -37,6 +37,8 @@ pub enum ConfigChange {
     /// `[log]`: requests are logged with it from the next one.
     Log,
     Tunnels,
+    /// `[autoscale]`: the next decision (at most a tick away) is made with it.
+    Autoscale,
     /// `tls.http` (serve or redirect) or `tls.certificates`: new connections use it (the
     /// watcher loads the new certificate files).
     Tls,
@@ -69,6 +71,7 @@ impl fmt::Display for ConfigChange {
             ConfigChange::Admin => f.write_str("[admin]"),
             ConfigChange::Log => f.write_str("[log]"),
             ConfigChange::Tunnels => f.write_str("[tunnels]"),
+            ConfigChange::Autoscale => f.write_str("[autoscale]"),
             ConfigChange::Tls => f.write_str("[tls] (http or certificates)"),
             ConfigChange::ReplicaSpec { keys } => {
                 write!(
@@ -185,6 +188,9 @@ pub fn plan(old: &Config, mut new: Config) -> ReloadPlan {
     }
     if new.tunnels != old.tunnels {
         changes.push(ConfigChange::Tunnels);
+    }
+    if new.autoscale != old.autoscale {
+        changes.push(ConfigChange::Autoscale);
     }
     // Last: scaling runs after the rest is in place.
     if n.count != o.count {

@@ -145,10 +145,10 @@ impl Controller {
     /// Whether this provider can run a replacement beside a replica (local processes and
     /// containers; Swarm restarts its tasks itself).
     fn rolls_in_place(&self) -> Result<(), RollError> {
-        if !self.provider.manages_replicas() {
+        if !self.mode.starts_replicas() {
             return Err(RollError::NotManaged(self.provider.kind()));
         }
-        if self.provider.restarts_replicas() {
+        if self.mode.restarts_replicas() {
             return Err(RollError::Unsupported(self.provider.kind()));
         }
         Ok(())

@@ -4,9 +4,10 @@
 //! they are created, and start in the `Joining` phase, which the owner table skips; the call
 //! commits, routing to them all, only once every one answers, and rolls back whole, stopping them
 //! all, if any fails), `/rm` (off the ring at once, drained, then stopped) and growing or
-//! shrinking to a count. Every plan is validated by the pure membership model first, so a
-//! refused call changes nothing.
-//! Must not touch: how one replica starts or dies (`lifecycle`).
+//! shrinking to a count. The membership authority (`authority`) decides each step and answers
+//! with effects; this module carries them out (`execute`), so a refused call
+//! changes nothing. It also carries out the autoscaler's decisions (`autoscale`, `shrink`).
+//! Must not touch: how one replica starts or dies (`lifecycle`), the decisions themselves.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -14,74 +15,64 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::authority::{Ctx, Effect, RecordStep};
+use super::autoscale::Direction;
 use super::error::StartFailure;
 use super::handle::Internal;
 use super::handle::{Reply, Scaled};
-use super::membership::{Limits, OpId, Phase, ScaleRequest};
+use super::membership::{Limits, Membership, OpId, Phase, ScaleRequest};
+use super::shrink::{least_loaded, Load};
 use super::Controller;
 use crate::control::error::ControlError;
 use crate::ring::ServerId;
 
+/// What the membership authority decides from: the membership, the config's limits, the
+/// autoscaler's bounds for an operator's call (`bounded`), and the id a new `/add` gets. Built
+/// from the controller's fields one by one, so the authority (another field) can be borrowed
+/// mutably beside it.
+fn ctx<'a>(
+    config: &'a crate::config::Config,
+    membership: &'a Membership,
+    cannot_start: Option<&'static str>,
+    bounded: bool,
+    op: OpId,
+) -> Ctx<'a> {
+    let a = &config.autoscale;
+    Ctx {
+        membership,
+        limits: Limits {
+            max_replicas: config.replicas.max_replicas,
+            name_prefix: &config.replicas.name_prefix,
+            cannot_start,
+        },
+        autoscale: (bounded && a.enabled).then_some((a.min, a.max)),
+        op,
+    }
+}
+
 impl Controller {
-    fn limits(&self) -> Limits<'_> {
-        Limits {
-            max_replicas: self.config.replicas.max_replicas,
-            name_prefix: &self.config.replicas.name_prefix,
-            cannot_start: (!self.provider.manages_replicas()).then(|| self.provider.kind()),
-        }
+    /// `None` when the provider starts replicas; else its name (the `static` provider).
+    fn cannot_start(&self) -> Option<&'static str> {
+        (!self.mode.starts_replicas()).then(|| self.provider.kind())
     }
 
     pub(super) fn add(&mut self, request: ScaleRequest, reply: Reply<Scaled>) {
-        if self.record.is_some() {
-            // Checked against the engine's record, not this gateway's copy of it.
-            if let Err(e) = super::membership::check_names(&request.hostnames) {
-                let _ = reply.send(Err(e.into()));
-                return;
-            }
-            if request.hostnames.len() > request.n as usize {
-                let _ = reply.send(Err(
-                    super::membership::MembershipError::TooManyHostnamesToAdd.into(),
-                ));
-                return;
-            }
-            return self.shared_add(request, reply);
-        }
-        let plan = match self.membership.plan_add(&request, &self.limits()) {
-            Ok(plan) => plan,
-            Err(e) => {
-                let _ = reply.send(Err(e.into()));
-                return;
-            }
-        };
         let op = self.next_op;
         self.next_op += 1;
-        let names: Vec<&str> = plan.replicas.iter().map(|(_, n)| n.as_str()).collect();
-        tracing::info!(op, replicas = ?names, "adding replicas");
-        for (id, name) in plan.replicas {
-            // Placed now, so its slots are known when it is created (providers record them
-            // with it); the owner table skips it until the call commits.
-            self.insert_replica(id, name, Phase::Joining(op));
-            self.place(id);
-            self.start_instance(id);
-        }
-        self.add_ops.insert(op, reply);
+        let cannot_start = self.cannot_start();
+        let at = ctx(&self.config, &self.membership, cannot_start, true, op);
+        let effects = self.authority.add(&at, request, reply);
+        self.execute(effects);
     }
 
-    /// `count` new members with generated names, placed at once and started (start-up and
-    /// `replicas.count` edits; `/add` instead commits its replicas only once they all answer).
+    /// `count` new members with generated names, placed at once and started (start-up,
+    /// `replicas.count` edits, the autoscaler; `/add` instead commits its replicas only once
+    /// they all answer).
     pub(super) fn grow(&mut self, count: usize) {
-        if self.record.is_some() {
-            let target = self.membership.desired() + count;
-            return self.shared_grow(target);
-        }
-        let plan = self
-            .membership
-            .plan_grow(count, &self.config.replicas.name_prefix);
-        for (id, name) in plan.replicas {
-            self.insert_replica(id, name, Phase::Member);
-            self.place(id);
-            self.start_instance(id);
-        }
+        let cannot_start = self.cannot_start();
+        let at = ctx(&self.config, &self.membership, cannot_start, false, 0);
+        let effects = self.authority.grow(&at, count);
+        self.execute(effects);
     }
 
     /// Commits `/add` `op` once all its replicas are up.
@@ -98,9 +89,93 @@ impl Controller {
         let Some(reply) = self.add_ops.remove(&op) else {
             return;
         };
-        if self.record.is_some() {
-            return self.shared_commit(op, ids, reply);
+        let effects = self.authority.commit(op, ids, reply);
+        self.execute(effects);
+    }
+
+    /// Rolls `/add` `op` back whole because `replica` failed: every replica it started is
+    /// forgotten and stopped, then the caller gets the failure.
+    pub(super) fn fail_add(&mut self, op: OpId, replica: String, cause: StartFailure) {
+        let Some(reply) = self.add_ops.remove(&op) else {
+            return;
+        };
+        let error = ControlError::AddFailed { replica, cause };
+        tracing::warn!(op, error = %error, "rolling back /add");
+        let ids = self.membership.joining(op);
+        let effects = self.authority.roll_back(op, ids, error, reply);
+        self.execute(effects);
+    }
+
+    pub(super) fn remove(&mut self, request: ScaleRequest, reply: Reply<Scaled>) {
+        let cannot_start = self.cannot_start();
+        let at = ctx(&self.config, &self.membership, cannot_start, true, 0);
+        let effects = self.authority.remove(&at, request, reply);
+        self.execute(effects);
+    }
+
+    /// Carries out what the membership authority decided, in order.
+    fn execute(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Start { replicas, phase } => {
+                    if let Phase::Joining(op) = phase {
+                        let names: Vec<&str> = replicas.iter().map(|(_, n)| n.as_str()).collect();
+                        tracing::info!(op, replicas = ?names, "adding replicas");
+                    }
+                    for (id, name) in replicas {
+                        // Placed now, so its slots are known when it is created (providers
+                        // record them with it); the owner table skips a joining one until its
+                        // call commits.
+                        self.insert_replica(id, name, phase);
+                        self.place(id);
+                        self.start_instance(id);
+                    }
+                }
+                Effect::AwaitCommit { op, reply } => {
+                    self.add_ops.insert(op, reply);
+                }
+                Effect::Commit { op, ids, reply } => self.commit_add(op, ids, reply),
+                Effect::Discard { ids, error, reply } => {
+                    let names: Vec<String> =
+                        ids.into_iter().filter_map(|id| self.forget(id)).collect();
+                    let provider = self.provider.clone();
+                    tokio::spawn(async move {
+                        futures_util::future::join_all(names.iter().map(|n| provider.remove(n)))
+                            .await;
+                        let _ = reply.send(Err(error));
+                    });
+                }
+                Effect::Drain { ids, reply } => self.drain_and_stop(ids, reply),
+                Effect::OperatorScaled(n) => self.operator_scaled(n),
+                Effect::Reply(reply, result) => {
+                    let _ = reply.send(result);
+                }
+                Effect::Record(step) => match step {
+                    RecordStep::Add { request, reply } => self.shared_add(request, reply),
+                    RecordStep::Grow { target } => self.shared_grow(target),
+                    RecordStep::Remove { request, reply } => self.shared_remove(request, reply),
+                    RecordStep::Commit { op, ids, reply } => self.shared_commit(op, ids, reply),
+                    RecordStep::RollBack {
+                        op,
+                        ids,
+                        error,
+                        reply,
+                    } => {
+                        self.op_done(op);
+                        self.roll_back(ids, error, reply);
+                    }
+                    RecordStep::Forget {
+                        ids,
+                        removed,
+                        reply,
+                    } => self.shared_forget(ids, removed, reply),
+                },
+            }
         }
+    }
+
+    /// `/add` `op`'s replicas all serve: members now, ramping up, and the caller answered.
+    fn commit_add(&mut self, op: OpId, ids: Vec<ServerId>, reply: Reply<Scaled>) {
         for &id in &ids {
             self.membership.set_phase(id, Phase::Member);
         }
@@ -114,39 +189,6 @@ impl Controller {
             members: self.membership.member_names(),
             changed: added,
         }));
-    }
-
-    /// Rolls `/add` `op` back whole because `replica` failed: every replica it started is
-    /// forgotten and stopped, then the caller gets the failure.
-    pub(super) fn fail_add(&mut self, op: OpId, replica: String, cause: StartFailure) {
-        let Some(reply) = self.add_ops.remove(&op) else {
-            return;
-        };
-        let error = ControlError::AddFailed { replica, cause };
-        tracing::warn!(op, error = %error, "rolling back /add");
-        let ids = self.membership.joining(op);
-        if self.record.is_some() {
-            self.op_done(op);
-            return self.roll_back(ids, error, reply);
-        }
-        let names: Vec<String> = ids.into_iter().filter_map(|id| self.forget(id)).collect();
-        let provider = self.provider.clone();
-        tokio::spawn(async move {
-            futures_util::future::join_all(names.iter().map(|n| provider.remove(n))).await;
-            let _ = reply.send(Err(error));
-        });
-    }
-
-    pub(super) fn remove(&mut self, request: ScaleRequest, reply: Reply<Scaled>) {
-        if self.record.is_some() {
-            return self.shared_remove(request, reply);
-        }
-        match self.membership.plan_remove(&request) {
-            Ok(plan) => self.drain_and_stop(plan.ids, reply),
-            Err(e) => {
-                let _ = reply.send(Err(e.into()));
-            }
-        }
     }
 
     /// Takes `ids` off the ring now, lets their in-flight requests finish (up to
@@ -198,13 +240,9 @@ impl Controller {
             }
         }
         self.publish();
-        if self.record.is_some() {
-            return self.shared_forget(ids, removed, reply);
-        }
-        let _ = reply.send(Ok(Scaled {
-            members: self.membership.member_names(),
-            changed: removed,
-        }));
+        let members = self.membership.member_names();
+        let effects = self.authority.removed(ids, removed, members, reply);
+        self.execute(effects);
     }
 
     /// The names of `ids`, in that order (ids without a name left out).
@@ -216,11 +254,12 @@ impl Controller {
 
     /// Adds or removes members until N = `n` (a `replicas.count` edit).
     pub(super) fn scale_to(&mut self, n: u32) {
-        if !self.provider.manages_replicas() {
+        if !self.mode.starts_replicas() {
             return;
         }
         let have = self.membership.desired();
         let n = n as usize;
+        self.operator_scaled(n);
         if n > have {
             let room =
                 (self.config.replicas.max_replicas as usize).saturating_sub(self.membership.len());
@@ -235,12 +274,170 @@ impl Controller {
                 hostnames: Vec::new(),
             };
             let (reply, _) = oneshot::channel();
-            if self.record.is_some() {
-                return self.shared_remove(request, reply);
+            let cannot_start = self.cannot_start();
+            let at = ctx(&self.config, &self.membership, cannot_start, false, 0);
+            let effects = self.authority.remove(&at, request, reply);
+            self.execute(effects);
+        }
+    }
+
+    /// An operator (`/add`, `/rm`, a `replicas.count` edit) set N to `n`: the autoscaler goes
+    /// on from it.
+    pub(super) fn operator_scaled(&mut self, n: usize) {
+        if self.config.autoscale.enabled {
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            self.autoscaler.set_by_operator(Instant::now(), n);
+        }
+    }
+
+    /// Once a tick while `[autoscale]` is on: samples the load, asks the autoscaler and carries
+    /// its decision out. Only under the local authority: gateways sharing a ring record would
+    /// each decide alone (agreeing through the record is not built yet; `ringgate check`
+    /// refuses the combination).
+    pub(super) fn autoscale_tick(&mut self, now: Instant) {
+        let config = self.config.clone();
+        let cfg = &config.autoscale;
+        if !cfg.enabled || !self.mode.starts_replicas() || self.authority.is_shared() {
+            self.metrics.autoscale_desired.store(0, Ordering::Relaxed);
+            return;
+        }
+        let members = self.membership.member_ids();
+        let n = u32::try_from(members.len()).unwrap_or(u32::MAX);
+        // Requests in progress at a replica, and those queued for a place at one
+        // (`proxy.max_requests_per_replica`): both are load a replica more would take.
+        let in_flight: u64 = self
+            .replicas
+            .values()
+            .map(|r| {
+                let s = &r.stats;
+                u64::try_from(s.in_flight.load(Ordering::Relaxed)).unwrap_or(0)
+                    + u64::from(s.queued.load(Ordering::Relaxed))
+            })
+            .sum();
+        self.autoscaler.observe(now, in_flight, n, cfg);
+        let answered = members
+            .iter()
+            .filter_map(|&id| Some((id, self.replicas.get(&id)?.stats.answers().iter().sum())))
+            .collect();
+        self.recent_load.observe(now, cfg.stable_window, answered);
+        // An /add not committed yet: its replicas are not members, so N would be read short.
+        if !self.add_ops.is_empty() {
+            return;
+        }
+        let d = self.autoscaler.decide(now, n, cfg);
+        self.metrics
+            .autoscale_desired
+            .store(u64::from(d.to), Ordering::Relaxed);
+        // Replicas still draining count against replicas.max_replicas: an up decision waits
+        // for them silently (it is made again each tick) rather than being logged each tick.
+        let room = (config.replicas.max_replicas as usize).saturating_sub(self.membership.len());
+        if d.direction == Direction::Hold || (d.direction == Direction::Up && room == 0) {
+            return;
+        }
+        tracing::info!(
+            direction = ?d.direction,
+            from = d.from,
+            to = d.to,
+            wanted = d.wanted,
+            stable_in_flight = d.stable_in_flight,
+            panic_in_flight = d.panic_in_flight,
+            panicking = d.panicking,
+            target_in_flight = cfg.target_in_flight,
+            "autoscale decision"
+        );
+        match d.direction {
+            Direction::Up => {
+                self.metrics.autoscale_up.fetch_add(1, Ordering::Relaxed);
+                self.grow(((d.to - d.from) as usize).min(room));
+                self.publish();
             }
-            if let Ok(plan) = self.membership.plan_remove(&request) {
-                self.drain_and_stop(plan.ids, reply);
+            Direction::Down => {
+                self.metrics.autoscale_down.fetch_add(1, Ordering::Relaxed);
+                let ids = self.least_loaded_members((d.from - d.to) as usize);
+                if config.health.slow_start.is_zero() {
+                    let (reply, _) = oneshot::channel();
+                    self.drain_and_stop(ids, reply);
+                } else {
+                    self.retire(ids, now);
+                }
+            }
+            Direction::Hold => {}
+        }
+    }
+
+    /// A slow stop: `ids` leave the membership now (N falls, `/rep` no longer lists them) but
+    /// stay on the ring, handing their keys to their next owners gradually over
+    /// `health.slow_start` (in the stable per-key order a joining replica takes them), so the
+    /// caches behind those owners warm up in order; then they drain and stop
+    /// ([`Self::finish_retiring`]).
+    fn retire(&mut self, ids: Vec<ServerId>, now: Instant) {
+        for id in ids {
+            self.membership.set_phase(id, Phase::Leaving);
+            if let Some(r) = self.replicas.get_mut(&id) {
+                r.retire_since = Some(now);
+                r.ramp_since = None;
+                r.next_restart = None;
+            }
+            tracing::info!(replica = ?self.membership.name(id), id = %id, over_ms = self.config.health.slow_start.as_millis() as u64, "handing its keys over before it stops");
+        }
+        self.publish();
+    }
+
+    /// Retiring replicas whose window has passed leave the ring, drain and stop.
+    pub(super) fn finish_retiring(&mut self, now: Instant) {
+        let window = self.config.health.slow_start;
+        let done: Vec<ServerId> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| r.retire_since.is_some_and(|since| now >= since + window))
+            .map(|(&id, _)| id)
+            .collect();
+        if done.is_empty() {
+            return;
+        }
+        for id in &done {
+            if let Some(r) = self.replicas.get_mut(id) {
+                r.retire_since = None;
             }
         }
+        let (reply, _) = oneshot::channel();
+        self.drain_and_stop(done, reply);
+    }
+
+    /// The `n` members whose removal moves the least load, by what the gateway counted over
+    /// the stable window; logged with the figures that chose them.
+    fn least_loaded_members(&self, n: usize) -> Vec<ServerId> {
+        let snap = self.shared.load();
+        let mut slots: std::collections::HashMap<ServerId, u32> = Default::default();
+        for slot in 0..snap.ring.slots() {
+            if let Some(owner) = snap.ring.owner(slot) {
+                *slots.entry(owner).or_default() += 1;
+            }
+        }
+        let loads: Vec<Load> = self
+            .membership
+            .member_ids()
+            .into_iter()
+            .map(|id| Load {
+                id,
+                recent: self.recent_load.recent(id),
+                in_flight: self.replicas.get(&id).map_or(0, |r| {
+                    u64::try_from(r.stats.in_flight.load(Ordering::Relaxed)).unwrap_or(0)
+                }),
+                slots: slots.get(&id).copied().unwrap_or(0),
+            })
+            .collect();
+        let chosen = least_loaded(&loads, n);
+        for l in loads.iter().filter(|l| chosen.contains(&l.id)) {
+            tracing::info!(
+                replica = ?self.membership.name(l.id),
+                id = %l.id,
+                recent_requests = l.recent,
+                in_flight = l.in_flight,
+                slots = l.slots,
+                "autoscale removes the least loaded replica"
+            );
+        }
+        chosen
     }
 }

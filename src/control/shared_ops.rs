@@ -35,7 +35,15 @@ pub(super) struct EngineState {
 
 impl Controller {
     fn ring(&self) -> Option<Arc<dyn SharedRing>> {
-        self.record.clone()
+        self.authority.shared().map(|s| s.ring.clone())
+    }
+
+    /// Who this gateway is in the record (empty under the local authority, which never asks).
+    fn me(&self) -> String {
+        self.authority
+            .shared()
+            .map(|s| s.me.clone())
+            .unwrap_or_default()
     }
 
     fn owned_limits(&self) -> (u32, String) {
@@ -50,7 +58,7 @@ impl Controller {
         let Some(ring) = self.ring() else { return };
         let op = self.next_op;
         self.next_op += 1;
-        let (config, policy, me) = (self.config.clone(), self.policy.clone(), self.me.clone());
+        let (config, policy, me) = (self.config.clone(), self.policy.clone(), self.me());
         let (max, prefix) = self.owned_limits();
         let tx = self.channels.internal_tx.clone();
         tokio::spawn(async move {
@@ -73,8 +81,10 @@ impl Controller {
         let Some(ring) = self.ring() else { return };
         let op = self.next_op;
         self.next_op += 1;
-        self.grows.insert(op);
-        let (config, policy, me) = (self.config.clone(), self.policy.clone(), self.me.clone());
+        if let Some(s) = self.authority.shared_mut() {
+            s.grows.insert(op);
+        }
+        let (config, policy, me) = (self.config.clone(), self.policy.clone(), self.me());
         let (max, prefix) = self.owned_limits();
         let tx = self.channels.internal_tx.clone();
         // Nobody waits for a grow's answer; the outcome is logged.
@@ -185,7 +195,11 @@ impl Controller {
 
     /// `op` finished (committed, rolled back or refused): readiness no longer waits for it.
     pub(super) fn op_done(&mut self, op: OpId) {
-        if self.grows.remove(&op) {
+        if self
+            .authority
+            .shared_mut()
+            .is_some_and(|s| s.grows.remove(&op))
+        {
             self.notify_ready();
         }
     }
@@ -218,7 +232,7 @@ impl Controller {
     /// drain, stop and forget.
     pub(super) fn shared_remove(&mut self, request: ScaleRequest, reply: Reply<Scaled>) {
         let Some(ring) = self.ring() else { return };
-        let me = self.me.clone();
+        let me = self.me();
         let tx = self.channels.internal_tx.clone();
         tokio::spawn(async move {
             let result = shared::update(&*ring, |record| {
@@ -284,11 +298,14 @@ impl Controller {
     /// Makes this gateway's membership the record's, if `record` is newer than the last one
     /// applied.
     pub(super) fn apply_record(&mut self, record: RingRecord) {
-        if self.ring_version.is_some_and(|v| record.version < v) {
+        let Some(s) = self.authority.shared_mut() else {
+            return;
+        };
+        if s.version.is_some_and(|v| record.version < v) {
             return;
         }
-        self.ring_version = Some(record.version);
-        let changes = shared::reconcile(&self.membership, &self.placement, &record, &self.me);
+        s.version = Some(record.version);
+        let changes = shared::reconcile(&self.membership, &self.placement, &record, &s.me);
         let changed = !changes.is_empty();
         for change in changes {
             self.apply_change(change);
@@ -359,7 +376,13 @@ impl Controller {
         let Some(name) = self.membership.name(id) else {
             return;
         };
-        let Some(inst) = self.engine_tasks.get(name).filter(|i| i.id == id).cloned() else {
+        let Some(inst) = self
+            .authority
+            .shared()
+            .and_then(|s| s.tasks.get(name))
+            .filter(|i| i.id == id)
+            .cloned()
+        else {
             return;
         };
         let current = self
@@ -383,7 +406,9 @@ impl Controller {
     /// The engine runs `instance` (a restart, a new task, another gateway's replica).
     pub(super) fn on_running(&mut self, instance: Instance) {
         let name = instance.hostname.clone();
-        self.engine_tasks.insert(name.clone(), instance);
+        if let Some(s) = self.authority.shared_mut() {
+            s.tasks.insert(name.clone(), instance);
+        }
         if let Some(id) = self.membership.id_of(&name) {
             if self.membership.phase(id) == Some(Phase::Member) {
                 self.attach_engine_task(id);
@@ -392,31 +417,40 @@ impl Controller {
     }
 
     pub(super) fn on_engine(&mut self, reachable: bool, detail: String) {
-        if self.engine.reachable != reachable || self.engine.since.is_none() {
-            self.engine.since = Some(SystemTime::now());
+        let Some(s) = self.authority.shared_mut() else {
+            return;
+        };
+        let engine = &mut s.engine;
+        if engine.reachable != reachable || engine.since.is_none() {
+            engine.since = Some(SystemTime::now());
         }
-        if reachable && !self.engine.reachable {
+        if reachable && !engine.reachable {
             tracing::info!("the engine answers again");
         }
-        self.engine.reachable = reachable;
-        self.engine.detail = detail;
+        engine.reachable = reachable;
+        engine.detail = detail;
     }
 
     /// Entries gateways left behind when they died mid-call: any gateway finishes them (the
     /// record's concurrency control makes a second cleaner find nothing to do).
     fn clean_up_after_others(&mut self, record: &RingRecord) {
         let mine = |id: ServerId| matches!(self.membership.phase(id), Some(Phase::Joining(_)));
+        let me = self.me();
         let cleanups = shared::stale(
             record,
             shared::unix_now(),
             self.config.proxy.drain_timeout,
-            &self.me,
+            &me,
             &mine,
         );
         let Some(ring) = self.ring() else { return };
         for c in cleanups {
             let (Cleanup::RollBack(id) | Cleanup::Finish(id)) = c;
-            if !self.cleaning.insert(id) {
+            let first = self
+                .authority
+                .shared_mut()
+                .is_some_and(|s| s.cleaning.insert(id));
+            if !first {
                 continue;
             }
             let Some(hostname) = record.members.get(&id).map(|m| m.hostname.clone()) else {

@@ -73,6 +73,9 @@ struct Status<'a> {
     /// The engine that holds the shared ring record (`swarm`); absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     engine: Option<EngineStatus<'a>>,
+    /// The autoscaler: its knobs, the N it asks for, its last decision and a history of N
+    /// and in flight for the operator page's chart.
+    autoscale: AutoscaleStatus<'a>,
     gateway: GatewayStatus<'a>,
     /// Upper bounds (µs) of the buckets in each replica's `latency.buckets` (one more bucket
     /// counts everything above the last).
@@ -100,6 +103,35 @@ struct EngineStatus<'a> {
     /// A record entry this gateway could not place, if any.
     record_error: Option<&'a str>,
 }
+
+#[derive(Serialize)]
+struct AutoscaleStatus<'a> {
+    enabled: bool,
+    min: u32,
+    max: u32,
+    target_in_flight: f64,
+    stable_window_ms: u64,
+    panic_window_ms: u64,
+    scale_down_delay_ms: u64,
+    max_step: u32,
+    /// N the autoscaler asks for (0 while it is off).
+    desired: u64,
+    /// The last decision that moved N, with the figures it was made from.
+    last_decision: Option<&'a super::autoscale::Decision>,
+    /// One point every [`HISTORY_STEP`] ticks over the last ten minutes, oldest first.
+    history: Vec<HistoryPoint>,
+}
+
+#[derive(Serialize)]
+struct HistoryPoint {
+    /// Seconds before now.
+    ago_s: u64,
+    n: u32,
+    in_flight: u64,
+}
+
+/// Ticks between two points of the autoscaler's history in `/lb/status`.
+const HISTORY_STEP: usize = 5;
 
 /// The gateway's own counters (cumulative: a reader takes rates from two readings).
 #[derive(Serialize)]
@@ -256,6 +288,36 @@ fn millis(d: std::time::Duration) -> u64 {
 }
 
 impl Controller {
+    fn autoscale_status(&self, now: Instant) -> AutoscaleStatus<'_> {
+        let a = &self.config.autoscale;
+        let points: Vec<_> = self.autoscaler.history().collect();
+        // Sampled from the newest back, so the newest point is always shown.
+        let mut history: Vec<HistoryPoint> = points
+            .iter()
+            .rev()
+            .step_by(HISTORY_STEP)
+            .map(|p| HistoryPoint {
+                ago_s: now.saturating_duration_since(p.at).as_secs(),
+                n: p.n,
+                in_flight: p.in_flight,
+            })
+            .collect();
+        history.reverse();
+        AutoscaleStatus {
+            enabled: a.enabled,
+            min: a.min,
+            max: a.max,
+            target_in_flight: a.target_in_flight,
+            stable_window_ms: millis(a.stable_window),
+            panic_window_ms: millis(a.panic_window),
+            scale_down_delay_ms: millis(a.scale_down_delay),
+            max_step: a.max_step,
+            desired: self.metrics.autoscale_desired.load(Ordering::Relaxed),
+            last_decision: self.autoscaler.last(),
+            history,
+        }
+    }
+
     pub(super) fn status(&self) -> serde_json::Value {
         let snap = self.shared.load();
         let now = Instant::now();
@@ -374,15 +436,16 @@ impl Controller {
                 restart_needed: &self.errors.restart_needed,
             },
             policy: policy_status(&self.policy, self.errors.policy.as_deref()),
-            engine: self.record.as_ref().map(|_| EngineStatus {
-                reachable: self.engine.reachable,
-                since_ms: self
+            autoscale: self.autoscale_status(now),
+            engine: self.authority.shared().map(|s| EngineStatus {
+                reachable: s.engine.reachable,
+                since_ms: s
                     .engine
                     .since
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok().map(millis)),
-                detail: &self.engine.detail,
-                routing_on_last_known_ring: !self.engine.reachable,
-                record_version: self.ring_version,
+                detail: &s.engine.detail,
+                routing_on_last_known_ring: !s.engine.reachable,
+                record_version: s.version,
                 record_error: self.errors.ring.as_deref(),
             }),
             gateway: GatewayStatus {
@@ -426,7 +489,7 @@ impl Controller {
                 .copied()
                 .filter(|&id| snap.upstream(id).is_some())
                 .collect(),
-            cannot_start: (!self.provider.manages_replicas()).then(|| self.provider.kind()),
+            cannot_start: (!self.mode.starts_replicas()).then(|| self.provider.kind()),
             tunnels: self
                 .published
                 .tunnels
@@ -448,7 +511,7 @@ impl Controller {
                 .filter_map(|(id, e)| Some((e.name.clone(), self.replicas.get(&id)?.stats.clone())))
                 .collect(),
             gateway: self.name.clone(),
-            engine_reachable: self.record.as_ref().map(|_| self.engine.reachable),
+            engine_reachable: self.authority.shared().map(|s| s.engine.reachable),
             published: self.published.clone(),
         }
     }

@@ -382,8 +382,12 @@ impl Provider for World {
         }
     }
 
-    fn manages_replicas(&self) -> bool {
-        self.manages
+    fn mode(&self) -> crate::provider::Mode {
+        match (&self.record, self.manages) {
+            (Some(r), _) => crate::provider::Mode::Shared(r.clone()),
+            (None, true) => crate::provider::Mode::Owned,
+            (None, false) => crate::provider::Mode::Fixed,
+        }
     }
 
     fn spawn(&self, spec: ReplicaSpec) -> BoxFuture<'_, Result<Instance, ProviderError>> {
@@ -458,14 +462,6 @@ impl Provider for World {
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
-    }
-
-    fn shared_ring(&self) -> Option<Arc<dyn SharedRing>> {
-        self.record.clone().map(|r| r as Arc<dyn SharedRing>)
-    }
-
-    fn restarts_replicas(&self) -> bool {
-        self.record.is_some()
     }
 }
 

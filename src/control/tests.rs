@@ -1098,3 +1098,189 @@ async fn a_spec_edit_on_swarm_says_it_is_not_rolled() {
     let e = h.handle.roll().await.expect_err("not on swarm");
     assert!(matches!(e, ControlError::Roll(_)), "{e:?}");
 }
+
+/// The counters the data plane keeps for replica `name` (the ones the controller reads).
+fn stats_of(h: &Harness, name: &str) -> std::sync::Arc<crate::snapshot::ReplicaStats> {
+    h.snapshot()
+        .upstreams
+        .iter()
+        .flatten()
+        .find(|u| u.name == name)
+        .map(|u| u.stats.clone())
+        .unwrap_or_else(|| panic!("{name} routed"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn autoscale_follows_in_flight_and_removes_the_least_loaded_replica() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (world, events) = World::new(true);
+    let mut c = config(2);
+    c.autoscale = crate::config::AutoscaleConfig {
+        enabled: true,
+        min: 1,
+        max: 6,
+        target_in_flight: 10.0,
+        stable_window: Duration::from_secs(20),
+        panic_window: Duration::from_secs(4),
+        scale_down_delay: Duration::from_secs(30),
+        max_step: 2,
+    };
+    let h = Harness::start(c, world.clone(), events);
+    h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
+    // 50 requests in flight: five replicas' worth at 10 each, reached max_step at a time
+    // within seconds (the panic window sees it first).
+    let one = stats_of(&h, "server-1");
+    one.in_flight.fetch_add(50, SeqCst);
+    h.until(Duration::from_secs(8), "five members", |h| {
+        h.snapshot().members.len() == 5
+    })
+    .await;
+    h.until(SETTLE, "five in the ring", |h| h.in_ring().len() == 5)
+        .await;
+    let status = h.handle.status().await.expect("status");
+    let a = &status["autoscale"];
+    assert_eq!(a["desired"], 5, "{a}");
+    assert_eq!(a["last_decision"]["direction"], "up", "{a}");
+    assert_eq!(a["last_decision"]["to"], 5, "{a}");
+    assert_eq!(a["last_decision"]["panic_in_flight"], 50.0, "{a}");
+    // Load gone; every replica but server-2 keeps answering, so server-2's keys carried the
+    // least: it goes first, not the newest (server-5).
+    one.in_flight.fetch_sub(50, SeqCst);
+    let load_gone = tokio::time::Instant::now();
+    while h.snapshot().members.len() == 5 {
+        assert!(load_gone.elapsed() < SETTLE * 2, "never scaled down");
+        for name in h.in_ring() {
+            if name != "server-2" {
+                stats_of(&h, &name).record_response(200);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        load_gone.elapsed() >= Duration::from_secs(30),
+        "down before scale_down_delay: {:?}",
+        load_gone.elapsed()
+    );
+    let members = h.snapshot().members.clone();
+    assert!(!members.contains(&"server-2".to_string()), "{members:?}");
+    let status = h.handle.status().await.expect("status");
+    assert_eq!(status["autoscale"]["last_decision"]["direction"], "down");
+    // And on to min.
+    h.until(SETTLE * 2, "one member", |h| {
+        h.snapshot().members.len() == 1
+    })
+    .await;
+    h.until(SETTLE, "the removed ones stopped", |h| {
+        h.world.running().len() == 1
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_autoscale_on_add_and_rm_are_bounded_by_min_and_max() {
+    let (world, events) = World::new(true);
+    let mut c = config(2);
+    c.autoscale.enabled = true;
+    c.autoscale.min = 2;
+    c.autoscale.max = 3;
+    let h = Harness::start(c, world, events);
+    h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
+    let err = h.handle.add(scale(2, &[])).await.expect_err("above max");
+    assert!(
+        err.to_string().contains("more than autoscale.max (3)"),
+        "{err}"
+    );
+    let err = h.handle.remove(scale(1, &[])).await.expect_err("below min");
+    assert!(
+        err.to_string().contains("fewer than autoscale.min (2)"),
+        "{err}"
+    );
+    let added = h.handle.add(scale(1, &[])).await.expect("within bounds");
+    assert_eq!(added.members.len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_slow_start_the_autoscaler_stops_a_replica_slowly() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (world, events) = World::new(true);
+    let mut c = config(2);
+    c.health.slow_start = Duration::from_secs(10);
+    c.autoscale = crate::config::AutoscaleConfig {
+        enabled: true,
+        min: 1,
+        max: 3,
+        target_in_flight: 10.0,
+        stable_window: Duration::from_secs(10),
+        panic_window: Duration::from_secs(2),
+        scale_down_delay: Duration::from_secs(10),
+        max_step: 1,
+    };
+    let h = Harness::start(c, world.clone(), events);
+    h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
+    // Idle: after the delay, one replica goes, slowly.
+    h.until(SETTLE, "N = 1", |h| h.snapshot().members.len() == 1)
+        .await;
+    let snap = h.snapshot();
+    let retiring = snap
+        .upstreams
+        .iter()
+        .flatten()
+        .find(|u| !snap.members.contains(&u.name))
+        .expect("the removed replica is still on the ring");
+    let ramp = retiring.ramp.expect("handing its keys over");
+    assert!(ramp.down, "{ramp:?}");
+    let name = retiring.name.clone();
+    assert!(world.running().contains(&name), "not stopped yet");
+    let status = h.handle.status().await.expect("status");
+    assert_eq!(status["desired"], 1, "N fell at once");
+    // A request in flight at it is waited for once its keys are handed over.
+    retiring.stats.in_flight.fetch_add(1, SeqCst);
+    let stats = retiring.stats.clone();
+    h.until(Duration::from_secs(15), "off the ring", |h| {
+        !h.in_ring().contains(&name)
+    })
+    .await;
+    assert!(world.running().contains(&name), "draining its request");
+    stats.in_flight.fetch_sub(1, SeqCst);
+    h.until(SETTLE, "stopped", |h| !h.world.running().contains(&name))
+        .await;
+    assert_eq!(h.in_ring().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retiring_replica_that_dies_hands_its_keys_over_at_once() {
+    let (world, events) = World::new(true);
+    let mut c = config(2);
+    c.health.slow_start = Duration::from_secs(30);
+    c.autoscale.enabled = true;
+    c.autoscale.min = 1;
+    c.autoscale.stable_window = Duration::from_secs(10);
+    c.autoscale.panic_window = Duration::from_secs(2);
+    c.autoscale.scale_down_delay = Duration::from_secs(10);
+    let h = Harness::start(c, world.clone(), events);
+    h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
+    h.until(SETTLE, "N = 1", |h| h.snapshot().members.len() == 1)
+        .await;
+    let snap = h.snapshot();
+    let name = snap
+        .upstreams
+        .iter()
+        .flatten()
+        .find(|u| !snap.members.contains(&u.name))
+        .map(|u| u.name.clone())
+        .expect("retiring, still on the ring");
+    world.kill(&name).await;
+    h.until(Duration::from_millis(50), "off the ring at once", |h| {
+        !h.in_ring().contains(&name)
+    })
+    .await;
+    h.until(SETTLE, "forgotten", |h| h.in_ring().len() == 1)
+        .await;
+    let status = h.handle.status().await.expect("status");
+    assert_eq!(
+        status["replicas"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+    assert_eq!(world.spawns_of(&name).len(), 1, "not replaced");
+}

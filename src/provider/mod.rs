@@ -137,8 +137,9 @@ pub trait Provider: Send + Sync + 'static {
     /// "process", "docker" or "static".
     fn kind(&self) -> &'static str;
 
-    /// Whether this provider starts and replaces replicas (false for `static`).
-    fn manages_replicas(&self) -> bool;
+    /// What this provider does with replicas: asked once, when the controller is built, which
+    /// then keeps the answer (a provider's mode never changes while it runs).
+    fn mode(&self) -> Mode;
 
     /// Starts a replica and returns once it has an address (not necessarily serving yet: the
     /// controller waits for its heartbeat).
@@ -167,18 +168,52 @@ pub trait Provider: Send + Sync + 'static {
     /// Called once when the gateway stops: the process provider stops its children; the docker
     /// provider leaves containers for the next start to adopt.
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+}
 
-    /// Where membership lives when it is shared by several gateways (`swarm`): the record the
-    /// controller reads and writes with optimistic concurrency. `None` (the default): the
-    /// gateway's own membership model is the truth.
-    fn shared_ring(&self) -> Option<Arc<dyn SharedRing>> {
-        None
+/// A provider's capabilities as one value: who starts replicas, who restarts them, and where
+/// membership lives. One value rather than three independent answers, because only these three
+/// combinations exist.
+#[derive(Clone)]
+pub enum Mode {
+    /// Fixed addresses (`static`): checked and routed to, never started or stopped.
+    Fixed,
+    /// The gateway starts, replaces and stops its replicas, and its own membership model is
+    /// the truth (`process`, `docker`).
+    Owned,
+    /// Replicas are engine services (`swarm`): the engine restarts a dead one itself (the
+    /// controller only takes it out of the ring and waits for [`ProviderEvent::Running`]), and
+    /// membership lives in a record shared by several gateways, read and written with
+    /// optimistic concurrency.
+    Shared(Arc<dyn SharedRing>),
+}
+
+impl Mode {
+    /// Whether the gateway may start replicas (`/add`, `replicas.count`, replacements).
+    pub fn starts_replicas(&self) -> bool {
+        !matches!(self, Mode::Fixed)
     }
 
-    /// Whether the engine restarts a dead replica itself (Swarm's restart policy), so the
-    /// controller only takes it out of the ring and waits for [`ProviderEvent::Running`].
-    fn restarts_replicas(&self) -> bool {
-        false
+    /// Whether the engine restarts a dead replica itself.
+    pub fn restarts_replicas(&self) -> bool {
+        matches!(self, Mode::Shared(_))
+    }
+
+    /// The shared ring record, when membership lives in the engine.
+    pub fn record(&self) -> Option<&Arc<dyn SharedRing>> {
+        match self {
+            Mode::Shared(r) => Some(r),
+            Mode::Fixed | Mode::Owned => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Fixed => "Fixed",
+            Mode::Owned => "Owned",
+            Mode::Shared(_) => "Shared",
+        })
     }
 }
 

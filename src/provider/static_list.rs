@@ -41,8 +41,8 @@ impl Provider for StaticProvider {
         "static"
     }
 
-    fn manages_replicas(&self) -> bool {
-        false
+    fn mode(&self) -> crate::provider::Mode {
+        crate::provider::Mode::Fixed
     }
 
     fn spawn(&self, _spec: ReplicaSpec) -> BoxFuture<'_, Result<Instance, ProviderError>> {

@@ -172,6 +172,7 @@ mod tests {
             let ramp = ramping.filter(|(r, _)| *r == m).map(|(_, since)| Ramp {
                 since,
                 window: Duration::from_secs(10),
+                down: false,
             });
             snap.upstreams[m as usize] = Some(Arc::new(Upstream {
                 id: id(m),

@@ -434,8 +434,37 @@ async function poll() {
   if (!state.paused) state.timer = setTimeout(poll, POLL_MS);
 }
 
+/** N and in flight over the last minutes (the autoscaler's own samples), while it is on. */
+function renderAutoscale(status) {
+  const a = status.autoscale;
+  const card = $("#autoscale");
+  card.hidden = !(a && a.enabled);
+  if (card.hidden) return;
+  const points = a.history || [];
+  const chart = $("#autoscale-chart");
+  const W = 600, H = 140;
+  const span = Math.max(60, ...points.map((p) => p.ago_s));
+  // One scale for both lines: N, and in flight divided by the target per replica, so the
+  // dashed line sits on N's when the replicas carry exactly the target.
+  const top = Math.max(a.max, ...points.map((p) => p.in_flight / a.target_in_flight)) * 1.1;
+  const x = (ago) => W - (ago / span) * W;
+  const y = (v) => H - (v / top) * H;
+  const line = (cls, value) => svg("polyline", {
+    class: cls,
+    points: points.map((p) => `${x(p.ago_s).toFixed(1)},${y(value(p)).toFixed(1)}`).join(" "),
+  });
+  const bounds = [a.min, a.max].map((b) => svg("line", { class: "bound", x1: 0, x2: W, y1: y(b), y2: y(b) }));
+  chart.replaceChildren(...bounds, line("f", (p) => p.in_flight / a.target_in_flight), line("n", (p) => p.n));
+  $("#autoscale-sub").textContent = `N ${a.min}–${a.max}, target ${a.target_in_flight} in flight per replica, asks for ${a.desired} · last ${Math.round(span / 60)} min`;
+  const d = a.last_decision;
+  $("#autoscale-decision").textContent = d
+    ? `last move ${d.direction} ${d.from} → ${d.to} (in flight ${d.stable_in_flight.toFixed(1)} over ${fmtDuration(a.stable_window_ms)}, ${d.panic_in_flight.toFixed(1)} over ${fmtDuration(a.panic_window_ms)}${d.panicking ? ", panicking" : ""})`
+    : "no move yet";
+}
+
 function render(status) {
   renderTiles(status);
+  renderAutoscale(status);
   renderRing(status);
   renderReplicas(status);
   renderConfig(status);

@@ -229,8 +229,8 @@ impl Provider for DockerProvider {
         "docker"
     }
 
-    fn manages_replicas(&self) -> bool {
-        true
+    fn mode(&self) -> crate::provider::Mode {
+        crate::provider::Mode::Owned
     }
 
     fn spawn(&self, spec: ReplicaSpec) -> BoxFuture<'_, Result<Instance, ProviderError>> {

@@ -132,8 +132,8 @@ impl Provider for SwarmProvider {
         "swarm"
     }
 
-    fn manages_replicas(&self) -> bool {
-        true
+    fn mode(&self) -> crate::provider::Mode {
+        crate::provider::Mode::Shared(Arc::new(RingStore(self.engine.clone())))
     }
 
     fn spawn(&self, spec: ReplicaSpec) -> BoxFuture<'_, Result<Instance, ProviderError>> {
@@ -158,13 +158,5 @@ impl Provider for SwarmProvider {
             self.watch_task.abort();
             tracing::info!(instance = %self.engine.settings.instance, "leaving the replica services to the swarm");
         })
-    }
-
-    fn shared_ring(&self) -> Option<Arc<dyn SharedRing>> {
-        Some(Arc::new(RingStore(self.engine.clone())))
-    }
-
-    fn restarts_replicas(&self) -> bool {
-        true
     }
 }
