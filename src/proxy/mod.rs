@@ -66,6 +66,7 @@ pub async fn forward(
     outcome: &mut Outcome,
 ) -> Response<Body> {
     let _active = retry::Active::enter();
+    let grpc = crate::grpc::is_grpc(req.headers());
     match try_forward(snap, metrics, controller, req, client, client_addr, outcome).await {
         Ok(resp) => resp,
         Err(e) => {
@@ -80,6 +81,10 @@ pub async fn forward(
             };
             if let Some(c) = counter {
                 c.fetch_add(1, Ordering::Relaxed);
+            }
+            if grpc {
+                // A gRPC client reads a status, not an HTTP error.
+                return e.into_grpc_response();
             }
             e.into_response()
         }
@@ -99,7 +104,19 @@ async fn try_forward(
     let cfg = &snap.config;
     let (parts, body) = req.into_parts();
     let budgets = client.budgets(&cfg.proxy, cfg.replicas.max_replicas);
+    if crate::grpc::is_grpc(&parts.headers)
+        && !cfg.proxy.upstream_protocol.uses_h2(parts.version)
+    {
+        // Over HTTP/1.1 the call's trailers (its status) would be lost: refused, not broken.
+        linger(body);
+        return Err(GatewayError::GrpcNeedsHttp2);
+    }
     let (place, mut body, request_timeout) = admit(cfg, &parts, body, client, &budgets).await?;
+    // A gRPC call's own deadline bounds it at the replica too.
+    let request_timeout = match crate::grpc::timeout(&parts.headers) {
+        Some(t) => request_timeout.min(t),
+        None => request_timeout,
+    };
     let route = route::route(snap, metrics, &parts, client_addr.ip())?;
     outcome.slot = Some(route.slot);
 
@@ -126,7 +143,7 @@ async fn try_forward(
         {
             Ok(mut resp) => {
                 resp.body_mut().hold(place);
-                return Ok(resp.map(Body::upstream));
+                return Ok(resp.map(Body::replica));
             }
             Err(failure) => failure,
         };

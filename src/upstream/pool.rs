@@ -45,6 +45,19 @@ pub enum Stream {
     Tls(Box<UpstreamStream>),
 }
 
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
 impl AsyncWrite for Stream {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -151,6 +164,12 @@ impl Conn {
         })
     }
 
+    /// The byte stream, for a protocol that keeps the connection itself (HTTP/2), with the
+    /// count of replica connections it stays in while it lives.
+    pub fn into_stream(self) -> (Stream, ReplicaConnection) {
+        (self.stream, self._counted)
+    }
+
     pub fn stream(&mut self) -> &mut Stream {
         &mut self.stream
     }
@@ -252,6 +271,8 @@ pub enum ConnectError {
     Tls(#[source] io::Error),
     #[error("tcp connect timed out after {0:?} (proxy.connect_timeout)")]
     Timeout(Duration),
+    #[error("the HTTP/2 handshake with the replica failed: {0} (proxy.upstream_protocol: does the replica speak h2c?)")]
+    Http2(#[source] hyper::Error),
 }
 
 #[derive(Default)]

@@ -19,6 +19,7 @@ pub mod body;
 pub mod client;
 pub mod fields;
 pub mod framing;
+pub mod h2;
 pub mod headers;
 pub mod scratch;
 pub mod server;
