@@ -380,6 +380,7 @@ mod tests {
             Arc::new(Check {
                 path: path.into(),
                 expect: ExpectStatus(expect),
+                grpc: None,
             })
         };
         let p = HttpProber::default();

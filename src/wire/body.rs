@@ -85,11 +85,55 @@ pub enum ReplicaBody {
 }
 
 impl ReplicaBody {
+    /// The connection of a `101` with the request's counts ([`UpstreamBody::into_switched`]);
+    /// `None` for any other response, and for HTTP/2, which forwards no upgrade.
+    pub fn into_switched(
+        self,
+    ) -> Option<(
+        crate::upstream::pool::Conn,
+        crate::snapshot::InFlight,
+        Option<RequestPlace>,
+    )> {
+        match self {
+            ReplicaBody::H1(b) => b.into_switched(),
+            ReplicaBody::H2(_) => None,
+        }
+    }
+
     /// Keeps the request counted in the gateway's budgets until this body is done with.
     pub fn hold(&mut self, place: RequestPlace) {
         match self {
             ReplicaBody::H1(b) => b.hold(place),
             ReplicaBody::H2(b) => b.hold(place),
+        }
+    }
+}
+
+impl HttpBody for ReplicaBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReplicaBody::H1(b) => Pin::new(b).poll_frame(cx),
+            ReplicaBody::H2(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReplicaBody::H1(b) => b.is_end_stream(),
+            ReplicaBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReplicaBody::H1(b) => b.size_hint(),
+            ReplicaBody::H2(b) => b.size_hint(),
         }
     }
 }
