@@ -189,10 +189,18 @@ mod tests {
 
     #[test]
     fn grpc_calls_are_told_by_content_type() {
-        for ct in ["application/grpc", "application/grpc+proto", "Application/GRPC"] {
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "Application/GRPC",
+        ] {
             assert!(is_grpc(&headers(&[("content-type", ct)])), "{ct}");
         }
-        for ct in ["application/grpc-web", "application/grpcx", "application/json"] {
+        for ct in [
+            "application/grpc-web",
+            "application/grpcx",
+            "application/json",
+        ] {
             assert!(!is_grpc(&headers(&[("content-type", ct)])), "{ct}");
         }
         assert!(!is_grpc(&headers(&[])));
@@ -219,10 +227,7 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["content-type"], "application/grpc");
         assert_eq!(resp.headers()["grpc-status"], "14");
-        assert_eq!(
-            resp.headers()["grpc-message"],
-            "no replica: 100%25 down%0A"
-        );
+        assert_eq!(resp.headers()["grpc-message"], "no replica: 100%25 down%0A");
     }
 
     #[test]
@@ -230,12 +235,18 @@ mod tests {
         assert_eq!(&health_request("")[..], &[0, 0, 0, 0, 0]);
         let r = health_request("demo");
         assert_eq!(&r[..], &[0, 0, 0, 0, 6, 0x0a, 4, b'd', b'e', b'm', b'o']);
-        assert_eq!(first_message(&r), Some(&[0x0a, 4, b'd', b'e', b'm', b'o'][..]));
+        assert_eq!(
+            first_message(&r),
+            Some(&[0x0a, 4, b'd', b'e', b'm', b'o'][..])
+        );
         assert_eq!(first_message(&r[..7]), None, "cut short");
         assert!(health_serving(&[0x08, 1]));
         assert!(!health_serving(&[0x08, 2]), "NOT_SERVING");
         assert!(!health_serving(&[]), "UNKNOWN");
-        assert!(health_serving(&[0x12, 2, b'x', b'y', 0x08, 1]), "unknown fields skipped");
+        assert!(
+            health_serving(&[0x12, 2, b'x', b'y', 0x08, 1]),
+            "unknown fields skipped"
+        );
         assert!(!health_serving(&[0x08]), "cut short");
     }
 }

@@ -460,11 +460,18 @@ mod tests {
     fn the_grpc_method_is_a_key_of_grpc_calls_only() {
         let ip: IpAddr = "10.1.2.3".parse().expect("ip");
         let m: KeySource = "grpc_method".parse().expect("source");
-        let call = parts("/demo.Demo/Who", &[("content-type", "application/grpc+proto")]);
+        let call = parts(
+            "/demo.Demo/Who",
+            &[("content-type", "application/grpc+proto")],
+        );
         assert_eq!(m.extract(&call, ip).as_deref(), Some("/demo.Demo/Who"));
         let call = parts("/demo.Demo/Who", &[("content-type", "Application/GRPC")]);
         assert_eq!(m.extract(&call, ip).as_deref(), Some("/demo.Demo/Who"));
-        for ct in ["application/json", "application/grpc-web", "application/grpcx"] {
+        for ct in [
+            "application/json",
+            "application/grpc-web",
+            "application/grpcx",
+        ] {
             let p = parts("/demo.Demo/Who", &[("content-type", ct)]);
             assert_eq!(m.extract(&p, ip), None, "{ct}");
         }

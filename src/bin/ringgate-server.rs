@@ -217,11 +217,19 @@ mod grpc {
         let mut messages = Messages::new(req.into_body());
         match path.as_str() {
             "/ringgate.demo.Demo/Who" => {
-                let text = messages.next().await.map(|m| text_of(&m)).unwrap_or_default();
+                let text = messages
+                    .next()
+                    .await
+                    .map(|m| text_of(&m))
+                    .unwrap_or_default();
                 who(&id, &text).await
             }
             "/ringgate.demo.Demo/Count" => {
-                let text = messages.next().await.map(|m| text_of(&m)).unwrap_or_default();
+                let text = messages
+                    .next()
+                    .await
+                    .map(|m| text_of(&m))
+                    .unwrap_or_default();
                 count(id, &text)
             }
             "/ringgate.demo.Demo/Sum" => {
@@ -233,7 +241,11 @@ mod grpc {
             }
             "/ringgate.demo.Demo/Chat" => chat(id, messages),
             "/grpc.health.v1.Health/Check" => {
-                let service = messages.next().await.map(|m| text_of(&m)).unwrap_or_default();
+                let service = messages
+                    .next()
+                    .await
+                    .map(|m| text_of(&m))
+                    .unwrap_or_default();
                 match service.as_str() {
                     "" | "ringgate.demo.Demo" => {
                         let (tx, body) = channel();
@@ -244,7 +256,10 @@ mod grpc {
                     other => trailers_only(5, &format!("unknown service {other}")),
                 }
             }
-            other => trailers_only(Code::Unimplemented as u8, &format!("{other} is not served here")),
+            other => trailers_only(
+                Code::Unimplemented as u8,
+                &format!("{other} is not served here"),
+            ),
         }
     }
 
@@ -279,7 +294,11 @@ mod grpc {
                 if i > 1 && ms > 0 {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
-                if tx.send(Frame::data(frame(&reply(&id, &i.to_string())))).await.is_err() {
+                if tx
+                    .send(Frame::data(frame(&reply(&id, &i.to_string()))))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -294,7 +313,11 @@ mod grpc {
         tokio::spawn(async move {
             while let Some(m) = messages.next().await {
                 let text = text_of(&m);
-                if tx.send(Frame::data(frame(&reply(&id, &text)))).await.is_err() {
+                if tx
+                    .send(Frame::data(frame(&reply(&id, &text))))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -315,7 +338,10 @@ mod grpc {
     fn trailers_only(code: u8, message: &str) -> Response<Out> {
         let mut r = Response::new(http_body_util::Empty::new().boxed());
         let h = r.headers_mut();
-        h.insert("content-type", hyper::header::HeaderValue::from_static("application/grpc"));
+        h.insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("application/grpc"),
+        );
         h.insert("grpc-status", u16::from(code).into());
         if let Ok(m) = message.parse() {
             h.insert("grpc-message", m);
@@ -403,13 +429,18 @@ mod grpc {
 
     impl Messages {
         fn new(body: Incoming) -> Messages {
-            Messages { body, buf: BytesMut::new(), ended: false }
+            Messages {
+                body,
+                buf: BytesMut::new(),
+                ended: false,
+            }
         }
 
         async fn next(&mut self) -> Option<Bytes> {
             loop {
                 if self.buf.len() >= 5 {
-                    let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+                    let len =
+                        u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
                     let len = usize::try_from(len).ok()?;
                     if self.buf.len() >= 5 + len {
                         self.buf.advance(5);

@@ -277,7 +277,8 @@ impl Config {
         if self.health.protocol == HealthProtocol::Http && !self.health.grpc_service.is_empty() {
             bad(
                 "health.grpc_service",
-                "is only used by gRPC checks: set health.protocol = \"grpc\" too, or remove it".into(),
+                "is only used by gRPC checks: set health.protocol = \"grpc\" too, or remove it"
+                    .into(),
             );
         }
         if px.max_requests_per_ip > px.max_requests && px.max_requests != 0 {
@@ -576,8 +577,11 @@ mod tests {
             ("h2c", UpstreamProtocol::H2c),
             ("match", UpstreamProtocol::Match),
         ] {
-            let c = Config::parse(&format!("[proxy]\nupstream_protocol = \"{text}\"\n"), Path::new("lb.toml"))
-                .expect("valid");
+            let c = Config::parse(
+                &format!("[proxy]\nupstream_protocol = \"{text}\"\n"),
+                Path::new("lb.toml"),
+            )
+            .expect("valid");
             assert_eq!(c.proxy.upstream_protocol, want);
         }
         let e = err("[proxy]\nupstream_protocol = \"h3\"\n");
@@ -586,8 +590,11 @@ mod tests {
         assert!(e.contains("proxy.upstream_protocol"), "{e}");
         let e = err("[health]\ngrpc_service = \"x\"\n");
         assert!(e.contains("health.grpc_service"), "{e}");
-        let c = Config::parse("[health]\nprotocol = \"grpc\"\ngrpc_service = \"x\"\n", Path::new("lb.toml"))
-            .expect("valid");
+        let c = Config::parse(
+            "[health]\nprotocol = \"grpc\"\ngrpc_service = \"x\"\n",
+            Path::new("lb.toml"),
+        )
+        .expect("valid");
         assert_eq!(c.health.protocol, HealthProtocol::Grpc);
     }
 

@@ -98,11 +98,17 @@ impl HttpProber {
         let result = match &check.grpc {
             None => {
                 let asked = ask(addr, &check.path, tls.as_deref(), timeout, deadline);
-                tokio::time::timeout_at(deadline, asked).await.ok().flatten()
+                tokio::time::timeout_at(deadline, asked)
+                    .await
+                    .ok()
+                    .flatten()
             }
             Some(service) => {
                 let asked = ask_grpc(addr, service, timeout, deadline);
-                tokio::time::timeout_at(deadline, asked).await.ok().flatten()
+                tokio::time::timeout_at(deadline, asked)
+                    .await
+                    .ok()
+                    .flatten()
             }
         };
         judge(&check, timeout, started, at, result)
@@ -135,7 +141,10 @@ async fn ask(
             Err(e) if e.is_timeout() => None,
             Err(e) => Some(Err(cause(&e))),
         },
-        Upstream::H2(_) => Some(Err(("an HTTP check got an HTTP/2 connection".into(), false))),
+        Upstream::H2(_) => Some(Err((
+            "an HTTP check got an HTTP/2 connection".into(),
+            false,
+        ))),
     }
 }
 
@@ -151,7 +160,9 @@ async fn ask_grpc(
     let kind = upstream::Kind::H2 { keepalive: timeout };
     let conn = match upstream::connect(addr, timeout, None, kind).await {
         Ok(Upstream::H2(c)) => c,
-        Ok(Upstream::H1(_)) => return Some(Err(("a gRPC check got an HTTP/1 connection".into(), false))),
+        Ok(Upstream::H1(_)) => {
+            return Some(Err(("a gRPC check got an HTTP/1 connection".into(), false)))
+        }
         Err(ConnectError::Timeout(_)) => return None,
         Err(e) => return Some(Err(cause(&e))),
     };

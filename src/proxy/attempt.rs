@@ -26,8 +26,8 @@ use crate::proxy::body::ProxyBody;
 use crate::proxy::failure::{Failure, Kind, Whose};
 use crate::snapshot::{InFlight, Snapshot, Upstream};
 use crate::upstream;
-use crate::wire::client::head::RequestFraming;
 use crate::wire::body::ReplicaBody;
+use crate::wire::client::head::RequestFraming;
 use crate::wire::client::{Forwarded, Request};
 
 /// What every attempt of one request shares.

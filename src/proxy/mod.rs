@@ -104,9 +104,7 @@ async fn try_forward(
     let cfg = &snap.config;
     let (parts, body) = req.into_parts();
     let budgets = client.budgets(&cfg.proxy, cfg.replicas.max_replicas);
-    if crate::grpc::is_grpc(&parts.headers)
-        && !cfg.proxy.upstream_protocol.uses_h2(parts.version)
-    {
+    if crate::grpc::is_grpc(&parts.headers) && !cfg.proxy.upstream_protocol.uses_h2(parts.version) {
         // Over HTTP/1.1 the call's trailers (its status) would be lost: refused, not broken.
         linger(body);
         return Err(GatewayError::GrpcNeedsHttp2);

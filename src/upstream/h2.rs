@@ -272,6 +272,9 @@ mod tests {
         assert!(!has_room(100, 100));
         assert!(!has_room(1, 1), "a replica allowing one stream gets one");
         assert!(!has_room(0, 0), "a replica allowing none gets none");
-        assert!(!has_room(MAX_STREAMS_PER_CONN, 1000), "ours caps a generous replica");
+        assert!(
+            !has_room(MAX_STREAMS_PER_CONN, 1000),
+            "ours caps a generous replica"
+        );
     }
 }

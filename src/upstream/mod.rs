@@ -40,7 +40,9 @@ pub enum Upstream {
 pub enum Kind {
     H1,
     /// HTTP/2, pinging the replica this often.
-    H2 { keepalive: Duration },
+    H2 {
+        keepalive: Duration,
+    },
 }
 
 /// A new connection of `kind` to `addr` within `timeout`: TLS with `tls`
@@ -108,13 +110,9 @@ async fn send_h2<B: Outgoing + Send + 'static>(
         let conn = match pooled.take() {
             Some(c) => c,
             None => {
-                let c = H2Conn::connect(
-                    req.addr,
-                    req.connect_timeout,
-                    req.tls,
-                    req.http2_keepalive,
-                )
-                .await?;
+                let c =
+                    H2Conn::connect(req.addr, req.connect_timeout, req.tls, req.http2_keepalive)
+                        .await?;
                 h2::keep(&c);
                 c
             }
@@ -126,9 +124,9 @@ async fn send_h2<B: Outgoing + Send + 'static>(
         match wire_h2::exchange(sender, request, req.deadline).await {
             Ok(resp) => {
                 let read_timeout = req.read_timeout;
-                return Ok(resp.map(|b| {
-                    ReplicaBody::H2(H2Body::new(b, stream, read_timeout, in_flight))
-                }));
+                return Ok(
+                    resp.map(|b| ReplicaBody::H2(H2Body::new(b, stream, read_timeout, in_flight)))
+                );
             }
             Err(SendError::Unprocessed(_)) if reused && body.untouched() => {
                 h2::forget(&conn);

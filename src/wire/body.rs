@@ -17,8 +17,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 
-use crate::error::BoxError;
 use crate::admission::RequestPlace;
+use crate::error::BoxError;
 use crate::wire::client::UpstreamBody;
 use crate::wire::h2::H2Body;
 use crate::wire::server::body::Http1Body;

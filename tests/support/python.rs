@@ -20,11 +20,18 @@ pub fn require(modules: &[&str]) -> Option<PathBuf> {
     if !python.exists() {
         engines::missing(
             "no Python test clients",
-            &format!("{} is missing; run `bench/deps.sh python` (make test does)", python.display()),
+            &format!(
+                "{} is missing; run `bench/deps.sh python` (make test does)",
+                python.display()
+            ),
         );
         return None;
     }
-    let imports = modules.iter().map(|m| format!("import {m}")).collect::<Vec<_>>().join("; ");
+    let imports = modules
+        .iter()
+        .map(|m| format!("import {m}"))
+        .collect::<Vec<_>>()
+        .join("; ");
     let ok = Command::new(&python)
         .args(["-c", &imports])
         .output()
@@ -33,7 +40,10 @@ pub fn require(modules: &[&str]) -> Option<PathBuf> {
     if !ok {
         engines::missing(
             "Python test clients incomplete",
-            &format!("`{imports}` fails in {}; run `bench/deps.sh python`", python.display()),
+            &format!(
+                "`{imports}` fails in {}; run `bench/deps.sh python`",
+                python.display()
+            ),
         );
         return None;
     }

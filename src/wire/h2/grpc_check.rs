@@ -70,8 +70,8 @@ pub async fn check(
     service: &str,
     deadline: Instant,
 ) -> Result<(), GrpcCheckError> {
-    let body = http_body_util::Full::new(grpc::health_request(service))
-        .map_err(|never| match never {});
+    let body =
+        http_body_util::Full::new(grpc::health_request(service)).map_err(|never| match never {});
     let uri = format!("http://{addr}{PATH}");
     let mut req = http::Request::builder()
         .method(Method::POST)
@@ -79,7 +79,10 @@ pub async fn check(
         .version(http::Version::HTTP_2)
         .body(SendBody::new(body))?;
     let h = req.headers_mut();
-    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
     h.insert(http::header::TE, HeaderValue::from_static("trailers"));
     let (sender, _stream) = conn.open_stream();
     let resp = exchange(sender, req, deadline).await?;

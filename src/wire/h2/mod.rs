@@ -86,9 +86,10 @@ fn forwarded_fields(f: &Forwarded<'_>, host: Option<&str>) -> Result<HeaderMap, 
     let mut trailers = false;
     for (name, value) in headers {
         if *name == header::TE {
-            trailers |= value
-                .to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+            trailers |= value.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
             continue;
         }
         if *name == header::HOST
@@ -316,6 +317,9 @@ mod tests {
         let replica = "127.0.0.1:9".parse().expect("addr");
         let req = request(&forwarded(&parts), "http", replica, SendBody::empty()).expect("valid");
         assert_eq!(req.uri().to_string(), "http://127.0.0.1:9/home");
-        assert!(!req.headers().contains_key("te"), "only te: trailers goes on");
+        assert!(
+            !req.headers().contains_key("te"),
+            "only te: trailers goes on"
+        );
     }
 }

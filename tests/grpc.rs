@@ -1,0 +1,338 @@
+//! gRPC through the gateway (issue 26): a real gRPC client (Python `grpcio`) over h2c to the
+//! gateway, which routes every call by its own key to real gRPC servers: `ringgate-server`
+//! process replicas, and Python `grpcio` servers as `static` replicas. Health by
+//! `grpc.health.v1`. Nothing is mocked; every process a test starts is killed when it ends,
+//! also on failure.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{call_with, client, Conf, GatewayProcess};
+
+/// The client side of every test: one channel, the calls the test asks for, a JSON report.
+const CLIENT: &str = r#"
+import sys, json, grpc
+
+def varint(n):
+    out = b''
+    while n >= 0x80:
+        out += bytes([(n & 0x7f) | 0x80]); n >>= 7
+    return out + bytes([n])
+
+def msg(text):
+    b = text.encode()
+    return b'\x0a' + varint(len(b)) + b
+
+def fields(b):
+    out, i = {}, 0
+    while i < len(b):
+        key = b[i]; i += 1
+        n, shift = 0, 0
+        while True:
+            c = b[i]; i += 1
+            n |= (c & 0x7f) << shift; shift += 7
+            if c < 0x80: break
+        out[key >> 3] = b[i:i+n].decode(); i += n
+    return out
+
+def reply(b):
+    f = fields(b)
+    return {'server': f.get(1, ''), 'text': f.get(2, '')}
+
+def status(f):
+    try:
+        return {'ok': f()}
+    except grpc.RpcError as e:
+        return {'code': e.code().name, 'details': e.details()}
+
+target, what = sys.argv[1], sys.argv[2].split(',')
+ch = grpc.insecure_channel(target)
+who = ch.unary_unary('/ringgate.demo.Demo/Who')
+count = ch.unary_stream('/ringgate.demo.Demo/Count')
+total = ch.stream_unary('/ringgate.demo.Demo/Sum')
+chat = ch.stream_stream('/ringgate.demo.Demo/Chat')
+out = {}
+if 'unary' in what:
+    def one():
+        r, call = who.with_call(msg('hi'), metadata=[('x-user', 'u-1')], timeout=20)
+        trailing = dict(call.trailing_metadata())
+        return {'reply': reply(r), 'trailing': trailing.get('x-server-id')}
+    out['unary'] = status(one)
+if 'keys' in what:
+    keys = ['user-%d' % i for i in range(400)]
+    futures = [who.future(msg(k), metadata=[('x-user', k)], timeout=60) for k in keys]
+    out['keys'] = {k: reply(f.result())['server'] for k, f in zip(keys, futures)}
+if 'streams' in what:
+    out['count'] = status(lambda: [reply(r)['text'] for r in count(msg('5'), metadata=[('x-user', 'u-2')], timeout=20)])
+    out['sum'] = status(lambda: reply(total(iter([msg('a'), msg('b'), msg('c')]), metadata=[('x-user', 'u-3')], timeout=20))['text'])
+    out['chat'] = status(lambda: [reply(r)['text'] for r in chat(iter([msg('x'), msg('y')]), metadata=[('x-user', 'u-4')], timeout=20)])
+if 'errors' in what:
+    out['fail'] = status(lambda: who(msg('fail:5:no such thing'), timeout=20))
+    out['deadline'] = status(lambda: who(msg('sleep:3000'), timeout=0.5))
+if 'health' in what:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    stub = health_pb2_grpc.HealthStub(ch)
+    out['health'] = status(lambda: health_pb2.HealthCheckResponse.ServingStatus.Name(
+        stub.Check(health_pb2.HealthCheckRequest(service=''), timeout=20).status))
+print(json.dumps(out, default=lambda b: b.decode() if isinstance(b, bytes) else str(b)))
+"#;
+
+/// A Python `grpcio` server answering `ringgate.demo.Demo` like `ringgate-server` does (with its
+/// own name), and `grpc.health.v1` from `grpcio-health-checking`. Prints its port once serving.
+const SERVER: &str = r#"
+import sys, time, grpc
+from concurrent import futures
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+name = sys.argv[1]
+
+def varint(n):
+    out = b''
+    while n >= 0x80:
+        out += bytes([(n & 0x7f) | 0x80]); n >>= 7
+    return out + bytes([n])
+
+def s(tag, text):
+    b = text.encode()
+    return bytes([tag]) + varint(len(b)) + b
+
+def text_of(req):
+    return req[2:2 + req[1]].decode() if len(req) > 2 and req[0] == 0x0a else ''
+
+def reply(text):
+    return s(0x0a, name) + s(0x12, text)
+
+def who(req, ctx):
+    text = text_of(req)
+    if text.startswith('fail:'):
+        code, _, message = text[5:].partition(':')
+        ctx.abort(grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == int(code))), message)
+    if text.startswith('sleep:'):
+        time.sleep(int(text[6:]) / 1000)
+    ctx.set_trailing_metadata((('x-server-id', name),))
+    return reply(text)
+
+def count(req, ctx):
+    for i in range(1, int(text_of(req) or '0') + 1):
+        yield reply(str(i))
+
+def total(reqs, ctx):
+    return reply(str(sum(1 for _ in reqs)))
+
+def chat(reqs, ctx):
+    for r in reqs:
+        yield reply(text_of(r))
+
+handler = grpc.method_handlers_generic_handler('ringgate.demo.Demo', {
+    'Who': grpc.unary_unary_rpc_method_handler(who),
+    'Count': grpc.unary_stream_rpc_method_handler(count),
+    'Sum': grpc.stream_unary_rpc_method_handler(total),
+    'Chat': grpc.stream_stream_rpc_method_handler(chat),
+})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+server.add_generic_rpc_handlers((handler,))
+hs = health.HealthServicer()
+hs.set('', health_pb2.HealthCheckResponse.SERVING)
+health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+port = server.add_insecure_port('127.0.0.1:0')
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"#;
+
+/// A child process killed when the test ends, however it ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the client against `gw` for `what` (comma-separated parts of [`CLIENT`]).
+fn run_client(python: &Path, gw: &GatewayProcess, what: &str) -> Value {
+    let out = Command::new(python)
+        .args(["-c", CLIENT, &gw.addr.to_string(), what])
+        .output()
+        .expect("run the Python gRPC client");
+    assert!(
+        out.status.success(),
+        "the client failed: {}\ngateway log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "client output is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// A Python gRPC server named `name`, and its address once it serves.
+fn python_server(python: &Path, name: &str) -> (Killed, String) {
+    let mut child = Command::new(python)
+        .args(["-c", SERVER, name])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start a Python gRPC server");
+    let stdout = child.stdout.take().expect("its stdout");
+    let child = Killed(child);
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("the server's port");
+    let port: u16 = line.trim().parse().expect("a port number");
+    (child, format!("127.0.0.1:{port}"))
+}
+
+/// Which replica answers `GET /home` with `x-user: <key>` over HTTP/1 (the same key source),
+/// for every key.
+async fn http_owners(gw: &GatewayProcess, keys: &[&str]) -> HashMap<String, String> {
+    let c = client();
+    let mut out = HashMap::new();
+    for k in keys {
+        let (code, body) = call_with(&c, "GET", &gw.url("/home"), "", &[("x-user", k)]).await;
+        assert_eq!(code, 200, "{body}");
+        out.insert(
+            k.to_string(),
+            support::server_of(&body).expect("a /home answer"),
+        );
+    }
+    out
+}
+
+fn h2c_conf(protocol: &str) -> Conf {
+    Conf {
+        replicas: "count = 3\n".into(),
+        hashing: "key = \"header:x-user\"\n".into(),
+        proxy: format!("upstream_protocol = \"{protocol}\"\n"),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\n".into(),
+        ..Conf::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_reach_process_replicas_over_h2c_each_routed_by_its_own_key() {
+    let Some(python) = support::python::require(&["grpc", "grpc_health.v1.health"]) else {
+        return;
+    };
+    let gw = GatewayProcess::start(&h2c_conf("h2c"));
+    let out = run_client(&python, &gw, "unary,keys,streams,errors,health");
+
+    let unary = &out["unary"]["ok"];
+    let server = unary["reply"]["server"].as_str().expect("a server");
+    assert!(server.starts_with("server-"), "{out}");
+    assert_eq!(unary["trailing"], server, "trailing metadata: {out}");
+    assert_eq!(
+        out["count"]["ok"],
+        serde_json::json!(["1", "2", "3", "4", "5"])
+    );
+    assert_eq!(out["sum"]["ok"], "3");
+    assert_eq!(out["chat"]["ok"], serde_json::json!(["x", "y"]));
+    assert_eq!(out["fail"]["code"], "NOT_FOUND", "{out}");
+    assert_eq!(out["fail"]["details"], "no such thing");
+    assert_eq!(out["deadline"]["code"], "DEADLINE_EXCEEDED", "{out}");
+    assert_eq!(out["health"]["ok"], "SERVING", "{out}");
+
+    // 400 calls on one channel: each answered by its key's owner, the keys over every replica.
+    let keys = out["keys"].as_object().expect("the keys' answers");
+    assert_eq!(keys.len(), 400);
+    let sample: Vec<&str> = keys.keys().take(40).map(String::as_str).collect();
+    let owners = http_owners(&gw, &sample).await;
+    for (k, owner) in &owners {
+        assert_eq!(keys[k], owner.as_str(), "key {k}: gRPC and HTTP disagree");
+    }
+    let servers: HashSet<&str> = keys.values().filter_map(Value::as_str).collect();
+    assert_eq!(
+        servers.len(),
+        3,
+        "keys spread over all replicas: {servers:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_reaches_python_grpcio_static_replicas_checked_by_grpc_health() {
+    let Some(python) = support::python::require(&["grpc", "grpc_health.v1.health"]) else {
+        return;
+    };
+    let (_a, addr_a) = python_server(&python, "py-a");
+    let (_b, addr_b) = python_server(&python, "py-b");
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"py-a\", address = \"{addr_a}\" }}, {{ name = \"py-b\", address = \"{addr_b}\" }}]\n"
+        ),
+        hashing: "key = \"header:x-user\"\n".into(),
+        proxy: "upstream_protocol = \"match\"\n".into(),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
+        s["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
+    })
+    .await;
+    let out = run_client(&python, &gw, "unary,keys,streams,errors");
+    let unary = &out["unary"]["ok"];
+    let server = unary["reply"]["server"].as_str().expect("a server");
+    assert!(server == "py-a" || server == "py-b", "{out}");
+    assert_eq!(unary["trailing"], server, "trailing metadata: {out}");
+    assert_eq!(
+        out["count"]["ok"],
+        serde_json::json!(["1", "2", "3", "4", "5"])
+    );
+    assert_eq!(out["sum"]["ok"], "3");
+    assert_eq!(out["chat"]["ok"], serde_json::json!(["x", "y"]));
+    assert_eq!(out["fail"]["code"], "NOT_FOUND", "{out}");
+    assert_eq!(out["fail"]["details"], "no such thing");
+    assert_eq!(out["deadline"]["code"], "DEADLINE_EXCEEDED", "{out}");
+    let servers: HashSet<&str> = out["keys"]
+        .as_object()
+        .expect("the keys' answers")
+        .values()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(servers, HashSet::from(["py-a", "py-b"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_under_http1_upstreams_is_unimplemented_naming_the_setting() {
+    let Some(python) = support::python::require(&["grpc"]) else {
+        return;
+    };
+    let mut conf = h2c_conf("http1");
+    conf.health = String::new();
+    conf.replicas = "count = 1\n".into();
+    let gw = GatewayProcess::start(&conf);
+    let out = run_client(&python, &gw, "unary");
+    assert_eq!(out["unary"]["code"], "UNIMPLEMENTED", "{out}");
+    let details = out["unary"]["details"].as_str().expect("a message");
+    assert!(details.contains("proxy.upstream_protocol"), "{details}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_with_no_replica_left_is_unavailable() {
+    let Some(python) = support::python::require(&["grpc"]) else {
+        return;
+    };
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        // Nothing listens there: the check takes it out, and no replica is left.
+        provider: "servers = [{ name = \"gone\", address = \"127.0.0.1:9\" }]\n".into(),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        health: "protocol = \"grpc\"\ninterval = \"100ms\"\nfall = 1\n".into(),
+        ..Conf::default()
+    });
+    let out = run_client(&python, &gw, "unary");
+    assert_eq!(out["unary"]["code"], "UNAVAILABLE", "{out}");
+}
