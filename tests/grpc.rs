@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::tls::Pki;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -52,7 +54,12 @@ def status(f):
         return {'code': e.code().name, 'details': e.details()}
 
 target, what = sys.argv[1], sys.argv[2].split(',')
-ch = grpc.insecure_channel(target)
+if len(sys.argv) > 3:
+    # TLS to the gateway, trusting the test CA; the certificate names localhost.
+    creds = grpc.ssl_channel_credentials(open(sys.argv[3], 'rb').read())
+    ch = grpc.secure_channel(target, creds, options=[('grpc.ssl_target_name_override', 'localhost')])
+else:
+    ch = grpc.insecure_channel(target)
 who = ch.unary_unary('/ringgate.demo.Demo/Who')
 count = ch.unary_stream('/ringgate.demo.Demo/Count')
 total = ch.stream_unary('/ringgate.demo.Demo/Sum')
@@ -140,7 +147,12 @@ server.add_generic_rpc_handlers((handler,))
 hs = health.HealthServicer()
 hs.set('', health_pb2.HealthCheckResponse.SERVING)
 health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-port = server.add_insecure_port('127.0.0.1:0')
+if len(sys.argv) > 3:
+    # TLS: the certificate and key files given; ALPN h2 is grpcio's own.
+    creds = grpc.ssl_server_credentials([(open(sys.argv[2], 'rb').read(), open(sys.argv[3], 'rb').read())])
+    port = server.add_secure_port('127.0.0.1:0', creds)
+else:
+    port = server.add_insecure_port('127.0.0.1:0')
 server.start()
 print(port, flush=True)
 server.wait_for_termination()
@@ -158,8 +170,20 @@ impl Drop for Killed {
 
 /// Runs the client against `gw` for `what` (comma-separated parts of [`CLIENT`]).
 fn run_client(python: &Path, gw: &GatewayProcess, what: &str) -> Value {
+    run_client_on(python, gw, &gw.addr.to_string(), what, &[])
+}
+
+/// [`run_client`] to `target`, with `extra` arguments (the CA file: TLS).
+fn run_client_on(
+    python: &Path,
+    gw: &GatewayProcess,
+    target: &str,
+    what: &str,
+    extra: &[&str],
+) -> Value {
     let out = Command::new(python)
-        .args(["-c", CLIENT, &gw.addr.to_string(), what])
+        .args(["-c", CLIENT, target, what])
+        .args(extra)
         .output()
         .expect("run the Python gRPC client");
     assert!(
@@ -178,8 +202,14 @@ fn run_client(python: &Path, gw: &GatewayProcess, what: &str) -> Value {
 
 /// A Python gRPC server named `name`, and its address once it serves.
 fn python_server(python: &Path, name: &str) -> (Killed, String) {
+    python_server_with(python, name, &[])
+}
+
+/// [`python_server`] with `extra` arguments (key and certificate files: TLS).
+fn python_server_with(python: &Path, name: &str, extra: &[&str]) -> (Killed, String) {
     let mut child = Command::new(python)
         .args(["-c", SERVER, name])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -335,4 +365,58 @@ async fn a_grpc_call_with_no_replica_left_is_unavailable() {
     });
     let out = run_client(&python, &gw, "unary");
     assert_eq!(out["unary"]["code"], "UNAVAILABLE", "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_tls_with_alpn_h2_on_both_legs() {
+    let Some(python) = support::python::require(&["grpc", "grpc_health.v1.health"]) else {
+        return;
+    };
+    let certs = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new(certs.path());
+    let (gw_cert, gw_key) = pki.install("gateway", &pki.issue("gateway", &["localhost"]));
+    let (rep_cert, rep_key) = pki.install("replica", &pki.issue("replica", &["127.0.0.1"]));
+    let (rep_cert, rep_key) = (
+        rep_cert.display().to_string(),
+        rep_key.display().to_string(),
+    );
+    let (_a, addr_a) = python_server_with(&python, "tls-a", &[&rep_key, &rep_cert]);
+    let (_b, addr_b) = python_server_with(&python, "tls-b", &[&rep_key, &rep_cert]);
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"tls-a\", address = \"{addr_a}\" }}, {{ name = \"tls-b\", address = \"{addr_b}\" }}]\nupstream_tls = true\nupstream_ca = \"{}\"\n",
+            pki.ca_path().display()
+        ),
+        hashing: "key = \"header:x-user\"\n".into(),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
+        tls: support::tls::section(&[(gw_cert, gw_key)], ""),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(20), "both TLS replicas up", |s| {
+        s["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
+    })
+    .await;
+    let ca = pki.ca_path().display().to_string();
+    let target = gw.tls_addr().to_string();
+    let out = run_client_on(&python, &gw, &target, "unary,keys,streams", &[&ca]);
+    let unary = &out["unary"]["ok"];
+    let server = unary["reply"]["server"].as_str().expect("a server");
+    assert!(server == "tls-a" || server == "tls-b", "{out}");
+    assert_eq!(unary["trailing"], server, "trailing metadata: {out}");
+    assert_eq!(
+        out["count"]["ok"],
+        serde_json::json!(["1", "2", "3", "4", "5"])
+    );
+    assert_eq!(out["chat"]["ok"], serde_json::json!(["x", "y"]));
+    let servers: HashSet<&str> = out["keys"]
+        .as_object()
+        .expect("the keys' answers")
+        .values()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(servers, HashSet::from(["tls-a", "tls-b"]));
 }

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{is_valid_hostname, Config, HealthProtocol, ProviderKind, UpstreamProtocol, MAX_SLOTS};
+use super::{is_valid_hostname, Config, HealthProtocol, ProviderKind, MAX_SLOTS};
 
 /// One thing wrong with a config, naming its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,24 +255,6 @@ impl Config {
         }
         if px.http2_max_streams == 0 {
             bad("proxy.http2_max_streams", "must be at least 1".into());
-        }
-        // HTTP/2 over TLS needs ALPN `h2` offered to the replicas, which the upstream TLS client
-        // does not do yet: refused here rather than a handshake that settles on HTTP/1.1 under
-        // an HTTP/2 connection.
-        if self.provider.upstream_tls && px.upstream_protocol != UpstreamProtocol::Http1 {
-            bad(
-                "proxy.upstream_protocol",
-                format!(
-                    "{:?} with provider.upstream_tls is not supported yet (HTTP/2 to replicas is cleartext, h2c, for now): use \"http1\" with upstream_tls",
-                    px.upstream_protocol.to_string()
-                ),
-            );
-        }
-        if self.provider.upstream_tls && self.health.protocol == HealthProtocol::Grpc {
-            bad(
-                "health.protocol",
-                "\"grpc\" checks with provider.upstream_tls are not supported yet (they speak h2c): use \"http\"".into(),
-            );
         }
         if self.health.protocol == HealthProtocol::Http && !self.health.grpc_service.is_empty() {
             bad(
@@ -571,7 +553,8 @@ mod tests {
     }
 
     #[test]
-    fn upstream_protocols_parse_and_h2_over_tls_is_refused_for_now() {
+    fn upstream_protocols_parse_and_grpc_service_needs_grpc_checks() {
+        use crate::config::UpstreamProtocol;
         for (text, want) in [
             ("http1", UpstreamProtocol::Http1),
             ("h2c", UpstreamProtocol::H2c),
@@ -586,8 +569,6 @@ mod tests {
         }
         let e = err("[proxy]\nupstream_protocol = \"h3\"\n");
         assert!(e.contains("upstream_protocol") || e.contains("h3"), "{e}");
-        let e = err("[provider]\nupstream_tls = true\nupstream_ca = \"ca.pem\"\n[proxy]\nupstream_protocol = \"h2c\"\n");
-        assert!(e.contains("proxy.upstream_protocol"), "{e}");
         let e = err("[health]\ngrpc_service = \"x\"\n");
         assert!(e.contains("health.grpc_service"), "{e}");
         let c = Config::parse(

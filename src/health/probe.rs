@@ -104,7 +104,7 @@ impl HttpProber {
                     .flatten()
             }
             Some(service) => {
-                let asked = ask_grpc(addr, service, timeout, deadline);
+                let asked = ask_grpc(addr, service, tls.as_deref(), timeout, deadline);
                 tokio::time::timeout_at(deadline, asked)
                     .await
                     .ok()
@@ -148,17 +148,19 @@ async fn ask(
     }
 }
 
-/// One `grpc.health.v1.Health/Check` of `service` at `addr` over a new h2c connection (never
-/// pooled, like an HTTP check's): `Ok(200)` when it answered `SERVING`, else why not.
+/// One `grpc.health.v1.Health/Check` of `service` at `addr` over a new HTTP/2 connection (h2c,
+/// or TLS with ALPN `h2` with `tls`; never pooled, like an HTTP check's): `Ok(200)` when it
+/// answered `SERVING`, else why not.
 async fn ask_grpc(
     addr: SocketAddr,
     service: &str,
+    tls: Option<&UpstreamTls>,
     timeout: Duration,
     deadline: tokio::time::Instant,
 ) -> Option<Result<u16, (String, bool)>> {
     // The connection pings only while a check could last: it is dropped with the check.
     let kind = upstream::Kind::H2 { keepalive: timeout };
-    let conn = match upstream::connect(addr, timeout, None, kind).await {
+    let conn = match upstream::connect(addr, timeout, tls, kind).await {
         Ok(Upstream::H2(c)) => c,
         Ok(Upstream::H1(_)) => {
             return Some(Err(("a gRPC check got an HTTP/1 connection".into(), false)))
@@ -166,7 +168,8 @@ async fn ask_grpc(
         Err(ConnectError::Timeout(_)) => return None,
         Err(e) => return Some(Err(cause(&e))),
     };
-    match grpc_check::check(&conn, addr, service, deadline).await {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    match grpc_check::check(&conn, scheme, addr, service, deadline).await {
         Ok(()) => Some(Ok(200)),
         Err(e) if e.is_timeout() => None,
         Err(e) => Some(Err(cause(&e))),

@@ -117,8 +117,8 @@ impl Drop for StreamGuard {
 }
 
 impl H2Conn {
-    /// Connects to `addr` within `timeout` (TCP, and TLS with `tls`) and starts HTTP/2 with
-    /// prior knowledge on it; a PING every `keepalive` (unanswered within the same time, the
+    /// Connects to `addr` within `timeout` (TCP, and TLS with `tls`, ALPN `h2`) and starts
+    /// HTTP/2 on it (with prior knowledge over TCP); a PING every `keepalive` (unanswered within the same time, the
     /// connection is closed). The connection is driven by a task on this thread's runtime.
     pub async fn connect(
         addr: SocketAddr,
@@ -126,7 +126,7 @@ impl H2Conn {
         tls: Option<&UpstreamTls>,
         keepalive: Duration,
     ) -> Result<H2Conn, ConnectError> {
-        let conn = Conn::connect(addr, timeout, tls).await?;
+        let conn = Conn::connect_for(addr, timeout, tls, true).await?;
         let (stream, counted) = conn.into_stream();
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder

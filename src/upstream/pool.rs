@@ -138,6 +138,17 @@ impl Conn {
         timeout: Duration,
         tls: Option<&UpstreamTls>,
     ) -> Result<Conn, ConnectError> {
+        Conn::connect_for(addr, timeout, tls, false).await
+    }
+
+    /// [`Conn::connect`] for HTTP/2 when `h2`: over TLS, ALPN `h2` is offered and must be
+    /// selected.
+    pub async fn connect_for(
+        addr: SocketAddr,
+        timeout: Duration,
+        tls: Option<&UpstreamTls>,
+        h2: bool,
+    ) -> Result<Conn, ConnectError> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(ConnectError::Io(e)),
@@ -148,7 +159,14 @@ impl Conn {
         let stream = match tls {
             None => Stream::Plain(stream),
             // The handshake is part of connecting: a replica that fails it got nothing yet.
-            Some(tls) => match tokio::time::timeout(timeout, tls.connect(stream, addr)).await {
+            Some(tls) => match tokio::time::timeout(timeout, async {
+                match h2 {
+                    true => tls.connect_h2(stream, addr).await,
+                    false => tls.connect(stream, addr).await,
+                }
+            })
+            .await
+            {
                 Ok(Ok(s)) => Stream::Tls(Box::new(s)),
                 Ok(Err(e)) => return Err(ConnectError::Tls(e)),
                 Err(_) => return Err(ConnectError::Timeout(timeout)),

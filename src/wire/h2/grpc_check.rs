@@ -62,17 +62,18 @@ impl GrpcCheckError {
     }
 }
 
-/// `grpc.health.v1.Health/Check` of `service` on `conn` to `addr`, answered whole by
+/// `grpc.health.v1.Health/Check` of `service` on `conn` to `addr` (over `scheme`), answered whole by
 /// `deadline`: `Ok` when it says `SERVING` with status 0.
 pub async fn check(
     conn: &H2Conn,
+    scheme: &str,
     addr: SocketAddr,
     service: &str,
     deadline: Instant,
 ) -> Result<(), GrpcCheckError> {
     let body =
         http_body_util::Full::new(grpc::health_request(service)).map_err(|never| match never {});
-    let uri = format!("http://{addr}{PATH}");
+    let uri = format!("{scheme}://{addr}{PATH}");
     let mut req = http::Request::builder()
         .method(Method::POST)
         .uri(uri)
