@@ -420,3 +420,34 @@ async fn grpc_over_tls_with_alpn_h2_on_both_legs() {
         .collect();
     assert_eq!(servers, HashSet::from(["tls-a", "tls-b"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_accepts_trailers_gets_the_replicas_in_the_last_chunk() {
+    let gw = GatewayProcess::start(&Conf {
+        replicas: "count = 1\n".into(),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        ..Conf::default()
+    });
+    // `Who` with the text "hi", framed: flag 0, length 4, field 1 = "hi".
+    let body = b"\x00\x00\x00\x00\x04\x0a\x02hi";
+    let call = |te: &str| {
+        let mut req = format!(
+            "POST /ringgate.demo.Demo/Who HTTP/1.1\r\nHost: gw\r\ncontent-type: application/grpc\r\n{te}content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        req
+    };
+    let (code, answer) = support::raw(gw.addr, &call("TE: trailers\r\n")).await;
+    assert_eq!(code, 200, "{answer}");
+    let answer = answer.to_lowercase();
+    assert!(answer.contains("\r\n0\r\n"), "chunked: {answer}");
+    let last = &answer[answer.rfind("\r\n0\r\n").expect("the last chunk")..];
+    assert!(last.contains("grpc-status: 0\r\n"), "{last:?}");
+    assert!(last.contains("x-server-id: server-1\r\n"), "{last:?}");
+    // Without `TE: trailers` the client gets the body, and no trailer fields it did not ask for.
+    let (code, answer) = support::raw(gw.addr, &call("")).await;
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer.ends_with("\r\n0\r\n\r\n"), "{answer:?}");
+}

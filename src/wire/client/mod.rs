@@ -264,14 +264,20 @@ async fn write_body(
     deadline: Instant,
 ) -> Result<(), SendError> {
     let chunked = framing == RequestFraming::Chunked;
+    let mut trailers = None;
     loop {
         let frame = match timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(SendError::RequestBodyTimeout),
             Ok(None) => break,
             Ok(Some(frame)) => frame.map_err(SendError::RequestBody)?,
         };
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers are not forwarded
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            // Trailers go in the last chunk; a body sent with a length has no room for them.
+            Err(frame) => {
+                trailers = frame.into_trailers().ok();
+                continue;
+            }
         };
         if data.is_empty() {
             continue;
@@ -289,7 +295,12 @@ async fn write_body(
             .map_err(SendError::Broken)?;
     }
     if chunked {
-        timeout_at(deadline, conn.stream().write_all(LAST_CHUNK))
+        let mut last = Vec::new();
+        match &trailers {
+            Some(fields) => crate::wire::framing::write_last_chunk_with(&mut last, fields),
+            None => last.extend_from_slice(LAST_CHUNK),
+        }
+        timeout_at(deadline, conn.stream().write_all(&last))
             .await
             .map_err(|_| SendError::Timeout)?
             .map_err(SendError::Broken)?;
