@@ -70,16 +70,23 @@ pub enum Code {
 pub fn trailers_only<B: Default>(code: Code, message: &str) -> Response<B> {
     let mut resp = Response::new(B::default());
     *resp.status_mut() = StatusCode::OK;
-    let h = resp.headers_mut();
-    h.insert(
+    *resp.headers_mut() = status_fields(code, message);
+    resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
+    resp
+}
+
+/// `grpc-status` and `grpc-message` fields for `code` and `message` (trailers, or the head of a
+/// trailers-only answer).
+pub fn status_fields(code: Code, message: &str) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(3);
     h.insert("grpc-status", HeaderValue::from(code as u16));
     if let Ok(m) = HeaderValue::from_str(&percent_encode(message)) {
         h.insert("grpc-message", m);
     }
-    resp
+    h
 }
 
 /// `grpc-message` is percent-encoded (the gRPC HTTP/2 spec): every byte outside printable ASCII,

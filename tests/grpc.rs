@@ -451,3 +451,46 @@ async fn an_http1_client_that_accepts_trailers_gets_the_replicas_in_the_last_chu
     assert_eq!(code, 200, "{answer}");
     assert!(answer.ends_with("\r\n0\r\n\r\n"), "{answer:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_ends_a_streaming_call_past_its_grpc_timeout_with_deadline_exceeded() {
+    use http_body_util::BodyExt;
+    let gw = GatewayProcess::start(&Conf {
+        replicas: "count = 1\n".into(),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        ..Conf::default()
+    });
+    // A client that does not enforce its own deadline (hyper's, h2c with prior knowledge): the
+    // gateway must. `Count` is asked for 50 replies 100 ms apart; the call allows 500 ms.
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c");
+    tokio::spawn(conn);
+    let body = bytes::Bytes::from_static(b"\x00\x00\x00\x00\x08\x0a\x0650/100");
+    let req = http::Request::post(format!("http://{}/ringgate.demo.Demo/Count", gw.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "500m")
+        .body(http_body_util::Full::new(body))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("a response");
+    assert_eq!(resp.status(), 200);
+    let whole = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
+        .await
+        .expect("the call ended")
+        .expect("a whole body");
+    let trailers = whole.trailers().cloned().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "4", "{trailers:?}");
+    let replies = whole.to_bytes();
+    assert!(
+        !replies.is_empty() && replies.len() < 50 * 5,
+        "some replies, not all: {} bytes",
+        replies.len()
+    );
+}

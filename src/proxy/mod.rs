@@ -109,9 +109,12 @@ async fn try_forward(
         linger(body);
         return Err(GatewayError::GrpcNeedsHttp2);
     }
+    // A gRPC call's own deadline bounds it at the gateway too: its response head, and the
+    // whole call (ended with DEADLINE_EXCEEDED).
+    let call_timeout = crate::grpc::timeout(&parts.headers);
+    let call_deadline = call_timeout.map(|t| tokio::time::Instant::now() + t);
     let (place, mut body, request_timeout) = admit(cfg, &parts, body, client, &budgets).await?;
-    // A gRPC call's own deadline bounds it at the replica too.
-    let request_timeout = match crate::grpc::timeout(&parts.headers) {
+    let request_timeout = match call_timeout {
         Some(t) => request_timeout.min(t),
         None => request_timeout,
     };
@@ -141,6 +144,9 @@ async fn try_forward(
         {
             Ok(mut resp) => {
                 resp.body_mut().hold(place);
+                if let Some(deadline) = call_deadline {
+                    resp.body_mut().end_by(deadline);
+                }
                 return Ok(resp.map(Body::replica));
             }
             Err(failure) => failure,

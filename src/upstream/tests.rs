@@ -611,16 +611,26 @@ async fn a_refused_stream_is_unprocessed_and_a_pooled_connection_that_refuses_is
     let s = stats();
     // A new connection that refuses: told apart as not processed (the proxy may send it
     // anywhere), nothing counted at the replica afterwards.
-    let Err(e) = send(&h2_request(addr), &mut ProxyBody::Empty, InFlight::start(&s)).await else {
+    let Err(e) = send(
+        &h2_request(addr),
+        &mut ProxyBody::Empty,
+        InFlight::start(&s),
+    )
+    .await
+    else {
         panic!("a refused stream was answered");
     };
     assert!(matches!(e, SendError::Unprocessed(_)), "{e}");
     assert_eq!(s.in_flight.load(Ordering::SeqCst), 0);
     // The same connection, pooled, refuses again: once more on a fresh one, which answers;
     // the replica's trailers come through.
-    let resp = send(&h2_request(addr), &mut ProxyBody::Empty, InFlight::start(&s))
-        .await
-        .expect("answered on a fresh connection");
+    let resp = send(
+        &h2_request(addr),
+        &mut ProxyBody::Empty,
+        InFlight::start(&s),
+    )
+    .await
+    .expect("answered on a fresh connection");
     assert_eq!(resp.status(), 200);
     let whole = resp.into_body().collect().await.expect("body");
     assert_eq!(
@@ -629,7 +639,11 @@ async fn a_refused_stream_is_unprocessed_and_a_pooled_connection_that_refuses_is
     );
     assert_eq!(whole.to_bytes(), "ok");
     assert_eq!(accepts.load(Ordering::SeqCst), 2);
-    assert_eq!(s.in_flight.load(Ordering::SeqCst), 0, "in flight until the body ended");
+    assert_eq!(
+        s.in_flight.load(Ordering::SeqCst),
+        0,
+        "in flight until the body ended"
+    );
 }
 
 #[tokio::test]
@@ -649,9 +663,8 @@ async fn streams_share_one_connection_and_a_connection_that_sent_goaway_gets_non
                         http_body_util::Full::new(Bytes::from_static(b"hi")),
                     ))
                 });
-                let builder = hyper::server::conn::http2::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                );
+                let builder =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
                 let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(s), svc);
                 tokio::pin!(conn);
                 tokio::select! {
@@ -664,12 +677,23 @@ async fn streams_share_one_connection_and_a_connection_that_sent_goaway_gets_non
     });
     let s = stats();
     for _ in 0..5 {
-        let resp = send(&h2_request(addr), &mut ProxyBody::Empty, InFlight::start(&s))
-            .await
-            .expect("answered");
-        assert_eq!(resp.into_body().collect().await.expect("body").to_bytes(), "hi");
+        let resp = send(
+            &h2_request(addr),
+            &mut ProxyBody::Empty,
+            InFlight::start(&s),
+        )
+        .await
+        .expect("answered");
+        assert_eq!(
+            resp.into_body().collect().await.expect("body").to_bytes(),
+            "hi"
+        );
     }
-    assert_eq!(accepts.load(Ordering::SeqCst), 1, "one multiplexed connection");
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        1,
+        "one multiplexed connection"
+    );
     // The replica says GOAWAY (a graceful shutdown): its connection takes no new stream.
     let _ = goaway.send(());
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -677,9 +701,13 @@ async fn streams_share_one_connection_and_a_connection_that_sent_goaway_gets_non
         assert!(Instant::now() < deadline, "the GOAWAY was never seen");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let resp = send(&h2_request(addr), &mut ProxyBody::Empty, InFlight::start(&s))
-        .await
-        .expect("answered on a new connection");
+    let resp = send(
+        &h2_request(addr),
+        &mut ProxyBody::Empty,
+        InFlight::start(&s),
+    )
+    .await
+    .expect("answered on a new connection");
     assert_eq!(resp.status(), 200);
     assert_eq!(accepts.load(Ordering::SeqCst), 2);
 }

@@ -107,6 +107,14 @@ impl ReplicaBody {
             ReplicaBody::H2(b) => b.hold(place),
         }
     }
+
+    /// Ends a gRPC call's response by `deadline` ([`H2Body::end_by`]); gRPC goes over HTTP/2
+    /// only, so an HTTP/1.1 body is left as it is.
+    pub fn end_by(&mut self, deadline: tokio::time::Instant) {
+        if let ReplicaBody::H2(b) = self {
+            b.end_by(deadline);
+        }
+    }
 }
 
 impl HttpBody for ReplicaBody {

@@ -11,6 +11,7 @@
 //! Must not touch: which connection (the connector in [`crate::upstream`] gives one), routing,
 //! retries, or what a failure means for a replica (the proxy decides).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -179,6 +180,9 @@ pub struct H2Body {
     /// The request's place in the gateway's request budgets, given back with the body.
     place: Option<RequestPlace>,
     done: bool,
+    /// A gRPC call's deadline (`grpc-timeout`): past it the call ends with `DEADLINE_EXCEEDED`
+    /// in trailers and the stream to the replica is reset.
+    call_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl H2Body {
@@ -195,7 +199,14 @@ impl H2Body {
             stall: StallTimer::new(read_timeout),
             in_flight,
             place: None,
+            call_deadline: None,
         }
+    }
+
+    /// Ends the call by `deadline` (a gRPC call's `grpc-timeout`): a response still streaming
+    /// then ends with trailers `grpc-status: 4` (`DEADLINE_EXCEEDED`).
+    pub fn end_by(&mut self, deadline: Instant) {
+        self.call_deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
     }
 
     /// Keeps the request counted in the gateway's budgets until this body is done with.
@@ -217,6 +228,17 @@ impl HttpBody for H2Body {
             return Poll::Ready(None);
         }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if polled.is_pending() {
+            if let Some(deadline) = this.call_deadline.as_mut() {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    this.done = true;
+                    let message = "the call's grpc-timeout passed at the gateway";
+                    let fields =
+                        crate::grpc::status_fields(crate::grpc::Code::DeadlineExceeded, message);
+                    return Poll::Ready(Some(Ok(Frame::trailers(fields))));
+                }
+            }
+        }
         if let Stall::Over { first } = this.stall.check(cx, polled.is_ready()) {
             if first {
                 let stats = this.in_flight.stats();
