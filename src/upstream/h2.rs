@@ -238,9 +238,20 @@ pub fn take(addr: SocketAddr, tls: Option<&UpstreamTls>) -> Option<H2Conn> {
 }
 
 /// Keeps a new connection in this thread's set (unless the replica has the most already).
+/// Connections unused for [`IDLE_TIMEOUT`] or closed, to any replica, are dropped on the way
+/// (replicas that went away, or that this thread stopped sending to, leave theirs here; new
+/// connections are rare, so the sweep is too).
 pub fn keep(conn: &H2Conn) {
     CONNS.with(|conns| {
         let mut conns = conns.borrow_mut();
+        let now = Instant::now();
+        conns.retain(|_, kept| {
+            kept.retain(|k| {
+                k.conn.is_open()
+                    && !(k.conn.is_idle() && now.duration_since(k.used) >= IDLE_TIMEOUT)
+            });
+            !kept.is_empty()
+        });
         let kept = conns.entry(conn.addr).or_default();
         if kept.len() < MAX_CONNS_PER_REPLICA {
             kept.push(Kept {
