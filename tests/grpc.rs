@@ -494,3 +494,42 @@ async fn the_gateway_ends_a_streaming_call_past_its_grpc_timeout_with_deadline_e
         replies.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_protocol_applies_live_and_match_keeps_http1_clients_on_http1() {
+    let Some(python) = support::python::require(&["grpc"]) else {
+        return;
+    };
+    let mut conf = h2c_conf("http1");
+    conf.health = String::new();
+    conf.replicas = "count = 2\n".into();
+    let gw = GatewayProcess::start(&conf);
+    let out = run_client(&python, &gw, "unary");
+    assert_eq!(out["unary"]["code"], "UNIMPLEMENTED", "{out}");
+
+    // The edit applies to new requests: gRPC calls go over HTTP/2 from then on.
+    let path = gw.config_path.clone();
+    let original = std::fs::read_to_string(&path).expect("config");
+    let edited = original.replace(
+        "upstream_protocol = \"http1\"",
+        "upstream_protocol = \"match\"",
+    );
+    assert_ne!(original, edited);
+    std::fs::write(&path, &edited).expect("write");
+    let mut answered = None;
+    for _ in 0..50 {
+        let out = run_client(&python, &gw, "unary");
+        if out["unary"]["ok"].is_object() {
+            answered = Some(out);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = answered.unwrap_or_else(|| panic!("the edit never applied:\n{}", gw.log()));
+    assert!(out["unary"]["ok"]["reply"]["server"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("server-")));
+    // HTTP/1 clients are still served under "match" (their requests take the HTTP/1.1 path).
+    let owners = http_owners(&gw, &["a", "b", "c"]).await;
+    assert_eq!(owners.len(), 3);
+}
