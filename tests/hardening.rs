@@ -745,11 +745,23 @@ async fn stalled_body_is_cut(gw: GatewayProcess) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_sending_its_body_gets_408_and_its_replica_is_not_blamed() {
-    use tokio::io::AsyncWriteExt;
     // A replica slower than the request timeout: only a request that reached it whole can time
     // out on it.
     let slow = Backend::start("127.0.0.1", Behaviour::Answer { delay_ms: 3000 }).await;
-    let gw = gateway_over(&slow, "request_timeout = \"1s\"\n");
+    stalled_client_body(gateway_over(&slow, "request_timeout = \"1s\"\n")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_h2c_a_client_that_stops_sending_its_body_gets_408_and_its_replica_is_not_blamed() {
+    let slow = Backend::start_h2("127.0.0.1", Behaviour::Answer { delay_ms: 3000 }).await;
+    let proxy = "request_timeout = \"1s\"\nupstream_protocol = \"h2c\"\n";
+    stalled_client_body(gateway_over(&slow, proxy)).await;
+}
+
+/// A client that sends part of its body and stops gets 408 after `proxy.request_timeout` (1 s)
+/// and the replica is not blamed; a whole body whose answer is late is the replica's 504.
+async fn stalled_client_body(gw: GatewayProcess) {
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(gw.addr)
         .await
         .expect("connect");

@@ -44,19 +44,35 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_CONNS_PER_REPLICA: usize = 16;
 
 /// A request body on an HTTP/2 stream to a replica: the client's (boxed, so every connection
-/// carries one body type whatever the request's), or none.
-pub struct SendBody(Option<Pin<Box<dyn HttpBody<Data = Bytes, Error = BoxError> + Send>>>);
+/// carries one body type whatever the request's), or none; and whether it was sent whole
+/// (hyper sends it: a deadline that passes before it ended waited on the client, not on the
+/// replica).
+pub struct SendBody {
+    inner: Option<Pin<Box<dyn HttpBody<Data = Bytes, Error = BoxError> + Send>>>,
+    ended: Arc<AtomicBool>,
+}
 
 impl SendBody {
     pub fn new(body: impl HttpBody<Data = Bytes, Error = BoxError> + Send + 'static) -> SendBody {
         if body.is_end_stream() {
-            return SendBody(None);
+            return SendBody::empty();
         }
-        SendBody(Some(Box::pin(body)))
+        SendBody {
+            inner: Some(Box::pin(body)),
+            ended: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     pub fn empty() -> SendBody {
-        SendBody(None)
+        SendBody {
+            inner: None,
+            ended: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Tells, once the body is on its way, whether all of it was taken from the client.
+    pub fn ended(&self) -> Arc<AtomicBool> {
+        self.ended.clone()
     }
 }
 
@@ -68,18 +84,23 @@ impl HttpBody for SendBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.get_mut().0 {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
             None => Poll::Ready(None),
             Some(body) => body.as_mut().poll_frame(cx),
+        };
+        if matches!(polled, Poll::Ready(None)) || this.is_end_stream() {
+            this.ended.store(true, Ordering::Release);
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.as_ref().is_none_or(|b| b.is_end_stream())
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.0
+        self.inner
             .as_ref()
             .map_or(SizeHint::with_exact(0), |b| b.size_hint())
     }

@@ -175,8 +175,9 @@ impl Backend {
 
     /// A backend on `ip` that speaks HTTP/2 (h2c, prior knowledge) beside HTTP/1.1 (hyper's
     /// server, for `proxy.upstream_protocol = "h2c"`), with `behaviour`: `Sized` (a body of
-    /// `bytes` bytes, sent in 16 KiB pieces as the gateway's flow-control window takes them)
-    /// or `Stalls` (`content-length: 10`, 3 bytes, then nothing). `/heartbeat` answers 200.
+    /// `bytes` bytes, sent in 16 KiB pieces as the gateway's flow-control window takes them),
+    /// `Stalls` (`content-length: 10`, 3 bytes, then nothing) or `Answer` (an empty 200 after
+    /// the delay). `/heartbeat` answers 200.
     pub async fn start_h2(ip: &str, behaviour: Behaviour) -> Backend {
         use http_body_util::BodyExt;
         use hyper::body::Frame;
@@ -203,6 +204,11 @@ impl Backend {
                                 }
                                 counter.fetch_add(1, Ordering::SeqCst);
                                 match behaviour {
+                                    Behaviour::Answer { delay_ms } => {
+                                        let delay = std::time::Duration::from_millis(delay_ms);
+                                        tokio::time::sleep(delay).await;
+                                        drop(tx);
+                                    }
                                     Behaviour::Stalls => {
                                         resp.headers_mut().insert("content-length", 10.into());
                                         tokio::spawn(async move {

@@ -137,13 +137,20 @@ fn forwarded_fields(f: &Forwarded<'_>, host: Option<&str>) -> Result<HeaderMap, 
     Ok(out)
 }
 
-/// Sends `req` on a stream of `send` and waits for the response head by `deadline`.
+/// Sends `req` on a stream of `send` and waits for the response head by `deadline`; a
+/// deadline that passes before the client's body was all taken is the client's
+/// ([`SendError::RequestBodyTimeout`]).
 pub async fn exchange(
     mut send: SendRequest<SendBody>,
     req: http::Request<SendBody>,
     deadline: Instant,
 ) -> Result<Response<Incoming>, SendError> {
+    let body_sent = req.body().ended();
     match timeout_at(deadline, send.send_request(req)).await {
+        // Still waiting for the client's body: its time ran out, not the replica's.
+        Err(_) if !body_sent.load(std::sync::atomic::Ordering::Acquire) => {
+            Err(SendError::RequestBodyTimeout)
+        }
         Err(_) => Err(SendError::Timeout),
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) if is_unprocessed(&e) => Err(SendError::Unprocessed(e)),
