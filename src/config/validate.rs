@@ -567,6 +567,12 @@ mod tests {
             .expect("valid");
             assert_eq!(c.proxy.upstream_protocol, want);
         }
+        use http::Version;
+        for v in [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2] {
+            assert!(!UpstreamProtocol::Http1.uses_h2(v));
+            assert!(UpstreamProtocol::H2c.uses_h2(v));
+            assert_eq!(UpstreamProtocol::Match.uses_h2(v), v == Version::HTTP_2);
+        }
         let e = err("[proxy]\nupstream_protocol = \"h3\"\n");
         assert!(e.contains("upstream_protocol") || e.contains("h3"), "{e}");
         let e = err("[health]\ngrpc_service = \"x\"\n");
