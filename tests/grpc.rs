@@ -307,9 +307,10 @@ async fn grpc_reaches_python_grpcio_static_replicas_checked_by_grpc_health() {
         ..Conf::default()
     });
     gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
-        s["replicas"]
-            .as_array()
-            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
+        s["health"]["protocol"] == "grpc"
+            && s["replicas"]
+                .as_array()
+                .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
     })
     .await;
     let out = run_client(&python, &gw, "unary,keys,streams,errors");
