@@ -534,3 +534,37 @@ async fn upstream_protocol_applies_live_and_match_keeps_http1_clients_on_http1()
     let owners = http_owners(&gw, &["a", "b", "c"]).await;
     assert_eq!(owners.len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_h2c_a_chunked_body_past_max_body_is_413_and_a_small_one_passes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = GatewayProcess::start(&Conf {
+        replicas: "count = 1\n".into(),
+        proxy: "upstream_protocol = \"h2c\"\nmax_body = \"1MiB\"\n".into(),
+        ..Conf::default()
+    });
+    // No Content-Length: the limit is found while the body streams to the replica over HTTP/2
+    // (ringgate-server reads a body whole before it answers).
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let chunk = "y".repeat(64 * 1024);
+    let mut req =
+        String::from("POST /home?id=3 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for _ in 0..40 {
+        req.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+    }
+    req.push_str("0\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut out))
+        .await
+        .expect("answer")
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&out[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    // A small one reaches the replica (whose answer to a POST is its 404).
+    let (code, body) = support::call("POST", &gw.url("/home?id=3"), "small").await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("POST /home is not served here"), "{body}");
+}

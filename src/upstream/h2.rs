@@ -49,7 +49,28 @@ const MAX_CONNS_PER_REPLICA: usize = 16;
 /// replica).
 pub struct SendBody {
     inner: Option<Pin<Box<dyn HttpBody<Data = Bytes, Error = BoxError> + Send>>>,
-    ended: Arc<AtomicBool>,
+    progress: Arc<Progress>,
+}
+
+/// How far a [`SendBody`] got, for the one who sent it (hyper has the body itself).
+#[derive(Default)]
+pub struct Progress {
+    /// All of it was taken from the client.
+    ended: AtomicBool,
+    /// The body's own error, kept here (hyper resets the stream and reports its own error, in
+    /// which the body's kind, such as past `proxy.max_body`, is lost).
+    failed: std::sync::Mutex<Option<BoxError>>,
+}
+
+impl Progress {
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// The body's error, if it failed (once).
+    pub fn take_failure(&self) -> Option<BoxError> {
+        crate::sync::lock(&self.failed).take()
+    }
 }
 
 impl SendBody {
@@ -59,20 +80,23 @@ impl SendBody {
         }
         SendBody {
             inner: Some(Box::pin(body)),
-            ended: Arc::new(AtomicBool::new(false)),
+            progress: Arc::default(),
         }
     }
 
     pub fn empty() -> SendBody {
+        let progress = Progress::default();
+        progress.ended.store(true, Ordering::Release);
         SendBody {
             inner: None,
-            ended: Arc::new(AtomicBool::new(true)),
+            progress: Arc::new(progress),
         }
     }
 
-    /// Tells, once the body is on its way, whether all of it was taken from the client.
-    pub fn ended(&self) -> Arc<AtomicBool> {
-        self.ended.clone()
+    /// Tells, once the body is on its way, whether all of it was taken from the client, or
+    /// why not.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
     }
 }
 
@@ -89,8 +113,14 @@ impl HttpBody for SendBody {
             None => Poll::Ready(None),
             Some(body) => body.as_mut().poll_frame(cx),
         };
-        if matches!(polled, Poll::Ready(None)) || this.is_end_stream() {
-            this.ended.store(true, Ordering::Release);
+        match polled {
+            Poll::Ready(Some(Err(e))) => {
+                *crate::sync::lock(&this.progress.failed) = Some(e);
+                return Poll::Ready(Some(Err("the client's request body failed".into())));
+            }
+            Poll::Ready(None) => this.progress.ended.store(true, Ordering::Release),
+            _ if this.is_end_stream() => this.progress.ended.store(true, Ordering::Release),
+            _ => {}
         }
         polled
     }

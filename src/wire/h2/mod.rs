@@ -145,17 +145,19 @@ pub async fn exchange(
     req: http::Request<SendBody>,
     deadline: Instant,
 ) -> Result<Response<Incoming>, SendError> {
-    let body_sent = req.body().ended();
+    let body = req.body().progress();
     match timeout_at(deadline, send.send_request(req)).await {
         // Still waiting for the client's body: its time ran out, not the replica's.
-        Err(_) if !body_sent.load(std::sync::atomic::Ordering::Acquire) => {
-            Err(SendError::RequestBodyTimeout)
-        }
+        Err(_) if !body.ended() => Err(SendError::RequestBodyTimeout),
         Err(_) => Err(SendError::Timeout),
         Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) if is_unprocessed(&e) => Err(SendError::Unprocessed(e)),
-        Ok(Err(e)) if request_body_failed(&e) => Err(SendError::RequestBody(Box::new(e))),
-        Ok(Err(e)) => Err(SendError::Stream(e)),
+        Ok(Err(e)) => match body.take_failure() {
+            // The client's body failed (past `proxy.max_body`, broken): its error, not the
+            // stream's reset that followed.
+            Some(cause) => Err(SendError::RequestBody(cause)),
+            None if is_unprocessed(&e) => Err(SendError::Unprocessed(e)),
+            None => Err(SendError::Stream(e)),
+        },
     }
 }
 
@@ -170,11 +172,6 @@ pub fn is_unprocessed(e: &hyper::Error) -> bool {
         return false;
     };
     h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote())
-}
-
-/// The stream failed because the client's body did (hyper polls it while sending).
-fn request_body_failed(e: &hyper::Error) -> bool {
-    e.is_user() && std::error::Error::source(e).is_some_and(|s| !s.is::<h2::Error>())
 }
 
 /// A replica's HTTP/2 response body, trailers included.
