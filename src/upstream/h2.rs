@@ -262,6 +262,44 @@ thread_local! {
     /// This thread's HTTP/2 connections, by replica address (the provider's, never a client's:
     /// a fast hash).
     static CONNS: RefCell<FxHashMap<SocketAddr, Vec<Kept>>> = RefCell::default();
+    /// Connections this thread is making, by replica: a burst of requests to a replica with no
+    /// connection with room waits for the one being made instead of each making its own.
+    static MAKING: RefCell<FxHashMap<SocketAddr, Arc<tokio::sync::Notify>>> = RefCell::default();
+}
+
+/// What a request that found no connection with room does.
+pub enum Turn {
+    /// Make one: this request is the one making it ([`Making`] says when it is done).
+    Make(Making),
+    /// Another request of this thread is making one: wait for it, then look again.
+    Wait(Arc<tokio::sync::Notify>),
+}
+
+/// The connection to a replica this request is making; dropped (made or failed), the requests
+/// waiting for it look again.
+pub struct Making {
+    addr: SocketAddr,
+    done: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Making {
+    fn drop(&mut self) {
+        MAKING.with(|m| m.borrow_mut().remove(&self.addr));
+        self.done.notify_waiters();
+    }
+}
+
+/// Whether this request makes the next connection to `addr` or waits for the one being made.
+pub fn turn(addr: SocketAddr) -> Turn {
+    MAKING.with(|m| {
+        let mut m = m.borrow_mut();
+        if let Some(done) = m.get(&addr) {
+            return Turn::Wait(done.clone());
+        }
+        let done = Arc::new(tokio::sync::Notify::new());
+        m.insert(addr, done.clone());
+        Turn::Make(Making { addr, done })
+    })
 }
 
 /// A connection of this thread to `addr`, made with `tls`, with room for one more stream; the

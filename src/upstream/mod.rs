@@ -103,20 +103,9 @@ async fn send_h2<B: Outgoing + Send + 'static>(
     body: &mut B,
     in_flight: InFlight,
 ) -> Result<Response<ReplicaBody>, SendError> {
-    let mut pooled = h2::take(req.addr, req.tls);
     let scheme = if req.tls.is_some() { "https" } else { "http" };
     loop {
-        let reused = pooled.is_some();
-        let conn = match pooled.take() {
-            Some(c) => c,
-            None => {
-                let c =
-                    H2Conn::connect(req.addr, req.connect_timeout, req.tls, req.http2_keepalive)
-                        .await?;
-                h2::keep(&c);
-                c
-            }
-        };
+        let (conn, reused) = h2_conn(req).await?;
         let (sender, stream) = conn.open_stream();
         let outgoing = SendBody::new(body.share());
         let request = wire_h2::request(&req.forwarded, scheme, req.addr, outgoing)
@@ -135,6 +124,31 @@ async fn send_h2<B: Outgoing + Send + 'static>(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// This thread's connection to the replica with room for one more stream (and `true`: it was
+/// there already), or a new one, kept for the next requests. While another request of this
+/// thread connects to the same replica, its connection is waited for (up to
+/// `proxy.connect_timeout`) and used if it has room: a burst on a cold thread makes one
+/// connection, not one per request.
+async fn h2_conn(req: &Request<'_>) -> Result<(H2Conn, bool), ConnectError> {
+    if let Some(c) = h2::take(req.addr, req.tls) {
+        return Ok((c, true));
+    }
+    let making = match h2::turn(req.addr) {
+        h2::Turn::Make(making) => Some(making),
+        h2::Turn::Wait(done) => {
+            let _ = tokio::time::timeout(req.connect_timeout, done.notified()).await;
+            if let Some(c) = h2::take(req.addr, req.tls) {
+                return Ok((c, true));
+            }
+            None
+        }
+    };
+    let c = H2Conn::connect(req.addr, req.connect_timeout, req.tls, req.http2_keepalive).await?;
+    h2::keep(&c);
+    drop(making);
+    Ok((c, false))
 }
 
 #[cfg(test)]

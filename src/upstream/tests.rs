@@ -711,3 +711,48 @@ async fn streams_share_one_connection_and_a_connection_that_sent_goaway_gets_non
     assert_eq!(resp.status(), 200);
     assert_eq!(accepts.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn a_burst_on_a_cold_thread_makes_one_http2_connection_not_one_each() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let counter = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // Answers late, so the burst's streams are open at once.
+                let svc = hyper::service::service_fn(|_req| async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"hi")),
+                    ))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+            });
+        }
+    });
+    let s = stats();
+    let burst = (0..50).map(|_| {
+        let s = s.clone();
+        async move {
+            let req = h2_request(addr);
+            let resp = send(&req, &mut ProxyBody::Empty, InFlight::start(&s))
+                .await
+                .expect("answered");
+            resp.into_body().collect().await.expect("body").to_bytes()
+        }
+    });
+    for body in futures_util::future::join_all(burst).await {
+        assert_eq!(body, "hi");
+    }
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        1,
+        "one connection for the burst"
+    );
+}
