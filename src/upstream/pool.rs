@@ -1,7 +1,8 @@
-//! Upstream connections and the serving thread's pool of idle ones.
+//! Upstream connections and the serving thread's pool of idle HTTP/1.1 ones.
 //!
 //! Owns: [`Conn`] (a replica connection with its read buffer: plain TCP, or TLS with the client
-//! it is given, see [`Conn::connect`]), connecting with a deadline, and the per-thread pool of
+//! it is given, ALPN `http/1.1` or, for HTTP/2, `h2`, see [`Conn::connect_for`]; HTTP/2 takes
+//! its byte stream, [`Conn::into_stream`]), connecting with a deadline, and the per-thread pool of
 //! idle keep-alive connections (last in, first out; at most [`MAX_IDLE_PER_REPLICA`] per replica;
 //! closed after [`IDLE_TIMEOUT`]; a connection the replica closed, that has unsolicited bytes,
 //! or that another TLS client than the caller's made, is never handed out). Per thread, because
