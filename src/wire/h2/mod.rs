@@ -7,7 +7,9 @@
 //! GOAWAY's or a `REFUSED_STREAM`, is [`SendError::Unprocessed`], safe to send again), and
 //! [`H2Body`] (the response body, trailers included, counting the request in flight at its
 //! replica and the stream on its connection until it ends, cut after `proxy.read_timeout`
-//! without a frame). The protocol itself is hyper's (`client::conn::http2`).
+//! without a frame and ended with `DEADLINE_EXCEEDED` trailers past a gRPC call's deadline),
+//! and [`grpc_check`] (a `grpc.health.v1` check sent the same way). The protocol itself is
+//! hyper's (`client::conn::http2`).
 //! Must not touch: which connection (the connector in [`crate::upstream`] gives one), routing,
 //! retries, or what a failure means for a replica (the proxy decides).
 
