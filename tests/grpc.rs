@@ -82,6 +82,19 @@ if 'streams' in what:
 if 'errors' in what:
     out['fail'] = status(lambda: who(msg('fail:5:no such thing'), timeout=20))
     out['deadline'] = status(lambda: who(msg('sleep:3000'), timeout=0.5))
+if 'steady' in what:
+    # One call every 10 ms for 3 s, keys over the ring: which replica answered each, or why not.
+    import time
+    answers, failures = {}, []
+    for i in range(300):
+        try:
+            r = who(msg('k'), metadata=[('x-user', 'k-%d' % i)], timeout=10)
+            s = reply(r)['server']
+            answers[s] = answers.get(s, 0) + 1
+        except grpc.RpcError as e:
+            failures.append('%s: %s' % (e.code().name, e.details()))
+        time.sleep(0.01)
+    out['steady'] = {'answers': answers, 'failures': failures}
 if 'health' in what:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     stub = health_pb2_grpc.HealthStub(ch)
@@ -154,6 +167,9 @@ if len(sys.argv) > 3:
 else:
     port = server.add_insecure_port('127.0.0.1:0')
 server.start()
+# SIGTERM: a graceful stop (GOAWAY to every client; calls in flight may finish for 2 s).
+import signal
+signal.signal(signal.SIGTERM, lambda *_: server.stop(grace=2))
 print(port, flush=True)
 server.wait_for_termination()
 "#;
@@ -567,4 +583,61 @@ async fn over_h2c_a_chunked_body_past_max_body_is_413_and_a_small_one_passes() {
     let (code, body) = support::call("POST", &gw.url("/home?id=3"), "small").await;
     assert_eq!(code, 404, "{body}");
     assert!(body.contains("POST /home is not served here"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stops_gracefully_costs_no_call() {
+    let Some(python) = support::python::require(&["grpc", "grpc_health.v1.health"]) else {
+        return;
+    };
+    let (a, addr_a) = python_server(&python, "py-a");
+    let (_b, addr_b) = python_server(&python, "py-b");
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"py-a\", address = \"{addr_a}\" }}, {{ name = \"py-b\", address = \"{addr_b}\" }}]\n"
+        ),
+        hashing: "key = \"header:x-user\"\n".into(),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
+        s["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
+    })
+    .await;
+    // Calls flow over both replicas' HTTP/2 connections; a third of the way in, py-a stops
+    // gracefully: GOAWAY on its connections, then nothing listens. Calls it did not take are
+    // sent again (the connection refused: the next server clockwise).
+    let client = {
+        let (python, target) = (python.clone(), gw.addr.to_string());
+        std::thread::spawn(move || {
+            Command::new(python)
+                .args(["-c", CLIENT, &target, "steady"])
+                .output()
+                .expect("run the Python gRPC client")
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    support::signal(a.0.id(), "TERM");
+    let out = tokio::task::spawn_blocking(move || client.join().expect("the client thread"))
+        .await
+        .expect("joined");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let steady = &out["steady"];
+    assert_eq!(
+        steady["failures"],
+        serde_json::json!([]),
+        "{out}\n{}",
+        gw.log()
+    );
+    assert!(steady["answers"]["py-a"].as_u64().unwrap_or(0) > 0, "{out}");
+    assert!(steady["answers"]["py-b"].as_u64().unwrap_or(0) > 0, "{out}");
 }
