@@ -90,7 +90,7 @@ pids+=($!)
 sleep 1.5
 printf '\x00\x00\x00\x00\x04\x0a\x02hi' > $D/who.bin
 N=${N:-100000}
-run() { printf '%-58s' "$1"; shift; h2load "$@" 2>&1 | grep -E "^finished|succeeded" | tr '\n' ' ' | sed -E 's/.*finished in ([0-9.]+s), ([0-9.]+) req\/s.*, ([0-9]+) succeeded, ([0-9]+) failed.*/\2 req\/s (\3 ok, \4 failed)/'; echo; }
+run() { printf '%-58s' "$1"; shift; h2load "$@" 2>&1 | grep -E "^finished|succeeded" | tr '\n' ' ' | sed -E 's/.*finished in ([0-9.]+m?s), ([0-9.]+) req\/s.*, ([0-9]+) succeeded, ([0-9]+) failed.*/\2 req\/s (\3 ok, \4 failed)/'; echo; }
 G="-d $D/who.bin -H content-type:application/grpc -H te:trailers"
 for r in 1 2; do
   echo "-- run $r"
