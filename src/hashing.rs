@@ -127,11 +127,14 @@ pub enum KeySource {
     Cookie(String),
     ClientIp,
     Path,
+    /// A gRPC call's method, `/package.Service/Method` (its path), present only on gRPC
+    /// requests (`content-type: application/grpc*`), so a list can fall back for the rest.
+    GrpcMethod,
     Random,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid key source {given:?}: expected query:<name>, header:<name>, cookie:<name>, client_ip, path or random")]
+#[error("invalid key source {given:?}: expected query:<name>, header:<name>, cookie:<name>, client_ip, path, grpc_method or random")]
 pub struct KeySourceError {
     pub given: String,
 }
@@ -158,6 +161,7 @@ impl FromStr for KeySource {
                 .map_err(|_| err()),
             None if s == "client_ip" => Ok(KeySource::ClientIp),
             None if s == "path" => Ok(KeySource::Path),
+            None if s == "grpc_method" => Ok(KeySource::GrpcMethod),
             None if s == "random" => Ok(KeySource::Random),
             _ => Err(err()),
         }
@@ -172,6 +176,7 @@ impl fmt::Display for KeySource {
             KeySource::Cookie(n) => write!(f, "cookie:{n}"),
             KeySource::ClientIp => f.write_str("client_ip"),
             KeySource::Path => f.write_str("path"),
+            KeySource::GrpcMethod => f.write_str("grpc_method"),
             KeySource::Random => f.write_str("random"),
         }
     }
@@ -195,6 +200,9 @@ impl KeySource {
             KeySource::Cookie(name) => cookie_key(parts, name).map(Cow::Borrowed),
             KeySource::ClientIp => Some(Cow::Owned(client_ip.to_string())),
             KeySource::Path => Some(Cow::Borrowed(parts.uri.path())),
+            KeySource::GrpcMethod => {
+                crate::grpc::is_grpc(&parts.headers).then(|| Cow::Borrowed(parts.uri.path()))
+            }
             KeySource::Random => None,
         }
     }
@@ -384,6 +392,7 @@ mod tests {
             "cookie:session",
             "client_ip",
             "path",
+            "grpc_method",
             "random",
         ] {
             let k: KeySource = s.parse().expect("valid source");
@@ -449,5 +458,27 @@ mod tests {
         assert_eq!(k.extract(&enc, ip).as_deref(), Some("a b c%2"));
         let empty = parts("/?id=", &[]);
         assert_eq!(k.extract(&empty, ip), None);
+    }
+
+    #[test]
+    fn the_grpc_method_is_a_key_of_grpc_calls_only() {
+        let ip: IpAddr = "10.1.2.3".parse().expect("ip");
+        let m: KeySource = "grpc_method".parse().expect("source");
+        let call = parts(
+            "/demo.Demo/Who",
+            &[("content-type", "application/grpc+proto")],
+        );
+        assert_eq!(m.extract(&call, ip).as_deref(), Some("/demo.Demo/Who"));
+        let call = parts("/demo.Demo/Who", &[("content-type", "Application/GRPC")]);
+        assert_eq!(m.extract(&call, ip).as_deref(), Some("/demo.Demo/Who"));
+        for ct in [
+            "application/json",
+            "application/grpc-web",
+            "application/grpcx",
+        ] {
+            let p = parts("/demo.Demo/Who", &[("content-type", ct)]);
+            assert_eq!(m.extract(&p, ip), None, "{ct}");
+        }
+        assert_eq!(m.extract(&parts("/home", &[]), ip), None);
     }
 }

@@ -13,9 +13,10 @@
 //! - [`wire`]: HTTP/1.1 on the wire, both legs: our server for clients (strict request heads,
 //!   bodies read by whoever forwards them, response framing, keep-alive, pipelining) and our
 //!   client to the replicas (the forwarded head, the replica's response head and body), one set
-//!   of framing rules, one body decoder and chunk encoder, and the body types of the request path.
+//!   of framing rules, one body decoder and chunk encoder, and the body types of the request path;
+//!   and the replica's side of HTTP/2 (a request as a stream, its response and trailers).
 //! - [`upstream`]: the connector to the replicas (plain or TLS connections, the per-thread idle
-//!   pool).
+//!   pool, HTTP/2 connections multiplexed per replica and serving thread).
 //! - [`http2`]: what the gateway watches on an HTTP/2 connection hyper serves: open streams
 //!   (idle timeout) and responses held back by the client's window (send timeout).
 //! - [`stall`]: bounded waits on peers that stop moving bytes: a client that stops taking its
@@ -38,6 +39,8 @@
 //!   the next server clockwise, and, for an upgrade the replica accepts, made a tunnel.
 //! - [`tunnel`]: upgraded connections (WebSockets): the registry of open tunnels with their
 //!   keys, the splice, and the re-homing of exactly the tunnels whose key moved.
+//! - [`grpc`]: what the gateway knows of gRPC: which requests are calls, `grpc-timeout`, the
+//!   statuses it answers with (trailers-only), the health check's messages (pure).
 //! - [`routing`]: key → slot and virtual node → slot ("Lua hook, else the built-in"), shared by
 //!   the request path, the controller and the offline tools.
 //! - [`balance`]: bounded loads and slow start on top of the ring (pure decisions).
@@ -88,6 +91,7 @@ pub mod descriptors;
 pub mod error;
 pub mod exposition;
 pub mod gateway;
+pub mod grpc;
 pub mod guard;
 pub mod hashing;
 pub mod health;

@@ -13,6 +13,7 @@ use http::{HeaderValue, Response, StatusCode};
 
 use crate::answer::json_response;
 use crate::control::error::ControlError;
+use crate::grpc;
 use crate::wire::body::Body;
 
 /// What is wrong with an `/add` or `/rm` body.
@@ -96,6 +97,8 @@ pub enum GatewayError {
     RequestHead(#[from] crate::wire::server::request::HeadError),
     #[error("{0}")]
     Internal(String),
+    #[error("gRPC needs HTTP/2 to the replicas and proxy.upstream_protocol is \"http1\": set it to \"h2c\" or \"match\"")]
+    GrpcNeedsHttp2,
 }
 
 impl GatewayError {
@@ -111,6 +114,7 @@ impl GatewayError {
             | GatewayError::PlainHttpOnTlsPort { .. }
             | GatewayError::NoHostToRedirect => StatusCode::BAD_REQUEST,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::GrpcNeedsHttp2 => StatusCode::NOT_IMPLEMENTED,
             GatewayError::Forbidden { .. } => StatusCode::FORBIDDEN,
             GatewayError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -150,6 +154,36 @@ impl GatewayError {
             self,
             GatewayError::OverBudget { .. } | GatewayError::ReplicaBusy { .. }
         )
+    }
+
+    /// The gRPC status a gRPC client is answered with instead of the HTTP one (a gRPC client
+    /// reads statuses, not HTTP errors): the caps and an unreachable or missing replica are
+    /// `UNAVAILABLE` or `RESOURCE_EXHAUSTED` (clients retry the first), a deadline
+    /// `DEADLINE_EXCEEDED`.
+    pub fn grpc_code(&self) -> grpc::Code {
+        use grpc::Code;
+        match self {
+            GatewayError::GrpcNeedsHttp2 | GatewayError::MethodNotAllowed { .. } => {
+                Code::Unimplemented
+            }
+            GatewayError::GatewayTimeout { .. } | GatewayError::ClientBodyTimeout { .. } => {
+                Code::DeadlineExceeded
+            }
+            GatewayError::OverBudget { .. } | GatewayError::PayloadTooLarge { .. } => {
+                Code::ResourceExhausted
+            }
+            GatewayError::Forbidden { .. } => Code::PermissionDenied,
+            GatewayError::Unauthorized { .. } => Code::Unauthenticated,
+            GatewayError::BadHost | GatewayError::ClientBody { .. } => Code::InvalidArgument,
+            GatewayError::Internal(_) | GatewayError::RequestHead(_) => Code::Internal,
+            _ => Code::Unavailable,
+        }
+    }
+
+    /// This error as a gRPC call's answer: a trailers-only response with [`Self::grpc_code`]
+    /// and the message the JSON answer would carry.
+    pub fn into_grpc_response(self) -> Response<Body> {
+        grpc::trailers_only(self.grpc_code(), &self.to_string())
     }
 
     pub fn into_response(self) -> Response<Body> {
@@ -263,6 +297,45 @@ mod tests {
         assert!(!e.retryable());
         assert_eq!(e.status(), StatusCode::CONFLICT);
         assert!(!GatewayError::NoReplica.retryable());
+    }
+
+    #[test]
+    fn grpc_calls_get_grpc_statuses() {
+        use grpc::Code;
+        let t = std::time::Duration::from_secs(1);
+        let cases = [
+            (GatewayError::NoReplica, Code::Unavailable),
+            (
+                GatewayError::BadGateway {
+                    replica: "s1".into(),
+                    detail: "refused".into(),
+                },
+                Code::Unavailable,
+            ),
+            (
+                GatewayError::GatewayTimeout {
+                    replica: "s1".into(),
+                    timeout: t,
+                },
+                Code::DeadlineExceeded,
+            ),
+            (
+                GatewayError::OverBudget {
+                    refusal: crate::admission::Refusal::RequestsPerIp,
+                    limit: 3,
+                },
+                Code::ResourceExhausted,
+            ),
+            (GatewayError::GrpcNeedsHttp2, Code::Unimplemented),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.grpc_code(), code, "{e}");
+        }
+        let resp = GatewayError::GrpcNeedsHttp2.into_grpc_response();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["grpc-status"], "12");
+        let msg = resp.headers()["grpc-message"].to_str().expect("ascii");
+        assert!(msg.contains("proxy.upstream_protocol"), "{msg}");
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! must answer what `/lb/simulate` answers. A screenshot lands in `target/operator-page.png`
 //! (and in `docs/img/` with `RINGGATE_UPDATE_DOCS_SCREENSHOT=1`).
 
+// support/python.rs and the Docker or Chromium support each bring `engines.rs` along.
+#![allow(clippy::duplicate_mod)]
+
 #[path = "support/chromium.rs"]
 mod chromium;
 mod support;

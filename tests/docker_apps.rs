@@ -10,6 +10,9 @@
 //! documentation's, not the test's, and stays. Without an engine each test says it is skipped
 //! (or fails under `RINGGATE_REQUIRE_ENGINES=1`).
 
+// support/python.rs and the Docker or Chromium support each bring `engines.rs` along.
+#![allow(clippy::duplicate_mod)]
+
 #[macro_use]
 #[path = "support/docker.rs"]
 mod docker_support;

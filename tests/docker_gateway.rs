@@ -5,6 +5,9 @@
 //! names (a [`Scope`]), and removes everything it created when it ends, also on failure. Without
 //! an engine each test prints `skipped: no Docker engine (<reason>)` and returns.
 
+// support/python.rs and the Docker or Chromium support each bring `engines.rs` along.
+#![allow(clippy::duplicate_mod)]
+
 #[macro_use]
 #[path = "support/docker.rs"]
 mod docker_support;

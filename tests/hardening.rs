@@ -574,10 +574,22 @@ async fn read_to_close(s: &mut tokio::net::TcpStream, limit: Duration) -> usize 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_after_the_send_timeout_and_a_slow_one_is_served() {
+    let sized = Backend::start("127.0.0.1", Behaviour::Sized).await;
+    slow_and_stopped_readers(gateway_over(&sized, "send_timeout = \"1s\"\n")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_h2c_a_client_that_stops_reading_is_closed_and_a_slow_one_is_served() {
+    let sized = Backend::start_h2("127.0.0.1", Behaviour::Sized).await;
+    let proxy = "send_timeout = \"1s\"\nupstream_protocol = \"h2c\"\n";
+    slow_and_stopped_readers(gateway_over(&sized, proxy)).await;
+}
+
+/// A client that reads the first bytes of a large response and stops is closed after
+/// `proxy.send_timeout` (1 s), one that reads slowly but keeps reading gets all of its answer.
+async fn slow_and_stopped_readers(gw: GatewayProcess) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const BIG: usize = 64 << 20;
-    let sized = Backend::start("127.0.0.1", Behaviour::Sized).await;
-    let gw = gateway_over(&sized, "send_timeout = \"1s\"\n");
     // 64 MiB is more than every socket buffer between the replica and the client holds, so
     // the gateway's writes have to wait for a client that reads the first bytes and stops.
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -689,9 +701,21 @@ async fn an_http2_client_that_keeps_its_window_shut_is_closed_after_the_send_tim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_body_the_replica_stops_sending_is_cut_after_the_read_timeout() {
-    use tokio::io::AsyncWriteExt;
     let stalls = Backend::start("127.0.0.1", Behaviour::Stalls).await;
-    let gw = gateway_over(&stalls, "read_timeout = \"1s\"\n");
+    stalled_body_is_cut(gateway_over(&stalls, "read_timeout = \"1s\"\n")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_h2c_a_response_body_the_replica_stops_sending_is_cut_after_the_read_timeout() {
+    let stalls = Backend::start_h2("127.0.0.1", Behaviour::Stalls).await;
+    let proxy = "read_timeout = \"1s\"\nupstream_protocol = \"h2c\"\n";
+    stalled_body_is_cut(gateway_over(&stalls, proxy)).await;
+}
+
+/// A response body its replica stops sending is cut after `proxy.read_timeout` (1 s), counted
+/// as the replica's body timeout.
+async fn stalled_body_is_cut(gw: GatewayProcess) {
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(gw.addr)
         .await
         .expect("connect");
@@ -721,11 +745,23 @@ async fn a_response_body_the_replica_stops_sending_is_cut_after_the_read_timeout
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_sending_its_body_gets_408_and_its_replica_is_not_blamed() {
-    use tokio::io::AsyncWriteExt;
     // A replica slower than the request timeout: only a request that reached it whole can time
     // out on it.
     let slow = Backend::start("127.0.0.1", Behaviour::Answer { delay_ms: 3000 }).await;
-    let gw = gateway_over(&slow, "request_timeout = \"1s\"\n");
+    stalled_client_body(gateway_over(&slow, "request_timeout = \"1s\"\n")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_h2c_a_client_that_stops_sending_its_body_gets_408_and_its_replica_is_not_blamed() {
+    let slow = Backend::start_h2("127.0.0.1", Behaviour::Answer { delay_ms: 3000 }).await;
+    let proxy = "request_timeout = \"1s\"\nupstream_protocol = \"h2c\"\n";
+    stalled_client_body(gateway_over(&slow, proxy)).await;
+}
+
+/// A client that sends part of its body and stops gets 408 after `proxy.request_timeout` (1 s)
+/// and the replica is not blamed; a whole body whose answer is late is the replica's 504.
+async fn stalled_client_body(gw: GatewayProcess) {
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(gw.addr)
         .await
         .expect("connect");

@@ -10,6 +10,9 @@
 //! service-restart test, which runs one as a Swarm service in the host's network. Without an
 //! engine or a swarm each test prints why it is skipped and returns.
 
+// support/python.rs and the Docker or Chromium support each bring `engines.rs` along.
+#![allow(clippy::duplicate_mod)]
+
 #[macro_use]
 #[path = "support/docker.rs"]
 mod docker_support;

@@ -12,6 +12,16 @@
 //! With `RINGGATE_EXIT_ON_STDIN_EOF=1` it exits when its stdin closes: the process provider
 //! uses that so a replica never outlives the gateway that started it, even a SIGKILLed one.
 //!
+//! gRPC over h2c on the same port (a request with `content-type: application/grpc*`; no code
+//! generation: messages are encoded by hand, `Msg { string text = 1; }` in and
+//! `Reply { string server = 1; string text = 2; }` out, service `ringgate.demo.Demo`):
+//! `Who` (unary: its `SERVER_ID`, the text echoed, trailing metadata `x-server-id`; a text
+//! `fail:<code>:<message>` answers that status, `sleep:<ms>` answers after that long),
+//! `Count` (server streaming: `text` replies numbered 1 to the decimal `text`, `<n>/<ms>` with
+//! `ms` between them), `Sum` (client streaming: how many messages came), `Chat` (bidirectional:
+//! every message echoed as it comes), and `grpc.health.v1.Health/Check` (`SERVING` for `""` and
+//! `ringgate.demo.Demo`, `NOT_FOUND` for other services).
+//!
 //! `ringgate-server --check` is its container health check (the image has no shell and no
 //! curl): it GETs its own `/heartbeat` on `127.0.0.1:$PORT` and exits 0 on a 200, 1 otherwise.
 
@@ -21,14 +31,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
-fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+/// Every response's body: a whole one, or gRPC messages and trailers as they are made.
+type Out = BoxBody<Bytes, Infallible>;
+
+fn json(status: StatusCode, body: String) -> Response<Out> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -37,14 +51,14 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
-fn respond(server_id: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond(server_id: &str, req: &Request<Incoming>) -> Response<Out> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/home") => json(
             StatusCode::OK,
             serde_json::json!({"message": format!("Hello from Server: {server_id}"), "status": "successful"})
                 .to_string(),
         ),
-        (&Method::GET | &Method::HEAD, "/heartbeat") => Response::new(Full::new(Bytes::new())),
+        (&Method::GET | &Method::HEAD, "/heartbeat") => Response::new(Full::new(Bytes::new()).boxed()),
         (m, p) => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"message": format!("<Error> {m} {p} is not served here: try GET /home or GET /heartbeat"), "status": "failure"})
@@ -55,7 +69,7 @@ fn respond(server_id: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// `GET /ws`: the handshake's answer (101, or 400 for a request that is no WebSocket
 /// handshake); once hyper has switched the connection, the echo runs in a task of its own.
-fn websocket(server_id: &Arc<str>, req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
+fn websocket(server_id: &Arc<str>, req: &mut Request<Incoming>) -> Response<Out> {
     let key = req.headers().get(hyper::header::SEC_WEBSOCKET_KEY).cloned();
     let upgrade = req
         .headers()
@@ -76,7 +90,7 @@ fn websocket(server_id: &Arc<str>, req: &mut Request<Incoming>) -> Response<Full
             echo(TokioIo::new(upgraded), id).await;
         }
     });
-    let mut r = Response::new(Full::new(Bytes::new()));
+    let mut r = Response::new(Full::new(Bytes::new()).boxed());
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
     h.insert(
@@ -235,6 +249,9 @@ async fn serve(addr: SocketAddr, server_id: Arc<str>) -> std::io::Result<()> {
                 .and_then(|d| d.parse().ok())
                 .map(std::time::Duration::from_millis);
             let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                if ringgate::grpc::is_grpc(req.headers()) {
+                    return grpc::serve(id.clone(), req);
+                }
                 let ws = req.uri().path() == "/ws";
                 let resp = if ws {
                     websocket(&id, &mut req)
@@ -244,7 +261,7 @@ async fn serve(addr: SocketAddr, server_id: Arc<str>) -> std::io::Result<()> {
                 let slow = (req.uri().path() == "/home")
                     .then(|| work_of(&req).or(delay))
                     .flatten();
-                async move {
+                futures_util::FutureExt::boxed(async move {
                     if ws {
                         return Ok::<_, Infallible>(resp);
                     }
@@ -256,11 +273,286 @@ async fn serve(addr: SocketAddr, server_id: Arc<str>) -> std::io::Result<()> {
                     let mut body = req.into_body();
                     while let Some(Ok(_)) = body.frame().await {}
                     Ok::<_, Infallible>(resp)
-                }
+                })
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+/// The demo's gRPC methods, by hand over hyper's HTTP/2 server.
+mod grpc {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::{Buf, Bytes, BytesMut};
+    use futures_util::future::BoxFuture;
+    use futures_util::FutureExt;
+    use http_body_util::BodyExt;
+    use hyper::body::{Frame, Incoming};
+    use hyper::{HeaderMap, Request, Response};
+    use ringgate::grpc::{frame, Code};
+    use tokio::sync::mpsc;
+
+    use super::Out;
+
+    type Answer = Result<Response<Out>, Infallible>;
+
+    /// Answers one gRPC call.
+    pub fn serve(id: Arc<str>, req: Request<Incoming>) -> BoxFuture<'static, Answer> {
+        async move { Ok(call(id, req).await) }.boxed()
+    }
+
+    async fn call(id: Arc<str>, req: Request<Incoming>) -> Response<Out> {
+        let path = req.uri().path().to_owned();
+        let mut messages = Messages::new(req.into_body());
+        match path.as_str() {
+            "/ringgate.demo.Demo/Who" => {
+                let text = messages
+                    .next()
+                    .await
+                    .map(|m| text_of(&m))
+                    .unwrap_or_default();
+                who(&id, &text).await
+            }
+            "/ringgate.demo.Demo/Count" => {
+                let text = messages
+                    .next()
+                    .await
+                    .map(|m| text_of(&m))
+                    .unwrap_or_default();
+                count(id, &text)
+            }
+            "/ringgate.demo.Demo/Sum" => {
+                let mut n = 0u64;
+                while messages.next().await.is_some() {
+                    n += 1;
+                }
+                unary(&id, &n.to_string())
+            }
+            "/ringgate.demo.Demo/Chat" => chat(id, messages),
+            "/grpc.health.v1.Health/Check" => {
+                let service = messages
+                    .next()
+                    .await
+                    .map(|m| text_of(&m))
+                    .unwrap_or_default();
+                match service.as_str() {
+                    "" | "ringgate.demo.Demo" => {
+                        let (tx, body) = channel();
+                        let _ = tx.try_send(Frame::data(frame(&[0x08, 1])));
+                        let _ = tx.try_send(Frame::trailers(status(0, None)));
+                        grpc_response(body)
+                    }
+                    other => trailers_only(5, &format!("unknown service {other}")),
+                }
+            }
+            other => trailers_only(
+                Code::Unimplemented as u8,
+                &format!("{other} is not served here"),
+            ),
+        }
+    }
+
+    /// `Who`: the server's name, or the status or delay the text asks for.
+    async fn who(id: &str, text: &str) -> Response<Out> {
+        if let Some(rest) = text.strip_prefix("fail:") {
+            let (code, message) = rest.split_once(':').unwrap_or((rest, ""));
+            return trailers_only(code.parse().unwrap_or(2), message);
+        }
+        if let Some(ms) = text.strip_prefix("sleep:").and_then(|ms| ms.parse().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        unary(id, text)
+    }
+
+    /// One reply, then status 0 with `x-server-id` as trailing metadata.
+    fn unary(id: &str, text: &str) -> Response<Out> {
+        let (tx, body) = channel();
+        let _ = tx.try_send(Frame::data(frame(&reply(id, text))));
+        let _ = tx.try_send(Frame::trailers(status(0, Some(id))));
+        grpc_response(body)
+    }
+
+    /// `Count`: replies numbered 1 to n, `ms` apart.
+    fn count(id: Arc<str>, text: &str) -> Response<Out> {
+        let (n, ms) = text.split_once('/').unwrap_or((text, "0"));
+        let n: u64 = n.trim().parse().unwrap_or(0);
+        let ms: u64 = ms.trim().parse().unwrap_or(0);
+        let (tx, body) = channel();
+        tokio::spawn(async move {
+            for i in 1..=n {
+                if i > 1 && ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                if tx
+                    .send(Frame::data(frame(&reply(&id, &i.to_string()))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = tx.send(Frame::trailers(status(0, Some(&id)))).await;
+        });
+        grpc_response(body)
+    }
+
+    /// `Chat`: every message echoed as it comes, then status 0 when the client is done.
+    fn chat(id: Arc<str>, mut messages: Messages) -> Response<Out> {
+        let (tx, body) = channel();
+        tokio::spawn(async move {
+            while let Some(m) = messages.next().await {
+                let text = text_of(&m);
+                if tx
+                    .send(Frame::data(frame(&reply(&id, &text))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = tx.send(Frame::trailers(status(0, Some(&id)))).await;
+        });
+        grpc_response(body)
+    }
+
+    fn status(code: u8, server: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("grpc-status", u16::from(code).into());
+        if let Some(v) = server.and_then(|s| s.parse().ok()) {
+            h.insert("x-server-id", v);
+        }
+        h
+    }
+
+    fn trailers_only(code: u8, message: &str) -> Response<Out> {
+        let mut r = Response::new(http_body_util::Empty::new().boxed());
+        let h = r.headers_mut();
+        h.insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", u16::from(code).into());
+        if let Ok(m) = message.parse() {
+            h.insert("grpc-message", m);
+        }
+        r
+    }
+
+    fn grpc_response(body: Out) -> Response<Out> {
+        let mut r = Response::new(body);
+        r.headers_mut().insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("application/grpc"),
+        );
+        r
+    }
+
+    /// A body fed by a channel: frames as they are sent, the end when the sender is dropped.
+    fn channel() -> (mpsc::Sender<Frame<Bytes>>, Out) {
+        let (tx, rx) = mpsc::channel(16);
+        let body = http_body_util::StreamBody::new(ReceiverStream(rx));
+        (tx, body.boxed())
+    }
+
+    struct ReceiverStream(mpsc::Receiver<Frame<Bytes>>);
+
+    impl futures_util::Stream for ReceiverStream {
+        type Item = Result<Frame<Bytes>, Infallible>;
+
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            self.0.poll_recv(cx).map(|f| f.map(Ok))
+        }
+    }
+
+    /// `Reply { server = 1, text = 2 }`.
+    fn reply(server: &str, text: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(server.len() + text.len() + 6);
+        for (tag, s) in [(0x0a, server), (0x12, text)] {
+            out.push(tag);
+            let mut n = s.len();
+            while n >= 0x80 {
+                out.push((n as u8) | 0x80);
+                n >>= 7;
+            }
+            out.push(n as u8);
+            out.extend_from_slice(s.as_bytes());
+        }
+        out
+    }
+
+    /// Field 1 of a message, as text (empty when it has none).
+    fn text_of(msg: &[u8]) -> String {
+        let mut rest = msg;
+        while let Some((&key, after)) = rest.split_first() {
+            let (len, after) = varint(after).unwrap_or((0, &[]));
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            match (key, after.get(..len)) {
+                (0x0a, Some(v)) => return String::from_utf8_lossy(v).into_owned(),
+                (k, Some(_)) if k & 7 == 2 => rest = &after[len..],
+                _ => return String::new(),
+            }
+        }
+        String::new()
+    }
+
+    fn varint(buf: &[u8]) -> Option<(u64, &[u8])> {
+        let mut v = 0u64;
+        for (i, &b) in buf.iter().enumerate().take(10) {
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Some((v, &buf[i + 1..]));
+            }
+        }
+        None
+    }
+
+    /// The gRPC messages of a request body, one by one.
+    pub struct Messages {
+        body: Incoming,
+        buf: BytesMut,
+        ended: bool,
+    }
+
+    impl Messages {
+        fn new(body: Incoming) -> Messages {
+            Messages {
+                body,
+                buf: BytesMut::new(),
+                ended: false,
+            }
+        }
+
+        async fn next(&mut self) -> Option<Bytes> {
+            loop {
+                if self.buf.len() >= 5 {
+                    let len =
+                        u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+                    let len = usize::try_from(len).ok()?;
+                    if self.buf.len() >= 5 + len {
+                        self.buf.advance(5);
+                        return Some(self.buf.split_to(len).freeze());
+                    }
+                }
+                if self.ended {
+                    return None;
+                }
+                match self.body.frame().await {
+                    Some(Ok(f)) => {
+                        if let Ok(d) = f.into_data() {
+                            self.buf.extend_from_slice(&d);
+                        }
+                    }
+                    _ => self.ended = true,
+                }
+            }
+        }
     }
 }

@@ -405,6 +405,21 @@ pub struct HealthConfig {
     /// `max_backoff`); it returns once this has passed and its checks pass.
     #[serde(deserialize_with = "duration")]
     pub eject_time: Duration,
+    /// How active checks ask: `GET path` over HTTP, or `grpc.health.v1.Health/Check`.
+    pub protocol: HealthProtocol,
+    /// The service a gRPC check names (`""`: the server as a whole).
+    pub grpc_service: String,
+}
+
+/// `[health] protocol`: how a replica is checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthProtocol {
+    /// `GET [health] path`, a status in `expect_status` passes.
+    #[default]
+    Http,
+    /// `grpc.health.v1.Health/Check` over HTTP/2 (h2c, or TLS with ALPN `h2`): `SERVING` passes.
+    Grpc,
 }
 
 /// `[health] expect_status`: status codes and inclusive ranges a check may answer with
@@ -459,6 +474,8 @@ impl Default for HealthConfig {
             eject_window: Duration::from_secs(10),
             eject_min_requests: 20,
             eject_time: Duration::from_secs(30),
+            protocol: HealthProtocol::Http,
+            grpc_service: String::new(),
         }
     }
 }
@@ -524,6 +541,43 @@ pub struct ProxyConfig {
     /// How long a request may wait for a place at its replica.
     #[serde(deserialize_with = "duration")]
     pub queue_timeout: Duration,
+    /// The protocol spoken to the replicas.
+    pub upstream_protocol: UpstreamProtocol,
+}
+
+/// `proxy.upstream_protocol`: what the gateway speaks to the replicas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 to every replica (gRPC calls are refused: they need HTTP/2).
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge to every replica (ALPN `h2` with `upstream_tls`).
+    H2c,
+    /// The client's own: an HTTP/2 client's requests go over HTTP/2, HTTP/1 clients' over
+    /// HTTP/1.1 (Envoy's `USE_DOWNSTREAM_PROTOCOL`).
+    Match,
+}
+
+impl UpstreamProtocol {
+    /// Whether a request that came over `version` goes to its replica over HTTP/2.
+    pub fn uses_h2(self, version: http::Version) -> bool {
+        match self {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::H2c => true,
+            UpstreamProtocol::Match => version == http::Version::HTTP_2,
+        }
+    }
+}
+
+impl fmt::Display for UpstreamProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::Match => "match",
+        })
+    }
 }
 
 impl Default for ProxyConfig {
@@ -549,6 +603,7 @@ impl Default for ProxyConfig {
             max_requests_per_ip: 0,
             max_requests_per_replica: 0,
             queue_timeout: Duration::from_secs(1),
+            upstream_protocol: UpstreamProtocol::Http1,
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{is_valid_hostname, Config, ProviderKind, MAX_SLOTS};
+use super::{is_valid_hostname, Config, HealthProtocol, ProviderKind, MAX_SLOTS};
 
 /// One thing wrong with a config, naming its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,6 +277,13 @@ impl Config {
         }
         if px.http2_max_streams == 0 {
             bad("proxy.http2_max_streams", "must be at least 1".into());
+        }
+        if self.health.protocol == HealthProtocol::Http && !self.health.grpc_service.is_empty() {
+            bad(
+                "health.grpc_service",
+                "is only used by gRPC checks: set health.protocol = \"grpc\" too, or remove it"
+                    .into(),
+            );
         }
         if px.max_requests_per_ip > px.max_requests && px.max_requests != 0 {
             bad(
@@ -693,6 +700,39 @@ mod tests {
             Path::new("lb.toml"),
         );
         assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    #[test]
+    fn upstream_protocols_parse_and_grpc_service_needs_grpc_checks() {
+        use crate::config::UpstreamProtocol;
+        for (text, want) in [
+            ("http1", UpstreamProtocol::Http1),
+            ("h2c", UpstreamProtocol::H2c),
+            ("match", UpstreamProtocol::Match),
+        ] {
+            let c = Config::parse(
+                &format!("[proxy]\nupstream_protocol = \"{text}\"\n"),
+                Path::new("lb.toml"),
+            )
+            .expect("valid");
+            assert_eq!(c.proxy.upstream_protocol, want);
+        }
+        use http::Version;
+        for v in [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2] {
+            assert!(!UpstreamProtocol::Http1.uses_h2(v));
+            assert!(UpstreamProtocol::H2c.uses_h2(v));
+            assert_eq!(UpstreamProtocol::Match.uses_h2(v), v == Version::HTTP_2);
+        }
+        let e = err("[proxy]\nupstream_protocol = \"h3\"\n");
+        assert!(e.contains("upstream_protocol") || e.contains("h3"), "{e}");
+        let e = err("[health]\ngrpc_service = \"x\"\n");
+        assert!(e.contains("health.grpc_service"), "{e}");
+        let c = Config::parse(
+            "[health]\nprotocol = \"grpc\"\ngrpc_service = \"x\"\n",
+            Path::new("lb.toml"),
+        )
+        .expect("valid");
+        assert_eq!(c.health.protocol, HealthProtocol::Grpc);
     }
 
     #[test]

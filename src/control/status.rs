@@ -197,6 +197,9 @@ struct HealthStatus<'a> {
     recovery_delay_ms: u64,
     path: &'a str,
     expect_status: String,
+    /// `http` or `grpc`.
+    protocol: crate::config::HealthProtocol,
+    grpc_service: &'a str,
     max_ejection_percent: u32,
     slow_start_ms: u64,
     eject_after_5xx: u32,
@@ -417,6 +420,8 @@ impl Controller {
                 recovery_delay_ms: millis(c.health.recovery_delay),
                 path: &c.health.path,
                 expect_status: c.health.expect_status.to_string(),
+                protocol: c.health.protocol,
+                grpc_service: &c.health.grpc_service,
                 max_ejection_percent: c.health.max_ejection_percent,
                 slow_start_ms: millis(c.health.slow_start),
                 eject_after_5xx: c.health.eject_after_5xx,

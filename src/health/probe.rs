@@ -20,19 +20,23 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, Notify};
 
 use super::ProbeOutcome;
-use crate::config::ExpectStatus;
+use crate::config::{ExpectStatus, HealthProtocol};
 use crate::error::local_resource_cause;
 use crate::ring::ServerId;
 use crate::tls::upstream::UpstreamTls;
 use crate::upstream::pool::ConnectError;
 use crate::upstream::{self, Upstream};
 use crate::wire::client::check;
+use crate::wire::h2::grpc_check;
 
-/// What a check asks and what passes (`[health] path` and `expect_status`).
+/// What a check asks and what passes (`[health] path` and `expect_status`, or with
+/// `protocol = "grpc"` the service `grpc.health.v1` is asked about).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
     pub path: String,
     pub expect: ExpectStatus,
+    /// `Some(service)`: a gRPC check of `service` (`""`: the whole server).
+    pub grpc: Option<String>,
 }
 
 impl Check {
@@ -40,6 +44,7 @@ impl Check {
         Check {
             path: health.path.clone(),
             expect: health.expect_status.clone(),
+            grpc: (health.protocol == HealthProtocol::Grpc).then(|| health.grpc_service.clone()),
         }
     }
 }
@@ -90,11 +95,22 @@ impl HttpProber {
         let at = SystemTime::now();
         let tls = self.tls.load_full();
         let deadline = tokio::time::Instant::now() + timeout;
-        let asked = ask(addr, &check.path, tls.as_deref(), timeout, deadline);
-        let result = tokio::time::timeout_at(deadline, asked)
-            .await
-            .ok()
-            .flatten();
+        let result = match &check.grpc {
+            None => {
+                let asked = ask(addr, &check.path, tls.as_deref(), timeout, deadline);
+                tokio::time::timeout_at(deadline, asked)
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            Some(service) => {
+                let asked = ask_grpc(addr, service, tls.as_deref(), timeout, deadline);
+                tokio::time::timeout_at(deadline, asked)
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        };
         judge(&check, timeout, started, at, result)
     }
 }
@@ -113,7 +129,7 @@ async fn ask(
         Ok(t) => t,
         Err(e) => return Some(Err((format!("health.path {path:?}: {e}"), false))),
     };
-    let conn = match upstream::connect(addr, timeout, tls).await {
+    let conn = match upstream::connect(addr, timeout, tls, upstream::Kind::H1).await {
         Ok(c) => c,
         Err(ConnectError::Timeout(_)) => return None,
         Err(e) => return Some(Err(cause(&e))),
@@ -125,6 +141,38 @@ async fn ask(
             Err(e) if e.is_timeout() => None,
             Err(e) => Some(Err(cause(&e))),
         },
+        Upstream::H2(_) => Some(Err((
+            "an HTTP check got an HTTP/2 connection".into(),
+            false,
+        ))),
+    }
+}
+
+/// One `grpc.health.v1.Health/Check` of `service` at `addr` over a new HTTP/2 connection (h2c,
+/// or TLS with ALPN `h2` with `tls`; never pooled, like an HTTP check's): `Ok(200)` when it
+/// answered `SERVING`, else why not.
+async fn ask_grpc(
+    addr: SocketAddr,
+    service: &str,
+    tls: Option<&UpstreamTls>,
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+) -> Option<Result<u16, (String, bool)>> {
+    // The connection pings only while a check could last: it is dropped with the check.
+    let kind = upstream::Kind::H2 { keepalive: timeout };
+    let conn = match upstream::connect(addr, timeout, tls, kind).await {
+        Ok(Upstream::H2(c)) => c,
+        Ok(Upstream::H1(_)) => {
+            return Some(Err(("a gRPC check got an HTTP/1 connection".into(), false)))
+        }
+        Err(ConnectError::Timeout(_)) => return None,
+        Err(e) => return Some(Err(cause(&e))),
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    match grpc_check::check(&conn, scheme, addr, service, deadline).await {
+        Ok(()) => Some(Ok(200)),
+        Err(e) if e.is_timeout() => None,
+        Err(e) => Some(Err(cause(&e))),
     }
 }
 
@@ -146,7 +194,10 @@ pub(crate) fn judge(
 ) -> ProbeOutcome {
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     let (ok, inconclusive, status, error) = match result {
-        Some(Ok(s)) if check.expect.matches(s) => (true, false, Some(s), None),
+        // A gRPC check passes on SERVING only, which its asker reports as 200.
+        Some(Ok(s)) if check.grpc.is_some() || check.expect.matches(s) => {
+            (true, false, Some(s), None)
+        }
         Some(Ok(s)) => (
             false,
             false,
@@ -343,6 +394,7 @@ mod tests {
             Arc::new(Check {
                 path: path.into(),
                 expect: ExpectStatus(expect),
+                grpc: None,
             })
         };
         let p = HttpProber::default();

@@ -26,8 +26,9 @@ use crate::proxy::body::ProxyBody;
 use crate::proxy::failure::{Failure, Kind, Whose};
 use crate::snapshot::{InFlight, Snapshot, Upstream};
 use crate::upstream;
+use crate::wire::body::ReplicaBody;
 use crate::wire::client::head::RequestFraming;
-use crate::wire::client::{Forwarded, Request, UpstreamBody};
+use crate::wire::client::{Forwarded, Request};
 
 /// What every attempt of one request shares.
 pub struct Attempt<'a> {
@@ -57,7 +58,7 @@ impl Attempt<'_> {
         reserved: Option<InFlight>,
         body: &mut ProxyBody,
         outcome: &mut Outcome,
-    ) -> Result<Response<UpstreamBody>, Failure> {
+    ) -> Result<Response<ReplicaBody>, Failure> {
         let cfg = &self.snap.config;
         let counted = match reserved {
             Some(counted) => counted,
@@ -85,6 +86,10 @@ impl Attempt<'_> {
             },
             // Idle replica connections are descriptors too: none kept while they are short.
             keep_idle: !short_of_descriptors,
+            // An upgrade is HTTP/1.1's: a tunnel's replica is always reached over HTTP/1.1.
+            http2: self.upgrade.is_none()
+                && cfg.proxy.upstream_protocol.uses_h2(self.parts.version),
+            http2_keepalive: cfg.proxy.http2_keepalive,
             deadline: tokio::time::Instant::now() + self.request_timeout,
         };
         match upstream::send(&req, body, counted).await {
@@ -134,6 +139,8 @@ impl Attempt<'_> {
     fn failed(&self, replica: &Upstream, failure: &Failure, outcome: &mut Outcome) {
         outcome.connect_failed = failure.is_connect() && failure.whose == Whose::Replica;
         match (failure.whose, failure.kind) {
+            // A GOAWAY or a refused stream is the replica managing its load, not failing.
+            (Whose::Replica, Kind::Unprocessed) => {}
             (Whose::Replica, _) => {
                 replica.stats.failures.fetch_add(1, Ordering::Relaxed);
                 if failure.is_connect() {

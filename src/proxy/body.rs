@@ -182,4 +182,8 @@ impl crate::wire::client::Outgoing for ProxyBody {
     fn untouched(&self) -> bool {
         ProxyBody::untouched(self)
     }
+
+    fn share(&self) -> ProxyBody {
+        ProxyBody::again(self.slot())
+    }
 }

@@ -50,6 +50,9 @@ pub enum Kind {
     TooLarge,
     /// The gateway ran out of a local resource (descriptors, memory, local ports).
     LocalResource,
+    /// HTTP/2: the replica did not process the request (GOAWAY, `REFUSED_STREAM`): no fault
+    /// of its own, and safe to send again whatever the method.
+    Unprocessed,
     /// The replica had `proxy.max_requests_per_replica` in flight and no place came free
     /// within `proxy.queue_timeout`: busy, not failing.
     Busy,
@@ -75,6 +78,7 @@ impl Failure {
             SendError::RequestBody(b) if past_limit(b) => (Whose::Client, Kind::TooLarge),
             SendError::RequestBody(_) => (Whose::Client, Kind::ClientBody),
             SendError::RequestBodyTimeout => (Whose::Client, Kind::ClientBodyTimeout),
+            SendError::Request(_) => (Whose::Client, Kind::ClientBody),
             _ if local_resource_cause(e).is_some() => (Whose::Gateway, Kind::LocalResource),
             // The gateway's own shortage may be why the connection was not made in time.
             SendError::Connect(ConnectError::Timeout(_)) if short_of_descriptors => {
@@ -87,7 +91,8 @@ impl Failure {
                 (Whose::Replica, Kind::Refused)
             }
             SendError::Connect(_) => (Whose::Replica, Kind::Connect),
-            SendError::Broken(_) => (Whose::Replica, Kind::Broken),
+            SendError::Broken(_) | SendError::Stream(_) => (Whose::Replica, Kind::Broken),
+            SendError::Unprocessed(_) => (Whose::Replica, Kind::Unprocessed),
             SendError::BadHead(_) => (Whose::Replica, Kind::BadHead),
             SendError::Timeout => (Whose::Replica, Kind::Timeout),
         };

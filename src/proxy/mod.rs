@@ -55,9 +55,6 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Forwards one request and returns the replica's response, or the gateway's failure response.
-/// `outcome` is told the slot, the replica, the retries and why the gateway answered itself,
-/// for the access log.
 /// The gateway-wide parts a request uses besides its snapshot.
 pub struct Gateway<'a> {
     pub metrics: &'a Arc<Metrics>,
@@ -65,6 +62,9 @@ pub struct Gateway<'a> {
     pub tunnels: &'a Arc<Tunnels>,
 }
 
+/// Forwards one request and returns the replica's response, or the gateway's failure response.
+/// `outcome` is told the slot, the replica, the retries and why the gateway answered itself,
+/// for the access log.
 pub async fn forward(
     snap: &Snapshot,
     gateway: &Gateway<'_>,
@@ -75,6 +75,7 @@ pub async fn forward(
 ) -> Response<Body> {
     let _active = retry::Active::enter();
     let metrics = gateway.metrics;
+    let grpc = crate::grpc::is_grpc(req.headers());
     match try_forward(snap, gateway, req, client, client_addr, outcome).await {
         Ok(resp) => resp,
         Err(e) => {
@@ -89,6 +90,10 @@ pub async fn forward(
             };
             if let Some(c) = counter {
                 c.fetch_add(1, Ordering::Relaxed);
+            }
+            if grpc {
+                // A gRPC client reads a status, not an HTTP error.
+                return e.into_grpc_response();
             }
             e.into_response()
         }
@@ -107,6 +112,15 @@ async fn try_forward(
     let cfg = &snap.config;
     let (mut parts, body) = req.into_parts();
     let budgets = client.budgets(&cfg.proxy, cfg.replicas.max_replicas);
+    if crate::grpc::is_grpc(&parts.headers) && !cfg.proxy.upstream_protocol.uses_h2(parts.version) {
+        // Over HTTP/1.1 the call's trailers (its status) would be lost: refused, not broken.
+        linger(body);
+        return Err(GatewayError::GrpcNeedsHttp2);
+    }
+    // A gRPC call's own deadline bounds it at the gateway too: its response head, and the
+    // whole call (ended with DEADLINE_EXCEEDED).
+    let call_timeout = crate::grpc::timeout(&parts.headers);
+    let call_deadline = call_timeout.map(|t| tokio::time::Instant::now() + t);
     let (place, mut body, request_timeout) = admit(cfg, &parts, body, client, &budgets).await?;
     let tunnels = upgrade::max_tunnels(snap, budgets.max_requests);
     let mut asked = match upgrade::Asked::take(&mut parts, gateway.tunnels, tunnels) {
@@ -115,6 +129,10 @@ async fn try_forward(
         None => None,
     };
     let protocols = asked.as_ref().map(|a| a.protocols.clone());
+    let request_timeout = match call_timeout {
+        Some(t) => request_timeout.min(t),
+        None => request_timeout,
+    };
     let route = route::route(snap, metrics, &parts, client_addr.ip())?;
     outcome.slot = Some(route.slot);
 
@@ -160,7 +178,10 @@ async fn try_forward(
                 let mut resp = resp;
                 resp.body_mut().hold(place);
                 give_key(snap, &parts, route.key, resp.headers_mut());
-                return Ok(resp.map(Body::upstream));
+                if let Some(deadline) = call_deadline {
+                    resp.body_mut().end_by(deadline);
+                }
+                return Ok(resp.map(Body::replica));
             }
             Err(failure) => failure,
         };

@@ -40,6 +40,8 @@ pub fn may_retry(failure: &Failure, method: &Method, retry_on: &[RetryOn]) -> bo
         Kind::Refused | Kind::ConnectTimeout | Kind::Connect => {
             retry_on.contains(&RetryOn::ConnectFailure)
         }
+        // Nothing was processed: as safe as a failed connect, for any method.
+        Kind::Unprocessed => retry_on.contains(&RetryOn::ConnectFailure),
         Kind::Broken | Kind::BadHead => retry_on.contains(&RetryOn::Reset) && is_idempotent(method),
         Kind::Timeout
         | Kind::ClientBody
@@ -64,7 +66,7 @@ pub fn next_server(
 /// refusals would turn its death into 502s. Slow failures (timeouts, resets) multiply work, and
 /// stay budgeted.
 pub fn needs_budget(failure: &Failure) -> bool {
-    failure.kind != Kind::Refused
+    !matches!(failure.kind, Kind::Refused | Kind::Unprocessed)
 }
 
 /// Whether one more retry fits: retries in progress stay under `percent` of the requests in
@@ -217,6 +219,18 @@ mod tests {
         assert!(
             needs_budget(&failed(Kind::Broken, false)),
             "a query of death"
+        );
+    }
+
+    #[test]
+    fn a_stream_the_replica_did_not_process_is_retried_for_any_method_outside_the_budget() {
+        let unprocessed = failed(Kind::Unprocessed, false);
+        assert!(may_retry(&unprocessed, &Method::POST, DEFAULT));
+        assert!(!may_retry(&unprocessed, &Method::POST, &[]));
+        assert!(!needs_budget(&unprocessed));
+        assert!(
+            !may_retry(&failed(Kind::Unprocessed, true), &Method::POST, DEFAULT),
+            "a body partly read cannot be sent again"
         );
     }
 

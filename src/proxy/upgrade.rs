@@ -22,7 +22,7 @@ use crate::snapshot::{Snapshot, Upstream};
 use crate::tunnel::splice::{self, End, Ends};
 use crate::tunnel::{self, Close, Placed, Tunnels};
 use crate::wire::body::Body;
-use crate::wire::client::UpstreamBody;
+use crate::wire::body::ReplicaBody;
 use crate::wire::server::upgrade::OnUpgrade;
 
 /// A request that asked to switch protocols, with its place under `[tunnels] max`.
@@ -70,7 +70,7 @@ pub struct At<'a> {
 /// Opens the tunnel behind the replica's `101` `resp` and returns the `101` for the client
 /// (the replica's head, no body); `None` if the response carries no switched connection.
 pub fn open(
-    resp: Response<UpstreamBody>,
+    resp: Response<ReplicaBody>,
     asked: Asked,
     request: RequestPlace,
     at: At<'_>,

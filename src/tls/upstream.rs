@@ -37,7 +37,11 @@ pub struct UpstreamTlsError(String);
 
 /// How the gateway talks TLS to its replicas.
 pub struct UpstreamTls {
+    /// Offers ALPN `http/1.1`: HTTP/1.1 connections.
     connector: tokio_rustls::TlsConnector,
+    /// Offers ALPN `h2`: HTTP/2 connections (`proxy.upstream_protocol`), which the replica must
+    /// accept (RFC 9113 section 3.2: HTTP/2 over TLS is chosen by ALPN, never assumed).
+    h2: tokio_rustls::TlsConnector,
     server_name: Option<ServerName<'static>>,
     id: u64,
 }
@@ -102,6 +106,8 @@ impl UpstreamTls {
             .map_err(|e| fail(format!("cannot build the TLS client: {e}")))?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        let mut h2 = config.clone();
+        h2.alpn_protocols = vec![b"h2".to_vec()];
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let server_name = match &p.upstream_server_name {
             Some(n) => Some(
@@ -112,6 +118,7 @@ impl UpstreamTls {
         };
         Ok(Some(UpstreamTls {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            h2: tokio_rustls::TlsConnector::from(Arc::new(h2)),
             server_name,
             id: BUILDS.fetch_add(1, Ordering::Relaxed) + 1,
         }))
@@ -134,6 +141,26 @@ impl UpstreamTls {
             .clone()
             .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
         self.connector.connect(name, tcp).await
+    }
+
+    /// The TLS handshake for HTTP/2 with the replica at `addr` over `tcp`: ALPN `h2` offered,
+    /// and a replica that does not select it is an error (it would not speak HTTP/2).
+    pub async fn connect_h2(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+    ) -> std::io::Result<UpstreamStream> {
+        let name = self
+            .server_name
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
+        let stream = self.h2.connect(name, tcp).await?;
+        if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(std::io::Error::other(
+                "the replica did not select ALPN h2: it does not speak HTTP/2 over TLS (proxy.upstream_protocol)",
+            ));
+        }
+        Ok(stream)
     }
 }
 

@@ -1,6 +1,6 @@
 //! The connector to the replicas: one way to reach a replica, for traffic and for checks.
 //!
-//! Owns: [`Upstream`] (a connection of a kind: HTTP/1.1 now; the kind decides how a request is
+//! Owns: [`Upstream`] (a connection of a kind: HTTP/1.1, or HTTP/2 in [`h2`]; the kind decides how a request is
 //! written on it), [`connect`] (a new connection, plain TCP or TLS with the client it is given:
 //! the snapshot's, passed down by the request or the health check), and [`send`] (a request on
 //! this thread's pooled connection to the replica, or a new one: a pooled connection the
@@ -11,6 +11,7 @@
 //! which TLS client is in force (the controller publishes it), or what a failure means for a
 //! replica (the proxy and the checks' verdict decide).
 
+pub mod h2;
 pub mod pool;
 
 use std::net::SocketAddr;
@@ -20,54 +21,134 @@ use http::Response;
 
 use crate::snapshot::InFlight;
 use crate::tls::upstream::UpstreamTls;
-use crate::wire::client::{self as h1, Outgoing, Request, SendError, UpstreamBody};
+use crate::wire::body::ReplicaBody;
+use crate::wire::client::{self as h1, Outgoing, Request, SendError};
+use crate::wire::h2::{self as wire_h2, H2Body};
+use h2::{H2Conn, SendBody};
 use pool::{Conn, ConnectError};
 
 /// A connection to a replica, of a kind.
 pub enum Upstream {
     /// HTTP/1.1: one request at a time, written by [`crate::wire::client`].
     H1(Conn),
+    /// HTTP/2 with prior knowledge: streams multiplexed, written by [`crate::wire::h2`].
+    H2(H2Conn),
 }
 
-/// A new connection to `addr` within `timeout`: TLS with `tls` (`[provider] upstream_tls`),
-/// else plain TCP.
+/// The kind of connection to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    H1,
+    /// HTTP/2, pinging the replica this often.
+    H2 {
+        keepalive: Duration,
+    },
+}
+
+/// A new connection of `kind` to `addr` within `timeout`: TLS with `tls`
+/// (`[provider] upstream_tls`), else plain TCP.
 pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     tls: Option<&UpstreamTls>,
+    kind: Kind,
 ) -> Result<Upstream, ConnectError> {
-    Conn::connect(addr, timeout, tls).await.map(Upstream::H1)
+    match kind {
+        Kind::H1 => Conn::connect(addr, timeout, tls).await.map(Upstream::H1),
+        Kind::H2 { keepalive } => H2Conn::connect(addr, timeout, tls, keepalive)
+            .await
+            .map(Upstream::H2),
+    }
 }
 
 /// Sends `req` with `body` on this thread's pooled connection to its replica made with
-/// `req.tls`, or a new one, and returns the response with its streaming body; `in_flight` counts
-/// the request at its replica until the body ends.
-pub async fn send(
+/// `req.tls` (HTTP/1.1, or an HTTP/2 connection with room for one more stream when
+/// `req.http2`), or a new one, and returns the response with its streaming body; `in_flight`
+/// counts the request at its replica until the body ends.
+pub async fn send<B: Outgoing + Send + 'static>(
     req: &Request<'_>,
-    body: &mut impl Outgoing,
+    body: &mut B,
     in_flight: InFlight,
-) -> Result<Response<UpstreamBody>, SendError> {
-    let mut pooled = pool::take(req.addr, req.tls).map(Upstream::H1);
+) -> Result<Response<ReplicaBody>, SendError> {
+    if req.http2 {
+        // Boxed: the HTTP/2 path's state stays out of the HTTP/1.1 path's future.
+        return Box::pin(send_h2(req, body, in_flight)).await;
+    }
+    let mut pooled = pool::take(req.addr, req.tls);
     loop {
         let reused = pooled.is_some();
-        let upstream = match pooled.take() {
+        let mut conn = match pooled.take() {
             Some(c) => c,
             // Boxed: connecting (TCP, and TLS when configured) is rare once the pool is warm,
             // and its state would otherwise make every request's future larger.
-            None => Box::pin(connect(req.addr, req.connect_timeout, req.tls)).await?,
+            None => Box::pin(Conn::connect(req.addr, req.connect_timeout, req.tls)).await?,
         };
-        match upstream {
-            Upstream::H1(mut conn) => {
-                match h1::exchange(&mut conn, &req.forwarded, req.deadline, body).await {
-                    Ok(head) => return Ok(h1::response(conn, head, req, in_flight)),
-                    // A pooled connection the replica had closed: once more on a fresh one, if the
-                    // body can still be sent.
-                    Err(SendError::Broken(_)) if reused && body.untouched() => continue,
-                    Err(e) => return Err(e),
-                }
-            }
+        match h1::exchange(&mut conn, &req.forwarded, req.deadline, body).await {
+            Ok(head) => return Ok(h1::response(conn, head, req, in_flight).map(ReplicaBody::H1)),
+            // A pooled connection the replica had closed: once more on a fresh one, if the
+            // body can still be sent.
+            Err(SendError::Broken(_)) if reused && body.untouched() => continue,
+            Err(e) => return Err(e),
         }
     }
+}
+
+/// [`send`] over HTTP/2: a stream on this thread's connection to the replica with room for
+/// it, or on a new one (kept for the next requests). A stream a pooled connection did not
+/// process (its GOAWAY raced the request) is sent once more on a fresh connection, if nothing
+/// of the body was read; from a fresh connection that failure goes to the caller, which may
+/// retry it elsewhere.
+async fn send_h2<B: Outgoing + Send + 'static>(
+    req: &Request<'_>,
+    body: &mut B,
+    in_flight: InFlight,
+) -> Result<Response<ReplicaBody>, SendError> {
+    let scheme = if req.tls.is_some() { "https" } else { "http" };
+    loop {
+        let (conn, reused) = h2_conn(req).await?;
+        let (sender, stream) = conn.open_stream();
+        let outgoing = SendBody::new(body.share());
+        let request = wire_h2::request(&req.forwarded, scheme, req.addr, outgoing)
+            .map_err(SendError::Request)?;
+        match wire_h2::exchange(sender, request, req.deadline).await {
+            Ok(resp) => {
+                let read_timeout = req.read_timeout;
+                return Ok(
+                    resp.map(|b| ReplicaBody::H2(H2Body::new(b, stream, read_timeout, in_flight)))
+                );
+            }
+            Err(SendError::Unprocessed(_)) if reused && body.untouched() => {
+                h2::forget(&conn);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// This thread's connection to the replica with room for one more stream (and `true`: it was
+/// there already), or a new one, kept for the next requests. While another request of this
+/// thread connects to the same replica, its connection is waited for (up to
+/// `proxy.connect_timeout`) and used if it has room: a burst on a cold thread makes one
+/// connection, not one per request.
+async fn h2_conn(req: &Request<'_>) -> Result<(H2Conn, bool), ConnectError> {
+    if let Some(c) = h2::take(req.addr, req.tls) {
+        return Ok((c, true));
+    }
+    let making = match h2::turn(req.addr) {
+        h2::Turn::Make(making) => Some(making),
+        h2::Turn::Wait(done) => {
+            let _ = tokio::time::timeout(req.connect_timeout, done.notified()).await;
+            if let Some(c) = h2::take(req.addr, req.tls) {
+                return Ok((c, true));
+            }
+            None
+        }
+    };
+    let c = H2Conn::connect(req.addr, req.connect_timeout, req.tls, req.http2_keepalive).await?;
+    h2::keep(&c);
+    drop(making);
+    Ok((c, false))
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
-//! Upstream connections and the serving thread's pool of idle ones.
+//! Upstream connections and the serving thread's pool of idle HTTP/1.1 ones.
 //!
 //! Owns: [`Conn`] (a replica connection with its read buffer: plain TCP, or TLS with the client
-//! it is given, see [`Conn::connect`]), connecting with a deadline, and the per-thread pool of
+//! it is given, ALPN `http/1.1` or, for HTTP/2, `h2`, see [`Conn::connect_for`]; HTTP/2 takes
+//! its byte stream, [`Conn::into_stream`]), connecting with a deadline, and the per-thread pool of
 //! idle keep-alive connections (last in, first out; at most [`MAX_IDLE_PER_REPLICA`] per replica;
 //! closed after [`IDLE_TIMEOUT`]; a connection the replica closed, that has unsolicited bytes,
 //! or that another TLS client than the caller's made, is never handed out). Per thread, because
@@ -43,6 +44,19 @@ const SPARE_BUFFERS: usize = 32;
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<UpstreamStream>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
 }
 
 impl AsyncWrite for Stream {
@@ -96,19 +110,6 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
-        }
-    }
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -174,6 +175,17 @@ impl Conn {
         timeout: Duration,
         tls: Option<&UpstreamTls>,
     ) -> Result<Conn, ConnectError> {
+        Conn::connect_for(addr, timeout, tls, false).await
+    }
+
+    /// [`Conn::connect`] for HTTP/2 when `h2`: over TLS, ALPN `h2` is offered and must be
+    /// selected.
+    pub async fn connect_for(
+        addr: SocketAddr,
+        timeout: Duration,
+        tls: Option<&UpstreamTls>,
+        h2: bool,
+    ) -> Result<Conn, ConnectError> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(ConnectError::Io(e)),
@@ -184,7 +196,14 @@ impl Conn {
         let stream = match tls {
             None => Stream::Plain(stream),
             // The handshake is part of connecting: a replica that fails it got nothing yet.
-            Some(tls) => match tokio::time::timeout(timeout, tls.connect(stream, addr)).await {
+            Some(tls) => match tokio::time::timeout(timeout, async {
+                match h2 {
+                    true => tls.connect_h2(stream, addr).await,
+                    false => tls.connect(stream, addr).await,
+                }
+            })
+            .await
+            {
                 Ok(Ok(s)) => Stream::Tls(Box::new(s)),
                 Ok(Err(e)) => return Err(ConnectError::Tls(e)),
                 Err(_) => return Err(ConnectError::Timeout(timeout)),
@@ -198,6 +217,12 @@ impl Conn {
             idle_since: Instant::now(),
             _counted: counted,
         })
+    }
+
+    /// The byte stream, for a protocol that keeps the connection itself (HTTP/2), with the
+    /// count of replica connections it stays in while it lives.
+    pub fn into_stream(self) -> (Stream, ReplicaConnection) {
+        (self.stream, self._counted)
     }
 
     pub fn stream(&mut self) -> &mut Stream {
@@ -301,6 +326,8 @@ pub enum ConnectError {
     Tls(#[source] io::Error),
     #[error("tcp connect timed out after {0:?} (proxy.connect_timeout)")]
     Timeout(Duration),
+    #[error("the HTTP/2 handshake with the replica failed: {0} (proxy.upstream_protocol: does the replica speak h2c?)")]
+    Http2(#[source] hyper::Error),
 }
 
 #[derive(Default)]

@@ -94,6 +94,8 @@ fn get_request(addr: SocketAddr, read_timeout: Duration) -> Request<'static> {
             upgrade: None,
         },
         keep_idle: true,
+        http2: false,
+        http2_keepalive: Duration::from_secs(20),
         deadline: Instant::now() + Duration::from_secs(30),
     }
 }
@@ -559,4 +561,198 @@ async fn a_pooled_connection_goes_only_to_a_request_of_the_client_that_made_it()
     );
     assert_eq!(get(addr).await.expect("answer"), (200, "hello".into()));
     assert_eq!(accepts.load(Ordering::SeqCst), 2, "a new connection");
+}
+
+/// An HTTP/2 replica (the h2 crate's server) that refuses every stream on the first connection
+/// it accepts with `REFUSED_STREAM` and answers 200 with trailers on the later ones; counts
+/// its connections.
+async fn h2_replica_refusing_on_its_first_connection() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let counter = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let refuse = counter.fetch_add(1, Ordering::SeqCst) == 0;
+            tokio::spawn(async move {
+                let Ok(mut conn) = ::h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if refuse {
+                        respond.send_reset(::h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let resp = http::Response::new(());
+                    let Ok(mut body) = respond.send_response(resp, false) else {
+                        return;
+                    };
+                    let _ = body.send_data(Bytes::from_static(b"ok"), false);
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let _ = body.send_trailers(trailers);
+                }
+            });
+        }
+    });
+    (addr, accepts)
+}
+
+fn h2_request(addr: SocketAddr) -> Request<'static> {
+    Request {
+        http2: true,
+        ..get_request(addr, Duration::from_secs(60))
+    }
+}
+
+#[tokio::test]
+async fn a_refused_stream_is_unprocessed_and_a_pooled_connection_that_refuses_is_replaced() {
+    let (addr, accepts) = h2_replica_refusing_on_its_first_connection().await;
+    let s = stats();
+    // A new connection that refuses: told apart as not processed (the proxy may send it
+    // anywhere), nothing counted at the replica afterwards.
+    let Err(e) = send(
+        &h2_request(addr),
+        &mut ProxyBody::Empty,
+        InFlight::start(&s),
+    )
+    .await
+    else {
+        panic!("a refused stream was answered");
+    };
+    assert!(matches!(e, SendError::Unprocessed(_)), "{e}");
+    assert_eq!(s.in_flight.load(Ordering::SeqCst), 0);
+    // The same connection, pooled, refuses again: once more on a fresh one, which answers;
+    // the replica's trailers come through.
+    let resp = send(
+        &h2_request(addr),
+        &mut ProxyBody::Empty,
+        InFlight::start(&s),
+    )
+    .await
+    .expect("answered on a fresh connection");
+    assert_eq!(resp.status(), 200);
+    let whole = resp.into_body().collect().await.expect("body");
+    assert_eq!(
+        whole.trailers().map(|t| t["grpc-status"].clone()),
+        Some(http::HeaderValue::from_static("0"))
+    );
+    assert_eq!(whole.to_bytes(), "ok");
+    assert_eq!(accepts.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        s.in_flight.load(Ordering::SeqCst),
+        0,
+        "in flight until the body ended"
+    );
+}
+
+#[tokio::test]
+async fn streams_share_one_connection_and_a_connection_that_sent_goaway_gets_none() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let (goaway, _) = tokio::sync::broadcast::channel::<()>(1);
+    let (counter, trigger) = (accepts.clone(), goaway.clone());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut told = trigger.subscribe();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"hi")),
+                    ))
+                });
+                let builder =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(s), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = told.recv() => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
+            });
+        }
+    });
+    let s = stats();
+    for _ in 0..5 {
+        let resp = send(
+            &h2_request(addr),
+            &mut ProxyBody::Empty,
+            InFlight::start(&s),
+        )
+        .await
+        .expect("answered");
+        assert_eq!(
+            resp.into_body().collect().await.expect("body").to_bytes(),
+            "hi"
+        );
+    }
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        1,
+        "one multiplexed connection"
+    );
+    // The replica says GOAWAY (a graceful shutdown): its connection takes no new stream.
+    let _ = goaway.send(());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h2::take(addr, None).is_some_and(|c| c.is_open()) {
+        assert!(Instant::now() < deadline, "the GOAWAY was never seen");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let resp = send(
+        &h2_request(addr),
+        &mut ProxyBody::Empty,
+        InFlight::start(&s),
+    )
+    .await
+    .expect("answered on a new connection");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(accepts.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_burst_on_a_cold_thread_makes_one_http2_connection_not_one_each() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let counter = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // Answers late, so the burst's streams are open at once.
+                let svc = hyper::service::service_fn(|_req| async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"hi")),
+                    ))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+            });
+        }
+    });
+    let s = stats();
+    let burst = (0..50).map(|_| {
+        let s = s.clone();
+        async move {
+            let req = h2_request(addr);
+            let resp = send(&req, &mut ProxyBody::Empty, InFlight::start(&s))
+                .await
+                .expect("answered");
+            resp.into_body().collect().await.expect("body").to_bytes()
+        }
+    });
+    for body in futures_util::future::join_all(burst).await {
+        assert_eq!(body, "hi");
+    }
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        1,
+        "one connection for the burst"
+    );
 }

@@ -17,8 +17,10 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 
+use crate::admission::RequestPlace;
 use crate::error::BoxError;
 use crate::wire::client::UpstreamBody;
+use crate::wire::h2::H2Body;
 use crate::wire::server::body::Http1Body;
 
 /// A request body.
@@ -76,6 +78,74 @@ impl HttpBody for RequestBody {
     }
 }
 
+/// A replica's response body, of the kind of connection it came on.
+pub enum ReplicaBody {
+    H1(UpstreamBody),
+    H2(H2Body),
+}
+
+impl ReplicaBody {
+    /// The connection of a `101` with the request's counts ([`UpstreamBody::into_switched`]);
+    /// `None` for any other response, and for HTTP/2, which forwards no upgrade.
+    pub fn into_switched(
+        self,
+    ) -> Option<(
+        crate::upstream::pool::Conn,
+        crate::snapshot::InFlight,
+        Option<RequestPlace>,
+    )> {
+        match self {
+            ReplicaBody::H1(b) => b.into_switched(),
+            ReplicaBody::H2(_) => None,
+        }
+    }
+
+    /// Keeps the request counted in the gateway's budgets until this body is done with.
+    pub fn hold(&mut self, place: RequestPlace) {
+        match self {
+            ReplicaBody::H1(b) => b.hold(place),
+            ReplicaBody::H2(b) => b.hold(place),
+        }
+    }
+
+    /// Ends a gRPC call's response by `deadline` ([`H2Body::end_by`]); gRPC goes over HTTP/2
+    /// only, so an HTTP/1.1 body is left as it is.
+    pub fn end_by(&mut self, deadline: tokio::time::Instant) {
+        if let ReplicaBody::H2(b) = self {
+            b.end_by(deadline);
+        }
+    }
+}
+
+impl HttpBody for ReplicaBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReplicaBody::H1(b) => Pin::new(b).poll_frame(cx),
+            ReplicaBody::H2(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReplicaBody::H1(b) => b.is_end_stream(),
+            ReplicaBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReplicaBody::H1(b) => b.size_hint(),
+            ReplicaBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A response body.
 pub struct Body(Kind);
 
@@ -83,6 +153,7 @@ enum Kind {
     /// All of it, sent in one frame (`None` once sent, or when empty).
     Full(Option<Bytes>),
     Upstream(UpstreamBody),
+    Upstream2(H2Body),
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
 
@@ -98,6 +169,14 @@ impl Body {
         Body(Kind::Upstream(body))
     }
 
+    /// A replica's response body, from either kind of connection.
+    pub fn replica(body: ReplicaBody) -> Body {
+        match body {
+            ReplicaBody::H1(b) => Body(Kind::Upstream(b)),
+            ReplicaBody::H2(b) => Body(Kind::Upstream2(b)),
+        }
+    }
+
     /// Any other body (one that wraps another, like the access log's byte count).
     pub fn boxed<B>(body: B) -> Body
     where
@@ -105,6 +184,13 @@ impl Body {
         B::Error: Into<BoxError>,
     {
         Body(Kind::Boxed(body.map_err(Into::into).boxed_unsync()))
+    }
+}
+
+impl Default for Body {
+    /// No body: the response ends with its head (a gRPC trailers-only answer).
+    fn default() -> Body {
+        Body(Kind::Full(None))
     }
 }
 
@@ -119,6 +205,7 @@ impl HttpBody for Body {
         match &mut self.get_mut().0 {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Upstream2(body) => Pin::new(body).poll_frame(cx),
             Kind::Boxed(body) => Pin::new(body).poll_frame(cx),
         }
     }
@@ -127,6 +214,7 @@ impl HttpBody for Body {
         match &self.0 {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Upstream(body) => body.is_end_stream(),
+            Kind::Upstream2(body) => body.is_end_stream(),
             Kind::Boxed(body) => body.is_end_stream(),
         }
     }
@@ -135,6 +223,7 @@ impl HttpBody for Body {
         match &self.0 {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream(body) => body.size_hint(),
+            Kind::Upstream2(body) => body.size_hint(),
             Kind::Boxed(body) => body.size_hint(),
         }
     }

@@ -105,9 +105,9 @@ enum State {
 
 /// Longest chunk-size or trailer line accepted (without its CRLF).
 const MAX_LINE: usize = 4096;
-/// Most bytes of chunk extensions and trailer fields one body may carry: they are read and
-/// dropped, never forwarded, and none of them counts against `proxy.max_body`, so without a cap
-/// a client could keep the gateway parsing them as long as it liked.
+/// Most bytes of chunk extensions and trailer fields one body may carry: none of them counts
+/// against `proxy.max_body`, so without a cap a peer could keep the gateway parsing (and, for
+/// trailers, holding) them as long as it liked.
 const MAX_METADATA: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
@@ -115,6 +115,9 @@ pub struct Decoder {
     state: State,
     /// Bytes of chunk extensions and trailer fields so far (capped by [`MAX_METADATA`]).
     metadata: usize,
+    /// The trailer fields read after the last chunk, until [`Decoder::take_trailers`] (boxed:
+    /// nearly every body has none, and a decoder lives in every body).
+    trailers: Option<Box<http::HeaderMap>>,
 }
 
 impl Decoder {
@@ -125,7 +128,11 @@ impl Decoder {
             BodyFraming::Chunked => State::ChunkLine(Line::Size),
             BodyFraming::UntilClose => State::UntilClose,
         };
-        Decoder { state, metadata: 0 }
+        Decoder {
+            state,
+            metadata: 0,
+            trailers: None,
+        }
     }
 
     pub fn is_done(&self) -> bool {
@@ -194,8 +201,16 @@ impl Decoder {
                         }
                         Line::Trailers if line.is_empty() => State::Done,
                         Line::Trailers => {
-                            trailer_field(line)?;
+                            let (name, value) = trailer_field(line)?;
                             self.count_metadata(line.len())?;
+                            // A field http cannot hold (it checks more than RFC 9110 asks)
+                            // is dropped, not the body.
+                            if let (Ok(n), Ok(v)) = (
+                                http::HeaderName::from_bytes(name),
+                                http::HeaderValue::from_bytes(value.trim_ascii()),
+                            ) {
+                                self.trailers.get_or_insert_default().append(n, v);
+                            }
                             State::ChunkLine(Line::Trailers)
                         }
                     };
@@ -203,6 +218,16 @@ impl Decoder {
                 }
             }
         }
+    }
+
+    /// Whether trailer fields were read and not taken yet.
+    pub fn has_trailers(&self) -> bool {
+        self.trailers.is_some()
+    }
+
+    /// The trailer fields read after the last chunk (once the body is done), once.
+    pub fn take_trailers(&mut self) -> Option<http::HeaderMap> {
+        self.trailers.take().map(|t| *t)
     }
 
     fn count_metadata(&mut self, n: usize) -> Result<(), ChunkError> {
@@ -336,13 +361,14 @@ fn extension_value(s: &[u8]) -> Result<&[u8], ChunkError> {
 }
 
 /// A trailer field line, `field-name ":" OWS field-value OWS` with a token name and a value of
-/// visible characters, spaces and tabs (RFC 9110 §5.5). Trailers are read past, never
-/// forwarded, but checked all the same: a NUL or control byte in one is no HTTP, and a line
-/// folded onto the next (obs-fold) is refused as in a head.
-fn trailer_field(line: &[u8]) -> Result<(), ChunkError> {
+/// visible characters, spaces and tabs (RFC 9110 §5.5), as its name and value: a NUL or control
+/// byte in one is no HTTP, and a line folded onto the next (obs-fold) is refused as in a head.
+fn trailer_field(line: &[u8]) -> Result<(&[u8], &[u8]), ChunkError> {
     let name = line.iter().take_while(|&&b| is_tchar(b)).count();
     match line[name..].split_first() {
-        Some((b':', value)) if name > 0 && value.iter().all(|&b| is_field_byte(b)) => Ok(()),
+        Some((b':', value)) if name > 0 && value.iter().all(|&b| is_field_byte(b)) => {
+            Ok((&line[..name], value))
+        }
         _ => Err(ChunkError::BadTrailer),
     }
 }
@@ -369,6 +395,27 @@ pub struct ChunkLine {
 pub const CHUNK_END: &[u8] = b"\r\n";
 /// The last chunk of a body with no trailers.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// The last chunk followed by `fields` as trailer lines (RFC 9112 section 7.1.2), for both
+/// legs; fields that frame or route a message are not trailers and are left out.
+pub fn write_last_chunk_with(out: &mut Vec<u8>, fields: &http::HeaderMap) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in fields {
+        if crate::wire::headers::is_hop_by_hop(name)
+            || matches!(
+                *name,
+                http::header::CONTENT_LENGTH | http::header::HOST | http::header::CONTENT_TYPE
+            )
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
 
 impl ChunkLine {
     pub fn of(n: usize) -> ChunkLine {
@@ -566,6 +613,28 @@ mod tests {
         }
         let (body, rest) = decode_all(BodyFraming::Empty, b"", 1).expect("empty");
         assert!(body.is_empty() && rest.is_empty());
+    }
+
+    #[test]
+    fn trailer_fields_are_kept_for_the_body_to_hand_on() {
+        let mut d = Decoder::new(BodyFraming::Chunked);
+        let mut buf =
+            BytesMut::from(&b"2\r\nhi\r\n0\r\ngrpc-status: 0 \r\nX-A: 1\r\nx-a: 2\r\n\r\n"[..]);
+        assert!(matches!(d.decode(&mut buf), Ok(Decoded::Data(_))));
+        assert!(matches!(d.decode(&mut buf), Ok(Decoded::End)));
+        assert!(d.is_done() && d.has_trailers());
+        let t = d.take_trailers().expect("trailers");
+        assert_eq!(t["grpc-status"], "0");
+        let a: Vec<_> = t.get_all("x-a").iter().collect();
+        assert_eq!(a, ["1", "2"]);
+        assert!(
+            !d.has_trailers() && d.take_trailers().is_none(),
+            "taken once"
+        );
+        let mut d = Decoder::new(BodyFraming::Chunked);
+        let mut buf = BytesMut::from(&b"0\r\n\r\n"[..]);
+        assert!(matches!(d.decode(&mut buf), Ok(Decoded::End)));
+        assert!(!d.has_trailers());
     }
 
     #[test]

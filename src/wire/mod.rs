@@ -8,8 +8,10 @@
 //! forwards ([`headers`]), the server ([`server`]: request heads, the response's framing and
 //! head, the connection loop), the client ([`client`]: the forwarded request's head, the
 //! replica's response head and body), and the body types the request path passes around
-//! ([`body`]). Must not touch: routing, retries, or what a failure means for a replica (the
-//! proxy decides); connections to replicas are [`crate::upstream`]'s.
+//! ([`body`]); beside it, the replica's side of HTTP/2 ([`h2`]: a request as a stream on
+//! hyper's client connection, its response body and trailers, the gRPC health check).
+//! Must not touch: routing, retries, or what a failure means for a replica (the proxy decides);
+//! connections to replicas are [`crate::upstream`]'s.
 
 // The request path is read more than it is written: no function in it is longer than 100 lines
 // (clippy's default threshold), which `make lint` checks.
@@ -19,6 +21,7 @@ pub mod body;
 pub mod client;
 pub mod fields;
 pub mod framing;
+pub mod h2;
 pub mod headers;
 pub mod scratch;
 pub mod server;

@@ -173,6 +173,91 @@ impl Backend {
         }
     }
 
+    /// A backend on `ip` that speaks HTTP/2 (h2c, prior knowledge) beside HTTP/1.1 (hyper's
+    /// server, for `proxy.upstream_protocol = "h2c"`), with `behaviour`: `Sized` (a body of
+    /// `bytes` bytes, sent in 16 KiB pieces as the gateway's flow-control window takes them),
+    /// `Stalls` (`content-length: 10`, 3 bytes, then nothing) or `Answer` (an empty 200 after
+    /// the delay). `/heartbeat` answers 200.
+    pub async fn start_h2(ip: &str, behaviour: Behaviour) -> Backend {
+        use http_body_util::BodyExt;
+        use hyper::body::Frame;
+        let ip: IpAddr = ip.parse().expect("ip");
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((s, _)) = listener.accept().await {
+                let counter = counter.clone();
+                connections.spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let counter = counter.clone();
+                            async move {
+                                let target = req.uri().to_string();
+                                let (tx, rx) = tokio::sync::mpsc::channel::<Frame<bytes::Bytes>>(1);
+                                let body = http_body_util::StreamBody::new(Frames(rx)).boxed();
+                                let mut resp = http::Response::new(body);
+                                if req.uri().path() == "/heartbeat" {
+                                    return Ok::<_, std::convert::Infallible>(resp);
+                                }
+                                counter.fetch_add(1, Ordering::SeqCst);
+                                match behaviour {
+                                    Behaviour::Answer { delay_ms } => {
+                                        let delay = std::time::Duration::from_millis(delay_ms);
+                                        tokio::time::sleep(delay).await;
+                                        drop(tx);
+                                    }
+                                    Behaviour::Stalls => {
+                                        resp.headers_mut().insert("content-length", 10.into());
+                                        tokio::spawn(async move {
+                                            let _ = tx.send(Frame::data("hel".into())).await;
+                                            std::future::pending::<()>().await;
+                                        });
+                                    }
+                                    _ => {
+                                        let n = query_number(&format!("get {target} "), "bytes");
+                                        resp.headers_mut().insert("content-length", n.into());
+                                        tokio::spawn(async move {
+                                            let piece = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
+                                            let mut left = n;
+                                            while left > 0 {
+                                                let k = left.min(piece.len());
+                                                if tx
+                                                    .send(Frame::data(piece.slice(..k)))
+                                                    .await
+                                                    .is_err()
+                                                {
+                                                    return;
+                                                }
+                                                left -= k;
+                                            }
+                                        });
+                                    }
+                                }
+                                Ok(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            hits,
+            status: Arc::new(std::sync::atomic::AtomicU16::new(200)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            peak: Arc::new(AtomicUsize::new(0)),
+            task,
+        }
+    }
+
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
@@ -197,6 +282,20 @@ fn query_number(head: &str, name: &str) -> usize {
         .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// A channel's frames as a body stream.
+struct Frames(tokio::sync::mpsc::Receiver<hyper::body::Frame<bytes::Bytes>>);
+
+impl futures_util::Stream for Frames {
+    type Item = Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
 }
 
 impl Drop for Backend {

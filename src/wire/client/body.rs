@@ -178,12 +178,13 @@ impl HttpBody for UpstreamBody {
                 this.conn = None;
                 Poll::Ready(Some(Err(Box::new(e))))
             }
-            None => Poll::Ready(None),
+            // The replica's trailer fields, if it sent any, end the body.
+            None => Poll::Ready(this.decoder.take_trailers().map(|t| Ok(Frame::trailers(t)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none() || self.decoder.is_done()
+        (self.conn.is_none() || self.decoder.is_done()) && !self.decoder.has_trailers()
     }
 
     fn size_hint(&self) -> SizeHint {

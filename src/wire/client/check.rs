@@ -100,4 +100,8 @@ impl Outgoing for NoBody {
     fn untouched(&self) -> bool {
         true
     }
+
+    fn share(&self) -> NoBody {
+        NoBody
+    }
 }

@@ -63,12 +63,29 @@ pub enum SendError {
     /// response head).
     #[error("no response head before the deadline")]
     Timeout,
+    /// HTTP/2: the replica did not process the request (its GOAWAY came first, or it refused
+    /// the stream): nothing of it was acted on, so it may be sent again, anywhere.
+    #[error("the replica did not process the request (HTTP/2 GOAWAY or REFUSED_STREAM): {0}")]
+    Unprocessed(#[source] hyper::Error),
+    /// HTTP/2: the client's request cannot be written as an HTTP/2 request.
+    #[error("the request cannot be forwarded over HTTP/2: {0}")]
+    Request(#[source] http::Error),
+    /// HTTP/2: the stream or its connection failed before a response head.
+    #[error("the HTTP/2 stream to the replica failed before a response: {0}")]
+    Stream(#[source] hyper::Error),
 }
 
 /// A request body the client can send: its frames, and whether any of it has been read yet
 /// (a stale pooled connection is replaced by a fresh one only for a body nothing was read of).
 pub trait Outgoing: HttpBody<Data = Bytes, Error = BoxError> + Unpin {
     fn untouched(&self) -> bool;
+
+    /// The same body as an owned one, for a protocol that takes the body with the request
+    /// (HTTP/2): what it reads is read from this one too, so [`Outgoing::untouched`] still
+    /// tells whether any of it was sent.
+    fn share(&self) -> Self
+    where
+        Self: Sized;
 }
 
 impl SendError {
@@ -100,6 +117,11 @@ pub struct Request<'a> {
     pub forwarded: Forwarded<'a>,
     /// The connection may go back to the idle pool once the response is read.
     pub keep_idle: bool,
+    /// Over HTTP/2 (`proxy.upstream_protocol`), multiplexed on this thread's connection to the
+    /// replica, instead of HTTP/1.1.
+    pub http2: bool,
+    /// `proxy.http2_keepalive`: a new HTTP/2 connection pings the replica this often.
+    pub http2_keepalive: Duration,
     /// When the response head must have come (`proxy.request_timeout` from the attempt's
     /// start). Every wait before it is bounded by it, and says whose it was: the client's body,
     /// or the replica.
@@ -242,14 +264,20 @@ async fn write_body(
     deadline: Instant,
 ) -> Result<(), SendError> {
     let chunked = framing == RequestFraming::Chunked;
+    let mut trailers = None;
     loop {
         let frame = match timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(SendError::RequestBodyTimeout),
             Ok(None) => break,
             Ok(Some(frame)) => frame.map_err(SendError::RequestBody)?,
         };
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers are not forwarded
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            // Trailers go in the last chunk; a body sent with a length has no room for them.
+            Err(frame) => {
+                trailers = frame.into_trailers().ok();
+                continue;
+            }
         };
         if data.is_empty() {
             continue;
@@ -267,7 +295,12 @@ async fn write_body(
             .map_err(SendError::Broken)?;
     }
     if chunked {
-        timeout_at(deadline, conn.stream().write_all(LAST_CHUNK))
+        let mut last = Vec::new();
+        match &trailers {
+            Some(fields) => crate::wire::framing::write_last_chunk_with(&mut last, fields),
+            None => last.extend_from_slice(LAST_CHUNK),
+        }
+        timeout_at(deadline, conn.stream().write_all(&last))
             .await
             .map_err(|_| SendError::Timeout)?
             .map_err(SendError::Broken)?;

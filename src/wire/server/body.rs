@@ -130,12 +130,13 @@ impl HttpBody for Http1Body {
                 this.give_back();
                 Poll::Ready(Some(Err(Box::new(e))))
             }
-            None => Poll::Ready(None),
+            // The client's trailer fields, if it sent any, end the body.
+            None => Poll::Ready(this.decoder.take_trailers().map(|t| Ok(Frame::trailers(t)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.reader.is_none() || self.decoder.is_done()
+        (self.reader.is_none() || self.decoder.is_done()) && !self.decoder.has_trailers()
     }
 
     fn size_hint(&self) -> SizeHint {

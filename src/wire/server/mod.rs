@@ -107,6 +107,7 @@ pub async fn serve<F, Fut>(
             expect_continue,
         } = head;
         let (method, version) = (parts.method.clone(), parts.version);
+        let trailers = accepts_trailers(&parts.headers);
         let switch = offer_upgrade(&mut parts);
         let (body, mut watched, mut back, mut go) = lend(reader, framing, expect_continue);
         let answer = handle(Request::from_parts(parts, body));
@@ -141,7 +142,12 @@ pub async fn serve<F, Fut>(
             return hand_over(write, watched.filter(|_| back.is_none()), resp, switch).await;
         }
         let keep = keep_alive && settings.keep_alive && !incomplete && !*drain.borrow();
-        let kept = respond(&mut write, resp, &method, version, keep, &mut watched).await;
+        let asked = Asked {
+            method: &method,
+            version,
+            trailers,
+        };
+        let kept = respond(&mut write, resp, &asked, keep, &mut watched).await;
         if let Some(back) = back {
             // The body is still being read (the proxy reads a refused body out so the client
             // sees the answer): its connection goes on only once it is read whole.
@@ -239,11 +245,11 @@ async fn watch_client(reader: &mut Option<Reader>) -> std::io::Result<usize> {
 async fn respond(
     write: &mut WriteHalf<Transport>,
     resp: Response<Body>,
-    method: &Method,
-    version: Version,
+    asked: &Asked<'_>,
     keep: bool,
     watched: &mut Option<Reader>,
 ) -> bool {
+    let (method, version) = (asked.method, asked.version);
     let (parts, mut body) = resp.into_parts();
     let exact = body.size_hint().exact();
     let framing = framing_of(method, version, parts.status, &parts.headers, exact);
@@ -269,7 +275,8 @@ async fn respond(
         exact,
     );
     drop(parts);
-    let sent = send(write, &mut out, &mut body, framing, watched).await;
+    let trailers = asked.trailers && framing == Framing::Chunked;
+    let sent = send(write, &mut out, &mut body, (framing, trailers), watched).await;
     spare::give(out);
     let flushed = write.flush().await.is_ok();
     keep && sent && flushed
@@ -281,9 +288,10 @@ async fn send(
     write: &mut WriteHalf<Transport>,
     out: &mut Vec<u8>,
     body: &mut Body,
-    framing: Framing,
+    (framing, with_trailers): (Framing, bool),
     watched: &mut Option<Reader>,
 ) -> bool {
+    let mut trailers = None;
     let mut left = match framing {
         Framing::None => return write.write_all(out).await.is_ok(),
         Framing::Length { n, .. } => Some(n),
@@ -324,7 +332,14 @@ async fn send(
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) if data.is_empty() => continue,
                 Ok(data) => data,
-                Err(_trailers) => continue,
+                // Kept for the last chunk when the client accepts them (`TE: trailers`),
+                // else dropped: a client that did not ask may not understand them.
+                Err(frame) => {
+                    if with_trailers {
+                        trailers = frame.into_trailers().ok();
+                    }
+                    continue;
+                }
             },
         };
         let data = match &mut left {
@@ -358,7 +373,10 @@ async fn send(
     }
     match framing {
         Framing::Chunked => {
-            out.extend_from_slice(LAST_CHUNK);
+            match trailers {
+                Some(fields) => crate::wire::framing::write_last_chunk_with(out, &fields),
+                None => out.extend_from_slice(LAST_CHUNK),
+            }
             write.write_all(out).await.is_ok()
         }
         // A body that ended before its length: the client must not wait for the rest.
@@ -370,6 +388,24 @@ async fn send(
         }
         _ => out.is_empty() || write.write_all(out).await.is_ok(),
     }
+}
+
+/// What the client asked that shapes the response: its method and version, and whether it
+/// accepts trailers (`TE: trailers`, RFC 9110 section 10.1.4).
+struct Asked<'a> {
+    method: &'a Method,
+    version: Version,
+    trailers: bool,
+}
+
+/// Whether a request's `TE` lists `trailers`.
+fn accepts_trailers(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
 }
 
 /// A request body's hold on the connection: the request body itself, the read side while the
@@ -459,15 +495,12 @@ async fn refuse_head(write: &mut WriteHalf<Transport>, e: HeadError, metrics: &M
     counter.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(error = %e, "refused a request head");
     let resp = GatewayError::RequestHead(e).into_response();
-    let _ = respond(
-        write,
-        resp,
-        &Method::GET,
-        Version::HTTP_11,
-        false,
-        &mut None,
-    )
-    .await;
+    let asked = Asked {
+        method: &Method::GET,
+        version: Version::HTTP_11,
+        trailers: false,
+    };
+    let _ = respond(write, resp, &asked, false, &mut None).await;
     let _ = write.shutdown().await;
 }
 
@@ -640,5 +673,36 @@ mod tests {
             read_n(&mut client, 1).await.is_empty(),
             "nothing written, closed"
         );
+    }
+
+    /// A response of one data frame and trailers, its length unknown (chunked).
+    fn with_trailers() -> Response<Body> {
+        let mut fields = http::HeaderMap::new();
+        fields.insert("grpc-status", http::HeaderValue::from_static("0"));
+        fields.insert("x-server-id", http::HeaderValue::from_static("s1"));
+        fields.insert("connection", http::HeaderValue::from_static("close"));
+        let frames = futures_util::stream::iter([
+            Ok::<_, crate::error::BoxError>(hyper::body::Frame::data(bytes::Bytes::from_static(
+                b"hello",
+            ))),
+            Ok(hyper::body::Frame::trailers(fields)),
+        ]);
+        Response::new(Body::boxed(http_body_util::StreamBody::new(frames)))
+    }
+
+    #[tokio::test]
+    async fn trailers_go_in_the_last_chunk_to_a_client_that_accepts_them_only() {
+        for (te, want) in [("TE: trailers\r\n", true), ("", false)] {
+            let mut client = served(|_req: Request<RequestBody>| async { with_trailers() }).await;
+            let req = format!("GET / HTTP/1.1\r\nHost: x\r\n{te}Connection: close\r\n\r\n");
+            client.write_all(req.as_bytes()).await.expect("send");
+            let text = String::from_utf8_lossy(&read_n(&mut client, 1 << 16).await).to_lowercase();
+            assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+            let end = match want {
+                true => "5\r\nhello\r\n0\r\ngrpc-status: 0\r\nx-server-id: s1\r\n\r\n",
+                false => "5\r\nhello\r\n0\r\n\r\n",
+            };
+            assert!(text.ends_with(end), "TE {te:?}: {text}");
+        }
     }
 }

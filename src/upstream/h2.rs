@@ -1,0 +1,380 @@
+//! HTTP/2 connections to the replicas, multiplexed, and the serving thread's set of them.
+//!
+//! Owns: [`H2Conn`] (one HTTP/2 connection made with prior knowledge over a [`Conn`]'s stream,
+//! driven by hyper's `client::conn::http2` in a task of the serving thread, with PING
+//! keep-alive), [`H2Conn::connect`], [`SendBody`] (the one request body type a connection
+//! carries), [`StreamGuard`] (a stream counted on its connection until its response ends),
+//! and the per-thread set: [`take`] hands out the connection to a replica that has room for
+//! one more stream ([`has_room`]: fewer open than the replica's `SETTINGS_MAX_CONCURRENT_STREAMS`
+//! and our own cap), [`keep`] adds a new one. A connection the replica sent GOAWAY on (hyper
+//! then closes its sender), one whose driver ended, one another TLS client made, or one unused
+//! for [`IDLE_TIMEOUT`] is never handed out again and is dropped when met.
+//! Must not touch: what goes on a stream (the request head and the response body are
+//! [`crate::wire::h2`]'s), routing, retries, or what a failure means for a replica.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustc_hash::FxHashMap;
+use tokio::time::Instant;
+
+use super::pool::{Conn, ConnectError};
+use crate::error::BoxError;
+use crate::tls::upstream::UpstreamTls;
+
+/// Streams one connection carries at most, whatever the replica allows: past it a new
+/// connection is opened, so one connection's flow-control window and head-of-line blocking on
+/// its socket are shared by at most this many calls. RFC 9113 recommends servers allow at least
+/// 100; most default to 100 (grpc-go, Envoy) or more.
+pub const MAX_STREAMS_PER_CONN: usize = 100;
+/// A connection with no stream for this long is closed instead of reused.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections kept per replica and serving thread (each carries up to
+/// [`MAX_STREAMS_PER_CONN`] streams at once).
+const MAX_CONNS_PER_REPLICA: usize = 16;
+
+/// A request body on an HTTP/2 stream to a replica: the client's (boxed, so every connection
+/// carries one body type whatever the request's), or none; and whether it was sent whole
+/// (hyper sends it: a deadline that passes before it ended waited on the client, not on the
+/// replica).
+pub struct SendBody {
+    inner: Option<Pin<Box<dyn HttpBody<Data = Bytes, Error = BoxError> + Send>>>,
+    progress: Arc<Progress>,
+}
+
+/// How far a [`SendBody`] got, for the one who sent it (hyper has the body itself).
+#[derive(Default)]
+pub struct Progress {
+    /// All of it was taken from the client.
+    ended: AtomicBool,
+    /// The body's own error, kept here (hyper resets the stream and reports its own error, in
+    /// which the body's kind, such as past `proxy.max_body`, is lost).
+    failed: std::sync::Mutex<Option<BoxError>>,
+}
+
+impl Progress {
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// The body's error, if it failed (once).
+    pub fn take_failure(&self) -> Option<BoxError> {
+        crate::sync::lock(&self.failed).take()
+    }
+}
+
+impl SendBody {
+    pub fn new(body: impl HttpBody<Data = Bytes, Error = BoxError> + Send + 'static) -> SendBody {
+        if body.is_end_stream() {
+            return SendBody::empty();
+        }
+        SendBody {
+            inner: Some(Box::pin(body)),
+            progress: Arc::default(),
+        }
+    }
+
+    pub fn empty() -> SendBody {
+        let progress = Progress::default();
+        progress.ended.store(true, Ordering::Release);
+        SendBody {
+            inner: None,
+            progress: Arc::new(progress),
+        }
+    }
+
+    /// Tells, once the body is on its way, whether all of it was taken from the client, or
+    /// why not.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+}
+
+impl HttpBody for SendBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
+            None => Poll::Ready(None),
+            Some(body) => body.as_mut().poll_frame(cx),
+        };
+        match polled {
+            Poll::Ready(Some(Err(e))) => {
+                *crate::sync::lock(&this.progress.failed) = Some(e);
+                return Poll::Ready(Some(Err("the client's request body failed".into())));
+            }
+            Poll::Ready(None) => this.progress.ended.store(true, Ordering::Release),
+            _ if this.is_end_stream() => this.progress.ended.store(true, Ordering::Release),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+/// What a connection's driver and its streams share.
+#[derive(Default)]
+struct State {
+    /// Streams open on it (requests sent whose response has not ended).
+    open: AtomicUsize,
+    /// The replica's `SETTINGS_MAX_CONCURRENT_STREAMS` as last seen by the driver.
+    max_streams: AtomicUsize,
+    /// The driver ended: the connection is gone.
+    ended: AtomicBool,
+}
+
+/// One HTTP/2 connection to a replica (a handle: clones share the connection).
+#[derive(Clone)]
+pub struct H2Conn {
+    send: SendRequest<SendBody>,
+    state: Arc<State>,
+    addr: SocketAddr,
+    /// The [`UpstreamTls::id`] of the client that made it (0: plain TCP).
+    made_by: u64,
+}
+
+/// A stream counted on its connection until dropped (with the response body, or with the
+/// request that failed).
+pub struct StreamGuard(Arc<State>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl H2Conn {
+    /// Connects to `addr` within `timeout` (TCP, and TLS with `tls`, ALPN `h2`) and starts
+    /// HTTP/2 on it (with prior knowledge over TCP); a PING every `keepalive` (unanswered within the same time, the
+    /// connection is closed). The connection is driven by a task on this thread's runtime.
+    pub async fn connect(
+        addr: SocketAddr,
+        timeout: Duration,
+        tls: Option<&UpstreamTls>,
+        keepalive: Duration,
+    ) -> Result<H2Conn, ConnectError> {
+        let conn = Conn::connect_for(addr, timeout, tls, true).await?;
+        let (stream, counted) = conn.into_stream();
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(keepalive))
+            .keep_alive_timeout(keepalive)
+            // Replicas with no stream open are pinged too: a pooled connection to a replica
+            // that went away is found out before a call is put on it.
+            .keep_alive_while_idle(true)
+            // hyper's default; the replica's own setting takes over once it arrives.
+            .initial_max_send_streams(MAX_STREAMS_PER_CONN);
+        let handshake = builder.handshake::<_, SendBody>(TokioIo::new(stream));
+        let (send, driver) = match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Err(ConnectError::Http2(e)),
+            Err(_) => return Err(ConnectError::Timeout(timeout)),
+        };
+        let state = Arc::new(State {
+            max_streams: AtomicUsize::new(MAX_STREAMS_PER_CONN),
+            ..State::default()
+        });
+        let seen = state.clone();
+        tokio::spawn(async move {
+            let _counted = counted;
+            let mut driver = std::pin::pin!(driver);
+            // Each time the connection makes progress (a SETTINGS frame among others), the
+            // replica's current stream limit is noted for `has_room`.
+            let ended = std::future::poll_fn(|cx| {
+                let polled = driver.as_mut().poll(cx);
+                seen.max_streams
+                    .store(driver.current_max_send_streams(), Ordering::Relaxed);
+                polled
+            })
+            .await;
+            if let Err(e) = ended {
+                tracing::debug!(replica = %addr, error = %e, "HTTP/2 connection to the replica ended");
+            }
+            seen.ended.store(true, Ordering::Release);
+        });
+        Ok(H2Conn {
+            send,
+            state,
+            addr,
+            made_by: tls.map_or(0, UpstreamTls::id),
+        })
+    }
+
+    /// The sender for one more stream, counted on the connection until the guard is dropped.
+    pub fn open_stream(&self) -> (SendRequest<SendBody>, StreamGuard) {
+        self.state.open.fetch_add(1, Ordering::AcqRel);
+        (self.send.clone(), StreamGuard(self.state.clone()))
+    }
+
+    /// The connection can take new streams: its driver runs and the replica did not send
+    /// GOAWAY (hyper closes the sender when it does, or when the connection broke).
+    pub fn is_open(&self) -> bool {
+        !self.state.ended.load(Ordering::Acquire) && !self.send.is_closed()
+    }
+
+    fn has_room(&self) -> bool {
+        let open = self.state.open.load(Ordering::Acquire);
+        has_room(open, self.state.max_streams.load(Ordering::Relaxed))
+    }
+
+    fn is_idle(&self) -> bool {
+        self.state.open.load(Ordering::Acquire) == 0
+    }
+}
+
+/// Whether a connection with `open` streams may carry one more, the replica allowing
+/// `replica_max` at once: under both its limit and [`MAX_STREAMS_PER_CONN`].
+pub fn has_room(open: usize, replica_max: usize) -> bool {
+    open < replica_max.min(MAX_STREAMS_PER_CONN)
+}
+
+struct Kept {
+    conn: H2Conn,
+    used: Instant,
+}
+
+thread_local! {
+    /// This thread's HTTP/2 connections, by replica address (the provider's, never a client's:
+    /// a fast hash).
+    static CONNS: RefCell<FxHashMap<SocketAddr, Vec<Kept>>> = RefCell::default();
+    /// Connections this thread is making, by replica: a burst of requests to a replica with no
+    /// connection with room waits for the one being made instead of each making its own.
+    static MAKING: RefCell<FxHashMap<SocketAddr, Arc<tokio::sync::Notify>>> = RefCell::default();
+}
+
+/// What a request that found no connection with room does.
+pub enum Turn {
+    /// Make one: this request is the one making it ([`Making`] says when it is done).
+    Make(Making),
+    /// Another request of this thread is making one: wait for it, then look again.
+    Wait(Arc<tokio::sync::Notify>),
+}
+
+/// The connection to a replica this request is making; dropped (made or failed), the requests
+/// waiting for it look again.
+pub struct Making {
+    addr: SocketAddr,
+    done: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Making {
+    fn drop(&mut self) {
+        MAKING.with(|m| m.borrow_mut().remove(&self.addr));
+        self.done.notify_waiters();
+    }
+}
+
+/// Whether this request makes the next connection to `addr` or waits for the one being made.
+pub fn turn(addr: SocketAddr) -> Turn {
+    MAKING.with(|m| {
+        let mut m = m.borrow_mut();
+        if let Some(done) = m.get(&addr) {
+            return Turn::Wait(done.clone());
+        }
+        let done = Arc::new(tokio::sync::Notify::new());
+        m.insert(addr, done.clone());
+        Turn::Make(Making { addr, done })
+    })
+}
+
+/// A connection of this thread to `addr`, made with `tls`, with room for one more stream; the
+/// ones found closed, idle too long or made by another TLS client are dropped on the way.
+pub fn take(addr: SocketAddr, tls: Option<&UpstreamTls>) -> Option<H2Conn> {
+    let client = tls.map_or(0, UpstreamTls::id);
+    CONNS.with(|conns| {
+        let mut conns = conns.borrow_mut();
+        let kept = conns.get_mut(&addr)?;
+        let now = Instant::now();
+        kept.retain(|k| {
+            k.conn.made_by == client
+                && k.conn.is_open()
+                && !(k.conn.is_idle() && now.duration_since(k.used) >= IDLE_TIMEOUT)
+        });
+        let found = kept.iter_mut().find(|k| k.conn.has_room()).map(|k| {
+            k.used = now;
+            k.conn.clone()
+        });
+        if kept.is_empty() {
+            conns.remove(&addr);
+        }
+        found
+    })
+}
+
+/// Keeps a new connection in this thread's set (unless the replica has the most already).
+/// Connections unused for [`IDLE_TIMEOUT`] or closed, to any replica, are dropped on the way
+/// (replicas that went away, or that this thread stopped sending to, leave theirs here; new
+/// connections are rare, so the sweep is too).
+pub fn keep(conn: &H2Conn) {
+    CONNS.with(|conns| {
+        let mut conns = conns.borrow_mut();
+        let now = Instant::now();
+        conns.retain(|_, kept| {
+            kept.retain(|k| {
+                k.conn.is_open()
+                    && !(k.conn.is_idle() && now.duration_since(k.used) >= IDLE_TIMEOUT)
+            });
+            !kept.is_empty()
+        });
+        let kept = conns.entry(conn.addr).or_default();
+        if kept.len() < MAX_CONNS_PER_REPLICA {
+            kept.push(Kept {
+                conn: conn.clone(),
+                used: Instant::now(),
+            });
+        }
+    });
+}
+
+/// Drops `conn` from this thread's set: it refused a stream it should have taken (a GOAWAY
+/// raced the request), so the next request makes a new one.
+pub fn forget(conn: &H2Conn) {
+    CONNS.with(|conns| {
+        if let Some(kept) = conns.borrow_mut().get_mut(&conn.addr) {
+            kept.retain(|k| !Arc::ptr_eq(&k.conn.state, &conn.state));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_is_the_smaller_of_the_replicas_limit_and_ours() {
+        assert!(has_room(0, 100));
+        assert!(has_room(99, 100));
+        assert!(!has_room(100, 100));
+        assert!(!has_room(1, 1), "a replica allowing one stream gets one");
+        assert!(!has_room(0, 0), "a replica allowing none gets none");
+        assert!(
+            !has_room(MAX_STREAMS_PER_CONN, 1000),
+            "ours caps a generous replica"
+        );
+    }
+}

@@ -1,0 +1,353 @@
+//! The replica's side of HTTP/2: one request as a stream on a multiplexed connection.
+//!
+//! Owns: [`request`] (the client's request as the gateway forwards it over HTTP/2: the same
+//! fields cut and `X-Forwarded-*` set as on HTTP/1.1, `te: trailers` kept, the target as
+//! `:scheme`/`:authority`/`:path`), [`exchange`] (the stream sent and its response head awaited
+//! by the request's deadline, each failure told apart: a stream the replica did not process, a
+//! GOAWAY's or a `REFUSED_STREAM`, is [`SendError::Unprocessed`], safe to send again), and
+//! [`H2Body`] (the response body, trailers included, counting the request in flight at its
+//! replica and the stream on its connection until it ends, cut after `proxy.read_timeout`
+//! without a frame and ended with `DEADLINE_EXCEEDED` trailers past a gRPC call's deadline),
+//! and [`grpc_check`] (a `grpc.health.v1` check sent the same way). The protocol itself is
+//! hyper's (`client::conn::http2`).
+//! Must not touch: which connection (the connector in [`crate::upstream`] gives one), routing,
+//! retries, or what a failure means for a replica (the proxy decides).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, Uri, Version};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::client::conn::http2::SendRequest;
+use tokio::time::{timeout_at, Instant};
+
+use crate::admission::RequestPlace;
+use crate::error::BoxError;
+use crate::snapshot::InFlight;
+use crate::stall::{Stall, StallTimer};
+use crate::upstream::h2::{SendBody, StreamGuard};
+use crate::wire::client::body::BodyError;
+use crate::wire::client::{Forwarded, SendError};
+use crate::wire::headers::{is_client_only, is_hop_by_hop, is_protected};
+
+pub mod grpc_check;
+
+/// The request `f` as an HTTP/2 request to the replica at `replica` (its address is the
+/// authority when the client named none), over `scheme` (`http` for h2c), with `body`.
+pub fn request(
+    f: &Forwarded<'_>,
+    scheme: &'static str,
+    replica: SocketAddr,
+    body: SendBody,
+) -> Result<http::Request<SendBody>, http::Error> {
+    let parts = f.parts;
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let authority = host
+        .as_deref()
+        .filter(|h| h.parse::<http::uri::Authority>().is_ok())
+        .map_or_else(|| replica.to_string(), str::to_owned);
+    let uri = Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(path)
+        .build()?;
+    let mut req = http::Request::builder()
+        .method(parts.method.clone())
+        .uri(uri)
+        .version(Version::HTTP_2)
+        .body(body)?;
+    *req.headers_mut() = forwarded_fields(f, host.as_deref())?;
+    Ok(req)
+}
+
+/// The client's fields as they are forwarded: hop-by-hop ones (and those `Connection` names)
+/// cut, `te: trailers` kept (gRPC servers require it), the framing left to HTTP/2, and
+/// `X-Forwarded-For`/`-Host`/`-Proto` set.
+fn forwarded_fields(f: &Forwarded<'_>, host: Option<&str>) -> Result<HeaderMap, http::Error> {
+    let headers = &f.parts.headers;
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len() + 4);
+    let mut xff = String::new();
+    let mut trailers = false;
+    for (name, value) in headers {
+        if *name == header::TE {
+            trailers |= value.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+            continue;
+        }
+        if *name == header::HOST
+            || *name == header::CONTENT_LENGTH
+            || is_hop_by_hop(name)
+            || is_client_only(name)
+            || matches!(name.as_str(), "x-forwarded-proto" | "x-forwarded-host")
+            || (!is_protected(name) && named.iter().any(|n| n == name.as_str()))
+        {
+            continue;
+        }
+        if name.as_str() == "x-forwarded-for" {
+            if let Ok(v) = value.to_str() {
+                let v = v.trim();
+                if !v.is_empty() {
+                    if !xff.is_empty() {
+                        xff.push_str(", ");
+                    }
+                    xff.push_str(v);
+                }
+            }
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    if trailers {
+        out.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(h) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        out.insert(HeaderName::from_static("x-forwarded-host"), h);
+    }
+    if !xff.is_empty() {
+        xff.push_str(", ");
+    }
+    xff.push_str(&f.client.ip().to_canonical().to_string());
+    out.insert(
+        HeaderName::from_static("x-forwarded-for"),
+        HeaderValue::from_str(&xff)?,
+    );
+    out.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(f.proto),
+    );
+    Ok(out)
+}
+
+/// Sends `req` on a stream of `send` and waits for the response head by `deadline`; a
+/// deadline that passes before the client's body was all taken is the client's
+/// ([`SendError::RequestBodyTimeout`]).
+pub async fn exchange(
+    mut send: SendRequest<SendBody>,
+    req: http::Request<SendBody>,
+    deadline: Instant,
+) -> Result<Response<Incoming>, SendError> {
+    let body = req.body().progress();
+    match timeout_at(deadline, send.send_request(req)).await {
+        // Still waiting for the client's body: its time ran out, not the replica's.
+        Err(_) if !body.ended() => Err(SendError::RequestBodyTimeout),
+        Err(_) => Err(SendError::Timeout),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => match body.take_failure() {
+            // The client's body failed (past `proxy.max_body`, broken): its error, not the
+            // stream's reset that followed.
+            Some(cause) => Err(SendError::RequestBody(cause)),
+            None if is_unprocessed(&e) => Err(SendError::Unprocessed(e)),
+            None => Err(SendError::Stream(e)),
+        },
+    }
+}
+
+/// The replica did not process the request: hyper never put it on the connection (closed, or
+/// closing after a GOAWAY), the replica refused the stream (`REFUSED_STREAM`), or its GOAWAY
+/// said the stream was past the last one it processes (RFC 9113 sections 6.8 and 8.7).
+pub fn is_unprocessed(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
+    }
+    let Some(h2) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>()) else {
+        return false;
+    };
+    h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote())
+}
+
+/// A replica's HTTP/2 response body, trailers included.
+pub struct H2Body {
+    inner: Incoming,
+    _stream: StreamGuard,
+    /// `proxy.read_timeout`: the longest the replica may send nothing in the middle of it.
+    stall: StallTimer,
+    in_flight: InFlight,
+    /// The request's place in the gateway's request budgets, given back with the body.
+    place: Option<RequestPlace>,
+    done: bool,
+    /// A gRPC call's deadline (`grpc-timeout`): past it the call ends with `DEADLINE_EXCEEDED`
+    /// in trailers and the stream to the replica is reset.
+    call_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl H2Body {
+    pub fn new(
+        inner: Incoming,
+        stream: StreamGuard,
+        read_timeout: std::time::Duration,
+        in_flight: InFlight,
+    ) -> H2Body {
+        H2Body {
+            done: inner.is_end_stream(),
+            inner,
+            _stream: stream,
+            stall: StallTimer::new(read_timeout),
+            in_flight,
+            place: None,
+            call_deadline: None,
+        }
+    }
+
+    /// Ends the call by `deadline` (a gRPC call's `grpc-timeout`): a response still streaming
+    /// then ends with trailers `grpc-status: 4` (`DEADLINE_EXCEEDED`).
+    pub fn end_by(&mut self, deadline: Instant) {
+        self.call_deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
+    }
+
+    /// Keeps the request counted in the gateway's budgets until this body is done with.
+    pub fn hold(&mut self, place: RequestPlace) {
+        self.place = Some(place);
+    }
+}
+
+impl HttpBody for H2Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if polled.is_pending() {
+            if let Some(deadline) = this.call_deadline.as_mut() {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    this.done = true;
+                    let message = "the call's grpc-timeout passed at the gateway";
+                    let fields =
+                        crate::grpc::status_fields(crate::grpc::Code::DeadlineExceeded, message);
+                    return Poll::Ready(Some(Ok(Frame::trailers(fields))));
+                }
+            }
+        }
+        if let Stall::Over { first } = this.stall.check(cx, polled.is_ready()) {
+            if first {
+                let stats = this.in_flight.stats();
+                stats.body_timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            this.done = true;
+            let e = BodyError::Stalled(this.stall.limit());
+            tracing::debug!(error = %e, "cut a response short");
+            return Poll::Ready(Some(Err(Box::new(e))));
+        }
+        match ready!(polled) {
+            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+            Some(Err(e)) => {
+                this.done = true;
+                tracing::debug!(error = %e, "the replica's HTTP/2 response broke");
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            None => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::client::head::RequestFraming;
+
+    fn forwarded(parts: &http::request::Parts) -> Forwarded<'_> {
+        Forwarded {
+            parts,
+            client: "10.0.0.7:4000".parse().expect("addr"),
+            proto: "http",
+            framing: RequestFraming::None,
+            upgrade: None,
+        }
+    }
+
+    #[test]
+    fn the_forwarded_request_keeps_the_message_and_trailers_and_drops_the_hop() {
+        let parts = http::Request::post("/demo.Demo/Who?x=1")
+            .header("host", "api.test")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "5")
+            .header("content-length", "12")
+            .header("x-forwarded-for", "1.1.1.1")
+            .header("forwarded", "for=evil")
+            .header("x-user", "bob")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        let replica = "127.0.0.1:9".parse().expect("addr");
+        let req = request(&forwarded(&parts), "http", replica, SendBody::empty()).expect("valid");
+        assert_eq!(req.uri().to_string(), "http://api.test/demo.Demo/Who?x=1");
+        assert_eq!(req.version(), Version::HTTP_2);
+        let h = req.headers();
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["content-type"], "application/grpc");
+        assert_eq!(h["x-user"], "bob");
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.0.0.7");
+        assert_eq!(h["x-forwarded-host"], "api.test");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        for gone in [
+            "host",
+            "connection",
+            "keep-alive",
+            "x-hop",
+            "content-length",
+            "forwarded",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} forwarded");
+        }
+    }
+
+    #[test]
+    fn a_request_without_a_usable_host_names_the_replica() {
+        let parts = http::Request::get("/home")
+            .header("te", "gzip")
+            .header("host", "bad host")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        let replica = "127.0.0.1:9".parse().expect("addr");
+        let req = request(&forwarded(&parts), "http", replica, SendBody::empty()).expect("valid");
+        assert_eq!(req.uri().to_string(), "http://127.0.0.1:9/home");
+        assert!(
+            !req.headers().contains_key("te"),
+            "only te: trailers goes on"
+        );
+    }
+}

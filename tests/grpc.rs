@@ -1,0 +1,644 @@
+//! gRPC through the gateway (issue 26): a real gRPC client (Python `grpcio`) over h2c to the
+//! gateway, which routes every call by its own key to real gRPC servers: `ringgate-server`
+//! process replicas, and Python `grpcio` servers as `static` replicas. Health by
+//! `grpc.health.v1`. Nothing is mocked; every process a test starts is killed when it ends,
+//! also on failure.
+
+mod support;
+
+use support::tls::Pki;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{call_with, client, Conf, GatewayProcess};
+
+/// The client side of every test: one channel, the calls the test asks for, a JSON report.
+const CLIENT: &str = r#"
+import sys, json, grpc
+
+def varint(n):
+    out = b''
+    while n >= 0x80:
+        out += bytes([(n & 0x7f) | 0x80]); n >>= 7
+    return out + bytes([n])
+
+def msg(text):
+    b = text.encode()
+    return b'\x0a' + varint(len(b)) + b
+
+def fields(b):
+    out, i = {}, 0
+    while i < len(b):
+        key = b[i]; i += 1
+        n, shift = 0, 0
+        while True:
+            c = b[i]; i += 1
+            n |= (c & 0x7f) << shift; shift += 7
+            if c < 0x80: break
+        out[key >> 3] = b[i:i+n].decode(); i += n
+    return out
+
+def reply(b):
+    f = fields(b)
+    return {'server': f.get(1, ''), 'text': f.get(2, '')}
+
+def status(f):
+    try:
+        return {'ok': f()}
+    except grpc.RpcError as e:
+        return {'code': e.code().name, 'details': e.details()}
+
+target, what = sys.argv[1], sys.argv[2].split(',')
+if len(sys.argv) > 3:
+    # TLS to the gateway, trusting the test CA; the certificate names localhost.
+    creds = grpc.ssl_channel_credentials(open(sys.argv[3], 'rb').read())
+    ch = grpc.secure_channel(target, creds, options=[('grpc.ssl_target_name_override', 'localhost')])
+else:
+    ch = grpc.insecure_channel(target)
+who = ch.unary_unary('/ringgate.demo.Demo/Who')
+count = ch.unary_stream('/ringgate.demo.Demo/Count')
+total = ch.stream_unary('/ringgate.demo.Demo/Sum')
+chat = ch.stream_stream('/ringgate.demo.Demo/Chat')
+out = {}
+if 'unary' in what:
+    def one():
+        r, call = who.with_call(msg('hi'), metadata=[('x-user', 'u-1')], timeout=20)
+        trailing = dict(call.trailing_metadata())
+        return {'reply': reply(r), 'trailing': trailing.get('x-server-id')}
+    out['unary'] = status(one)
+if 'keys' in what:
+    keys = ['user-%d' % i for i in range(400)]
+    futures = [who.future(msg(k), metadata=[('x-user', k)], timeout=60) for k in keys]
+    out['keys'] = {k: reply(f.result())['server'] for k, f in zip(keys, futures)}
+if 'streams' in what:
+    out['count'] = status(lambda: [reply(r)['text'] for r in count(msg('5'), metadata=[('x-user', 'u-2')], timeout=20)])
+    out['sum'] = status(lambda: reply(total(iter([msg('a'), msg('b'), msg('c')]), metadata=[('x-user', 'u-3')], timeout=20))['text'])
+    out['chat'] = status(lambda: [reply(r)['text'] for r in chat(iter([msg('x'), msg('y')]), metadata=[('x-user', 'u-4')], timeout=20)])
+if 'errors' in what:
+    out['fail'] = status(lambda: who(msg('fail:5:no such thing'), timeout=20))
+    out['deadline'] = status(lambda: who(msg('sleep:3000'), timeout=0.5))
+if 'steady' in what:
+    # One call every 10 ms for 3 s, keys over the ring: which replica answered each, or why not.
+    import time
+    answers, failures = {}, []
+    for i in range(300):
+        try:
+            r = who(msg('k'), metadata=[('x-user', 'k-%d' % i)], timeout=10)
+            s = reply(r)['server']
+            answers[s] = answers.get(s, 0) + 1
+        except grpc.RpcError as e:
+            failures.append('%s: %s' % (e.code().name, e.details()))
+        time.sleep(0.01)
+    out['steady'] = {'answers': answers, 'failures': failures}
+if 'health' in what:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    stub = health_pb2_grpc.HealthStub(ch)
+    out['health'] = status(lambda: health_pb2.HealthCheckResponse.ServingStatus.Name(
+        stub.Check(health_pb2.HealthCheckRequest(service=''), timeout=20).status))
+print(json.dumps(out, default=lambda b: b.decode() if isinstance(b, bytes) else str(b)))
+"#;
+
+/// A Python `grpcio` server answering `ringgate.demo.Demo` like `ringgate-server` does (with its
+/// own name), and `grpc.health.v1` from `grpcio-health-checking`. Prints its port once serving.
+const SERVER: &str = r#"
+import sys, time, grpc
+from concurrent import futures
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+name = sys.argv[1]
+
+def varint(n):
+    out = b''
+    while n >= 0x80:
+        out += bytes([(n & 0x7f) | 0x80]); n >>= 7
+    return out + bytes([n])
+
+def s(tag, text):
+    b = text.encode()
+    return bytes([tag]) + varint(len(b)) + b
+
+def text_of(req):
+    return req[2:2 + req[1]].decode() if len(req) > 2 and req[0] == 0x0a else ''
+
+def reply(text):
+    return s(0x0a, name) + s(0x12, text)
+
+def who(req, ctx):
+    text = text_of(req)
+    if text.startswith('fail:'):
+        code, _, message = text[5:].partition(':')
+        ctx.abort(grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == int(code))), message)
+    if text.startswith('sleep:'):
+        time.sleep(int(text[6:]) / 1000)
+    ctx.set_trailing_metadata((('x-server-id', name),))
+    return reply(text)
+
+def count(req, ctx):
+    for i in range(1, int(text_of(req) or '0') + 1):
+        yield reply(str(i))
+
+def total(reqs, ctx):
+    return reply(str(sum(1 for _ in reqs)))
+
+def chat(reqs, ctx):
+    for r in reqs:
+        yield reply(text_of(r))
+
+handler = grpc.method_handlers_generic_handler('ringgate.demo.Demo', {
+    'Who': grpc.unary_unary_rpc_method_handler(who),
+    'Count': grpc.unary_stream_rpc_method_handler(count),
+    'Sum': grpc.stream_unary_rpc_method_handler(total),
+    'Chat': grpc.stream_stream_rpc_method_handler(chat),
+})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+server.add_generic_rpc_handlers((handler,))
+hs = health.HealthServicer()
+hs.set('', health_pb2.HealthCheckResponse.SERVING)
+health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+if len(sys.argv) > 3:
+    # TLS: the certificate and key files given; ALPN h2 is grpcio's own.
+    creds = grpc.ssl_server_credentials([(open(sys.argv[2], 'rb').read(), open(sys.argv[3], 'rb').read())])
+    port = server.add_secure_port('127.0.0.1:0', creds)
+else:
+    port = server.add_insecure_port('127.0.0.1:0')
+server.start()
+# SIGTERM: a graceful stop (GOAWAY to every client; calls in flight may finish for 2 s).
+import signal
+signal.signal(signal.SIGTERM, lambda *_: server.stop(grace=2))
+print(port, flush=True)
+server.wait_for_termination()
+"#;
+
+/// A child process killed when the test ends, however it ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the client against `gw` for `what` (comma-separated parts of [`CLIENT`]).
+fn run_client(python: &Path, gw: &GatewayProcess, what: &str) -> Value {
+    run_client_on(python, gw, &gw.addr.to_string(), what, &[])
+}
+
+/// [`run_client`] to `target`, with `extra` arguments (the CA file: TLS).
+fn run_client_on(
+    python: &Path,
+    gw: &GatewayProcess,
+    target: &str,
+    what: &str,
+    extra: &[&str],
+) -> Value {
+    let out = Command::new(python)
+        .args(["-c", CLIENT, target, what])
+        .args(extra)
+        .output()
+        .expect("run the Python gRPC client");
+    assert!(
+        out.status.success(),
+        "the client failed: {}\ngateway log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "client output is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// A Python gRPC server named `name`, and its address once it serves.
+fn python_server(python: &Path, name: &str) -> (Killed, String) {
+    python_server_with(python, name, &[])
+}
+
+/// [`python_server`] with `extra` arguments (key and certificate files: TLS).
+fn python_server_with(python: &Path, name: &str, extra: &[&str]) -> (Killed, String) {
+    let mut child = Command::new(python)
+        .args(["-c", SERVER, name])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start a Python gRPC server");
+    let stdout = child.stdout.take().expect("its stdout");
+    let child = Killed(child);
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("the server's port");
+    let port: u16 = line.trim().parse().expect("a port number");
+    (child, format!("127.0.0.1:{port}"))
+}
+
+/// Which replica answers `GET /home` with `x-user: <key>` over HTTP/1 (the same key source),
+/// for every key.
+async fn http_owners(gw: &GatewayProcess, keys: &[&str]) -> HashMap<String, String> {
+    let c = client();
+    let mut out = HashMap::new();
+    for k in keys {
+        let (code, body) = call_with(&c, "GET", &gw.url("/home"), "", &[("x-user", k)]).await;
+        assert_eq!(code, 200, "{body}");
+        out.insert(
+            k.to_string(),
+            support::server_of(&body).expect("a /home answer"),
+        );
+    }
+    out
+}
+
+fn h2c_conf(protocol: &str) -> Conf {
+    Conf {
+        replicas: "count = 3\n".into(),
+        hashing: "key = \"header:x-user\"\n".into(),
+        proxy: format!("upstream_protocol = \"{protocol}\"\n"),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\n".into(),
+        ..Conf::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_reach_process_replicas_over_h2c_each_routed_by_its_own_key() {
+    let Some(python) = support::python::require(&["grpc", "grpc_health.v1.health"]) else {
+        return;
+    };
+    let gw = GatewayProcess::start(&h2c_conf("h2c"));
+    let out = run_client(&python, &gw, "unary,keys,streams,errors,health");
+
+    let unary = &out["unary"]["ok"];
+    let server = unary["reply"]["server"].as_str().expect("a server");
+    assert!(server.starts_with("server-"), "{out}");
+    assert_eq!(unary["trailing"], server, "trailing metadata: {out}");
+    assert_eq!(
+        out["count"]["ok"],
+        serde_json::json!(["1", "2", "3", "4", "5"])
+    );
+    assert_eq!(out["sum"]["ok"], "3");
+    assert_eq!(out["chat"]["ok"], serde_json::json!(["x", "y"]));
+    assert_eq!(out["fail"]["code"], "NOT_FOUND", "{out}");
+    assert_eq!(out["fail"]["details"], "no such thing");
+    assert_eq!(out["deadline"]["code"], "DEADLINE_EXCEEDED", "{out}");
+    assert_eq!(out["health"]["ok"], "SERVING", "{out}");
+
+    // 400 calls on one channel: each answered by its key's owner, the keys over every replica.
+    let keys = out["keys"].as_object().expect("the keys' answers");
+    assert_eq!(keys.len(), 400);
+    let all: Vec<&str> = keys.keys().map(String::as_str).collect();
+    let owners = http_owners(&gw, &all).await;
+    assert_eq!(owners.len(), 400);
+    for (k, owner) in &owners {
+        assert_eq!(keys[k], owner.as_str(), "key {k}: gRPC and HTTP disagree");
+    }
+    let servers: HashSet<&str> = keys.values().filter_map(Value::as_str).collect();
+    assert_eq!(
+        servers.len(),
+        3,
+        "keys spread over all replicas: {servers:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_reaches_python_grpcio_static_replicas_checked_by_grpc_health() {
+    let Some(python) = support::python::require(&["grpc", "grpc_health.v1.health"]) else {
+        return;
+    };
+    let (_a, addr_a) = python_server(&python, "py-a");
+    let (_b, addr_b) = python_server(&python, "py-b");
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"py-a\", address = \"{addr_a}\" }}, {{ name = \"py-b\", address = \"{addr_b}\" }}]\n"
+        ),
+        hashing: "key = \"header:x-user\"\n".into(),
+        proxy: "upstream_protocol = \"match\"\n".into(),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
+        s["health"]["protocol"] == "grpc"
+            && s["replicas"]
+                .as_array()
+                .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
+    })
+    .await;
+    let out = run_client(&python, &gw, "unary,keys,streams,errors");
+    let unary = &out["unary"]["ok"];
+    let server = unary["reply"]["server"].as_str().expect("a server");
+    assert!(server == "py-a" || server == "py-b", "{out}");
+    assert_eq!(unary["trailing"], server, "trailing metadata: {out}");
+    assert_eq!(
+        out["count"]["ok"],
+        serde_json::json!(["1", "2", "3", "4", "5"])
+    );
+    assert_eq!(out["sum"]["ok"], "3");
+    assert_eq!(out["chat"]["ok"], serde_json::json!(["x", "y"]));
+    assert_eq!(out["fail"]["code"], "NOT_FOUND", "{out}");
+    assert_eq!(out["fail"]["details"], "no such thing");
+    assert_eq!(out["deadline"]["code"], "DEADLINE_EXCEEDED", "{out}");
+    let servers: HashSet<&str> = out["keys"]
+        .as_object()
+        .expect("the keys' answers")
+        .values()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(servers, HashSet::from(["py-a", "py-b"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_under_http1_upstreams_is_unimplemented_naming_the_setting() {
+    let Some(python) = support::python::require(&["grpc"]) else {
+        return;
+    };
+    let mut conf = h2c_conf("http1");
+    conf.health = String::new();
+    conf.replicas = "count = 1\n".into();
+    let gw = GatewayProcess::start(&conf);
+    let out = run_client(&python, &gw, "unary");
+    assert_eq!(out["unary"]["code"], "UNIMPLEMENTED", "{out}");
+    let details = out["unary"]["details"].as_str().expect("a message");
+    assert!(details.contains("proxy.upstream_protocol"), "{details}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_with_no_replica_left_is_unavailable() {
+    let Some(python) = support::python::require(&["grpc"]) else {
+        return;
+    };
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        // Nothing listens there: the check takes it out, and no replica is left.
+        provider: "servers = [{ name = \"gone\", address = \"127.0.0.1:9\" }]\n".into(),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        health: "protocol = \"grpc\"\ninterval = \"100ms\"\nfall = 1\n".into(),
+        ..Conf::default()
+    });
+    let out = run_client(&python, &gw, "unary");
+    assert_eq!(out["unary"]["code"], "UNAVAILABLE", "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_tls_with_alpn_h2_on_both_legs() {
+    let Some(python) = support::python::require(&["grpc", "grpc_health.v1.health"]) else {
+        return;
+    };
+    let certs = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new(certs.path());
+    let (gw_cert, gw_key) = pki.install("gateway", &pki.issue("gateway", &["localhost"]));
+    let (rep_cert, rep_key) = pki.install("replica", &pki.issue("replica", &["127.0.0.1"]));
+    let (rep_cert, rep_key) = (
+        rep_cert.display().to_string(),
+        rep_key.display().to_string(),
+    );
+    let (_a, addr_a) = python_server_with(&python, "tls-a", &[&rep_key, &rep_cert]);
+    let (_b, addr_b) = python_server_with(&python, "tls-b", &[&rep_key, &rep_cert]);
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"tls-a\", address = \"{addr_a}\" }}, {{ name = \"tls-b\", address = \"{addr_b}\" }}]\nupstream_tls = true\nupstream_ca = \"{}\"\n",
+            pki.ca_path().display()
+        ),
+        hashing: "key = \"header:x-user\"\n".into(),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
+        tls: support::tls::section(&[(gw_cert, gw_key)], ""),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(20), "both TLS replicas up", |s| {
+        s["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
+    })
+    .await;
+    let ca = pki.ca_path().display().to_string();
+    let target = gw.tls_addr().to_string();
+    let out = run_client_on(&python, &gw, &target, "unary,keys,streams", &[&ca]);
+    let unary = &out["unary"]["ok"];
+    let server = unary["reply"]["server"].as_str().expect("a server");
+    assert!(server == "tls-a" || server == "tls-b", "{out}");
+    assert_eq!(unary["trailing"], server, "trailing metadata: {out}");
+    assert_eq!(
+        out["count"]["ok"],
+        serde_json::json!(["1", "2", "3", "4", "5"])
+    );
+    assert_eq!(out["chat"]["ok"], serde_json::json!(["x", "y"]));
+    let servers: HashSet<&str> = out["keys"]
+        .as_object()
+        .expect("the keys' answers")
+        .values()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(servers, HashSet::from(["tls-a", "tls-b"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_accepts_trailers_gets_the_replicas_in_the_last_chunk() {
+    let gw = GatewayProcess::start(&Conf {
+        replicas: "count = 1\n".into(),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        ..Conf::default()
+    });
+    // `Who` with the text "hi", framed: flag 0, length 4, field 1 = "hi".
+    let body = b"\x00\x00\x00\x00\x04\x0a\x02hi";
+    let call = |te: &str| {
+        let mut req = format!(
+            "POST /ringgate.demo.Demo/Who HTTP/1.1\r\nHost: gw\r\ncontent-type: application/grpc\r\n{te}content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        req
+    };
+    let (code, answer) = support::raw(gw.addr, &call("TE: trailers\r\n")).await;
+    assert_eq!(code, 200, "{answer}");
+    let answer = answer.to_lowercase();
+    assert!(answer.contains("\r\n0\r\n"), "chunked: {answer}");
+    let last = &answer[answer.rfind("\r\n0\r\n").expect("the last chunk")..];
+    assert!(last.contains("grpc-status: 0\r\n"), "{last:?}");
+    assert!(last.contains("x-server-id: server-1\r\n"), "{last:?}");
+    // Without `TE: trailers` the client gets the body, and no trailer fields it did not ask for.
+    let (code, answer) = support::raw(gw.addr, &call("")).await;
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer.ends_with("\r\n0\r\n\r\n"), "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_ends_a_streaming_call_past_its_grpc_timeout_with_deadline_exceeded() {
+    use http_body_util::BodyExt;
+    let gw = GatewayProcess::start(&Conf {
+        replicas: "count = 1\n".into(),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        ..Conf::default()
+    });
+    // A client that does not enforce its own deadline (hyper's, h2c with prior knowledge): the
+    // gateway must. `Count` is asked for 50 replies 100 ms apart; the call allows 500 ms.
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c");
+    tokio::spawn(conn);
+    let body = bytes::Bytes::from_static(b"\x00\x00\x00\x00\x08\x0a\x0650/100");
+    let req = http::Request::post(format!("http://{}/ringgate.demo.Demo/Count", gw.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "500m")
+        .body(http_body_util::Full::new(body))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("a response");
+    assert_eq!(resp.status(), 200);
+    let whole = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
+        .await
+        .expect("the call ended")
+        .expect("a whole body");
+    let trailers = whole.trailers().cloned().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "4", "{trailers:?}");
+    let replies = whole.to_bytes();
+    assert!(
+        !replies.is_empty() && replies.len() < 50 * 5,
+        "some replies, not all: {} bytes",
+        replies.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_protocol_applies_live_and_match_keeps_http1_clients_on_http1() {
+    let Some(python) = support::python::require(&["grpc"]) else {
+        return;
+    };
+    let mut conf = h2c_conf("http1");
+    conf.health = String::new();
+    conf.replicas = "count = 2\n".into();
+    let gw = GatewayProcess::start(&conf);
+    let out = run_client(&python, &gw, "unary");
+    assert_eq!(out["unary"]["code"], "UNIMPLEMENTED", "{out}");
+
+    // The edit applies to new requests: gRPC calls go over HTTP/2 from then on.
+    let path = gw.config_path.clone();
+    let original = std::fs::read_to_string(&path).expect("config");
+    let edited = original.replace(
+        "upstream_protocol = \"http1\"",
+        "upstream_protocol = \"match\"",
+    );
+    assert_ne!(original, edited);
+    std::fs::write(&path, &edited).expect("write");
+    let mut answered = None;
+    for _ in 0..50 {
+        let out = run_client(&python, &gw, "unary");
+        if out["unary"]["ok"].is_object() {
+            answered = Some(out);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = answered.unwrap_or_else(|| panic!("the edit never applied:\n{}", gw.log()));
+    assert!(out["unary"]["ok"]["reply"]["server"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("server-")));
+    // HTTP/1 clients are still served under "match" (their requests take the HTTP/1.1 path).
+    let owners = http_owners(&gw, &["a", "b", "c"]).await;
+    assert_eq!(owners.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_h2c_a_chunked_body_past_max_body_is_413_and_a_small_one_passes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = GatewayProcess::start(&Conf {
+        replicas: "count = 1\n".into(),
+        proxy: "upstream_protocol = \"h2c\"\nmax_body = \"1MiB\"\n".into(),
+        ..Conf::default()
+    });
+    // No Content-Length: the limit is found while the body streams to the replica over HTTP/2
+    // (ringgate-server reads a body whole before it answers).
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let chunk = "y".repeat(64 * 1024);
+    let mut req =
+        String::from("POST /home?id=3 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for _ in 0..40 {
+        req.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+    }
+    req.push_str("0\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut out))
+        .await
+        .expect("answer")
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&out[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    // A small one reaches the replica (whose answer to a POST is its 404).
+    let (code, body) = support::call("POST", &gw.url("/home?id=3"), "small").await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("POST /home is not served here"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stops_gracefully_costs_no_call() {
+    let Some(python) = support::python::require(&["grpc", "grpc_health.v1.health"]) else {
+        return;
+    };
+    let (a, addr_a) = python_server(&python, "py-a");
+    let (_b, addr_b) = python_server(&python, "py-b");
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"py-a\", address = \"{addr_a}\" }}, {{ name = \"py-b\", address = \"{addr_b}\" }}]\n"
+        ),
+        hashing: "key = \"header:x-user\"\n".into(),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
+        s["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
+    })
+    .await;
+    // Calls flow over both replicas' HTTP/2 connections; a third of the way in, py-a stops
+    // gracefully: GOAWAY on its connections, then nothing listens. Calls it did not take are
+    // sent again (the connection refused: the next server clockwise).
+    let client = {
+        let (python, target) = (python.clone(), gw.addr.to_string());
+        std::thread::spawn(move || {
+            Command::new(python)
+                .args(["-c", CLIENT, &target, "steady"])
+                .output()
+                .expect("run the Python gRPC client")
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    support::signal(a.0.id(), "TERM");
+    let out = tokio::task::spawn_blocking(move || client.join().expect("the client thread"))
+        .await
+        .expect("joined");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let steady = &out["steady"];
+    assert_eq!(
+        steady["failures"],
+        serde_json::json!([]),
+        "{out}\n{}",
+        gw.log()
+    );
+    assert!(steady["answers"]["py-a"].as_u64().unwrap_or(0) > 0, "{out}");
+    assert!(steady["answers"]["py-b"].as_u64().unwrap_or(0) > 0, "{out}");
+}
