@@ -19,6 +19,7 @@ fn record() -> Record<'static> {
         scheme: "http",
         status: 200,
         bytes: 63,
+        bytes_up: None,
         duration: Duration::from_micros(412),
         upstream: Some(Duration::from_micros(281)),
         replica: Some("server-1"),
