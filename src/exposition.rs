@@ -650,6 +650,19 @@ fn tunnels(e: &mut DescriptorEncoder, p: &Published) -> fmt::Result {
             ([("reason", "replica_gone")], get(&c.rehomed_replica_gone)),
         ],
     )?;
+    counters(
+        e,
+        "ringgate_streams_rehomed_total",
+        "gRPC calls ended with UNAVAILABLE because their key's home moved (key_moved) or their \
+         replica left the ring (replica_gone).",
+        [
+            ([("reason", "key_moved")], get(&c.streams_rehomed_key_moved)),
+            (
+                [("reason", "replica_gone")],
+                get(&c.streams_rehomed_replica_gone),
+            ),
+        ],
+    )?;
     counter(
         e,
         "ringgate_tunnels_idle_timeouts_total",

@@ -642,3 +642,145 @@ async fn a_replica_that_stops_gracefully_costs_no_call() {
     assert!(steady["answers"]["py-a"].as_u64().unwrap_or(0) > 0, "{out}");
     assert!(steady["answers"]["py-b"].as_u64().unwrap_or(0) > 0, "{out}");
 }
+
+/// 40 server-streaming calls on one channel (keys `s-0`..`s-39`, each `Count` of 100 replies
+/// 50 ms apart). Prints `started` once every call got its first reply, then waits for them all
+/// and prints, per key, the servers its replies came from, how it ended and when (seconds
+/// after `go` arrived on stdin), and, for a call that ended UNAVAILABLE, the server a retry
+/// reached.
+const STREAMS: &str = r#"
+import sys, json, grpc, threading, time
+
+def varint(n):
+    out = b''
+    while n >= 0x80:
+        out += bytes([(n & 0x7f) | 0x80]); n >>= 7
+    return out + bytes([n])
+
+def msg(text):
+    b = text.encode()
+    return b'\x0a' + varint(len(b)) + b
+
+def server_of(b):
+    i, out = 0, {}
+    while i < len(b):
+        key = b[i]; i += 1
+        n, shift = 0, 0
+        while True:
+            c = b[i]; i += 1
+            n |= (c & 0x7f) << shift; shift += 7
+            if c < 0x80: break
+        out[key >> 3] = b[i:i+n].decode(); i += n
+    return out.get(1, '')
+
+ch = grpc.insecure_channel(sys.argv[1])
+count = ch.unary_stream('/ringgate.demo.Demo/Count')
+keys = ['s-%d' % i for i in range(40)]
+first = threading.Barrier(len(keys) + 1)
+go = [0.0]
+out = {}
+
+def one(k):
+    servers, started, code, details = set(), False, 'OK', ''
+    try:
+        for r in count(msg('100/50'), metadata=[('x-user', k)], timeout=60):
+            servers.add(server_of(r))
+            if not started:
+                started = True
+                first.wait()
+    except grpc.RpcError as e:
+        code, details = e.code().name, e.details()
+        if not started:
+            first.wait()
+    rec = {'servers': sorted(servers), 'code': code, 'details': details,
+           'at': round(time.monotonic() - go[0], 3) if go[0] else -1}
+    if code == 'UNAVAILABLE':
+        again = [server_of(r) for r in count(msg('1'), metadata=[('x-user', k)], timeout=20)]
+        rec['retry'] = again[0] if again else None
+    out[k] = rec
+
+threads = [threading.Thread(target=one, args=(k,)) for k in keys]
+for t in threads: t.start()
+first.wait()
+print('started', flush=True)
+sys.stdin.readline()
+go[0] = time.monotonic()
+for t in threads: t.join()
+print(json.dumps(out), flush=True)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_call_whose_key_moves_ends_unavailable_and_the_others_keep_streaming() {
+    let Some(python) = support::python::require(&["grpc"]) else {
+        return;
+    };
+    let mut conf = h2c_conf("h2c");
+    conf.replicas = "count = 3\nmax_replicas = 8\n".into();
+    conf.tunnels = "rehome_window = \"2s\"\n".into();
+    // mix64 spreads 40 keys over the ring (the quadratic defaults may give a new replica none).
+    conf.ring = "request_hash = \"mix64\"\nvnode_hash = \"mix64\"\n".into();
+    let gw = GatewayProcess::start(&conf);
+    let keys: Vec<String> = (0..40).map(|i| format!("s-{i}")).collect();
+    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let before = http_owners(&gw, &key_refs).await;
+    let mut child = Command::new(&python)
+        .args(["-c", STREAMS, &gw.addr.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the streaming client");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let child = Killed(child);
+    let started = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(started, "started", "the calls did not all start");
+    let (code, body) = call_with(&client(), "POST", &gw.url("/add"), r#"{"n": 1}"#, &[]).await;
+    assert_eq!(code, 200, "{body}");
+    use std::io::Write;
+    writeln!(stdin, "go").expect("go");
+    let after = http_owners(&gw, &key_refs).await;
+    let report: Value =
+        serde_json::from_str(&lines.next().and_then(Result::ok).unwrap_or_default())
+            .expect("the client's report");
+    drop(child);
+    let mut moved = 0;
+    for k in &keys {
+        let r = &report[k];
+        if before[k] != after[k] {
+            moved += 1;
+            assert_eq!(
+                r["code"], "UNAVAILABLE",
+                "{k} moved {} -> {}: {r}",
+                before[k], after[k]
+            );
+            assert!(
+                r["details"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("key moved")),
+                "{r}"
+            );
+            assert!(
+                r["at"].as_f64().is_some_and(|t| t <= 3.0),
+                "{k} ended late: {r}"
+            );
+            assert_eq!(
+                r["retry"],
+                after[k].as_str(),
+                "{k}'s retry reached its new owner"
+            );
+        } else {
+            assert_eq!(r["code"], "OK", "{k} stayed on {}: {r}", before[k]);
+            assert_eq!(r["servers"], serde_json::json!([before[k]]), "{r}");
+        }
+    }
+    assert!(moved > 0, "the new replica took some of 40 keys");
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "ringgate_streams_rehomed_total{reason=\"key_moved\"}"
+        ),
+        moved as f64
+    );
+}

@@ -20,6 +20,7 @@ pub mod body;
 pub mod failure;
 pub mod retry;
 pub mod route;
+pub mod stream;
 pub mod upgrade;
 
 use std::net::SocketAddr;
@@ -112,7 +113,8 @@ async fn try_forward(
     let cfg = &snap.config;
     let (mut parts, body) = req.into_parts();
     let budgets = client.budgets(&cfg.proxy, cfg.replicas.max_replicas);
-    if crate::grpc::is_grpc(&parts.headers) && !cfg.proxy.upstream_protocol.uses_h2(parts.version) {
+    let grpc_call = crate::grpc::is_grpc(&parts.headers);
+    if grpc_call && !cfg.proxy.upstream_protocol.uses_h2(parts.version) {
         // Over HTTP/1.1 the call's trailers (its status) would be lost: refused, not broken.
         linger(body);
         return Err(GatewayError::GrpcNeedsHttp2);
@@ -181,7 +183,23 @@ async fn try_forward(
                 if let Some(deadline) = call_deadline {
                     resp.body_mut().end_by(deadline);
                 }
-                return Ok(resp.map(Body::replica));
+                let resp = resp.map(Body::replica);
+                if !(grpc_call && cfg.tunnels.rehome) {
+                    return Ok(resp);
+                }
+                // A gRPC call may stream for long: registered, so re-homing can end it.
+                let at = upgrade::At {
+                    snap,
+                    replica,
+                    key: route.key.value,
+                    slot: route.slot,
+                };
+                let (registration, close) = gateway
+                    .tunnels
+                    .register(at.placed(), crate::tunnel::Kind::Stream);
+                return Ok(
+                    resp.map(|body| Body::boxed(stream::Rehomable::new(body, close, registration)))
+                );
             }
             Err(failure) => failure,
         };

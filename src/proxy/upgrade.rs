@@ -67,6 +67,20 @@ pub struct At<'a> {
     pub slot: u32,
 }
 
+impl At<'_> {
+    /// Where a connection opened now stands on the ring, for the registry.
+    pub fn placed(&self) -> Placed {
+        Placed {
+            key: self.key,
+            replica: self.replica.id,
+            incarnation: self.replica.incarnation,
+            home: self
+                .snap
+                .home(self.slot, self.key, tokio::time::Instant::now()),
+        }
+    }
+}
+
 /// Opens the tunnel behind the replica's `101` `resp` and returns the `101` for the client
 /// (the replica's head, no body); `None` if the response carries no switched connection.
 pub fn open(
@@ -84,14 +98,7 @@ pub fn open(
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
-    let now = tokio::time::Instant::now();
-    let placed = Placed {
-        key: at.key,
-        replica: at.replica.id,
-        incarnation: at.replica.incarnation,
-        home: at.snap.home(at.slot, at.key, now),
-    };
-    let (registration, close) = tunnels.register(placed);
+    let (registration, close) = tunnels.register(at.placed(), tunnel::Kind::Tunnel);
     let stats = Arc::clone(&at.replica.stats);
     stats.tunnels.fetch_add(1, Ordering::Relaxed);
     let (idle, send_timeout) = (

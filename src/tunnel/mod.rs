@@ -67,8 +67,16 @@ pub struct Placed {
     pub home: Option<ServerId>,
 }
 
+/// What a registered connection is: a tunnel, or a gRPC call's stream (`crate::proxy::stream`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Tunnel,
+    Stream,
+}
+
 struct Entry {
     placed: Placed,
+    kind: Kind,
     /// Tells the tunnel to close; taken by the first close.
     close: Option<oneshot::Sender<Close>>,
     /// Already scheduled for a re-homing close.
@@ -83,6 +91,9 @@ pub struct Counters {
     pub refused: AtomicU64,
     pub rehomed_key_moved: AtomicU64,
     pub rehomed_replica_gone: AtomicU64,
+    /// gRPC streams ended with `UNAVAILABLE` for the same reasons.
+    pub streams_rehomed_key_moved: AtomicU64,
+    pub streams_rehomed_replica_gone: AtomicU64,
     pub idle_timeouts: AtomicU64,
     /// Bytes from clients to replicas, and back.
     pub bytes_up: AtomicU64,
@@ -97,6 +108,8 @@ pub struct Tunnels {
     /// Places taken under `[tunnels] max` (a tunnel takes one when its upgrade is routed, before
     /// the replica answers).
     places: AtomicU64,
+    /// Entries in the registry (tunnels, and gRPC streams).
+    registered: AtomicU64,
     pub counters: Counters,
     /// Woken whenever a tunnel ends (a drain waits on it).
     ended: Notify,
@@ -128,6 +141,7 @@ pub struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         lock(&self.tunnels.open).remove(&self.id);
+        self.tunnels.registered.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -159,18 +173,26 @@ impl Tunnels {
     }
 
     /// Registers an open tunnel; the receiver hears when the gateway closes it.
-    pub fn register(self: &Arc<Self>, placed: Placed) -> (Registration, oneshot::Receiver<Close>) {
+    pub fn register(
+        self: &Arc<Self>,
+        placed: Placed,
+        kind: Kind,
+    ) -> (Registration, oneshot::Receiver<Close>) {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&self.open).insert(
             id,
             Entry {
                 placed,
+                kind,
                 close: Some(tx),
                 scheduled: false,
             },
         );
-        self.counters.opened.fetch_add(1, Ordering::Relaxed);
+        self.registered.fetch_add(1, Ordering::Relaxed);
+        if kind == Kind::Tunnel {
+            self.counters.opened.fetch_add(1, Ordering::Relaxed);
+        }
         let registration = Registration {
             tunnels: Arc::clone(self),
             id,
@@ -183,9 +205,18 @@ impl Tunnels {
         self.places.load(Ordering::Relaxed)
     }
 
-    /// Every registered tunnel's place on the ring, with its id (the what-if's count).
+    /// Whether anything is registered (a tunnel or a gRPC stream) for re-homing to look at.
+    pub fn any_registered(&self) -> bool {
+        self.registered.load(Ordering::Relaxed) > 0
+    }
+
+    /// Every registered tunnel's place on the ring (the what-if's count; gRPC streams aside).
     pub fn placed(&self) -> Vec<Placed> {
-        lock(&self.open).values().map(|e| e.placed).collect()
+        lock(&self.open)
+            .values()
+            .filter(|e| e.kind == Kind::Tunnel)
+            .map(|e| e.placed)
+            .collect()
     }
 
     /// The tunnels `moved` picks among those not scheduled yet, now marked scheduled.
@@ -209,16 +240,15 @@ impl Tunnels {
 
     /// Closes tunnel `id` for `why` if it is open and `still` says it should go (asked again
     /// when its turn comes: the ring may have moved back). `true` if it was told to close.
-    fn close_if(&self, id: u64, why: Close, still: impl FnOnce(&Placed) -> bool) -> bool {
+    fn close_if(&self, id: u64, why: Close, still: impl FnOnce(&Placed) -> bool) -> Option<Kind> {
         let mut open = lock(&self.open);
-        let Some(e) = open.get_mut(&id) else {
-            return false;
-        };
+        let e = open.get_mut(&id)?;
         if !still(&e.placed) {
             e.scheduled = false;
-            return false;
+            return None;
         }
-        e.close.take().is_some_and(|tx| tx.send(why).is_ok())
+        let sent = e.close.take().is_some_and(|tx| tx.send(why).is_ok());
+        sent.then_some(e.kind)
     }
 
     /// Tells every open tunnel to close (a drain); returns how many were told.
@@ -258,17 +288,24 @@ impl Tunnels {
                 "key_moved": get(&c.rehomed_key_moved),
                 "replica_gone": get(&c.rehomed_replica_gone),
             },
+            "streams_rehomed": {
+                "key_moved": get(&c.streams_rehomed_key_moved),
+                "replica_gone": get(&c.streams_rehomed_replica_gone),
+            },
             "idle_timeouts": get(&c.idle_timeouts),
             "bytes_up": get(&c.bytes_up),
             "bytes_down": get(&c.bytes_down),
         })
     }
 
-    pub fn count_rehomed(&self, why: rehome::Reason) {
-        let c = match why {
-            rehome::Reason::KeyMoved => &self.counters.rehomed_key_moved,
-            rehome::Reason::ReplicaGone => &self.counters.rehomed_replica_gone,
+    pub fn count_rehomed(&self, why: rehome::Reason, kind: Kind) {
+        let c = &self.counters;
+        let counter = match (kind, why) {
+            (Kind::Tunnel, rehome::Reason::KeyMoved) => &c.rehomed_key_moved,
+            (Kind::Tunnel, rehome::Reason::ReplicaGone) => &c.rehomed_replica_gone,
+            (Kind::Stream, rehome::Reason::KeyMoved) => &c.streams_rehomed_key_moved,
+            (Kind::Stream, rehome::Reason::ReplicaGone) => &c.streams_rehomed_replica_gone,
         };
-        c.fetch_add(1, Ordering::Relaxed);
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -102,7 +102,7 @@ pub async fn run(tunnels: Arc<Tunnels>, shared: Shared) {
         let ramping = snap.ramps_until.is_some_and(|until| now < until);
         let changed = snap.generation != seen;
         seen = snap.generation;
-        if !cfg.rehome || tunnels.open() == 0 {
+        if !cfg.rehome || !tunnels.any_registered() {
             due.clear();
             continue;
         }
@@ -134,8 +134,9 @@ pub async fn run(tunnels: Arc<Tunnels>, shared: Shared) {
                 break;
             };
             // Asked again at its turn: the ring may have moved the key back meanwhile.
-            if tunnels.close_if(id, Close::Rehome(why), |p| verdict(p, &snap, now).is_some()) {
-                tunnels.count_rehomed(why);
+            let still = |p: &Placed| verdict(p, &snap, now).is_some();
+            if let Some(kind) = tunnels.close_if(id, Close::Rehome(why), still) {
+                tunnels.count_rehomed(why, kind);
             }
         }
     }

@@ -1,0 +1,216 @@
+//! A gRPC call's response, registered with its key like a tunnel, so that re-homing can end
+//! exactly the calls whose key moved: with trailers `grpc-status: 14` (`UNAVAILABLE`), which
+//! gRPC clients retry, put in between two messages, never inside one. Other calls on the same
+//! client connection are untouched.
+//!
+//! Owns: [`Rehomable`] (the response body that listens for its close) and [`Messages`] (where
+//! the stream is among gRPC's length-prefixed messages: prefixes only, payloads skipped by
+//! length). Dropping the replica's body resets its stream (`RST_STREAM`).
+//! Must not touch: which calls move ([`crate::tunnel::rehome`] decides, as for tunnels).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::sync::oneshot;
+
+use crate::error::BoxError;
+use crate::grpc::{status_fields, Code};
+use crate::tunnel::{Close, Registration};
+use crate::wire::body::Body;
+
+/// Where a stream of gRPC messages (each a 1-byte flag, a 4-byte big-endian length, then the
+/// message) is: in a prefix, in a message, or between two.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Messages {
+    /// Prefix bytes seen of the message being read (0 to 4; at 5 the length is known).
+    prefix: u8,
+    length: u32,
+    /// Message bytes still to come.
+    left: u64,
+}
+
+impl Messages {
+    pub fn at_boundary(&self) -> bool {
+        self.prefix == 0 && self.left == 0
+    }
+
+    /// Follows `bytes`; with `stop`, stops at the first boundary after the first byte and
+    /// returns how many bytes lie before it (all when there is none).
+    pub fn advance(&mut self, bytes: &[u8], stop: bool) -> usize {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.left > 0 {
+                let take = usize::try_from(self.left)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len() - i);
+                i += take;
+                self.left -= take as u64;
+            } else {
+                if self.prefix >= 1 {
+                    self.length = (self.length << 8) | u32::from(bytes[i]);
+                }
+                self.prefix += 1;
+                i += 1;
+                if self.prefix == 5 {
+                    self.left = u64::from(self.length);
+                    self.prefix = 0;
+                    self.length = 0;
+                }
+            }
+            if stop && self.at_boundary() {
+                return i;
+            }
+        }
+        i
+    }
+}
+
+/// A gRPC call's response body, ended with `UNAVAILABLE` at the next message boundary when its
+/// close comes.
+pub struct Rehomable {
+    inner: Body,
+    close: oneshot::Receiver<Close>,
+    _registration: Registration,
+    messages: Messages,
+    /// The close came: the body ends at the next boundary.
+    closing: Option<Close>,
+    done: bool,
+}
+
+impl Rehomable {
+    pub fn new(inner: Body, close: oneshot::Receiver<Close>, registration: Registration) -> Self {
+        Rehomable {
+            inner,
+            close,
+            _registration: registration,
+            messages: Messages::default(),
+            closing: None,
+            done: false,
+        }
+    }
+
+    /// The trailers that end a re-homed call, and the replica's stream reset.
+    fn end(&mut self, why: Close) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.done = true;
+        self.inner = Body::full(Bytes::new());
+        let message = match why {
+            Close::Rehome(crate::tunnel::rehome::Reason::KeyMoved) => {
+                "ringgate: the key moved to another replica; retry"
+            }
+            Close::Rehome(crate::tunnel::rehome::Reason::ReplicaGone) => {
+                "ringgate: the replica left the ring; retry"
+            }
+            Close::Shutdown => "ringgate: the gateway is shutting down; retry",
+        };
+        Poll::Ready(Some(Ok(Frame::trailers(status_fields(
+            Code::Unavailable,
+            message,
+        )))))
+    }
+}
+
+impl HttpBody for Rehomable {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if this.closing.is_none() {
+            if let Poll::Ready(Ok(why)) = Pin::new(&mut this.close).poll(cx) {
+                this.closing = Some(why);
+            }
+        }
+        if let Some(why) = this.closing {
+            if this.messages.at_boundary() {
+                return this.end(why);
+            }
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let frame = match polled {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                this.done = matches!(polled, Poll::Ready(None));
+                return polled;
+            }
+            Poll::Pending => return Poll::Pending,
+        };
+        let frame = match frame.into_data() {
+            Ok(mut data) => {
+                let stop = this.closing.is_some();
+                let keep = this.messages.advance(&data, stop);
+                if keep < data.len() {
+                    // Closing: what lies past the boundary is never sent.
+                    data.truncate(keep);
+                }
+                Frame::data(data)
+            }
+            // The replica's own trailers: the call ended on its own.
+            Err(trailers) => {
+                this.done = true;
+                trailers
+            }
+        };
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // A trailers-only answer (a status in the head) ends with its head, as it came.
+        self.done || (self.closing.is_none() && self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.closing {
+            None => self.inner.size_hint(),
+            Some(_) => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(len: usize) -> Vec<u8> {
+        let mut m = vec![0u8];
+        m.extend_from_slice(&(len as u32).to_be_bytes());
+        m.extend(std::iter::repeat_n(7u8, len));
+        m
+    }
+
+    #[test]
+    fn boundaries_are_found_whatever_the_pieces() {
+        let mut stream = Vec::new();
+        let mut ends = Vec::new();
+        for len in [0usize, 3, 300, 70_000] {
+            stream.extend(message(len));
+            ends.push(stream.len());
+        }
+        for piece in [1, 2, 5, 7, 999, stream.len()] {
+            let mut m = Messages::default();
+            let mut found = Vec::new();
+            let mut at = 0;
+            while at < stream.len() {
+                let end = (at + piece).min(stream.len());
+                let mut chunk = &stream[at..end];
+                while !chunk.is_empty() {
+                    let n = m.advance(chunk, true);
+                    at += n;
+                    chunk = &chunk[n..];
+                    if m.at_boundary() {
+                        found.push(at);
+                    }
+                }
+            }
+            assert_eq!(found, ends, "pieces of {piece}");
+        }
+    }
+}
