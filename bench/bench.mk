@@ -2,7 +2,7 @@
 # (bench/lab, binary `ringgate-lab`), which starts the release gateway binaries
 # target/release/ringgate and target/release/ringgate-server.
 
-.PHONY: analysis bench bench-micro bench-rss bench-flood bench-log bench-streams bench-tunnels
+.PHONY: analysis bench bench-micro bench-rss bench-flood bench-log bench-streams bench-tunnels bench-h2
 
 ## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in docs/img/ (committed), report in docs/performance.md
 analysis:
@@ -24,6 +24,11 @@ bench-rss: build
 bench-tunnels: build
 	bench/deps.sh proxies
 	python3 bench/tunnels_rss.py 9000
+
+## bench-h2: HTTP/2 clients (HTTP/1.1 to the replicas) and gRPC unary (HTTP/2 to the replicas) through ringgate, HAProxy and NGINX with h2load -c8 -m16 (h2c), the same two ringgate-server replicas
+bench-h2: build
+	bench/deps.sh proxies h2load
+	bench/h2-peers.sh
 
 ## bench-streams: 220 h2c connections x 100 bodyless POST streams under nofile 20000: other clients' answers, refusals, descriptors, RSS
 bench-streams: build

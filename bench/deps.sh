@@ -8,6 +8,7 @@
 #   bench/deps.sh busybox   busybox-static, the static busybox of `make example-httpd` (the
 #                           FROM scratch httpd image of docs/deployment.md and
 #                           tests/docker_apps.rs)
+#   bench/deps.sh h2load    h2load (nghttp2-client), the HTTP/2 and gRPC load of `make bench-h2`
 #   bench/deps.sh python    the Python clients of the tunnel and gRPC tests (websockets, grpcio)
 #                           in a virtualenv at target/pyclients, from tests/support/requirements.txt
 set -euo pipefail
@@ -62,6 +63,8 @@ for what in "$@"; do
             else
                 have busybox || missing+=(busybox-static)
             fi ;;
+        h2load)
+            have h2load || missing+=(nghttp2-client) ;;
         python)
             python_clients ;;
         *) echo "deps.sh: unknown group $what" >&2; exit 2 ;;

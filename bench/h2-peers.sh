@@ -1,5 +1,5 @@
 #!/bin/bash
-# By hand, not `make bench`: HTTP/2 clients (HTTP/1.1 to the replicas) and gRPC unary (HTTP/2 to
+# `make bench-h2`: HTTP/2 clients (HTTP/1.1 to the replicas) and gRPC unary (HTTP/2 to
 # the replicas) through ringgate, HAProxy and NGINX (2 workers or threads each) to the same two
 # ringgate-server replicas, with h2load -c8 -m16 (h2c). Needs h2load (nghttp2-client), haproxy,
 # nginx and a release build (`cargo build --release`); the figures in docs/performance.md
