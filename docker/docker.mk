@@ -46,7 +46,7 @@ images: static docker-check
 	docker build -f docker/ringgate-server.Dockerfile -t $(RG_SERVER_IMAGE) .
 	docker build -f docker/ringgate.Dockerfile -t $(RG_IMAGE) .
 	@# Earlier builds of ours that these replaced, now untagged.
-	@docker image prune -f --filter label=ringgate.image >/dev/null
+	@docker image prune -f --filter label=ringgate.image >/dev/null 2>&1 || true
 	@docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E '^ringgate(-server)?:' || true
 
 # busybox httpd from Debian's busybox-static in an empty image, for docs/deployment.md's
@@ -61,7 +61,8 @@ example-httpd: docker-check
 	  echo "$(RG_BUSYBOX) is dynamically linked: install busybox-static (apt-get install busybox-static) or set RG_BUSYBOX"; exit 1; \
 	fi
 	docker build -f docker/example-httpd.Dockerfile -t $(RG_EXAMPLE_HTTPD_IMAGE) target/example-httpd
-	@docker image prune -f --filter label=ringgate.image=example-httpd >/dev/null
+	@# Tidying: the engine runs one prune at a time, and a busy one must not fail the build.
+	@docker image prune -f --filter label=ringgate.image=example-httpd >/dev/null 2>&1 || true
 
 # The replica network is created here (labelled as ours) so that `make clean` can find it; the
 # gateway itself runs in the host's network (docker-compose.yml says why).

@@ -105,6 +105,9 @@ pub const EXAMPLE_HTTPD_IMAGE: &str = "ringgate-example-httpd:latest";
 /// exists. It is the documented example's image, not a test's own, so it is kept (`make
 /// clean` removes it).
 pub fn ensure_example_httpd_image() {
+    // Tests of one binary run in parallel: one builds, the others wait for it.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
     if docker(&["image", "inspect", EXAMPLE_HTTPD_IMAGE]).is_ok() {
         return;
     }
