@@ -59,6 +59,7 @@ impl Service {
                 metrics: &self.metrics,
                 controller: &self.controller,
                 tunnels: &self.tunnels,
+                shared: &self.shared,
             };
             let mut resp =
                 crate::proxy::forward(&snap, &gateway, req, conn, client, &mut outcome).await;

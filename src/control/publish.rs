@@ -124,6 +124,11 @@ impl Controller {
         replica_ips.sort_unstable();
         replica_ips.dedup();
         self.generation += 1;
+        // Asleep until a replica serves again (a wake-up's replica is starting meanwhile).
+        if ring.servers() > 0 || !self.config.autoscale.enabled {
+            self.zeroed = false;
+        }
+        let asleep = self.zeroed;
         let m = &self.metrics;
         m.replicas_up
             .store(ring.servers() as u64, Ordering::Relaxed);
@@ -140,7 +145,11 @@ impl Controller {
             ramps_until,
             replica_ips,
             upstream_tls: self.upstream.tls.clone(),
+            asleep,
+            holds: self.holds.clone(),
         }));
+        // Held requests look at the new snapshot.
+        self.holds.published.notify_waiters();
         self.notify_ready();
     }
 

@@ -1124,6 +1124,7 @@ async fn autoscale_follows_in_flight_and_removes_the_least_loaded_replica() {
         panic_window: Duration::from_secs(4),
         scale_down_delay: Duration::from_secs(30),
         max_step: 2,
+        ..Default::default()
     };
     let h = Harness::start(c, world.clone(), events);
     h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
@@ -1214,6 +1215,7 @@ async fn with_slow_start_the_autoscaler_stops_a_replica_slowly() {
         panic_window: Duration::from_secs(2),
         scale_down_delay: Duration::from_secs(10),
         max_step: 1,
+        ..Default::default()
     };
     let h = Harness::start(c, world.clone(), events);
     h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
