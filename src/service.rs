@@ -69,7 +69,14 @@ impl Service {
         };
         match logged {
             None => resp,
-            Some((started, snap)) => started.finish(resp, outcome, snap, &self.access_log),
+            Some((started, snap)) => {
+                // A request held at zero replicas went to a replica of a later snapshot.
+                let snap = match outcome.held {
+                    Some(_) => Arc::clone(&crate::snapshot::current(&self.shared)),
+                    None => snap,
+                };
+                started.finish(resp, outcome, snap, &self.access_log)
+            }
         }
     }
 }
