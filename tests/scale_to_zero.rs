@@ -5,6 +5,12 @@
 //! and 200 for the held ones; N comes back to at least 1. No assertion on speed: waits are
 //! bounded by timeouts only (the wake-up times are printed, for docs/autoscaling.md).
 
+// support/docker.rs brings `engines.rs` along as support does.
+#![allow(clippy::duplicate_mod)]
+
+#[macro_use]
+#[path = "support/docker.rs"]
+mod docker_support;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -13,20 +19,27 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use support::*;
 
+/// Scale to zero after 2 s idle, at most 2 requests held.
+const AUTOSCALE: &str = "[autoscale]\nenabled = true\nmin = 0\nmax = 2\n\
+    target_in_flight = 100.0\nstable_window = \"4s\"\npanic_window = \"1s\"\n\
+    scale_down_delay = \"5s\"\nmax_step = 2\nidle_to_zero = \"2s\"\nhold_max = 2\n\
+    hold_timeout = \"30s\"\n";
+
+const HEALTH: &str = "interval = \"250ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 2\n";
+
+fn log_section(log: &std::path::Path) -> String {
+    format!("access = \"{}\"\nformat = \"json\"\n", log.display())
+}
+
 fn toml(log: &std::path::Path) -> String {
     let conf = Conf {
         replicas: "count = 1\nmax_replicas = 4\n".into(),
-        health: "interval = \"250ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 2\n".into(),
+        health: HEALTH.into(),
         proxy: "drain_timeout = \"2s\"\n".into(),
-        log: format!("access = \"{}\"\nformat = \"json\"\n", log.display()),
+        log: log_section(log),
         ..Conf::default()
     };
-    format!(
-        "{}\n[autoscale]\nenabled = true\nmin = 0\nmax = 2\ntarget_in_flight = 100.0\n\
-         stable_window = \"4s\"\npanic_window = \"1s\"\nscale_down_delay = \"5s\"\nmax_step = 2\n\
-         idle_to_zero = \"2s\"\nhold_max = 2\nhold_timeout = \"30s\"\n",
-        conf.render()
-    )
+    format!("{}\n{AUTOSCALE}", conf.render())
 }
 
 /// Waits until the autoscaler has taken N to zero and says so.
@@ -69,11 +82,31 @@ async fn idle_goes_to_zero_a_request_wakes_it_and_a_burst_past_hold_max_gets_503
     let dir = tempfile::tempdir().expect("dir");
     let log = dir.path().join("access.log");
     let gw = GatewayProcess::start_toml(&toml(&log));
+    scenario(&gw, &log, "process").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_docker_replicas_the_same() {
+    require_docker!();
+    let scope = docker_support::Scope::new("zero");
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("access.log");
+    let sections = format!(
+        "[replicas]\ncount = 1\nmax_replicas = 4\n[health]\n{HEALTH}[proxy]\n\
+         drain_timeout = \"2s\"\n[log]\n{}{AUTOSCALE}",
+        log_section(&log)
+    );
+    let gw = docker_support::start_gateway(&scope, docker_support::SERVER_IMAGE, &sections);
+    scenario(&gw, &log, "docker").await;
+}
+
+/// The scenario, whatever runs the replicas (`kind` names it in what is printed).
+async fn scenario(gw: &GatewayProcess, log: &std::path::Path, kind: &str) {
     gw.wait_status(Duration::from_secs(30), "one replica up", |s| s["up"] == 1)
         .await;
 
     // No request for idle_to_zero: N goes to 0.
-    let zero = wait_zero(&gw).await;
+    let zero = wait_zero(gw).await;
     assert_eq!(
         zero["autoscale"]["last_decision"]["direction"], "down",
         "{:#}",
@@ -111,7 +144,7 @@ async fn idle_goes_to_zero_a_request_wakes_it_and_a_burst_past_hold_max_gets_503
     );
     let held_line = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let text = std::fs::read_to_string(log).unwrap_or_default();
             if let Some(line) = text.lines().find(|l| l.contains("\"held_ms\"")) {
                 return json(line);
             }
@@ -128,7 +161,7 @@ async fn idle_goes_to_zero_a_request_wakes_it_and_a_burst_past_hold_max_gets_503
     assert!(held_line["replica"].is_string(), "{held_line}");
 
     // Idle again: back to zero. Then a burst of 10 at once with hold_max = 2.
-    wait_zero(&gw).await;
+    wait_zero(gw).await;
     let clients: Vec<(TestClient, String)> = (0..10)
         .map(|i| (client(), gw.url(&format!("/home?id={}", 100 + i))))
         .collect();
@@ -167,7 +200,7 @@ async fn idle_goes_to_zero_a_request_wakes_it_and_a_burst_past_hold_max_gets_503
         ) >= 1.0
     );
     eprintln!(
-        "wake-up (process replica): first request answered after {first_wait:?}; burst of 10 \
+        "wake-up ({kind} replica): first request answered after {first_wait:?}; burst of 10 \
          at hold_max 2: {ok} answered 200, {} refused 503, all within {burst_wait:?}",
         refused.len()
     );
