@@ -205,3 +205,70 @@ async fn scenario(gw: &GatewayProcess, log: &std::path::Path, kind: &str) {
         refused.len()
     );
 }
+
+/// A gateway that starts at zero (`replicas.count = 0`) and whose replica never gets ready
+/// (its check asks a path it answers 404): held requests are refused after `hold_timeout`,
+/// HTTP with 503 + `Retry-After`, gRPC with `UNAVAILABLE`, and no replica is blamed for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_hold_timeout_a_request_gets_503_and_a_grpc_call_unavailable() {
+    let conf = Conf {
+        replicas: "count = 0\nmax_replicas = 4\n".into(),
+        health: format!("{HEALTH}path = \"/never-ready\"\n"),
+        ..Conf::default()
+    };
+    let toml = format!(
+        "{}\n{}",
+        conf.render(),
+        AUTOSCALE.replace("hold_timeout = \"30s\"", "hold_timeout = \"1s\"")
+    );
+    let gw = GatewayProcess::start_toml(&toml);
+    let status = wait_zero(&gw).await;
+    assert_eq!(status["autoscale"]["hold_timeout_ms"], 1000);
+
+    let (code, retry_after, body) = get_full(&client(), &gw.url("/home?id=1")).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"), "{body}");
+    assert!(body.contains("autoscale.hold_timeout"), "{body}");
+
+    // A gRPC call (its head is enough to be one) held past the bound: UNAVAILABLE (14).
+    let call = b"POST /ringgate.demo.Demo/Who HTTP/1.1\r\nHost: gw\r\ncontent-type: application/grpc\r\nTE: trailers\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+    let answer = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        s.write_all(call).await.expect("send");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("grpc-status: 14\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("hold_timeout"), "{answer}");
+
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "ringgate_autoscale_hold_refused_total{reason=\"timeout\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(&metrics, "ringgate_autoscale_hold_wait_seconds_count"),
+        2.0
+    );
+    let status = gw.status().await;
+    assert_eq!(
+        status["autoscale"]["hold_refused_timeout"], 2,
+        "{:#}",
+        status["autoscale"]
+    );
+    // No replica was blamed: nothing counts a failure against the one starting.
+    for r in status["replicas"].as_array().into_iter().flatten() {
+        assert_eq!(r["failures"].as_u64().unwrap_or(0), 0, "{r:#}");
+    }
+}

@@ -164,11 +164,14 @@ impl Autoscaler {
         self.last_request = Some(now);
     }
 
-    /// Whether no request came for `idle_to_zero` (scale to zero on: `min = 0` and the window
-    /// set) and none is held.
+    /// Whether scale to zero is on: `min = 0` and `idle_to_zero` set.
+    fn scales_to_zero(&self, cfg: &AutoscaleConfig) -> bool {
+        cfg.min == 0 && !cfg.idle_to_zero.is_zero()
+    }
+
+    /// Whether no request came for `idle_to_zero` (scale to zero on) and none is held.
     fn idle(&self, now: Instant, cfg: &AutoscaleConfig) -> bool {
-        cfg.min == 0
-            && !cfg.idle_to_zero.is_zero()
+        self.scales_to_zero(cfg)
             && !self.woken
             && self
                 .last_request
@@ -180,7 +183,10 @@ impl Autoscaler {
     pub fn decide(&mut self, now: Instant, n: u32, cfg: &AutoscaleConfig) -> Decision {
         let stable = self.average(now, cfg.stable_window);
         let panic = self.average(now, cfg.panic_window);
-        if self.idle(now, cfg) {
+        // At zero, only a wake-up or load seen in the windows (held requests count) brings a
+        // replica back; a gateway that starts at zero stays there until then.
+        let asleep = n == 0 && self.scales_to_zero(cfg) && !self.woken && panic <= 0.0;
+        if asleep || self.idle(now, cfg) {
             // No request for the whole idle window: to zero at once, and whatever was asked
             // before is forgotten (a wake-up starts from 1, not from the old peak).
             self.asked.clear();
@@ -508,6 +514,16 @@ mod tests {
         let (c, mut a, mut n) = (to_zero(), Autoscaler::default(), 1);
         let (ns, _) = run(&mut a, &c, &mut n, 600, |s| u64::from(s % 20 == 0)).await;
         assert!(ns.iter().all(|&k| k == 1), "{ns:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_at_zero_stays_there_until_a_wake_up() {
+        let (c, mut a, mut n) = (to_zero(), Autoscaler::default(), 0);
+        let (ns, moves) = run(&mut a, &c, &mut n, 120, |_| 0).await;
+        assert!(ns.iter().all(|&k| k == 0) && moves.is_empty(), "{moves:?}");
+        a.wake(Instant::now());
+        run(&mut a, &c, &mut n, 1, |_| 1).await;
+        assert_eq!(n, 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -339,6 +339,12 @@ impl Controller {
                 (self.config.replicas.count as usize).saturating_sub(self.membership.desired());
             self.grow(missing);
         }
+        // `replicas.count = 0` with scale to zero: the gateway starts asleep, and the first
+        // request wakes it.
+        let a = &self.config.autoscale;
+        if a.enabled && a.min == 0 && !a.idle_to_zero.is_zero() && self.membership.desired() == 0 {
+            self.zeroed = true;
+        }
         self.publish();
         let behind = self.behind();
         if behind > 0 {
