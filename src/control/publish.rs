@@ -125,7 +125,9 @@ impl Controller {
         replica_ips.dedup();
         self.generation += 1;
         // Asleep until a replica serves again (a wake-up's replica is starting meanwhile).
-        if ring.servers() > 0 || !self.config.autoscale.enabled {
+        // With `[autoscale]` turned off and no replica coming, a request gets the 503 at once.
+        let none_coming = !self.config.autoscale.enabled && self.membership.desired() == 0;
+        if ring.servers() > 0 || none_coming {
             self.zeroed = false;
         }
         let asleep = self.zeroed;

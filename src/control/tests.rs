@@ -1353,3 +1353,32 @@ async fn replicas_down_are_not_asleep_and_a_wake_then_changes_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(h.snapshot().members.len(), 1, "a wake-up only from zero");
 }
+
+#[tokio::test(start_paused = true)]
+async fn autoscale_turned_off_at_zero_brings_replicas_count_back() {
+    let (world, events) = World::new(true);
+    let mut c = config(2);
+    c.autoscale = crate::config::AutoscaleConfig {
+        enabled: true,
+        min: 0,
+        max: 3,
+        idle_to_zero: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let h = Harness::start(c.clone(), world, events);
+    h.until(SETTLE, "N = 0", |h| {
+        h.snapshot().members.is_empty() && h.snapshot().asleep
+    })
+    .await;
+    c.autoscale.enabled = false;
+    assert!(
+        h.handle
+            .send(super::Command::Reload {
+                config: Box::new(c),
+            })
+            .await
+    );
+    h.until(SETTLE, "replicas.count serving", |h| h.in_ring().len() == 2)
+        .await;
+    assert!(!h.snapshot().asleep);
+}
