@@ -6,10 +6,13 @@
 //! says whose it was: the replica's, the client's or the gateway's), each followed by the
 //! [`retry`] decision (pure, on that failure) and the next distinct server clockwise, within
 //! the retry budget; the last failure becomes the client's answer. The body is held in
-//! [`body`] so an attempt that did not read it leaves it for the next.
+//! [`body`] so an attempt that did not read it leaves it for the next. Before all of it, a
+//! request that finds N scaled to zero is held (`hold`) until a snapshot with a replica is
+//! published, and goes on with that one.
 //! Must not touch: shared mutable state. It loads one [`Snapshot`] and uses it to the end; it
 //! takes no lock (the only mutex is the per-request body slot, which no other request sees); it
-//! reports failed connects to the controller with a non-blocking hint.
+//! reports failed connects (and a request held at zero) to the controller with a non-blocking
+//! hint.
 
 // The request path is read more than it is written: no function in it longer than 100 lines
 // (clippy's default threshold), checked by `make lint`.
