@@ -77,6 +77,31 @@ async fn get_full(c: &TestClient, url: &str) -> (u16, Option<String>, String) {
     (status, retry_after, body)
 }
 
+/// `GET /home?id=<id>` on an open connection; its status, `Retry-After` and body.
+async fn raw_get(mut s: tokio::net::TcpStream, id: usize) -> (u16, Option<String>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET /home?id={id} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut out))
+        .await
+        .expect("an answer within a minute")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let retry_after = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("retry-after")
+            .then(|| v.trim().to_owned())
+    });
+    (status, retry_after, body.to_owned())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_goes_to_zero_a_request_wakes_it_and_a_burst_past_hold_max_gets_503() {
     let dir = tempfile::tempdir().expect("dir");
@@ -161,13 +186,24 @@ async fn scenario(gw: &GatewayProcess, log: &std::path::Path, kind: &str) {
     assert!(held_line["replica"].is_string(), "{held_line}");
 
     // Idle again: back to zero. Then a burst of 10 at once with hold_max = 2.
+    // The ten connections are open before any request is sent, so the requests arrive together.
     wait_zero(gw).await;
-    let clients: Vec<(TestClient, String)> = (0..10)
-        .map(|i| (client(), gw.url(&format!("/home?id={}", 100 + i))))
-        .collect();
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        conns.push(
+            tokio::net::TcpStream::connect(gw.addr)
+                .await
+                .expect("connect"),
+        );
+    }
     let t = Instant::now();
-    let burst =
-        futures_util::future::join_all(clients.iter().map(|(c, url)| get_full(c, url))).await;
+    let burst = futures_util::future::join_all(
+        conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| raw_get(s, 100 + i)),
+    )
+    .await;
     let burst_wait = t.elapsed();
     let ok = burst.iter().filter(|(code, _, _)| *code == 200).count();
     let refused: Vec<_> = burst.iter().filter(|(code, _, _)| *code == 503).collect();
