@@ -396,6 +396,22 @@ const GATEWAY: &[Family] = &[
             ],
         ),
     },
+    Family {
+        name: "ringgate_autoscale_held_total",
+        help: "Requests held while N was 0 (scale to zero) for a replica to start.",
+        read: Read::Counter(|m| get(&m.autoscale_held)),
+    },
+    Family {
+        name: "ringgate_autoscale_hold_refused_total",
+        help: "Requests answered 503 at N = 0: past autoscale.hold_max (full) or past autoscale.hold_timeout (timeout).",
+        read: Read::Counters(
+            "reason",
+            &[
+                ("full", |m| get(&m.autoscale_hold_full)),
+                ("timeout", |m| get(&m.autoscale_hold_timeouts)),
+            ],
+        ),
+    },
 ];
 
 /// The TLS counters, while TLS is on.
@@ -687,6 +703,12 @@ fn latency(e: &mut DescriptorEncoder, s: &MetricsSources) -> fmt::Result {
         "ringgate_upstream_latency_seconds",
         "Time from sending a request to a replica to its response headers.",
         [(NO_LABELS, &s.metrics.upstream_latency)],
+    )?;
+    histograms(
+        e,
+        "ringgate_autoscale_hold_wait_seconds",
+        "How long requests held at N = 0 (scale to zero) waited for a replica.",
+        [(NO_LABELS, &s.metrics.autoscale_hold_wait)],
     )?;
     histograms(
         e,

@@ -36,7 +36,8 @@
 //! - [`access_log`]: `[log] access`: one line per request, buffered per serving thread and
 //!   written by a writer thread; reopened on SIGHUP.
 //! - [`proxy`]: one request to one replica: routed, sent through the connector, retried on
-//!   the next server clockwise, and, for an upgrade the replica accepts, made a tunnel.
+//!   the next server clockwise, and, for an upgrade the replica accepts, made a tunnel; held
+//!   first while the autoscaler has scaled N to zero.
 //! - [`tunnel`]: upgraded connections (WebSockets): the registry of open tunnels with their
 //!   keys, the splice, and the re-homing of exactly the tunnels whose key moved.
 //! - [`grpc`]: what the gateway knows of gRPC: which requests are calls, `grpc-timeout`, the

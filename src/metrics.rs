@@ -105,6 +105,13 @@ pub struct Metrics {
     /// Autoscaler decisions that moved N up or down.
     pub autoscale_up: AtomicU64,
     pub autoscale_down: AtomicU64,
+    /// Requests held while N was 0 (scale to zero), and those refused: past `hold_max` at
+    /// once, or past `hold_timeout` still without a replica.
+    pub autoscale_held: AtomicU64,
+    pub autoscale_hold_full: AtomicU64,
+    pub autoscale_hold_timeouts: AtomicU64,
+    /// How long held requests waited (answered or not).
+    pub autoscale_hold_wait: crate::latency::LatencyHistogram,
     /// Idle trims of the heap after a burst ([`crate::memory`]).
     pub memory_trims: AtomicU64,
     /// Resident bytes those trims gave back to the OS.

@@ -82,6 +82,10 @@ pub enum GatewayError {
         "no replica is available to serve this request: all are down or starting (see /lb/status)"
     )]
     NoReplica,
+    #[error("no replica runs now (scaled to zero) and {limit} requests already wait for one to start (autoscale.hold_max); retry shortly")]
+    HoldFull { limit: u32 },
+    #[error("no replica runs now (scaled to zero) and none was ready within autoscale.hold_timeout ({timeout:?}); retry shortly")]
+    HoldTimeout { timeout: std::time::Duration },
     #[error("replica {replica} could not be reached: {detail}")]
     BadGateway { replica: String, detail: String },
     #[error("replica {replica} did not answer within proxy.request_timeout ({timeout:?})")]
@@ -121,6 +125,8 @@ impl GatewayError {
             GatewayError::NoSuchEndpoint { .. } => StatusCode::NOT_FOUND,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::NoReplica
+            | GatewayError::HoldFull { .. }
+            | GatewayError::HoldTimeout { .. }
             | GatewayError::OverBudget { .. }
             | GatewayError::ReplicaBusy { .. }
             | GatewayError::TunnelsFull { .. }
@@ -143,6 +149,8 @@ impl GatewayError {
             ) | GatewayError::OverBudget { .. }
                 | GatewayError::ReplicaBusy { .. }
                 | GatewayError::TunnelsFull { .. }
+                | GatewayError::HoldFull { .. }
+                | GatewayError::HoldTimeout { .. }
         )
     }
 
@@ -297,6 +305,17 @@ mod tests {
         assert!(!e.retryable());
         assert_eq!(e.status(), StatusCode::CONFLICT);
         assert!(!GatewayError::NoReplica.retryable());
+        // Held at zero replicas past the bound: 503 with Retry-After.
+        for e in [
+            GatewayError::HoldFull { limit: 2 },
+            GatewayError::HoldTimeout {
+                timeout: std::time::Duration::from_secs(3),
+            },
+        ] {
+            let resp = e.into_response();
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(resp.headers()[http::header::RETRY_AFTER], "1");
+        }
     }
 
     #[test]
@@ -305,6 +324,8 @@ mod tests {
         let t = std::time::Duration::from_secs(1);
         let cases = [
             (GatewayError::NoReplica, Code::Unavailable),
+            (GatewayError::HoldFull { limit: 2 }, Code::Unavailable),
+            (GatewayError::HoldTimeout { timeout: t }, Code::Unavailable),
             (
                 GatewayError::BadGateway {
                     replica: "s1".into(),

@@ -59,6 +59,7 @@ impl Service {
                 metrics: &self.metrics,
                 controller: &self.controller,
                 tunnels: &self.tunnels,
+                shared: &self.shared,
             };
             let mut resp =
                 crate::proxy::forward(&snap, &gateway, req, conn, client, &mut outcome).await;
@@ -68,7 +69,14 @@ impl Service {
         };
         match logged {
             None => resp,
-            Some((started, snap)) => started.finish(resp, outcome, snap, &self.access_log),
+            Some((started, snap)) => {
+                // A request held at zero replicas went to a replica of a later snapshot.
+                let snap = match outcome.held {
+                    Some(_) => Arc::clone(&crate::snapshot::current(&self.shared)),
+                    None => snap,
+                };
+                started.finish(resp, outcome, snap, &self.access_log)
+            }
         }
     }
 }

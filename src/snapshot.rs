@@ -206,6 +206,46 @@ pub struct Snapshot {
     /// publish: a request passes a reference down to the connector, and pooled connections
     /// remember which build made them.
     pub upstream_tls: Option<Arc<UpstreamTls>>,
+    /// The autoscaler scaled N to zero and no replica serves yet: a request waits for one
+    /// (`crate::proxy::hold`) instead of getting a 503 (which it gets when replicas are down).
+    pub asleep: bool,
+    /// The requests held now and how they learn of the next publish: the same for every
+    /// snapshot one controller publishes.
+    pub holds: Arc<Holds>,
+}
+
+/// Requests held while N is 0 (scale to zero): how many now (capped by `autoscale.hold_max`),
+/// and the notice the controller gives after every publish so they look again.
+#[derive(Debug, Default)]
+pub struct Holds {
+    pub holding: std::sync::atomic::AtomicU32,
+    pub published: tokio::sync::Notify,
+}
+
+/// One held request's place under `autoscale.hold_max`, given back when dropped.
+pub struct Held<'a>(&'a Holds);
+
+impl Holds {
+    /// A place for one more held request, if fewer than `max` are held.
+    pub fn enter(&self, max: u32) -> Option<Held<'_>> {
+        self.holding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Held(self))
+    }
+
+    /// Requests held now.
+    pub fn now(&self) -> u32 {
+        self.holding.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.holding.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Snapshot {
@@ -221,6 +261,8 @@ impl Snapshot {
             ramps_until: None,
             replica_ips: Vec::new(),
             upstream_tls: None,
+            asleep: false,
+            holds: Arc::default(),
         }
     }
 

@@ -47,6 +47,8 @@ pub struct Record<'a> {
     pub duration: Duration,
     /// Time to the replica's response headers, when a replica answered.
     pub upstream: Option<Duration>,
+    /// How long the request was held for a replica to start (N was 0), when it was.
+    pub held: Option<Duration>,
     pub replica: Option<&'a str>,
     pub slot: Option<u32>,
     pub retries: u32,
@@ -263,6 +265,10 @@ pub fn json(out: &mut Vec<u8>, dates: &mut Dates, r: &Record<'_>) {
         Some(u) => fixed(out, u, false),
         None => out.extend_from_slice(b"null"),
     }
+    if let Some(h) = r.held {
+        out.extend_from_slice(b",\"held_ms\":");
+        fixed(out, h, false);
+    }
     out.extend_from_slice(b",\"replica\":");
     json_opt(out, r.replica);
     out.extend_from_slice(b",\"slot\":");
@@ -328,6 +334,10 @@ pub fn combined(out: &mut Vec<u8>, dates: &mut Dates, r: &Record<'_>) {
         Some(u) => fixed(out, u, true),
         None => out.push(b'-'),
     }
+    if let Some(h) = r.held {
+        out.extend_from_slice(b" held=");
+        fixed(out, h, true);
+    }
     out.extend_from_slice(b" replica=");
     escaped(out, r.replica.unwrap_or("-").as_bytes());
     out.extend_from_slice(b" slot=");
@@ -370,6 +380,7 @@ mod tests {
             bytes_up: None,
             duration: Duration::from_micros(1234),
             upstream: Some(Duration::from_micros(900)),
+            held: None,
             replica: Some("server-1"),
             slot: Some(137),
             retries: 0,
@@ -444,6 +455,7 @@ mod tests {
             &Record {
                 path: "/x\"\n{\"forged\":1}",
                 upstream: None,
+                held: None,
                 replica: None,
                 slot: None,
                 ..record()
@@ -473,6 +485,7 @@ mod tests {
             &Record {
                 user_agent: Some(b"evil\"\n127.0.0.1 - - fake"),
                 upstream: None,
+                held: None,
                 replica: None,
                 slot: None,
                 termination: "no_replica",
@@ -569,6 +582,7 @@ mod tests {
         let long = Record {
             duration: Duration::from_micros(1_234_567),
             upstream: Some(Duration::from_micros(1)),
+            held: None,
             ..record()
         };
         json(&mut out, &mut Dates::default(), &long);

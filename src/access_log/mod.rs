@@ -150,7 +150,9 @@ impl Termination {
     /// connect from a reset when the error is a 502.
     pub fn of(e: &GatewayError, connect_failed: bool) -> Termination {
         match e {
-            GatewayError::NoReplica => Termination::NoReplica,
+            GatewayError::NoReplica
+            | GatewayError::HoldFull { .. }
+            | GatewayError::HoldTimeout { .. } => Termination::NoReplica,
             GatewayError::BadGateway { .. } if connect_failed => Termination::UpstreamConnectFailed,
             GatewayError::BadGateway { .. } => Termination::UpstreamReset,
             GatewayError::GatewayTimeout { .. } => Termination::UpstreamTimeout,
@@ -182,6 +184,8 @@ pub struct Outcome {
     pub retries: u32,
     /// Time to the replica's response headers.
     pub upstream: Option<Duration>,
+    /// How long it was held for a replica to start (N was 0: scale to zero).
+    pub held: Option<Duration>,
     /// The last failed attempt was a failed connect.
     pub connect_failed: bool,
     /// Set when the gateway answered with an error instead of a replica's response.
@@ -482,6 +486,7 @@ impl Pending {
             bytes_up,
             duration: s.at.elapsed(),
             upstream: self.outcome.upstream,
+            held: self.outcome.held,
             replica: self
                 .outcome
                 .replica

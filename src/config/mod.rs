@@ -196,6 +196,14 @@ pub struct AutoscaleConfig {
     pub scale_down_delay: Duration,
     /// Most replicas added or removed by one decision.
     pub max_step: u32,
+    /// With `min = 0`: no request for this long takes N to 0 (zero: off, N stays at least 1).
+    #[serde(deserialize_with = "duration")]
+    pub idle_to_zero: Duration,
+    /// Requests held at once while N is 0 and the first replica starts; more get a 503.
+    pub hold_max: u32,
+    /// Longest a request is held for a replica to start; then it gets a 503.
+    #[serde(deserialize_with = "duration")]
+    pub hold_timeout: Duration,
 }
 
 impl Default for AutoscaleConfig {
@@ -209,6 +217,9 @@ impl Default for AutoscaleConfig {
             panic_window: Duration::from_secs(6),
             scale_down_delay: Duration::from_secs(300),
             max_step: 4,
+            idle_to_zero: Duration::ZERO,
+            hold_max: 100,
+            hold_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -420,10 +420,37 @@ const MAX_AUTOSCALE_WINDOW: Duration = Duration::from_secs(3600);
 /// surprise; how it fits the rest of the config (bounds, provider, replicas.count) once enabled.
 fn autoscale_problems(c: &Config, bad: &mut impl FnMut(&str, String)) {
     let a = &c.autoscale;
-    if a.min == 0 {
+    if a.min == 0 && a.idle_to_zero.is_zero() {
         bad(
             "autoscale.min",
-            "must be at least 1: scale to zero (holding requests while a replica starts) is not built yet".into(),
+            "0 needs autoscale.idle_to_zero: scale to zero happens after that long without a request".into(),
+        );
+    }
+    if a.idle_to_zero > MAX_AUTOSCALE_WINDOW {
+        bad("autoscale.idle_to_zero", "must be at most 1h".into());
+    }
+    if !a.idle_to_zero.is_zero() && a.idle_to_zero < Duration::from_secs(1) {
+        bad(
+            "autoscale.idle_to_zero",
+            format!(
+                "must be \"0s\" (off) or at least 1s (one decision a second), got {:?}",
+                a.idle_to_zero
+            ),
+        );
+    }
+    if a.hold_max == 0 || a.hold_max > 100_000 {
+        bad(
+            "autoscale.hold_max",
+            format!("must be at least 1 and at most 100000, got {}", a.hold_max),
+        );
+    }
+    if a.hold_timeout.is_zero() || a.hold_timeout > Duration::from_secs(600) {
+        bad(
+            "autoscale.hold_timeout",
+            format!(
+                "must be more than 0 and at most 10m, got {:?}",
+                a.hold_timeout
+            ),
         );
     }
     if a.max < a.min {
@@ -666,7 +693,7 @@ mod tests {
             "[autoscale]\nmin = 0\nmax = 60\ntarget_in_flight = 0\nmax_step = 0\nenabled = true\n",
         );
         assert!(
-            e.contains("line 2: autoscale.min: must be at least 1"),
+            e.contains("line 2: autoscale.min: 0 needs autoscale.idle_to_zero"),
             "{e}"
         );
         assert!(
@@ -695,6 +722,24 @@ mod tests {
             e.contains("autoscale.enabled: the static provider cannot start replicas"),
             "{e}"
         );
+        // Scale to zero: min = 0 with an idle window, and the hold's bounds.
+        let e = err("[autoscale]\nidle_to_zero = \"500ms\"\nhold_max = 0\nhold_timeout = \"0s\"\n");
+        assert!(e.contains("line 2: autoscale.idle_to_zero: must be"), "{e}");
+        assert!(
+            e.contains("line 3: autoscale.hold_max: must be at least 1"),
+            "{e}"
+        );
+        assert!(
+            e.contains("line 4: autoscale.hold_timeout: must be more than 0"),
+            "{e}"
+        );
+        let zero = Config::parse(
+            "[replicas]\ncount = 1\n[autoscale]\nenabled = true\nmin = 0\nidle_to_zero = \"2s\"\nhold_max = 2\n",
+            Path::new("lb.toml"),
+        )
+        .expect("min = 0 with idle_to_zero is valid");
+        assert_eq!(zero.autoscale.idle_to_zero, Duration::from_secs(2));
+        assert_eq!(zero.autoscale.hold_max, 2);
         let ok = Config::parse(
             "[autoscale]\nenabled = true\nmax = 20\n",
             Path::new("lb.toml"),

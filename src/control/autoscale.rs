@@ -7,7 +7,9 @@
 //! stable window; when the panic window's average is over 2× the target per replica, N goes up
 //! at once and never down for one stable window; N only falls to the highest N asked for over
 //! `scale_down_delay`, so load that comes and goes cannot make it oscillate; steps are at most
-//! `max_step`, N stays within `min..max`.
+//! `max_step`, N stays within `min..max`. Scale to zero (`min = 0` with `idle_to_zero`): after
+//! `idle_to_zero` without a request N goes to 0 at once, and otherwise never below 1; a request
+//! held at zero ([`Autoscaler::wake`]) brings it back to at least 1.
 //! Must not touch: I/O, the provider, membership, the clock. Time and figures come in as
 //! arguments, so every rule is tested below on paused time; the controller samples, asks, and
 //! carries the decision out (`scaling`).
@@ -74,6 +76,13 @@ pub struct Autoscaler {
     last: Option<Decision>,
     /// N and in flight over the last [`HISTORY`], one point a tick.
     history: VecDeque<Point>,
+    /// The last moment a request was seen (in flight, answered or held): the idle window of
+    /// scale to zero counts from it.
+    last_request: Option<Instant>,
+    /// Requests answered, as last observed (a rise means requests came).
+    answered: u64,
+    /// A request is held at N = 0: the next decision brings N back to at least 1.
+    woken: bool,
 }
 
 /// ⌈in_flight / target⌉, saturating (a target is validated positive).
@@ -90,9 +99,21 @@ fn replicas_for(in_flight: f64, target: f64) -> u32 {
 }
 
 impl Autoscaler {
-    /// Records the requests in flight now (all replicas) and N, and forgets what no window
-    /// reaches any more.
-    pub fn observe(&mut self, now: Instant, in_flight: u64, n: u32, cfg: &AutoscaleConfig) {
+    /// Records the requests in flight now (all replicas), the requests answered so far (all
+    /// replicas; a fall, when a replica leaves, is no request) and N, and forgets what no
+    /// window reaches any more.
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        in_flight: u64,
+        answered: u64,
+        n: u32,
+        cfg: &AutoscaleConfig,
+    ) {
+        if in_flight > 0 || answered > self.answered || self.last_request.is_none() {
+            self.last_request = Some(now);
+        }
+        self.answered = answered;
         self.samples.push_back((now, in_flight));
         while self
             .samples
@@ -136,11 +157,59 @@ impl Autoscaler {
         self.asked.push_back((now, n));
     }
 
+    /// A request is held because N is 0: the next decision brings N back to at least 1 (and
+    /// the idle window starts again).
+    pub fn wake(&mut self, now: Instant) {
+        self.woken = true;
+        self.last_request = Some(now);
+    }
+
+    /// Whether scale to zero is on: `min = 0` and `idle_to_zero` set.
+    fn scales_to_zero(&self, cfg: &AutoscaleConfig) -> bool {
+        cfg.min == 0 && !cfg.idle_to_zero.is_zero()
+    }
+
+    /// Whether no request came for `idle_to_zero` (scale to zero on) and none is held.
+    fn idle(&self, now: Instant, cfg: &AutoscaleConfig) -> bool {
+        self.scales_to_zero(cfg)
+            && !self.woken
+            && self
+                .last_request
+                .is_some_and(|t| now.duration_since(t) >= cfg.idle_to_zero)
+    }
+
     /// The decision for now, with N = `n` replicas. It remembers what the next one needs
     /// (the panic state, what was asked for); call it once a tick, after [`Self::observe`].
     pub fn decide(&mut self, now: Instant, n: u32, cfg: &AutoscaleConfig) -> Decision {
         let stable = self.average(now, cfg.stable_window);
         let panic = self.average(now, cfg.panic_window);
+        // At zero, only a wake-up or load seen in the windows (held requests count) brings a
+        // replica back; a gateway that starts at zero stays there until then.
+        let asleep = n == 0 && self.scales_to_zero(cfg) && !self.woken && panic <= 0.0;
+        if asleep || self.idle(now, cfg) {
+            // No request for the whole idle window: to zero at once, and whatever was asked
+            // before is forgotten (a wake-up starts from 1, not from the old peak).
+            self.asked.clear();
+            self.panic_until = None;
+            let decision = Decision {
+                direction: if n > 0 {
+                    Direction::Down
+                } else {
+                    Direction::Hold
+                },
+                from: n,
+                to: 0,
+                stable_in_flight: stable,
+                panic_in_flight: panic,
+                wanted: 0,
+                panicking: false,
+            };
+            if n > 0 {
+                self.last = Some(decision.clone());
+            }
+            return decision;
+        }
+        self.woken = false;
         let (by_stable, by_panic) = (
             replicas_for(stable, cfg.target_in_flight),
             replicas_for(panic, cfg.target_in_flight),
@@ -180,7 +249,8 @@ impl Autoscaler {
         } else {
             held.max(n.saturating_sub(step))
         }
-        .clamp(cfg.min, cfg.max.max(cfg.min));
+        // Below 1 only through the idle window above.
+        .clamp(cfg.min.max(1), cfg.max.max(cfg.min).max(1));
         let direction = match to.cmp(&n) {
             std::cmp::Ordering::Greater => Direction::Up,
             std::cmp::Ordering::Less => Direction::Down,
@@ -226,6 +296,7 @@ mod tests {
             panic_window: Duration::from_secs(6),
             scale_down_delay: Duration::from_secs(300),
             max_step: 4,
+            ..Default::default()
         }
     }
 
@@ -243,10 +314,15 @@ mod tests {
         for s in 0..secs {
             tokio::time::advance(Duration::from_secs(1)).await;
             let now = Instant::now();
-            a.observe(now, load(s), *n, cfg);
+            // Each request in flight is answered within the second.
+            let answered = a.answered + load(s);
+            a.observe(now, load(s), answered, *n, cfg);
             let d = a.decide(now, *n, cfg);
             assert!(d.to >= cfg.min && d.to <= cfg.max, "{d:?} out of bounds");
-            assert!(d.to.abs_diff(*n) <= cfg.max_step, "{d:?} steps too far");
+            assert!(
+                d.to.abs_diff(*n) <= cfg.max_step || d.to == 0,
+                "{d:?} steps too far"
+            );
             if d.direction != Direction::Hold {
                 moves.push(d.clone());
             }
@@ -382,6 +458,84 @@ mod tests {
         c.max = 3;
         run(&mut a, &c, &mut n, 60, |_| 500).await;
         assert_eq!(n, 3);
+    }
+
+    fn to_zero() -> AutoscaleConfig {
+        AutoscaleConfig {
+            min: 0,
+            idle_to_zero: Duration::from_secs(30),
+            ..cfg()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_for_the_window_scales_to_zero_and_a_held_request_wakes_it() {
+        let (c, mut a, mut n) = (to_zero(), Autoscaler::default(), 3);
+        run(&mut a, &c, &mut n, 120, |_| 20).await;
+        assert_eq!(n, 3, "busy: the scale-down delay holds");
+        // The load stops: to zero once idle_to_zero has passed, at once (not max_step at a
+        // time, not after scale_down_delay).
+        let (ns, moves) = run(&mut a, &c, &mut n, 40, |_| 0).await;
+        let zero_at = ns.iter().position(|&k| k == 0).expect("it reaches zero");
+        assert!(
+            (29..=30).contains(&zero_at),
+            "zero after the idle window: {ns:?}"
+        );
+        assert!(ns[..zero_at].iter().all(|&k| k == 3), "{ns:?}");
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!((moves[0].from, moves[0].to), (3, 0));
+        // It stays there while nothing comes.
+        let (ns, _) = run(&mut a, &c, &mut n, 600, |_| 0).await;
+        assert!(ns.iter().all(|&k| k == 0));
+        // A held request wakes it: the next decision asks for one replica, not the old peak.
+        a.wake(Instant::now());
+        let d = a.decide(Instant::now(), n, &c);
+        assert_eq!((d.direction, d.from, d.to), (Direction::Up, 0, 1), "{d:?}");
+        n = d.to;
+        // Its request answered, then idle again: zero again only after a whole window.
+        let (ns, _) = run(&mut a, &c, &mut n, 29, |s| u64::from(s == 0)).await;
+        assert!(ns.iter().all(|&k| k == 1), "{ns:?}");
+        run(&mut a, &c, &mut n, 2, |_| 0).await;
+        assert_eq!(n, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_the_idle_window_n_stays_at_least_one() {
+        // min = 0 whose window is cut while at zero (a live edit): back to 1 at the next tick.
+        let (mut c, mut a, mut n) = (to_zero(), Autoscaler::default(), 2);
+        run(&mut a, &c, &mut n, 400, |_| 0).await;
+        assert_eq!(n, 0);
+        c.idle_to_zero = Duration::ZERO;
+        run(&mut a, &c, &mut n, 1, |_| 0).await;
+        assert_eq!(n, 1);
+        run(&mut a, &c, &mut n, 900, |_| 0).await;
+        assert_eq!(n, 1, "never below 1 without scale to zero");
+        // Requests now and then, each within the window: never zero.
+        let (c, mut a, mut n) = (to_zero(), Autoscaler::default(), 1);
+        let (ns, _) = run(&mut a, &c, &mut n, 600, |s| u64::from(s % 20 == 0)).await;
+        assert!(ns.iter().all(|&k| k == 1), "{ns:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_at_zero_stays_there_until_a_wake_up() {
+        let (c, mut a, mut n) = (to_zero(), Autoscaler::default(), 0);
+        let (ns, moves) = run(&mut a, &c, &mut n, 120, |_| 0).await;
+        assert!(ns.iter().all(|&k| k == 0) && moves.is_empty(), "{moves:?}");
+        a.wake(Instant::now());
+        run(&mut a, &c, &mut n, 1, |_| 1).await;
+        assert_eq!(n, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_at_zero_wakes_to_what_it_asks_within_the_step() {
+        let (c, mut a, mut n) = (to_zero(), Autoscaler::default(), 1);
+        run(&mut a, &c, &mut n, 40, |_| 0).await;
+        assert_eq!(n, 0);
+        a.wake(Instant::now());
+        // The held requests are load too (the controller counts them in flight).
+        let (ns, _) = run(&mut a, &c, &mut n, 6, |_| 80).await;
+        assert!(ns[0] >= 1 && ns[0] <= c.max_step, "{ns:?}");
+        assert_eq!(n, 8, "the panic window sizes N: {ns:?}");
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub enum Command {
         incarnation: u64,
         consecutive: u64,
     },
+    /// A request is held because the autoscaler scaled N to zero: start a replica.
+    Wake,
     /// Answered once every member is up or has failed to start (or immediately if they are).
     WaitReady {
         reply: oneshot::Sender<()>,
@@ -154,6 +156,13 @@ impl ControllerHandle {
             incarnation,
             consecutive,
         });
+    }
+
+    /// Never waits: a request is held at N = 0 (scale to zero) and asks for a replica. A full
+    /// queue drops the hint; the next held request repeats it, and the held requests count as
+    /// load at the next tick anyway.
+    pub fn wake(&self) {
+        let _ = self.tx.try_send(Command::Wake);
     }
 
     /// Never waits: a full queue drops the hint (the next failure or check repeats it).

@@ -163,6 +163,10 @@ pub struct Controller {
     /// (`shrink` owns it); sampled only while `[autoscale]` is on.
     autoscaler: autoscale::Autoscaler,
     recent_load: shrink::RecentLoad,
+    /// The autoscaler took N to zero (scale to zero) and no replica has served since: the
+    /// published snapshot says so, and requests wait in `holds` rather than get a 503.
+    zeroed: bool,
+    holds: Arc<crate::snapshot::Holds>,
 }
 
 impl Controller {
@@ -189,6 +193,8 @@ impl Controller {
             roll: None,
             autoscaler: autoscale::Autoscaler::default(),
             recent_load: shrink::RecentLoad::default(),
+            zeroed: false,
+            holds: Arc::default(),
             config: parts.config,
             policy: Arc::new(policy),
             errors: ReloadErrors {
@@ -275,6 +281,7 @@ impl Controller {
                 incarnation,
                 consecutive,
             } => self.on_outlier(id, incarnation, consecutive),
+            Command::Wake => self.wake(),
             Command::WaitReady { reply } => {
                 self.ready_waiters.push(reply);
                 self.notify_ready();
@@ -331,6 +338,12 @@ impl Controller {
             let missing =
                 (self.config.replicas.count as usize).saturating_sub(self.membership.desired());
             self.grow(missing);
+        }
+        // `replicas.count = 0` with scale to zero: the gateway starts asleep, and the first
+        // request wakes it.
+        let a = &self.config.autoscale;
+        if a.enabled && a.min == 0 && !a.idle_to_zero.is_zero() && self.membership.desired() == 0 {
+            self.zeroed = true;
         }
         self.publish();
         let behind = self.behind();

@@ -124,6 +124,13 @@ impl Controller {
         replica_ips.sort_unstable();
         replica_ips.dedup();
         self.generation += 1;
+        // Asleep until a replica serves again (a wake-up's replica is starting meanwhile).
+        // With `[autoscale]` turned off and no replica coming, a request gets the 503 at once.
+        let none_coming = !self.config.autoscale.enabled && self.membership.desired() == 0;
+        if ring.servers() > 0 || none_coming {
+            self.zeroed = false;
+        }
+        let asleep = self.zeroed;
         let m = &self.metrics;
         m.replicas_up
             .store(ring.servers() as u64, Ordering::Relaxed);
@@ -140,7 +147,11 @@ impl Controller {
             ramps_until,
             replica_ips,
             upstream_tls: self.upstream.tls.clone(),
+            asleep,
+            holds: self.holds.clone(),
         }));
+        // Held requests look at the new snapshot.
+        self.holds.published.notify_waiters();
         self.notify_ready();
     }
 

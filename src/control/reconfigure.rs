@@ -150,6 +150,8 @@ impl Controller {
         }
         let mut scale_to = None;
         let mut roll = None;
+        let mut autoscale_edited = false;
+        let was_zeroed = self.zeroed;
         for change in plan.changes {
             match &change {
                 ConfigChange::NeedsRestart(_) => tracing::warn!(change = %change, "config change"),
@@ -165,6 +167,7 @@ impl Controller {
                 ConfigChange::Health => self.reset_probe_periods(),
                 ConfigChange::UpstreamTls => self.prober.use_tls(self.upstream.tls.clone()),
                 ConfigChange::ReplicaCount { to, .. } => scale_to = Some(to),
+                ConfigChange::Autoscale => autoscale_edited = true,
                 ConfigChange::ReplicaSpec { keys } => {
                     self.app = Arc::new(AppSpec::from_config(&self.config.provider));
                     self.spec_generation += 1;
@@ -178,7 +181,6 @@ impl Controller {
                 | ConfigChange::Admin
                 | ConfigChange::Log
                 | ConfigChange::Tunnels
-                | ConfigChange::Autoscale
                 | ConfigChange::Tls
                 | ConfigChange::ProviderTiming => {}
             }
@@ -187,6 +189,12 @@ impl Controller {
         // Scaling first: a replica it starts runs the new spec already.
         if let Some(n) = scale_to {
             self.scale_to(n);
+        }
+        // `[autoscale]` turned off while it had scaled to zero: N is replicas.count again. No
+        // request is held from now on: until those replicas serve, the usual 503.
+        if autoscale_edited && scale_to.is_none() && was_zeroed && !self.config.autoscale.enabled {
+            self.scale_to(self.config.replicas.count);
+            self.publish();
         }
         if let Some(reason) = roll {
             self.begin_roll(reason);

@@ -295,35 +295,68 @@ impl Controller {
     /// each decide alone (agreeing through the record is not built yet; `ringgate check`
     /// refuses the combination).
     pub(super) fn autoscale_tick(&mut self, now: Instant) {
-        let config = self.config.clone();
-        let cfg = &config.autoscale;
-        if !cfg.enabled || !self.mode.starts_replicas() || self.authority.is_shared() {
+        if !self.autoscales() {
             self.metrics.autoscale_desired.store(0, Ordering::Relaxed);
             return;
         }
-        let members = self.membership.member_ids();
-        let n = u32::try_from(members.len()).unwrap_or(u32::MAX);
-        // Requests in progress at a replica, and those queued for a place at one
-        // (`proxy.max_requests_per_replica`): both are load a replica more would take.
-        let in_flight: u64 = self
-            .replicas
-            .values()
-            .map(|r| {
+        let config = self.config.clone();
+        let cfg = &config.autoscale;
+        let n = u32::try_from(self.membership.member_ids().len()).unwrap_or(u32::MAX);
+        // Requests in progress at a replica, those queued for a place at one
+        // (`proxy.max_requests_per_replica`) and those held while N is 0: all are load a
+        // replica more would take.
+        let (in_flight, answered) = self.replicas.values().fold(
+            (u64::from(self.holds.now()), 0u64),
+            |(load, answered), r| {
                 let s = &r.stats;
-                u64::try_from(s.in_flight.load(Ordering::Relaxed)).unwrap_or(0)
-                    + u64::from(s.queued.load(Ordering::Relaxed))
-            })
-            .sum();
-        self.autoscaler.observe(now, in_flight, n, cfg);
-        let answered = members
+                (
+                    load + u64::try_from(s.in_flight.load(Ordering::Relaxed)).unwrap_or(0)
+                        + u64::from(s.queued.load(Ordering::Relaxed)),
+                    answered + s.answers().iter().sum::<u64>(),
+                )
+            },
+        );
+        self.autoscaler.observe(now, in_flight, answered, n, cfg);
+        let answered = self
+            .membership
+            .member_ids()
             .iter()
             .filter_map(|&id| Some((id, self.replicas.get(&id)?.stats.answers().iter().sum())))
             .collect();
         self.recent_load.observe(now, cfg.stable_window, answered);
+        self.autoscale_decide(now);
+    }
+
+    /// Whether the autoscaler decides N: `[autoscale]` on, replicas this gateway starts, the
+    /// local authority.
+    fn autoscales(&self) -> bool {
+        self.config.autoscale.enabled && self.mode.starts_replicas() && !self.authority.is_shared()
+    }
+
+    /// A request is held at N = 0 (`Command::Wake`): the autoscaler decides at once rather
+    /// than at the next tick, and brings N back to at least 1.
+    pub(super) fn wake(&mut self) {
+        if !self.autoscales() || !self.zeroed || self.membership.desired() > 0 {
+            return;
+        }
+        let now = Instant::now();
+        self.autoscaler.wake(now);
+        tracing::info!(
+            held = self.holds.now(),
+            "a request is held at zero replicas: waking up"
+        );
+        self.autoscale_decide(now);
+    }
+
+    /// Asks the autoscaler for a decision now and carries it out.
+    fn autoscale_decide(&mut self, now: Instant) {
+        let config = self.config.clone();
+        let cfg = &config.autoscale;
         // An /add not committed yet: its replicas are not members, so N would be read short.
         if !self.add_ops.is_empty() {
             return;
         }
+        let n = u32::try_from(self.membership.member_ids().len()).unwrap_or(u32::MAX);
         let d = self.autoscaler.decide(now, n, cfg);
         self.metrics
             .autoscale_desired
@@ -354,7 +387,17 @@ impl Controller {
             Direction::Down => {
                 self.metrics.autoscale_down.fetch_add(1, Ordering::Relaxed);
                 let ids = self.least_loaded_members((d.from - d.to) as usize);
-                if config.health.slow_start.is_zero() {
+                if d.to == 0 {
+                    // Scale to zero: no next owner to hand keys to, so no slow stop; from
+                    // now on a request waits for a replica instead of getting a 503.
+                    tracing::info!(
+                        idle_to_zero_ms = cfg.idle_to_zero.as_millis() as u64,
+                        "no request for idle_to_zero: scaling to zero"
+                    );
+                    self.zeroed = true;
+                    let (reply, _) = oneshot::channel();
+                    self.drain_and_stop(ids, reply);
+                } else if config.health.slow_start.is_zero() {
                     let (reply, _) = oneshot::channel();
                     self.drain_and_stop(ids, reply);
                 } else {

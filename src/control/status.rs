@@ -114,6 +114,19 @@ struct AutoscaleStatus<'a> {
     panic_window_ms: u64,
     scale_down_delay_ms: u64,
     max_step: u32,
+    /// Scale to zero: the idle window (0: off) and the hold's bounds.
+    idle_to_zero_ms: u64,
+    hold_max: u32,
+    hold_timeout_ms: u64,
+    /// N was taken to zero and no replica serves yet: requests are held.
+    scaled_to_zero: bool,
+    /// Requests held now, held so far, and refused (past hold_max, past hold_timeout).
+    held_now: u32,
+    held_total: u64,
+    hold_refused_full: u64,
+    hold_refused_timeout: u64,
+    /// How long held requests waited, in all (ms).
+    hold_wait_ms_total: f64,
     /// N the autoscaler asks for (0 while it is off).
     desired: u64,
     /// The last decision that moved N, with the figures it was made from.
@@ -293,6 +306,7 @@ fn millis(d: std::time::Duration) -> u64 {
 impl Controller {
     fn autoscale_status(&self, now: Instant) -> AutoscaleStatus<'_> {
         let a = &self.config.autoscale;
+        let m = &self.metrics;
         let points: Vec<_> = self.autoscaler.history().collect();
         // Sampled from the newest back, so the newest point is always shown.
         let mut history: Vec<HistoryPoint> = points
@@ -315,6 +329,15 @@ impl Controller {
             panic_window_ms: millis(a.panic_window),
             scale_down_delay_ms: millis(a.scale_down_delay),
             max_step: a.max_step,
+            idle_to_zero_ms: millis(a.idle_to_zero),
+            hold_max: a.hold_max,
+            hold_timeout_ms: millis(a.hold_timeout),
+            scaled_to_zero: self.zeroed,
+            held_now: self.holds.now(),
+            held_total: m.autoscale_held.load(Ordering::Relaxed),
+            hold_refused_full: m.autoscale_hold_full.load(Ordering::Relaxed),
+            hold_refused_timeout: m.autoscale_hold_timeouts.load(Ordering::Relaxed),
+            hold_wait_ms_total: m.autoscale_hold_wait.sum().as_secs_f64() * 1000.0,
             desired: self.metrics.autoscale_desired.load(Ordering::Relaxed),
             last_decision: self.autoscaler.last(),
             history,

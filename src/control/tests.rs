@@ -1124,6 +1124,7 @@ async fn autoscale_follows_in_flight_and_removes_the_least_loaded_replica() {
         panic_window: Duration::from_secs(4),
         scale_down_delay: Duration::from_secs(30),
         max_step: 2,
+        ..Default::default()
     };
     let h = Harness::start(c, world.clone(), events);
     h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
@@ -1214,6 +1215,7 @@ async fn with_slow_start_the_autoscaler_stops_a_replica_slowly() {
         panic_window: Duration::from_secs(2),
         scale_down_delay: Duration::from_secs(10),
         max_step: 1,
+        ..Default::default()
     };
     let h = Harness::start(c, world.clone(), events);
     h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
@@ -1283,4 +1285,100 @@ async fn a_retiring_replica_that_dies_hands_its_keys_over_at_once() {
         "{status}"
     );
     assert_eq!(world.spawns_of(&name).len(), 1, "not replaced");
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_scales_to_zero_asleep_and_a_wake_brings_one_replica_back() {
+    let (world, events) = World::new(true);
+    let mut c = config(2);
+    c.autoscale = crate::config::AutoscaleConfig {
+        enabled: true,
+        min: 0,
+        max: 3,
+        idle_to_zero: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let h = Harness::start(c, world.clone(), events);
+    h.until(SETTLE, "two up", |h| h.in_ring().len() == 2).await;
+    assert!(!h.snapshot().asleep);
+    // No request for idle_to_zero: both go at once, and the snapshot says asleep.
+    h.until(Duration::from_secs(12), "N = 0", |h| {
+        h.snapshot().members.is_empty() && h.snapshot().asleep
+    })
+    .await;
+    h.until(SETTLE, "both stopped", |h| h.world.running().is_empty())
+        .await;
+    let status = h.handle.status().await.expect("status");
+    assert_eq!(status["autoscale"]["scaled_to_zero"], true, "{status:#}");
+    assert_eq!(status["autoscale"]["last_decision"]["to"], 0);
+    // Nothing comes: it stays there.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(h.snapshot().members.is_empty() && h.snapshot().asleep);
+    // A held request's hint: one replica starts, and once it serves the snapshot is awake.
+    let published = h.snapshot().holds.clone();
+    let notified = published.published.notified();
+    h.handle.wake();
+    h.until(SETTLE, "one serves", |h| h.in_ring().len() == 1)
+        .await;
+    tokio::time::timeout(SETTLE, notified)
+        .await
+        .expect("held requests are told of the publish");
+    let snap = h.snapshot();
+    assert!(!snap.asleep);
+    assert_eq!(snap.members.len(), 1, "one replica, not the old two");
+    let status = h.handle.status().await.expect("status");
+    assert_eq!(status["autoscale"]["last_decision"]["direction"], "up");
+    assert_eq!(status["autoscale"]["scaled_to_zero"], false);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replicas_down_are_not_asleep_and_a_wake_then_changes_nothing() {
+    let (world, events) = World::new(true);
+    let mut c = config(1);
+    c.autoscale = crate::config::AutoscaleConfig {
+        enabled: true,
+        min: 0,
+        max: 3,
+        idle_to_zero: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let h = Harness::start(c, world.clone(), events);
+    h.until(SETTLE, "one up", |h| h.in_ring().len() == 1).await;
+    world.set_healthy("server-1", false);
+    h.until(SETTLE, "out of the ring", |h| h.in_ring().is_empty())
+        .await;
+    let snap = h.snapshot();
+    assert!(!snap.asleep, "down is a 503, not a hold");
+    h.handle.wake();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.snapshot().members.len(), 1, "a wake-up only from zero");
+}
+
+#[tokio::test(start_paused = true)]
+async fn autoscale_turned_off_at_zero_brings_replicas_count_back() {
+    let (world, events) = World::new(true);
+    let mut c = config(2);
+    c.autoscale = crate::config::AutoscaleConfig {
+        enabled: true,
+        min: 0,
+        max: 3,
+        idle_to_zero: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let h = Harness::start(c.clone(), world, events);
+    h.until(SETTLE, "N = 0", |h| {
+        h.snapshot().members.is_empty() && h.snapshot().asleep
+    })
+    .await;
+    c.autoscale.enabled = false;
+    assert!(
+        h.handle
+            .send(super::Command::Reload {
+                config: Box::new(c),
+            })
+            .await
+    );
+    h.until(SETTLE, "replicas.count serving", |h| h.in_ring().len() == 2)
+        .await;
+    assert!(!h.snapshot().asleep);
 }

@@ -6,10 +6,13 @@
 //! says whose it was: the replica's, the client's or the gateway's), each followed by the
 //! [`retry`] decision (pure, on that failure) and the next distinct server clockwise, within
 //! the retry budget; the last failure becomes the client's answer. The body is held in
-//! [`body`] so an attempt that did not read it leaves it for the next.
+//! [`body`] so an attempt that did not read it leaves it for the next. Before all of it, a
+//! request that finds N scaled to zero is held (`hold`) until a snapshot with a replica is
+//! published, and goes on with that one.
 //! Must not touch: shared mutable state. It loads one [`Snapshot`] and uses it to the end; it
 //! takes no lock (the only mutex is the per-request body slot, which no other request sees); it
-//! reports failed connects to the controller with a non-blocking hint.
+//! reports failed connects (and a request held at zero) to the controller with a non-blocking
+//! hint.
 
 // The request path is read more than it is written: no function in it longer than 100 lines
 // (clippy's default threshold), checked by `make lint`.
@@ -18,6 +21,7 @@
 mod attempt;
 pub mod body;
 pub mod failure;
+mod hold;
 pub mod retry;
 pub mod route;
 pub mod stream;
@@ -61,6 +65,8 @@ pub struct Gateway<'a> {
     pub metrics: &'a Arc<Metrics>,
     pub controller: &'a ControllerHandle,
     pub tunnels: &'a Arc<Tunnels>,
+    /// The published snapshot, for a request held while N is 0 to see the next one.
+    pub shared: &'a crate::snapshot::Shared,
 }
 
 /// Forwards one request and returns the replica's response, or the gateway's failure response.
@@ -77,28 +83,41 @@ pub async fn forward(
     let _active = retry::Active::enter();
     let metrics = gateway.metrics;
     let grpc = crate::grpc::is_grpc(req.headers());
+    // Scaled to zero: held until a replica serves (or refused past the hold's bounds).
+    let woken = match snap.asleep {
+        true => match hold::wait(snap, gateway, outcome).await {
+            Ok(now) => Some(now),
+            Err(e) => return fail(e, grpc, metrics, outcome),
+        },
+        false => None,
+    };
+    let snap: &Snapshot = woken.as_ref().map_or(snap, |now| &***now);
     match try_forward(snap, gateway, req, client, client_addr, outcome).await {
         Ok(resp) => resp,
-        Err(e) => {
-            outcome.termination = Some(Termination::of(&e, outcome.connect_failed));
-            metrics.local_errors.fetch_add(1, Ordering::Relaxed);
-            let counter = match e {
-                GatewayError::LocalResource { .. } => Some(&metrics.local_resource_errors),
-                GatewayError::ClientBody { .. } | GatewayError::ClientBodyTimeout { .. } => {
-                    Some(&metrics.client_body_errors)
-                }
-                _ => None,
-            };
-            if let Some(c) = counter {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-            if grpc {
-                // A gRPC client reads a status, not an HTTP error.
-                return e.into_grpc_response();
-            }
-            e.into_response()
-        }
+        Err(e) => fail(e, grpc, metrics, outcome),
     }
+}
+
+/// The gateway's own answer for `e`: counted, told to the access log, as JSON or (for a gRPC
+/// call) as a gRPC status.
+fn fail(e: GatewayError, grpc: bool, metrics: &Metrics, outcome: &mut Outcome) -> Response<Body> {
+    outcome.termination = Some(Termination::of(&e, outcome.connect_failed));
+    metrics.local_errors.fetch_add(1, Ordering::Relaxed);
+    let counter = match e {
+        GatewayError::LocalResource { .. } => Some(&metrics.local_resource_errors),
+        GatewayError::ClientBody { .. } | GatewayError::ClientBodyTimeout { .. } => {
+            Some(&metrics.client_body_errors)
+        }
+        _ => None,
+    };
+    if let Some(c) = counter {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    if grpc {
+        // A gRPC client reads a status, not an HTTP error.
+        return e.into_grpc_response();
+    }
+    e.into_response()
 }
 
 async fn try_forward(

@@ -455,7 +455,11 @@ function renderAutoscale(status) {
   });
   const bounds = [a.min, a.max].map((b) => svg("line", { class: "bound", x1: 0, x2: W, y1: y(b), y2: y(b) }));
   chart.replaceChildren(...bounds, line("f", (p) => p.in_flight / a.target_in_flight), line("n", (p) => p.n));
-  $("#autoscale-sub").textContent = `N ${a.min}–${a.max}, target ${a.target_in_flight} in flight per replica, asks for ${a.desired} · last ${Math.round(span / 60)} min`;
+  // Scale to zero: the idle window, whether it sleeps now, and the requests it held.
+  const zero = a.idle_to_zero_ms > 0 && a.min === 0
+    ? ` · to zero after ${fmtDuration(a.idle_to_zero_ms)} idle${a.scaled_to_zero ? " (asleep now)" : ""}, held ${a.held_total} (${a.held_now} now, ${a.hold_refused_full + a.hold_refused_timeout} refused)`
+    : "";
+  $("#autoscale-sub").textContent = `N ${a.min}–${a.max}, target ${a.target_in_flight} in flight per replica, asks for ${a.desired} · last ${Math.round(span / 60)} min${zero}`;
   const d = a.last_decision;
   $("#autoscale-decision").textContent = d
     ? `last move ${d.direction} ${d.from} → ${d.to} (in flight ${d.stable_in_flight.toFixed(1)} over ${fmtDuration(a.stable_window_ms)}, ${d.panic_in_flight.toFixed(1)} over ${fmtDuration(a.panic_window_ms)}${d.panicking ? ", panicking" : ""})`

@@ -20,6 +20,7 @@ fn record() -> Record<'static> {
         status: 200,
         bytes: 63,
         bytes_up: None,
+        held: None,
         duration: Duration::from_micros(412),
         upstream: Some(Duration::from_micros(281)),
         replica: Some("server-1"),
