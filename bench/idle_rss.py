@@ -17,9 +17,6 @@ import sys
 
 from proxies_rss import PORT, compare, raise_nofile
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
-
-
 def read_response(s):
     """Reads one whole response with a `Content-Length` (the backends' `/home`)."""
     got = b""
@@ -45,10 +42,10 @@ def read_response(s):
         body += chunk
 
 
-def open_idle(n, first_id=0):
-    """n keep-alive connections through the proxy on PORT, each served one request; returns them."""
+def open_idle(n, first_id=0, batch=200):
+    """n keep-alive connections through the proxy on PORT, each served one request (`batch`
+    requests sent at a time); returns them."""
     socks = []
-    batch = 200
     for start_i in range(0, n, batch):
         group = []
         for i in range(start_i, min(n, start_i + batch)):
@@ -63,6 +60,7 @@ def open_idle(n, first_id=0):
 
 
 if __name__ == "__main__":
+    N = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
     if N + 300 > raise_nofile():
         sys.exit(f"{N} connections need {N + 300} descriptors in this process; the hard limit is too low")
     compare("keep-alive", N, open_idle, "idle keep-alive connection")

@@ -19,9 +19,6 @@ import sys
 
 from proxies_rss import PORT, compare, raise_nofile
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 9000
-
-
 def frame(text):
     """A masked client text frame."""
     data = text.encode()
@@ -66,6 +63,7 @@ def open_tunnels(n, first_id=0):
 
 
 if __name__ == "__main__":
+    N = int(sys.argv[1]) if len(sys.argv) > 1 else 9000
     if N + 200 > raise_nofile():
         sys.exit(f"{N} tunnels need {N + 200} descriptors in this process; the hard limit is too low")
     compare("tunnels", N, open_tunnels, "open idle tunnel")
