@@ -172,7 +172,7 @@ def compare(kind, n, open_fn, unit):
         per = (after - before) / n
         for s in socks + warm:
             s.close()
-        print(f"  {name:<10} RSS {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB with {n} more "
+        print(f"  {name:<17} RSS {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB with {n} more "
               f"{unit}s: {per:5.2f} KiB per {unit}", flush=True)
         time.sleep(1)
         return per
@@ -186,22 +186,27 @@ def compare(kind, n, open_fn, unit):
             wait_port(port)
         taskset = ["taskset", "-c", "0"] if shutil.which("taskset") else []
 
-        # ringgate: static provider, one serving thread.
-        conf = os.path.join(tmp, "lb.toml")
-        with open(conf, "w") as f:
-            f.write(ringgate_conf(tmp, kind, n))
-        log = os.path.join(tmp, "ringgate.log")
-        gw = subprocess.Popen(taskset + [GW, "serve", "--config", conf], stdout=subprocess.DEVNULL,
-                              stderr=open(log, "w"))
-        procs.append(gw)
-        wait_port(PORT)
-        time.sleep(2)
-        try:
-            results["ringgate"] = measure("ringgate", lambda: [gw.pid])
-        except BaseException:
-            print(open(log).read()[-3000:])
-            raise
-        stop(gw)
+        # ringgate: static provider, one serving thread; RINGGATE_BEFORE_BIN adds a second
+        # build (e.g. main's) to the same run, as "ringgate (before)".
+        builds = [("ringgate", GW)]
+        if os.environ.get("RINGGATE_BEFORE_BIN"):
+            builds.insert(0, ("ringgate (before)", os.environ["RINGGATE_BEFORE_BIN"]))
+        for name, gw_bin in builds:
+            conf = os.path.join(tmp, "lb.toml")
+            with open(conf, "w") as f:
+                f.write(ringgate_conf(tmp, kind, n))
+            log = os.path.join(tmp, "ringgate.log")
+            gw = subprocess.Popen(taskset + [gw_bin, "serve", "--config", conf],
+                                  stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+            procs.append(gw)
+            wait_port(PORT)
+            time.sleep(2)
+            try:
+                results[name] = measure(name, lambda: [gw.pid])
+            except BaseException:
+                print(open(log).read()[-3000:])
+                raise
+            stop(gw)
 
         nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
         if nginx and os.environ.get("PEERS", "1") != "0":

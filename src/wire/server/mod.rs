@@ -10,7 +10,9 @@
 //! or close it (on `Connection: close`, HTTP/1.0 without keep-alive, a body not read whole, a
 //! drain). Pipelined requests are answered in order. A malformed or oversized head is answered
 //! with its status and the connection closed. No dispatcher, no channel for a request without
-//! a body, no timer armed per request, no header map built twice.
+//! a body, no timer armed per request, no header map built twice. An idle connection holds no
+//! read buffer and none of a request's state: a request runs in `exchange`, boxed while it
+//! runs.
 //! Must not touch: what a request means (the handler) or which connections are admitted (the
 //! listener); the wire formats are [`request`], [`response`], [`crate::wire::framing`] and
 //! [`crate::wire::fields`]'.
@@ -64,7 +66,7 @@ pub struct Settings {
 /// What an idle connection holds is kept small (issue 29): no read buffer (a head is read into
 /// the stack and only a head in progress is kept, [`Reader::poll_head`]), no write buffer, and
 /// this loop's own state; everything a request needs, its handler's future included, is in
-/// [`exchange`]'s, boxed while the request runs.
+/// `exchange`'s, boxed while the request runs.
 pub async fn serve<F, Fut>(
     io: Transport,
     first: &[u8],
