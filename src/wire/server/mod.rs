@@ -105,13 +105,12 @@ pub async fn serve<F, Fut>(
             // Boxed, as rare: its response's state is not kept in every idle connection's task.
             Err(e) => return Box::pin(refuse_head(&mut write, e, metrics)).await,
         };
-        let exchanged = Box::pin(exchange(
-            head,
-            reader,
-            &mut write,
-            &settings,
-            &drain,
-            &mut handle,
+        // The box is allocated before the request's future is made, so that the future can be
+        // made in it rather than made aside and copied in (7 KiB, every request).
+        let slot = Box::new_uninit();
+        let exchanged = Box::into_pin(Box::write(
+            slot,
+            exchange(head, reader, &mut write, &settings, &drain, &mut handle),
         ))
         .await;
         reader = match exchanged {
