@@ -25,7 +25,7 @@ bench-idle: build
 	bench/deps.sh proxies
 	python3 bench/idle_rss.py 10000
 
-## bench-idle-profile: where an idle keep-alive connection's bytes go: ringgate under valgrind's DHAT holding 2,200 idle connections, its heap at the peak by allocation site, per connection (needs valgrind; the table is also left in dhat-idle.json for dh_view)
+## bench-idle-profile: where an idle keep-alive connection's bytes go: ringgate under valgrind's DHAT holding 2,200 idle connections, its heap at the peak by allocation site, per connection (needs valgrind; the profile is left in target/dhat-idle.json for dh_view)
 bench-idle-profile: build
 	python3 bench/idle_profile.py 2000
 

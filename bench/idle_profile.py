@@ -22,7 +22,7 @@ import tempfile
 import time
 
 from idle_rss import open_idle
-from proxies_rss import BACKENDS, GW, PORT, SERVER, WARM_UP, raise_nofile, ringgate_conf, wait_port
+from proxies_rss import BACKENDS, GW, PORT, ROOT, SERVER, WARM_UP, raise_nofile, ringgate_conf, wait_port
 
 OURS = ("ringgate::",)
 LIBS = ("tokio::", "hyper::", "bytes::", "h2::", "tokio_util::", "alloc::", "std::")
@@ -62,7 +62,7 @@ def main():
         report(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2000 + WARM_UP)
         return
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-    out = sys.argv[2] if len(sys.argv) > 2 else os.path.abspath("dhat-idle.json")
+    out = sys.argv[2] if len(sys.argv) > 2 else os.path.join(ROOT, "target", "dhat-idle.json")
     raise_nofile()
     tmp = tempfile.mkdtemp(prefix="ringgate-dhat-")
     procs = []
