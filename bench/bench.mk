@@ -2,7 +2,7 @@
 # (bench/lab, binary `ringgate-lab`), which starts the release gateway binaries
 # target/release/ringgate and target/release/ringgate-server.
 
-.PHONY: analysis bench bench-micro bench-rss bench-flood bench-log bench-streams bench-tunnels bench-h2
+.PHONY: analysis bench bench-micro bench-rss bench-idle bench-idle-profile bench-flood bench-log bench-streams bench-tunnels bench-h2
 
 ## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in docs/img/ (committed), report in docs/performance.md
 analysis:
@@ -19,6 +19,15 @@ bench-micro:
 ## bench-rss: gateway memory with 1,000 open client connections (DESIGN target: RSS < 30 MB)
 bench-rss: build
 	python3 bench/rss.py 1000
+
+## bench-idle: RSS per idle keep-alive client connection (10,000 connections, one request each) through ringgate, NGINX and HAProxy, one worker each, the same three backends (PEERS=0: ringgate alone)
+bench-idle: build
+	bench/deps.sh proxies
+	python3 bench/idle_rss.py 10000
+
+## bench-idle-profile: where an idle keep-alive connection's bytes go: ringgate under valgrind's DHAT holding 2,200 idle connections, its heap at the peak by allocation site, per connection (needs valgrind; the profile is left in target/dhat-idle.json for dh_view)
+bench-idle-profile: build
+	python3 bench/idle_profile.py 2000
 
 ## bench-tunnels: RSS per open idle WebSocket tunnel (9,000 tunnels, two descriptors each) through ringgate, NGINX and HAProxy, one worker each, the same three backends
 bench-tunnels: build

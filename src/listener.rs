@@ -431,48 +431,8 @@ impl Serving {
         let stream = SendTimeout::new(stream, proxy.send_timeout, service.metrics.clone());
         match protocol {
             Sniffed::Http2 if !matches!(requests, Requests::RefusedPlainOnTls { .. }) => {
-                let activity = Arc::new(Activity::default());
-                let mut stream = stream;
-                stream.count_written(activity.written());
-                let io = TokioIo::new(Prefixed {
-                    prefix: first,
-                    stream,
-                });
-                let handler = {
-                    let (activity, admitted) = (activity.clone(), self.admitted.clone());
-                    hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (service, stream) = (service.clone(), activity.open_stream());
-                        let admitted = admitted.clone();
-                        async move {
-                            let req = req.map(RequestBody::http2);
-                            let resp = answer(&service, req, &admitted, client, requests).await;
-                            if resp.extensions().get::<RefusedStream>().is_some() {
-                                // Not processed at all: the client may retry it at once.
-                                return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
-                            }
-                            Ok(resp.map(|inner| Body::boxed(StreamBody::new(inner, stream))))
-                        }
-                    })
-                };
-                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                builder
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(Some(proxy.http2_keepalive))
-                    .keep_alive_timeout(proxy.http2_keepalive)
-                    .max_concurrent_streams(proxy.http2_max_streams);
-                let conn = Box::pin(builder.serve_connection(io, handler));
-                let metrics = &self.service.metrics;
-                let idle = http2::idle_for(activity.clone(), proxy.idle_timeout, metrics.clone());
-                let stalled = http2::stalled(activity, proxy.send_timeout, metrics.clone());
-                drive!(
-                    conn,
-                    self.drain,
-                    idle,
-                    stalled,
-                    proxy.send_timeout,
-                    metrics,
-                    client
-                );
+                // Boxed: an HTTP/1 connection's task keeps no room for HTTP/2's state.
+                Box::pin(self.serve_h2(stream, first, requests)).await;
             }
             Sniffed::Http2 => {} // an HTTP/2 preface in cleartext on the TLS port: closed
             Sniffed::Http1 | Sniffed::Undecided => {
@@ -496,6 +456,57 @@ impl Serving {
                 .await;
             }
         }
+    }
+
+    /// HTTP/2 on `stream`, whose first bytes were read into `first`, through hyper.
+    async fn serve_h2<S>(self, stream: SendTimeout<S>, first: Prefix, requests: Requests)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (service, client) = (self.service.clone(), self.client);
+        let proxy = &self.config.proxy;
+        let activity = Arc::new(Activity::default());
+        let mut stream = stream;
+        stream.count_written(activity.written());
+        let io = TokioIo::new(Prefixed {
+            prefix: first,
+            stream,
+        });
+        let handler = {
+            let (activity, admitted) = (activity.clone(), self.admitted.clone());
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (service, stream) = (service.clone(), activity.open_stream());
+                let admitted = admitted.clone();
+                async move {
+                    let req = req.map(RequestBody::http2);
+                    let resp = answer(&service, req, &admitted, client, requests).await;
+                    if resp.extensions().get::<RefusedStream>().is_some() {
+                        // Not processed at all: the client may retry it at once.
+                        return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+                    }
+                    Ok(resp.map(|inner| Body::boxed(StreamBody::new(inner, stream))))
+                }
+            })
+        };
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(proxy.http2_keepalive))
+            .keep_alive_timeout(proxy.http2_keepalive)
+            .max_concurrent_streams(proxy.http2_max_streams);
+        let conn = Box::pin(builder.serve_connection(io, handler));
+        let metrics = &self.service.metrics;
+        let idle = http2::idle_for(activity.clone(), proxy.idle_timeout, metrics.clone());
+        let stalled = http2::stalled(activity, proxy.send_timeout, metrics.clone());
+        drive!(
+            conn,
+            self.drain,
+            idle,
+            stalled,
+            proxy.send_timeout,
+            metrics,
+            client
+        );
     }
 }
 

@@ -252,6 +252,16 @@ async fn an_http1_request_over_its_address_budget_gets_503_with_retry_after() {
     let mut head = [0u8; 9];
     upload.read_exact(&mut head).await.expect("an answer");
     assert_eq!(&head, b"HTTP/1.1 ", "the replica's answer to the upload");
+    // The place comes back when the answer's body is done with, which may be a moment after
+    // its first bytes reached the client.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&gw.metrics().await, "ringgate_requests_in_flight") > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the upload's place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (code, _) = raw(
         gw.addr,
         b"GET /home?id=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",

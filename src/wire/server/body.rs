@@ -8,6 +8,7 @@
 //! Must not touch: what the body carries; the framing rules are [`super::framing`]'s.
 
 use std::future::Future;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -22,6 +23,8 @@ use crate::wire::framing::{BodyFraming, Decoder, ReadError, Source};
 
 /// Largest read of a request body at a time.
 const READ_CHUNK: usize = 16 * 1024;
+/// Largest read of a request head at a time (into the stack): a typical head in one read.
+const HEAD_LANDING: usize = 4 * 1024;
 
 /// The read side of a client connection and what was read from it and not used yet.
 pub struct Reader {
@@ -38,6 +41,17 @@ impl Reader {
         }
         // `read_buf` keeps no state between polls: a fresh one per poll is the same read.
         std::pin::pin!(self.io.read_buf(&mut self.buf)).poll(cx)
+    }
+
+    /// Reads the next bytes of a request head: into the stack, then only what came is kept in
+    /// the buffer. An idle connection so holds no buffer while it waits (an empty one has no
+    /// allocation), and one that sent part of a head holds that part.
+    pub fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let mut landing = [MaybeUninit::<u8>::uninit(); HEAD_LANDING];
+        let mut read = ReadBuf::uninit(&mut landing);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut read))?;
+        self.buf.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
     }
 
     /// Watches the connection while a request is served: `Ok(0)` when the client closed it, and

@@ -10,7 +10,9 @@
 //! or close it (on `Connection: close`, HTTP/1.0 without keep-alive, a body not read whole, a
 //! drain). Pipelined requests are answered in order. A malformed or oversized head is answered
 //! with its status and the connection closed. No dispatcher, no channel for a request without
-//! a body, no timer armed per request, no header map built twice.
+//! a body, no timer armed per request, no header map built twice. An idle connection holds no
+//! read buffer and none of a request's state: a request runs in `exchange`, boxed while it
+//! runs.
 //! Must not touch: what a request means (the handler) or which connections are admitted (the
 //! listener); the wire formats are [`request`], [`response`], [`crate::wire::framing`] and
 //! [`crate::wire::fields`]'.
@@ -56,14 +58,15 @@ pub struct Settings {
     pub keep_alive: bool,
 }
 
-/// Room made in the read buffer before a read of a request head: a typical head fits, and an
-/// idle connection holds no more than this.
-const HEAD_READ: usize = 2 * 1024;
-
 /// Serves the HTTP/1 connection `io`, whose first bytes (read to tell its protocol) are
 /// `first`, with `handle` answering each request, until the client closes it, it idles past
 /// `proxy.header_read_timeout`, or `drain` turns true (then the response in progress is
 /// finished and the connection closed).
+///
+/// What an idle connection holds is kept small (issue 29): no read buffer (a head is read into
+/// the stack and only a head in progress is kept, [`Reader::poll_head`]), no write buffer, and
+/// this loop's own state; everything a request needs, its handler's future included, is in
+/// `exchange`'s, boxed while the request runs.
 pub async fn serve<F, Fut>(
     io: Transport,
     first: &[u8],
@@ -76,9 +79,10 @@ pub async fn serve<F, Fut>(
     Fut: Future<Output = Response<Body>>,
 {
     let (read, mut write) = tokio::io::split(io);
-    let mut buf = BytesMut::with_capacity(HEAD_READ.max(first.len()));
-    buf.extend_from_slice(first);
-    let mut reader = Reader { io: read, buf };
+    let mut reader = Reader {
+        io: read,
+        buf: BytesMut::from(first),
+    };
     // One timer for the connection's life, moved on only when it fires (a deadline moved later
     // costs nothing until then): no timer is armed or dropped per request.
     let mut deadline = settings.first_head_by;
@@ -98,76 +102,141 @@ pub async fn serve<F, Fut>(
                 counter.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Err(e) => return refuse_head(&mut write, e, metrics).await,
+            // Boxed, as rare: its response's state is not kept in every idle connection's task.
+            Err(e) => return Box::pin(refuse_head(&mut write, e, metrics)).await,
         };
-        let RequestHead {
-            mut parts,
-            framing,
-            keep_alive,
-            expect_continue,
-        } = head;
-        let (method, version) = (parts.method.clone(), parts.version);
-        let trailers = accepts_trailers(&parts.headers);
-        let switch = offer_upgrade(&mut parts);
-        let (body, mut watched, mut back, mut go) = lend(reader, framing, expect_continue);
-        let answer = handle(Request::from_parts(parts, body));
-        tokio::pin!(answer);
-        let resp = loop {
-            tokio::select! {
-                biased;
-                resp = &mut answer => break resp,
-                go_on = wait(&mut go) => {
-                    go = None;
-                    if go_on && write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
-                        return;
-                    }
-                }
-                // A client that goes away takes its request with it; bytes that come meanwhile
-                // are its next (pipelined) request, kept up to the head limit.
-                filled = watch_client(&mut watched), if watched.as_ref().is_some_and(|r| r.buf.len() < MAX_HEAD) => {
-                    if !matches!(filled, Ok(1..)) {
-                        return;
-                    }
-                }
-            }
-        };
-        // The body's read side, if the body is done with it by now.
-        let mut incomplete = false;
-        if let Some(returned) = back.as_mut().and_then(|rx| rx.try_recv().ok()) {
-            back = None;
-            incomplete = !returned.complete;
-            watched = Some(returned.reader);
-        }
-        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            return hand_over(write, watched.filter(|_| back.is_none()), resp, switch).await;
-        }
-        let keep = keep_alive && settings.keep_alive && !incomplete && !*drain.borrow();
-        let asked = Asked {
-            method: &method,
-            version,
-            trailers,
-        };
-        let kept = respond(&mut write, resp, &asked, keep, &mut watched).await;
-        if let Some(back) = back {
-            // The body is still being read (the proxy reads a refused body out so the client
-            // sees the answer): its connection goes on only once it is read whole.
-            watched = match tokio::time::timeout(settings.header_read_timeout, back).await {
-                Ok(Ok(Returned {
+        // The box is allocated before the request's future is made, so that the future can be
+        // made in it rather than made aside and copied in (7 KiB, every request).
+        let slot = Box::new_uninit();
+        let exchanged = Box::into_pin(Box::write(
+            slot,
+            exchange(head, reader, &mut write, &settings, &drain, &mut handle),
+        ))
+        .await;
+        reader = match exchanged {
+            Next::Request(next) => next,
+            Next::Close => return,
+            Next::Upgrade(upgrade) => {
+                let Upgrade {
                     reader,
-                    complete: true,
-                })) => Some(reader),
-                _ => None,
-            };
-        }
-        match watched {
-            Some(next) if kept => reader = next,
-            _ => {
-                let _ = write.shutdown().await;
-                return;
+                    resp,
+                    switch,
+                } = *upgrade;
+                return Box::pin(hand_over(write, reader, resp, switch)).await;
             }
+        };
+        if reader.buf.is_empty() {
+            // Nothing of a next request came: the connection idles without a buffer.
+            reader.buf = BytesMut::new();
         }
         served += 1;
         deadline = Instant::now() + settings.header_read_timeout;
+    }
+}
+
+/// How a connection goes on after a request.
+enum Next {
+    /// With its next request, read from this.
+    Request(Reader),
+    /// Closed (or to be closed: nothing more is read or written on it).
+    Close,
+    /// Handed over after a `101`, boxed (rare).
+    Upgrade(Box<Upgrade>),
+}
+
+/// A `101` and what is needed to write it and hand the connection over.
+struct Upgrade {
+    reader: Option<Reader>,
+    resp: Response<Body>,
+    switch: Option<oneshot::Sender<upgrade::Upgraded>>,
+}
+
+/// One request on the connection, from its parsed head to its response's end: hands it to
+/// `handle` while watching the client (a client that goes away cancels its request), sends
+/// `100 Continue` when the body is first read, writes the response, and says whether the
+/// connection carries another request.
+async fn exchange<F, Fut>(
+    head: RequestHead,
+    reader: Reader,
+    write: &mut WriteHalf<Transport>,
+    settings: &Settings,
+    drain: &watch::Receiver<bool>,
+    handle: &mut F,
+) -> Next
+where
+    F: FnMut(Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Response<Body>>,
+{
+    let RequestHead {
+        mut parts,
+        framing,
+        keep_alive,
+        expect_continue,
+    } = head;
+    let (method, version) = (parts.method.clone(), parts.version);
+    let trailers = accepts_trailers(&parts.headers);
+    let switch = offer_upgrade(&mut parts);
+    let (body, mut watched, mut back, mut go) = lend(reader, framing, expect_continue);
+    let answer = handle(Request::from_parts(parts, body));
+    tokio::pin!(answer);
+    let resp = loop {
+        tokio::select! {
+            biased;
+            resp = &mut answer => break resp,
+            go_on = wait(&mut go) => {
+                go = None;
+                if go_on && write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+                    return Next::Close;
+                }
+            }
+            // A client that goes away takes its request with it; bytes that come meanwhile
+            // are its next (pipelined) request, kept up to the head limit.
+            filled = watch_client(&mut watched), if watched.as_ref().is_some_and(|r| r.buf.len() < MAX_HEAD) => {
+                if !matches!(filled, Ok(1..)) {
+                    return Next::Close;
+                }
+            }
+        }
+    };
+    // The body's read side, if the body is done with it by now.
+    let mut incomplete = false;
+    if let Some(returned) = back.as_mut().and_then(|rx| rx.try_recv().ok()) {
+        back = None;
+        incomplete = !returned.complete;
+        watched = Some(returned.reader);
+    }
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        let reader = watched.filter(|_| back.is_none());
+        return Next::Upgrade(Box::new(Upgrade {
+            reader,
+            resp,
+            switch,
+        }));
+    }
+    let keep = keep_alive && settings.keep_alive && !incomplete && !*drain.borrow();
+    let asked = Asked {
+        method: &method,
+        version,
+        trailers,
+    };
+    let kept = respond(write, resp, &asked, keep, &mut watched).await;
+    if let Some(back) = back {
+        // The body is still being read (the proxy reads a refused body out so the client
+        // sees the answer): its connection goes on only once it is read whole.
+        watched = match tokio::time::timeout(settings.header_read_timeout, back).await {
+            Ok(Ok(Returned {
+                reader,
+                complete: true,
+            })) => Some(reader),
+            _ => None,
+        };
+    }
+    match watched {
+        Some(next) if kept => Next::Request(next),
+        _ => {
+            let _ = write.shutdown().await;
+            Next::Close
+        }
     }
 }
 
@@ -201,7 +270,7 @@ async fn read_head(
         }
         tokio::select! {
             biased;
-            filled = poll_fn(|cx| reader.poll_fill(cx, HEAD_READ)) => {
+            filled = poll_fn(|cx| reader.poll_head(cx)) => {
                 if !matches!(filled, Ok(1..)) {
                     return Ok(Read::Closed);
                 }

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Memory per idle keep-alive client connection: ringgate against NGINX and HAProxy, in one run.
+
+    bench/idle_rss.py [N]        (default 10000; `make bench-idle`)
+
+Three `ringgate-server` backends on loopback ports; each proxy in turn in front of them with one
+worker/thread (ringgate pinned to one CPU, so one serving thread; the static provider), hashing
+on `?id=`, every idle timeout an hour: N keep-alive client connections are opened through it,
+each makes one request (`GET /home?id=…`), reads its whole response and stays open, idle. The
+proxy's RSS (all its processes) is read from /proc before and after; the difference over N is
+the cost of one idle keep-alive connection (issue 29's first goal: at most NGINX's, at most
+1 KiB). `PEERS=0` measures ringgate alone. Loopback only; everything started is stopped on
+exit. The proxies are run by `bench/proxies_rss.py`.
+"""
+import socket
+import sys
+
+from proxies_rss import PORT, compare, raise_nofile
+
+def read_response(s):
+    """Reads one whole response with a `Content-Length` (the backends' `/home`)."""
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise SystemExit(f"closed before a whole response head: {got!r}")
+        got += chunk
+    head, body = got.split(b"\r\n\r\n", 1)
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise SystemExit(f"not a 200: {head[:300]!r}")
+    length = None
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    if length is None:
+        raise SystemExit(f"no Content-Length: {head[:300]!r}")
+    while len(body) < length:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise SystemExit("closed inside a response body")
+        body += chunk
+
+
+def open_idle(n, first_id=0, batch=200):
+    """n keep-alive connections through the proxy on PORT, each served one request (`batch`
+    requests sent at a time); returns them."""
+    socks = []
+    for start_i in range(0, n, batch):
+        group = []
+        for i in range(start_i, min(n, start_i + batch)):
+            s = socket.create_connection(("127.0.0.1", PORT))
+            s.sendall(f"GET /home?id={first_id + i} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+            group.append(s)
+        for s in group:
+            s.settimeout(10)
+            read_response(s)
+        socks.extend(group)
+    return socks
+
+
+if __name__ == "__main__":
+    N = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
+    if N + 300 > raise_nofile():
+        sys.exit(f"{N} connections need {N + 300} descriptors in this process; the hard limit is too low")
+    compare("keep-alive", N, open_idle, "idle keep-alive connection")
