@@ -225,11 +225,11 @@ async fn early_response(conn: &mut Conn, method: &Method) -> Option<head::Respon
 }
 
 /// The final response head in `buf`, once it is whole: interim responses (`100 Continue` and
-/// the like) before it are read past. A `101` is an error: the gateway strips `Upgrade`, so no
-/// forwarded request asks to switch protocols, and what follows a `101` on the connection is
-/// not HTTP/1 (relayed, it was a final response to the client, and the connection went back
-/// to the pool with the other protocol's bytes in it). The replica is blamed, the connection
-/// dropped with the error.
+/// the like) before it are read past. A `101` is the final head of a request forwarded as an
+/// upgrade (`asked_upgrade`: a tunnel follows). To any other request it is an error: what
+/// follows it on the connection is not HTTP/1 (relayed, it would be a final response to the
+/// client, and the connection would go back to the pool with the other protocol's bytes in
+/// it). The replica is blamed, the connection dropped with the error.
 fn final_head(
     buf: &mut bytes::BytesMut,
     method: &Method,
