@@ -281,6 +281,9 @@ where
     let mut last_moved = Instant::now();
     let mut idle_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
     let mut closing: Option<Closing> = None;
+    // Whose stream ended first: a WebSocket replica that went first without a close frame
+    // broke; one that followed its client's end did not.
+    let mut replica_ended_first: Option<bool> = None;
     let end = poll_fn(|cx| {
         if closing.is_none() {
             if let Poll::Ready(Ok(why)) = Pin::new(&mut close).poll(cx) {
@@ -317,6 +320,9 @@ where
             }
             (Ok(a), Ok(b)) => (a, b),
         };
+        if replica_ended_first.is_none() && (up.ended || down.ended) {
+            replica_ended_first = Some(down.ended && !up.ended);
+        }
         if let (Step::Done, Step::Done) = steps {
             return Poll::Ready(End::Ended);
         }
@@ -344,7 +350,7 @@ where
     // A WebSocket's server ends with a close frame; one that just went is a replica that
     // broke (a crash, a kill), whatever the socket said.
     let end = match (end, frames) {
-        (End::Ended, Some(f)) if !f.saw_close() => {
+        (End::Ended, Some(f)) if !f.saw_close() && replica_ended_first == Some(true) => {
             End::ReplicaError("the replica ended the WebSocket without a close frame".into())
         }
         (end, _) => end,
@@ -560,6 +566,33 @@ mod tests {
         );
         let spliced = task.await.expect("joined");
         assert_eq!(spliced.end, End::Closed(Close::Rehome(Reason::KeyMoved)));
+    }
+
+    #[tokio::test]
+    async fn a_websocket_replica_that_ends_without_a_close_frame_is_the_one_that_broke() {
+        // The replica goes first, without a close frame: it broke.
+        let (mut client, mut replica, _close, task) = tunnel(1024, true, Duration::from_secs(60));
+        let mut early = [0u8; 5];
+        replica.read_exact(&mut early).await.expect("early bytes");
+        replica.shutdown().await.expect("end");
+        let mut rest = Vec::new();
+        client
+            .read_to_end(&mut rest)
+            .await
+            .expect("the end passed on");
+        client.shutdown().await.expect("the client follows");
+        let end = task.await.expect("joined").end;
+        assert!(matches!(end, End::ReplicaError(_)), "{end:?}");
+        // The client goes first (no close frame either): the replica only followed.
+        let (mut client, mut replica, _close, task) = tunnel(1024, true, Duration::from_secs(60));
+        client.shutdown().await.expect("the client ends");
+        let mut got = Vec::new();
+        replica
+            .read_to_end(&mut got)
+            .await
+            .expect("the end passed on");
+        replica.shutdown().await.expect("the replica follows");
+        assert_eq!(task.await.expect("joined").end, End::Ended);
     }
 
     #[tokio::test]
