@@ -3,9 +3,9 @@
 //! gRPC clients retry, put in between two messages, never inside one. Other calls on the same
 //! client connection are untouched.
 //!
-//! Owns: [`Rehomable`] (the response body that listens for its close) and [`Messages`] (where
-//! the stream is among gRPC's length-prefixed messages: prefixes only, payloads skipped by
-//! length). Dropping the replica's body resets its stream (`RST_STREAM`).
+//! Owns: [`Rehomable`] (the response body that listens for its close) and [`Grpc`], the
+//! message-prefix format [`Messages`] follows the stream by (the tracker is the tunnels'
+//! [`crate::tunnel::frames::Boundaries`]: prefixes only, payloads skipped by length). Dropping the replica's body resets its stream (`RST_STREAM`).
 //! Must not touch: which calls move ([`crate::tunnel::rehome`] decides, as for tunnels).
 
 use std::future::Future;
@@ -18,53 +18,26 @@ use tokio::sync::oneshot;
 
 use crate::error::BoxError;
 use crate::grpc::{status_fields, Code};
+use crate::tunnel::frames::{Boundaries, Format};
 use crate::tunnel::{Close, Registration};
 use crate::wire::body::Body;
 
-/// Where a stream of gRPC messages (each a 1-byte flag, a 4-byte big-endian length, then the
-/// message) is: in a prefix, in a message, or between two.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Messages {
-    /// Prefix bytes seen of the message being read (0 to 4; at 5 the length is known).
-    prefix: u8,
-    length: u32,
-    /// Message bytes still to come.
-    left: u64,
-}
+/// Where a stream of gRPC messages is: in a prefix, in a message, or between two.
+pub type Messages = Boundaries<Grpc>;
 
-impl Messages {
-    pub fn at_boundary(&self) -> bool {
-        self.prefix == 0 && self.left == 0
+/// gRPC's message prefix: a 1-byte flag, then the message's length (4 bytes, big-endian).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Grpc;
+
+impl Format for Grpc {
+    fn header_len(&self, _seen: &[u8]) -> Option<usize> {
+        Some(5)
     }
 
-    /// Follows `bytes`; with `stop`, stops at the first boundary after the first byte and
-    /// returns how many bytes lie before it (all when there is none).
-    pub fn advance(&mut self, bytes: &[u8], stop: bool) -> usize {
-        let mut i = 0;
-        while i < bytes.len() {
-            if self.left > 0 {
-                let take = usize::try_from(self.left)
-                    .unwrap_or(usize::MAX)
-                    .min(bytes.len() - i);
-                i += take;
-                self.left -= take as u64;
-            } else {
-                if self.prefix >= 1 {
-                    self.length = (self.length << 8) | u32::from(bytes[i]);
-                }
-                self.prefix += 1;
-                i += 1;
-                if self.prefix == 5 {
-                    self.left = u64::from(self.length);
-                    self.prefix = 0;
-                    self.length = 0;
-                }
-            }
-            if stop && self.at_boundary() {
-                return i;
-            }
-        }
-        i
+    fn header_done(&mut self, prefix: &[u8]) -> u64 {
+        u64::from(u32::from_be_bytes([
+            prefix[1], prefix[2], prefix[3], prefix[4],
+        ]))
     }
 }
 

@@ -12,6 +12,7 @@
 //! The registry's lock is taken when a tunnel opens or ends and by the re-homing task a few
 //! times a second, never per byte or per request.
 
+pub mod frames;
 pub mod rehome;
 pub mod splice;
 pub mod ws;

@@ -1,82 +1,50 @@
 //! WebSocket frames as a tunnel sees them on the replica → client leg: headers only, so a
 //! close can be put in at a frame boundary (RFC 6455 §5.2, §5.5.1), never inside a frame.
 //!
-//! Owns: [`Frames`] (where the stream is: in a frame's header, in its payload, or between
-//! frames) and [`close_frame`] (the server's close frame with a code and a reason). Payloads
-//! are skipped by length, never read: the gateway does no work per payload byte.
+//! Owns: [`WebSocket`], the frame-header format [`Frames`] follows the stream by (the tracker
+//! is [`super::frames::Boundaries`]; payloads are skipped by length, never read), and
+//! [`close_frame`] (the server's close frame with a code and a reason).
 //! Must not touch: sockets. It is fed the bytes the tunnel forwards.
 
+use super::frames::{Boundaries, Format};
+
 /// Where a server-to-client WebSocket stream is.
+pub type Frames = Boundaries<WebSocket>;
+
+/// WebSocket frame headers (RFC 6455 §5.2), and whether a close frame went by.
 #[derive(Debug, Clone, Default)]
-pub struct Frames {
-    /// The header of the frame being read, so far.
-    header: [u8; 14],
-    have: usize,
-    /// Payload bytes of the current frame still to come.
-    payload_left: u64,
+pub struct WebSocket {
     /// A close frame went by: the server ended the WebSocket as the protocol says.
     saw_close: bool,
 }
 
-/// The code a frame's length and mask need after the first two header bytes.
-fn header_len(second: u8) -> usize {
-    let ext = match second & 0x7f {
-        126 => 2,
-        127 => 8,
-        _ => 0,
-    };
-    let mask = if second & 0x80 != 0 { 4 } else { 0 };
-    2 + ext + mask
-}
-
-impl Frames {
-    /// Between two frames: a frame put in here is a frame of its own.
-    pub fn at_boundary(&self) -> bool {
-        self.have == 0 && self.payload_left == 0
+impl Format for WebSocket {
+    /// Two bytes, then the length's extension and the mask the second one announces.
+    fn header_len(&self, seen: &[u8]) -> Option<usize> {
+        let second = *seen.get(1)?;
+        let ext = match second & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let mask = if second & 0x80 != 0 { 4 } else { 0 };
+        Some(2 + ext + mask)
     }
 
-    /// Whether a close frame went by.
-    pub fn saw_close(&self) -> bool {
-        self.saw_close
-    }
-
-    /// Follows `bytes` through the stream. With `stop`, it stops at the first frame boundary
-    /// after the first byte and returns how many bytes lie before it (all of them if there is
-    /// none); without, it takes them all.
-    pub fn advance(&mut self, bytes: &[u8], stop: bool) -> usize {
-        let mut i = 0;
-        while i < bytes.len() {
-            if self.payload_left > 0 {
-                let take = usize::try_from(self.payload_left)
-                    .unwrap_or(usize::MAX)
-                    .min(bytes.len() - i);
-                i += take;
-                self.payload_left -= take as u64;
-            } else {
-                self.header[self.have] = bytes[i];
-                self.have += 1;
-                i += 1;
-                if self.have >= 2 && self.have == header_len(self.header[1]) {
-                    self.saw_close |= self.header[0] & 0x0f == 0x8;
-                    self.payload_left = self.payload_len();
-                    self.have = 0;
-                }
-            }
-            if stop && self.at_boundary() {
-                return i;
-            }
-        }
-        i
-    }
-
-    /// The payload length of the complete header in `header`.
-    fn payload_len(&self) -> u64 {
-        let h = &self.header;
+    fn header_done(&mut self, h: &[u8]) -> u64 {
+        self.saw_close |= h[0] & 0x0f == 0x8;
         match h[1] & 0x7f {
             126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
             127 => u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
             n => u64::from(n),
         }
+    }
+}
+
+impl Frames {
+    /// Whether a close frame went by.
+    pub fn saw_close(&self) -> bool {
+        self.format.saw_close
     }
 }
 
