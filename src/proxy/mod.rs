@@ -180,45 +180,34 @@ async fn try_forward(
             .await
         {
             Ok(resp) => {
-                let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-                if let Some(asked) = asked.take().filter(|_| switched) {
-                    let at = upgrade::At {
-                        snap,
-                        replica,
-                        key: route.key.value,
-                        slot: route.slot,
-                    };
-                    let opened = upgrade::open(resp, asked, place, at, gateway.tunnels, metrics);
-                    let mut resp = opened.ok_or_else(|| GatewayError::BadGateway {
-                        replica: replica.name.clone(),
-                        detail: "answered 101 without a connection to switch".into(),
-                    })?;
-                    give_key(snap, &parts, route.key, resp.headers_mut());
-                    return Ok(resp);
-                }
-                let mut resp = resp;
-                resp.body_mut().hold(place);
-                give_key(snap, &parts, route.key, resp.headers_mut());
-                if let Some(deadline) = call_deadline {
-                    resp.body_mut().end_by(deadline);
-                }
-                let resp = resp.map(Body::replica);
-                if !(grpc_call && cfg.tunnels.rehome) {
-                    return Ok(resp);
-                }
-                // A gRPC call may stream for long: registered, so re-homing can end it.
                 let at = upgrade::At {
                     snap,
                     replica,
                     key: route.key.value,
                     slot: route.slot,
                 };
-                let (registration, close) = gateway
-                    .tunnels
-                    .register(at.placed(), crate::tunnel::Kind::Stream);
-                return Ok(
-                    resp.map(|body| Body::boxed(stream::Rehomable::new(body, close, registration)))
-                );
+                let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                let mut resp = match asked.take().filter(|_| switched) {
+                    Some(asked) => upgrade::open(resp, asked, place, at, gateway.tunnels, metrics)
+                        .ok_or_else(|| GatewayError::BadGateway {
+                            replica: replica.name.clone(),
+                            detail: "answered 101 without a connection to switch".into(),
+                        })?,
+                    None => {
+                        let mut resp = resp;
+                        resp.body_mut().hold(place);
+                        if let Some(deadline) = call_deadline {
+                            resp.body_mut().end_by(deadline);
+                        }
+                        let resp = resp.map(Body::replica);
+                        match grpc_call && cfg.tunnels.rehome {
+                            true => stream::registered(resp, &at, gateway.tunnels),
+                            false => resp,
+                        }
+                    }
+                };
+                give_key(snap, &parts, route.key, resp.headers_mut());
+                return Ok(resp);
             }
             Err(failure) => failure,
         };

@@ -10,16 +10,19 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::Response;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::oneshot;
 
+use super::upgrade::At;
 use crate::error::BoxError;
 use crate::grpc::{status_fields, Code};
 use crate::tunnel::frames::{Boundaries, Format};
-use crate::tunnel::{Close, Registration};
+use crate::tunnel::{Close, Kind, Registration, Tunnels};
 use crate::wire::body::Body;
 
 /// Where a stream of gRPC messages is: in a prefix, in a message, or between two.
@@ -39,6 +42,13 @@ impl Format for Grpc {
             prefix[1], prefix[2], prefix[3], prefix[4],
         ]))
     }
+}
+
+/// `resp`, a gRPC call's response from the replica `at` names, registered for re-homing: a
+/// call may stream for long.
+pub fn registered(resp: Response<Body>, at: &At<'_>, tunnels: &Arc<Tunnels>) -> Response<Body> {
+    let (registration, close) = tunnels.register(at.placed(), Kind::Stream);
+    resp.map(|body| Body::boxed(Rehomable::new(body, close, registration)))
 }
 
 /// A gRPC call's response body, ended with `UNAVAILABLE` at the next message boundary when its

@@ -59,7 +59,7 @@ impl Asked {
     }
 }
 
-/// Where the tunnel stands, for its registration.
+/// Where a connection to be registered (a tunnel, or a gRPC call's stream) stands.
 pub struct At<'a> {
     pub snap: &'a Snapshot,
     pub replica: &'a Upstream,
