@@ -86,15 +86,7 @@ impl Drop for Load {
 }
 
 fn members(status: &serde_json::Value) -> HashSet<String> {
-    status["replicas"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|r| r["in_ring"] == true)
-                .filter_map(|r| r["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
+    support::in_ring(status).into_iter().collect()
 }
 
 /// N in the ring and as the autoscaler asks, both equal to `n`.

@@ -29,7 +29,7 @@ use docker_support::{
     docker, ensure_example_httpd_image, inspect, start_gateway, Scope, EXAMPLE_HTTPD_IMAGE,
 };
 use serde_json::Value;
-use support::{call, client, get, json, replica, GatewayProcess, TestClient};
+use support::{call, client, get, in_ring, json, replica, GatewayProcess, TestClient};
 
 /// A site the replicas serve: a page, a CGI script answering the environment, and one that
 /// tries to write to the (read-only) site and to the (writable) volume. Readable by anyone:
@@ -91,18 +91,6 @@ fn httpd(site: &Path, volume: &str, env: &str) -> String {
          [health]\npath = \"/index.html\"\nrecovery_delay = \"200ms\"\n",
         site.display()
     )
-}
-
-fn in_ring(status: &Value) -> BTreeSet<String> {
-    status["replicas"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|r| r["in_ring"] == true)
-                .filter_map(|r| r["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn all_up(n: usize) -> impl Fn(&Value) -> bool {

@@ -32,7 +32,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
 use docker_support::docker;
-use support::{call, json, server_of, GatewayProcess};
+use support::{call, in_ring, json, server_of, GatewayProcess};
 use swarm_support::{start_gateway, Ring};
 
 /// Keys routed to compare gateways.
@@ -96,18 +96,6 @@ fn fingerprint(status: &Value) -> String {
         .as_str()
         .unwrap_or("")
         .to_owned()
-}
-
-fn in_ring(status: &Value) -> BTreeSet<String> {
-    status["replicas"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|r| r["in_ring"] == true)
-                .filter_map(|r| r["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Waits until `gw` routes to exactly `names` (in its ring) and returns its status.

@@ -130,18 +130,7 @@ async fn two_gateways_on_a_swarm_close_the_same_tunnels() {
         gw.wait_status(
             Duration::from_secs(120),
             "three replicas in the ring",
-            |s| {
-                let in_ring: BTreeSet<String> = s["replicas"]
-                    .as_array()
-                    .map(|r| {
-                        r.iter()
-                            .filter(|r| r["in_ring"] == true)
-                            .filter_map(|r| r["name"].as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                in_ring == want
-            },
+            |s| support::in_ring(s) == want,
         )
         .await;
     }

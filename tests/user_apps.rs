@@ -49,18 +49,6 @@ fn envapp(count: u32, extra: &str) -> Conf {
     }
 }
 
-fn in_ring(status: &Value) -> BTreeSet<String> {
-    status["replicas"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|r| r["in_ring"] == true)
-                .filter_map(|r| r["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn all_up(n: usize) -> impl Fn(&Value) -> bool {
     move |s| in_ring(s).len() == n && s["replicas"].as_array().is_some_and(|a| a.len() == n)
 }

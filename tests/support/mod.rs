@@ -512,6 +512,19 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("metric {name} missing:\n{text}"))
 }
 
+/// The names of the replicas a `/lb/status` message says are in the ring.
+pub fn in_ring(status: &Value) -> std::collections::BTreeSet<String> {
+    status["replicas"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|r| r["in_ring"] == true)
+                .filter_map(|r| r["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The replica named `name` in a `/lb/status` message.
 pub fn replica<'a>(status: &'a Value, name: &str) -> &'a Value {
     status["replicas"]
