@@ -225,7 +225,17 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(addr: SocketAddr, server_id: Arc<str>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    // The gateway's own backlog, not the standard library's 128: a gateway's burst
+    // of new connections past the accept queue has its SYNs dropped, and each waits a second
+    // for the retransmit, past a typical connect timeout.
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(1024)?;
     let local = listener.local_addr()?;
     ringgate::listening::announce(local)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
