@@ -36,6 +36,7 @@ use crate::spread::{Slot, Spread, ThreadLoad};
 use crate::tls::upstream::{UpstreamTls, UpstreamTlsError};
 use crate::tls::{Tls, TlsError};
 use crate::watchdog::Watchdog;
+use crate::worker::Worker;
 
 /// How long start-up waits for the replicas it started to answer before serving anyway.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -486,12 +487,16 @@ fn serve_thread(
         Ok(r) => r,
         Err(e) => return tracing::error!(error = %e, "cannot start a serving thread"),
     };
+    // This thread's own state, dropped when it ends (its access-log lines then go to the
+    // writer, before the gateway closes the log).
+    let worker = Arc::new(Worker::new(&service.shared, &service.access_log));
     runtime.block_on(async move {
         let anchor = tokio::spawn(crate::listener::timer_anchor());
         let beating = tokio::spawn(watchdog.heartbeat(n));
         let tunnels = drain_tunnels(&service.tunnels, stop_rx.clone(), drain);
         let serving = listeners.into_iter().map(|(listener, mode, slot)| {
             let (service, mut stop_rx) = (service.clone(), stop_rx.clone());
+            let worker = worker.clone();
             async move {
                 let listener = match TcpListener::from_std(listener) {
                     Ok(l) => l,
@@ -500,7 +505,7 @@ fn serve_thread(
                 let stop = async move {
                     let _ = stop_rx.wait_for(|stop| *stop).await;
                 };
-                crate::listener::serve(listener, mode, service, slot, stop, drain).await;
+                crate::listener::serve(listener, mode, service, worker, slot, stop, drain).await;
             }
         });
         futures_util::future::join(futures_util::future::join_all(serving), tunnels).await;

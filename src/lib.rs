@@ -124,3 +124,4 @@ pub mod watchdog;
 pub mod watcher;
 pub mod whatif;
 pub mod wire;
+pub mod worker;

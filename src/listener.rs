@@ -43,6 +43,7 @@ use crate::stall::SendTimeout;
 use crate::tls::{redirect, Https, Tls};
 use crate::wire::body::{Body, RequestBody};
 use crate::wire::server;
+use crate::worker::Worker;
 
 /// What a listener speaks.
 #[derive(Debug, Clone)]
@@ -89,6 +90,7 @@ pub async fn serve(
     listener: TcpListener,
     mode: Mode,
     service: Arc<Service>,
+    worker: Arc<Worker>,
     mut slot: Slot,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
@@ -149,6 +151,7 @@ pub async fn serve(
             config,
             mode: mode.clone(),
             service: service.clone(),
+            worker: worker.clone(),
             drain: drain_rx.clone(),
             admitted: Arc::new(admitted),
             _counted: counted,
@@ -246,6 +249,8 @@ struct Connection {
     config: Arc<Config>,
     mode: Mode,
     service: Arc<Service>,
+    /// The serving thread's own state, which its requests use.
+    worker: Arc<Worker>,
     drain: watch::Receiver<bool>,
     /// Its place under the connection caps; its requests ask it for theirs in the budgets.
     admitted: Arc<Admitted>,
@@ -276,6 +281,7 @@ impl Connection {
             config,
             mode,
             service,
+            worker,
             drain,
             admitted,
             _counted,
@@ -285,6 +291,7 @@ impl Connection {
             admitted,
             config,
             service,
+            worker,
             drain,
         };
         // Each arm boxed, so that the task holds the one it runs: inline, every connection kept
@@ -319,22 +326,24 @@ struct Serving {
     admitted: Arc<Admitted>,
     config: Arc<Config>,
     service: Arc<Service>,
+    worker: Arc<Worker>,
     drain: watch::Receiver<bool>,
 }
 
 /// The answer to one request, as `requests` says.
 async fn answer(
     service: &Service,
+    worker: &Worker,
     mut req: Request<RequestBody>,
     conn: &Arc<Admitted>,
     client: SocketAddr,
     requests: Requests,
 ) -> hyper::Response<Body> {
     match requests {
-        Requests::Served => service.handle(req, conn, client).await,
+        Requests::Served => service.handle(req, conn, client, worker).await,
         Requests::ServedOverTls => {
             req.extensions_mut().insert(Https);
-            service.handle(req, conn, client).await
+            service.handle(req, conn, client, worker).await
         }
         Requests::Redirected { https_port } if redirect::redirects(req.uri().path()) => {
             let host = req
@@ -345,7 +354,7 @@ async fn answer(
             let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
             redirect::response(host.and_then(|h| redirect::location(h, target, https_port)))
         }
-        Requests::Redirected { .. } => service.handle(req, conn, client).await,
+        Requests::Redirected { .. } => service.handle(req, conn, client, worker).await,
         Requests::RefusedPlainOnTls { tls_port } => {
             let host = req
                 .headers()
@@ -441,15 +450,17 @@ impl Serving {
                     first_head_by: deadline,
                     keep_alive: !matches!(requests, Requests::RefusedPlainOnTls { .. }),
                 };
-                let admitted = &self.admitted;
-                let handler =
-                    |req: Request<RequestBody>| answer(&service, req, admitted, client, requests);
+                let (admitted, worker) = (&self.admitted, &self.worker);
+                let handler = |req: Request<RequestBody>| {
+                    answer(&service, worker, req, admitted, client, requests)
+                };
                 let metrics = &self.service.metrics;
                 server::serve(
                     Box::new(stream),
                     first.filled(),
                     settings,
                     metrics,
+                    &worker.spare,
                     self.drain,
                     handler,
                 )
@@ -474,12 +485,13 @@ impl Serving {
         });
         let handler = {
             let (activity, admitted) = (activity.clone(), self.admitted.clone());
+            let worker = self.worker.clone();
             hyper::service::service_fn(move |req: Request<Incoming>| {
                 let (service, stream) = (service.clone(), activity.open_stream());
-                let admitted = admitted.clone();
+                let (admitted, worker) = (admitted.clone(), worker.clone());
                 async move {
                     let req = req.map(RequestBody::http2);
-                    let resp = answer(&service, req, &admitted, client, requests).await;
+                    let resp = answer(&service, &worker, req, &admitted, client, requests).await;
                     if resp.extensions().get::<RefusedStream>().is_some() {
                         // Not processed at all: the client may retry it at once.
                         return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));

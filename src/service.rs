@@ -2,7 +2,8 @@
 //!
 //! Owns: [`Service`], the handles every request needs (the published snapshot, the controller,
 //! the counters, the connection caps, the access log), and the split between the admin API and
-//! the proxy. A request loads the snapshot once here and uses it to the end; when the snapshot's
+//! the proxy. A request loads the snapshot once here (through its serving thread's
+//! [`Worker`]) and uses it to the end; when the snapshot's
 //! config logs requests, the response goes back through the access log ([`crate::access_log`]),
 //! with the [`Outcome`] the proxy filled in. Proxied responses get this gateway's
 //! `Via: 1.1 <name>` (RFC 9110 §7.6.3), so an operator sees which gateway answered.
@@ -20,6 +21,7 @@ use crate::control::ControllerHandle;
 use crate::metrics::Metrics;
 use crate::snapshot::Shared;
 use crate::wire::body::Body;
+use crate::worker::Worker;
 
 pub struct Service {
     pub shared: Shared,
@@ -41,15 +43,17 @@ pub fn via(name: &str) -> http::HeaderValue {
 }
 
 impl Service {
-    /// Answers `req` from the connection `conn` (its place in the caps, its client's address).
+    /// Answers `req` from the connection `conn` (its place in the caps, its client's address)
+    /// with the state of the serving thread it came to (`worker`).
     pub async fn handle(
         &self,
         req: Request<RequestBody>,
         conn: &Arc<Admitted>,
         client: SocketAddr,
+        worker: &Worker,
     ) -> hyper::Response<Body> {
         self.metrics.requests.add(1);
-        let snap = crate::snapshot::current(&self.shared);
+        let snap = worker.snapshot();
         let logged = Started::capture(&snap.config, &req, client).map(|s| (s, Arc::clone(&snap)));
         let mut outcome = Outcome::default();
         let resp = if crate::admin::is_admin_path(req.uri().path()) {
@@ -59,7 +63,7 @@ impl Service {
                 metrics: &self.metrics,
                 controller: &self.controller,
                 tunnels: &self.tunnels,
-                shared: &self.shared,
+                worker,
             };
             let mut resp =
                 crate::proxy::forward(&snap, &gateway, req, conn, client, &mut outcome).await;
@@ -72,10 +76,10 @@ impl Service {
             Some((started, snap)) => {
                 // A request held at zero replicas went to a replica of a later snapshot.
                 let snap = match outcome.held {
-                    Some(_) => Arc::clone(&crate::snapshot::current(&self.shared)),
+                    Some(_) => Arc::clone(&worker.snapshot()),
                     None => snap,
                 };
-                started.finish(resp, outcome, snap, &self.access_log)
+                started.finish(resp, outcome, snap, &worker.lines)
             }
         }
     }

@@ -311,7 +311,7 @@ impl Snapshot {
 /// The published snapshot: written by the controller only, read lock-free by everyone.
 pub type Shared = Arc<ArcSwap<Snapshot>>;
 
-/// The published snapshot as a request holds it, from [`current`]: a reference counted by the
+/// The published snapshot as a request holds it, from [`Cache::current`]: a reference counted by the
 /// serving thread alone. Loading `Arc<Snapshot>` itself for each request would add to and take
 /// from one count that every serving thread shares, two cache-line transfers between cores a
 /// request; this thread's own wrapper around the snapshot keeps that count on this core.
@@ -328,41 +328,39 @@ impl std::ops::Deref for Current {
     }
 }
 
-/// What a thread loaded last from one [`Shared`]: a cache that revalidates with one atomic load
-/// and the thread's wrapper around its value.
+/// What a serving thread loaded last from its gateway's [`Shared`]: a cache that revalidates
+/// with one atomic load, and the thread's wrapper around its value. One per serving thread, in
+/// its worker ([`crate::worker::Worker`]); behind a lock that only its own thread ever takes
+/// (request futures must be `Send` for hyper's executor).
+pub struct Cache {
+    loaded: std::sync::Mutex<Loaded>,
+}
+
 struct Loaded {
     cache: arc_swap::Cache<Shared, Arc<Snapshot>>,
     current: Current,
 }
 
-thread_local! {
-    static LOADED: std::cell::RefCell<Option<Loaded>> = const { std::cell::RefCell::new(None) };
-}
-
-/// The snapshot `shared` holds now. A thread keeps the last one it loaded (and so keeps it
-/// alive) until it loads again after a publish: one snapshot a thread at most.
-pub fn current(shared: &Shared) -> Current {
-    LOADED.with(|loaded| {
-        let mut loaded = loaded.borrow_mut();
-        match &mut *loaded {
-            Some(l) if std::ptr::eq(l.cache.arc_swap(), &**shared) => {
-                let now = l.cache.load();
-                if !Arc::ptr_eq(now, &l.current.0) {
-                    l.current = Current(Arc::new(now.clone()));
-                }
-                l.current.clone()
-            }
-            _ => {
-                let mut cache = arc_swap::Cache::new(shared.clone());
-                let current = Current(Arc::new(cache.load().clone()));
-                *loaded = Some(Loaded {
-                    cache,
-                    current: current.clone(),
-                });
-                current
-            }
+impl Cache {
+    pub fn new(shared: &Shared) -> Cache {
+        let mut cache = arc_swap::Cache::new(shared.clone());
+        let current = Current(Arc::new(cache.load().clone()));
+        Cache {
+            loaded: std::sync::Mutex::new(Loaded { cache, current }),
         }
-    })
+    }
+
+    /// The snapshot published now. The cache keeps the last one it loaded (and so keeps it
+    /// alive) until it loads again after a publish: one snapshot a thread at most.
+    pub fn current(&self) -> Current {
+        let mut loaded = crate::sync::lock(&self.loaded);
+        let Loaded { cache, current } = &mut *loaded;
+        let now = cache.load();
+        if !Arc::ptr_eq(now, &current.0) {
+            *current = Current(Arc::new(now.clone()));
+        }
+        current.clone()
+    }
 }
 
 /// One request in progress at a replica (`/rm` drains until its count is 0).
@@ -611,17 +609,18 @@ mod tests {
     }
 
     #[test]
-    fn a_thread_sees_each_publish_and_shares_its_handle_until_then() {
+    fn a_cache_sees_each_publish_and_shares_its_handle_until_then() {
         let a = shared(1);
-        let first = current(&a);
-        let again = current(&a);
+        let cache = Cache::new(&a);
+        let first = cache.current();
+        let again = cache.current();
         assert_eq!(again.generation, 1);
         assert!(
             Arc::ptr_eq(&first.0, &again.0),
             "one handle while nothing is published"
         );
         publish(&a, 2);
-        let after = current(&a);
+        let after = cache.current();
         assert_eq!(after.generation, 2);
         assert_eq!(
             first.generation, 1,
@@ -630,23 +629,24 @@ mod tests {
     }
 
     #[test]
-    fn a_thread_serving_two_gateways_never_mixes_their_snapshots() {
+    fn caches_of_two_gateways_never_mix_their_snapshots() {
         let (a, b) = (shared(10), shared(20));
-        assert_eq!(current(&a).generation, 10);
-        assert_eq!(current(&b).generation, 20);
-        assert_eq!(current(&a).generation, 10);
+        let (ca, cb) = (Cache::new(&a), Cache::new(&b));
+        assert_eq!(ca.current().generation, 10);
+        assert_eq!(cb.current().generation, 20);
+        publish(&b, 21);
+        assert_eq!(ca.current().generation, 10);
+        assert_eq!(cb.current().generation, 21);
     }
 
     #[test]
     fn the_old_snapshot_is_let_go_at_the_next_load_after_a_publish() {
         let a = shared(1);
-        let old = Arc::downgrade(&current(&a));
+        let cache = Cache::new(&a);
+        let old = Arc::downgrade(&cache.current());
         publish(&a, 2);
-        assert!(
-            old.upgrade().is_some(),
-            "kept until this thread loads again"
-        );
-        assert_eq!(current(&a).generation, 2);
+        assert!(old.upgrade().is_some(), "kept until the cache loads again");
+        assert_eq!(cache.current().generation, 2);
         assert!(
             old.upgrade().is_none(),
             "nothing holds the old snapshot any more"

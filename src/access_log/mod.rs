@@ -3,7 +3,7 @@
 //!
 //! Owns: what a request's line records ([`Started`] at its arrival, the proxy's [`Outcome`],
 //! the response's bytes and end as [`LoggedBody`] sees them, the [`Termination`] reason), the
-//! per-thread buffers the lines are formatted into, and handing full buffers to the writer
+//! serving threads' buffers the lines are formatted into ([`Lines`]), and handing full buffers to the writer
 //! thread ([`writer`]) with a `try_send`: a serving thread never waits for the disk. A buffer is
 //! handed over when it holds [`BATCH_BYTES`], or [`FLUSH_AFTER`] after its first line (a task
 //! on the serving thread's own runtime), or when the thread ends. When the writer falls behind
@@ -14,10 +14,9 @@
 pub mod format;
 mod writer;
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -194,13 +193,10 @@ pub struct Outcome {
 
 /// The access log of one gateway: the writer thread and the channel to it.
 pub struct AccessLog {
-    id: u64,
     tx: SyncSender<Msg>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     metrics: Arc<Metrics>,
 }
-
-static NEXT_LOG_ID: AtomicU64 = AtomicU64::new(1);
 
 impl AccessLog {
     /// Starts the writer thread (idle until a line is logged).
@@ -210,16 +206,11 @@ impl AccessLog {
         let writer = std::thread::Builder::new()
             .name("ringgate-access-log".into())
             .spawn(move || writer::run(rx, m))?;
-        let log = Arc::new(AccessLog {
-            id: NEXT_LOG_ID.fetch_add(1, Ordering::Relaxed),
+        Ok(Arc::new(AccessLog {
             tx,
             writer: Mutex::new(Some(writer)),
             metrics,
-        });
-        let mut logs = crate::sync::lock(&LOGS);
-        logs.retain(|(_, w)| w.strong_count() > 0);
-        logs.push((log.id, Arc::downgrade(&log)));
-        Ok(log)
+        }))
     }
 
     /// Closes the log file so the next line opens its path anew (after logrotate moved it).
@@ -227,10 +218,9 @@ impl AccessLog {
         let _ = self.tx.try_send(Msg::Reopen);
     }
 
-    /// Writes what the calling thread buffered and everything queued, then stops the writer.
-    /// Call after the serving threads have ended (their buffers are handed over as they end).
+    /// Writes everything queued, then stops the writer. Call after the serving threads have
+    /// ended (their [`Lines`] are handed over as their workers end).
     pub fn close(&self) {
-        flush_this_thread();
         let _ = self.tx.send(Msg::Close);
         let handle = crate::sync::lock(&self.writer).take();
         if let Some(h) = handle {
@@ -245,10 +235,17 @@ impl AccessLog {
     }
 }
 
-/// This thread's lines not yet handed to the writer.
+/// A serving thread's lines not yet handed to the writer: one per thread, in its worker
+/// ([`crate::worker::Worker`]), handed over when full, [`FLUSH_AFTER`] after the first line,
+/// and when dropped (the thread ends). Behind a lock only its own thread ever takes: request
+/// futures must be `Send` for hyper's executor.
+pub struct Lines {
+    log: Arc<AccessLog>,
+    local: Mutex<Local>,
+}
+
 #[derive(Default)]
 struct Local {
-    log: Option<Arc<AccessLog>>,
     /// The config the buffered lines' target came from: while a request's config is this one
     /// (the common case), the target is not compared again.
     config: Option<Arc<Config>>,
@@ -261,11 +258,10 @@ struct Local {
 }
 
 impl Local {
-    fn flush(&mut self) {
+    fn flush(&mut self, log: &AccessLog) {
         if self.records == 0 {
             return;
         }
-        let Some(log) = &self.log else { return };
         let msg = Msg::Batch {
             target: self.target.clone(),
             bytes: std::mem::replace(&mut self.buf, Vec::with_capacity(BATCH_BYTES)),
@@ -282,65 +278,26 @@ impl Local {
     }
 }
 
-impl Drop for Local {
-    fn drop(&mut self) {
-        self.flush();
+impl Lines {
+    pub fn new(log: &Arc<AccessLog>) -> Arc<Lines> {
+        Arc::new(Lines {
+            log: Arc::clone(log),
+            local: Mutex::new(Local::default()),
+        })
     }
-}
 
-thread_local! {
-    static LOCAL: RefCell<Local> = RefCell::new(Local::default());
-}
+    fn flush(&self) {
+        let mut l = crate::sync::lock(&self.local);
+        l.flush_scheduled = false;
+        l.flush(&self.log);
+    }
 
-fn flush_this_thread() {
-    let _ = LOCAL.try_with(|cell| {
-        if let Ok(mut l) = cell.try_borrow_mut() {
-            l.flush_scheduled = false;
-            l.flush();
-        }
-    });
-}
-
-/// Makes `log` this thread's log (once per thread: the `Arc` is cloned only then).
-fn bind(log: &Arc<AccessLog>) {
-    let _ = LOCAL.try_with(|cell| {
-        if let Ok(mut l) = cell.try_borrow_mut() {
-            if l.log.as_ref().is_none_or(|cur| cur.id != log.id) {
-                l.flush();
-                l.log = Some(log.clone());
-            }
-        }
-    });
-}
-
-/// Every access log there is, to find one by id when a line ends on a thread it was not bound
-/// on (the serving threads' current-thread runtimes never do that; other runtimes may).
-static LOGS: Mutex<Vec<(u64, std::sync::Weak<AccessLog>)>> = Mutex::new(Vec::new());
-
-fn log_by_id(id: u64) -> Option<Arc<AccessLog>> {
-    let logs = crate::sync::lock(&LOGS);
-    logs.iter()
-        .find(|(i, _)| *i == id)
-        .and_then(|(_, w)| w.upgrade())
-}
-
-/// Formats `record` into this thread's buffer for the log `log_id`, in `config`'s `[log]`
-/// format and for its target.
-fn append(log_id: u64, config: &Arc<Config>, record: &format::Record<'_>) {
-    let _ = LOCAL.try_with(|cell| {
-        let Ok(mut l) = cell.try_borrow_mut() else {
-            return;
-        };
-        if l.log.as_ref().is_none_or(|cur| cur.id != log_id) {
-            let Some(log) = log_by_id(log_id) else {
-                return; // the gateway that served the request is gone
-            };
-            l.flush();
-            l.log = Some(log);
-        }
+    /// Formats `record` into the buffer, in `config`'s `[log]` format and for its target.
+    fn append(self: &Arc<Self>, config: &Arc<Config>, record: &format::Record<'_>) {
+        let mut l = crate::sync::lock(&self.local);
         if !l.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
             if l.target != config.log.access {
-                l.flush();
+                l.flush(&self.log);
                 l.target = config.log.access.clone();
             }
             l.config = Some(config.clone());
@@ -349,22 +306,30 @@ fn append(log_id: u64, config: &Arc<Config>, record: &format::Record<'_>) {
         format::write(&mut l.buf, &mut l.dates, config.log.format, record);
         l.records += 1;
         if l.buf.len() >= BATCH_BYTES {
-            l.flush();
+            l.flush(&self.log);
         } else if !l.flush_scheduled {
-            // The serving threads run current-thread runtimes: the task runs on this thread
-            // and flushes this thread's buffer. Anywhere else, hand the line over at once.
+            // On a serving thread's current-thread runtime the task runs on this thread, beside
+            // the requests that fill the buffer. Anywhere else, hand the line over at once.
             match tokio::runtime::Handle::try_current() {
                 Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
                     l.flush_scheduled = true;
-                    h.spawn(async {
+                    let lines = Arc::clone(self);
+                    h.spawn(async move {
                         tokio::time::sleep(FLUSH_AFTER).await;
-                        flush_this_thread();
+                        lines.flush();
                     });
                 }
-                _ => l.flush(),
+                _ => l.flush(&self.log),
             }
         }
-    });
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        let local = self.local.get_mut().unwrap_or_else(|p| p.into_inner());
+        local.flush(&self.log);
+    }
 }
 
 /// What is known about a request when it arrives, kept until its response ends.
@@ -406,16 +371,15 @@ impl Started {
         resp: Response<Body>,
         outcome: Outcome,
         snap: Arc<Snapshot>,
-        log: &Arc<AccessLog>,
+        lines: &Arc<Lines>,
     ) -> Response<Body> {
         let status = resp.status().as_u16();
-        bind(log);
         let pending = Pending {
             started: self,
             snap,
             outcome,
             status,
-            log_id: log.id,
+            lines: Arc::clone(lines),
         };
         let mut resp = resp;
         let tunnel = resp.extensions_mut().remove::<TunnelLog>();
@@ -440,14 +404,14 @@ impl Started {
 }
 
 /// A request whose line is not written yet. It holds no shared reference count besides the
-/// snapshot's (every `Arc` clone shared by all serving threads is a contended atomic): the log
-/// is this thread's, bound when the response started.
+/// snapshot's (every `Arc` clone shared by all serving threads is a contended atomic): the
+/// lines it goes into are its serving thread's.
 struct Pending {
     started: Started,
     snap: Arc<Snapshot>,
     outcome: Outcome,
     status: u16,
-    log_id: u64,
+    lines: Arc<Lines>,
 }
 
 impl Pending {
@@ -498,7 +462,7 @@ impl Pending {
             referer: text(&s.referer),
             user_agent: text(&s.user_agent),
         };
-        append(self.log_id, &self.snap.config, &record);
+        self.lines.append(&self.snap.config, &record);
     }
 }
 

@@ -47,6 +47,8 @@ pub struct Attempt<'a> {
     /// The protocols the client asked to switch to, when the request is forwarded as an
     /// upgrade (`crate::proxy::upgrade`).
     pub upgrade: Option<&'a http::HeaderValue>,
+    /// The serving thread's connections to the replicas.
+    pub pools: &'a upstream::Pools,
 }
 
 impl Attempt<'_> {
@@ -92,7 +94,7 @@ impl Attempt<'_> {
             http2_keepalive: cfg.proxy.http2_keepalive,
             deadline: tokio::time::Instant::now() + self.request_timeout,
         };
-        match upstream::send(&req, body, counted).await {
+        match upstream::send(&req, body, counted, self.pools).await {
             Ok(resp) => {
                 self.answered(replica, resp.status().as_u16(), started, outcome);
                 Ok(resp)

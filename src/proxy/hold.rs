@@ -41,7 +41,7 @@ pub async fn wait(
         let published = snap.holds.published.notified();
         tokio::pin!(published);
         published.as_mut().enable();
-        let now = crate::snapshot::current(gateway.shared);
+        let now = gateway.worker.snapshot();
         if !now.asleep {
             break Ok(now);
         }

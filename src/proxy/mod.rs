@@ -65,8 +65,9 @@ pub struct Gateway<'a> {
     pub metrics: &'a Arc<Metrics>,
     pub controller: &'a ControllerHandle,
     pub tunnels: &'a Arc<Tunnels>,
-    /// The published snapshot, for a request held while N is 0 to see the next one.
-    pub shared: &'a crate::snapshot::Shared,
+    /// The serving thread's own state: its snapshot cache (a request held while N is 0 sees
+    /// the next one through it), its connections to the replicas, its retry budget.
+    pub worker: &'a crate::worker::Worker,
 }
 
 /// Forwards one request and returns the replica's response, or the gateway's failure response.
@@ -80,7 +81,7 @@ pub async fn forward(
     client_addr: SocketAddr,
     outcome: &mut Outcome,
 ) -> Response<Body> {
-    let _active = retry::Active::enter();
+    let _active = retry::Active::enter(&gateway.worker.retry);
     let metrics = gateway.metrics;
     let grpc = crate::grpc::is_grpc(req.headers());
     // Scaled to zero: held until a replica serves (or refused past the hold's bounds).
@@ -168,6 +169,7 @@ async fn try_forward(
         framing: crate::wire::client::framing_of(&parts.method, &body),
         request_timeout,
         upgrade: protocols.as_ref(),
+        pools: &gateway.worker.upstream,
     };
     let (mut server, mut reserved) = (route.first, route.reserved);
     let mut retries = Retries::new(route.first);
@@ -211,7 +213,14 @@ async fn try_forward(
             }
             Err(failure) => failure,
         };
-        let Some(next) = retries.next(&failure, snap, route.slot, &parts.method, metrics) else {
+        let Some(next) = retries.next(
+            &failure,
+            snap,
+            route.slot,
+            &parts.method,
+            metrics,
+            &gateway.worker.retry,
+        ) else {
             let p = &cfg.proxy;
             return Err(failure.into_error(&replica.name, p.request_timeout, p.max_body));
         };
@@ -316,6 +325,7 @@ impl Retries {
         slot: u32,
         method: &http::Method,
         metrics: &Metrics,
+        budget: &Arc<retry::Budget>,
     ) -> Option<ServerId> {
         let p = &snap.config.proxy;
         if !retry::may_retry(failure, method, &p.retry_on) || self.count() >= p.retries {
@@ -326,7 +336,8 @@ impl Retries {
         }
         let next = retry::next_server(snap.ring.successors(slot), &self.tried)?;
         if self.budgeted.is_none() && retry::needs_budget(failure) {
-            self.budgeted = retry::Retrying::try_start(p.retry_budget_percent, p.retry_budget_min);
+            self.budgeted =
+                retry::Retrying::try_start(budget, p.retry_budget_percent, p.retry_budget_min);
             if self.budgeted.is_none() {
                 metrics.retries_over_budget.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("retry budget spent; not retrying");

@@ -8,11 +8,13 @@
 //! ([`needs_budget`]): when one of N replicas dies, about 1/N of the requests in progress fail
 //! to connect at the same moment, more than a 20 % budget holds for N ≤ 5, and those retries
 //! add no load (nothing reached the dead replica; the next server owns those keys once it is
-//! out of the ring anyway). The counts are per serving thread (each thread is its own runtime and
-//! every request stays on its thread), so the request path touches no shared cache line.
+//! out of the ring anyway). The counts are per serving thread ([`Budget`], in the thread's worker: each thread is its own
+//! runtime and every request stays on its thread), so the request path touches no shared cache
+//! line.
 //! Must not touch: the ring or the connection.
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use http::Method;
 
@@ -76,54 +78,61 @@ pub fn within_budget(active: u32, retrying: u32, percent: u32, min: u32) -> bool
     u64::from(retrying) < allowed
 }
 
-thread_local! {
-    static ACTIVE: Cell<u32> = const { Cell::new(0) };
-    static RETRYING: Cell<u32> = const { Cell::new(0) };
+/// A serving thread's retry budget: its requests in progress and those of them retrying. One
+/// per thread ([`crate::worker::Worker`]), so the counts never leave the thread's core; atomics
+/// only because request futures must be `Send` for hyper's executor.
+#[derive(Debug, Default)]
+pub struct Budget {
+    active: AtomicU32,
+    retrying: AtomicU32,
 }
 
-fn bump(cell: &'static std::thread::LocalKey<Cell<u32>>, up: bool) {
-    cell.with(|c| {
-        c.set(if up {
-            c.get().saturating_add(1)
+fn bump(count: &AtomicU32, up: bool) {
+    let n = count.load(Ordering::Relaxed);
+    count.store(
+        if up {
+            n.saturating_add(1)
         } else {
-            c.get().saturating_sub(1)
-        })
-    });
+            n.saturating_sub(1)
+        },
+        Ordering::Relaxed,
+    );
 }
 
 /// A request in progress on this thread, until dropped.
-pub struct Active(());
+pub struct Active<'a>(&'a Budget);
 
-impl Active {
-    pub fn enter() -> Active {
-        bump(&ACTIVE, true);
-        Active(())
+impl Active<'_> {
+    pub fn enter(budget: &Budget) -> Active<'_> {
+        bump(&budget.active, true);
+        Active(budget)
     }
 }
 
-impl Drop for Active {
+impl Drop for Active<'_> {
     fn drop(&mut self) {
-        bump(&ACTIVE, false);
+        bump(&self.0.active, false);
     }
 }
 
 /// A request being retried on this thread, until dropped.
-pub struct Retrying(());
+pub struct Retrying(Arc<Budget>);
 
 impl Retrying {
-    /// Takes a place in this thread's budget, or `None` when it is spent.
-    pub fn try_start(percent: u32, min: u32) -> Option<Retrying> {
-        let (active, retrying) = (ACTIVE.with(Cell::get), RETRYING.with(Cell::get));
+    /// Takes a place in `budget`, or `None` when it is spent.
+    pub fn try_start(budget: &Arc<Budget>, percent: u32, min: u32) -> Option<Retrying> {
+        let active = budget.active.load(Ordering::Relaxed);
+        let retrying = budget.retrying.load(Ordering::Relaxed);
         within_budget(active, retrying, percent, min).then(|| {
-            bump(&RETRYING, true);
-            Retrying(())
+            bump(&budget.retrying, true);
+            Retrying(Arc::clone(budget))
         })
     }
 }
 
 impl Drop for Retrying {
     fn drop(&mut self) {
-        bump(&RETRYING, false);
+        bump(&self.0.retrying, false);
     }
 }
 
@@ -258,15 +267,23 @@ mod tests {
     }
 
     #[test]
-    fn guards_count_per_thread() {
-        let a = Active::enter();
-        let r1 = Retrying::try_start(0, 2).expect("first");
-        let r2 = Retrying::try_start(0, 2).expect("second");
-        assert!(Retrying::try_start(0, 2).is_none(), "spent");
+    fn guards_count_in_their_budget() {
+        let budget = Arc::new(Budget::default());
+        let a = Active::enter(&budget);
+        let r1 = Retrying::try_start(&budget, 0, 2).expect("first");
+        let r2 = Retrying::try_start(&budget, 0, 2).expect("second");
+        assert!(Retrying::try_start(&budget, 0, 2).is_none(), "spent");
         drop(r1);
-        assert!(Retrying::try_start(0, 2).is_some(), "freed");
+        assert!(Retrying::try_start(&budget, 0, 2).is_some(), "freed");
         drop((r2, a));
-        assert_eq!(ACTIVE.with(Cell::get), 0);
-        assert_eq!(RETRYING.with(Cell::get), 0);
+        assert_eq!(budget.active.load(Ordering::Relaxed), 0);
+        assert_eq!(budget.retrying.load(Ordering::Relaxed), 0);
+        let other = Budget::default();
+        let _busy = Active::enter(&other);
+        assert_eq!(
+            budget.active.load(Ordering::Relaxed),
+            0,
+            "another thread's budget"
+        );
     }
 }

@@ -4,15 +4,14 @@
 //! driven by hyper's `client::conn::http2` in a task of the serving thread, with PING
 //! keep-alive), [`H2Conn::connect`], [`SendBody`] (the one request body type a connection
 //! carries), [`StreamGuard`] (a stream counted on its connection until its response ends),
-//! and the per-thread set: [`take`] hands out the connection to a replica that has room for
-//! one more stream ([`has_room`]: fewer open than the replica's `SETTINGS_MAX_CONCURRENT_STREAMS`
-//! and our own cap), [`keep`] adds a new one. A connection the replica sent GOAWAY on (hyper
+//! and a serving thread's set, [`Conns`]: [`Conns::take`] hands out the connection to a replica
+//! that has room for one more stream ([`has_room`]: fewer open than the replica's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS` and our own cap), [`Conns::keep`] adds a new one. A connection the replica sent GOAWAY on (hyper
 //! then closes its sender), one whose driver ended, one another TLS client made, or one unused
 //! for [`IDLE_TIMEOUT`] is never handed out again and is dropped when met.
 //! Must not touch: what goes on a stream (the request head and the response body are
 //! [`crate::wire::h2`]'s), routing, retries, or what a failure means for a replica.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -258,56 +257,63 @@ struct Kept {
     used: Instant,
 }
 
-thread_local! {
-    /// This thread's HTTP/2 connections, by replica address (the provider's, never a client's:
-    /// a fast hash).
-    static CONNS: RefCell<FxHashMap<SocketAddr, Vec<Kept>>> = RefCell::default();
+/// A serving thread's HTTP/2 connections to the replicas (one set per thread, in its worker:
+/// [`crate::worker::Worker`]). Behind locks only its own thread ever takes: request futures must
+/// be `Send` for hyper's executor.
+#[derive(Default)]
+pub struct Conns {
+    /// By replica address (the provider's, never a client's: a fast hash).
+    kept: std::sync::Mutex<FxHashMap<SocketAddr, Vec<Kept>>>,
     /// Connections this thread is making, by replica: a burst of requests to a replica with no
     /// connection with room waits for the one being made instead of each making its own.
-    static MAKING: RefCell<FxHashMap<SocketAddr, Arc<tokio::sync::Notify>>> = RefCell::default();
+    making: std::sync::Mutex<FxHashMap<SocketAddr, Arc<tokio::sync::Notify>>>,
 }
 
 /// What a request that found no connection with room does.
-pub enum Turn {
+pub enum Turn<'a> {
     /// Make one: this request is the one making it ([`Making`] says when it is done).
-    Make(Making),
+    Make(Making<'a>),
     /// Another request of this thread is making one: wait for it, then look again.
     Wait(Arc<tokio::sync::Notify>),
 }
 
 /// The connection to a replica this request is making; dropped (made or failed), the requests
 /// waiting for it look again.
-pub struct Making {
+pub struct Making<'a> {
+    conns: &'a Conns,
     addr: SocketAddr,
     done: Arc<tokio::sync::Notify>,
 }
 
-impl Drop for Making {
+impl Drop for Making<'_> {
     fn drop(&mut self) {
-        MAKING.with(|m| m.borrow_mut().remove(&self.addr));
+        crate::sync::lock(&self.conns.making).remove(&self.addr);
         self.done.notify_waiters();
     }
 }
 
-/// Whether this request makes the next connection to `addr` or waits for the one being made.
-pub fn turn(addr: SocketAddr) -> Turn {
-    MAKING.with(|m| {
-        let mut m = m.borrow_mut();
+impl Conns {
+    /// Whether this request makes the next connection to `addr` or waits for the one being
+    /// made.
+    pub fn turn(&self, addr: SocketAddr) -> Turn<'_> {
+        let mut m = crate::sync::lock(&self.making);
         if let Some(done) = m.get(&addr) {
             return Turn::Wait(done.clone());
         }
         let done = Arc::new(tokio::sync::Notify::new());
         m.insert(addr, done.clone());
-        Turn::Make(Making { addr, done })
-    })
-}
+        Turn::Make(Making {
+            conns: self,
+            addr,
+            done,
+        })
+    }
 
-/// A connection of this thread to `addr`, made with `tls`, with room for one more stream; the
-/// ones found closed, idle too long or made by another TLS client are dropped on the way.
-pub fn take(addr: SocketAddr, tls: Option<&UpstreamTls>) -> Option<H2Conn> {
-    let client = tls.map_or(0, UpstreamTls::id);
-    CONNS.with(|conns| {
-        let mut conns = conns.borrow_mut();
+    /// A connection to `addr`, made with `tls`, with room for one more stream; the ones found
+    /// closed, idle too long or made by another TLS client are dropped on the way.
+    pub fn take(&self, addr: SocketAddr, tls: Option<&UpstreamTls>) -> Option<H2Conn> {
+        let client = tls.map_or(0, UpstreamTls::id);
+        let mut conns = crate::sync::lock(&self.kept);
         let kept = conns.get_mut(&addr)?;
         let now = Instant::now();
         kept.retain(|k| {
@@ -323,16 +329,14 @@ pub fn take(addr: SocketAddr, tls: Option<&UpstreamTls>) -> Option<H2Conn> {
             conns.remove(&addr);
         }
         found
-    })
-}
+    }
 
-/// Keeps a new connection in this thread's set (unless the replica has the most already).
-/// Connections unused for [`IDLE_TIMEOUT`] or closed, to any replica, are dropped on the way
-/// (replicas that went away, or that this thread stopped sending to, leave theirs here; new
-/// connections are rare, so the sweep is too).
-pub fn keep(conn: &H2Conn) {
-    CONNS.with(|conns| {
-        let mut conns = conns.borrow_mut();
+    /// Keeps a new connection (unless the replica has the most already). Connections unused
+    /// for [`IDLE_TIMEOUT`] or closed, to any replica, are dropped on the way (replicas that
+    /// went away, or that this thread stopped sending to, leave theirs here; new connections
+    /// are rare, so the sweep is too).
+    pub fn keep(&self, conn: &H2Conn) {
+        let mut conns = crate::sync::lock(&self.kept);
         let now = Instant::now();
         conns.retain(|_, kept| {
             kept.retain(|k| {
@@ -348,17 +352,15 @@ pub fn keep(conn: &H2Conn) {
                 used: Instant::now(),
             });
         }
-    });
-}
+    }
 
-/// Drops `conn` from this thread's set: it refused a stream it should have taken (a GOAWAY
-/// raced the request), so the next request makes a new one.
-pub fn forget(conn: &H2Conn) {
-    CONNS.with(|conns| {
-        if let Some(kept) = conns.borrow_mut().get_mut(&conn.addr) {
+    /// Drops `conn`: it refused a stream it should have taken (a GOAWAY raced the request), so
+    /// the next request makes a new one.
+    pub fn forget(&self, conn: &H2Conn) {
+        if let Some(kept) = crate::sync::lock(&self.kept).get_mut(&conn.addr) {
             kept.retain(|k| !Arc::ptr_eq(&k.conn.state, &conn.state));
         }
-    });
+    }
 }
 
 #[cfg(test)]

@@ -3,9 +3,9 @@
 //! Owns: [`Upstream`] (a connection of a kind: HTTP/1.1, or HTTP/2 in [`h2`]; the kind decides how a request is
 //! written on it), [`connect`] (a new connection, plain TCP or TLS with the client it is given:
 //! the snapshot's, passed down by the request or the health check), and [`send`] (a request on
-//! this thread's pooled connection to the replica, or a new one: a pooled connection the
+//! a pooled connection of the serving thread's [`Pools`] to the replica, or a new one: a pooled connection the
 //! replica closed while it was idle is replaced by a fresh one, once, when nothing of the body
-//! was sent), with [`pool`] (the connections and the per-thread idle pool). Health checks
+//! was sent), with [`pool`] (the connections and a thread's idle pool). Health checks
 //! connect here too (never pooled), so a check reaches a replica the way traffic does.
 //! Must not touch: HTTP on the wire (each kind's codec, [`crate::wire::client`] for HTTP/1.1),
 //! which TLS client is in force (the controller publishes it), or what a failure means for a
@@ -35,6 +35,14 @@ pub enum Upstream {
     H2(H2Conn),
 }
 
+/// A serving thread's connections to the replicas, kept between its requests: idle HTTP/1.1
+/// ones and its HTTP/2 ones (in the thread's worker, [`crate::worker::Worker`]).
+#[derive(Default)]
+pub struct Pools {
+    pub h1: std::sync::Arc<pool::Pool>,
+    pub h2: h2::Conns,
+}
+
 /// The kind of connection to make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -61,27 +69,32 @@ pub async fn connect(
     }
 }
 
-/// Sends `req` with `body` on this thread's pooled connection to its replica made with
-/// `req.tls` (HTTP/1.1, or an HTTP/2 connection with room for one more stream when
-/// `req.http2`), or a new one, and returns the response with its streaming body; `in_flight`
-/// counts the request at its replica until the body ends.
+/// Sends `req` with `body` on a connection of `pools` to its replica made with `req.tls`
+/// (HTTP/1.1, or an HTTP/2 connection with room for one more stream when `req.http2`), or a new
+/// one, and returns the response with its streaming body; `in_flight` counts the request at its
+/// replica until the body ends.
 pub async fn send<B: Outgoing + Send + 'static>(
     req: &Request<'_>,
     body: &mut B,
     in_flight: InFlight,
+    pools: &Pools,
 ) -> Result<Response<ReplicaBody>, SendError> {
     if req.http2 {
         // Boxed: the HTTP/2 path's state stays out of the HTTP/1.1 path's future.
-        return Box::pin(send_h2(req, body, in_flight)).await;
+        return Box::pin(send_h2(req, body, in_flight, &pools.h2)).await;
     }
-    let mut pooled = pool::take(req.addr, req.tls);
+    let mut pooled = pools.h1.take(req.addr, req.tls);
     loop {
         let reused = pooled.is_some();
         let mut conn = match pooled.take() {
             Some(c) => c,
             // Boxed: connecting (TCP, and TLS when configured) is rare once the pool is warm,
             // and its state would otherwise make every request's future larger.
-            None => Box::pin(Conn::connect(req.addr, req.connect_timeout, req.tls)).await?,
+            None => {
+                let mut c = Box::pin(Conn::connect(req.addr, req.connect_timeout, req.tls)).await?;
+                pools.h1.adopt(&mut c);
+                c
+            }
         };
         match h1::exchange(&mut conn, &req.forwarded, req.deadline, body).await {
             Ok(head) => return Ok(h1::response(conn, head, req, in_flight).map(ReplicaBody::H1)),
@@ -93,8 +106,8 @@ pub async fn send<B: Outgoing + Send + 'static>(
     }
 }
 
-/// [`send`] over HTTP/2: a stream on this thread's connection to the replica with room for
-/// it, or on a new one (kept for the next requests). A stream a pooled connection did not
+/// [`send`] over HTTP/2: a stream on a connection of `conns` to the replica with room for it,
+/// or on a new one (kept there for the next requests). A stream a pooled connection did not
 /// process (its GOAWAY raced the request) is sent once more on a fresh connection, if nothing
 /// of the body was read; from a fresh connection that failure goes to the caller, which may
 /// retry it elsewhere.
@@ -102,10 +115,11 @@ async fn send_h2<B: Outgoing + Send + 'static>(
     req: &Request<'_>,
     body: &mut B,
     in_flight: InFlight,
+    conns: &h2::Conns,
 ) -> Result<Response<ReplicaBody>, SendError> {
     let scheme = if req.tls.is_some() { "https" } else { "http" };
     loop {
-        let (conn, reused) = h2_conn(req).await?;
+        let (conn, reused) = h2_conn(req, conns).await?;
         let (sender, stream) = conn.open_stream();
         let outgoing = SendBody::new(body.share());
         let request = wire_h2::request(&req.forwarded, scheme, req.addr, outgoing)
@@ -118,7 +132,7 @@ async fn send_h2<B: Outgoing + Send + 'static>(
                 );
             }
             Err(SendError::Unprocessed(_)) if reused && body.untouched() => {
-                h2::forget(&conn);
+                conns.forget(&conn);
                 continue;
             }
             Err(e) => return Err(e),
@@ -126,27 +140,27 @@ async fn send_h2<B: Outgoing + Send + 'static>(
     }
 }
 
-/// This thread's connection to the replica with room for one more stream (and `true`: it was
-/// there already), or a new one, kept for the next requests. While another request of this
-/// thread connects to the same replica, its connection is waited for (up to
+/// A connection of `conns` to the replica with room for one more stream (and `true`: it was
+/// there already), or a new one, kept there for the next requests. While another request of
+/// this thread connects to the same replica, its connection is waited for (up to
 /// `proxy.connect_timeout`) and used if it has room: a burst on a cold thread makes one
 /// connection, not one per request.
-async fn h2_conn(req: &Request<'_>) -> Result<(H2Conn, bool), ConnectError> {
-    if let Some(c) = h2::take(req.addr, req.tls) {
+async fn h2_conn(req: &Request<'_>, conns: &h2::Conns) -> Result<(H2Conn, bool), ConnectError> {
+    if let Some(c) = conns.take(req.addr, req.tls) {
         return Ok((c, true));
     }
-    let making = match h2::turn(req.addr) {
+    let making = match conns.turn(req.addr) {
         h2::Turn::Make(making) => Some(making),
         h2::Turn::Wait(done) => {
             let _ = tokio::time::timeout(req.connect_timeout, done.notified()).await;
-            if let Some(c) = h2::take(req.addr, req.tls) {
+            if let Some(c) = conns.take(req.addr, req.tls) {
                 return Ok((c, true));
             }
             None
         }
     };
     let c = H2Conn::connect(req.addr, req.connect_timeout, req.tls, req.http2_keepalive).await?;
-    h2::keep(&c);
+    conns.keep(&c);
     drop(making);
     Ok((c, false))
 }

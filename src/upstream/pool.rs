@@ -2,8 +2,8 @@
 //!
 //! Owns: [`Conn`] (a replica connection with its read buffer: plain TCP, or TLS with the client
 //! it is given, ALPN `http/1.1` or, for HTTP/2, `h2`, see [`Conn::connect_for`]; HTTP/2 takes
-//! its byte stream, [`Conn::into_stream`]), connecting with a deadline, and the per-thread pool of
-//! idle keep-alive connections (last in, first out; at most [`MAX_IDLE_PER_REPLICA`] per replica;
+//! its byte stream, [`Conn::into_stream`]), connecting with a deadline, and a serving thread's
+//! [`Pool`] of idle keep-alive connections (last in, first out; at most [`MAX_IDLE_PER_REPLICA`] per replica;
 //! closed after [`IDLE_TIMEOUT`]; a connection the replica closed, that has unsolicited bytes,
 //! or that another TLS client than the caller's made, is never handed out). Per thread, because
 //! every request stays on its serving thread: no lock, no cross-thread wake-up, no shared cache
@@ -11,13 +11,13 @@
 //! Must not touch: HTTP, or which TLS client is in force (the caller passes the snapshot's). It
 //! moves bytes and connections.
 
-use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use rustc_hash::FxHashMap;
@@ -159,6 +159,9 @@ pub struct Conn {
     /// The [`UpstreamTls::id`] of the client that made it (0: plain TCP).
     made_by: u64,
     idle_since: Instant,
+    /// The pool it goes back to when its response was read whole: set while a request of a
+    /// serving thread uses it, never while it is idle in the pool (which would make a cycle).
+    home: Option<Arc<Pool>>,
     _counted: ReplicaConnection,
 }
 
@@ -215,6 +218,7 @@ impl Conn {
             addr,
             made_by: client_id(tls),
             idle_since: Instant::now(),
+            home: None,
             _counted: counted,
         })
     }
@@ -340,18 +344,23 @@ struct Idle {
     spare: Vec<BytesMut>,
 }
 
-thread_local! {
-    static IDLE: RefCell<Idle> = RefCell::new(Idle::default());
+/// A serving thread's idle connections (one pool per thread, in its worker:
+/// [`crate::worker::Worker`]). Behind a lock only its own thread ever takes: request futures
+/// must be `Send` for hyper's executor.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<Idle>,
 }
 
-/// An idle connection to `addr` from this thread's pool, if a usable one made with `tls` is
-/// there. One made with another client (before an edit of `[provider] upstream_tls` or
-/// `upstream_ca`) is closed when met: the edit applies to the next request, not only once the
-/// connections it would have refused age out, which a busy replica's never do.
-pub fn take(addr: SocketAddr, tls: Option<&UpstreamTls>) -> Option<Conn> {
-    let client = client_id(tls);
-    IDLE.with(|idle| {
-        let mut idle = idle.borrow_mut();
+impl Pool {
+    /// An idle connection to `addr`, if a usable one made with `tls` is there; once its
+    /// response is read whole it comes back here. One made with another client (before an
+    /// edit of `[provider] upstream_tls` or `upstream_ca`) is closed when met: the edit applies
+    /// to the next request, not only once the connections it would have refused age out, which
+    /// a busy replica's never do.
+    pub fn take(self: &Arc<Self>, addr: SocketAddr, tls: Option<&UpstreamTls>) -> Option<Conn> {
+        let client = client_id(tls);
+        let mut idle = crate::sync::lock(&self.idle);
         let idle = &mut *idle;
         let conns = idle.by_replica.get_mut(&addr)?;
         while let Some(mut c) = conns.pop() {
@@ -359,20 +368,24 @@ pub fn take(addr: SocketAddr, tls: Option<&UpstreamTls>) -> Option<Conn> {
                 if let Some(buf) = idle.spare.pop() {
                     c.buf = buf;
                 }
+                c.home = Some(Arc::clone(self));
                 return Some(c);
             }
         }
         None
-    })
-}
+    }
 
-/// Gives a connection whose last response was read whole back to this thread's pool.
-pub fn put_back(mut conn: Conn) {
-    conn.idle_since = Instant::now();
-    IDLE.with(|idle| {
-        let mut idle = idle.borrow_mut();
+    /// Makes a new connection `conn` come back here once its response is read whole.
+    pub fn adopt(self: &Arc<Self>, conn: &mut Conn) {
+        conn.home = Some(Arc::clone(self));
+    }
+
+    fn put_back(&self, mut conn: Conn) {
+        conn.idle_since = Instant::now();
+        conn.home = None;
+        let mut idle = crate::sync::lock(&self.idle);
         idle.returns = idle.returns.wrapping_add(1);
-        if idle.returns % 4096 == 0 {
+        if idle.returns.is_multiple_of(4096) {
             // Now and then, close what expired (replicas that went away leave theirs here).
             idle.by_replica.retain(|_, conns| {
                 conns.retain(|c| c.idle_since.elapsed() < IDLE_TIMEOUT);
@@ -388,5 +401,13 @@ pub fn put_back(mut conn: Conn) {
         if conns.len() < MAX_IDLE_PER_REPLICA {
             conns.push(conn);
         }
-    });
+    }
+}
+
+/// Gives a connection whose last response was read whole back to the pool it came from or was
+/// adopted by; one of no pool (a health check's) is closed.
+pub fn put_back(mut conn: Conn) {
+    if let Some(pool) = conn.home.take() {
+        pool.put_back(conn);
+    }
 }

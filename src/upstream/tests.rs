@@ -17,6 +17,19 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::proxy::body::ProxyBody;
+
+/// The connections the tests' requests keep, as a serving thread's worker keeps them (shared
+/// by the tests: each test's replicas have addresses of their own).
+static POOLS: std::sync::LazyLock<Pools> = std::sync::LazyLock::new(Pools::default);
+
+/// [`super::send`] with the tests' pools.
+async fn send<B: Outgoing + Send + 'static>(
+    req: &Request<'_>,
+    body: &mut B,
+    in_flight: InFlight,
+) -> Result<Response<ReplicaBody>, SendError> {
+    super::send(req, body, in_flight, &POOLS).await
+}
 use crate::snapshot::ReplicaStats;
 use crate::wire::client::head::{self, HeadError, RequestFraming};
 use crate::wire::client::Forwarded;
@@ -224,7 +237,7 @@ async fn failures_are_told_apart() {
         Err(SendError::BadHead(HeadError::UnaskedSwitch))
     ));
     assert!(
-        pool::take(addr, None).is_none(),
+        POOLS.h1.take(addr, None).is_none(),
         "the connection is not pooled"
     );
 
@@ -388,7 +401,7 @@ async fn an_upgrade_answered_101_carries_its_connection_with_the_response() {
     drop(in_flight);
     assert_eq!(s.load(), 0);
     assert!(
-        pool::take(addr, None).is_none(),
+        POOLS.h1.take(addr, None).is_none(),
         "a switched connection never goes to the pool"
     );
 }
@@ -552,11 +565,11 @@ async fn a_pooled_connection_goes_only_to_a_request_of_the_client_that_made_it()
         .expect("a client")
         .expect("TLS on");
     assert!(
-        pool::take(addr, Some(&tls)).is_none(),
+        POOLS.h1.take(addr, Some(&tls)).is_none(),
         "the pooled connection is plain TCP"
     );
     assert!(
-        pool::take(addr, None).is_none(),
+        POOLS.h1.take(addr, None).is_none(),
         "and it was closed when met, not kept"
     );
     assert_eq!(get(addr).await.expect("answer"), (200, "hello".into()));
@@ -697,7 +710,7 @@ async fn streams_share_one_connection_and_a_connection_that_sent_goaway_gets_non
     // The replica says GOAWAY (a graceful shutdown): its connection takes no new stream.
     let _ = goaway.send(());
     let deadline = Instant::now() + Duration::from_secs(5);
-    while h2::take(addr, None).is_some_and(|c| c.is_open()) {
+    while POOLS.h2.take(addr, None).is_some_and(|c| c.is_open()) {
         assert!(Instant::now() < deadline, "the GOAWAY was never seen");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -72,6 +72,7 @@ pub async fn serve<F, Fut>(
     first: &[u8],
     settings: Settings,
     metrics: &Metrics,
+    spare: &Spare,
     mut drain: watch::Receiver<bool>,
     mut handle: F,
 ) where
@@ -103,14 +104,22 @@ pub async fn serve<F, Fut>(
                 return;
             }
             // Boxed, as rare: its response's state is not kept in every idle connection's task.
-            Err(e) => return Box::pin(refuse_head(&mut write, e, metrics)).await,
+            Err(e) => return Box::pin(refuse_head(&mut write, e, metrics, spare)).await,
         };
         // The box is allocated before the request's future is made, so that the future can be
         // made in it rather than made aside and copied in (7 KiB, every request).
         let slot = Box::new_uninit();
         let exchanged = Box::into_pin(Box::write(
             slot,
-            exchange(head, reader, &mut write, &settings, &drain, &mut handle),
+            exchange(
+                head,
+                reader,
+                &mut write,
+                &settings,
+                spare,
+                &drain,
+                &mut handle,
+            ),
         ))
         .await;
         reader = match exchanged {
@@ -160,6 +169,7 @@ async fn exchange<F, Fut>(
     reader: Reader,
     write: &mut WriteHalf<Transport>,
     settings: &Settings,
+    spare: &Spare,
     drain: &watch::Receiver<bool>,
     handle: &mut F,
 ) -> Next
@@ -219,7 +229,7 @@ where
         version,
         trailers,
     };
-    let kept = respond(write, resp, &asked, keep, &mut watched).await;
+    let kept = respond(write, resp, &asked, keep, &mut watched, spare).await;
     if let Some(back) = back {
         // The body is still being read (the proxy reads a refused body out so the client
         // sees the answer): its connection goes on only once it is read whole.
@@ -317,6 +327,7 @@ async fn respond(
     asked: &Asked<'_>,
     keep: bool,
     watched: &mut Option<Reader>,
+    spare: &Spare,
 ) -> bool {
     let (method, version) = (asked.method, asked.version);
     let (parts, mut body) = resp.into_parts();
@@ -333,7 +344,7 @@ async fn respond(
         (true, Version::HTTP_10) => Persistence::KeepAlive10,
         (true, _) => Persistence::KeepAlive,
     };
-    let mut out = spare::take();
+    let mut out = spare.take();
     write_head(
         &mut out,
         parts.status,
@@ -346,7 +357,7 @@ async fn respond(
     drop(parts);
     let trailers = asked.trailers && framing == Framing::Chunked;
     let sent = send(write, &mut out, &mut body, (framing, trailers), watched).await;
-    spare::give(out);
+    spare.give(out);
     let flushed = write.flush().await.is_ok();
     keep && sent && flushed
 }
@@ -555,7 +566,12 @@ async fn hand_over(
 }
 
 /// Answers a refused request head with its status (counted by reason) and closes.
-async fn refuse_head(write: &mut WriteHalf<Transport>, e: HeadError, metrics: &Metrics) {
+async fn refuse_head(
+    write: &mut WriteHalf<Transport>,
+    e: HeadError,
+    metrics: &Metrics,
+    spare: &Spare,
+) {
     let counter = match e {
         HeadError::TooLarge | HeadError::TooManyHeaders => &metrics.heads_refused_too_large,
         HeadError::Malformed(_) | HeadError::Host(_) => &metrics.heads_refused_malformed,
@@ -569,7 +585,7 @@ async fn refuse_head(write: &mut WriteHalf<Transport>, e: HeadError, metrics: &M
         version: Version::HTTP_11,
         trailers: false,
     };
-    let _ = respond(write, resp, &asked, false, &mut None).await;
+    let _ = respond(write, resp, &asked, false, &mut None, spare).await;
     let _ = write.shutdown().await;
 }
 
@@ -594,35 +610,34 @@ async fn next_frame(
     }
 }
 
-/// Buffers for response heads, kept per thread: a response head is written without
-/// allocating, and an idle connection holds none.
-mod spare {
-    use std::cell::RefCell;
+/// Buffers for response heads, kept per serving thread (in its worker,
+/// [`crate::worker::Worker`]): a response head is written without allocating, and an idle
+/// connection holds none. Behind a lock only its own thread ever takes: the connection's
+/// future must be `Send`.
+#[derive(Default)]
+pub struct Spare {
+    bufs: std::sync::Mutex<Vec<Vec<u8>>>,
+}
 
+impl Spare {
     const KEEP: usize = 16;
     const KEEP_CAPACITY: usize = 4 * 1024;
 
-    thread_local! {
-        static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-    }
-
-    pub fn take() -> Vec<u8> {
-        SPARE
-            .with(|s| s.borrow_mut().pop())
+    fn take(&self) -> Vec<u8> {
+        crate::sync::lock(&self.bufs)
+            .pop()
             .unwrap_or_else(|| Vec::with_capacity(512))
     }
 
-    pub fn give(mut buf: Vec<u8>) {
-        if buf.capacity() > KEEP_CAPACITY {
+    fn give(&self, mut buf: Vec<u8>) {
+        if buf.capacity() > Self::KEEP_CAPACITY {
             return;
         }
         buf.clear();
-        SPARE.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < KEEP {
-                s.push(buf);
-            }
-        });
+        let mut bufs = crate::sync::lock(&self.bufs);
+        if bufs.len() < Self::KEEP {
+            bufs.push(buf);
+        }
     }
 }
 
@@ -652,7 +667,17 @@ mod tests {
             };
             let metrics = Metrics::default();
             let (_drain_tx, drain) = watch::channel(false);
-            serve(Box::new(stream), &[], settings, &metrics, drain, handle).await;
+            let spare = Spare::default();
+            serve(
+                Box::new(stream),
+                &[],
+                settings,
+                &metrics,
+                &spare,
+                drain,
+                handle,
+            )
+            .await;
         });
         tokio::net::TcpStream::connect(addr).await.expect("connect")
     }
