@@ -263,11 +263,6 @@ impl Admitted {
     pub fn admission(&self) -> &Admission {
         &self.admission
     }
-
-    /// The connection's client address.
-    pub fn ip(&self) -> IpAddr {
-        self.ip
-    }
 }
 
 impl Drop for RequestPlace {

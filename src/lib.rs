@@ -8,6 +8,8 @@
 //!   ([`gateway::Gateway::start`], [`gateway::Gateway::serve`], [`gateway::run`]).
 //!
 //! Data plane (the request path: reads one immutable [`snapshot::Snapshot`], takes no lock):
+//! - [`worker`]: a serving thread's own state (snapshot cache, upstream pools, retry budget,
+//!   access-log lines, spare buffers), passed down to every connection and request it serves.
 //! - [`listener`]: accepting connections, first-bytes deadline, TLS handshakes, telling HTTP/1
 //!   from HTTP/2 (served by hyper), idle timeouts, graceful drain.
 //! - [`wire`]: HTTP/1.1 on the wire, both legs: our server for clients (strict request heads,
@@ -16,7 +18,7 @@
 //!   of framing rules, one body decoder and chunk encoder, and the body types of the request path;
 //!   and the replica's side of HTTP/2 (a request as a stream, its response and trailers).
 //! - [`upstream`]: the connector to the replicas (plain or TLS connections, the per-thread idle
-//!   pool, HTTP/2 connections multiplexed per replica and serving thread).
+//!   pool of a serving thread, HTTP/2 connections multiplexed per replica and serving thread).
 //! - [`http2`]: what the gateway watches on an HTTP/2 connection hyper serves: open streams
 //!   (idle timeout) and responses held back by the client's window (send timeout).
 //! - [`stall`]: bounded waits on peers that stop moving bytes: a client that stops taking its
@@ -80,48 +82,52 @@
 //!
 //! The load generator, the analysis experiments and the benchmarks live in the lab package
 //! (`bench/lab`, binary `ringgate-lab`), outside this library and the gateway binary.
+//!
+//! Public are only the modules the binaries, the lab, the tests and the benchmarks use (the
+//! gateway, its config, the tools, the ring and hashing, the providers, the policy set, the
+//! wire codec the allocation tests drive, and small helpers); the rest is `pub(crate)`.
 
 pub mod access_log;
-pub mod admin;
-pub mod admission;
-pub mod answer;
-pub mod balance;
+pub(crate) mod admin;
+pub(crate) mod admission;
+pub(crate) mod answer;
+pub(crate) mod balance;
 pub mod config;
-pub mod control;
-pub mod descriptors;
-pub mod error;
-pub mod exposition;
+pub(crate) mod control;
+pub(crate) mod descriptors;
+pub(crate) mod error;
+pub(crate) mod exposition;
 pub mod gateway;
 pub mod grpc;
-pub mod guard;
+pub(crate) mod guard;
 pub mod hashing;
-pub mod health;
-pub mod http2;
-pub mod latency;
-pub mod listener;
+pub(crate) mod health;
+pub(crate) mod http2;
+pub(crate) mod latency;
+pub(crate) mod listener;
 pub mod listening;
 pub mod memory;
-pub mod metrics;
-pub mod per_thread;
+pub(crate) mod metrics;
+pub(crate) mod per_thread;
 pub mod policy;
 pub mod provider;
-pub mod proxy;
-pub mod rescue;
+pub(crate) mod proxy;
+pub(crate) mod rescue;
 pub mod rfc3339;
 pub mod ring;
-pub mod routing;
-pub mod service;
-pub mod snapshot;
-pub mod spread;
-pub mod stall;
-pub mod sync;
-pub mod tls;
+pub(crate) mod routing;
+pub(crate) mod service;
+pub(crate) mod snapshot;
+pub(crate) mod spread;
+pub(crate) mod stall;
+pub(crate) mod sync;
+pub(crate) mod tls;
 pub mod tools;
-pub mod tunnel;
-pub mod ui;
-pub mod upstream;
-pub mod watchdog;
-pub mod watcher;
-pub mod whatif;
+pub(crate) mod tunnel;
+pub(crate) mod ui;
+pub(crate) mod upstream;
+pub(crate) mod watchdog;
+pub(crate) mod watcher;
+pub(crate) mod whatif;
 pub mod wire;
-pub mod worker;
+pub(crate) mod worker;

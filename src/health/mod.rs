@@ -78,6 +78,7 @@ impl Tracker {
         }
     }
 
+    #[cfg(test)]
     pub fn up() -> Tracker {
         Tracker {
             state: HealthState::Up,

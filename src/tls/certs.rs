@@ -129,15 +129,6 @@ pub fn read(pair: &CertificatePair) -> Result<PairBytes, CertError> {
     Ok(PairBytes { cert, key })
 }
 
-/// Reads and validates a pair.
-pub fn load(
-    pair: &CertificatePair,
-    provider: &CryptoProvider,
-    now: SystemTime,
-) -> Result<Certificate, CertError> {
-    from_pem(pair, &read(pair)?, provider, now)
-}
-
 /// A certificate's time (Unix seconds) in RFC 3339, as the whole crate writes times
 /// ([`crate::rfc3339`]).
 pub fn rfc3339(secs: i64) -> String {

@@ -49,7 +49,8 @@ pub fn is_asset(path: &str) -> bool {
 }
 
 /// Total size of the page's files, in bytes (what a first load transfers, uncompressed).
-pub fn payload_bytes() -> usize {
+#[cfg(test)]
+fn payload_bytes() -> usize {
     ASSETS.iter().map(|(_, _, body)| body.len()).sum()
 }
 
