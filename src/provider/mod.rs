@@ -134,7 +134,7 @@ impl ProviderError {
 
 /// One small trait per concern: a provider starts, stops and lists replicas and reports events.
 pub trait Provider: Send + Sync + 'static {
-    /// "process", "docker" or "static".
+    /// "process", "docker", "swarm" or "static".
     fn kind(&self) -> &'static str;
 
     /// What this provider does with replicas: asked once, when the controller is built, which
