@@ -308,3 +308,85 @@ async fn past_hold_timeout_a_request_gets_503_and_a_grpc_call_unavailable() {
         assert_eq!(r["failures"].as_u64().unwrap_or(0), 0, "{r:#}");
     }
 }
+
+/// A gateway at zero whose replica never gets ready (its check asks a path it answers 404), so
+/// requests stay held until `hold_timeout`; `proxy` and `hold` tune the caps under test.
+fn never_ready(proxy: &str, hold_max: u32, hold_timeout: &str) -> String {
+    let conf = Conf {
+        replicas: "count = 0\nmax_replicas = 4\n".into(),
+        health: format!("{HEALTH}path = \"/never-ready\"\n"),
+        proxy: proxy.into(),
+        ..Conf::default()
+    };
+    let autoscale = AUTOSCALE
+        .replace("hold_max = 2", &format!("hold_max = {hold_max}"))
+        .replace(
+            "hold_timeout = \"30s\"",
+            &format!("hold_timeout = \"{hold_timeout}\""),
+        );
+    format!("{}\n{autoscale}", conf.render())
+}
+
+/// Held requests are requests in flight: they take their places in `proxy.max_requests`
+/// before they are held (a held request holds a client connection and will hold a replica
+/// connection), so with `max_requests = 2` and two held, a third request is refused at once
+/// over the budget, not held, and the gauge shows the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_requests_count_in_max_requests() {
+    let gw = GatewayProcess::start_toml(&never_ready("max_requests = 2\n", 10, "4s"));
+    wait_zero(&gw).await;
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let s = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        held.push(tokio::spawn(raw_get(s, i)));
+    }
+    gw.wait_status(Duration::from_secs(10), "two requests held", |s| {
+        s["autoscale"]["held_now"] == 2
+    })
+    .await;
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(&metrics, "ringgate_requests_in_flight"),
+        2.0,
+        "the held requests are in flight"
+    );
+    let s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let t = Instant::now();
+    let (code, retry_after, body) = raw_get(s, 7).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"), "{body}");
+    assert!(body.contains("proxy.max_requests"), "{body}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "refused at once, not held: {:?}",
+        t.elapsed()
+    );
+    let status = gw.status().await;
+    assert_eq!(status["autoscale"]["held_now"], 2, "not held: {status:#}");
+    for h in held {
+        let (code, _, body) = h.await.expect("held request");
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("autoscale.hold_timeout"), "{body}");
+    }
+    // Their places came back with their answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = gw.metrics().await;
+        if metric(&metrics, "ringgate_requests_in_flight") == 0.0 {
+            assert_eq!(
+                metric(
+                    &metrics,
+                    "ringgate_requests_refused_total{reason=\"max_requests\"}"
+                ),
+                1.0
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "places not returned: {metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
