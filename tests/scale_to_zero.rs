@@ -390,3 +390,61 @@ async fn held_requests_count_in_max_requests() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Over HTTP/2 a request past `hold_max` is refused the way any request over a budget is:
+/// `REFUSED_STREAM`, which a client may retry at once (nothing of it was processed); the held
+/// ones get their answer (here 503 after `hold_timeout`). HTTP/1 keeps 503 + `Retry-After`
+/// (the burst above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_hold_max_an_http2_stream_is_refused() {
+    let gw = GatewayProcess::start_toml(&never_ready("", 2, "2s"));
+    wait_zero(&gw).await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.expect("ready");
+    let mut streams = Vec::new();
+    for i in 0..6 {
+        let req = http::Request::get(format!("http://{}/home?id={i}", gw.addr))
+            .body(())
+            .expect("request");
+        let (resp, _) = send.send_request(req, true).expect("send");
+        streams.push(resp);
+        send = send.ready().await.expect("ready");
+    }
+    let outcomes = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(streams),
+    )
+    .await
+    .expect("every stream ends within 30 s");
+    let mut answered = 0;
+    let mut refused = 0;
+    for outcome in &outcomes {
+        match outcome {
+            Ok(resp) => {
+                assert_eq!(resp.status(), 503, "{resp:?}");
+                answered += 1;
+            }
+            Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => refused += 1,
+            Err(e) => panic!("neither an answer nor REFUSED_STREAM: {e:?}"),
+        }
+    }
+    assert_eq!(
+        (answered, refused),
+        (2, 4),
+        "two held (answered after hold_timeout), four refused: {outcomes:?}"
+    );
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "ringgate_autoscale_hold_refused_total{reason=\"full\"}"
+        ),
+        4.0
+    );
+}
