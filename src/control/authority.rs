@@ -22,7 +22,7 @@ use super::membership::{
     ScaleRequest,
 };
 use super::shared_ops::EngineState;
-use crate::provider::{Instance, Mode, SharedRing};
+use crate::provider::{Instance, Mode, Proposals, SharedRing};
 use crate::ring::ServerId;
 
 /// What an authority decides from.
@@ -164,6 +164,9 @@ pub(super) fn for_mode(mode: &Mode, name: &str) -> Box<dyn MembershipAuthority> 
             engine: EngineState::default(),
             cleaning: HashSet::new(),
             grows: HashSet::new(),
+            proposals: Proposals::new(),
+            proposing: false,
+            shrinking: false,
         })),
     }
 }
@@ -340,6 +343,12 @@ pub(super) struct SharedRecord {
     /// Grows to `replicas.count` through the record not finished yet: readiness waits for
     /// them, so a gateway that starts a ring serves once its replicas do.
     pub grows: HashSet<OpId>,
+    /// The gateways' autoscaling proposals in the last record applied (`agree`).
+    pub proposals: Proposals,
+    /// A write of this gateway's proposal is under way.
+    pub proposing: bool,
+    /// An agreed scale-down is being written to the record.
+    pub shrinking: bool,
 }
 
 #[cfg(test)]
