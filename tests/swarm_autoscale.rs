@@ -5,8 +5,10 @@
 //!
 //! The load is real: clients through each gateway ask `ringgate-server` for `/home?work_ms=300`
 //! (simulated work), so each gateway counts the requests it has in flight at the replicas. The
-//! windows are short (stable 6 s, panic 2 s, scale-down delay 8 s) so the test takes about two
-//! minutes. The ring (services, network) is removed when the test ends, also when it fails;
+//! windows are short (stable 6 s, panic 2 s, scale-down delay 8 s) so the test takes about a
+//! minute and a half. Then B alone takes N up again (up takes the largest proposal) and is
+//! killed: its proposal holds N until it is older than the bound, then N falls on A's alone.
+//! The ring (services, network) is removed when the test ends, also when it fails;
 //! the gateways are host processes, killed first. Without an engine or a swarm the test says
 //! it is skipped, loudly, and fails instead under `RINGGATE_REQUIRE_ENGINES=1` (CI).
 
@@ -228,11 +230,6 @@ async fn two_gateways_agree_on_n_under_the_same_load_and_fall_only_when_both_do(
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    eprintln!(
-        "two gateways on swarm: N 1 -> 3 agreed after {up:?}; A proposed less at {a_less_at:?} \
-         with N held at B's 3; N back to 1 at {down_at:?}; requests through A {ok_a} ok / \
-         {failed_a} failed, through B {ok_b} ok / {failed_b} failed"
-    );
     assert_eq!(
         failed_a + failed_b,
         0,
@@ -241,4 +238,53 @@ async fn two_gateways_agree_on_n_under_the_same_load_and_fall_only_when_both_do(
     for gw in [&a, &b] {
         assert!(!gw.log().contains("panicked"), "gateway log:\n{}", gw.log());
     }
+
+    // Load through B alone: B proposes 3, A 1; up takes the largest.
+    let load_b = Load::start(&b, 3);
+    a.wait_status(
+        Duration::from_secs(60),
+        "N = 3 on B's proposal alone",
+        |s| {
+            let (members, agreed, mine, theirs) = agreement(s, "gw-a", "gw-b");
+            members == 3 && agreed == Some(3) && mine == Some(1) && theirs == Some(3)
+        },
+    )
+    .await;
+    // B dies (SIGKILL: nothing is cleaned up) still proposing 3. Its proposal holds N until
+    // it is older than the bound (15 s after B last wrote it, at most 5 s before it died);
+    // then A's 1 alone counts and N falls.
+    let (ok_b2, failed_b2, _) = load_b.stop().await;
+    b.signal("KILL");
+    let killed = Instant::now();
+    let stale_after = loop {
+        let s = a.status().await;
+        let (members, _, _, theirs) = agreement(&s, "gw-a", "gw-b");
+        if theirs.is_none() {
+            break killed.elapsed();
+        }
+        assert_eq!(members, 3, "B's proposal still counts: N holds\n{s:#}");
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "B's proposal never went stale\n{s:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        stale_after >= Duration::from_secs(9),
+        "B's proposal expired {stale_after:?} after B died: sooner than the bound allows"
+    );
+    a.wait_status(Duration::from_secs(30), "N = 1 on A's proposal", |s| {
+        let (members, agreed, mine, _) = agreement(s, "gw-a", "gw-b");
+        members == 1 && agreed == Some(1) && mine == Some(1)
+    })
+    .await;
+    let fallen_after = killed.elapsed();
+    eprintln!(
+        "two gateways on swarm: N 1 -> 3 agreed after {up:?}; A proposed less at {a_less_at:?} \
+         with N held at B's 3; N back to 1 at {down_at:?}; requests through A {ok_a} ok / \
+         {failed_a} failed, through B {ok_b} ok / {failed_b} failed; then B alone ({ok_b2} ok / \
+         {failed_b2} failed) took N to 3, B killed: its proposal stale after {stale_after:?}, \
+         N back to 1 after {fallen_after:?}"
+    );
+    assert_eq!(failed_b2, 0, "no failed request through B alone");
 }
