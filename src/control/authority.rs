@@ -258,13 +258,19 @@ impl MembershipAuthority for Local {
 pub(super) struct SharedAuthority(SharedRecord);
 
 impl MembershipAuthority for SharedAuthority {
-    fn add(&mut self, _at: &Ctx<'_>, request: ScaleRequest, reply: Reply<Scaled>) -> Vec<Effect> {
+    fn add(&mut self, at: &Ctx<'_>, request: ScaleRequest, reply: Reply<Scaled>) -> Vec<Effect> {
         // The rest is checked against the engine's record, not this gateway's copy of it.
         if let Err(e) = check_names(&request.hostnames) {
             return vec![Effect::Reply(reply, Err(e.into()))];
         }
         if request.hostnames.len() > request.n as usize {
             let e = MembershipError::TooManyHostnamesToAdd;
+            return vec![Effect::Reply(reply, Err(e.into()))];
+        }
+        // `[autoscale]`'s bounds, against this gateway's copy of the record (the last one it
+        // applied): a call racing another gateway's change may see N one change late.
+        let members = at.membership.desired();
+        if let Err(e) = check_autoscale_bounds(members, request.n, true, at.autoscale) {
             return vec![Effect::Reply(reply, Err(e.into()))];
         }
         vec![Effect::Record(RecordStep::Add { request, reply })]
@@ -275,12 +281,11 @@ impl MembershipAuthority for SharedAuthority {
         vec![Effect::Record(RecordStep::Grow { target })]
     }
 
-    fn remove(
-        &mut self,
-        _at: &Ctx<'_>,
-        request: ScaleRequest,
-        reply: Reply<Scaled>,
-    ) -> Vec<Effect> {
+    fn remove(&mut self, at: &Ctx<'_>, request: ScaleRequest, reply: Reply<Scaled>) -> Vec<Effect> {
+        let members = at.membership.desired();
+        if let Err(e) = check_autoscale_bounds(members, request.n, false, at.autoscale) {
+            return vec![Effect::Reply(reply, Err(e.into()))];
+        }
         vec![Effect::Record(RecordStep::Remove { request, reply })]
     }
 
@@ -467,6 +472,22 @@ mod tests {
         assert!(matches!(
             a.remove(&ctx(&m, None), req(1), reply()).as_slice(),
             [Effect::Record(RecordStep::Remove { .. })]
+        ));
+        // With autoscale on, an operator's call stays within min..max, as on one gateway.
+        assert!(
+            matches!(
+                a.add(&ctx(&m, Some((1, 4))), req(2), reply()).as_slice(),
+                [Effect::Reply(_, Err(_))]
+            ),
+            "3 + 2 is over autoscale.max: answered, nothing written"
+        );
+        assert!(matches!(
+            a.remove(&ctx(&m, Some((3, 4))), req(1), reply()).as_slice(),
+            [Effect::Reply(_, Err(_))]
+        ));
+        assert!(matches!(
+            a.add(&ctx(&m, Some((1, 4))), req(1), reply()).as_slice(),
+            [Effect::Record(RecordStep::Add { .. })]
         ));
     }
 }
