@@ -160,7 +160,9 @@ impl GatewayError {
     pub fn refuses_stream(&self) -> bool {
         matches!(
             self,
-            GatewayError::OverBudget { .. } | GatewayError::ReplicaBusy { .. }
+            GatewayError::OverBudget { .. }
+                | GatewayError::ReplicaBusy { .. }
+                | GatewayError::HoldFull { .. }
         )
     }
 
@@ -305,16 +307,23 @@ mod tests {
         assert!(!e.retryable());
         assert_eq!(e.status(), StatusCode::CONFLICT);
         assert!(!GatewayError::NoReplica.retryable());
-        // Held at zero replicas past the bound: 503 with Retry-After.
-        for e in [
-            GatewayError::HoldFull { limit: 2 },
-            GatewayError::HoldTimeout {
-                timeout: std::time::Duration::from_secs(3),
-            },
+        // Held at zero replicas past the bound: 503 with Retry-After; past hold_max nothing of
+        // the request was processed, so an HTTP/2 client gets REFUSED_STREAM like any request
+        // over a budget; one held past hold_timeout waited, and gets the response.
+        for (e, refused) in [
+            (GatewayError::HoldFull { limit: 2 }, true),
+            (
+                GatewayError::HoldTimeout {
+                    timeout: std::time::Duration::from_secs(3),
+                },
+                false,
+            ),
         ] {
+            assert_eq!(e.refuses_stream(), refused, "{e}");
             let resp = e.into_response();
             assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(resp.headers()[http::header::RETRY_AFTER], "1");
+            assert_eq!(resp.extensions().get::<RefusedStream>().is_some(), refused);
         }
     }
 

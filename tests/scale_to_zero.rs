@@ -308,3 +308,143 @@ async fn past_hold_timeout_a_request_gets_503_and_a_grpc_call_unavailable() {
         assert_eq!(r["failures"].as_u64().unwrap_or(0), 0, "{r:#}");
     }
 }
+
+/// A gateway at zero whose replica never gets ready (its check asks a path it answers 404), so
+/// requests stay held until `hold_timeout`; `proxy` and `hold` tune the caps under test.
+fn never_ready(proxy: &str, hold_max: u32, hold_timeout: &str) -> String {
+    let conf = Conf {
+        replicas: "count = 0\nmax_replicas = 4\n".into(),
+        health: format!("{HEALTH}path = \"/never-ready\"\n"),
+        proxy: proxy.into(),
+        ..Conf::default()
+    };
+    let autoscale = AUTOSCALE
+        .replace("hold_max = 2", &format!("hold_max = {hold_max}"))
+        .replace(
+            "hold_timeout = \"30s\"",
+            &format!("hold_timeout = \"{hold_timeout}\""),
+        );
+    format!("{}\n{autoscale}", conf.render())
+}
+
+/// Held requests are requests in flight: they take their places in `proxy.max_requests`
+/// before they are held (a held request holds a client connection and will hold a replica
+/// connection), so with `max_requests = 2` and two held, a third request is refused at once
+/// over the budget, not held, and the gauge shows the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_requests_count_in_max_requests() {
+    let gw = GatewayProcess::start_toml(&never_ready("max_requests = 2\n", 10, "4s"));
+    wait_zero(&gw).await;
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let s = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        held.push(tokio::spawn(raw_get(s, i)));
+    }
+    gw.wait_status(Duration::from_secs(10), "two requests held", |s| {
+        s["autoscale"]["held_now"] == 2
+    })
+    .await;
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(&metrics, "ringgate_requests_in_flight"),
+        2.0,
+        "the held requests are in flight"
+    );
+    let s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let t = Instant::now();
+    let (code, retry_after, body) = raw_get(s, 7).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"), "{body}");
+    assert!(body.contains("proxy.max_requests"), "{body}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "refused at once, not held: {:?}",
+        t.elapsed()
+    );
+    let status = gw.status().await;
+    assert_eq!(status["autoscale"]["held_now"], 2, "not held: {status:#}");
+    for h in held {
+        let (code, _, body) = h.await.expect("held request");
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("autoscale.hold_timeout"), "{body}");
+    }
+    // Their places came back with their answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = gw.metrics().await;
+        if metric(&metrics, "ringgate_requests_in_flight") == 0.0 {
+            assert_eq!(
+                metric(
+                    &metrics,
+                    "ringgate_requests_refused_total{reason=\"max_requests\"}"
+                ),
+                1.0
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "places not returned: {metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Over HTTP/2 a request past `hold_max` is refused the way any request over a budget is:
+/// `REFUSED_STREAM`, which a client may retry at once (nothing of it was processed); the held
+/// ones get their answer (here 503 after `hold_timeout`). HTTP/1 keeps 503 + `Retry-After`
+/// (the burst above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_hold_max_an_http2_stream_is_refused() {
+    let gw = GatewayProcess::start_toml(&never_ready("", 2, "2s"));
+    wait_zero(&gw).await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.expect("ready");
+    let mut streams = Vec::new();
+    for i in 0..6 {
+        let req = http::Request::get(format!("http://{}/home?id={i}", gw.addr))
+            .body(())
+            .expect("request");
+        let (resp, _) = send.send_request(req, true).expect("send");
+        streams.push(resp);
+        send = send.ready().await.expect("ready");
+    }
+    let outcomes = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(streams),
+    )
+    .await
+    .expect("every stream ends within 30 s");
+    let mut answered = 0;
+    let mut refused = 0;
+    for outcome in &outcomes {
+        match outcome {
+            Ok(resp) => {
+                assert_eq!(resp.status(), 503, "{resp:?}");
+                answered += 1;
+            }
+            Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => refused += 1,
+            Err(e) => panic!("neither an answer nor REFUSED_STREAM: {e:?}"),
+        }
+    }
+    assert_eq!(
+        (answered, refused),
+        (2, 4),
+        "two held (answered after hold_timeout), four refused: {outcomes:?}"
+    );
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "ringgate_autoscale_hold_refused_total{reason=\"full\"}"
+        ),
+        4.0
+    );
+}

@@ -505,10 +505,12 @@ fn autoscale_problems(c: &Config, bad: &mut impl FnMut(&str, String)) {
                 .into(),
         );
     }
-    if c.provider.kind == ProviderKind::Swarm {
+    // Gateways sharing a swarm ring agree on N through the ring record (the largest live
+    // proposal); scale to zero would need them to agree on holding requests as well.
+    if c.provider.kind == ProviderKind::Swarm && a.min == 0 && !a.idle_to_zero.is_zero() {
         bad(
-            "autoscale.enabled",
-            "not available with the swarm provider yet: gateways sharing a ring would each decide N alone"
+            "autoscale.idle_to_zero",
+            "scale to zero is not available with the swarm provider yet: set min = 1 or idle_to_zero = \"0s\""
                 .into(),
         );
     }
@@ -745,6 +747,25 @@ mod tests {
             Path::new("lb.toml"),
         );
         assert!(ok.is_ok(), "{:?}", ok.err());
+        // Swarm: the gateways sharing the ring agree on N, so autoscale is valid there (and
+        // checked like anywhere else); scale to zero is not built for it.
+        let swarm = "[provider]\nkind = \"swarm\"\nimage = \"ringgate-server:latest\"\n";
+        let ok = Config::parse(
+            &format!("{swarm}[autoscale]\nenabled = true\nmax = 6\n"),
+            Path::new("lb.toml"),
+        );
+        assert!(ok.is_ok(), "{:?}", ok.err());
+        let e = err(&format!("{swarm}[autoscale]\nenabled = true\nmax = 60\n"));
+        assert!(e.contains("autoscale.max: 60 is more than"), "{e}");
+        let e = err(&format!(
+            "{swarm}[replicas]\ncount = 1\n[autoscale]\nenabled = true\nmin = 0\nidle_to_zero = \"2s\"\n"
+        ));
+        assert!(
+            e.contains(
+                "autoscale.idle_to_zero: scale to zero is not available with the swarm provider"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

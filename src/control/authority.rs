@@ -22,7 +22,7 @@ use super::membership::{
     ScaleRequest,
 };
 use super::shared_ops::EngineState;
-use crate::provider::{Instance, Mode, SharedRing};
+use crate::provider::{Instance, Mode, Proposals, SharedRing};
 use crate::ring::ServerId;
 
 /// What an authority decides from.
@@ -164,6 +164,9 @@ pub(super) fn for_mode(mode: &Mode, name: &str) -> Box<dyn MembershipAuthority> 
             engine: EngineState::default(),
             cleaning: HashSet::new(),
             grows: HashSet::new(),
+            proposals: Proposals::new(),
+            proposing: false,
+            shrinking: false,
         })),
     }
 }
@@ -255,13 +258,19 @@ impl MembershipAuthority for Local {
 pub(super) struct SharedAuthority(SharedRecord);
 
 impl MembershipAuthority for SharedAuthority {
-    fn add(&mut self, _at: &Ctx<'_>, request: ScaleRequest, reply: Reply<Scaled>) -> Vec<Effect> {
+    fn add(&mut self, at: &Ctx<'_>, request: ScaleRequest, reply: Reply<Scaled>) -> Vec<Effect> {
         // The rest is checked against the engine's record, not this gateway's copy of it.
         if let Err(e) = check_names(&request.hostnames) {
             return vec![Effect::Reply(reply, Err(e.into()))];
         }
         if request.hostnames.len() > request.n as usize {
             let e = MembershipError::TooManyHostnamesToAdd;
+            return vec![Effect::Reply(reply, Err(e.into()))];
+        }
+        // `[autoscale]`'s bounds, against this gateway's copy of the record (the last one it
+        // applied): a call racing another gateway's change may see N one change late.
+        let members = at.membership.desired();
+        if let Err(e) = check_autoscale_bounds(members, request.n, true, at.autoscale) {
             return vec![Effect::Reply(reply, Err(e.into()))];
         }
         vec![Effect::Record(RecordStep::Add { request, reply })]
@@ -272,12 +281,11 @@ impl MembershipAuthority for SharedAuthority {
         vec![Effect::Record(RecordStep::Grow { target })]
     }
 
-    fn remove(
-        &mut self,
-        _at: &Ctx<'_>,
-        request: ScaleRequest,
-        reply: Reply<Scaled>,
-    ) -> Vec<Effect> {
+    fn remove(&mut self, at: &Ctx<'_>, request: ScaleRequest, reply: Reply<Scaled>) -> Vec<Effect> {
+        let members = at.membership.desired();
+        if let Err(e) = check_autoscale_bounds(members, request.n, false, at.autoscale) {
+            return vec![Effect::Reply(reply, Err(e.into()))];
+        }
         vec![Effect::Record(RecordStep::Remove { request, reply })]
     }
 
@@ -340,6 +348,12 @@ pub(super) struct SharedRecord {
     /// Grows to `replicas.count` through the record not finished yet: readiness waits for
     /// them, so a gateway that starts a ring serves once its replicas do.
     pub grows: HashSet<OpId>,
+    /// The gateways' autoscaling proposals in the last record applied (`agree`).
+    pub proposals: Proposals,
+    /// A write of this gateway's proposal is under way.
+    pub proposing: bool,
+    /// An agreed scale-down is being written to the record.
+    pub shrinking: bool,
 }
 
 #[cfg(test)]
@@ -458,6 +472,22 @@ mod tests {
         assert!(matches!(
             a.remove(&ctx(&m, None), req(1), reply()).as_slice(),
             [Effect::Record(RecordStep::Remove { .. })]
+        ));
+        // With autoscale on, an operator's call stays within min..max, as on one gateway.
+        assert!(
+            matches!(
+                a.add(&ctx(&m, Some((1, 4))), req(2), reply()).as_slice(),
+                [Effect::Reply(_, Err(_))]
+            ),
+            "3 + 2 is over autoscale.max: answered, nothing written"
+        );
+        assert!(matches!(
+            a.remove(&ctx(&m, Some((3, 4))), req(1), reply()).as_slice(),
+            [Effect::Reply(_, Err(_))]
+        ));
+        assert!(matches!(
+            a.add(&ctx(&m, Some((1, 4))), req(1), reply()).as_slice(),
+            [Effect::Record(RecordStep::Add { .. })]
         ));
     }
 }

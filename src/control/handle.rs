@@ -243,6 +243,14 @@ pub(super) enum Internal {
         result: Result<(RingRecord, Vec<ServerId>), ControlError>,
         reply: Reply<Scaled>,
     },
+    /// Shared ring: this gateway's autoscaling proposal was written (or not).
+    Proposed {
+        result: Result<RingRecord, ControlError>,
+    },
+    /// Shared ring: an agreed scale-down marked these replicas leaving, or failed to.
+    Shrunk {
+        result: Result<(RingRecord, Vec<ServerId>), ControlError>,
+    },
     /// Shared ring: this gateway wrote the record (applied like an observation).
     RecordWritten {
         record: RingRecord,

@@ -352,6 +352,8 @@ impl Controller {
             } => self.on_committed(op, ids, result, reply),
             Internal::RemovalPlanned { result, reply } => self.on_removal_planned(result, reply),
             Internal::RecordWritten { record } => self.apply_record(record),
+            Internal::Proposed { result } => self.on_proposed(result),
+            Internal::Shrunk { result } => self.on_shrunk(result),
             Internal::CleanedUp { id, record } => {
                 if let Some(s) = self.authority.shared_mut() {
                     s.cleaning.remove(&id);

@@ -17,6 +17,8 @@
 //! - `scaling`: applying plans: `/add` commit and rollback, `/rm` drain, `replicas.count`,
 //!   and what the autoscaler decides.
 //! - [`autoscale`]: the autoscaler's decision (pure: how many replicas the load asks for).
+//! - [`agree`]: several gateways on one shared ring agreeing on N from the proposals they
+//!   publish in the record (pure: the largest live proposal).
 //! - `shrink`: which replicas a scale-down removes (pure: those whose keys carried the least).
 //! - [`lifecycle`]: one replica's runs ([`lifecycle::Replicas`]): start, replace with back-off,
 //!   exits.
@@ -34,6 +36,7 @@
 //!
 //! [`Snapshot`]: crate::snapshot::Snapshot
 
+pub mod agree;
 mod authority;
 pub mod autoscale;
 pub mod error;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::agree;
 use super::authority::{Ctx, Effect, RecordStep};
 use super::autoscale::Direction;
 use super::error::StartFailure;
@@ -291,9 +292,8 @@ impl Controller {
     }
 
     /// Once a tick while `[autoscale]` is on: samples the load, asks the autoscaler and carries
-    /// its decision out. Only under the local authority: gateways sharing a ring record would
-    /// each decide alone (agreeing through the record is not built yet; `ringgate check`
-    /// refuses the combination).
+    /// its decision out; on a shared ring its decision is this gateway's proposal, and what is
+    /// carried out is the N the gateways agree on ([`Self::agree_on`]).
     pub(super) fn autoscale_tick(&mut self, now: Instant) {
         if !self.autoscales() {
             self.metrics.autoscale_desired.store(0, Ordering::Relaxed);
@@ -327,10 +327,10 @@ impl Controller {
         self.autoscale_decide(now);
     }
 
-    /// Whether the autoscaler decides N: `[autoscale]` on, replicas this gateway starts, the
-    /// local authority.
+    /// Whether the autoscaler decides N (or, on a shared ring, proposes it): `[autoscale]` on,
+    /// replicas the gateways start.
     fn autoscales(&self) -> bool {
-        self.config.autoscale.enabled && self.mode.starts_replicas() && !self.authority.is_shared()
+        self.config.autoscale.enabled && self.mode.starts_replicas()
     }
 
     /// A request is held at N = 0 (`Command::Wake`): the autoscaler decides at once rather
@@ -352,6 +352,19 @@ impl Controller {
     fn autoscale_decide(&mut self, now: Instant) {
         let config = self.config.clone();
         let cfg = &config.autoscale;
+        if self.authority.is_shared() {
+            // N is what the record keeps: members and reservations, not removals (so a grow
+            // under way does not read it short).
+            let kept = self
+                .membership
+                .all()
+                .filter(|(_, e)| e.phase != Phase::Leaving)
+                .count();
+            let n = u32::try_from(kept).unwrap_or(u32::MAX);
+            let d = self.autoscaler.decide(now, n, cfg);
+            self.agree_on(d);
+            return;
+        }
         // An /add not committed yet: its replicas are not members, so N would be read short.
         if !self.add_ops.is_empty() {
             return;
@@ -405,6 +418,72 @@ impl Controller {
                 }
             }
             Direction::Hold => {}
+        }
+    }
+
+    /// On a shared ring: decision `d` is this gateway's proposal, written to the record when it
+    /// changed (or is due for a refresh); the N carried out is the one the live proposals in
+    /// the record agree on (`agree::agreed`: the largest), grown or shrunk to as a target. It
+    /// acts only on a record that holds its own proposal as it is now, so no gateway moves N on
+    /// an opinion the others cannot see yet, and only when nothing of an earlier move is under
+    /// way.
+    fn agree_on(&mut self, d: super::autoscale::Decision) {
+        let Some(s) = self.authority.shared() else {
+            return;
+        };
+        let now_ms = super::shared::unix_now_ms();
+        let (me, proposing, shrinking) = (s.me.clone(), s.proposing, s.shrinking);
+        let due = agree::due(&s.proposals, &me, d.to, now_ms);
+        let agreed = agree::agreed(&s.proposals, now_ms, agree::PROPOSAL_TTL);
+        let published = s.proposals.get(&me).is_some_and(|p| p.n == d.to);
+        // Logged once when it moves, not at every refresh.
+        if !published && !proposing {
+            tracing::info!(
+                proposal = d.to,
+                from = d.from,
+                wanted = d.wanted,
+                stable_in_flight = d.stable_in_flight,
+                panic_in_flight = d.panic_in_flight,
+                panicking = d.panicking,
+                "autoscale proposal"
+            );
+        }
+        if due && !proposing {
+            self.shared_propose(d.to);
+        }
+        let Some(agreed) = agreed else { return };
+        self.metrics
+            .autoscale_desired
+            .store(u64::from(agreed), Ordering::Relaxed);
+        if !published || self.authority.growing() || shrinking {
+            return;
+        }
+        let agreed = agreed as usize;
+        let kept = self
+            .membership
+            .all()
+            .filter(|(_, e)| e.phase != Phase::Leaving)
+            .count();
+        let members = self.membership.desired();
+        let room =
+            (self.config.replicas.max_replicas as usize).saturating_sub(self.membership.len());
+        if agreed > kept && room > 0 {
+            tracing::info!(
+                from = kept,
+                to = agreed,
+                "autoscale: the gateways agree on more replicas"
+            );
+            self.metrics.autoscale_up.fetch_add(1, Ordering::Relaxed);
+            self.shared_grow(agreed);
+        } else if agreed < members && kept == members {
+            tracing::info!(
+                from = members,
+                to = agreed,
+                "autoscale: every gateway agrees on fewer replicas"
+            );
+            self.metrics.autoscale_down.fetch_add(1, Ordering::Relaxed);
+            let preference = self.least_loaded_members(members - agreed);
+            self.shared_shrink(agreed, preference);
         }
     }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use super::membership::{Limits, Membership, MembershipError, Phase, ScaleRequest};
 use crate::control::error::ControlError;
-use crate::provider::record::{RecordedMember, RecordedPhase, RingRecord};
+use crate::provider::record::{Proposals, RecordedMember, RecordedPhase, RingRecord};
 use crate::provider::{ProviderError, RecordWriteError, SharedRing};
 use crate::ring::{Placement, RingError, ServerId};
 use crate::routing::Router;
@@ -150,6 +150,51 @@ pub fn plan_remove(
         }
     }
     Ok((members, plan.ids))
+}
+
+/// An agreed scale-down on the record: members beyond `target` (counting members and
+/// reservations, not removals) marked leaving by `me`, chosen in `preference` order (this
+/// gateway's least loaded first) and then the newest. Nothing when the record is at `target`
+/// or below already (another gateway carried the same agreement out first), so every gateway
+/// may try it: it never removes twice. Only members go, never reservations.
+pub fn plan_shrink(
+    record: &RingRecord,
+    target: usize,
+    preference: &[ServerId],
+    me: &str,
+    now: u64,
+) -> (Members, Vec<ServerId>) {
+    let kept = record
+        .members
+        .values()
+        .filter(|m| !matches!(m.phase, RecordedPhase::Leaving { .. }))
+        .count();
+    let is_member = |id: &ServerId| {
+        record
+            .members
+            .get(id)
+            .is_some_and(|m| m.phase == RecordedPhase::Member)
+    };
+    let newest_first = record.members.keys().rev();
+    let mut ids: Vec<ServerId> = Vec::new();
+    for &id in preference.iter().chain(newest_first) {
+        if ids.len() >= kept.saturating_sub(target) {
+            break;
+        }
+        if is_member(&id) && !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    let mut members = record.members.clone();
+    for id in &ids {
+        if let Some(m) = members.get_mut(id) {
+            m.phase = RecordedPhase::Leaving {
+                by: me.to_owned(),
+                since: now,
+            };
+        }
+    }
+    (members, ids)
 }
 
 /// The reservations `ids` become members; an id no longer reserved (rolled back by another
@@ -307,18 +352,46 @@ pub async fn update<T>(
     ring: &dyn SharedRing,
     mut edit: impl FnMut(&RingRecord) -> Result<(Members, T), ControlError>,
 ) -> Result<(RingRecord, T), ControlError> {
+    update_whole(ring, |record| {
+        let (members, out) = edit(record)?;
+        Ok((members, record.proposals.clone(), out))
+    })
+    .await
+}
+
+/// [`update`] of the proposals (the members as they are).
+pub async fn update_proposals(
+    ring: &dyn SharedRing,
+    mut edit: impl FnMut(&RingRecord) -> Proposals,
+) -> Result<RingRecord, ControlError> {
+    update_whole(ring, |record| {
+        Ok((record.members.clone(), edit(record), ()))
+    })
+    .await
+    .map(|(record, ())| record)
+}
+
+/// [`update`] of the whole record: members and proposals.
+async fn update_whole<T>(
+    ring: &dyn SharedRing,
+    mut edit: impl FnMut(&RingRecord) -> Result<(Members, Proposals, T), ControlError>,
+) -> Result<(RingRecord, T), ControlError> {
     for attempt in 0..MAX_ATTEMPTS {
         let record = ring.read().await.map_err(engine_unavailable)?;
-        let (members, out) = edit(&record)?;
-        if members == record.members {
+        let (members, proposals, out) = edit(&record)?;
+        if members == record.members && proposals == record.proposals {
             return Ok((record, out));
         }
-        match ring.write(record.version, members.clone()).await {
+        match ring
+            .write(record.version, members.clone(), proposals.clone())
+            .await
+        {
             Ok(()) => {
                 return Ok((
                     RingRecord {
                         version: record.version + 1,
                         members,
+                        proposals,
                     },
                     out,
                 ))
@@ -339,9 +412,14 @@ pub async fn update<T>(
 
 /// Seconds since the epoch, for reservation times (compared across gateways, so wall-clock).
 pub fn unix_now() -> u64 {
+    unix_now_ms() / 1000
+}
+
+/// Milliseconds since the epoch, for autoscaling proposals (compared across gateways).
+pub fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
@@ -375,7 +453,11 @@ mod tests {
     }
 
     fn record_of(members: Members, version: u64) -> RingRecord {
-        RingRecord { version, members }
+        RingRecord {
+            version,
+            members,
+            proposals: Proposals::new(),
+        }
     }
 
     fn grown(n: usize) -> RingRecord {
@@ -628,6 +710,7 @@ mod tests {
             &self,
             version: u64,
             members: Members,
+            proposals: Proposals,
         ) -> crate::provider::BoxFuture<'_, Result<(), RecordWriteError>> {
             Box::pin(async move {
                 // Yield first so that concurrent callers interleave between read and write.
@@ -640,10 +723,35 @@ mod tests {
                 *r = RingRecord {
                     version: version + 1,
                     members,
+                    proposals,
                 };
                 Ok(())
             })
         }
+    }
+
+    #[test]
+    fn an_agreed_shrink_removes_the_preferred_members_once() {
+        let record = grown(4);
+        // Preferred: 2 (least loaded here), then the newest.
+        let (members, ids) = plan_shrink(&record, 2, &[id(2)], "gw/a", 9);
+        assert_eq!(ids, vec![id(2), id(4)]);
+        for i in [2, 4] {
+            assert!(
+                matches!(&members[&id(i)].phase, RecordedPhase::Leaving { by, since: 9 } if by == "gw/a")
+            );
+        }
+        // Another gateway with the same agreement, on the record the first one wrote: nothing.
+        let after = record_of(members, 3);
+        let (same, none) = plan_shrink(&after, 2, &[id(1)], "gw/b", 10);
+        assert!(none.is_empty());
+        assert_eq!(same, after.members);
+        // A reservation is never removed, nor counted past the members available.
+        let (members, _) =
+            with_router(|r| plan_grow(&after, 3, "server-", 10, r, "gw/b", 11).expect("grow"));
+        let joining = record_of(members, 4);
+        let (_, ids) = plan_shrink(&joining, 2, &[], "gw/a", 12);
+        assert_eq!(ids, vec![id(3)], "the newest member, not the reservation");
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,7 +6,10 @@
 //! [`shared::update`] in a spawned task that reports back with an [`Internal`] message (the
 //! loop never waits on the engine), applying an observed record ([`shared::reconcile`]'s
 //! changes, in version order, a late observation ignored), the engine's running tasks, its
-//! reachability, and cleaning up after gateways that died mid-call.
+//! reachability, and cleaning up after gateways that died mid-call; with `[autoscale]` on,
+//! writing this gateway's proposal and carrying out the N the gateways agree on (`agree`).
+//! Growing to it and shrinking to it are targets, not steps, so every gateway may carry the
+//! same agreement out and the record's optimistic writes make it happen once.
 //! Must not touch: the pure decisions (`shared`) or one replica's runs (`lifecycle`).
 
 use std::sync::Arc;
@@ -14,6 +17,7 @@ use std::time::SystemTime;
 
 use tokio::sync::oneshot;
 
+use super::agree;
 use super::handle::Internal;
 use super::handle::{Reply, Scaled};
 use super::membership::{Limits, OpId, Phase, ScaleRequest};
@@ -170,6 +174,10 @@ impl Controller {
         result: Result<RingRecord, ControlError>,
         reply: Reply<Scaled>,
     ) {
+        let operator = self
+            .authority
+            .shared()
+            .is_some_and(|s| !s.grows.contains(&op));
         self.op_done(op);
         match result {
             Ok(record) => {
@@ -181,6 +189,11 @@ impl Controller {
                 self.apply_record(record);
                 self.publish();
                 tracing::info!(op, n = ids.len(), "replicas added to the shared ring");
+                // An operator's /add: this gateway's proposal holds the new N for a scale-down
+                // delay (the largest proposal wins, so the others' cannot undo it sooner).
+                if operator {
+                    self.operator_scaled(self.membership.desired());
+                }
                 let _ = reply.send(Ok(Scaled {
                     members: self.membership.member_names(),
                     changed: self.names_of(&ids),
@@ -248,6 +261,77 @@ impl Controller {
         });
     }
 
+    /// Writes this gateway's autoscaling proposal `n` in the record (the others' kept).
+    pub(super) fn shared_propose(&mut self, n: u32) {
+        let Some(ring) = self.ring() else { return };
+        let me = self.me();
+        if let Some(s) = self.authority.shared_mut() {
+            s.proposing = true;
+        }
+        let tx = self.channels.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = shared::update_proposals(&*ring, |record| {
+                agree::with_mine(&record.proposals, &me, n, shared::unix_now_ms())
+            })
+            .await;
+            let _ = tx.send(Internal::Proposed { result });
+        });
+    }
+
+    pub(super) fn on_proposed(&mut self, result: Result<RingRecord, ControlError>) {
+        if let Some(s) = self.authority.shared_mut() {
+            s.proposing = false;
+        }
+        match result {
+            Ok(record) => self.apply_record(record),
+            // Written again at the next tick; until then the last one written counts.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write this gateway's autoscaling proposal")
+            }
+        }
+    }
+
+    /// The gateways agreed on `target` below N: members past it leave (this gateway's least
+    /// loaded first, `preference`), drain and stop; nothing if another gateway did it first.
+    pub(super) fn shared_shrink(&mut self, target: usize, preference: Vec<ServerId>) {
+        let Some(ring) = self.ring() else { return };
+        let me = self.me();
+        if let Some(s) = self.authority.shared_mut() {
+            s.shrinking = true;
+        }
+        let tx = self.channels.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = shared::update(&*ring, |record| {
+                let now = shared::unix_now();
+                Ok(shared::plan_shrink(record, target, &preference, &me, now))
+            })
+            .await;
+            let _ = tx.send(Internal::Shrunk { result });
+        });
+    }
+
+    pub(super) fn on_shrunk(&mut self, result: Result<(RingRecord, Vec<ServerId>), ControlError>) {
+        if let Some(s) = self.authority.shared_mut() {
+            s.shrinking = false;
+        }
+        match result {
+            Ok((record, ids)) => {
+                if !ids.is_empty() {
+                    let names = self.names_of(&ids);
+                    tracing::info!(replicas = ?names, "agreed scale-down: draining and stopping them");
+                }
+                self.apply_record(record);
+                if !ids.is_empty() {
+                    let (reply, _) = oneshot::channel();
+                    self.drain_and_stop(ids, reply);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write the agreed scale-down; tried again at the next tick")
+            }
+        }
+    }
+
     pub(super) fn on_removal_planned(
         &mut self,
         result: Result<(RingRecord, Vec<ServerId>), ControlError>,
@@ -256,6 +340,7 @@ impl Controller {
         match result {
             Ok((record, ids)) => {
                 self.apply_record(record);
+                self.operator_scaled(self.membership.desired());
                 self.drain_and_stop(ids, reply);
             }
             Err(e) => {
@@ -305,6 +390,7 @@ impl Controller {
             return;
         }
         s.version = Some(record.version);
+        s.proposals = record.proposals.clone();
         let changes = shared::reconcile(&self.membership, &self.placement, &record, &s.me);
         let changed = !changes.is_empty();
         for change in changes {

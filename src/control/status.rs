@@ -133,6 +133,32 @@ struct AutoscaleStatus<'a> {
     last_decision: Option<&'a super::autoscale::Decision>,
     /// One point every [`HISTORY_STEP`] ticks over the last ten minutes, oldest first.
     history: Vec<HistoryPoint>,
+    /// Shared ring (swarm) only: every gateway's proposal in the ring record, and the N the
+    /// live ones agree on (the largest); absent under the local authority.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agreement: Option<AgreementStatus>,
+}
+
+#[derive(Serialize)]
+struct AgreementStatus {
+    /// This gateway's name in the ring record.
+    gateway: String,
+    /// The largest live proposal (null when none is live).
+    agreed: Option<u32>,
+    /// How long a proposal counts after it was written.
+    proposal_ttl_ms: u64,
+    proposals: Vec<ProposalStatus>,
+}
+
+#[derive(Serialize)]
+struct ProposalStatus {
+    gateway: String,
+    n: u32,
+    age_ms: u64,
+    /// Written within the TTL: it counts.
+    live: bool,
+    /// This gateway's own.
+    mine: bool,
 }
 
 #[derive(Serialize)]
@@ -341,6 +367,27 @@ impl Controller {
             desired: self.metrics.autoscale_desired.load(Ordering::Relaxed),
             last_decision: self.autoscaler.last(),
             history,
+            agreement: self.authority.shared().map(|s| {
+                use super::agree;
+                let now_ms = super::shared::unix_now_ms();
+                let ttl = agree::PROPOSAL_TTL;
+                AgreementStatus {
+                    gateway: s.me.clone(),
+                    agreed: agree::agreed(&s.proposals, now_ms, ttl),
+                    proposal_ttl_ms: millis(ttl),
+                    proposals: s
+                        .proposals
+                        .values()
+                        .map(|p| ProposalStatus {
+                            gateway: p.gateway.clone(),
+                            n: p.n,
+                            age_ms: now_ms.saturating_sub(p.at_ms),
+                            live: agree::is_live(p, now_ms, ttl),
+                            mine: p.gateway == s.me,
+                        })
+                        .collect(),
+                }
+            }),
         }
     }
 

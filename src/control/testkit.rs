@@ -136,6 +136,7 @@ impl SharedRing for MemoryRecord {
         &self,
         version: u64,
         members: BTreeMap<ServerId, RecordedMember>,
+        proposals: crate::provider::Proposals,
     ) -> BoxFuture<'_, Result<(), RecordWriteError>> {
         Box::pin(async move {
             // Let concurrent callers interleave between their read and their write.
@@ -155,6 +156,7 @@ impl SharedRing for MemoryRecord {
                 *r = RingRecord {
                     version: version + 1,
                     members,
+                    proposals,
                 };
                 r.clone()
             };

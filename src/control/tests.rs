@@ -1382,3 +1382,98 @@ async fn autoscale_turned_off_at_zero_brings_replicas_count_back() {
         .await;
     assert!(!h.snapshot().asleep);
 }
+
+/// Two gateways sharing a ring with `[autoscale]` on: each publishes its own autoscaler's N
+/// in the record; N follows the largest, and falls only when both propose less.
+#[tokio::test(start_paused = true)]
+async fn gateways_sharing_a_ring_agree_on_the_largest_proposal() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let world = World::swarm();
+    let mut c = config(1);
+    c.autoscale = crate::config::AutoscaleConfig {
+        enabled: true,
+        min: 1,
+        max: 6,
+        target_in_flight: 10.0,
+        stable_window: Duration::from_secs(20),
+        panic_window: Duration::from_secs(4),
+        scale_down_delay: Duration::from_secs(30),
+        max_step: 2,
+        ..Default::default()
+    };
+    let a = Harness::start_named(c.clone(), world.clone(), world.subscribe(), "gw-a");
+    let b = Harness::start_named(c, world.clone(), world.subscribe(), "gw-b");
+    a.until(SETTLE, "both route to one", |a| agree(a, &b, 1))
+        .await;
+    // A sees 50 in flight (5 replicas' worth), B 25 (3): N goes to A's 5, not B's 3, and
+    // B's lower proposal never takes it back down.
+    let on_a = stats_of(&a, "server-1");
+    let on_b = stats_of(&b, "server-1");
+    on_a.in_flight.fetch_add(50, SeqCst);
+    on_b.in_flight.fetch_add(25, SeqCst);
+    a.until(Duration::from_secs(20), "five members on both", |a| {
+        agree(a, &b, 5)
+    })
+    .await;
+    let record = world.record().get();
+    let proposals: Vec<(String, u32)> = record
+        .proposals
+        .values()
+        .map(|p| (p.gateway.split('/').next().unwrap_or("").to_owned(), p.n))
+        .collect();
+    assert_eq!(
+        proposals,
+        vec![("gw-a".into(), 5), ("gw-b".into(), 3)],
+        "{record:?}"
+    );
+    let status = b.handle.status().await.expect("status");
+    let agreement = &status["autoscale"]["agreement"];
+    assert_eq!(agreement["agreed"], 5, "{agreement:#}");
+    assert_eq!(agreement["proposals"].as_array().map(Vec::len), Some(2));
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(world.record().get().members.len(), 5, "nobody fights");
+    }
+    // A's load goes, B's stays: N falls, after A's delay, to B's 3 and no further. B's load
+    // sits on one replica; if a scale-down takes that one, B's requests are on another.
+    on_a.in_flight.fetch_sub(50, SeqCst);
+    let gone = tokio::time::Instant::now();
+    let mut on_b = on_b;
+    let mut keep_b_loaded = |b: &Harness| {
+        let carrier = b
+            .snapshot()
+            .upstreams
+            .iter()
+            .flatten()
+            .any(|u| std::sync::Arc::ptr_eq(&u.stats, &on_b));
+        if !carrier {
+            on_b.in_flight.fetch_sub(25, SeqCst);
+            let next = b.in_ring().into_iter().next().expect("a replica");
+            on_b = stats_of(b, &next);
+            on_b.in_flight.fetch_add(25, SeqCst);
+        }
+    };
+    while !agree(&a, &b, 3) {
+        assert!(gone.elapsed() < SETTLE * 4, "never fell to 3");
+        keep_b_loaded(&b);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        gone.elapsed() >= Duration::from_secs(30),
+        "down before scale_down_delay: {:?}",
+        gone.elapsed()
+    );
+    for _ in 0..400 {
+        keep_b_loaded(&b);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(a.snapshot().members.len(), 3, "B still asks for 3: N stays");
+    }
+    // Both agree on less: N falls to min.
+    on_b.in_flight.fetch_sub(25, SeqCst);
+    a.until(SETTLE * 4, "one member on both", |a| agree(a, &b, 1))
+        .await;
+    a.until(SETTLE, "the removed ones stopped", |a| {
+        a.world.running().len() == 1
+    })
+    .await;
+}

@@ -24,7 +24,7 @@ pub mod static_list;
 pub mod swarm;
 
 pub use app::AppSpec;
-pub use record::{RecordWriteError, RingRecord, SharedRing};
+pub use record::{Proposal, Proposals, RecordWriteError, RingRecord, SharedRing};
 
 pub use futures_util::future::BoxFuture;
 

@@ -84,16 +84,26 @@ pub async fn forward(
     let _active = retry::Active::enter(&gateway.worker.retry);
     let metrics = gateway.metrics;
     let grpc = crate::grpc::is_grpc(req.headers());
-    // Scaled to zero: held until a replica serves (or refused past the hold's bounds).
-    let woken = match snap.asleep {
-        true => match hold::wait(snap, gateway, outcome).await {
-            Ok(now) => Some(now),
-            Err(e) => return fail(e, grpc, metrics, outcome),
-        },
-        false => None,
+    // Scaled to zero: held until a replica serves (or refused past the hold's bounds). A
+    // held request is in flight like any other: it takes its place in the request budgets
+    // before it is held, and keeps it to its response's end.
+    let (woken, place) = match snap.asleep {
+        true => {
+            let cfg = &snap.config;
+            let budgets = client.budgets(&cfg.proxy, cfg.replicas.max_replicas);
+            let place = match take_place(client, &budgets) {
+                Ok(place) => place,
+                Err(e) => return fail(e, grpc, metrics, outcome),
+            };
+            match hold::wait(snap, gateway, outcome).await {
+                Ok(now) => (Some(now), Some(place)),
+                Err(e) => return fail(e, grpc, metrics, outcome),
+            }
+        }
+        false => (None, None),
     };
     let snap: &Snapshot = woken.as_ref().map_or(snap, |now| &***now);
-    match try_forward(snap, gateway, req, client, client_addr, outcome).await {
+    match try_forward(snap, gateway, req, (client, place), client_addr, outcome).await {
         Ok(resp) => resp,
         Err(e) => fail(e, grpc, metrics, outcome),
     }
@@ -125,7 +135,7 @@ async fn try_forward(
     snap: &Snapshot,
     gateway: &Gateway<'_>,
     req: Request<RequestBody>,
-    client: &Arc<Admitted>,
+    (client, place): (&Arc<Admitted>, Option<RequestPlace>),
     client_addr: SocketAddr,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, GatewayError> {
@@ -143,7 +153,8 @@ async fn try_forward(
     // whole call (ended with DEADLINE_EXCEEDED).
     let call_timeout = crate::grpc::timeout(&parts.headers);
     let call_deadline = call_timeout.map(|t| tokio::time::Instant::now() + t);
-    let (place, mut body, request_timeout) = admit(cfg, &parts, body, client, &budgets).await?;
+    let (place, mut body, request_timeout) =
+        admit(cfg, &parts, body, (client, place), &budgets).await?;
     let tunnels = upgrade::max_tunnels(snap, budgets.max_requests);
     let mut asked = match upgrade::Asked::take(&mut parts, gateway.tunnels, tunnels) {
         Some(Err(full)) => return Err(GatewayError::TunnelsFull { limit: full.0 }),
@@ -231,14 +242,32 @@ async fn try_forward(
     }
 }
 
-/// The request's checks, its place in the request budgets, and its body started: a request
-/// that fails any of these never reaches a replica. Returns the place (held until the response
-/// ends), the body, and what is left of `proxy.request_timeout`.
+/// A place in the request budgets (`proxy.max_requests`, `proxy.max_requests_per_ip`) for one
+/// request, or the refusal (HTTP/2: `REFUSED_STREAM`).
+fn take_place(
+    client: &Arc<Admitted>,
+    budgets: &crate::admission::Budgets,
+) -> Result<RequestPlace, GatewayError> {
+    client
+        .request(budgets)
+        .map_err(|refusal| GatewayError::OverBudget {
+            refusal,
+            limit: match refusal {
+                Refusal::RequestsPerIp => budgets.max_requests_per_ip,
+                _ => budgets.max_requests,
+            },
+        })
+}
+
+/// The request's checks, its place in the request budgets (`place`, when it took one before it
+/// was held), and its body started: a request that fails any of these never reaches a replica.
+/// Returns the place (held until the response ends), the body, and what is left of
+/// `proxy.request_timeout`.
 async fn admit(
     cfg: &crate::config::Config,
     parts: &http::request::Parts,
     body: RequestBody,
-    client: &Arc<Admitted>,
+    (client, place): (&Arc<Admitted>, Option<RequestPlace>),
     budgets: &crate::admission::Budgets,
 ) -> Result<(RequestPlace, ProxyBody, Duration), GatewayError> {
     check_request(&parts.method, parts.uri.path(), &parts.headers)?;
@@ -247,15 +276,10 @@ async fn admit(
         linger(body);
         return Err(GatewayError::PayloadTooLarge { limit });
     }
-    let place = client
-        .request(budgets)
-        .map_err(|refusal| GatewayError::OverBudget {
-            refusal,
-            limit: match refusal {
-                Refusal::RequestsPerIp => budgets.max_requests_per_ip,
-                _ => budgets.max_requests,
-            },
-        })?;
+    let place = match place {
+        Some(place) => place,
+        None => take_place(client, budgets)?,
+    };
     // No replica connection (nor a place at a replica) for a body that has not started.
     let started = Instant::now();
     let mut body = ProxyBody::new(body, limit);

@@ -24,7 +24,7 @@ use crate::provider::docker::engine::{message_of, status_of};
 use crate::provider::docker::{
     LABEL_INSTANCE, LABEL_MANAGED, LABEL_SERVER_ID, LABEL_SLOTS, LABEL_SPEC,
 };
-use crate::provider::record::{RecordedMember, RingRecord};
+use crate::provider::record::{Proposals, RecordedMember, RingRecord};
 use crate::provider::{parse_slots, Instance, ProviderError, RecordWriteError, ReplicaSpec};
 use crate::ring::ServerId;
 
@@ -220,10 +220,12 @@ impl Engine {
         &self,
         version: u64,
         members: BTreeMap<ServerId, RecordedMember>,
+        proposals: Proposals,
     ) -> Result<(), RecordWriteError> {
         let name = &self.settings.ring_service;
         let mut labels = self.labels("ring");
         labels.extend(RingRecord::member_labels(&members));
+        labels.extend(RingRecord::proposal_labels(&proposals));
         let spec = spec::ring_service(name, &self.settings.image, labels);
         let options = UpdateServiceOptions {
             version: i32::try_from(version).unwrap_or(i32::MAX),

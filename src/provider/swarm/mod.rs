@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 
 use super::{BoxFuture, Instance, Provider, ProviderError, ProviderEvent, ReplicaSpec};
 use crate::config::Config;
-use crate::provider::record::{RecordedMember, RingRecord};
+use crate::provider::record::{Proposals, RecordedMember, RingRecord};
 use crate::provider::{RecordWriteError, SharedRing};
 use crate::ring::ServerId;
 
@@ -65,8 +65,9 @@ impl SharedRing for RingStore {
         &self,
         version: u64,
         members: BTreeMap<ServerId, RecordedMember>,
+        proposals: Proposals,
     ) -> BoxFuture<'_, Result<(), RecordWriteError>> {
-        Box::pin(self.0.write_record(version, members))
+        Box::pin(self.0.write_record(version, members, proposals))
     }
 }
 
