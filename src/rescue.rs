@@ -65,8 +65,8 @@ pub enum GatewayError {
     BadHost,
     #[error("the request body could not be read from the client: {detail}")]
     ClientBody { detail: String },
-    #[error("the request body stopped arriving: the client sent none of the rest of it within proxy.request_timeout ({timeout:?}); send the whole body, or raise proxy.request_timeout for slow uploads")]
-    ClientBodyTimeout { timeout: std::time::Duration },
+    #[error("the request body stopped arriving: the client sent none of the rest of it within {limit}{}", body_advice(*limit))]
+    ClientBodyTimeout { limit: grpc::TimeLimit },
     #[error("the gateway ran out of a local resource ({detail}); this is the gateway's limit, not a replica's fault: raise its file-descriptor limit or lower proxy.max_connections")]
     LocalResource { detail: String },
     #[error("{}", over_budget(*refusal, *limit))]
@@ -88,10 +88,10 @@ pub enum GatewayError {
     HoldTimeout { timeout: std::time::Duration },
     #[error("replica {replica} could not be reached: {detail}")]
     BadGateway { replica: String, detail: String },
-    #[error("replica {replica} did not answer within proxy.request_timeout ({timeout:?})")]
+    #[error("replica {replica} did not answer within {limit}")]
     GatewayTimeout {
         replica: String,
-        timeout: std::time::Duration,
+        limit: grpc::TimeLimit,
     },
     #[error("this port speaks HTTPS and the request was plain HTTP: use https://{host}")]
     PlainHttpOnTlsPort { host: String },
@@ -227,6 +227,16 @@ impl GatewayError {
     }
 }
 
+/// What a client whose body stopped arriving can do about it.
+fn body_advice(limit: grpc::TimeLimit) -> &'static str {
+    match limit {
+        grpc::TimeLimit::RequestTimeout(_) => {
+            "; send the whole body, or raise proxy.request_timeout for slow uploads"
+        }
+        grpc::TimeLimit::GrpcTimeout(_) => "",
+    }
+}
+
 /// The status of a control-plane refusal.
 fn control_status(e: &ControlError) -> StatusCode {
     match e {
@@ -336,7 +346,7 @@ mod tests {
             (
                 GatewayError::GatewayTimeout {
                     replica: "s1".into(),
-                    timeout: t,
+                    limit: grpc::TimeLimit::GrpcTimeout(t),
                 },
                 Code::DeadlineExceeded,
             ),

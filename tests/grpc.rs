@@ -784,3 +784,92 @@ async fn a_streaming_call_whose_key_moves_ends_unavailable_and_the_others_keep_s
         moved as f64
     );
 }
+
+/// One gRPC message framed: flag 0, its length, then field 1 (a string) = `text`.
+fn grpc_text(text: &str) -> bytes::Bytes {
+    let mut msg = vec![0x0a, u8::try_from(text.len()).expect("a short text")];
+    msg.extend_from_slice(text.as_bytes());
+    let mut out = vec![0u8];
+    out.extend_from_slice(&u32::try_from(msg.len()).expect("short").to_be_bytes());
+    out.extend_from_slice(&msg);
+    bytes::Bytes::from(out)
+}
+
+/// A unary `Who` call with `text`, over h2c with prior knowledge from hyper's client (which,
+/// unlike grpcio, does not enforce a deadline itself), with `grpc-timeout: <timeout>` when
+/// given: the call's status fields (the head of a trailers-only answer, else the trailers).
+async fn h2c_who(gw: &GatewayProcess, text: &str, timeout: Option<&str>) -> http::HeaderMap {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c");
+    tokio::spawn(conn);
+    let mut req = http::Request::post(format!("http://{}/ringgate.demo.Demo/Who", gw.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(t) = timeout {
+        req = req.header("grpc-timeout", t);
+    }
+    let req = req
+        .body(http_body_util::Full::new(grpc_text(text)))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("a response");
+    assert_eq!(resp.status(), 200);
+    let (parts, body) = resp.into_parts();
+    if parts.headers.contains_key("grpc-status") {
+        return parts.headers;
+    }
+    let whole = tokio::time::timeout(Duration::from_secs(30), body.collect())
+        .await
+        .expect("the call ended")
+        .expect("a whole body");
+    whole.trailers().cloned().expect("trailers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_exceeded_names_what_ran_out_the_calls_grpc_timeout_or_proxy_request_timeout() {
+    let start = |proxy: &str| {
+        GatewayProcess::start(&Conf {
+            replicas: "count = 1\n".into(),
+            proxy: format!("upstream_protocol = \"h2c\"\n{proxy}"),
+            ..Conf::default()
+        })
+    };
+    let message = |h: &http::HeaderMap| {
+        h.get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // The client's grpc-timeout (300 ms) is shorter than proxy.request_timeout (30 s).
+    let gw = start("");
+    let status = h2c_who(&gw, "sleep:3000", Some("300m")).await;
+    assert_eq!(status["grpc-status"], "4", "{status:?}");
+    let m = message(&status);
+    assert!(
+        m.contains("grpc-timeout") && m.contains("300ms") && !m.contains("request_timeout"),
+        "the message names the call's grpc-timeout: {m}"
+    );
+    // proxy.request_timeout (300 ms) is shorter than the client's grpc-timeout (20 s).
+    let gw = start("request_timeout = \"300ms\"\n");
+    let status = h2c_who(&gw, "sleep:3000", Some("20S")).await;
+    assert_eq!(status["grpc-status"], "4", "{status:?}");
+    let m = message(&status);
+    assert!(
+        m.contains("proxy.request_timeout") && m.contains("300ms") && !m.contains("grpc-timeout"),
+        "the message names proxy.request_timeout: {m}"
+    );
+    // Without a grpc-timeout, proxy.request_timeout is the one.
+    let status = h2c_who(&gw, "sleep:3000", None).await;
+    assert_eq!(status["grpc-status"], "4", "{status:?}");
+    assert!(
+        message(&status).contains("proxy.request_timeout"),
+        "{status:?}"
+    );
+}

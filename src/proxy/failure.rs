@@ -8,9 +8,9 @@
 //! the same idea).
 //! Must not touch: counters, the controller, or the retry decision (`retry` reads a failure).
 
-use std::time::Duration;
-
+use crate::config::ProxyConfig;
 use crate::error::{error_chain, local_resource_cause};
+use crate::grpc::TimeLimit;
 use crate::proxy::body::past_limit;
 use crate::rescue::GatewayError;
 use crate::upstream::pool::ConnectError;
@@ -130,33 +130,23 @@ impl Failure {
     }
 
     /// What the client is told when this failure is the request's last: `replica` is the one
-    /// tried last, `request_timeout` and `max_body` the limits in force.
-    pub fn into_error(
-        self,
-        replica: &str,
-        request_timeout: Duration,
-        max_body: u64,
-    ) -> GatewayError {
+    /// tried last, `limit` the time limit the request ran under, `p` the rest in force.
+    pub fn into_error(self, replica: &str, limit: TimeLimit, p: &ProxyConfig) -> GatewayError {
         let replica = replica.to_owned();
         match (self.whose, self.kind) {
             (_, Kind::Busy) => GatewayError::ReplicaBusy {
                 replica,
                 detail: self.detail,
             },
-            (_, Kind::TooLarge) => GatewayError::PayloadTooLarge { limit: max_body },
-            (_, Kind::ClientBodyTimeout) => GatewayError::ClientBodyTimeout {
-                timeout: request_timeout,
-            },
+            (_, Kind::TooLarge) => GatewayError::PayloadTooLarge { limit: p.max_body },
+            (_, Kind::ClientBodyTimeout) => GatewayError::ClientBodyTimeout { limit },
             (Whose::Client, _) => GatewayError::ClientBody {
                 detail: self.detail,
             },
             (Whose::Gateway, _) => GatewayError::LocalResource {
                 detail: self.detail,
             },
-            (Whose::Replica, Kind::Timeout) => GatewayError::GatewayTimeout {
-                replica,
-                timeout: request_timeout,
-            },
+            (Whose::Replica, Kind::Timeout) => GatewayError::GatewayTimeout { replica, limit },
             (Whose::Replica, _) => GatewayError::BadGateway {
                 replica,
                 detail: self.detail,
@@ -181,6 +171,8 @@ mod tests {
             _ => "the limit did not hold".into(),
         }
     }
+
+    use std::time::Duration;
 
     fn io(kind: std::io::ErrorKind) -> std::io::Error {
         std::io::Error::new(kind, "x")
@@ -266,8 +258,12 @@ mod tests {
             body_sent: false,
             detail: "d".into(),
         };
-        let t = Duration::from_secs(30);
-        let status = |kind| f(kind).into_error("s1", t, 10).status().as_u16();
+        let t = TimeLimit::RequestTimeout(Duration::from_secs(30));
+        let p = ProxyConfig {
+            max_body: 10,
+            ..ProxyConfig::default()
+        };
+        let status = |kind| f(kind).into_error("s1", t, &p).status().as_u16();
         assert_eq!(status(Kind::Refused), 502);
         assert_eq!(status(Kind::BadHead), 502);
         assert_eq!(status(Kind::Timeout), 504);
@@ -279,11 +275,31 @@ mod tests {
             whose: Whose::Gateway,
             ..f(Kind::ConnectTimeout)
         };
-        assert_eq!(inconclusive.into_error("s1", t, 10).status().as_u16(), 503);
+        assert_eq!(inconclusive.into_error("s1", t, &p).status().as_u16(), 503);
         let local = Failure {
             whose: Whose::Gateway,
             ..f(Kind::LocalResource)
         };
-        assert_eq!(local.into_error("s1", t, 10).status().as_u16(), 503);
+        assert_eq!(local.into_error("s1", t, &p).status().as_u16(), 503);
+    }
+
+    #[test]
+    fn a_timeout_names_the_limit_that_ran_out() {
+        let timeout = || Failure {
+            whose: Whose::Replica,
+            kind: Kind::Timeout,
+            body_sent: false,
+            detail: "d".into(),
+        };
+        let p = ProxyConfig::default();
+        let call = TimeLimit::GrpcTimeout(Duration::from_millis(300));
+        let e = timeout().into_error("s1", call, &p).to_string();
+        assert!(
+            e.contains("grpc-timeout (300ms)") && !e.contains("request_timeout"),
+            "{e}"
+        );
+        let request = TimeLimit::RequestTimeout(Duration::from_secs(30));
+        let e = timeout().into_error("s1", request, &p).to_string();
+        assert!(e.contains("proxy.request_timeout (30s)"), "{e}");
     }
 }

@@ -108,11 +108,12 @@ impl ReplicaBody {
         }
     }
 
-    /// Ends a gRPC call's response by `deadline` ([`H2Body::end_by`]); gRPC goes over HTTP/2
-    /// only, so an HTTP/1.1 body is left as it is.
-    pub fn end_by(&mut self, deadline: tokio::time::Instant) {
+    /// Ends a gRPC call's response by `deadline`, its `grpc-timeout` of `timeout` from its
+    /// start ([`H2Body::end_by`]); gRPC goes over HTTP/2 only, so an HTTP/1.1 body is left as
+    /// it is.
+    pub fn end_by(&mut self, deadline: tokio::time::Instant, timeout: std::time::Duration) {
         if let ReplicaBody::H2(b) = self {
-            b.end_by(deadline);
+            b.end_by(deadline, timeout);
         }
     }
 }

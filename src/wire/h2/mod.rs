@@ -186,9 +186,9 @@ pub struct H2Body {
     /// The request's place in the gateway's request budgets, given back with the body.
     place: Option<RequestPlace>,
     done: bool,
-    /// A gRPC call's deadline (`grpc-timeout`): past it the call ends with `DEADLINE_EXCEEDED`
-    /// in trailers and the stream to the replica is reset.
-    call_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A gRPC call's deadline (`grpc-timeout`, kept for the message): past it the call ends
+    /// with `DEADLINE_EXCEEDED` in trailers and the stream to the replica is reset.
+    call_deadline: Option<(Pin<Box<tokio::time::Sleep>>, std::time::Duration)>,
 }
 
 impl H2Body {
@@ -209,10 +209,10 @@ impl H2Body {
         }
     }
 
-    /// Ends the call by `deadline` (a gRPC call's `grpc-timeout`): a response still streaming
-    /// then ends with trailers `grpc-status: 4` (`DEADLINE_EXCEEDED`).
-    pub fn end_by(&mut self, deadline: Instant) {
-        self.call_deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
+    /// Ends the call by `deadline` (a gRPC call's `grpc-timeout` of `timeout`): a response
+    /// still streaming then ends with trailers `grpc-status: 4` (`DEADLINE_EXCEEDED`).
+    pub fn end_by(&mut self, deadline: Instant, timeout: std::time::Duration) {
+        self.call_deadline = Some((Box::pin(tokio::time::sleep_until(deadline)), timeout));
     }
 
     /// Keeps the request counted in the gateway's budgets until this body is done with.
@@ -235,12 +235,13 @@ impl HttpBody for H2Body {
         }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if polled.is_pending() {
-            if let Some(deadline) = this.call_deadline.as_mut() {
+            if let Some((deadline, timeout)) = this.call_deadline.as_mut() {
                 if deadline.as_mut().poll(cx).is_ready() {
                     this.done = true;
-                    let message = "the call's grpc-timeout passed at the gateway";
+                    let limit = crate::grpc::TimeLimit::GrpcTimeout(*timeout);
+                    let message = format!("{limit} passed at the gateway");
                     let fields =
-                        crate::grpc::status_fields(crate::grpc::Code::DeadlineExceeded, message);
+                        crate::grpc::status_fields(crate::grpc::Code::DeadlineExceeded, &message);
                     return Poll::Ready(Some(Ok(Frame::trailers(fields))));
                 }
             }
