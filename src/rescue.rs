@@ -103,6 +103,12 @@ pub enum GatewayError {
     Internal(String),
     #[error("gRPC needs HTTP/2 to the replicas and proxy.upstream_protocol is \"http1\": set it to \"h2c\" or \"match\"")]
     GrpcNeedsHttp2,
+    #[error("replica {replica} cannot take a gRPC call: {detail}; gRPC needs HTTP/2 to it (proxy.upstream_protocol = \"{setting}\" with provider.upstream_tls): let the replica offer ALPN h2")]
+    GrpcReplicaNotHttp2 {
+        replica: String,
+        detail: String,
+        setting: crate::config::UpstreamProtocol,
+    },
 }
 
 impl GatewayError {
@@ -131,7 +137,9 @@ impl GatewayError {
             | GatewayError::ReplicaBusy { .. }
             | GatewayError::TunnelsFull { .. }
             | GatewayError::LocalResource { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::BadGateway { .. } | GatewayError::GrpcReplicaNotHttp2 { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             GatewayError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
         }
@@ -171,9 +179,9 @@ impl GatewayError {
     pub fn grpc_code(&self) -> grpc::Code {
         use grpc::Code;
         match self {
-            GatewayError::GrpcNeedsHttp2 | GatewayError::MethodNotAllowed { .. } => {
-                Code::Unimplemented
-            }
+            GatewayError::GrpcNeedsHttp2
+            | GatewayError::GrpcReplicaNotHttp2 { .. }
+            | GatewayError::MethodNotAllowed { .. } => Code::Unimplemented,
             GatewayError::GatewayTimeout { .. } | GatewayError::ClientBodyTimeout { .. } => {
                 Code::DeadlineExceeded
             }
@@ -349,6 +357,14 @@ mod tests {
                     limit: grpc::TimeLimit::GrpcTimeout(t),
                 },
                 Code::DeadlineExceeded,
+            ),
+            (
+                GatewayError::GrpcReplicaNotHttp2 {
+                    replica: "s1".into(),
+                    detail: "the replica chose ALPN http/1.1".into(),
+                    setting: crate::config::UpstreamProtocol::H2c,
+                },
+                Code::Unimplemented,
             ),
             (
                 GatewayError::OverBudget {

@@ -56,6 +56,9 @@ pub enum Kind {
     /// The replica had `proxy.max_requests_per_replica` in flight and no place came free
     /// within `proxy.queue_timeout`: busy, not failing.
     Busy,
+    /// Over TLS the replica chose HTTP/1.1 (ALPN) and the request must have HTTP/2 (a gRPC
+    /// call): a setting that does not fit the replica, not a failure of it.
+    NotHttp2,
 }
 
 /// One attempt's failure.
@@ -93,6 +96,7 @@ impl Failure {
             SendError::Connect(_) => (Whose::Replica, Kind::Connect),
             SendError::Broken(_) | SendError::Stream(_) => (Whose::Replica, Kind::Broken),
             SendError::Unprocessed(_) => (Whose::Replica, Kind::Unprocessed),
+            SendError::NotHttp2(_) => (Whose::Replica, Kind::NotHttp2),
             SendError::BadHead(_) => (Whose::Replica, Kind::BadHead),
             SendError::Timeout => (Whose::Replica, Kind::Timeout),
         };
@@ -137,6 +141,11 @@ impl Failure {
             (_, Kind::Busy) => GatewayError::ReplicaBusy {
                 replica,
                 detail: self.detail,
+            },
+            (_, Kind::NotHttp2) => GatewayError::GrpcReplicaNotHttp2 {
+                replica,
+                detail: self.detail,
+                setting: p.upstream_protocol,
             },
             (_, Kind::TooLarge) => GatewayError::PayloadTooLarge { limit: p.max_body },
             (_, Kind::ClientBodyTimeout) => GatewayError::ClientBodyTimeout { limit },

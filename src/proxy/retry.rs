@@ -48,7 +48,8 @@ pub fn may_retry(failure: &Failure, method: &Method, retry_on: &[RetryOn]) -> bo
         | Kind::ClientBodyTimeout
         | Kind::TooLarge
         | Kind::LocalResource
-        | Kind::Busy => false,
+        | Kind::Busy
+        | Kind::NotHttp2 => false,
     }
 }
 
@@ -232,6 +233,11 @@ mod tests {
             !may_retry(&failed(Kind::Unprocessed, true), &Method::POST, DEFAULT),
             "a body partly read cannot be sent again"
         );
+        assert!(!may_retry(
+            &failed(Kind::NotHttp2, false),
+            &Method::POST,
+            BOTH
+        ));
     }
 
     #[test]
