@@ -873,3 +873,206 @@ async fn deadline_exceeded_names_what_ran_out_the_calls_grpc_timeout_or_proxy_re
         "{status:?}"
     );
 }
+
+/// A replica that speaks HTTP/2 with prior knowledge (the h2 crate's server, so it can refuse a
+/// stream the way a real server shedding load does): `grpc.health.v1.Health/Check` answers
+/// SERVING; any other request has its body read and echoed back with status 200, except that
+/// while `refuse` is set, the first such request is refused (`REFUSED_STREAM`) once `after`
+/// bytes of its body arrived, and `refuse` is cleared. Every request body's bytes are counted in
+/// `seen` (by replica).
+async fn refusing_h2_replica(
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    after: usize,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> std::net::SocketAddr {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (refuse, seen) = (refuse.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let (refuse, seen) = (refuse.clone(), seen.clone());
+                    tokio::spawn(async move {
+                        let health = req.uri().path() == "/grpc.health.v1.Health/Check";
+                        let mut body = req.into_body();
+                        let mut got = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            got.extend_from_slice(&chunk);
+                            if !health {
+                                seen.fetch_add(chunk.len(), Ordering::SeqCst);
+                            }
+                            if !health && got.len() >= after && refuse.swap(false, Ordering::SeqCst)
+                            {
+                                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                                return;
+                            }
+                        }
+                        if health {
+                            let head = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(())
+                                .expect("head");
+                            let Ok(mut stream) = respond.send_response(head, false) else {
+                                return;
+                            };
+                            let serving =
+                                bytes::Bytes::from_static(b"\x00\x00\x00\x00\x02\x08\x01");
+                            let _ = stream.send_data(serving, false);
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let _ = stream.send_trailers(trailers);
+                            return;
+                        }
+                        let head = http::Response::builder().body(()).expect("head");
+                        let Ok(mut stream) = respond.send_response(head, false) else {
+                            return;
+                        };
+                        let _ = stream.send_data(bytes::Bytes::from(got), true);
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `POST /upload` over HTTP/1.1 with a chunked body: `first`, then after 300 ms
+/// `second`, then the last chunk; returns the status and the response body.
+async fn upload_in_two(addr: std::net::SocketAddr, first: &[u8], second: &[u8]) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let chunk = |b: &[u8]| {
+        let mut c = format!("{:x}\r\n", b.len()).into_bytes();
+        c.extend_from_slice(b);
+        c.extend_from_slice(b"\r\n");
+        c
+    };
+    let mut head = b"POST /upload?id=7 HTTP/1.1\r\nHost: gw\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
+    head.extend_from_slice(&chunk(first));
+    s.write_all(&head).await.expect("head and the first chunk");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut rest = chunk(second);
+    rest.extend_from_slice(b"0\r\n\r\n");
+    // The gateway may have answered (and closed) already: the answer is what counts.
+    let _ = s.write_all(&rest).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    let body = match answer.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(at) => answer[at + 4..].to_vec(),
+        None => Vec::new(),
+    };
+    (code, body)
+}
+
+/// De-chunks an HTTP/1.1 chunked body (or returns it as it is when it is not chunked).
+fn dechunk(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    while let Some(at) = rest.windows(2).position(|w| w == b"\r\n") {
+        let Ok(len) = usize::from_str_radix(std::str::from_utf8(&rest[..at]).unwrap_or("x"), 16)
+        else {
+            return body.to_vec();
+        };
+        if len == 0 {
+            return out;
+        }
+        let Some(data) = rest.get(at + 2..at + 2 + len) else {
+            return body.to_vec();
+        };
+        out.extend_from_slice(data);
+        rest = rest.get(at + 4 + len..).unwrap_or_default();
+    }
+    body.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_whose_body_had_started_is_resent_whole_within_the_bound_and_fails_clearly_past_it(
+) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let refuse = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicUsize::new(0));
+    // Two replicas sharing one refusal: whichever gets the upload first refuses it once some
+    // of its body arrived; the gateway must send it whole again (to the same replica or the
+    // next one).
+    let a = refusing_h2_replica(refuse.clone(), 1000, seen.clone()).await;
+    let b = refusing_h2_replica(refuse.clone(), 1000, seen.clone()).await;
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"h2-a\", address = \"{a}\" }}, {{ name = \"h2-b\", address = \"{b}\" }}]\n"
+        ),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
+        s["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
+    })
+    .await;
+
+    // Within the bound: 1000 bytes, refused once they arrived, then 1000 more from the client.
+    refuse.store(true, Ordering::SeqCst);
+    let (first, second) = (vec![b'a'; 1000], vec![b'b'; 1000]);
+    let (code, body) = upload_in_two(gw.addr, &first, &second).await;
+    let body = dechunk(&body);
+    assert_eq!(
+        code,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&body),
+        gw.log()
+    );
+    assert!(!refuse.load(Ordering::SeqCst), "the refusal happened");
+    assert_eq!(
+        body.len(),
+        2000,
+        "the whole body reached the replica that answered"
+    );
+    assert_eq!(&body[..1000], &first[..]);
+    assert_eq!(&body[1000..], &second[..]);
+
+    // Past the bound (64 KiB kept): 1 KiB, then 100 KiB; refused once 80 KiB arrived.
+    let a = refusing_h2_replica(refuse.clone(), 80 * 1024, seen.clone()).await;
+    let b = refusing_h2_replica(refuse.clone(), 80 * 1024, seen.clone()).await;
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"h2-a\", address = \"{a}\" }}, {{ name = \"h2-b\", address = \"{b}\" }}]\n"
+        ),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
+        s["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
+    })
+    .await;
+    refuse.store(true, Ordering::SeqCst);
+    let (code, body) = upload_in_two(gw.addr, &vec![b'c'; 1024], &vec![b'd'; 100 * 1024]).await;
+    let text = String::from_utf8_lossy(&body);
+    assert!(!refuse.load(Ordering::SeqCst), "the refusal happened");
+    assert_eq!(code, 502, "{text}");
+    assert!(
+        text.contains("did not process") && text.contains("64 KiB"),
+        "the answer says why it was not sent again: {text}"
+    );
+}

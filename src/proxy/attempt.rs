@@ -100,7 +100,8 @@ impl Attempt<'_> {
                 Ok(resp)
             }
             Err(e) => {
-                let failure = Failure::of(&e, !body.untouched(), short_of_descriptors);
+                let (sent, held) = (!body.untouched(), body.resendable());
+                let failure = Failure::of(&e, sent, held, short_of_descriptors);
                 self.failed(replica, &failure, outcome);
                 Err(failure)
             }

@@ -1,7 +1,8 @@
 //! Why an attempt at one replica failed, and whose failure it was.
 //!
 //! Owns: [`Failure`] (whose it is: the replica's, the client's or the gateway's own; what kind;
-//! whether any of the request body was sent), the classification of the wire client's
+//! whether any of the request body was sent, and whether all of that is still held for a
+//! resend), the classification of the wire client's
 //! [`SendError`] into it ([`Failure::of`]), and what the client is told for it
 //! ([`Failure::into_error`]). Only a failure that is the replica's counts against it, and only
 //! such a failure may be retried on another one (pingora's `ErrorSource` and `RetryType` are
@@ -11,7 +12,7 @@
 use crate::config::ProxyConfig;
 use crate::error::{error_chain, local_resource_cause};
 use crate::grpc::TimeLimit;
-use crate::proxy::body::past_limit;
+use crate::proxy::body::{past_limit, RESEND_LIMIT};
 use crate::rescue::GatewayError;
 use crate::upstream::pool::ConnectError;
 use crate::wire::client::SendError;
@@ -66,17 +67,25 @@ pub enum Kind {
 pub struct Failure {
     pub whose: Whose,
     pub kind: Kind,
-    /// Some of the request body was read for this attempt (so it cannot be sent again).
+    /// Some of the request body was read for this attempt.
     pub body_sent: bool,
+    /// All of the body read so far is still held ([`RESEND_LIMIT`]), so it can be sent again
+    /// whole (true when none was read).
+    pub body_held: bool,
     /// The cause, on one line (for the client's message and the log).
     pub detail: String,
 }
 
 impl Failure {
-    /// The failure `e` stands for. `short_of_descriptors`: the gateway was short of file
-    /// descriptors when the attempt started, so a connect that timed out is not evidence
-    /// against the replica.
-    pub fn of(e: &SendError, body_sent: bool, short_of_descriptors: bool) -> Failure {
+    /// The failure `e` stands for, `body_sent` and `body_held` as [`Failure`] says.
+    /// `short_of_descriptors`: the gateway was short of file descriptors when the attempt
+    /// started, so a connect that timed out is not evidence against the replica.
+    pub fn of(
+        e: &SendError,
+        body_sent: bool,
+        body_held: bool,
+        short_of_descriptors: bool,
+    ) -> Failure {
         let (whose, kind) = match e {
             SendError::RequestBody(b) if past_limit(b) => (Whose::Client, Kind::TooLarge),
             SendError::RequestBody(_) => (Whose::Client, Kind::ClientBody),
@@ -107,10 +116,17 @@ impl Failure {
         if whose == Whose::Gateway && matches!(e, SendError::Connect(ConnectError::Timeout(_))) {
             detail.push_str(" while the gateway was short of file descriptors");
         }
+        if kind == Kind::Unprocessed && body_sent && !body_held {
+            detail.push_str(&format!(
+                "; its body had started and more of it was read than the {} KiB the gateway holds to send it again, so it was not resent",
+                RESEND_LIMIT / 1024
+            ));
+        }
         Failure {
             whose,
             kind,
             body_sent,
+            body_held,
             detail,
         }
     }
@@ -129,6 +145,7 @@ impl Failure {
             whose: Whose::Gateway,
             kind: Kind::Busy,
             body_sent: false,
+            body_held: true,
             detail,
         }
     }
@@ -249,7 +266,7 @@ mod tests {
             (SendError::Timeout, false, Whose::Replica, Kind::Timeout),
         ];
         for (e, short, whose, kind) in table {
-            let f = Failure::of(&e, false, short);
+            let f = Failure::of(&e, false, true, short);
             assert_eq!((f.whose, f.kind), (whose, kind), "{e}");
             assert!(!f.detail.is_empty());
         }
@@ -265,6 +282,7 @@ mod tests {
             },
             kind,
             body_sent: false,
+            body_held: true,
             detail: "d".into(),
         };
         let t = TimeLimit::RequestTimeout(Duration::from_secs(30));
@@ -298,6 +316,7 @@ mod tests {
             whose: Whose::Replica,
             kind: Kind::Timeout,
             body_sent: false,
+            body_held: true,
             detail: "d".into(),
         };
         let p = ProxyConfig::default();

@@ -179,6 +179,8 @@ async fn try_forward(
             .await
         {
             Ok(resp) => {
+                // Answered: the body will not be sent again, so none of it is held from now on.
+                body.release();
                 let at = upgrade::At {
                     snap,
                     replica,
@@ -222,7 +224,8 @@ async fn try_forward(
 
 /// The request's checks, its place in the request budgets, and its body started (within
 /// `limit`): a request that fails any of these never reaches a replica. Returns the place
-/// (held until the response ends), the body, and what is left of `limit`.
+/// (held until the response ends), the body (holding what an HTTP/2 attempt may have to send
+/// again, [`body::RESEND_LIMIT`]), and what is left of `limit`.
 async fn admit(
     cfg: &crate::config::Config,
     parts: &http::request::Parts,
@@ -248,7 +251,12 @@ async fn admit(
         })?;
     // No replica connection (nor a place at a replica) for a body that has not started.
     let started = Instant::now();
-    let mut body = ProxyBody::new(body, max_body);
+    // Only a stream over HTTP/2 can be refused unprocessed after its body started.
+    let keep = match cfg.proxy.upstream_protocol.uses_h2(parts.version) {
+        true => body::RESEND_LIMIT,
+        false => 0,
+    };
+    let mut body = ProxyBody::new(body, max_body, keep);
     body_started(&mut body, limit, max_body).await?;
     let left = limit.duration().saturating_sub(started.elapsed());
     Ok((place, body, left))

@@ -114,9 +114,9 @@ async fn send_h1<B: Outgoing + Send + 'static>(
 
 /// [`send`] over HTTP/2: a stream on this thread's connection to the replica with room for
 /// it, or on a new one (kept for the next requests). A stream a pooled connection did not
-/// process (its GOAWAY raced the request) is sent once more on a fresh connection, if nothing
-/// of the body was read; from a fresh connection that failure goes to the caller, which may
-/// retry it elsewhere. A TLS replica that chose HTTP/1.1
+/// process (its GOAWAY raced the request) is sent once more on a fresh connection, if all of
+/// the body read so far is still held ([`Outgoing::resendable`]); from a fresh connection that
+/// failure goes to the caller, which may retry it elsewhere. A TLS replica that chose HTTP/1.1
 /// gets the request over HTTP/1.1, unless it must have HTTP/2 (`req.http2_only`: a gRPC call).
 async fn send_h2<B: Outgoing + Send + 'static>(
     req: &Request<'_>,
@@ -141,7 +141,7 @@ async fn send_h2<B: Outgoing + Send + 'static>(
                     resp.map(|b| ReplicaBody::H2(H2Body::new(b, stream, read_timeout, in_flight)))
                 );
             }
-            Err(SendError::Unprocessed(_)) if reused && body.untouched() => {
+            Err(SendError::Unprocessed(_)) if reused && body.resendable() => {
                 h2::forget(&conn);
                 continue;
             }

@@ -84,6 +84,12 @@ pub enum SendError {
 pub trait Outgoing: HttpBody<Data = Bytes, Error = BoxError> + Unpin {
     fn untouched(&self) -> bool;
 
+    /// All of the body that was read so far is still held, so it can be sent again whole (a
+    /// stream the replica did not process). Untouched, it can.
+    fn resendable(&self) -> bool {
+        self.untouched()
+    }
+
     /// The same body as an owned one, for a protocol that takes the body with the request
     /// (HTTP/2): what it reads is read from this one too, so [`Outgoing::untouched`] still
     /// tells whether any of it was sent.
