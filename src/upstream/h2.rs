@@ -401,9 +401,10 @@ pub fn keep(conn: &H2Conn) {
 }
 
 /// What the replica at `addr` chose instead of `h2` when this thread's last connection to it
-/// with `tls` offered both, if that was less than [`ALPN_RECHECK`] ago.
+/// with `tls` offered both, if that was less than [`ALPN_RECHECK`] ago. Plain TCP has no
+/// ALPN: nothing is looked up (every h2c request asks).
 pub fn chose_http1(addr: SocketAddr, tls: Option<&UpstreamTls>) -> Option<Alpn> {
-    let client = tls.map_or(0, UpstreamTls::id);
+    let client = tls?.id();
     HTTP1_ONLY.with(|m| {
         let m = m.borrow();
         let (by, chosen, at) = m.get(&addr)?;
