@@ -1,6 +1,6 @@
 #!/bin/bash
-# `make bench-h2`: HTTP/2 clients (HTTP/1.1 to the replicas) and gRPC unary (HTTP/2 to
-# the replicas) through ringgate, HAProxy and NGINX (2 workers or threads each) to the same two
+# `make bench-h2`: HTTP/2 clients (HTTP/1.1 to the replicas; and through ringgate also HTTP/2
+# to them) and gRPC unary (HTTP/2 to the replicas) through ringgate, HAProxy and NGINX (2 workers or threads each) to the same two
 # ringgate-server replicas, with h2load -c8 -m16 (h2c). Needs h2load (nghttp2-client), haproxy,
 # nginx and a release build (`cargo build --release`); the figures in docs/performance.md
 # ("HTTP/2 and gRPC to the replicas") came from it. Everything it starts is stopped on exit.
@@ -95,6 +95,7 @@ G="-d $D/who.bin -H content-type:application/grpc -H te:trailers"
 for r in 1 2; do
   echo "-- run $r"
   run "h2 clients -> ringgate (http1 up)" -c8 -m16 -n$N http://$G1/home?id=1 http://$G1/home?id=2
+  run "h2 clients -> ringgate (h2c up)" -c8 -m16 -n$N http://$G2/home?id=1 http://$G2/home?id=2
   run "h2 clients -> haproxy (http1 up)" -c8 -m16 -n$N http://127.0.0.1:$HP1/home?id=1 http://127.0.0.1:$HP1/home?id=2
   run "h2 clients -> nginx (http1 up)" -c8 -m16 -n$N http://127.0.0.1:$NP1/home?id=1 http://127.0.0.1:$NP1/home?id=2
   run "gRPC unary -> ringgate (h2c up)" -c8 -m16 -n$N $G http://$G2/ringgate.demo.Demo/Who?id=1 http://$G2/ringgate.demo.Demo/Who?id=2
