@@ -8,11 +8,13 @@ set -u
 BIN=${BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
 D=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; }
+# Replicas and gateways are started inside $(...) (a subshell: its pids+= is lost), so they
+# note their pids in $D/pids too.
+cleanup() { for p in "${pids[@]}" $(cat $D/pids 2>/dev/null); do kill "$p" 2>/dev/null; done; }
 trap 'cleanup; rm -rf "$D"' EXIT
 start_replica() {
   SERVER_ID=$1 PORT=0 BIND=127.0.0.1 $BIN/ringgate-server > $D/$1.out 2>&1 &
-  pids+=($!)
+  echo $! >> $D/pids
   for i in $(seq 50); do a=$(grep -o 'http://[0-9.:]*' $D/$1.out | head -1); [ -n "$a" ] && break; sleep 0.1; done
   echo ${a#http://}
 }
@@ -31,7 +33,7 @@ dir = "$D/policies"
 T
   mkdir -p $D/policies
   $BIN/ringgate serve --config $D/lb-$1.toml > $D/gw-$1.out 2>&1 &
-  pids+=($!)
+  echo $! >> $D/pids
   for i in $(seq 100); do a=$(grep -o 'http://[0-9.:]*' $D/gw-$1.out | head -1); [ -n "$a" ] && break; sleep 0.1; done
   echo ${a#http://}
 }
