@@ -1047,6 +1047,11 @@ async fn a_refused_stream_whose_body_had_started_is_resent_whole_within_the_boun
     );
     assert_eq!(&body[..1000], &first[..]);
     assert_eq!(&body[1000..], &second[..]);
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        1000 + 2000,
+        "the refused stream had 1000 bytes of the body, the one sent again all of it"
+    );
 
     // Past the bound (64 KiB kept): 1 KiB, then 100 KiB; refused once 80 KiB arrived.
     let a = refusing_h2_replica(refuse.clone(), 80 * 1024, seen.clone()).await;
@@ -1067,10 +1072,15 @@ async fn a_refused_stream_whose_body_had_started_is_resent_whole_within_the_boun
     })
     .await;
     refuse.store(true, Ordering::SeqCst);
+    seen.store(0, Ordering::SeqCst);
     let (code, body) = upload_in_two(gw.addr, &vec![b'c'; 1024], &vec![b'd'; 100 * 1024]).await;
     let text = String::from_utf8_lossy(&body);
     assert!(!refuse.load(Ordering::SeqCst), "the refusal happened");
     assert_eq!(code, 502, "{text}");
+    assert!(
+        seen.load(Ordering::SeqCst) >= 80 * 1024,
+        "the refused stream had 80 KiB of the body"
+    );
     assert!(
         text.contains("did not process") && text.contains("64 KiB"),
         "the answer says why it was not sent again: {text}"
