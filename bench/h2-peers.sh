@@ -1,6 +1,6 @@
 #!/bin/bash
-# `make bench-h2`: HTTP/2 clients (HTTP/1.1 to the replicas) and gRPC unary (HTTP/2 to
-# the replicas) through ringgate, HAProxy and NGINX (2 workers or threads each) to the same two
+# `make bench-h2`: HTTP/2 clients (HTTP/1.1 to the replicas; and through ringgate also HTTP/2
+# to them) and gRPC unary (HTTP/2 to the replicas) through ringgate, HAProxy and NGINX (2 workers or threads each) to the same two
 # ringgate-server replicas, with h2load -c8 -m16 (h2c). Needs h2load (nghttp2-client), haproxy,
 # nginx and a release build (`cargo build --release`); the figures in docs/performance.md
 # ("HTTP/2 and gRPC to the replicas") came from it. Everything it starts is stopped on exit.
@@ -8,11 +8,13 @@ set -u
 BIN=${BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
 D=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; }
+# Replicas and gateways are started inside $(...) (a subshell: its pids+= is lost), so they
+# note their pids in $D/pids too.
+cleanup() { for p in "${pids[@]}" $(cat $D/pids 2>/dev/null); do kill "$p" 2>/dev/null; done; }
 trap 'cleanup; rm -rf "$D"' EXIT
 start_replica() {
   SERVER_ID=$1 PORT=0 BIND=127.0.0.1 $BIN/ringgate-server > $D/$1.out 2>&1 &
-  pids+=($!)
+  echo $! >> $D/pids
   for i in $(seq 50); do a=$(grep -o 'http://[0-9.:]*' $D/$1.out | head -1); [ -n "$a" ] && break; sleep 0.1; done
   echo ${a#http://}
 }
@@ -31,7 +33,7 @@ dir = "$D/policies"
 T
   mkdir -p $D/policies
   $BIN/ringgate serve --config $D/lb-$1.toml > $D/gw-$1.out 2>&1 &
-  pids+=($!)
+  echo $! >> $D/pids
   for i in $(seq 100); do a=$(grep -o 'http://[0-9.:]*' $D/gw-$1.out | head -1); [ -n "$a" ] && break; sleep 0.1; done
   echo ${a#http://}
 }
@@ -95,6 +97,7 @@ G="-d $D/who.bin -H content-type:application/grpc -H te:trailers"
 for r in 1 2; do
   echo "-- run $r"
   run "h2 clients -> ringgate (http1 up)" -c8 -m16 -n$N http://$G1/home?id=1 http://$G1/home?id=2
+  run "h2 clients -> ringgate (h2c up)" -c8 -m16 -n$N http://$G2/home?id=1 http://$G2/home?id=2
   run "h2 clients -> haproxy (http1 up)" -c8 -m16 -n$N http://127.0.0.1:$HP1/home?id=1 http://127.0.0.1:$HP1/home?id=2
   run "h2 clients -> nginx (http1 up)" -c8 -m16 -n$N http://127.0.0.1:$NP1/home?id=1 http://127.0.0.1:$NP1/home?id=2
   run "gRPC unary -> ringgate (h2c up)" -c8 -m16 -n$N $G http://$G2/ringgate.demo.Demo/Who?id=1 http://$G2/ringgate.demo.Demo/Who?id=2

@@ -2,7 +2,8 @@
 //! gateway answers with, and the few messages it writes itself.
 //!
 //! Owns: [`is_grpc`] (`content-type: application/grpc*`), [`timeout`] (the `grpc-timeout`
-//! header, parsed), [`Code`] (the status codes the gateway produces), [`trailers_only`] (a
+//! header, parsed), [`TimeLimit`] (which limit bounds a request: `proxy.request_timeout` or the
+//! call's own shorter `grpc-timeout`, named as such in messages), [`Code`] (the status codes the gateway produces), [`trailers_only`] (a
 //! gateway error as a gRPC client expects it: HTTP 200, `grpc-status` and `grpc-message` in a
 //! headers-only response), [`frame`] (the 5-byte message prefix) and the
 //! `grpc.health.v1.Health/Check` messages ([`health_request`], [`health_serving`]), encoded by
@@ -49,6 +50,42 @@ pub fn timeout(headers: &HeaderMap) -> Option<Duration> {
         b'n' => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// The time limit a request runs under, and which one it is, so a message names what ran
+/// out: `proxy.request_timeout`, or a gRPC call's own `grpc-timeout` where it is shorter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeLimit {
+    /// `proxy.request_timeout`.
+    RequestTimeout(Duration),
+    /// The call's `grpc-timeout`.
+    GrpcTimeout(Duration),
+}
+
+impl TimeLimit {
+    /// The shorter of `request_timeout` and the call's `grpc_timeout` (the request timeout
+    /// when they are equal).
+    pub fn of(request_timeout: Duration, grpc_timeout: Option<Duration>) -> TimeLimit {
+        match grpc_timeout {
+            Some(t) if t < request_timeout => TimeLimit::GrpcTimeout(t),
+            _ => TimeLimit::RequestTimeout(request_timeout),
+        }
+    }
+
+    pub fn duration(self) -> Duration {
+        match self {
+            TimeLimit::RequestTimeout(d) | TimeLimit::GrpcTimeout(d) => d,
+        }
+    }
+}
+
+impl std::fmt::Display for TimeLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TimeLimit::RequestTimeout(d) => write!(f, "proxy.request_timeout ({d:?})"),
+            TimeLimit::GrpcTimeout(d) => write!(f, "the call's grpc-timeout ({d:?})"),
+        }
+    }
 }
 
 /// The gRPC status codes the gateway answers with (the rest are the replicas').
@@ -226,6 +263,22 @@ mod tests {
             assert_eq!(t(bad), None, "{bad:?}");
         }
         assert_eq!(timeout(&headers(&[])), None);
+    }
+
+    #[test]
+    fn the_time_limit_is_the_shorter_one_and_says_which() {
+        let (thirty, half) = (Duration::from_secs(30), Duration::from_millis(500));
+        let call = TimeLimit::of(thirty, Some(half));
+        assert_eq!(call, TimeLimit::GrpcTimeout(half));
+        assert_eq!(call.to_string(), "the call's grpc-timeout (500ms)");
+        let request = TimeLimit::of(half, Some(thirty));
+        assert_eq!(request, TimeLimit::RequestTimeout(half));
+        assert_eq!(request.to_string(), "proxy.request_timeout (500ms)");
+        assert_eq!(
+            TimeLimit::of(thirty, None),
+            TimeLimit::RequestTimeout(thirty)
+        );
+        assert_eq!(call.duration(), half);
     }
 
     #[test]

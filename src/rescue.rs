@@ -65,8 +65,8 @@ pub enum GatewayError {
     BadHost,
     #[error("the request body could not be read from the client: {detail}")]
     ClientBody { detail: String },
-    #[error("the request body stopped arriving: the client sent none of the rest of it within proxy.request_timeout ({timeout:?}); send the whole body, or raise proxy.request_timeout for slow uploads")]
-    ClientBodyTimeout { timeout: std::time::Duration },
+    #[error("the request body stopped arriving: the client sent none of the rest of it within {limit}{}", body_advice(*limit))]
+    ClientBodyTimeout { limit: grpc::TimeLimit },
     #[error("the gateway ran out of a local resource ({detail}); this is the gateway's limit, not a replica's fault: raise its file-descriptor limit or lower proxy.max_connections")]
     LocalResource { detail: String },
     #[error("{}", over_budget(*refusal, *limit))]
@@ -88,10 +88,10 @@ pub enum GatewayError {
     HoldTimeout { timeout: std::time::Duration },
     #[error("replica {replica} could not be reached: {detail}")]
     BadGateway { replica: String, detail: String },
-    #[error("replica {replica} did not answer within proxy.request_timeout ({timeout:?})")]
+    #[error("replica {replica} did not answer within {limit}")]
     GatewayTimeout {
         replica: String,
-        timeout: std::time::Duration,
+        limit: grpc::TimeLimit,
     },
     #[error("this port speaks HTTPS and the request was plain HTTP: use https://{host}")]
     PlainHttpOnTlsPort { host: String },
@@ -103,6 +103,12 @@ pub enum GatewayError {
     Internal(String),
     #[error("gRPC needs HTTP/2 to the replicas and proxy.upstream_protocol is \"http1\": set it to \"h2c\" or \"match\"")]
     GrpcNeedsHttp2,
+    #[error("replica {replica} cannot take a gRPC call: {detail}; gRPC needs HTTP/2 to it (proxy.upstream_protocol = \"{setting}\" with provider.upstream_tls): let the replica offer ALPN h2")]
+    GrpcReplicaNotHttp2 {
+        replica: String,
+        detail: String,
+        setting: crate::config::UpstreamProtocol,
+    },
 }
 
 impl GatewayError {
@@ -131,7 +137,9 @@ impl GatewayError {
             | GatewayError::ReplicaBusy { .. }
             | GatewayError::TunnelsFull { .. }
             | GatewayError::LocalResource { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::BadGateway { .. } | GatewayError::GrpcReplicaNotHttp2 { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             GatewayError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
         }
@@ -173,9 +181,9 @@ impl GatewayError {
     pub fn grpc_code(&self) -> grpc::Code {
         use grpc::Code;
         match self {
-            GatewayError::GrpcNeedsHttp2 | GatewayError::MethodNotAllowed { .. } => {
-                Code::Unimplemented
-            }
+            GatewayError::GrpcNeedsHttp2
+            | GatewayError::GrpcReplicaNotHttp2 { .. }
+            | GatewayError::MethodNotAllowed { .. } => Code::Unimplemented,
             GatewayError::GatewayTimeout { .. } | GatewayError::ClientBodyTimeout { .. } => {
                 Code::DeadlineExceeded
             }
@@ -226,6 +234,16 @@ impl GatewayError {
             );
         }
         resp
+    }
+}
+
+/// What a client whose body stopped arriving can do about it.
+fn body_advice(limit: grpc::TimeLimit) -> &'static str {
+    match limit {
+        grpc::TimeLimit::RequestTimeout(_) => {
+            "; send the whole body, or raise proxy.request_timeout for slow uploads"
+        }
+        grpc::TimeLimit::GrpcTimeout(_) => "",
     }
 }
 
@@ -345,9 +363,17 @@ mod tests {
             (
                 GatewayError::GatewayTimeout {
                     replica: "s1".into(),
-                    timeout: t,
+                    limit: grpc::TimeLimit::GrpcTimeout(t),
                 },
                 Code::DeadlineExceeded,
+            ),
+            (
+                GatewayError::GrpcReplicaNotHttp2 {
+                    replica: "s1".into(),
+                    detail: "the replica chose ALPN http/1.1".into(),
+                    setting: crate::config::UpstreamProtocol::H2c,
+                },
+                Code::Unimplemented,
             ),
             (
                 GatewayError::OverBudget {

@@ -784,3 +784,305 @@ async fn a_streaming_call_whose_key_moves_ends_unavailable_and_the_others_keep_s
         moved as f64
     );
 }
+
+/// One gRPC message framed: flag 0, its length, then field 1 (a string) = `text`.
+fn grpc_text(text: &str) -> bytes::Bytes {
+    let mut msg = vec![0x0a, u8::try_from(text.len()).expect("a short text")];
+    msg.extend_from_slice(text.as_bytes());
+    let mut out = vec![0u8];
+    out.extend_from_slice(&u32::try_from(msg.len()).expect("short").to_be_bytes());
+    out.extend_from_slice(&msg);
+    bytes::Bytes::from(out)
+}
+
+/// A unary `Who` call with `text`, over h2c with prior knowledge from hyper's client (which,
+/// unlike grpcio, does not enforce a deadline itself), with `grpc-timeout: <timeout>` when
+/// given: the call's status fields (the head of a trailers-only answer, else the trailers).
+async fn h2c_who(gw: &GatewayProcess, text: &str, timeout: Option<&str>) -> http::HeaderMap {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c");
+    tokio::spawn(conn);
+    let mut req = http::Request::post(format!("http://{}/ringgate.demo.Demo/Who", gw.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(t) = timeout {
+        req = req.header("grpc-timeout", t);
+    }
+    let req = req
+        .body(http_body_util::Full::new(grpc_text(text)))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("a response");
+    assert_eq!(resp.status(), 200);
+    let (parts, body) = resp.into_parts();
+    if parts.headers.contains_key("grpc-status") {
+        return parts.headers;
+    }
+    let whole = tokio::time::timeout(Duration::from_secs(30), body.collect())
+        .await
+        .expect("the call ended")
+        .expect("a whole body");
+    whole.trailers().cloned().expect("trailers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_exceeded_names_what_ran_out_the_calls_grpc_timeout_or_proxy_request_timeout() {
+    let start = |proxy: &str| {
+        GatewayProcess::start(&Conf {
+            replicas: "count = 1\n".into(),
+            proxy: format!("upstream_protocol = \"h2c\"\n{proxy}"),
+            ..Conf::default()
+        })
+    };
+    let message = |h: &http::HeaderMap| {
+        h.get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // The client's grpc-timeout (300 ms) is shorter than proxy.request_timeout (30 s).
+    let gw = start("");
+    let status = h2c_who(&gw, "sleep:3000", Some("300m")).await;
+    assert_eq!(status["grpc-status"], "4", "{status:?}");
+    let m = message(&status);
+    assert!(
+        m.contains("grpc-timeout") && m.contains("300ms") && !m.contains("request_timeout"),
+        "the message names the call's grpc-timeout: {m}"
+    );
+    // proxy.request_timeout (300 ms) is shorter than the client's grpc-timeout (20 s).
+    let gw = start("request_timeout = \"300ms\"\n");
+    let status = h2c_who(&gw, "sleep:3000", Some("20S")).await;
+    assert_eq!(status["grpc-status"], "4", "{status:?}");
+    let m = message(&status);
+    assert!(
+        m.contains("proxy.request_timeout") && m.contains("300ms") && !m.contains("grpc-timeout"),
+        "the message names proxy.request_timeout: {m}"
+    );
+    // Without a grpc-timeout, proxy.request_timeout is the one.
+    let status = h2c_who(&gw, "sleep:3000", None).await;
+    assert_eq!(status["grpc-status"], "4", "{status:?}");
+    assert!(
+        message(&status).contains("proxy.request_timeout"),
+        "{status:?}"
+    );
+}
+
+/// A replica that speaks HTTP/2 with prior knowledge (the h2 crate's server, so it can refuse a
+/// stream the way a real server shedding load does): `grpc.health.v1.Health/Check` answers
+/// SERVING; any other request has its body read and echoed back with status 200, except that
+/// while `refuse` is set, the first such request is refused (`REFUSED_STREAM`) once `after`
+/// bytes of its body arrived, and `refuse` is cleared. Every request body's bytes are counted in
+/// `seen` (by replica).
+async fn refusing_h2_replica(
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    after: usize,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> std::net::SocketAddr {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (refuse, seen) = (refuse.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let (refuse, seen) = (refuse.clone(), seen.clone());
+                    tokio::spawn(async move {
+                        let health = req.uri().path() == "/grpc.health.v1.Health/Check";
+                        let mut body = req.into_body();
+                        let mut got = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            got.extend_from_slice(&chunk);
+                            if !health {
+                                seen.fetch_add(chunk.len(), Ordering::SeqCst);
+                            }
+                            if !health && got.len() >= after && refuse.swap(false, Ordering::SeqCst)
+                            {
+                                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                                return;
+                            }
+                        }
+                        if health {
+                            let head = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(())
+                                .expect("head");
+                            let Ok(mut stream) = respond.send_response(head, false) else {
+                                return;
+                            };
+                            let serving =
+                                bytes::Bytes::from_static(b"\x00\x00\x00\x00\x02\x08\x01");
+                            let _ = stream.send_data(serving, false);
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let _ = stream.send_trailers(trailers);
+                            return;
+                        }
+                        let head = http::Response::builder().body(()).expect("head");
+                        let Ok(mut stream) = respond.send_response(head, false) else {
+                            return;
+                        };
+                        let _ = stream.send_data(bytes::Bytes::from(got), true);
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `POST /upload` over HTTP/1.1 with a chunked body: `first`, then after 300 ms
+/// `second`, then the last chunk; returns the status and the response body.
+async fn upload_in_two(addr: std::net::SocketAddr, first: &[u8], second: &[u8]) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let chunk = |b: &[u8]| {
+        let mut c = format!("{:x}\r\n", b.len()).into_bytes();
+        c.extend_from_slice(b);
+        c.extend_from_slice(b"\r\n");
+        c
+    };
+    let mut head = b"POST /upload?id=7 HTTP/1.1\r\nHost: gw\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
+    head.extend_from_slice(&chunk(first));
+    s.write_all(&head).await.expect("head and the first chunk");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut rest = chunk(second);
+    rest.extend_from_slice(b"0\r\n\r\n");
+    // The gateway may have answered (and closed) already: the answer is what counts.
+    let _ = s.write_all(&rest).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    let body = match answer.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(at) => answer[at + 4..].to_vec(),
+        None => Vec::new(),
+    };
+    (code, body)
+}
+
+/// De-chunks an HTTP/1.1 chunked body (or returns it as it is when it is not chunked).
+fn dechunk(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    while let Some(at) = rest.windows(2).position(|w| w == b"\r\n") {
+        let Ok(len) = usize::from_str_radix(std::str::from_utf8(&rest[..at]).unwrap_or("x"), 16)
+        else {
+            return body.to_vec();
+        };
+        if len == 0 {
+            return out;
+        }
+        let Some(data) = rest.get(at + 2..at + 2 + len) else {
+            return body.to_vec();
+        };
+        out.extend_from_slice(data);
+        rest = rest.get(at + 4 + len..).unwrap_or_default();
+    }
+    body.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_whose_body_had_started_is_resent_whole_within_the_bound_and_fails_clearly_past_it(
+) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let refuse = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicUsize::new(0));
+    // Two replicas sharing one refusal: whichever gets the upload first refuses it once some
+    // of its body arrived; the gateway must send it whole again (to the same replica or the
+    // next one).
+    let a = refusing_h2_replica(refuse.clone(), 1000, seen.clone()).await;
+    let b = refusing_h2_replica(refuse.clone(), 1000, seen.clone()).await;
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"h2-a\", address = \"{a}\" }}, {{ name = \"h2-b\", address = \"{b}\" }}]\n"
+        ),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
+        s["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
+    })
+    .await;
+
+    // Within the bound: 1000 bytes, refused once they arrived, then 1000 more from the client.
+    refuse.store(true, Ordering::SeqCst);
+    let (first, second) = (vec![b'a'; 1000], vec![b'b'; 1000]);
+    let (code, body) = upload_in_two(gw.addr, &first, &second).await;
+    let body = dechunk(&body);
+    assert_eq!(
+        code,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&body),
+        gw.log()
+    );
+    assert!(!refuse.load(Ordering::SeqCst), "the refusal happened");
+    assert_eq!(
+        body.len(),
+        2000,
+        "the whole body reached the replica that answered"
+    );
+    assert_eq!(&body[..1000], &first[..]);
+    assert_eq!(&body[1000..], &second[..]);
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        1000 + 2000,
+        "the refused stream had 1000 bytes of the body, the one sent again all of it"
+    );
+
+    // Past the bound (64 KiB kept): 1 KiB, then 100 KiB; refused once 80 KiB arrived.
+    let a = refusing_h2_replica(refuse.clone(), 80 * 1024, seen.clone()).await;
+    let b = refusing_h2_replica(refuse.clone(), 80 * 1024, seen.clone()).await;
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"h2-a\", address = \"{a}\" }}, {{ name = \"h2-b\", address = \"{b}\" }}]\n"
+        ),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
+        s["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
+    })
+    .await;
+    refuse.store(true, Ordering::SeqCst);
+    seen.store(0, Ordering::SeqCst);
+    let (code, body) = upload_in_two(gw.addr, &vec![b'c'; 1024], &vec![b'd'; 100 * 1024]).await;
+    let text = String::from_utf8_lossy(&body);
+    assert!(!refuse.load(Ordering::SeqCst), "the refusal happened");
+    assert_eq!(code, 502, "{text}");
+    assert!(
+        seen.load(Ordering::SeqCst) >= 80 * 1024,
+        "the refused stream had 80 KiB of the body"
+    );
+    assert!(
+        text.contains("did not process") && text.contains("64 KiB"),
+        "the answer says why it was not sent again: {text}"
+    );
+}

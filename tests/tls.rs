@@ -695,8 +695,16 @@ async fn plain_http_is_redirected_or_off_and_a_bad_certificate_stops_the_start()
 
 /// A replica that speaks HTTPS: echoes the request head (lower-cased) like
 /// [`Behaviour::Echo`], answers `/heartbeat`, keeps connections alive; counts the TLS
-/// connections whose first request is not a health check.
+/// connections whose first request is not a health check. It offers no ALPN protocol.
 async fn https_replica(issued: &t::Issued) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    https_replica_alpn(issued, &[]).await
+}
+
+/// [`https_replica`] choosing among the ALPN protocols `alpn` (none: it selects none).
+async fn https_replica_alpn(
+    issued: &t::Issued,
+    alpn: &[&[u8]],
+) -> (std::net::SocketAddr, Arc<AtomicU64>) {
     use rustls::pki_types::pem::PemObject;
     let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
         rustls::pki_types::CertificateDer::pem_slice_iter(issued.cert.as_bytes())
@@ -712,6 +720,8 @@ async fn https_replica(issued: &t::Issued) -> (std::net::SocketAddr, Arc<AtomicU
     .with_no_client_auth()
     .with_single_cert(chain, key)
     .expect("replica certificate");
+    let mut config = config;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -911,4 +921,110 @@ async fn an_upstream_ca_edit_applies_live_to_new_connections_and_checks_and_a_ba
     let (code, body) = get(&gw.url("/home?id=9")).await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("get /home?id=9 http/1.1"), "{body}");
+}
+
+/// A gRPC call (`Who`, no message) to the gateway over h2c: its status fields.
+async fn h2c_grpc_call(gw: &GatewayProcess) -> http::HeaderMap {
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c");
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}/ringgate.demo.Demo/Who", gw.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"\x00\x00\x00\x00\x00",
+        )))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("a response");
+    assert_eq!(resp.status(), 200);
+    resp.headers().clone()
+}
+
+/// `GET <path>` to the gateway over h2c (an HTTP/2 client): the status and the body.
+async fn h2c_get(gw: &GatewayProcess, path: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c");
+    tokio::spawn(conn);
+    let req = http::Request::get(gw.url(path))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = send.send_request(req).await.expect("a response");
+    let code = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("a body").to_bytes();
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_replica_that_does_not_choose_h2_gets_http1_requests_and_grpc_calls_a_clear_status() {
+    let certs = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new(certs.path());
+    // A replica that selects no ALPN protocol (HTTP/1.1 by RFC 7301's default), and one that
+    // selects http/1.1; under "h2c" (every request) and "match" (an HTTP/2 client's).
+    for (alpn, named) in [
+        (&[][..], "no ALPN protocol"),
+        (&[&b"http/1.1"[..]][..], "http/1.1"),
+    ] {
+        for protocol in ["h2c", "match"] {
+            let (addr, _) = https_replica_alpn(&pki.issue("replica", &["127.0.0.1"]), alpn).await;
+            let gw = GatewayProcess::start(&Conf {
+                kind: Some("static".into()),
+                provider: format!(
+                    "servers = [{{ name = \"tls-replica\", address = \"{addr}\" }}]\nupstream_tls = true\nupstream_ca = \"{}\"\n",
+                    pki.ca_path().display()
+                ),
+                proxy: format!("upstream_protocol = \"{protocol}\"\n"),
+                health: "interval = \"300ms\"\nrise = 1\n".into(),
+                ..Conf::default()
+            });
+            gw.wait_status(Duration::from_secs(10), "the replica is up", |s| {
+                s["up"] == 1
+            })
+            .await;
+            // Requests that are not gRPC calls fall back to HTTP/1.1 on that replica.
+            for i in 0..5 {
+                let (code, body) = match protocol {
+                    "h2c" => get(&gw.url(&format!("/home?id={i}"))).await,
+                    _ => h2c_get(&gw, &format!("/home?id={i}")).await,
+                };
+                assert_eq!(code, 200, "{protocol}, {named}: {body}\n{}", gw.log());
+                assert!(
+                    body.contains(&format!("get /home?id={i} http/1.1")),
+                    "{body}"
+                );
+            }
+            // A gRPC call cannot: a status that says why, never a broken call.
+            let status = h2c_grpc_call(&gw).await;
+            assert_eq!(
+                status["grpc-status"], "12",
+                "{protocol}, {named}: {status:?}"
+            );
+            let message = status["grpc-message"].to_str().expect("ascii");
+            assert!(
+                message.contains(named)
+                    && message.contains("proxy.upstream_protocol")
+                    && message.contains(protocol),
+                "{message}"
+            );
+            // The replica serves HTTP/1.1 well: none of this counts against it.
+            let s = gw.status().await;
+            assert_eq!(s["up"], 1, "{s:#}");
+            let (code, body) = get(&gw.url("/home?id=99")).await;
+            assert_eq!(code, 200, "{body}");
+        }
+    }
 }

@@ -91,6 +91,8 @@ impl Attempt<'_> {
             // An upgrade is HTTP/1.1's: a tunnel's replica is always reached over HTTP/1.1.
             http2: self.upgrade.is_none()
                 && cfg.proxy.upstream_protocol.uses_h2(self.parts.version),
+            // A gRPC call's status travels in trailers: HTTP/2 or nothing.
+            http2_only: crate::grpc::is_grpc(&self.parts.headers),
             http2_keepalive: cfg.proxy.http2_keepalive,
             deadline: tokio::time::Instant::now() + self.request_timeout,
         };
@@ -100,7 +102,8 @@ impl Attempt<'_> {
                 Ok(resp)
             }
             Err(e) => {
-                let failure = Failure::of(&e, !body.untouched(), short_of_descriptors);
+                let (sent, held) = (!body.untouched(), body.resendable());
+                let failure = Failure::of(&e, sent, held, short_of_descriptors);
                 self.failed(replica, &failure, outcome);
                 Err(failure)
             }
@@ -141,8 +144,9 @@ impl Attempt<'_> {
     fn failed(&self, replica: &Upstream, failure: &Failure, outcome: &mut Outcome) {
         outcome.connect_failed = failure.is_connect() && failure.whose == Whose::Replica;
         match (failure.whose, failure.kind) {
-            // A GOAWAY or a refused stream is the replica managing its load, not failing.
-            (Whose::Replica, Kind::Unprocessed) => {}
+            // A GOAWAY or a refused stream is the replica managing its load, not failing; a
+            // replica that chose HTTP/1.1 for a gRPC call serves HTTP/1.1 well.
+            (Whose::Replica, Kind::Unprocessed | Kind::NotHttp2) => {}
             (Whose::Replica, _) => {
                 replica.stats.failures.fetch_add(1, Ordering::Relaxed);
                 if failure.is_connect() {

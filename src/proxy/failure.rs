@@ -1,17 +1,18 @@
 //! Why an attempt at one replica failed, and whose failure it was.
 //!
 //! Owns: [`Failure`] (whose it is: the replica's, the client's or the gateway's own; what kind;
-//! whether any of the request body was sent), the classification of the wire client's
+//! whether any of the request body was sent, and whether all of that is still held for a
+//! resend), the classification of the wire client's
 //! [`SendError`] into it ([`Failure::of`]), and what the client is told for it
 //! ([`Failure::into_error`]). Only a failure that is the replica's counts against it, and only
 //! such a failure may be retried on another one (pingora's `ErrorSource` and `RetryType` are
 //! the same idea).
 //! Must not touch: counters, the controller, or the retry decision (`retry` reads a failure).
 
-use std::time::Duration;
-
+use crate::config::ProxyConfig;
 use crate::error::{error_chain, local_resource_cause};
-use crate::proxy::body::past_limit;
+use crate::grpc::TimeLimit;
+use crate::proxy::body::{past_limit, RESEND_LIMIT};
 use crate::rescue::GatewayError;
 use crate::upstream::pool::ConnectError;
 use crate::wire::client::SendError;
@@ -56,6 +57,9 @@ pub enum Kind {
     /// The replica had `proxy.max_requests_per_replica` in flight and no place came free
     /// within `proxy.queue_timeout`: busy, not failing.
     Busy,
+    /// Over TLS the replica chose HTTP/1.1 (ALPN) and the request must have HTTP/2 (a gRPC
+    /// call): a setting that does not fit the replica, not a failure of it.
+    NotHttp2,
 }
 
 /// One attempt's failure.
@@ -63,17 +67,25 @@ pub enum Kind {
 pub struct Failure {
     pub whose: Whose,
     pub kind: Kind,
-    /// Some of the request body was read for this attempt (so it cannot be sent again).
+    /// Some of the request body was read for this attempt.
     pub body_sent: bool,
+    /// All of the body read so far is still held ([`RESEND_LIMIT`]), so it can be sent again
+    /// whole (true when none was read).
+    pub body_held: bool,
     /// The cause, on one line (for the client's message and the log).
     pub detail: String,
 }
 
 impl Failure {
-    /// The failure `e` stands for. `short_of_descriptors`: the gateway was short of file
-    /// descriptors when the attempt started, so a connect that timed out is not evidence
-    /// against the replica.
-    pub fn of(e: &SendError, body_sent: bool, short_of_descriptors: bool) -> Failure {
+    /// The failure `e` stands for, `body_sent` and `body_held` as [`Failure`] says.
+    /// `short_of_descriptors`: the gateway was short of file descriptors when the attempt
+    /// started, so a connect that timed out is not evidence against the replica.
+    pub fn of(
+        e: &SendError,
+        body_sent: bool,
+        body_held: bool,
+        short_of_descriptors: bool,
+    ) -> Failure {
         let (whose, kind) = match e {
             SendError::RequestBody(b) if past_limit(b) => (Whose::Client, Kind::TooLarge),
             SendError::RequestBody(_) => (Whose::Client, Kind::ClientBody),
@@ -93,6 +105,7 @@ impl Failure {
             SendError::Connect(_) => (Whose::Replica, Kind::Connect),
             SendError::Broken(_) | SendError::Stream(_) => (Whose::Replica, Kind::Broken),
             SendError::Unprocessed(_) => (Whose::Replica, Kind::Unprocessed),
+            SendError::NotHttp2(_) => (Whose::Replica, Kind::NotHttp2),
             SendError::BadHead(_) => (Whose::Replica, Kind::BadHead),
             SendError::Timeout => (Whose::Replica, Kind::Timeout),
         };
@@ -103,10 +116,17 @@ impl Failure {
         if whose == Whose::Gateway && matches!(e, SendError::Connect(ConnectError::Timeout(_))) {
             detail.push_str(" while the gateway was short of file descriptors");
         }
+        if kind == Kind::Unprocessed && body_sent && !body_held {
+            detail.push_str(&format!(
+                "; its body had started and more of it was read than the {} KiB the gateway holds to send it again, so it was not resent",
+                RESEND_LIMIT / 1024
+            ));
+        }
         Failure {
             whose,
             kind,
             body_sent,
+            body_held,
             detail,
         }
     }
@@ -125,38 +145,34 @@ impl Failure {
             whose: Whose::Gateway,
             kind: Kind::Busy,
             body_sent: false,
+            body_held: true,
             detail,
         }
     }
 
     /// What the client is told when this failure is the request's last: `replica` is the one
-    /// tried last, `request_timeout` and `max_body` the limits in force.
-    pub fn into_error(
-        self,
-        replica: &str,
-        request_timeout: Duration,
-        max_body: u64,
-    ) -> GatewayError {
+    /// tried last, `limit` the time limit the request ran under, `p` the rest in force.
+    pub fn into_error(self, replica: &str, limit: TimeLimit, p: &ProxyConfig) -> GatewayError {
         let replica = replica.to_owned();
         match (self.whose, self.kind) {
             (_, Kind::Busy) => GatewayError::ReplicaBusy {
                 replica,
                 detail: self.detail,
             },
-            (_, Kind::TooLarge) => GatewayError::PayloadTooLarge { limit: max_body },
-            (_, Kind::ClientBodyTimeout) => GatewayError::ClientBodyTimeout {
-                timeout: request_timeout,
+            (_, Kind::NotHttp2) => GatewayError::GrpcReplicaNotHttp2 {
+                replica,
+                detail: self.detail,
+                setting: p.upstream_protocol,
             },
+            (_, Kind::TooLarge) => GatewayError::PayloadTooLarge { limit: p.max_body },
+            (_, Kind::ClientBodyTimeout) => GatewayError::ClientBodyTimeout { limit },
             (Whose::Client, _) => GatewayError::ClientBody {
                 detail: self.detail,
             },
             (Whose::Gateway, _) => GatewayError::LocalResource {
                 detail: self.detail,
             },
-            (Whose::Replica, Kind::Timeout) => GatewayError::GatewayTimeout {
-                replica,
-                timeout: request_timeout,
-            },
+            (Whose::Replica, Kind::Timeout) => GatewayError::GatewayTimeout { replica, limit },
             (Whose::Replica, _) => GatewayError::BadGateway {
                 replica,
                 detail: self.detail,
@@ -181,6 +197,8 @@ mod tests {
             _ => "the limit did not hold".into(),
         }
     }
+
+    use std::time::Duration;
 
     fn io(kind: std::io::ErrorKind) -> std::io::Error {
         std::io::Error::new(kind, "x")
@@ -248,7 +266,7 @@ mod tests {
             (SendError::Timeout, false, Whose::Replica, Kind::Timeout),
         ];
         for (e, short, whose, kind) in table {
-            let f = Failure::of(&e, false, short);
+            let f = Failure::of(&e, false, true, short);
             assert_eq!((f.whose, f.kind), (whose, kind), "{e}");
             assert!(!f.detail.is_empty());
         }
@@ -264,10 +282,15 @@ mod tests {
             },
             kind,
             body_sent: false,
+            body_held: true,
             detail: "d".into(),
         };
-        let t = Duration::from_secs(30);
-        let status = |kind| f(kind).into_error("s1", t, 10).status().as_u16();
+        let t = TimeLimit::RequestTimeout(Duration::from_secs(30));
+        let p = ProxyConfig {
+            max_body: 10,
+            ..ProxyConfig::default()
+        };
+        let status = |kind| f(kind).into_error("s1", t, &p).status().as_u16();
         assert_eq!(status(Kind::Refused), 502);
         assert_eq!(status(Kind::BadHead), 502);
         assert_eq!(status(Kind::Timeout), 504);
@@ -279,11 +302,32 @@ mod tests {
             whose: Whose::Gateway,
             ..f(Kind::ConnectTimeout)
         };
-        assert_eq!(inconclusive.into_error("s1", t, 10).status().as_u16(), 503);
+        assert_eq!(inconclusive.into_error("s1", t, &p).status().as_u16(), 503);
         let local = Failure {
             whose: Whose::Gateway,
             ..f(Kind::LocalResource)
         };
-        assert_eq!(local.into_error("s1", t, 10).status().as_u16(), 503);
+        assert_eq!(local.into_error("s1", t, &p).status().as_u16(), 503);
+    }
+
+    #[test]
+    fn a_timeout_names_the_limit_that_ran_out() {
+        let timeout = || Failure {
+            whose: Whose::Replica,
+            kind: Kind::Timeout,
+            body_sent: false,
+            body_held: true,
+            detail: "d".into(),
+        };
+        let p = ProxyConfig::default();
+        let call = TimeLimit::GrpcTimeout(Duration::from_millis(300));
+        let e = timeout().into_error("s1", call, &p).to_string();
+        assert!(
+            e.contains("grpc-timeout (300ms)") && !e.contains("request_timeout"),
+            "{e}"
+        );
+        let request = TimeLimit::RequestTimeout(Duration::from_secs(30));
+        let e = timeout().into_error("s1", request, &p).to_string();
+        assert!(e.contains("proxy.request_timeout (30s)"), "{e}");
     }
 }

@@ -40,6 +40,7 @@ use crate::access_log::{Outcome, Termination};
 use crate::admission::{Admitted, Refusal, RequestPlace};
 use crate::control::ControllerHandle;
 use crate::error::error_chain;
+use crate::grpc::TimeLimit;
 use crate::metrics::Metrics;
 use crate::rescue::GatewayError;
 use crate::ring::ServerId;
@@ -149,12 +150,13 @@ async fn try_forward(
         linger(body);
         return Err(GatewayError::GrpcNeedsHttp2);
     }
-    // A gRPC call's own deadline bounds it at the gateway too: its response head, and the
-    // whole call (ended with DEADLINE_EXCEEDED).
+    // A gRPC call's own deadline bounds it at the gateway too: its body's start, its response
+    // head, and the whole call (ended with DEADLINE_EXCEEDED); what runs out is named.
     let call_timeout = crate::grpc::timeout(&parts.headers);
-    let call_deadline = call_timeout.map(|t| tokio::time::Instant::now() + t);
+    let call_deadline = call_timeout.map(|t| (tokio::time::Instant::now() + t, t));
+    let limit = TimeLimit::of(cfg.proxy.request_timeout, call_timeout);
     let (place, mut body, request_timeout) =
-        admit(cfg, &parts, body, (client, place), &budgets).await?;
+        admit(cfg, &parts, body, (client, place), &budgets, limit).await?;
     let tunnels = upgrade::max_tunnels(snap, budgets.max_requests);
     let mut asked = match upgrade::Asked::take(&mut parts, gateway.tunnels, tunnels) {
         Some(Err(full)) => return Err(GatewayError::TunnelsFull { limit: full.0 }),
@@ -162,10 +164,6 @@ async fn try_forward(
         None => None,
     };
     let protocols = asked.as_ref().map(|a| a.protocols.clone());
-    let request_timeout = match call_timeout {
-        Some(t) => request_timeout.min(t),
-        None => request_timeout,
-    };
     let route = route::route(snap, metrics, &parts, client_addr.ip())?;
     outcome.slot = Some(route.slot);
 
@@ -193,6 +191,8 @@ async fn try_forward(
             .await
         {
             Ok(resp) => {
+                // Answered: the body will not be sent again, so none of it is held from now on.
+                body.release();
                 let at = upgrade::At {
                     snap,
                     replica,
@@ -209,8 +209,8 @@ async fn try_forward(
                     None => {
                         let mut resp = resp;
                         resp.body_mut().hold(place);
-                        if let Some(deadline) = call_deadline {
-                            resp.body_mut().end_by(deadline);
+                        if let Some((deadline, timeout)) = call_deadline {
+                            resp.body_mut().end_by(deadline, timeout);
                         }
                         let resp = resp.map(Body::replica);
                         match grpc_call && cfg.tunnels.rehome {
@@ -232,8 +232,7 @@ async fn try_forward(
             metrics,
             &gateway.worker.retry,
         ) else {
-            let p = &cfg.proxy;
-            return Err(failure.into_error(&replica.name, p.request_timeout, p.max_body));
+            return Err(failure.into_error(&replica.name, limit, &cfg.proxy));
         };
         tracing::debug!(replica = %replica.name, next = %next, error = %failure.detail, "retrying on the next server");
         outcome.retries = retries.count();
@@ -260,21 +259,23 @@ fn take_place(
 }
 
 /// The request's checks, its place in the request budgets (`place`, when it took one before it
-/// was held), and its body started: a request that fails any of these never reaches a replica.
-/// Returns the place (held until the response ends), the body, and what is left of
-/// `proxy.request_timeout`.
+/// was held), and its body started (within `limit`): a request that fails any of these never
+/// reaches a replica. Returns the place (held until the response ends), the body (holding what
+/// an HTTP/2 attempt may have to send again, [`body::RESEND_LIMIT`]), and what is left of
+/// `limit`.
 async fn admit(
     cfg: &crate::config::Config,
     parts: &http::request::Parts,
     body: RequestBody,
     (client, place): (&Arc<Admitted>, Option<RequestPlace>),
     budgets: &crate::admission::Budgets,
+    limit: TimeLimit,
 ) -> Result<(RequestPlace, ProxyBody, Duration), GatewayError> {
     check_request(&parts.method, parts.uri.path(), &parts.headers)?;
-    let limit = cfg.proxy.max_body;
-    if content_length(&parts.headers).is_some_and(|n| n > limit) {
+    let max_body = cfg.proxy.max_body;
+    if content_length(&parts.headers).is_some_and(|n| n > max_body) {
         linger(body);
-        return Err(GatewayError::PayloadTooLarge { limit });
+        return Err(GatewayError::PayloadTooLarge { limit: max_body });
     }
     let place = match place {
         Some(place) => place,
@@ -282,9 +283,14 @@ async fn admit(
     };
     // No replica connection (nor a place at a replica) for a body that has not started.
     let started = Instant::now();
-    let mut body = ProxyBody::new(body, limit);
-    body_started(&mut body, cfg.proxy.request_timeout, limit).await?;
-    let left = cfg.proxy.request_timeout.saturating_sub(started.elapsed());
+    // Only a stream over HTTP/2 can be refused unprocessed after its body started.
+    let keep = match cfg.proxy.upstream_protocol.uses_h2(parts.version) {
+        true => body::RESEND_LIMIT,
+        false => 0,
+    };
+    let mut body = ProxyBody::new(body, max_body, keep);
+    body_started(&mut body, limit, max_body).await?;
+    let left = limit.duration().saturating_sub(started.elapsed());
     Ok((place, body, left))
 }
 
@@ -394,17 +400,19 @@ fn check_request(
     Ok(())
 }
 
-/// Waits (up to `timeout`) until the client's body has started ([`ProxyBody::started`]); a
+/// Waits (up to `limit`) until the client's body has started ([`ProxyBody::started`]); a
 /// body that does not is the client's failure.
 async fn body_started(
     body: &mut ProxyBody,
-    timeout: Duration,
-    limit: u64,
+    limit: TimeLimit,
+    max_body: u64,
 ) -> Result<(), GatewayError> {
-    match tokio::time::timeout(timeout, body.started()).await {
+    match tokio::time::timeout(limit.duration(), body.started()).await {
         Ok(Ok(())) => Ok(()),
-        Err(_) => Err(GatewayError::ClientBodyTimeout { timeout }),
-        Ok(Err(e)) if body::past_limit(&e) => Err(GatewayError::PayloadTooLarge { limit }),
+        Err(_) => Err(GatewayError::ClientBodyTimeout { limit }),
+        Ok(Err(e)) if body::past_limit(&e) => {
+            Err(GatewayError::PayloadTooLarge { limit: max_body })
+        }
         Ok(Err(e)) => Err(GatewayError::ClientBody {
             detail: error_chain(&*e),
         }),

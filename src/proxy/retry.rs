@@ -30,12 +30,14 @@ pub fn is_idempotent(m: &Method) -> bool {
 }
 
 /// Whether the attempt may be retried on the next server (the budget aside): only the
-/// replica's failures, only while the body can be sent again, and only the kinds
+/// replica's failures, only while the body can be sent again (none of it was sent; or, for a
+/// stream the replica did not process, all that was sent is still held), and only the kinds
 /// `proxy.retry_on` names: a failed connect (nothing reached the replica), or a connection
 /// that broke or answered garbage before a response (idempotent requests only). A request
 /// whose deadline passed is not retried: its time is spent.
 pub fn may_retry(failure: &Failure, method: &Method, retry_on: &[RetryOn]) -> bool {
-    if failure.whose != Whose::Replica || failure.body_sent {
+    let resendable = !failure.body_sent || (failure.kind == Kind::Unprocessed && failure.body_held);
+    if failure.whose != Whose::Replica || !resendable {
         return false;
     }
     match failure.kind {
@@ -50,7 +52,8 @@ pub fn may_retry(failure: &Failure, method: &Method, retry_on: &[RetryOn]) -> bo
         | Kind::ClientBodyTimeout
         | Kind::TooLarge
         | Kind::LocalResource
-        | Kind::Busy => false,
+        | Kind::Busy
+        | Kind::NotHttp2 => false,
     }
 }
 
@@ -148,6 +151,7 @@ mod tests {
             whose: Whose::Replica,
             kind,
             body_sent,
+            body_held: !body_sent,
             detail: String::new(),
         }
     }
@@ -201,6 +205,7 @@ mod tests {
                 whose,
                 kind,
                 body_sent: false,
+                body_held: true,
                 detail: String::new(),
             };
             assert!(!may_retry(&f, &Method::GET, BOTH), "{kind:?}");
@@ -239,8 +244,31 @@ mod tests {
         assert!(!needs_budget(&unprocessed));
         assert!(
             !may_retry(&failed(Kind::Unprocessed, true), &Method::POST, DEFAULT),
-            "a body partly read cannot be sent again"
+            "a body partly read and not held cannot be sent again"
         );
+        let held = Failure {
+            body_held: true,
+            ..failed(Kind::Unprocessed, true)
+        };
+        assert!(
+            may_retry(&held, &Method::POST, DEFAULT),
+            "a body partly read and held whole is sent again"
+        );
+        for kind in [Kind::Broken, Kind::Connect, Kind::Timeout] {
+            let held = Failure {
+                body_held: true,
+                ..failed(kind, true)
+            };
+            assert!(
+                !may_retry(&held, &Method::GET, BOTH),
+                "{kind:?}: the replica may have acted on it"
+            );
+        }
+        assert!(!may_retry(
+            &failed(Kind::NotHttp2, false),
+            &Method::POST,
+            BOTH
+        ));
     }
 
     #[test]

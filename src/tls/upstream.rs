@@ -4,7 +4,7 @@
 //! Owns: [`UpstreamTls`] (the connector, the name each replica's certificate must carry: the
 //! configured `upstream_server_name`, else the replica's IP address; and which build of the
 //! client it is), built from `[provider]` by [`UpstreamTls::from_config`], which reads the CA
-//! file. The controller keeps the one in force and publishes it in the snapshot; every
+//! file; and [`Alpn`], the application protocol a replica chose in the handshake. The controller keeps the one in force and publishes it in the snapshot; every
 //! connection to a replica (requests and health checks, `crate::upstream::connect`) is given it
 //! explicitly.
 //! Must not touch: HTTP (the wire codec owns it), connections and pools (`crate::upstream`), or
@@ -39,8 +39,9 @@ pub struct UpstreamTlsError(String);
 pub struct UpstreamTls {
     /// Offers ALPN `http/1.1`: HTTP/1.1 connections.
     connector: tokio_rustls::TlsConnector,
-    /// Offers ALPN `h2`: HTTP/2 connections (`proxy.upstream_protocol`), which the replica must
-    /// accept (RFC 9113 section 3.2: HTTP/2 over TLS is chosen by ALPN, never assumed).
+    /// Offers ALPN `h2` and `http/1.1`: connections for HTTP/2 (`proxy.upstream_protocol`),
+    /// which the replica may accept or not (RFC 9113 section 3.2: HTTP/2 over TLS is chosen by
+    /// ALPN, never assumed); the caller reads its choice ([`Alpn::of`]).
     h2: tokio_rustls::TlsConnector,
     server_name: Option<ServerName<'static>>,
     id: u64,
@@ -107,7 +108,7 @@ impl UpstreamTls {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let mut h2 = config.clone();
-        h2.alpn_protocols = vec![b"h2".to_vec()];
+        h2.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let server_name = match &p.upstream_server_name {
             Some(n) => Some(
@@ -143,8 +144,9 @@ impl UpstreamTls {
         self.connector.connect(name, tcp).await
     }
 
-    /// The TLS handshake for HTTP/2 with the replica at `addr` over `tcp`: ALPN `h2` offered,
-    /// and a replica that does not select it is an error (it would not speak HTTP/2).
+    /// The TLS handshake for HTTP/2 with the replica at `addr` over `tcp`: ALPN `h2` and
+    /// `http/1.1` offered; what the replica chose is the caller's to read ([`Alpn::of`]): a
+    /// replica that did not choose `h2` does not speak HTTP/2 on this connection.
     pub async fn connect_h2(
         &self,
         tcp: TcpStream,
@@ -154,13 +156,39 @@ impl UpstreamTls {
             .server_name
             .clone()
             .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
-        let stream = self.h2.connect(name, tcp).await?;
-        if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
-            return Err(std::io::Error::other(
-                "the replica did not select ALPN h2: it does not speak HTTP/2 over TLS (proxy.upstream_protocol)",
-            ));
+        self.h2.connect(name, tcp).await
+    }
+}
+
+/// The application protocol a replica chose in its TLS handshake (ALPN), as it is named in
+/// messages: `http/1.1`, or no protocol at all (which means HTTP/1.1, RFC 7301).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alpn(Option<String>);
+
+impl Alpn {
+    /// The choice made on `stream`.
+    pub fn of(stream: &UpstreamStream) -> Alpn {
+        Alpn(
+            stream
+                .get_ref()
+                .1
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+        )
+    }
+
+    /// Whether the replica chose HTTP/2.
+    pub fn is_h2(&self) -> bool {
+        self.0.as_deref() == Some("h2")
+    }
+}
+
+impl std::fmt::Display for Alpn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(p) => write!(f, "ALPN {p}"),
+            None => f.write_str("no ALPN protocol"),
         }
-        Ok(stream)
     }
 }
 
@@ -194,6 +222,14 @@ mod tests {
         let a = build(&p).expect("builds").expect("on");
         let b = build(&p).expect("builds").expect("on");
         assert!(a.id() != 0 && b.id() != 0 && a.id() != b.id());
+    }
+
+    #[test]
+    fn the_replicas_alpn_choice_is_named_as_it_was() {
+        assert_eq!(Alpn(None).to_string(), "no ALPN protocol");
+        assert_eq!(Alpn(Some("http/1.1".into())).to_string(), "ALPN http/1.1");
+        assert!(Alpn(Some("h2".into())).is_h2());
+        assert!(!Alpn(Some("http/1.1".into())).is_h2() && !Alpn(None).is_h2());
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! that has room for one more stream ([`has_room`]: fewer open than the replica's
 //! `SETTINGS_MAX_CONCURRENT_STREAMS` and our own cap), [`Conns::keep`] adds a new one. A connection the replica sent GOAWAY on (hyper
 //! then closes its sender), one whose driver ended, one another TLS client made, or one unused
-//! for [`IDLE_TIMEOUT`] is never handed out again and is dropped when met.
+//! for [`IDLE_TIMEOUT`] is never handed out again and is dropped when met. Over TLS a replica
+//! may choose HTTP/1.1 instead ([`H2Conn::negotiate`] hands that connection back); the thread
+//! remembers it for [`ALPN_RECHECK`] ([`Conns::chose_http1`], [`Conns::note_alpn`]), so the requests that
+//! fall back to HTTP/1.1 take pooled HTTP/1.1 connections meanwhile instead of a handshake each.
 //! Must not touch: what goes on a stream (the request head and the response body are
 //! [`crate::wire::h2`]'s), routing, retries, or what a failure means for a replica.
 
@@ -29,7 +32,7 @@ use tokio::time::Instant;
 
 use super::pool::{Conn, ConnectError};
 use crate::error::BoxError;
-use crate::tls::upstream::UpstreamTls;
+use crate::tls::upstream::{Alpn, UpstreamTls};
 
 /// Streams one connection carries at most, whatever the replica allows: past it a new
 /// connection is opened, so one connection's flow-control window and head-of-line blocking on
@@ -41,6 +44,11 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections kept per replica and serving thread (each carries up to
 /// [`MAX_STREAMS_PER_CONN`] streams at once).
 const MAX_CONNS_PER_REPLICA: usize = 16;
+/// How long a serving thread remembers that a replica chose HTTP/1.1 over TLS (ALPN) when
+/// offered `h2`: meanwhile its requests go over HTTP/1.1 without asking again (gRPC calls are
+/// refused at once); after it, the next connection offers `h2` again, so a replica that learned
+/// HTTP/2 gets it within this long.
+pub const ALPN_RECHECK: Duration = Duration::from_secs(30);
 
 /// A request body on an HTTP/2 stream to a replica: the client's (boxed, so every connection
 /// carries one body type whatever the request's), or none; and whether it was sent whole
@@ -166,17 +174,55 @@ impl Drop for StreamGuard {
     }
 }
 
+/// What a connection made for HTTP/2 became.
+pub enum Negotiated {
+    H2(H2Conn),
+    /// Over TLS the replica chose another protocol than `h2` (HTTP/1.1, or no ALPN protocol,
+    /// which means HTTP/1.1): the connection, for HTTP/1.1, and the choice.
+    Http1(Conn, Alpn),
+}
+
 impl H2Conn {
     /// Connects to `addr` within `timeout` (TCP, and TLS with `tls`, ALPN `h2`) and starts
     /// HTTP/2 on it (with prior knowledge over TCP); a PING every `keepalive` (unanswered within the same time, the
-    /// connection is closed). The connection is driven by a task on this thread's runtime.
+    /// connection is closed). The connection is driven by a task on this thread's runtime. A
+    /// TLS replica that does not choose `h2` is [`ConnectError::NotHttp2`].
     pub async fn connect(
         addr: SocketAddr,
         timeout: Duration,
         tls: Option<&UpstreamTls>,
         keepalive: Duration,
     ) -> Result<H2Conn, ConnectError> {
+        match H2Conn::negotiate(addr, timeout, tls, keepalive).await? {
+            Negotiated::H2(c) => Ok(c),
+            Negotiated::Http1(_, chosen) => Err(ConnectError::NotHttp2(chosen)),
+        }
+    }
+
+    /// [`H2Conn::connect`], except that a TLS replica that chose HTTP/1.1 (ALPN `http/1.1`
+    /// or none, both offered with `h2`) hands its connection back for HTTP/1.1.
+    pub async fn negotiate(
+        addr: SocketAddr,
+        timeout: Duration,
+        tls: Option<&UpstreamTls>,
+        keepalive: Duration,
+    ) -> Result<Negotiated, ConnectError> {
         let conn = Conn::connect_for(addr, timeout, tls, true).await?;
+        if let Some(chosen) = conn.alpn().filter(|a| !a.is_h2()) {
+            return Ok(Negotiated::Http1(conn, chosen));
+        }
+        Self::handshake(conn, addr, timeout, tls, keepalive)
+            .await
+            .map(Negotiated::H2)
+    }
+
+    async fn handshake(
+        conn: Conn,
+        addr: SocketAddr,
+        timeout: Duration,
+        tls: Option<&UpstreamTls>,
+        keepalive: Duration,
+    ) -> Result<H2Conn, ConnectError> {
         let (stream, counted) = conn.into_stream();
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
@@ -258,12 +304,15 @@ struct Kept {
 }
 
 /// A serving thread's HTTP/2 connections to the replicas (one set per thread, in its worker:
-/// [`crate::worker::Worker`]). Behind locks only its own thread ever takes: request futures must
-/// be `Send` for hyper's executor.
+/// [`crate::worker::Worker`]), and what TLS replicas chose instead of `h2`. Behind locks only
+/// its own thread ever takes: request futures must be `Send` for hyper's executor.
 #[derive(Default)]
 pub struct Conns {
     /// By replica address (the provider's, never a client's: a fast hash).
     kept: std::sync::Mutex<FxHashMap<SocketAddr, Vec<Kept>>>,
+    /// The replicas that chose HTTP/1.1 over TLS when offered `h2`: the TLS client that asked,
+    /// the choice, and when.
+    http1_only: std::sync::Mutex<FxHashMap<SocketAddr, (u64, Alpn, Instant)>>,
     /// Connections this thread is making, by replica: a burst of requests to a replica with no
     /// connection with room waits for the one being made instead of each making its own.
     making: std::sync::Mutex<FxHashMap<SocketAddr, Arc<tokio::sync::Notify>>>,
@@ -351,6 +400,37 @@ impl Conns {
                 conn: conn.clone(),
                 used: Instant::now(),
             });
+        }
+    }
+
+    /// What the replica at `addr` chose instead of `h2` when this thread's last connection to
+    /// it with `tls` offered both, if that was less than [`ALPN_RECHECK`] ago. Plain TCP has no
+    /// ALPN: nothing is looked up (every h2c request asks).
+    pub fn chose_http1(&self, addr: SocketAddr, tls: Option<&UpstreamTls>) -> Option<Alpn> {
+        let client = tls?.id();
+        let m = crate::sync::lock(&self.http1_only);
+        let (by, chosen, at) = m.get(&addr)?;
+        (*by == client && at.elapsed() < ALPN_RECHECK).then(|| chosen.clone())
+    }
+
+    /// Notes what the replica at `addr` chose when offered `h2` by `tls` (`None`: it chose
+    /// `h2`); a replica that newly chose HTTP/1.1, or newly chose `h2` again, is logged (once a
+    /// thread).
+    pub fn note_alpn(&self, addr: SocketAddr, tls: Option<&UpstreamTls>, http1: Option<&Alpn>) {
+        let client = tls.map_or(0, UpstreamTls::id);
+        let mut m = crate::sync::lock(&self.http1_only);
+        match http1 {
+            Some(chosen) => {
+                let before = m.insert(addr, (client, chosen.clone(), Instant::now()));
+                if before.is_none() {
+                    tracing::info!(replica = %addr, alpn = %chosen, "the replica chose HTTP/1.1 over TLS, not h2: its requests go over HTTP/1.1, its gRPC calls are refused");
+                }
+            }
+            None => {
+                if m.remove(&addr).is_some() {
+                    tracing::info!(replica = %addr, "the replica chose h2 over TLS again");
+                }
+            }
         }
     }
 

@@ -5,7 +5,9 @@
 //! the snapshot's, passed down by the request or the health check), and [`send`] (a request on
 //! a pooled connection of the serving thread's [`Pools`] to the replica, or a new one: a pooled connection the
 //! replica closed while it was idle is replaced by a fresh one, once, when nothing of the body
-//! was sent), with [`pool`] (the connections and a thread's idle pool). Health checks
+//! was sent), with [`pool`] (the connections and a thread's idle pool). A request meant
+//! for HTTP/2 to a TLS replica that chose HTTP/1.1 (ALPN) goes over HTTP/1.1 on that
+//! connection, unless it cannot (a gRPC call: [`SendError::NotHttp2`]). Health checks
 //! connect here too (never pooled), so a check reaches a replica the way traffic does.
 //! Must not touch: HTTP on the wire (each kind's codec, [`crate::wire::client`] for HTTP/1.1),
 //! which TLS client is in force (the controller publishes it), or what a failure means for a
@@ -20,11 +22,12 @@ use std::time::Duration;
 use http::Response;
 
 use crate::snapshot::InFlight;
+use crate::tls::upstream::Alpn;
 use crate::tls::upstream::UpstreamTls;
 use crate::wire::body::ReplicaBody;
 use crate::wire::client::{self as h1, Outgoing, Request, SendError};
 use crate::wire::h2::{self as wire_h2, H2Body};
-use h2::{H2Conn, SendBody};
+use h2::{H2Conn, Negotiated, SendBody};
 use pool::{Conn, ConnectError};
 
 /// A connection to a replica, of a kind.
@@ -81,19 +84,37 @@ pub async fn send<B: Outgoing + Send + 'static>(
 ) -> Result<Response<ReplicaBody>, SendError> {
     if req.http2 {
         // Boxed: the HTTP/2 path's state stays out of the HTTP/1.1 path's future.
-        return Box::pin(send_h2(req, body, in_flight, &pools.h2)).await;
+        return Box::pin(send_h2(req, body, in_flight, pools)).await;
     }
-    let mut pooled = pools.h1.take(req.addr, req.tls);
+    send_h1(req, body, in_flight, None, &pools.h1).await
+}
+
+/// [`send`] over HTTP/1.1: on `fresh` (a connection just made for this request), else on a
+/// connection of `pool` or a new one (which goes back to `pool` once its response is read
+/// whole).
+async fn send_h1<B: Outgoing + Send + 'static>(
+    req: &Request<'_>,
+    body: &mut B,
+    in_flight: InFlight,
+    fresh: Option<Conn>,
+    pool: &std::sync::Arc<pool::Pool>,
+) -> Result<Response<ReplicaBody>, SendError> {
+    let mut pooled = match fresh {
+        Some(mut c) => {
+            pool.adopt(&mut c);
+            Some((c, false))
+        }
+        None => pool.take(req.addr, req.tls).map(|c| (c, true)),
+    };
     loop {
-        let reused = pooled.is_some();
-        let mut conn = match pooled.take() {
+        let (mut conn, reused) = match pooled.take() {
             Some(c) => c,
             // Boxed: connecting (TCP, and TLS when configured) is rare once the pool is warm,
             // and its state would otherwise make every request's future larger.
             None => {
                 let mut c = Box::pin(Conn::connect(req.addr, req.connect_timeout, req.tls)).await?;
-                pools.h1.adopt(&mut c);
-                c
+                pool.adopt(&mut c);
+                (c, false)
             }
         };
         match h1::exchange(&mut conn, &req.forwarded, req.deadline, body).await {
@@ -106,20 +127,27 @@ pub async fn send<B: Outgoing + Send + 'static>(
     }
 }
 
-/// [`send`] over HTTP/2: a stream on a connection of `conns` to the replica with room for it,
+/// [`send`] over HTTP/2: a stream on a connection of `pools` to the replica with room for it,
 /// or on a new one (kept there for the next requests). A stream a pooled connection did not
-/// process (its GOAWAY raced the request) is sent once more on a fresh connection, if nothing
-/// of the body was read; from a fresh connection that failure goes to the caller, which may
-/// retry it elsewhere.
+/// process (its GOAWAY raced the request) is sent once more on a fresh connection, if all of
+/// the body read so far is still held ([`Outgoing::resendable`]); from a fresh connection that
+/// failure goes to the caller, which may retry it elsewhere. A TLS replica that chose HTTP/1.1
+/// gets the request over HTTP/1.1, unless it must have HTTP/2 (`req.http2_only`: a gRPC call).
 async fn send_h2<B: Outgoing + Send + 'static>(
     req: &Request<'_>,
     body: &mut B,
     in_flight: InFlight,
-    conns: &h2::Conns,
+    pools: &Pools,
 ) -> Result<Response<ReplicaBody>, SendError> {
     let scheme = if req.tls.is_some() { "https" } else { "http" };
     loop {
-        let (conn, reused) = h2_conn(req, conns).await?;
+        let (conn, reused) = match h2_conn(req, &pools.h2).await? {
+            Reached::H2(conn, reused) => (conn, reused),
+            Reached::Http1(_, chosen) if req.http2_only => return Err(SendError::NotHttp2(chosen)),
+            Reached::Http1(fresh, _) => {
+                return send_h1(req, body, in_flight, fresh, &pools.h1).await
+            }
+        };
         let (sender, stream) = conn.open_stream();
         let outgoing = SendBody::new(body.share());
         let request = wire_h2::request(&req.forwarded, scheme, req.addr, outgoing)
@@ -131,8 +159,8 @@ async fn send_h2<B: Outgoing + Send + 'static>(
                     resp.map(|b| ReplicaBody::H2(H2Body::new(b, stream, read_timeout, in_flight)))
                 );
             }
-            Err(SendError::Unprocessed(_)) if reused && body.untouched() => {
-                conns.forget(&conn);
+            Err(SendError::Unprocessed(_)) if reused && body.resendable() => {
+                pools.h2.forget(&conn);
                 continue;
             }
             Err(e) => return Err(e),
@@ -140,29 +168,56 @@ async fn send_h2<B: Outgoing + Send + 'static>(
     }
 }
 
+/// What [`h2_conn`] reached the replica with.
+enum Reached {
+    /// A connection with room for one more stream, and whether it was there already.
+    H2(H2Conn, bool),
+    /// The replica chose HTTP/1.1 over TLS (ALPN): the connection it chose it on, when this
+    /// request just made it (else the thread remembered the choice,
+    /// [`h2::Conns::chose_http1`]).
+    Http1(Option<Conn>, Alpn),
+}
+
 /// A connection of `conns` to the replica with room for one more stream (and `true`: it was
 /// there already), or a new one, kept there for the next requests. While another request of
 /// this thread connects to the same replica, its connection is waited for (up to
 /// `proxy.connect_timeout`) and used if it has room: a burst on a cold thread makes one
-/// connection, not one per request.
-async fn h2_conn(req: &Request<'_>, conns: &h2::Conns) -> Result<(H2Conn, bool), ConnectError> {
-    if let Some(c) = conns.take(req.addr, req.tls) {
-        return Ok((c, true));
+/// connection, not one per request. A TLS replica that chose HTTP/1.1 is
+/// [`Reached::Http1`].
+async fn h2_conn(req: &Request<'_>, conns: &h2::Conns) -> Result<Reached, ConnectError> {
+    let pooled = || {
+        if let Some(chosen) = conns.chose_http1(req.addr, req.tls) {
+            return Some(Reached::Http1(None, chosen));
+        }
+        conns.take(req.addr, req.tls).map(|c| Reached::H2(c, true))
+    };
+    if let Some(reached) = pooled() {
+        return Ok(reached);
     }
     let making = match conns.turn(req.addr) {
         h2::Turn::Make(making) => Some(making),
         h2::Turn::Wait(done) => {
             let _ = tokio::time::timeout(req.connect_timeout, done.notified()).await;
-            if let Some(c) = conns.take(req.addr, req.tls) {
-                return Ok((c, true));
+            if let Some(reached) = pooled() {
+                return Ok(reached);
             }
             None
         }
     };
-    let c = H2Conn::connect(req.addr, req.connect_timeout, req.tls, req.http2_keepalive).await?;
-    conns.keep(&c);
+    let (addr, timeout, tls) = (req.addr, req.connect_timeout, req.tls);
+    let reached = match H2Conn::negotiate(addr, timeout, tls, req.http2_keepalive).await? {
+        Negotiated::H2(c) => {
+            conns.keep(&c);
+            conns.note_alpn(addr, tls, None);
+            Reached::H2(c, false)
+        }
+        Negotiated::Http1(conn, chosen) => {
+            conns.note_alpn(addr, tls, Some(&chosen));
+            Reached::Http1(Some(conn), chosen)
+        }
+    };
     drop(making);
-    Ok((c, false))
+    Ok(reached)
 }
 
 #[cfg(test)]

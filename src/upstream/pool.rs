@@ -1,13 +1,14 @@
 //! Upstream connections and the serving thread's pool of idle HTTP/1.1 ones.
 //!
 //! Owns: [`Conn`] (a replica connection with its read buffer: plain TCP, or TLS with the client
-//! it is given, ALPN `http/1.1` or, for HTTP/2, `h2`, see [`Conn::connect_for`]; HTTP/2 takes
-//! its byte stream, [`Conn::into_stream`]), connecting with a deadline, and a serving thread's
-//! [`Pool`] of idle keep-alive connections (last in, first out; at most [`MAX_IDLE_PER_REPLICA`] per replica;
+//! it is given, ALPN `http/1.1` or, for HTTP/2, `h2` and `http/1.1` with the replica's choice
+//! kept ([`Conn::alpn`]), see [`Conn::connect_for`]; HTTP/2 takes its byte stream,
+//! [`Conn::into_stream`]), connecting with a deadline, and a serving thread's [`Pool`] of idle
+//! keep-alive connections (last in, first out; at most [`MAX_IDLE_PER_REPLICA`] per replica;
 //! closed after [`IDLE_TIMEOUT`]; a connection the replica closed, that has unsolicited bytes,
 //! or that another TLS client than the caller's made, is never handed out). Per thread, because
-//! every request stays on its serving thread: no lock, no cross-thread wake-up, no shared cache
-//! line.
+//! every request stays on its serving thread: no contended lock, no cross-thread wake-up, no
+//! shared cache line.
 //! Must not touch: HTTP, or which TLS client is in force (the caller passes the snapshot's). It
 //! moves bytes and connections.
 
@@ -26,7 +27,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::descriptors::ReplicaConnection;
-use crate::tls::upstream::{UpstreamStream, UpstreamTls};
+use crate::tls::upstream::{Alpn, UpstreamStream, UpstreamTls};
 
 /// Idle keep-alive connections kept per replica and serving thread.
 pub const MAX_IDLE_PER_REPLICA: usize = 64;
@@ -181,8 +182,8 @@ impl Conn {
         Conn::connect_for(addr, timeout, tls, false).await
     }
 
-    /// [`Conn::connect`] for HTTP/2 when `h2`: over TLS, ALPN `h2` is offered and must be
-    /// selected.
+    /// [`Conn::connect`] for HTTP/2 when `h2`: over TLS, ALPN `h2` and `http/1.1` are offered
+    /// and the replica's choice is kept ([`Conn::alpn`]).
     pub async fn connect_for(
         addr: SocketAddr,
         timeout: Duration,
@@ -221,6 +222,14 @@ impl Conn {
             home: None,
             _counted: counted,
         })
+    }
+
+    /// What the replica chose in the TLS handshake (ALPN); `None` over plain TCP.
+    pub fn alpn(&self) -> Option<Alpn> {
+        match &self.stream {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => Some(Alpn::of(s)),
+        }
     }
 
     /// The byte stream, for a protocol that keeps the connection itself (HTTP/2), with the
@@ -332,6 +341,11 @@ pub enum ConnectError {
     Timeout(Duration),
     #[error("the HTTP/2 handshake with the replica failed: {0} (proxy.upstream_protocol: does the replica speak h2c?)")]
     Http2(#[source] hyper::Error),
+    /// Over TLS the replica did not choose HTTP/2: it speaks HTTP/1.1 on this connection.
+    #[error(
+        "the replica chose {0} in its TLS handshake, not h2: it does not speak HTTP/2 over TLS"
+    )]
+    NotHttp2(Alpn),
 }
 
 #[derive(Default)]

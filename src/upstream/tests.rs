@@ -108,6 +108,7 @@ fn get_request(addr: SocketAddr, read_timeout: Duration) -> Request<'static> {
         },
         keep_idle: true,
         http2: false,
+        http2_only: false,
         http2_keepalive: Duration::from_secs(20),
         deadline: Instant::now() + Duration::from_secs(30),
     }

@@ -30,6 +30,9 @@ enum Request {
     Empty,
     Http1(Http1Body),
     Http2(Incoming),
+    /// Frames in memory, for the tests of what reads request bodies.
+    #[cfg(test)]
+    Frames(std::collections::VecDeque<Frame<Bytes>>),
 }
 
 impl RequestBody {
@@ -43,6 +46,16 @@ impl RequestBody {
 
     pub fn http2(body: Incoming) -> RequestBody {
         RequestBody(Request::Http2(body))
+    }
+
+    /// A body of these data frames, for tests.
+    #[cfg(test)]
+    pub fn frames(chunks: &[&'static [u8]]) -> RequestBody {
+        let frames = chunks
+            .iter()
+            .map(|c| Frame::data(Bytes::from_static(c)))
+            .collect();
+        RequestBody(Request::Frames(frames))
     }
 }
 
@@ -58,6 +71,8 @@ impl HttpBody for RequestBody {
             Request::Empty => Poll::Ready(None),
             Request::Http1(body) => Pin::new(body).poll_frame(cx),
             Request::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            #[cfg(test)]
+            Request::Frames(frames) => Poll::Ready(frames.pop_front().map(Ok)),
         }
     }
 
@@ -66,6 +81,8 @@ impl HttpBody for RequestBody {
             Request::Empty => true,
             Request::Http1(body) => body.is_end_stream(),
             Request::Http2(body) => body.is_end_stream(),
+            #[cfg(test)]
+            Request::Frames(frames) => frames.is_empty(),
         }
     }
 
@@ -74,6 +91,8 @@ impl HttpBody for RequestBody {
             Request::Empty => SizeHint::with_exact(0),
             Request::Http1(body) => body.size_hint(),
             Request::Http2(body) => body.size_hint(),
+            #[cfg(test)]
+            Request::Frames(_) => SizeHint::default(),
         }
     }
 }
@@ -108,11 +127,12 @@ impl ReplicaBody {
         }
     }
 
-    /// Ends a gRPC call's response by `deadline` ([`H2Body::end_by`]); gRPC goes over HTTP/2
-    /// only, so an HTTP/1.1 body is left as it is.
-    pub fn end_by(&mut self, deadline: tokio::time::Instant) {
+    /// Ends a gRPC call's response by `deadline`, its `grpc-timeout` of `timeout` from its
+    /// start ([`H2Body::end_by`]); gRPC goes over HTTP/2 only, so an HTTP/1.1 body is left as
+    /// it is.
+    pub fn end_by(&mut self, deadline: tokio::time::Instant, timeout: std::time::Duration) {
         if let ReplicaBody::H2(b) = self {
-            b.end_by(deadline);
+            b.end_by(deadline, timeout);
         }
     }
 }

@@ -151,7 +151,9 @@ fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     out.put_slice(b"\r\n");
 }
 
-fn write_ip(out: &mut BytesMut, client: SocketAddr) {
+/// Writes the client's address as `X-Forwarded-For` carries it (HTTP/1.1's head and HTTP/2's
+/// field alike).
+pub(crate) fn write_ip(out: &mut BytesMut, client: SocketAddr) {
     use std::fmt::Write;
     struct W<'a>(&'a mut BytesMut);
     impl Write for W<'_> {

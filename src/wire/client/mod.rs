@@ -27,7 +27,7 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::error::BoxError;
 use crate::snapshot::InFlight;
-use crate::tls::upstream::UpstreamTls;
+use crate::tls::upstream::{Alpn, UpstreamTls};
 use crate::upstream::pool::{Conn, ConnectError};
 use crate::wire::framing::{ChunkLine, CHUNK_END, LAST_CHUNK};
 pub use body::UpstreamBody;
@@ -73,12 +73,22 @@ pub enum SendError {
     /// HTTP/2: the stream or its connection failed before a response head.
     #[error("the HTTP/2 stream to the replica failed before a response: {0}")]
     Stream(#[source] hyper::Error),
+    /// HTTP/2 over TLS: the replica chose HTTP/1.1 (ALPN), and the request must have HTTP/2
+    /// (a gRPC call): nothing of it was sent.
+    #[error("the replica chose {0} in its TLS handshake, not h2")]
+    NotHttp2(Alpn),
 }
 
 /// A request body the client can send: its frames, and whether any of it has been read yet
 /// (a stale pooled connection is replaced by a fresh one only for a body nothing was read of).
 pub trait Outgoing: HttpBody<Data = Bytes, Error = BoxError> + Unpin {
     fn untouched(&self) -> bool;
+
+    /// All of the body that was read so far is still held, so it can be sent again whole (a
+    /// stream the replica did not process). Untouched, it can.
+    fn resendable(&self) -> bool {
+        self.untouched()
+    }
 
     /// The same body as an owned one, for a protocol that takes the body with the request
     /// (HTTP/2): what it reads is read from this one too, so [`Outgoing::untouched`] still
@@ -120,6 +130,9 @@ pub struct Request<'a> {
     /// Over HTTP/2 (`proxy.upstream_protocol`), multiplexed on this thread's connection to the
     /// replica, instead of HTTP/1.1.
     pub http2: bool,
+    /// HTTP/2 or nothing: a gRPC call (its status travels in trailers) is not sent over
+    /// HTTP/1.1 to a TLS replica that chose HTTP/1.1 instead of `h2`; other requests are.
+    pub http2_only: bool,
     /// `proxy.http2_keepalive`: a new HTTP/2 connection pings the replica this often.
     pub http2_keepalive: Duration,
     /// When the response head must have come (`proxy.request_timeout` from the attempt's

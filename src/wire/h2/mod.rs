@@ -19,8 +19,9 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
 use http::{Response, Uri, Version};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::client::conn::http2::SendRequest;
@@ -32,6 +33,7 @@ use crate::snapshot::InFlight;
 use crate::stall::{Stall, StallTimer};
 use crate::upstream::h2::{SendBody, StreamGuard};
 use crate::wire::client::body::BodyError;
+use crate::wire::client::head::write_ip;
 use crate::wire::client::{Forwarded, SendError};
 use crate::wire::headers::{is_client_only, is_hop_by_hop, is_protected};
 
@@ -46,17 +48,22 @@ pub fn request(
     body: SendBody,
 ) -> Result<http::Request<SendBody>, http::Error> {
     let parts = f.parts;
+    // The client's Host field as it came (shared, not copied), else its target's authority.
     let host = parts
         .headers
         .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+        .filter(|h| h.to_str().is_ok())
+        .cloned()
+        .or_else(|| {
+            let a = parts.uri.authority()?;
+            HeaderValue::from_str(a.as_str()).ok()
+        });
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let authority = host
-        .as_deref()
-        .filter(|h| h.parse::<http::uri::Authority>().is_ok())
-        .map_or_else(|| replica.to_string(), str::to_owned);
+    // Parsed once (a parse copies): the client's host if it is an authority, else the replica.
+    let authority = match host.as_ref().map(|h| Authority::try_from(h.as_bytes())) {
+        Some(Ok(a)) => a,
+        _ => Authority::try_from(replica.to_string())?,
+    };
     let uri = Uri::builder()
         .scheme(scheme)
         .authority(authority)
@@ -67,14 +74,17 @@ pub fn request(
         .uri(uri)
         .version(Version::HTTP_2)
         .body(body)?;
-    *req.headers_mut() = forwarded_fields(f, host.as_deref())?;
+    *req.headers_mut() = forwarded_fields(f, host)?;
     Ok(req)
 }
 
 /// The client's fields as they are forwarded: hop-by-hop ones (and those `Connection` names)
 /// cut, `te: trailers` kept (gRPC servers require it), the framing left to HTTP/2, and
 /// `X-Forwarded-For`/`-Host`/`-Proto` set.
-fn forwarded_fields(f: &Forwarded<'_>, host: Option<&str>) -> Result<HeaderMap, http::Error> {
+fn forwarded_fields(
+    f: &Forwarded<'_>,
+    host: Option<HeaderValue>,
+) -> Result<HeaderMap, http::Error> {
     let headers = &f.parts.headers;
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
@@ -85,7 +95,7 @@ fn forwarded_fields(f: &Forwarded<'_>, host: Option<&str>) -> Result<HeaderMap, 
         .filter(|t| !t.is_empty())
         .collect();
     let mut out = HeaderMap::with_capacity(headers.len() + 4);
-    let mut xff = String::new();
+    let mut xff = BytesMut::new();
     let mut trailers = false;
     for (name, value) in headers {
         if *name == header::TE {
@@ -109,9 +119,9 @@ fn forwarded_fields(f: &Forwarded<'_>, host: Option<&str>) -> Result<HeaderMap, 
                 let v = v.trim();
                 if !v.is_empty() {
                     if !xff.is_empty() {
-                        xff.push_str(", ");
+                        xff.put_slice(b", ");
                     }
-                    xff.push_str(v);
+                    xff.put_slice(v.as_bytes());
                 }
             }
             continue;
@@ -121,16 +131,17 @@ fn forwarded_fields(f: &Forwarded<'_>, host: Option<&str>) -> Result<HeaderMap, 
     if trailers {
         out.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    if let Some(h) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+    if let Some(h) = host {
         out.insert(HeaderName::from_static("x-forwarded-host"), h);
     }
     if !xff.is_empty() {
-        xff.push_str(", ");
+        xff.put_slice(b", ");
     }
-    xff.push_str(&f.client.ip().to_canonical().to_string());
+    // Written by hand, like HTTP/1.1's: no formatting machinery, no string for it.
+    write_ip(&mut xff, f.client);
     out.insert(
         HeaderName::from_static("x-forwarded-for"),
-        HeaderValue::from_str(&xff)?,
+        HeaderValue::from_maybe_shared(xff.freeze())?,
     );
     out.insert(
         HeaderName::from_static("x-forwarded-proto"),
@@ -186,9 +197,9 @@ pub struct H2Body {
     /// The request's place in the gateway's request budgets, given back with the body.
     place: Option<RequestPlace>,
     done: bool,
-    /// A gRPC call's deadline (`grpc-timeout`): past it the call ends with `DEADLINE_EXCEEDED`
-    /// in trailers and the stream to the replica is reset.
-    call_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A gRPC call's deadline (`grpc-timeout`, kept for the message): past it the call ends
+    /// with `DEADLINE_EXCEEDED` in trailers and the stream to the replica is reset.
+    call_deadline: Option<(Pin<Box<tokio::time::Sleep>>, std::time::Duration)>,
 }
 
 impl H2Body {
@@ -209,10 +220,10 @@ impl H2Body {
         }
     }
 
-    /// Ends the call by `deadline` (a gRPC call's `grpc-timeout`): a response still streaming
-    /// then ends with trailers `grpc-status: 4` (`DEADLINE_EXCEEDED`).
-    pub fn end_by(&mut self, deadline: Instant) {
-        self.call_deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
+    /// Ends the call by `deadline` (a gRPC call's `grpc-timeout` of `timeout`): a response
+    /// still streaming then ends with trailers `grpc-status: 4` (`DEADLINE_EXCEEDED`).
+    pub fn end_by(&mut self, deadline: Instant, timeout: std::time::Duration) {
+        self.call_deadline = Some((Box::pin(tokio::time::sleep_until(deadline)), timeout));
     }
 
     /// Keeps the request counted in the gateway's budgets until this body is done with.
@@ -235,12 +246,13 @@ impl HttpBody for H2Body {
         }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if polled.is_pending() {
-            if let Some(deadline) = this.call_deadline.as_mut() {
+            if let Some((deadline, timeout)) = this.call_deadline.as_mut() {
                 if deadline.as_mut().poll(cx).is_ready() {
                     this.done = true;
-                    let message = "the call's grpc-timeout passed at the gateway";
+                    let limit = crate::grpc::TimeLimit::GrpcTimeout(*timeout);
+                    let message = format!("{limit} passed at the gateway");
                     let fields =
-                        crate::grpc::status_fields(crate::grpc::Code::DeadlineExceeded, message);
+                        crate::grpc::status_fields(crate::grpc::Code::DeadlineExceeded, &message);
                     return Poll::Ready(Some(Ok(Frame::trailers(fields))));
                 }
             }
