@@ -206,4 +206,6 @@ def main():
 
 
 if __name__ == "__main__":
+    # A SIGTERM unwinds like an error, so what was started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()
