@@ -247,9 +247,14 @@ async fn admit(
                 _ => budgets.max_requests,
             },
         })?;
+    let mut body = ProxyBody::new(body, limit);
+    if matches!(body, ProxyBody::Empty) {
+        // A body that ended with its head (a GET's) has nothing to wait for: no timer, and
+        // none of the three clock reads below.
+        return Ok((place, body, cfg.proxy.request_timeout));
+    }
     // No replica connection (nor a place at a replica) for a body that has not started.
     let started = Instant::now();
-    let mut body = ProxyBody::new(body, limit);
     body_started(&mut body, cfg.proxy.request_timeout, limit).await?;
     let left = cfg.proxy.request_timeout.saturating_sub(started.elapsed());
     Ok((place, body, left))
