@@ -2,7 +2,7 @@
 # (bench/lab, binary `ringgate-lab`), which starts the release gateway binaries
 # target/release/ringgate and target/release/ringgate-server.
 
-.PHONY: analysis bench bench-micro bench-rss bench-idle bench-idle-profile bench-flood bench-log bench-streams bench-tunnels bench-h2
+.PHONY: analysis bench bench-micro bench-rss bench-idle bench-idle-profile bench-flood bench-log bench-streams bench-tunnels bench-h2 bench-instr bench-conns bench-paced
 
 ## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in docs/img/ (committed), report in docs/performance.md
 analysis:
@@ -51,3 +51,18 @@ bench-flood: build
 ## bench-log: what the access log costs: wrk against the release gateway with [log] access off, then JSON, then combined, alternating (BENCH_LOG_ARGS: rounds seconds connections threads)
 bench-log:
 	bench/access_log_cost.sh $(BENCH_LOG_ARGS)
+
+## bench-instr: user-space instructions per proxied request (valgrind callgrind) through ringgate, NGINX (1 worker, no master) and HAProxy (1 thread), the same three backends, random ?id=, 8 keep-alive connections: BENCH_INSTR_ARGS requests after a warm-up (default 3000 after 500), counters zeroed between; ringgate's top inclusive functions printed, its dump kept in target/callgrind-instr/
+bench-instr: build
+	bench/deps.sh proxies valgrind
+	python3 bench/instr.py $(BENCH_INSTR_ARGS)
+
+## bench-conns: as many idle connections as the descriptors allow (hard nofile): 19,000 idle keep-alive clients from two client processes, each answered again, then 9,000 idle WebSocket tunnels, each echoed again, through ringgate, NGINX and HAProxy (as many as its maxconn allows); RSS and its projection to 100,000
+bench-conns: build
+	bench/deps.sh proxies
+	python3 bench/conns.py $(BENCH_CONNS_ARGS)
+
+## bench-paced: p50/p99/p99.9 at one fixed offered rate (half the slowest proxy's maximum in the same run; h2load --h1 --rps, 64 connections) for 60 s per proxy, 3 rounds interleaved, chart docs/img/paced_latency.svg (BENCH_PACED_ARGS: seconds rounds); each proxy on CPU 0, the rest on CPU 1 (PIN=0: anywhere)
+bench-paced: build
+	bench/deps.sh proxies h2load
+	python3 bench/paced.py $(BENCH_PACED_ARGS)

@@ -9,6 +9,8 @@
 #                           FROM scratch httpd image of docs/deployment.md and
 #                           tests/docker_apps.rs)
 #   bench/deps.sh h2load    h2load (nghttp2-client), the HTTP/2 and gRPC load of `make bench-h2`
+#   bench/deps.sh valgrind  valgrind (callgrind, callgrind_control, callgrind_annotate, DHAT) for
+#                           `make bench-instr` and `make bench-idle-profile`
 #   bench/deps.sh python    the Python clients of the tunnel and gRPC tests (websockets, grpcio)
 #                           in a virtualenv at target/pyclients, from tests/support/requirements.txt
 set -euo pipefail
@@ -65,6 +67,8 @@ for what in "$@"; do
             fi ;;
         h2load)
             have h2load || missing+=(nghttp2-client) ;;
+        valgrind)
+            have valgrind || missing+=(valgrind) ;;
         python)
             python_clients ;;
         *) echo "deps.sh: unknown group $what" >&2; exit 2 ;;

@@ -281,14 +281,19 @@ async fn admit(
         Some(place) => place,
         None => take_place(client, budgets)?,
     };
-    // No replica connection (nor a place at a replica) for a body that has not started.
-    let started = Instant::now();
     // Only a stream over HTTP/2 can be refused unprocessed after its body started.
     let keep = match cfg.proxy.upstream_protocol.uses_h2(parts.version) {
         true => body::RESEND_LIMIT,
         false => 0,
     };
     let mut body = ProxyBody::new(body, max_body, keep);
+    if matches!(body, ProxyBody::Empty) {
+        // A body that ended with its head (a GET's) has nothing to wait for: no timer, and
+        // none of the three clock reads below.
+        return Ok((place, body, limit.duration()));
+    }
+    // No replica connection (nor a place at a replica) for a body that has not started.
+    let started = Instant::now();
     body_started(&mut body, limit, max_body).await?;
     let left = limit.duration().saturating_sub(started.elapsed());
     Ok((place, body, left))
