@@ -575,18 +575,20 @@ async fn read_to_close(s: &mut tokio::net::TcpStream, limit: Duration) -> usize 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_after_the_send_timeout_and_a_slow_one_is_served() {
     let sized = Backend::start("127.0.0.1", Behaviour::Sized).await;
-    slow_and_stopped_readers(gateway_over(&sized, "send_timeout = \"1s\"\n")).await;
+    slow_and_stopped_readers(gateway_over(&sized, "send_timeout = \"2s\"\n")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_h2c_a_client_that_stops_reading_is_closed_and_a_slow_one_is_served() {
     let sized = Backend::start_h2("127.0.0.1", Behaviour::Sized).await;
-    let proxy = "send_timeout = \"1s\"\nupstream_protocol = \"h2c\"\n";
+    let proxy = "send_timeout = \"2s\"\nupstream_protocol = \"h2c\"\n";
     slow_and_stopped_readers(gateway_over(&sized, proxy)).await;
 }
 
 /// A client that reads the first bytes of a large response and stops is closed after
-/// `proxy.send_timeout` (1 s), one that reads slowly but keeps reading gets all of its answer.
+/// `proxy.send_timeout` (2 s), one that reads slowly but keeps reading gets all of its answer.
+/// The limit is well above the slow reader's pauses (300 ms): a loaded machine (the other
+/// tests of this binary run beside it) may stall the reader for longer than the pause itself.
 async fn slow_and_stopped_readers(gw: GatewayProcess) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const BIG: usize = 64 << 20;
@@ -609,7 +611,7 @@ async fn slow_and_stopped_readers(gw: GatewayProcess) {
         n + rest
     );
 
-    // A client that reads slowly but keeps reading (pauses of 300 ms, under the 1 s limit,
+    // A client that reads slowly but keeps reading (pauses of 300 ms, under the 2 s limit,
     // every 256 KiB) gets all of a 4 MiB response.
     const SLOW: usize = 4 << 20;
     let mut slow = tokio::net::TcpStream::connect(gw.addr)
