@@ -167,9 +167,17 @@ if len(sys.argv) > 3:
 else:
     port = server.add_insecure_port('127.0.0.1:0')
 server.start()
-# SIGTERM: a graceful stop (GOAWAY to every client; calls in flight may finish for 2 s).
-import signal
-signal.signal(signal.SIGTERM, lambda *_: server.stop(grace=2))
+# SIGTERM: a graceful stop the way a gRPC server behind a load balancer does it: NOT_SERVING
+# first (the health checks take it out of the ring), then a stop (GOAWAY to every client; calls
+# in flight may finish for 2 s). Stopping at once instead races grpcio itself: a call that
+# reaches the server just as its shutdown begins is cancelled (CANCELLED), neither refused nor
+# answered, and no proxy may send it again.
+import signal, threading, time
+def drain():
+    hs.enter_graceful_shutdown()
+    time.sleep(1)
+    server.stop(grace=2)
+signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=drain, daemon=True).start())
 print(port, flush=True)
 server.wait_for_termination()
 "#;
@@ -480,16 +488,7 @@ async fn the_gateway_ends_a_streaming_call_past_its_grpc_timeout_with_deadline_e
     });
     // A client that does not enforce its own deadline (hyper's, h2c with prior knowledge): the
     // gateway must. `Count` is asked for 50 replies 100 ms apart; the call allows 500 ms.
-    let tcp = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2c");
-    tokio::spawn(conn);
+    let (mut send, _conn) = support::h2c(gw.addr).await;
     let body = bytes::Bytes::from_static(b"\x00\x00\x00\x00\x08\x0a\x0650/100");
     let req = http::Request::post(format!("http://{}/ringgate.demo.Demo/Count", gw.addr))
         .header("content-type", "application/grpc")
@@ -610,8 +609,10 @@ async fn a_replica_that_stops_gracefully_costs_no_call() {
     })
     .await;
     // Calls flow over both replicas' HTTP/2 connections; a third of the way in, py-a stops
-    // gracefully: GOAWAY on its connections, then nothing listens. Calls it did not take are
-    // sent again (the connection refused: the next server clockwise).
+    // gracefully: NOT_SERVING, then GOAWAY on its connections, then nothing listens. The
+    // gateway's checks take it out of the ring, the calls that reach it meanwhile are answered,
+    // and a call its GOAWAY did not take is sent again (its connection refused: the next
+    // server clockwise).
     let client = {
         let (python, target) = (python.clone(), gw.addr.to_string());
         std::thread::spawn(move || {
@@ -641,6 +642,27 @@ async fn a_replica_that_stops_gracefully_costs_no_call() {
     );
     assert!(steady["answers"]["py-a"].as_u64().unwrap_or(0) > 0, "{out}");
     assert!(steady["answers"]["py-b"].as_u64().unwrap_or(0) > 0, "{out}");
+    // py-a did stop: its process exited and the gateway no longer counts it up.
+    let mut a = a;
+    let exited = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = a.0.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    })
+    .await
+    .expect("joined");
+    assert!(exited, "py-a did not stop on SIGTERM");
+    let status = gw.status().await;
+    assert_ne!(
+        support::replica(&status, "py-a")["state"],
+        "up",
+        "{status:#}"
+    );
 }
 
 /// 40 server-streaming calls on one channel (keys `s-0`..`s-39`, each `Count` of 100 replies
@@ -800,16 +822,7 @@ fn grpc_text(text: &str) -> bytes::Bytes {
 /// given: the call's status fields (the head of a trailers-only answer, else the trailers).
 async fn h2c_who(gw: &GatewayProcess, text: &str, timeout: Option<&str>) -> http::HeaderMap {
     use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2c");
-    tokio::spawn(conn);
+    let (mut send, _conn) = support::h2c(gw.addr).await;
     let mut req = http::Request::post(format!("http://{}/ringgate.demo.Demo/Who", gw.addr))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
@@ -872,6 +885,34 @@ async fn deadline_exceeded_names_what_ran_out_the_calls_grpc_timeout_or_proxy_re
         message(&status).contains("proxy.request_timeout"),
         "{status:?}"
     );
+}
+
+/// A gateway (h2c to the replicas, gRPC health checks) over two [`refusing_h2_replica`]s that
+/// share `refuse` and `seen`, each refusing once `after` bytes of a body arrived; returned once
+/// both are up.
+async fn refusing_pair(
+    refuse: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    after: usize,
+    seen: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> GatewayProcess {
+    let a = refusing_h2_replica(refuse.clone(), after, seen.clone()).await;
+    let b = refusing_h2_replica(refuse.clone(), after, seen.clone()).await;
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"h2-a\", address = \"{a}\" }}, {{ name = \"h2-b\", address = \"{b}\" }}]\n"
+        ),
+        proxy: "upstream_protocol = \"h2c\"\n".into(),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
+        s["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
+    })
+    .await;
+    gw
 }
 
 /// A replica that speaks HTTP/2 with prior knowledge (the h2 crate's server, so it can refuse a
@@ -1009,23 +1050,7 @@ async fn a_refused_stream_whose_body_had_started_is_resent_whole_within_the_boun
     // Two replicas sharing one refusal: whichever gets the upload first refuses it once some
     // of its body arrived; the gateway must send it whole again (to the same replica or the
     // next one).
-    let a = refusing_h2_replica(refuse.clone(), 1000, seen.clone()).await;
-    let b = refusing_h2_replica(refuse.clone(), 1000, seen.clone()).await;
-    let gw = GatewayProcess::start(&Conf {
-        kind: Some("static".into()),
-        provider: format!(
-            "servers = [{{ name = \"h2-a\", address = \"{a}\" }}, {{ name = \"h2-b\", address = \"{b}\" }}]\n"
-        ),
-        proxy: "upstream_protocol = \"h2c\"\n".into(),
-        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
-        ..Conf::default()
-    });
-    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
-        s["replicas"]
-            .as_array()
-            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
-    })
-    .await;
+    let gw = refusing_pair(&refuse, 1000, &seen).await;
 
     // Within the bound: 1000 bytes, refused once they arrived, then 1000 more from the client.
     refuse.store(true, Ordering::SeqCst);
@@ -1054,23 +1079,7 @@ async fn a_refused_stream_whose_body_had_started_is_resent_whole_within_the_boun
     );
 
     // Past the bound (64 KiB kept): 1 KiB, then 100 KiB; refused once 80 KiB arrived.
-    let a = refusing_h2_replica(refuse.clone(), 80 * 1024, seen.clone()).await;
-    let b = refusing_h2_replica(refuse.clone(), 80 * 1024, seen.clone()).await;
-    let gw = GatewayProcess::start(&Conf {
-        kind: Some("static".into()),
-        provider: format!(
-            "servers = [{{ name = \"h2-a\", address = \"{a}\" }}, {{ name = \"h2-b\", address = \"{b}\" }}]\n"
-        ),
-        proxy: "upstream_protocol = \"h2c\"\n".into(),
-        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
-        ..Conf::default()
-    });
-    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
-        s["replicas"]
-            .as_array()
-            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
-    })
-    .await;
+    let gw = refusing_pair(&refuse, 80 * 1024, &seen).await;
     refuse.store(true, Ordering::SeqCst);
     seen.store(0, Ordering::SeqCst);
     let (code, body) = upload_in_two(gw.addr, &vec![b'c'; 1024], &vec![b'd'; 100 * 1024]).await;

@@ -154,17 +154,8 @@ async fn an_http2_connection_without_streams_is_closed_after_the_idle_timeout() 
         proxy: "idle_timeout = \"1s\"\n".into(),
         ..Conf::default()
     });
-    let tcp = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2 handshake");
+    let (mut send, conn) = support::h2c(gw.addr).await;
     let started = Instant::now();
-    let conn = tokio::spawn(conn);
     let req = http::Request::builder()
         .uri(gw.url("/home?id=1"))
         .body(http_body_util::Empty::<bytes::Bytes>::new())

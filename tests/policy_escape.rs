@@ -372,16 +372,7 @@ async fn a_held_serving_thread_is_reported_and_shutdown_does_not_wait_for_it() {
 
     // One HTTP/2 connection (one serving thread) with 20 streams, each a 1 s hook call the
     // thread runs back to back: it holds that thread for about 20 s.
-    let tcp = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2 handshake");
-    let _conn = tokio::spawn(conn);
+    let (send, _conn) = support::h2c(gw.addr).await;
     let mut streams = Vec::new();
     for id in 0..20 {
         let mut send = send.clone();

@@ -925,16 +925,7 @@ async fn an_upstream_ca_edit_applies_live_to_new_connections_and_checks_and_a_ba
 
 /// A gRPC call (`Who`, no message) to the gateway over h2c: its status fields.
 async fn h2c_grpc_call(gw: &GatewayProcess) -> http::HeaderMap {
-    let tcp = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2c");
-    tokio::spawn(conn);
+    let (mut send, _conn) = support::h2c(gw.addr).await;
     let req = http::Request::post(format!("http://{}/ringgate.demo.Demo/Who", gw.addr))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -950,16 +941,7 @@ async fn h2c_grpc_call(gw: &GatewayProcess) -> http::HeaderMap {
 /// `GET <path>` to the gateway over h2c (an HTTP/2 client): the status and the body.
 async fn h2c_get(gw: &GatewayProcess, path: &str) -> (u16, String) {
     use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2c");
-    tokio::spawn(conn);
+    let (mut send, _conn) = support::h2c(gw.addr).await;
     let req = http::Request::get(gw.url(path))
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .expect("request");

@@ -578,3 +578,26 @@ impl OneConnection {
         (status, String::from_utf8_lossy(&bytes).into_owned())
     }
 }
+
+/// An HTTP/2 client connection with prior knowledge (h2c) to `addr`: its sender, and the task
+/// driving it (ended when the gateway closes the connection).
+pub async fn h2c<B>(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+)
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c handshake");
+    (send, tokio::spawn(conn))
+}
