@@ -3,12 +3,13 @@
 //!
 //! Owns: what a request's line records ([`Started`] at its arrival, the proxy's [`Outcome`],
 //! the response's bytes and end as [`LoggedBody`] sees them, the [`Termination`] reason), the
-//! serving threads' buffers the lines are formatted into ([`Lines`]), and handing full buffers to the writer
-//! thread ([`writer`]) with a `try_send`: a serving thread never waits for the disk. A buffer is
-//! handed over when it holds [`BATCH_BYTES`], or [`FLUSH_AFTER`] after its first line (a task
-//! on the serving thread's own runtime), or when the thread ends. When the writer falls behind
-//! by [`QUEUE_BATCHES`] batches, further batches are dropped and counted
-//! (`ringgate_access_log_dropped_total`), never queued without bound.
+//! serving threads' buffers the lines are formatted into ([`Lines`]), and handing full buffers
+//! to the writer thread ([`writer`]) with a `try_send`: a serving thread never waits for the
+//! disk. A buffer is handed over when it holds [`BATCH_BYTES`], or [`FLUSH_AFTER`] after its
+//! first line (a task on the serving thread's own runtime), or when the serving thread ends (its
+//! worker is dropped). When the writer falls behind by [`QUEUE_BATCHES`] batches, further
+//! batches are dropped and counted (`ringgate_access_log_dropped_total`), never queued without
+//! bound.
 //! Must not touch: routing or responses. It observes; the line format is [`format`]'s.
 
 pub mod format;
