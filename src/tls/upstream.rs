@@ -137,11 +137,7 @@ impl UpstreamTls {
         tcp: TcpStream,
         addr: SocketAddr,
     ) -> std::io::Result<UpstreamStream> {
-        let name = self
-            .server_name
-            .clone()
-            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
-        self.connector.connect(name, tcp).await
+        self.connector.connect(self.name_of(addr), tcp).await
     }
 
     /// The TLS handshake for HTTP/2 with the replica at `addr` over `tcp`: ALPN `h2` and
@@ -152,11 +148,15 @@ impl UpstreamTls {
         tcp: TcpStream,
         addr: SocketAddr,
     ) -> std::io::Result<UpstreamStream> {
-        let name = self
-            .server_name
+        self.h2.connect(self.name_of(addr), tcp).await
+    }
+
+    /// The name the replica at `addr` is verified as: `provider.upstream_server_name`, else its
+    /// IP address.
+    fn name_of(&self, addr: SocketAddr) -> ServerName<'static> {
+        self.server_name
             .clone()
-            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
-        self.h2.connect(name, tcp).await
+            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
     }
 }
 
