@@ -321,23 +321,8 @@ async fn grpc_reaches_python_grpcio_static_replicas_checked_by_grpc_health() {
     };
     let (_a, addr_a) = python_server(&python, "py-a");
     let (_b, addr_b) = python_server(&python, "py-b");
-    let gw = GatewayProcess::start(&Conf {
-        kind: Some("static".into()),
-        provider: format!(
-            "servers = [{{ name = \"py-a\", address = \"{addr_a}\" }}, {{ name = \"py-b\", address = \"{addr_b}\" }}]\n"
-        ),
-        hashing: "key = \"header:x-user\"\n".into(),
-        proxy: "upstream_protocol = \"match\"\n".into(),
-        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
-        ..Conf::default()
-    });
-    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
-        s["health"]["protocol"] == "grpc"
-            && s["replicas"]
-                .as_array()
-                .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
-    })
-    .await;
+    let x_user = "key = \"header:x-user\"\n";
+    let gw = grpc_pair([("py-a", &addr_a), ("py-b", &addr_b)], "match", x_user).await;
     let out = run_client(&python, &gw, "unary,keys,streams,errors");
     let unary = &out["unary"]["ok"];
     let server = unary["reply"]["server"].as_str().expect("a server");
@@ -592,22 +577,8 @@ async fn a_replica_that_stops_gracefully_costs_no_call() {
     };
     let (a, addr_a) = python_server(&python, "py-a");
     let (_b, addr_b) = python_server(&python, "py-b");
-    let gw = GatewayProcess::start(&Conf {
-        kind: Some("static".into()),
-        provider: format!(
-            "servers = [{{ name = \"py-a\", address = \"{addr_a}\" }}, {{ name = \"py-b\", address = \"{addr_b}\" }}]\n"
-        ),
-        hashing: "key = \"header:x-user\"\n".into(),
-        proxy: "upstream_protocol = \"h2c\"\n".into(),
-        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
-        ..Conf::default()
-    });
-    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
-        s["replicas"]
-            .as_array()
-            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
-    })
-    .await;
+    let x_user = "key = \"header:x-user\"\n";
+    let gw = grpc_pair([("py-a", &addr_a), ("py-b", &addr_b)], "h2c", x_user).await;
     // Calls flow over both replicas' HTTP/2 connections; a third of the way in, py-a stops
     // gracefully: NOT_SERVING, then GOAWAY on its connections, then nothing listens. The
     // gateway's checks take it out of the ring, the calls that reach it meanwhile are answered,
@@ -887,6 +858,35 @@ async fn deadline_exceeded_names_what_ran_out_the_calls_grpc_timeout_or_proxy_re
     );
 }
 
+/// A gateway over two static replicas `(name, address)`, reached with `upstream_protocol`,
+/// checked by `grpc.health.v1` every 200 ms, with `[hashing]` set to `hashing`; returned once
+/// both are up by those checks.
+async fn grpc_pair(
+    replicas: [(&str, &str); 2],
+    upstream_protocol: &str,
+    hashing: &str,
+) -> GatewayProcess {
+    let [(name_a, a), (name_b, b)] = replicas;
+    let gw = GatewayProcess::start(&Conf {
+        kind: Some("static".into()),
+        provider: format!(
+            "servers = [{{ name = \"{name_a}\", address = \"{a}\" }}, {{ name = \"{name_b}\", address = \"{b}\" }}]\n"
+        ),
+        hashing: hashing.into(),
+        proxy: format!("upstream_protocol = \"{upstream_protocol}\"\n"),
+        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
+        ..Conf::default()
+    });
+    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
+        s["health"]["protocol"] == "grpc"
+            && s["replicas"]
+                .as_array()
+                .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
+    })
+    .await;
+    gw
+}
+
 /// A gateway (h2c to the replicas, gRPC health checks) over two [`refusing_h2_replica`]s that
 /// share `refuse` and `seen`, each refusing once `after` bytes of a body arrived; returned once
 /// both are up.
@@ -897,22 +897,8 @@ async fn refusing_pair(
 ) -> GatewayProcess {
     let a = refusing_h2_replica(refuse.clone(), after, seen.clone()).await;
     let b = refusing_h2_replica(refuse.clone(), after, seen.clone()).await;
-    let gw = GatewayProcess::start(&Conf {
-        kind: Some("static".into()),
-        provider: format!(
-            "servers = [{{ name = \"h2-a\", address = \"{a}\" }}, {{ name = \"h2-b\", address = \"{b}\" }}]\n"
-        ),
-        proxy: "upstream_protocol = \"h2c\"\n".into(),
-        health: "protocol = \"grpc\"\ninterval = \"200ms\"\nrise = 1\n".into(),
-        ..Conf::default()
-    });
-    gw.wait_status(Duration::from_secs(20), "both replicas up", |s| {
-        s["replicas"]
-            .as_array()
-            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "up"))
-    })
-    .await;
-    gw
+    let (a, b) = (a.to_string(), b.to_string());
+    grpc_pair([("h2-a", &a), ("h2-b", &b)], "h2c", "").await
 }
 
 /// A replica that speaks HTTP/2 with prior knowledge (the h2 crate's server, so it can refuse a
