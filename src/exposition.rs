@@ -305,6 +305,13 @@ const GATEWAY: &[Family] = &[
         read: Read::Counter(|m| get(&m.connect_timeouts_inconclusive)),
     },
     Family {
+        name: "ringgate_connections_held_idle",
+        help: "Client connections idle between requests for a second or more, held without a \
+               task until their next request (cleartext HTTP/1.1; counted in \
+               ringgate_connections_open too).",
+        read: Read::Gauge(|m| get(&m.connections_held_idle)),
+    },
+    Family {
         name: "ringgate_connections_handed_over_total",
         help: "Connections a serving thread accepted while it served more than another, handed \
                to the least busy one.",

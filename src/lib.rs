@@ -12,6 +12,8 @@
 //!   access-log lines, spare buffers), passed down to every connection and request it serves.
 //! - [`listener`]: accepting connections, first-bytes deadline, TLS handshakes, telling HTTP/1
 //!   from HTTP/2 (served by hyper), idle timeouts, graceful drain.
+//! - [`parking`]: idle keep-alive connections held without a task (a socket and a small record
+//!   in a per-listener table, watched by an epoll set of its own) until their next request.
 //! - [`wire`]: HTTP/1.1 on the wire, both legs: our server for clients (strict request heads,
 //!   bodies read by whoever forwards them, response framing, keep-alive, pipelining) and our
 //!   client to the replicas (the forwarded head, the replica's response head and body), one set
@@ -108,6 +110,7 @@ pub(crate) mod listener;
 pub mod listening;
 pub mod memory;
 pub(crate) mod metrics;
+pub(crate) mod parking;
 pub(crate) mod per_thread;
 pub mod policy;
 pub mod provider;

@@ -10,7 +10,10 @@
 //! on the TLS port (answered 400), HTTP/2 through hyper (keep-alive pings; the idle and stall
 //! watches of [`crate::http2`]), the write side bounded by `proxy.send_timeout` (through
 //! [`crate::stall`]), the redirect of plain HTTP to HTTPS (`tls.http =
-//! "redirect"`), and graceful drain.
+//! "redirect"`), graceful drain, and which idle connections are held without a task: a
+//! cleartext HTTP/1 connection that has waited [`IDLE_HOLD_AFTER`] for its next request goes
+//! into the listener's [`Parking`] and comes back to a task of its own when it becomes
+//! readable.
 //! Must not touch: requests' meaning (the service) or state (the controller); certificates are
 //! the TLS module's (a handshake only asks it for an acceptor); HTTP/1 on the wire (heads,
 //! bodies, keep-alive and its timeout) is [`crate::wire::server`]'s.
@@ -29,21 +32,40 @@ use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::admission::Admitted;
 use crate::config::{Config, PlainHttp};
 use crate::http2::{self, Activity, StreamBody};
 use crate::metrics::Metrics;
+use crate::parking::{Held, Leaving, Parking};
 use crate::rescue::{GatewayError, RefusedStream};
 use crate::service::Service;
 use crate::spread::{Counted, Placed, Slot};
 use crate::stall::SendTimeout;
 use crate::tls::{redirect, Https, Tls};
 use crate::wire::body::{Body, RequestBody};
-use crate::wire::server;
+use crate::wire::server::{self, Served, Transport};
 use crate::worker::Worker;
+
+/// How long a cleartext HTTP/1 connection waits for its next request in a task of its own
+/// before it is held in the listener's [`Parking`] instead: long enough that a connection in
+/// use (a browser's, a client pool's) keeps its task between requests, short enough that the
+/// many that only stay open cost a socket and a record. Holding one and taking it back costs
+/// about five system calls, once per idle period.
+pub const IDLE_HOLD_AFTER: Duration = Duration::from_secs(1);
+
+/// What a held connection keeps besides its socket, to be served again.
+struct Resumable {
+    client: SocketAddr,
+    admitted: Arc<Admitted>,
+    counted: Counted,
+    requests: Requests,
+}
+
+/// Where a connection's task sends its socket when it idles, for the listener to hold.
+type ToHold = mpsc::UnboundedSender<Held<Resumable>>;
 
 /// What a listener speaks.
 #[derive(Debug, Clone)]
@@ -99,8 +121,59 @@ pub async fn serve(
     // Every connection's task, to wait for them on shutdown: our HTTP/1 server and hyper's
     // HTTP/2 both hear the drain on `drain_rx`, so what is left to know is when they are done.
     let connections = tokio_util::task::TaskTracker::new();
+    // Idle connections held without a task: their tasks send them here, and the listener
+    // gives them a task again when they become readable. Without an epoll set of its own (out
+    // of descriptors at start), every connection keeps its task while idle, as before.
+    let (to_hold, mut idle) = mpsc::unbounded_channel();
+    let mut parking = Parking::new()
+        .inspect_err(|e| tracing::warn!(error = %e, "idle connections will keep their tasks: no epoll set for them"))
+        .ok();
+    let to_hold = parking.as_ref().map(|_| to_hold);
+    let mut leaving = Vec::new();
+    let held_idle = &service.metrics.connections_held_idle;
     tokio::pin!(shutdown);
     loop {
+        for gone in leaving.drain(..) {
+            held_idle.fetch_sub(1, Ordering::Relaxed);
+            match gone {
+                Leaving::Woken(held) => {
+                    let stream = match TcpStream::from_std(held.stream) {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "an idle connection could not be served again");
+                            continue;
+                        }
+                    };
+                    let Resumable {
+                        client,
+                        admitted,
+                        counted,
+                        requests,
+                    } = held.rest;
+                    let conn = Connection {
+                        stream,
+                        client,
+                        config: service.shared.load().config.clone(),
+                        mode: mode.clone(),
+                        service: service.clone(),
+                        worker: worker.clone(),
+                        drain: drain_rx.clone(),
+                        admitted,
+                        counted,
+                        to_hold: to_hold.clone(),
+                    };
+                    connections.spawn(conn.resume(requests, held.deadline));
+                }
+                Leaving::Expired(held) => {
+                    // As the connection's task would have counted it, waiting itself.
+                    service
+                        .metrics
+                        .header_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(client = %held.rest.client, "closed: an idle connection sent no request within proxy.header_read_timeout");
+                }
+            }
+        }
         let (stream, client, admitted, counted, config) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
@@ -143,6 +216,13 @@ pub async fn serve(
                     continue;
                 }
             },
+            Some(held) = idle.recv() => {
+                if let Some(parking) = parking.as_mut() {
+                    hold(parking, held, &service.metrics, &mut leaving);
+                }
+                continue;
+            }
+            () = leave(&mut parking, &mut leaving) => continue,
             _ = &mut shutdown => break,
         };
         let conn = Connection {
@@ -154,11 +234,15 @@ pub async fn serve(
             worker: worker.clone(),
             drain: drain_rx.clone(),
             admitted: Arc::new(admitted),
-            _counted: counted,
+            counted,
+            to_hold: to_hold.clone(),
         };
         connections.spawn(conn.run());
     }
-    drop(listener);
+    // Held connections are idle: a drain closes them at once.
+    let still_held = parking.as_ref().map_or(0, Parking::len);
+    held_idle.fetch_sub(still_held as u64, Ordering::Relaxed);
+    drop((listener, parking, idle));
     tracing::info!("stopped accepting; draining open connections");
     let _ = drain_tx.send(true);
     connections.close();
@@ -167,6 +251,31 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!(timeout = ?drain_timeout, open = connections.len(), "drain timed out; closing the remaining connections");
+    }
+}
+
+/// Holds an idle connection in `parking`; one that cannot be held goes to `leaving`, to be served
+/// again by a task at once.
+fn hold(
+    parking: &mut Parking<Resumable>,
+    held: Held<Resumable>,
+    metrics: &Metrics,
+    leaving: &mut Vec<Leaving<Resumable>>,
+) {
+    metrics
+        .connections_held_idle
+        .fetch_add(1, Ordering::Relaxed);
+    if let Err((held, e)) = parking.hold(held) {
+        tracing::debug!(client = %held.rest.client, error = %e, "an idle connection could not be held; it keeps a task");
+        leaving.push(Leaving::Woken(held));
+    }
+}
+
+/// Until a held connection leaves `parking` (into `leaving`); never without a table.
+async fn leave(parking: &mut Option<Parking<Resumable>>, leaving: &mut Vec<Leaving<Resumable>>) {
+    match parking {
+        Some(parking) => parking.leaving(leaving).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -255,7 +364,9 @@ struct Connection {
     /// Its place under the connection caps; its requests ask it for theirs in the budgets.
     admitted: Arc<Admitted>,
     /// On the count of the serving thread that serves it ([`crate::spread`]).
-    _counted: Counted,
+    counted: Counted,
+    /// Where it goes to be held once idle (cleartext HTTP/1 only); `None`: it keeps its task.
+    to_hold: Option<ToHold>,
 }
 
 /// What the requests of a connection get.
@@ -275,25 +386,7 @@ impl Connection {
     async fn run(self) {
         // One deadline from accept: the TLS handshake and the first bytes together.
         let deadline = Instant::now() + self.config.proxy.header_read_timeout;
-        let Connection {
-            stream,
-            client,
-            config,
-            mode,
-            service,
-            worker,
-            drain,
-            admitted,
-            _counted,
-        } = self;
-        let conn = Serving {
-            client,
-            admitted,
-            config,
-            service,
-            worker,
-            drain,
-        };
+        let (conn, stream, mode, counted, to_hold) = self.split();
         // Each arm boxed, so that the task holds the one it runs: inline, every connection kept
         // room for the largest (the TLS handshake and both HTTP versions), 8 KiB a connection.
         match mode {
@@ -304,10 +397,91 @@ impl Connection {
                     }
                     _ => Requests::Served,
                 };
-                Box::pin(conn.serve(stream, requests, deadline)).await;
+                let (client, admitted) = (conn.client, conn.admitted.clone());
+                let idle_after = to_hold.as_ref().map(|_| IDLE_HOLD_AFTER);
+                let served = Box::pin(conn.serve(stream, requests, deadline, idle_after)).await;
+                if let (Served::Idle { io, deadline }, Some(to_hold)) = (served, to_hold) {
+                    let rest = Resumable {
+                        client,
+                        admitted,
+                        counted,
+                        requests,
+                    };
+                    send_to_hold(io, deadline, rest, &to_hold);
+                }
             }
             Mode::Tls(tls) => Box::pin(conn.serve_tls(stream, tls, deadline)).await,
         }
+    }
+
+    /// A held connection that became readable: HTTP/1 again, from its next request, with the
+    /// deadline it was held with.
+    async fn resume(self, requests: Requests, deadline: Instant) {
+        let (conn, stream, _, counted, to_hold) = self.split();
+        let (client, admitted) = (conn.client, conn.admitted.clone());
+        let stream = conn.bounded(stream);
+        let settings = server::Settings {
+            header_read_timeout: conn.config.proxy.header_read_timeout,
+            first_head_by: deadline,
+            keep_alive: true,
+            idle_after: to_hold.as_ref().map(|_| IDLE_HOLD_AFTER),
+            resumed: true,
+        };
+        let served = Box::pin(conn.serve_http1(Box::new(stream), &[], requests, settings)).await;
+        if let (Served::Idle { io, deadline }, Some(to_hold)) = (served, to_hold) {
+            let rest = Resumable {
+                client,
+                admitted,
+                counted,
+                requests,
+            };
+            send_to_hold(io, deadline, rest, &to_hold);
+        }
+    }
+
+    fn split(self) -> (Serving, TcpStream, Mode, Counted, Option<ToHold>) {
+        let Connection {
+            stream,
+            client,
+            config,
+            mode,
+            service,
+            worker,
+            drain,
+            admitted,
+            counted,
+            to_hold,
+        } = self;
+        let conn = Serving {
+            client,
+            admitted,
+            config,
+            service,
+            worker,
+            drain,
+        };
+        (conn, stream, mode, counted, to_hold)
+    }
+}
+
+/// Sends an idle cleartext connection's socket to the listener to be held. What is not a plain
+/// TCP stream (never: only those are handed back) or is closed on the way is dropped, closed.
+fn send_to_hold(io: Transport, deadline: Instant, rest: Resumable, to_hold: &ToHold) {
+    let stream = match io.into_any().downcast::<SendTimeout<TcpStream>>() {
+        Ok(bounded) => bounded.into_inner(),
+        Err(_) => return tracing::debug!("an idle connection that is not plain TCP; closed"),
+    };
+    match stream.into_std() {
+        Ok(stream) => {
+            let held = Held {
+                stream,
+                deadline,
+                rest,
+            };
+            // The listener is gone (drained): the connection closes, as an idle one does.
+            let _ = to_hold.send(held);
+        }
+        Err(e) => tracing::debug!(error = %e, "an idle connection could not be held; closed"),
     }
 }
 
@@ -383,7 +557,8 @@ impl Serving {
             metrics.tls_plain_http.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(client = %client, "plain HTTP on the TLS port: answered 400");
             let tls_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
-            Box::pin(self.serve(stream, Requests::RefusedPlainOnTls { tls_port }, deadline)).await;
+            let refused = Requests::RefusedPlainOnTls { tls_port };
+            Box::pin(self.serve(stream, refused, deadline, None)).await;
             return;
         }
         // Boxed: the handshake's state is freed once it is done, not kept beside the connection.
@@ -394,7 +569,8 @@ impl Serving {
         match handshake.await {
             Ok(Ok(stream)) => {
                 metrics.tls_handshakes.fetch_add(1, Ordering::Relaxed);
-                Box::pin(self.serve(stream, Requests::ServedOverTls, deadline)).await;
+                let requests = Requests::ServedOverTls;
+                Box::pin(self.serve(stream, requests, deadline, None)).await;
             }
             Ok(Err(e)) => {
                 metrics.tls_handshake_errors.fetch_add(1, Ordering::Relaxed);
@@ -404,7 +580,15 @@ impl Serving {
         }
     }
 
-    async fn serve<S>(self, mut stream: S, requests: Requests, deadline: Instant)
+    /// HTTP/1 or HTTP/2 on `stream`, as its first bytes say, which are due by `deadline`. An
+    /// HTTP/1 connection idle for `idle_after` between requests is handed back.
+    async fn serve<S>(
+        self,
+        mut stream: S,
+        requests: Requests,
+        deadline: Instant,
+        idle_after: Option<Duration>,
+    ) -> Served
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -425,48 +609,59 @@ impl Serving {
         .await;
         let protocol = match protocol {
             Ok(Ok(Some(p))) => p,
-            Ok(Ok(None)) | Ok(Err(_)) => return,
+            Ok(Ok(None)) | Ok(Err(_)) => return Served::Done,
             Err(_) => {
                 self.service
                     .metrics
                     .first_bytes_timeouts
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(client = %self.client, "closed: no request within proxy.header_read_timeout");
-                return;
+                return Served::Done;
             }
         };
-        let (service, client) = (self.service.clone(), self.client);
-        let proxy = &self.config.proxy;
-        let stream = SendTimeout::new(stream, proxy.send_timeout, service.metrics.clone());
+        let stream = self.bounded(stream);
         match protocol {
             Sniffed::Http2 if !matches!(requests, Requests::RefusedPlainOnTls { .. }) => {
                 // Boxed: an HTTP/1 connection's task keeps no room for HTTP/2's state.
                 Box::pin(self.serve_h2(stream, first, requests)).await;
+                Served::Done
             }
-            Sniffed::Http2 => {} // an HTTP/2 preface in cleartext on the TLS port: closed
+            Sniffed::Http2 => Served::Done, // an HTTP/2 preface in cleartext on the TLS port: closed
             Sniffed::Http1 | Sniffed::Undecided => {
                 let settings = server::Settings {
-                    header_read_timeout: proxy.header_read_timeout,
+                    header_read_timeout: self.config.proxy.header_read_timeout,
                     first_head_by: deadline,
                     keep_alive: !matches!(requests, Requests::RefusedPlainOnTls { .. }),
+                    idle_after,
+                    resumed: false,
                 };
-                let (admitted, worker) = (&self.admitted, &self.worker);
-                let handler = |req: Request<RequestBody>| {
-                    answer(&service, worker, req, admitted, client, requests)
-                };
-                let metrics = &self.service.metrics;
-                server::serve(
-                    Box::new(stream),
-                    first.filled(),
-                    settings,
-                    metrics,
-                    &worker.spare,
-                    self.drain,
-                    handler,
-                )
-                .await;
+                self.serve_http1(Box::new(stream), first.filled(), requests, settings)
+                    .await
             }
         }
+    }
+
+    /// The client stream with its writes bounded by `proxy.send_timeout`.
+    fn bounded<S>(&self, stream: S) -> SendTimeout<S> {
+        let metrics = self.service.metrics.clone();
+        SendTimeout::new(stream, self.config.proxy.send_timeout, metrics)
+    }
+
+    /// HTTP/1 on `io`, whose first bytes were `first`, through our server.
+    async fn serve_http1(
+        self,
+        io: Transport,
+        first: &[u8],
+        requests: Requests,
+        settings: server::Settings,
+    ) -> Served {
+        let (service, client) = (&self.service, self.client);
+        let (admitted, worker) = (&self.admitted, &self.worker);
+        let handler =
+            |req: Request<RequestBody>| answer(service, worker, req, admitted, client, requests);
+        let metrics = &service.metrics;
+        let spare = &worker.spare;
+        server::serve(io, first, settings, metrics, spare, self.drain, handler).await
     }
 
     /// HTTP/2 on `stream`, whose first bytes were read into `first`, through hyper.

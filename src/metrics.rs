@@ -68,6 +68,8 @@ pub struct Metrics {
     pub accept_errors: AtomicU64,
     /// Connections a serving thread accepted and handed to a less busy one ([`crate::spread`]).
     pub connections_handed_over: AtomicU64,
+    /// Idle HTTP/1 connections held without a task of their own now ([`crate::parking`]).
+    pub connections_held_idle: AtomicU64,
     /// Requests answered 503 because the gateway itself ran out of a resource (EMFILE…).
     pub local_resource_errors: AtomicU64,
     /// Request bodies that broke on the client's side (answered 400, never blamed on a replica).

@@ -116,6 +116,11 @@ impl<S> SendTimeout<S> {
         }
     }
 
+    /// The stream, without the limit.
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+
     /// Counts every byte written from now on into `counter`.
     pub fn count_written(&mut self, counter: Arc<AtomicU64>) {
         self.written = Some(counter);

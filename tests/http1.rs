@@ -284,3 +284,120 @@ async fn a_kept_alive_connection_idles_at_most_the_header_read_timeout() {
     );
     assert_eq!(echo.hits(), 4);
 }
+
+/// `ringgate_connections_held_idle` once it is `want` (bounded by 10 s); panics with what it
+/// was.
+async fn wait_held(gw: &GatewayProcess, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = metric(&gw.metrics().await, "ringgate_connections_held_idle");
+        if held == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{held} connections held, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_held_without_a_task_served_again_and_still_time_out() {
+    let echo = Backend::start("127.0.0.1", Behaviour::Echo).await;
+    let gw = GatewayProcess::start(&one_replica(echo.addr, "header_read_timeout = \"6s\"\n"));
+    let mut idle = Vec::new();
+    for id in 0..40 {
+        let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+        s.write_all(format!("GET /first?id={id} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        read_until(&mut s, &format!("get /first?id={id} ")).await;
+        idle.push(s);
+    }
+    // One that sent half a head waits for the rest in its task: it is not held.
+    let mut partial = TcpStream::connect(gw.addr).await.expect("connect");
+    partial
+        .write_all(b"GET /partial?id=99 HTTP/1.1\r\nHost")
+        .await
+        .expect("send");
+    wait_held(&gw, 40.0).await;
+    // A held connection's next request is answered on it, each by its own replica's echo.
+    for (id, s) in idle.iter_mut().enumerate() {
+        s.write_all(format!("GET /again?id={id} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        read_until(s, &format!("get /again?id={id} ")).await;
+    }
+    partial.write_all(b": t\r\n\r\n").await.expect("send");
+    read_until(&mut partial, "get /partial?id=99 ").await;
+    idle.push(partial);
+    // Idle again, all of them are held again; then their keep-alive ends, held or not.
+    wait_held(&gw, 41.0).await;
+    let timed_out = "ringgate_connections_timed_out_total{phase=\"header\"}";
+    let before = metric(&gw.metrics().await, timed_out);
+    for s in &mut idle {
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "closed at the end of its keep-alive: {closed:?}"
+        );
+    }
+    wait_held(&gw, 0.0).await;
+    let after = metric(&gw.metrics().await, timed_out);
+    assert_eq!(
+        after - before,
+        41.0,
+        "each counted once, as a keep-alive timeout"
+    );
+    assert_eq!(echo.hits(), 81);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_connections_close_when_the_drain_starts_not_when_it_ends() {
+    let slow = Backend::start("127.0.0.1", Behaviour::Answer { delay_ms: 3000 }).await;
+    let mut gw = GatewayProcess::start(&one_replica(slow.addr, "header_read_timeout = \"60s\"\n"));
+    let marker = slow.addr.to_string();
+    let opened = (0..10).map(|id| {
+        let (addr, marker) = (gw.addr, marker.clone());
+        tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(format!("GET /d?id={id} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+                .await
+                .expect("send");
+            read_until(&mut s, &marker).await;
+            s
+        })
+    });
+    let mut idle = Vec::new();
+    for s in futures_util::future::join_all(opened).await {
+        idle.push(s.expect("joined"));
+    }
+    wait_held(&gw, 10.0).await;
+    // A request in flight holds the drain open for 3 s.
+    let mut busy = TcpStream::connect(gw.addr).await.expect("connect");
+    busy.write_all(b"GET /busy?id=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("send");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.signal("TERM");
+    for s in &mut idle {
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "closed: {closed:?}"
+        );
+    }
+    // The request in flight has not been answered yet: the drain still waits for it.
+    let mut one = [0u8; 1];
+    let unanswered = busy.try_read(&mut one);
+    assert!(
+        matches!(&unanswered, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the idle connections were closed only once the drain ended: {unanswered:?}"
+    );
+    let answer = read_until(&mut busy, &marker).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(gw.wait_exit(Duration::from_secs(10)), "the gateway exits");
+}

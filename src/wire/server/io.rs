@@ -3,11 +3,22 @@
 //! Owns: [`Io`] and [`Transport`]. A leaf of the server: the connection loop and the request
 //! body both read from it. Must not touch: bytes.
 
+use std::any::Any;
+
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// What a client connection's stream can do.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {
+    /// The stream as what it is, for whoever boxed it to take it back out (the listener, to
+    /// hold an idle connection's socket without a task).
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
 
 /// A client connection's stream, boxed.
 pub type Transport = Box<dyn Io>;

@@ -56,12 +56,29 @@ pub struct Settings {
     pub first_head_by: Instant,
     /// `false`: one request, then the connection closes.
     pub keep_alive: bool,
+    /// A kept-alive connection that has waited this long for its next request with nothing of
+    /// it come is handed back ([`Served::Idle`]), for the caller to hold without a task. `None`:
+    /// it waits here until its deadline.
+    pub idle_after: Option<Duration>,
+    /// The connection carried requests before (it was handed back idle and came back): a
+    /// timeout waiting for its head is a keep-alive timeout, not a first-bytes one.
+    pub resumed: bool,
+}
+
+/// How [`serve`] left a connection.
+pub enum Served {
+    /// Closed, or to be closed by dropping it.
+    Done,
+    /// Idle for [`Settings::idle_after`] with nothing of a next request read: the stream whole
+    /// again, and when its keep-alive ends (its next head is due by then).
+    Idle { io: Transport, deadline: Instant },
 }
 
 /// Serves the HTTP/1 connection `io`, whose first bytes (read to tell its protocol) are
 /// `first`, with `handle` answering each request, until the client closes it, it idles past
 /// `proxy.header_read_timeout`, or `drain` turns true (then the response in progress is
-/// finished and the connection closed).
+/// finished and the connection closed); or, with [`Settings::idle_after`], until it has idled
+/// that long between requests, when it is handed back.
 ///
 /// What an idle connection holds is kept small (issue 29): no read buffer (a head is read into
 /// the stack and only a head in progress is kept, [`Reader::poll_head`]), no write buffer, and
@@ -75,7 +92,8 @@ pub async fn serve<F, Fut>(
     spare: &Spare,
     mut drain: watch::Receiver<bool>,
     mut handle: F,
-) where
+) -> Served
+where
     F: FnMut(Request<RequestBody>) -> Fut,
     Fut: Future<Output = Response<Body>>,
 {
@@ -87,24 +105,41 @@ pub async fn serve<F, Fut>(
     // One timer for the connection's life, moved on only when it fires (a deadline moved later
     // costs nothing until then): no timer is armed or dropped per request.
     let mut deadline = settings.first_head_by;
-    let timer = tokio::time::sleep_until(deadline);
-    tokio::pin!(timer);
+    // Only a connection that carried a request is handed back idle: a new one is bounded by
+    // its first-bytes deadline.
+    let mut hand_back_at = match settings.resumed {
+        true => settings.idle_after.map(|after| Instant::now() + after),
+        false => None,
+    };
+    let timer = std::pin::pin!(tokio::time::sleep_until(deadline));
+    let mut wakes = Wakes {
+        timer,
+        armed: deadline,
+    };
     let mut served = 0u64;
     loop {
-        let head = match read_head(&mut reader, deadline, timer.as_mut(), &mut drain).await {
+        let waited = read_head(&mut reader, deadline, hand_back_at, &mut wakes, &mut drain);
+        let head = match waited.await {
             Ok(Read::Head(head)) => head,
-            Ok(Read::Closed) => return,
+            Ok(Read::Closed) => return Served::Done,
             Ok(Read::TimedOut) => {
                 // The first request's deadline is the listener's first-bytes one, counted there.
-                let counter = match served {
-                    0 => &metrics.first_bytes_timeouts,
-                    _ => &metrics.header_timeouts,
+                let counter = match served == 0 && !settings.resumed {
+                    true => &metrics.first_bytes_timeouts,
+                    false => &metrics.header_timeouts,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
-                return;
+                return Served::Done;
+            }
+            Ok(Read::Idle) => {
+                let io = reader.io.unsplit(write);
+                return Served::Idle { io, deadline };
             }
             // Boxed, as rare: its response's state is not kept in every idle connection's task.
-            Err(e) => return Box::pin(refuse_head(&mut write, e, metrics, spare)).await,
+            Err(e) => {
+                Box::pin(refuse_head(&mut write, e, metrics, spare)).await;
+                return Served::Done;
+            }
         };
         // The box is allocated before the request's future is made, so that the future can be
         // made in it rather than made aside and copied in (7 KiB, every request).
@@ -124,14 +159,15 @@ pub async fn serve<F, Fut>(
         .await;
         reader = match exchanged {
             Next::Request(next) => next,
-            Next::Close => return,
+            Next::Close => return Served::Done,
             Next::Upgrade(upgrade) => {
                 let Upgrade {
                     reader,
                     resp,
                     switch,
                 } = *upgrade;
-                return Box::pin(hand_over(write, reader, resp, switch)).await;
+                Box::pin(hand_over(write, reader, resp, switch)).await;
+                return Served::Done;
             }
         };
         if reader.buf.is_empty() {
@@ -139,7 +175,48 @@ pub async fn serve<F, Fut>(
             reader.buf = BytesMut::new();
         }
         served += 1;
-        deadline = Instant::now() + settings.header_read_timeout;
+        let now = Instant::now();
+        deadline = now + settings.header_read_timeout;
+        hand_back_at = settings.idle_after.map(|after| now + after);
+    }
+}
+
+/// The connection's one timer and the instant it is armed for. It is moved on only when it
+/// fires, or when something is due earlier than it is armed for (once, when a connection
+/// starts to be handed back idle): no timer is armed or dropped per request.
+struct Wakes<'t> {
+    timer: Pin<&'t mut Sleep>,
+    armed: Instant,
+}
+
+impl Wakes<'_> {
+    fn arm(&mut self, at: Instant) {
+        self.timer.as_mut().reset(at);
+        self.armed = at;
+    }
+}
+
+/// What a wait for a request head comes to when its timer fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// The head's deadline passed.
+    TimedOut,
+    /// Idle long enough, with nothing of a head read: hand the connection back.
+    Idle,
+    /// Nothing is due yet: wake again then.
+    WakeAt(Instant),
+}
+
+/// Whether anything is due `now` for a connection waiting for a head by `deadline`, which
+/// is handed back idle at `hand_back_at` unless part of a head came (`partial`).
+fn due(now: Instant, deadline: Instant, hand_back_at: Option<Instant>, partial: bool) -> Due {
+    if now >= deadline {
+        return Due::TimedOut;
+    }
+    match hand_back_at.filter(|_| !partial) {
+        Some(at) if now >= at => Due::Idle,
+        Some(at) => Due::WakeAt(at.min(deadline)),
+        None => Due::WakeAt(deadline),
     }
 }
 
@@ -259,15 +336,21 @@ enum Read {
     Closed,
     /// No whole head within `proxy.header_read_timeout`.
     TimedOut,
+    /// Nothing of a head came for [`Settings::idle_after`].
+    Idle,
 }
 
-/// The next request head, or why the connection is to close without one.
+/// The next request head, or why the connection is to close or be handed back without one.
 async fn read_head(
     reader: &mut Reader,
     deadline: Instant,
-    mut timer: Pin<&mut Sleep>,
+    hand_back_at: Option<Instant>,
+    wakes: &mut Wakes<'_>,
     drain: &mut watch::Receiver<bool>,
 ) -> Result<Read, HeadError> {
+    if let Some(at) = hand_back_at.filter(|at| *at < wakes.armed) {
+        wakes.arm(at);
+    }
     loop {
         if !reader.buf.is_empty() {
             if let Some(head) = parse_request(&mut reader.buf)? {
@@ -285,12 +368,16 @@ async fn read_head(
                     return Ok(Read::Closed);
                 }
             }
-            () = &mut timer => {
-                if Instant::now() >= deadline {
-                    tracing::debug!(buffered = reader.buf.len(), "closed: no whole request head within proxy.header_read_timeout");
-                    return Ok(Read::TimedOut);
+            () = wakes.timer.as_mut() => {
+                let partial = !reader.buf.is_empty();
+                match due(Instant::now(), deadline, hand_back_at, partial) {
+                    Due::TimedOut => {
+                        tracing::debug!(buffered = reader.buf.len(), "closed: no whole request head within proxy.header_read_timeout");
+                        return Ok(Read::TimedOut);
+                    }
+                    Due::Idle => return Ok(Read::Idle),
+                    Due::WakeAt(at) => wakes.arm(at),
                 }
-                timer.as_mut().reset(deadline);
             }
             changed = drain.changed(), if !draining => {
                 if changed.is_err() {
@@ -664,6 +751,8 @@ mod tests {
                 header_read_timeout: Duration::from_secs(5),
                 first_head_by: Instant::now() + Duration::from_secs(5),
                 keep_alive: true,
+                idle_after: None,
+                resumed: false,
             };
             let metrics = Metrics::default();
             let (_drain_tx, drain) = watch::channel(false);
@@ -680,6 +769,111 @@ mod tests {
             .await;
         });
         tokio::net::TcpStream::connect(addr).await.expect("connect")
+    }
+
+    #[test]
+    fn a_connection_is_handed_back_once_idle_long_enough_and_never_with_part_of_a_head() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let (deadline, back_at) = (t0 + 10 * s, Some(t0 + s));
+        assert_eq!(due(t0, deadline, back_at, false), Due::WakeAt(t0 + s));
+        assert_eq!(due(t0 + s, deadline, back_at, false), Due::Idle);
+        assert_eq!(
+            due(t0 + s, deadline, back_at, true),
+            Due::WakeAt(deadline),
+            "part of a head came: it waits for the rest until its deadline"
+        );
+        assert_eq!(due(t0 + 10 * s, deadline, back_at, false), Due::TimedOut);
+        assert_eq!(due(t0 + 10 * s, deadline, back_at, true), Due::TimedOut);
+        assert_eq!(due(t0, deadline, None, false), Due::WakeAt(deadline));
+        assert_eq!(
+            due(t0, t0 + s, Some(t0 + 2 * s), false),
+            Due::WakeAt(t0 + s),
+            "a deadline before the hand-back wakes at the deadline"
+        );
+    }
+
+    /// Serves `stream` with a hand-back after `idle_after`; what [`serve`] came to.
+    async fn serve_handing_back(io: Transport, resumed: bool) -> Served {
+        let settings = Settings {
+            header_read_timeout: Duration::from_secs(5),
+            first_head_by: Instant::now() + Duration::from_secs(5),
+            keep_alive: true,
+            idle_after: Some(Duration::from_millis(100)),
+            resumed,
+        };
+        let metrics = Metrics::default();
+        let (_drain_tx, drain) = watch::channel(false);
+        let spare = Spare::default();
+        let answer = |_req: Request<RequestBody>| async { Response::new(Body::full("hi")) };
+        serve(io, &[], settings, &metrics, &spare, drain, answer).await
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_comes_back_whole_and_serves_again_when_resumed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let server = tokio::spawn(serve_handing_back(Box::new(stream), false));
+        client
+            .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let first = String::from_utf8(read_n(&mut client, 40).await).expect("utf-8");
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        let served = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("handed back within its idle time")
+            .expect("joined");
+        let Served::Idle { io, deadline } = served else {
+            panic!("an idle kept-alive connection is handed back");
+        };
+        assert!(deadline > Instant::now(), "its keep-alive has not ended");
+        // The same connection, served again from where it was left.
+        let server = tokio::spawn(serve_handing_back(io, true));
+        client
+            .write_all(b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let second = String::from_utf8(read_n(&mut client, 1 << 20).await).expect("utf-8");
+        assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+        assert!(second.ends_with("hi"), "{second}");
+        let served = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("ends with the close")
+            .expect("joined");
+        assert!(matches!(served, Served::Done), "closed as it asked");
+    }
+
+    #[tokio::test]
+    async fn a_connection_in_the_middle_of_a_head_is_not_handed_back() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let server = tokio::spawn(serve_handing_back(Box::new(stream), true));
+        client
+            .write_all(b"GET /a HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            !server.is_finished(),
+            "still waiting for the rest of its head"
+        );
+        client.write_all(b"Host: x\r\n\r\n").await.expect("write");
+        let answer = String::from_utf8(read_n(&mut client, 40).await).expect("utf-8");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let served = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("handed back once idle")
+            .expect("joined");
+        assert!(matches!(served, Served::Idle { .. }));
     }
 
     /// Reads from `s` until `want` bytes came (or the peer closed).

@@ -1,0 +1,317 @@
+//! Idle connections held without a task: a kept-alive client connection that waits for its
+//! next request costs its socket and a small record here, not a task, a future and a
+//! registration with the runtime's reactor (about 2.5 KiB).
+//!
+//! Owns: [`Parking`], the table of one serving thread's held sockets (one per listener), each
+//! with its deadline and whatever its owner needs to serve it again. They are watched for
+//! readability through an epoll set of the table's own (`mio`), which the thread's runtime
+//! watches as one descriptor; a socket that becomes readable (its next request, or its close)
+//! leaves the table [`Leaving::Woken`], one whose deadline passes leaves it
+//! [`Leaving::Expired`]. Dropping the table closes every socket in it.
+//! Must not touch: HTTP (when a connection may be held, and what serving it again means, are the
+//! HTTP/1 server's and the listener's), the caps (a held connection keeps its place under them:
+//! its owner's record holds it).
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::time::Duration;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use tokio::io::unix::AsyncFd;
+use tokio::time::{Instant, Sleep};
+
+/// The most readiness events taken from the epoll set in one call.
+const EVENTS: usize = 256;
+
+/// A held socket, when its keep-alive ends, and what its owner keeps with it.
+pub(crate) struct Held<T> {
+    pub stream: TcpStream,
+    pub deadline: Instant,
+    pub rest: T,
+}
+
+/// Why a socket left the table.
+pub(crate) enum Leaving<T> {
+    /// Readable: bytes of a next request came, or the client closed it. No longer watched.
+    Woken(Held<T>),
+    /// Its deadline passed with nothing come.
+    Expired(Held<T>),
+}
+
+/// One serving thread's held sockets.
+pub(crate) struct Parking<T> {
+    /// The epoll set that watches the held sockets, itself watched by the runtime.
+    poll: AsyncFd<Poll>,
+    events: Events,
+    held: Slab<Held<T>>,
+    /// The held sockets by deadline (keys into `held`), earliest first.
+    by_deadline: BTreeSet<(Instant, usize)>,
+    /// Fires at the earliest deadline (or later: it is moved only when it fires or an earlier
+    /// deadline comes in).
+    timer: Pin<Box<Sleep>>,
+    armed: Instant,
+}
+
+impl<T> Parking<T> {
+    pub fn new() -> io::Result<Parking<T>> {
+        let poll = Poll::new()?;
+        #[allow(unsafe_code)]
+        // SAFETY: the epoll set's descriptor is owned by `poll`, which is moved into the
+        // `AsyncFd` and never replaced or taken out of it: the descriptor stays open and the
+        // same until the `AsyncFd` is dropped.
+        let poll = unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) }?;
+        let armed = far_future();
+        Ok(Parking {
+            poll,
+            events: Events::with_capacity(EVENTS),
+            held: Slab::new(),
+            by_deadline: BTreeSet::new(),
+            timer: Box::pin(tokio::time::sleep_until(armed)),
+            armed,
+        })
+    }
+
+    /// How many sockets are held.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Holds `held` until it becomes readable or its deadline passes; gives it back with the
+    /// reason if it cannot be watched.
+    pub fn hold(&mut self, held: Held<T>) -> Result<(), (Held<T>, io::Error)> {
+        let entry = self.held.vacant_entry();
+        let key = entry.key();
+        let fd = held.stream.as_raw_fd();
+        // Edge-triggered, as mio registers: a socket already readable is reported at once.
+        let registered = self.poll.get_ref().registry().register(
+            &mut SourceFd(&fd),
+            Token(key),
+            Interest::READABLE,
+        );
+        if let Err(e) = registered {
+            return Err((held, e));
+        }
+        let deadline = held.deadline;
+        entry.insert(held);
+        self.by_deadline.insert((deadline, key));
+        if deadline < self.armed {
+            self.timer.as_mut().reset(deadline);
+            self.armed = deadline;
+        }
+        Ok(())
+    }
+
+    /// Waits until at least one socket leaves the table and puts those that left into `out`.
+    /// Cancel-safe: what has left is in `out` as soon as it has left.
+    pub async fn leaving(&mut self, out: &mut Vec<Leaving<T>>) {
+        loop {
+            tokio::select! {
+                ready = self.poll.readable_mut() => match ready {
+                    Ok(mut guard) => {
+                        let (events, held, by_deadline) =
+                            (&mut self.events, &mut self.held, &mut self.by_deadline);
+                        let poll = guard.get_inner_mut();
+                        let drained = take_woken(poll, events, held, by_deadline, out);
+                        if drained {
+                            guard.clear_ready();
+                        }
+                    }
+                    Err(e) => {
+                        // The epoll set itself failed (never seen): nothing held can be
+                        // watched any more, so every socket goes back to be served by a task.
+                        tracing::warn!(error = %e, "the table of idle connections cannot be watched; serving them again");
+                        self.by_deadline.clear();
+                        out.extend(self.held.drain().map(Leaving::Woken));
+                    }
+                },
+                () = self.timer.as_mut() => {
+                    let now = Instant::now();
+                    while let Some(&(deadline, key)) = self.by_deadline.first() {
+                        if deadline > now {
+                            break;
+                        }
+                        self.by_deadline.pop_first();
+                        if let Some(held) = self.held.try_remove(key) {
+                            // Closing it takes it out of the epoll set.
+                            out.push(Leaving::Expired(held));
+                        }
+                    }
+                    let next = self.by_deadline.first().map_or_else(far_future, |(d, _)| *d);
+                    self.timer.as_mut().reset(next);
+                    self.armed = next;
+                }
+            }
+            if !out.is_empty() {
+                return;
+            }
+        }
+    }
+}
+
+/// Takes the sockets the epoll set reports readable out of the table into `out`; `true` if it
+/// reported all it had (its readiness can be cleared).
+fn take_woken<T>(
+    poll: &mut Poll,
+    events: &mut Events,
+    held: &mut Slab<Held<T>>,
+    by_deadline: &mut BTreeSet<(Instant, usize)>,
+    out: &mut Vec<Leaving<T>>,
+) -> bool {
+    loop {
+        if let Err(e) = poll.poll(events, Some(Duration::ZERO)) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::debug!(error = %e, "polling the idle connections failed");
+            return false;
+        }
+        for event in events.iter() {
+            let Token(key) = event.token();
+            let Some(woken) = held.try_remove(key) else {
+                continue;
+            };
+            by_deadline.remove(&(woken.deadline, key));
+            // Its owner registers it with the runtime next: it must not be watched twice.
+            let fd = woken.stream.as_raw_fd();
+            if let Err(e) = poll.registry().deregister(&mut SourceFd(&fd)) {
+                tracing::debug!(error = %e, "an idle connection could not be unwatched");
+            }
+            out.push(Leaving::Woken(woken));
+        }
+        if events.iter().count() < EVENTS {
+            return true;
+        }
+    }
+}
+
+/// Later than any deadline (about 30 years).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365 * 30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        server.set_nonblocking(true).expect("nonblocking");
+        (client, server)
+    }
+
+    async fn next(parking: &mut Parking<u32>) -> Vec<Leaving<u32>> {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), parking.leaving(&mut out))
+            .await
+            .expect("something left within 5 s");
+        out
+    }
+
+    #[tokio::test]
+    async fn a_held_socket_leaves_when_its_client_writes_and_the_others_stay() {
+        let mut parking = Parking::new().expect("epoll");
+        let mut clients = Vec::new();
+        for n in 0..3 {
+            let (client, server) = pair();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let held = Held {
+                stream: server,
+                deadline,
+                rest: n,
+            };
+            assert!(parking.hold(held).is_ok());
+            clients.push(client);
+        }
+        assert_eq!(parking.len(), 3);
+        clients[1].write_all(b"GET").expect("write");
+        let left = next(&mut parking).await;
+        assert_eq!(left.len(), 1);
+        assert!(matches!(&left[0], Leaving::Woken(h) if h.rest == 1));
+        assert_eq!(parking.len(), 2);
+        // A close wakes too: the owner finds out by reading.
+        drop(clients.remove(0));
+        let left = next(&mut parking).await;
+        assert!(matches!(&left[..], [Leaving::Woken(h)] if h.rest == 0));
+        assert_eq!(parking.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_socket_readable_before_it_is_held_leaves_at_once() {
+        let mut parking = Parking::new().expect("epoll");
+        let (mut client, server) = pair();
+        client.write_all(b"GET").expect("write");
+        std::thread::sleep(Duration::from_millis(50));
+        let held = Held {
+            stream: server,
+            deadline: Instant::now() + Duration::from_secs(60),
+            rest: 7,
+        };
+        assert!(parking.hold(held).is_ok());
+        let left = next(&mut parking).await;
+        assert!(matches!(&left[..], [Leaving::Woken(h)] if h.rest == 7));
+    }
+
+    #[tokio::test]
+    async fn held_sockets_expire_in_deadline_order_whatever_order_they_came_in() {
+        let mut parking = Parking::new().expect("epoll");
+        let now = Instant::now();
+        let mut clients = Vec::new();
+        for (n, ms) in [(0, 400), (1, 100), (2, 250)] {
+            let (client, server) = pair();
+            let held = Held {
+                stream: server,
+                deadline: now + Duration::from_millis(ms),
+                rest: n,
+            };
+            assert!(parking.hold(held).is_ok());
+            clients.push(client);
+        }
+        let mut order = Vec::new();
+        while order.len() < 3 {
+            for leaving in next(&mut parking).await {
+                match leaving {
+                    Leaving::Expired(h) => {
+                        assert!(Instant::now() >= h.deadline, "not before its deadline");
+                        order.push(h.rest);
+                    }
+                    Leaving::Woken(h) => panic!("{} woke with nothing sent", h.rest),
+                }
+            }
+        }
+        assert_eq!(order, [1, 2, 0]);
+        assert_eq!(parking.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn many_ready_at_once_all_leave() {
+        let mut parking = Parking::new().expect("epoll");
+        let mut clients = Vec::new();
+        let count = EVENTS as u32 * 2 + 5;
+        for n in 0..count {
+            let (client, server) = pair();
+            let held = Held {
+                stream: server,
+                deadline: Instant::now() + Duration::from_secs(60),
+                rest: n,
+            };
+            assert!(parking.hold(held).is_ok());
+            clients.push(client);
+        }
+        for client in &mut clients {
+            client.write_all(b"x").expect("write");
+        }
+        let mut woken = 0;
+        while woken < count {
+            woken += next(&mut parking).await.len() as u32;
+        }
+        assert_eq!(parking.len(), 0);
+    }
+}
