@@ -59,9 +59,29 @@ pub const IDLE_HOLD_AFTER: Duration = Duration::from_secs(1);
 /// What a held connection keeps besides its socket, to be served again.
 struct Resumable {
     client: SocketAddr,
-    admitted: Arc<Admitted>,
+    admitted: Place,
     counted: Counted,
     requests: Requests,
+}
+
+/// A held connection's place under the caps: its own (no request of it holds a share of it while
+/// it idles), so that nothing of it is left on the heap among the pages its task freed.
+enum Place {
+    Own(Admitted),
+    Shared(Arc<Admitted>),
+}
+
+impl Place {
+    fn held(admitted: Arc<Admitted>) -> Place {
+        Arc::try_unwrap(admitted).map_or_else(Place::Shared, Place::Own)
+    }
+
+    fn served(self) -> Arc<Admitted> {
+        match self {
+            Place::Own(admitted) => Arc::new(admitted),
+            Place::Shared(admitted) => admitted,
+        }
+    }
 }
 
 /// Where a connection's task sends its socket when it idles, for the listener to hold.
@@ -158,7 +178,7 @@ pub async fn serve(
                         service: service.clone(),
                         worker: worker.clone(),
                         drain: drain_rx.clone(),
-                        admitted,
+                        admitted: admitted.served(),
                         counted,
                         to_hold: to_hold.clone(),
                     };
@@ -403,7 +423,7 @@ impl Connection {
                 if let (Served::Idle { io, deadline }, Some(to_hold)) = (served, to_hold) {
                     let rest = Resumable {
                         client,
-                        admitted,
+                        admitted: Place::held(admitted),
                         counted,
                         requests,
                     };
@@ -431,7 +451,7 @@ impl Connection {
         if let (Served::Idle { io, deadline }, Some(to_hold)) = (served, to_hold) {
             let rest = Resumable {
                 client,
-                admitted,
+                admitted: Place::held(admitted),
                 counted,
                 requests,
             };

@@ -12,7 +12,8 @@
 //! HTTP/1 server's and the listener's), the caps (a held connection keeps its place under them:
 //! its owner's record holds it).
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -44,13 +45,22 @@ pub(crate) enum Leaving<T> {
 }
 
 /// One serving thread's held sockets.
+///
+/// Nothing here is allocated per socket: the table and the deadlines are two arrays, so that
+/// the memory a connection's task used, freed when it is held, is not pinned by small records
+/// of held connections between its pages and can go back to the system.
 pub(crate) struct Parking<T> {
     /// The epoll set that watches the held sockets, itself watched by the runtime.
     poll: AsyncFd<Poll>,
     events: Events,
-    held: Slab<Held<T>>,
-    /// The held sockets by deadline (keys into `held`), earliest first.
-    by_deadline: BTreeSet<(Instant, usize)>,
+    /// The held sockets, each with the number it was held under (its deadline's entry).
+    held: Slab<(u64, Held<T>)>,
+    /// Deadlines, earliest first: (deadline, number held under, key into `held`). A socket that
+    /// leaves early leaves its entry here, stale (the number no longer matches); they are
+    /// dropped as they come up, and all at once when they outnumber the held sockets.
+    deadlines: BinaryHeap<Reverse<(Instant, u64, usize)>>,
+    /// The number the next socket is held under.
+    next: u64,
     /// Fires at the earliest deadline (or later: it is moved only when it fires or an earlier
     /// deadline comes in).
     timer: Pin<Box<Sleep>>,
@@ -70,7 +80,8 @@ impl<T> Parking<T> {
             poll,
             events: Events::with_capacity(EVENTS),
             held: Slab::new(),
-            by_deadline: BTreeSet::new(),
+            deadlines: BinaryHeap::new(),
+            next: 0,
             timer: Box::pin(tokio::time::sleep_until(armed)),
             armed,
         })
@@ -96,9 +107,18 @@ impl<T> Parking<T> {
         if let Err(e) = registered {
             return Err((held, e));
         }
-        let deadline = held.deadline;
-        entry.insert(held);
-        self.by_deadline.insert((deadline, key));
+        let (deadline, number) = (held.deadline, self.next);
+        self.next += 1;
+        entry.insert((number, held));
+        if self.deadlines.len() > 2 * self.held.len() + 64 {
+            let live = self
+                .held
+                .iter()
+                .map(|(k, (n, h))| Reverse((h.deadline, *n, k)));
+            self.deadlines = live.collect();
+        } else {
+            self.deadlines.push(Reverse((deadline, number, key)));
+        }
         if deadline < self.armed {
             self.timer.as_mut().reset(deadline);
             self.armed = deadline;
@@ -113,10 +133,9 @@ impl<T> Parking<T> {
             tokio::select! {
                 ready = self.poll.readable_mut() => match ready {
                     Ok(mut guard) => {
-                        let (events, held, by_deadline) =
-                            (&mut self.events, &mut self.held, &mut self.by_deadline);
+                        let (events, held) = (&mut self.events, &mut self.held);
                         let poll = guard.get_inner_mut();
-                        let drained = take_woken(poll, events, held, by_deadline, out);
+                        let drained = take_woken(poll, events, held, out);
                         if drained {
                             guard.clear_ready();
                         }
@@ -125,23 +144,24 @@ impl<T> Parking<T> {
                         // The epoll set itself failed (never seen): nothing held can be
                         // watched any more, so every socket goes back to be served by a task.
                         tracing::warn!(error = %e, "the table of idle connections cannot be watched; serving them again");
-                        self.by_deadline.clear();
-                        out.extend(self.held.drain().map(Leaving::Woken));
+                        self.deadlines.clear();
+                        out.extend(self.held.drain().map(|(_, h)| Leaving::Woken(h)));
                     }
                 },
                 () = self.timer.as_mut() => {
                     let now = Instant::now();
-                    while let Some(&(deadline, key)) = self.by_deadline.first() {
+                    while let Some(&Reverse((deadline, number, key))) = self.deadlines.peek() {
                         if deadline > now {
                             break;
                         }
-                        self.by_deadline.pop_first();
-                        if let Some(held) = self.held.try_remove(key) {
+                        self.deadlines.pop();
+                        if self.held.get(key).is_some_and(|(n, _)| *n == number) {
                             // Closing it takes it out of the epoll set.
+                            let (_, held) = self.held.remove(key);
                             out.push(Leaving::Expired(held));
                         }
                     }
-                    let next = self.by_deadline.first().map_or_else(far_future, |(d, _)| *d);
+                    let next = self.deadlines.peek().map_or_else(far_future, |Reverse((d, _, _))| *d);
                     self.timer.as_mut().reset(next);
                     self.armed = next;
                 }
@@ -158,8 +178,7 @@ impl<T> Parking<T> {
 fn take_woken<T>(
     poll: &mut Poll,
     events: &mut Events,
-    held: &mut Slab<Held<T>>,
-    by_deadline: &mut BTreeSet<(Instant, usize)>,
+    held: &mut Slab<(u64, Held<T>)>,
     out: &mut Vec<Leaving<T>>,
 ) -> bool {
     loop {
@@ -172,10 +191,9 @@ fn take_woken<T>(
         }
         for event in events.iter() {
             let Token(key) = event.token();
-            let Some(woken) = held.try_remove(key) else {
+            let Some((_, woken)) = held.try_remove(key) else {
                 continue;
             };
-            by_deadline.remove(&(woken.deadline, key));
             // Its owner registers it with the runtime next: it must not be watched twice.
             let fd = woken.stream.as_raw_fd();
             if let Err(e) = poll.registry().deregister(&mut SourceFd(&fd)) {
@@ -288,6 +306,46 @@ mod tests {
         }
         assert_eq!(order, [1, 2, 0]);
         assert_eq!(parking.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_left_early_never_expires_the_one_held_after_it_under_its_key() {
+        let mut parking = Parking::new().expect("epoll");
+        let now = Instant::now();
+        // Held with a near deadline, woken before it: its deadline's entry stays, stale.
+        for round in 0..300 {
+            let (mut client, server) = pair();
+            let held = Held {
+                stream: server,
+                deadline: now + Duration::from_millis(300),
+                rest: round,
+            };
+            assert!(parking.hold(held).is_ok());
+            client.write_all(b"x").expect("write");
+            let left = next(&mut parking).await;
+            assert!(matches!(&left[..], [Leaving::Woken(h)] if h.rest == round));
+        }
+        assert!(
+            parking.deadlines.len() <= 2 * parking.len() + 65,
+            "stale deadlines are dropped: {}",
+            parking.deadlines.len()
+        );
+        // The same key again, held for longer: the stale deadlines do not close it.
+        let (_client, server) = pair();
+        let held = Held {
+            stream: server,
+            deadline: now + Duration::from_millis(900),
+            rest: 1000,
+        };
+        assert!(parking.hold(held).is_ok());
+        let left = next(&mut parking).await;
+        match &left[..] {
+            [Leaving::Expired(h)] => {
+                assert_eq!(h.rest, 1000);
+                assert!(Instant::now() >= now + Duration::from_millis(900));
+            }
+            _ => panic!("only the last one expires, at its own deadline"),
+        }
     }
 
     #[tokio::test]
