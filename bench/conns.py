@@ -30,7 +30,7 @@ import sys
 import time
 
 from instr import read_response
-from proxies_rss import BACKENDS, PORT, SERVER, GW, children, haproxy_conf, haproxy_maxconn, \
+from proxies_rss import BACKENDS, PORT, SERVER, SETTLE, GW, children, haproxy_conf, haproxy_maxconn, \
     nginx_conf, raise_nofile, ringgate_conf, rss_kib, wait_port
 from tunnels_rss import frame, open_tunnels
 
@@ -141,6 +141,8 @@ def main():
             held += int(line.split()[1])
         opened = time.time() - t0
         time.sleep(2)
+        early = rss_kib(pids_of())
+        time.sleep(max(0, SETTLE - 2))
         full = rss_kib(pids_of())
         for c in clients:
             c.stdin.write("go\n")
@@ -160,7 +162,7 @@ def main():
             s.close()
         per = (full - base) / held
         print(f"  {name:<8} {held:,} idle keep-alive connections (+{WARM_UP} warm-up) opened in {opened:.0f} s; "
-              f"RSS {base / 1024:.1f} -> {full / 1024:.1f} MiB ({per:.2f} KiB each; at 100,000: "
+              f"RSS {base / 1024:.1f} -> {full / 1024:.1f} MiB idle {SETTLE} s ({early / 1024:.1f} at 2 s; {per:.2f} KiB each; at 100,000: "
               f"{(base + per * 100_000) / 1024:.0f} MiB); second request on each: {answered:,} answered, "
               f"{failed:,} failed; RSS after {after / 1024:.1f} MiB", flush=True)
         time.sleep(2)
@@ -170,7 +172,7 @@ def main():
         time.sleep(1)
         base = rss_kib(pids_of())
         socks = open_tunnels(n, WARM_UP)
-        time.sleep(2)
+        time.sleep(SETTLE)
         full = rss_kib(pids_of())
         echoed, failed = echo_again(socks)
         for s in socks + warm:

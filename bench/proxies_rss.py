@@ -25,6 +25,12 @@ SERVER = os.environ.get("RINGGATE_SERVER_BIN", os.path.join(ROOT, "target/releas
 BACKENDS = [18301, 18302, 18303]
 PORT = 18300
 WARM_UP = 200
+# Seconds the connections sit idle before the RSS that counts is read. Idle means idle for a
+# while: ringgate holds a connection without its task once it has idled a second
+# (`listener::IDLE_HOLD_AFTER`), and gives the pages the tasks freed back to the system when it is
+# quiet (its trimmer looks every 5 s, `memory::PERIOD`). Every proxy gets the same wait; the RSS
+# 2 s after the last connection is printed beside it.
+SETTLE = int(os.environ.get("SETTLE", "12"))
 
 
 def raise_nofile():
@@ -168,12 +174,15 @@ def compare(kind, n, open_fn, unit):
         before = rss_kib(pids_of())
         socks = open_fn(n, WARM_UP)
         time.sleep(2)
+        early = rss_kib(pids_of())
+        time.sleep(max(0, SETTLE - 2))
         after = rss_kib(pids_of())
         per = (after - before) / n
         for s in socks + warm:
             s.close()
         print(f"  {name:<17} RSS {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB with {n} more "
-              f"{unit}s: {per:5.2f} KiB per {unit}", flush=True)
+              f"{unit}s idle {SETTLE} s ({early / 1024:.1f} MiB at 2 s): {per:5.2f} KiB per {unit}",
+              flush=True)
         time.sleep(1)
         return per
 
