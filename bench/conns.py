@@ -128,22 +128,26 @@ def main():
             warm.append(s)
         time.sleep(1)
         base = rss_kib(pids_of())
-        t0 = time.time()
         halves = [n // 2, n - n // 2]
-        clients = [start([sys.executable, os.path.join(here, "conns.py"), "--client", str(h), str(WARM_UP + i * halves[0])],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                   for i, h in enumerate(halves)]
-        held = 0
-        for c in clients:
+        # One client process after the other, the RSS read after each one's connections idled
+        # SETTLE s: the growth over the second is what one more idle connection costs, between
+        # two settled states (see proxies_rss.measure).
+        clients, each, settled, opened = [], [], [], 0.0
+        for i, h in enumerate(halves):
+            t0 = time.time()
+            c = start([sys.executable, os.path.join(here, "conns.py"), "--client", str(h), str(WARM_UP + i * halves[0])],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             line = c.stdout.readline()
             if not line.startswith("ready"):
                 raise RuntimeError(f"{name}: a client did not open its connections ({line!r})")
-            held += int(line.split()[1])
-        opened = time.time() - t0
-        time.sleep(2)
-        early = rss_kib(pids_of())
-        time.sleep(max(0, SETTLE - 2))
-        full = rss_kib(pids_of())
+            each.append(int(line.split()[1]))
+            clients.append(c)
+            opened += time.time() - t0
+            time.sleep(2)
+            early = rss_kib(pids_of())
+            time.sleep(max(0, SETTLE - 2))
+            settled.append(rss_kib(pids_of()))
+        full, held = settled[-1], sum(each)
         for c in clients:
             c.stdin.write("go\n")
             c.stdin.flush()
@@ -160,9 +164,10 @@ def main():
             c.wait(60)
         for s in warm:
             s.close()
-        per = (full - base) / held
+        per = (full - settled[0]) / each[1]
         print(f"  {name:<8} {held:,} idle keep-alive connections (+{WARM_UP} warm-up) opened in {opened:.0f} s; "
-              f"RSS {base / 1024:.1f} -> {full / 1024:.1f} MiB idle {SETTLE} s ({early / 1024:.1f} at 2 s; {per:.2f} KiB each; at 100,000: "
+              f"RSS {base / 1024:.1f} -> {settled[0] / 1024:.1f} -> {full / 1024:.1f} MiB, each half read after idling {SETTLE} s "
+              f"({early / 1024:.1f} 2 s after the second; {per:.2f} KiB each over the second half, {(full - base) / held:.2f} over all; at 100,000: "
               f"{(base + per * 100_000) / 1024:.0f} MiB); second request on each: {answered:,} answered, "
               f"{failed:,} failed; RSS after {after / 1024:.1f} MiB", flush=True)
         time.sleep(2)

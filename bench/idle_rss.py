@@ -5,9 +5,10 @@
 
 Three `ringgate-server` backends on loopback ports; each proxy in turn in front of them with one
 worker/thread (ringgate pinned to one CPU, so one serving thread; the static provider), hashing
-on `?id=`, every idle timeout an hour: N keep-alive client connections are opened through it,
-each makes one request (`GET /home?id=…`), reads its whole response and stays open, idle. The
-proxy's RSS (all its processes) is read from /proc before and after; the difference over N is
+on `?id=`, every idle timeout an hour: N keep-alive client connections are opened through it
+in two halves, each makes one request (`GET /home?id=…`), reads its whole response and stays
+open, idle. The proxy's RSS (all its processes) is read from /proc after each half has idled
+SETTLE seconds (12 by default); the growth over the second half, divided by its connections, is
 the cost of one idle keep-alive connection (issue 29's first goal: at most NGINX's, at most
 1 KiB). `PEERS=0` measures ringgate alone. Loopback only; everything started is stopped on
 exit. The proxies are run by `bench/proxies_rss.py`.

@@ -145,9 +145,13 @@ pub async fn serve(
     // gives them a task again when they become readable. Without an epoll set of its own (out
     // of descriptors at start), every connection keeps its task while idle, as before.
     let (to_hold, mut idle) = mpsc::unbounded_channel();
-    let mut parking = Parking::new()
-        .inspect_err(|e| tracing::warn!(error = %e, "idle connections will keep their tasks: no epoll set for them"))
-        .ok();
+    let mut parking = match mode {
+        Mode::Plain { .. } => Parking::new()
+            .inspect_err(|e| tracing::warn!(error = %e, "idle connections will keep their tasks: no epoll set for them"))
+            .ok(),
+        // TLS connections keep their tasks: rustls' state cannot be set aside.
+        Mode::Tls(_) => None,
+    };
     let to_hold = parking.as_ref().map(|_| to_hold);
     let mut leaving = Vec::new();
     let held_idle = &service.metrics.connections_held_idle;
@@ -260,7 +264,7 @@ pub async fn serve(
         connections.spawn(conn.run());
     }
     // Held connections are idle: a drain closes them at once.
-    let still_held = parking.as_ref().map_or(0, Parking::len);
+    let still_held = parking.as_ref().map_or(0, Parking::len) + leaving.len();
     held_idle.fetch_sub(still_held as u64, Ordering::Relaxed);
     drop((listener, parking, idle));
     tracing::info!("stopped accepting; draining open connections");
