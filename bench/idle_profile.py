@@ -8,10 +8,13 @@ connections, and its heap at its peak summed by allocation site.
 The rig of `bench/idle_rss.py` (three `ringgate-server` backends, the static provider, one serving
 thread), with ringgate run by `valgrind --tool=dhat` on a dynamically linked release build
 (`target/release/ringgate`: DHAT cannot see the allocator of a static binary). 200 connections
-are opened, then N more, one at a time, each making one request and staying open; once they idle the gateway is
-stopped. The table lists the allocation sites by what they held at the heap's peak (DHAT's
-`t-gmax`, which is the connections idle), bytes and blocks, each divided by N + 200, with the frames
-of the site that are ringgate's own (or tokio's, hyper's, bytes', when none is). Loopback only.
+are opened, then N more, one at a time in groups of 50 with a pause of 2 s after each group (so
+that the groups before it idle, and ringgate holds them without their tasks, before the next one
+comes), each making one request and staying open; once they idle the gateway is stopped. The
+table lists the allocation sites by what they held at the heap's peak (DHAT's `t-gmax`: the
+connections idle, the last group perhaps still in its tasks), bytes and blocks, each divided by
+N + 200, with the frames of the site that are ringgate's own (or tokio's, hyper's, bytes', when
+none is). Loopback only.
 """
 import json
 import os
@@ -25,6 +28,7 @@ from idle_rss import open_idle
 from proxies_rss import BACKENDS, GW, PORT, ROOT, SERVER, WARM_UP, raise_nofile, ringgate_conf, wait_port
 
 OURS = ("ringgate::",)
+GROUP = 50
 LIBS = ("tokio::", "hyper::", "bytes::", "h2::", "tokio_util::", "alloc::", "std::")
 
 
@@ -83,10 +87,14 @@ def main():
         wait_port(PORT, within=120)
         time.sleep(3)
         # One request at a time, so that the heap's peak is the connections idle, not a batch
-        # of requests in flight.
+        # of requests in flight; in groups, each given the time to idle before the next.
         warm = open_idle(WARM_UP, 0, batch=1)
-        socks = open_idle(n, WARM_UP, batch=1)
-        time.sleep(3)
+        time.sleep(2)
+        socks = []
+        for start in range(0, n, GROUP):
+            socks += open_idle(min(GROUP, n - start), WARM_UP + start, batch=1)
+            time.sleep(2)
+        time.sleep(1)
         gw.send_signal(signal.SIGTERM)
         gw.wait(120)
         for s in socks + warm:

@@ -10,13 +10,16 @@ in two halves, each makes one request (`GET /home?id=…`), reads its whole resp
 open, idle. The proxy's RSS (all its processes) is read from /proc after each half has idled
 SETTLE seconds (12 by default); the growth over the second half, divided by its connections, is
 the cost of one idle keep-alive connection (issue 29's first goal: at most NGINX's, at most
-1 KiB). `PEERS=0` measures ringgate alone. Loopback only; everything started is stopped on
+1 KiB), drawn in docs/img/idle_connection_memory.svg (CHART= elsewhere). `PEERS=0` measures
+ringgate alone. Loopback only; everything started is stopped on
 exit. The proxies are run by `bench/proxies_rss.py`.
 """
+import os
 import socket
 import sys
 
-from proxies_rss import PORT, compare, raise_nofile
+from proxies_rss import PORT, ROOT, compare, raise_nofile
+from svgbars import bars
 
 def read_response(s):
     """Reads one whole response with a `Content-Length` (the backends' `/home`)."""
@@ -64,4 +67,12 @@ if __name__ == "__main__":
     N = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
     if N + 300 > raise_nofile():
         sys.exit(f"{N} connections need {N + 300} descriptors in this process; the hard limit is too low")
-    compare("keep-alive", N, open_idle, "idle keep-alive connection")
+    results = compare("keep-alive", N, open_idle, "idle keep-alive connection")
+    names = [("ringgate", "ringgate"), ("nginx", "NGINX"), ("haproxy", "HAProxy")]
+    shown = [(label, results[key]) for key, label in names if key in results]
+    if len(shown) == 3:
+        chart = os.environ.get("CHART", os.path.join(ROOT, "docs", "img", "idle_connection_memory.svg"))
+        bars(chart, "RSS per idle keep-alive client connection (one worker/thread each)",
+             "KiB per idle connection", ["KiB"], [label for label, _ in shown],
+             [[value for _, value in shown]], fmt="{:.2f}")
+        print(f"chart: {chart}")
