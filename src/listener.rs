@@ -152,51 +152,21 @@ pub async fn serve(
         // TLS connections keep their tasks: rustls' state cannot be set aside.
         Mode::Tls(_) => None,
     };
-    let to_hold = parking.as_ref().map(|_| to_hold);
+    let starter = Starter {
+        mode,
+        service: service.clone(),
+        worker,
+        drain: drain_rx,
+        to_hold: parking.as_ref().map(|_| to_hold),
+        connections: connections.clone(),
+    };
     let mut leaving = Vec::new();
     let held_idle = &service.metrics.connections_held_idle;
     tokio::pin!(shutdown);
     loop {
         for gone in leaving.drain(..) {
             held_idle.fetch_sub(1, Ordering::Relaxed);
-            match gone {
-                Leaving::Woken(held) => {
-                    let stream = match TcpStream::from_std(held.stream) {
-                        Ok(stream) => stream,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "an idle connection could not be served again");
-                            continue;
-                        }
-                    };
-                    let Resumable {
-                        client,
-                        admitted,
-                        counted,
-                        requests,
-                    } = held.rest;
-                    let conn = Connection {
-                        stream,
-                        client,
-                        config: service.shared.load().config.clone(),
-                        mode: mode.clone(),
-                        service: service.clone(),
-                        worker: worker.clone(),
-                        drain: drain_rx.clone(),
-                        admitted: admitted.served(),
-                        counted,
-                        to_hold: to_hold.clone(),
-                    };
-                    connections.spawn(conn.resume(requests, held.deadline));
-                }
-                Leaving::Expired(held) => {
-                    // As the connection's task would have counted it, waiting itself.
-                    service
-                        .metrics
-                        .header_timeouts
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(client = %held.rest.client, "closed: an idle connection sent no request within proxy.header_read_timeout");
-                }
-            }
+            starter.serve_again(gone);
         }
         let (stream, client, admitted, counted, config) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -249,24 +219,13 @@ pub async fn serve(
             () = leave(&mut parking, &mut leaving) => continue,
             _ = &mut shutdown => break,
         };
-        let conn = Connection {
-            stream,
-            client,
-            config,
-            mode: mode.clone(),
-            service: service.clone(),
-            worker: worker.clone(),
-            drain: drain_rx.clone(),
-            admitted: Arc::new(admitted),
-            counted,
-            to_hold: to_hold.clone(),
-        };
+        let conn = starter.connection(stream, client, config, Arc::new(admitted), counted);
         connections.spawn(conn.run());
     }
     // Held connections are idle: a drain closes them at once.
     let still_held = parking.as_ref().map_or(0, Parking::len) + leaving.len();
     held_idle.fetch_sub(still_held as u64, Ordering::Relaxed);
-    drop((listener, parking, idle));
+    drop((listener, parking, idle, starter));
     tracing::info!("stopped accepting; draining open connections");
     let _ = drain_tx.send(true);
     connections.close();
@@ -275,6 +234,69 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!(timeout = ?drain_timeout, open = connections.len(), "drain timed out; closing the remaining connections");
+    }
+}
+
+/// What a listener gives each connection it starts, accepted or served again after being held.
+struct Starter {
+    mode: Mode,
+    service: Arc<Service>,
+    worker: Arc<Worker>,
+    drain: watch::Receiver<bool>,
+    to_hold: Option<ToHold>,
+    connections: tokio_util::task::TaskTracker,
+}
+
+impl Starter {
+    fn connection(
+        &self,
+        stream: TcpStream,
+        client: SocketAddr,
+        config: Arc<Config>,
+        admitted: Arc<Admitted>,
+        counted: Counted,
+    ) -> Connection {
+        Connection {
+            stream,
+            client,
+            config,
+            mode: self.mode.clone(),
+            service: self.service.clone(),
+            worker: self.worker.clone(),
+            drain: self.drain.clone(),
+            admitted,
+            counted,
+            to_hold: self.to_hold.clone(),
+        }
+    }
+
+    /// A connection that left the table: readable, it gets a task again, served from its next
+    /// request with the deadline it was held with (and today's config); past its deadline, it
+    /// is closed, counted as its task would have counted it.
+    fn serve_again(&self, gone: Leaving<Resumable>) {
+        let metrics = &self.service.metrics;
+        let held = match gone {
+            Leaving::Woken(held) => held,
+            Leaving::Expired(held) => {
+                metrics.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                return tracing::debug!(client = %held.rest.client, "closed: an idle connection sent no request within proxy.header_read_timeout");
+            }
+        };
+        let stream = match TcpStream::from_std(held.stream) {
+            Ok(stream) => stream,
+            Err(e) => {
+                return tracing::debug!(error = %e, "an idle connection could not be served again")
+            }
+        };
+        let Resumable {
+            client,
+            admitted,
+            counted,
+            requests,
+        } = held.rest;
+        let config = self.service.shared.load().config.clone();
+        let conn = self.connection(stream, client, config, admitted.served(), counted);
+        self.connections.spawn(conn.resume(requests, held.deadline));
     }
 }
 
