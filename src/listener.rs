@@ -443,18 +443,10 @@ impl Connection {
                     }
                     _ => Requests::Served,
                 };
-                let (client, admitted) = (conn.client, conn.admitted.clone());
-                let idle_after = to_hold.as_ref().map(|_| IDLE_HOLD_AFTER);
+                let holding = Holding::of(&conn, requests, to_hold);
+                let idle_after = holding.as_ref().map(|_| IDLE_HOLD_AFTER);
                 let served = Box::pin(conn.serve(stream, requests, deadline, idle_after)).await;
-                if let (Served::Idle { io, deadline }, Some(to_hold)) = (served, to_hold) {
-                    let rest = Resumable {
-                        client,
-                        admitted: Place::held(admitted),
-                        counted,
-                        requests,
-                    };
-                    send_to_hold(io, deadline, rest, &to_hold);
-                }
+                Holding::hold(holding, served, counted);
             }
             Mode::Tls(tls) => Box::pin(conn.serve_tls(stream, tls, deadline)).await,
         }
@@ -464,25 +456,17 @@ impl Connection {
     /// deadline it was held with.
     async fn resume(self, requests: Requests, deadline: Instant) {
         let (conn, stream, _, counted, to_hold) = self.split();
-        let (client, admitted) = (conn.client, conn.admitted.clone());
+        let holding = Holding::of(&conn, requests, to_hold);
         let stream = conn.bounded(stream);
         let settings = server::Settings {
             header_read_timeout: conn.config.proxy.header_read_timeout,
             first_head_by: deadline,
             keep_alive: true,
-            idle_after: to_hold.as_ref().map(|_| IDLE_HOLD_AFTER),
+            idle_after: holding.as_ref().map(|_| IDLE_HOLD_AFTER),
             resumed: true,
         };
         let served = Box::pin(conn.serve_http1(Box::new(stream), &[], requests, settings)).await;
-        if let (Served::Idle { io, deadline }, Some(to_hold)) = (served, to_hold) {
-            let rest = Resumable {
-                client,
-                admitted: Place::held(admitted),
-                counted,
-                requests,
-            };
-            send_to_hold(io, deadline, rest, &to_hold);
-        }
+        Holding::hold(holding, served, counted);
     }
 
     fn split(self) -> (Serving, TcpStream, Mode, Counted, Option<ToHold>) {
@@ -510,24 +494,56 @@ impl Connection {
     }
 }
 
-/// Sends an idle cleartext connection's socket to the listener to be held. What is not a plain
-/// TCP stream (never: only those are handed back) or is closed on the way is dropped, closed.
-fn send_to_hold(io: Transport, deadline: Instant, rest: Resumable, to_hold: &ToHold) {
-    let stream = match io.into_any().downcast::<SendTimeout<TcpStream>>() {
-        Ok(bounded) => bounded.into_inner(),
-        Err(_) => return tracing::debug!("an idle connection that is not plain TCP; closed"),
-    };
-    match stream.into_std() {
-        Ok(stream) => {
-            let held = Held {
-                stream,
-                deadline,
-                rest,
-            };
-            // The listener is gone (drained): the connection closes, as an idle one does.
-            let _ = to_hold.send(held);
-        }
-        Err(e) => tracing::debug!(error = %e, "an idle connection could not be held; closed"),
+/// What a cleartext connection's task keeps to send its socket to the listener to be held, if
+/// our HTTP/1 server hands it back idle.
+struct Holding {
+    client: SocketAddr,
+    admitted: Arc<Admitted>,
+    requests: Requests,
+    to_hold: ToHold,
+}
+
+impl Holding {
+    fn of(conn: &Serving, requests: Requests, to_hold: Option<ToHold>) -> Option<Holding> {
+        Some(Holding {
+            client: conn.client,
+            admitted: conn.admitted.clone(),
+            requests,
+            to_hold: to_hold?,
+        })
+    }
+
+    /// Sends the socket of a connection handed back idle to be held (with its count on the
+    /// serving thread); what is not a plain TCP stream (never: only those are handed back) or is
+    /// closed on the way is dropped, closed, as is every connection that ended.
+    fn hold(holding: Option<Holding>, served: Served, counted: Counted) {
+        let (Some(holding), Served::Idle { io, deadline }) = (holding, served) else {
+            return;
+        };
+        let stream = match io.into_any().downcast::<SendTimeout<TcpStream>>() {
+            Ok(bounded) => bounded.into_inner(),
+            Err(_) => return tracing::debug!("an idle connection that is not plain TCP; closed"),
+        };
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                return tracing::debug!(error = %e, "an idle connection could not be held; closed")
+            }
+        };
+        let rest = Resumable {
+            client: holding.client,
+            // The connection's task is done with its share of the place: this is the only one.
+            admitted: Place::held(holding.admitted),
+            counted,
+            requests: holding.requests,
+        };
+        let held = Held {
+            stream,
+            deadline,
+            rest,
+        };
+        // The listener is gone (drained): the connection closes, as an idle one does.
+        let _ = holding.to_hold.send(held);
     }
 }
 

@@ -809,14 +809,20 @@ mod tests {
         serve(io, &[], settings, &metrics, &spare, drain, answer).await
     }
 
-    #[tokio::test]
-    async fn an_idle_connection_comes_back_whole_and_serves_again_when_resumed() {
+    /// A client connected to a server-side stream, on loopback.
+    async fn loopback_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");
+        (client, stream)
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_comes_back_whole_and_serves_again_when_resumed() {
+        let (mut client, stream) = loopback_pair().await;
         let server = tokio::spawn(serve_handing_back(Box::new(stream), false));
         client
             .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -850,12 +856,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_in_the_middle_of_a_head_is_not_handed_back() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let (stream, _) = listener.accept().await.expect("accept");
+        let (mut client, stream) = loopback_pair().await;
         let server = tokio::spawn(serve_handing_back(Box::new(stream), true));
         client
             .write_all(b"GET /a HTTP/1.1\r\n")
