@@ -1,22 +1,26 @@
 //! HTTP/1.1 message heads on the upstream side: the request head written from the client's
-//! request in one pass, and the replica's response head parsed (httparse) into `http` parts.
+//! request in one pass, and the replica's response head parsed (httparse), its fields left in
+//! the replica's bytes ([`RawHead`]) with a `HeaderMap` built from them only when asked.
 //!
 //! Owns: serialising the forwarded request (the client's method, target and headers minus
 //! hop-by-hop and client-only ones, plus `X-Forwarded-*` and our own framing) into one buffer
 //! that a retry reuses as it is; parsing a response head and deciding how its body is framed
 //! and whether the connection can be reused (RFC 9112 §6, §9.3), with the `Content-Length` it
-//! relays being the length it framed.
+//! relays being the length it framed; which of its fields are forwarded (hop-by-hop ones, the
+//! ones its `Connection` names and the framing fields cut as the head is read), kept as spans
+//! of the head, and the one way they become a `HeaderMap` ([`RawHead::headers`]).
 //! Must not touch: sockets. It turns bytes into heads and back. How `Content-Length` and
-//! `Transfer-Encoding` read is `crate::wire::fields`' (the client leg reads them the same way).
+//! `Transfer-Encoding` read is `crate::wire::fields`' (the client leg reads them the same way);
+//! how a head is written to a client is `crate::wire::server::response`'s.
 
 use std::net::SocketAddr;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
 use crate::wire::fields::{FramingError, FramingFields};
-use crate::wire::headers::{is_client_only, is_hop_by_hop, is_protected};
+use crate::wire::headers::{is_client_only, is_hop_by_hop, is_hop_by_hop_name, is_protected};
 use crate::wire::scratch::{header_slots, with_spans, Span};
 
 /// How the request body is sent.
@@ -31,6 +35,8 @@ pub enum RequestFraming {
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most headers a response head may have.
 pub const MAX_HEADERS: usize = 128;
+/// Longest field name a `HeaderName` holds.
+const MAX_NAME: usize = (1 << 16) - 1;
 
 /// What a replica is sent of a client's request: its head as the gateway forwards it (hop-by-hop
 /// fields cut, `X-Forwarded-*` set) and its body's framing.
@@ -197,13 +203,117 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
 
 pub use crate::wire::framing::BodyFraming;
 
-/// A parsed response head.
+/// A parsed response head, its fields in a `HeaderMap`.
 #[derive(Debug)]
 pub struct ResponseHead {
     pub parts: http::response::Parts,
     pub framing: BodyFraming,
     /// The connection may carry another request once this body is read.
     pub keep_alive: bool,
+}
+
+/// A parsed response head whose fields are still the replica's bytes ([`RawHead`]): what the
+/// exchange reads. Its `HeaderMap` is built only for a consumer that needs one
+/// ([`RawResponse::into_head`]); an HTTP/1 client is written the bytes.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: StatusCode,
+    pub raw: RawHead,
+    pub framing: BodyFraming,
+    /// The connection may carry another request once this body is read.
+    pub keep_alive: bool,
+}
+
+impl RawResponse {
+    /// The head with its fields in a `HeaderMap` (what a client over HTTP/2 and a `101`'s
+    /// tunnel are given).
+    pub fn into_head(self) -> ResponseHead {
+        ResponseHead {
+            parts: self.raw.parts(self.status),
+            framing: self.framing,
+            keep_alive: self.keep_alive,
+        }
+    }
+}
+
+/// The fields of a replica's response head as the gateway forwards them, still in the bytes
+/// the replica sent: the head, where each forwarded field's name and value lie in it (in the
+/// replica's order and case), and the `Content-Length` relayed after them. Hop-by-hop fields,
+/// the fields its `Connection` names and the framing fields are not among them (cut as the
+/// parse reads them). Carried with the response (an extension of its parts) to a client's
+/// HTTP/1 connection, whose writer copies the fields (`crate::wire::server::response`); or
+/// turned into a `HeaderMap` ([`RawHead::headers`]) by the same rules.
+#[derive(Debug, Clone)]
+pub struct RawHead {
+    head: Bytes,
+    fields: Vec<(Span, Span)>,
+    /// The length relayed (the one the body is framed by), and where it lies in `head` when
+    /// the replica wrote it as the gateway writes a length.
+    length: Option<(u64, Option<Span>)>,
+    /// One of the fields is `Date`.
+    date: bool,
+}
+
+impl RawHead {
+    /// The forwarded fields, name and value, as the replica wrote them (the name in its case).
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.fields.iter().map(|&((n, nl), (v, vl))| {
+            (
+                self.head.get(n..n + nl).unwrap_or_default(),
+                self.head.get(v..v + vl).unwrap_or_default(),
+            )
+        })
+    }
+
+    /// The `Content-Length` relayed, as a number (it goes after the other fields).
+    pub fn content_length(&self) -> Option<u64> {
+        self.length.map(|(n, _)| n)
+    }
+
+    /// The replica sent a `Date`.
+    pub fn has_date(&self) -> bool {
+        self.date
+    }
+
+    /// The fields in a `HeaderMap`, as the parse gave them before heads were forwarded as
+    /// bytes: names lower-cased, the relayed `Content-Length` last, room for one more (the
+    /// service's `Via`).
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::with_capacity(self.fields.len() + 2);
+        for &((name_at, name_len), (value_at, value_len)) in &self.fields {
+            let name = self
+                .head
+                .get(name_at..name_at + name_len)
+                .unwrap_or_default();
+            // Both were checked when the head was read; one that fails here is not added.
+            let Ok(name) = HeaderName::from_bytes(name) else {
+                continue;
+            };
+            let value = self.head.slice(value_at..value_at + value_len);
+            if let Ok(value) = HeaderValue::from_maybe_shared(value) {
+                headers.append(name, value);
+            }
+        }
+        if let Some((n, at)) = self.length {
+            let value = at
+                .and_then(|(at, len)| {
+                    HeaderValue::from_maybe_shared(self.head.slice(at..at + len)).ok()
+                })
+                // `5, 5` or `005`: the value, as the gateway writes a length (a rare allocation).
+                .unwrap_or_else(|| HeaderValue::from(n));
+            headers.append(header::CONTENT_LENGTH, value);
+        }
+        headers
+    }
+
+    /// The parts of a response of `status` with these fields in its `HeaderMap`.
+    pub fn parts(&self, status: StatusCode) -> http::response::Parts {
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = Version::HTTP_11;
+        parts.headers = self.headers();
+        parts
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -228,9 +338,17 @@ pub fn parse_response(
     buf: &mut BytesMut,
     method: &Method,
 ) -> Result<Option<ResponseHead>, HeadError> {
-    with_spans(|spans| parse_response_with(buf, method, spans))
+    Ok(parse_raw_response(buf, method)?.map(RawResponse::into_head))
 }
 
+/// [`parse_response`] without the `HeaderMap`: the fields stay where they are in the head
+/// (split off the buffer), the ones not forwarded cut by the same rules.
+pub fn parse_raw_response(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<RawResponse>, HeadError> {
+    with_spans(|spans| parse_response_with(buf, method, spans))
+}
 /// What httparse reads of a response head (its fields' spans go to the caller's list).
 struct Scanned {
     /// The head's length in the buffer.
@@ -292,7 +410,7 @@ fn parse_response_with(
     buf: &mut BytesMut,
     method: &Method,
     spans: &mut Vec<(Span, Span)>,
-) -> Result<Option<ResponseHead>, HeadError> {
+) -> Result<Option<RawResponse>, HeadError> {
     let Some(Scanned {
         len,
         status,
@@ -311,36 +429,43 @@ fn parse_response_with(
     // Where the first `Content-Length` value lies: relayed as it is when it is written as the
     // gateway would write it (no allocation), else the gateway writes the length it framed.
     let mut length_at: Option<Span> = None;
-    // One more than the replica sent: the service adds `Via` without growing the map.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 1);
-    for &((name_at, name_len), (value_at, value_len)) in spans.iter() {
-        let raw_name = &head[name_at..name_at + name_len];
-        let raw_value = &head[value_at..value_at + value_len];
-        let name = HeaderName::from_bytes(raw_name).map_err(|_| {
-            HeadError::Malformed(format!(
+    let mut kept = Vec::with_capacity(spans.len());
+    let mut date = false;
+    for &(name_at @ (n, n_len), value_at @ (v, v_len)) in spans.iter() {
+        let name = &head[n..n + n_len];
+        let value = &head[v..v + v_len];
+        // httparse takes only tokens for names and only what a `HeaderValue` may hold for
+        // values (RFC 9110's field-vchar, SP, HTAB, obs-text), the rules `http` applies; a
+        // name's length is the one thing left to check.
+        if name.is_empty() || name.len() > MAX_NAME {
+            return Err(HeadError::Malformed(format!(
                 "bad header name {:?}",
-                String::from_utf8_lossy(raw_name)
-            ))
-        })?;
-        if name == header::TRANSFER_ENCODING {
-            fields.transfer_encoding(raw_value)?;
+                String::from_utf8_lossy(name)
+            )));
+        }
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            fields.transfer_encoding(value)?;
             continue;
         }
-        if name == header::CONTENT_LENGTH {
-            fields.content_length(raw_value)?;
-            length_at.get_or_insert((value_at, value_len));
+        if name.eq_ignore_ascii_case(b"content-length") {
+            fields.content_length(value)?;
+            length_at.get_or_insert(value_at);
             continue;
         }
         // A `101` says which protocol it switched to: its `Upgrade` goes on to the client, whose
         // side of the tunnel switches too.
-        let switched_to =
-            status == http::StatusCode::SWITCHING_PROTOCOLS && name == header::UPGRADE;
-        if !switched_to && (is_hop_by_hop(&name) || named.iter().any(|n| n == name.as_str())) {
+        let switched_to = status == http::StatusCode::SWITCHING_PROTOCOLS
+            && name.eq_ignore_ascii_case(b"upgrade");
+        if !switched_to
+            && (is_hop_by_hop_name(name)
+                || named
+                    .iter()
+                    .any(|t| t.as_bytes().eq_ignore_ascii_case(name)))
+        {
             continue;
         }
-        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
-            .map_err(|_| HeadError::Malformed(format!("bad value of {name}")))?;
-        headers.append(name, value);
+        date |= name.eq_ignore_ascii_case(b"date");
+        kept.push((name_at, value_at));
     }
     // RFC 9112 §6.1: an HTTP/1.0 message with a coding is faulty framing, whatever it says.
     if version == Version::HTTP_10 && fields.transfer_coded() {
@@ -370,23 +495,16 @@ fn parse_response_with(
         }
         _ => None,
     };
-    if let Some(n) = relayed {
-        let value = match length_at {
-            Some((at, len)) if fields.length_is_canonical() => {
-                HeaderValue::from_maybe_shared(head.slice(at..at + len))
-                    .map_err(|_| HeadError::Malformed("bad value of content-length".into()))?
-            }
-            // `5, 5` or `005`: the value, as the gateway writes a length (a rare allocation).
-            _ => HeaderValue::from(n),
-        };
-        headers.append(header::CONTENT_LENGTH, value);
-    }
-    let mut parts = http::Response::new(()).into_parts().0;
-    parts.status = status;
-    parts.version = Version::HTTP_11;
-    parts.headers = headers;
-    Ok(Some(ResponseHead {
-        parts,
+    let canonical = fields.length_is_canonical();
+    let raw = RawHead {
+        head,
+        fields: kept,
+        length: relayed.map(|n| (n, length_at.filter(|_| canonical))),
+        date,
+    };
+    Ok(Some(RawResponse {
+        status,
+        raw,
         framing,
         keep_alive,
     }))
@@ -642,5 +760,146 @@ mod tests {
             parse_response(&mut BytesMut::from(big.as_str()), &get).err(),
             Some(HeadError::TooLarge)
         );
+    }
+
+    fn raw(wire: &str, method: &Method) -> RawResponse {
+        parse_raw_response(&mut BytesMut::from(wire), method)
+            .expect("parses")
+            .expect("complete")
+    }
+
+    #[test]
+    fn a_raw_head_keeps_the_replica_fields_in_their_order_and_case_and_cuts_the_hop() {
+        let wire = "HTTP/1.1 200 OK\r\n\
+            X-Mixed-Case: Kept\r\n\
+            Set-Cookie: a=1\r\n\
+            CONNECTION: close, X-Hop\r\n\
+            x-hop: cut\r\n\
+            Keep-Alive: timeout=5\r\n\
+            X-Between:   2  \r\n\
+            Set-Cookie: b=2\r\n\
+            Content-Length: 2\r\n\
+            Proxy-Connection: keep-alive\r\n\
+            Proxy-Authenticate: Basic\r\n\
+            Trailer: x-t\r\n\
+            Upgrade: h2c\r\n\
+            TE: trailers\r\n\
+            date: Mon, 07 Dec 2026 10:00:00 GMT\r\n\
+            \r\n";
+        let r = raw(wire, &Method::GET);
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.framing, BodyFraming::Length(2));
+        assert!(!r.keep_alive, "its Connection said close");
+        let fields: Vec<(String, String)> = r
+            .raw
+            .fields()
+            .map(|(n, v)| {
+                let text = |b: &[u8]| String::from_utf8(b.to_vec()).expect("ascii");
+                (text(n), text(v))
+            })
+            .collect();
+        let want = [
+            ("X-Mixed-Case", "Kept"),
+            ("Set-Cookie", "a=1"),
+            ("X-Between", "2"),
+            ("Set-Cookie", "b=2"),
+            ("date", "Mon, 07 Dec 2026 10:00:00 GMT"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(fields, want);
+        assert_eq!(r.raw.content_length(), Some(2));
+        assert!(r.raw.has_date());
+        // The map built from it is the one the parse builds: the same fields, lower-cased,
+        // the length last.
+        let map = parse_response(&mut BytesMut::from(wire), &Method::GET)
+            .expect("parses")
+            .expect("complete")
+            .parts
+            .headers;
+        assert_eq!(r.raw.headers(), map);
+        let names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "x-mixed-case",
+                "set-cookie",
+                "x-between",
+                "date",
+                "content-length"
+            ]
+        );
+        assert_eq!(map[header::CONTENT_LENGTH], "2");
+    }
+
+    #[test]
+    fn a_raw_head_relays_the_length_it_framed_and_states_no_date_it_lacks() {
+        // `005`: the length is relayed as the gateway writes it.
+        let r = raw(
+            "HTTP/1.1 200 OK\r\ncontent-length: 005\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!(r.raw.content_length(), Some(5));
+        assert_eq!(r.raw.headers()[header::CONTENT_LENGTH], "5");
+        assert!(!r.raw.has_date());
+        assert_eq!(r.raw.fields().count(), 0);
+        // A coding overrides the length, which never reaches the client.
+        let r = raw(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!(r.framing, BodyFraming::Chunked);
+        assert_eq!(r.raw.content_length(), None);
+        // A HEAD answer states the length a GET would have had; a 204 none.
+        let r = raw(
+            "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n",
+            &Method::HEAD,
+        );
+        assert_eq!(
+            (r.framing, r.raw.content_length()),
+            (BodyFraming::Empty, Some(7))
+        );
+        let r = raw(
+            "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!(r.raw.content_length(), None);
+        // A `101` keeps its `Upgrade`, for the client's side of the tunnel.
+        let r = raw(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            &Method::GET,
+        );
+        let fields: Vec<_> = r.raw.fields().collect();
+        assert_eq!(fields, [(&b"Upgrade"[..], &b"websocket"[..])]);
+    }
+
+    #[test]
+    fn odd_heads_are_refused_as_bytes_as_they_were_as_a_map() {
+        let cases: [&[u8]; 6] = [
+            // obs-fold: a field continued on the next line.
+            b"HTTP/1.1 200 OK\r\nx-a: 1\r\n  folded\r\ncontent-length: 0\r\n\r\n",
+            // A space before the colon, a name that is no token, an empty name.
+            b"HTTP/1.1 200 OK\r\nx-a : 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx(a): 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n: 1\r\n\r\n",
+            // DEL and NUL in a value.
+            b"HTTP/1.1 200 OK\r\nx-a: a\x7fb\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx-a: a\x00b\r\n\r\n",
+        ];
+        for wire in cases {
+            let raw = parse_raw_response(&mut BytesMut::from(wire), &Method::GET);
+            assert!(
+                matches!(raw, Err(HeadError::Malformed(_))),
+                "{:?}: {raw:?}",
+                String::from_utf8_lossy(wire)
+            );
+            let map = parse_response(&mut BytesMut::from(wire), &Method::GET);
+            assert!(matches!(map, Err(HeadError::Malformed(_))), "{map:?}");
+        }
+        // obs-text (bytes past ASCII) is a value's as it was.
+        let r = raw("HTTP/1.1 200 OK\r\nx-a: caf\u{e9}\r\n\r\n", &Method::GET);
+        assert_eq!(r.raw.headers()["x-a"].as_bytes(), "caf\u{e9}".as_bytes());
     }
 }
