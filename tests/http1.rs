@@ -306,11 +306,9 @@ const MIXED_HEAD: &[&str] = &["HTTP/1.1 200 OK\r\n\
     \r\n\
     ok"];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_head_reaches_an_http1_client_as_it_was_written_less_its_hop_by_hop_fields() {
-    let replica = Backend::start("127.0.0.1", Behaviour::Raw(MIXED_HEAD)).await;
-    let gw = GatewayProcess::start(&one_replica(replica.addr, ""));
-    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+/// Asks `gw` for [`MIXED_HEAD`] over HTTP/1.1 and checks the head it relays.
+async fn relays_the_mixed_head(gw: SocketAddr) {
+    let mut s = TcpStream::connect(gw).await.expect("connect");
     s.write_all(b"GET /?case=0 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         .await
         .expect("send");
@@ -335,6 +333,13 @@ async fn a_replica_head_reaches_an_http1_client_as_it_was_written_less_its_hop_b
     );
     assert!(lines[7].starts_with("via: 1.1 "), "{text}");
     assert_eq!(lines[8..], ["connection: close"], "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_head_reaches_an_http1_client_as_it_was_written_less_its_hop_by_hop_fields() {
+    let replica = Backend::start("127.0.0.1", Behaviour::Raw(MIXED_HEAD)).await;
+    let gw = GatewayProcess::start(&one_replica(replica.addr, ""));
+    relays_the_mixed_head(gw.addr).await;
 
     // A client over HTTP/2 gets the same fields, from a `HeaderMap`.
     let (mut send, _conn) = h2c::<http_body_util::Empty<Bytes>>(gw.addr).await;
@@ -360,4 +365,13 @@ async fn a_replica_head_reaches_an_http1_client_as_it_was_written_less_its_hop_b
         assert!(!h.contains_key(gone), "{gone}: {h:?}");
     }
     assert!(h["via"].to_str().expect("ascii").starts_with("1.1 "));
+
+    // With the access log on (it wraps the response body), the same head.
+    let log = std::env::temp_dir().join(format!("ringgate-http1-{}.log", std::process::id()));
+    let logged = GatewayProcess::start(&Conf {
+        log: format!("access = \"{}\"\n", log.display()),
+        ..one_replica(replica.addr, "")
+    });
+    relays_the_mixed_head(logged.addr).await;
+    let _ = std::fs::remove_file(&log);
 }

@@ -240,9 +240,10 @@ impl RawResponse {
 /// the replica sent: the head, where each forwarded field's name and value lie in it (in the
 /// replica's order and case), and the `Content-Length` relayed after them. Hop-by-hop fields,
 /// the fields its `Connection` names and the framing fields are not among them (cut as the
-/// parse reads them). Carried with the response (an extension of its parts) to a client's
-/// HTTP/1 connection, whose writer copies the fields (`crate::wire::server::response`); or
-/// turned into a `HeaderMap` ([`RawHead::headers`]) by the same rules.
+/// parse reads them). Carried with the response (in its body, `super::UpstreamBody`) to a
+/// client's HTTP/1 connection, whose writer copies the fields
+/// (`crate::wire::server::response`); or turned into a `HeaderMap` ([`RawHead::headers`]) by
+/// the same rules.
 #[derive(Debug, Clone)]
 pub struct RawHead {
     head: Bytes,

@@ -145,9 +145,9 @@ pub struct Request<'a> {
 /// The response to `req` whose head `head` was read from `conn`: its body is read from the
 /// same connection; `in_flight` counts the request at its replica until the body ends.
 ///
-/// For a client of HTTP/1 (the request's version), the head's fields stay bytes: the response
-/// carries them as a [`head::RawHead`] extension, its `HeaderMap` left for what the gateway
-/// adds, and the client's connection writes them as they came
+/// For a client of HTTP/1 (the request's version), the head's fields stay bytes: the body
+/// carries them ([`head::RawHead`], [`UpstreamBody::take_head`]), the response's `HeaderMap`
+/// is left for what the gateway adds, and the client's connection writes them as they came
 /// ([`crate::wire::server::response`]). Any other client (HTTP/2, whose server takes a
 /// `HeaderMap`) and a `101` (whose tunnel reads its `Upgrade`) get the fields in the map.
 pub fn response(
@@ -162,7 +162,7 @@ pub fn response(
         let parts = head.raw.parts(head.status);
         return Response::from_parts(parts, UpstreamBody::switched(conn, in_flight));
     }
-    let body = UpstreamBody::new(
+    let mut body = UpstreamBody::new(
         conn,
         head.framing,
         head.keep_alive && req.keep_idle,
@@ -173,7 +173,7 @@ pub fn response(
         true => {
             let mut parts = http::Response::new(()).into_parts().0;
             parts.status = head.status;
-            parts.extensions.insert(head.raw);
+            body.keep_head(head.raw);
             parts
         }
         false => head.raw.parts(head.status),

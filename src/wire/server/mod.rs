@@ -38,8 +38,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::metrics::Metrics;
 use crate::rescue::GatewayError;
-use crate::wire::body::{Body, RequestBody};
-use crate::wire::client::head::RawHead;
+use crate::wire::body::{take_head, Body, RequestBody};
 use crate::wire::framing::{BodyFraming, ChunkLine, CHUNK_END, LAST_CHUNK};
 use body::{Http1Body, Reader, Returned};
 pub use io::{Io, Transport};
@@ -334,7 +333,7 @@ async fn respond(
     let (mut parts, mut body) = resp.into_parts();
     let exact = body.size_hint().exact();
     // A replica's head forwarded as bytes (`crate::wire::client`): its fields go first.
-    let raw = parts.extensions.remove::<RawHead>();
+    let raw = take_head(&mut parts, &mut body);
     let fields = Fields {
         raw: raw.as_ref(),
         map: &parts.headers,
@@ -543,8 +542,8 @@ async fn hand_over(
         return;
     };
     let mut head = Vec::with_capacity(256);
-    let (mut parts, _) = resp.into_parts();
-    let raw = parts.extensions.remove::<RawHead>();
+    let (mut parts, mut body) = resp.into_parts();
+    let raw = take_head(&mut parts, &mut body);
     let fields = Fields {
         raw: raw.as_ref(),
         map: &parts.headers,
