@@ -214,7 +214,7 @@ impl Body {
 impl Body {
     /// The replica's head whose fields go to an HTTP/1 client as bytes, when this body
     /// carries one (`crate::wire::client::response`).
-    pub fn take_head(&mut self) -> Option<RawHead> {
+    pub fn take_head(&mut self) -> Option<Box<RawHead>> {
         match &mut self.0 {
             Kind::Upstream(body) => body.take_head(),
             _ => None,
@@ -235,9 +235,9 @@ pub fn lift_head(resp: http::Response<Body>) -> http::Response<Body> {
 
 /// The replica's head to write as bytes for the response of `parts` and `body`: carried by the
 /// body, or lifted out of it ([`lift_head`]).
-pub fn take_head(parts: &mut http::response::Parts, body: &mut Body) -> Option<RawHead> {
+pub fn take_head(parts: &mut http::response::Parts, body: &mut Body) -> Option<Box<RawHead>> {
     body.take_head()
-        .or_else(|| parts.extensions.remove::<RawHead>())
+        .or_else(|| parts.extensions.remove::<Box<RawHead>>())
 }
 
 impl Default for Body {

@@ -38,7 +38,7 @@ pub struct UpstreamBody {
     place: Option<RequestPlace>,
     /// The response's head, its fields as the replica sent them, for the client's HTTP/1
     /// connection to write (`None` once taken, and for a client that got a `HeaderMap`).
-    head: Option<RawHead>,
+    head: Option<Box<RawHead>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,13 +90,13 @@ impl UpstreamBody {
     }
 
     /// Carries `head` (the response's fields as bytes) to the client's connection.
-    pub fn keep_head(&mut self, head: RawHead) {
+    pub fn keep_head(&mut self, head: Box<RawHead>) {
         self.head = Some(head);
     }
 
     /// The response's head as bytes, when the body carries it: what an HTTP/1 client is
     /// written before the response's `HeaderMap` (`crate::wire::server::response`).
-    pub fn take_head(&mut self) -> Option<RawHead> {
+    pub fn take_head(&mut self) -> Option<Box<RawHead>> {
         self.head.take()
     }
 

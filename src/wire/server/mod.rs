@@ -335,7 +335,7 @@ async fn respond(
     // A replica's head forwarded as bytes (`crate::wire::client`): its fields go first.
     let raw = take_head(&mut parts, &mut body);
     let fields = Fields {
-        raw: raw.as_ref(),
+        raw: raw.as_deref(),
         map: &parts.headers,
     };
     let framing = framing_for(method, version, parts.status, fields, exact);
@@ -545,7 +545,7 @@ async fn hand_over(
     let (mut parts, mut body) = resp.into_parts();
     let raw = take_head(&mut parts, &mut body);
     let fields = Fields {
-        raw: raw.as_ref(),
+        raw: raw.as_deref(),
         map: &parts.headers,
     };
     let framed = (Framing::None, Persistence::Upgrade);

@@ -368,7 +368,7 @@ mod tests {
         );
     }
 
-    fn raw_head(wire: &str, method: &Method) -> RawHead {
+    fn raw_head(wire: &str, method: &Method) -> Box<RawHead> {
         crate::wire::client::head::parse_raw_response(&mut bytes::BytesMut::from(wire), method)
             .expect("parses")
             .expect("complete")
