@@ -254,14 +254,16 @@ enum Places {
 }
 
 impl Places {
-    fn push(&mut self, at: FieldAt) {
+    /// Adds the place of a field of a head of `fields` fields (a list past [`FEW`] is made
+    /// for all of them at once).
+    fn push(&mut self, at: FieldAt, fields: usize) {
         match self {
             Places::Few(n, few) if usize::from(*n) < FEW => {
                 few[usize::from(*n)] = at;
                 *n += 1;
             }
             Places::Few(n, few) => {
-                let mut many = Vec::with_capacity(2 * FEW);
+                let mut many = Vec::with_capacity(fields.max(FEW + 1));
                 many.extend_from_slice(&few[..usize::from(*n)]);
                 many.push(at);
                 *self = Places::Many(many);
@@ -382,7 +384,47 @@ pub fn parse_response(
     buf: &mut BytesMut,
     method: &Method,
 ) -> Result<Option<ResponseHead>, HeadError> {
-    Ok(parse_raw_response(buf, method)?.map(RawResponse::into_head))
+    with_spans(|spans| {
+        let mut headers: Option<HeaderMap> = None;
+        let keep = |head: &Bytes, fields: usize, (n, nl): Span, (v, vl): Span| {
+            let raw_name = &head[n..n + nl];
+            let name = HeaderName::from_bytes(raw_name).map_err(|_| {
+                HeadError::Malformed(format!(
+                    "bad header name {:?}",
+                    String::from_utf8_lossy(raw_name)
+                ))
+            })?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
+                .map_err(|_| HeadError::Malformed(format!("bad value of {name}")))?;
+            // One more than the replica sent: the service adds `Via` without growing the map.
+            headers
+                .get_or_insert_with(|| HeaderMap::with_capacity(fields + 1))
+                .append(name, value);
+            Ok(())
+        };
+        let Some(p) = parse_response_with(buf, method, spans, keep)? else {
+            return Ok(None);
+        };
+        let mut headers = headers.unwrap_or_default();
+        if let Some((n, at)) = p.length {
+            let value = match at {
+                Some((at, len)) => HeaderValue::from_maybe_shared(p.head.slice(at..at + len))
+                    .map_err(|_| HeadError::Malformed("bad value of content-length".into()))?,
+                // `5, 5` or `005`: the value, as the gateway writes a length (a rare allocation).
+                None => HeaderValue::from(n),
+            };
+            headers.append(header::CONTENT_LENGTH, value);
+        }
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = p.status;
+        parts.version = Version::HTTP_11;
+        parts.headers = headers;
+        Ok(Some(ResponseHead {
+            parts,
+            framing: p.framing,
+            keep_alive: p.keep_alive,
+        }))
+    })
 }
 
 /// [`parse_response`] without the `HeaderMap`: the fields stay where they are in the head
@@ -391,8 +433,49 @@ pub fn parse_raw_response(
     buf: &mut BytesMut,
     method: &Method,
 ) -> Result<Option<RawResponse>, HeadError> {
-    with_spans(|spans| parse_response_with(buf, method, spans))
+    with_spans(|spans| {
+        let mut kept = Places::Few(0, [[0; 4]; FEW]);
+        let keep = |_: &Bytes, fields: usize, name: Span, value: Span| {
+            kept.push(place(name, value)?, fields);
+            Ok(())
+        };
+        let Some(p) = parse_response_with(buf, method, spans, keep)? else {
+            return Ok(None);
+        };
+        let length = match p.length {
+            Some((n, Some((at, len)))) => Some((n, Some([narrow(at)?, narrow(len)?]))),
+            Some((n, None)) => Some((n, None)),
+            None => None,
+        };
+        let raw = Box::new(RawHead {
+            head: p.head,
+            fields: kept,
+            length,
+            date: p.date,
+        });
+        Ok(Some(RawResponse {
+            status: p.status,
+            raw,
+            framing: p.framing,
+            keep_alive: p.keep_alive,
+        }))
+    })
 }
+
+/// A response head read, its forwarded fields given to the parse's caller one by one.
+struct Parsed {
+    status: StatusCode,
+    /// The head, split off the buffer.
+    head: Bytes,
+    framing: BodyFraming,
+    keep_alive: bool,
+    /// The length relayed (the one the body is framed by), and where it lies in `head` when
+    /// the replica wrote it as the gateway writes a length.
+    length: Option<(u64, Option<Span>)>,
+    /// One of the forwarded fields is `Date`.
+    date: bool,
+}
+
 /// What httparse reads of a response head (its fields' spans go to the caller's list).
 struct Scanned {
     /// The head's length in the buffer.
@@ -460,11 +543,16 @@ fn place((n, nl): Span, (v, vl): Span) -> Result<FieldAt, HeadError> {
     Ok([narrow(n)?, narrow(nl)?, narrow(v)?, narrow(vl)?])
 }
 
+/// Reads the response head at the start of `buf` (`None` while it is not whole), splits it
+/// off, and gives each field it forwards to `keep` (with the head, how many fields it has, and
+/// where the field's name and value lie), in order: the one place that decides which fields
+/// cross the gateway, for the map and for the bytes alike.
 fn parse_response_with(
     buf: &mut BytesMut,
     method: &Method,
     spans: &mut Vec<(Span, Span)>,
-) -> Result<Option<RawResponse>, HeadError> {
+    mut keep: impl FnMut(&Bytes, usize, Span, Span) -> Result<(), HeadError>,
+) -> Result<Option<Parsed>, HeadError> {
     let Some(Scanned {
         len,
         status,
@@ -483,7 +571,6 @@ fn parse_response_with(
     // Where the first `Content-Length` value lies: relayed as it is when it is written as the
     // gateway would write it (no allocation), else the gateway writes the length it framed.
     let mut length_at: Option<Span> = None;
-    let mut kept = Places::Few(0, [[0; 4]; FEW]);
     let mut date = false;
     for &(name_at @ (n, n_len), value_at @ (v, v_len)) in spans.iter() {
         let name = &head[n..n + n_len];
@@ -519,7 +606,7 @@ fn parse_response_with(
             continue;
         }
         date |= name.eq_ignore_ascii_case(b"date");
-        kept.push(place(name_at, value_at)?);
+        keep(&head, spans.len(), name_at, value_at)?;
     }
     // RFC 9112 §6.1: an HTTP/1.0 message with a coding is faulty framing, whatever it says.
     if version == Version::HTTP_10 && fields.transfer_coded() {
@@ -549,21 +636,14 @@ fn parse_response_with(
         }
         _ => None,
     };
-    let length_at = match length_at.filter(|_| fields.length_is_canonical()) {
-        Some((at, len)) => Some([narrow(at)?, narrow(len)?]),
-        None => None,
-    };
-    let raw = Box::new(RawHead {
-        head,
-        fields: kept,
-        length: relayed.map(|n| (n, length_at)),
-        date,
-    });
-    Ok(Some(RawResponse {
+    let length_at = length_at.filter(|_| fields.length_is_canonical());
+    Ok(Some(Parsed {
         status,
-        raw,
+        head,
         framing,
         keep_alive,
+        length: relayed.map(|n| (n, length_at)),
+        date,
     }))
 }
 
