@@ -5,7 +5,8 @@
 //! the proxy. A request loads the snapshot once here (through its serving thread's
 //! [`Worker`]) and uses it to the end; when the snapshot's
 //! config logs requests, the response goes back through the access log ([`crate::access_log`]),
-//! with the [`Outcome`] the proxy filled in. Proxied responses get this gateway's
+//! with the [`Outcome`] the proxy filled in (a replica's head its body carries as bytes lifted
+//! out of it first, [`crate::wire::body::lift_head`]). Proxied responses get this gateway's
 //! `Via: 1.1 <name>` (RFC 9110 §7.6.3), so an operator sees which gateway answered.
 //! Must not touch: connections (the listener) or decisions (admin, proxy, controller).
 
@@ -74,6 +75,9 @@ impl Service {
         match logged {
             None => resp,
             Some((started, snap)) => {
+                // The access log wraps the body: a replica's head it carries (as bytes, for an
+                // HTTP/1 client) is lifted out of it first.
+                let resp = crate::wire::body::lift_head(resp);
                 // A request held at zero replicas went to a replica of a later snapshot.
                 let snap = match outcome.held {
                     Some(_) => Arc::clone(&worker.snapshot()),

@@ -17,7 +17,9 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 use hyper::body::Body as _;
 use ringgate::wire::body::Body;
-use ringgate::wire::client::head::{parse_response, request_head, Forwarded, RequestFraming};
+use ringgate::wire::client::head::{
+    parse_raw_response, parse_response, request_head, Forwarded, RequestFraming,
+};
 
 struct Counting;
 
@@ -165,6 +167,28 @@ fn a_response_head_costs_the_same_allocations_with_two_headers_or_twenty() {
         two <= 2,
         "{two} allocations for a response head (the header map)"
     );
+}
+
+#[test]
+fn a_response_head_kept_as_bytes_is_one_allocation_for_up_to_eight_fields() {
+    // What an HTTP/1 client is written: the head's fields stay where they are in it, their
+    // places in one box with room for eight (past that, a list of its own).
+    let count = |n: usize| {
+        let mut s = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
+        for name in &REPLICA_HEADERS[..n] {
+            s.push_str(&format!("{name}: a value for {name}\r\n"));
+        }
+        s.push_str("\r\n");
+        let mut buf = used_buffer(s.as_bytes());
+        let (count, parsed) = allocations(|| parse_raw_response(&mut buf, &Method::GET));
+        let parsed = parsed.expect("valid").expect("complete");
+        assert_eq!(parsed.raw.fields().count(), n);
+        count
+    };
+    count(19);
+    assert_eq!(count(1), 1);
+    assert_eq!(count(8), 1);
+    assert_eq!(count(19), 2);
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! pipelined requests answered in order, HTTP/1.0 clients (closed by default, kept on
 //! `Connection: keep-alive`, never sent chunked), `Expect: 100-continue`, request bodies by
 //! length and chunked, HEAD, heads past the limits (431) and ambiguous framing (400, and the
-//! replica never sees the request), and the keep-alive bound on an idle connection.
+//! replica never sees the request), the keep-alive bound on an idle connection, and a
+//! replica's response head relayed in its own order and case, less its hop-by-hop fields (to an
+//! HTTP/2 client, the same fields).
 
 mod support;
 
@@ -400,4 +402,93 @@ async fn held_connections_close_when_the_drain_starts_not_when_it_ends() {
     let answer = read_until(&mut busy, &marker).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(gw.wait_exit(Duration::from_secs(10)), "the gateway exits");
+}
+
+/// What a replica sends in the test below: fields in mixed case, two `Set-Cookie` with another
+/// field between them, every hop-by-hop field, one its `Connection` names, and its own `Date`.
+const MIXED_HEAD: &[&str] = &["HTTP/1.1 200 OK\r\n\
+    X-Mixed-Case: Kept\r\n\
+    Set-Cookie: a=1\r\n\
+    Connection: close, X-Hop\r\n\
+    X-Hop: cut\r\n\
+    Keep-Alive: timeout=5\r\n\
+    X-Between: 2\r\n\
+    Set-Cookie: b=2\r\n\
+    Content-Length: 2\r\n\
+    Proxy-Connection: keep-alive\r\n\
+    Trailer: x-t\r\n\
+    Upgrade: h2c\r\n\
+    TE: trailers\r\n\
+    Date: Mon, 07 Dec 2026 10:00:00 GMT\r\n\
+    \r\n\
+    ok"];
+
+/// Asks `gw` for [`MIXED_HEAD`] over HTTP/1.1 and checks the head it relays.
+async fn relays_the_mixed_head(gw: SocketAddr) {
+    let mut s = TcpStream::connect(gw).await.expect("connect");
+    s.write_all(b"GET /?case=0 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let text = read_all(&mut s).await;
+    let (head, body) = text.split_once("\r\n\r\n").expect("a whole head");
+    assert_eq!(body, "ok", "{text}");
+    let lines: Vec<&str> = head.split("\r\n").collect();
+    // The replica's fields in its order and case (the gateway's own after them): no field
+    // it sent twice is moved next to its first, no hop-by-hop field is left.
+    assert_eq!(
+        lines[..7],
+        [
+            "HTTP/1.1 200 OK",
+            "X-Mixed-Case: Kept",
+            "Set-Cookie: a=1",
+            "X-Between: 2",
+            "Set-Cookie: b=2",
+            "Date: Mon, 07 Dec 2026 10:00:00 GMT",
+            "content-length: 2",
+        ],
+        "{text}"
+    );
+    assert!(lines[7].starts_with("via: 1.1 "), "{text}");
+    assert_eq!(lines[8..], ["connection: close"], "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_head_reaches_an_http1_client_as_it_was_written_less_its_hop_by_hop_fields() {
+    let replica = Backend::start("127.0.0.1", Behaviour::Raw(MIXED_HEAD)).await;
+    let gw = GatewayProcess::start(&one_replica(replica.addr, ""));
+    relays_the_mixed_head(gw.addr).await;
+
+    // A client over HTTP/2 gets the same fields, from a `HeaderMap`.
+    let (mut send, _conn) = h2c::<http_body_util::Empty<Bytes>>(gw.addr).await;
+    let req = http::Request::builder()
+        .uri(format!("http://{}/?case=0", gw.addr))
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let resp = send.send_request(req).await.expect("an answer");
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    assert_eq!(h["x-mixed-case"], "Kept");
+    let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    assert_eq!(h["date"], "Mon, 07 Dec 2026 10:00:00 GMT");
+    for gone in [
+        "x-hop",
+        "keep-alive",
+        "proxy-connection",
+        "trailer",
+        "upgrade",
+        "te",
+    ] {
+        assert!(!h.contains_key(gone), "{gone}: {h:?}");
+    }
+    assert!(h["via"].to_str().expect("ascii").starts_with("1.1 "));
+
+    // With the access log on (it wraps the response body), the same head.
+    let log = std::env::temp_dir().join(format!("ringgate-http1-{}.log", std::process::id()));
+    let logged = GatewayProcess::start(&Conf {
+        log: format!("access = \"{}\"\n", log.display()),
+        ..one_replica(replica.addr, "")
+    });
+    relays_the_mixed_head(logged.addr).await;
+    let _ = std::fs::remove_file(&log);
 }

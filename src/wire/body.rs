@@ -6,6 +6,9 @@
 //! gateway's own answers), a replica's response streamed from its connection, or any other
 //! body, boxed. The first two of each are nearly every request and response; they cost no
 //! allocation of their own and no dynamic call per frame.
+//! A replica's head forwarded as bytes rides in its body ([`Body::take_head`]) to the client's
+//! HTTP/1 connection; whatever wraps a replica's body first lifts that head into the
+//! response's extensions ([`lift_head`]), or its fields would be lost with the body.
 //! Must not touch: what a body carries; the proxy, the admin API, the UI and the access log
 //! make them.
 
@@ -19,6 +22,7 @@ use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 
 use crate::admission::RequestPlace;
 use crate::error::BoxError;
+use crate::wire::client::head::RawHead;
 use crate::wire::client::UpstreamBody;
 use crate::wire::h2::H2Body;
 use crate::wire::server::body::Http1Body;
@@ -205,6 +209,35 @@ impl Body {
     {
         Body(Kind::Boxed(body.map_err(Into::into).boxed_unsync()))
     }
+}
+
+impl Body {
+    /// The replica's head whose fields go to an HTTP/1 client as bytes, when this body
+    /// carries one (`crate::wire::client::response`).
+    pub fn take_head(&mut self) -> Option<Box<RawHead>> {
+        match &mut self.0 {
+            Kind::Upstream(body) => body.take_head(),
+            _ => None,
+        }
+    }
+}
+
+/// `resp` with the replica's head its body carries (if any) moved into its extensions, where
+/// the client's connection finds it too ([`take_head`]). For what wraps the body (the access
+/// log's byte count), after which the head in it could not be reached.
+pub fn lift_head(resp: http::Response<Body>) -> http::Response<Body> {
+    let (mut parts, mut body) = resp.into_parts();
+    if let Some(head) = body.take_head() {
+        parts.extensions.insert(head);
+    }
+    http::Response::from_parts(parts, body)
+}
+
+/// The replica's head to write as bytes for the response of `parts` and `body`: carried by the
+/// body, or lifted out of it ([`lift_head`]).
+pub fn take_head(parts: &mut http::response::Parts, body: &mut Body) -> Option<Box<RawHead>> {
+    body.take_head()
+        .or_else(|| parts.extensions.remove::<Box<RawHead>>())
 }
 
 impl Default for Body {

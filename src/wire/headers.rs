@@ -2,7 +2,8 @@
 //! parser apply these classes).
 //!
 //! Owns: hop-by-hop headers (RFC 9110 §7.6.1, including the ones `Connection` names, except the fields the
-//! gateway itself relies on), headers a client must not be able to set for the replica
+//! gateway itself relies on; told apart by `HeaderName` and, for a head forwarded as bytes, by
+//! the name as it came, in any case), headers a client must not be able to set for the replica
 //! (`Proxy`, the httpoxy vector; `Forwarded` and `X-Real-IP`, which replicas would trust as the
 //! gateway's).
 //! Must not touch: routing or bodies.
@@ -40,6 +41,27 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name.as_str() == "proxy-connection"
 }
 
+/// [`is_hop_by_hop`] for a field name as it came on the wire, in any case (a response head
+/// forwarded as bytes is cut by it).
+pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    let one_of = |names: &[&str]| {
+        names
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+    };
+    // By length first: most fields are none of these, and are told so by one comparison.
+    match name.len() {
+        2 => one_of(&["te"]),
+        7 => one_of(&["trailer", "upgrade"]),
+        10 => one_of(&["connection", "keep-alive"]),
+        16 => one_of(&["proxy-connection"]),
+        17 => one_of(&["transfer-encoding"]),
+        18 => one_of(&["proxy-authenticate"]),
+        19 => one_of(&["proxy-authorization"]),
+        _ => false,
+    }
+}
+
 /// A header a client may not set for the replica.
 pub fn is_client_only(name: &HeaderName) -> bool {
     CLIENT_MAY_NOT_SET.contains(name)
@@ -74,5 +96,35 @@ mod tests {
         }
         assert!(is_protected(&header::HOST) && is_protected(&header::CONTENT_LENGTH));
         assert!(!is_protected(&HeaderName::from_static("x-forwarded-for")));
+    }
+
+    #[test]
+    fn a_name_as_it_came_is_hop_by_hop_as_its_header_name_is() {
+        // The wire's spelling, in any case, is told apart as the map's is.
+        let names = [
+            "connection",
+            "keep-alive",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-connection",
+            "host",
+            "date",
+            "content-length",
+            "x-keep-alive",
+            "tee",
+            "upgraded",
+            "proxy",
+            "set-cookie",
+        ];
+        for h in names {
+            let hop = is_hop_by_hop(&HeaderName::from_static(h));
+            assert_eq!(is_hop_by_hop_name(h.as_bytes()), hop, "{h}");
+            let upper = h.to_ascii_uppercase();
+            assert_eq!(is_hop_by_hop_name(upper.as_bytes()), hop, "{upper}");
+        }
     }
 }

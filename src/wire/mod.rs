@@ -7,7 +7,8 @@
 //! ([`framing`]), the parse scratch both head parsers share ([`scratch`]), which fields a proxy
 //! forwards ([`headers`]), the server ([`server`]: request heads, the response's framing and
 //! head, the connection loop), the client ([`client`]: the forwarded request's head, the
-//! replica's response head and body), and the body types the request path passes around
+//! replica's response head and body; the head's fields stay the replica's bytes for an HTTP/1
+//! client, whose server writes them with the hop-by-hop ones cut), and the body types the request path passes around
 //! ([`body`]); beside it, the replica's side of HTTP/2 ([`h2`]: a request as a stream on
 //! hyper's client connection, its response body and trailers, the gRPC health check).
 //! Must not touch: routing, retries, or what a failure means for a replica (the proxy decides);

@@ -5,8 +5,10 @@
 //! request in flight at its replica until the body ends, cutting a body the replica stops
 //! sending for `proxy.read_timeout` or frames wrongly (counted as the replica's failure), and
 //! giving the connection back to the pool when the body was read whole and the connection may
-//! be reused.
-//! Must not touch: heads or routing.
+//! be reused; and, for a client of HTTP/1, the replica's head whose fields go to it as bytes
+//! ([`UpstreamBody::take_head`]: the body is what reaches the client's connection unwrapped,
+//! where an extension of the response would cost an allocation or three).
+//! Must not touch: reading or writing heads, or routing.
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -20,6 +22,7 @@ use crate::error::BoxError;
 use crate::snapshot::InFlight;
 use crate::stall::{Stall, StallTimer};
 use crate::upstream::pool::{self, Conn};
+use crate::wire::client::head::RawHead;
 use crate::wire::framing::{BodyFraming, ChunkError, DecodeError, Decoder, ReadError, Source};
 
 /// A body not read to its end (the client went away) drops its connection with it: only
@@ -33,6 +36,9 @@ pub struct UpstreamBody {
     in_flight: InFlight,
     /// The request's place in the gateway's request budgets, given back with the body.
     place: Option<RequestPlace>,
+    /// The response's head, its fields as the replica sent them, for the client's HTTP/1
+    /// connection to write (`None` once taken, and for a client that got a `HeaderMap`).
+    head: Option<Box<RawHead>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +81,23 @@ impl UpstreamBody {
             stall: StallTimer::new(read_timeout),
             in_flight,
             place: None,
+            head: None,
         };
         if body.decoder.is_done() {
             body.finish();
         }
         body
+    }
+
+    /// Carries `head` (the response's fields as bytes) to the client's connection.
+    pub fn keep_head(&mut self, head: Box<RawHead>) {
+        self.head = Some(head);
+    }
+
+    /// The response's head as bytes, when the body carries it: what an HTTP/1 client is
+    /// written before the response's `HeaderMap` (`crate::wire::server::response`).
+    pub fn take_head(&mut self) -> Option<Box<RawHead>> {
+        self.head.take()
     }
 
     /// Keeps the request counted in the gateway's budgets until this body is done with.
@@ -97,6 +115,7 @@ impl UpstreamBody {
             stall: StallTimer::new(std::time::Duration::MAX),
             in_flight,
             place: None,
+            head: None,
         }
     }
 

@@ -71,7 +71,7 @@ pub async fn check(
         match timeout_at(deadline, piece).await {
             Err(_) => return Err(CheckError::BodyTimeout),
             Ok(Ok(Some(_))) => {}
-            Ok(Ok(None)) => return Ok(head.parts.status),
+            Ok(Ok(None)) => return Ok(head.status),
             Ok(Err(e)) => return Err(BodyError::from(e).into()),
         }
     }

@@ -1,22 +1,26 @@
 //! HTTP/1.1 message heads on the upstream side: the request head written from the client's
-//! request in one pass, and the replica's response head parsed (httparse) into `http` parts.
+//! request in one pass, and the replica's response head parsed (httparse), its fields left in
+//! the replica's bytes ([`RawHead`]) with a `HeaderMap` built from them only when asked.
 //!
 //! Owns: serialising the forwarded request (the client's method, target and headers minus
 //! hop-by-hop and client-only ones, plus `X-Forwarded-*` and our own framing) into one buffer
 //! that a retry reuses as it is; parsing a response head and deciding how its body is framed
 //! and whether the connection can be reused (RFC 9112 §6, §9.3), with the `Content-Length` it
-//! relays being the length it framed.
+//! relays being the length it framed; which of its fields are forwarded (hop-by-hop ones, the
+//! ones its `Connection` names and the framing fields cut as the head is read), kept as spans
+//! of the head, and the one way they become a `HeaderMap` ([`RawHead::headers`]).
 //! Must not touch: sockets. It turns bytes into heads and back. How `Content-Length` and
-//! `Transfer-Encoding` read is `crate::wire::fields`' (the client leg reads them the same way).
+//! `Transfer-Encoding` read is `crate::wire::fields`' (the client leg reads them the same way);
+//! how a head is written to a client is `crate::wire::server::response`'s.
 
 use std::net::SocketAddr;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
 use crate::wire::fields::{FramingError, FramingFields};
-use crate::wire::headers::{is_client_only, is_hop_by_hop, is_protected};
+use crate::wire::headers::{is_client_only, is_hop_by_hop, is_hop_by_hop_name, is_protected};
 use crate::wire::scratch::{header_slots, with_spans, Span};
 
 /// How the request body is sent.
@@ -31,6 +35,8 @@ pub enum RequestFraming {
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most headers a response head may have.
 pub const MAX_HEADERS: usize = 128;
+/// Longest field name a `HeaderName` holds.
+const MAX_NAME: usize = (1 << 16) - 1;
 
 /// What a replica is sent of a client's request: its head as the gateway forwards it (hop-by-hop
 /// fields cut, `X-Forwarded-*` set) and its body's framing.
@@ -197,13 +203,163 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
 
 pub use crate::wire::framing::BodyFraming;
 
-/// A parsed response head.
+/// A parsed response head, its fields in a `HeaderMap`.
 #[derive(Debug)]
 pub struct ResponseHead {
     pub parts: http::response::Parts,
     pub framing: BodyFraming,
     /// The connection may carry another request once this body is read.
     pub keep_alive: bool,
+}
+
+/// A parsed response head whose fields are still the replica's bytes ([`RawHead`]): what the
+/// exchange reads. Its `HeaderMap` is built only for a consumer that needs one
+/// ([`RawResponse::into_head`]); an HTTP/1 client is written the bytes.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: StatusCode,
+    /// Boxed: the response it goes with is moved from function to function on its way to the
+    /// client, and the head in place cost more in copies (about 500 instructions a request)
+    /// than its one allocation.
+    pub raw: Box<RawHead>,
+    pub framing: BodyFraming,
+    /// The connection may carry another request once this body is read.
+    pub keep_alive: bool,
+}
+
+impl RawResponse {
+    /// The head with its fields in a `HeaderMap` (what a client over HTTP/2 and a `101`'s
+    /// tunnel are given).
+    pub fn into_head(self) -> ResponseHead {
+        ResponseHead {
+            parts: self.raw.parts(self.status),
+            framing: self.framing,
+            keep_alive: self.keep_alive,
+        }
+    }
+}
+
+/// Where a forwarded field lies in its head: its name's start and length, its value's.
+type FieldAt = [u32; 4];
+
+/// As many fields' places as a [`RawHead`] holds in itself (a replica's answer has a few;
+/// more go to a `Vec`).
+const FEW: usize = 8;
+
+/// The places of a head's forwarded fields, in order.
+#[derive(Debug, Clone)]
+enum Places {
+    Few(u8, [FieldAt; FEW]),
+    Many(Vec<FieldAt>),
+}
+
+impl Places {
+    /// Adds the place of a field of a head of `fields` fields (a list past [`FEW`] is made
+    /// for all of them at once).
+    fn push(&mut self, at: FieldAt, fields: usize) {
+        match self {
+            Places::Few(n, few) if usize::from(*n) < FEW => {
+                few[usize::from(*n)] = at;
+                *n += 1;
+            }
+            Places::Few(n, few) => {
+                let mut many = Vec::with_capacity(fields.max(FEW + 1));
+                many.extend_from_slice(&few[..usize::from(*n)]);
+                many.push(at);
+                *self = Places::Many(many);
+            }
+            Places::Many(many) => many.push(at),
+        }
+    }
+
+    fn as_slice(&self) -> &[FieldAt] {
+        match self {
+            Places::Few(n, few) => &few[..usize::from(*n)],
+            Places::Many(many) => many,
+        }
+    }
+}
+
+/// The fields of a replica's response head as the gateway forwards them, still in the bytes
+/// the replica sent: the head, where each forwarded field's name and value lie in it (in the
+/// replica's order and case), and the `Content-Length` relayed after them. Hop-by-hop fields,
+/// the fields its `Connection` names and the framing fields are not among them (cut as the
+/// parse reads them). Carried with the response (in its body, `super::UpstreamBody`) to a
+/// client's HTTP/1 connection, whose writer copies the fields
+/// (`crate::wire::server::response`); or turned into a `HeaderMap` ([`RawHead::headers`]) by
+/// the same rules.
+#[derive(Debug, Clone)]
+pub struct RawHead {
+    head: Bytes,
+    fields: Places,
+    /// The length relayed (the one the body is framed by), and where it lies in `head` when
+    /// the replica wrote it as the gateway writes a length.
+    length: Option<(u64, Option<[u32; 2]>)>,
+    /// One of the fields is `Date`.
+    date: bool,
+}
+
+impl RawHead {
+    fn piece(&self, at: u32, len: u32) -> &[u8] {
+        let (at, len) = (at as usize, len as usize);
+        self.head.get(at..at + len).unwrap_or_default()
+    }
+
+    /// The forwarded fields, name and value, as the replica wrote them (the name in its case).
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.fields
+            .as_slice()
+            .iter()
+            .map(|&[n, nl, v, vl]| (self.piece(n, nl), self.piece(v, vl)))
+    }
+
+    /// The `Content-Length` relayed, as a number (it goes after the other fields).
+    pub fn content_length(&self) -> Option<u64> {
+        self.length.map(|(n, _)| n)
+    }
+
+    /// The replica sent a `Date`.
+    pub fn has_date(&self) -> bool {
+        self.date
+    }
+
+    /// The fields in a `HeaderMap`, as the parse gave them before heads were forwarded as
+    /// bytes: names lower-cased, values slices of the head, the relayed `Content-Length` last,
+    /// room for the service's `Via`.
+    pub fn headers(&self) -> HeaderMap {
+        let slice = |at: u32, len: u32| {
+            let at = at as usize;
+            self.head.slice(at..at + len as usize)
+        };
+        let places = self.fields.as_slice();
+        let mut headers = HeaderMap::with_capacity(places.len() + 2);
+        for &[n, nl, v, vl] in places {
+            // Both were checked when the head was read; one that fails here is not added.
+            let Ok(name) = HeaderName::from_bytes(self.piece(n, nl)) else {
+                continue;
+            };
+            if let Ok(value) = HeaderValue::from_maybe_shared(slice(v, vl)) {
+                headers.append(name, value);
+            }
+        }
+        if let Some((n, at)) = self.length {
+            let value = at
+                .and_then(|[at, len]| HeaderValue::from_maybe_shared(slice(at, len)).ok())
+                // `5, 5` or `005`: the value, as the gateway writes a length (a rare allocation).
+                .unwrap_or_else(|| HeaderValue::from(n));
+            headers.append(header::CONTENT_LENGTH, value);
+        }
+        headers
+    }
+
+    /// The parts of a response of `status` with these fields in its `HeaderMap`.
+    pub fn parts(&self, status: StatusCode) -> http::response::Parts {
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = Version::HTTP_11;
+        parts.headers = self.headers();
+        parts
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -228,7 +384,96 @@ pub fn parse_response(
     buf: &mut BytesMut,
     method: &Method,
 ) -> Result<Option<ResponseHead>, HeadError> {
-    with_spans(|spans| parse_response_with(buf, method, spans))
+    with_spans(|spans| {
+        let mut headers: Option<HeaderMap> = None;
+        let keep = |head: &Bytes, fields: usize, (n, nl): Span, (v, vl): Span| {
+            let raw_name = &head[n..n + nl];
+            let name = HeaderName::from_bytes(raw_name).map_err(|_| {
+                HeadError::Malformed(format!(
+                    "bad header name {:?}",
+                    String::from_utf8_lossy(raw_name)
+                ))
+            })?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
+                .map_err(|_| HeadError::Malformed(format!("bad value of {name}")))?;
+            // One more than the replica sent: the service adds `Via` without growing the map.
+            headers
+                .get_or_insert_with(|| HeaderMap::with_capacity(fields + 1))
+                .append(name, value);
+            Ok(())
+        };
+        let Some(p) = parse_response_with(buf, method, spans, keep)? else {
+            return Ok(None);
+        };
+        let mut headers = headers.unwrap_or_default();
+        if let Some((n, at)) = p.length {
+            let value = match at {
+                Some((at, len)) => HeaderValue::from_maybe_shared(p.head.slice(at..at + len))
+                    .map_err(|_| HeadError::Malformed("bad value of content-length".into()))?,
+                // `5, 5` or `005`: the value, as the gateway writes a length (a rare allocation).
+                None => HeaderValue::from(n),
+            };
+            headers.append(header::CONTENT_LENGTH, value);
+        }
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = p.status;
+        parts.version = Version::HTTP_11;
+        parts.headers = headers;
+        Ok(Some(ResponseHead {
+            parts,
+            framing: p.framing,
+            keep_alive: p.keep_alive,
+        }))
+    })
+}
+
+/// [`parse_response`] without the `HeaderMap`: the fields stay where they are in the head
+/// (split off the buffer), the ones not forwarded cut by the same rules.
+pub fn parse_raw_response(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<RawResponse>, HeadError> {
+    with_spans(|spans| {
+        let mut kept = Places::Few(0, [[0; 4]; FEW]);
+        let keep = |_: &Bytes, fields: usize, name: Span, value: Span| {
+            kept.push(place(name, value)?, fields);
+            Ok(())
+        };
+        let Some(p) = parse_response_with(buf, method, spans, keep)? else {
+            return Ok(None);
+        };
+        let length = match p.length {
+            Some((n, Some((at, len)))) => Some((n, Some([narrow(at)?, narrow(len)?]))),
+            Some((n, None)) => Some((n, None)),
+            None => None,
+        };
+        let raw = Box::new(RawHead {
+            head: p.head,
+            fields: kept,
+            length,
+            date: p.date,
+        });
+        Ok(Some(RawResponse {
+            status: p.status,
+            raw,
+            framing: p.framing,
+            keep_alive: p.keep_alive,
+        }))
+    })
+}
+
+/// A response head read, its forwarded fields given to the parse's caller one by one.
+struct Parsed {
+    status: StatusCode,
+    /// The head, split off the buffer.
+    head: Bytes,
+    framing: BodyFraming,
+    keep_alive: bool,
+    /// The length relayed (the one the body is framed by), and where it lies in `head` when
+    /// the replica wrote it as the gateway writes a length.
+    length: Option<(u64, Option<Span>)>,
+    /// One of the forwarded fields is `Date`.
+    date: bool,
 }
 
 /// What httparse reads of a response head (its fields' spans go to the caller's list).
@@ -288,11 +533,26 @@ fn scan_response(
     }))
 }
 
+/// A place in a head as a [`RawHead`] keeps it (a head is far shorter than 4 GiB).
+fn narrow(n: usize) -> Result<u32, HeadError> {
+    u32::try_from(n).map_err(|_| HeadError::TooLarge)
+}
+
+/// A field's place in a head as a [`RawHead`] keeps it.
+fn place((n, nl): Span, (v, vl): Span) -> Result<FieldAt, HeadError> {
+    Ok([narrow(n)?, narrow(nl)?, narrow(v)?, narrow(vl)?])
+}
+
+/// Reads the response head at the start of `buf` (`None` while it is not whole), splits it
+/// off, and gives each field it forwards to `keep` (with the head, how many fields it has, and
+/// where the field's name and value lie), in order: the one place that decides which fields
+/// cross the gateway, for the map and for the bytes alike.
 fn parse_response_with(
     buf: &mut BytesMut,
     method: &Method,
     spans: &mut Vec<(Span, Span)>,
-) -> Result<Option<ResponseHead>, HeadError> {
+    mut keep: impl FnMut(&Bytes, usize, Span, Span) -> Result<(), HeadError>,
+) -> Result<Option<Parsed>, HeadError> {
     let Some(Scanned {
         len,
         status,
@@ -311,36 +571,42 @@ fn parse_response_with(
     // Where the first `Content-Length` value lies: relayed as it is when it is written as the
     // gateway would write it (no allocation), else the gateway writes the length it framed.
     let mut length_at: Option<Span> = None;
-    // One more than the replica sent: the service adds `Via` without growing the map.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 1);
-    for &((name_at, name_len), (value_at, value_len)) in spans.iter() {
-        let raw_name = &head[name_at..name_at + name_len];
-        let raw_value = &head[value_at..value_at + value_len];
-        let name = HeaderName::from_bytes(raw_name).map_err(|_| {
-            HeadError::Malformed(format!(
+    let mut date = false;
+    for &(name_at @ (n, n_len), value_at @ (v, v_len)) in spans.iter() {
+        let name = &head[n..n + n_len];
+        let value = &head[v..v + v_len];
+        // httparse takes only tokens for names and only what a `HeaderValue` may hold for
+        // values (RFC 9110's field-vchar, SP, HTAB, obs-text), the rules `http` applies; a
+        // name's length is the one thing left to check.
+        if name.is_empty() || name.len() > MAX_NAME {
+            return Err(HeadError::Malformed(format!(
                 "bad header name {:?}",
-                String::from_utf8_lossy(raw_name)
-            ))
-        })?;
-        if name == header::TRANSFER_ENCODING {
-            fields.transfer_encoding(raw_value)?;
+                String::from_utf8_lossy(name)
+            )));
+        }
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            fields.transfer_encoding(value)?;
             continue;
         }
-        if name == header::CONTENT_LENGTH {
-            fields.content_length(raw_value)?;
-            length_at.get_or_insert((value_at, value_len));
+        if name.eq_ignore_ascii_case(b"content-length") {
+            fields.content_length(value)?;
+            length_at.get_or_insert(value_at);
             continue;
         }
         // A `101` says which protocol it switched to: its `Upgrade` goes on to the client, whose
         // side of the tunnel switches too.
-        let switched_to =
-            status == http::StatusCode::SWITCHING_PROTOCOLS && name == header::UPGRADE;
-        if !switched_to && (is_hop_by_hop(&name) || named.iter().any(|n| n == name.as_str())) {
+        let switched_to = status == http::StatusCode::SWITCHING_PROTOCOLS
+            && name.eq_ignore_ascii_case(b"upgrade");
+        if !switched_to
+            && (is_hop_by_hop_name(name)
+                || named
+                    .iter()
+                    .any(|t| t.as_bytes().eq_ignore_ascii_case(name)))
+        {
             continue;
         }
-        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
-            .map_err(|_| HeadError::Malformed(format!("bad value of {name}")))?;
-        headers.append(name, value);
+        date |= name.eq_ignore_ascii_case(b"date");
+        keep(&head, spans.len(), name_at, value_at)?;
     }
     // RFC 9112 §6.1: an HTTP/1.0 message with a coding is faulty framing, whatever it says.
     if version == Version::HTTP_10 && fields.transfer_coded() {
@@ -370,25 +636,14 @@ fn parse_response_with(
         }
         _ => None,
     };
-    if let Some(n) = relayed {
-        let value = match length_at {
-            Some((at, len)) if fields.length_is_canonical() => {
-                HeaderValue::from_maybe_shared(head.slice(at..at + len))
-                    .map_err(|_| HeadError::Malformed("bad value of content-length".into()))?
-            }
-            // `5, 5` or `005`: the value, as the gateway writes a length (a rare allocation).
-            _ => HeaderValue::from(n),
-        };
-        headers.append(header::CONTENT_LENGTH, value);
-    }
-    let mut parts = http::Response::new(()).into_parts().0;
-    parts.status = status;
-    parts.version = Version::HTTP_11;
-    parts.headers = headers;
-    Ok(Some(ResponseHead {
-        parts,
+    let length_at = length_at.filter(|_| fields.length_is_canonical());
+    Ok(Some(Parsed {
+        status,
+        head,
         framing,
         keep_alive,
+        length: relayed.map(|n| (n, length_at)),
+        date,
     }))
 }
 
@@ -642,5 +897,180 @@ mod tests {
             parse_response(&mut BytesMut::from(big.as_str()), &get).err(),
             Some(HeadError::TooLarge)
         );
+    }
+
+    fn raw(wire: &str, method: &Method) -> RawResponse {
+        parse_raw_response(&mut BytesMut::from(wire), method)
+            .expect("parses")
+            .expect("complete")
+    }
+
+    #[test]
+    fn a_raw_head_keeps_the_replica_fields_in_their_order_and_case_and_cuts_the_hop() {
+        let wire = "HTTP/1.1 200 OK\r\n\
+            X-Mixed-Case: Kept\r\n\
+            Set-Cookie: a=1\r\n\
+            CONNECTION: close, X-Hop\r\n\
+            x-hop: cut\r\n\
+            Keep-Alive: timeout=5\r\n\
+            X-Between:   2  \r\n\
+            Set-Cookie: b=2\r\n\
+            Content-Length: 2\r\n\
+            Proxy-Connection: keep-alive\r\n\
+            Proxy-Authenticate: Basic\r\n\
+            Trailer: x-t\r\n\
+            Upgrade: h2c\r\n\
+            TE: trailers\r\n\
+            date: Mon, 07 Dec 2026 10:00:00 GMT\r\n\
+            \r\n";
+        let r = raw(wire, &Method::GET);
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.framing, BodyFraming::Length(2));
+        assert!(!r.keep_alive, "its Connection said close");
+        let fields: Vec<(String, String)> = r
+            .raw
+            .fields()
+            .map(|(n, v)| {
+                let text = |b: &[u8]| String::from_utf8(b.to_vec()).expect("ascii");
+                (text(n), text(v))
+            })
+            .collect();
+        let want = [
+            ("X-Mixed-Case", "Kept"),
+            ("Set-Cookie", "a=1"),
+            ("X-Between", "2"),
+            ("Set-Cookie", "b=2"),
+            ("date", "Mon, 07 Dec 2026 10:00:00 GMT"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(fields, want);
+        assert_eq!(r.raw.content_length(), Some(2));
+        assert!(r.raw.has_date());
+        // The map built from it is the one the parse builds: the same fields, lower-cased,
+        // the length last.
+        let map = parse_response(&mut BytesMut::from(wire), &Method::GET)
+            .expect("parses")
+            .expect("complete")
+            .parts
+            .headers;
+        assert_eq!(r.raw.headers(), map);
+        let names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "x-mixed-case",
+                "set-cookie",
+                "x-between",
+                "date",
+                "content-length"
+            ]
+        );
+        assert_eq!(map[header::CONTENT_LENGTH], "2");
+    }
+
+    #[test]
+    fn a_raw_head_relays_the_length_it_framed_and_states_no_date_it_lacks() {
+        // `005`: the length is relayed as the gateway writes it.
+        let r = raw(
+            "HTTP/1.1 200 OK\r\ncontent-length: 005\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!(r.raw.content_length(), Some(5));
+        assert_eq!(r.raw.headers()[header::CONTENT_LENGTH], "5");
+        assert!(!r.raw.has_date());
+        assert_eq!(r.raw.fields().count(), 0);
+        // A coding overrides the length, which never reaches the client.
+        let r = raw(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!(r.framing, BodyFraming::Chunked);
+        assert_eq!(r.raw.content_length(), None);
+        // A HEAD answer states the length a GET would have had; a 204 none.
+        let r = raw(
+            "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n",
+            &Method::HEAD,
+        );
+        assert_eq!(
+            (r.framing, r.raw.content_length()),
+            (BodyFraming::Empty, Some(7))
+        );
+        let r = raw(
+            "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!(r.raw.content_length(), None);
+        // A `101` keeps its `Upgrade`, for the client's side of the tunnel.
+        let r = raw(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            &Method::GET,
+        );
+        let fields: Vec<_> = r.raw.fields().collect();
+        assert_eq!(fields, [(&b"Upgrade"[..], &b"websocket"[..])]);
+    }
+
+    #[test]
+    fn a_raw_head_with_more_fields_than_it_holds_in_itself_keeps_them_all_in_order() {
+        let names: Vec<String> = (0..3 * FEW).map(|i| format!("X-Field-{i}")).collect();
+        let mut wire = String::from("HTTP/1.1 200 OK\r\n");
+        for (i, name) in names.iter().enumerate() {
+            wire.push_str(&format!(
+                "{name}: {i}\r\nconnection: x-cut-{i}\r\nx-cut-{i}: no\r\n"
+            ));
+        }
+        wire.push_str("content-length: 0\r\n\r\n");
+        let r = raw(&wire, &Method::GET);
+        let got: Vec<(String, String)> = r
+            .raw
+            .fields()
+            .map(|(n, v)| {
+                let text = |b: &[u8]| String::from_utf8(b.to_vec()).expect("ascii");
+                (text(n), text(v))
+            })
+            .collect();
+        let want: Vec<(String, String)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i.to_string()))
+            .collect();
+        assert_eq!(got, want);
+        let map = parse_response(&mut BytesMut::from(wire.as_str()), &Method::GET)
+            .expect("parses")
+            .expect("complete")
+            .parts
+            .headers;
+        assert_eq!(r.raw.headers(), map);
+        assert_eq!(map.len(), 3 * FEW + 1);
+    }
+
+    #[test]
+    fn odd_heads_are_refused_as_bytes_as_they_were_as_a_map() {
+        let cases: [&[u8]; 6] = [
+            // obs-fold: a field continued on the next line.
+            b"HTTP/1.1 200 OK\r\nx-a: 1\r\n  folded\r\ncontent-length: 0\r\n\r\n",
+            // A space before the colon, a name that is no token, an empty name.
+            b"HTTP/1.1 200 OK\r\nx-a : 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx(a): 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n: 1\r\n\r\n",
+            // DEL and NUL in a value.
+            b"HTTP/1.1 200 OK\r\nx-a: a\x7fb\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx-a: a\x00b\r\n\r\n",
+        ];
+        for wire in cases {
+            let raw = parse_raw_response(&mut BytesMut::from(wire), &Method::GET);
+            assert!(
+                matches!(raw, Err(HeadError::Malformed(_))),
+                "{:?}: {raw:?}",
+                String::from_utf8_lossy(wire)
+            );
+            let map = parse_response(&mut BytesMut::from(wire), &Method::GET);
+            assert!(matches!(map, Err(HeadError::Malformed(_))), "{map:?}");
+        }
+        // obs-text (bytes past ASCII) is a value's as it was.
+        let r = raw("HTTP/1.1 200 OK\r\nx-a: caf\u{e9}\r\n\r\n", &Method::GET);
+        assert_eq!(r.raw.headers()["x-a"].as_bytes(), "caf\u{e9}".as_bytes());
     }
 }

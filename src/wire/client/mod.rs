@@ -2,9 +2,10 @@
 //!
 //! Owns: [`exchange`] (the forwarded head serialised from the request's parts by
 //! [`head::request_head`], no header map built for it; the body streamed in its framing; the
-//! response head read), [`response`] (the response whose body [`body::UpstreamBody`] reads
-//! from the same connection, in the task that writes it to the client: no dispatcher task, no
-//! channel) and [`check::check`] (a health check's `GET` through the same exchange, its body
+//! response head read, its fields left as the replica's bytes), [`response`] (the response
+//! whose body [`body::UpstreamBody`] reads from the same connection, in the task that writes
+//! it to the client: no dispatcher task, no channel; its head's fields as bytes
+//! ([`head::RawHead`]) for an HTTP/1 client, in a `HeaderMap` for any other) and [`check::check`] (a health check's `GET` through the same exchange, its body
 //! read by the same decoder). A replica that answers before reading the whole body and breaks the connection
 //! has that answer forwarded, not a reset; every other failure is told apart for the caller
 //! ([`SendError`]), each wait bounded by the request's deadline and saying whose it was.
@@ -143,25 +144,41 @@ pub struct Request<'a> {
 
 /// The response to `req` whose head `head` was read from `conn`: its body is read from the
 /// same connection; `in_flight` counts the request at its replica until the body ends.
+///
+/// For a client of HTTP/1 (the request's version), the head's fields stay bytes: the body
+/// carries them ([`head::RawHead`], [`UpstreamBody::take_head`]), the response's `HeaderMap`
+/// is left for what the gateway adds, and the client's connection writes them as they came
+/// ([`crate::wire::server::response`]). Any other client (HTTP/2, whose server takes a
+/// `HeaderMap`) and a `101` (whose tunnel reads its `Upgrade`) get the fields in the map.
 pub fn response(
     conn: Conn,
-    head: head::ResponseHead,
+    head: head::RawResponse,
     req: &Request<'_>,
     in_flight: InFlight,
 ) -> Response<UpstreamBody> {
-    if head.parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
+    if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
         // The connection now speaks the switched protocol: it goes with the response, never
         // back to the pool.
-        return Response::from_parts(head.parts, UpstreamBody::switched(conn, in_flight));
+        let parts = head.raw.parts(head.status);
+        return Response::from_parts(parts, UpstreamBody::switched(conn, in_flight));
     }
-    let body = UpstreamBody::new(
+    let mut body = UpstreamBody::new(
         conn,
         head.framing,
         head.keep_alive && req.keep_idle,
         req.read_timeout,
         in_flight,
     );
-    Response::from_parts(head.parts, body)
+    let parts = match req.forwarded.parts.version <= http::Version::HTTP_11 {
+        true => {
+            let mut parts = http::Response::new(()).into_parts().0;
+            parts.status = head.status;
+            body.keep_head(head.raw);
+            parts
+        }
+        false => head.raw.parts(head.status),
+    };
+    Response::from_parts(parts, body)
 }
 
 /// Writes the request `forwarded` (its head serialised here, as this codec forwards it), then
@@ -171,7 +188,7 @@ pub async fn exchange(
     forwarded: &Forwarded<'_>,
     deadline: Instant,
     body: &mut impl Outgoing,
-) -> Result<head::ResponseHead, SendError> {
+) -> Result<head::RawResponse, SendError> {
     let head = head::request_head(forwarded);
     timeout_at(deadline, conn.stream().write_all(&head))
         .await
@@ -218,7 +235,7 @@ pub async fn exchange(
 /// a reset readable, but the runtime may not have seen them arrive (the writes went on without
 /// yielding), so they are waited for, briefly: this is the error path, and a replica that broke
 /// the connection without answering costs the request [`EARLY_ANSWER_WAIT`] more.
-async fn early_response(conn: &mut Conn, method: &Method) -> Option<head::ResponseHead> {
+async fn early_response(conn: &mut Conn, method: &Method) -> Option<head::RawResponse> {
     let deadline = tokio::time::Instant::now() + EARLY_ANSWER_WAIT;
     loop {
         match final_head(&mut conn.buf, method, false) {
@@ -247,16 +264,16 @@ fn final_head(
     buf: &mut bytes::BytesMut,
     method: &Method,
     asked_upgrade: bool,
-) -> Result<Option<head::ResponseHead>, HeadError> {
+) -> Result<Option<head::RawResponse>, HeadError> {
     while !buf.is_empty() {
-        match head::parse_response(buf, method)? {
-            Some(h) if h.parts.status == http::StatusCode::SWITCHING_PROTOCOLS && asked_upgrade => {
+        match head::parse_raw_response(buf, method)? {
+            Some(h) if h.status == http::StatusCode::SWITCHING_PROTOCOLS && asked_upgrade => {
                 return Ok(Some(h))
             }
-            Some(h) if h.parts.status == http::StatusCode::SWITCHING_PROTOCOLS => {
+            Some(h) if h.status == http::StatusCode::SWITCHING_PROTOCOLS => {
                 return Err(HeadError::UnaskedSwitch)
             }
-            Some(h) if h.parts.status.is_informational() => {}
+            Some(h) if h.status.is_informational() => {}
             Some(h) => return Ok(Some(h)),
             None => break,
         }

@@ -38,12 +38,12 @@ use tokio::time::{Instant, Sleep};
 
 use crate::metrics::Metrics;
 use crate::rescue::GatewayError;
-use crate::wire::body::{Body, RequestBody};
+use crate::wire::body::{take_head, Body, RequestBody};
 use crate::wire::framing::{BodyFraming, ChunkLine, CHUNK_END, LAST_CHUNK};
 use body::{Http1Body, Reader, Returned};
 pub use io::{Io, Transport};
 use request::{parse_request, HeadError, RequestHead, MAX_HEAD};
-use response::{framing_of, write_head, Framing, Persistence};
+use response::{framing_for, write_fields_head, Fields, Framing, Persistence};
 
 /// How a connection is served.
 #[derive(Debug, Clone, Copy)]
@@ -417,9 +417,15 @@ async fn respond(
     spare: &Spare,
 ) -> bool {
     let (method, version) = (asked.method, asked.version);
-    let (parts, mut body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     let exact = body.size_hint().exact();
-    let framing = framing_of(method, version, parts.status, &parts.headers, exact);
+    // A replica's head forwarded as bytes (`crate::wire::client`): its fields go first.
+    let raw = take_head(&mut parts, &mut body);
+    let fields = Fields {
+        raw: raw.as_deref(),
+        map: &parts.headers,
+    };
+    let framing = framing_for(method, version, parts.status, fields, exact);
     let closes = parts
         .headers
         .get_all(http::header::CONNECTION)
@@ -432,16 +438,10 @@ async fn respond(
         (true, _) => Persistence::KeepAlive,
     };
     let mut out = spare.take();
-    write_head(
-        &mut out,
-        parts.status,
-        &parts.headers,
-        framing,
-        persistence,
-        *method == Method::HEAD,
-        exact,
-    );
-    drop(parts);
+    let head_request = *method == Method::HEAD;
+    let framed = (framing, persistence);
+    write_fields_head(&mut out, parts.status, fields, framed, head_request, exact);
+    drop((parts, raw));
     let trailers = asked.trailers && framing == Framing::Chunked;
     let sent = send(write, &mut out, &mut body, (framing, trailers), watched).await;
     spare.give(out);
@@ -629,16 +629,14 @@ async fn hand_over(
         return;
     };
     let mut head = Vec::with_capacity(256);
-    let (parts, _) = resp.into_parts();
-    write_head(
-        &mut head,
-        parts.status,
-        &parts.headers,
-        Framing::None,
-        Persistence::Upgrade,
-        false,
-        None,
-    );
+    let (mut parts, mut body) = resp.into_parts();
+    let raw = take_head(&mut parts, &mut body);
+    let fields = Fields {
+        raw: raw.as_deref(),
+        map: &parts.headers,
+    };
+    let framed = (Framing::None, Persistence::Upgrade);
+    write_fields_head(&mut head, parts.status, fields, framed, false, None);
     if write.write_all(&head).await.is_err() || write.flush().await.is_err() {
         return;
     }

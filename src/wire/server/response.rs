@@ -4,8 +4,12 @@
 //! Owns: [`framing_of`] (how a response body is delimited for this request: its
 //! `Content-Length`, the body's exact size, chunked, or until close for an HTTP/1.0 client),
 //! [`write_head`], and the `Date` every response carries (RFC 9110 §6.6.1), formatted once a
-//! second per thread. Pure but for the clock.
-//! Must not touch: the response's meaning, or the connection.
+//! second per thread. A response's fields are its `HeaderMap`, and before them, for a replica's
+//! head forwarded as bytes, the [`RawHead`]'s fields ([`Fields`]): copied as the replica wrote
+//! them, its hop-by-hop and framing fields already cut where it was read. Pure but for the
+//! clock.
+//! Must not touch: the response's meaning, or the connection; which of a replica's fields are
+//! forwarded (`crate::wire::client::head` decides as it reads them).
 
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -13,7 +17,46 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, Version};
 
+use crate::wire::client::head::RawHead;
 use crate::wire::fields::FramingFields;
+
+/// A response's fields: the replica's as it sent them (a head forwarded as bytes), then its
+/// `HeaderMap` (all of them, or what the gateway added to the replica's).
+#[derive(Debug, Clone, Copy)]
+pub struct Fields<'a> {
+    pub raw: Option<&'a RawHead>,
+    pub map: &'a HeaderMap,
+}
+
+impl<'a> Fields<'a> {
+    /// The fields of a `HeaderMap` alone.
+    pub fn map(map: &'a HeaderMap) -> Fields<'a> {
+        Fields { raw: None, map }
+    }
+
+    /// The `Content-Length` the response states, read by the rules the parsers apply (a
+    /// replica's length reaches here as the gateway framed it); a length those rules refuse
+    /// is no length.
+    fn content_length(&self) -> Option<u64> {
+        if let Some(n) = self.raw.and_then(RawHead::content_length) {
+            return Some(n);
+        }
+        self.map.get(header::CONTENT_LENGTH).and_then(|v| {
+            let mut fields = FramingFields::default();
+            fields.content_length(v.as_bytes()).ok()?;
+            fields.length()
+        })
+    }
+
+    fn states_length(&self) -> bool {
+        self.raw.is_some_and(|r| r.content_length().is_some())
+            || self.map.contains_key(header::CONTENT_LENGTH)
+    }
+
+    fn has_date(&self) -> bool {
+        self.raw.is_some_and(RawHead::has_date) || self.map.contains_key(header::DATE)
+    }
+}
 
 /// How a response body goes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,13 +82,19 @@ pub fn framing_of(
     headers: &HeaderMap,
     exact: Option<u64>,
 ) -> Framing {
-    // Read by the rules the parsers apply (a replica's length reaches here as the gateway
-    // framed it); a length those rules refuse is no length, and is not written either.
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| {
-        let mut fields = FramingFields::default();
-        fields.content_length(v.as_bytes()).ok()?;
-        fields.length()
-    });
+    framing_for(method, version, status, Fields::map(headers), exact)
+}
+
+/// [`framing_of`] for a response's [`Fields`].
+pub fn framing_for(
+    method: &Method,
+    version: Version,
+    status: StatusCode,
+    fields: Fields<'_>,
+    exact: Option<u64>,
+) -> Framing {
+    // A length the parsers' rules refuse is no length, and is not written either.
+    let declared = fields.content_length();
     if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -86,6 +135,29 @@ pub fn write_head(
     head_request: bool,
     exact: Option<u64>,
 ) {
+    let framed = (framing, persistence);
+    write_fields_head(
+        out,
+        status,
+        Fields::map(headers),
+        framed,
+        head_request,
+        exact,
+    );
+}
+
+/// [`write_head`] for a response's [`Fields`]: a replica's head forwarded as bytes has its
+/// fields copied first, as the replica wrote them (its name case kept), then the relayed
+/// `Content-Length`, then the `HeaderMap`'s.
+pub fn write_fields_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    fields: Fields<'_>,
+    (framing, persistence): (Framing, Persistence),
+    head_request: bool,
+    exact: Option<u64>,
+) {
+    let headers = fields.map;
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -97,6 +169,16 @@ pub fn write_head(
         framing,
         Framing::Length { declared: true, .. } | Framing::None
     );
+    let mut number = itoa::Buffer::new();
+    if let Some(raw) = fields.raw {
+        for (name, value) in raw.fields() {
+            line(out, name, value);
+        }
+        // Where the map put it: after the replica's other fields.
+        if let Some(n) = raw.content_length().filter(|_| own_length) {
+            line(out, b"content-length", number.format(n).as_bytes());
+        }
+    }
     for (name, value) in headers {
         if name == header::TRANSFER_ENCODING
             || name == header::CONNECTION
@@ -109,14 +191,13 @@ pub fn write_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let mut number = itoa::Buffer::new();
     match framing {
         Framing::Length { n, declared: false } => {
             line(out, b"content-length", number.format(n).as_bytes())
         }
         Framing::Chunked => line(out, b"transfer-encoding", b"chunked"),
         // A HEAD response tells the length a GET would have had, when it is known.
-        Framing::None if head_request && !headers.contains_key(header::CONTENT_LENGTH) => {
+        Framing::None if head_request && !fields.states_length() => {
             if let Some(n) = exact {
                 line(out, b"content-length", number.format(n).as_bytes());
             }
@@ -129,7 +210,7 @@ pub fn write_head(
         Persistence::Close => line(out, b"connection", b"close"),
         Persistence::Upgrade => line(out, b"connection", b"upgrade"),
     }
-    if !headers.contains_key(header::DATE) {
+    if !fields.has_date() {
         DATE.with(|d| {
             let mut d = d.borrow_mut();
             line(out, b"date", d.now());
@@ -285,5 +366,92 @@ mod tests {
             String::from_utf8_lossy(&out).contains("content-length: 7\r\n"),
             "HEAD tells the length"
         );
+    }
+
+    fn raw_head(wire: &str, method: &Method) -> Box<RawHead> {
+        crate::wire::client::head::parse_raw_response(&mut bytes::BytesMut::from(wire), method)
+            .expect("parses")
+            .expect("complete")
+            .raw
+    }
+
+    /// `raw` and what the gateway `added`, written as bytes and as one map.
+    fn both_ways(raw: &RawHead, added: &HeaderMap, method: &Method) -> (String, String) {
+        let ok = StatusCode::OK;
+        let fields = Fields {
+            raw: Some(raw),
+            map: added,
+        };
+        let exact = None;
+        let framing = framing_for(method, Version::HTTP_11, ok, fields, exact);
+        let head_request = *method == Method::HEAD;
+        let framed = (framing, Persistence::KeepAlive);
+        let mut bytes = Vec::new();
+        write_fields_head(&mut bytes, ok, fields, framed, head_request, exact);
+        let mut map = raw.headers();
+        for (name, value) in added {
+            map.append(name, value.clone());
+        }
+        assert_eq!(
+            framing_of(method, Version::HTTP_11, ok, &map, exact),
+            framing
+        );
+        let mut mapped = Vec::new();
+        write_head(
+            &mut mapped,
+            ok,
+            &map,
+            framing,
+            Persistence::KeepAlive,
+            head_request,
+            exact,
+        );
+        let text = |b: Vec<u8>| String::from_utf8(b).expect("ascii");
+        (text(bytes), text(mapped))
+    }
+
+    #[test]
+    fn a_head_forwarded_as_bytes_is_the_one_its_map_writes_but_for_the_name_case() {
+        let raw = raw_head(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: x-hop\r\nX-Hop: 1\r\n\
+             Transfer-Encoding: chunked\r\nX-Id: 7\r\n\r\n",
+            &Method::GET,
+        );
+        let mut added = HeaderMap::new();
+        added.append(header::VIA, HeaderValue::from_static("1.1 gw"));
+        let (bytes, mapped) = both_ways(&raw, &added, &Method::GET);
+        assert!(
+            bytes.starts_with(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Id: 7\r\nvia: 1.1 gw\r\n\
+                 transfer-encoding: chunked\r\ndate: "
+            ),
+            "{bytes}"
+        );
+        assert_eq!(bytes.to_lowercase(), mapped.to_lowercase());
+        // A length the replica stated goes after its fields, where the map had it; its own
+        // `Date` is the one sent.
+        let raw = raw_head(
+            "HTTP/1.1 200 OK\r\nDate: Mon, 07 Dec 2026 10:00:00 GMT\r\nContent-Length: 0012\r\n\
+             X-Id: 7\r\n\r\n",
+            &Method::GET,
+        );
+        let (bytes, mapped) = both_ways(&raw, &added, &Method::GET);
+        assert_eq!(
+            bytes,
+            "HTTP/1.1 200 OK\r\nDate: Mon, 07 Dec 2026 10:00:00 GMT\r\nX-Id: 7\r\n\
+             content-length: 12\r\nvia: 1.1 gw\r\n\r\n"
+        );
+        assert_eq!(bytes.to_lowercase(), mapped.to_lowercase());
+        // A HEAD answer's length is the replica's, not added a second time.
+        let raw = raw_head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 9\r\ndate: x\r\n\r\n",
+            &Method::HEAD,
+        );
+        let (bytes, mapped) = both_ways(&raw, &HeaderMap::new(), &Method::HEAD);
+        assert_eq!(
+            bytes,
+            "HTTP/1.1 200 OK\r\ndate: x\r\ncontent-length: 9\r\n\r\n"
+        );
+        assert_eq!(bytes, mapped);
     }
 }
