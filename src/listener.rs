@@ -748,7 +748,15 @@ impl Serving {
                 let (admitted, worker) = (admitted.clone(), worker.clone());
                 async move {
                     let req = req.map(RequestBody::http2);
-                    let resp = answer(&service, &worker, req, &admitted, client, requests).await;
+                    // Boxed, and made in its box: hyper spawns every stream as a task, and tokio
+                    // moves a task's future (and its output) into and out of the task's cell;
+                    // inline, each move copied the whole request's future (about 7 KiB).
+                    let slot = Box::new_uninit();
+                    let resp = Box::into_pin(Box::write(
+                        slot,
+                        answer(&service, &worker, req, &admitted, client, requests),
+                    ))
+                    .await;
                     if resp.extensions().get::<RefusedStream>().is_some() {
                         // Not processed at all: the client may retry it at once.
                         return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
