@@ -12,9 +12,10 @@
 //! with its status and the connection closed. No dispatcher, no channel for a request without
 //! a body, no timer armed per request, no header map built twice. An idle connection holds no
 //! read buffer and none of a request's state: a request runs in `exchange`, boxed while it
-//! runs.
-//! Must not touch: what a request means (the handler) or which connections are admitted (the
-//! listener); the wire formats are [`request`], [`response`], [`crate::wire::framing`] and
+//! runs. One that idles [`Settings::idle_after`] with nothing of a next head read is handed
+//! back whole ([`Served::Idle`]), with its deadline, for the caller to hold without a task.
+//! Must not touch: what a request means (the handler) or which connections are admitted or
+//! held idle (the listener); the wire formats are [`request`], [`response`], [`crate::wire::framing`] and
 //! [`crate::wire::fields`]'.
 
 pub mod body;
