@@ -131,23 +131,24 @@ impl<T> Parking<T> {
     pub async fn leaving(&mut self, out: &mut Vec<Leaving<T>>) {
         loop {
             tokio::select! {
-                ready = self.poll.readable_mut() => match ready {
-                    Ok(mut guard) => {
+                ready = self.poll.readable_mut() => {
+                    let taken = ready.and_then(|mut guard| {
                         let (events, held) = (&mut self.events, &mut self.held);
-                        let poll = guard.get_inner_mut();
-                        let drained = take_woken(poll, events, held, out);
+                        let drained = take_woken(guard.get_inner_mut(), events, held, out)?;
                         if drained {
                             guard.clear_ready();
                         }
-                    }
-                    Err(e) => {
+                        Ok(())
+                    });
+                    if let Err(e) = taken {
                         // The epoll set itself failed (never seen): nothing held can be
-                        // watched any more, so every socket goes back to be served by a task.
+                        // watched any more, so every socket goes back to be served by a task
+                        // (and the table is empty, so this is not met again and again).
                         tracing::warn!(error = %e, "the table of idle connections cannot be watched; serving them again");
                         self.deadlines.clear();
                         out.extend(self.held.drain().map(|(_, h)| Leaving::Woken(h)));
                     }
-                },
+                }
                 () = self.timer.as_mut() => {
                     let now = Instant::now();
                     while let Some(&Reverse((deadline, number, key))) = self.deadlines.peek() {
@@ -180,14 +181,12 @@ fn take_woken<T>(
     events: &mut Events,
     held: &mut Slab<(u64, Held<T>)>,
     out: &mut Vec<Leaving<T>>,
-) -> bool {
+) -> io::Result<bool> {
     loop {
-        if let Err(e) = poll.poll(events, Some(Duration::ZERO)) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            tracing::debug!(error = %e, "polling the idle connections failed");
-            return false;
+        match poll.poll(events, Some(Duration::ZERO)) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(()) => {}
         }
         for event in events.iter() {
             let Token(key) = event.token();
@@ -202,7 +201,7 @@ fn take_woken<T>(
             out.push(Leaving::Woken(woken));
         }
         if events.iter().count() < EVENTS {
-            return true;
+            return Ok(true);
         }
     }
 }
