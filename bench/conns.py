@@ -31,7 +31,7 @@ import time
 
 from instr import read_response
 from proxies_rss import BACKENDS, PORT, SERVER, SETTLE, GW, children, haproxy_conf, haproxy_maxconn, \
-    nginx_conf, raise_nofile, ringgate_conf, rss_kib, wait_port
+    nginx_conf, raise_nofile, ringgate_conf, rss_kib, stop, wait_port
 from tunnels_rss import frame, open_tunnels
 
 WARM_UP = 100
@@ -109,15 +109,6 @@ def main():
         p = subprocess.Popen(cmd, **kw)
         procs.append(p)
         return p
-
-    def stop(p):
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
     def keep_alive(name, pids_of, n):
         warm = []
@@ -212,7 +203,7 @@ def main():
             except BaseException:
                 print(open(log).read()[-3000:])
                 raise
-            stop(gw)
+            stop(gw, 15)
 
             if os.environ.get("PEERS", "1") == "0":
                 continue
@@ -228,7 +219,7 @@ def main():
             except BaseException:
                 print(open(os.path.join(tmp, "nginx-error.log")).read()[-2000:])
                 raise
-            stop(ng)
+            stop(ng, 15)
 
             hconf = os.path.join(tmp, "haproxy.cfg")
             with open(hconf, "w") as f:
@@ -240,7 +231,7 @@ def main():
             if n_hp < n:
                 print(f"  (HAProxy: maxconn {haproxy_maxconn(hard)} = (nofile - 200) / 2, so {n_hp:,})")
             run("HAProxy", lambda: [hp.pid] + children(hp.pid), n_hp)
-            stop(hp)
+            stop(hp, 15)
     finally:
         for p in reversed(procs):
             if p.stdin:
@@ -248,7 +239,7 @@ def main():
                     p.stdin.close()
                 except OSError:
                     pass
-            stop(p)
+            stop(p, 15)
         subprocess.run(["rm", "-rf", tmp])
 
 

@@ -18,33 +18,9 @@ import os
 import socket
 import sys
 
+from instr import read_response
 from proxies_rss import PORT, ROOT, compare, raise_nofile
 from svgbars import bars
-
-def read_response(s):
-    """Reads one whole response with a `Content-Length` (the backends' `/home`)."""
-    got = b""
-    while b"\r\n\r\n" not in got:
-        chunk = s.recv(4096)
-        if not chunk:
-            raise SystemExit(f"closed before a whole response head: {got!r}")
-        got += chunk
-    head, body = got.split(b"\r\n\r\n", 1)
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise SystemExit(f"not a 200: {head[:300]!r}")
-    length = None
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip())
-    if length is None:
-        raise SystemExit(f"no Content-Length: {head[:300]!r}")
-    while len(body) < length:
-        chunk = s.recv(4096)
-        if not chunk:
-            raise SystemExit("closed inside a response body")
-        body += chunk
-
 
 def open_idle(n, first_id=0, batch=200):
     """n keep-alive connections through the proxy on PORT, each served one request (`batch`
@@ -58,7 +34,7 @@ def open_idle(n, first_id=0, batch=200):
             group.append(s)
         for s in group:
             s.settimeout(10)
-            read_response(s)
+            read_response(s, b"")
         socks.extend(group)
     return socks
 

@@ -32,7 +32,7 @@ import time
 
 from svgbars import bars
 from proxies_rss import BACKENDS, PORT, ROOT, SERVER, GW, haproxy_conf, nginx_conf, raise_nofile, \
-    ringgate_conf, wait_port
+    ringgate_conf, stop, wait_port
 
 CONNECTIONS = 8
 OUT_DIR = os.path.join(ROOT, "target", "callgrind-instr")
@@ -111,15 +111,6 @@ def main():
     os.makedirs(OUT_DIR, exist_ok=True)
     procs = []
 
-    def stop(p):
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
     taskset = ["taskset", "-c", "0"] if shutil.which("taskset") else []
 
     def measure(name, cmd, log):
@@ -143,7 +134,7 @@ def main():
             print(open(log).read()[-3000:])
             raise
         finally:
-            stop(p)
+            stop(p, 30)
         per = instr / requests
         print(f"  {name:<9} {instr:>14,} instructions / {requests} requests = {per:9,.0f} a request "
               f"({requests / took:,.0f} requests/s under callgrind)", flush=True)
@@ -201,7 +192,7 @@ def main():
                 shown += 1
     finally:
         for p in reversed(procs):
-            stop(p)
+            stop(p, 30)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

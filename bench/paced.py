@@ -35,7 +35,7 @@ import time
 
 from svgbars import bars
 from proxies_rss import BACKENDS, GW, PORT, ROOT, SERVER, haproxy_conf, nginx_conf, raise_nofile, \
-    ringgate_conf, wait_port
+    ringgate_conf, stop, wait_port
 
 CLIENTS = 64
 PORTS = {"ringgate": 18300, "NGINX": 18310, "HAProxy": 18320}
@@ -164,13 +164,7 @@ def main():
         print(f"chart: {chart}")
     finally:
         for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

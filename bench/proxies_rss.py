@@ -33,6 +33,17 @@ WARM_UP = 200
 SETTLE = int(os.environ.get("SETTLE", "12"))
 
 
+def stop(p, within=10):
+    """Stops process `p` (SIGTERM; killed if it has not exited within `within` seconds)."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(within)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def raise_nofile():
     """The hard descriptor limit, made the soft one too."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -156,15 +167,6 @@ def compare(kind, n, open_fn, unit):
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
         procs.append(p)
         return p
-
-    def stop(p):
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
     def measure(name, pids_of, n=n):
         # A few connections first, so what the first ones allocate once (buffers, pools, the
