@@ -188,7 +188,9 @@ fn take_woken<T>(
             Err(e) => return Err(e),
             Ok(()) => {}
         }
+        let mut reported = 0;
         for event in events.iter() {
+            reported += 1;
             let Token(key) = event.token();
             let Some((_, woken)) = held.try_remove(key) else {
                 continue;
@@ -200,7 +202,7 @@ fn take_woken<T>(
             }
             out.push(Leaving::Woken(woken));
         }
-        if events.iter().count() < EVENTS {
+        if reported < EVENTS {
             return Ok(true);
         }
     }

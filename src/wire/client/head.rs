@@ -905,6 +905,12 @@ mod tests {
             .expect("complete")
     }
 
+    /// A raw head's forwarded fields, as text.
+    fn texts(raw: &RawHead) -> Vec<(String, String)> {
+        let text = |b: &[u8]| String::from_utf8(b.to_vec()).expect("ascii");
+        raw.fields().map(|(n, v)| (text(n), text(v))).collect()
+    }
+
     #[test]
     fn a_raw_head_keeps_the_replica_fields_in_their_order_and_case_and_cuts_the_hop() {
         let wire = "HTTP/1.1 200 OK\r\n\
@@ -927,14 +933,7 @@ mod tests {
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.framing, BodyFraming::Length(2));
         assert!(!r.keep_alive, "its Connection said close");
-        let fields: Vec<(String, String)> = r
-            .raw
-            .fields()
-            .map(|(n, v)| {
-                let text = |b: &[u8]| String::from_utf8(b.to_vec()).expect("ascii");
-                (text(n), text(v))
-            })
-            .collect();
+        let fields = texts(&r.raw);
         let want = [
             ("X-Mixed-Case", "Kept"),
             ("Set-Cookie", "a=1"),
@@ -1023,14 +1022,7 @@ mod tests {
         }
         wire.push_str("content-length: 0\r\n\r\n");
         let r = raw(&wire, &Method::GET);
-        let got: Vec<(String, String)> = r
-            .raw
-            .fields()
-            .map(|(n, v)| {
-                let text = |b: &[u8]| String::from_utf8(b.to_vec()).expect("ascii");
-                (text(n), text(v))
-            })
-            .collect();
+        let got = texts(&r.raw);
         let want: Vec<(String, String)> = names
             .iter()
             .enumerate()
