@@ -110,25 +110,35 @@ pub fn open(
     let Asked {
         on_upgrade, place, ..
     } = asked;
+    let replica_read = std::mem::take(&mut conn.buf);
+    // A replica that takes no byte for proxy.send_timeout is cut like a client that does not.
+    let mut replica = crate::stall::SendTimeout::new(conn, send_timeout, metrics);
+    // What the task keeps while the tunnel is open is its future: the replica's connection is
+    // made here, moved in once and lent to the splice, and what is built after a wait is built
+    // in the arm that starts the splice, so that nothing has two places in it.
     tokio::spawn(async move {
         // Everything the tunnel holds lives until it ends: its places, its count at the
-        // replica, its registration.
-        let _held = (place, request, in_flight, registration);
-        let Some(client) = on_upgrade.upgraded().await else {
-            stats.tunnels.fetch_sub(1, Ordering::Relaxed);
-            return; // the client went before its 101 was written
-        };
-        let replica_read = std::mem::take(&mut conn.buf);
-        // A replica that takes no byte for proxy.send_timeout is cut like a client that does not.
-        let replica = crate::stall::SendTimeout::new(conn, send_timeout, Arc::clone(&metrics));
-        let ends = Ends {
-            client: client.io,
-            client_read: client.read,
-            replica,
-            replica_read,
-            websocket,
-        };
-        let spliced = splice::splice(ends, close, idle).await;
+        // replica, its registration (moved into the task by being named here, and kept where
+        // they were moved: a tuple of them would be a second place).
+        let _held = (&place, &request, &in_flight, &registration);
+        let spliced = match on_upgrade.upgraded().await {
+            Some(client) => splice::splice(
+                Ends {
+                    client: client.io,
+                    client_read: client.read,
+                    replica: &mut replica,
+                    replica_read,
+                    websocket,
+                },
+                close,
+                idle,
+            ),
+            None => {
+                stats.tunnels.fetch_sub(1, Ordering::Relaxed);
+                return; // the client went before its 101 was written
+            }
+        }
+        .await;
         stats.tunnels.fetch_sub(1, Ordering::Relaxed);
         let c = &tunnels.counters;
         c.bytes_up.fetch_add(spliced.up, Ordering::Relaxed);

@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
@@ -245,8 +245,13 @@ pub struct Ends<C, R> {
 
 /// Splices the two connections until the tunnel ends (see the module's header); `close` tells
 /// it to close (re-homing, a drain), `idle` is `[tunnels] idle_timeout`.
+///
+/// An idle tunnel is this future, so what it keeps across its waits is kept small: the ends
+/// are used where they were passed (a copy in a local would be a second place for them in the
+/// future, rustc keeps both), and reads borrow a buffer on the stack of a poll, not of the
+/// future. A caller that passes its replica connection as `&mut` keeps one place for it too.
 pub async fn splice<C, R>(
-    ends: Ends<C, R>,
+    mut ends: Ends<C, R>,
     mut close: oneshot::Receiver<Close>,
     idle: Duration,
 ) -> Spliced
@@ -254,29 +259,29 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     R: AsyncRead + AsyncWrite + Unpin,
 {
-    let Ends {
-        mut client,
-        client_read,
-        mut replica,
-        replica_read,
-        websocket,
-    } = ends;
+    let websocket = ends.websocket;
     let mut up = Flow::default();
     let mut down = Flow::default();
     let mut frames = websocket.then(Frames::default);
     // The bytes each side sent past its head go first, through the same path as the rest.
-    if let Err(e) = replica.write_all(&client_read).await {
+    let early = std::mem::take(&mut ends.client_read);
+    if let Err(e) = ends.replica.write_all(&early).await {
         return ended(&up, &down, End::ReplicaError(e.to_string()));
     }
-    up.bytes += client_read.len() as u64;
+    up.bytes += early.len() as u64;
+    drop(early);
+    let early = std::mem::take(&mut ends.replica_read);
     if let Some(f) = frames.as_mut() {
-        f.advance(&replica_read, false);
+        f.advance(&early, false);
     }
-    if let Err(e) = client.write_all(&replica_read).await {
+    if let Err(e) = ends.client.write_all(&early).await {
         return ended(&up, &down, End::ClientError(e.to_string()));
     }
-    down.bytes += replica_read.len() as u64;
-    drop((client_read, replica_read));
+    down.bytes += early.len() as u64;
+    drop(early);
+    let Ends {
+        client, replica, ..
+    } = &mut ends;
 
     let mut last_moved = Instant::now();
     let mut idle_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
@@ -299,18 +304,11 @@ where
             }
         }
         if let Some(c) = closing.as_mut() {
-            return c.poll(cx, &mut down, &mut replica, &mut client);
+            return c.poll(cx, &mut down, replica, client);
         }
         let mut moved = false;
-        let up_step = up.poll_move(cx, &mut client, &mut replica, None, false, &mut moved);
-        let down_step = down.poll_move(
-            cx,
-            &mut replica,
-            &mut client,
-            frames.as_mut(),
-            false,
-            &mut moved,
-        );
+        let up_step = up.poll_move(cx, client, replica, None, false, &mut moved);
+        let down_step = down.poll_move(cx, replica, client, frames.as_mut(), false, &mut moved);
         let steps = match (up_step, down_step) {
             (Err(Broke::Source(e)), _) | (_, Err(Broke::Destination(e))) => {
                 return Poll::Ready(End::ClientError(e.to_string()))
@@ -345,7 +343,8 @@ where
     })
     .await;
     if let (End::Closed(_), true) = (&end, websocket) {
-        linger(&mut client).await;
+        idle_timer.as_mut().reset(Instant::now() + LINGER);
+        linger(client, idle_timer.as_mut()).await;
     }
     // A WebSocket's server ends with a close frame; one that just went is a replica that
     // broke (a crash, a kill), whatever the socket said.
@@ -410,15 +409,20 @@ impl Closing {
     }
 }
 
-/// Reads (and drops) what the client still sends for a moment after a close, until it ends
-/// its side.
-async fn linger<C: AsyncRead + Unpin>(client: &mut C) {
-    let mut sink = [0u8; 512];
-    let _ = tokio::time::timeout(LINGER, async {
-        while let Ok(n) = client.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
+/// Reads (and drops) what the client still sends after a close, until it ends its side or
+/// `until` fires. The bytes go to a buffer on the poll's stack, so that this wait adds nothing
+/// to the tunnel's future.
+async fn linger<C: AsyncRead + Unpin>(client: &mut C, mut until: Pin<&mut Sleep>) {
+    poll_fn(|cx| loop {
+        if until.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        let mut sink = [0u8; 512];
+        let mut buf = ReadBuf::new(&mut sink);
+        match Pin::new(&mut *client).poll_read(cx, &mut buf) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
+            Poll::Ready(_) => return Poll::Ready(()),
         }
     })
     .await;
@@ -436,7 +440,7 @@ fn ended(up: &Flow, down: &Flow, end: End) -> Spliced {
 mod tests {
     use super::*;
     use crate::tunnel::rehome::Reason;
-    use tokio::io::{duplex, DuplexStream};
+    use tokio::io::{duplex, AsyncReadExt, DuplexStream};
 
     /// A tunnel between two in-memory pipes of `capacity` bytes; returns the far ends (the
     /// client's and the replica's) and the running splice.
