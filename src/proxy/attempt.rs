@@ -47,6 +47,8 @@ pub struct Attempt<'a> {
     /// The protocols the client asked to switch to, when the request is forwarded as an
     /// upgrade (`crate::proxy::upgrade`).
     pub upgrade: Option<&'a http::HeaderValue>,
+    /// The request is a gRPC call ([`crate::grpc::is_grpc`]).
+    pub grpc: bool,
     /// The serving thread's connections to the replicas.
     pub pools: &'a upstream::Pools,
 }
@@ -92,7 +94,7 @@ impl Attempt<'_> {
             http2: self.upgrade.is_none()
                 && cfg.proxy.upstream_protocol.uses_h2(self.parts.version),
             // A gRPC call's status travels in trailers: HTTP/2 or nothing.
-            http2_only: crate::grpc::is_grpc(&self.parts.headers),
+            http2_only: self.grpc,
             http2_keepalive: cfg.proxy.http2_keepalive,
             deadline: tokio::time::Instant::now() + self.request_timeout,
         };

@@ -104,7 +104,8 @@ pub async fn forward(
         false => (None, None),
     };
     let snap: &Snapshot = woken.as_ref().map_or(snap, |now| &***now);
-    match try_forward(snap, gateway, req, (client, place), client_addr, outcome).await {
+    let call = Call { client_addr, grpc };
+    match try_forward(snap, gateway, req, (client, place), call, outcome).await {
         Ok(resp) => resp,
         Err(e) => fail(e, grpc, metrics, outcome),
     }
@@ -132,19 +133,29 @@ fn fail(e: GatewayError, grpc: bool, metrics: &Metrics, outcome: &mut Outcome) -
     e.into_response()
 }
 
+/// What the request path knows of a request besides its head: who sent it, and whether it is a
+/// gRPC call (decided once, from its `content-type`, for every step that answers it its way).
+#[derive(Clone, Copy)]
+struct Call {
+    client_addr: SocketAddr,
+    grpc: bool,
+}
+
 async fn try_forward(
     snap: &Snapshot,
     gateway: &Gateway<'_>,
     req: Request<RequestBody>,
     (client, place): (&Arc<Admitted>, Option<RequestPlace>),
-    client_addr: SocketAddr,
+    Call {
+        client_addr,
+        grpc: grpc_call,
+    }: Call,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, GatewayError> {
     let (metrics, controller) = (gateway.metrics, gateway.controller);
     let cfg = &snap.config;
     let (mut parts, body) = req.into_parts();
     let budgets = client.budgets(&cfg.proxy, cfg.replicas.max_replicas);
-    let grpc_call = crate::grpc::is_grpc(&parts.headers);
     if grpc_call && !cfg.proxy.upstream_protocol.uses_h2(parts.version) {
         // Over HTTP/1.1 the call's trailers (its status) would be lost: refused, not broken.
         linger(body);
@@ -152,7 +163,9 @@ async fn try_forward(
     }
     // A gRPC call's own deadline bounds it at the gateway too: its body's start, its response
     // head, and the whole call (ended with DEADLINE_EXCEEDED); what runs out is named.
-    let call_timeout = crate::grpc::timeout(&parts.headers);
+    let call_timeout = grpc_call
+        .then(|| crate::grpc::timeout(&parts.headers))
+        .flatten();
     let call_deadline = call_timeout.map(|t| (tokio::time::Instant::now() + t, t));
     let limit = TimeLimit::of(cfg.proxy.request_timeout, call_timeout);
     let (place, mut body, request_timeout) =
@@ -178,6 +191,7 @@ async fn try_forward(
         framing: crate::wire::client::framing_of(&parts.method, &body),
         request_timeout,
         upgrade: protocols.as_ref(),
+        grpc: grpc_call,
         pools: &gateway.worker.upstream,
     };
     let (mut server, mut reserved) = (route.first, route.reserved);
