@@ -492,3 +492,57 @@ async fn a_replica_head_reaches_an_http1_client_as_it_was_written_less_its_hop_b
     relays_the_mixed_head(logged.addr).await;
     let _ = std::fs::remove_file(&log);
 }
+
+/// Sends one `GET` on each of `conns` at once, then reads every answer (a 200 each, whose body,
+/// the last of it, is `ends_with`).
+async fn one_request_on_each(conns: &mut [TcpStream], ends_with: &str) {
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(format!("GET /w?id={i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+    }
+    for s in conns.iter_mut() {
+        let text = tokio::time::timeout(Duration::from_secs(30), read_until(s, ends_with))
+            .await
+            .expect("an answer within 30 s");
+        assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_requests_at_once_to_one_replica_reuse_their_connections_to_it() {
+    // 300 requests at once to one replica, twice over the same client connections (so each
+    // serving thread carries as many both times). The first time opens a connection to the
+    // replica for each; the second finds them all kept, where a cap of 64 idle connections a
+    // replica and thread closed most of them after every burst and opened them again.
+    const AT_ONCE: usize = 300;
+    let slow = Backend::start("127.0.0.1", Behaviour::Answer { delay_ms: 300 }).await;
+    let caps = "max_connections = 2000\nmax_connections_per_ip = 2000\nmax_requests = 2000\n\
+                max_requests_per_ip = 2000\nmax_requests_per_replica = 2000\n";
+    let gw = GatewayProcess::start(&one_replica(slow.addr, caps));
+    let mut conns = Vec::with_capacity(AT_ONCE);
+    for _ in 0..AT_ONCE {
+        conns.push(TcpStream::connect(gw.addr).await.expect("connect"));
+    }
+    let name = slow.addr.to_string();
+    one_request_on_each(&mut conns, &name).await;
+    let opened = slow.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        opened >= AT_ONCE,
+        "{opened} connections for {AT_ONCE} requests at once"
+    );
+    one_request_on_each(&mut conns, &name).await;
+    let again = slow.accepted.load(std::sync::atomic::Ordering::SeqCst) - opened;
+    // Health checks open connections of their own (a few in these seconds).
+    assert!(
+        again < 30,
+        "the second burst opened {again} new connections to the replica; the first left {opened}"
+    );
+    // Every connection of the burst is kept idle for the next (and a health check's may be
+    // open as this is read).
+    let open = metric(&gw.metrics().await, "ringgate_upstream_connections_open") as usize;
+    assert!(
+        (AT_ONCE..AT_ONCE + 3).contains(&open),
+        "{open} connections to the replica open after the bursts of {AT_ONCE}"
+    );
+}

@@ -29,8 +29,14 @@ use tokio::time::Instant;
 use crate::descriptors::ReplicaConnection;
 use crate::tls::upstream::{Alpn, UpstreamStream, UpstreamTls};
 
-/// Idle keep-alive connections kept per replica and serving thread.
-pub const MAX_IDLE_PER_REPLICA: usize = 64;
+/// Idle keep-alive connections kept per replica and serving thread: a bound for safety, not
+/// the working limit, which is what the load needed within [`IDLE_TIMEOUT`] (and none kept
+/// while the descriptors are short, `Admission::short_of_descriptors`). It was 64: a burst of
+/// more requests than that at once to one replica (128 streams of eight HTTP/2 clients) closed
+/// the rest after every response and opened them again, 0.06 connects a request, 40 % of the
+/// requests/s of HTTP/2 clients (docs/performance.md). HAProxy keeps what it opened
+/// (`pool-max-conn` unlimited); NGINX what `keepalive N` says.
+pub const MAX_IDLE_PER_REPLICA: usize = 1024;
 /// An idle connection older than this is closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Read buffers are kept for the next response (which then allocates nothing to be read into)

@@ -50,6 +50,8 @@ pub struct Backend {
     /// Requests in progress now, and the most at once.
     pub in_flight: Arc<AtomicUsize>,
     pub peak: Arc<AtomicUsize>,
+    /// Connections accepted (the gateway's and health checks' alike).
+    pub accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -64,11 +66,14 @@ impl Backend {
         let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let (st, inf, pk) = (status.clone(), in_flight.clone(), peak.clone());
+        let accepts = accepted.clone();
         let task = tokio::spawn(async move {
             // Connection tasks live in the set, so stopping the backend closes them too.
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((mut s, _)) = listener.accept().await {
+                accepts.fetch_add(1, Ordering::SeqCst);
                 let counter = counter.clone();
                 let (st, inf, pk) = (st.clone(), inf.clone(), pk.clone());
                 let name = addr.to_string();
@@ -169,6 +174,7 @@ impl Backend {
             status,
             in_flight,
             peak,
+            accepted,
             task,
         }
     }
@@ -186,9 +192,12 @@ impl Backend {
         let addr = listener.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let counter = hits.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let accepts = accepted.clone();
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((s, _)) = listener.accept().await {
+                accepts.fetch_add(1, Ordering::SeqCst);
                 let counter = counter.clone();
                 connections.spawn(async move {
                     let svc = hyper::service::service_fn(
@@ -254,6 +263,7 @@ impl Backend {
             status: Arc::new(std::sync::atomic::AtomicU16::new(200)),
             in_flight: Arc::new(AtomicUsize::new(0)),
             peak: Arc::new(AtomicUsize::new(0)),
+            accepted,
             task,
         }
     }
