@@ -2,7 +2,7 @@
 # (bench/lab, binary `ringgate-lab`), which starts the release gateway binaries
 # target/release/ringgate and target/release/ringgate-server.
 
-.PHONY: analysis bench bench-micro bench-rss bench-idle bench-idle-profile bench-flood bench-log bench-streams bench-tunnels bench-h2 bench-instr bench-conns bench-paced
+.PHONY: analysis bench bench-micro bench-rss bench-idle bench-idle-profile bench-flood bench-log bench-streams bench-tunnels bench-h2 bench-h2-pinned bench-instr bench-conns bench-paced
 
 ## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in docs/img/ (committed), report in docs/performance.md
 analysis:
@@ -38,6 +38,11 @@ bench-tunnels: build
 bench-h2: build
 	bench/deps.sh proxies h2load
 	bench/h2-peers.sh
+
+## bench-h2-pinned: HTTP/2 clients (HTTP/1.1 to the replicas) and gRPC unary (h2c to them) through ringgate, HAProxy and NGINX, each alone on CPU 0 with one serving thread/worker, the two replicas and h2load -c8 -m16 on CPU 1: requests/s and CPU per request (/proc), medians of interleaved rounds (BENCH_H2_ARGS: requests, rounds; default 200000 3)
+bench-h2-pinned: build
+	bench/deps.sh proxies h2load
+	python3 bench/h2_pinned.py $(BENCH_H2_ARGS)
 
 ## bench-streams: 220 h2c connections x 100 bodyless POST streams under nofile 20000: other clients' answers, refusals, descriptors, RSS
 bench-streams: build
