@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 
 use crate::access_log::{Termination, TunnelEnd, TunnelLog};
 use crate::admission::RequestPlace;
+use crate::config::AccessTarget;
 use crate::metrics::Metrics;
 use crate::snapshot::{Snapshot, Upstream};
 use crate::tunnel::splice::{self, End, Ends};
@@ -105,7 +106,15 @@ pub fn open(
         at.snap.config.tunnels.idle_timeout,
         at.snap.config.proxy.send_timeout,
     );
-    let (report, log) = oneshot::channel();
+    // The access log's line for the tunnel waits for its end; with the log off nobody waits,
+    // and an idle tunnel keeps no channel for it.
+    let (report, log) = match at.snap.config.log.access {
+        AccessTarget::Off => (None, None),
+        _ => {
+            let (report, log) = oneshot::channel();
+            (Some(report), Some(log))
+        }
+    };
     let (tunnels, metrics) = (Arc::clone(tunnels), Arc::clone(metrics));
     let Asked {
         on_upgrade, place, ..
@@ -159,13 +168,17 @@ pub fn open(
             End::Closed(Close::Rehome(_)) => Termination::TunnelRehomed,
             End::Closed(Close::Shutdown) => Termination::TunnelShutdown,
         };
-        let _ = report.send(TunnelEnd {
-            up: spliced.up,
-            down: spliced.down,
-            termination,
-        });
+        if let Some(report) = report {
+            let _ = report.send(TunnelEnd {
+                up: spliced.up,
+                down: spliced.down,
+                termination,
+            });
+        }
     });
     parts.status = StatusCode::SWITCHING_PROTOCOLS;
-    parts.extensions.insert(TunnelLog::new(log));
+    if let Some(log) = log {
+        parts.extensions.insert(TunnelLog::new(log));
+    }
     Some(Response::from_parts(parts, Body::full(bytes::Bytes::new())))
 }
