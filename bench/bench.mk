@@ -2,15 +2,15 @@
 # (bench/lab, binary `ringgate-lab`), which starts the release gateway binaries
 # target/release/ringgate and target/release/ringgate-server.
 
-.PHONY: analysis bench bench-micro bench-rss bench-idle bench-idle-profile bench-flood bench-log bench-streams bench-tunnels bench-h2 bench-h2-pinned bench-instr bench-conns bench-paced
+.PHONY: analysis bench bench-micro bench-rss bench-idle bench-idle-profile bench-tunnels-profile bench-flood bench-log bench-streams bench-tunnels bench-h2 bench-h2-pinned bench-instr bench-conns bench-paced
 
 ## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in docs/img/ (committed), report in docs/performance.md
 analysis:
 	bench/analysis.sh $(ANALYSIS_ARGS)
 
-## bench: throughput of ringgate against NGINX and HAProxy, plain and terminating TLS (ringgate-lab analysis proxies, then tls; installs them and wrk when missing; each proxy pinned to CPU 0 alone and the load to the other CPUs, BENCH_PIN=0 runs them anywhere; TLS_BENCH=0 skips TLS, TLS_BENCH_ARGS go to it); tables in docs/performance.md
+## bench: throughput of ringgate against NGINX and HAProxy, plain and terminating TLS, then HTTP/2 clients and gRPC unary (ringgate-lab analysis proxies, then tls, then bench/h2_pinned.py; installs them, wrk and h2load when missing; each proxy pinned to CPU 0 alone and the load to the other CPUs, BENCH_PIN=0 runs the first two anywhere; TLS_BENCH=0 skips TLS, TLS_BENCH_ARGS go to it; H2_BENCH=0 skips HTTP/2, H2_BENCH_ARGS go to it); tables in docs/performance.md
 bench:
-	TLS_BENCH="$(TLS_BENCH)" TLS_BENCH_ARGS="$(TLS_BENCH_ARGS)" bench/proxies.sh $(BENCH_ARGS)
+	TLS_BENCH="$(TLS_BENCH)" TLS_BENCH_ARGS="$(TLS_BENCH_ARGS)" H2_BENCH="$(H2_BENCH)" H2_BENCH_ARGS="$(H2_BENCH_ARGS)" bench/proxies.sh $(BENCH_ARGS)
 
 ## bench-micro: criterion microbenches of the ring and the hash functions (the lab's benches; BENCH_MICRO_ARGS go to criterion)
 bench-micro:
@@ -28,6 +28,10 @@ bench-idle: build
 ## bench-idle-profile: where an idle keep-alive connection's bytes go: ringgate under valgrind's DHAT holding 2,200 idle connections, its heap at the peak by allocation site, per connection (needs valgrind; the profile is left in target/dhat-idle.json for dh_view)
 bench-idle-profile: build
 	python3 bench/idle_profile.py 2000
+
+## bench-tunnels-profile: where an idle WebSocket tunnel's bytes go: ringgate under valgrind's DHAT holding 1,200 idle tunnels (each echoed once), its heap at the peak by allocation site, per tunnel (needs valgrind; the profile is left in target/dhat-tunnels.json)
+bench-tunnels-profile: build
+	python3 bench/idle_profile.py --tunnels 1000
 
 ## bench-tunnels: RSS per open idle WebSocket tunnel (9,000 tunnels, two descriptors each) through ringgate, NGINX and HAProxy, one worker each, the same three backends
 bench-tunnels: build

@@ -15,8 +15,10 @@ one gRPC message (`content-type: application/grpc`, `te: trailers`) to the repli
 
 CPU per request is the proxy process's user + system time over the load (`/proc/PID/stat`, all
 of its threads; NGINX's worker) divided by the requests answered. Each figure is the median over
-the rounds, and the ratios are ringgate's against HAProxy's and against the faster peer's. Ports
-18400-18420; loopback only; everything started is stopped on exit, also on failure.
+the rounds, and the ratios are ringgate's against HAProxy's and against the faster peer's; the
+medians are drawn in docs/img/h2_pinned.svg and h2_pinned_cpu.svg (CHART= elsewhere: the
+requests/s chart's path, the CPU one beside it). Ports 18400-18420; loopback
+only; everything started is stopped on exit, also on failure.
 """
 import os
 import re
@@ -28,6 +30,7 @@ import tempfile
 import time
 
 from proxies_rss import ROOT, SERVER, GW, children, stop, wait_port
+from svgbars import bars
 
 REPLICAS = [18401, 18402]
 PORTS = {"ringgate": 18410, "ringgate-h2c": 18411, "HAProxy": 18412, "HAProxy-h2": 18413,
@@ -191,15 +194,28 @@ def main():
                 print(f"  round {r + 1} {label:<42} {proxy:<9} {rate:9,.0f} requests/s "
                       f"{per:6.2f} us CPU a request ({failed} failed)", flush=True)
         print("\nmedians:")
-        for label in dict.fromkeys(label for label, _, _, _ in LOADS):
+        proxies = list(dict.fromkeys(proxy for _, proxy, _, _ in LOADS))
+        labels = list(dict.fromkeys(label for label, _, _, _ in LOADS))
+        chart = {label: {} for label in labels}
+        for label in labels:
             med = {p: (median([x[0] for x in v]), median([x[1] for x in v]))
                    for (l, p), v in results.items() if l == label}
             for p, (rate, per) in med.items():
                 print(f"  {label:<42} {p:<9} {rate:9,.0f} requests/s {per:6.2f} us CPU a request")
+            chart[label] = med
             rg, hp = med["ringgate"], med["HAProxy"]
             faster = max(("HAProxy", "NGINX"), key=lambda p: med[p][0])
             print(f"  ringgate / HAProxy: {rg[0] / hp[0]:.2f}x requests/s, {rg[1] / hp[1]:.2f}x CPU a request; "
                   f"/ the faster peer ({faster}): {rg[0] / med[faster][0]:.2f}x requests/s")
+        path = os.environ.get("CHART", os.path.join(ROOT, "docs", "img", "h2_pinned.svg"))
+        cpu_path = path[:-len(".svg")] + "_cpu.svg" if path.endswith(".svg") else path + "_cpu"
+        rows = [label.split(",")[0] for label in labels]
+        title = f"Each proxy alone on one core, h2load -c8 -m16, medians of {rounds} rounds"
+        bars(path, f"{title}: requests/s", "requests/s", rows, proxies,
+             [[chart[label][p][0] for p in proxies] for label in labels])
+        bars(cpu_path, f"{title}: CPU a request", "microseconds", rows, proxies,
+             [[chart[label][p][1] for p in proxies] for label in labels], fmt="{:.2f} us")
+        print(f"charts: {path}, {cpu_path}")
     finally:
         for p in reversed(procs):
             stop(p)

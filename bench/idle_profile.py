@@ -3,6 +3,9 @@
 connections, and its heap at its peak summed by allocation site.
 
     bench/idle_profile.py [N] [DHAT_OUT]      (default 2000; `make bench-idle-profile`)
+    bench/idle_profile.py --tunnels [N] [DHAT_OUT]
+                                              (idle WebSocket tunnels instead, each echoed once;
+                                              default 1000; `make bench-tunnels-profile`)
     bench/idle_profile.py --report DHAT_OUT   (only the table, from an earlier run's file)
 
 The rig of `bench/idle_rss.py` (three `ringgate-server` backends, the static provider, one serving
@@ -10,7 +13,8 @@ thread), with ringgate run by `valgrind --tool=dhat` on a dynamically linked rel
 (`target/release/ringgate`: DHAT cannot see the allocator of a static binary). 200 connections
 are opened, then N more, one at a time in groups of 50 with a pause of 2 s after each group (so
 that the groups before it idle, and ringgate holds them without their tasks, before the next one
-comes), each making one request and staying open; once they idle the gateway is stopped. The
+comes), each making one request and staying open (with `--tunnels`: each a WebSocket through the
+gateway, echoed once and left open); once they idle the gateway is stopped. The
 table lists the allocation sites by what they held at the heap's peak (DHAT's `t-gmax`: the
 connections idle, the last group perhaps still in its tasks), bytes and blocks, each divided by
 N + 200, with the frames of the site that are ringgate's own (or tokio's, hyper's, bytes', when
@@ -25,6 +29,7 @@ import tempfile
 import time
 
 from idle_rss import open_idle
+from tunnels_rss import open_tunnels
 from proxies_rss import BACKENDS, GW, PORT, ROOT, SERVER, WARM_UP, raise_nofile, ringgate_conf, wait_port
 
 OURS = ("ringgate::",)
@@ -65,8 +70,21 @@ def main():
     if sys.argv[1:2] == ["--report"]:
         report(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2000 + WARM_UP)
         return
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-    out = sys.argv[2] if len(sys.argv) > 2 else os.path.join(ROOT, "target", "dhat-idle.json")
+    args = sys.argv[1:]
+    tunnels = args[:1] == ["--tunnels"]
+    if tunnels:
+        args = args[1:]
+        kind, what, default_n = "tunnels", "tunnels", 1000
+
+        def open_some(count, first_id):
+            return open_tunnels(count, first_id)
+    else:
+        kind, what, default_n = "keep-alive", "idle", 2000
+
+        def open_some(count, first_id):
+            return open_idle(count, first_id, batch=1)
+    n = int(args[0]) if args else default_n
+    out = args[1] if len(args) > 1 else os.path.join(ROOT, "target", f"dhat-{what}.json")
     raise_nofile()
     tmp = tempfile.mkdtemp(prefix="ringgate-dhat-")
     procs = []
@@ -79,7 +97,7 @@ def main():
             wait_port(port)
         conf = os.path.join(tmp, "lb.toml")
         with open(conf, "w") as f:
-            f.write(ringgate_conf(tmp, "keep-alive", n))
+            f.write(ringgate_conf(tmp, kind, n))
         gw = subprocess.Popen(["taskset", "-c", "0", "valgrind", "--tool=dhat", f"--dhat-out-file={out}",
                                GW, "serve", "--config", conf],
                               stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "dhat.log"), "w"))
@@ -88,11 +106,11 @@ def main():
         time.sleep(3)
         # One request at a time, so that the heap's peak is the connections idle, not a batch
         # of requests in flight; in groups, each given the time to idle before the next.
-        warm = open_idle(WARM_UP, 0, batch=1)
+        warm = open_some(WARM_UP, 0)
         time.sleep(2)
         socks = []
         for start in range(0, n, GROUP):
-            socks += open_idle(min(GROUP, n - start), WARM_UP + start, batch=1)
+            socks += open_some(min(GROUP, n - start), WARM_UP + start)
             time.sleep(2)
         time.sleep(1)
         gw.send_signal(signal.SIGTERM)

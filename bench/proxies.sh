@@ -51,3 +51,12 @@ if [ "${TLS_BENCH:-1}" != 0 ]; then
         --ringgate-bin "$TARGET_DIR/release/ringgate" \
         --pidfile "$pidfile" ${TLS_BENCH_ARGS:-}
 fi
+
+if [ "${H2_BENCH:-1}" != 0 ]; then
+    # HTTP/2 clients and gRPC unary, each proxy alone on a core (bench/h2_pinned.py, which
+    # stops what it starts; its ports are 18400-18420). H2_BENCH_ARGS: requests, rounds.
+    bench/deps.sh h2load
+    # shellcheck disable=SC2086 # H2_BENCH_ARGS is a list of arguments
+    RINGGATE_BIN="$TARGET_DIR/release/ringgate" RINGGATE_SERVER_BIN="$TARGET_DIR/release/ringgate-server" \
+        python3 bench/h2_pinned.py ${H2_BENCH_ARGS:-}
+fi
