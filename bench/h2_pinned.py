@@ -23,13 +23,12 @@ only; everything started is stopped on exit, also on failure.
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
-from proxies_rss import ROOT, SERVER, GW, children, stop, wait_port
+from proxies_rss import ROOT, GW, children, start_servers, stop_all, run, wait_port
 from svgbars import bars
 
 REPLICAS = [18401, 18402]
@@ -149,11 +148,7 @@ def main():
         return p
 
     try:
-        for port in REPLICAS:
-            start(rest_cpu + [SERVER], env={"PORT": str(port), "SERVER_ID": f"r{port}", "BIND": "127.0.0.1",
-                                            "PATH": os.environ.get("PATH", "")})
-        for port in REPLICAS:
-            wait_port(port)
+        start_servers(start, REPLICAS, rest_cpu, prefix="r")
         pids = {}
         for key, protocol in (("ringgate", "http1"), ("ringgate-h2c", "h2c")):
             conf = os.path.join(tmp, f"{key}.toml")
@@ -217,12 +212,8 @@ def main():
              [[chart[label][p][1] for p in proxies] for label in labels], fmt="{:.2f} us")
         print(f"charts: {path}, {cpu_path}")
     finally:
-        for p in reversed(procs):
-            stop(p)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp)
 
 
 if __name__ == "__main__":
-    # A SIGTERM unwinds like an error, so what was started is stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    main()
+    run(main)

@@ -22,7 +22,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import time
 
 from svgbars import bars
 from proxies_rss import BACKENDS, PORT, ROOT, SERVER, GW, haproxy_conf, nginx_conf, raise_nofile, \
-    ringgate_conf, stop, wait_port
+    ringgate_conf, run, stop, stop_all, wait_port
 
 CONNECTIONS = 8
 OUT_DIR = os.path.join(ROOT, "target", "callgrind-instr")
@@ -191,12 +190,8 @@ def main():
                 print(f"  {n / requests:9,.0f}  {float(m.group(2)):5.1f} %  {m.group(3)[:150]}")
                 shown += 1
     finally:
-        for p in reversed(procs):
-            stop(p, 30)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp, within=30)
 
 
 if __name__ == "__main__":
-    # A SIGTERM unwinds like an error, so what was started is stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    main()
+    run(main)

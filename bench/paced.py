@@ -27,15 +27,14 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 from svgbars import bars
-from proxies_rss import BACKENDS, GW, PORT, ROOT, SERVER, haproxy_conf, nginx_conf, raise_nofile, \
-    ringgate_conf, stop, wait_port
+from proxies_rss import BACKENDS, GW, PORT, ROOT, haproxy_conf, nginx_conf, raise_nofile, \
+    ringgate_conf, start_servers, stop_all, run, wait_port
 
 CLIENTS = 64
 PORTS = {"ringgate": 18300, "NGINX": 18310, "HAProxy": 18320}
@@ -88,11 +87,7 @@ def main():
         return conf.replace(f"127.0.0.1:{PORT}", f"127.0.0.1:{port}")
 
     try:
-        for port in BACKENDS:
-            start(rest_cpu + [SERVER], env={"PORT": str(port), "SERVER_ID": f"b{port}", "BIND": "127.0.0.1",
-                                            "PATH": os.environ.get("PATH", "")})
-        for port in BACKENDS:
-            wait_port(port)
+        start_servers(start, BACKENDS, rest_cpu)
         conf = os.path.join(tmp, "lb.toml")
         with open(conf, "w") as f:
             f.write(on_port(ringgate_conf(tmp, "keep-alive", 1000), PORTS["ringgate"])
@@ -163,12 +158,8 @@ def main():
              [[med[name][i] for name in PORTS] for i in range(3)], fmt="{:.2f} ms")
         print(f"chart: {chart}")
     finally:
-        for p in reversed(procs):
-            stop(p)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp)
 
 
 if __name__ == "__main__":
-    # A SIGTERM unwinds like an error, so what was started is stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    main()
+    run(main)

@@ -44,6 +44,32 @@ def stop(p, within=10):
             p.wait()
 
 
+def start_servers(start, ports, cpu=(), prefix="b"):
+    """Starts a `ringgate-server` on each of `ports` (loopback), named `<prefix><port>`, with the
+    script's `start(cmd, env=...)` (which keeps the process to stop it), under `cpu` (a `taskset`
+    prefix, or none), and waits until each listens."""
+    for port in ports:
+        start(list(cpu) + [SERVER], env={"PORT": str(port), "SERVER_ID": f"{prefix}{port}", "BIND": "127.0.0.1",
+                                         "PATH": os.environ.get("PATH", "")})
+    for port in ports:
+        wait_port(port)
+
+
+def stop_all(procs, tmp, within=10):
+    """Stops what a run started, the last started first (each as [`stop`] does), and removes its
+    temporary directory `tmp`."""
+    for p in reversed(procs):
+        stop(p, within)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(main):
+    """Runs a bench script's `main` with SIGTERM unwinding like an error, so that its `finally`
+    stops what it started."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    main()
+
+
 def raise_nofile():
     """The hard descriptor limit, made the soft one too."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -266,6 +292,4 @@ def compare(kind, n, open_fn, unit):
         print(f"ringgate: {rg:.2f} KiB per {unit} ({ratios or 'no peer measured'})")
         return results
     finally:
-        for p in reversed(procs):
-            stop(p)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp)
