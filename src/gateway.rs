@@ -493,6 +493,9 @@ fn serve_thread(
     runtime.block_on(async move {
         let anchor = tokio::spawn(crate::listener::timer_anchor());
         let beating = tokio::spawn(watchdog.heartbeat(n));
+        let sweeping = tokio::spawn(crate::upstream::pool::sweep_every(Arc::clone(
+            &worker.upstream.h1,
+        )));
         let tunnels = drain_tunnels(&service.tunnels, stop_rx.clone(), drain);
         let serving = listeners.into_iter().map(|(listener, mode, slot)| {
             let (service, mut stop_rx) = (service.clone(), stop_rx.clone());
@@ -516,6 +519,7 @@ fn serve_thread(
         }
         anchor.abort();
         beating.abort();
+        sweeping.abort();
     });
 }
 

@@ -6,9 +6,10 @@
 //! [`Conn::into_stream`]), connecting with a deadline, and a serving thread's [`Pool`] of idle
 //! keep-alive connections (last in, first out; at most [`MAX_IDLE_PER_REPLICA`] per replica;
 //! closed after [`IDLE_TIMEOUT`]; a connection the replica closed, that has unsolicited bytes,
-//! or that another TLS client than the caller's made, is never handed out). Per thread, because
-//! every request stays on its serving thread: no contended lock, no cross-thread wake-up, no
-//! shared cache line.
+//! or that another TLS client than the caller's made, is never handed out; those that expired
+//! or that their replica closed are closed when met or by the thread's [`sweep_every`]). Per
+//! thread, because every request stays on its serving thread: no contended lock, no
+//! cross-thread wake-up, no shared cache line.
 //! Must not touch: HTTP, or which TLS client is in force (the caller passes the snapshot's). It
 //! moves bytes and connections.
 
@@ -39,6 +40,10 @@ use crate::tls::upstream::{Alpn, UpstreamStream, UpstreamTls};
 pub const MAX_IDLE_PER_REPLICA: usize = 1024;
 /// An idle connection older than this is closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a serving thread closes its idle connections that expired or that their replica
+/// closed ([`sweep_every`]): an idle gateway does not keep what its last burst opened, nor
+/// sockets its replicas closed, for longer than [`IDLE_TIMEOUT`] and this.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// Read buffers are kept for the next response (which then allocates nothing to be read into)
 /// in a spare list per serving thread, not with the idle connections: a buffer is needed only
 /// while a response is read, and idle connections are many after a burst while each kept
@@ -359,7 +364,6 @@ struct Idle {
     /// Keyed by replica addresses, which come from the provider, never from a client: a fast
     /// hash instead of SipHash (two lookups a request).
     by_replica: FxHashMap<SocketAddr, Vec<Conn>>,
-    returns: u32,
     /// Empty read buffers for the connections taken from the pool.
     spare: Vec<BytesMut>,
 }
@@ -404,14 +408,6 @@ impl Pool {
         conn.idle_since = Instant::now();
         conn.home = None;
         let mut idle = crate::sync::lock(&self.idle);
-        idle.returns = idle.returns.wrapping_add(1);
-        if idle.returns.is_multiple_of(4096) {
-            // Now and then, close what expired (replicas that went away leave theirs here).
-            idle.by_replica.retain(|_, conns| {
-                conns.retain(|c| c.idle_since.elapsed() < IDLE_TIMEOUT);
-                !conns.is_empty()
-            });
-        }
         let buf = std::mem::take(&mut conn.buf);
         let keep = buf.is_empty() && (1..=KEEP_BUFFER).contains(&buf.capacity());
         if keep && idle.spare.len() < SPARE_BUFFERS {
@@ -421,6 +417,30 @@ impl Pool {
         if conns.len() < MAX_IDLE_PER_REPLICA {
             conns.push(conn);
         }
+    }
+}
+
+impl Pool {
+    /// Closes the idle connections past [`IDLE_TIMEOUT`] or no longer usable (the replica
+    /// closed them, or sent bytes nobody asked for), those of replicas that went away included;
+    /// returns how many stay.
+    pub fn sweep(&self) -> usize {
+        let mut idle = crate::sync::lock(&self.idle);
+        idle.by_replica.retain(|_, conns| {
+            conns.retain_mut(Conn::usable);
+            !conns.is_empty()
+        });
+        idle.by_replica.values().map(Vec::len).sum()
+    }
+}
+
+/// Sweeps `pool` every [`SWEEP_EVERY`] for as long as it runs: a task of each serving thread.
+pub async fn sweep_every(pool: Arc<Pool>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        pool.sweep();
     }
 }
 

@@ -770,3 +770,33 @@ async fn a_burst_on_a_cold_thread_makes_one_http2_connection_not_one_each() {
         "one connection for the burst"
     );
 }
+
+/// The thread's sweep closes the idle connections whose replica closed them and keeps the
+/// others; past the idle timeout it keeps none (an idle gateway does not hold what its last
+/// burst opened).
+#[tokio::test]
+async fn the_sweep_closes_what_the_replica_closed_and_what_idled_too_long() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let pool = Arc::new(pool::Pool::default());
+    let mut accepted = Vec::new();
+    for _ in 0..3 {
+        let mut conn = pool::Conn::connect(addr, Duration::from_secs(5), None)
+            .await
+            .expect("connect");
+        accepted.push(listener.accept().await.expect("accept").0);
+        pool.adopt(&mut conn);
+        pool::put_back(conn);
+    }
+    assert_eq!(pool.sweep(), 3, "all three open and fresh");
+    // The replica closes one of them; its end reaches the runtime's reactor.
+    drop(accepted.remove(0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.sweep() != 2 {
+        assert!(Instant::now() < deadline, "the closed one is never swept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::pause();
+    tokio::time::advance(pool::IDLE_TIMEOUT + Duration::from_secs(1)).await;
+    assert_eq!(pool.sweep(), 0, "past the idle timeout none stays");
+}
