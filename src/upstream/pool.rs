@@ -31,12 +31,11 @@ use crate::descriptors::ReplicaConnection;
 use crate::tls::upstream::{Alpn, UpstreamStream, UpstreamTls};
 
 /// Idle keep-alive connections kept per replica and serving thread: a bound for safety, not
-/// the working limit, which is what the load needed within [`IDLE_TIMEOUT`] (and none kept
-/// while the descriptors are short, `Admission::short_of_descriptors`). It was 64: a burst of
-/// more requests than that at once to one replica (128 streams of eight HTTP/2 clients) closed
-/// the rest after every response and opened them again, 0.06 connects a request, 40 % of the
-/// requests/s of HTTP/2 clients (docs/performance.md). HAProxy keeps what it opened
-/// (`pool-max-conn` unlimited); NGINX what `keepalive N` says.
+/// the working limit, which is what the load needed within [`IDLE_TIMEOUT`] (and none while the
+/// descriptors are short, `Admission::short_of_descriptors`). A bound below the requests a
+/// replica gets at once closes the rest after every response and connects them again (eight
+/// HTTP/2 clients of 16 streams are 128 at once; docs/performance.md). HAProxy keeps what it
+/// opened (`pool-max-conn` unlimited by default).
 pub const MAX_IDLE_PER_REPLICA: usize = 1024;
 /// An idle connection older than this is closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -404,6 +403,18 @@ impl Pool {
         conn.home = Some(Arc::clone(self));
     }
 
+    /// Closes the idle connections past [`IDLE_TIMEOUT`] or no longer usable (the replica
+    /// closed them, or sent bytes nobody asked for), those of replicas that went away included;
+    /// returns how many stay.
+    pub fn sweep(&self) -> usize {
+        let mut idle = crate::sync::lock(&self.idle);
+        idle.by_replica.retain(|_, conns| {
+            conns.retain_mut(Conn::usable);
+            !conns.is_empty()
+        });
+        idle.by_replica.values().map(Vec::len).sum()
+    }
+
     fn put_back(&self, mut conn: Conn) {
         conn.idle_since = Instant::now();
         conn.home = None;
@@ -417,20 +428,6 @@ impl Pool {
         if conns.len() < MAX_IDLE_PER_REPLICA {
             conns.push(conn);
         }
-    }
-}
-
-impl Pool {
-    /// Closes the idle connections past [`IDLE_TIMEOUT`] or no longer usable (the replica
-    /// closed them, or sent bytes nobody asked for), those of replicas that went away included;
-    /// returns how many stay.
-    pub fn sweep(&self) -> usize {
-        let mut idle = crate::sync::lock(&self.idle);
-        idle.by_replica.retain(|_, conns| {
-            conns.retain_mut(Conn::usable);
-            !conns.is_empty()
-        });
-        idle.by_replica.values().map(Vec::len).sum()
     }
 }
 
