@@ -28,6 +28,7 @@ use crate::wire::body::Body;
 #[derive(Default)]
 pub struct Activity {
     open: AtomicUsize,
+    /// Woken when `open` goes from 0 to 1 or from 1 to 0.
     changed: Notify,
     /// Response bodies hyper has not come back to since their last piece (or since their head):
     /// hyper takes the next piece only once the client's flow-control window and the connection
@@ -55,16 +56,21 @@ impl Activity {
     }
 
     pub fn open_stream(self: &Arc<Self>) -> StreamGuard {
-        self.open.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_waiters();
+        // The watches care whether any stream is open, not how many: only the first one wakes
+        // them (a wake re-polls the connection's task, hyper's connection with it).
+        if self.open.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.changed.notify_waiters();
+        }
         StreamGuard(self.clone())
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
+        // Only the last one out wakes the watches ([`Activity::open_stream`]).
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.changed.notify_waiters();
+        }
     }
 }
 
@@ -227,6 +233,35 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= limit && took <= limit + limit / 2, "{took:?}");
         assert_eq!(metrics.send_timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    /// The watches are woken only when the first stream opens and the last one closes: the idle
+    /// time counts from the last stream's end, and a stream in between starts it again.
+    #[tokio::test(start_paused = true)]
+    async fn idle_counts_from_the_last_stream_closed() {
+        let activity = Arc::new(Activity::default());
+        let metrics = Arc::new(Metrics::default());
+        let (first, second) = (activity.open_stream(), activity.open_stream());
+        let timeout = Duration::from_secs(5);
+        let idle = tokio::spawn(idle_for(activity.clone(), timeout, metrics.clone()));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!idle.is_finished(), "two streams open");
+        drop(first);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!idle.is_finished(), "one stream still open");
+        drop(second);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(!idle.is_finished(), "4 s of 5 without a stream");
+        let third = activity.open_stream();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        drop(third);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(!idle.is_finished(), "4 s since the last stream closed");
+        tokio::time::timeout(Duration::from_secs(2), idle)
+            .await
+            .expect("closed 5 s after the last stream")
+            .expect("the watch ran");
+        assert_eq!(metrics.idle_closes.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]
