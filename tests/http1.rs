@@ -516,7 +516,8 @@ async fn hundreds_of_requests_at_once_to_one_replica_reuse_their_connections_to_
     // replica for each; the second finds them all kept, where a cap of 64 idle connections a
     // replica and thread closed most of them after every burst and opened them again.
     const AT_ONCE: usize = 300;
-    let slow = Backend::start("127.0.0.1", Behaviour::Answer { delay_ms: 300 }).await;
+    // Each answer takes a second: all 300 are in flight at once even on a loaded machine.
+    let slow = Backend::start("127.0.0.1", Behaviour::Answer { delay_ms: 1000 }).await;
     let caps = "max_connections = 2000\nmax_connections_per_ip = 2000\nmax_requests = 2000\n\
                 max_requests_per_ip = 2000\nmax_requests_per_replica = 2000\n";
     let gw = GatewayProcess::start(&one_replica(slow.addr, caps));
