@@ -191,7 +191,7 @@ def main():
         print("\nmedians:")
         proxies = list(dict.fromkeys(proxy for _, proxy, _, _ in LOADS))
         labels = list(dict.fromkeys(label for label, _, _, _ in LOADS))
-        chart = {label: {} for label in labels}
+        chart = {}
         for label in labels:
             med = {p: (median([x[0] for x in v]), median([x[1] for x in v]))
                    for (l, p), v in results.items() if l == label}
