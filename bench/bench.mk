@@ -2,7 +2,7 @@
 # (bench/lab, binary `ringgate-lab`), which starts the release gateway binaries
 # target/release/ringgate and target/release/ringgate-server.
 
-.PHONY: analysis bench bench-micro bench-rss bench-idle bench-idle-profile bench-tunnels-profile bench-flood bench-log bench-streams bench-tunnels bench-h2 bench-h2-pinned bench-instr bench-conns bench-paced
+.PHONY: analysis bench bench-micro bench-rss bench-idle bench-idle-profile bench-tunnels-profile bench-flood bench-log bench-streams bench-tunnels bench-h2 bench-h2-pinned bench-h2-instr bench-instr bench-conns bench-paced
 
 ## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in docs/img/ (committed), report in docs/performance.md
 analysis:
@@ -47,6 +47,11 @@ bench-h2: build
 bench-h2-pinned: build
 	bench/deps.sh proxies h2load
 	python3 bench/h2_pinned.py $(BENCH_H2_ARGS)
+
+## bench-h2-instr: user-space instructions per request on ringgate's HTTP/2 paths (HTTP/2 clients to HTTP/1.1 replicas, gRPC unary over h2c on both legs) under callgrind, one serving thread, h2load -c8 -m16 (BENCH_H2_INSTR_ARGS: requests, warm-up; default 20000 2000); dumps kept in target/callgrind-h2/
+bench-h2-instr: build
+	bench/deps.sh valgrind h2load
+	python3 bench/h2_instr.py $(BENCH_H2_INSTR_ARGS)
 
 ## bench-streams: 220 h2c connections x 100 bodyless POST streams under nofile 20000: other clients' answers, refusals, descriptors, RSS
 bench-streams: build
