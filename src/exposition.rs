@@ -686,6 +686,13 @@ fn tunnels(e: &mut DescriptorEncoder, p: &Published) -> fmt::Result {
             ),
         ],
     )?;
+    gauge(
+        e,
+        "ringgate_tunnels_resting",
+        "Open tunnels that carried nothing for [tunnels] rest_after, resting without a task \
+         until either side sends (counted in ringgate_tunnels_open too).",
+        get(&c.resting),
+    )?;
     counter(
         e,
         "ringgate_tunnels_idle_timeouts_total",

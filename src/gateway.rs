@@ -487,11 +487,21 @@ fn serve_thread(
         Ok(r) => r,
         Err(e) => return tracing::error!(error = %e, "cannot start a serving thread"),
     };
+    // Its idle tunnels rest in a table of its own, watched on its runtime (without one, out of
+    // descriptors at start, they keep their tasks).
+    let resting = {
+        let _entered = runtime.enter();
+        crate::tunnel::resting::Table::new()
+            .inspect_err(|e| tracing::warn!(error = %e, "idle tunnels will keep their tasks: no epoll set for them"))
+            .ok()
+    };
+    let (door, resting) = resting.unzip();
     // This thread's own state, dropped when it ends (its access-log lines then go to the
     // writer, before the gateway closes the log).
-    let worker = Arc::new(Worker::new(&service.shared, &service.access_log));
+    let worker = Arc::new(Worker::new(&service.shared, &service.access_log, door));
     runtime.block_on(async move {
         let anchor = tokio::spawn(crate::listener::timer_anchor());
+        let resting = resting.map(|table| tokio::spawn(table.run()));
         let beating = tokio::spawn(watchdog.heartbeat(n));
         let sweeping = tokio::spawn(crate::upstream::pool::sweep_every(Arc::clone(
             &worker.upstream.h1,
@@ -520,6 +530,9 @@ fn serve_thread(
         anchor.abort();
         beating.abort();
         sweeping.abort();
+        if let Some(resting) = resting {
+            resting.abort();
+        }
     });
 }
 

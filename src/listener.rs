@@ -539,6 +539,7 @@ impl Holding {
         };
         let held = Held {
             stream,
+            also: None,
             deadline,
             rest,
         };

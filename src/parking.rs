@@ -2,15 +2,17 @@
 //! next request costs its socket and a small record here, not a task, a future and a
 //! registration with the runtime's reactor (about 2.5 KiB).
 //!
-//! Owns: [`Parking`], the table of one serving thread's held sockets (one per listener), each
-//! with its deadline and whatever its owner needs to serve it again. They are watched for
+//! Owns: [`Parking`], a table of one serving thread's held sockets (one per listener, and one
+//! for idle tunnels), each with its deadline and whatever its owner needs to serve it again. A
+//! record holds one socket or two (a tunnel's client and replica legs). They are watched for
 //! readability through an epoll set of the table's own (`mio`), which the thread's runtime
-//! watches as one descriptor; a socket that becomes readable (its next request, or its close)
+//! watches as one descriptor; a record whose socket becomes readable (bytes, or a close)
 //! leaves the table [`Leaving::Woken`], one whose deadline passes leaves it
-//! [`Leaving::Expired`]. Dropping the table closes every socket in it.
-//! Must not touch: HTTP (when a connection may be held, and what serving it again means, are the
-//! HTTP/1 server's and the listener's), the caps (a held connection keeps its place under them:
-//! its owner's record holds it).
+//! [`Leaving::Expired`], and its owner may take one out by the [`Ticket`] it was held under
+//! ([`Parking::take`]). Dropping the table closes every socket in it.
+//! Must not touch: HTTP or tunnels (when a connection may be held, and what serving it again
+//! means, are the HTTP/1 server's, the listener's and the tunnels'), the caps (a held
+//! connection keeps its place under them: its owner's record holds it).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -32,8 +34,23 @@ const EVENTS: usize = 256;
 /// A held socket, when its keep-alive ends, and what its owner keeps with it.
 pub(crate) struct Held<T> {
     pub stream: TcpStream,
+    /// A second socket watched with it (a tunnel's replica leg): either one wakes the record.
+    pub also: Option<TcpStream>,
     pub deadline: Instant,
     pub rest: T,
+}
+
+/// What a record was held under: its key in the table and its number, so that a ticket kept
+/// after its record left never takes the one held next under the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    key: usize,
+    number: u64,
+}
+
+/// The epoll token of leg `leg` (0: `stream`, 1: `also`) of the record under `key`.
+fn token(key: usize, leg: usize) -> Token {
+    Token(key * 2 + leg)
 }
 
 /// Why a socket left the table.
@@ -94,18 +111,23 @@ impl<T> Parking<T> {
 
     /// Holds `held` until it becomes readable or its deadline passes; gives it back with the
     /// reason if it cannot be watched.
-    pub fn hold(&mut self, held: Held<T>) -> Result<(), (Held<T>, io::Error)> {
+    pub fn hold(&mut self, held: Held<T>) -> Result<Ticket, (Held<T>, io::Error)> {
         let entry = self.held.vacant_entry();
         let key = entry.key();
-        let fd = held.stream.as_raw_fd();
+        let registry = self.poll.get_ref().registry();
         // Edge-triggered, as mio registers: a socket already readable is reported at once.
-        let registered = self.poll.get_ref().registry().register(
-            &mut SourceFd(&fd),
-            Token(key),
-            Interest::READABLE,
-        );
-        if let Err(e) = registered {
+        let watch = |leg: usize, stream: &TcpStream| {
+            let fd = stream.as_raw_fd();
+            registry.register(&mut SourceFd(&fd), token(key, leg), Interest::READABLE)
+        };
+        if let Err(e) = watch(0, &held.stream) {
             return Err((held, e));
+        }
+        if let Some(also) = &held.also {
+            if let Err(e) = watch(1, also) {
+                unwatch(registry, &held);
+                return Err((held, e));
+            }
         }
         let (deadline, number) = (held.deadline, self.next);
         self.next += 1;
@@ -123,7 +145,24 @@ impl<T> Parking<T> {
             self.timer.as_mut().reset(deadline);
             self.armed = deadline;
         }
-        Ok(())
+        Ok(Ticket { key, number })
+    }
+
+    /// The record held under `ticket`, while it is held.
+    pub fn get_mut(&mut self, ticket: Ticket) -> Option<&mut Held<T>> {
+        match self.held.get_mut(ticket.key) {
+            Some((number, held)) if *number == ticket.number => Some(held),
+            _ => None,
+        }
+    }
+
+    /// Takes the record held under `ticket` out of the table, no longer watched; `None` if it
+    /// left already.
+    pub fn take(&mut self, ticket: Ticket) -> Option<Held<T>> {
+        self.get_mut(ticket)?;
+        let (_, held) = self.held.remove(ticket.key);
+        unwatch(self.poll.get_ref().registry(), &held);
+        Some(held)
     }
 
     /// Waits until at least one socket leaves the table and puts those that left into `out`.
@@ -146,7 +185,11 @@ impl<T> Parking<T> {
                         // (and the table is empty, so this is not met again and again).
                         tracing::warn!(error = %e, "the table of idle connections cannot be watched; serving them again");
                         self.deadlines.clear();
-                        out.extend(self.held.drain().map(|(_, h)| Leaving::Woken(h)));
+                        let registry = self.poll.get_ref().registry();
+                        out.extend(self.held.drain().map(|(_, h)| {
+                            unwatch(registry, &h);
+                            Leaving::Woken(h)
+                        }));
                     }
                 }
                 () = self.timer.as_mut() => {
@@ -156,9 +199,7 @@ impl<T> Parking<T> {
                             break;
                         }
                         self.deadlines.pop();
-                        if self.held.get(key).is_some_and(|(n, _)| *n == number) {
-                            // Closing it takes it out of the epoll set.
-                            let (_, held) = self.held.remove(key);
+                        if let Some(held) = self.take(Ticket { key, number }) {
                             out.push(Leaving::Expired(held));
                         }
                     }
@@ -191,19 +232,28 @@ fn take_woken<T>(
         let mut reported = 0;
         for event in events.iter() {
             reported += 1;
-            let Token(key) = event.token();
-            let Some((_, woken)) = held.try_remove(key) else {
+            let Token(token) = event.token();
+            // Both legs of a record may be reported: the first takes it, the second finds
+            // nothing.
+            let Some((_, woken)) = held.try_remove(token / 2) else {
                 continue;
             };
-            // Its owner registers it with the runtime next: it must not be watched twice.
-            let fd = woken.stream.as_raw_fd();
-            if let Err(e) = poll.registry().deregister(&mut SourceFd(&fd)) {
-                tracing::debug!(error = %e, "an idle connection could not be unwatched");
-            }
+            unwatch(poll.registry(), &woken);
             out.push(Leaving::Woken(woken));
         }
         if reported < EVENTS {
             return Ok(true);
+        }
+    }
+}
+
+/// Takes `held`'s sockets out of the epoll set: its owner registers them with the runtime next,
+/// and they must not be watched twice.
+fn unwatch<T>(registry: &mio::Registry, held: &Held<T>) {
+    for stream in std::iter::once(&held.stream).chain(&held.also) {
+        let fd = stream.as_raw_fd();
+        if let Err(e) = registry.deregister(&mut SourceFd(&fd)) {
+            tracing::debug!(error = %e, "an idle connection could not be unwatched");
         }
     }
 }
@@ -243,6 +293,7 @@ mod tests {
             let deadline = Instant::now() + Duration::from_secs(60);
             let held = Held {
                 stream: server,
+                also: None,
                 deadline,
                 rest: n,
             };
@@ -270,6 +321,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         let held = Held {
             stream: server,
+            also: None,
             deadline: Instant::now() + Duration::from_secs(60),
             rest: 7,
         };
@@ -287,6 +339,7 @@ mod tests {
             let (client, server) = pair();
             let held = Held {
                 stream: server,
+                also: None,
                 deadline: now + Duration::from_millis(ms),
                 rest: n,
             };
@@ -318,6 +371,7 @@ mod tests {
             let (mut client, server) = pair();
             let held = Held {
                 stream: server,
+                also: None,
                 deadline: now + Duration::from_millis(300),
                 rest: round,
             };
@@ -335,6 +389,7 @@ mod tests {
         let (_client, server) = pair();
         let held = Held {
             stream: server,
+            also: None,
             deadline: now + Duration::from_millis(900),
             rest: 1000,
         };
@@ -358,6 +413,7 @@ mod tests {
             let (client, server) = pair();
             let held = Held {
                 stream: server,
+                also: None,
                 deadline: Instant::now() + Duration::from_secs(60),
                 rest: n,
             };

@@ -492,3 +492,164 @@ async fn a_keyless_client_gets_a_cookie_and_its_websocket_follows_it() {
         "the WebSocket follows the cookie: {server} vs {seen:?}"
     );
 }
+
+/// Waits (bounded) until `/lb/status` says `resting` tunnels rest without a task.
+async fn wait_resting(gw: &GatewayProcess, resting: u64, within: Duration) {
+    let started = Instant::now();
+    loop {
+        let status = gw.status().await;
+        if status["tunnels"]["resting"] == resting {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "tunnels resting: {} (waiting for {resting})",
+            status["tunnels"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Opens a WebSocket for key `id` and returns it with the replica that echoed on it.
+async fn tunnel_for(gw: &GatewayProcess, id: usize) -> (tokio::net::TcpStream, String) {
+    let (mut t, head) = ws::open(gw.addr, &format!("/ws?id={id}"), "").await;
+    assert_eq!(ws::status(&head), 101, "{head}");
+    let server = ws::echo(&mut t, "hello").await.expect("an echo");
+    (t, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_tunnels_rest_without_a_task_and_talk_again_as_before() {
+    let gw = GatewayProcess::start(&three("rest_after = \"300ms\"\n"));
+    let mut tunnels = Vec::new();
+    for id in 0..40 {
+        tunnels.push(tunnel_for(&gw, id).await);
+    }
+    wait_resting(&gw, 40, Duration::from_secs(10)).await;
+    assert_eq!(
+        metric(&gw.metrics().await, "ringgate_tunnels_resting"),
+        40.0
+    );
+    // Each one woken by its client: the message goes up, the echo comes down, from the same
+    // replica, and the others rest on.
+    for (n, (t, server)) in tunnels.iter_mut().enumerate() {
+        let echoed = ws::echo(t, &format!("again {n}")).await;
+        assert_eq!(echoed.as_deref(), Some(server.as_str()), "tunnel {n}");
+    }
+    wait_resting(&gw, 40, Duration::from_secs(10)).await;
+    // A bigger message than one read takes, after a rest, both ways.
+    let (t, _) = &mut tunnels[7];
+    let big = "x".repeat(200 * 1024);
+    ws::send(t, 0x1, big.as_bytes()).await.expect("send");
+    let (op, payload) = tokio::time::timeout(Duration::from_secs(10), ws::read(t))
+        .await
+        .expect("in time")
+        .expect("an echo");
+    assert_eq!(op, 0x1);
+    assert_eq!(
+        json(&String::from_utf8_lossy(&payload))["echo"],
+        big.as_str()
+    );
+    // Closed by its client while resting: it ends, and is no longer counted.
+    let (mut t, _) = tunnels.remove(0);
+    ws::send(&mut t, 0x8, &1000u16.to_be_bytes())
+        .await
+        .expect("close");
+    let _ = tokio::time::timeout(Duration::from_secs(5), ws::read(&mut t)).await;
+    drop(t);
+    wait_open(&gw, 39, Duration::from_secs(10)).await;
+    wait_resting(&gw, 39, Duration::from_secs(10)).await;
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(&metrics, "ringgate_tunnels_idle_timeouts_total"),
+        0.0
+    );
+    assert!(
+        metric(&metrics, "ringgate_tunnel_bytes_total{direction=\"up\"}") > 0.0,
+        "the ended tunnel's bytes are counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resting_tunnels_whose_key_moved_are_closed_with_1012_and_the_others_rest_on() {
+    let gw = GatewayProcess::start(&three("rest_after = \"200ms\"\nrehome_window = \"1s\"\n"));
+    const N: usize = 60;
+    let mut tunnels = Vec::new();
+    for id in 0..N {
+        tunnels.push(tunnel_for(&gw, id).await);
+    }
+    wait_resting(&gw, N as u64, Duration::from_secs(10)).await;
+    let (code, body) = call("POST", &gw.url("/add"), r#"{"n": 1}"#).await;
+    assert_eq!(code, 200, "{body}");
+    let mut moved = 0;
+    for (id, (t, was)) in tunnels.iter_mut().enumerate() {
+        let now = owner(&gw, &id.to_string()).await;
+        if now == *was {
+            continue;
+        }
+        moved += 1;
+        let closed = loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws::read(t)).await {
+                Ok(Some((0x8, payload))) => break ws::close_code(&payload),
+                Ok(Some(_)) => continue,
+                other => panic!("tunnel {id}: no close frame: {other:?}"),
+            }
+        };
+        assert_eq!(closed, Some(1012), "tunnel {id}");
+    }
+    assert!(moved > 0, "the new replica took some of {N} keys");
+    wait_open(&gw, (N - moved) as u64, Duration::from_secs(10)).await;
+    for (id, (t, was)) in tunnels.iter_mut().enumerate() {
+        if owner(&gw, &id.to_string()).await == *was {
+            let echoed = ws::echo(t, "still here").await;
+            assert_eq!(echoed.as_deref(), Some(was.as_str()), "tunnel {id}");
+        }
+    }
+    assert_eq!(
+        metric(
+            &gw.metrics().await,
+            "ringgate_tunnels_rehomed_total{reason=\"key_moved\"}"
+        ),
+        moved as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resting_tunnel_is_closed_at_its_idle_timeout() {
+    let gw = GatewayProcess::start(&three("rest_after = \"200ms\"\nidle_timeout = \"2s\"\n"));
+    let (mut t, _) = tunnel_for(&gw, 9).await;
+    let started = Instant::now();
+    wait_resting(&gw, 1, Duration::from_secs(10)).await;
+    let end = tokio::time::timeout(Duration::from_secs(10), ws::read(&mut t)).await;
+    assert!(matches!(end, Ok(None)), "closed: {end:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "at the idle timeout, not at the rest: {:?}",
+        started.elapsed()
+    );
+    wait_open(&gw, 0, Duration::from_secs(5)).await;
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(&metrics, "ringgate_tunnels_idle_timeouts_total"),
+        1.0
+    );
+    assert_eq!(metric(&metrics, "ringgate_tunnels_resting"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_resting_tunnels_with_1001() {
+    let mut conf = three("rest_after = \"200ms\"\n");
+    conf.proxy = "drain_timeout = \"1s\"\n".into();
+    let gw = GatewayProcess::start(&conf);
+    let (mut t, _) = tunnel_for(&gw, 3).await;
+    wait_resting(&gw, 1, Duration::from_secs(10)).await;
+    gw.signal("TERM");
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws::read(&mut t)).await {
+            Ok(Some((0x8, payload))) => break ws::close_code(&payload),
+            Ok(Some(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(closed, Some(1001), "going away");
+}

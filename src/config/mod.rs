@@ -142,6 +142,11 @@ pub struct TunnelsConfig {
     pub rehome_window: Duration,
     /// At most this many tunnels closed a second (the window stretches when more move).
     pub rehome_per_second: u32,
+    /// A tunnel (plain TCP both ways) that carried nothing for this long rests without a task
+    /// until either side sends, its close comes or its idle timeout; 0 keeps every tunnel in
+    /// a task of its own.
+    #[serde(deserialize_with = "duration")]
+    pub rest_after: Duration,
 }
 
 impl Default for TunnelsConfig {
@@ -152,6 +157,7 @@ impl Default for TunnelsConfig {
             rehome: true,
             rehome_window: Duration::from_secs(10),
             rehome_per_second: 200,
+            rest_after: Duration::from_secs(5),
         }
     }
 }

@@ -46,7 +46,7 @@ use crate::rescue::GatewayError;
 use crate::ring::ServerId;
 use crate::snapshot::Snapshot;
 use crate::tunnel::Tunnels;
-use crate::wire::body::{Body, RequestBody};
+use crate::wire::body::{Body, ReplicaBody, RequestBody};
 use attempt::Attempt;
 use body::ProxyBody;
 use failure::Failure;
@@ -215,11 +215,7 @@ async fn try_forward(
                 };
                 let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
                 let mut resp = match asked.take().filter(|_| switched) {
-                    Some(asked) => upgrade::open(resp, asked, place, at, gateway.tunnels, metrics)
-                        .ok_or_else(|| GatewayError::BadGateway {
-                            replica: replica.name.clone(),
-                            detail: "answered 101 without a connection to switch".into(),
-                        })?,
+                    Some(asked) => tunnel(resp, asked, place, at, gateway)?,
                     None => {
                         let mut resp = resp;
                         resp.body_mut().hold(place);
@@ -253,6 +249,30 @@ async fn try_forward(
         server = next;
         body = ProxyBody::again(slot);
     }
+}
+
+/// The tunnel behind a replica's `101` to an upgrade, and the `101` for the client.
+fn tunnel(
+    resp: Response<ReplicaBody>,
+    asked: upgrade::Asked,
+    place: RequestPlace,
+    at: upgrade::At<'_>,
+    gateway: &Gateway<'_>,
+) -> Result<Response<Body>, GatewayError> {
+    let replica = at.replica.name.clone();
+    let door = gateway.worker.resting_tunnels.as_ref();
+    upgrade::open(
+        resp,
+        asked,
+        place,
+        at,
+        (gateway.tunnels, gateway.metrics),
+        door,
+    )
+    .ok_or_else(|| GatewayError::BadGateway {
+        replica,
+        detail: "answered 101 without a connection to switch".into(),
+    })
 }
 
 /// A place in the request budgets (`proxy.max_requests`, `proxy.max_requests_per_ip`) for one

@@ -8,7 +8,6 @@
 //! [`crate::tunnel::frames::Boundaries`]: prefixes only, payloads skipped by length). Dropping the replica's body resets its stream (`RST_STREAM`).
 //! Must not touch: which calls move ([`crate::tunnel::rehome`] decides, as for tunnels).
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,13 +15,12 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::Response;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use tokio::sync::oneshot;
 
 use super::upgrade::At;
 use crate::error::BoxError;
 use crate::grpc::{status_fields, Code};
 use crate::tunnel::frames::{Boundaries, Format};
-use crate::tunnel::{Close, Kind, Registration, Tunnels};
+use crate::tunnel::{Close, Closer, Kind, Registration, Tunnels};
 use crate::wire::body::Body;
 
 /// Where a stream of gRPC messages is: in a prefix, in a message, or between two.
@@ -55,22 +53,20 @@ pub fn registered(resp: Response<Body>, at: &At<'_>, tunnels: &Arc<Tunnels>) -> 
 /// close comes.
 pub struct Rehomable {
     inner: Body,
-    close: oneshot::Receiver<Close>,
+    /// Once the close came, the body ends at the next boundary.
+    close: Closer,
     _registration: Registration,
     messages: Messages,
-    /// The close came: the body ends at the next boundary.
-    closing: Option<Close>,
     done: bool,
 }
 
 impl Rehomable {
-    pub fn new(inner: Body, close: oneshot::Receiver<Close>, registration: Registration) -> Self {
+    pub fn new(inner: Body, close: Closer, registration: Registration) -> Self {
         Rehomable {
             inner,
             close,
             _registration: registration,
             messages: Messages::default(),
-            closing: None,
             done: false,
         }
     }
@@ -107,12 +103,7 @@ impl HttpBody for Rehomable {
         if this.done {
             return Poll::Ready(None);
         }
-        if this.closing.is_none() {
-            if let Poll::Ready(Ok(why)) = Pin::new(&mut this.close).poll(cx) {
-                this.closing = Some(why);
-            }
-        }
-        if let Some(why) = this.closing {
+        if let Poll::Ready(why) = this.close.poll_heard(cx) {
             if this.messages.at_boundary() {
                 return this.end(why);
             }
@@ -128,7 +119,7 @@ impl HttpBody for Rehomable {
         };
         let frame = match frame.into_data() {
             Ok(mut data) => {
-                let stop = this.closing.is_some();
+                let stop = this.close.heard().is_some();
                 let keep = this.messages.advance(&data, stop);
                 if keep < data.len() {
                     // Closing: what lies past the boundary is never sent.
@@ -147,11 +138,11 @@ impl HttpBody for Rehomable {
 
     fn is_end_stream(&self) -> bool {
         // A trailers-only answer (a status in the head) ends with its head, as it came.
-        self.done || (self.closing.is_none() && self.inner.is_end_stream())
+        self.done || (self.close.heard().is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.closing {
+        match self.close.heard() {
             None => self.inner.size_hint(),
             Some(_) => SizeHint::default(),
         }

@@ -5,25 +5,35 @@
 //! the tunnel with its key and replica, the task that waits for the client's side (after the
 //! `101` is written), splices the two and records the end (per-replica failure for a replica
 //! that broke, the counters, the access log's line), holding the request's places in the
-//! budgets and at the replica until then.
+//! budgets and at the replica until then; and a tunnel's rests ([`Resting`]): one that went
+//! quiet is handed to its serving thread's table without its task, and spliced on by a new
+//! task when it wakes.
 //! Must not touch: routing (the caller passes the route), how bytes move ([`crate::tunnel`]).
 
+use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::access_log::{Termination, TunnelEnd, TunnelLog};
 use crate::admission::RequestPlace;
 use crate::config::AccessTarget;
 use crate::metrics::Metrics;
-use crate::snapshot::{Snapshot, Upstream};
-use crate::tunnel::splice::{self, End, Ends};
-use crate::tunnel::{self, Close, Placed, Tunnels};
+use crate::parking::Held;
+use crate::snapshot::{InFlight, ReplicaStats, Snapshot, Upstream};
+use crate::stall::SendTimeout;
+use crate::tunnel::resting::{Door, Rest};
+use crate::tunnel::splice::{self, End, Ends, Spliced, Splicing};
+use crate::tunnel::{self, Close, Closer, Placed, Registration, RestingCount, Tunnels};
+use crate::upstream::pool::{Conn, SetAside};
 use crate::wire::body::Body;
 use crate::wire::body::ReplicaBody;
+use crate::wire::server::io::Transport;
 use crate::wire::server::upgrade::OnUpgrade;
 
 /// A request that asked to switch protocols, with its place under `[tunnels] max`.
@@ -82,74 +92,141 @@ impl At<'_> {
     }
 }
 
-/// Opens the tunnel behind the replica's `101` `resp` and returns the `101` for the client
-/// (the replica's head, no body); `None` if the response carries no switched connection.
-pub fn open(
-    resp: Response<ReplicaBody>,
-    asked: Asked,
-    request: RequestPlace,
-    at: At<'_>,
-    tunnels: &Arc<Tunnels>,
-    metrics: &Arc<Metrics>,
-) -> Option<Response<Body>> {
-    let (mut parts, body) = resp.into_parts();
-    let (mut conn, in_flight, _) = body.into_switched()?;
-    let websocket = parts
-        .headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
-    let (registration, close) = tunnels.register(at.placed(), tunnel::Kind::Tunnel);
-    let stats = Arc::clone(&at.replica.stats);
-    stats.tunnels.fetch_add(1, Ordering::Relaxed);
-    let (idle, send_timeout) = (
-        at.snap.config.tunnels.idle_timeout,
-        at.snap.config.proxy.send_timeout,
-    );
-    // The access log's line for the tunnel waits for its end; with the log off nobody waits,
-    // and an idle tunnel keeps no channel for it.
-    let (report, log) = match at.snap.config.log.access {
-        AccessTarget::Off => (None, None),
-        _ => {
-            let (report, log) = oneshot::channel();
-            (Some(report), Some(log))
-        }
-    };
-    let (tunnels, metrics) = (Arc::clone(tunnels), Arc::clone(metrics));
-    let Asked {
-        on_upgrade, place, ..
-    } = asked;
-    let replica_read = std::mem::take(&mut conn.buf);
-    // A replica that takes no byte for proxy.send_timeout is cut like a client that does not.
-    let mut replica = crate::stall::SendTimeout::new(conn, send_timeout, metrics);
-    // What the task keeps while the tunnel is open is its future: the replica's connection is
-    // made here, moved in once and lent to the splice, and what is built after a wait is built
-    // in the arm that starts the splice, so that nothing has two places in it.
-    tokio::spawn(async move {
-        // Everything the tunnel holds lives until it ends: its places, its count at the
-        // replica, its registration (moved into the task by being named here, and kept where
-        // they were moved: a tuple of them would be a second place).
-        let _held = (&place, &request, &in_flight, &registration);
-        let spliced = match on_upgrade.upgraded().await {
-            Some(client) => splice::splice(
-                Ends {
-                    client: client.io,
-                    client_read: client.read,
-                    replica: &mut replica,
-                    replica_read,
-                    websocket,
-                },
-                close,
-                idle,
-            ),
-            None => {
-                stats.tunnels.fetch_sub(1, Ordering::Relaxed);
-                return; // the client went before its 101 was written
+/// What an open tunnel holds until it ends (its places in the budgets and at the replica,
+/// its registration), what it needs to go on after a rest, and what it records at its end.
+struct Tunnel {
+    _place: tunnel::Place,
+    _request: RequestPlace,
+    _in_flight: InFlight,
+    _registration: Registration,
+    close: Closer,
+    stats: Arc<ReplicaStats>,
+    /// The access log's line waits for this (`None`: the log is off).
+    report: Option<oneshot::Sender<TunnelEnd>>,
+    tunnels: Arc<Tunnels>,
+    metrics: Arc<Metrics>,
+    idle: Duration,
+    send_timeout: Duration,
+    /// `[tunnels] rest_after`, while the tunnel can rest (plain TCP both ways, and a table).
+    rest_after: Option<Duration>,
+    door: Option<Door<Resting>>,
+}
+
+/// A tunnel resting in its serving thread's table ([`crate::tunnel::resting`]): its sockets are
+/// in the table's record, the rest is here.
+pub struct Resting {
+    tunnel: Tunnel,
+    splice: splice::Resting,
+    replica: SetAside,
+    _counted: RestingCount,
+}
+
+impl Rest for Resting {
+    fn close(&mut self) -> &mut Closer {
+        &mut self.tunnel.close
+    }
+
+    fn wake(held: Held<Self>) {
+        let Resting {
+            tunnel,
+            splice,
+            replica,
+            ..
+        } = held.rest;
+        let legs = held
+            .also
+            .ok_or_else(|| io::Error::other("a tunnel rested without its replica's socket"))
+            .and_then(|also| {
+                Ok((
+                    TcpStream::from_std(held.stream)?,
+                    TcpStream::from_std(also)?,
+                ))
+            });
+        let (client, also) = match legs {
+            Ok(legs) => legs,
+            Err(e) => {
+                let (up, down) = splice.bytes();
+                let end = End::ClientError(format!("could not be served again after a rest: {e}"));
+                return tunnel.finish(Spliced { up, down, end });
             }
-        }
+        };
+        let client: Transport = Box::new(tunnel.bounded(client));
+        let replica = tunnel.bounded(replica.resume(also));
+        tokio::spawn(tunnel.resume(splice, client, replica));
+    }
+}
+
+impl Tunnel {
+    fn bounded<S>(&self, stream: S) -> SendTimeout<S> {
+        SendTimeout::new(stream, self.send_timeout, Arc::clone(&self.metrics))
+    }
+
+    async fn resume(
+        mut self,
+        resting: splice::Resting,
+        mut client: Transport,
+        mut replica: SendTimeout<Conn>,
+    ) {
+        let (idle, rest_after) = (self.idle, self.rest_after);
+        let splicing = splice::resume(
+            resting,
+            &mut client,
+            &mut replica,
+            &mut self.close,
+            idle,
+            rest_after,
+        )
         .await;
+        self.after(splicing, client, replica);
+    }
+
+    /// After a splice: the tunnel ended, or it rests.
+    fn after(self, splicing: Splicing, client: Transport, replica: SendTimeout<Conn>) {
+        match splicing {
+            Splicing::Ended(spliced) => self.finish(spliced),
+            Splicing::Resting(resting) => self.rest(resting, client, replica),
+        }
+    }
+
+    /// Hands the tunnel to its thread's table, its sockets out of the runtime.
+    fn rest(self, resting: splice::Resting, client: Transport, replica: SendTimeout<Conn>) {
+        let set_aside = client
+            .into_any()
+            .downcast::<SendTimeout<TcpStream>>()
+            .map_err(|_| io::Error::other("the client's connection is not plain TCP"))
+            .and_then(|client| client.into_inner().into_std())
+            .and_then(|client| Ok((client, replica.into_inner().set_aside()?)));
+        let (client, (also, replica)) = match set_aside {
+            Ok(legs) => legs,
+            Err(e) => {
+                let (up, down) = resting.bytes();
+                let end = End::ClientError(format!("could not rest: {e}"));
+                return self.finish(Spliced { up, down, end });
+            }
+        };
+        let Some(door) = self.door.clone() else {
+            return; // never: a tunnel without a table does not rest
+        };
+        let held = Held {
+            stream: client,
+            also: Some(also),
+            deadline: resting.idle_until(self.idle),
+            rest: Resting {
+                _counted: RestingCount::new(&self.tunnels),
+                tunnel: self,
+                splice: resting,
+                replica,
+            },
+        };
+        // The thread's table is gone (it is ending): the tunnel closes with it.
+        let _ = door.send(held);
+    }
+
+    /// Records how the tunnel ended: the counters, a replica that broke, the access log's line.
+    fn finish(self, spliced: Spliced) {
+        let stats = &self.stats;
         stats.tunnels.fetch_sub(1, Ordering::Relaxed);
-        let c = &tunnels.counters;
+        let c = &self.tunnels.counters;
         c.bytes_up.fetch_add(spliced.up, Ordering::Relaxed);
         c.bytes_down.fetch_add(spliced.down, Ordering::Relaxed);
         let termination = match &spliced.end {
@@ -168,13 +245,92 @@ pub fn open(
             End::Closed(Close::Rehome(_)) => Termination::TunnelRehomed,
             End::Closed(Close::Shutdown) => Termination::TunnelShutdown,
         };
-        if let Some(report) = report {
+        if let Some(report) = self.report {
             let _ = report.send(TunnelEnd {
                 up: spliced.up,
                 down: spliced.down,
                 termination,
             });
         }
+    }
+}
+
+/// Opens the tunnel behind the replica's `101` `resp` and returns the `101` for the client
+/// (the replica's head, no body); `None` if the response carries no switched connection. An
+/// idle tunnel rests in `door`'s table (its serving thread's) when it can.
+pub fn open(
+    resp: Response<ReplicaBody>,
+    asked: Asked,
+    request: RequestPlace,
+    at: At<'_>,
+    (tunnels, metrics): (&Arc<Tunnels>, &Arc<Metrics>),
+    door: Option<&Door<Resting>>,
+) -> Option<Response<Body>> {
+    let (mut parts, body) = resp.into_parts();
+    let (mut conn, in_flight, _) = body.into_switched()?;
+    let websocket = parts
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    let (registration, close) = tunnels.register(at.placed(), tunnel::Kind::Tunnel);
+    let stats = Arc::clone(&at.replica.stats);
+    stats.tunnels.fetch_add(1, Ordering::Relaxed);
+    let config = &at.snap.config;
+    // The access log's line for the tunnel waits for its end; with the log off nobody waits,
+    // and an idle tunnel keeps no channel for it.
+    let (report, log) = match config.log.access {
+        AccessTarget::Off => (None, None),
+        _ => {
+            let (report, log) = oneshot::channel();
+            (Some(report), Some(log))
+        }
+    };
+    let Asked {
+        on_upgrade, place, ..
+    } = asked;
+    let rest_after = Some(config.tunnels.rest_after)
+        .filter(|after| !after.is_zero() && door.is_some() && conn.is_plain());
+    let mut tunnel = Tunnel {
+        _place: place,
+        _request: request,
+        _in_flight: in_flight,
+        _registration: registration,
+        close,
+        stats,
+        report,
+        tunnels: Arc::clone(tunnels),
+        metrics: Arc::clone(metrics),
+        idle: config.tunnels.idle_timeout,
+        send_timeout: config.proxy.send_timeout,
+        rest_after,
+        door: door.cloned(),
+    };
+    let replica_read = std::mem::take(&mut conn.buf);
+    // A replica that takes no byte for proxy.send_timeout is cut like a client that does not.
+    let mut replica = tunnel.bounded(conn);
+    // What the task keeps while the tunnel is open is its future: what it holds is moved in
+    // once and lent to the splice, so that nothing has two places in it.
+    tokio::spawn(async move {
+        let Some(upgraded) = on_upgrade.upgraded().await else {
+            tunnel.stats.tunnels.fetch_sub(1, Ordering::Relaxed);
+            return; // the client went before its 101 was written
+        };
+        let mut client = upgraded.io;
+        // Asked of the connection inside the box (the box is an `Io` itself).
+        if !(*client).as_any().is::<SendTimeout<TcpStream>>() {
+            tunnel.rest_after = None;
+        }
+        let (idle, rest_after) = (tunnel.idle, tunnel.rest_after);
+        let ends = Ends {
+            client: &mut client,
+            client_read: upgraded.read,
+            replica: &mut replica,
+            replica_read,
+            websocket,
+        };
+        let splicing = splice::splice(ends, &mut tunnel.close, idle, rest_after).await;
+        tunnel.after(splicing, client, replica);
     });
     parts.status = StatusCode::SWITCHING_PROTOCOLS;
     if let Some(log) = log {

@@ -14,12 +14,16 @@
 
 pub mod frames;
 pub mod rehome;
+pub mod resting;
 pub mod splice;
 pub mod ws;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use tokio::sync::{oneshot, Notify};
 
@@ -52,6 +56,37 @@ impl Close {
                 "ringgate: the gateway is shutting down",
             ),
         }
+    }
+}
+
+/// Hears the gateway's close of one registered connection, and remembers it once heard: a
+/// close heard by whoever watches an idle tunnel ([`resting`]) is still there for the task
+/// that serves it again.
+#[derive(Debug)]
+pub struct Closer {
+    rx: oneshot::Receiver<Close>,
+    heard: Option<Close>,
+}
+
+impl Closer {
+    /// The close, once it came; pending until then (and for good once no close can come: the
+    /// registration went, or it was told already).
+    pub fn poll_heard(&mut self, cx: &mut Context<'_>) -> Poll<Close> {
+        if let Some(why) = self.heard {
+            return Poll::Ready(why);
+        }
+        match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Ready(Ok(why)) => {
+                self.heard = Some(why);
+                Poll::Ready(why)
+            }
+            _ => Poll::Pending,
+        }
+    }
+
+    /// The close, if it was heard.
+    pub fn heard(&self) -> Option<Close> {
+        self.heard
     }
 }
 
@@ -96,6 +131,8 @@ pub struct Counters {
     pub streams_rehomed_key_moved: AtomicU64,
     pub streams_rehomed_replica_gone: AtomicU64,
     pub idle_timeouts: AtomicU64,
+    /// Tunnels resting without a task now ([`resting`]).
+    pub resting: AtomicU64,
     /// Bytes from clients to replicas, and back.
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
@@ -130,6 +167,22 @@ impl Drop for Place {
     fn drop(&mut self) {
         self.tunnels.places.fetch_sub(1, Ordering::Relaxed);
         self.tunnels.ended.notify_waiters();
+    }
+}
+
+/// A tunnel counted as resting ([`Counters::resting`]) until this drops.
+pub struct RestingCount(Arc<Tunnels>);
+
+impl RestingCount {
+    pub fn new(tunnels: &Arc<Tunnels>) -> RestingCount {
+        tunnels.counters.resting.fetch_add(1, Ordering::Relaxed);
+        RestingCount(Arc::clone(tunnels))
+    }
+}
+
+impl Drop for RestingCount {
+    fn drop(&mut self) {
+        self.0.counters.resting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -173,12 +226,8 @@ impl Tunnels {
         Ok(place)
     }
 
-    /// Registers an open tunnel; the receiver hears when the gateway closes it.
-    pub fn register(
-        self: &Arc<Self>,
-        placed: Placed,
-        kind: Kind,
-    ) -> (Registration, oneshot::Receiver<Close>) {
+    /// Registers an open tunnel; the [`Closer`] hears when the gateway closes it.
+    pub fn register(self: &Arc<Self>, placed: Placed, kind: Kind) -> (Registration, Closer) {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&self.open).insert(
@@ -198,7 +247,7 @@ impl Tunnels {
             tunnels: Arc::clone(self),
             id,
         };
-        (registration, rx)
+        (registration, Closer { rx, heard: None })
     }
 
     /// Tunnels open (or routed and waiting for their replica's answer) now.
@@ -294,6 +343,7 @@ impl Tunnels {
                 "replica_gone": get(&c.streams_rehomed_replica_gone),
             },
             "idle_timeouts": get(&c.idle_timeouts),
+            "resting": get(&c.resting),
             "bytes_up": get(&c.bytes_up),
             "bytes_down": get(&c.bytes_down),
         })

@@ -20,11 +20,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use super::ws::{self, Frames};
-use super::Close;
+use super::{Close, Closer};
 
 /// How many bytes one read takes: the buffer lives on the stack for the read's duration.
 const READ_SIZE: usize = 16 * 1024;
@@ -243,57 +242,178 @@ pub struct Ends<C, R> {
     pub websocket: bool,
 }
 
-/// Splices the two connections until the tunnel ends (see the module's header); `close` tells
-/// it to close (re-homing, a drain), `idle` is `[tunnels] idle_timeout`.
+/// What a splice came to: the tunnel ended, or it rests (see [`Resting`]).
+pub enum Splicing {
+    Ended(Spliced),
+    Resting(Resting),
+}
+
+/// A tunnel that went quiet for the `rest_after` it was spliced with: nothing pending either
+/// way, both streams open, no close heard. Its ends stay with the caller, which may hold them
+/// without a task ([`super::resting`]) and [`resume`] it when either side has bytes again, its
+/// close comes or [`Resting::idle_until`] passes.
+#[derive(Debug)]
+pub struct Resting {
+    up: u64,
+    down: u64,
+    /// Where the replica's WebSocket frames stand (`None`: not a WebSocket).
+    frames: Option<Frames>,
+    last_moved: Instant,
+}
+
+impl Resting {
+    /// When it is closed for idling (`[tunnels] idle_timeout` after its last byte).
+    pub fn idle_until(&self, idle: Duration) -> Instant {
+        self.last_moved + idle
+    }
+
+    /// The bytes it carried so far: to the replica, and back.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.up, self.down)
+    }
+}
+
+/// What a splice knows of its tunnel across its waits (and across a rest).
+struct State {
+    up: Flow,
+    down: Flow,
+    frames: Option<Frames>,
+    websocket: bool,
+    last_moved: Instant,
+    /// When the quiet a rest waits for began: the last byte, or the task's start. A tunnel
+    /// just woken is not rested again before `rest_after`, even with nothing read yet: the
+    /// runtime reports a socket it was just given as readable only after its next turn, and
+    /// the bytes that woke it would wake it again at once, for ever.
+    quiet_since: Instant,
+    /// Whose stream ended first: a WebSocket replica that went first without a close frame
+    /// broke; one that followed its client's end did not.
+    replica_ended_first: Option<bool>,
+}
+
+impl State {
+    /// Nothing in flight either way and both streams open: the tunnel can wait without its task.
+    fn can_rest(&self) -> bool {
+        let quiet = |f: &Flow| f.pending.is_empty() && !f.ended && !f.shut && !f.unflushed;
+        quiet(&self.up) && quiet(&self.down)
+    }
+}
+
+/// Splices the two connections until the tunnel ends (see the module's header), or, with
+/// `rest_after`, until nothing moved for that long and it can rest ([`Splicing::Resting`]);
+/// `close` tells it to close (re-homing, a drain), `idle` is `[tunnels] idle_timeout`.
 ///
 /// An idle tunnel is this future, so what it keeps across its waits is kept small: the ends
 /// are used where they were passed (a copy in a local would be a second place for them in the
 /// future, rustc keeps both), and reads borrow a buffer on the stack of a poll, not of the
-/// future. A caller that passes its replica connection as `&mut` keeps one place for it too.
+/// future. A caller that passes its connections as `&mut` keeps one place for them too.
 pub async fn splice<C, R>(
     mut ends: Ends<C, R>,
-    mut close: oneshot::Receiver<Close>,
+    close: &mut Closer,
     idle: Duration,
-) -> Spliced
+    rest_after: Option<Duration>,
+) -> Splicing
 where
     C: AsyncRead + AsyncWrite + Unpin,
     R: AsyncRead + AsyncWrite + Unpin,
 {
     let websocket = ends.websocket;
-    let mut up = Flow::default();
-    let mut down = Flow::default();
-    let mut frames = websocket.then(Frames::default);
+    let mut state = State {
+        up: Flow::default(),
+        down: Flow::default(),
+        frames: websocket.then(Frames::default),
+        websocket,
+        last_moved: Instant::now(),
+        quiet_since: Instant::now(),
+        replica_ended_first: None,
+    };
     // The bytes each side sent past its head go first, through the same path as the rest.
     let early = std::mem::take(&mut ends.client_read);
     if let Err(e) = ends.replica.write_all(&early).await {
-        return ended(&up, &down, End::ReplicaError(e.to_string()));
+        return Splicing::Ended(state.ended(End::ReplicaError(e.to_string())));
     }
-    up.bytes += early.len() as u64;
+    state.up.bytes += early.len() as u64;
     drop(early);
     let early = std::mem::take(&mut ends.replica_read);
-    if let Some(f) = frames.as_mut() {
+    if let Some(f) = state.frames.as_mut() {
         f.advance(&early, false);
     }
     if let Err(e) = ends.client.write_all(&early).await {
-        return ended(&up, &down, End::ClientError(e.to_string()));
+        return Splicing::Ended(state.ended(End::ClientError(e.to_string())));
     }
-    down.bytes += early.len() as u64;
+    state.down.bytes += early.len() as u64;
     drop(early);
     let Ends {
         client, replica, ..
     } = &mut ends;
+    run(&mut state, client, replica, close, idle, rest_after).await
+}
 
-    let mut last_moved = Instant::now();
-    let mut idle_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
+/// Splices a tunnel that rested again, as [`splice`] does (its ends are the ones it rested
+/// with, made again).
+pub async fn resume<C, R>(
+    resting: Resting,
+    mut client: C,
+    mut replica: R,
+    close: &mut Closer,
+    idle: Duration,
+    rest_after: Option<Duration>,
+) -> Splicing
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut state = State {
+        up: Flow {
+            bytes: resting.up,
+            ..Flow::default()
+        },
+        down: Flow {
+            bytes: resting.down,
+            ..Flow::default()
+        },
+        websocket: resting.frames.is_some(),
+        frames: resting.frames,
+        last_moved: resting.last_moved,
+        quiet_since: Instant::now(),
+        replica_ended_first: None,
+    };
+    run(
+        &mut state,
+        &mut client,
+        &mut replica,
+        close,
+        idle,
+        rest_after,
+    )
+    .await
+}
+
+async fn run<C, R>(
+    state: &mut State,
+    client: &mut C,
+    replica: &mut R,
+    close: &mut Closer,
+    idle: Duration,
+    rest_after: Option<Duration>,
+) -> Splicing
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + AsyncWrite + Unpin,
+{
+    // The timer is set once and moved only when it fires early: no timer work per read. It
+    // fires at the idle timeout, or earlier when the tunnel may rest.
+    let idle_at = |state: &State| state.last_moved + idle;
+    let first = rest_after.map_or(idle_at(state), |after| {
+        idle_at(state).min(state.quiet_since + after)
+    });
+    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(first));
     let mut closing: Option<Closing> = None;
-    // Whose stream ended first: a WebSocket replica that went first without a close frame
-    // broke; one that followed its client's end did not.
-    let mut replica_ended_first: Option<bool> = None;
-    let end = poll_fn(|cx| {
+    // `None`: it rests.
+    let end: Option<End> = poll_fn(|cx| {
         if closing.is_none() {
-            if let Poll::Ready(Ok(why)) = Pin::new(&mut close).poll(cx) {
-                let Some(f) = frames.take() else {
-                    return Poll::Ready(End::Closed(why));
+            if let Poll::Ready(why) = close.poll_heard(cx) {
+                let Some(f) = state.frames.take() else {
+                    return Poll::Ready(Some(End::Closed(why)));
                 };
                 closing = Some(Closing {
                     why,
@@ -304,57 +424,78 @@ where
             }
         }
         if let Some(c) = closing.as_mut() {
-            return c.poll(cx, &mut down, replica, client);
+            return c.poll(cx, &mut state.down, replica, client).map(Some);
         }
         let mut moved = false;
+        let (up, down) = (&mut state.up, &mut state.down);
         let up_step = up.poll_move(cx, client, replica, None, false, &mut moved);
-        let down_step = down.poll_move(cx, replica, client, frames.as_mut(), false, &mut moved);
+        let frames = state.frames.as_mut();
+        let down_step = down.poll_move(cx, replica, client, frames, false, &mut moved);
         let steps = match (up_step, down_step) {
             (Err(Broke::Source(e)), _) | (_, Err(Broke::Destination(e))) => {
-                return Poll::Ready(End::ClientError(e.to_string()))
+                return Poll::Ready(Some(End::ClientError(e.to_string())))
             }
             (Err(Broke::Destination(e)), _) | (_, Err(Broke::Source(e))) => {
-                return Poll::Ready(End::ReplicaError(e.to_string()))
+                return Poll::Ready(Some(End::ReplicaError(e.to_string())))
             }
             (Ok(a), Ok(b)) => (a, b),
         };
-        if replica_ended_first.is_none() && (up.ended || down.ended) {
-            replica_ended_first = Some(down.ended && !up.ended);
+        if state.replica_ended_first.is_none() && (up.ended || down.ended) {
+            state.replica_ended_first = Some(down.ended && !up.ended);
         }
         if let (Step::Done, Step::Done) = steps {
-            return Poll::Ready(End::Ended);
+            return Poll::Ready(Some(End::Ended));
         }
         if matches!(steps.0, Step::Yield) || matches!(steps.1, Step::Yield) {
             cx.waker().wake_by_ref();
         }
         let now = Instant::now();
         if moved {
-            last_moved = now;
+            state.last_moved = now;
+            state.quiet_since = now;
         }
-        // The timer is set once and moved only when it fires early: no timer work per read.
-        while idle_timer.as_mut().poll(cx).is_ready() {
-            let due = last_moved + idle;
-            if now >= due {
-                return Poll::Ready(End::Idle);
+        while timer.as_mut().poll(cx).is_ready() {
+            let idle_at = idle_at(state);
+            if now >= idle_at {
+                return Poll::Ready(Some(End::Idle));
             }
-            idle_timer.as_mut().reset(due);
+            let next = match rest_after {
+                Some(after) if now >= state.quiet_since + after => {
+                    if state.can_rest() {
+                        return Poll::Ready(None);
+                    }
+                    // Quiet, but bytes wait for a side to take them: looked at again later.
+                    now + after
+                }
+                Some(after) => state.quiet_since + after,
+                None => idle_at,
+            };
+            timer.as_mut().reset(next.min(idle_at));
         }
         Poll::Pending
     })
     .await;
-    if let (End::Closed(_), true) = (&end, websocket) {
-        idle_timer.as_mut().reset(Instant::now() + LINGER);
-        linger(client, idle_timer.as_mut()).await;
+    let Some(end) = end else {
+        return Splicing::Resting(Resting {
+            up: state.up.bytes,
+            down: state.down.bytes,
+            frames: state.frames.take(),
+            last_moved: state.last_moved,
+        });
+    };
+    if let (End::Closed(_), true) = (&end, state.websocket) {
+        timer.as_mut().reset(Instant::now() + LINGER);
+        linger(client, timer.as_mut()).await;
     }
     // A WebSocket's server ends with a close frame; one that just went is a replica that
     // broke (a crash, a kill), whatever the socket said.
-    let end = match (end, frames) {
-        (End::Ended, Some(f)) if !f.saw_close() && replica_ended_first == Some(true) => {
+    let end = match (end, &state.frames) {
+        (End::Ended, Some(f)) if !f.saw_close() && state.replica_ended_first == Some(true) => {
             End::ReplicaError("the replica ended the WebSocket without a close frame".into())
         }
         (end, _) => end,
     };
-    ended(&up, &down, end)
+    Splicing::Ended(state.ended(end))
 }
 
 /// A WebSocket being closed by the gateway: the replica's bytes go on to the next frame
@@ -428,11 +569,13 @@ async fn linger<C: AsyncRead + Unpin>(client: &mut C, mut until: Pin<&mut Sleep>
     .await;
 }
 
-fn ended(up: &Flow, down: &Flow, end: End) -> Spliced {
-    Spliced {
-        up: up.bytes,
-        down: down.bytes,
-        end,
+impl State {
+    fn ended(&self, end: End) -> Spliced {
+        Spliced {
+            up: self.up.bytes,
+            down: self.down.bytes,
+            end,
+        }
     }
 }
 
@@ -441,6 +584,7 @@ mod tests {
     use super::*;
     use crate::tunnel::rehome::Reason;
     use tokio::io::{duplex, AsyncReadExt, DuplexStream};
+    use tokio::sync::oneshot;
 
     /// A tunnel between two in-memory pipes of `capacity` bytes; returns the far ends (the
     /// client's and the replica's) and the running splice.
@@ -464,8 +608,130 @@ mod tests {
             replica_read: BytesMut::new(),
             websocket,
         };
-        let task = tokio::spawn(splice(ends, rx, idle));
+        let task = tokio::spawn(async move {
+            let mut close = Closer { rx, heard: None };
+            match splice(ends, &mut close, idle, None).await {
+                Splicing::Ended(spliced) => spliced,
+                Splicing::Resting(_) => unreachable!("spliced without rest_after"),
+            }
+        });
         (client_far, replica_far, tx, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_tunnel_rests_and_goes_on_where_it_was_when_resumed() {
+        let (client, mut client_far) = duplex(1024);
+        let (replica, mut replica_far) = duplex(1024);
+        let (tx, rx) = oneshot::channel();
+        let mut close = Closer { rx, heard: None };
+        let (mut client, mut replica) = (client, replica);
+        let ends = Ends {
+            client: &mut client,
+            client_read: BytesMut::from(&b"early"[..]),
+            replica: &mut replica,
+            replica_read: BytesMut::new(),
+            websocket: false,
+        };
+        let idle = Duration::from_secs(60);
+        let rest_after = Some(Duration::from_secs(5));
+        let started = Instant::now();
+        let splicing = splice(ends, &mut close, idle, rest_after);
+        let feed = async {
+            let mut early = [0u8; 5];
+            replica_far
+                .read_exact(&mut early)
+                .await
+                .expect("early bytes");
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            replica_far.write_all(b"news").await.expect("write");
+            let mut news = [0u8; 4];
+            client_far.read_exact(&mut news).await.expect("through");
+        };
+        let (splicing, ()) = tokio::join!(splicing, feed);
+        let Splicing::Resting(resting) = splicing else {
+            panic!("a quiet tunnel rests")
+        };
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(8),
+            "5 s after its last byte, not after its first"
+        );
+        assert_eq!(resting.idle_until(idle), started + Duration::from_secs(63));
+        // Resumed: the bytes go on, counted on from where it rested, and the close still works.
+        client_far.write_all(b"up").await.expect("write");
+        let resumed = resume(resting, &mut client, &mut replica, &mut close, idle, None);
+        let feed = async {
+            let mut up = [0u8; 2];
+            replica_far.read_exact(&mut up).await.expect("through");
+            tx.send(Close::Shutdown).expect("open");
+        };
+        let (resumed, ()) = tokio::join!(resumed, feed);
+        let Splicing::Ended(spliced) = resumed else {
+            panic!("spliced without rest_after")
+        };
+        assert_eq!(
+            spliced,
+            Spliced {
+                up: 7,
+                down: 4,
+                end: End::Closed(Close::Shutdown)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_woken_with_nothing_read_yet_rests_again_only_after_rest_after() {
+        let (mut client, _client_far) = duplex(64);
+        let (mut replica, _replica_far) = duplex(64);
+        let (_tx, rx) = oneshot::channel();
+        let mut close = Closer { rx, heard: None };
+        // Quiet for a minute already: the socket that woke it has not been read yet.
+        let resting = Resting {
+            up: 0,
+            down: 0,
+            frames: None,
+            last_moved: Instant::now() - Duration::from_secs(60),
+        };
+        let started = Instant::now();
+        let idle = Duration::from_secs(600);
+        let after = Some(Duration::from_secs(5));
+        let resumed = resume(resting, &mut client, &mut replica, &mut close, idle, after).await;
+        assert!(matches!(resumed, Splicing::Resting(_)));
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(5),
+            "not at once: a rest counts from the wake"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_with_bytes_waiting_for_a_side_does_not_rest() {
+        let (client, _client_far) = duplex(64);
+        let (replica, mut replica_far) = duplex(64 * 1024);
+        let (_tx, rx) = oneshot::channel();
+        let mut close = Closer { rx, heard: None };
+        let ends = Ends {
+            client,
+            client_read: BytesMut::new(),
+            replica,
+            replica_read: BytesMut::new(),
+            websocket: false,
+        };
+        replica_far.write_all(&[1u8; 4096]).await.expect("write");
+        let splicing = splice(
+            ends,
+            &mut close,
+            Duration::from_secs(30),
+            Some(Duration::from_secs(1)),
+        );
+        let Splicing::Ended(spliced) = splicing.await else {
+            panic!("a tunnel with a backlog does not rest")
+        };
+        assert_eq!(
+            spliced.end,
+            End::Idle,
+            "the client never read: it idles out"
+        );
     }
 
     #[tokio::test]

@@ -176,6 +176,38 @@ pub struct Conn {
     _counted: ReplicaConnection,
 }
 
+/// A plain connection whose socket was set aside ([`Conn::set_aside`]): still counted among the
+/// replica's connections.
+pub struct SetAside {
+    addr: SocketAddr,
+    made_by: u64,
+    idle_since: Instant,
+    home: Option<Arc<Pool>>,
+    _counted: ReplicaConnection,
+}
+
+impl SetAside {
+    /// The connection again, on `stream` (its socket, back in the runtime).
+    pub fn resume(self, stream: TcpStream) -> Conn {
+        let SetAside {
+            addr,
+            made_by,
+            idle_since,
+            home,
+            _counted,
+        } = self;
+        Conn {
+            stream: Stream::Plain(stream),
+            buf: BytesMut::new(),
+            addr,
+            made_by,
+            idle_since,
+            home,
+            _counted,
+        }
+    }
+}
+
 /// Which client a connection made with `tls` is of: its build's id, 0 for plain TCP.
 fn client_id(tls: Option<&UpstreamTls>) -> u64 {
     tls.map_or(0, UpstreamTls::id)
@@ -250,6 +282,41 @@ impl Conn {
 
     pub fn stream(&mut self) -> &mut Stream {
         &mut self.stream
+    }
+
+    /// Whether it is plain TCP (its socket can be set aside: [`Conn::set_aside`]).
+    pub fn is_plain(&self) -> bool {
+        matches!(self.stream, Stream::Plain(_))
+    }
+
+    /// Takes the socket of a plain connection out of the runtime, to be held without a task (a
+    /// resting tunnel's replica leg), with the rest of the connection to make it again; what
+    /// was read and not handed on yet must have been.
+    pub fn set_aside(self) -> io::Result<(std::net::TcpStream, SetAside)> {
+        let Conn {
+            stream,
+            buf,
+            addr,
+            made_by,
+            idle_since,
+            home,
+            _counted,
+        } = self;
+        let Stream::Plain(stream) = stream else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a TLS connection cannot be set aside",
+            ));
+        };
+        debug_assert!(buf.is_empty(), "bytes read would be lost");
+        let rest = SetAside {
+            addr,
+            made_by,
+            idle_since,
+            home,
+            _counted,
+        };
+        Ok((stream.into_std()?, rest))
     }
 
     /// The gateway's own address on this connection (what the replica sees as its peer).
