@@ -10,6 +10,7 @@
 //! task when it wakes.
 //! Must not touch: routing (the caller passes the route), how bytes move ([`crate::tunnel`]).
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use crate::parking::Held;
 use crate::snapshot::{InFlight, ReplicaStats, Snapshot, Upstream};
 use crate::stall::SendTimeout;
 use crate::tunnel::resting::{Door, Rest};
-use crate::tunnel::splice::{self, End, Ends, Spliced, Splicing};
+use crate::tunnel::splice::{self, End, Splice, Spliced, Splicing};
 use crate::tunnel::{self, Close, Closer, Placed, Registration, RestingCount, Tunnels};
 use crate::upstream::pool::{Conn, SetAside};
 use crate::wire::body::Body;
@@ -98,12 +99,12 @@ struct Tunnel {
     _place: tunnel::Place,
     _request: RequestPlace,
     _in_flight: InFlight,
-    _registration: Registration,
+    /// Its entry in the registry, and the registry (its counters).
+    registration: Registration,
     close: Closer,
     stats: Arc<ReplicaStats>,
     /// The access log's line waits for this (`None`: the log is off).
     report: Option<oneshot::Sender<TunnelEnd>>,
-    tunnels: Arc<Tunnels>,
     metrics: Arc<Metrics>,
     idle: Duration,
     send_timeout: Duration,
@@ -152,7 +153,7 @@ impl Rest for Resting {
         };
         let client: Transport = Box::new(tunnel.bounded(client));
         let replica = tunnel.bounded(replica.resume(also));
-        tokio::spawn(tunnel.resume(splice, client, replica));
+        tokio::spawn(tunnel.serve(Splice::resumed(splice), client, replica));
     }
 }
 
@@ -161,23 +162,25 @@ impl Tunnel {
         SendTimeout::new(stream, self.send_timeout, Arc::clone(&self.metrics))
     }
 
-    async fn resume(
-        mut self,
-        resting: splice::Resting,
-        mut client: Transport,
-        mut replica: SendTimeout<Conn>,
-    ) {
-        let (idle, rest_after) = (self.idle, self.rest_after);
-        let splicing = splice::resume(
-            resting,
-            &mut client,
-            &mut replica,
-            &mut self.close,
-            idle,
-            rest_after,
-        )
-        .await;
-        self.after(splicing, client, replica);
+    /// Splices the tunnel (again, after a rest) until it ends or rests. What its task keeps
+    /// while the tunnel is open is this future, so each thing is in it once: moved in whole,
+    /// lent to the splice, and taken apart only after it. (An `async fn` would keep its
+    /// arguments twice: as they were passed, and in the bindings its body moves them into.)
+    fn serve(
+        self,
+        state: Splice,
+        client: Transport,
+        replica: SendTimeout<Conn>,
+    ) -> impl Future<Output = ()> + Send {
+        let mut open = (self, state, client, replica);
+        async move {
+            let (tunnel, state, client, replica) = &mut open;
+            let (idle, rest_after) = (tunnel.idle, tunnel.rest_after);
+            let close = &mut tunnel.close;
+            let splicing = splice::splice(state, client, replica, close, idle, rest_after).await;
+            let (tunnel, _, client, replica) = open;
+            tunnel.after(splicing, client, replica);
+        }
     }
 
     /// After a splice: the tunnel ended, or it rests.
@@ -212,7 +215,7 @@ impl Tunnel {
             also: Some(also),
             deadline: resting.idle_until(self.idle),
             rest: Resting {
-                _counted: RestingCount::new(&self.tunnels),
+                _counted: RestingCount::new(self.registration.tunnels()),
                 tunnel: self,
                 splice: resting,
                 replica,
@@ -226,7 +229,7 @@ impl Tunnel {
     fn finish(self, spliced: Spliced) {
         let stats = &self.stats;
         stats.tunnels.fetch_sub(1, Ordering::Relaxed);
-        let c = &self.tunnels.counters;
+        let c = &self.registration.tunnels().counters;
         c.bytes_up.fetch_add(spliced.up, Ordering::Relaxed);
         c.bytes_down.fetch_add(spliced.down, Ordering::Relaxed);
         let termination = match &spliced.end {
@@ -295,42 +298,32 @@ pub fn open(
         _place: place,
         _request: request,
         _in_flight: in_flight,
-        _registration: registration,
+        registration,
         close,
         stats,
         report,
-        tunnels: Arc::clone(tunnels),
         metrics: Arc::clone(metrics),
         idle: config.tunnels.idle_timeout,
         send_timeout: config.proxy.send_timeout,
         rest_after,
         door: door.cloned(),
     };
-    let replica_read = std::mem::take(&mut conn.buf);
+    let mut state = Splice::new(std::mem::take(&mut conn.buf), websocket);
     // A replica that takes no byte for proxy.send_timeout is cut like a client that does not.
-    let mut replica = tunnel.bounded(conn);
-    // What the task keeps while the tunnel is open is its future: what it holds is moved in
-    // once and lent to the splice, so that nothing has two places in it.
+    let replica = tunnel.bounded(conn);
     tokio::spawn(async move {
         let Some(upgraded) = on_upgrade.upgraded().await else {
             tunnel.stats.tunnels.fetch_sub(1, Ordering::Relaxed);
             return; // the client went before its 101 was written
         };
-        let mut client = upgraded.io;
+        state.client_sent(upgraded.read);
         // Asked of the connection inside the box (the box is an `Io` itself).
-        if !(*client).as_any().is::<SendTimeout<TcpStream>>() {
+        if !(*upgraded.io).as_any().is::<SendTimeout<TcpStream>>() {
             tunnel.rest_after = None;
         }
-        let (idle, rest_after) = (tunnel.idle, tunnel.rest_after);
-        let ends = Ends {
-            client: &mut client,
-            client_read: upgraded.read,
-            replica: &mut replica,
-            replica_read,
-            websocket,
-        };
-        let splicing = splice::splice(ends, &mut tunnel.close, idle, rest_after).await;
-        tunnel.after(splicing, client, replica);
+        // A task of its own, so that what this one kept to wait for the client is not kept
+        // beside it for the tunnel's life.
+        tokio::spawn(tunnel.serve(state, upgraded.io, replica));
     });
     parts.status = StatusCode::SWITCHING_PROTOCOLS;
     if let Some(log) = log {

@@ -192,6 +192,13 @@ pub struct Registration {
     id: u64,
 }
 
+impl Registration {
+    /// The registry it is in.
+    pub fn tunnels(&self) -> &Arc<Tunnels> {
+        &self.tunnels
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
         lock(&self.tunnels.open).remove(&self.id);

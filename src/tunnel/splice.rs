@@ -1,8 +1,11 @@
 //! The bytes of one tunnel: a client connection and a replica connection after `101`, spliced
 //! both ways until both have ended, one of them breaks, nothing moves for
-//! `[tunnels] idle_timeout`, or the tunnel is told to close.
+//! `[tunnels] idle_timeout`, or the tunnel is told to close; or, when it may, until it has been
+//! quiet for `[tunnels] rest_after` and can rest without its task.
 //!
-//! Owns: [`splice`] and what it returns ([`Spliced`]: the bytes each way and why it ended). Each
+//! Owns: [`splice`], its state across waits and rests ([`Splice`], [`Resting`]) and what it
+//! returns ([`Splicing`]; [`Spliced`]: the bytes each way and why it ended). The bytes each side
+//! sent past its head go first, through the same path as the rest. Each
 //! direction reads into a buffer on the stack and writes on at once; only what the other side
 //! did not take yet is kept on the heap, and reading that direction waits until it is taken
 //! (backpressure). An idle tunnel holds no buffer. An end of stream is passed on as a half-close
@@ -19,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::ws::{self, Frames};
@@ -95,6 +98,19 @@ enum Broke {
 }
 
 impl Flow {
+    /// A flow whose first bytes (sent past a head) wait to be written.
+    fn early(first: BytesMut) -> Flow {
+        Flow {
+            bytes: first.len() as u64,
+            // An empty buffer may still hold its room (a response's read buffer): not kept.
+            pending: match first.is_empty() {
+                true => Vec::new(),
+                false => first.into(),
+            },
+            ..Flow::default()
+        }
+    }
+
     /// Moves bytes from `src` to `dst`. With `frames`, they are followed as WebSocket frames;
     /// with `stop` too, reading stops at the first frame boundary (what lies past it is dropped:
     /// the tunnel is closing).
@@ -230,18 +246,6 @@ impl Flow {
     }
 }
 
-/// The tunnel's two connections and what it knows of them.
-pub struct Ends<C, R> {
-    pub client: C,
-    /// What the client sent past its request head (the new protocol's first bytes).
-    pub client_read: BytesMut,
-    pub replica: R,
-    /// What the replica sent past its `101`.
-    pub replica_read: BytesMut,
-    /// The protocol is WebSocket: a close puts a close frame in first.
-    pub websocket: bool,
-}
-
 /// What a splice came to: the tunnel ended, or it rests (see [`Resting`]).
 pub enum Splicing {
     Ended(Spliced),
@@ -249,9 +253,9 @@ pub enum Splicing {
 }
 
 /// A tunnel that went quiet for the `rest_after` it was spliced with: nothing pending either
-/// way, both streams open, no close heard. Its ends stay with the caller, which may hold them
-/// without a task ([`super::resting`]) and [`resume`] it when either side has bytes again, its
-/// close comes or [`Resting::idle_until`] passes.
+/// way, both streams open, no close heard. Its connections stay with the caller, which may hold
+/// them without a task ([`super::resting`]) and splice it again ([`Splice::resumed`]) when
+/// either side has bytes again, its close comes or [`Resting::idle_until`] passes.
 #[derive(Debug)]
 pub struct Resting {
     up: u64,
@@ -273,8 +277,9 @@ impl Resting {
     }
 }
 
-/// What a splice knows of its tunnel across its waits (and across a rest).
-struct State {
+/// What a splice knows of its tunnel across its waits. Its owner keeps it where the tunnel's
+/// task keeps it and lends it to [`splice`]: one place in the task's future.
+pub struct Splice {
     up: Flow,
     down: Flow,
     frames: Option<Frames>,
@@ -290,11 +295,62 @@ struct State {
     replica_ended_first: Option<bool>,
 }
 
-impl State {
+impl Splice {
+    /// A new tunnel's splice. What the replica sent past its `101` (`replica_read`) goes to the
+    /// client first, through the same path as the rest; `websocket`: a close puts a close
+    /// frame in first.
+    pub fn new(replica_read: BytesMut, websocket: bool) -> Splice {
+        let mut frames = websocket.then(Frames::default);
+        if let Some(f) = frames.as_mut() {
+            f.advance(&replica_read, false);
+        }
+        let now = Instant::now();
+        Splice {
+            up: Flow::default(),
+            down: Flow::early(replica_read),
+            frames,
+            websocket,
+            last_moved: now,
+            quiet_since: now,
+            replica_ended_first: None,
+        }
+    }
+
+    /// What the client sent past its request head (the new protocol's first bytes) goes to
+    /// the replica first.
+    pub fn client_sent(&mut self, client_read: BytesMut) {
+        self.up = Flow::early(client_read);
+    }
+
+    /// The splice of a tunnel that rested, to go on with.
+    pub fn resumed(resting: Resting) -> Splice {
+        let flow = |bytes| Flow {
+            bytes,
+            ..Flow::default()
+        };
+        Splice {
+            up: flow(resting.up),
+            down: flow(resting.down),
+            websocket: resting.frames.is_some(),
+            frames: resting.frames,
+            last_moved: resting.last_moved,
+            quiet_since: Instant::now(),
+            replica_ended_first: None,
+        }
+    }
+
     /// Nothing in flight either way and both streams open: the tunnel can wait without its task.
     fn can_rest(&self) -> bool {
         let quiet = |f: &Flow| f.pending.is_empty() && !f.ended && !f.shut && !f.unflushed;
         quiet(&self.up) && quiet(&self.down)
+    }
+
+    fn ended(&self, end: End) -> Spliced {
+        Spliced {
+            up: self.up.bytes,
+            down: self.down.bytes,
+            end,
+        }
     }
 }
 
@@ -302,94 +358,11 @@ impl State {
 /// `rest_after`, until nothing moved for that long and it can rest ([`Splicing::Resting`]);
 /// `close` tells it to close (re-homing, a drain), `idle` is `[tunnels] idle_timeout`.
 ///
-/// An idle tunnel is this future, so what it keeps across its waits is kept small: the ends
-/// are used where they were passed (a copy in a local would be a second place for them in the
-/// future, rustc keeps both), and reads borrow a buffer on the stack of a poll, not of the
-/// future. A caller that passes its connections as `&mut` keeps one place for them too.
+/// An idle tunnel is this future (unless it rests), so what it keeps across its waits is kept
+/// small: everything is borrowed from the caller, which keeps each thing once, and reads borrow
+/// a buffer on the stack of a poll, not of the future.
 pub async fn splice<C, R>(
-    mut ends: Ends<C, R>,
-    close: &mut Closer,
-    idle: Duration,
-    rest_after: Option<Duration>,
-) -> Splicing
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    R: AsyncRead + AsyncWrite + Unpin,
-{
-    let websocket = ends.websocket;
-    let mut state = State {
-        up: Flow::default(),
-        down: Flow::default(),
-        frames: websocket.then(Frames::default),
-        websocket,
-        last_moved: Instant::now(),
-        quiet_since: Instant::now(),
-        replica_ended_first: None,
-    };
-    // The bytes each side sent past its head go first, through the same path as the rest.
-    let early = std::mem::take(&mut ends.client_read);
-    if let Err(e) = ends.replica.write_all(&early).await {
-        return Splicing::Ended(state.ended(End::ReplicaError(e.to_string())));
-    }
-    state.up.bytes += early.len() as u64;
-    drop(early);
-    let early = std::mem::take(&mut ends.replica_read);
-    if let Some(f) = state.frames.as_mut() {
-        f.advance(&early, false);
-    }
-    if let Err(e) = ends.client.write_all(&early).await {
-        return Splicing::Ended(state.ended(End::ClientError(e.to_string())));
-    }
-    state.down.bytes += early.len() as u64;
-    drop(early);
-    let Ends {
-        client, replica, ..
-    } = &mut ends;
-    run(&mut state, client, replica, close, idle, rest_after).await
-}
-
-/// Splices a tunnel that rested again, as [`splice`] does (its ends are the ones it rested
-/// with, made again).
-pub async fn resume<C, R>(
-    resting: Resting,
-    mut client: C,
-    mut replica: R,
-    close: &mut Closer,
-    idle: Duration,
-    rest_after: Option<Duration>,
-) -> Splicing
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    R: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut state = State {
-        up: Flow {
-            bytes: resting.up,
-            ..Flow::default()
-        },
-        down: Flow {
-            bytes: resting.down,
-            ..Flow::default()
-        },
-        websocket: resting.frames.is_some(),
-        frames: resting.frames,
-        last_moved: resting.last_moved,
-        quiet_since: Instant::now(),
-        replica_ended_first: None,
-    };
-    run(
-        &mut state,
-        &mut client,
-        &mut replica,
-        close,
-        idle,
-        rest_after,
-    )
-    .await
-}
-
-async fn run<C, R>(
-    state: &mut State,
+    state: &mut Splice,
     client: &mut C,
     replica: &mut R,
     close: &mut Closer,
@@ -402,7 +375,7 @@ where
 {
     // The timer is set once and moved only when it fires early: no timer work per read. It
     // fires at the idle timeout, or earlier when the tunnel may rest.
-    let idle_at = |state: &State| state.last_moved + idle;
+    let idle_at = |state: &Splice| state.last_moved + idle;
     let first = rest_after.map_or(idle_at(state), |after| {
         idle_at(state).min(state.quiet_since + after)
     });
@@ -569,21 +542,11 @@ async fn linger<C: AsyncRead + Unpin>(client: &mut C, mut until: Pin<&mut Sleep>
     .await;
 }
 
-impl State {
-    fn ended(&self, end: End) -> Spliced {
-        Spliced {
-            up: self.up.bytes,
-            down: self.down.bytes,
-            end,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tunnel::rehome::Reason;
-    use tokio::io::{duplex, AsyncReadExt, DuplexStream};
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio::sync::oneshot;
 
     /// A tunnel between two in-memory pipes of `capacity` bytes; returns the far ends (the
@@ -601,16 +564,20 @@ mod tests {
         let (client, client_far) = duplex(capacity);
         let (replica, replica_far) = duplex(capacity);
         let (tx, rx) = oneshot::channel();
-        let ends = Ends {
-            client,
-            client_read: BytesMut::from(&b"early"[..]),
-            replica,
-            replica_read: BytesMut::new(),
-            websocket,
-        };
         let task = tokio::spawn(async move {
+            let (mut client, mut replica) = (client, replica);
             let mut close = Closer { rx, heard: None };
-            match splice(ends, &mut close, idle, None).await {
+            let mut state = Splice::new(BytesMut::new(), websocket);
+            state.client_sent(BytesMut::from(&b"early"[..]));
+            let spliced = splice(
+                &mut state,
+                &mut client,
+                &mut replica,
+                &mut close,
+                idle,
+                None,
+            );
+            match spliced.await {
                 Splicing::Ended(spliced) => spliced,
                 Splicing::Resting(_) => unreachable!("spliced without rest_after"),
             }
@@ -625,17 +592,13 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         let mut close = Closer { rx, heard: None };
         let (mut client, mut replica) = (client, replica);
-        let ends = Ends {
-            client: &mut client,
-            client_read: BytesMut::from(&b"early"[..]),
-            replica: &mut replica,
-            replica_read: BytesMut::new(),
-            websocket: false,
-        };
+        let mut state = Splice::new(BytesMut::new(), false);
+        state.client_sent(BytesMut::from(&b"early"[..]));
         let idle = Duration::from_secs(60);
         let rest_after = Some(Duration::from_secs(5));
         let started = Instant::now();
-        let splicing = splice(ends, &mut close, idle, rest_after);
+        let c = &mut close;
+        let splicing = splice(&mut state, &mut client, &mut replica, c, idle, rest_after);
         let feed = async {
             let mut early = [0u8; 5];
             replica_far
@@ -659,7 +622,15 @@ mod tests {
         assert_eq!(resting.idle_until(idle), started + Duration::from_secs(63));
         // Resumed: the bytes go on, counted on from where it rested, and the close still works.
         client_far.write_all(b"up").await.expect("write");
-        let resumed = resume(resting, &mut client, &mut replica, &mut close, idle, None);
+        let mut state = Splice::resumed(resting);
+        let resumed = splice(
+            &mut state,
+            &mut client,
+            &mut replica,
+            &mut close,
+            idle,
+            None,
+        );
         let feed = async {
             let mut up = [0u8; 2];
             replica_far.read_exact(&mut up).await.expect("through");
@@ -695,7 +666,16 @@ mod tests {
         let started = Instant::now();
         let idle = Duration::from_secs(600);
         let after = Some(Duration::from_secs(5));
-        let resumed = resume(resting, &mut client, &mut replica, &mut close, idle, after).await;
+        let mut state = Splice::resumed(resting);
+        let resumed = splice(
+            &mut state,
+            &mut client,
+            &mut replica,
+            &mut close,
+            idle,
+            after,
+        )
+        .await;
         assert!(matches!(resumed, Splicing::Resting(_)));
         assert_eq!(
             started.elapsed(),
@@ -706,23 +686,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_tunnel_with_bytes_waiting_for_a_side_does_not_rest() {
-        let (client, _client_far) = duplex(64);
-        let (replica, mut replica_far) = duplex(64 * 1024);
+        let (mut client, _client_far) = duplex(64);
+        let (mut replica, mut replica_far) = duplex(64 * 1024);
         let (_tx, rx) = oneshot::channel();
         let mut close = Closer { rx, heard: None };
-        let ends = Ends {
-            client,
-            client_read: BytesMut::new(),
-            replica,
-            replica_read: BytesMut::new(),
-            websocket: false,
-        };
+        let mut state = Splice::new(BytesMut::new(), false);
         replica_far.write_all(&[1u8; 4096]).await.expect("write");
+        let (idle, after) = (Duration::from_secs(30), Some(Duration::from_secs(1)));
         let splicing = splice(
-            ends,
+            &mut state,
+            &mut client,
+            &mut replica,
             &mut close,
-            Duration::from_secs(30),
-            Some(Duration::from_secs(1)),
+            idle,
+            after,
         );
         let Splicing::Ended(spliced) = splicing.await else {
             panic!("a tunnel with a backlog does not rest")

@@ -177,11 +177,10 @@ pub struct Conn {
 }
 
 /// A plain connection whose socket was set aside ([`Conn::set_aside`]): still counted among the
-/// replica's connections.
+/// replica's connections. Kept small (many rest at once): made by no TLS client, and in use,
+/// so neither its maker nor an idle time is kept.
 pub struct SetAside {
     addr: SocketAddr,
-    made_by: u64,
-    idle_since: Instant,
     home: Option<Arc<Pool>>,
     _counted: ReplicaConnection,
 }
@@ -191,8 +190,6 @@ impl SetAside {
     pub fn resume(self, stream: TcpStream) -> Conn {
         let SetAside {
             addr,
-            made_by,
-            idle_since,
             home,
             _counted,
         } = self;
@@ -200,8 +197,8 @@ impl SetAside {
             stream: Stream::Plain(stream),
             buf: BytesMut::new(),
             addr,
-            made_by,
-            idle_since,
+            made_by: client_id(None),
+            idle_since: Instant::now(),
             home,
             _counted,
         }
@@ -297,10 +294,9 @@ impl Conn {
             stream,
             buf,
             addr,
-            made_by,
-            idle_since,
             home,
             _counted,
+            ..
         } = self;
         let Stream::Plain(stream) = stream else {
             return Err(io::Error::new(
@@ -311,8 +307,6 @@ impl Conn {
         debug_assert!(buf.is_empty(), "bytes read would be lost");
         let rest = SetAside {
             addr,
-            made_by,
-            idle_since,
             home,
             _counted,
         };
