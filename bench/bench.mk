@@ -2,7 +2,7 @@
 # (bench/lab, binary `ringgate-lab`), which starts the release gateway binaries
 # target/release/ringgate and target/release/ringgate-server.
 
-.PHONY: analysis bench bench-micro bench-rss bench-idle bench-idle-profile bench-tunnels-profile bench-flood bench-log bench-streams bench-tunnels bench-h2 bench-h2-pinned bench-h2-instr bench-instr bench-conns bench-paced
+.PHONY: analysis bench bench-micro bench-rss bench-idle bench-idle-profile bench-tunnels-profile bench-tunnels-rest bench-flood bench-log bench-streams bench-tunnels bench-h2 bench-h2-pinned bench-h2-instr bench-instr bench-conns bench-paced
 
 ## analysis: experiments A-1..A-4, ring movement and failover on live gateways (ringgate-lab analysis); charts in docs/img/ (committed), report in docs/performance.md
 analysis:
@@ -32,6 +32,11 @@ bench-idle-profile: build
 ## bench-tunnels-profile: where an idle WebSocket tunnel's bytes go: ringgate under valgrind's DHAT holding 1,200 idle tunnels (each echoed once), its heap at the peak by allocation site, per tunnel (needs valgrind; the profile is left in target/dhat-tunnels.json)
 bench-tunnels-profile: build
 	python3 bench/idle_profile.py --tunnels 1000
+
+## bench-tunnels-rest: what a tunnel's rest costs in system calls: 200 tunnels through ringgate, one message each in 5 rounds 1.5 s apart, with [tunnels] rest_after = "500ms" (each message wakes a resting tunnel) and "0s" (no rest), counted by strace -c
+bench-tunnels-rest: build
+	bench/deps.sh strace
+	python3 bench/tunnels_rest.py 200 5
 
 ## bench-tunnels: RSS per open idle WebSocket tunnel (9,000 tunnels, two descriptors each) through ringgate, NGINX and HAProxy, one worker each, the same three backends
 bench-tunnels: build

@@ -11,6 +11,7 @@
 #   bench/deps.sh h2load    h2load (nghttp2-client), the HTTP/2 and gRPC load of `make bench-h2`
 #   bench/deps.sh valgrind  valgrind (callgrind, callgrind_control, callgrind_annotate, DHAT) for
 #                           `make bench-instr` and `make bench-idle-profile`
+#   bench/deps.sh strace    strace, the system-call counts of `make bench-tunnels-rest`
 #   bench/deps.sh python    the Python clients of the tunnel and gRPC tests (websockets, grpcio)
 #                           in a virtualenv at target/pyclients, from tests/support/requirements.txt
 set -euo pipefail
@@ -69,6 +70,8 @@ for what in "$@"; do
             have h2load || missing+=(nghttp2-client) ;;
         valgrind)
             have valgrind || missing+=(valgrind) ;;
+        strace)
+            have strace || missing+=(strace) ;;
         python)
             python_clients ;;
         *) echo "deps.sh: unknown group $what" >&2; exit 2 ;;
