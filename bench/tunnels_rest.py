@@ -21,22 +21,17 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from proxies_rss import (BACKENDS, GW, PORT, raise_nofile, ringgate_conf, run,  # noqa: E402
                          start_servers, stop_all, wait_port)
-from tunnels_rss import frame, open_tunnels  # noqa: E402
+from tunnels_rss import open_tunnels  # noqa: E402
+from conns import echo_again  # noqa: E402
 
 QUIET = 1.5
 
 
 def echo_all(socks):
-    """One message up each tunnel, and its echo read back."""
-    for s in socks:
-        s.sendall(frame("again"))
-    for s in socks:
-        got = b""
-        while len(got) < 2 or len(got) < 2 + (got[1] & 0x7F):
-            chunk = s.recv(4096)
-            if not chunk:
-                raise SystemExit("a tunnel closed")
-            got += chunk
+    """One message up each tunnel, and its echo read back; every one must come back."""
+    echoed, failed = echo_again(socks)
+    if failed or echoed != len(socks):
+        raise SystemExit(f"{echoed} of {len(socks)} tunnels echoed, {failed} failed")
 
 
 def syscalls(summary):

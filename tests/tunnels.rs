@@ -44,15 +44,20 @@ fn ws_base(gw: &GatewayProcess) -> String {
 
 /// Waits (bounded) until `/lb/status` says `open` tunnels are open.
 async fn wait_open(gw: &GatewayProcess, open: u64, within: Duration) {
+    wait_tunnels(gw, "open", open, within).await;
+}
+
+/// Waits (bounded) until `/lb/status`'s `tunnels.<what>` is `n`.
+async fn wait_tunnels(gw: &GatewayProcess, what: &str, n: u64, within: Duration) {
     let started = Instant::now();
     loop {
         let status = gw.status().await;
-        if status["tunnels"]["open"] == open {
+        if status["tunnels"][what] == n {
             return;
         }
         assert!(
             started.elapsed() < within,
-            "tunnels open: {} (waiting for {open})",
+            "tunnels {what}: {} (waiting for {n})",
             status["tunnels"]
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -495,19 +500,7 @@ async fn a_keyless_client_gets_a_cookie_and_its_websocket_follows_it() {
 
 /// Waits (bounded) until `/lb/status` says `resting` tunnels rest without a task.
 async fn wait_resting(gw: &GatewayProcess, resting: u64, within: Duration) {
-    let started = Instant::now();
-    loop {
-        let status = gw.status().await;
-        if status["tunnels"]["resting"] == resting {
-            return;
-        }
-        assert!(
-            started.elapsed() < within,
-            "tunnels resting: {} (waiting for {resting})",
-            status["tunnels"]
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_tunnels(gw, "resting", resting, within).await;
 }
 
 /// Opens a WebSocket for key `id` and returns it with the replica that echoed on it.
