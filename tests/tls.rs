@@ -1010,3 +1010,56 @@ async fn a_tls_replica_that_does_not_choose_h2_gets_http1_requests_and_grpc_call
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_over_tls_keeps_its_task_past_rest_after_and_talks_on_while_plain_ones_rest() {
+    use support::websocket as ws;
+    let certs = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new(certs.path());
+    let main = pki.install("gw", &pki.issue("gw", &["localhost"]));
+    let gw = GatewayProcess::start(&Conf {
+        replicas: "count = 1\n".into(),
+        tls: t::section(&[main], ""),
+        tunnels: "rest_after = \"200ms\"\n".into(),
+        ..Conf::default()
+    });
+    let config = t::client_config(&pki.ca_pem(), &[b"http/1.1"]);
+    let mut over_tls = t::connect(gw.tls_addr(), "localhost", &config)
+        .await
+        .expect("a TLS connection");
+    let head = ws::open_on(&mut over_tls, "/ws?id=1", "").await;
+    assert_eq!(ws::status(&head), 101, "{head}");
+    let server = ws::echo(&mut over_tls, "hello")
+        .await
+        .expect("an echo over TLS");
+    let (mut plain, head) = ws::open(gw.addr, "/ws?id=2", "").await;
+    assert_eq!(ws::status(&head), 101, "{head}");
+    assert!(ws::echo(&mut plain, "hello").await.is_some());
+    // Well past rest_after: the plain tunnel rests, the TLS one cannot (its TLS state lives in
+    // its task) and keeps its task.
+    let started = Instant::now();
+    loop {
+        let tunnels = gw.status().await["tunnels"].clone();
+        if tunnels["resting"] == 1 {
+            assert_eq!(tunnels["open"], 2, "{tunnels}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the plain tunnel rests: {tunnels}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        gw.status().await["tunnels"]["resting"],
+        1,
+        "never the TLS one"
+    );
+    assert_eq!(
+        ws::echo(&mut over_tls, "still here").await.as_deref(),
+        Some(server.as_str()),
+        "the TLS tunnel talks on"
+    );
+    assert!(ws::echo(&mut plain, "and here").await.is_some());
+}

@@ -160,9 +160,22 @@ fn peer_cn(conn: &rustls::ClientConnection) -> String {
     cn
 }
 
-type Stream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+pub type Stream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// A TLS handshake from `from` (a loopback address) to `addr`.
+/// A TLS connection to `addr` (SNI `sni`), its handshake done within 10 s.
+pub async fn connect(
+    addr: SocketAddr,
+    sni: &str,
+    config: &Arc<ClientConfig>,
+) -> Result<Stream, String> {
+    let handshake = handshake("127.0.0.1", addr, sni, config);
+    let (tls, _) = tokio::time::timeout(Duration::from_secs(10), handshake)
+        .await
+        .map_err(|_| "the TLS handshake hung".to_string())??;
+    Ok(tls)
+}
+
 async fn handshake(
     from: &str,
     addr: SocketAddr,

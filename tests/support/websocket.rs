@@ -11,13 +11,24 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Opens a WebSocket to `path` on `addr` by hand; returns the connection and the response head
 /// (whatever the status).
 pub async fn open(addr: SocketAddr, path: &str, extra: &str) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
+    let head = open_on(&mut s, path, extra).await;
+    (s, head)
+}
+
+/// Opens a WebSocket to `path` on the connection `s` (a TLS one, say); returns the response
+/// head (whatever the status).
+pub async fn open_on<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    path: &str,
+    extra: &str,
+) -> String {
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
@@ -37,7 +48,7 @@ pub async fn open(addr: SocketAddr, path: &str, extra: &str) -> (TcpStream, Stri
         );
         head.push(byte[0]);
     }
-    (s, String::from_utf8_lossy(&head).into_owned())
+    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// The status code of a response head.
@@ -49,7 +60,11 @@ pub fn status(head: &str) -> u16 {
 }
 
 /// Writes one masked frame (as a client must).
-pub async fn send(s: &mut TcpStream, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+pub async fn send<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    opcode: u8,
+    payload: &[u8],
+) -> std::io::Result<()> {
     s.write_all(&frame(opcode, payload)).await
 }
 
@@ -74,7 +89,7 @@ pub fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Reads one (unmasked, server) frame: its opcode and payload; `None` at the end of the stream.
-pub async fn read(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+pub async fn read<S: AsyncRead + Unpin>(s: &mut S) -> Option<(u8, Vec<u8>)> {
     let mut h = [0u8; 2];
     s.read_exact(&mut h).await.ok()?;
     let len = match h[1] & 0x7f {
@@ -96,7 +111,7 @@ pub async fn read(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
 }
 
 /// Sends a text message and returns the server that echoed it (`ringgate-server`'s `/ws`).
-pub async fn echo(s: &mut TcpStream, text: &str) -> Option<String> {
+pub async fn echo<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, text: &str) -> Option<String> {
     send(s, 0x1, text.as_bytes()).await.ok()?;
     let (op, payload) = tokio::time::timeout(Duration::from_secs(10), read(s))
         .await
