@@ -172,13 +172,13 @@ impl Tunnel {
         client: Transport,
         replica: SendTimeout<Conn>,
     ) -> impl Future<Output = ()> + Send {
-        let mut open = (self, state, client, replica);
+        let mut parts = (self, state, client, replica);
         async move {
-            let (tunnel, state, client, replica) = &mut open;
+            let (tunnel, state, client, replica) = &mut parts;
             let (idle, rest_after) = (tunnel.idle, tunnel.rest_after);
             let close = &mut tunnel.close;
             let splicing = splice::splice(state, client, replica, close, idle, rest_after).await;
-            let (tunnel, _, client, replica) = open;
+            let (tunnel, _, client, replica) = parts;
             tunnel.after(splicing, client, replica);
         }
     }
@@ -193,6 +193,9 @@ impl Tunnel {
 
     /// Hands the tunnel to its thread's table, its sockets out of the runtime.
     fn rest(self, resting: splice::Resting, client: Transport, replica: SendTimeout<Conn>) {
+        let Some(door) = self.door.clone() else {
+            return; // never: a tunnel without a table is spliced without rest_after
+        };
         let set_aside = client
             .into_any()
             .downcast::<SendTimeout<TcpStream>>()
@@ -206,9 +209,6 @@ impl Tunnel {
                 let end = End::ClientError(format!("could not rest: {e}"));
                 return self.finish(Spliced { up, down, end });
             }
-        };
-        let Some(door) = self.door.clone() else {
-            return; // never: a tunnel without a table does not rest
         };
         let held = Held {
             stream: client,
