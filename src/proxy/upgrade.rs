@@ -108,9 +108,16 @@ struct Tunnel {
     metrics: Arc<Metrics>,
     idle: Duration,
     send_timeout: Duration,
-    /// `[tunnels] rest_after`, while the tunnel can rest (plain TCP both ways, and a table).
-    rest_after: Option<Duration>,
-    door: Option<Door<Resting>>,
+    /// How it rests, while it can (plain TCP both ways, and a table on its thread).
+    rests: Option<Rests>,
+}
+
+/// When a tunnel rests, and where.
+struct Rests {
+    /// `[tunnels] rest_after`.
+    after: Duration,
+    /// Its serving thread's table.
+    door: Door<Resting>,
 }
 
 /// A tunnel resting in its serving thread's table ([`crate::tunnel::resting`]): its sockets are
@@ -146,9 +153,8 @@ impl Rest for Resting {
         let (client, also) = match legs {
             Ok(legs) => legs,
             Err(e) => {
-                let (up, down) = splice.bytes();
                 let end = End::ClientError(format!("could not be served again after a rest: {e}"));
-                return tunnel.finish(Spliced { up, down, end });
+                return tunnel.finish(splice.ended(end));
             }
         };
         let client: Transport = Box::new(tunnel.bounded(client));
@@ -175,7 +181,7 @@ impl Tunnel {
         let mut parts = (self, state, client, replica);
         async move {
             let (tunnel, state, client, replica) = &mut parts;
-            let (idle, rest_after) = (tunnel.idle, tunnel.rest_after);
+            let (idle, rest_after) = (tunnel.idle, tunnel.rests.as_ref().map(|r| r.after));
             let close = &mut tunnel.close;
             let splicing = splice::splice(state, client, replica, close, idle, rest_after).await;
             let (tunnel, _, client, replica) = parts;
@@ -193,8 +199,8 @@ impl Tunnel {
 
     /// Hands the tunnel to its thread's table, its sockets out of the runtime.
     fn rest(self, resting: splice::Resting, client: Transport, replica: SendTimeout<Conn>) {
-        let Some(door) = self.door.clone() else {
-            return; // never: a tunnel without a table is spliced without rest_after
+        let Some(door) = self.rests.as_ref().map(|r| r.door.clone()) else {
+            return; // never: a tunnel that cannot rest is spliced without rest_after
         };
         let set_aside = client
             .into_any()
@@ -205,9 +211,8 @@ impl Tunnel {
         let (client, (also, replica)) = match set_aside {
             Ok(legs) => legs,
             Err(e) => {
-                let (up, down) = resting.bytes();
                 let end = End::ClientError(format!("could not rest: {e}"));
-                return self.finish(Spliced { up, down, end });
+                return self.finish(resting.ended(end));
             }
         };
         let held = Held {
@@ -292,8 +297,13 @@ pub fn open(
     let Asked {
         on_upgrade, place, ..
     } = asked;
-    let rest_after = Some(config.tunnels.rest_after)
-        .filter(|after| !after.is_zero() && door.is_some() && conn.is_plain());
+    let after = config.tunnels.rest_after;
+    let rests = door
+        .filter(|_| !after.is_zero() && conn.is_plain())
+        .map(|door| Rests {
+            after,
+            door: door.clone(),
+        });
     let mut tunnel = Tunnel {
         _place: place,
         _request: request,
@@ -305,8 +315,7 @@ pub fn open(
         metrics: Arc::clone(metrics),
         idle: config.tunnels.idle_timeout,
         send_timeout: config.proxy.send_timeout,
-        rest_after,
-        door: door.cloned(),
+        rests,
     };
     let mut state = Splice::new(std::mem::take(&mut conn.buf), websocket);
     // A replica that takes no byte for proxy.send_timeout is cut like a client that does not.
@@ -319,7 +328,7 @@ pub fn open(
         state.client_sent(upgraded.read);
         // Asked of the connection inside the box (the box is an `Io` itself).
         if !(*upgraded.io).as_any().is::<SendTimeout<TcpStream>>() {
-            tunnel.rest_after = None;
+            tunnel.rests = None;
         }
         // A task of its own, so that what this one kept to wait for the client is not kept
         // beside it for the tunnel's life.

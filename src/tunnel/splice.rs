@@ -271,9 +271,13 @@ impl Resting {
         self.last_moved + idle
     }
 
-    /// The bytes it carried so far: to the replica, and back.
-    pub fn bytes(&self) -> (u64, u64) {
-        (self.up, self.down)
+    /// What it carried, ending now for `end` (it could not go on after its rest).
+    pub fn ended(&self, end: End) -> Spliced {
+        Spliced {
+            up: self.up,
+            down: self.down,
+            end,
+        }
     }
 }
 
