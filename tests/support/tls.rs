@@ -169,11 +169,21 @@ pub async fn connect(
     sni: &str,
     config: &Arc<ClientConfig>,
 ) -> Result<Stream, String> {
-    let handshake = handshake("127.0.0.1", addr, sni, config);
-    let (tls, _) = tokio::time::timeout(Duration::from_secs(10), handshake)
+    Ok(connect_from("127.0.0.1", addr, sni, config).await?.0)
+}
+
+/// [`connect`] from the loopback address `from`, with the common name of the certificate the
+/// gateway presented.
+async fn connect_from(
+    from: &str,
+    addr: SocketAddr,
+    sni: &str,
+    config: &Arc<ClientConfig>,
+) -> Result<(Stream, String), String> {
+    let handshake = handshake(from, addr, sni, config);
+    tokio::time::timeout(Duration::from_secs(10), handshake)
         .await
-        .map_err(|_| "the TLS handshake hung".to_string())??;
-    Ok(tls)
+        .map_err(|_| "the TLS handshake hung".to_string())?
 }
 
 async fn handshake(
@@ -259,10 +269,7 @@ impl Connection {
         sni: &str,
         config: &Arc<ClientConfig>,
     ) -> Result<Connection, String> {
-        let handshake = handshake(from, addr, sni, config);
-        let (tls, cn) = tokio::time::timeout(Duration::from_secs(10), handshake)
-            .await
-            .map_err(|_| "the TLS handshake hung".to_string())??;
+        let (tls, cn) = connect_from(from, addr, sni, config).await?;
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| format!("HTTP handshake: {e}"))?;
