@@ -20,7 +20,7 @@ use super::upgrade::At;
 use crate::error::BoxError;
 use crate::grpc::{status_fields, Code};
 use crate::tunnel::frames::{Boundaries, Format};
-use crate::tunnel::{Close, Closer, Kind, Registration, Tunnels};
+use crate::tunnel::{Close, Kind, Registration, Tunnels};
 use crate::wire::body::Body;
 
 /// Where a stream of gRPC messages is: in a prefix, in a message, or between two.
@@ -45,27 +45,25 @@ impl Format for Grpc {
 /// `resp`, a gRPC call's response from the replica `at` names, registered for re-homing: a
 /// call may stream for long.
 pub fn registered(resp: Response<Body>, at: &At<'_>, tunnels: &Arc<Tunnels>) -> Response<Body> {
-    let (registration, close) = tunnels.register(at.placed(), Kind::Stream);
-    resp.map(|body| Body::boxed(Rehomable::new(body, close, registration)))
+    let registration = tunnels.register(at.placed(), Kind::Stream);
+    resp.map(|body| Body::boxed(Rehomable::new(body, registration)))
 }
 
 /// A gRPC call's response body, ended with `UNAVAILABLE` at the next message boundary when its
 /// close comes.
 pub struct Rehomable {
     inner: Body,
-    /// Once the close came, the body ends at the next boundary.
-    close: Closer,
-    _registration: Registration,
+    /// Where it hears its close; once the close came, the body ends at the next boundary.
+    close: Registration,
     messages: Messages,
     done: bool,
 }
 
 impl Rehomable {
-    pub fn new(inner: Body, close: Closer, registration: Registration) -> Self {
+    pub fn new(inner: Body, close: Registration) -> Self {
         Rehomable {
             inner,
             close,
-            _registration: registration,
             messages: Messages::default(),
             done: false,
         }
@@ -103,7 +101,7 @@ impl HttpBody for Rehomable {
         if this.done {
             return Poll::Ready(None);
         }
-        if let Poll::Ready(why) = this.close.poll_heard(cx) {
+        if let Poll::Ready(why) = this.close.poll_closed(cx) {
             if this.messages.at_boundary() {
                 return this.end(why);
             }
@@ -119,7 +117,7 @@ impl HttpBody for Rehomable {
         };
         let frame = match frame.into_data() {
             Ok(mut data) => {
-                let stop = this.close.heard().is_some();
+                let stop = this.close.closed().is_some();
                 let keep = this.messages.advance(&data, stop);
                 if keep < data.len() {
                     // Closing: what lies past the boundary is never sent.
@@ -138,11 +136,11 @@ impl HttpBody for Rehomable {
 
     fn is_end_stream(&self) -> bool {
         // A trailers-only answer (a status in the head) ends with its head, as it came.
-        self.done || (self.close.heard().is_none() && self.inner.is_end_stream())
+        self.done || (self.close.closed().is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.close.heard() {
+        match self.close.closed() {
             None => self.inner.size_hint(),
             Some(_) => SizeHint::default(),
         }

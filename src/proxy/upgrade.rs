@@ -30,7 +30,7 @@ use crate::snapshot::{InFlight, ReplicaStats, Snapshot, Upstream};
 use crate::stall::SendTimeout;
 use crate::tunnel::resting::{Door, Rest};
 use crate::tunnel::splice::{self, End, Splice, Spliced, Splicing};
-use crate::tunnel::{self, Close, Closer, Placed, Registration, RestingCount, Tunnels};
+use crate::tunnel::{self, Close, Placed, Registration, RestingCount, Tunnels};
 use crate::upstream::pool::{Conn, SetAside};
 use crate::wire::body::Body;
 use crate::wire::body::ReplicaBody;
@@ -99,9 +99,8 @@ struct Tunnel {
     _place: tunnel::Place,
     _request: RequestPlace,
     _in_flight: InFlight,
-    /// Its entry in the registry, and the registry (its counters).
+    /// Its entry in the registry, where it hears its close, and the registry (its counters).
     registration: Registration,
-    close: Closer,
     stats: Arc<ReplicaStats>,
     /// The access log's line waits for this (`None`: the log is off).
     report: Option<oneshot::Sender<TunnelEnd>>,
@@ -130,8 +129,8 @@ pub struct Resting {
 }
 
 impl Rest for Resting {
-    fn close(&mut self) -> &mut Closer {
-        &mut self.tunnel.close
+    fn registration(&mut self) -> &mut Registration {
+        &mut self.tunnel.registration
     }
 
     fn wake(held: Held<Self>) {
@@ -182,7 +181,7 @@ impl Tunnel {
         async move {
             let (tunnel, state, client, replica) = &mut parts;
             let (idle, rest_after) = (tunnel.idle, tunnel.rests.as_ref().map(|r| r.after));
-            let close = &mut tunnel.close;
+            let close = &mut tunnel.registration;
             let splicing = splice::splice(state, client, replica, close, idle, rest_after).await;
             let (tunnel, _, client, replica) = parts;
             tunnel.after(splicing, client, replica);
@@ -281,7 +280,7 @@ pub fn open(
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
-    let (registration, close) = tunnels.register(at.placed(), tunnel::Kind::Tunnel);
+    let registration = tunnels.register(at.placed(), tunnel::Kind::Tunnel);
     let stats = Arc::clone(&at.replica.stats);
     stats.tunnels.fetch_add(1, Ordering::Relaxed);
     let config = &at.snap.config;
@@ -309,7 +308,6 @@ pub fn open(
         _request: request,
         _in_flight: in_flight,
         registration,
-        close,
         stats,
         report,
         metrics: Arc::clone(metrics),

@@ -9,8 +9,10 @@
 //! headers, [`rehome`] decides which tunnels moved and paces their closes.
 //! Must not touch: routing (a tunnel's key and home come from the snapshot's own functions,
 //! the ones requests use) or the request path's budgets (the proxy holds a tunnel's places).
-//! The registry's lock is taken when a tunnel opens or ends and by the re-homing task a few
-//! times a second, never per byte or per request.
+//! The registry's lock is taken when a tunnel opens, rests or ends, by the re-homing task a few
+//! times a second, and by a tunnel's next poll after a close was told to any of them (each
+//! [`Registration`] looks at its entry only then, or when the task polling it changed), never
+//! per byte or per request.
 
 pub mod frames;
 pub mod rehome;
@@ -19,14 +21,13 @@ pub mod splice;
 pub mod ws;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{mpsc, Notify};
 
+use crate::parking::Ticket;
 use crate::ring::ServerId;
 use crate::sync::lock;
 
@@ -59,37 +60,6 @@ impl Close {
     }
 }
 
-/// Hears the gateway's close of one registered connection, and remembers it once heard: a
-/// close heard by whoever watches an idle tunnel ([`resting`]) is still there for the task
-/// that serves it again.
-#[derive(Debug)]
-pub struct Closer {
-    rx: oneshot::Receiver<Close>,
-    heard: Option<Close>,
-}
-
-impl Closer {
-    /// The close, once it came; pending until then (and for good once no close can come: the
-    /// registration went, or it was told already).
-    pub fn poll_heard(&mut self, cx: &mut Context<'_>) -> Poll<Close> {
-        if let Some(why) = self.heard {
-            return Poll::Ready(why);
-        }
-        match Pin::new(&mut self.rx).poll(cx) {
-            Poll::Ready(Ok(why)) => {
-                self.heard = Some(why);
-                Poll::Ready(why)
-            }
-            _ => Poll::Pending,
-        }
-    }
-
-    /// The close, if it was heard.
-    pub fn heard(&self) -> Option<Close> {
-        self.heard
-    }
-}
-
 /// Where an open tunnel stands on the ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placed {
@@ -113,10 +83,37 @@ pub enum Kind {
 struct Entry {
     placed: Placed,
     kind: Kind,
-    /// Tells the tunnel to close; taken by the first close.
-    close: Option<oneshot::Sender<Close>>,
+    /// The close it was told, once told.
+    told: Option<Close>,
+    /// Who is woken when it is told.
+    hearer: Option<Hearer>,
     /// Already scheduled for a re-homing close.
     scheduled: bool,
+}
+
+/// Who hears a registered connection's close: the task serving it, or, while a tunnel rests
+/// without a task, its serving thread's table ([`resting`]), by the ticket of its record. Kept
+/// in the registry's entry, so that hearing a close allocates nothing of a connection's own:
+/// a small record left on the heap among the pages its first task freed would keep them
+/// resident for as long as the tunnel is open.
+enum Hearer {
+    Task(Waker),
+    Table {
+        closes: mpsc::UnboundedSender<Ticket>,
+        ticket: Ticket,
+    },
+}
+
+impl Hearer {
+    fn wake(self) {
+        match self {
+            Hearer::Task(waker) => waker.wake(),
+            // The table is gone (its thread ended): so are its records.
+            Hearer::Table { closes, ticket } => {
+                let _ = closes.send(ticket);
+            }
+        }
+    }
 }
 
 /// Tunnels closed by the gateway, by reason, and the bytes they carried: `/lb/metrics`.
@@ -143,6 +140,8 @@ pub struct Counters {
 pub struct Tunnels {
     open: Mutex<HashMap<u64, Entry>>,
     next_id: AtomicU64,
+    /// Closes told so far: a registration that saw this unchanged need not look at its entry.
+    told: AtomicU64,
     /// Places taken under `[tunnels] max` (a tunnel takes one when its upgrade is routed, before
     /// the replica answers).
     places: AtomicU64,
@@ -186,16 +185,80 @@ impl Drop for RestingCount {
     }
 }
 
-/// An open tunnel's entry in the registry, removed when this drops.
+/// An open tunnel's (or gRPC stream's) entry in the registry, removed when this drops, and
+/// where it hears the gateway's close: once heard, a close is remembered, so a close heard by
+/// the table an idle tunnel rests in is still there for the task that serves it again.
 pub struct Registration {
     tunnels: Arc<Tunnels>,
     id: u64,
+    heard: Option<Close>,
+    /// The registry's [`Tunnels::told`] when this last looked at its entry, and the waker it
+    /// left there: while neither changed, nothing was told to anyone, and a poll takes no lock.
+    seen: u64,
+    waker: Option<Waker>,
 }
 
 impl Registration {
     /// The registry it is in.
     pub fn tunnels(&self) -> &Arc<Tunnels> {
         &self.tunnels
+    }
+
+    /// The close, once it came; pending until then.
+    pub fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<Close> {
+        if let Some(why) = self.heard {
+            return Poll::Ready(why);
+        }
+        let told = self.tunnels.told.load(Ordering::Acquire);
+        let waker = cx.waker();
+        if told == self.seen && self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            return Poll::Pending;
+        }
+        let mut open = lock(&self.tunnels.open);
+        let Some(entry) = open.get_mut(&self.id) else {
+            return Poll::Pending; // never: the entry goes with this
+        };
+        if let Some(why) = entry.told {
+            drop(open);
+            self.heard = Some(why);
+            self.waker = None;
+            return Poll::Ready(why);
+        }
+        entry.hearer = Some(Hearer::Task(waker.clone()));
+        drop(open);
+        self.seen = told;
+        self.waker = Some(waker.clone());
+        Poll::Pending
+    }
+
+    /// The close, if it was heard.
+    pub fn closed(&self) -> Option<Close> {
+        self.heard
+    }
+
+    /// From now on its close is heard by a table of resting tunnels: `ticket` is sent to
+    /// `closes`. `Some` (and nothing sent) if it was told already.
+    pub(crate) fn rest(
+        &mut self,
+        closes: &mpsc::UnboundedSender<Ticket>,
+        ticket: Ticket,
+    ) -> Option<Close> {
+        // The task that served it is gone; its waker would keep the task's memory.
+        self.waker = None;
+        if self.heard.is_some() {
+            return self.heard;
+        }
+        let mut open = lock(&self.tunnels.open);
+        let entry = open.get_mut(&self.id)?;
+        if let Some(why) = entry.told {
+            self.heard = Some(why);
+            return self.heard;
+        }
+        entry.hearer = Some(Hearer::Table {
+            closes: closes.clone(),
+            ticket,
+        });
+        None
     }
 }
 
@@ -233,16 +296,16 @@ impl Tunnels {
         Ok(place)
     }
 
-    /// Registers an open tunnel; the [`Closer`] hears when the gateway closes it.
-    pub fn register(self: &Arc<Self>, placed: Placed, kind: Kind) -> (Registration, Closer) {
-        let (tx, rx) = oneshot::channel();
+    /// Registers an open tunnel; its [`Registration`] hears when the gateway closes it.
+    pub fn register(self: &Arc<Self>, placed: Placed, kind: Kind) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&self.open).insert(
             id,
             Entry {
                 placed,
                 kind,
-                close: Some(tx),
+                told: None,
+                hearer: None,
                 scheduled: false,
             },
         );
@@ -250,11 +313,13 @@ impl Tunnels {
         if kind == Kind::Tunnel {
             self.counters.opened.fetch_add(1, Ordering::Relaxed);
         }
-        let registration = Registration {
+        Registration {
             tunnels: Arc::clone(self),
             id,
-        };
-        (registration, Closer { rx, heard: None })
+            heard: None,
+            seen: 0,
+            waker: None,
+        }
     }
 
     /// Tunnels open (or routed and waiting for their replica's answer) now.
@@ -296,7 +361,7 @@ impl Tunnels {
     }
 
     /// Closes tunnel `id` for `why` if it is open and `still` says it should go (asked again
-    /// when its turn comes: the ring may have moved back). `true` if it was told to close.
+    /// when its turn comes: the ring may have moved back). Its kind if it was told to close.
     fn close_if(&self, id: u64, why: Close, still: impl FnOnce(&Placed) -> bool) -> Option<Kind> {
         let mut open = lock(&self.open);
         let e = open.get_mut(&id)?;
@@ -304,19 +369,38 @@ impl Tunnels {
             e.scheduled = false;
             return None;
         }
-        let sent = e.close.take().is_some_and(|tx| tx.send(why).is_ok());
-        sent.then_some(e.kind)
+        let hearer = self.tell(e, why)?;
+        let kind = e.kind;
+        drop(open);
+        if let Some(hearer) = hearer {
+            hearer.wake();
+        }
+        Some(kind)
     }
 
     /// Tells every open tunnel to close (a drain); returns how many were told.
     pub fn close_all(&self, why: Close) -> usize {
         let mut open = lock(&self.open);
-        open.values_mut()
-            .filter_map(|e| e.close.take())
-            .filter(|tx| !tx.is_closed())
-            .map(|tx| tx.send(why).is_ok())
-            .filter(|sent| *sent)
-            .count()
+        let hearers: Vec<Option<Hearer>> = open
+            .values_mut()
+            .filter_map(|e| self.tell(e, why))
+            .collect();
+        drop(open);
+        let told = hearers.len();
+        hearers.into_iter().flatten().for_each(Hearer::wake);
+        told
+    }
+
+    /// Tells `entry` to close, under the registry's lock; its hearer, to be woken once the lock
+    /// is let go. `None` if it was told already.
+    fn tell(&self, entry: &mut Entry, why: Close) -> Option<Option<Hearer>> {
+        if entry.told.is_some() {
+            return None;
+        }
+        entry.told = Some(why);
+        // Before its hearer is woken: what it polls then sees a close was told.
+        self.told.fetch_add(1, Ordering::Release);
+        Some(entry.hearer.take())
     }
 
     /// Waits until no tunnel is open.
@@ -365,5 +449,41 @@ impl Tunnels {
             (Kind::Stream, rehome::Reason::ReplicaGone) => &c.streams_rehomed_replica_gone,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A registration and what tells it to close, for tests of those who hear it.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Tells one registration to close, as re-homing would.
+    pub(crate) struct Teller {
+        tunnels: Arc<Tunnels>,
+        id: u64,
+    }
+
+    impl Teller {
+        /// `true` if it was open and not told before.
+        pub(crate) fn tell(&self, why: Close) -> bool {
+            self.tunnels.close_if(self.id, why, |_| true).is_some()
+        }
+    }
+
+    /// A tunnel registered alone in a registry of its own.
+    pub(crate) fn registered() -> (Registration, Teller) {
+        let tunnels = Tunnels::new();
+        let placed = Placed {
+            key: 1,
+            replica: ServerId::MAX,
+            incarnation: 0,
+            home: None,
+        };
+        let registration = tunnels.register(placed, Kind::Tunnel);
+        let teller = Teller {
+            id: registration.id,
+            tunnels,
+        };
+        (registration, teller)
     }
 }

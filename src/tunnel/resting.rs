@@ -5,22 +5,20 @@
 //! Owns: [`Table`], one serving thread's resting tunnels, and [`Door`], how that thread's
 //! tunnel tasks hand theirs in. A record is given a task again ([`Rest::wake`]) when either of
 //! its sockets becomes readable (bytes, or a close), when the gateway closes it (re-homing, a
-//! drain: its [`Closer`] is polled once with a waker of the record's own, so that a close wakes
-//! exactly that tunnel), or when its idle deadline passes; the task it gets finds out which.
+//! drain: its [`Registration`] hears it for the table and sends the record's ticket, so that a
+//! close wakes exactly that tunnel), or when its idle deadline passes; the task it gets finds
+//! out which.
 //! Must not touch: what a tunnel holds or how it resumes (its owner's: [`Rest`]), the bytes.
-
-use std::sync::Arc;
-use std::task::{Context, Wake, Waker};
 
 use tokio::sync::mpsc;
 
-use super::Closer;
+use super::Registration;
 use crate::parking::{Held, Leaving, Parking, Ticket};
 
 /// What a resting tunnel's owner keeps in its record.
 pub trait Rest: Send + Sized + 'static {
     /// Where the gateway's close of the tunnel is heard.
-    fn close(&mut self) -> &mut Closer;
+    fn registration(&mut self) -> &mut Registration;
     /// Gives the tunnel a task again (readable, closed, or past its deadline); on this thread's
     /// runtime.
     fn wake(held: Held<Self>);
@@ -33,26 +31,9 @@ pub type Door<T> = mpsc::UnboundedSender<Held<T>>;
 pub struct Table<T> {
     parking: Parking<T>,
     incoming: mpsc::UnboundedReceiver<Held<T>>,
-    /// The tickets of records whose close came, sent by their close's waker.
+    /// The tickets of records whose close came, sent by their registrations.
     closed: mpsc::UnboundedReceiver<Ticket>,
     closes: mpsc::UnboundedSender<Ticket>,
-}
-
-/// Wakes the table for one record's close.
-struct CloseWaker {
-    ticket: Ticket,
-    closes: mpsc::UnboundedSender<Ticket>,
-}
-
-impl Wake for CloseWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        // The table is gone (its thread ended): so are its records.
-        let _ = self.closes.send(self.ticket);
-    }
 }
 
 impl<T: Rest> Table<T> {
@@ -107,15 +88,15 @@ impl<T: Rest> Table<T> {
                 return T::wake(held);
             }
         };
-        let waker = Waker::from(Arc::new(CloseWaker {
-            ticket,
-            closes: self.closes.clone(),
-        }));
         let Some(held) = self.parking.get_mut(ticket) else {
             return;
         };
-        let mut cx = Context::from_waker(&waker);
-        if held.rest.close().poll_heard(&mut cx).is_ready() {
+        if held
+            .rest
+            .registration()
+            .rest(&self.closes, ticket)
+            .is_some()
+        {
             if let Some(held) = self.parking.take(ticket) {
                 T::wake(held);
             }
@@ -126,31 +107,36 @@ impl<T: Rest> Table<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tunnel::testing::{registered, Teller};
     use crate::tunnel::Close;
     use std::io::Write;
     use std::net::{TcpListener, TcpStream};
     use std::task::Poll;
+    use std::task::{Context, Waker};
     use std::time::Duration;
-    use tokio::sync::oneshot;
     use tokio::time::Instant;
 
     /// A record that, woken, reports its number and the close it heard.
     struct Probe {
         n: u32,
-        close: Closer,
+        registration: Registration,
         woke: mpsc::UnboundedSender<(u32, Option<Close>, bool)>,
     }
 
     impl Rest for Probe {
-        fn close(&mut self) -> &mut Closer {
-            &mut self.close
+        fn registration(&mut self) -> &mut Registration {
+            &mut self.registration
         }
 
         fn wake(held: Held<Self>) {
             let expired = Instant::now() >= held.deadline;
-            let Probe { n, mut close, woke } = held.rest;
-            // As the task it would get: whether its close came is asked of the close.
-            let heard = match close.poll_heard(&mut Context::from_waker(Waker::noop())) {
+            let Probe {
+                n,
+                mut registration,
+                woke,
+            } = held.rest;
+            // As the task it would get: whether its close came is asked of its registration.
+            let heard = match registration.poll_closed(&mut Context::from_waker(Waker::noop())) {
                 Poll::Ready(why) => Some(why),
                 Poll::Pending => None,
             };
@@ -170,7 +156,7 @@ mod tests {
     struct Tunnel {
         client: TcpStream,
         replica: TcpStream,
-        close: oneshot::Sender<Close>,
+        close: Teller,
     }
 
     fn hand_in(
@@ -181,14 +167,14 @@ mod tests {
     ) -> Tunnel {
         let (client, client_leg) = pair();
         let (replica, replica_leg) = pair();
-        let (close, rx) = oneshot::channel();
+        let (registration, close) = registered();
         let held = Held {
             stream: client_leg,
             also: Some(replica_leg),
             deadline,
             rest: Probe {
                 n,
-                close: Closer { rx, heard: None },
+                registration,
                 woke: woke.clone(),
             },
         };
@@ -227,7 +213,7 @@ mod tests {
             "its replica wrote"
         );
         let Tunnel { close, .. } = tunnels.remove(3);
-        close.send(Close::Shutdown).expect("resting");
+        assert!(close.tell(Close::Shutdown), "resting");
         assert_eq!(
             next(&mut woken).await,
             (3, Some(Close::Shutdown), false),
@@ -256,15 +242,15 @@ mod tests {
         let (woke, mut woken) = mpsc::unbounded_channel();
         let (client, client_leg) = pair();
         let (replica, replica_leg) = pair();
-        let (close, rx) = oneshot::channel();
-        close.send(Close::Shutdown).expect("open");
+        let (registration, close) = registered();
+        assert!(close.tell(Close::Shutdown), "open");
         let held = Held {
             stream: client_leg,
             also: Some(replica_leg),
             deadline: Instant::now() + Duration::from_secs(60),
             rest: Probe {
                 n: 9,
-                close: Closer { rx, heard: None },
+                registration,
                 woke,
             },
         };

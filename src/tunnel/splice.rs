@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::ws::{self, Frames};
-use super::{Close, Closer};
+use super::{Close, Registration};
 
 /// How many bytes one read takes: the buffer lives on the stack for the read's duration.
 const READ_SIZE: usize = 16 * 1024;
@@ -369,7 +369,7 @@ pub async fn splice<C, R>(
     state: &mut Splice,
     client: &mut C,
     replica: &mut R,
-    close: &mut Closer,
+    close: &mut Registration,
     idle: Duration,
     rest_after: Option<Duration>,
 ) -> Splicing
@@ -388,7 +388,7 @@ where
     // `None`: it rests.
     let end: Option<End> = poll_fn(|cx| {
         if closing.is_none() {
-            if let Poll::Ready(why) = close.poll_heard(cx) {
+            if let Poll::Ready(why) = close.poll_closed(cx) {
                 let Some(f) = state.frames.take() else {
                     return Poll::Ready(Some(End::Closed(why)));
                 };
@@ -550,8 +550,8 @@ async fn linger<C: AsyncRead + Unpin>(client: &mut C, mut until: Pin<&mut Sleep>
 mod tests {
     use super::*;
     use crate::tunnel::rehome::Reason;
+    use crate::tunnel::testing::{registered, Teller};
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
-    use tokio::sync::oneshot;
 
     /// A tunnel between two in-memory pipes of `capacity` bytes; returns the far ends (the
     /// client's and the replica's) and the running splice.
@@ -562,15 +562,14 @@ mod tests {
     ) -> (
         DuplexStream,
         DuplexStream,
-        oneshot::Sender<Close>,
+        Teller,
         tokio::task::JoinHandle<Spliced>,
     ) {
         let (client, client_far) = duplex(capacity);
         let (replica, replica_far) = duplex(capacity);
-        let (tx, rx) = oneshot::channel();
+        let (mut close, tx) = registered();
         let task = tokio::spawn(async move {
             let (mut client, mut replica) = (client, replica);
-            let mut close = Closer { rx, heard: None };
             let mut state = Splice::new(BytesMut::new(), websocket);
             state.client_sent(BytesMut::from(&b"early"[..]));
             let spliced = splice(
@@ -593,8 +592,7 @@ mod tests {
     async fn a_quiet_tunnel_rests_and_goes_on_where_it_was_when_resumed() {
         let (client, mut client_far) = duplex(1024);
         let (replica, mut replica_far) = duplex(1024);
-        let (tx, rx) = oneshot::channel();
-        let mut close = Closer { rx, heard: None };
+        let (mut close, tx) = registered();
         let (mut client, mut replica) = (client, replica);
         let mut state = Splice::new(BytesMut::new(), false);
         state.client_sent(BytesMut::from(&b"early"[..]));
@@ -638,7 +636,7 @@ mod tests {
         let feed = async {
             let mut up = [0u8; 2];
             replica_far.read_exact(&mut up).await.expect("through");
-            tx.send(Close::Shutdown).expect("open");
+            assert!(tx.tell(Close::Shutdown), "open");
         };
         let (resumed, ()) = tokio::join!(resumed, feed);
         let Splicing::Ended(spliced) = resumed else {
@@ -658,8 +656,7 @@ mod tests {
     async fn a_tunnel_woken_with_nothing_read_yet_rests_again_only_after_rest_after() {
         let (mut client, _client_far) = duplex(64);
         let (mut replica, _replica_far) = duplex(64);
-        let (_tx, rx) = oneshot::channel();
-        let mut close = Closer { rx, heard: None };
+        let (mut close, _tx) = registered();
         // Quiet for a minute already: the socket that woke it has not been read yet.
         let resting = Resting {
             up: 0,
@@ -692,8 +689,7 @@ mod tests {
     async fn a_tunnel_with_bytes_waiting_for_a_side_does_not_rest() {
         let (mut client, _client_far) = duplex(64);
         let (mut replica, mut replica_far) = duplex(64 * 1024);
-        let (_tx, rx) = oneshot::channel();
-        let mut close = Closer { rx, heard: None };
+        let (mut close, _tx) = registered();
         let mut state = Splice::new(BytesMut::new(), false);
         replica_far.write_all(&[1u8; 4096]).await.expect("write");
         let (idle, after) = (Duration::from_secs(30), Some(Duration::from_secs(1)));
@@ -791,7 +787,7 @@ mod tests {
         replica.write_all(&first[..500]).await.expect("write");
         let mut seen = vec![0u8; 500];
         client.read_exact(&mut seen).await.expect("half a frame");
-        close.send(Close::Rehome(Reason::KeyMoved)).expect("open");
+        assert!(close.tell(Close::Rehome(Reason::KeyMoved)), "open");
         tokio::time::sleep(Duration::from_millis(50)).await;
         replica.write_all(&first[500..]).await.expect("write");
         replica.write_all(&frame(&[2u8; 10])).await.expect("write");
@@ -849,7 +845,7 @@ mod tests {
     #[tokio::test]
     async fn another_protocol_just_gets_the_close() {
         let (mut client, _replica, close, task) = tunnel(1024, false, Duration::from_secs(60));
-        close.send(Close::Shutdown).expect("open");
+        assert!(close.tell(Close::Shutdown), "open");
         let spliced = task.await.expect("joined");
         assert_eq!(spliced.end, End::Closed(Close::Shutdown));
         let mut rest = Vec::new();
