@@ -113,7 +113,17 @@ pub struct Admitted {
 /// body, so a request is counted until its last byte went out.
 #[derive(Debug)]
 pub struct RequestPlace {
-    admitted: Arc<Admitted>,
+    admitted: Holding,
+}
+
+/// How a request holds its connection's record: shared with the connection while it serves,
+/// alone once nothing else does ([`RequestPlace::alone`]).
+#[derive(Debug)]
+enum Holding {
+    Shared(Arc<Admitted>),
+    Alone(Admitted),
+    /// Only while [`RequestPlace::alone`] swaps one for the other.
+    Moving,
 }
 
 impl Admission {
@@ -250,7 +260,7 @@ impl Admitted {
             return Err(Refusal::RequestsPerIp);
         }
         Ok(RequestPlace {
-            admitted: self.clone(),
+            admitted: Holding::Shared(self.clone()),
         })
     }
 
@@ -265,9 +275,30 @@ impl Admitted {
     }
 }
 
+impl RequestPlace {
+    /// The same place, holding its connection's record alone when nothing else holds it any
+    /// more (an open tunnel's, after its connection handed it over): a record of its own on
+    /// the heap would stay there among the pages the connection's task freed, and keep them
+    /// resident for as long as the tunnel is open.
+    pub fn alone(mut self) -> RequestPlace {
+        self.admitted = match std::mem::replace(&mut self.admitted, Holding::Moving) {
+            Holding::Shared(shared) => match Arc::try_unwrap(shared) {
+                Ok(admitted) => Holding::Alone(admitted),
+                Err(shared) => Holding::Shared(shared),
+            },
+            holding => holding,
+        };
+        self
+    }
+}
+
 impl Drop for RequestPlace {
     fn drop(&mut self) {
-        let admitted = &self.admitted;
+        let admitted = match &self.admitted {
+            Holding::Shared(admitted) => &**admitted,
+            Holding::Alone(admitted) => admitted,
+            Holding::Moving => return,
+        };
         admitted.address.in_flight.fetch_sub(1, Ordering::AcqRel);
         admitted
             .admission
@@ -419,6 +450,33 @@ mod tests {
             1,
             "the connection is counted while its request runs"
         );
+        drop(place);
+        assert_eq!(a.open(), 0);
+        assert_eq!(metrics.requests_in_flight.load(Ordering::Relaxed), 0);
+        assert!(lock(&a.per_ip).is_empty());
+    }
+
+    #[test]
+    fn a_request_holding_its_connection_alone_still_counts_both_until_it_ends() {
+        let metrics = Arc::new(Metrics::default());
+        let a = Arc::new(Admission::new(1 << 20, metrics.clone()));
+        let budgets = a.budgets(&ProxyConfig::default(), 50);
+        let conn = Arc::new(
+            a.admit(ip("10.0.0.1"), &ProxyConfig::default(), 50)
+                .expect("admitted"),
+        );
+        let place = conn.request(&budgets).expect("a place").alone();
+        assert!(
+            matches!(place.admitted, Holding::Shared(_)),
+            "shared while its connection holds it too"
+        );
+        drop(conn);
+        let place = place.alone();
+        assert!(matches!(place.admitted, Holding::Alone(_)));
+        let place = place.alone();
+        assert!(matches!(place.admitted, Holding::Alone(_)), "and stays so");
+        assert_eq!(a.open(), 1);
+        assert_eq!(metrics.requests_in_flight.load(Ordering::Relaxed), 1);
         drop(place);
         assert_eq!(a.open(), 0);
         assert_eq!(metrics.requests_in_flight.load(Ordering::Relaxed), 0);

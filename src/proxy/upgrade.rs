@@ -97,7 +97,7 @@ impl At<'_> {
 /// its registration), what it needs to go on after a rest, and what it records at its end.
 struct Tunnel {
     _place: tunnel::Place,
-    _request: RequestPlace,
+    request: RequestPlace,
     _in_flight: InFlight,
     /// Its entry in the registry, where it hears its close, and the registry (its counters).
     registration: Registration,
@@ -197,7 +197,7 @@ impl Tunnel {
     }
 
     /// Hands the tunnel to its thread's table, its sockets out of the runtime.
-    fn rest(self, resting: splice::Resting, client: Transport, replica: SendTimeout<Conn>) {
+    fn rest(mut self, resting: splice::Resting, client: Transport, replica: SendTimeout<Conn>) {
         let Some(door) = self.rests.as_ref().map(|r| r.door.clone()) else {
             return; // never: a tunnel that cannot rest is spliced without rest_after
         };
@@ -214,6 +214,9 @@ impl Tunnel {
                 return self.finish(resting.ended(end));
             }
         };
+        // Its connection handed it over: the record of the connection's admission is the
+        // tunnel's alone now, kept in the table's record rather than on the heap.
+        self.request = self.request.alone();
         let held = Held {
             stream: client,
             also: Some(also),
@@ -305,7 +308,7 @@ pub fn open(
         });
     let mut tunnel = Tunnel {
         _place: place,
-        _request: request,
+        request,
         _in_flight: in_flight,
         registration,
         stats,
