@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use crate::access_log::{AccessLog, Lines};
 use crate::proxy::retry;
-use crate::proxy::upgrade::Resting;
+use crate::proxy::upgrade::RestingTunnel;
 use crate::snapshot::{Cache, Current, Shared};
 use crate::tunnel::resting::Door;
 use crate::upstream::Pools;
@@ -34,7 +34,7 @@ pub struct Worker {
     /// Buffers for the response heads its HTTP/1 connections write.
     pub spare: Spare,
     /// Where its idle tunnels rest without a task (`None`: its table could not be made).
-    pub resting_tunnels: Option<Door<Resting>>,
+    pub resting_tunnels: Option<Door<RestingTunnel>>,
 }
 
 impl Worker {
@@ -42,7 +42,7 @@ impl Worker {
     pub fn new(
         shared: &Shared,
         log: &Arc<AccessLog>,
-        resting_tunnels: Option<Door<Resting>>,
+        resting_tunnels: Option<Door<RestingTunnel>>,
     ) -> Worker {
         Worker {
             snapshot: Cache::new(shared),

@@ -77,7 +77,8 @@ pub enum Termination {
     /// A request budget was spent: `proxy.max_requests`, `max_requests_per_ip` or
     /// `max_requests_per_replica` (503, or `REFUSED_STREAM` on HTTP/2).
     OverBudget,
-    /// Anything else the gateway answered itself.
+    /// Anything else the gateway answered itself; or a tunnel the gateway could not go on
+    /// with (a socket it could not set aside to rest, or take back).
     GatewayError,
     /// A tunnel (after `101`) whose two sides both ended their streams.
     TunnelEnded,

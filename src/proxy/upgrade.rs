@@ -5,7 +5,7 @@
 //! the tunnel with its key and replica, the task that waits for the client's side (after the
 //! `101` is written), splices the two and records the end (per-replica failure for a replica
 //! that broke, the counters, the access log's line), holding the request's places in the
-//! budgets and at the replica until then; and a tunnel's rests ([`Resting`]): one that went
+//! budgets and at the replica until then; and a tunnel's rests ([`RestingTunnel`]): one that went
 //! quiet is handed to its serving thread's table without its task, and spliced on by a new
 //! task when it wakes.
 //! Must not touch: routing (the caller passes the route), how bytes move ([`crate::tunnel`]).
@@ -116,25 +116,25 @@ struct Rests {
     /// `[tunnels] rest_after`.
     after: Duration,
     /// Its serving thread's table.
-    door: Door<Resting>,
+    door: Door<RestingTunnel>,
 }
 
 /// A tunnel resting in its serving thread's table ([`crate::tunnel::resting`]): its sockets are
 /// in the table's record, the rest is here.
-pub struct Resting {
+pub struct RestingTunnel {
     tunnel: Tunnel,
     splice: splice::Resting,
     replica: SetAside,
     _counted: RestingCount,
 }
 
-impl Rest for Resting {
+impl Rest for RestingTunnel {
     fn registration(&mut self) -> &mut Registration {
         &mut self.tunnel.registration
     }
 
     fn wake(held: Held<Self>) {
-        let Resting {
+        let RestingTunnel {
             tunnel,
             splice,
             replica,
@@ -152,7 +152,7 @@ impl Rest for Resting {
         let (client, also) = match legs {
             Ok(legs) => legs,
             Err(e) => {
-                let end = End::ClientError(format!("could not be served again after a rest: {e}"));
+                let end = End::GatewayError(format!("could not be served again after a rest: {e}"));
                 return tunnel.finish(splice.ended(end));
             }
         };
@@ -210,7 +210,7 @@ impl Tunnel {
         let (client, (also, replica)) = match set_aside {
             Ok(legs) => legs,
             Err(e) => {
-                let end = End::ClientError(format!("could not rest: {e}"));
+                let end = End::GatewayError(format!("could not rest: {e}"));
                 return self.finish(resting.ended(end));
             }
         };
@@ -221,7 +221,7 @@ impl Tunnel {
             stream: client,
             also: Some(also),
             deadline: resting.idle_until(self.idle),
-            rest: Resting {
+            rest: RestingTunnel {
                 _counted: RestingCount::new(self.registration.tunnels()),
                 tunnel: self,
                 splice: resting,
@@ -254,6 +254,10 @@ impl Tunnel {
             }
             End::Closed(Close::Rehome(_)) => Termination::TunnelRehomed,
             End::Closed(Close::Shutdown) => Termination::TunnelShutdown,
+            End::GatewayError(e) => {
+                tracing::warn!(error = %e, "a tunnel could not go on");
+                Termination::GatewayError
+            }
         };
         if let Some(report) = self.report {
             let _ = report.send(TunnelEnd {
@@ -274,7 +278,7 @@ pub fn open(
     request: RequestPlace,
     at: At<'_>,
     (tunnels, metrics): (&Arc<Tunnels>, &Arc<Metrics>),
-    door: Option<&Door<Resting>>,
+    door: Option<&Door<RestingTunnel>>,
 ) -> Option<Response<Body>> {
     let (mut parts, body) = resp.into_parts();
     let (mut conn, in_flight, _) = body.into_switched()?;

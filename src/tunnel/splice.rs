@@ -52,6 +52,9 @@ pub enum End {
     Idle,
     /// Closed by the gateway: re-homed, or the gateway drained.
     Closed(Close),
+    /// The gateway could not go on with it: a socket it could not take out of its runtime to
+    /// rest, or put back after.
+    GatewayError(String),
 }
 
 /// What a tunnel carried, and how it ended.
