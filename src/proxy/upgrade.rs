@@ -5,9 +5,9 @@
 //! the tunnel with its key and replica, the task that waits for the client's side (after the
 //! `101` is written), splices the two and records the end (per-replica failure for a replica
 //! that broke, the counters, the access log's line), holding the request's places in the
-//! budgets and at the replica until then; and a tunnel's rests ([`RestingTunnel`]): one that went
-//! quiet is handed to its serving thread's table without its task, and spliced on by a new
-//! task when it wakes.
+//! budgets and at the replica until then; and a tunnel's rests ([`RestingTunnel`]): one that
+//! went quiet is handed to its serving thread's table without its task, and spliced on by a
+//! new task when it wakes.
 //! Must not touch: routing (the caller passes the route), how bytes move ([`crate::tunnel`]).
 
 use std::future::Future;
