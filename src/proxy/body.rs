@@ -286,6 +286,15 @@ impl SlotState {
         Poll::Ready(Some(Ok(frame)))
     }
 
+    /// Whether `attempt` has nothing more to send: it is the latest, everything held was sent,
+    /// and the client's body has ended. Said as soon as it is true, so that hyper ends an HTTP/2
+    /// stream with its last DATA frame instead of polling once more and sending an empty one
+    /// (a unary gRPC call's one message, read ahead by [`ProxyBody::started`]).
+    fn at_end(&self, attempt: u32) -> bool {
+        let held_left = !self.unheld && (self.next < self.held.len() || self.spent);
+        attempt == self.attempt && !held_left && (self.ended || self.client.is_end_stream())
+    }
+
     /// Holds a copy of `frame`, just read for the latest attempt, while the held bytes stay
     /// within the bound; past it, drops what is held: from then on the attempt reads unheld.
     fn hold(&mut self, frame: &Frame<Bytes>) {
@@ -325,7 +334,10 @@ impl HttpBody for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, ProxyBody::Empty)
+        match self {
+            ProxyBody::Empty => true,
+            ProxyBody::Streaming { slot, attempt, .. } => lock(&slot.state).at_end(*attempt),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -423,6 +435,21 @@ mod tests {
         let mut two = ProxyBody::again(second.slot());
         second.release();
         assert_eq!(read_all(&mut two).await.expect("whole"), b"ghij");
+    }
+
+    #[tokio::test]
+    async fn a_body_is_at_its_end_once_its_last_frame_is_taken() {
+        let mut first = body(&[b"ab", b"cd"], 16);
+        first.started().await.expect("started");
+        let mut one = ProxyBody::again(first.slot());
+        assert!(!one.is_end_stream(), "the held frame is still to send");
+        one.frame().await.expect("a frame").expect("data");
+        assert!(!one.is_end_stream(), "the client has more");
+        one.frame().await.expect("a frame").expect("data");
+        assert!(one.is_end_stream(), "the client's body ended with it");
+        assert!(!first.is_end_stream(), "an earlier attempt's never is");
+        let two = ProxyBody::again(first.slot());
+        assert!(!two.is_end_stream(), "the next attempt sends it all again");
     }
 
     fn slot_of(b: &ProxyBody) -> Arc<BodySlot> {

@@ -139,7 +139,10 @@ async fn send_h2<B: Outgoing + Send + 'static>(
     in_flight: InFlight,
     pools: &Pools,
 ) -> Result<Response<ReplicaBody>, SendError> {
-    let scheme = if req.tls.is_some() { "https" } else { "http" };
+    let scheme = match req.tls {
+        Some(_) => http::uri::Scheme::HTTPS,
+        None => http::uri::Scheme::HTTP,
+    };
     loop {
         let (conn, reused) = match h2_conn(req, &pools.h2).await? {
             Reached::H2(conn, reused) => (conn, reused),
@@ -150,7 +153,7 @@ async fn send_h2<B: Outgoing + Send + 'static>(
         };
         let (sender, stream) = conn.open_stream();
         let outgoing = SendBody::new(body.share());
-        let request = wire_h2::request(&req.forwarded, scheme, req.addr, outgoing)
+        let request = wire_h2::request(&req.forwarded, scheme.clone(), req.addr, outgoing)
             .map_err(SendError::Request)?;
         match wire_h2::exchange(sender, request, req.deadline).await {
             Ok(resp) => {

@@ -21,7 +21,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::Authority;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Response, Uri, Version};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::client::conn::http2::SendRequest;
@@ -43,32 +43,37 @@ pub mod grpc_check;
 /// authority when the client named none), over `scheme` (`http` for h2c), with `body`.
 pub fn request(
     f: &Forwarded<'_>,
-    scheme: &'static str,
+    scheme: Scheme,
     replica: SocketAddr,
     body: SendBody,
 ) -> Result<http::Request<SendBody>, http::Error> {
     let parts = f.parts;
-    // The client's Host field as it came (shared, not copied), else its target's authority.
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .filter(|h| h.to_str().is_ok())
-        .cloned()
-        .or_else(|| {
-            let a = parts.uri.authority()?;
-            HeaderValue::from_str(a.as_str()).ok()
-        });
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    // Parsed once (a parse copies): the client's host if it is an authority, else the replica.
-    let authority = match host.as_ref().map(|h| Authority::try_from(h.as_bytes())) {
-        Some(Ok(a)) => a,
-        _ => Authority::try_from(replica.to_string())?,
+    // The client's Host field as it came (shared, not copied), else its target's authority: an
+    // HTTP/2 client's `:authority`, parsed already, is shared as it is (only its copy as
+    // `X-Forwarded-Host` is made).
+    let (host, authority) = match parts.headers.get(header::HOST) {
+        Some(h) if h.to_str().is_ok() => (Some(h.clone()), Authority::try_from(h.as_bytes()).ok()),
+        _ => match parts.uri.authority() {
+            Some(a) => (HeaderValue::from_str(a.as_str()).ok(), Some(a.clone())),
+            None => (None, None),
+        },
     };
-    let uri = Uri::builder()
-        .scheme(scheme)
-        .authority(authority)
-        .path_and_query(path)
-        .build()?;
+    // The client's host if it is an authority, else the replica.
+    let authority = match authority {
+        Some(a) => a,
+        None => Authority::try_from(replica.to_string())?,
+    };
+    // The client's target as hyper parsed it, shared: parsing it again from its text copied it.
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut target = http::uri::Parts::default();
+    target.scheme = Some(scheme);
+    target.authority = Some(authority);
+    target.path_and_query = Some(path);
+    let uri = Uri::from_parts(target).map_err(http::Error::from)?;
     let mut req = http::Request::builder()
         .method(parts.method.clone())
         .uri(uri)
@@ -77,6 +82,9 @@ pub fn request(
     *req.headers_mut() = forwarded_fields(f, host)?;
     Ok(req)
 }
+
+/// What an `X-Forwarded-For` value is made in first.
+const XFF_ROOM: usize = 64;
 
 /// The client's fields as they are forwarded: hop-by-hop ones (and those `Connection` names)
 /// cut, `te: trailers` kept (gRPC servers require it), the framing left to HTTP/2, and
@@ -95,7 +103,10 @@ fn forwarded_fields(
         .filter(|t| !t.is_empty())
         .collect();
     let mut out = HeaderMap::with_capacity(headers.len() + 4);
-    let mut xff = BytesMut::new();
+    // Room for the client's address (an IPv6 one is at most 45 bytes) after a list it may have
+    // brought: grown from empty a byte or a number at a time, it was reallocated three times
+    // for `127.0.0.1`.
+    let mut xff = BytesMut::with_capacity(XFF_ROOM);
     let mut trailers = false;
     for (name, value) in headers {
         if *name == header::TE {
@@ -323,7 +334,8 @@ mod tests {
             .into_parts()
             .0;
         let replica = "127.0.0.1:9".parse().expect("addr");
-        let req = request(&forwarded(&parts), "http", replica, SendBody::empty()).expect("valid");
+        let req =
+            request(&forwarded(&parts), Scheme::HTTP, replica, SendBody::empty()).expect("valid");
         assert_eq!(req.uri().to_string(), "http://api.test/demo.Demo/Who?x=1");
         assert_eq!(req.version(), Version::HTTP_2);
         let h = req.headers();
@@ -346,6 +358,21 @@ mod tests {
     }
 
     #[test]
+    fn an_http2_clients_authority_is_the_targets_and_the_forwarded_host() {
+        let parts = http::Request::get("https://api.test:8443/home?id=7")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        let replica = "127.0.0.1:9".parse().expect("addr");
+        let req =
+            request(&forwarded(&parts), Scheme::HTTP, replica, SendBody::empty()).expect("valid");
+        assert_eq!(req.uri().to_string(), "http://api.test:8443/home?id=7");
+        assert_eq!(req.headers()["x-forwarded-host"], "api.test:8443");
+        assert_eq!(req.headers()["x-forwarded-for"], "10.0.0.7");
+    }
+
+    #[test]
     fn a_request_without_a_usable_host_names_the_replica() {
         let parts = http::Request::get("/home")
             .header("te", "gzip")
@@ -355,7 +382,8 @@ mod tests {
             .into_parts()
             .0;
         let replica = "127.0.0.1:9".parse().expect("addr");
-        let req = request(&forwarded(&parts), "http", replica, SendBody::empty()).expect("valid");
+        let req =
+            request(&forwarded(&parts), Scheme::HTTP, replica, SendBody::empty()).expect("valid");
         assert_eq!(req.uri().to_string(), "http://127.0.0.1:9/home");
         assert!(
             !req.headers().contains_key("te"),
