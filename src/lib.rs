@@ -105,6 +105,7 @@ pub(crate) mod guard;
 pub mod hashing;
 pub(crate) mod health;
 pub(crate) mod http2;
+pub(crate) mod in_task;
 pub(crate) mod latency;
 pub(crate) mod listener;
 pub mod listening;

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use crate::admission::Admitted;
 use crate::config::{Config, PlainHttp};
 use crate::http2::{self, Activity, StreamBody};
+use crate::in_task::{Tasks, WithTasks};
 use crate::metrics::Metrics;
 use crate::parking::{Held, Leaving, Parking};
 use crate::rescue::{GatewayError, RefusedStream};
@@ -351,7 +352,7 @@ macro_rules! drive {
         let (mut closing, mut idled) = (false, false);
         loop {
             tokio::select! {
-                ended = conn.as_mut() => {
+                ended = &mut conn => {
                     if let Err(e) = ended {
                         tracing::debug!(client = %$client, error = %e, "connection ended with an error");
                     }
@@ -359,7 +360,7 @@ macro_rules! drive {
                 }
                 _ = drain.wait_for(|d| *d), if !closing => {
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    conn.conn.as_mut().graceful_shutdown();
                 }
                 _ = &mut idle, if !closing => {
                     idled = true;
@@ -372,8 +373,8 @@ macro_rules! drive {
         if idled {
             // No stream of ours is open, but hyper may still hold the end of a response the
             // client's window keeps back: a close that does not finish in time is cut.
-            conn.as_mut().graceful_shutdown();
-            if tokio::time::timeout($close_within, conn.as_mut()).await.is_err() {
+            conn.conn.as_mut().graceful_shutdown();
+            if tokio::time::timeout($close_within, &mut conn).await.is_err() {
                 $metrics.send_timeouts.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(client = %$client, "closed: an idle HTTP/2 connection did not finish its close within proxy.send_timeout");
             }
@@ -749,9 +750,9 @@ impl Serving {
                 let (admitted, worker) = (admitted.clone(), worker.clone());
                 async move {
                     let req = req.map(RequestBody::http2);
-                    // Boxed, and made in its box: hyper spawns every stream as a task, and tokio
-                    // moves a task's future (and its output) into and out of the task's cell;
-                    // inline, each move copied the whole request's future (about 7 KiB).
+                    // Boxed, and made in its box: hyper hands every stream over as a future
+                    // to run, which moves it (and its output) around before it runs; inline,
+                    // each move copied the whole request's future (about 7 KiB).
                     let slot = Box::new_uninit();
                     let resp = Box::into_pin(Box::write(
                         slot,
@@ -766,13 +767,15 @@ impl Serving {
                 }
             })
         };
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        // The streams run in this connection's task (`crate::in_task`), not a task each.
+        let tasks = Tasks::default();
+        let mut builder = hyper::server::conn::http2::Builder::new(tasks.executor());
         builder
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(proxy.http2_keepalive))
             .keep_alive_timeout(proxy.http2_keepalive)
             .max_concurrent_streams(proxy.http2_max_streams);
-        let conn = Box::pin(builder.serve_connection(io, handler));
+        let conn = WithTasks::new(Box::pin(builder.serve_connection(io, handler)), tasks);
         let metrics = &self.service.metrics;
         let idle = http2::idle_for(activity.clone(), proxy.idle_timeout, metrics.clone());
         let stalled = http2::stalled(activity, proxy.send_timeout, metrics.clone());

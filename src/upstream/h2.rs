@@ -3,16 +3,18 @@
 //! Owns: [`H2Conn`] (one HTTP/2 connection made with prior knowledge over a [`Conn`]'s stream,
 //! driven by hyper's `client::conn::http2` in one task of the serving thread, with PING
 //! keep-alive; what hyper spawns for it, a request's response delivery and body pipe among
-//! them, runs in that task too: [`InConnection`]), [`H2Conn::connect`], [`SendBody`] (the
+//! them, runs in that task too: [`crate::in_task`]), [`H2Conn::connect`], [`SendBody`] (the
 //! one request body type a connection carries), [`StreamGuard`] (a stream counted on its
-//! connection until its response ends), and a serving thread's set, [`Conns`]: [`Conns::take`] hands out the connection to a replica
-//! that has room for one more stream ([`has_room`]: fewer open than the replica's
-//! `SETTINGS_MAX_CONCURRENT_STREAMS` and our own cap), [`Conns::keep`] adds a new one. A connection the replica sent GOAWAY on (hyper
-//! then closes its sender), one whose driver ended, one another TLS client made, or one unused
-//! for [`IDLE_TIMEOUT`] is never handed out again and is dropped when met. Over TLS a replica
-//! may choose HTTP/1.1 instead ([`H2Conn::negotiate`] hands that connection back); the thread
-//! remembers it for [`ALPN_RECHECK`] ([`Conns::chose_http1`], [`Conns::note_alpn`]), so the requests that
-//! fall back to HTTP/1.1 take pooled HTTP/1.1 connections meanwhile instead of a handshake each.
+//! connection until its response ends), and a serving thread's set, [`Conns`]:
+//! [`Conns::take`] hands out the connection to a replica that has room for one more stream
+//! ([`has_room`]: fewer open than the replica's `SETTINGS_MAX_CONCURRENT_STREAMS` and our own
+//! cap), [`Conns::keep`] adds a new one. A connection the replica sent GOAWAY on (hyper then
+//! closes its sender), one whose driver ended, one another TLS client made, or one unused for
+//! [`IDLE_TIMEOUT`] is never handed out again and is dropped when met. Over TLS a replica may
+//! choose HTTP/1.1 instead ([`H2Conn::negotiate`] hands that connection back); the thread
+//! remembers it for [`ALPN_RECHECK`] ([`Conns::chose_http1`], [`Conns::note_alpn`]), so the
+//! requests that fall back to HTTP/1.1 take pooled HTTP/1.1 connections meanwhile instead of
+//! a handshake each.
 //! Must not touch: what goes on a stream (the request head and the response body are
 //! [`crate::wire::h2`]'s), routing, retries, or what a failure means for a replica.
 
@@ -25,7 +27,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -34,6 +35,7 @@ use tokio::time::Instant;
 
 use super::pool::{Conn, ConnectError};
 use crate::error::BoxError;
+use crate::in_task::Tasks;
 use crate::tls::upstream::{Alpn, UpstreamTls};
 
 /// Streams one connection carries at most, whatever the replica allows: past it a new
@@ -145,70 +147,6 @@ impl HttpBody for SendBody {
     }
 }
 
-/// A future hyper hands its executor.
-type Spawned = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// hyper's executor for one connection to a replica: what hyper would spawn as tasks of their
-/// own (the connection's frames, and for every request its response's delivery and its body's
-/// pipe: two tasks a request) runs in the connection's task instead, each future woken on its
-/// own ([`FuturesUnordered`]). A task costs an aligned allocation (`posix_memalign`, about 1,250
-/// instructions here), moves of the future into and out of its cell and a trip through the
-/// scheduler; a future in the set costs two plain allocations.
-#[derive(Clone, Default)]
-struct InConnection(Arc<std::sync::Mutex<Handed>>);
-
-#[derive(Default)]
-struct Handed {
-    futures: Vec<Spawned>,
-    /// The connection's task is polling them: what is handed over meanwhile is taken before it
-    /// rests, without waking it again.
-    polling: bool,
-    /// The connection's task, to wake when a future is handed over while it rests.
-    waker: Option<std::task::Waker>,
-}
-
-impl InConnection {
-    /// The futures handed over since the last look, taken by the connection's task.
-    fn take(&self) -> Vec<Spawned> {
-        let mut handed = crate::sync::lock(&self.0);
-        handed.polling = true;
-        std::mem::take(&mut handed.futures)
-    }
-
-    /// Whether the connection's task may rest (`cx`'s task is woken for the next future handed
-    /// over); `false`: more came, to take first.
-    fn rest(&self, cx: &Context<'_>) -> bool {
-        let mut handed = crate::sync::lock(&self.0);
-        if !handed.futures.is_empty() {
-            return false;
-        }
-        handed.polling = false;
-        if !handed
-            .waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            handed.waker = Some(cx.waker().clone());
-        }
-        true
-    }
-}
-
-impl<F> hyper::rt::Executor<F> for InConnection
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, future: F) {
-        let mut handed = crate::sync::lock(&self.0);
-        handed.futures.push(Box::pin(future));
-        if !handed.polling {
-            if let Some(waker) = &handed.waker {
-                waker.wake_by_ref();
-            }
-        }
-    }
-}
-
 /// What a connection's driver and its streams share.
 #[derive(Default)]
 struct State {
@@ -290,8 +228,8 @@ impl H2Conn {
         keepalive: Duration,
     ) -> Result<H2Conn, ConnectError> {
         let (stream, counted) = conn.into_stream();
-        let spawned = InConnection::default();
-        let mut builder = http2::Builder::new(spawned.clone());
+        let mut tasks = Tasks::default();
+        let mut builder = http2::Builder::new(tasks.executor());
         builder
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(keepalive))
@@ -316,8 +254,8 @@ impl H2Conn {
             let _counted = counted;
             let mut driver = std::pin::pin!(driver);
             let mut driving = true;
-            let mut running = FuturesUnordered::new();
-            std::future::poll_fn(|cx| loop {
+            std::future::poll_fn(|cx| {
+                tasks.begin();
                 if driving {
                     // Each time the connection makes progress (a SETTINGS frame among others),
                     // the replica's current stream limit is noted for `has_room`.
@@ -332,14 +270,11 @@ impl H2Conn {
                         driving = false;
                     }
                 }
-                running.extend(spawned.take());
-                while let Poll::Ready(Some(())) = running.poll_next_unpin(cx) {}
-                // What the futures just polled handed over is run in the same turn.
-                if spawned.rest(cx) {
-                    return match driving || !running.is_empty() {
-                        true => Poll::Pending,
-                        false => Poll::Ready(()),
-                    };
+                // The frames' future among them: they run on after the driver ended.
+                let left = tasks.run(cx);
+                match driving || left {
+                    true => Poll::Pending,
+                    false => Poll::Ready(()),
                 }
             })
             .await;
