@@ -118,7 +118,11 @@ async fn send_h1<B: Outgoing + Send + 'static>(
             }
         };
         match h1::exchange(&mut conn, &req.forwarded, req.deadline, body).await {
-            Ok(head) => return Ok(h1::response(conn, head, req, in_flight).map(ReplicaBody::H1)),
+            Ok(head) => {
+                return Ok(
+                    h1::response(conn, head, req, in_flight).map(|b| ReplicaBody::H1(Box::new(b)))
+                )
+            }
             // A pooled connection the replica had closed: once more on a fresh one, if the
             // body can still be sent.
             Err(SendError::Broken(_)) if reused && body.untouched() => continue,
@@ -158,9 +162,9 @@ async fn send_h2<B: Outgoing + Send + 'static>(
         match wire_h2::exchange(sender, request, req.deadline).await {
             Ok(resp) => {
                 let read_timeout = req.read_timeout;
-                return Ok(
-                    resp.map(|b| ReplicaBody::H2(H2Body::new(b, stream, read_timeout, in_flight)))
-                );
+                return Ok(resp.map(|b| {
+                    ReplicaBody::H2(Box::new(H2Body::new(b, stream, read_timeout, in_flight)))
+                }));
             }
             Err(SendError::Unprocessed(_)) if reused && body.resendable() => {
                 pools.h2.forget(&conn);
