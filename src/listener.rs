@@ -8,7 +8,8 @@
 //! handshake and sent enough to tell its protocol within `proxy.header_read_timeout` is closed:
 //! the protocol sniff is ours, with a deadline, instead of hyper's open-ended one), plain HTTP
 //! on the TLS port (answered 400), HTTP/2 through hyper (keep-alive pings; the idle and stall
-//! watches of [`crate::http2`]), the write side bounded by `proxy.send_timeout` (through
+//! watches of [`crate::http2`]; a connection's streams run in its task, [`crate::in_task`]),
+//! the write side bounded by `proxy.send_timeout` (through
 //! [`crate::stall`]), the redirect of plain HTTP to HTTPS (`tls.http =
 //! "redirect"`), graceful drain, and which idle connections are held without a task: a
 //! cleartext HTTP/1 connection that has waited [`IDLE_HOLD_AFTER`] for its next request goes
