@@ -44,6 +44,16 @@ def stop(p, within=10):
             p.wait()
 
 
+def quiet_starter(procs):
+    """A `start(cmd, **kw)` that runs `cmd` with its output dropped and keeps the process in
+    `procs`, for [`stop_all`] to stop."""
+    def start(cmd, **kw):
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+        procs.append(p)
+        return p
+    return start
+
+
 def start_servers(start, ports, cpu=(), prefix="b"):
     """Starts a `ringgate-server` on each of `ports` (loopback), named `<prefix><port>`, with the
     script's `start(cmd, env=...)` (which keeps the process to stop it), under `cpu` (a `taskset`
@@ -188,11 +198,7 @@ def compare(kind, n, open_fn, unit):
     hard = raise_nofile()
     tmp = tempfile.mkdtemp(prefix="ringgate-rss-")
     procs = []
-
-    def start(cmd, **kw):
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
-        procs.append(p)
-        return p
+    start = quiet_starter(procs)
 
     def measure(name, pids_of, n=n):
         # A few connections first, so what the first ones allocate once (buffers, pools, the

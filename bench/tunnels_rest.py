@@ -19,8 +19,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from proxies_rss import (BACKENDS, GW, PORT, raise_nofile, ringgate_conf, run,  # noqa: E402
-                         start_servers, stop_all, wait_port)
+from proxies_rss import (BACKENDS, GW, PORT, quiet_starter, raise_nofile, ringgate_conf,  # noqa: E402
+                         run, start_servers, stop_all, wait_port)
 from tunnels_rss import open_tunnels  # noqa: E402
 from conns import echo_again  # noqa: E402
 
@@ -46,12 +46,7 @@ def syscalls(summary):
 def measure(rest_after, n, rounds):
     tmp = tempfile.mkdtemp(prefix="ringgate-rest-")
     procs = []
-
-    def start(cmd, **kw):
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
-        procs.append(p)
-        return p
-
+    start = quiet_starter(procs)
     try:
         start_servers(start, BACKENDS)
         conf = os.path.join(tmp, "lb.toml")
