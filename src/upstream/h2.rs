@@ -1,15 +1,15 @@
 //! HTTP/2 connections to the replicas, multiplexed, and the serving thread's set of them.
 //!
 //! Owns: [`H2Conn`] (one HTTP/2 connection made with prior knowledge over a [`Conn`]'s stream,
-//! driven by hyper's `client::conn::http2` in one task of the serving thread, with PING
-//! keep-alive; what hyper spawns for it, a request's response delivery and body pipe among
-//! them, runs in that task too: [`crate::in_task`]), [`H2Conn::connect`], [`SendBody`] (the
-//! one request body type a connection carries), [`StreamGuard`] (a stream counted on its
-//! connection until its response ends), and a serving thread's set, [`Conns`]:
+//! driven by the `h2` crate's client in one task of the serving thread, with PING keep-alive;
+//! a request body still arriving from its client is piped on in that task too:
+//! [`Opener::beside`], [`crate::in_task`]), [`H2Conn::connect`], [`SendBody`] (the one
+//! request body type a connection carries), [`Opener`] and [`StreamGuard`] (a stream opened,
+//! and counted on its connection until its response ends), and a serving thread's set, [`Conns`]:
 //! [`Conns::take`] hands out the connection to a replica that has room for one more stream
 //! ([`has_room`]: fewer open than the replica's `SETTINGS_MAX_CONCURRENT_STREAMS` and our own
-//! cap), [`Conns::keep`] adds a new one. A connection the replica sent GOAWAY on (hyper then
-//! closes its sender), one whose driver ended, one another TLS client made, or one unused for
+//! cap), [`Conns::keep`] adds a new one. A connection the replica sent GOAWAY on, one whose
+//! driver ended, one another TLS client made, or one unused for
 //! [`IDLE_TIMEOUT`] is never handed out again and is dropped when met. Over TLS a replica may
 //! choose HTTP/1.1 instead ([`H2Conn::negotiate`] hands that connection back); the thread
 //! remembers it for [`ALPN_RECHECK`] ([`Conns::chose_http1`], [`Conns::note_alpn`]), so the
@@ -26,16 +26,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use ::h2::client::SendRequest;
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 
-use super::pool::{Conn, ConnectError};
+use super::pool::{Conn, ConnectError, Stream};
 use crate::error::BoxError;
-use crate::in_task::Tasks;
+use crate::in_task::{InTask, Tasks};
 use crate::tls::upstream::{Alpn, UpstreamTls};
 
 /// Streams one connection carries at most, whatever the replica allows: past it a new
@@ -56,20 +56,20 @@ pub const ALPN_RECHECK: Duration = Duration::from_secs(30);
 
 /// A request body on an HTTP/2 stream to a replica: the client's (boxed, so every connection
 /// carries one body type whatever the request's), or none; and whether it was sent whole
-/// (hyper sends it: a deadline that passes before it ended waited on the client, not on the
-/// replica).
+/// (a deadline that passes before it ended waited on the client, not on the replica).
 pub struct SendBody {
     inner: Option<Pin<Box<dyn HttpBody<Data = Bytes, Error = BoxError> + Send>>>,
     progress: Arc<Progress>,
 }
 
-/// How far a [`SendBody`] got, for the one who sent it (hyper has the body itself).
+/// How far a [`SendBody`] got, for the one who sent it (the body itself may be piped on in the
+/// connection's task).
 #[derive(Default)]
 pub struct Progress {
     /// All of it was taken from the client.
     ended: AtomicBool,
-    /// The body's own error, kept here (hyper resets the stream and reports its own error, in
-    /// which the body's kind, such as past `proxy.max_body`, is lost).
+    /// The body's own error, kept here (the stream is reset, and its error, in which the
+    /// body's kind, such as past `proxy.max_body`, is lost, is what the response reports).
     failed: std::sync::Mutex<Option<BoxError>>,
 }
 
@@ -156,13 +156,36 @@ struct State {
     max_streams: AtomicUsize,
     /// The driver ended: the connection is gone.
     ended: AtomicBool,
+    /// The connection takes no new stream: the replica sent GOAWAY, or the connection failed.
+    closing: AtomicBool,
+    /// Every handle to the connection is gone (the set dropped it, no request holds it).
+    abandoned: AtomicBool,
+    /// The driver's task, woken when the last handle goes.
+    driver: AtomicWaker,
+}
+
+/// Dropped with the last handle to a connection: its driver is told, so that the connection
+/// closes once its streams end instead of at its next keep-alive ping.
+struct Handles(Arc<State>);
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        self.0.abandoned.store(true, Ordering::Release);
+        self.0.driver.wake();
+    }
 }
 
 /// One HTTP/2 connection to a replica (a handle: clones share the connection).
 #[derive(Clone)]
 pub struct H2Conn {
-    send: SendRequest<SendBody>,
+    send: SendRequest<Bytes>,
     state: Arc<State>,
+    /// Declared after `send`, so a handle's sender is gone before the last one tells the
+    /// driver.
+    _handles: Arc<Handles>,
+    /// What the connection's task runs beside the connection: request bodies still arriving
+    /// from their clients.
+    beside: InTask,
     addr: SocketAddr,
     /// The [`UpstreamTls::id`] of the client that made it (0: plain TCP).
     made_by: u64,
@@ -178,6 +201,21 @@ impl Drop for StreamGuard {
     }
 }
 
+/// What one request needs of its connection: the sender its stream is opened with, and the
+/// connection's task, to run the rest of a request body there ([`Opener::beside`]).
+pub struct Opener {
+    pub send: SendRequest<Bytes>,
+    beside: InTask,
+}
+
+impl Opener {
+    /// Runs `f` in the connection's task (a request body piped on as its client sends it):
+    /// not a task of its own, and it ends with the connection at the latest.
+    pub fn beside(&self, f: impl Future<Output = ()> + Send + 'static) {
+        hyper::rt::Executor::execute(&self.beside, f);
+    }
+}
+
 /// What a connection made for HTTP/2 became.
 pub enum Negotiated {
     H2(H2Conn),
@@ -186,11 +224,22 @@ pub enum Negotiated {
     Http1(Conn, Alpn),
 }
 
+/// hyper's client defaults, which the connections had when hyper drove them: windows larger
+/// than the protocol's 64 KiB, so a large response is not held back a round trip at a time.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONN_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_FRAME: u32 = 16 * 1024;
+/// The largest response head taken from a replica.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// The most a stream buffers of a request body beyond what the replica's window takes.
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
 impl H2Conn {
     /// Connects to `addr` within `timeout` (TCP, and TLS with `tls`, ALPN `h2`) and starts
-    /// HTTP/2 on it (with prior knowledge over TCP); a PING every `keepalive` (unanswered within the same time, the
-    /// connection is closed). The connection is driven by a task on this thread's runtime. A
-    /// TLS replica that does not choose `h2` is [`ConnectError::NotHttp2`].
+    /// HTTP/2 on it (with prior knowledge over TCP); a PING every `keepalive` (unanswered by
+    /// the next, the connection is closed). The connection is driven by a task on this
+    /// thread's runtime. A TLS replica that does not choose `h2` is
+    /// [`ConnectError::NotHttp2`].
     pub async fn connect(
         addr: SocketAddr,
         timeout: Duration,
@@ -228,19 +277,19 @@ impl H2Conn {
         keepalive: Duration,
     ) -> Result<H2Conn, ConnectError> {
         let (stream, counted) = conn.into_stream();
-        let mut tasks = Tasks::default();
-        let mut builder = http2::Builder::new(tasks.executor());
+        let mut builder = ::h2::client::Builder::new();
         builder
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(keepalive))
-            .keep_alive_timeout(keepalive)
-            // Replicas with no stream open are pinged too: a pooled connection to a replica
-            // that went away is found out before a call is put on it.
-            .keep_alive_while_idle(true)
-            // hyper's default; the replica's own setting takes over once it arrives.
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_local_error_reset_streams(Some(1024))
+            .enable_push(false)
+            // The replica's own setting takes over once it arrives.
             .initial_max_send_streams(MAX_STREAMS_PER_CONN);
-        let handshake = builder.handshake::<_, SendBody>(TokioIo::new(stream));
-        let (send, driver) = match tokio::time::timeout(timeout, handshake).await {
+        let handshake = builder.handshake::<_, Bytes>(stream);
+        let (send, connection) = match tokio::time::timeout(timeout, handshake).await {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => return Err(ConnectError::Http2(e)),
             Err(_) => return Err(ConnectError::Timeout(timeout)),
@@ -249,54 +298,44 @@ impl H2Conn {
             max_streams: AtomicUsize::new(MAX_STREAMS_PER_CONN),
             ..State::default()
         });
-        let seen = state.clone();
+        let tasks = Tasks::default();
+        let beside = tasks.executor();
+        let driver = Driver {
+            connection: Some(connection),
+            watch: Some(send.clone()),
+            keepalive: KeepAlive::new(keepalive),
+            tasks,
+            state: state.clone(),
+            addr,
+        };
         tokio::spawn(async move {
             let _counted = counted;
-            let mut driver = std::pin::pin!(driver);
-            let mut driving = true;
-            std::future::poll_fn(|cx| {
-                tasks.begin();
-                if driving {
-                    // Each time the connection makes progress (a SETTINGS frame among others),
-                    // the replica's current stream limit is noted for `has_room`.
-                    let polled = driver.as_mut().poll(cx);
-                    seen.max_streams
-                        .store(driver.current_max_send_streams(), Ordering::Relaxed);
-                    if let Poll::Ready(ended) = polled {
-                        if let Err(e) = ended {
-                            tracing::debug!(replica = %addr, error = %e, "HTTP/2 connection to the replica ended");
-                        }
-                        seen.ended.store(true, Ordering::Release);
-                        driving = false;
-                    }
-                }
-                // The frames' future among them: they run on after the driver ended.
-                let left = tasks.run(cx);
-                match driving || left {
-                    true => Poll::Pending,
-                    false => Poll::Ready(()),
-                }
-            })
-            .await;
+            driver.await;
         });
         Ok(H2Conn {
             send,
+            _handles: Arc::new(Handles(state.clone())),
             state,
+            beside,
             addr,
             made_by: tls.map_or(0, UpstreamTls::id),
         })
     }
 
     /// The sender for one more stream, counted on the connection until the guard is dropped.
-    pub fn open_stream(&self) -> (SendRequest<SendBody>, StreamGuard) {
+    pub fn open_stream(&self) -> (Opener, StreamGuard) {
         self.state.open.fetch_add(1, Ordering::AcqRel);
-        (self.send.clone(), StreamGuard(self.state.clone()))
+        let opener = Opener {
+            send: self.send.clone(),
+            beside: self.beside.clone(),
+        };
+        (opener, StreamGuard(self.state.clone()))
     }
 
     /// The connection can take new streams: its driver runs and the replica did not send
-    /// GOAWAY (hyper closes the sender when it does, or when the connection broke).
+    /// GOAWAY.
     pub fn is_open(&self) -> bool {
-        !self.state.ended.load(Ordering::Acquire) && !self.send.is_closed()
+        !self.state.ended.load(Ordering::Acquire) && !self.state.closing.load(Ordering::Acquire)
     }
 
     fn has_room(&self) -> bool {
@@ -306,6 +345,110 @@ impl H2Conn {
 
     fn is_idle(&self) -> bool {
         self.state.open.load(Ordering::Acquire) == 0
+    }
+}
+
+/// PING keep-alive: one ping every interval; one still unanswered when the next is due means
+/// the replica (or the path to it) is gone.
+struct KeepAlive {
+    every: Duration,
+    tick: Pin<Box<tokio::time::Sleep>>,
+    ping: Option<::h2::PingPong>,
+    awaiting: bool,
+}
+
+impl KeepAlive {
+    fn new(every: Duration) -> KeepAlive {
+        KeepAlive {
+            every,
+            tick: Box::pin(tokio::time::sleep(every)),
+            ping: None,
+            awaiting: false,
+        }
+    }
+
+    /// `false` once a ping went unanswered for a whole interval.
+    fn poll_alive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(ping) = self.ping.as_mut() else {
+            return true;
+        };
+        if let Poll::Ready(Ok(_)) = ping.poll_pong(cx) {
+            self.awaiting = false;
+        }
+        while self.tick.as_mut().poll(cx).is_ready() {
+            if self.awaiting {
+                return false;
+            }
+            // Fails only when the connection is gone, which its own poll reports.
+            self.awaiting = ping.send_ping(::h2::Ping::opaque()).is_ok();
+            let next = Instant::now() + self.every;
+            self.tick.as_mut().reset(next);
+        }
+        true
+    }
+}
+
+/// A connection's task: the connection itself, its keep-alive, and the request bodies it
+/// carries ([`Opener::beside`]).
+struct Driver {
+    /// Gone once the connection ended.
+    connection: Option<::h2::client::Connection<Stream, Bytes>>,
+    /// A sender of the driver's own, to learn that the connection takes no new stream (its
+    /// GOAWAY is seen there); dropped once every handle is gone, so the connection can close.
+    watch: Option<SendRequest<Bytes>>,
+    keepalive: KeepAlive,
+    tasks: Tasks,
+    state: Arc<State>,
+    addr: SocketAddr,
+}
+
+impl Future for Driver {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        this.tasks.begin();
+        if let Some(connection) = this.connection.as_mut() {
+            if this.keepalive.ping.is_none() {
+                this.keepalive.ping = connection.ping_pong();
+            }
+            this.state.driver.register(cx.waker());
+            if this.state.abandoned.load(Ordering::Acquire) {
+                this.watch = None;
+            }
+            let polled = match this.keepalive.poll_alive(cx) {
+                true => Pin::new(&mut *connection).poll(cx),
+                false => {
+                    tracing::debug!(replica = %this.addr, "the HTTP/2 connection to the replica did not answer its keep-alive ping: closed");
+                    Poll::Ready(Ok(()))
+                }
+            };
+            // Each time the connection makes progress (a SETTINGS frame among others), the
+            // replica's current stream limit is noted for `has_room`.
+            this.state
+                .max_streams
+                .store(connection.max_concurrent_send_streams(), Ordering::Relaxed);
+            if let Some(watch) = this.watch.as_mut() {
+                if let Poll::Ready(Err(_)) = watch.poll_ready(cx) {
+                    this.state.closing.store(true, Ordering::Release);
+                }
+            }
+            if let Poll::Ready(ended) = polled {
+                if let Err(e) = ended {
+                    tracing::debug!(replica = %this.addr, error = %e, "the HTTP/2 connection to the replica ended");
+                }
+                this.state.ended.store(true, Ordering::Release);
+                this.watch = None;
+                // Dropped, it tells the streams still waiting on it that it is gone.
+                this.connection = None;
+            }
+        }
+        // The request bodies among them: they end soon after the connection does.
+        let left = this.tasks.run(cx);
+        match this.connection.is_some() || left {
+            true => Poll::Pending,
+            false => Poll::Ready(()),
+        }
     }
 }
 

@@ -411,7 +411,7 @@ pub enum ConnectError {
     #[error("tcp connect timed out after {0:?} (proxy.connect_timeout)")]
     Timeout(Duration),
     #[error("the HTTP/2 handshake with the replica failed: {0} (proxy.upstream_protocol: does the replica speak h2c?)")]
-    Http2(#[source] hyper::Error),
+    Http2(#[source] ::h2::Error),
     /// Over TLS the replica did not choose HTTP/2: it speaks HTTP/1.1 on this connection.
     #[error(
         "the replica chose {0} in its TLS handshake, not h2: it does not speak HTTP/2 over TLS"

@@ -800,3 +800,146 @@ async fn the_sweep_closes_what_the_replica_closed_and_what_idled_too_long() {
     tokio::time::advance(pool::IDLE_TIMEOUT + Duration::from_secs(1)).await;
     assert_eq!(pool.sweep(), 0, "past the idle timeout none stays");
 }
+
+/// A replica that does the HTTP/2 handshake's part of a server (its SETTINGS) and then reads
+/// and answers nothing more, as one that hung or sits behind a dead path would.
+async fn silent_h2_replica() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+                let _ = s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_replica_that_answers_no_ping_has_its_connection_closed_after_one_interval_unanswered() {
+    let addr = silent_h2_replica().await;
+    let every = Duration::from_millis(200);
+    let conn = h2::H2Conn::connect(addr, Duration::from_secs(5), None, every)
+        .await
+        .expect("handshake");
+    assert!(conn.is_open());
+    // A ping at the first interval, found unanswered at the second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while conn.is_open() {
+        assert!(
+            Instant::now() < deadline,
+            "a dead replica's connection stays open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_connection_every_handle_dropped_is_closed_at_once_not_at_its_next_ping() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (ended, mut told) = tokio::sync::mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let ended = ended.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = ::h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let _ = respond.send_response(http::Response::new(()), true);
+                }
+                let _ = ended.send(());
+            });
+        }
+    });
+    // Pings an hour apart: only the last handle's going can close it soon.
+    let hour = Duration::from_secs(3600);
+    let conn = h2::H2Conn::connect(addr, Duration::from_secs(5), None, hour)
+        .await
+        .expect("handshake");
+    let (opener, guard) = conn.open_stream();
+    let req = http::Request::get(format!("http://{addr}/"))
+        .body(h2::SendBody::empty())
+        .expect("request");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let resp = crate::wire::h2::exchange(opener, req, deadline)
+        .await
+        .expect("answered");
+    assert_eq!(resp.status(), 200);
+    drop((resp, guard));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), told.recv())
+            .await
+            .is_err(),
+        "closed while a handle was left"
+    );
+    drop(conn);
+    tokio::time::timeout(Duration::from_secs(5), told.recv())
+        .await
+        .expect("the connection stays open with no handle left");
+}
+
+#[tokio::test]
+async fn a_request_body_still_coming_is_piped_on_and_reset_once_its_response_is_dropped() {
+    use futures_util::StreamExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (seen, mut told) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        let Ok((s, _)) = listener.accept().await else {
+            return;
+        };
+        let Ok(mut conn) = ::h2::server::handshake(s).await else {
+            return;
+        };
+        let Some(Ok((req, mut respond))) = conn.accept().await else {
+            return;
+        };
+        // Answers at once, before the request body ended, then reads the body.
+        let _ = respond.send_response(http::Response::new(()), true);
+        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        let mut body = req.into_body();
+        while let Some(chunk) = body.data().await {
+            let Ok(data) = chunk.map_err(|e| seen.send(format!("reset {:?}", e.reason()))) else {
+                // A reset body says so again at every read.
+                return;
+            };
+            let _ = seen.send(String::from_utf8_lossy(&data).into_owned());
+        }
+    });
+    let conn = h2::H2Conn::connect(addr, Duration::from_secs(5), None, Duration::from_secs(60))
+        .await
+        .expect("handshake");
+    // One part the client sent already, then nothing more for now.
+    let first = futures_util::stream::once(async {
+        Ok::<_, crate::error::BoxError>(hyper::body::Frame::data(Bytes::from_static(b"part")))
+    });
+    let body = http_body_util::StreamBody::new(first.chain(futures_util::stream::pending()));
+    let req = http::Request::post(format!("http://{addr}/upload"))
+        .body(h2::SendBody::new(body))
+        .expect("request");
+    let (opener, guard) = conn.open_stream();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let resp = crate::wire::h2::exchange(opener, req, deadline)
+        .await
+        .expect("answered");
+    assert_eq!(resp.status(), 200);
+    let heard = tokio::time::timeout(Duration::from_secs(5), told.recv()).await;
+    assert_eq!(heard.expect("the first part").as_deref(), Some("part"));
+    // The gateway is done with the response: the body still coming is not sent on.
+    drop((resp, guard));
+    let heard = tokio::time::timeout(Duration::from_secs(5), told.recv()).await;
+    assert_eq!(
+        heard.expect("the stream's end").as_deref(),
+        Some("reset Some(CANCEL)")
+    );
+}

@@ -67,13 +67,13 @@ pub enum SendError {
     /// HTTP/2: the replica did not process the request (its GOAWAY came first, or it refused
     /// the stream): nothing of it was acted on, so it may be sent again, anywhere.
     #[error("the replica did not process the request (HTTP/2 GOAWAY or REFUSED_STREAM): {0}")]
-    Unprocessed(#[source] hyper::Error),
+    Unprocessed(#[source] ::h2::Error),
     /// HTTP/2: the client's request cannot be written as an HTTP/2 request.
     #[error("the request cannot be forwarded over HTTP/2: {0}")]
     Request(#[source] http::Error),
     /// HTTP/2: the stream or its connection failed before a response head.
     #[error("the HTTP/2 stream to the replica failed before a response: {0}")]
-    Stream(#[source] hyper::Error),
+    Stream(#[source] ::h2::Error),
     /// HTTP/2 over TLS: the replica chose HTTP/1.1 (ALPN), and the request must have HTTP/2
     /// (a gRPC call): nothing of it was sent.
     #[error("the replica chose {0} in its TLS handshake, not h2")]

@@ -36,7 +36,7 @@ pub enum GrpcCheckError {
     #[error("the gRPC health check answered HTTP {0}")]
     Http(StatusCode),
     #[error("the gRPC health check's answer broke: {0}")]
-    Body(#[source] hyper::Error),
+    Body(#[source] ::h2::Error),
     #[error("the gRPC health check's answer is larger than {MAX_ANSWER} bytes")]
     TooLarge,
     #[error("the response body did not end before the deadline")]

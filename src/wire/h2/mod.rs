@@ -4,34 +4,39 @@
 //! fields cut and `X-Forwarded-*` set as on HTTP/1.1, `te: trailers` kept, the target as
 //! `:scheme`/`:authority`/`:path`), [`exchange`] (the stream sent and its response head awaited
 //! by the request's deadline, each failure told apart: a stream the replica did not process, a
-//! GOAWAY's or a `REFUSED_STREAM`, is [`SendError::Unprocessed`], safe to send again), and
-//! [`H2Body`] (the response body, trailers included, counting the request in flight at its
+//! GOAWAY's or a `REFUSED_STREAM`, is [`SendError::Unprocessed`], safe to send again), the
+//! request body (what its client sent already goes with the head; the rest is piped on as the
+//! replica's window allows, in the connection's task), [`ReplicaStream`] (the response body
+//! as it arrives, its frames given back to the window as they are taken), [`H2Body`] (that
+//! body as the gateway forwards it, trailers included, counting the request in flight at its
 //! replica and the stream on its connection until it ends, cut after `proxy.read_timeout`
 //! without a frame and ended with `DEADLINE_EXCEEDED` trailers past a gRPC call's deadline),
-//! and [`grpc_check`] (a `grpc.health.v1` check sent the same way). The protocol itself is
-//! hyper's (`client::conn::http2`).
+//! and [`grpc_check`] (a `grpc.health.v1` check sent the same way). The protocol itself (frames,
+//! HPACK, flow control) is the `h2` crate's, driven here directly: no task, channel or future
+//! of a client library's between a request and its stream.
 //! Must not touch: which connection (the connector in [`crate::upstream`] gives one), routing,
 //! retries, or what a failure means for a replica (the proxy decides).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{ready, Context, Poll};
 
+use ::h2::{RecvStream, SendStream};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Response, Uri, Version};
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::client::conn::http2::SendRequest;
+use http::{Method, Response, Uri, Version};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::{timeout_at, Instant};
 
 use crate::admission::RequestPlace;
 use crate::error::BoxError;
 use crate::snapshot::InFlight;
 use crate::stall::{Stall, StallTimer};
-use crate::upstream::h2::{SendBody, StreamGuard};
+use crate::upstream::h2::{Opener, SendBody, StreamGuard};
 use crate::wire::client::body::BodyError;
 use crate::wire::client::head::write_ip;
 use crate::wire::client::{Forwarded, SendError};
@@ -161,46 +166,295 @@ fn forwarded_fields(
     Ok(out)
 }
 
-/// Sends `req` on a stream of `send` and waits for the response head by `deadline`; a
+/// Sends `req` on a stream `opener` opens and waits for the response head by `deadline`; a
 /// deadline that passes before the client's body was all taken is the client's
 /// ([`SendError::RequestBodyTimeout`]).
 pub async fn exchange(
-    mut send: SendRequest<SendBody>,
+    opener: Opener,
     req: http::Request<SendBody>,
     deadline: Instant,
-) -> Result<Response<Incoming>, SendError> {
-    let body = req.body().progress();
-    match timeout_at(deadline, send.send_request(req)).await {
+) -> Result<Response<ReplicaStream>, SendError> {
+    let progress = req.body().progress();
+    match timeout_at(deadline, open(opener, req)).await {
         // Still waiting for the client's body: its time ran out, not the replica's.
-        Err(_) if !body.ended() => Err(SendError::RequestBodyTimeout),
+        Err(_) if !progress.ended() => Err(SendError::RequestBodyTimeout),
         Err(_) => Err(SendError::Timeout),
         Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) => match body.take_failure() {
+        Ok(Err(failed)) => match progress.take_failure() {
             // The client's body failed (past `proxy.max_body`, broken): its error, not the
             // stream's reset that followed.
             Some(cause) => Err(SendError::RequestBody(cause)),
-            None if is_unprocessed(&e) => Err(SendError::Unprocessed(e)),
-            None => Err(SendError::Stream(e)),
+            None => Err(failed),
         },
     }
 }
 
-/// The replica did not process the request: hyper never put it on the connection (closed, or
-/// closing after a GOAWAY), the replica refused the stream (`REFUSED_STREAM`), or its GOAWAY
-/// said the stream was past the last one it processes (RFC 9113 sections 6.8 and 8.7).
-pub fn is_unprocessed(e: &hyper::Error) -> bool {
-    if e.is_canceled() {
-        return true;
+/// How much of a request body is put on its stream at once, before the stream is open and
+/// without waiting for the replica's window, when its client sent it already: a gRPC call's
+/// message goes with its head. The rest waits for the window, piped on in the connection's
+/// task ([`Pipe`]).
+const SENT_AT_ONCE: usize = 64 * 1024;
+
+/// Opens the stream, sends the request on it and waits for the response head.
+async fn open(
+    mut opener: Opener,
+    req: http::Request<SendBody>,
+) -> Result<Response<ReplicaStream>, SendError> {
+    let (mut head, mut body) = req.into_parts();
+    // As hyper's client did: the length of a body whose length is known, for replicas that
+    // want it; never the client's field (its framing is not this stream's).
+    if let Some(len) = body.size_hint().exact() {
+        if len != 0 || matches!(head.method, Method::POST | Method::PUT | Method::PATCH) {
+            head.headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
     }
-    let Some(h2) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>()) else {
-        return false;
-    };
-    h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote())
+    // Errors before the stream was made: nothing of the request reached the replica.
+    std::future::poll_fn(|cx| opener.send.poll_ready(cx))
+        .await
+        .map_err(SendError::Unprocessed)?;
+    let end = body.is_end_stream();
+    let (response, mut tx) = opener
+        .send
+        .send_request(http::Request::from_parts(head, ()), end)
+        .map_err(SendError::Unprocessed)?;
+    // What the client sent already goes now; a body still arriving is piped on beside the
+    // connection, told to stop (its stream reset) if the response is dropped first.
+    let mut stop = None;
+    if !end {
+        let sent = std::future::poll_fn(|cx| Poll::Ready(send_ready(&mut body, &mut tx, cx))).await;
+        match sent {
+            Sent::All => {}
+            Sent::Failed(e) => return Err(stream_error(e)),
+            Sent::Some => {
+                let (stopper, stopped) = tokio::sync::oneshot::channel();
+                stop = Some(stopper);
+                opener.beside(Pipe { body, tx, stopped });
+            }
+        }
+    }
+    let resp = response.await.map_err(stream_error)?;
+    let length = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    Ok(resp.map(|recv| ReplicaStream::new(recv, length, stop)))
+}
+
+/// A stream's failure: one the replica did not process is [`SendError::Unprocessed`].
+fn stream_error(e: ::h2::Error) -> SendError {
+    match is_unprocessed(&e) {
+        true => SendError::Unprocessed(e),
+        false => SendError::Stream(e),
+    }
+}
+
+/// How much of a request body [`send_ready`] took.
+enum Sent {
+    /// All of it, its end told.
+    All,
+    /// What was there; the rest is still to come.
+    Some,
+    /// The body failed (its error is kept in its progress; the stream was reset), or the
+    /// stream did.
+    Failed(::h2::Error),
+}
+
+/// Puts on `tx` what `body` has ready, up to [`SENT_AT_ONCE`], without waiting for the
+/// stream's window: it is held already, so holding it in the stream's queue instead costs
+/// nothing, and the replica gets it with the head.
+fn send_ready(body: &mut SendBody, tx: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Sent {
+    let mut sent = 0;
+    while sent < SENT_AT_ONCE {
+        let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) else {
+            return Sent::Some;
+        };
+        let frame = match frame {
+            Some(Ok(frame)) => frame,
+            None => {
+                return match tx.send_data(Bytes::new(), true) {
+                    Ok(()) => Sent::All,
+                    Err(e) => Sent::Failed(e),
+                }
+            }
+            Some(Err(_)) => {
+                tx.send_reset(::h2::Reason::CANCEL);
+                return Sent::Failed(::h2::Reason::CANCEL.into());
+            }
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                let end = body.is_end_stream();
+                sent += data.len();
+                if let Err(e) = tx.send_data(data, end) {
+                    return Sent::Failed(e);
+                }
+                if end {
+                    return Sent::All;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    if let Err(e) = tx.send_trailers(trailers) {
+                        return Sent::Failed(e);
+                    }
+                }
+                return Sent::All;
+            }
+        }
+    }
+    Sent::Some
+}
+
+/// The rest of a request body, taken from its client as the replica's window allows (so a
+/// replica that reads slowly slows the client, instead of the gateway holding the
+/// difference), run in the connection's task. It ends with the body, when the stream does,
+/// or when `stopped` says the response was dropped (the stream is then reset).
+struct Pipe {
+    body: SendBody,
+    tx: SendStream<Bytes>,
+    stopped: tokio::sync::oneshot::Receiver<Infallible>,
+}
+
+impl Future for Pipe {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            if Pin::new(&mut this.stopped).poll(cx).is_ready() {
+                this.tx.send_reset(::h2::Reason::CANCEL);
+                return Poll::Ready(());
+            }
+            // Room for a byte at least before more is taken from the client.
+            this.tx.reserve_capacity(1);
+            if this.tx.capacity() == 0 {
+                loop {
+                    match ready!(this.tx.poll_capacity(cx)) {
+                        Some(Ok(0)) => {}
+                        Some(Ok(_)) => break,
+                        Some(Err(_)) | None => return Poll::Ready(()),
+                    }
+                }
+            } else if this.tx.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let end = this.body.is_end_stream();
+                        if this.tx.send_data(data, end).is_err() || end {
+                            return Poll::Ready(());
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            this.tx.reserve_capacity(0);
+                            let _ = this.tx.send_trailers(trailers);
+                        }
+                        return Poll::Ready(());
+                    }
+                },
+                // Its error is kept in its progress, for the response's reader.
+                Some(Err(_)) => {
+                    this.tx.send_reset(::h2::Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                None => {
+                    let _ = this.tx.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
+}
+
+/// The replica did not process the request: it refused the stream (`REFUSED_STREAM`), or its
+/// GOAWAY said the stream was past the last one it processes (RFC 9113 sections 6.8 and 8.7).
+/// (A stream never made, its connection closed or closing, is told apart where it was not.)
+pub fn is_unprocessed(e: &::h2::Error) -> bool {
+    e.reason() == Some(::h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
+}
+
+/// A replica's response body on its stream, as it arrives: DATA frames (each given back to
+/// the stream's window as it is taken), then trailers; with the length its head announced.
+pub struct ReplicaStream {
+    recv: RecvStream,
+    data_ended: bool,
+    /// What is left of the announced `Content-Length`.
+    remaining: Option<u64>,
+    /// Dropped with the body: a request body still piped on stops ([`Pipe`]).
+    _stop: Option<tokio::sync::oneshot::Sender<Infallible>>,
+}
+
+impl ReplicaStream {
+    fn new(
+        recv: RecvStream,
+        length: Option<u64>,
+        stop: Option<tokio::sync::oneshot::Sender<Infallible>>,
+    ) -> Self {
+        ReplicaStream {
+            recv,
+            data_ended: false,
+            remaining: length,
+            _stop: stop,
+        }
+    }
+}
+
+/// A reset that ends a response body rather than breaking it (as hyper reads them): the
+/// replica had nothing more to say.
+fn ends_the_body(e: &::h2::Error) -> bool {
+    matches!(
+        e.reason(),
+        Some(::h2::Reason::NO_ERROR) | Some(::h2::Reason::CANCEL)
+    )
+}
+
+impl HttpBody for ReplicaStream {
+    type Data = Bytes;
+    type Error = ::h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ::h2::Error>>> {
+        let this = self.get_mut();
+        if !this.data_ended {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    if let Some(left) = this.remaining.as_mut() {
+                        *left = left.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) if ends_the_body(&e) => return Poll::Ready(None),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_ended = true,
+            }
+        }
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.remaining
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
 }
 
 /// A replica's HTTP/2 response body, trailers included.
 pub struct H2Body {
-    inner: Incoming,
+    inner: ReplicaStream,
     _stream: StreamGuard,
     /// `proxy.read_timeout`: the longest the replica may send nothing in the middle of it.
     stall: StallTimer,
@@ -215,7 +469,7 @@ pub struct H2Body {
 
 impl H2Body {
     pub fn new(
-        inner: Incoming,
+        inner: ReplicaStream,
         stream: StreamGuard,
         read_timeout: std::time::Duration,
         in_flight: InFlight,
