@@ -322,14 +322,16 @@ impl H2Conn {
         })
     }
 
-    /// The sender for one more stream, counted on the connection until the guard is dropped.
-    pub fn open_stream(&self) -> (Opener, StreamGuard) {
+    /// This handle as the opener of one more stream, counted on the connection until the
+    /// guard is dropped.
+    pub fn open_stream(self) -> (Opener, StreamGuard) {
         self.state.open.fetch_add(1, Ordering::AcqRel);
+        let guard = StreamGuard(self.state);
         let opener = Opener {
-            send: self.send.clone(),
-            beside: self.beside.clone(),
+            send: self.send,
+            beside: self.beside,
         };
-        (opener, StreamGuard(self.state.clone()))
+        (opener, guard)
     }
 
     /// The connection can take new streams: its driver runs and the replica did not send
@@ -594,11 +596,11 @@ impl Conns {
         }
     }
 
-    /// Drops `conn`: it refused a stream it should have taken (a GOAWAY raced the request), so
-    /// the next request makes a new one.
-    pub fn forget(&self, conn: &H2Conn) {
-        if let Some(kept) = crate::sync::lock(&self.kept).get_mut(&conn.addr) {
-            kept.retain(|k| !Arc::ptr_eq(&k.conn.state, &conn.state));
+    /// Drops the connection to `addr` that `stream` was opened on: it refused a stream it
+    /// should have taken (a GOAWAY raced the request), so the next request makes a new one.
+    pub fn forget(&self, addr: SocketAddr, stream: &StreamGuard) {
+        if let Some(kept) = crate::sync::lock(&self.kept).get_mut(&addr) {
+            kept.retain(|k| !Arc::ptr_eq(&k.conn.state, &stream.0));
         }
     }
 }

@@ -167,7 +167,7 @@ async fn send_h2<B: Outgoing + Send + 'static>(
                 }));
             }
             Err(SendError::Unprocessed(_)) if reused && body.resendable() => {
-                pools.h2.forget(&conn);
+                pools.h2.forget(req.addr, &stream);
                 continue;
             }
             Err(e) => return Err(e),

@@ -866,7 +866,7 @@ async fn a_connection_every_handle_dropped_is_closed_at_once_not_at_its_next_pin
     let conn = h2::H2Conn::connect(addr, Duration::from_secs(5), None, hour)
         .await
         .expect("handshake");
-    let (opener, guard) = conn.open_stream();
+    let (opener, guard) = conn.clone().open_stream();
     let req = http::Request::get(format!("http://{addr}/"))
         .body(h2::SendBody::empty())
         .expect("request");

@@ -85,7 +85,7 @@ pub async fn check(
         HeaderValue::from_static("application/grpc"),
     );
     h.insert(http::header::TE, HeaderValue::from_static("trailers"));
-    let (sender, _stream) = conn.open_stream();
+    let (sender, _stream) = conn.clone().open_stream();
     let resp = exchange(sender, req, deadline).await?;
     if resp.status() != StatusCode::OK {
         return Err(GrpcCheckError::Http(resp.status()));

@@ -28,7 +28,7 @@ use ::h2::{RecvStream, SendStream};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Method, Response, Uri, Version};
+use http::{Response, Uri, Version};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::{timeout_at, Instant};
 
@@ -92,8 +92,10 @@ pub fn request(
 const XFF_ROOM: usize = 64;
 
 /// The client's fields as they are forwarded: hop-by-hop ones (and those `Connection` names)
-/// cut, `te: trailers` kept (gRPC servers require it), the framing left to HTTP/2, and
-/// `X-Forwarded-For`/`-Host`/`-Proto` set.
+/// cut, `te: trailers` kept (gRPC servers require it), `Content-Length` kept (the body goes on
+/// as the client sent it, and the client's framing was checked: an HTTP/1.1 request with both
+/// it and `Transfer-Encoding` is refused, an HTTP/2 one whose DATA does not add up to it is
+/// reset), and `X-Forwarded-For`/`-Host`/`-Proto` set.
 fn forwarded_fields(
     f: &Forwarded<'_>,
     host: Option<HeaderValue>,
@@ -122,7 +124,6 @@ fn forwarded_fields(
             continue;
         }
         if *name == header::HOST
-            || *name == header::CONTENT_LENGTH
             || is_hop_by_hop(name)
             || is_client_only(name)
             || matches!(name.as_str(), "x-forwarded-proto" | "x-forwarded-host")
@@ -200,15 +201,7 @@ async fn open(
     mut opener: Opener,
     req: http::Request<SendBody>,
 ) -> Result<Response<ReplicaStream>, SendError> {
-    let (mut head, mut body) = req.into_parts();
-    // As hyper's client did: the length of a body whose length is known, for replicas that
-    // want it; never the client's field (its framing is not this stream's).
-    if let Some(len) = body.size_hint().exact() {
-        if len != 0 || matches!(head.method, Method::POST | Method::PUT | Method::PATCH) {
-            head.headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-        }
-    }
+    let (head, mut body) = req.into_parts();
     // Errors before the stream was made: nothing of the request reached the replica.
     std::future::poll_fn(|cx| opener.send.poll_ready(cx))
         .await
@@ -599,14 +592,8 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.0.0.7");
         assert_eq!(h["x-forwarded-host"], "api.test");
         assert_eq!(h["x-forwarded-proto"], "http");
-        for gone in [
-            "host",
-            "connection",
-            "keep-alive",
-            "x-hop",
-            "content-length",
-            "forwarded",
-        ] {
+        assert_eq!(h["content-length"], "12", "the client's length goes on");
+        for gone in ["host", "connection", "keep-alive", "x-hop", "forwarded"] {
             assert!(!h.contains_key(gone), "{gone} forwarded");
         }
     }
