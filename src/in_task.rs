@@ -1,14 +1,13 @@
-//! What hyper would spawn as tasks of their own, run in the task of the connection they belong
-//! to instead.
+//! Futures that belong to one HTTP/2 connection to a replica, handed over from the requests'
+//! tasks and run in the connection's own task instead of tasks of their own.
 //!
-//! Owns: [`InTask`], hyper's executor for one HTTP/2 connection (it hands each future over),
-//! and [`Tasks`], the set the connection's task runs them in, each future woken on its own
-//! ([`FuturesUnordered`]); [`WithTasks`] polls a connection and its set as one future. hyper
-//! spawns a client connection's every stream, and for a connection to a replica its frames'
-//! future and every request's response delivery and body pipe. A tokio task costs an aligned
-//! allocation (`posix_memalign`, about 1,250 instructions here), moves of the future into and
-//! out of its cell and a trip through the scheduler; a future in the set costs two plain
-//! allocations. A serving thread's runtime runs one thread, so nothing runs less in parallel.
+//! Owns: [`InTask`], the handle a request hands a future over with ([`InTask::spawn`]), and
+//! [`Tasks`], the set the connection's task runs them in, each future woken on its own
+//! ([`FuturesUnordered`]). What is handed over: a request body still arriving from its client,
+//! piped on to the replica. A tokio task costs an aligned allocation (`posix_memalign`, about
+//! 1,250 instructions here), moves of the future into and out of its cell and a trip through
+//! the scheduler; a future in the set costs two plain allocations. A serving thread's runtime
+//! runs one thread, so nothing runs less in parallel.
 //! Must not touch: what the futures do, or the connection's own future.
 
 use std::future::Future;
@@ -20,10 +19,10 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::sync::lock;
 
-/// A future hyper hands its executor.
+/// A future handed over.
 type Spawned = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// hyper's executor for one connection: what it is given runs in the connection's [`Tasks`].
+/// Where futures are handed to one connection: what it is given runs in its [`Tasks`].
 #[derive(Clone, Default)]
 pub(crate) struct InTask(Arc<Mutex<Handed>>);
 
@@ -37,11 +36,9 @@ struct Handed {
     waker: Option<Waker>,
 }
 
-impl<F> hyper::rt::Executor<F> for InTask
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, future: F) {
+impl InTask {
+    /// Runs `future` in the connection's task (woken, if it rests).
+    pub(crate) fn spawn(&self, future: impl Future<Output = ()> + Send + 'static) {
         let mut handed = lock(&self.0);
         handed.futures.push(Box::pin(future));
         if !handed.polling {
@@ -60,7 +57,7 @@ pub(crate) struct Tasks {
 }
 
 impl Tasks {
-    /// The executor to give hyper for the connection.
+    /// The handle futures are handed over with.
     pub(crate) fn executor(&self) -> InTask {
         self.handed.clone()
     }
@@ -96,38 +93,23 @@ impl Tasks {
     }
 }
 
-/// A connection's future polled with its [`Tasks`]: it ends when the connection does, and
-/// what is still running of it ends with it (a client's streams, once their connection is
-/// gone, have nobody to answer).
-pub(crate) struct WithTasks<C> {
-    pub(crate) conn: C,
-    tasks: Tasks,
-}
-
-impl<C> WithTasks<C> {
-    pub(crate) fn new(conn: C, tasks: Tasks) -> WithTasks<C> {
-        WithTasks { conn, tasks }
-    }
-}
-
-impl<C: Future + Unpin> Future for WithTasks<C> {
-    type Output = C::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
-        let this = &mut *self;
-        this.tasks.begin();
-        let polled = Pin::new(&mut this.conn).poll(cx);
-        this.tasks.run(cx);
-        polled
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hyper::rt::Executor;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
+
+    /// A connection's future polled with its set, as a connection's task does.
+    async fn with_tasks(conn: impl Future<Output = ()>, mut tasks: Tasks) {
+        let mut conn = std::pin::pin!(conn);
+        std::future::poll_fn(|cx| {
+            tasks.begin();
+            let polled = conn.as_mut().poll(cx);
+            tasks.run(cx);
+            polled
+        })
+        .await
+    }
 
     #[tokio::test]
     async fn handed_futures_run_in_the_connections_task_each_woken_on_its_own() {
@@ -142,15 +124,15 @@ mod tests {
             let ran = ran.clone();
             async move {
                 let (r, t) = (ran.clone(), all_ran.clone());
-                exec.execute(async move {
+                exec.spawn(async move {
                     let _ = wait.await;
                     r.fetch_add(1, Ordering::Relaxed);
                     let _ = t.send(());
                 });
                 let (inner, r, t) = (exec.clone(), ran.clone(), all_ran.clone());
-                exec.execute(async move {
+                exec.spawn(async move {
                     let (r2, t2) = (r.clone(), t.clone());
-                    inner.execute(async move {
+                    inner.spawn(async move {
                         r2.fetch_add(1, Ordering::Relaxed);
                         let _ = t2.send(());
                     });
@@ -163,7 +145,7 @@ mod tests {
                 }
             }
         };
-        let driven = tokio::spawn(WithTasks::new(Box::pin(conn), tasks));
+        let driven = tokio::spawn(with_tasks(conn, tasks));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(ran.load(Ordering::Relaxed), 2, "two ran; one waits");
         assert!(!driven.is_finished());
@@ -180,10 +162,10 @@ mod tests {
         let tasks = Tasks::default();
         let exec = tasks.executor();
         let conn = std::future::pending::<()>();
-        let driven = tokio::spawn(WithTasks::new(Box::pin(conn), tasks));
+        let driven = tokio::spawn(with_tasks(conn, tasks));
         tokio::time::sleep(Duration::from_millis(20)).await;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        exec.execute(async move {
+        exec.spawn(async move {
             let _ = tx.send(());
         });
         tokio::time::timeout(Duration::from_secs(5), rx)

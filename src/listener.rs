@@ -28,9 +28,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::Request;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use http::Request;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -39,7 +37,6 @@ use tokio::time::Instant;
 use crate::admission::Admitted;
 use crate::config::{Config, PlainHttp};
 use crate::http2::{self, Activity, StreamBody};
-use crate::in_task::{Tasks, WithTasks};
 use crate::metrics::Metrics;
 use crate::parking::{Held, Leaving, Parking};
 use crate::rescue::{GatewayError, RefusedStream};
@@ -48,6 +45,8 @@ use crate::spread::{Counted, Placed, Slot};
 use crate::stall::SendTimeout;
 use crate::tls::{redirect, Https, Tls};
 use crate::wire::body::{Body, RequestBody};
+use crate::wire::h2::server::{self as h2_server, Answer};
+use crate::wire::h2::Inbound;
 use crate::wire::server::{self, Served, Transport};
 use crate::worker::Worker;
 
@@ -361,7 +360,7 @@ macro_rules! drive {
                 }
                 _ = drain.wait_for(|d| *d), if !closing => {
                     closing = true;
-                    conn.conn.as_mut().graceful_shutdown();
+                    conn.graceful_shutdown();
                 }
                 _ = &mut idle, if !closing => {
                     idled = true;
@@ -374,7 +373,7 @@ macro_rules! drive {
         if idled {
             // No stream of ours is open, but hyper may still hold the end of a response the
             // client's window keeps back: a close that does not finish in time is cut.
-            conn.conn.as_mut().graceful_shutdown();
+            conn.graceful_shutdown();
             if tokio::time::timeout($close_within, &mut conn).await.is_err() {
                 $metrics.send_timeouts.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(client = %$client, "closed: an idle HTTP/2 connection did not finish its close within proxy.send_timeout");
@@ -729,7 +728,9 @@ impl Serving {
         server::serve(io, first, settings, metrics, spare, self.drain, handler).await
     }
 
-    /// HTTP/2 on `stream`, whose first bytes were read into `first`, through hyper.
+    /// HTTP/2 on `stream`, whose first bytes were read into `first`: served on the `h2`
+    /// crate directly ([`crate::wire::h2::server`]), each stream answered in this connection's
+    /// task.
     async fn serve_h2<S>(self, stream: SendTimeout<S>, first: Prefix, requests: Requests)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -739,44 +740,35 @@ impl Serving {
         let activity = Arc::new(Activity::default());
         let mut stream = stream;
         stream.count_written(activity.written());
-        let io = TokioIo::new(Prefixed {
+        let io = Prefixed {
             prefix: first,
             stream,
-        });
+        };
         let handler = {
             let (activity, admitted) = (activity.clone(), self.admitted.clone());
             let worker = self.worker.clone();
-            hyper::service::service_fn(move |req: Request<Incoming>| {
+            move |req: Request<Inbound>| {
                 let (service, stream) = (service.clone(), activity.open_stream());
                 let (admitted, worker) = (admitted.clone(), worker.clone());
-                async move {
+                // Made in its box (the request's future is about 7 KiB): the connection keeps
+                // a pointer to it while it runs.
+                let slot = Box::new_uninit();
+                Box::into_pin(Box::write(slot, async move {
                     let req = req.map(RequestBody::http2);
-                    // Boxed, and made in its box: hyper hands every stream over as a future
-                    // to run, which moves it (and its output) around before it runs; inline,
-                    // each move copied the whole request's future (about 7 KiB).
-                    let slot = Box::new_uninit();
-                    let resp = Box::into_pin(Box::write(
-                        slot,
-                        answer(&service, &worker, req, &admitted, client, requests),
-                    ))
-                    .await;
+                    let resp = answer(&service, &worker, req, &admitted, client, requests).await;
                     if resp.extensions().get::<RefusedStream>().is_some() {
                         // Not processed at all: the client may retry it at once.
-                        return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+                        return Answer::Refuse;
                     }
-                    Ok(resp.map(|inner| Body::boxed(StreamBody::new(inner, stream))))
-                }
-            })
+                    Answer::Respond(resp.map(|inner| Body::boxed(StreamBody::new(inner, stream))))
+                }))
+            }
         };
-        // The streams run in this connection's task (`crate::in_task`), not a task each.
-        let tasks = Tasks::default();
-        let mut builder = hyper::server::conn::http2::Builder::new(tasks.executor());
-        builder
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(proxy.http2_keepalive))
-            .keep_alive_timeout(proxy.http2_keepalive)
-            .max_concurrent_streams(proxy.http2_max_streams);
-        let conn = WithTasks::new(Box::pin(builder.serve_connection(io, handler)), tasks);
+        let settings = h2_server::Settings {
+            max_streams: proxy.http2_max_streams,
+            keepalive: proxy.http2_keepalive,
+        };
+        let conn = h2_server::Connection::new(io, settings, handler);
         let metrics = &self.service.metrics;
         let idle = http2::idle_for(activity.clone(), proxy.idle_timeout, metrics.clone());
         let stalled = http2::stalled(activity, proxy.send_timeout, metrics.clone());

@@ -37,6 +37,7 @@ use super::pool::{Conn, ConnectError, Stream};
 use crate::error::BoxError;
 use crate::in_task::{InTask, Tasks};
 use crate::tls::upstream::{Alpn, UpstreamTls};
+use crate::wire::h2::stream::KeepAlive;
 
 /// Streams one connection carries at most, whatever the replica allows: past it a new
 /// connection is opened, so one connection's flow-control window and head-of-line blocking on
@@ -212,7 +213,7 @@ impl Opener {
     /// Runs `f` in the connection's task (a request body piped on as its client sends it):
     /// not a task of its own, and it ends with the connection at the latest.
     pub fn beside(&self, f: impl Future<Output = ()> + Send + 'static) {
-        hyper::rt::Executor::execute(&self.beside, f);
+        self.beside.spawn(f);
     }
 }
 
@@ -350,46 +351,6 @@ impl H2Conn {
     }
 }
 
-/// PING keep-alive: one ping every interval; one still unanswered when the next is due means
-/// the replica (or the path to it) is gone.
-struct KeepAlive {
-    every: Duration,
-    tick: Pin<Box<tokio::time::Sleep>>,
-    ping: Option<::h2::PingPong>,
-    awaiting: bool,
-}
-
-impl KeepAlive {
-    fn new(every: Duration) -> KeepAlive {
-        KeepAlive {
-            every,
-            tick: Box::pin(tokio::time::sleep(every)),
-            ping: None,
-            awaiting: false,
-        }
-    }
-
-    /// `false` once a ping went unanswered for a whole interval.
-    fn poll_alive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(ping) = self.ping.as_mut() else {
-            return true;
-        };
-        if let Poll::Ready(Ok(_)) = ping.poll_pong(cx) {
-            self.awaiting = false;
-        }
-        while self.tick.as_mut().poll(cx).is_ready() {
-            if self.awaiting {
-                return false;
-            }
-            // Fails only when the connection is gone, which its own poll reports.
-            self.awaiting = ping.send_ping(::h2::Ping::opaque()).is_ok();
-            let next = Instant::now() + self.every;
-            self.tick.as_mut().reset(next);
-        }
-        true
-    }
-}
-
 /// A connection's task: the connection itself, its keep-alive, and the request bodies it
 /// carries ([`Opener::beside`]).
 struct Driver {
@@ -411,9 +372,7 @@ impl Future for Driver {
         let this = self.get_mut();
         this.tasks.begin();
         if let Some(connection) = this.connection.as_mut() {
-            if this.keepalive.ping.is_none() {
-                this.keepalive.ping = connection.ping_pong();
-            }
+            this.keepalive.watch(|| connection.ping_pong());
             this.state.driver.register(cx.waker());
             if this.state.abandoned.load(Ordering::Acquire) {
                 this.watch = None;

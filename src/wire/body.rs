@@ -18,13 +18,13 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use crate::admission::RequestPlace;
 use crate::error::BoxError;
 use crate::wire::client::head::RawHead;
 use crate::wire::client::UpstreamBody;
-use crate::wire::h2::H2Body;
+use crate::wire::h2::{H2Body, Inbound};
 use crate::wire::server::body::Http1Body;
 
 /// A request body.
@@ -33,7 +33,7 @@ pub struct RequestBody(Request);
 enum Request {
     Empty,
     Http1(Http1Body),
-    Http2(Incoming),
+    Http2(Inbound),
     /// Frames in memory, for the tests of what reads request bodies.
     #[cfg(test)]
     Frames(std::collections::VecDeque<Frame<Bytes>>),
@@ -48,7 +48,7 @@ impl RequestBody {
         RequestBody(Request::Http1(body))
     }
 
-    pub fn http2(body: Incoming) -> RequestBody {
+    pub fn http2(body: Inbound) -> RequestBody {
         RequestBody(Request::Http2(body))
     }
 

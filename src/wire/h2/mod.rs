@@ -6,25 +6,23 @@
 //! by the request's deadline, each failure told apart: a stream the replica did not process, a
 //! GOAWAY's or a `REFUSED_STREAM`, is [`SendError::Unprocessed`], safe to send again), the
 //! request body (what its client sent already goes with the head; the rest is piped on as the
-//! replica's window allows, in the connection's task), [`ReplicaStream`] (the response body
-//! as it arrives, its frames given back to the window as they are taken), [`H2Body`] (that
-//! body as the gateway forwards it, trailers included, counting the request in flight at its
+//! replica's window allows, in the connection's task), [`H2Body`] (the response body as the
+//! gateway forwards it, trailers included, counting the request in flight at its
 //! replica and the stream on its connection until it ends, cut after `proxy.read_timeout`
 //! without a frame and ended with `DEADLINE_EXCEEDED` trailers past a gRPC call's deadline),
-//! and [`grpc_check`] (a `grpc.health.v1` check sent the same way). The protocol itself (frames,
-//! HPACK, flow control) is the `h2` crate's, driven here directly: no task, channel or future
-//! of a client library's between a request and its stream.
+//! and [`grpc_check`] (a `grpc.health.v1` check sent the same way). The client's side is
+//! [`server`]; what both sides do with a stream's bodies (received, piped) is [`stream`]'s. The
+//! protocol itself (frames, HPACK, flow control) is the `h2` crate's, driven here directly: no
+//! task, channel or future of a library's between a request and its stream.
 //! Must not touch: which connection (the connector in [`crate::upstream`] gives one), routing,
 //! retries, or what a failure means for a replica (the proxy decides).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{ready, Context, Poll};
 
-use ::h2::{RecvStream, SendStream};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -43,6 +41,11 @@ use crate::wire::client::{Forwarded, SendError};
 use crate::wire::headers::{is_client_only, is_hop_by_hop, is_protected};
 
 pub mod grpc_check;
+pub mod server;
+pub mod stream;
+
+pub use stream::Inbound;
+use stream::{Pipe, PipeError};
 
 /// The request `f` as an HTTP/2 request to the replica at `replica` (its address is the
 /// authority when the client named none), over `scheme` (`http` for h2c), with `body`.
@@ -174,7 +177,7 @@ pub async fn exchange(
     opener: Opener,
     req: http::Request<SendBody>,
     deadline: Instant,
-) -> Result<Response<ReplicaStream>, SendError> {
+) -> Result<Response<Inbound>, SendError> {
     let progress = req.body().progress();
     match timeout_at(deadline, open(opener, req)).await {
         // Still waiting for the client's body: its time ran out, not the replica's.
@@ -200,14 +203,14 @@ const SENT_AT_ONCE: usize = 64 * 1024;
 async fn open(
     mut opener: Opener,
     req: http::Request<SendBody>,
-) -> Result<Response<ReplicaStream>, SendError> {
-    let (head, mut body) = req.into_parts();
+) -> Result<Response<Inbound>, SendError> {
+    let (head, body) = req.into_parts();
     // Errors before the stream was made: nothing of the request reached the replica.
     std::future::poll_fn(|cx| opener.send.poll_ready(cx))
         .await
         .map_err(SendError::Unprocessed)?;
     let end = body.is_end_stream();
-    let (response, mut tx) = opener
+    let (response, tx) = opener
         .send
         .send_request(http::Request::from_parts(head, ()), end)
         .map_err(SendError::Unprocessed)?;
@@ -215,24 +218,29 @@ async fn open(
     // connection, told to stop (its stream reset) if the response is dropped first.
     let mut stop = None;
     if !end {
-        let sent = std::future::poll_fn(|cx| Poll::Ready(send_ready(&mut body, &mut tx, cx))).await;
+        let mut pipe = Pipe::new(body, tx);
+        let sent = std::future::poll_fn(|cx| Poll::Ready(pipe.send_ready(cx, SENT_AT_ONCE))).await;
         match sent {
-            Sent::All => {}
-            Sent::Failed(e) => return Err(stream_error(e)),
-            Sent::Some => {
+            Ok(true) => {}
+            Ok(false) => {
                 let (stopper, stopped) = tokio::sync::oneshot::channel();
                 stop = Some(stopper);
-                opener.beside(Pipe { body, tx, stopped });
+                opener.beside(pipe.stopped_by(stopped));
             }
+            // The body's own error is kept in its progress, for the caller.
+            Err(PipeError::Stream(e)) => return Err(stream_error(e)),
+            Err(_) => return Err(SendError::Stream(::h2::Reason::CANCEL.into())),
         }
     }
     let resp = response.await.map_err(stream_error)?;
-    let length = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
-    Ok(resp.map(|recv| ReplicaStream::new(recv, length, stop)))
+    let length = Inbound::announced(resp.headers());
+    Ok(resp.map(|recv| {
+        let mut body = Inbound::new(recv, length);
+        if let Some(stop) = stop {
+            body.stops(stop);
+        }
+        body
+    }))
 }
 
 /// A stream's failure: one the replica did not process is [`SendError::Unprocessed`].
@@ -243,126 +251,6 @@ fn stream_error(e: ::h2::Error) -> SendError {
     }
 }
 
-/// How much of a request body [`send_ready`] took.
-enum Sent {
-    /// All of it, its end told.
-    All,
-    /// What was there; the rest is still to come.
-    Some,
-    /// The body failed (its error is kept in its progress; the stream was reset), or the
-    /// stream did.
-    Failed(::h2::Error),
-}
-
-/// Puts on `tx` what `body` has ready, up to [`SENT_AT_ONCE`], without waiting for the
-/// stream's window: it is held already, so holding it in the stream's queue instead costs
-/// nothing, and the replica gets it with the head.
-fn send_ready(body: &mut SendBody, tx: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Sent {
-    let mut sent = 0;
-    while sent < SENT_AT_ONCE {
-        let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) else {
-            return Sent::Some;
-        };
-        let frame = match frame {
-            Some(Ok(frame)) => frame,
-            None => {
-                return match tx.send_data(Bytes::new(), true) {
-                    Ok(()) => Sent::All,
-                    Err(e) => Sent::Failed(e),
-                }
-            }
-            Some(Err(_)) => {
-                tx.send_reset(::h2::Reason::CANCEL);
-                return Sent::Failed(::h2::Reason::CANCEL.into());
-            }
-        };
-        match frame.into_data() {
-            Ok(data) => {
-                let end = body.is_end_stream();
-                sent += data.len();
-                if let Err(e) = tx.send_data(data, end) {
-                    return Sent::Failed(e);
-                }
-                if end {
-                    return Sent::All;
-                }
-            }
-            Err(frame) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    if let Err(e) = tx.send_trailers(trailers) {
-                        return Sent::Failed(e);
-                    }
-                }
-                return Sent::All;
-            }
-        }
-    }
-    Sent::Some
-}
-
-/// The rest of a request body, taken from its client as the replica's window allows (so a
-/// replica that reads slowly slows the client, instead of the gateway holding the
-/// difference), run in the connection's task. It ends with the body, when the stream does,
-/// or when `stopped` says the response was dropped (the stream is then reset).
-struct Pipe {
-    body: SendBody,
-    tx: SendStream<Bytes>,
-    stopped: tokio::sync::oneshot::Receiver<Infallible>,
-}
-
-impl Future for Pipe {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        loop {
-            if Pin::new(&mut this.stopped).poll(cx).is_ready() {
-                this.tx.send_reset(::h2::Reason::CANCEL);
-                return Poll::Ready(());
-            }
-            // Room for a byte at least before more is taken from the client.
-            this.tx.reserve_capacity(1);
-            if this.tx.capacity() == 0 {
-                loop {
-                    match ready!(this.tx.poll_capacity(cx)) {
-                        Some(Ok(0)) => {}
-                        Some(Ok(_)) => break,
-                        Some(Err(_)) | None => return Poll::Ready(()),
-                    }
-                }
-            } else if this.tx.poll_reset(cx).is_ready() {
-                return Poll::Ready(());
-            }
-            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        let end = this.body.is_end_stream();
-                        if this.tx.send_data(data, end).is_err() || end {
-                            return Poll::Ready(());
-                        }
-                    }
-                    Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
-                            this.tx.reserve_capacity(0);
-                            let _ = this.tx.send_trailers(trailers);
-                        }
-                        return Poll::Ready(());
-                    }
-                },
-                // Its error is kept in its progress, for the response's reader.
-                Some(Err(_)) => {
-                    this.tx.send_reset(::h2::Reason::CANCEL);
-                    return Poll::Ready(());
-                }
-                None => {
-                    let _ = this.tx.send_data(Bytes::new(), true);
-                    return Poll::Ready(());
-                }
-            }
-        }
-    }
-}
-
 /// The replica did not process the request: it refused the stream (`REFUSED_STREAM`), or its
 /// GOAWAY said the stream was past the last one it processes (RFC 9113 sections 6.8 and 8.7).
 /// (A stream never made, its connection closed or closing, is told apart where it was not.)
@@ -370,84 +258,9 @@ pub fn is_unprocessed(e: &::h2::Error) -> bool {
     e.reason() == Some(::h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
 }
 
-/// A replica's response body on its stream, as it arrives: DATA frames (each given back to
-/// the stream's window as it is taken), then trailers; with the length its head announced.
-pub struct ReplicaStream {
-    recv: RecvStream,
-    data_ended: bool,
-    /// What is left of the announced `Content-Length`.
-    remaining: Option<u64>,
-    /// Dropped with the body: a request body still piped on stops ([`Pipe`]).
-    _stop: Option<tokio::sync::oneshot::Sender<Infallible>>,
-}
-
-impl ReplicaStream {
-    fn new(
-        recv: RecvStream,
-        length: Option<u64>,
-        stop: Option<tokio::sync::oneshot::Sender<Infallible>>,
-    ) -> Self {
-        ReplicaStream {
-            recv,
-            data_ended: false,
-            remaining: length,
-            _stop: stop,
-        }
-    }
-}
-
-/// A reset that ends a response body rather than breaking it (as hyper reads them): the
-/// replica had nothing more to say.
-fn ends_the_body(e: &::h2::Error) -> bool {
-    matches!(
-        e.reason(),
-        Some(::h2::Reason::NO_ERROR) | Some(::h2::Reason::CANCEL)
-    )
-}
-
-impl HttpBody for ReplicaStream {
-    type Data = Bytes;
-    type Error = ::h2::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ::h2::Error>>> {
-        let this = self.get_mut();
-        if !this.data_ended {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    if let Some(left) = this.remaining.as_mut() {
-                        *left = left.saturating_sub(data.len() as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) if ends_the_body(&e) => return Poll::Ready(None),
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => this.data_ended = true,
-            }
-        }
-        match ready!(this.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.remaining
-            .map_or_else(SizeHint::default, SizeHint::with_exact)
-    }
-}
-
 /// A replica's HTTP/2 response body, trailers included.
 pub struct H2Body {
-    inner: ReplicaStream,
+    inner: Inbound,
     _stream: StreamGuard,
     /// `proxy.read_timeout`: the longest the replica may send nothing in the middle of it.
     stall: StallTimer,
@@ -462,7 +275,7 @@ pub struct H2Body {
 
 impl H2Body {
     pub fn new(
-        inner: ReplicaStream,
+        inner: Inbound,
         stream: StreamGuard,
         read_timeout: std::time::Duration,
         in_flight: InFlight,

@@ -14,7 +14,8 @@
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::header::{self, HeaderMap};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Version};
 
 use crate::wire::client::head::RawHead;
@@ -229,16 +230,16 @@ fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// The HTTP date of the current second, formatted when the second changes.
 struct CachedDate {
     second: u64,
-    text: Vec<u8>,
+    text: Bytes,
 }
 
 impl CachedDate {
-    fn now(&mut self) -> &[u8] {
+    fn now(&mut self) -> &Bytes {
         let now = SystemTime::now();
         let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         if second != self.second || self.text.is_empty() {
             self.second = second;
-            self.text = httpdate::fmt_http_date(now).into_bytes();
+            self.text = Bytes::from(httpdate::fmt_http_date(now));
         }
         &self.text
     }
@@ -246,8 +247,20 @@ impl CachedDate {
 
 thread_local! {
     static DATE: RefCell<CachedDate> = const {
-        RefCell::new(CachedDate { second: 0, text: Vec::new() })
+        RefCell::new(CachedDate { second: 0, text: Bytes::new() })
     };
+}
+
+/// The current second's HTTP date as a field value (HTTP/2's responses), shared with the
+/// HTTP/1.1 writer's: formatted once a second.
+pub fn date_value() -> HeaderValue {
+    DATE.with(|d| {
+        let text = d.borrow_mut().now().clone();
+        // An IMF-fixdate is visible ASCII; should the formatter ever say otherwise, the
+        // epoch's date is still a date.
+        HeaderValue::from_maybe_shared(text)
+            .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"))
+    })
 }
 
 #[cfg(test)]
