@@ -214,7 +214,7 @@ pub fn write_fields_head(
     if !fields.has_date() {
         DATE.with(|d| {
             let mut d = d.borrow_mut();
-            line(out, b"date", d.now());
+            line(out, b"date", d.now().as_bytes());
         });
     }
     out.extend_from_slice(b"\r\n");
@@ -230,37 +230,40 @@ fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// The HTTP date of the current second, formatted when the second changes.
 struct CachedDate {
     second: u64,
-    text: Bytes,
+    /// The date as a field value, its bytes shared with every response of the second.
+    value: Option<HeaderValue>,
 }
 
 impl CachedDate {
-    fn now(&mut self) -> &Bytes {
+    fn now(&mut self) -> &HeaderValue {
         let now = SystemTime::now();
         let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        if second != self.second || self.text.is_empty() {
+        if second != self.second || self.value.is_none() {
             self.second = second;
-            self.text = Bytes::from(httpdate::fmt_http_date(now));
+            let text = Bytes::from(httpdate::fmt_http_date(now));
+            // An IMF-fixdate is visible ASCII; should the formatter ever say otherwise, the
+            // epoch's date is still a date.
+            self.value = Some(
+                HeaderValue::from_maybe_shared(text)
+                    .unwrap_or_else(|_| HeaderValue::from_static(EPOCH)),
+            );
         }
-        &self.text
+        self.value.get_or_insert(HeaderValue::from_static(EPOCH))
     }
 }
 
+const EPOCH: &str = "Thu, 01 Jan 1970 00:00:00 GMT";
+
 thread_local! {
     static DATE: RefCell<CachedDate> = const {
-        RefCell::new(CachedDate { second: 0, text: Bytes::new() })
+        RefCell::new(CachedDate { second: 0, value: None })
     };
 }
 
 /// The current second's HTTP date as a field value (HTTP/2's responses), shared with the
 /// HTTP/1.1 writer's: formatted once a second.
 pub fn date_value() -> HeaderValue {
-    DATE.with(|d| {
-        let text = d.borrow_mut().now().clone();
-        // An IMF-fixdate is visible ASCII; should the formatter ever say otherwise, the
-        // epoch's date is still a date.
-        HeaderValue::from_maybe_shared(text)
-            .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"))
-    })
+    DATE.with(|d| d.borrow_mut().now().clone())
 }
 
 #[cfg(test)]
