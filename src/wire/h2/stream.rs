@@ -119,11 +119,28 @@ pub enum PipeError {
     Stopped,
 }
 
+/// How a stream whose body failed with `e` is reset: as the stream `e` came from was (a
+/// replica's reset reaches the client with its reason, as hyper passed it on), else
+/// `INTERNAL_ERROR`.
+fn reset_for(e: &BoxError) -> Reason {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+    while let Some(c) = cause {
+        if let Some(reason) = c
+            .downcast_ref::<::h2::Error>()
+            .and_then(::h2::Error::reason)
+        {
+            return reason;
+        }
+        cause = c.source();
+    }
+    Reason::INTERNAL_ERROR
+}
+
 /// `body` sent onto `tx` as the peer's window allows: a frame is taken from the body, then
 /// waits for room on the stream before the next is taken (no room is claimed before a frame
 /// is in hand, so an idle body pins nothing of the connection's window: hyper#4003). It ends
-/// with the body's end or trailers; a body that fails resets the stream (`INTERNAL_ERROR`), as
-/// does a pipe [`Pipe::stopped_by`] its other half.
+/// with the body's end or trailers; a body that fails resets the stream ([`reset_for`]), and a
+/// pipe [`Pipe::stopped_by`] its other half resets it with `CANCEL`.
 pub struct Pipe<B> {
     body: B,
     tx: SendStream<Bytes>,
@@ -192,7 +209,8 @@ where
             let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
                 Some(Err(e)) => {
-                    return self.fail(Reason::INTERNAL_ERROR, PipeError::Body(e.into()))
+                    let e = e.into();
+                    return self.fail(reset_for(&e), PipeError::Body(e));
                 }
                 None => {
                     return Poll::Ready(
@@ -335,5 +353,23 @@ impl KeepAlive {
             self.tick.as_mut().reset(next);
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_body_resets_its_stream_as_the_stream_it_came_from_was() {
+        let from_replica: BoxError = Box::new(::h2::Error::from(Reason::CANCEL));
+        assert_eq!(reset_for(&from_replica), Reason::CANCEL);
+        #[derive(Debug, thiserror::Error)]
+        #[error("the replica's body broke")]
+        struct Broke(#[source] ::h2::Error);
+        let wrapped: BoxError = Box::new(Broke(Reason::REFUSED_STREAM.into()));
+        assert_eq!(reset_for(&wrapped), Reason::REFUSED_STREAM);
+        let ours: BoxError = "the replica stopped sending".into();
+        assert_eq!(reset_for(&ours), Reason::INTERNAL_ERROR);
     }
 }
