@@ -1,4 +1,4 @@
-//! What the gateway watches on an HTTP/2 connection that hyper serves: its streams, so that a
+//! What the gateway watches on a client's HTTP/2 connection: its streams, so that a
 //! connection without any is closed after `proxy.idle_timeout`, and one whose client holds a
 //! response back is closed after `proxy.send_timeout`.
 //!
@@ -8,7 +8,8 @@
 //! connection. A client that stops reading altogether is caught below this, on the connection's
 //! bytes ([`crate::stall`]); this catches the one that keeps reading, answers pings, and
 //! never opens the stream's flow-control window, which no byte-level timer sees.
-//! Must not touch: the protocol (hyper's) or what a request means (the service's).
+//! Must not touch: the protocol ([`crate::wire::h2::server`]'s) or what a request means (the
+//! service's).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -30,14 +31,14 @@ pub struct Activity {
     open: AtomicUsize,
     /// Woken when `open` goes from 0 to 1 or from 1 to 0.
     changed: Notify,
-    /// Response bodies hyper has not come back to since their last piece (or since their head):
-    /// hyper takes the next piece only once the client's flow-control window and the connection
-    /// let it, so while it stays away the response waits on the client.
+    /// Response bodies the connection has not come back to since their last piece (or since
+    /// their head): it takes the next piece only once the client's flow-control window and the
+    /// connection let it, so while it stays away the response waits on the client.
     waiting_on_client: AtomicUsize,
-    /// Bumped whenever hyper takes from any response body: the connection moves.
+    /// Bumped whenever the connection takes from any response body: it moves.
     progress: AtomicU64,
     /// Bytes written to the client's socket ([`crate::stall::SendTimeout::count_written`]): a
-    /// slow link drains what hyper buffered without hyper coming back to a body for a while,
+    /// slow link drains what h2 buffered without the connection coming back to a body for a while,
     /// and that is the response moving too.
     written: Arc<AtomicU64>,
 }
@@ -57,7 +58,7 @@ impl Activity {
 
     pub fn open_stream(self: &Arc<Self>) -> StreamGuard {
         // The watches care whether any stream is open, not how many: only the first one wakes
-        // them (a wake re-polls the connection's task, hyper's connection with it).
+        // them (a wake re-polls the connection's task, the connection with it).
         if self.open.fetch_add(1, Ordering::AcqRel) == 0 {
             self.changed.notify_waiters();
         }
@@ -95,7 +96,7 @@ pub async fn idle_for(activity: Arc<Activity>, timeout: Duration, metrics: Arc<M
 }
 
 /// Completes once a response on the connection has waited on the client for `limit` while
-/// nothing on the connection moved (hyper took from no body, and less than [`MOVING`] bytes
+/// nothing on the connection moved (it took from no body, and less than [`MOVING`] bytes
 /// went to the socket in each look): the client withholds its window (or reads nothing).
 /// It looks every quarter of `limit` while a stream is open, so it fires between `limit` and
 /// 1.25 × `limit` after the last progress; with no stream open it only waits for one.
@@ -145,7 +146,8 @@ pub struct StreamBody {
 }
 
 impl StreamBody {
-    /// `inner` as the body of a response just handed to hyper: until hyper first takes from it,
+    /// `inner` as the body of a response just handed to the connection: until it first takes
+    /// from it,
     /// it waits on the client (a window of 0 holds even the first piece back).
     pub fn new(inner: Body, stream: StreamGuard) -> StreamBody {
         stream.0.waiting_on_client.fetch_add(1, Ordering::AcqRel);
@@ -184,9 +186,10 @@ impl HttpBody for StreamBody {
     ) -> Poll<Option<Result<Frame<bytes::Bytes>, BoxError>>> {
         self.stream.0.progress.fetch_add(1, Ordering::Relaxed);
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        // Pending: the replica's turn. A piece handed over: the client's, until hyper is back
+        // Pending: the replica's turn. A piece handed over: the client's, until the connection
+        // is back
         // for the next, which it is only once the client's window has room for this one (or,
-        // after the last piece, until hyper has sent it and drops the body).
+        // after the last piece, until it has sent it and drops the body).
         let waiting = matches!(polled, Poll::Ready(Some(Ok(_))));
         self.set_waiting(waiting);
         polled
@@ -210,11 +213,11 @@ mod tests {
         let activity = Arc::new(Activity::default());
         let metrics = Arc::new(Metrics::default());
         let _stream = activity.open_stream();
-        // A response hyper holds and does not come back to for the whole test.
+        // A response the connection holds and does not come back to for the whole test.
         activity.waiting_on_client.fetch_add(1, Ordering::AcqRel);
         let limit = Duration::from_secs(4);
         let watch = tokio::spawn(stalled(activity.clone(), limit, metrics.clone()));
-        // A slow link: what hyper buffered drains, 2 KiB every half second.
+        // A slow link: what h2 buffered drains, 2 KiB every half second.
         for _ in 0..40 {
             tokio::time::sleep(Duration::from_millis(500)).await;
             activity.written.fetch_add(2048, Ordering::Relaxed);

@@ -7,8 +7,9 @@
 //! admission caps, the first-bytes deadline (a connection that has not completed its TLS
 //! handshake and sent enough to tell its protocol within `proxy.header_read_timeout` is closed:
 //! the protocol sniff is ours, with a deadline, instead of hyper's open-ended one), plain HTTP
-//! on the TLS port (answered 400), HTTP/2 through hyper (keep-alive pings; the idle and stall
-//! watches of [`crate::http2`]; a connection's streams run in its task, [`crate::in_task`]),
+//! on the TLS port (answered 400), HTTP/2 served by [`crate::wire::h2::server`] (keep-alive
+//! pings; the idle and stall watches of [`crate::http2`]; a connection's streams run in its
+//! task),
 //! the write side bounded by `proxy.send_timeout` (through
 //! [`crate::stall`]), the redirect of plain HTTP to HTTPS (`tls.http =
 //! "redirect"`), graceful drain, and which idle connections are held without a task: a
@@ -114,7 +115,7 @@ pub enum Sniffed {
 }
 
 /// HTTP/2 with prior knowledge starts with the preface; anything that stops matching it is
-/// HTTP/1 (hyper then answers what is not HTTP/1 with a 400 or a close).
+/// HTTP/1 (our HTTP/1 server then answers what is not HTTP/1 with a 400 or a close).
 pub fn sniff(first: &[u8]) -> Sniffed {
     let n = first.len().min(H2_PREFACE.len());
     if first[..n] != H2_PREFACE[..n] {
@@ -139,8 +140,8 @@ pub async fn serve(
     drain_timeout: Duration,
 ) {
     let (drain_tx, drain_rx) = watch::channel(false);
-    // Every connection's task, to wait for them on shutdown: our HTTP/1 server and hyper's
-    // HTTP/2 both hear the drain on `drain_rx`, so what is left to know is when they are done.
+    // Every connection's task, to wait for them on shutdown: our HTTP/1 and HTTP/2 servers
+    // both hear the drain on `drain_rx`, so what is left to know is when they are done.
     let connections = tokio_util::task::TaskTracker::new();
     // Idle connections held without a task: their tasks send them here, and the listener
     // gives them a task again when they become readable. Without an epoll set of its own (out
@@ -337,12 +338,12 @@ fn admit(service: &Service, config: &Config, client: SocketAddr) -> Option<Admit
         .ok()
 }
 
-/// Runs a connection (hyper's, boxed: allocated in the size of its own protocol) to its end; on
+/// Runs an HTTP/2 connection to its end; on
 /// drain or idle it is asked to finish gracefully (the response in progress completes, then it
 /// closes; after idle within `close_within`); once `stalled` completes it is dropped, closed at
-/// once. A macro rather than a generic function:
-/// proving the spawned future `Send` through hyper's higher-ranked connection bounds defeats
-/// rustc's inference in a generic context.
+/// once. A macro rather than a generic function: it was written when the connection was
+/// hyper's, whose higher-ranked bounds defeated rustc's inference of the spawned future's
+/// `Send` in a generic context.
 macro_rules! drive {
     ($conn:expr, $drain:expr, $idle:expr, $stalled:expr, $close_within:expr, $metrics:expr, $client:expr) => {{
         let mut conn = $conn;
@@ -371,7 +372,7 @@ macro_rules! drive {
             }
         }
         if idled {
-            // No stream of ours is open, but hyper may still hold the end of a response the
+            // No stream of ours is open, but h2 may still hold the end of a response the
             // client's window keeps back: a close that does not finish in time is cut.
             conn.graceful_shutdown();
             if tokio::time::timeout($close_within, &mut conn).await.is_err() {
@@ -784,7 +785,8 @@ impl Serving {
     }
 }
 
-/// The bytes read to tell the protocol, handed to hyper before the rest of the stream.
+/// The bytes read to tell the protocol, handed to the HTTP/2 server before the rest of the
+/// stream.
 #[derive(Default)]
 struct Prefix {
     buf: [u8; 24],
@@ -871,7 +873,7 @@ mod tests {
         assert_eq!(
             sniff(b"\x16\x03\x01"),
             Sniffed::Http1,
-            "TLS: hyper answers or closes"
+            "TLS: the HTTP/1 server answers or closes"
         );
     }
 }

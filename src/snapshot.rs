@@ -331,7 +331,7 @@ impl std::ops::Deref for Current {
 /// What a serving thread loaded last from its gateway's [`Shared`]: a cache that revalidates
 /// with one atomic load, and the thread's wrapper around its value. One per serving thread, in
 /// its worker ([`crate::worker::Worker`]); behind a lock that only its own thread ever takes
-/// (request futures must be `Send` for hyper's executor).
+/// (request futures must be `Send`: their connection's task is spawned on the runtime).
 pub struct Cache {
     loaded: std::sync::Mutex<Loaded>,
 }

@@ -9,7 +9,7 @@
 //! handle to it; the service and the proxy pass each part to whoever uses it. Nothing of it is
 //! shared with another serving thread: a request never touches another thread's cache lines.
 //! Each part sits behind a lock (or an atomic) only because request futures must be `Send` for
-//! hyper's executor; only the owning thread ever takes it, so it is never contended.
+//! the runtime's `spawn`; only the owning thread ever takes it, so it is never contended.
 //! Must not touch: what the parts mean (each is its module's); state that is the gateway's
 //! (the controller's) or every thread's (the published snapshot, the counters).
 

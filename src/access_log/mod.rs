@@ -240,7 +240,7 @@ impl AccessLog {
 /// A serving thread's lines not yet handed to the writer: one per thread, in its worker
 /// ([`crate::worker::Worker`]), handed over when full, [`FLUSH_AFTER`] after the first line,
 /// and when dropped (the thread ends). Behind a lock only its own thread ever takes: request
-/// futures must be `Send` for hyper's executor.
+/// futures must be `Send`: their connection's task is spawned on the runtime.
 pub struct Lines {
     log: Arc<AccessLog>,
     local: Mutex<Local>,

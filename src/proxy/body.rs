@@ -287,9 +287,9 @@ impl SlotState {
     }
 
     /// Whether `attempt` has nothing more to send: it is the latest, everything held was sent,
-    /// and the client's body has ended. Said as soon as it is true, so that hyper ends an HTTP/2
-    /// stream with its last DATA frame instead of polling once more and sending an empty one
-    /// (a unary gRPC call's one message, read ahead by [`ProxyBody::started`]).
+    /// and the client's body has ended. Said as soon as it is true, so that an HTTP/2 stream
+    /// to a replica ends with its last DATA frame instead of an empty one after it (a unary
+    /// gRPC call's one message, read ahead by [`ProxyBody::started`]).
     fn at_end(&self, attempt: u32) -> bool {
         let held_left = !self.unheld && (self.next < self.held.len() || self.spent);
         attempt == self.attempt && !held_left && (self.ended || self.client.is_end_stream())

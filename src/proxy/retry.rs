@@ -83,7 +83,7 @@ pub fn within_budget(active: u32, retrying: u32, percent: u32, min: u32) -> bool
 
 /// A serving thread's retry budget: its requests in progress and those of them retrying. One
 /// per thread ([`crate::worker::Worker`]), so the counts never leave the thread's core; atomics
-/// only because request futures must be `Send` for hyper's executor.
+/// only because request futures must be `Send`: their connection's task is spawned on the runtime.
 #[derive(Debug, Default)]
 pub struct Budget {
     active: AtomicU32,

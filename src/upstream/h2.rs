@@ -426,7 +426,8 @@ struct Kept {
 
 /// A serving thread's HTTP/2 connections to the replicas (one set per thread, in its worker:
 /// [`crate::worker::Worker`]), and what TLS replicas chose instead of `h2`. Behind locks only
-/// its own thread ever takes: request futures must be `Send` for hyper's executor.
+/// its own thread ever takes: request futures must be `Send` (their connection's task is
+/// spawned on the runtime).
 #[derive(Default)]
 pub struct Conns {
     /// By replica address (the provider's, never a client's: a fast hash).

@@ -430,7 +430,7 @@ struct Idle {
 
 /// A serving thread's idle connections (one pool per thread, in its worker:
 /// [`crate::worker::Worker`]). Behind a lock only its own thread ever takes: request futures
-/// must be `Send` for hyper's executor.
+/// must be `Send`: their connection's task is spawned on the runtime.
 #[derive(Default)]
 pub struct Pool {
     idle: Mutex<Idle>,

@@ -1,4 +1,5 @@
-//! The replica's side of HTTP/2: one request as a stream on a multiplexed connection.
+//! HTTP/2 on the wire, on the `h2` crate directly. Here, the replica's side: one request as a
+//! stream on a multiplexed connection.
 //!
 //! Owns: [`request`] (the client's request as the gateway forwards it over HTTP/2: the same
 //! fields cut and `X-Forwarded-*` set as on HTTP/1.1, `te: trailers` kept, the target as

@@ -30,7 +30,7 @@ use super::stream::{Inbound, KeepAlive, Pipe};
 use crate::error::BoxError;
 use crate::wire::server::response::date_value;
 
-/// hyper's server defaults, which the client connections had when hyper served them.
+/// The windows and limits hyper's server had when it served the client connections.
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONN_WINDOW: u32 = 1024 * 1024;
 const MAX_FRAME: u32 = 16 * 1024;
@@ -68,6 +68,9 @@ pub enum ServeError {
     KeepAliveTimedOut,
 }
 
+// A connection spends its life serving: the connection inline (not boxed) is one allocation
+// less a connection and no pointer to follow at every poll; the short handshake is boxed.
+#[allow(clippy::large_enum_variant)]
 enum State<T> {
     Handshaking(Pin<Box<Handshake<T, Bytes>>>),
     Serving(::h2::server::Connection<T, Bytes>),
