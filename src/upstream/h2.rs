@@ -234,6 +234,8 @@ const MAX_FRAME: u32 = 16 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// The most a stream buffers of a request body beyond what the replica's window takes.
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Streams reset for the replica's protocol errors before the connection is closed.
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 impl H2Conn {
     /// Connects to `addr` within `timeout` (TCP, and TLS with `tls`, ALPN `h2`) and starts
@@ -285,7 +287,7 @@ impl H2Conn {
             .max_frame_size(MAX_FRAME)
             .max_header_list_size(MAX_HEADER_LIST)
             .max_send_buffer_size(MAX_SEND_BUFFER)
-            .max_local_error_reset_streams(Some(1024))
+            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
             .enable_push(false)
             // The replica's own setting takes over once it arrives.
             .initial_max_send_streams(MAX_STREAMS_PER_CONN);

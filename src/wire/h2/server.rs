@@ -89,10 +89,6 @@ pub struct Connection<T, F, Fut, B> {
 impl<T, F, Fut, B> Connection<T, F, Fut, B>
 where
     T: AsyncRead + AsyncWrite + Unpin,
-    F: FnMut(Request<Inbound>) -> Fut + Unpin,
-    Fut: Future<Output = Answer<B>> + Unpin,
-    B: HttpBody<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
 {
     /// Serves HTTP/2 on `io` (its preface not yet read) with `settings`.
     pub fn new(io: T, settings: Settings, handler: F) -> Self {
