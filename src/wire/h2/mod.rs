@@ -254,7 +254,8 @@ fn stream_error(e: ::h2::Error) -> SendError {
 
 /// The replica did not process the request: it refused the stream (`REFUSED_STREAM`), or its
 /// GOAWAY said the stream was past the last one it processes (RFC 9113 sections 6.8 and 8.7).
-/// (A stream never made, its connection closed or closing, is told apart where it was not.)
+/// (A request whose stream could not be made at all, its connection closed or closing, is
+/// unprocessed too: [`exchange`] tells that apart before the stream.)
 pub fn is_unprocessed(e: &::h2::Error) -> bool {
     e.reason() == Some(::h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
 }
