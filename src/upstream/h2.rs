@@ -37,7 +37,7 @@ use super::pool::{Conn, ConnectError, Stream};
 use crate::error::BoxError;
 use crate::in_task::{InTask, Tasks};
 use crate::tls::upstream::{Alpn, UpstreamTls};
-use crate::wire::h2::stream::KeepAlive;
+use crate::wire::h2::stream::{with_limits, KeepAlive, Limits};
 
 /// Streams one connection carries at most, whatever the replica allows: past it a new
 /// connection is opened, so one connection's flow-control window and head-of-line blocking on
@@ -225,18 +225,6 @@ pub enum Negotiated {
     Http1(Conn, Alpn),
 }
 
-/// hyper's client defaults, which the connections had when hyper drove them: windows larger
-/// than the protocol's 64 KiB, so a large response is not held back a round trip at a time.
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONN_WINDOW: u32 = 5 * 1024 * 1024;
-const MAX_FRAME: u32 = 16 * 1024;
-/// The largest response head taken from a replica.
-const MAX_HEADER_LIST: u32 = 16 * 1024;
-/// The most a stream buffers of a request body beyond what the replica's window takes.
-const MAX_SEND_BUFFER: usize = 1024 * 1024;
-/// Streams reset for the replica's protocol errors before the connection is closed.
-const MAX_LOCAL_ERROR_RESETS: usize = 1024;
-
 impl H2Conn {
     /// Connects to `addr` within `timeout` (TCP, and TLS with `tls`, ALPN `h2`) and starts
     /// HTTP/2 on it (with prior knowledge over TCP); a PING every `keepalive` (unanswered by
@@ -281,13 +269,7 @@ impl H2Conn {
     ) -> Result<H2Conn, ConnectError> {
         let (stream, counted) = conn.into_stream();
         let mut builder = ::h2::client::Builder::new();
-        builder
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONN_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_header_list_size(MAX_HEADER_LIST)
-            .max_send_buffer_size(MAX_SEND_BUFFER)
-            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        with_limits!(builder, Limits::TO_REPLICAS)
             .enable_push(false)
             // The replica's own setting takes over once it arrives.
             .initial_max_send_streams(MAX_STREAMS_PER_CONN);

@@ -26,20 +26,9 @@ use http::{Request, Response};
 use hyper::body::Body as HttpBody;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::stream::{Inbound, KeepAlive, Pipe};
+use super::stream::{with_limits, Inbound, KeepAlive, Limits, Pipe};
 use crate::error::BoxError;
 use crate::wire::server::response::date_value;
-
-/// The windows and limits hyper's server had when it served the client connections.
-const STREAM_WINDOW: u32 = 1024 * 1024;
-const CONN_WINDOW: u32 = 1024 * 1024;
-const MAX_FRAME: u32 = 16 * 1024;
-/// The largest request head taken from a client.
-const MAX_HEADER_LIST: u32 = 16 * 1024;
-/// The most a stream buffers of a response beyond what the client's window takes.
-const MAX_SEND_BUFFER: usize = 400 * 1024;
-/// Streams the gateway resets for a client's protocol errors before it closes the connection.
-const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// How a connection is served.
 #[derive(Debug, Clone, Copy)]
@@ -93,14 +82,7 @@ where
     /// Serves HTTP/2 on `io` (its preface not yet read) with `settings`.
     pub fn new(io: T, settings: Settings, handler: F) -> Self {
         let mut builder = ::h2::server::Builder::new();
-        builder
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONN_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_header_list_size(MAX_HEADER_LIST)
-            .max_send_buffer_size(MAX_SEND_BUFFER)
-            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
-            .max_concurrent_streams(settings.max_streams);
+        with_limits!(builder, Limits::FROM_CLIENTS).max_concurrent_streams(settings.max_streams);
         Connection {
             state: State::Handshaking(Box::pin(builder.handshake(io))),
             handler,

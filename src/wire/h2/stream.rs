@@ -6,7 +6,9 @@
 //! response body on the replica's), [`Pipe`] (a body sent onto a stream as the peer's window
 //! allows, trailers included: a slow reader slows the body's source instead of the gateway
 //! holding the difference), and [`KeepAlive`] (a PING every interval; one unanswered when the
-//! next is due means the peer is gone).
+//! next is due means the peer is gone), and [`Limits`] (the windows and limits a connection
+//! is made with, one set for each leg, and [`with_limits!`] to set them on either side's
+//! builder).
 //! Must not touch: heads, routing, or what a connection does with its streams (the client's
 //! leg is [`super::server`]'s, the replica's [`crate::upstream::h2`] and [`super`]).
 
@@ -22,6 +24,58 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::Instant;
 
 use crate::error::BoxError;
+
+/// The windows and limits an HTTP/2 connection is made with: hyper's defaults for each side,
+/// which the connections had when hyper drove them (windows larger than the protocol's
+/// 64 KiB, so a large body is not held back a round trip at a time).
+pub struct Limits {
+    pub stream_window: u32,
+    pub conn_window: u32,
+    pub max_frame: u32,
+    /// The largest head taken from the peer.
+    pub max_header_list: u32,
+    /// The most a stream buffers of a body beyond what the peer's window takes.
+    pub max_send_buffer: usize,
+    /// Streams reset for the peer's protocol errors before the connection is closed.
+    pub max_local_error_resets: usize,
+}
+
+impl Limits {
+    /// A connection to a replica (hyper's client defaults).
+    pub const TO_REPLICAS: Limits = Limits {
+        stream_window: 2 * 1024 * 1024,
+        conn_window: 5 * 1024 * 1024,
+        max_frame: 16 * 1024,
+        max_header_list: 16 * 1024,
+        max_send_buffer: 1024 * 1024,
+        max_local_error_resets: 1024,
+    };
+
+    /// A client's connection (hyper's server defaults).
+    pub const FROM_CLIENTS: Limits = Limits {
+        stream_window: 1024 * 1024,
+        conn_window: 1024 * 1024,
+        max_frame: 16 * 1024,
+        max_header_list: 16 * 1024,
+        max_send_buffer: 400 * 1024,
+        max_local_error_resets: 1024,
+    };
+}
+
+/// Sets [`Limits`] on an `h2` client or server builder (two types with the same setters).
+macro_rules! with_limits {
+    ($builder:expr, $limits:expr) => {{
+        let limits: &$crate::wire::h2::stream::Limits = &$limits;
+        $builder
+            .initial_window_size(limits.stream_window)
+            .initial_connection_window_size(limits.conn_window)
+            .max_frame_size(limits.max_frame)
+            .max_header_list_size(limits.max_header_list)
+            .max_send_buffer_size(limits.max_send_buffer)
+            .max_local_error_reset_streams(Some(limits.max_local_error_resets))
+    }};
+}
+pub(crate) use with_limits;
 
 /// A body as it arrives on a stream: DATA frames (each given back to the stream's window as it
 /// is taken), then trailers; with the length its head announced.
