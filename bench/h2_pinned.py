@@ -14,8 +14,9 @@ one gRPC message (`content-type: application/grpc`, `te: trailers`) to the repli
 `ringgate.demo.Demo/Who`. Rounds interleave the proxies.
 
 CPU per request is the proxy process's user + system time over the load (`/proc/PID/stat`, all
-of its threads; NGINX's worker) divided by the requests answered. Each figure is the median over
-the rounds, and the ratios are ringgate's against HAProxy's and against the faster peer's; the
+of its threads; NGINX's worker) divided by the requests answered, printed as user and system
+time too. Each figure is the median over the rounds, and the ratios are ringgate's against
+HAProxy's and against the faster peer's, then round by round against HAProxy's; the
 medians are drawn in docs/img/h2_pinned.svg and h2_pinned_cpu.svg (CHART= elsewhere: the
 requests/s chart's path, the CPU one beside it). Ports 18400-18420; loopback
 only; everything started is stopped on exit, also on failure.
@@ -105,8 +106,9 @@ http {{
 
 
 def cpu_ticks(pid):
+    """The process's user and system CPU time so far, in clock ticks (all of its threads)."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]), int(fields[12])
 
 
 def h2load(prefix, port, grpc, n, body):
@@ -179,15 +181,17 @@ def main():
         for r in range(rounds):
             for label, proxy, key, grpc in LOADS:
                 h2load(rest_cpu, PORTS[key], grpc, n // 10, body)
-                before = cpu_ticks(pids[key])
+                user0, sys0 = cpu_ticks(pids[key])
                 rate, ok, failed = h2load(rest_cpu, PORTS[key], grpc, n, body)
-                cpu = (cpu_ticks(pids[key]) - before) / TICK
+                user1, sys1 = cpu_ticks(pids[key])
                 if ok == 0:
                     raise RuntimeError(f"{proxy}: no request succeeded ({label})")
-                per = cpu * 1e6 / ok
+                user, system = ((user1 - user0) * 1e6 / TICK / ok, (sys1 - sys0) * 1e6 / TICK / ok)
+                per = user + system
                 results[(label, proxy)].append((rate, per))
                 print(f"  round {r + 1} {label:<42} {proxy:<9} {rate:9,.0f} requests/s "
-                      f"{per:6.2f} us CPU a request ({failed} failed)", flush=True)
+                      f"{per:6.2f} us CPU a request (user {user:5.2f}, system {system:5.2f}; "
+                      f"{failed} failed)", flush=True)
         print("\nmedians:")
         proxies = list(dict.fromkeys(proxy for _, proxy, _, _ in LOADS))
         labels = list(dict.fromkeys(label for label, _, _, _ in LOADS))
@@ -202,6 +206,11 @@ def main():
             faster = max(("HAProxy", "NGINX"), key=lambda p: med[p][0])
             print(f"  ringgate / HAProxy: {rg[0] / hp[0]:.2f}x requests/s, {rg[1] / hp[1]:.2f}x CPU a request; "
                   f"/ the faster peer ({faster}): {rg[0] / med[faster][0]:.2f}x requests/s")
+            # Each round's ratio, ringgate against HAProxy measured just after it: the spread
+            # between rounds is the machine's, and shows how far the medians can be trusted.
+            pairs = zip(results[(label, "ringgate")], results[(label, "HAProxy")])
+            print("  round by round, ringgate / HAProxy: " + ", ".join(
+                f"{a[0] / b[0]:.2f}x/{a[1] / b[1]:.2f}x" for a, b in pairs) + " (requests/s / CPU a request)")
         path = os.environ.get("CHART", os.path.join(ROOT, "docs", "img", "h2_pinned.svg"))
         cpu_path = path[:-len(".svg")] + "_cpu.svg" if path.endswith(".svg") else path + "_cpu"
         rows = [label.split(",")[0] for label in labels]
