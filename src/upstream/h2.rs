@@ -8,7 +8,9 @@
 //! and counted on its connection until its response ends), and a serving thread's set, [`Conns`]:
 //! [`Conns::take`] hands out the connection to a replica that has room for one more stream
 //! ([`has_room`]: fewer open than the replica's `SETTINGS_MAX_CONCURRENT_STREAMS` and our own
-//! cap), [`Conns::keep`] adds a new one. A connection the replica sent GOAWAY on, one whose
+//! cap), [`Conns::keep`] adds a new one, and [`Conns::turn`] lets one request at a time make
+//! the next connection to a replica while the others wait for it. A connection the replica
+//! sent GOAWAY on, one whose
 //! driver ended, one another TLS client made, or one unused for
 //! [`IDLE_TIMEOUT`] is never handed out again and is dropped when met. Over TLS a replica may
 //! choose HTTP/1.1 instead ([`H2Conn::negotiate`] hands that connection back); the thread

@@ -187,10 +187,12 @@ enum Reached {
 
 /// A connection of `conns` to the replica with room for one more stream (and `true`: it was
 /// there already), or a new one, kept there for the next requests. While another request of
-/// this thread connects to the same replica, its connection is waited for (up to
-/// `proxy.connect_timeout`) and used if it has room: a burst on a cold thread makes one
-/// connection, not one per request. A TLS replica that chose HTTP/1.1 is
-/// [`Reached::Http1`].
+/// this thread connects to the same replica, its connection is waited for and used if it has
+/// room; if it has none (or could not be made), the next connection is one request's to make
+/// and the others' to wait for again: a burst on a cold thread makes one connection per
+/// [`h2::MAX_STREAMS_PER_CONN`] streams, not one per request past the first connection's room.
+/// Waiting ends after `proxy.connect_timeout`: the request then makes a connection of its
+/// own. A TLS replica that chose HTTP/1.1 is [`Reached::Http1`].
 async fn h2_conn(req: &Request<'_>, conns: &h2::Conns) -> Result<Reached, ConnectError> {
     let pooled = || {
         if let Some(chosen) = conns.chose_http1(req.addr, req.tls) {
@@ -198,17 +200,21 @@ async fn h2_conn(req: &Request<'_>, conns: &h2::Conns) -> Result<Reached, Connec
         }
         conns.take(req.addr, req.tls).map(|c| Reached::H2(c, true))
     };
-    if let Some(reached) = pooled() {
-        return Ok(reached);
-    }
-    let making = match conns.turn(req.addr) {
-        h2::Turn::Make(making) => Some(making),
-        h2::Turn::Wait(done) => {
-            let _ = tokio::time::timeout(req.connect_timeout, done.notified()).await;
-            if let Some(reached) = pooled() {
-                return Ok(reached);
+    let waited_out = tokio::time::Instant::now() + req.connect_timeout;
+    let making = loop {
+        if let Some(reached) = pooled() {
+            return Ok(reached);
+        }
+        match conns.turn(req.addr) {
+            h2::Turn::Make(making) => break Some(making),
+            h2::Turn::Wait(done) => {
+                if tokio::time::timeout_at(waited_out, done.notified())
+                    .await
+                    .is_err()
+                {
+                    break None;
+                }
             }
-            None
         }
     };
     let (addr, timeout, tls) = (req.addr, req.connect_timeout, req.tls);

@@ -771,6 +771,56 @@ async fn a_burst_on_a_cold_thread_makes_one_http2_connection_not_one_each() {
     );
 }
 
+/// Past the first connection's room the burst still waits for one connection at a time
+/// instead of each request making its own: 250 streams at once are three connections of at
+/// most [`h2::MAX_STREAMS_PER_CONN`] (the replica allows 200), not 151.
+#[tokio::test]
+async fn a_burst_past_one_connections_room_makes_the_next_connection_once() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let counter = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // Answers late, so every stream of the burst is open at once.
+                let svc = hyper::service::service_fn(|_req| async {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"hi")),
+                    ))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .max_concurrent_streams(200)
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+            });
+        }
+    });
+    let s = stats();
+    let burst = (0..250).map(|_| {
+        let s = s.clone();
+        async move {
+            let req = h2_request(addr);
+            let resp = send(&req, &mut ProxyBody::Empty, InFlight::start(&s))
+                .await
+                .expect("answered");
+            resp.into_body().collect().await.expect("body").to_bytes()
+        }
+    });
+    for body in futures_util::future::join_all(burst).await {
+        assert_eq!(body, "hi");
+    }
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        250usize.div_ceil(h2::MAX_STREAMS_PER_CONN),
+        "one connection per {} streams",
+        h2::MAX_STREAMS_PER_CONN
+    );
+}
+
 /// The thread's sweep closes the idle connections whose replica closed them and keeps the
 /// others; past the idle timeout it keeps none (an idle gateway does not hold what its last
 /// burst opened).
