@@ -50,7 +50,7 @@ pub const MAX_STREAMS_PER_CONN: usize = 100;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections kept per replica and serving thread (each carries up to
 /// [`MAX_STREAMS_PER_CONN`] streams at once).
-const MAX_CONNS_PER_REPLICA: usize = 16;
+pub const MAX_CONNS_PER_REPLICA: usize = 16;
 /// How long a serving thread remembers that a replica chose HTTP/1.1 over TLS (ALPN) when
 /// offered `h2`: meanwhile its requests go over HTTP/1.1 without asking again (gRPC calls are
 /// refused at once); after it, the next connection offers `h2` again, so a replica that learned
@@ -432,6 +432,9 @@ pub enum Turn<'a> {
     Make(Making<'a>),
     /// Another request of this thread is making one: wait for it, then look again.
     Wait(Arc<tokio::sync::Notify>),
+    /// The replica has [`MAX_CONNS_PER_REPLICA`] kept already, none with room: a connection
+    /// made now is not kept, so it carries this request alone and no other waits for it.
+    Alone,
 }
 
 /// The connection to a replica this request is making; dropped (made or failed), the requests
@@ -453,6 +456,12 @@ impl Conns {
     /// Whether this request makes the next connection to `addr` or waits for the one being
     /// made.
     pub fn turn(&self, addr: SocketAddr) -> Turn<'_> {
+        let kept = crate::sync::lock(&self.kept)
+            .get(&addr)
+            .map_or(0, |kept| kept.len());
+        if kept >= MAX_CONNS_PER_REPLICA {
+            return Turn::Alone;
+        }
         let mut m = crate::sync::lock(&self.making);
         if let Some(done) = m.get(&addr) {
             return Turn::Wait(done.clone());

@@ -191,8 +191,9 @@ enum Reached {
 /// room; if it has none (or could not be made), the next connection is one request's to make
 /// and the others' to wait for again: a burst on a cold thread makes one connection per
 /// [`h2::MAX_STREAMS_PER_CONN`] streams, not one per request past the first connection's room.
-/// Waiting ends after `proxy.connect_timeout`: the request then makes a connection of its
-/// own. A TLS replica that chose HTTP/1.1 is [`Reached::Http1`].
+/// Waiting ends after `proxy.connect_timeout`, and past the connections a replica may keep
+/// there is nothing to wait for ([`h2::Turn::Alone`]): the request then makes a connection of
+/// its own. A TLS replica that chose HTTP/1.1 is [`Reached::Http1`].
 async fn h2_conn(req: &Request<'_>, conns: &h2::Conns) -> Result<Reached, ConnectError> {
     let pooled = || {
         if let Some(chosen) = conns.chose_http1(req.addr, req.tls) {
@@ -207,6 +208,7 @@ async fn h2_conn(req: &Request<'_>, conns: &h2::Conns) -> Result<Reached, Connec
         }
         match conns.turn(req.addr) {
             h2::Turn::Make(making) => break Some(making),
+            h2::Turn::Alone => break None,
             h2::Turn::Wait(done) => {
                 if tokio::time::timeout_at(waited_out, done.notified())
                     .await

@@ -821,6 +821,29 @@ async fn a_burst_past_one_connections_room_makes_the_next_connection_once() {
     );
 }
 
+/// Past the connections a replica may keep, a request that finds none with room makes its
+/// own at once: the connection it makes is not kept, so nobody waits for it.
+#[tokio::test]
+async fn past_the_connections_a_replica_may_keep_a_request_connects_alone() {
+    let addr = silent_h2_replica().await;
+    let conns = h2::Conns::default();
+    for kept in 0..h2::MAX_CONNS_PER_REPLICA {
+        match conns.turn(addr) {
+            h2::Turn::Make(_) => {}
+            _ => panic!("with {kept} kept, the next connection is one request's to make"),
+        }
+        let conn = h2::H2Conn::connect(addr, Duration::from_secs(5), None, Duration::from_secs(60))
+            .await
+            .expect("handshake");
+        conns.keep(&conn);
+    }
+    assert!(
+        matches!(conns.turn(addr), h2::Turn::Alone),
+        "with {} kept, a request connects alone",
+        h2::MAX_CONNS_PER_REPLICA
+    );
+}
+
 /// The thread's sweep closes the idle connections whose replica closed them and keeps the
 /// others; past the idle timeout it keeps none (an idle gateway does not hold what its last
 /// burst opened).
