@@ -338,49 +338,54 @@ fn admit(service: &Service, config: &Config, client: SocketAddr) -> Option<Admit
         .ok()
 }
 
-/// Runs an HTTP/2 connection to its end; on
-/// drain or idle it is asked to finish gracefully (the response in progress completes, then it
-/// closes; after idle within `close_within`); once `stalled` completes it is dropped, closed at
-/// once. A macro rather than a generic function: it was written when the connection was
-/// hyper's, whose higher-ranked bounds defeated rustc's inference of the spawned future's
-/// `Send` in a generic context.
-macro_rules! drive {
-    ($conn:expr, $drain:expr, $idle:expr, $stalled:expr, $close_within:expr, $metrics:expr, $client:expr) => {{
-        let mut conn = $conn;
-        let mut drain = $drain;
-        let (idle, stalled) = ($idle, $stalled);
-        tokio::pin!(idle, stalled);
-        let (mut closing, mut idled) = (false, false);
-        loop {
-            tokio::select! {
-                ended = &mut conn => {
-                    if let Err(e) = ended {
-                        tracing::debug!(client = %$client, error = %e, "connection ended with an error");
-                    }
-                    break;
+/// Runs an HTTP/2 connection to its end; on drain or idle it is asked to finish gracefully
+/// (the response in progress completes, then it closes; after idle within `close_within`);
+/// once `stalled` completes it is dropped, closed at once.
+async fn drive_h2<T, F, Fut, B>(
+    mut conn: h2_server::Connection<T, F, Fut, B>,
+    mut drain: watch::Receiver<bool>,
+    (idle, stalled): (impl Future<Output = ()>, impl Future<Output = ()>),
+    close_within: Duration,
+    metrics: &Metrics,
+    client: SocketAddr,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(Request<Inbound>) -> Fut + Unpin,
+    Fut: Future<Output = Answer<B>> + Unpin,
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<crate::error::BoxError>,
+{
+    tokio::pin!(idle, stalled);
+    let (mut closing, mut idled) = (false, false);
+    loop {
+        tokio::select! {
+            ended = &mut conn => {
+                if let Err(e) = ended {
+                    tracing::debug!(client = %client, error = %e, "connection ended with an error");
                 }
-                _ = drain.wait_for(|d| *d), if !closing => {
-                    closing = true;
-                    conn.graceful_shutdown();
-                }
-                _ = &mut idle, if !closing => {
-                    idled = true;
-                    break;
-                }
-                // A client that holds its responses back would hold a graceful close too.
-                _ = &mut stalled => break,
+                break;
             }
-        }
-        if idled {
-            // No stream of ours is open, but h2 may still hold the end of a response the
-            // client's window keeps back: a close that does not finish in time is cut.
-            conn.graceful_shutdown();
-            if tokio::time::timeout($close_within, &mut conn).await.is_err() {
-                $metrics.send_timeouts.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(client = %$client, "closed: an idle HTTP/2 connection did not finish its close within proxy.send_timeout");
+            _ = drain.wait_for(|d| *d), if !closing => {
+                closing = true;
+                conn.graceful_shutdown();
             }
+            _ = &mut idle, if !closing => {
+                idled = true;
+                break;
+            }
+            // A client that holds its responses back would hold a graceful close too.
+            _ = &mut stalled => break,
         }
-    }};
+    }
+    if idled {
+        // No stream of ours is open, but h2 may still hold the end of a response the client's
+        // window keeps back: a close that does not finish in time is cut.
+        conn.graceful_shutdown();
+        if tokio::time::timeout(close_within, &mut conn).await.is_err() {
+            metrics.send_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = %client, "closed: an idle HTTP/2 connection did not finish its close within proxy.send_timeout");
+        }
+    }
 }
 
 /// Keeps a timer due within [`ANCHOR_PERIOD`] on this thread's runtime at all times. Every
@@ -773,15 +778,15 @@ impl Serving {
         let metrics = &self.service.metrics;
         let idle = http2::idle_for(activity.clone(), proxy.idle_timeout, metrics.clone());
         let stalled = http2::stalled(activity, proxy.send_timeout, metrics.clone());
-        drive!(
+        drive_h2(
             conn,
             self.drain,
-            idle,
-            stalled,
+            (idle, stalled),
             proxy.send_timeout,
             metrics,
-            client
-        );
+            client,
+        )
+        .await;
     }
 }
 
