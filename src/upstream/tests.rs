@@ -821,6 +821,41 @@ async fn a_burst_past_one_connections_room_makes_the_next_connection_once() {
     );
 }
 
+/// A burst to a replica that refuses connections fails at once, every request of it: each
+/// one that waited for a connection that could not be made tries in turn instead of waiting
+/// out its connect timeout (a minute here, where the burst is given ten seconds).
+#[tokio::test]
+async fn a_burst_to_a_replica_that_refuses_fails_at_once_not_after_the_connect_timeout() {
+    let addr = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        listener.local_addr().expect("addr")
+    }; // closed: connecting is refused
+    let s = stats();
+    let burst = (0..50).map(|_| {
+        let s = s.clone();
+        async move {
+            let req = Request {
+                connect_timeout: Duration::from_secs(60),
+                ..h2_request(addr)
+            };
+            send(&req, &mut ProxyBody::Empty, InFlight::start(&s)).await
+        }
+    });
+    let failed = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::future::join_all(burst),
+    )
+    .await
+    .expect("the burst waited out connect timeouts");
+    for result in failed {
+        match result {
+            Err(SendError::Connect(_)) => {}
+            Err(e) => panic!("a refused connection is a connect error, not {e:?}"),
+            Ok(_) => panic!("answered by a replica that refuses connections"),
+        }
+    }
+}
+
 /// Past the connections a replica may keep, a request that finds none with room makes its
 /// own at once: the connection it makes is not kept, so nobody waits for it.
 #[tokio::test]
