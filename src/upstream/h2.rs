@@ -10,8 +10,7 @@
 //! ([`has_room`]: fewer open than the replica's `SETTINGS_MAX_CONCURRENT_STREAMS` and our own
 //! cap), [`Conns::keep`] adds a new one, and [`Conns::turn`] lets one request at a time make
 //! the next connection to a replica while the others wait for it. A connection the replica
-//! sent GOAWAY on, one whose
-//! driver ended, one another TLS client made, or one unused for
+//! sent GOAWAY on, one whose driver ended, one another TLS client made, or one unused for
 //! [`IDLE_TIMEOUT`] is never handed out again and is dropped when met. Over TLS a replica may
 //! choose HTTP/1.1 instead ([`H2Conn::negotiate`] hands that connection back); the thread
 //! remembers it for [`ALPN_RECHECK`] ([`Conns::chose_http1`], [`Conns::note_alpn`]), so the
@@ -453,8 +452,9 @@ impl Drop for Making<'_> {
 }
 
 impl Conns {
-    /// Whether this request makes the next connection to `addr` or waits for the one being
-    /// made.
+    /// For a request that found no connection to `addr` with room: whether it makes the next
+    /// one, waits for the one being made, or (the replica has the most kept already) makes
+    /// one for itself alone.
     pub fn turn(&self, addr: SocketAddr) -> Turn<'_> {
         let kept = crate::sync::lock(&self.kept)
             .get(&addr)

@@ -201,7 +201,8 @@ async fn h2_conn(req: &Request<'_>, conns: &h2::Conns) -> Result<Reached, Connec
         }
         conns.take(req.addr, req.tls).map(|c| Reached::H2(c, true))
     };
-    let waited_out = tokio::time::Instant::now() + req.connect_timeout;
+    // Read off the clock only by a request that waits: most find a connection at once.
+    let mut waited_out = None;
     let making = loop {
         if let Some(reached) = pooled() {
             return Ok(reached);
@@ -210,7 +211,9 @@ async fn h2_conn(req: &Request<'_>, conns: &h2::Conns) -> Result<Reached, Connec
             h2::Turn::Make(making) => break Some(making),
             h2::Turn::Alone => break None,
             h2::Turn::Wait(done) => {
-                if tokio::time::timeout_at(waited_out, done.notified())
+                let until = *waited_out
+                    .get_or_insert_with(|| tokio::time::Instant::now() + req.connect_timeout);
+                if tokio::time::timeout_at(until, done.notified())
                     .await
                     .is_err()
                 {

@@ -726,8 +726,9 @@ async fn streams_share_one_connection_and_a_connection_that_sent_goaway_gets_non
     assert_eq!(accepts.load(Ordering::SeqCst), 2);
 }
 
-#[tokio::test]
-async fn a_burst_on_a_cold_thread_makes_one_http2_connection_not_one_each() {
+/// An HTTP/2 replica (hyper's server, allowing 200 streams a connection) that answers "hi"
+/// after `late`, so a burst's streams are all open at once; and its count of connections.
+async fn late_h2_replica(late: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let accepts = Arc::new(AtomicUsize::new(0));
@@ -736,57 +737,8 @@ async fn a_burst_on_a_cold_thread_makes_one_http2_connection_not_one_each() {
         while let Ok((s, _)) = listener.accept().await {
             counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                // Answers late, so the burst's streams are open at once.
-                let svc = hyper::service::service_fn(|_req| async {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    Ok::<_, std::convert::Infallible>(http::Response::new(
-                        http_body_util::Full::new(Bytes::from_static(b"hi")),
-                    ))
-                });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                        .await;
-            });
-        }
-    });
-    let s = stats();
-    let burst = (0..50).map(|_| {
-        let s = s.clone();
-        async move {
-            let req = h2_request(addr);
-            let resp = send(&req, &mut ProxyBody::Empty, InFlight::start(&s))
-                .await
-                .expect("answered");
-            resp.into_body().collect().await.expect("body").to_bytes()
-        }
-    });
-    for body in futures_util::future::join_all(burst).await {
-        assert_eq!(body, "hi");
-    }
-    assert_eq!(
-        accepts.load(Ordering::SeqCst),
-        1,
-        "one connection for the burst"
-    );
-}
-
-/// Past the first connection's room the burst still waits for one connection at a time
-/// instead of each request making its own: 250 streams at once are three connections of at
-/// most [`h2::MAX_STREAMS_PER_CONN`] (the replica allows 200), not 151.
-#[tokio::test]
-async fn a_burst_past_one_connections_room_makes_the_next_connection_once() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let accepts = Arc::new(AtomicUsize::new(0));
-    let counter = accepts.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                // Answers late, so every stream of the burst is open at once.
-                let svc = hyper::service::service_fn(|_req| async {
-                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(late).await;
                     Ok::<_, std::convert::Infallible>(http::Response::new(
                         http_body_util::Full::new(Bytes::from_static(b"hi")),
                     ))
@@ -799,8 +751,13 @@ async fn a_burst_past_one_connections_room_makes_the_next_connection_once() {
             });
         }
     });
+    (addr, accepts)
+}
+
+/// `n` HTTP/2 requests to `addr` at once from one thread, each read to its end.
+async fn burst_of(addr: SocketAddr, n: usize) {
     let s = stats();
-    let burst = (0..250).map(|_| {
+    let burst = (0..n).map(|_| {
         let s = s.clone();
         async move {
             let req = h2_request(addr);
@@ -813,6 +770,26 @@ async fn a_burst_past_one_connections_room_makes_the_next_connection_once() {
     for body in futures_util::future::join_all(burst).await {
         assert_eq!(body, "hi");
     }
+}
+
+#[tokio::test]
+async fn a_burst_on_a_cold_thread_makes_one_http2_connection_not_one_each() {
+    let (addr, accepts) = late_h2_replica(Duration::from_millis(100)).await;
+    burst_of(addr, 50).await;
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        1,
+        "one connection for the burst"
+    );
+}
+
+/// Past the first connection's room the burst still waits for one connection at a time
+/// instead of each request making its own: 250 streams at once are three connections of at
+/// most [`h2::MAX_STREAMS_PER_CONN`] (the replica allows 200), not 151.
+#[tokio::test]
+async fn a_burst_past_one_connections_room_makes_the_next_connection_once() {
+    let (addr, accepts) = late_h2_replica(Duration::from_millis(1500)).await;
+    burst_of(addr, 250).await;
     assert_eq!(
         accepts.load(Ordering::SeqCst),
         250usize.div_ceil(h2::MAX_STREAMS_PER_CONN),
