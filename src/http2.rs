@@ -147,8 +147,7 @@ pub struct StreamBody {
 
 impl StreamBody {
     /// `inner` as the body of a response just handed to the connection: until it first takes
-    /// from it,
-    /// it waits on the client (a window of 0 holds even the first piece back).
+    /// from it, it waits on the client (a window of 0 holds even the first piece back).
     pub fn new(inner: Body, stream: StreamGuard) -> StreamBody {
         stream.0.waiting_on_client.fetch_add(1, Ordering::AcqRel);
         StreamBody {
@@ -187,9 +186,8 @@ impl HttpBody for StreamBody {
         self.stream.0.progress.fetch_add(1, Ordering::Relaxed);
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         // Pending: the replica's turn. A piece handed over: the client's, until the connection
-        // is back
-        // for the next, which it is only once the client's window has room for this one (or,
-        // after the last piece, until it has sent it and drops the body).
+        // is back for the next, which it is only once the client's window has room for this
+        // one (or, after the last piece, until it has sent it and drops the body).
         let waiting = matches!(polled, Poll::Ready(Some(Ok(_))));
         self.set_waiting(waiting);
         polled

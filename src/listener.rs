@@ -766,7 +766,7 @@ impl Serving {
                         // Not processed at all: the client may retry it at once.
                         return Answer::Refuse;
                     }
-                    Answer::Respond(resp.map(|inner| Body::boxed(StreamBody::new(inner, stream))))
+                    Answer::Respond(resp.map(|inner| StreamBody::new(inner, stream)))
                 }))
             }
         };
