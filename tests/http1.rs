@@ -518,8 +518,13 @@ async fn hundreds_of_requests_at_once_to_one_replica_reuse_their_connections_to_
     const AT_ONCE: usize = 300;
     // Each answer takes a second: all 300 are in flight at once even on a loaded machine.
     let slow = Backend::start("127.0.0.1", Behaviour::Answer { delay_ms: 1000 }).await;
+    // Connects to the replica get ten seconds instead of the default one: one of 300 at once
+    // on CI's loaded machine (the suite's tests run beside each other) once took longer than a
+    // second (a 502, "tcp connect timed out after 1s"), and this test is about reuse, not
+    // connect speed.
     let caps = "max_connections = 2000\nmax_connections_per_ip = 2000\nmax_requests = 2000\n\
-                max_requests_per_ip = 2000\nmax_requests_per_replica = 2000\n";
+                max_requests_per_ip = 2000\nmax_requests_per_replica = 2000\n\
+                connect_timeout = \"10s\"\n";
     let gw = GatewayProcess::start(&one_replica(slow.addr, caps));
     let mut conns = Vec::with_capacity(AT_ONCE);
     for _ in 0..AT_ONCE {
