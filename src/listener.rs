@@ -9,10 +9,8 @@
 //! the protocol sniff is ours, with a deadline, instead of hyper's open-ended one), plain HTTP
 //! on the TLS port (answered 400), HTTP/2 served by [`crate::wire::h2::server`] (keep-alive
 //! pings; the idle and stall watches of [`crate::http2`]; a connection's streams run in its
-//! task),
-//! the write side bounded by `proxy.send_timeout` (through
-//! [`crate::stall`]), the redirect of plain HTTP to HTTPS (`tls.http =
-//! "redirect"`), graceful drain, and which idle connections are held without a task: a
+//! task), the write side bounded by `proxy.send_timeout` (through [`crate::stall`]), the
+//! redirect of plain HTTP to HTTPS (`tls.http = "redirect"`), graceful drain, and which idle connections are held without a task: a
 //! cleartext HTTP/1 connection that has waited [`IDLE_HOLD_AFTER`] for its next request goes
 //! into the listener's [`Parking`] and comes back to a task of its own when it becomes
 //! readable.

@@ -4,8 +4,8 @@
 //! Owns: [`RequestBody`]: none, a client's body read from its HTTP/1 connection
 //! ([`crate::wire::server`]), or an HTTP/2 stream's ([`Inbound`]). [`Body`]: a whole body in
 //! memory (the gateway's own answers), a replica's response streamed from its connection, or
-//! any other body, boxed. The first two of each are nearly every request and response; they cost no
-//! allocation of their own and no dynamic call per frame.
+//! any other body, boxed. The first two of each are nearly every request and response; they
+//! cost no allocation of their own and no dynamic call per frame.
 //! A replica's head forwarded as bytes rides in its body ([`Body::take_head`]) to the client's
 //! HTTP/1 connection; whatever wraps a replica's body first lifts that head into the
 //! response's extensions ([`lift_head`]), or its fields would be lost with the body.
